@@ -1,0 +1,1 @@
+"""horizon-triton: fine-tune models larger than GPU memory on one GPU."""

@@ -1,0 +1,231 @@
+"""Torch reference implementations of every op the layer template uses, forward and hand-written backward.
+
+This file is the contract between the engine and the kernels:
+- the engine's CPU path (``HORIZON_KERNELS=torch``) runs these functions;
+- each Triton launch function in ``kernels/<family>.py`` has exactly the same signature and semantics;
+- the tests check every ``*_backward`` here against torch.autograd on the matching forward, and every Triton
+  kernel against these functions.
+
+Conventions shared by all ops
+- Activations are token-major: ``T`` tokens (batch × sequence flattened) on the first axis.
+- Activations keep their dtype (bf16 or fp32); internal arithmetic is fp32 (``upcast``), as the kernels do.
+- Weight gradients are *accumulated in place* into caller-owned fp32 buffers (``d_weight += ...``): that is how
+  the engine sums gradients over micro-batches without extra copies. Activation gradients are returned.
+- No torch.autograd: these are plain tensor programs, safe under ``torch.no_grad()``.
+"""
+from __future__ import annotations
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+# ----------------------------------------------------------------------------------------------------------
+# RMSNorm:  y = x * rstd * g,   rstd = 1 / sqrt(mean(x²) + eps)
+# backward: with xhat = x * rstd and dxhat = dy * g,
+#   dx = rstd * (dxhat - xhat * mean(dxhat * xhat)),   dg = Σ_tokens dy * xhat
+# ----------------------------------------------------------------------------------------------------------
+def rmsnorm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float):
+    """x[..., H], weight[H] -> (y[..., H] in x.dtype, rstd[...] fp32)."""
+    xf = x.float()
+    rstd = torch.rsqrt(xf.pow(2).mean(-1) + eps)
+    # Round the normalized value to the activation dtype before the gain, as transformers does.
+    y = (xf * rstd.unsqueeze(-1)).to(x.dtype) * weight.to(x.dtype)
+    return y, rstd
+
+
+def rmsnorm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
+                     d_weight: torch.Tensor) -> torch.Tensor:
+    """Returns dx (x.dtype); accumulates dg into d_weight (fp32[H])."""
+    xhat = x.float() * rstd.unsqueeze(-1)
+    dyf = dy.float()
+    d_weight += (dyf * xhat).reshape(-1, x.shape[-1]).sum(0)
+    dxhat = dyf * weight.float()
+    dx = rstd.unsqueeze(-1) * (dxhat - xhat * (dxhat * xhat).mean(-1, keepdim=True))
+    return dx.to(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Linear:  y = x @ Wᵀ (+ b);  dx = dy @ W,  dW += dyᵀ @ x,  db += Σ dy
+# ----------------------------------------------------------------------------------------------------------
+def linear_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x[T, K], weight[N, K], bias[N] -> y[T, N]."""
+    y = x @ weight.t()
+    if bias is not None:
+        y += bias
+    return y
+
+
+def linear_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, d_weight: torch.Tensor,
+                    d_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Returns dx[T, K]; accumulates dW (fp32[N, K]) and db (fp32[N]) in place."""
+    d_weight += dy.float().t() @ x.float()
+    if d_bias is not None:
+        d_bias += dy.float().sum(0)
+    return dy @ weight
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Fused RMSNorm + matmul:  y = rmsnorm(x; g) @ Wᵀ   (the normalized x is never stored)
+# ----------------------------------------------------------------------------------------------------------
+def rmsnorm_matmul_forward(x: torch.Tensor, norm_weight: torch.Tensor, weight: torch.Tensor, eps: float):
+    """x[T, H], norm_weight[H], weight[N, H] -> (y[T, N] in x.dtype, rstd[T] fp32)."""
+    xn, rstd = rmsnorm_forward(x, norm_weight, eps)
+    return xn @ weight.t(), rstd
+
+
+def rmsnorm_matmul_backward(dy: torch.Tensor, x: torch.Tensor, norm_weight: torch.Tensor, weight: torch.Tensor,
+                            rstd: torch.Tensor, d_weight: torch.Tensor, d_norm_weight: torch.Tensor) -> torch.Tensor:
+    """dy[T, N] -> dx[T, H]; accumulates dW (fp32[N, H]) and dg (fp32[H]) in place.
+
+    The normalized input is recomputed from x and rstd rather than stored."""
+    xn = ((x.float() * rstd.unsqueeze(-1)).to(x.dtype) * norm_weight.to(x.dtype))
+    dxn = linear_backward(dy, xn, weight, d_weight)
+    return rmsnorm_backward(dxn, x, norm_weight, rstd, d_norm_weight)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# RoPE (rotate-half convention used by transformers for Llama, Mistral, Qwen2 and Qwen3):
+#   y = x * cos + rotate_half(x) * sin,  rotate_half(x) = cat(-x2, x1)
+# backward is the inverse rotation: dx = dy * cos - rotate_half(dy) * sin
+# cos/sin are [T, D] with both halves equal (transformers' cat(freqs, freqs)), fp32.
+# ----------------------------------------------------------------------------------------------------------
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rope_forward_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """In place on x[T, nH, D]; cos, sin [T, D] fp32. Returns x."""
+    c, s = cos.unsqueeze(1), sin.unsqueeze(1)
+    xf = x.float()
+    x.copy_(xf * c + _rotate_half(xf) * s)
+    return x
+
+
+def rope_backward_(dy: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """In place on dy[T, nH, D]: turns d(rotated) into d(unrotated). Returns dy."""
+    return rope_forward_(dy, cos, -sin)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# SwiGLU on the fused gate/up projection: gate_up[T, 2I] = [gate | up],  h = silu(gate) * up
+#   d_gate = dh * up * σ(g) * (1 + g * (1 - σ(g))),   d_up = dh * silu(g)
+# ----------------------------------------------------------------------------------------------------------
+def swiglu_forward(gate_up: torch.Tensor) -> torch.Tensor:
+    """gate_up[T, 2I] -> h[T, I] (same dtype)."""
+    gate, up = gate_up.float().chunk(2, dim=-1)
+    return (torch.nn.functional.silu(gate) * up).to(gate_up.dtype)
+
+
+def swiglu_backward(dh: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor:
+    """dh[T, I] -> d_gate_up[T, 2I] (gate_up.dtype)."""
+    gate, up = gate_up.float().chunk(2, dim=-1)
+    sig = torch.sigmoid(gate)
+    dhf = dh.float()
+    d_gate = dhf * up * sig * (1 + gate * (1 - sig))
+    d_up = dhf * gate * sig
+    return torch.cat((d_gate, d_up), dim=-1).to(gate_up.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Causal grouped-query attention with document masking and an optional sliding window.
+#   q[B, S, Hq, D], k/v[B, S, Hkv, D] (Hq a multiple of Hkv: query head h reads kv head h // (Hq // Hkv))
+#   doc_ids[B, S] int32 or None: token i may attend to token j iff j <= i, doc_ids[i] == doc_ids[j] and,
+#   with a window W, i - j < W (Mistral's sliding_window semantics).
+#   o = softmax(scale · q kᵀ + mask) v;   lse[B, Hq, S] = logsumexp of the masked, scaled scores (fp32).
+# backward (flash style, from lse): P = exp(scale·qkᵀ - lse); dV = Pᵀ dO; dP = dO Vᵀ;
+#   Δ = rowsum(dO ∘ O);  dS = P ∘ (dP - Δ);  dQ = scale · dS K;  dK = scale · dSᵀ Q   (summed over the group)
+# ----------------------------------------------------------------------------------------------------------
+def attention_mask(seq_len: int, doc_ids: torch.Tensor | None, sliding_window: int | None,
+                   device, batch: int) -> torch.Tensor:
+    """bool[B, S, S]: True where query i may attend to key j."""
+    i = torch.arange(seq_len, device=device)
+    allowed = (i[None, :] <= i[:, None])
+    if sliding_window is not None:
+        allowed = allowed & (i[:, None] - i[None, :] < sliding_window)
+    allowed = allowed.expand(batch, seq_len, seq_len)
+    if doc_ids is not None:
+        allowed = allowed & (doc_ids[:, :, None] == doc_ids[:, None, :])
+    return allowed
+
+
+def _scores(q, k, scale, mask):
+    # [B, Hq, S, S] fp32 with disallowed entries at -inf
+    group = q.shape[2] // k.shape[2]
+    qf = q.float().permute(0, 2, 1, 3)
+    kf = k.float().repeat_interleave(group, dim=2).permute(0, 2, 1, 3)
+    s = (qf @ kf.transpose(-1, -2)) * scale
+    return s.masked_fill(~mask[:, None], float("-inf"))
+
+
+def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: torch.Tensor | None,
+                      scale: float, sliding_window: int | None = None):
+    """-> (o[B, S, Hq, D] in q.dtype, lse[B, Hq, S] fp32)."""
+    B, S, Hq, _ = q.shape
+    group = Hq // k.shape[2]
+    mask = attention_mask(S, doc_ids, sliding_window, q.device, B)
+    s = _scores(q, k, scale, mask)
+    lse = torch.logsumexp(s, dim=-1)                                     # [B, Hq, S]
+    p = torch.exp(s - lse[..., None])
+    vf = v.float().repeat_interleave(group, dim=2).permute(0, 2, 1, 3)   # [B, Hq, S, D]
+    o = (p @ vf).permute(0, 2, 1, 3)
+    return o.to(q.dtype).contiguous(), lse
+
+
+def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                       lse: torch.Tensor, doc_ids: torch.Tensor | None, scale: float,
+                       sliding_window: int | None = None):
+    """-> (dq[B, S, Hq, D], dk[B, S, Hkv, D], dv[B, S, Hkv, D]) in the input dtype."""
+    B, S, Hq, D = q.shape
+    Hkv = k.shape[2]
+    group = Hq // Hkv
+    mask = attention_mask(S, doc_ids, sliding_window, q.device, B)
+    p = torch.exp(_scores(q, k, scale, mask) - lse[..., None])           # [B, Hq, S, S]
+    dof = do.float().permute(0, 2, 1, 3)                                 # [B, Hq, S, D]
+    vf = v.float().repeat_interleave(group, dim=2).permute(0, 2, 1, 3)
+    delta = (dof * o.float().permute(0, 2, 1, 3)).sum(-1, keepdim=True)  # [B, Hq, S, 1]
+    ds = p * (dof @ vf.transpose(-1, -2) - delta)
+    qf = q.float().permute(0, 2, 1, 3)
+    kf = k.float().repeat_interleave(group, dim=2).permute(0, 2, 1, 3)
+    dq = (ds @ kf) * scale
+    dk = (ds.transpose(-1, -2) @ qf) * scale                             # [B, Hq, S, D]
+    dv = p.transpose(-1, -2) @ dof
+    # sum the query heads of each group back onto their kv head
+    dk = dk.reshape(B, Hkv, group, S, D).sum(2)
+    dv = dv.reshape(B, Hkv, group, S, D).sum(2)
+    to = lambda t: t.permute(0, 2, 1, 3).to(q.dtype).contiguous()
+    return to(dq), to(dk), to(dv)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Fused linear cross-entropy over token chunks: logits[T, V] = h @ Wᵀ never exist whole.
+#   loss_sum = Σ_{t: target_t ≠ -100} (logsumexp(logits_t) - logits_t[target_t])
+#   with g = grad_scale · (softmax(logits_t) - onehot(target_t)) on counted tokens, 0 elsewhere:
+#   dh = g @ W,   dW += gᵀ @ h
+# The engine passes grad_scale = 1 / (non-ignored tokens in the optimizer step), so gradients are those of the
+# step's mean loss.
+# ----------------------------------------------------------------------------------------------------------
+def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, d_weight: torch.Tensor,
+                         grad_scale: float, chunk_size: int = 4096):
+    """h[T, H], weight[V, H], targets[T] int64 (-100 = ignored), d_weight fp32[V, H] accumulated in place.
+
+    -> (loss_sum: fp32 scalar tensor, dh[T, H] in h.dtype)."""
+    T = h.shape[0]
+    loss_sum = torch.zeros((), dtype=torch.float32, device=h.device)
+    dh = torch.empty_like(h)
+    for start in range(0, T, chunk_size):
+        hc = h[start:start + chunk_size]
+        tc = targets[start:start + chunk_size]
+        logits = (hc @ weight.t()).float()                               # [chunk, V]
+        valid = tc != IGNORE_INDEX
+        safe_t = torch.where(valid, tc, 0)
+        lse = torch.logsumexp(logits, dim=-1)
+        picked = logits.gather(1, safe_t[:, None]).squeeze(1)
+        loss_sum += torch.where(valid, lse - picked, 0.0).sum()
+        g = torch.softmax(logits, dim=-1)                                # [chunk, V], reuses the logits memory
+        g[torch.arange(g.shape[0], device=g.device), safe_t] -= 1.0
+        g *= (valid.float() * grad_scale)[:, None]
+        dh[start:start + chunk_size] = (g @ weight.float()).to(h.dtype)
+        d_weight += g.t() @ hc.float()
+    return loss_sum, dh
