@@ -1,0 +1,363 @@
+"""Fused linear cross-entropy in Triton: loss, d(hidden) and d(lm_head) without the whole [T, V] logits.
+
+For each chunk of C tokens (h_c = h[chunk], W the lm_head [V, H]):
+    logits = h_c @ Wᵀ                                            [C, V] in h.dtype (fp32 accumulation)
+    lse_t  = log Σ_v exp(logits_tv)                              (fp32, online over V blocks)
+    loss  += Σ_{t: y_t ≠ -100} lse_t − logits_t,y_t
+    g      = grad_scale · (exp(logits − lse) − onehot(y))        written in place over the logits, in h.dtype;
+                                                                  rows with y_t = -100 get g = 0
+    dh_c   = g @ W                                               [C, H] in h.dtype
+    dW    += gᵀ @ h_c                                            [V, H] fp32, accumulated in place
+The semantics are those of ``reference.linear_cross_entropy`` (re-exported here as ``linear_cross_entropy_ref``),
+including the rounding of the logits to h.dtype before the softmax. The one extra rounding is g, stored in
+h.dtype (bf16) so the two backward GEMMs run on tensor cores at full rate.
+
+Memory: one logits buffer [min(C, T), V] in h.dtype (rows padded to 16 bytes), dh [T, H] and a [T] fp32
+per-token loss; nothing of size T × V. With C = 4096, V = 128256 in bf16 that buffer is 1.05 GB.
+
+Work: 3 GEMMs of 2·C·H·V flops per chunk (6·T·H·V in all) plus ~3 passes over the logits chunk (the row kernel
+reads it twice and writes g once). Each GEMM is either the Triton kernel below or torch (cuBLAS); which one,
+the chunk size's block sizes and warps come from ``tuning.best_config("cross_entropy", ...)``, written by
+``autotune()``.
+
+Supported: h, weight in bf16 or fp32 (same dtype), any strides; targets int32/int64 in [0, V) or -100;
+any T ≥ 0 (odd T, last chunk short), any V (odd V, V not a multiple of the block).
+Known gaps:
+- the softmax statistics are not fused into the logits GEMM's epilogue (one extra read of the chunk);
+- fp32 inputs use exact fp32 (``input_precision="ieee"``) dots: correct but far from tensor-core speed;
+- the ``torch`` choice for dW needs ``torch.addmm(..., out_dtype=float32)`` (CUDA, recent torch) for bf16;
+  on CPU it upcasts (test-only path). The default dW GEMM is the Triton one;
+- input checking of the targets reads them on the host (one sync per call).
+- In the Triton interpreter (tests) ``tl.dot`` on bf16 operands is wrong and fp32 → bf16 casts do not round
+  to nearest, so there (constexpr INTERPRETER, true only when ``tuning.interpreting()``) the GEMM upcasts its
+  tiles to fp32 and bf16 stores round on the bits first.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import tuning
+from .reference import IGNORE_INDEX
+from .reference import linear_cross_entropy as linear_cross_entropy_ref  # noqa: F401  (tests, benchmarks)
+
+KERNEL = "cross_entropy"
+SUPPORTED_DTYPES = (torch.bfloat16, torch.float32)
+
+# One GEMM's choice: {"impl": "triton", BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages} or
+# {"impl": "torch"}. The row kernel's choice: {BLOCK_V, num_warps}.
+_GEMM_BF16 = dict(impl="triton", BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
+_GEMM_FP32 = dict(impl="triton", BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3)
+_TORCH = dict(impl="torch")
+
+
+def default_config(dtype: torch.dtype) -> dict:
+    """Untuned choice: Triton GEMMs for the logits and dW (fp32 accumulation in place), cuBLAS for dh."""
+    gemm = _GEMM_BF16 if dtype == torch.bfloat16 else _GEMM_FP32
+    return dict(logits=gemm, dh=_TORCH, dw=gemm, row=dict(BLOCK_V=4096, num_warps=8))
+
+
+def shape_key(dtype: torch.dtype, H: int, V: int, chunk: int) -> str:
+    return f"{str(dtype).removeprefix('torch.')}_H{H}_V{V}_C{chunk}"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------------------
+@triton.jit
+def _round_to(x, dtype: tl.constexpr, INTERPRETER: tl.constexpr):
+    """fp32 x → dtype, round to nearest even. The interpreter's own fp32 → bf16 cast does not round to nearest
+    (a biased error the GPU does not have), so there the rounding is done on the bits first."""
+    if INTERPRETER and dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
+def _matmul_kernel(
+    # pointers
+    a_ptr, b_ptr, c_ptr,
+    # shapes
+    M, N, K,
+    # strides
+    stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
+    # meta
+    ACCUMULATE: tl.constexpr, INTERPRETER: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """C[M, N] (+)= A[M, K] @ B[K, N], fp32 accumulation, any strides (a transpose is a stride swap).
+
+    One program owns one BLOCK_M × BLOCK_N tile of C; programs are ordered in groups of GROUP_M tile rows so
+    the tiles running together share their A and B panels in L2. With ACCUMULATE the old C (fp32) is added,
+    which is how dW += gᵀ h stays in place without atomics (each tile has one owner)."""
+    pid = tl.program_id(0)
+    grid_m = tl.cdiv(M, BLOCK_M)
+    grid_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * grid_n
+    first_m = (pid // per_group) * GROUP_M
+    group_m = min(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_m
+    pid_n = (pid % per_group) // group_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    # Rows/columns past the edge read a wrapped-around valid row instead of a masked one (no M/N masks in the
+    # K loop); their results are never stored.
+    safe_m = (offs_m % M).to(tl.int64)
+    safe_n = (offs_n % N).to(tl.int64)
+    a_ptrs = a_ptr + safe_m[:, None] * stride_am + offs_k[None, :] * stride_ak        # [BLOCK_M, BLOCK_K]
+    b_ptrs = b_ptr + offs_k[:, None] * stride_bk + safe_n[None, :] * stride_bn        # [BLOCK_K, BLOCK_N]
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        k_left = K - k * BLOCK_K
+        a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+        b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+        if INTERPRETER:                     # the interpreter's tl.dot on bf16 operands is wrong
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+
+    c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n.to(tl.int64)[None, :] * stride_cn
+    c_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    if ACCUMULATE:
+        acc += tl.load(c_ptrs, mask=c_mask, other=0.0).to(tl.float32)
+    tl.store(c_ptrs, _round_to(acc, c_ptr.dtype.element_ty, INTERPRETER), mask=c_mask)
+
+
+@triton.jit
+def _softmax_grad_kernel(
+    # pointers
+    logits_ptr, targets_ptr, loss_ptr,
+    # shapes
+    V,
+    # strides
+    stride_row,
+    # meta
+    grad_scale,
+    IGNORE: tl.constexpr, BLOCK_V: tl.constexpr, INTERPRETER: tl.constexpr,
+):
+    """One program per token row: loss_t = lse − logit[y], then the row becomes g = scale·(softmax − onehot).
+
+    Pass 1 keeps a running max m and sum s per lane (s·exp(m) = Σ exp over the lane's columns so far) and
+    folds the lanes once at the end; pass 2 rereads each block and overwrites it with g in the logits dtype.
+    Each element is loaded and stored by the same lane, so the in-place overwrite is race-free."""
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = logits_ptr + row * stride_row
+    target = tl.load(targets_ptr + row)
+    valid = target != IGNORE
+    cols = tl.arange(0, BLOCK_V)
+
+    # pass 1: online logsumexp (fp32)
+    m = tl.full((BLOCK_V,), float("-inf"), tl.float32)
+    s = tl.zeros((BLOCK_V,), tl.float32)
+    for start in range(0, V, BLOCK_V):
+        x = tl.load(row_ptr + start + cols, mask=start + cols < V, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m, x)
+        # lanes past V stay at m = -inf, s = 0: shift them by 0 instead of -inf so no -inf - -inf = NaN appears
+        shift = tl.where(m_new > float("-inf"), m_new, 0.0)
+        s = s * tl.exp(m - shift) + tl.exp(x - shift)
+        m = m_new
+    m_row = tl.max(m, axis=0)
+    s_row = tl.sum(s * tl.exp(m - m_row), axis=0)
+    lse = m_row + tl.log(s_row)
+
+    safe_target = tl.where(valid, target, 0)
+    picked = tl.load(row_ptr + safe_target).to(tl.float32)
+    tl.store(loss_ptr + row, tl.where(valid, lse - picked, 0.0))
+
+    # pass 2: g = scale · (softmax − onehot), in place
+    scale = tl.where(valid, grad_scale, 0.0)
+    for start in range(0, V, BLOCK_V):
+        in_row = start + cols < V
+        x = tl.load(row_ptr + start + cols, mask=in_row, other=0.0).to(tl.float32)
+        g = tl.exp(x - lse) - tl.where(start + cols == safe_target, 1.0, 0.0)
+        tl.store(row_ptr + start + cols, _round_to(g * scale, logits_ptr.dtype.element_ty, INTERPRETER),
+                 mask=in_row)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------------------
+def _matmul(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, cfg: dict, accumulate: bool = False) -> None:
+    """c (+)= a @ b with the GEMM choice ``cfg``; a, b, c are 2-D views of any strides."""
+    (M, K), N = a.shape, b.shape[1]
+    if cfg["impl"] == "torch":
+        if not accumulate:
+            torch.mm(a, b, out=c)
+        elif a.dtype == c.dtype:
+            c.addmm_(a, b)
+        elif c.is_cuda:                     # bf16 operands, fp32 accumulator: cuBLAS with beta = 1
+            torch.addmm(c, a, b, out_dtype=c.dtype, out=c)
+        else:                               # CPU (interpreter tests only): no mixed-dtype addmm there
+            c.addmm_(a.float(), b.float())
+        return
+    if M == 0 or N == 0:
+        return
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
+    _matmul_kernel[grid](
+        a, b, c,
+        M, N, K,
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
+        ACCUMULATE=accumulate, INTERPRETER=tuning.interpreting(),
+        PRECISION="ieee" if a.dtype == torch.float32 or tuning.interpreting() else "tf32",
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+
+
+def _softmax_grad_(logits: torch.Tensor, targets: torch.Tensor, loss_rows: torch.Tensor, grad_scale: float,
+                   cfg: dict) -> None:
+    """In place over logits[n, V] (unit column stride): per-row loss into loss_rows[n], then g."""
+    n, V = logits.shape
+    if n == 0:
+        return
+    _softmax_grad_kernel[(n,)](
+        logits, targets, loss_rows,
+        V,
+        logits.stride(0),
+        float(grad_scale),
+        IGNORE=IGNORE_INDEX, BLOCK_V=min(cfg["BLOCK_V"], triton.next_power_of_2(V)),
+        INTERPRETER=tuning.interpreting(),
+        num_warps=cfg["num_warps"],
+    )
+
+
+def _check_inputs(h, weight, targets, d_weight, chunk_size) -> None:
+    if h.dim() != 2 or weight.dim() != 2:
+        raise ValueError(f"linear_cross_entropy: h must be [T, H] and weight [V, H]; got h{list(h.shape)}, "
+                         f"weight{list(weight.shape)} (flatten batch × sequence into T first)")
+    T, H = h.shape
+    V = weight.shape[0]
+    if weight.shape[1] != H:
+        raise ValueError(f"linear_cross_entropy: weight is {list(weight.shape)} but h has hidden size {H}; "
+                         f"weight must be [vocab_size, {H}]")
+    if h.dtype not in SUPPORTED_DTYPES or weight.dtype != h.dtype:
+        raise TypeError(f"linear_cross_entropy: h and weight must share one dtype among bf16/fp32; got "
+                        f"h {h.dtype}, weight {weight.dtype}")
+    if targets.shape != (T,) or targets.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"linear_cross_entropy: targets must be int64/int32 [{T}] (one per token of h); got "
+                         f"{targets.dtype} {list(targets.shape)}")
+    if d_weight.shape != (V, H) or d_weight.dtype != torch.float32:
+        raise ValueError(f"linear_cross_entropy: d_weight must be the fp32 [{V}, {H}] gradient buffer of the "
+                         f"lm_head; got {d_weight.dtype} {list(d_weight.shape)}")
+    devices = {t.device for t in (h, weight, targets, d_weight)}
+    if len(devices) != 1:
+        raise ValueError(f"linear_cross_entropy: h, weight, targets and d_weight must be on one device; got "
+                         f"{sorted(str(d) for d in devices)}")
+    if h.device.type != "cuda" and not tuning.interpreting():
+        raise RuntimeError("linear_cross_entropy (Triton) needs CUDA tensors, or TRITON_INTERPRET=1 for the "
+                           "interpreter; the CPU path is kernels.reference.linear_cross_entropy")
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"linear_cross_entropy: chunk_size must be a positive int, got {chunk_size!r}")
+    if T:
+        # sync: the host reads two scalars to name a bad target instead of reading out of bounds on the GPU
+        bad = (targets >= V) | ((targets < 0) & (targets != IGNORE_INDEX))
+        if bool(bad.any()):
+            t = int(bad.nonzero()[0, 0])
+            raise ValueError(f"linear_cross_entropy: token {t} has target id {int(targets[t])}, outside "
+                             f"[0, vocab_size={V}) and not the ignore index {IGNORE_INDEX}")
+
+
+def _run(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, d_weight: torch.Tensor,
+         grad_scale: float, chunk_size: int, config: dict):
+    """The chunk loop with an explicit config (tests and autotune call it directly)."""
+    T, H = h.shape
+    V = weight.shape[0]
+    targets = targets.contiguous()
+    dh = torch.empty_like(h)
+    loss_rows = torch.zeros(T, dtype=torch.float32, device=h.device)        # [T] per-token loss
+    rows = min(chunk_size, T)
+    pad = 16 // h.element_size()                                            # 16-byte aligned logits rows
+    buf = torch.empty(rows, triton.cdiv(V, pad) * pad, dtype=h.dtype, device=h.device)
+    for start in range(0, T, chunk_size):
+        stop = min(start + chunk_size, T)
+        hc = h[start:stop]                                                  # [n, H]
+        logits = buf[:stop - start, :V]                                     # [n, V], becomes g in place
+        _matmul(hc, weight.t(), logits, config["logits"])
+        _softmax_grad_(logits, targets[start:stop], loss_rows[start:stop], grad_scale, config["row"])
+        _matmul(logits, weight, dh[start:stop], config["dh"])               # dh_c = g @ W       [n, H]
+        _matmul(logits.t(), hc, d_weight, config["dw"], accumulate=True)    # dW += gᵀ @ h_c     [V, H]
+    return loss_rows.sum(), dh
+
+
+def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, d_weight: torch.Tensor,
+                         grad_scale: float, chunk_size: int = 4096):
+    """h[T, H], weight[V, H], targets[T] int64 (-100 = ignored), d_weight fp32[V, H] accumulated in place.
+
+    -> (loss_sum: fp32 scalar tensor, dh[T, H] in h.dtype). Same contract as reference.linear_cross_entropy."""
+    _check_inputs(h, weight, targets, d_weight, chunk_size)
+    H, V = h.shape[1], weight.shape[0]
+    config = tuning.best_config(KERNEL, shape_key(h.dtype, H, V, chunk_size), default_config(h.dtype))
+    return _run(h, weight, targets, d_weight, grad_scale, chunk_size, config)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Autotuning (GPU only; python -m horizon_triton.kernels.autotune cross_entropy)
+# ----------------------------------------------------------------------------------------------------------
+_GEMM_CANDIDATES = [
+    dict(impl="triton", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=w, num_stages=s)
+    for bm, bn, bk, w, s in [(128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 8, 4),
+                             (128, 128, 64, 4, 4), (128, 128, 128, 8, 3), (64, 256, 64, 4, 4),
+                             (128, 64, 64, 4, 4)]
+] + [_TORCH]
+_ROW_CANDIDATES = [dict(BLOCK_V=bv, num_warps=w) for bv in (1024, 2048, 4096, 8192) for w in (4, 8, 16)]
+_DEFAULT_SHAPES = [dict(T=8192, H=4096, V=128256), dict(T=8192, H=3584, V=152064), dict(T=8192, H=2048, V=128256)]
+
+
+def _fastest(candidates: list[dict], run_one) -> dict:
+    """The candidate with the lowest median time; candidates that fail to compile or run are skipped."""
+    best, best_ms = None, float("inf")
+    for cand in candidates:
+        try:
+            ms = tuning.time_ms(lambda: run_one(cand))
+        except Exception as err:  # noqa: BLE001  (out of shared memory, no mixed-dtype addmm, ...)
+            print(f"  cross_entropy autotune: skipping {cand}: {type(err).__name__}: {err}")
+            continue
+        if ms < best_ms:
+            best, best_ms = cand, ms
+    if best is None:
+        raise RuntimeError(f"cross_entropy autotune: every candidate failed ({candidates})")
+    return best
+
+
+def autotune(shape: dict | None = None) -> list[dict]:
+    """Sweeps GEMM blocks/warps/stages (or cuBLAS) for each of the three GEMMs, the row kernel's block and warps,
+    for chunk sizes 2048/4096/8192 (or shape["chunk"]), bf16; stores each chunk's winner and returns one row per
+    (shape, chunk) with the whole call's time and TFLOPS (6·T·H·V flops)."""
+    dtype = torch.bfloat16
+    rows = []
+    for shp in ([shape] if shape else _DEFAULT_SHAPES):
+        T, H, V = shp["T"], shp["H"], shp["V"]
+        h = torch.randn(T, H, device="cuda", dtype=dtype)
+        weight = torch.randn(V, H, device="cuda", dtype=dtype) / H ** 0.5
+        targets = torch.randint(0, V, (T,), device="cuda")
+        d_weight = torch.zeros(V, H, device="cuda", dtype=torch.float32)
+        for chunk in ([shp["chunk"]] if "chunk" in shp else [c for c in (2048, 4096, 8192) if c <= max(T, 2048)]):
+            n = min(chunk, T)
+            hc = h[:n]
+            logits = torch.empty(n, V, device="cuda", dtype=dtype)
+            loss_rows = torch.empty(n, device="cuda", dtype=torch.float32)
+            dh = torch.empty(n, H, device="cuda", dtype=dtype)
+            cfg = default_config(dtype)
+            cfg["logits"] = _fastest(_GEMM_CANDIDATES, lambda c: _matmul(hc, weight.t(), logits, c))
+            # logits must hold finite values for the row kernel; g stays finite when rerun in place
+            _matmul(hc, weight.t(), logits, cfg["logits"])
+            cfg["row"] = _fastest(_ROW_CANDIDATES,
+                                  lambda c: _softmax_grad_(logits, targets[:n], loss_rows, 1.0 / T, c))
+            cfg["dh"] = _fastest(_GEMM_CANDIDATES, lambda c: _matmul(logits, weight, dh, c))
+            cfg["dw"] = _fastest(_GEMM_CANDIDATES, lambda c: _matmul(logits.t(), hc, d_weight, c, accumulate=True))
+            del logits
+            ms = tuning.time_ms(lambda: _run(h, weight, targets, d_weight, 1.0 / T, chunk, cfg), warmup=2, rep=10)
+            tuning.store_config(KERNEL, shape_key(dtype, H, V, chunk), cfg)
+            rows.append(dict(shape=dict(T=T, H=H, V=V, chunk=chunk, dtype="bf16"), config=cfg, ms=ms,
+                             throughput=f"{6 * T * H * V / ms / 1e9:.0f} TFLOPS (6·T·H·V flops)"))
+        del h, weight, d_weight
+        torch.cuda.empty_cache()
+    return rows
