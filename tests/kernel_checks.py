@@ -1,0 +1,46 @@
+"""Helpers shared by the kernel tests (tests/test_rmsnorm*.py, test_swiglu.py, test_rope.py).
+
+- ``bf16_round_to_nearest``: Triton's interpreter converts fp32 → bf16 by truncating the mantissa, while the GPU
+  (and torch) round to nearest even. Truncation is a biased error (always towards zero) that adds up in fp32
+  accumulations, so a correct kernel would look ~2× worse than torch in the interpreter. The fixture patches the
+  interpreter's cast to round to nearest for the duration of a test; GPU runs never see it.
+- ``assert_within_reference_error``: the tolerance rule of STYLE.md — against the fp32 reference, the kernel's
+  error may be at most twice the low-precision reference's own error plus ``atol``.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+
+def _round_fp32_to_bf16(data: np.ndarray) -> np.ndarray:
+    bits = np.ascontiguousarray(data, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+    nan = np.isnan(np.asarray(data, dtype=np.float32))
+    return np.where(nan, ((bits >> 16) | 0x40).astype(np.uint16), rounded)
+
+
+@pytest.fixture(autouse=True)
+def bf16_round_to_nearest(monkeypatch):
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    original = interpreter.InterpreterBuilder.cast_impl
+
+    def cast_impl(self, src, dst_type):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            return interpreter.TensorHandle(_round_fp32_to_bf16(src.data), tl.bfloat16)
+        return original(self, src, dst_type)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "cast_impl", cast_impl)
+
+
+def assert_within_reference_error(out: torch.Tensor, ref_lowp: torch.Tensor, ref_fp32: torch.Tensor,
+                                  atol: float, name: str) -> None:
+    assert out.shape == ref_fp32.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref_fp32.shape)}"
+    assert out.dtype == ref_lowp.dtype, f"{name}: dtype {out.dtype} != {ref_lowp.dtype}"
+    err = (out.float() - ref_fp32.float()).abs().max().item()
+    err_ref = (ref_lowp.float() - ref_fp32.float()).abs().max().item()
+    assert err <= 2 * err_ref + atol, (f"{name}: kernel error {err:.3g} > 2 × reference error {err_ref:.3g} "
+                                       f"+ atol {atol:g}")

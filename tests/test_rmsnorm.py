@@ -1,0 +1,96 @@
+"""kernels/rmsnorm.py in Triton's interpreter vs the torch reference; the reference vs autograd and transformers."""
+import pytest
+import torch
+from kernel_checks import assert_within_reference_error, bf16_round_to_nearest  # noqa: F401  (autouse fixture)
+
+from horizon_triton.kernels import rmsnorm
+from horizon_triton.kernels.rmsnorm import rmsnorm_backward_ref, rmsnorm_forward_ref
+
+EPS = 1e-6
+ATOL = {torch.float32: 1e-5, torch.bfloat16: 1e-3}
+
+
+def _inputs(shape, dtype):
+    x = torch.randn(shape, dtype=dtype) * 2
+    w = (1 + 0.3 * torch.randn(shape[-1])).to(dtype)
+    dy = torch.randn(shape, dtype=dtype)
+    return x, w, dy
+
+
+def _run(fwd, bwd, x, w, dy, d_weight0):
+    y, rstd = fwd(x, w, EPS)
+    d_weight = d_weight0.clone()
+    dx = bwd(dy, x, w, rstd, d_weight)
+    return y, rstd, dx, d_weight
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(37, 100), (37, 4, 72), (3, 256), (5, 3, 5)], ids=str)
+def test_kernel_matches_reference(shape, dtype):
+    x, w, dy = _inputs(shape, dtype)
+    d_weight0 = torch.randn(shape[-1])  # accumulation into a non-zero buffer
+    out = _run(rmsnorm.rmsnorm_forward, rmsnorm.rmsnorm_backward, x, w, dy, d_weight0)
+    ref = _run(rmsnorm_forward_ref, rmsnorm_backward_ref, x, w, dy, d_weight0)
+    ref32 = _run(rmsnorm_forward_ref, rmsnorm_backward_ref, x.float(), w.float(), dy.float(), d_weight0)
+    atol = ATOL[dtype]
+    for name, o, r, r32 in zip(("y", "rstd", "dx", "d_weight"), out, ref, ref32):
+        assert_within_reference_error(o, r, r32, atol * (1 + r32.abs().max().item()), name)
+
+
+def test_strided_rows_and_qk_norm_view():
+    """The engine norms q/k per head on a view into the fused qkv output."""
+    qkv = torch.randn(37, 3, 4, 72, dtype=torch.bfloat16)
+    q = qkv[:, 0]                                                     # [T, nH, D], not contiguous
+    w = torch.randn(72, dtype=torch.bfloat16)
+    y, rstd = rmsnorm.rmsnorm_forward(q, w, EPS)
+    y_ref, rstd_ref = rmsnorm_forward_ref(q.contiguous(), w, EPS)
+    assert y.shape == q.shape and rstd.shape == (37, 4)
+    torch.testing.assert_close(rstd, rstd_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(y.float(), y_ref.float(), rtol=1e-2, atol=1e-2)
+
+
+def test_reference_backward_matches_autograd():
+    x, w, dy = _inputs((37, 100), torch.float32)
+    x.requires_grad_(True)
+    w.requires_grad_(True)
+    y, _ = rmsnorm_forward_ref(x, w, EPS)
+    y.backward(dy)
+    d_weight = torch.zeros(100)
+    with torch.no_grad():
+        _, rstd = rmsnorm_forward_ref(x, w, EPS)
+        dx = rmsnorm_backward_ref(dy, x.detach(), w.detach(), rstd, d_weight)
+    torch.testing.assert_close(dx, x.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(d_weight, w.grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_reference_matches_transformers_llama_rmsnorm(dtype):
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    norm = LlamaRMSNorm(100, eps=EPS).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.3 * torch.randn(100))
+        x = torch.randn(37, 100, dtype=dtype) * 2
+        y_hf = norm(x)
+        y_ref, _ = rmsnorm_forward_ref(x, norm.weight, EPS)
+        y_kernel, _ = rmsnorm.rmsnorm_forward(x, norm.weight, EPS)
+    assert y_hf.dtype == y_ref.dtype == dtype
+    torch.testing.assert_close(y_ref, y_hf, rtol=0, atol=0)
+    assert_within_reference_error(y_kernel, y_ref, y_hf.float(), 1e-5, "kernel vs LlamaRMSNorm")
+
+
+def test_clear_errors():
+    x = torch.randn(4, 8)
+    w = torch.randn(8)
+    with pytest.raises(ValueError, match="weight shape"):
+        rmsnorm.rmsnorm_forward(x, torch.randn(7), EPS)
+    with pytest.raises(TypeError, match="dtype"):
+        rmsnorm.rmsnorm_forward(x.to(torch.int32), w, EPS)
+    with pytest.raises(ValueError, match="non-empty"):
+        rmsnorm.rmsnorm_forward(torch.empty(0, 8), w, EPS)
+    _, rstd = rmsnorm.rmsnorm_forward(x, w, EPS)
+    with pytest.raises(ValueError, match="d_weight must be fp32"):
+        rmsnorm.rmsnorm_backward(x, x, w, rstd, torch.zeros(8, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="rstd must be fp32"):
+        rmsnorm.rmsnorm_backward(x, x, w, rstd[:3], torch.zeros(8))
+    with pytest.raises(ValueError, match="dy shape"):
+        rmsnorm.rmsnorm_backward(x[:3], x, w, rstd, torch.zeros(8))

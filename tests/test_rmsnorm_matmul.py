@@ -1,0 +1,97 @@
+"""kernels/rmsnorm_matmul.py in Triton's interpreter vs the torch reference; the reference backward vs autograd."""
+import pytest
+import torch
+from kernel_checks import assert_within_reference_error, bf16_round_to_nearest  # noqa: F401  (autouse fixture)
+
+from horizon_triton.kernels import rmsnorm_matmul
+from horizon_triton.kernels.reference import linear_backward, linear_forward, rmsnorm_forward
+from horizon_triton.kernels.rmsnorm_matmul import rmsnorm_matmul_backward_ref, rmsnorm_matmul_forward_ref
+
+EPS = 1e-6
+ATOL = {torch.float32: 1e-5, torch.bfloat16: 1e-3}
+
+
+def _inputs(T, H, N, dtype):
+    x = torch.randn(T, H, dtype=dtype) * 3
+    g = (1 + 0.3 * torch.randn(H)).to(dtype)
+    w = (torch.randn(N, H) / H ** 0.5).to(dtype)
+    dy = torch.randn(T, N, dtype=dtype)
+    return x, g, w, dy
+
+
+def _run(fwd, bwd, x, g, w, dy, d_weight0, d_norm_weight0):
+    y, rstd = fwd(x, g, w, EPS)
+    d_weight, d_norm_weight = d_weight0.clone(), d_norm_weight0.clone()
+    dx = bwd(dy, x, g, w, rstd, d_weight, d_norm_weight)
+    return y, rstd, dx, d_weight, d_norm_weight
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("T, H, N", [(37, 100, 130), (64, 72, 32), (1, 40, 7)])
+def test_kernel_matches_reference(T, H, N, dtype):
+    x, g, w, dy = _inputs(T, H, N, dtype)
+    d_weight0, d_norm_weight0 = torch.randn(N, H), torch.randn(H)     # accumulation into non-zero buffers
+    fused = (rmsnorm_matmul.rmsnorm_matmul_forward, rmsnorm_matmul.rmsnorm_matmul_backward)
+    ref = (rmsnorm_matmul_forward_ref, rmsnorm_matmul_backward_ref)
+    out = _run(*fused, x, g, w, dy, d_weight0, d_norm_weight0)
+    lowp = _run(*ref, x, g, w, dy, d_weight0, d_norm_weight0)
+    ref32 = _run(*ref, x.float(), g.float(), w.float(), dy.float(), d_weight0, d_norm_weight0)
+    for name, o, r, r32 in zip(("y", "rstd", "dx", "d_weight", "d_norm_weight"), out, lowp, ref32):
+        assert_within_reference_error(o, r, r32, ATOL[dtype] * (1 + r32.abs().max().item()), name)
+
+
+def test_rstd_is_the_rmsnorm_rstd():
+    x, g, w, _ = _inputs(37, 100, 130, torch.bfloat16)
+    _, rstd = rmsnorm_matmul.rmsnorm_matmul_forward(x, g, w, EPS)
+    torch.testing.assert_close(rstd, rmsnorm_forward(x, g, EPS)[1], rtol=1e-5, atol=0)
+
+
+def test_reference_backward_matches_autograd():
+    x, g, w, dy = _inputs(37, 100, 130, torch.float32)
+    for t in (x, g, w):
+        t.requires_grad_(True)
+    y, rstd = rmsnorm_matmul_forward_ref(x, g, w, EPS)
+    y.backward(dy)
+    d_weight, d_norm_weight = torch.zeros(130, 100), torch.zeros(100)
+    with torch.no_grad():
+        dx = rmsnorm_matmul_backward_ref(dy, x, g, w, rstd, d_weight, d_norm_weight)
+    torch.testing.assert_close(dx, x.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(d_weight, w.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(d_norm_weight, g.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_reference_linear_backward_matches_autograd():
+    x = torch.randn(37, 100, requires_grad=True)
+    w = torch.randn(130, 100, requires_grad=True)
+    b = torch.randn(130, requires_grad=True)
+    dy = torch.randn(37, 130)
+    linear_forward(x, w, b).backward(dy)
+    d_weight, d_bias = torch.ones(130, 100), torch.ones(130)          # accumulates onto what is there
+    with torch.no_grad():
+        dx = linear_backward(dy, x, w, d_weight, d_bias)
+    torch.testing.assert_close(dx, x.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(d_weight - 1, w.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(d_bias - 1, b.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_clear_errors():
+    x, g, w, dy = _inputs(8, 16, 12, torch.float32)
+    f = rmsnorm_matmul.rmsnorm_matmul_forward
+    with pytest.raises(ValueError, match=r"weight is \[12, 15\] but x has H=16"):
+        f(x, g, w[:, :15], EPS)
+    with pytest.raises(ValueError, match="flatten batch"):
+        f(x[None], g, w, EPS)
+    with pytest.raises(TypeError, match="cast the weight"):
+        f(x, g, w.bfloat16(), EPS)
+    with pytest.raises(ValueError, match="norm_weight shape"):
+        f(x, g[:4], w, EPS)
+    with pytest.raises(ValueError, match="contiguous"):
+        f(x.t().contiguous().t(), g, w, EPS)
+    _, rstd = f(x, g, w, EPS)
+    b = rmsnorm_matmul.rmsnorm_matmul_backward
+    with pytest.raises(ValueError, match="d_weight must be"):
+        b(dy, x, g, w, rstd, torch.zeros(12, 16, dtype=torch.bfloat16), torch.zeros(16))
+    with pytest.raises(ValueError, match="dy must be"):
+        b(dy[:, :5], x, g, w, rstd, torch.zeros(12, 16), torch.zeros(16))
+    with pytest.raises(ValueError, match="rstd must be"):
+        b(dy, x, g, w, rstd.bfloat16(), torch.zeros(12, 16), torch.zeros(16))

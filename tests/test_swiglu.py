@@ -1,0 +1,51 @@
+"""kernels/swiglu.py in Triton's interpreter vs the torch reference; the reference backward vs autograd."""
+import pytest
+import torch
+from kernel_checks import assert_within_reference_error, bf16_round_to_nearest  # noqa: F401  (autouse fixture)
+
+from horizon_triton.kernels import swiglu
+from horizon_triton.kernels.swiglu import swiglu_backward_ref, swiglu_forward_ref
+
+ATOL = {torch.float32: 1e-5, torch.bfloat16: 1e-3}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("T, I", [(37, 130), (1, 100), (64, 256)])
+def test_kernel_matches_reference(T, I, dtype):
+    gate_up = torch.randn(T, 2 * I, dtype=dtype) * 3
+    dh = torch.randn(T, I, dtype=dtype)
+    for name, fn, fn_ref, args in (("h", swiglu.swiglu_forward, swiglu_forward_ref, (gate_up,)),
+                                   ("d_gate_up", swiglu.swiglu_backward, swiglu_backward_ref, (dh, gate_up))):
+        out, ref = fn(*args), fn_ref(*args)
+        ref32 = fn_ref(*(a.float() for a in args))
+        assert_within_reference_error(out, ref, ref32, ATOL[dtype] * (1 + ref32.abs().max().item()), name)
+
+
+def test_strided_rows():
+    """gate_up may be a column slice of a wider buffer; dh may be a strided view."""
+    buf = torch.randn(37, 300, dtype=torch.bfloat16)
+    gate_up = buf[:, 20:280]                                          # [37, 260], row stride 300
+    dh = torch.randn(37, 200, dtype=torch.bfloat16)[:, 50:180]        # [37, 130], row stride 200
+    torch.testing.assert_close(swiglu.swiglu_forward(gate_up), swiglu_forward_ref(gate_up), rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(swiglu.swiglu_backward(dh, gate_up), swiglu_backward_ref(dh, gate_up),
+                               rtol=1e-2, atol=1e-2)
+
+
+def test_reference_backward_matches_autograd():
+    gate_up = (torch.randn(37, 260) * 3).requires_grad_(True)
+    dh = torch.randn(37, 130)
+    swiglu_forward_ref(gate_up).backward(dh)
+    torch.testing.assert_close(swiglu_backward_ref(dh, gate_up.detach()), gate_up.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_clear_errors():
+    with pytest.raises(ValueError, match="even"):
+        swiglu.swiglu_forward(torch.randn(4, 7))
+    with pytest.raises(ValueError, match=r"\[T, 2I\]"):
+        swiglu.swiglu_forward(torch.randn(2, 4, 8))
+    with pytest.raises(TypeError, match="dtype"):
+        swiglu.swiglu_forward(torch.randn(4, 8).to(torch.float64))
+    with pytest.raises(ValueError, match="contiguous"):
+        swiglu.swiglu_forward(torch.randn(8, 4).t())
+    with pytest.raises(ValueError, match="dh shape"):
+        swiglu.swiglu_backward(torch.randn(4, 3), torch.randn(4, 8))
