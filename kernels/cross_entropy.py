@@ -48,14 +48,17 @@ SUPPORTED_DTYPES = (torch.bfloat16, torch.float32)
 # One GEMM's choice: {"impl": "triton", BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages} or
 # {"impl": "torch"}. The row kernel's choice: {BLOCK_V, num_warps}.
 _GEMM_BF16 = dict(impl="triton", BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
+_GEMM_BF16_ACC = dict(impl="triton", BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4)
 _GEMM_FP32 = dict(impl="triton", BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3)
 _TORCH = dict(impl="torch")
 
 
 def default_config(dtype: torch.dtype) -> dict:
     """Untuned choice: Triton GEMMs for the logits and dW (fp32 accumulation in place), cuBLAS for dh."""
-    gemm = _GEMM_BF16 if dtype == torch.bfloat16 else _GEMM_FP32
-    return dict(logits=gemm, dh=_TORCH, dw=gemm, row=dict(BLOCK_V=4096, num_warps=8))
+    if dtype == torch.float32:
+        return dict(logits=_GEMM_FP32, dh=_TORCH, dw=_GEMM_FP32, row=dict(BLOCK_V=4096, num_warps=8))
+    # dW's epilogue also holds the fp32 tile of d_weight it adds to: a narrower tile keeps it out of spills
+    return dict(logits=_GEMM_BF16, dh=_TORCH, dw=_GEMM_BF16_ACC, row=dict(BLOCK_V=4096, num_warps=8))
 
 
 def shape_key(dtype: torch.dtype, H: int, V: int, chunk: int) -> str:
@@ -105,18 +108,20 @@ def _matmul_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    # Rows/columns past the edge read a wrapped-around valid row instead of a masked one (no M/N masks in the
-    # K loop); their results are never stored.
-    safe_m = (offs_m % M).to(tl.int64)
-    safe_n = (offs_n % N).to(tl.int64)
-    a_ptrs = a_ptr + safe_m[:, None] * stride_am + offs_k[None, :] * stride_ak        # [BLOCK_M, BLOCK_K]
-    b_ptrs = b_ptr + offs_k[:, None] * stride_bk + safe_n[None, :] * stride_bn        # [BLOCK_K, BLOCK_N]
+    # Edges are masked rather than wrapped (offs % M) so the compiler still sees BLOCK-long contiguous runs along
+    # whichever of M, N, K has unit stride (dW reads gᵀ, whose contiguous axis is M = V) and vectorizes the loads.
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    offs_m64 = offs_m.to(tl.int64)
+    offs_n64 = offs_n.to(tl.int64)
+    a_ptrs = a_ptr + offs_m64[:, None] * stride_am + offs_k[None, :] * stride_ak      # [BLOCK_M, BLOCK_K]
+    b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_n64[None, :] * stride_bn      # [BLOCK_K, BLOCK_N]
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         k_left = K - k * BLOCK_K
-        a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
-        b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+        a = tl.load(a_ptrs, mask=m_ok[:, None] & (offs_k[None, :] < k_left), other=0.0)
+        b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & n_ok[None, :], other=0.0)
         if INTERPRETER:                     # the interpreter's tl.dot on bf16 operands is wrong
             a = a.to(tl.float32)
             b = b.to(tl.float32)
@@ -124,8 +129,8 @@ def _matmul_kernel(
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
 
-    c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n.to(tl.int64)[None, :] * stride_cn
-    c_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    c_ptrs = c_ptr + offs_m64[:, None] * stride_cm + offs_n64[None, :] * stride_cn
+    c_mask = m_ok[:, None] & n_ok[None, :]
     if ACCUMULATE:
         acc += tl.load(c_ptrs, mask=c_mask, other=0.0).to(tl.float32)
     tl.store(c_ptrs, _round_to(acc, c_ptr.dtype.element_ty, INTERPRETER), mask=c_mask)

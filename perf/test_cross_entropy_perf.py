@@ -1,0 +1,112 @@
+"""Fused linear cross-entropy: the Triton launcher vs torch (logits = h @ Wᵀ, F.cross_entropy, backward) and vs
+the three plain matmuls it contains, on a Llama-3-8B head (T = 8192, H = 4096, V = 128256, bf16).
+
+Throughput is TFLOPS over the 6·T·H·V flops of the three GEMMs (logits, dh, dW); the fused kernel's target is
+≤ 1.2× the plain matmuls' time (recorded as ``ratio_to_matmuls``). Peak memory is the allocator's high-water
+mark above what the inputs already hold. Without a GPU the CPU path (the torch reference) runs on a modest
+shape and says so.
+
+    pytest perf/test_cross_entropy_perf.py --benchmark-only
+"""
+import torch
+import torch.nn.functional as F
+
+from horizon_triton.kernels import tuning
+from horizon_triton.kernels.cross_entropy import linear_cross_entropy, linear_cross_entropy_ref
+
+GPU_SHAPE = dict(T=8192, H=4096, V=128256, chunk=4096)
+CPU_SHAPE = dict(T=512, H=256, V=8192, chunk=128)
+
+
+def _shape(device):
+    return GPU_SHAPE if device.type == "cuda" else CPU_SHAPE
+
+
+def _inputs(device, T, H, V, chunk):
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    g = torch.Generator(device=device).manual_seed(0)
+    h = torch.randn(T, H, device=device, dtype=dtype, generator=g)
+    weight = torch.randn(V, H, device=device, dtype=dtype, generator=g) / H ** 0.5
+    targets = torch.randint(0, V, (T,), device=device, generator=g)
+    targets[::7] = -100
+    d_weight = torch.zeros(V, H, device=device, dtype=torch.float32)
+    return h, weight, targets, d_weight
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()  # sync: the benchmark's wall clock must cover the GPU work
+
+
+def _run_measured(benchmark, record, device, fn, T, H, V, **figures):
+    """Benchmarks fn (synchronized), then records TFLOPS over 6·T·H·V flops and the peak memory above the inputs."""
+    def step():
+        fn()
+        _sync(device)
+
+    step()                                                          # warm-up: compile, cuBLAS heuristics
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    benchmark.pedantic(step, rounds=5 if device.type == "cuda" else 3, iterations=1, warmup_rounds=1)
+    seconds = benchmark.stats.stats.median
+    if device.type == "cuda":
+        figures["peak_extra_memory_GiB"] = round((torch.cuda.max_memory_allocated() - base) / 2 ** 30, 3)
+    record(T=T, H=H, V=V, dtype=str(figures.pop("dtype")), tflops=float(f"{6 * T * H * V / seconds / 1e12:.4g}"),
+           flop_formula="6*T*H*V", **figures)
+    return seconds
+
+
+def _matmuls_ms(h, weight):
+    """Median ms of the three plain bf16 cuBLAS matmuls over the whole T (no softmax, no accumulation)."""
+    logits = h @ weight.t()
+
+    def three():
+        lg = torch.mm(h, weight.t(), out=logits)
+        lg @ weight
+        lg.t() @ h
+    return tuning.time_ms(three, warmup=2, rep=10)
+
+
+def test_fused_linear_cross_entropy(benchmark, record, device):
+    T, H, V, chunk = _shape(device).values()
+    h, weight, targets, d_weight = _inputs(device, T, H, V, chunk)
+    if device.type == "cuda":
+        fn = lambda: linear_cross_entropy(h, weight, targets, d_weight, 1.0 / T, chunk)  # noqa: E731
+        path = "triton"
+    else:
+        fn = lambda: linear_cross_entropy_ref(h, weight, targets, d_weight, 1.0 / T, chunk)  # noqa: E731
+        path = "torch reference (CPU path)"
+    seconds = _run_measured(benchmark, record, device, fn, T, H, V, dtype=h.dtype, chunk=chunk, path=path)
+    if device.type == "cuda":
+        matmul_ms = _matmuls_ms(h, weight)
+        record(matmuls_ms=round(matmul_ms, 3), ratio_to_matmuls=round(seconds * 1e3 / matmul_ms, 3))
+
+
+def test_torch_linear_cross_entropy(benchmark, record, device):
+    """What a plain training loop does: full logits, fp32 cross-entropy, autograd; dW added to an fp32 buffer."""
+    T, H, V, chunk = _shape(device).values()
+    h, weight, targets, d_weight = _inputs(device, T, H, V, chunk)
+    h.requires_grad_()
+    weight.requires_grad_()
+
+    def fn():
+        logits = h @ weight.t()                                         # [T, V]
+        loss = F.cross_entropy(logits.float(), targets, ignore_index=-100, reduction="sum")
+        (loss / T).backward()
+        d_weight.add_(weight.grad)
+        h.grad = weight.grad = None
+    _run_measured(benchmark, record, device, fn, T, H, V, dtype=h.dtype, path="torch autograd")
+
+
+def test_plain_matmuls(benchmark, record, device):
+    """The floor: logits = h Wᵀ, dh = logits W, dW = logitsᵀ h, nothing else."""
+    T, H, V, chunk = _shape(device).values()
+    h, weight, _, _ = _inputs(device, T, H, V, chunk)
+    logits = h @ weight.t()
+
+    def fn():
+        torch.mm(h, weight.t(), out=logits)
+        logits @ weight
+        logits.t() @ h
+    _run_measured(benchmark, record, device, fn, T, H, V, dtype=h.dtype, path="torch.mm x3")
