@@ -1,1 +1,11 @@
-"""horizon-triton: fine-tune models larger than GPU memory on one GPU."""
+"""horizon-triton: fine-tune language models larger than GPU memory on one GPU.
+
+    import horizon_triton as ht
+    engine = ht.Engine(ht.ModelConfig.from_pretrained("hf_dir"), ht.TrainConfig(lr=1e-5))
+    history = engine.fit(loader)
+    engine.save_pretrained("out_dir")
+"""
+from .config import ModelConfig, TrainConfig, preset
+from .engine import Engine
+
+__all__ = ["Engine", "ModelConfig", "TrainConfig", "preset"]

@@ -1,0 +1,111 @@
+"""Hugging Face checkpoints in and out of the host store, tensor by tensor (never a whole-model copy)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .store import HostStore
+
+SHARD_BYTES = 5 * 1000**3  # transformers' default shard size: above it, shards plus an index
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _tensor_files(path: Path) -> dict[str, Path]:
+    """tensor name -> safetensors file, from the index when the checkpoint is sharded."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {name: path / file for name, file in weight_map.items()}
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors file in {path} (PyTorch .bin checkpoints are not supported)")
+    names = {}
+    for file in files:
+        with _open(file) as f:
+            names.update({name: file for name in f.keys()})
+    return names
+
+
+def _open(file: Path):
+    if not file.is_file():
+        raise FileNotFoundError(f"safetensors file {file} is missing")
+    try:
+        return safe_open(str(file), framework="pt")
+    except Exception as e:  # safetensors raises its own error type for truncated or corrupt headers
+        raise ValueError(f"cannot read {file}: {e} (truncated or corrupt file?)") from e
+
+
+def load_weights(store: HostStore, path: str | Path) -> None:
+    """Fills the store's master (fp32) and working buffers from a HF checkpoint directory."""
+    path = Path(path)
+    files = _tensor_files(path)
+    wanted = list(store.named_master())
+    missing = [name for name, _ in wanted if name not in files]
+    if missing:
+        raise ValueError(f"checkpoint {path} lacks {len(missing)} tensor(s) the model needs, e.g. {missing[:3]}")
+    by_file: dict[Path, list] = {}
+    for name, view in wanted:
+        by_file.setdefault(files[name], []).append((name, view))
+    for file, items in by_file.items():
+        with _open(file) as f:
+            for name, view in items:
+                try:
+                    tensor = f.get_tensor(name)
+                except Exception as e:
+                    raise ValueError(f"cannot read tensor {name} from {file}: {e} (truncated file?)") from e
+                if tuple(tensor.shape) != tuple(view.shape):
+                    raise ValueError(f"tensor {name} in {file} has shape {tuple(tensor.shape)}, the config implies "
+                                     f"{tuple(view.shape)}")
+                view.copy_(tensor)
+    store.refresh_working()
+
+
+def save_weights(store: HostStore, out_dir: str | Path, dtype: torch.dtype) -> None:
+    """Writes config.json + model.safetensors (or shards + index) from the fp32 master weights.
+
+    Everything goes to a temporary directory next to out_dir that is renamed at the end, so an interrupted save
+    never leaves a directory that looks complete."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    try:
+        dtype_name = str(dtype).replace("torch.", "")
+        store.cfg.to_hf_config(dtype_name).save_pretrained(tmp)
+        named = list(store.named_master())
+        shards, current, size = [], [], 0
+        for name, view in named:
+            nbytes = view.numel() * dtype.itemsize
+            if current and size + nbytes > SHARD_BYTES:
+                shards.append(current)
+                current, size = [], 0
+            current.append((name, view))
+            size += nbytes
+        shards.append(current)
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            file = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            # one shard converted at a time: the copy is bounded by the shard size, not the model
+            save_file({name: view.to(dtype, copy=True) for name, view in shard}, str(tmp / file),
+                      metadata={"format": "pt"})
+            weight_map.update({name: file for name, _ in shard})
+        if len(shards) > 1:
+            total = sum(view.numel() * dtype.itemsize for _, view in named)
+            (tmp / "model.safetensors.index.json").write_text(
+                json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+            out_dir.rename(old)
+            tmp.rename(out_dir)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,0 +1,239 @@
+"""Model and training configuration: frozen dataclasses, Hugging Face config.json reading, named presets."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# Hugging Face architecture name -> model_type, for the four families the layer template implements.
+SUPPORTED_ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+}
+ARCHITECTURE_OF = {v: k for k, v in SUPPORTED_ARCHITECTURES.items()}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape of a Llama-family decoder. Built by hand (seeded random init) or read from a HF directory."""
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int | None = None
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False          # biases on q/k/v
+    qk_norm: bool = False                 # Qwen3's per-head RMSNorm on q and k
+    max_position_embeddings: int = 4096
+    attention_out_bias: bool | None = None  # bias on o_proj; None: same as attention_bias (Llama's convention)
+    sliding_window: int | None = None     # Mistral: a query sees at most this many most recent keys
+    rope_scaling: dict | None = None      # None, {"rope_type": "llama3", ...} or {"rope_type": "linear", ...}
+    model_type: str | None = None         # llama | mistral | qwen2 | qwen3; None: qwen3 if qk_norm else llama
+    torch_dtype: str = "float32"          # dtype the weights were loaded from or built in
+    source_path: str | None = field(default=None, compare=False)  # HF directory whose weights the engine loads
+
+    def __post_init__(self):
+        if self.head_dim is None:
+            if self.hidden_size % self.num_heads:
+                raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}; "
+                                 "give head_dim explicitly")
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
+        if self.attention_out_bias is None:
+            object.__setattr__(self, "attention_out_bias", self.attention_bias)
+        if self.model_type is None:
+            object.__setattr__(self, "model_type", "qwen3" if self.qk_norm else "llama")
+        if self.model_type not in ARCHITECTURE_OF:
+            raise ValueError(f"model_type {self.model_type!r} is not supported; supported: {sorted(ARCHITECTURE_OF)}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads {self.num_heads} must be a multiple of num_kv_heads {self.num_kv_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim {self.head_dim} must be even for rotary embeddings")
+        if self.rope_scaling is not None:
+            kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
+            if kind not in ("llama3", "linear", "default"):
+                raise ValueError(f"rope scaling {kind!r} is not supported yet (supported: llama3, linear)")
+
+    # ---- sizes ------------------------------------------------------------------------------------------
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    @property
+    def architecture(self) -> str:
+        return ARCHITECTURE_OF[self.model_type]
+
+    def num_parameters(self) -> int:
+        from .store import layer_layouts
+        return sum(layout.numel for layout in layer_layouts(self))
+
+    def replace(self, **changes) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    # ---- Hugging Face -----------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> "ModelConfig":
+        """Reads config.json (transformers 4 or 5 spelling) of a Llama / Mistral / Qwen2 / Qwen3 checkpoint."""
+        path = Path(path)
+        cfg_file = path / "config.json"
+        if not cfg_file.is_file():
+            raise FileNotFoundError(f"{cfg_file} not found: expected a Hugging Face model directory")
+        hf = json.loads(cfg_file.read_text())
+        archs = hf.get("architectures") or []
+        arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
+        model_type = SUPPORTED_ARCHITECTURES[arch] if arch else hf.get("model_type")
+        if model_type not in ARCHITECTURE_OF:
+            raise ValueError(f"architecture {archs or hf.get('model_type')} in {cfg_file} is not supported; "
+                             f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+        if hf.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"hidden_act {hf['hidden_act']!r} is not supported (only silu / SwiGLU)")
+        # transformers 5 groups rope settings in rope_parameters; transformers 4 has rope_theta + rope_scaling.
+        rope = dict(hf.get("rope_parameters") or {})
+        rope_theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
+        scaling = rope if rope.get("rope_type", "default") != "default" else hf.get("rope_scaling")
+        if scaling is not None and scaling.get("rope_type", scaling.get("type")) == "default":
+            scaling = None
+        if model_type in ("qwen2", "qwen3") and hf.get("use_sliding_window"):
+            raise ValueError(f"{cfg_file}: use_sliding_window=true (per-layer sliding windows of Qwen) is not "
+                             "supported; set it to false")
+        attention_bias = hf.get("attention_bias", False)
+        out_bias = attention_bias
+        if model_type == "qwen2":            # Qwen2 always has q/k/v biases and never an o_proj bias
+            attention_bias, out_bias = True, False
+        if model_type == "qwen3":            # Qwen3's attention_bias covers q/k/v/o alike
+            out_bias = attention_bias
+        dtype = hf.get("dtype") or hf.get("torch_dtype") or "float32"
+        return cls(
+            vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], intermediate_size=hf["intermediate_size"],
+            num_layers=hf["num_hidden_layers"], num_heads=hf["num_attention_heads"],
+            num_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+            head_dim=hf.get("head_dim"), rope_theta=float(rope_theta),
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6), tie_word_embeddings=hf.get("tie_word_embeddings", False),
+            attention_bias=attention_bias, attention_out_bias=out_bias, qk_norm=model_type == "qwen3",
+            max_position_embeddings=hf.get("max_position_embeddings", 4096),
+            sliding_window=hf.get("sliding_window") if model_type == "mistral" else None,
+            rope_scaling=scaling, model_type=model_type, torch_dtype=str(dtype).replace("torch.", ""),
+            source_path=str(path),
+        )
+
+    def to_hf_config(self, dtype: str):
+        """The transformers config object of this model's family (used to write config.json)."""
+        import transformers
+        common = dict(
+            vocab_size=self.vocab_size, hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_layers, num_attention_heads=self.num_heads,
+            num_key_value_heads=self.num_kv_heads, head_dim=self.head_dim, rms_norm_eps=self.rms_norm_eps,
+            tie_word_embeddings=self.tie_word_embeddings, max_position_embeddings=self.max_position_embeddings,
+            rope_theta=self.rope_theta, hidden_act="silu", architectures=[self.architecture],
+        )
+        if self.rope_scaling is not None:
+            common["rope_scaling"] = dict(self.rope_scaling, rope_theta=self.rope_theta)
+        extra = {
+            "llama": dict(attention_bias=self.attention_bias),
+            "mistral": dict(sliding_window=self.sliding_window),
+            "qwen2": dict(use_sliding_window=False),
+            "qwen3": dict(attention_bias=self.attention_bias, use_sliding_window=False),
+        }[self.model_type]
+        cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
+               "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config}[self.model_type]
+        config = cls(**common, **extra)
+        config.torch_dtype = dtype
+        return config
+
+    # ---- rotary embedding -------------------------------------------------------------------------------
+    def inv_freq(self):
+        """fp32[head_dim // 2] rotary inverse frequencies, with Llama 3 / linear scaling as transformers does."""
+        import torch
+        d = self.head_dim
+        inv = 1.0 / (self.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+        s = self.rope_scaling
+        if s is None:
+            return inv
+        kind = s.get("rope_type", s.get("type"))
+        if kind == "linear":
+            return inv / s["factor"]
+        if kind == "llama3":
+            factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+            old_len = s["original_max_position_embeddings"]
+            low_wavelen, high_wavelen = old_len / low, old_len / high
+            wavelen = 2 * math.pi / inv
+            scaled = torch.where(wavelen > low_wavelen, inv / factor, inv)
+            smooth = (old_len / wavelen - low) / (high - low)
+            smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+            medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+            return torch.where(medium, smoothed, scaled)
+        return inv
+
+
+# Named presets. "tiny" trains on two CPU cores in seconds; "demo" is the built-in addition task's model.
+PRESETS = {
+    "tiny": dict(vocab_size=64, hidden_size=64, intermediate_size=176, num_layers=2, num_heads=4, num_kv_heads=2),
+    "demo": dict(vocab_size=16, hidden_size=128, intermediate_size=384, num_layers=4, num_heads=4, num_kv_heads=2,
+                 max_position_embeddings=64),
+    "llama-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_layers=16, num_heads=32,
+                     num_kv_heads=8, rope_theta=500000.0, tie_word_embeddings=True),
+    "llama-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32,
+                     num_kv_heads=8, rope_theta=500000.0),
+}
+
+
+def preset(name: str, **overrides) -> ModelConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; presets: {sorted(PRESETS)}")
+    return ModelConfig(**{**PRESETS[name], **overrides})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimizer, schedule and execution settings. Optimizer semantics are torch.optim.AdamW's."""
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    max_grad_norm: float | None = 1.0     # None or 0: no clipping
+    grad_accum_steps: int = 1
+    warmup_steps: int = 0
+    lr_schedule: str = "constant"         # "constant" | "cosine"
+    device: str = "auto"                  # "cpu" | "cuda" | "auto" | "cpu-async" (the race-testing device)
+    compute_dtype: str = "bfloat16"       # "bfloat16" | "float32" (exact mode)
+    seed: int = 0
+    num_slots: int = 2                    # device staging slots for streamed weights (2 or 3)
+    checkpoint_budget_bytes: int | None = None  # activation checkpoints kept on the device; above it: offload
+    trace_path: str | None = None         # write a Chrome/Perfetto trace of every primitive here
+
+    def __post_init__(self):
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
+        if self.compute_dtype not in ("bfloat16", "float32"):
+            raise ValueError(f"compute_dtype must be 'bfloat16' or 'float32', got {self.compute_dtype!r}")
+        if self.device not in ("cpu", "cuda", "auto", "cpu-async"):
+            raise ValueError(f"device must be cpu, cuda, auto or cpu-async, got {self.device!r}")
+        if self.grad_accum_steps < 1:
+            raise ValueError(f"grad_accum_steps must be ≥ 1, got {self.grad_accum_steps}")
+        if self.num_slots not in (2, 3):
+            raise ValueError(f"num_slots must be 2 or 3, got {self.num_slots}")
+
+    def lr_at(self, step: int, total_steps: int | None) -> float:
+        """Learning rate of 1-based optimizer step `step`, as transformers' get_{constant,cosine}_schedule_with_warmup
+        gives it (linear warm-up from 0 over warmup_steps, then constant or a half cosine to 0 at total_steps)."""
+        current = step - 1  # the schedulers count steps already taken
+        if current < self.warmup_steps:
+            return self.lr * current / max(1, self.warmup_steps)
+        if self.lr_schedule == "constant":
+            return self.lr
+        if total_steps is None:
+            raise ValueError("lr_schedule='cosine' needs the number of steps: pass max_steps to fit() or a loader "
+                             "with a length")
+        progress = (current - self.warmup_steps) / max(1, total_steps - self.warmup_steps)
+        return self.lr * max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))

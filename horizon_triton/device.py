@@ -1,0 +1,163 @@
+"""Compute devices for the scheduler: one interface, three implementations.
+
+The scheduler issues work to three streams (``compute``, ``copy_in``, ``copy_out``) and orders it with events,
+exactly as on a GPU:
+
+    dev.submit(stream, fn)     run fn's work on that stream, after everything submitted to it before
+    ev = dev.record(stream)    an event that completes when the stream's work so far has finished
+    dev.wait(stream, ev)       later work on the stream starts only after ev completes
+    dev.sync(ev)               the host blocks until ev completes   (every call site says "# sync: ...")
+
+- CudaDevice:       real CUDA streams and events; copies from pinned memory are asynchronous.
+- SyncDevice:       CPU; every submit runs at once, events are trivially complete.
+- AsyncTestDevice:  CPU; each stream is a worker thread that runs its queue after random delays, so a missing
+                    ``wait`` lets a computation read a half-copied slot and the numbers come out wrong.
+"""
+from __future__ import annotations
+
+import queue
+import random
+import threading
+import time
+
+import torch
+
+STREAMS = ("compute", "copy_in", "copy_out")
+
+
+class SyncDevice:
+    type = "cpu"
+    pin_memory = False
+
+    def __init__(self):
+        self.torch_device = torch.device("cpu")
+
+    def submit(self, stream: str, fn) -> None:
+        fn()
+
+    def record(self, stream: str):
+        return None
+
+    def wait(self, stream: str, event) -> None:
+        pass
+
+    def sync(self, event) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class _DoneEvent(threading.Event):
+    def __init__(self):
+        super().__init__()
+        self.set()
+
+
+class AsyncTestDevice:
+    """CPU streams as worker threads with random delays before each task (seeded, so a failure replays)."""
+    type = "cpu"
+    pin_memory = False
+
+    def __init__(self, seed: int = 0, max_delay_s: float = 0.002):
+        self.torch_device = torch.device("cpu")
+        self._rng = random.Random(seed)
+        self._max_delay = max_delay_s
+        self._queues = {name: queue.Queue() for name in STREAMS}
+        self._error: BaseException | None = None
+        self._threads = [threading.Thread(target=self._worker, args=(q,), daemon=True, name=f"stream-{name}")
+                         for name, q in self._queues.items()]
+        for t in self._threads:
+            t.start()
+
+    def _worker(self, q: queue.Queue) -> None:
+        while True:
+            task = q.get()
+            if task is None:
+                return
+            delay, fn = task
+            if delay:
+                time.sleep(delay)
+            try:
+                if self._error is None:
+                    fn()
+            except BaseException as e:  # surfaced at the next sync
+                self._error = e
+
+    def submit(self, stream: str, fn) -> None:
+        self._queues[stream].put((self._rng.uniform(0, self._max_delay), fn))
+
+    def record(self, stream: str):
+        event = threading.Event()
+        self._queues[stream].put((self._rng.uniform(0, self._max_delay), event.set))
+        return event
+
+    def wait(self, stream: str, event) -> None:
+        if event is not None:
+            self._queues[stream].put((0.0, event.wait))
+
+    def sync(self, event) -> None:
+        if event is not None:
+            event.wait()
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def synchronize(self) -> None:
+        for name in STREAMS:
+            self.sync(self.record(name))
+
+    def close(self) -> None:
+        for q in self._queues.values():
+            q.put(None)
+
+
+class CudaDevice:
+    type = "cuda"
+    pin_memory = True
+
+    def __init__(self, index: int = 0):
+        self.torch_device = torch.device("cuda", index)
+        torch.cuda.set_device(self.torch_device)
+        self._streams = {"compute": torch.cuda.current_stream(self.torch_device),
+                         "copy_in": torch.cuda.Stream(self.torch_device),
+                         "copy_out": torch.cuda.Stream(self.torch_device)}
+
+    def submit(self, stream: str, fn) -> None:
+        with torch.cuda.stream(self._streams[stream]):
+            fn()
+
+    def record(self, stream: str):
+        event = torch.cuda.Event()
+        event.record(self._streams[stream])
+        return event
+
+    def wait(self, stream: str, event) -> None:
+        if event is not None:
+            self._streams[stream].wait_event(event)
+
+    def sync(self, event) -> None:
+        if event is not None:
+            event.synchronize()
+
+    def synchronize(self) -> None:
+        torch.cuda.synchronize(self.torch_device)
+
+    def close(self) -> None:
+        pass
+
+
+def make_device(kind: str, seed: int = 0):
+    """kind: "cpu" | "cuda" | "auto" | "cpu-async"."""
+    if kind == "auto":
+        kind = "cuda" if torch.cuda.is_available() else "cpu"
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("device='cuda' but no CUDA GPU is visible; use device='cpu' or 'auto'")
+        return CudaDevice()
+    if kind == "cpu-async":
+        return AsyncTestDevice(seed)
+    return SyncDevice()

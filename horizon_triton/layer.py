@@ -1,0 +1,121 @@
+"""The stateless layer template: one decoder layer, the embedding and the head, computed on whichever layer's
+weights are bound to them.
+
+Weights come in as ``w`` (a dict of views into a device staging slot, see store.LayerLayout.views) and weight
+gradients are accumulated into ``g`` (the same views into an fp32 accumulator). Nothing here owns a tensor
+beyond one call. The forward keeps nothing but its output; ``decoder_backward`` recomputes the layer from its
+input and runs the hand-written backward of every op (kernels/reference.py gives the formulas).
+
+Shapes: T = B·S tokens, H hidden, Hq/Hkv heads of size D, I intermediate, V vocabulary.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .config import ModelConfig
+
+
+@dataclass
+class MicroBatch:
+    """One micro-batch, prepared on the compute device."""
+    input_ids: torch.Tensor           # [B, S] int64
+    targets: torch.Tensor             # [T] int64: labels shifted left by one, -100 where nothing is predicted
+    cos: torch.Tensor                 # [T, D] fp32 rotary tables at each token's position
+    sin: torch.Tensor
+    doc_ids: torch.Tensor | None      # [B, S] int32 document index (packed sequences), None: one document a row
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.input_ids.shape)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# embedding
+# ---------------------------------------------------------------------------------------------------------
+def embed_forward(w, mb: MicroBatch) -> torch.Tensor:
+    return w["embed"][mb.input_ids.reshape(-1)]                                      # [T, H]
+
+
+def embed_backward(g, mb: MicroBatch, dx: torch.Tensor) -> None:
+    g["embed"].index_add_(0, mb.input_ids.reshape(-1), dx.float())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# decoder layer
+# ---------------------------------------------------------------------------------------------------------
+def _decoder_recompute(ops, cfg: ModelConfig, w, x: torch.Tensor, mb: MicroBatch) -> dict:
+    """The layer's forward, returning every intermediate its backward needs."""
+    B, S = mb.shape
+    T, Hq, Hkv, D = x.shape[0], cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    qkv, rstd_in = ops.rmsnorm_matmul_forward(x, w["input_norm"], w["qkv"], cfg.rms_norm_eps)  # [T, (Hq+2Hkv)D]
+    if cfg.attention_bias:
+        qkv += w["qkv_bias"]
+    # contiguous copies: the kernels take dense tensors, and RoPE rotates in place
+    q_lin = qkv[:, :cfg.q_size].reshape(T, Hq, D).contiguous()
+    k_lin = qkv[:, cfg.q_size:cfg.q_size + cfg.kv_size].reshape(T, Hkv, D).contiguous()
+    v = qkv[:, cfg.q_size + cfg.kv_size:].reshape(B, S, Hkv, D).contiguous()
+    saved = dict(qkv=qkv, rstd_in=rstd_in, q_lin=q_lin, k_lin=k_lin)
+    if cfg.qk_norm:
+        q, saved["rstd_q"] = ops.rmsnorm_forward(q_lin, w["q_norm"], cfg.rms_norm_eps)
+        k, saved["rstd_k"] = ops.rmsnorm_forward(k_lin, w["k_norm"], cfg.rms_norm_eps)
+    else:
+        q, k = q_lin, k_lin  # only the q/k-norm backward needs the unrotated values
+    ops.rope_forward_(q, mb.cos, mb.sin)
+    ops.rope_forward_(k, mb.cos, mb.sin)
+    q, k = q.view(B, S, Hq, D), k.view(B, S, Hkv, D)
+    attn, lse = ops.attention_forward(q, k, v, mb.doc_ids, D ** -0.5, cfg.sliding_window)     # [B, S, Hq, D]
+    attn_flat = attn.view(T, cfg.q_size)
+    h = x + ops.linear_forward(attn_flat, w["o"], w.get("o_bias"))                          # [T, H]
+    gate_up, rstd_post = ops.rmsnorm_matmul_forward(h, w["post_norm"], w["gate_up"], cfg.rms_norm_eps)  # [T, 2I]
+    act = ops.swiglu_forward(gate_up)                                                         # [T, I]
+    out = h + ops.linear_forward(act, w["down"])
+    saved.update(q=q, k=k, v=v, attn=attn, lse=lse, attn_flat=attn_flat, h=h, gate_up=gate_up,
+                 rstd_post=rstd_post, act=act, out=out)
+    return saved
+
+
+def decoder_forward(ops, cfg: ModelConfig, w, x: torch.Tensor, mb: MicroBatch) -> torch.Tensor:
+    """x[T, H] -> the layer's output [T, H]; every intermediate is dropped."""
+    return _decoder_recompute(ops, cfg, w, x, mb)["out"]
+
+
+def decoder_backward(ops, cfg: ModelConfig, w, g, x: torch.Tensor, mb: MicroBatch,
+                     d_out: torch.Tensor) -> torch.Tensor:
+    """Recomputes the layer from its input x, accumulates weight gradients into g, returns d(x)."""
+    s = _decoder_recompute(ops, cfg, w, x, mb)
+    T, D = x.shape[0], cfg.head_dim
+    # MLP block: out = h + down(swiglu(gate_up(rmsnorm(h))))
+    d_act = ops.linear_backward(d_out, s["act"], w["down"], g["down"])
+    d_gate_up = ops.swiglu_backward(d_act, s["gate_up"])
+    d_h = d_out + ops.rmsnorm_matmul_backward(d_gate_up, s["h"], w["post_norm"], w["gate_up"], s["rstd_post"],
+                                              g["gate_up"], g["post_norm"])
+    # attention block: h = x + o(attention(rope(q), rope(k), v))
+    d_attn = ops.linear_backward(d_h, s["attn_flat"], w["o"], g["o"], g.get("o_bias"))
+    dq, dk, dv = ops.attention_backward(d_attn.view_as(s["attn"]), s["q"], s["k"], s["v"], s["attn"], s["lse"],
+                                        mb.doc_ids, D ** -0.5, cfg.sliding_window)
+    dq, dk = dq.view(T, cfg.num_heads, D), dk.view(T, cfg.num_kv_heads, D)
+    ops.rope_backward_(dq, mb.cos, mb.sin)
+    ops.rope_backward_(dk, mb.cos, mb.sin)
+    if cfg.qk_norm:
+        dq = ops.rmsnorm_backward(dq, s["q_lin"], w["q_norm"], s["rstd_q"], g["q_norm"])
+        dk = ops.rmsnorm_backward(dk, s["k_lin"], w["k_norm"], s["rstd_k"], g["k_norm"])
+    d_qkv = torch.cat((dq.reshape(T, -1), dk.reshape(T, -1), dv.reshape(T, -1)), dim=1)      # [T, (Hq+2Hkv)D]
+    if cfg.attention_bias:
+        g["qkv_bias"] += d_qkv.float().sum(0)
+    return d_h + ops.rmsnorm_matmul_backward(d_qkv, x, w["input_norm"], w["qkv"], s["rstd_in"], g["qkv"],
+                                             g["input_norm"])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# head: final RMSNorm, lm_head and cross-entropy in one pass that also yields the gradients
+# ---------------------------------------------------------------------------------------------------------
+def head_forward_backward(ops, cfg: ModelConfig, w, g, x: torch.Tensor, mb: MicroBatch,
+                          grad_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """x[T, H] -> (summed loss over counted tokens (fp32 scalar), d(x) of grad_scale · loss).
+
+    Logits exist one chunk of tokens at a time inside linear_cross_entropy."""
+    xn, rstd = ops.rmsnorm_forward(x, w["norm"], cfg.rms_norm_eps)
+    loss_sum, d_xn = ops.linear_cross_entropy(xn, w["lm_head"], mb.targets, g["lm_head"], grad_scale)
+    return loss_sum, ops.rmsnorm_backward(d_xn, x, w["norm"], rstd, g["norm"])

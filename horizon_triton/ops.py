@@ -1,0 +1,72 @@
+"""Op dispatch: the one place that decides which implementation of each op the layer template runs.
+
+Backends
+- ``torch``            the references in kernels/reference.py (the CPU path; hand-written backward, no autograd)
+- ``triton``           the Triton kernels of kernels/<family>.py (the CUDA path)
+- ``triton-interpret`` the same kernels run by Triton's interpreter on CPU (slow; for tests)
+
+Default: ``triton`` on CUDA, ``torch`` on CPU. ``HORIZON_KERNELS=torch|triton|interpret`` overrides it.
+Plain matmuls (o_proj, down_proj) stay torch matmuls on every backend: cuBLAS is already the fastest kernel.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import sys
+from types import SimpleNamespace
+
+from horizon_triton.kernels import reference
+
+log = logging.getLogger("horizon_triton")
+
+# op name -> kernel family module that implements it on the Triton backends
+KERNEL_FAMILY = {
+    "rmsnorm_forward": "rmsnorm", "rmsnorm_backward": "rmsnorm",
+    "rmsnorm_matmul_forward": "rmsnorm_matmul", "rmsnorm_matmul_backward": "rmsnorm_matmul",
+    "rope_forward_": "rope", "rope_backward_": "rope",
+    "swiglu_forward": "swiglu", "swiglu_backward": "swiglu",
+    "attention_forward": "attention", "attention_backward": "attention",
+    "linear_cross_entropy": "cross_entropy",
+}
+TORCH_ONLY = ("linear_forward", "linear_backward")
+BACKENDS = {"torch": "torch", "triton": "triton", "interpret": "triton-interpret"}
+
+
+def select_backend(device_type: str) -> str:
+    choice = os.environ.get("HORIZON_KERNELS")
+    if choice is None:
+        return "triton" if device_type == "cuda" else "torch"
+    if choice not in BACKENDS:
+        raise ValueError(f"HORIZON_KERNELS={choice!r}: choose one of {', '.join(BACKENDS)}")
+    backend = BACKENDS[choice]
+    if backend == "triton" and device_type != "cuda":
+        raise ValueError("HORIZON_KERNELS=triton needs a CUDA device; use HORIZON_KERNELS=interpret to run the "
+                         "Triton kernels on CPU through the interpreter")
+    if backend == "triton-interpret" and device_type == "cuda":
+        raise ValueError("HORIZON_KERNELS=interpret runs kernels on CPU tensors; use device='cpu'")
+    return backend
+
+
+def load_ops(backend: str) -> SimpleNamespace:
+    """A namespace with one function per op, all with the signatures of kernels/reference.py."""
+    names = list(KERNEL_FAMILY) + list(TORCH_ONLY)
+    if backend == "torch":
+        return SimpleNamespace(**{name: getattr(reference, name) for name in names})
+    if backend == "triton-interpret":
+        _enter_interpreter()
+    ops = {name: getattr(reference, name) for name in TORCH_ONLY}
+    for name, family in KERNEL_FAMILY.items():
+        module = importlib.import_module(f"horizon_triton.kernels.{family}")
+        ops[name] = getattr(module, name)
+    return SimpleNamespace(**ops)
+
+
+def _enter_interpreter() -> None:
+    # triton.jit decides between compiled and interpreted functions when a kernel module is imported
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        compiled = [f for f in set(KERNEL_FAMILY.values()) if f"horizon_triton.kernels.{f}" in sys.modules]
+        if compiled:
+            raise RuntimeError(f"kernel modules {compiled} were imported before HORIZON_KERNELS=interpret took effect; "
+                               "set TRITON_INTERPRET=1 before importing them")
+        os.environ["TRITON_INTERPRET"] = "1"

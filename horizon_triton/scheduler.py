@@ -1,0 +1,249 @@
+"""The scheduler: streams layer weights through device staging slots while the compute stream works.
+
+Four primitives, each issuing work to one stream of the device (see device.py):
+
+    stream_in(i, slot)   copy_in   layer i's working weights: pinned host store -> staging slot
+    bind(i, slot)        (host)    views of the slot shaped as layer i's parameters (no device copy)
+    compute(i, ...)      compute   forward of every micro-batch, or recompute + backward
+    stream_out(i)        copy_out  layer i's fp32 gradient accumulator -> host grad buffer (once per step)
+
+and ``run_step`` strings them together. Layers are [embed, decoder 1..L, head] as in store.py. Within a step
+the work is layer-major: every micro-batch passes through layer i while its weights are resident, so weights
+cross the bus twice per step (forward, backward) whatever the number of micro-batches.
+
+Ordering, enforced with events so that the async test device catches any missing wait:
+- a slot is refilled only after the compute that read it finished      (slot_free[slot])
+- compute reads a slot only after its copy finished                    (slot_ready[slot])
+- a gradient accumulator is zeroed for reuse only after its copy-out   (acc_free[k])
+- layer i streams in only after the optimizer updated it               (host waits optimizer.layer_done(i))
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+import torch
+
+from . import layer as lt
+from .config import ModelConfig
+from .store import HostStore
+
+
+@dataclass
+class Pipeline:
+    """Everything the scheduler keeps on the compute device between primitives: fixed in size."""
+    cfg: ModelConfig
+    store: HostStore
+    ops: object
+    dev: object
+    optimizer: object                              # .wait_layer(i): blocks until layer i holds new weights
+    slots: list[torch.Tensor]                      # staging slots, compute dtype, capacity of the largest layer
+    slot_ready: list = field(default_factory=list)
+    slot_free: list = field(default_factory=list)
+    accs: list[torch.Tensor] = field(default_factory=list)   # 2 ping-pong fp32 accumulators for decoder layers
+    acc_free: list = field(default_factory=list)
+    embed_acc: torch.Tensor | None = None          # fp32; also receives the tied lm_head gradient
+    head_acc: torch.Tensor | None = None
+    meter: "DeviceMeter" = None
+    tracer: object = None
+
+    @property
+    def head(self) -> int:
+        return self.store.num_layers - 1
+
+    def sources(self, i: int) -> list[int]:
+        """Host layers whose weights layer i computes with (the tied head also reads the embedding)."""
+        return [i, 0] if i == self.head and self.cfg.tie_word_embeddings else [i]
+
+
+class DeviceMeter:
+    """Bytes the engine holds on the compute device (slots, accumulators, checkpoints, activation grads)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.held = 0
+        self.peak = 0
+
+    def add(self, t: torch.Tensor) -> torch.Tensor:
+        with self._lock:
+            self.held += t.numel() * t.element_size()
+            self.peak = max(self.peak, self.held)
+        return t
+
+    def sub(self, t: torch.Tensor) -> None:
+        with self._lock:
+            self.held -= t.numel() * t.element_size()
+
+    def reset_peak(self) -> None:
+        with self._lock:
+            self.peak = self.held
+
+
+def build_pipeline(cfg, store, ops, dev, optimizer, num_slots: int, tracer=None) -> Pipeline:
+    torch_dev = dev.torch_device
+    meter = DeviceMeter()
+    p = Pipeline(cfg, store, ops, dev, optimizer, slots=[], meter=meter, tracer=tracer)
+    capacity = max(sum(store.layouts[j].numel for j in p.sources(i)) for i in range(store.num_layers))
+    decoder_numel = max((lay.numel for lay in store.layouts[1:-1]), default=0)
+    p.slots = [meter.add(torch.empty(capacity, dtype=store.compute_dtype, device=torch_dev))
+               for _ in range(num_slots)]
+    p.slot_ready = [None] * num_slots
+    p.slot_free = [None] * num_slots
+    p.accs = [meter.add(torch.zeros(decoder_numel, dtype=torch.float32, device=torch_dev)) for _ in range(2)]
+    p.acc_free = [None, None]
+    p.embed_acc = meter.add(torch.zeros(store.layouts[0].numel, dtype=torch.float32, device=torch_dev))
+    p.head_acc = meter.add(torch.zeros(store.layouts[-1].numel, dtype=torch.float32, device=torch_dev))
+    return p
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the four primitives
+# ------------------------------------------------------------------------------------------------------------
+def stream_in(p: Pipeline, i: int, slot: int) -> None:
+    """copy_in stream. Waits (host) for the optimizer to have updated layer i, then (stream) for the last compute
+    that read ``slot``; copies layer i's working weights into the slot and records slot_ready[slot]."""
+    sources = p.sources(i)
+    for j in sources:
+        p.optimizer.wait_layer(j)
+    p.dev.wait("copy_in", p.slot_free[slot])
+    dst, offset = p.slots[slot], 0
+    for j in sources:
+        host = p.store.working[j]
+        seg = dst[offset:offset + host.numel()]
+        p.dev.submit("copy_in", _traced(p, f"stream_in {p.store.layouts[j].name}", "copy_in",
+                                        lambda seg=seg, host=host: seg.copy_(host, non_blocking=True)))
+        offset += host.numel()
+    p.slot_ready[slot] = p.dev.record("copy_in")
+
+
+def bind(p: Pipeline, i: int, slot: int) -> dict[str, torch.Tensor]:
+    """Host only: layer i's parameters as views into the slot (nothing is copied on the device)."""
+    views, offset = {}, 0
+    for j in p.sources(i):
+        layout = p.store.layouts[j]
+        views.update(layout.views(p.slots[slot][offset:offset + layout.numel]))
+        offset += layout.numel
+    if i == p.head and p.cfg.tie_word_embeddings:
+        views["lm_head"] = views.pop("embed")
+    return views
+
+
+def compute(p: Pipeline, i: int, slot: int | None, work, name: str) -> None:
+    """compute stream. Waits for slot_ready[slot], runs ``work`` (every micro-batch through layer i), then
+    records slot_free[slot] so the copy-in stream may refill the slot."""
+    if slot is not None:
+        p.dev.wait("compute", p.slot_ready[slot])
+    p.dev.submit("compute", _traced(p, name, "compute", work))
+    if slot is not None:
+        p.slot_free[slot] = p.dev.record("compute")
+
+
+def stream_out(p: Pipeline, i: int, acc: torch.Tensor, keep_alive: list):
+    """copy_out stream. Waits for the compute that finished layer i's gradient; rounds the fp32 accumulator to
+    the host grad dtype on the device (half the bus bytes in bf16 mode) and copies it to the host store.
+    Returns the event after which the accumulator may be reused."""
+    p.dev.wait("copy_out", p.dev.record("compute"))
+    host = p.store.grad[i]
+
+    def copy():
+        staged = acc.to(host.dtype)   # a copy even in fp32 mode, so the accumulator is free at once
+        keep_alive.append(staged)     # pinned-memory copies read it asynchronously: keep it until the step syncs
+        host.copy_(staged, non_blocking=True)
+    p.dev.submit("copy_out", _traced(p, f"stream_out {p.store.layouts[i].name}", "copy_out", copy))
+    return p.dev.record("copy_out")
+
+
+def _traced(p: Pipeline, name: str, stream: str, fn):
+    return fn if p.tracer is None else p.tracer.wrap(name, stream, fn)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# one optimizer step's forward and backward
+# ------------------------------------------------------------------------------------------------------------
+def run_step(p: Pipeline, mbs: list[lt.MicroBatch], grad_scale: float):
+    """Forward through every layer (the head also runs its backward), then the backward in reverse.
+
+    Returns (loss_sum, squared gradient norm) as device scalars, after one sync at the end of the backward."""
+    S, cfg, ops, L = len(p.slots), p.cfg, p.ops, p.cfg.num_layers
+    M = len(mbs)
+    ckpt = [[None] * M for _ in range(L + 2)]   # ckpt[i][m]: input of layer i (decoders 1..L, head L+1)
+    grads = [None] * M                          # d(activation) flowing backward, per micro-batch
+    totals = {}                                 # device scalars written by compute work
+    keep_alive: list = []                       # device tensors that in-flight copies still read
+
+    def run_layers(order: list[int], make_work, after=None) -> None:
+        """The ping-pong: layer order[pos] computes from slot pos % S while the next S-1 layers stream in."""
+        for pos in range(min(S - 1, len(order))):
+            stream_in(p, order[pos], pos % S)
+        for pos, i in enumerate(order):
+            if pos + S - 1 < len(order):
+                stream_in(p, order[pos + S - 1], (pos + S - 1) % S)
+            w = bind(p, i, pos % S)
+            compute(p, i, pos % S, make_work(i, w, pos), f"{make_work.__name__} {p.store.layouts[i].name}")
+            if after is not None:
+                after(i, pos)
+
+    def forward(i, w, pos):
+        def embed():
+            for m, mb in enumerate(mbs):
+                ckpt[1][m] = p.meter.add(lt.embed_forward(w, mb))
+
+        def decoder():
+            for m, mb in enumerate(mbs):
+                ckpt[i + 1][m] = p.meter.add(lt.decoder_forward(ops, cfg, w, ckpt[i][m], mb))
+
+        def head():
+            g = p.store.layouts[i].views(p.head_acc)
+            if cfg.tie_word_embeddings:
+                g["lm_head"] = p.store.layouts[0].views(p.embed_acc)["embed"]
+            p.head_acc.zero_()
+            p.embed_acc.zero_()
+            loss = torch.zeros((), dtype=torch.float32, device=p.head_acc.device)
+            for m, mb in enumerate(mbs):
+                loss_m, dx = lt.head_forward_backward(ops, cfg, w, g, ckpt[i][m], mb, grad_scale)
+                loss += loss_m
+                p.meter.sub(ckpt[i][m])
+                ckpt[i][m] = None
+                grads[m] = p.meter.add(dx)
+            totals["loss"] = loss
+            totals["sq_head"] = p.head_acc.square().sum()
+        return embed if i == 0 else head if i == p.head else decoder
+
+    def backward(i, w, pos):
+        acc = p.accs[pos % 2][:p.store.layouts[i].numel]
+        g = p.store.layouts[i].views(acc)
+        p.dev.wait("compute", p.acc_free[pos % 2])   # its previous layer's gradient has left the device
+
+        def decoder():
+            acc.zero_()
+            for m, mb in enumerate(mbs):
+                dx = lt.decoder_backward(ops, cfg, w, g, ckpt[i][m], mb, grads[m])
+                p.meter.sub(ckpt[i][m])
+                p.meter.sub(grads[m])
+                ckpt[i][m], grads[m] = None, p.meter.add(dx)
+            totals[f"sq_{i}"] = acc.square().sum()
+        return decoder
+
+    def gradient_out(i, pos):
+        p.acc_free[pos % 2] = stream_out(p, i, p.accs[pos % 2][:p.store.layouts[i].numel], keep_alive)
+
+    def embed_backward():
+        g = p.store.layouts[0].views(p.embed_acc)
+        for m, mb in enumerate(mbs):
+            lt.embed_backward(g, mb, grads[m])
+            p.meter.sub(grads[m])
+            grads[m] = None
+        totals["sq_0"] = p.embed_acc.square().sum()
+
+    run_layers(list(range(p.head + 1)), forward)              # embed, decoders, head
+    stream_out(p, p.head, p.head_acc, keep_alive)
+    run_layers(list(range(L, 0, -1)), backward, gradient_out)  # decoders L..1, recomputed from checkpoints
+    compute(p, 0, None, embed_backward, "backward embed")      # needs no weights: a scatter-add of dx
+    stream_out(p, 0, p.embed_acc, keep_alive)
+
+    # sync: the loss and the gradient norm are needed on the host to clip and to report
+    p.dev.sync(p.dev.record("compute"))
+    p.dev.sync(p.dev.record("copy_out"))
+    keep_alive.clear()
+    sq = sum(v for k, v in totals.items() if k.startswith("sq_"))
+    return totals["loss"], sq

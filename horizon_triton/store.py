@@ -1,0 +1,176 @@
+"""Host store: host RAM is the authoritative home of every parameter, gradient and optimizer state.
+
+The model is a list of layers: the embedding, the decoder layers, the head (final norm, and lm_head unless it is
+tied to the embedding). Each layer owns one contiguous flat buffer per kind:
+
+    working  bf16 (or fp32)  what streams to the compute device; in fp32 mode it *is* the master buffer
+    master   fp32            the optimizer's weights
+    exp_avg, exp_avg_sq fp32 AdamW moments
+    grad     bf16 (or fp32)  the step's gradient, written once per step from the device's fp32 accumulator
+
+That is 2 + 4 + 4 + 4 + 2 = 16 bytes per parameter in bf16 mode (4 + 4 + 4 + 4 in fp32 mode). Every parameter
+is a view into these buffers; nothing else holds a copy of the model.
+
+Inside a layer, parameters that take weight decay (2+ dimensions) come first, so one AdamW call covers them and
+a second the rest; q/k/v rows are adjacent (one fused [q+2kv, H] matrix), as are gate/up and the q/k/v biases.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .config import ModelConfig
+
+INIT_STD = 0.02  # transformers' initializer_range default for these families
+
+
+@dataclass(frozen=True)
+class Param:
+    key: str               # short name inside the layer ("q", "gate", "input_norm", ...)
+    hf_name: str           # full Hugging Face tensor name
+    shape: tuple[int, ...]
+    offset: int            # element offset inside the layer's flat buffer
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    @property
+    def decay(self) -> bool:
+        return len(self.shape) >= 2
+
+
+# Fused views: adjacent parameters read as one tensor (key -> (first member, last member)).
+FUSED = {"qkv": ("q", "v"), "gate_up": ("gate", "up"), "qkv_bias": ("q_bias", "v_bias")}
+
+
+@dataclass(frozen=True)
+class LayerLayout:
+    name: str                        # "embed", "layers.3", "head"
+    params: tuple[Param, ...]
+    numel: int
+    decay_numel: int                 # parameters [0, decay_numel) take weight decay
+
+    def views(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Parameter and fused views of one of this layer's flat buffers (any dtype, any device)."""
+        if flat.numel() != self.numel:
+            raise ValueError(f"{self.name}: buffer has {flat.numel()} elements, layout needs {self.numel}")
+        out = {p.key: flat[p.offset:p.offset + p.numel].view(p.shape) for p in self.params}
+        by_key = {p.key: p for p in self.params}
+        for fused, (first, last) in FUSED.items():
+            if first in by_key:
+                a, b = by_key[first], by_key[last]
+                rows = (b.offset + b.numel - a.offset) // (a.numel // a.shape[0])
+                out[fused] = flat[a.offset:b.offset + b.numel].view((rows,) + a.shape[1:])
+        return out
+
+
+def _layout(name: str, specs: list[tuple[str, str, tuple[int, ...]]]) -> LayerLayout:
+    # decayed (matrix) parameters first, each group in the given order
+    ordered = [s for s in specs if len(s[2]) >= 2] + [s for s in specs if len(s[2]) < 2]
+    params, offset = [], 0
+    for key, hf_name, shape in ordered:
+        p = Param(key, hf_name, shape, offset)
+        params.append(p)
+        offset += p.numel
+    decay = sum(p.numel for p in params if p.decay)
+    return LayerLayout(name, tuple(params), offset, decay)
+
+
+def layer_layouts(cfg: ModelConfig) -> list[LayerLayout]:
+    """[embed, layers.0 … layers.{L-1}, head] for this model."""
+    H, V, I, D = cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size, cfg.head_dim
+    layouts = [_layout("embed", [("embed", "model.embed_tokens.weight", (V, H))])]
+    for i in range(cfg.num_layers):
+        pre = f"model.layers.{i}."
+        specs = [
+            ("q", pre + "self_attn.q_proj.weight", (cfg.q_size, H)),
+            ("k", pre + "self_attn.k_proj.weight", (cfg.kv_size, H)),
+            ("v", pre + "self_attn.v_proj.weight", (cfg.kv_size, H)),
+            ("o", pre + "self_attn.o_proj.weight", (H, cfg.q_size)),
+            ("gate", pre + "mlp.gate_proj.weight", (I, H)),
+            ("up", pre + "mlp.up_proj.weight", (I, H)),
+            ("down", pre + "mlp.down_proj.weight", (H, I)),
+            ("input_norm", pre + "input_layernorm.weight", (H,)),
+            ("post_norm", pre + "post_attention_layernorm.weight", (H,)),
+        ]
+        if cfg.attention_bias:
+            specs += [("q_bias", pre + "self_attn.q_proj.bias", (cfg.q_size,)),
+                      ("k_bias", pre + "self_attn.k_proj.bias", (cfg.kv_size,)),
+                      ("v_bias", pre + "self_attn.v_proj.bias", (cfg.kv_size,))]
+        if cfg.attention_out_bias:
+            specs.append(("o_bias", pre + "self_attn.o_proj.bias", (H,)))
+        if cfg.qk_norm:
+            specs += [("q_norm", pre + "self_attn.q_norm.weight", (D,)),
+                      ("k_norm", pre + "self_attn.k_norm.weight", (D,))]
+        layouts.append(_layout(f"layers.{i}", specs))
+    head = [("norm", "model.norm.weight", (H,))]
+    if not cfg.tie_word_embeddings:
+        head.append(("lm_head", "lm_head.weight", (V, H)))
+    layouts.append(_layout("head", head))
+    return layouts
+
+
+class HostStore:
+    """Flat per-layer host buffers (pinned when CUDA is present) and the parameter views into them."""
+
+    def __init__(self, cfg: ModelConfig, compute_dtype: torch.dtype, pin: bool = False):
+        self.cfg = cfg
+        self.compute_dtype = compute_dtype
+        self.pinned = pin
+        self.layouts = layer_layouts(cfg)
+        self.master, self.working, self.exp_avg, self.exp_avg_sq, self.grad = [], [], [], [], []
+        for layout in self.layouts:
+            n = layout.numel
+            master = torch.empty(n, dtype=torch.float32, pin_memory=pin)
+            self.master.append(master)
+            # fp32 mode streams the master weights themselves: no second copy
+            self.working.append(master if compute_dtype == torch.float32
+                                else torch.empty(n, dtype=compute_dtype, pin_memory=pin))
+            self.exp_avg.append(torch.zeros(n, dtype=torch.float32, pin_memory=pin))
+            self.exp_avg_sq.append(torch.zeros(n, dtype=torch.float32, pin_memory=pin))
+            self.grad.append(torch.zeros(n, dtype=compute_dtype, pin_memory=pin))
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layouts)
+
+    def num_parameters(self) -> int:
+        return sum(layout.numel for layout in self.layouts)
+
+    def nbytes(self) -> int:
+        bufs = self.master + self.exp_avg + self.exp_avg_sq + self.grad
+        if self.compute_dtype != torch.float32:
+            bufs = bufs + self.working
+        return sum(b.numel() * b.element_size() for b in bufs)
+
+    def named_master(self):
+        """(hf_name, fp32 view) for every parameter, in layer order."""
+        for layout, flat in zip(self.layouts, self.master):
+            views = layout.views(flat)
+            for p in layout.params:
+                yield p.hf_name, views[p.key]
+
+    def init_random(self, seed: int) -> None:
+        """transformers' init: normal(0, 0.02) matrices, ones for norms, zeros for biases; one generator per
+        layer so that building a model never needs more than its own buffers."""
+        for index, (layout, flat) in enumerate(zip(self.layouts, self.master)):
+            gen = torch.Generator().manual_seed(seed * 100003 + index)
+            views = layout.views(flat)
+            for p in layout.params:
+                if p.decay:
+                    views[p.key].normal_(0.0, INIT_STD, generator=gen)
+                elif p.key.endswith("bias"):
+                    views[p.key].zero_()
+                else:
+                    views[p.key].fill_(1.0)
+        self.refresh_working()
+
+    def refresh_working(self) -> None:
+        for master, working in zip(self.master, self.working):
+            if working is not master:
+                working.copy_(master)
