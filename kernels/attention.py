@@ -1,0 +1,749 @@
+"""Flash attention in Triton: causal, grouped-query, packed documents, optional sliding window; forward and backward.
+
+Per batch b and query head h (kv head h // G, G = Hq / Hkv), for token positions i (query) and j (key):
+    allowed(i, j) = j ≤ i  ∧  doc[i] = doc[j]  ∧  i − j < W          (W = sliding window; ∞ without one)
+    s_ij  = scale · q_i·k_j  (−∞ where not allowed)
+    lse_i = log Σ_j exp(s_ij),      o_i = Σ_j exp(s_ij − lse_i) · v_j
+Forward (FA2 online softmax): a program owns BLOCK_M queries and streams BLOCK_N keys at a time, keeping a
+running max m, running sum l and an fp32 accumulator, rescaled by exp(m_old − m_new) when the max grows. It
+works in base 2: log2(e) is folded into the scale (qk_scale = scale·log2 e) so every exp is an exp2.
+Backward (FA2 split; P is recomputed from lse, nothing S×S is ever stored):
+    Δ_i  = Σ_d dO_id · O_id                                                        _attn_bwd_preprocess
+    P_ij = exp(s_ij − lse_i),   dP = dO·Vᵀ,   dS = P ∘ (dP − Δ)
+    dV_j = Σ_{h∈group} Σ_i P_ij dO_i,   dK_j = scale · Σ_{h∈group} Σ_i dS_ij q_i    _attn_bwd_dkdv
+    dQ_i = scale · Σ_j dS_ij k_j                                                   _attn_bwd_dq
+A dkdv program owns BLOCK_N keys of one kv head and loops over the q heads of its group, so dK/dV are written
+once, without atomics.
+
+Block skipping. The key blocks of a query block fall in three ranges, each a plain loop:
+    [lo, full_lo)   window edge: masked (only with a sliding window),
+    [full_lo, m0)   every (query, key) pair allowed by causality and window: no mask at all,
+    [m0, m0+BM)     the causal diagonal: masked.
+Blocks above the diagonal and behind the window are never visited; the dkdv kernel uses the mirror ranges over
+query blocks. With documents, each range is further trimmed to the blocks whose [min, max] doc ids intersect
+the program's own [min, max] (a short scan of the doc ids, no S×S work), and all pairs are masked by doc id;
+for the usual packed batches (documents contiguous) this skips every block of an earlier document.
+
+FLOPs (for TFLOPS figures): causal forward ≈ 2·B·Hq·S²·D (4·B·Hq·S²·D for two matmuls, halved by causality);
+backward = 2.5 × forward (five matmuls instead of two).
+
+Supported: q[B, S, Hq, D], k/v[B, S, Hkv, D] with Hq a multiple of Hkv; bf16, fp16 or fp32 (all three the same);
+head dims 32, 64, 128, 256; any strides; doc_ids[B, S] int32 or None; sliding_window ≥ 1 or None.
+Known gaps:
+- head dims that are not powers of two (96, 80) raise; pad D to the next supported size.
+- fp32 inputs use exact ("ieee") fp32 dots: correct but far slower than bf16 on tensor cores.
+- the Hopper configs (plain pointer loads, no TMA descriptors or warp specialization) were chosen from the
+  Triton fused-attention tutorial and FA2, not measured here: run `python -m horizon_triton.kernels.autotune
+  attention` on the GPU. hd256 backward configs are a guess that keeps shared memory small.
+- stored configs are keyed by head dim, dtype and a sequence-length bucket, not by documents or window.
+- Triton's CPU interpreter gets bf16 tl.dot wrong, so when interpreting the dot operands are upcast to fp32
+  (after the same bf16 rounding of P and dS the GPU path does).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from . import tuning
+from .reference import attention_backward as attention_backward_ref  # noqa: F401  (tests and benchmarks use it)
+from .reference import attention_forward as attention_forward_ref  # noqa: F401
+from .reference import attention_mask
+
+HEAD_DIMS = (32, 64, 128, 256)
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: torch.Tensor | None, scale: float,
+                  sliding_window: int | None = None, upcast: bool = True) -> torch.Tensor:
+    """Differentiable torch attention (autograd works through it): o[B, S, Hq, D] in q.dtype.
+
+    upcast=True computes in fp32 (the accurate reference); upcast=False keeps the matmuls in the input dtype
+    the way plain PyTorch code would, which measures how much error the low precision itself costs."""
+    B, S, Hq, _ = q.shape
+    group = Hq // k.shape[2]
+    work = torch.float32 if upcast else q.dtype
+    qw = q.to(work)
+    kw = k.to(work).repeat_interleave(group, dim=2)
+    vw = v.to(work).repeat_interleave(group, dim=2)
+    mask = attention_mask(S, doc_ids, sliding_window, q.device, B)                  # [B, S, S]
+    s = torch.einsum("bihd,bjhd->bhij", qw, kw).float() * scale                      # [B, Hq, S, S] fp32
+    p = torch.softmax(s.masked_fill(~mask[:, None], float("-inf")), dim=-1).to(work)
+    return torch.einsum("bhij,bjhd->bihd", p, vw).to(q.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Helpers shared by the kernels
+# ----------------------------------------------------------------------------------------------------------
+@triton.jit
+def _dot(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """acc + a @ b with fp32 accumulation. UPCAST (interpreter only) does the product in fp32, because the
+    interpreter's bf16 tl.dot is wrong; the operands were already rounded to the input dtype."""
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _to(x, dtype: tl.constexpr, UPCAST: tl.constexpr):
+    """x.to(dtype), rounding to nearest even as the GPU does. The interpreter truncates fp32 → bf16 instead, so
+    when interpreting (UPCAST) the fp32 bits are rounded first and the conversion is exact."""
+    if UPCAST and dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16 << 16
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
+def _allowed(q_pos, k_pos, q_doc, k_doc, seq_len, window,
+             MASKED: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """Which (query, key) pairs may interact; the operands broadcast to the tile's shape.
+
+    MASKED tiles apply causality, the window and the query bound (queries ≥ seq_len are padding); unmasked
+    tiles are fully allowed by position, so only the document test is left (called only with HAS_DOCS)."""
+    if MASKED:
+        ok = (k_pos <= q_pos) & (q_pos < seq_len)
+        if HAS_WINDOW:
+            ok = ok & (q_pos - k_pos < window)
+        if HAS_DOCS:
+            ok = ok & (q_doc == k_doc)
+    else:
+        ok = q_doc == k_doc
+    return ok
+
+
+@triton.jit
+def _doc_range(DOC, start, seq_len, BLOCK: tl.constexpr):
+    """(doc ids [BLOCK] of positions start.., their min, their max) over the positions < seq_len."""
+    offs = start + tl.arange(0, BLOCK)
+    inside = offs < seq_len
+    doc = tl.load(DOC + offs, mask=inside, other=-1)
+    lo = tl.min(tl.where(inside, doc, 2147483647), 0)
+    hi = tl.max(tl.where(inside, doc, -2147483647), 0)
+    return doc, lo, hi
+
+
+@triton.jit
+def _doc_span(DOC, doc_lo, doc_hi, lo, hi, seq_len, BLOCK: tl.constexpr):
+    """[first, end): the smallest run of the blocks of [lo, hi) (step BLOCK) that holds every block containing a
+    document id in [doc_lo, doc_hi]. Blocks outside it cannot match and are skipped."""
+    first = hi
+    end = lo
+    for start in range(lo, hi, BLOCK):
+        _, blo, bhi = _doc_range(DOC, start, seq_len, BLOCK)
+        hit = (bhi >= doc_lo) & (blo <= doc_hi)
+        first = tl.where(hit, tl.minimum(first, start), first)
+        end = tl.where(hit, start + BLOCK, end)
+    return first, end
+
+
+@triton.jit
+def _key_ranges(DOC, m0, seq_len, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                HAS_DOCS: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """Key positions visited by the query block [m0, m0 + BLOCK_M), as the three ranges of the module docstring:
+    [lo, edge_hi) masked window edge, [full_lo, full_hi) unmasked, [diag_lo, hi) masked diagonal; with
+    documents each is trimmed to the doc span. Also returns the block's doc ids (its positions without docs)."""
+    q_doc = m0 + tl.arange(0, BLOCK_M)
+    hi = tl.minimum(m0 + BLOCK_M, seq_len)
+    if HAS_WINDOW:
+        # row i sees keys (i − W, i]: the block's first row reaches back to m0 − W + 1, its last row only to
+        # m0 + BLOCK_M − W, so keys from there up to m0 are seen by every row
+        lo = tl.maximum(m0 - window + 1, 0) // BLOCK_N * BLOCK_N
+        full_lo = tl.minimum((tl.maximum(m0 + BLOCK_M - window, 0) + BLOCK_N - 1) // BLOCK_N * BLOCK_N, m0)
+    else:
+        lo = m0 * 0
+        full_lo = m0 * 0
+    edge_hi = full_lo
+    full_hi = m0
+    diag_lo = m0
+    if HAS_DOCS:
+        q_doc, doc_lo, doc_hi = _doc_range(DOC, m0, seq_len, BLOCK_M)
+        first, end = _doc_span(DOC, doc_lo, doc_hi, lo, hi, seq_len, BLOCK_N)
+        lo = tl.maximum(lo, first)
+        edge_hi = tl.minimum(edge_hi, end)
+        full_lo = tl.maximum(full_lo, first)
+        full_hi = tl.minimum(full_hi, end)
+        diag_lo = tl.maximum(diag_lo, first)
+        hi = tl.minimum(hi, end)
+    return q_doc, lo, edge_hi, full_lo, full_hi, diag_lo, hi
+
+
+@triton.jit
+def _query_ranges(n0, seq_len, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """Query positions that see the key block [n0, n0 + BLOCK_N): (diag_hi, full_hi, hi) with [n0, diag_hi) the
+    masked diagonal, [n0 + BLOCK_N, full_hi) unmasked (whole query blocks inside the sequence and the window)
+    and [full_hi, hi) the masked tail (last partial block, window edge)."""
+    diag_hi = tl.minimum(n0 + BLOCK_N, seq_len)
+    if HAS_WINDOW:
+        # key j is seen by queries [j, j + W): the block's last key by queries up to n0 + BLOCK_N − 2 + W, its
+        # first key only by queries < n0 + W
+        hi = tl.minimum(n0 + BLOCK_N - 1 + window, seq_len)
+        full_hi = tl.minimum(n0 + window, seq_len)
+    else:
+        hi = seq_len + n0 * 0
+        full_hi = seq_len + n0 * 0
+    full_hi = tl.maximum((full_hi - n0) // BLOCK_M * BLOCK_M + n0, n0 + BLOCK_N)
+    return diag_hi, full_hi, hi
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Forward
+# ----------------------------------------------------------------------------------------------------------
+@triton.jit
+def _fwd_range(acc, l_i, m_i, q, q_pos, q_doc,
+               K, V, DOC, stride_ks, stride_vs, stride_kd, stride_vd,
+               lo, hi, seq_len, window, qk_scale,
+               HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+               HAS_DOCS: tl.constexpr, HAS_WINDOW: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """Online-softmax update of one query block over the key blocks [lo, hi)."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    for start_n in range(lo, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        k_pos = start_n + tl.arange(0, BLOCK_N)
+        k_ptrs = K + k_pos[:, None] * stride_ks + offs_d[None, :] * stride_kd           # [BLOCK_N, D]
+        v_ptrs = V + k_pos[:, None] * stride_vs + offs_d[None, :] * stride_vd
+        if MASKED:
+            k = tl.load(k_ptrs, mask=k_pos[:, None] < seq_len, other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+        qk = _dot(q, tl.trans(k), None, UPCAST, PRECISION)                              # [BLOCK_M, BLOCK_N]
+        if MASKED or HAS_DOCS:
+            k_doc = k_pos
+            if HAS_DOCS:
+                k_doc, _, _ = _doc_range(DOC, start_n, seq_len, BLOCK_N)
+            ok = _allowed(q_pos[:, None], k_pos[None, :], q_doc[:, None], k_doc[None, :], seq_len, window,
+                          MASKED, HAS_DOCS, HAS_WINDOW)
+            # a large negative bias, not −inf: a row masked so far keeps a finite max, and its bogus terms
+            # are wiped by alpha = exp2(−1e6 − m) = 0 once it meets its first allowed key (always j = i)
+            qk = qk * qk_scale + tl.where(ok, 0.0, -1.0e6)
+            m_ij = tl.maximum(m_i, tl.max(qk, 1))
+            qk -= m_ij[:, None]
+        else:
+            m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            qk = qk * qk_scale - m_ij[:, None]
+        p = tl.math.exp2(qk)
+        alpha = tl.math.exp2(m_i - m_ij)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if MASKED:
+            v = tl.load(v_ptrs, mask=k_pos[:, None] < seq_len, other=0.0)
+        else:
+            v = tl.load(v_ptrs)
+        acc = _dot(_to(p, v.dtype, UPCAST), v, acc, UPCAST, PRECISION)
+        m_i = m_ij
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attn_fwd(
+    # pointers
+    Q, K, V, DOC, O, LSE,
+    # shapes
+    seq_len, num_heads, window, qk_scale,
+    # strides
+    stride_qb, stride_qs, stride_qh, stride_qd,
+    stride_kb, stride_ks, stride_kh, stride_kd,
+    stride_vb, stride_vs, stride_vh, stride_vd,
+    stride_ob, stride_os, stride_oh, stride_od,
+    stride_docb,
+    # meta
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_DOCS: tl.constexpr, HAS_WINDOW: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Grid (query blocks, B·Hq). Writes o[b, m0:m0+BLOCK_M, h] and lse[b, h, m0:m0+BLOCK_M]."""
+    start_m = tl.num_programs(0) - 1 - tl.program_id(0)          # the longest (last) query blocks start first
+    off_bh = tl.program_id(1)
+    off_b = (off_bh // num_heads).to(tl.int64)
+    off_h = off_bh % num_heads
+    off_kh = off_h // GROUP
+    Q += off_b * stride_qb + off_h * stride_qh
+    K += off_b * stride_kb + off_kh * stride_kh
+    V += off_b * stride_vb + off_kh * stride_vh
+    O += off_b * stride_ob + off_h * stride_oh
+    LSE += off_bh.to(tl.int64) * seq_len
+
+    m0 = start_m * BLOCK_M
+    q_pos = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q = tl.load(Q + q_pos[:, None] * stride_qs + offs_d[None, :] * stride_qd, mask=q_pos[:, None] < seq_len,
+                other=0.0)                                                               # [BLOCK_M, D]
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+
+    if HAS_DOCS:
+        DOC += off_b * stride_docb
+    q_doc, lo, edge_hi, full_lo, full_hi, diag_lo, hi = _key_ranges(DOC, m0, seq_len, window, BLOCK_M, BLOCK_N,
+                                                                    HAS_DOCS, HAS_WINDOW)
+    args = (K, V, DOC, stride_ks, stride_vs, stride_kd, stride_vd)
+    acc, l_i, m_i = _fwd_range(acc, l_i, m_i, q, q_pos, q_doc, *args, lo, edge_hi, seq_len,
+                               window, qk_scale, HEAD_DIM, BLOCK_N, True, HAS_DOCS, HAS_WINDOW, UPCAST, PRECISION)
+    acc, l_i, m_i = _fwd_range(acc, l_i, m_i, q, q_pos, q_doc, *args, full_lo, full_hi, seq_len,
+                               window, qk_scale, HEAD_DIM, BLOCK_N, False, HAS_DOCS, HAS_WINDOW, UPCAST, PRECISION)
+    acc, l_i, m_i = _fwd_range(acc, l_i, m_i, q, q_pos, q_doc, *args, diag_lo, hi, seq_len,
+                               window, qk_scale, HEAD_DIM, BLOCK_N, True, HAS_DOCS, HAS_WINDOW, UPCAST, PRECISION)
+
+    acc = acc / l_i[:, None]
+    q_in = q_pos < seq_len
+    tl.store(LSE + q_pos, (m_i + tl.math.log2(l_i)) * 0.6931471805599453, mask=q_in)   # back to natural log
+    tl.store(O + q_pos[:, None] * stride_os + offs_d[None, :] * stride_od, _to(acc, O.dtype.element_ty, UPCAST),
+             mask=q_in[:, None])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Backward
+# ----------------------------------------------------------------------------------------------------------
+@triton.jit
+def _attn_bwd_preprocess(
+    # pointers
+    O, DO, DELTA,
+    # shapes
+    seq_len, num_heads,
+    # strides
+    stride_ob, stride_os, stride_oh, stride_od,
+    stride_dob, stride_dos, stride_doh, stride_dod,
+    # meta
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """Grid (query blocks, B·Hq). Δ[b, h, i] = Σ_d dO · O in fp32."""
+    off_bh = tl.program_id(1)
+    off_b = (off_bh // num_heads).to(tl.int64)
+    off_h = off_bh % num_heads
+    pos = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    inside = pos < seq_len
+    o = tl.load(O + off_b * stride_ob + off_h * stride_oh + pos[:, None] * stride_os + offs_d[None, :] * stride_od,
+                mask=inside[:, None], other=0.0).to(tl.float32)
+    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + pos[:, None] * stride_dos
+                 + offs_d[None, :] * stride_dod, mask=inside[:, None], other=0.0).to(tl.float32)
+    tl.store(DELTA + off_bh.to(tl.int64) * seq_len + pos, tl.sum(o * do, 1), mask=inside)
+
+
+@triton.jit
+def _dkdv_range(dk, dv, k, v, k_pos, k_doc,
+                Q, DO, LSE, DELTA, DOC, stride_qs, stride_qd, stride_dos, stride_dod,
+                lo, hi, seq_len, window, qk_scale,
+                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
+                HAS_DOCS: tl.constexpr, HAS_WINDOW: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """dK/dV of one key block accumulated over the query blocks [lo, hi) of one q head (tiles are key-major:
+    [BLOCK_N keys, BLOCK_M queries])."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    for start_m in range(lo, hi, BLOCK_M):
+        start_m = tl.multiple_of(start_m, BLOCK_M)
+        q_pos = start_m + tl.arange(0, BLOCK_M)
+        q_ptrs = Q + q_pos[:, None] * stride_qs + offs_d[None, :] * stride_qd            # [BLOCK_M, D]
+        do_ptrs = DO + q_pos[:, None] * stride_dos + offs_d[None, :] * stride_dod
+        if MASKED:
+            q_in = q_pos < seq_len
+            q = tl.load(q_ptrs, mask=q_in[:, None], other=0.0)
+            lse = tl.load(LSE + q_pos, mask=q_in, other=0.0)
+        else:
+            q = tl.load(q_ptrs)
+            lse = tl.load(LSE + q_pos)
+        qkT = _dot(k, tl.trans(q), None, UPCAST, PRECISION)                             # [BLOCK_N, BLOCK_M]
+        pT = tl.math.exp2(qkT * qk_scale - lse[None, :] * 1.4426950408889634)
+        if MASKED or HAS_DOCS:
+            q_doc = q_pos
+            if HAS_DOCS:
+                q_doc, _, _ = _doc_range(DOC, start_m, seq_len, BLOCK_M)
+            ok = _allowed(q_pos[None, :], k_pos[:, None], q_doc[None, :], k_doc[:, None], seq_len, window,
+                          MASKED, HAS_DOCS, HAS_WINDOW)
+            pT = tl.where(ok, pT, 0.0)
+        if MASKED:
+            do = tl.load(do_ptrs, mask=q_in[:, None], other=0.0)
+            delta = tl.load(DELTA + q_pos, mask=q_in, other=0.0)
+        else:
+            do = tl.load(do_ptrs)
+            delta = tl.load(DELTA + q_pos)
+        dv = _dot(_to(pT, do.dtype, UPCAST), do, dv, UPCAST, PRECISION)                            # [BLOCK_N, D]
+        dpT = _dot(v, tl.trans(do), None, UPCAST, PRECISION)                             # [BLOCK_N, BLOCK_M]
+        dsT = pT * (dpT - delta[None, :])
+        dk = _dot(_to(dsT, q.dtype, UPCAST), q, dk, UPCAST, PRECISION)                             # [BLOCK_N, D]
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv(
+    # pointers
+    Q, K, V, DO, LSE, DELTA, DOC, DK, DV,
+    # shapes
+    seq_len, num_heads, num_kv_heads, window, qk_scale, scale,
+    # strides
+    stride_qb, stride_qs, stride_qh, stride_qd,
+    stride_kb, stride_ks, stride_kh, stride_kd,
+    stride_vb, stride_vs, stride_vh, stride_vd,
+    stride_dob, stride_dos, stride_doh, stride_dod,
+    stride_dkb, stride_dks, stride_dkh, stride_dkd,
+    stride_dvb, stride_dvs, stride_dvh, stride_dvd,
+    stride_docb,
+    # meta
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_DOCS: tl.constexpr, HAS_WINDOW: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Grid (key blocks, B·Hkv). Writes dk, dv[b, n0:n0+BLOCK_N, kv head], summed over the GROUP q heads."""
+    n0 = tl.program_id(0) * BLOCK_N
+    off_bkh = tl.program_id(1)
+    off_b = (off_bkh // num_kv_heads).to(tl.int64)
+    off_kh = off_bkh % num_kv_heads
+    k_pos = n0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    k_in = k_pos[:, None] < seq_len
+    k = tl.load(K + off_b * stride_kb + off_kh * stride_kh + k_pos[:, None] * stride_ks + offs_d[None, :] * stride_kd,
+                mask=k_in, other=0.0)                                                    # [BLOCK_N, D]
+    v = tl.load(V + off_b * stride_vb + off_kh * stride_vh + k_pos[:, None] * stride_vs + offs_d[None, :] * stride_vd,
+                mask=k_in, other=0.0)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+
+    diag_hi, full_hi, hi = _query_ranges(n0, seq_len, window, BLOCK_M, BLOCK_N, HAS_WINDOW)
+    diag_lo = n0
+    full_lo = n0 + BLOCK_N
+    tail_lo = full_hi
+    k_doc = k_pos
+    if HAS_DOCS:
+        DOC += off_b * stride_docb
+        k_doc, doc_lo, doc_hi = _doc_range(DOC, n0, seq_len, BLOCK_N)
+        first, end = _doc_span(DOC, doc_lo, doc_hi, n0, hi, seq_len, BLOCK_M)
+        diag_lo = tl.maximum(diag_lo, first)
+        diag_hi = tl.minimum(diag_hi, end)
+        full_lo = tl.maximum(full_lo, first)
+        full_hi = tl.minimum(full_hi, end)
+        tail_lo = tl.maximum(tail_lo, first)
+        hi = tl.minimum(hi, end)
+
+    for g in range(GROUP):
+        off_h = off_kh * GROUP + g
+        Qh = Q + off_b * stride_qb + off_h * stride_qh
+        DOh = DO + off_b * stride_dob + off_h * stride_doh
+        row = (off_b * num_heads + off_h) * seq_len
+        args = (Qh, DOh, LSE + row, DELTA + row, DOC, stride_qs, stride_qd, stride_dos, stride_dod)
+        dk, dv = _dkdv_range(dk, dv, k, v, k_pos, k_doc, *args, diag_lo, diag_hi, seq_len, window, qk_scale,
+                             HEAD_DIM, BLOCK_M, True, HAS_DOCS, HAS_WINDOW, UPCAST, PRECISION)
+        dk, dv = _dkdv_range(dk, dv, k, v, k_pos, k_doc, *args, full_lo, full_hi, seq_len, window, qk_scale,
+                             HEAD_DIM, BLOCK_M, False, HAS_DOCS, HAS_WINDOW, UPCAST, PRECISION)
+        dk, dv = _dkdv_range(dk, dv, k, v, k_pos, k_doc, *args, tail_lo, hi, seq_len, window, qk_scale,
+                             HEAD_DIM, BLOCK_M, True, HAS_DOCS, HAS_WINDOW, UPCAST, PRECISION)
+
+    dk *= scale
+    DK += off_b * stride_dkb + off_kh * stride_dkh
+    DV += off_b * stride_dvb + off_kh * stride_dvh
+    tl.store(DK + k_pos[:, None] * stride_dks + offs_d[None, :] * stride_dkd, _to(dk, DK.dtype.element_ty, UPCAST), mask=k_in)
+    tl.store(DV + k_pos[:, None] * stride_dvs + offs_d[None, :] * stride_dvd, _to(dv, DV.dtype.element_ty, UPCAST), mask=k_in)
+
+
+@triton.jit
+def _dq_range(dq, q, do, lse2, delta, q_pos, q_doc,
+              K, V, DOC, stride_ks, stride_vs, stride_kd, stride_vd,
+              lo, hi, seq_len, window, qk_scale,
+              HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+              HAS_DOCS: tl.constexpr, HAS_WINDOW: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """dQ of one query block accumulated over the key blocks [lo, hi)."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    for start_n in range(lo, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        k_pos = start_n + tl.arange(0, BLOCK_N)
+        k_ptrs = K + k_pos[:, None] * stride_ks + offs_d[None, :] * stride_kd           # [BLOCK_N, D]
+        v_ptrs = V + k_pos[:, None] * stride_vs + offs_d[None, :] * stride_vd
+        if MASKED:
+            k = tl.load(k_ptrs, mask=k_pos[:, None] < seq_len, other=0.0)
+            v = tl.load(v_ptrs, mask=k_pos[:, None] < seq_len, other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        qk = _dot(q, tl.trans(k), None, UPCAST, PRECISION)                              # [BLOCK_M, BLOCK_N]
+        p = tl.math.exp2(qk * qk_scale - lse2[:, None])
+        if MASKED or HAS_DOCS:
+            k_doc = k_pos
+            if HAS_DOCS:
+                k_doc, _, _ = _doc_range(DOC, start_n, seq_len, BLOCK_N)
+            ok = _allowed(q_pos[:, None], k_pos[None, :], q_doc[:, None], k_doc[None, :], seq_len, window,
+                          MASKED, HAS_DOCS, HAS_WINDOW)
+            p = tl.where(ok, p, 0.0)
+        dp = _dot(do, tl.trans(v), None, UPCAST, PRECISION)                             # [BLOCK_M, BLOCK_N]
+        ds = p * (dp - delta[:, None])
+        dq = _dot(_to(ds, k.dtype, UPCAST), k, dq, UPCAST, PRECISION)                              # [BLOCK_M, D]
+    return dq
+
+
+@triton.jit
+def _attn_bwd_dq(
+    # pointers
+    Q, K, V, DO, LSE, DELTA, DOC, DQ,
+    # shapes
+    seq_len, num_heads, window, qk_scale, scale,
+    # strides
+    stride_qb, stride_qs, stride_qh, stride_qd,
+    stride_kb, stride_ks, stride_kh, stride_kd,
+    stride_vb, stride_vs, stride_vh, stride_vd,
+    stride_dob, stride_dos, stride_doh, stride_dod,
+    stride_dqb, stride_dqs, stride_dqh, stride_dqd,
+    stride_docb,
+    # meta
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_DOCS: tl.constexpr, HAS_WINDOW: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Grid (query blocks, B·Hq). Writes dq[b, m0:m0+BLOCK_M, h]; same key ranges as the forward."""
+    start_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    off_bh = tl.program_id(1)
+    off_b = (off_bh // num_heads).to(tl.int64)
+    off_h = off_bh % num_heads
+    off_kh = off_h // GROUP
+    K += off_b * stride_kb + off_kh * stride_kh
+    V += off_b * stride_vb + off_kh * stride_vh
+    m0 = start_m * BLOCK_M
+    q_pos = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q_in = q_pos < seq_len
+    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + q_pos[:, None] * stride_qs + offs_d[None, :] * stride_qd,
+                mask=q_in[:, None], other=0.0)                                           # [BLOCK_M, D]
+    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + q_pos[:, None] * stride_dos
+                 + offs_d[None, :] * stride_dod, mask=q_in[:, None], other=0.0)
+    row = off_bh.to(tl.int64) * seq_len
+    lse2 = tl.load(LSE + row + q_pos, mask=q_in, other=0.0) * 1.4426950408889634      # base 2, as the scores
+    delta = tl.load(DELTA + row + q_pos, mask=q_in, other=0.0)
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+
+    if HAS_DOCS:
+        DOC += off_b * stride_docb
+    q_doc, lo, edge_hi, full_lo, full_hi, diag_lo, hi = _key_ranges(DOC, m0, seq_len, window, BLOCK_M, BLOCK_N,
+                                                                    HAS_DOCS, HAS_WINDOW)
+    args = (K, V, DOC, stride_ks, stride_vs, stride_kd, stride_vd)
+    dq = _dq_range(dq, q, do, lse2, delta, q_pos, q_doc, *args, lo, edge_hi, seq_len, window,
+                   qk_scale, HEAD_DIM, BLOCK_N, True, HAS_DOCS, HAS_WINDOW, UPCAST, PRECISION)
+    dq = _dq_range(dq, q, do, lse2, delta, q_pos, q_doc, *args, full_lo, full_hi, seq_len, window,
+                   qk_scale, HEAD_DIM, BLOCK_N, False, HAS_DOCS, HAS_WINDOW, UPCAST, PRECISION)
+    dq = _dq_range(dq, q, do, lse2, delta, q_pos, q_doc, *args, diag_lo, hi, seq_len, window,
+                   qk_scale, HEAD_DIM, BLOCK_N, True, HAS_DOCS, HAS_WINDOW, UPCAST, PRECISION)
+
+    dq *= scale
+    tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + q_pos[:, None] * stride_dqs + offs_d[None, :] * stride_dqd,
+             _to(dq, DQ.dtype.element_ty, UPCAST), mask=q_in[:, None])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Launch functions: configs, input checks, grids
+# ----------------------------------------------------------------------------------------------------------
+# Hopper candidates, swept by autotune(); BLOCK_M/BLOCK_N are the query/key tile of each kernel. The forward and
+# dq kernels step the diagonal in key blocks (BLOCK_M % BLOCK_N == 0), dkdv steps it in query blocks
+# (BLOCK_N % BLOCK_M == 0).
+def _cfg(bm, bn, warps, stages):
+    return {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps, "num_stages": stages}
+
+
+FWD_CONFIGS = [_cfg(bm, bn, w, s) for bm in (64, 128) for bn in (32, 64, 128) for w in (4, 8) for s in (2, 3, 4)
+               if bm % bn == 0 and not (bm * bn >= 128 * 128 and w == 4)]
+DKDV_CONFIGS = [_cfg(bm, bn, w, s) for bm in (16, 32, 64) for bn in (64, 128) for w in (4, 8) for s in (1, 2, 3)
+                if bn % bm == 0]
+DQ_CONFIGS = [_cfg(bm, bn, w, s) for bm in (64, 128) for bn in (16, 32, 64) for w in (4, 8) for s in (1, 2, 3)]
+
+# Defaults by head dim (Triton tutorial / FA2 choices for H100; shared memory ≤ ~160 KB per program).
+_DEFAULTS = {
+    "attention_fwd": {32: _cfg(128, 64, 4, 3), 64: _cfg(128, 64, 4, 3), 128: _cfg(128, 64, 8, 3),
+                      256: _cfg(64, 32, 4, 2)},
+    "attention_bwd_dkdv": {32: _cfg(32, 128, 4, 3), 64: _cfg(32, 128, 4, 3), 128: _cfg(64, 128, 8, 2),
+                           256: _cfg(32, 32, 4, 2)},
+    "attention_bwd_dq": {32: _cfg(128, 32, 4, 3), 64: _cfg(128, 32, 4, 3), 128: _cfg(128, 64, 8, 2),
+                         256: _cfg(64, 32, 4, 2)},
+}
+# Small tiles in the interpreter: several blocks per test sequence, so every range (edge, full, diagonal,
+# tail) is exercised, and BLOCK_M ≠ BLOCK_N.
+_INTERPRETER = {"attention_fwd": _cfg(32, 16, 4, 1), "attention_bwd_dkdv": _cfg(16, 32, 4, 1),
+                "attention_bwd_dq": _cfg(32, 16, 4, 1)}
+
+
+def _shape_key(S: int, D: int, dtype: torch.dtype) -> str:
+    return f"D{D}_{str(dtype).removeprefix('torch.')}_{'S<=2K' if S <= 2048 else 'S>2K'}"
+
+
+def _config(kernel: str, S: int, D: int, dtype: torch.dtype) -> dict:
+    default = _INTERPRETER[kernel] if tuning.interpreting() else _DEFAULTS[kernel][D]
+    return tuning.best_config(kernel, _shape_key(S, D, dtype), default)
+
+
+def _check_inputs(q, k, v, doc_ids, sliding_window) -> tuple[int, int, int, int, int]:
+    """-> (B, S, Hq, Hkv, D), or a ValueError that names the problem."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            raise ValueError(f"attention: {name} must be 4-D [B, S, heads, D] (token-major), got shape "
+                             f"{tuple(t.shape)}")
+    B, S, Hq, D = q.shape
+    Hkv = k.shape[2]
+    if k.shape != v.shape or k.shape[0] != B or k.shape[1] != S or k.shape[3] != D:
+        raise ValueError(f"attention: k {tuple(k.shape)} and v {tuple(v.shape)} must both be [B={B}, S={S}, Hkv, "
+                         f"D={D}] to match q {tuple(q.shape)}")
+    if Hkv == 0 or Hq % Hkv:
+        raise ValueError(f"attention: Hq={Hq} query heads is not a multiple of Hkv={Hkv} kv heads (grouped-query "
+                         f"attention needs Hq = G·Hkv)")
+    if q.dtype not in DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"attention: q, k, v must share one dtype among bf16, fp16, fp32; got {q.dtype}, "
+                         f"{k.dtype}, {v.dtype}")
+    if D not in HEAD_DIMS:
+        raise ValueError(f"attention: head dim {D} is not supported (supported: {HEAD_DIMS}); pad the head dim "
+                         f"to the next supported size or use kernels.reference.attention_forward")
+    if S == 0 or B == 0:
+        raise ValueError(f"attention: empty input, q shape {tuple(q.shape)}")
+    devices = {t.device for t in (q, k, v)} | ({doc_ids.device} if doc_ids is not None else set())
+    if len(devices) != 1:
+        raise ValueError(f"attention: q, k, v (and doc_ids) must be on one device, got {sorted(map(str, devices))}")
+    if q.device.type != "cuda" and not tuning.interpreting():
+        raise ValueError(f"attention: tensors are on {q.device}; the Triton kernels need a CUDA device (or "
+                         f"TRITON_INTERPRET=1). On CPU use kernels.reference.attention_forward/backward")
+    if doc_ids is not None:
+        if doc_ids.shape != (B, S):
+            raise ValueError(f"attention: doc_ids must be [B={B}, S={S}], got {tuple(doc_ids.shape)}")
+        if doc_ids.dtype != torch.int32:
+            raise ValueError(f"attention: doc_ids must be int32, got {doc_ids.dtype} (use doc_ids.int())")
+    if sliding_window is not None and (not isinstance(sliding_window, int) or sliding_window < 1):
+        raise ValueError(f"attention: sliding_window must be a positive int or None, got {sliding_window!r}")
+    return B, S, Hq, Hkv, D
+
+
+def _window(S: int, sliding_window: int | None) -> int:
+    """0 = no window; a window that covers the whole sequence is no window."""
+    return 0 if sliding_window is None or sliding_window >= S else sliding_window
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"   # "tf32" is ignored for bf16/fp16 operands
+
+
+def _launch_fwd(q, k, v, doc_ids, o, lse, scale: float, window: int, cfg: dict) -> None:
+    B, S, Hq, D = q.shape
+    doc = doc_ids.contiguous() if doc_ids is not None else None
+    grid = (triton.cdiv(S, cfg["BLOCK_M"]), B * Hq)
+    _attn_fwd[grid](
+        q, k, v, doc, o, lse,
+        S, Hq, window, scale * LOG2E,
+        *q.stride(), *k.stride(), *v.stride(), *o.stride(),
+        doc.stride(0) if doc is not None else 0,
+        GROUP=Hq // k.shape[2], HEAD_DIM=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+        HAS_DOCS=doc is not None, HAS_WINDOW=window > 0, UPCAST=tuning.interpreting(),
+        PRECISION=_precision(q.dtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+
+
+def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: torch.Tensor | None,
+                      scale: float, sliding_window: int | None = None):
+    """-> (o[B, S, Hq, D] in q.dtype, lse[B, Hq, S] fp32). Same contract as kernels.reference.attention_forward."""
+    B, S, Hq, Hkv, D = _check_inputs(q, k, v, doc_ids, sliding_window)
+    o = torch.empty((B, S, Hq, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, Hq, S), dtype=torch.float32, device=q.device)
+    _launch_fwd(q, k, v, doc_ids, o, lse, scale, _window(S, sliding_window),
+                _config("attention_fwd", S, D, q.dtype))
+    return o, lse
+
+
+def _launch_bwd(do, q, k, v, o, lse, doc_ids, scale: float, window: int, cfg_dkdv: dict, cfg_dq: dict):
+    B, S, Hq, D = q.shape
+    Hkv = k.shape[2]
+    doc = doc_ids.contiguous() if doc_ids is not None else None
+    doc_stride = doc.stride(0) if doc is not None else 0
+    delta = torch.empty((B, Hq, S), dtype=torch.float32, device=q.device)
+    dq = torch.empty((B, S, Hq, D), dtype=q.dtype, device=q.device)
+    dk = torch.empty((B, S, Hkv, D), dtype=q.dtype, device=q.device)
+    dv = torch.empty((B, S, Hkv, D), dtype=q.dtype, device=q.device)
+    meta = dict(GROUP=Hq // Hkv, HEAD_DIM=D, HAS_DOCS=doc is not None, HAS_WINDOW=window > 0,
+                UPCAST=tuning.interpreting(), PRECISION=_precision(q.dtype))
+    pre_block = 64 if not tuning.interpreting() else 32
+    _attn_bwd_preprocess[(triton.cdiv(S, pre_block), B * Hq)](
+        o, do, delta, S, Hq, *o.stride(), *do.stride(), HEAD_DIM=D, BLOCK_M=pre_block)
+    _attn_bwd_dkdv[(triton.cdiv(S, cfg_dkdv["BLOCK_N"]), B * Hkv)](
+        q, k, v, do, lse, delta, doc, dk, dv,
+        S, Hq, Hkv, window, scale * LOG2E, scale,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), doc_stride,
+        BLOCK_M=cfg_dkdv["BLOCK_M"], BLOCK_N=cfg_dkdv["BLOCK_N"], **meta,
+        num_warps=cfg_dkdv["num_warps"], num_stages=cfg_dkdv["num_stages"])
+    _attn_bwd_dq[(triton.cdiv(S, cfg_dq["BLOCK_M"]), B * Hq)](
+        q, k, v, do, lse, delta, doc, dq,
+        S, Hq, window, scale * LOG2E, scale,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), doc_stride,
+        BLOCK_M=cfg_dq["BLOCK_M"], BLOCK_N=cfg_dq["BLOCK_N"], **meta,
+        num_warps=cfg_dq["num_warps"], num_stages=cfg_dq["num_stages"])
+    return dq, dk, dv
+
+
+def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                       lse: torch.Tensor, doc_ids: torch.Tensor | None, scale: float,
+                       sliding_window: int | None = None):
+    """-> (dq[B, S, Hq, D], dk[B, S, Hkv, D], dv[B, S, Hkv, D]) in the input dtype.
+    Same contract as kernels.reference.attention_backward."""
+    B, S, Hq, Hkv, D = _check_inputs(q, k, v, doc_ids, sliding_window)
+    for name, t in (("do", do), ("o", o)):
+        if t.shape != q.shape or t.dtype != q.dtype or t.device != q.device:
+            raise ValueError(f"attention_backward: {name} must match q ({tuple(q.shape)}, {q.dtype}, {q.device}), "
+                             f"got ({tuple(t.shape)}, {t.dtype}, {t.device})")
+    if lse.shape != (B, Hq, S) or lse.dtype != torch.float32 or lse.device != q.device:
+        raise ValueError(f"attention_backward: lse must be fp32 [B={B}, Hq={Hq}, S={S}] as attention_forward "
+                         f"returns it, got {lse.dtype} {tuple(lse.shape)}")
+    return _launch_bwd(do, q, k, v, o, lse.contiguous(), doc_ids, scale, _window(S, sliding_window),
+                       _config("attention_bwd_dkdv", S, D, q.dtype), _config("attention_bwd_dq", S, D, q.dtype))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Autotune (python -m horizon_triton.kernels.autotune attention [--shape B=.. S=.. Hq=.. Hkv=.. D=..])
+# ----------------------------------------------------------------------------------------------------------
+def attention_flops(B: int, S: int, Hq: int, D: int, backward: bool = False) -> float:
+    """Causal attention FLOPs: forward 2·B·Hq·S²·D (QKᵀ and PV, half the S² pairs); backward 2.5× that."""
+    fwd = 2.0 * B * Hq * S * S * D
+    return 2.5 * fwd if backward else fwd
+
+
+def _sweep(kernel: str, configs: list[dict], run) -> tuple[dict, float]:
+    """Best (config, ms) of run(cfg) over configs; configs that fail to compile (shared memory) are skipped."""
+    best, best_ms = None, math.inf
+    for cfg in configs:
+        try:
+            ms = tuning.time_ms(lambda: run(cfg))
+        except Exception as err:  # noqa: BLE001  (out of resources and the like: this config is not a candidate)
+            print(f"  {kernel} {cfg}: skipped ({type(err).__name__})")
+            continue
+        if ms < best_ms:
+            best, best_ms = cfg, ms
+    if best is None:
+        raise RuntimeError(f"autotune {kernel}: no candidate config ran")
+    return best, best_ms
+
+
+def autotune(shape: dict | None = None) -> list[dict]:
+    """Sweep the Hopper config lists on the current GPU (bf16), store the winners, return one row per kernel
+    pass (forward, backward) and shape with its TFLOPS. Default shapes: 16K tokens per batch, Hq=32, Hkv=8,
+    D in (64, 128), S in (1024, 4096)."""
+    shapes = [shape] if shape else [dict(B=16384 // S, S=S, Hq=32, Hkv=8, D=D) for D in (128, 64)
+                                    for S in (1024, 4096)]
+    rows = []
+    for sh in shapes:
+        B, S, Hq, Hkv, D = (int(sh.get(n, d)) for n, d in (("B", 1), ("S", 4096), ("Hq", 32), ("Hkv", 8),
+                                                               ("D", 128)))
+        dtype = torch.bfloat16
+        q = torch.randn(B, S, Hq, D, device="cuda", dtype=dtype)
+        k = torch.randn(B, S, Hkv, D, device="cuda", dtype=dtype)
+        v = torch.randn(B, S, Hkv, D, device="cuda", dtype=dtype)
+        scale = D ** -0.5
+        key = _shape_key(S, D, dtype)
+        name = f"B={B} S={S} Hq={Hq} Hkv={Hkv} D={D} bf16 causal"
+        o = torch.empty_like(q)
+        lse = torch.empty((B, Hq, S), device="cuda", dtype=torch.float32)
+        fwd_cfg, fwd_ms = _sweep("attention_fwd", FWD_CONFIGS,
+                                 lambda c: _launch_fwd(q, k, v, None, o, lse, scale, 0, c))
+        tuning.store_config("attention_fwd", key, fwd_cfg)
+        o, lse = attention_forward(q, k, v, None, scale)
+        do = torch.randn_like(o)
+        dq_default = _DEFAULTS["attention_bwd_dq"][D]
+        dkdv_cfg, _ = _sweep("attention_bwd_dkdv", DKDV_CONFIGS,
+                             lambda c: _launch_bwd(do, q, k, v, o, lse, None, scale, 0, c, dq_default))
+        dq_cfg, _ = _sweep("attention_bwd_dq", DQ_CONFIGS,
+                           lambda c: _launch_bwd(do, q, k, v, o, lse, None, scale, 0, dkdv_cfg, c))
+        tuning.store_config("attention_bwd_dkdv", key, dkdv_cfg)
+        tuning.store_config("attention_bwd_dq", key, dq_cfg)
+        bwd_ms = tuning.time_ms(lambda: attention_backward(do, q, k, v, o, lse, None, scale))
+        for label, cfg, ms, backward in (("fwd", fwd_cfg, fwd_ms, False),
+                                         ("bwd", {"dkdv": dkdv_cfg, "dq": dq_cfg}, bwd_ms, True)):
+            tflops = attention_flops(B, S, Hq, D, backward) / (ms * 1e-3) / 1e12
+            rows.append({"shape": f"{name} {label}", "config": cfg, "ms": ms,
+                         "throughput": f"{tflops:.0f} TFLOPS ({'2.5 × ' if backward else ''}2·B·Hq·S²·D)"})
+    return rows
