@@ -5,6 +5,7 @@ exactly as on a GPU:
 
     dev.submit(stream, fn)     run fn's work on that stream, after everything submitted to it before
     ev = dev.record(stream)    an event that completes when the stream's work so far has finished
+    dev.retain(t, stream)      t's memory stays reserved until the stream's queued work on it has run
     dev.wait(stream, ev)       later work on the stream starts only after ev completes
     dev.sync(ev)               the host blocks until ev completes   (every call site says "# sync: ...")
 
@@ -42,6 +43,9 @@ class SyncDevice:
         pass
 
     def sync(self, event) -> None:
+        pass
+
+    def retain(self, tensor, stream: str) -> None:
         pass
 
     def synchronize(self) -> None:
@@ -106,6 +110,9 @@ class AsyncTestDevice:
             error, self._error = self._error, None
             raise error
 
+    def retain(self, tensor, stream: str) -> None:
+        pass
+
     def synchronize(self) -> None:
         for name in STREAMS:
             self.sync(self.record(name))
@@ -142,6 +149,10 @@ class CudaDevice:
     def sync(self, event) -> None:
         if event is not None:
             event.synchronize()
+
+    def retain(self, tensor, stream: str) -> None:
+        """The caching allocator must not reuse ``tensor``'s memory before ``stream``'s queued work on it ran."""
+        tensor.record_stream(self._streams[stream])
 
     def synchronize(self) -> None:
         torch.cuda.synchronize(self.torch_device)

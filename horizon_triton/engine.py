@@ -43,7 +43,7 @@ class Engine:
         self.tracer = Tracer() if train_cfg.trace_path else None
         self.optimizer.tracer = self.tracer
         self.pipeline = build_pipeline(model_cfg, self.store, self.ops, self.device, self.optimizer,
-                                       train_cfg.num_slots, self.tracer)
+                                       train_cfg.num_slots, self.tracer, train_cfg.checkpoint_budget_bytes)
         self.step = 0                     # optimizer steps taken
         self._inv_freq = model_cfg.inv_freq().to(self.device.torch_device)
         log.info("horizon-triton: %s parameters, kernels=%s, device=%s", f"{self.store.num_parameters():,}",

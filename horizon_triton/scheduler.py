@@ -46,6 +46,7 @@ class Pipeline:
     head_acc: torch.Tensor | None = None
     meter: "DeviceMeter" = None
     tracer: object = None
+    checkpoint_budget: int | None = None           # bytes of activation checkpoints kept on the device
 
     @property
     def head(self) -> int:
@@ -79,10 +80,12 @@ class DeviceMeter:
             self.peak = self.held
 
 
-def build_pipeline(cfg, store, ops, dev, optimizer, num_slots: int, tracer=None) -> Pipeline:
+def build_pipeline(cfg, store, ops, dev, optimizer, num_slots: int, tracer=None,
+                   checkpoint_budget: int | None = None) -> Pipeline:
     torch_dev = dev.torch_device
     meter = DeviceMeter()
-    p = Pipeline(cfg, store, ops, dev, optimizer, slots=[], meter=meter, tracer=tracer)
+    p = Pipeline(cfg, store, ops, dev, optimizer, slots=[], meter=meter, tracer=tracer,
+                 checkpoint_budget=checkpoint_budget)
     capacity = max(sum(store.layouts[j].numel for j in p.sources(i)) for i in range(store.num_layers))
     decoder_numel = max((lay.numel for lay in store.layouts[1:-1]), default=0)
     p.slots = [meter.add(torch.empty(capacity, dtype=store.compute_dtype, device=torch_dev))
@@ -160,14 +163,82 @@ def _traced(p: Pipeline, name: str, stream: str, fn):
 # ------------------------------------------------------------------------------------------------------------
 # one optimizer step's forward and backward
 # ------------------------------------------------------------------------------------------------------------
+class Checkpoints:
+    """Each decoder layer's input per micro-batch. Kept on the device while they fit ``budget`` bytes; the rest go
+    to host memory on the copy-out stream during the forward and come back on the copy-in stream one layer
+    ahead of the backward. Which ones go is decided on the host from their sizes, so no sync is needed."""
+
+    def __init__(self, p: Pipeline, num_layers: int, num_mbs: int):
+        self.p = p
+        self.on_device = [[None] * num_mbs for _ in range(num_layers + 1)]   # [layer][mb] device tensors
+        self.on_host = [[None] * num_mbs for _ in range(num_layers + 1)]     # [layer][mb] host tensors
+        self.offloaded = [([], None)] * (num_layers + 1)                      # (mbs, event: copies done)
+        self.ready = [None] * (num_layers + 1)                                # event: prefetch done
+        self.kept_bytes = 0
+
+    def save(self, i: int, hidden: list, nbytes: list[int]) -> None:
+        """Host, after the compute that produced layer i's input in ``hidden``: keep it or stream it out."""
+        p = self.p
+        offload = []
+        for m, size in enumerate(nbytes):
+            keep = p.checkpoint_budget is None or self.kept_bytes + size <= p.checkpoint_budget
+            self.kept_bytes += size if keep else 0
+            if not keep:
+                offload.append(m)
+            # compute stream, right after the producing work: hold this very tensor (hidden[m] moves on)
+            p.dev.submit("compute", lambda m=m, keep=keep: (self.on_device[i].__setitem__(m, p.meter.add(hidden[m]))
+                                                           if keep else self.on_host[i].__setitem__(m, hidden[m])))
+        if not offload:
+            return
+        p.dev.wait("copy_out", p.dev.record("compute"))
+        for m in offload:
+            def copy(m=m):
+                x = self.on_host[i][m]
+                host = torch.empty(x.shape, dtype=x.dtype, pin_memory=p.dev.pin_memory)
+                host.copy_(x, non_blocking=True)
+                p.dev.retain(x, "copy_out")      # the compute stream may drop x before this copy ran
+                self.on_host[i][m] = host
+            p.dev.submit("copy_out", _traced(p, f"offload checkpoint {i}", "copy_out", copy))
+        self.offloaded[i] = (offload, p.dev.record("copy_out"))
+
+    def prefetch(self, i: int) -> None:
+        """copy_in stream: brings layer i's offloaded inputs back; ``wait(i)`` makes compute wait for them."""
+        p = self.p
+        todo, copied = self.offloaded[i]
+        if not todo:
+            return
+        p.dev.wait("copy_in", copied)
+        for m in todo:
+            def copy(m=m):
+                host = self.on_host[i][m]
+                x = torch.empty(host.shape, dtype=host.dtype, device=p.dev.torch_device)
+                x.copy_(host, non_blocking=True)
+                p.dev.retain(x, "compute")
+                self.on_device[i][m], self.on_host[i][m] = p.meter.add(x), None
+            p.dev.submit("copy_in", _traced(p, f"prefetch checkpoint {i}", "copy_in", copy))
+        self.ready[i] = p.dev.record("copy_in")
+
+    def wait(self, i: int) -> None:
+        self.p.dev.wait("compute", self.ready[i])
+
+    def pop(self, i: int, m: int) -> torch.Tensor:
+        """Compute stream: the checkpoint, released from the engine's bookkeeping."""
+        x = self.on_device[i][m]
+        self.on_device[i][m] = None
+        self.p.meter.sub(x)
+        return x
+
+
 def run_step(p: Pipeline, mbs: list[lt.MicroBatch], grad_scale: float):
     """Forward through every layer (the head also runs its backward), then the backward in reverse.
 
     Returns (loss_sum, squared gradient norm) as device scalars, after one sync at the end of the backward."""
     S, cfg, ops, L = len(p.slots), p.cfg, p.ops, p.cfg.num_layers
     M = len(mbs)
-    ckpt = [[None] * M for _ in range(L + 2)]   # ckpt[i][m]: input of layer i (decoders 1..L, head L+1)
+    hidden = [None] * M                         # the activation flowing forward, per micro-batch
     grads = [None] * M                          # d(activation) flowing backward, per micro-batch
+    ckpt = Checkpoints(p, L, M)                 # ckpt i: input of decoder layer i (1..L)
+    act_bytes = [mb.input_ids.numel() * cfg.hidden_size * p.store.compute_dtype.itemsize for mb in mbs]
     totals = {}                                 # device scalars written by compute work
     keep_alive: list = []                       # device tensors that in-flight copies still read
 
@@ -186,11 +257,13 @@ def run_step(p: Pipeline, mbs: list[lt.MicroBatch], grad_scale: float):
     def forward(i, w, pos):
         def embed():
             for m, mb in enumerate(mbs):
-                ckpt[1][m] = p.meter.add(lt.embed_forward(w, mb))
+                hidden[m] = p.meter.add(lt.embed_forward(w, mb))
 
         def decoder():
             for m, mb in enumerate(mbs):
-                ckpt[i + 1][m] = p.meter.add(lt.decoder_forward(ops, cfg, w, ckpt[i][m], mb))
+                x = hidden[m]
+                hidden[m] = p.meter.add(lt.decoder_forward(ops, cfg, w, x, mb))
+                p.meter.sub(x)
 
         def head():
             g = p.store.layouts[i].views(p.head_acc)
@@ -200,27 +273,32 @@ def run_step(p: Pipeline, mbs: list[lt.MicroBatch], grad_scale: float):
             p.embed_acc.zero_()
             loss = torch.zeros((), dtype=torch.float32, device=p.head_acc.device)
             for m, mb in enumerate(mbs):
-                loss_m, dx = lt.head_forward_backward(ops, cfg, w, g, ckpt[i][m], mb, grad_scale)
+                loss_m, dx = lt.head_forward_backward(ops, cfg, w, g, hidden[m], mb, grad_scale)
                 loss += loss_m
-                p.meter.sub(ckpt[i][m])
-                ckpt[i][m] = None
-                grads[m] = p.meter.add(dx)
+                p.meter.sub(hidden[m])
+                hidden[m], grads[m] = None, p.meter.add(dx)
             totals["loss"] = loss
             totals["sq_head"] = p.head_acc.square().sum()
         return embed if i == 0 else head if i == p.head else decoder
 
+    def save_checkpoint(i, pos):
+        if i < L:                                # layer i's output is decoder layer i+1's input
+            ckpt.save(i + 1, hidden, act_bytes)
+
     def backward(i, w, pos):
         acc = p.accs[pos % 2][:p.store.layouts[i].numel]
         g = p.store.layouts[i].views(acc)
+        if i > 1:
+            ckpt.prefetch(i - 1)                 # one layer ahead of the backward
+        ckpt.wait(i)
         p.dev.wait("compute", p.acc_free[pos % 2])   # its previous layer's gradient has left the device
 
         def decoder():
             acc.zero_()
             for m, mb in enumerate(mbs):
-                dx = lt.decoder_backward(ops, cfg, w, g, ckpt[i][m], mb, grads[m])
-                p.meter.sub(ckpt[i][m])
+                dx = lt.decoder_backward(ops, cfg, w, g, ckpt.pop(i, m), mb, grads[m])
                 p.meter.sub(grads[m])
-                ckpt[i][m], grads[m] = None, p.meter.add(dx)
+                grads[m] = p.meter.add(dx)
             totals[f"sq_{i}"] = acc.square().sum()
         return decoder
 
@@ -235,10 +313,11 @@ def run_step(p: Pipeline, mbs: list[lt.MicroBatch], grad_scale: float):
             grads[m] = None
         totals["sq_0"] = p.embed_acc.square().sum()
 
-    run_layers(list(range(p.head + 1)), forward)              # embed, decoders, head
+    run_layers(list(range(p.head + 1)), forward, save_checkpoint)   # embed, decoders, head
     stream_out(p, p.head, p.head_acc, keep_alive)
-    run_layers(list(range(L, 0, -1)), backward, gradient_out)  # decoders L..1, recomputed from checkpoints
-    compute(p, 0, None, embed_backward, "backward embed")      # needs no weights: a scatter-add of dx
+    ckpt.prefetch(L)
+    run_layers(list(range(L, 0, -1)), backward, gradient_out)        # decoders L..1, recomputed
+    compute(p, 0, None, embed_backward, "backward embed")            # needs no weights: a scatter-add of dx
     stream_out(p, 0, p.embed_acc, keep_alive)
 
     # sync: the loss and the gradient norm are needed on the host to clip and to report
