@@ -22,6 +22,9 @@ def _tensor_files(path: Path) -> dict[str, Path]:
     index = path / "model.safetensors.index.json"
     if index.is_file():
         weight_map = json.loads(index.read_text())["weight_map"]
+        absent = sorted({file for file in weight_map.values() if not (path / file).is_file()})
+        if absent:
+            raise FileNotFoundError(f"{index} lists shard(s) missing from {path}: {', '.join(absent)}")
         return {name: path / file for name, file in weight_map.items()}
     files = sorted(path.glob("*.safetensors"))
     if not files:
