@@ -101,6 +101,17 @@ def _to(x, dtype: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _load_rows(ptr, pos, stride_s, stride_d, seq_len, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr):
+    """The [len(pos), HEAD_DIM] tile of rows at token positions pos; MASKED tiles may run past seq_len (zeros)."""
+    ptrs = ptr + pos[:, None] * stride_s + tl.arange(0, HEAD_DIM)[None, :] * stride_d
+    if MASKED:
+        tile = tl.load(ptrs, mask=pos[:, None] < seq_len, other=0.0)
+    else:
+        tile = tl.load(ptrs)
+    return tile
+
+
+@triton.jit
 def _allowed(q_pos, k_pos, q_doc, k_doc, seq_len, window,
              MASKED: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_WINDOW: tl.constexpr):
     """Which (query, key) pairs may interact; the operands broadcast to the tile's shape.
@@ -202,16 +213,10 @@ def _fwd_range(acc, l_i, m_i, q, q_pos, q_doc,
                HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
                HAS_DOCS: tl.constexpr, HAS_WINDOW: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     """Online-softmax update of one query block over the key blocks [lo, hi)."""
-    offs_d = tl.arange(0, HEAD_DIM)
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         k_pos = start_n + tl.arange(0, BLOCK_N)
-        k_ptrs = K + k_pos[:, None] * stride_ks + offs_d[None, :] * stride_kd           # [BLOCK_N, D]
-        v_ptrs = V + k_pos[:, None] * stride_vs + offs_d[None, :] * stride_vd
-        if MASKED:
-            k = tl.load(k_ptrs, mask=k_pos[:, None] < seq_len, other=0.0)
-        else:
-            k = tl.load(k_ptrs)
+        k = _load_rows(K, k_pos, stride_ks, stride_kd, seq_len, HEAD_DIM, MASKED)       # [BLOCK_N, D]
         qk = _dot(q, tl.trans(k), None, UPCAST, PRECISION)                              # [BLOCK_M, BLOCK_N]
         if MASKED or HAS_DOCS:
             k_doc = k_pos
@@ -231,10 +236,7 @@ def _fwd_range(acc, l_i, m_i, q, q_pos, q_doc,
         alpha = tl.math.exp2(m_i - m_ij)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
-        if MASKED:
-            v = tl.load(v_ptrs, mask=k_pos[:, None] < seq_len, other=0.0)
-        else:
-            v = tl.load(v_ptrs)
+        v = _load_rows(V, k_pos, stride_vs, stride_vd, seq_len, HEAD_DIM, MASKED)
         acc = _dot(_to(p, v.dtype, UPCAST), v, acc, UPCAST, PRECISION)
         m_i = m_ij
     return acc, l_i, m_i
@@ -271,8 +273,7 @@ def _attn_fwd(
     m0 = start_m * BLOCK_M
     q_pos = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
-    q = tl.load(Q + q_pos[:, None] * stride_qs + offs_d[None, :] * stride_qd, mask=q_pos[:, None] < seq_len,
-                other=0.0)                                                               # [BLOCK_M, D]
+    q = _load_rows(Q, q_pos, stride_qs, stride_qd, seq_len, HEAD_DIM, True)            # [BLOCK_M, D]
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
@@ -316,13 +317,11 @@ def _attn_bwd_preprocess(
     off_b = (off_bh // num_heads).to(tl.int64)
     off_h = off_bh % num_heads
     pos = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    inside = pos < seq_len
-    o = tl.load(O + off_b * stride_ob + off_h * stride_oh + pos[:, None] * stride_os + offs_d[None, :] * stride_od,
-                mask=inside[:, None], other=0.0).to(tl.float32)
-    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + pos[:, None] * stride_dos
-                 + offs_d[None, :] * stride_dod, mask=inside[:, None], other=0.0).to(tl.float32)
-    tl.store(DELTA + off_bh.to(tl.int64) * seq_len + pos, tl.sum(o * do, 1), mask=inside)
+    o = _load_rows(O + off_b * stride_ob + off_h * stride_oh, pos, stride_os, stride_od, seq_len, HEAD_DIM, True)
+    do = _load_rows(DO + off_b * stride_dob + off_h * stride_doh, pos, stride_dos, stride_dod, seq_len, HEAD_DIM,
+                    True)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + off_bh.to(tl.int64) * seq_len + pos, delta, mask=pos < seq_len)
 
 
 @triton.jit
@@ -333,18 +332,13 @@ def _dkdv_range(dk, dv, k, v, k_pos, k_doc,
                 HAS_DOCS: tl.constexpr, HAS_WINDOW: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     """dK/dV of one key block accumulated over the query blocks [lo, hi) of one q head (tiles are key-major:
     [BLOCK_N keys, BLOCK_M queries])."""
-    offs_d = tl.arange(0, HEAD_DIM)
     for start_m in range(lo, hi, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
         q_pos = start_m + tl.arange(0, BLOCK_M)
-        q_ptrs = Q + q_pos[:, None] * stride_qs + offs_d[None, :] * stride_qd            # [BLOCK_M, D]
-        do_ptrs = DO + q_pos[:, None] * stride_dos + offs_d[None, :] * stride_dod
+        q = _load_rows(Q, q_pos, stride_qs, stride_qd, seq_len, HEAD_DIM, MASKED)       # [BLOCK_M, D]
         if MASKED:
-            q_in = q_pos < seq_len
-            q = tl.load(q_ptrs, mask=q_in[:, None], other=0.0)
-            lse = tl.load(LSE + q_pos, mask=q_in, other=0.0)
+            lse = tl.load(LSE + q_pos, mask=q_pos < seq_len, other=0.0)
         else:
-            q = tl.load(q_ptrs)
             lse = tl.load(LSE + q_pos)
         qkT = _dot(k, tl.trans(q), None, UPCAST, PRECISION)                             # [BLOCK_N, BLOCK_M]
         pT = tl.math.exp2(qkT * qk_scale - lse[None, :] * 1.4426950408889634)
@@ -355,11 +349,10 @@ def _dkdv_range(dk, dv, k, v, k_pos, k_doc,
             ok = _allowed(q_pos[None, :], k_pos[:, None], q_doc[None, :], k_doc[:, None], seq_len, window,
                           MASKED, HAS_DOCS, HAS_WINDOW)
             pT = tl.where(ok, pT, 0.0)
+        do = _load_rows(DO, q_pos, stride_dos, stride_dod, seq_len, HEAD_DIM, MASKED)
         if MASKED:
-            do = tl.load(do_ptrs, mask=q_in[:, None], other=0.0)
-            delta = tl.load(DELTA + q_pos, mask=q_in, other=0.0)
+            delta = tl.load(DELTA + q_pos, mask=q_pos < seq_len, other=0.0)
         else:
-            do = tl.load(do_ptrs)
             delta = tl.load(DELTA + q_pos)
         dv = _dot(_to(pT, do.dtype, UPCAST), do, dv, UPCAST, PRECISION)                            # [BLOCK_N, D]
         dpT = _dot(v, tl.trans(do), None, UPCAST, PRECISION)                             # [BLOCK_N, BLOCK_M]
@@ -394,10 +387,10 @@ def _attn_bwd_dkdv(
     k_pos = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     k_in = k_pos[:, None] < seq_len
-    k = tl.load(K + off_b * stride_kb + off_kh * stride_kh + k_pos[:, None] * stride_ks + offs_d[None, :] * stride_kd,
-                mask=k_in, other=0.0)                                                    # [BLOCK_N, D]
-    v = tl.load(V + off_b * stride_vb + off_kh * stride_vh + k_pos[:, None] * stride_vs + offs_d[None, :] * stride_vd,
-                mask=k_in, other=0.0)
+    k = _load_rows(K + off_b * stride_kb + off_kh * stride_kh, k_pos, stride_ks, stride_kd, seq_len, HEAD_DIM,
+                   True)                                                                 # [BLOCK_N, D]
+    v = _load_rows(V + off_b * stride_vb + off_kh * stride_vh, k_pos, stride_vs, stride_vd, seq_len, HEAD_DIM,
+                   True)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
 
@@ -444,18 +437,11 @@ def _dq_range(dq, q, do, lse2, delta, q_pos, q_doc,
               HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
               HAS_DOCS: tl.constexpr, HAS_WINDOW: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     """dQ of one query block accumulated over the key blocks [lo, hi)."""
-    offs_d = tl.arange(0, HEAD_DIM)
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         k_pos = start_n + tl.arange(0, BLOCK_N)
-        k_ptrs = K + k_pos[:, None] * stride_ks + offs_d[None, :] * stride_kd           # [BLOCK_N, D]
-        v_ptrs = V + k_pos[:, None] * stride_vs + offs_d[None, :] * stride_vd
-        if MASKED:
-            k = tl.load(k_ptrs, mask=k_pos[:, None] < seq_len, other=0.0)
-            v = tl.load(v_ptrs, mask=k_pos[:, None] < seq_len, other=0.0)
-        else:
-            k = tl.load(k_ptrs)
-            v = tl.load(v_ptrs)
+        k = _load_rows(K, k_pos, stride_ks, stride_kd, seq_len, HEAD_DIM, MASKED)       # [BLOCK_N, D]
+        v = _load_rows(V, k_pos, stride_vs, stride_vd, seq_len, HEAD_DIM, MASKED)
         qk = _dot(q, tl.trans(k), None, UPCAST, PRECISION)                              # [BLOCK_M, BLOCK_N]
         p = tl.math.exp2(qk * qk_scale - lse2[:, None])
         if MASKED or HAS_DOCS:
@@ -500,10 +486,10 @@ def _attn_bwd_dq(
     q_pos = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     q_in = q_pos < seq_len
-    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + q_pos[:, None] * stride_qs + offs_d[None, :] * stride_qd,
-                mask=q_in[:, None], other=0.0)                                           # [BLOCK_M, D]
-    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + q_pos[:, None] * stride_dos
-                 + offs_d[None, :] * stride_dod, mask=q_in[:, None], other=0.0)
+    q = _load_rows(Q + off_b * stride_qb + off_h * stride_qh, q_pos, stride_qs, stride_qd, seq_len, HEAD_DIM,
+                   True)                                                                 # [BLOCK_M, D]
+    do = _load_rows(DO + off_b * stride_dob + off_h * stride_doh, q_pos, stride_dos, stride_dod, seq_len, HEAD_DIM,
+                    True)
     row = off_bh.to(tl.int64) * seq_len
     lse2 = tl.load(LSE + row + q_pos, mask=q_in, other=0.0) * 1.4426950408889634      # base 2, as the scores
     delta = tl.load(DELTA + row + q_pos, mask=q_in, other=0.0)
