@@ -313,6 +313,7 @@ _GEMM_CANDIDATES = [
                              (128, 64, 64, 4, 4)]
 ] + [_TORCH]
 _ROW_CANDIDATES = [dict(BLOCK_V=bv, num_warps=w) for bv in (1024, 2048, 4096, 8192) for w in (4, 8, 16)]
+AUTOTUNE_DEVICE = "cuda"   # the tests point it at the CPU interpreter to dry-run the sweep
 _DEFAULT_SHAPES = [dict(T=8192, H=4096, V=128256), dict(T=8192, H=3584, V=152064), dict(T=8192, H=2048, V=128256)]
 
 
@@ -336,20 +337,20 @@ def autotune(shape: dict | None = None) -> list[dict]:
     """Sweeps GEMM blocks/warps/stages (or cuBLAS) for each of the three GEMMs, the row kernel's block and warps,
     for chunk sizes 2048/4096/8192 (or shape["chunk"]), bf16; stores each chunk's winner and returns one row per
     (shape, chunk) with the whole call's time and TFLOPS (6·T·H·V flops)."""
-    dtype = torch.bfloat16
+    dtype, dev = torch.bfloat16, AUTOTUNE_DEVICE
     rows = []
     for shp in ([shape] if shape else _DEFAULT_SHAPES):
         T, H, V = shp["T"], shp["H"], shp["V"]
-        h = torch.randn(T, H, device="cuda", dtype=dtype)
-        weight = torch.randn(V, H, device="cuda", dtype=dtype) / H ** 0.5
-        targets = torch.randint(0, V, (T,), device="cuda")
-        d_weight = torch.zeros(V, H, device="cuda", dtype=torch.float32)
+        h = torch.randn(T, H, device=dev, dtype=dtype)
+        weight = torch.randn(V, H, device=dev, dtype=dtype) / H ** 0.5
+        targets = torch.randint(0, V, (T,), device=dev)
+        d_weight = torch.zeros(V, H, device=dev, dtype=torch.float32)
         for chunk in ([shp["chunk"]] if "chunk" in shp else [c for c in (2048, 4096, 8192) if c <= max(T, 2048)]):
             n = min(chunk, T)
             hc = h[:n]
-            logits = torch.empty(n, V, device="cuda", dtype=dtype)
-            loss_rows = torch.empty(n, device="cuda", dtype=torch.float32)
-            dh = torch.empty(n, H, device="cuda", dtype=dtype)
+            logits = torch.empty(n, V, device=dev, dtype=dtype)
+            loss_rows = torch.empty(n, device=dev, dtype=torch.float32)
+            dh = torch.empty(n, H, device=dev, dtype=dtype)
             cfg = default_config(dtype)
             cfg["logits"] = _fastest(_GEMM_CANDIDATES, lambda c: _matmul(hc, weight.t(), logits, c))
             # logits must hold finite values for the row kernel; g stays finite when rerun in place
@@ -364,5 +365,6 @@ def autotune(shape: dict | None = None) -> list[dict]:
             rows.append(dict(shape=dict(T=T, H=H, V=V, chunk=chunk, dtype="bf16"), config=cfg, ms=ms,
                              throughput=f"{6 * T * H * V / ms / 1e9:.0f} TFLOPS (6·T·H·V flops)"))
         del h, weight, d_weight
-        torch.cuda.empty_cache()
+        if dev == "cuda":
+            torch.cuda.empty_cache()
     return rows

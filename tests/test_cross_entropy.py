@@ -4,12 +4,17 @@ the reference, chunk-bounded memory, and the input errors.
 The judge is an fp64 autograd run of F.cross_entropy(h @ Wᵀ) on the same (already rounded) inputs. A kernel
 result passes when err_kernel ≤ 2·err_reference + atol, both errors measured against that judge, where the
 reference is reference.linear_cross_entropy in the same dtype (its own rounding sets the bar)."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 from horizon_triton.kernels import cross_entropy as ce
+from horizon_triton.kernels import tuning
 from horizon_triton.kernels.cross_entropy import linear_cross_entropy, linear_cross_entropy_ref
 
 # Small blocks so that the small test shapes still span many tiles, partial tiles and several K steps.
@@ -68,7 +73,7 @@ def test_reference_matches_autograd(T, H, V, chunk):
 # ----------------------------------------------------------------------------------------------------------
 SHAPES = [  # T, H, V, chunk, ignored token ranges
     (77, 48, 301, 32, (slice(32, 64),)),          # odd T and V; a whole chunk ignored; last chunk short
-    (128, 64, 1000, 128, (slice(5, 9),)),         # one chunk, V = 1000 (not a multiple of any block)
+    (96, 32, 1000, 96, (slice(5, 9),)),           # one chunk, V = 1000 (not a multiple of any block)
     (255, 40, 97, 100, ()),                       # T = 255 in chunks of 100
 ]
 
@@ -125,7 +130,7 @@ def _largest_allocation(fn) -> int:
 
 @pytest.mark.parametrize("impl", ["reference", "kernel"])
 def test_memory_is_chunk_bounded(impl):
-    T, H, V, chunk = 256, 8, 1000, 16                  # T·V = 256 000 floats ≫ chunk·V, V·H, T·H
+    T, H, V, chunk = 160, 8, 1000, 16                  # T·V = 160 000 floats ≫ chunk·V, V·H, T·H
     h, weight, targets = _inputs(T, H, V, torch.float32)
     fn = linear_cross_entropy_ref if impl == "reference" else linear_cross_entropy
     largest = _largest_allocation(lambda: fn(h, weight, targets, torch.zeros(V, H), 1.0, chunk))
@@ -159,3 +164,90 @@ def _call(T=8, H=4, V=10, dtype=torch.float32, **over):
 def test_input_errors(over, match):
     with pytest.raises((ValueError, TypeError), match=match):
         _call(**over)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Autotune dry run (interpreter, fake timer) and a compile of the real kernels for sm_90 (no GPU needed)
+# ----------------------------------------------------------------------------------------------------------
+def test_autotune_dry_run(monkeypatch, tmp_path, capsys):
+    """Every candidate runs once through the sweep code; the winner is stored and read back by the launcher."""
+    monkeypatch.setattr(ce, "AUTOTUNE_DEVICE", "cpu")
+    monkeypatch.setattr(ce, "_GEMM_CANDIDATES", [_GEMM_SMALL, ce._TORCH])
+    monkeypatch.setattr(ce, "_ROW_CANDIDATES", [dict(BLOCK_V=64, num_warps=4), dict(BLOCK_V=128, num_warps=4)])
+    fake_ms = iter(range(1000, 0, -1))                 # later candidates look faster: the last one must win
+    monkeypatch.setattr(tuning, "time_ms", lambda fn, warmup=0, rep=0: (fn(), next(fake_ms))[1])
+    monkeypatch.setenv("HORIZON_TUNING_CACHE", str(tmp_path / "autotune.json"))
+    monkeypatch.setattr(tuning, "_cache", None)
+    rows = ce.autotune(dict(T=40, H=16, V=70, chunk=32))
+    assert "skipping" not in capsys.readouterr().out
+    (row,) = rows
+    assert row["shape"]["chunk"] == 32 and "TFLOPS" in row["throughput"]
+    assert row["config"]["logits"] == ce._TORCH and row["config"]["row"]["BLOCK_V"] == 128
+    stored = tuning._load()["interpreter"]["cross_entropy"][ce.shape_key(torch.bfloat16, 16, 70, 32)]
+    assert stored == row["config"]
+
+
+def _hopper_compile_report():
+    """Compiles the GEMM (per role, default configs) and the row kernel for sm_90 with the Triton wheel's ptxas;
+    prints one line per kernel: name, registers, stack bytes (spills), shared memory, whether it uses wgmma."""
+    import re
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    target = GPUTarget("cuda", 90, 32)
+
+    def report(name, src, options):
+        k = triton.compile(src, target=target, options=options)
+        cubin = os.path.join(os.environ["CE_TMP"], name + ".cubin")
+        with open(cubin, "wb") as f:
+            f.write(k.asm["cubin"])
+        usage = subprocess.run([os.path.join(bin_dir, "cuobjdump"), "--dump-resource-usage", cubin],
+                               capture_output=True, text=True).stdout
+        regs, stack = re.search(r"REG:(\d+).*?STACK:(\d+)", usage).groups()
+        print(name, regs, stack, k.metadata.shared, "wgmma" in k.asm["ptx"], flush=True)
+
+    mm_args = ["a_ptr", "b_ptr", "c_ptr", "M", "N", "K", "stride_am", "stride_ak", "stride_bk", "stride_bn",
+               "stride_cm", "stride_cn"]
+    cfg = ce.default_config(torch.bfloat16)
+    # role: (C dtype, accumulate, strides equal to 1 (Triton specializes them), its config)
+    roles = dict(logits=("bf16", False, ("stride_ak", "stride_bk", "stride_cn"), cfg["logits"]),
+                 dh=("bf16", False, ("stride_ak", "stride_bn", "stride_cn"), ce._GEMM_BF16),
+                 dw=("fp32", True, ("stride_am", "stride_bn", "stride_cn"), cfg["dw"]))
+    for role, (c_dtype, acc, unit, g) in roles.items():
+        sig = dict(zip(mm_args, ["*bf16", "*bf16", f"*{c_dtype}"] + ["i32"] * 9))
+        sig.update({k: "constexpr" for k in ("ACCUMULATE", "INTERPRETER", "PRECISION", "BLOCK_M", "BLOCK_N",
+                                             "BLOCK_K", "GROUP_M", *unit)})
+        const = dict(ACCUMULATE=acc, INTERPRETER=False, PRECISION="tf32", BLOCK_M=g["BLOCK_M"],
+                     BLOCK_N=g["BLOCK_N"], BLOCK_K=g["BLOCK_K"], GROUP_M=g["GROUP_M"], **{u: 1 for u in unit})
+        attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(mm_args) if a not in unit}
+        report(f"gemm_{role}", ASTSource(ce._matmul_kernel, sig, const, attrs),
+               dict(num_warps=g["num_warps"], num_stages=g["num_stages"]))
+    row = cfg["row"]
+    sig = dict(logits_ptr="*bf16", targets_ptr="*i64", loss_ptr="*fp32", V="i32", stride_row="i32",
+               grad_scale="fp32", IGNORE="constexpr", BLOCK_V="constexpr", INTERPRETER="constexpr")
+    report("row", ASTSource(ce._softmax_grad_kernel, sig,
+                            dict(IGNORE=-100, BLOCK_V=row["BLOCK_V"], INTERPRETER=False),
+                            {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 4)}),
+           dict(num_warps=row["num_warps"]))
+
+
+def test_kernels_compile_for_hopper(tmp_path):
+    """The interpreter never compiles: build the real kernels for sm_90 (outside the interpreter, in a child
+    process) and require tensor-core (wgmma) GEMMs without register spills in their default configs."""
+    import triton
+    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
+        pytest.skip("this Triton wheel ships no ptxas")
+    env = dict(os.environ, TRITON_INTERPRET="0", CE_TMP=str(tmp_path), TRITON_DEFAULT_FP_FUSION="1")
+    out = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = {name: rest for name, *rest in (line.split() for line in out.stdout.splitlines())}
+    assert set(lines) == {"gemm_logits", "gemm_dh", "gemm_dw", "row"}, out.stdout
+    for name, (regs, stack, shared, wgmma) in lines.items():
+        assert stack == "0", f"{name} spills registers on sm_90 ({regs} registers, {stack} B of stack)"
+        assert int(shared) <= 227 * 1024, f"{name} needs {shared} B of shared memory, more than an H100 has"
+        assert name == "row" or wgmma == "True", f"{name} does not use wgmma tensor cores on sm_90"
+
+
+if __name__ == "__main__":      # the child process of test_kernels_compile_for_hopper
+    _hopper_compile_report()
