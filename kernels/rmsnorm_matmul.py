@@ -56,6 +56,21 @@ def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.co
 
 
 @triton.jit
+def _mma(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """acc += a @ b; UPCAST (interpreter only) feeds fp32 copies, since its bf16 dot is wrong."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=PRECISION)
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _normalized(x, rstd, g, act: tl.constexpr):
+    """round(round(x · rstd) · g) in the activation dtype: the reference's rounding of the normalized input.
+    x, rstd and g come broadcast to one tile shape; g is already rounded to the activation dtype."""
+    return ((x * rstd).to(act).to(tl.float32) * g).to(act)
+
+
+@triton.jit
 def _rmsnorm_matmul_fwd_kernel(
     # pointers
     x_ptr, g_ptr, rstd_ptr, w_ptr, y_ptr,
@@ -82,12 +97,9 @@ def _rmsnorm_matmul_fwd_kernel(
         k_ok = rk < H - k * BLOCK_K
         x = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0).to(tl.float32)
         g = tl.load(g_ptr + k * BLOCK_K + rk, mask=k_ok, other=0.0).to(act).to(tl.float32)
-        a = ((x * rstd[:, None]).to(act).to(tl.float32) * g[None, :]).to(act)        # normalized A tile
+        a = _normalized(x, rstd[:, None], g[None, :], act)                            # normalized A tile
         b = tl.load(w_ptrs, mask=k_ok[:, None], other=0.0)
-        if UPCAST:
-            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=PRECISION)
-        else:
-            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        acc = _mma(a, b, acc, UPCAST, PRECISION)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
     rm_out = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -120,10 +132,7 @@ def _matmul_kernel(
         k_ok = rk < K - k * BLOCK_K
         a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
-        if UPCAST:
-            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=PRECISION)
-        else:
-            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        acc = _mma(a, b, acc, UPCAST, PRECISION)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K * stride_b_k
     rm_out = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -158,12 +167,9 @@ def _rmsnorm_matmul_dw_kernel(
         t_ok = rt < T - k * BLOCK_K
         x = tl.load(x_ptrs, mask=t_ok[None, :], other=0.0).to(tl.float32)
         rstd = tl.load(rstd_ptr + k * BLOCK_K + rt, mask=t_ok, other=0.0)          # [BLOCK_K]
-        a = ((x * rstd[None, :]).to(act).to(tl.float32) * g[:, None]).to(act)       # xnᵀ tile, recomputed
+        a = _normalized(x, rstd[None, :], g[:, None], act)                            # xnᵀ tile, recomputed
         b = tl.load(dy_ptrs, mask=t_ok[:, None], other=0.0)
-        if UPCAST:
-            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=PRECISION)
-        else:
-            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        acc = _mma(a, b, acc, UPCAST, PRECISION)
         x_ptrs += BLOCK_K * stride_x_t
         dy_ptrs += BLOCK_K * stride_dy_t
     rh_out = pid_h * BLOCK_M + tl.arange(0, BLOCK_M)

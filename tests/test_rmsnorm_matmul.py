@@ -1,4 +1,10 @@
 """kernels/rmsnorm_matmul.py in Triton's interpreter vs the torch reference; the reference backward vs autograd."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from kernel_checks import assert_within_reference_error, bf16_round_to_nearest  # noqa: F401  (autouse fixture)
@@ -95,3 +101,19 @@ def test_clear_errors():
         b(dy[:, :5], x, g, w, rstd, torch.zeros(12, 16), torch.zeros(16))
     with pytest.raises(ValueError, match="rstd must be"):
         b(dy, x, g, w, rstd.bfloat16(), torch.zeros(12, 16), torch.zeros(16))
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_hopper():
+    """Triton's real compiler lowers every kernel for sm_90a; the bf16 GEMMs get wgmma and a cp.async pipeline,
+    within an H100's 227 KB of shared memory. (Speed itself needs the GPU: perf/test_rmsnorm_matmul_perf.py.)"""
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    run = subprocess.run([sys.executable, str(Path(__file__).with_name("hopper_compile.py"))], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-4000:]
+    report = json.loads(run.stdout.strip().splitlines()[-1])
+    for name, r in report.items():
+        assert r["shared_bytes"] <= 227 * 1024, f"{name}: {r['shared_bytes']} B of shared memory > 227 KB"
+        if name.startswith("rmsnorm_matmul"):
+            assert r["wgmma"] > 0, f"{name}: no wgmma in the compiled kernel"
+            assert r["async_copies"] > 0, f"{name}: the K loop is not software-pipelined"
