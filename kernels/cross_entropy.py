@@ -314,14 +314,43 @@ _GEMM_CANDIDATES = [
 ] + [_TORCH]
 _ROW_CANDIDATES = [dict(BLOCK_V=bv, num_warps=w) for bv in (1024, 2048, 4096, 8192) for w in (4, 8, 16)]
 AUTOTUNE_DEVICE = "cuda"   # the tests point it at the CPU interpreter to dry-run the sweep
+CHECK_TOKENS = 300         # tokens of the correctness check each candidate passes before it is timed
 _DEFAULT_SHAPES = [dict(T=8192, H=4096, V=128256), dict(T=8192, H=3584, V=152064), dict(T=8192, H=2048, V=128256)]
 
 
-def _fastest(candidates: list[dict], run_one) -> dict:
-    """The candidate with the lowest median time; candidates that fail to compile or run are skipped."""
+def check_config(config: dict, H: int, V: int, device, tokens: int = 300) -> str | None:
+    """Runs ``config`` on a small bf16 problem (odd T in chunks of 128, some tokens ignored) on ``device`` and
+    compares it with the reference: None when err ≤ 2·err(bf16 reference) + atol against the fp32 reference
+    for the loss, dh and dW, else a message saying what is wrong. Autotune drops candidates that fail it."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    h = torch.randn(tokens, H, device=device, generator=gen).bfloat16()
+    weight = (torch.randn(V, H, device=device, generator=gen) * 2 / H ** 0.5).bfloat16()
+    targets = torch.randint(0, V, (tokens,), device=device, generator=gen)
+    targets[::11] = IGNORE_INDEX
+    outs = []
+    for hh, ww, fn in ((h.float(), weight.float(), linear_cross_entropy_ref), (h, weight, linear_cross_entropy_ref),
+                       (h, weight, lambda *args: _run(*args, config))):
+        d_weight = torch.zeros(V, H, device=device)
+        loss, dh = fn(hh, ww, targets, d_weight, 1.0 / tokens, 128)
+        outs.append((loss.double(), dh.double(), d_weight.double()))
+    for name, exact, ref, got in zip(("loss", "dh", "d_weight"), *outs):
+        err_ref, err = (ref - exact).abs().max().item(), (got - exact).abs().max().item()
+        atol = 1e-5 * max(exact.abs().max().item(), 1e-3)
+        if not err <= 2 * err_ref + atol:           # also catches NaN
+            return f"{name} error {err:.3g} > 2·{err_ref:.3g} (bf16 reference) + {atol:.3g}"
+    return None
+
+
+def _fastest(candidates: list[dict], run_one, check=None) -> dict:
+    """The candidate with the lowest median time; candidates that fail to compile or run, or fail ``check``
+    (a message, or None when the candidate computes the right thing), are skipped."""
     best, best_ms = None, float("inf")
     for cand in candidates:
         try:
+            wrong = check(cand) if check else None
+            if wrong:
+                print(f"  cross_entropy autotune: skipping {cand}: wrong result on this device: {wrong}")
+                continue
             ms = tuning.time_ms(lambda: run_one(cand))
         except Exception as err:  # noqa: BLE001  (out of shared memory, no mixed-dtype addmm, ...)
             print(f"  cross_entropy autotune: skipping {cand}: {type(err).__name__}: {err}")
@@ -352,13 +381,19 @@ def autotune(shape: dict | None = None) -> list[dict]:
             loss_rows = torch.empty(n, device=dev, dtype=torch.float32)
             dh = torch.empty(n, H, device=dev, dtype=dtype)
             cfg = default_config(dtype)
-            cfg["logits"] = _fastest(_GEMM_CANDIDATES, lambda c: _matmul(hc, weight.t(), logits, c))
+
+            def checker(role):   # the candidate in its role, the rest of cfg as chosen so far
+                return lambda c: check_config({**cfg, role: c}, H, V, dev, CHECK_TOKENS)
+            cfg["logits"] = _fastest(_GEMM_CANDIDATES, lambda c: _matmul(hc, weight.t(), logits, c),
+                                     checker("logits"))
             # logits must hold finite values for the row kernel; g stays finite when rerun in place
             _matmul(hc, weight.t(), logits, cfg["logits"])
             cfg["row"] = _fastest(_ROW_CANDIDATES,
-                                  lambda c: _softmax_grad_(logits, targets[:n], loss_rows, 1.0 / T, c))
-            cfg["dh"] = _fastest(_GEMM_CANDIDATES, lambda c: _matmul(logits, weight, dh, c))
-            cfg["dw"] = _fastest(_GEMM_CANDIDATES, lambda c: _matmul(logits.t(), hc, d_weight, c, accumulate=True))
+                                  lambda c: _softmax_grad_(logits, targets[:n], loss_rows, 1.0 / T, c),
+                                  checker("row"))
+            cfg["dh"] = _fastest(_GEMM_CANDIDATES, lambda c: _matmul(logits, weight, dh, c), checker("dh"))
+            cfg["dw"] = _fastest(_GEMM_CANDIDATES, lambda c: _matmul(logits.t(), hc, d_weight, c, accumulate=True),
+                                 checker("dw"))
             del logits
             ms = tuning.time_ms(lambda: _run(h, weight, targets, d_weight, 1.0 / T, chunk, cfg), warmup=2, rep=10)
             tuning.store_config(KERNEL, shape_key(dtype, H, V, chunk), cfg)

@@ -11,6 +11,7 @@ shape and says so.
 import torch
 import torch.nn.functional as F
 
+from horizon_triton.kernels import cross_entropy as ce
 from horizon_triton.kernels import tuning
 from horizon_triton.kernels.cross_entropy import linear_cross_entropy, linear_cross_entropy_ref
 
@@ -72,6 +73,11 @@ def test_fused_linear_cross_entropy(benchmark, record, device):
     T, H, V, chunk = _shape(device).values()
     h, weight, targets, d_weight = _inputs(device, T, H, V, chunk)
     if device.type == "cuda":
+        # the config the launcher will pick, checked against the reference on this GPU before it is timed
+        config = tuning.best_config(ce.KERNEL, ce.shape_key(h.dtype, H, V, chunk), ce.default_config(h.dtype))
+        wrong = ce.check_config(config, H, V, device)
+        record(config=config, check_vs_reference=wrong or "ok")
+        assert wrong is None, f"fused kernel wrong on this GPU with {config}: {wrong}"
         fn = lambda: linear_cross_entropy(h, weight, targets, d_weight, 1.0 / T, chunk)  # noqa: E731
         path = "triton"
     else:

@@ -172,6 +172,7 @@ def test_input_errors(over, match):
 def test_autotune_dry_run(monkeypatch, tmp_path, capsys):
     """Every candidate runs once through the sweep code; the winner is stored and read back by the launcher."""
     monkeypatch.setattr(ce, "AUTOTUNE_DEVICE", "cpu")
+    monkeypatch.setattr(ce, "CHECK_TOKENS", 20)
     monkeypatch.setattr(ce, "_GEMM_CANDIDATES", [_GEMM_SMALL, ce._TORCH])
     monkeypatch.setattr(ce, "_ROW_CANDIDATES", [dict(BLOCK_V=64, num_warps=4), dict(BLOCK_V=128, num_warps=4)])
     fake_ms = iter(range(1000, 0, -1))                 # later candidates look faster: the last one must win
@@ -185,6 +186,27 @@ def test_autotune_dry_run(monkeypatch, tmp_path, capsys):
     assert row["config"]["logits"] == ce._TORCH and row["config"]["row"]["BLOCK_V"] == 128
     stored = tuning._load()["interpreter"]["cross_entropy"][ce.shape_key(torch.bfloat16, 16, 70, 32)]
     assert stored == row["config"]
+
+
+def test_autotune_skips_wrong_candidates(monkeypatch, capsys):
+    """A candidate that computes the wrong thing on this device is never timed or stored."""
+    real = ce._matmul
+
+    def matmul(a, b, c, cfg, accumulate=False):
+        real(a, b, c, ce._TORCH if cfg["impl"] == "broken" else cfg, accumulate)
+        if cfg["impl"] == "broken":
+            c.mul_(1.01)                            # a 1 % error: what a bad tile edge or a dropped beta gives
+    monkeypatch.setattr(ce, "_matmul", matmul)
+    base = ce.default_config(torch.bfloat16)
+    wrong = ce.check_config({**base, "dw": dict(impl="broken")}, 16, 70, "cpu", tokens=20)
+    assert wrong and wrong.startswith("d_weight")
+    assert ce.check_config(base, 16, 70, "cpu", tokens=20) is None
+    monkeypatch.setattr(tuning, "time_ms", lambda fn, warmup=0, rep=0: fn() or 1.0)
+    timed = []
+    best = ce._fastest([dict(impl="broken"), ce._TORCH], timed.append,
+                       lambda c: ce.check_config({**base, "dh": c}, 16, 70, "cpu", tokens=20))
+    assert best == ce._TORCH and timed == [ce._TORCH]
+    assert "wrong result on this device: dh" in capsys.readouterr().out
 
 
 def _hopper_compile_report():
