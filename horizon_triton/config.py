@@ -178,7 +178,7 @@ class ModelConfig:
 
 # Named presets. "tiny" trains on two CPU cores in seconds; "demo" is the built-in addition task's model.
 PRESETS = {
-    "tiny": dict(vocab_size=64, hidden_size=64, intermediate_size=176, num_layers=2, num_heads=4, num_kv_heads=2),
+    "tiny": dict(vocab_size=64, hidden_size=64, intermediate_size=176, num_layers=2, num_heads=2, num_kv_heads=1),
     "demo": dict(vocab_size=16, hidden_size=128, intermediate_size=384, num_layers=4, num_heads=4, num_kv_heads=2,
                  max_position_embeddings=64),
     "llama-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_layers=16, num_heads=32,
