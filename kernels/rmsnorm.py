@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import tuning
+from . import sweep, tuning
 from .reference import rmsnorm_backward as rmsnorm_backward_ref  # noqa: F401  (tests and benchmarks use it)
 from .reference import rmsnorm_forward as rmsnorm_forward_ref  # noqa: F401
 
@@ -166,11 +166,15 @@ def _config(kernel: str, H: int, dtype: torch.dtype) -> dict:
 def rmsnorm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float):
     """x[..., H], weight[H] -> (y[..., H] in x.dtype, rstd[...] fp32)."""
     H = _check(x, weight)
+    return _forward(x, weight, eps, _config("rmsnorm_fwd", H, x.dtype))
+
+
+def _forward(x, weight, eps, cfg):
+    H = x.shape[-1]
     x2 = _rows(x, "x", H)
     n_rows = x2.shape[0]
     y = torch.empty((n_rows, H), dtype=x.dtype, device=x.device)
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
-    cfg = _config("rmsnorm_fwd", H, x.dtype)
     _rmsnorm_fwd_kernel[(triton.cdiv(n_rows, cfg["ROWS"]),)](
         x2, weight, y, rstd,
         n_rows, H,
@@ -214,11 +218,15 @@ def rmsnorm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rs
     if d_weight.shape != (H,) or d_weight.dtype != torch.float32:
         raise ValueError(f"rmsnorm_backward: d_weight must be fp32[{H}], got {d_weight.dtype} "
                          f"{tuple(d_weight.shape)}")
+    return _backward(dy, x, weight, rstd, d_weight, _config("rmsnorm_bwd", H, x.dtype))
+
+
+def _backward(dy, x, weight, rstd, d_weight, cfg):
+    H = x.shape[-1]
     x2, dy2 = _rows(x, "x", H), _rows(dy, "dy", H)
     rstd2 = rstd.reshape(-1).contiguous()
     n_rows = x2.shape[0]
     dx = torch.empty((n_rows, H), dtype=x.dtype, device=x.device)
-    cfg = _config("rmsnorm_bwd", H, x.dtype)
     grid = _n_programs(x.device, triton.cdiv(n_rows, cfg["ROWS"]))
     dg_partial = torch.empty((grid, H), dtype=torch.float32, device=x.device)
     _rmsnorm_bwd_kernel[(grid,)](
@@ -232,40 +240,39 @@ def rmsnorm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rs
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Autotuning (GPU only): ROWS per program and warps; throughput counts the bytes each pass must move.
+# Autotuning (GPU; AUTOTUNE_DEVICE is swapped for "cpu" in the interpreter's dry-run test): ROWS per program
+# and warps. GB/s counts the bytes each pass must move: forward 2·T·H, backward 3·T·H elements.
 # ----------------------------------------------------------------------------------------------------------
+AUTOTUNE_DEVICE = "cuda"
 DEFAULT_SHAPES = [dict(T=8192, H=4096), dict(T=8192, H=8192), dict(T=8192 * 32, H=128)]
 
 
+def candidates(H: int) -> list[dict]:
+    block_h = triton.next_power_of_2(H)
+    return [{"ROWS": r, "num_warps": w} for r in (1, 2, 4, 8, 16, 32, 64) for w in (1, 2, 4, 8, 16)
+            if r * block_h <= 65536 and r * block_h >= 32 * w]
+
+
 def autotune(shape: dict | None = None) -> list[dict]:
-    shapes = [shape] if shape else DEFAULT_SHAPES
-    dtype = torch.bfloat16
+    dtype, dev = torch.bfloat16, AUTOTUNE_DEVICE
     rows_out = []
-    for s in shapes:
+    for s in ([shape] if shape else DEFAULT_SHAPES):
         T, H = s["T"], s["H"]
-        x = torch.randn(T, H, device="cuda", dtype=dtype)
-        w = torch.randn(H, device="cuda", dtype=dtype)
+        x = torch.randn(T, H, device=dev, dtype=dtype)
+        w = (1 + 0.1 * torch.randn(H, device=dev)).to(dtype)
         dy = torch.randn_like(x)
-        dw = torch.zeros(H, device="cuda", dtype=torch.float32)
-        _, rstd = rmsnorm_forward(x, w, 1e-6)
-        block_h = triton.next_power_of_2(H)
-        candidates = [{"ROWS": r, "num_warps": nw} for r in (1, 2, 4, 8, 16, 32, 64) for nw in (1, 2, 4, 8, 16)
-                      if r * block_h <= 65536]
-        for kernel, fn, n_bytes in (
-            ("rmsnorm_fwd", lambda: rmsnorm_forward(x, w, 1e-6), 2 * T * H * 2),
-            ("rmsnorm_bwd", lambda: rmsnorm_backward(dy, x, w, rstd, dw), 3 * T * H * 2),
+        y_ref, rstd = rmsnorm_forward_ref(x, w, 1e-6)
+        dx_ref = rmsnorm_backward_ref(dy, x, w, rstd, torch.zeros(H, device=dev))
+        d_w = torch.zeros(H, device=dev, dtype=torch.float32)
+        key = _shape_key(H, dtype)
+        for kernel, run, check, n_bytes in (
+            ("rmsnorm_fwd", lambda c: _forward(x, w, 1e-6, c),
+             lambda c: sweep.max_rel_error(_forward(x, w, 1e-6, c)[0], y_ref), 2 * T * H * 2),
+            ("rmsnorm_bwd", lambda c: _backward(dy, x, w, rstd, d_w, c),
+             lambda c: sweep.max_rel_error(_backward(dy, x, w, rstd, d_w, c), dx_ref), 3 * T * H * 2),
         ):
-            key = _shape_key(H, dtype)
-            best = None
-            for cfg in candidates:
-                tuning.store_config(kernel, key, cfg)
-                try:
-                    ms = tuning.time_ms(fn)
-                except Exception:  # a config that does not compile (too many registers) is skipped
-                    continue
-                if best is None or ms < best[1]:
-                    best = (cfg, ms)
-            tuning.store_config(kernel, key, best[0])
-            rows_out.append(dict(shape=f"{kernel} T={T} H={H}", config=best[0], ms=best[1],
-                                 throughput=f"{n_bytes / best[1] / 1e6:.0f} GB/s"))
+            cfg, ms = sweep.fastest(kernel, candidates(H), run, check)
+            tuning.store_config(kernel, key, cfg)
+            rows_out.append(dict(shape=dict(kernel=kernel, T=T, H=H, dtype="bf16"), config=cfg, ms=ms,
+                                 throughput=f"{n_bytes / ms / 1e6:.0f} GB/s"))
     return rows_out

@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import tuning
+from . import sweep, tuning
 from .reference import rmsnorm_matmul_backward as rmsnorm_matmul_backward_ref  # noqa: F401  (tests/benchmarks)
 from .reference import rmsnorm_matmul_forward as rmsnorm_matmul_forward_ref  # noqa: F401
 from .rmsnorm import rmsnorm_backward, rmsnorm_rstd
@@ -277,8 +277,10 @@ def rmsnorm_matmul_backward(dy: torch.Tensor, x: torch.Tensor, norm_weight: torc
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Autotuning (GPU only): a Hopper-oriented sweep per GEMM; TFLOPS = 2·T·N·H / time for each GEMM.
+# Autotuning (GPU; AUTOTUNE_DEVICE is swapped for "cpu" in the interpreter's dry-run test): a Hopper-oriented
+# sweep per GEMM, each candidate checked against torch before it is timed; TFLOPS = 2·T·N·H / time per GEMM.
 # ----------------------------------------------------------------------------------------------------------
+AUTOTUNE_DEVICE = "cuda"
 DEFAULT_SHAPES = [
     dict(T=8192, H=4096, N=6144),    # Llama-3-8B qkv (32 + 2·8 heads × 128)
     dict(T=8192, H=4096, N=28672),   # Llama-3-8B gate_up (2 × 14336)
@@ -294,37 +296,41 @@ CANDIDATES = [
 
 
 def autotune(shape: dict | None = None) -> list[dict]:
-    dtype = torch.bfloat16
+    dtype, dev = torch.bfloat16, AUTOTUNE_DEVICE
     out = []
     for s in ([shape] if shape else DEFAULT_SHAPES):
         T, H, N = s["T"], s["H"], s["N"]
-        x = torch.randn(T, H, device="cuda", dtype=dtype)
-        g = torch.randn(H, device="cuda", dtype=dtype)
-        w = torch.randn(N, H, device="cuda", dtype=dtype) / H ** 0.5
-        dy = torch.randn(T, N, device="cuda", dtype=dtype)
-        d_w = torch.zeros(N, H, device="cuda", dtype=torch.float32)
+        x = torch.randn(T, H, device=dev, dtype=dtype)
+        g = (1 + 0.1 * torch.randn(H, device=dev)).to(dtype)
+        w = (torch.randn(N, H, device=dev) / H ** 0.5).to(dtype)
+        dy = torch.randn(T, N, device=dev, dtype=dtype)
         rstd = rmsnorm_rstd(x, 1e-6)
-        dxn = torch.empty(T, H, device="cuda", dtype=dtype)
-        y = torch.empty(T, N, device="cuda", dtype=dtype)
-        gemms = {
-            "rmsnorm_matmul_fwd": ((T, N), _rmsnorm_matmul_fwd_kernel,
-                                   (x, g, rstd, w, y, T, N, H, x.stride(0), w.stride(0), y.stride(0))),
-            "rmsnorm_matmul_dx": ((T, H), _matmul_kernel,
-                                  (dy, w, dxn, T, H, N, dy.stride(0), w.stride(0), dxn.stride(0))),
-            "rmsnorm_matmul_dw": ((H, N), _rmsnorm_matmul_dw_kernel,
-                                  (x, g, rstd, dy, d_w, T, N, H, x.stride(0), dy.stride(0), d_w.stride(0))),
+        y_ref, _ = rmsnorm_matmul_forward_ref(x, g, w, 1e-6)
+        xn = (x.float() * rstd[:, None]).to(dtype) * g                                  # [T, H]
+        dxn_ref, dw_ref = dy @ w, dy.float().t() @ xn.float()
+        y, dxn = torch.empty(T, N, device=dev, dtype=dtype), torch.empty(T, H, device=dev, dtype=dtype)
+        d_w = torch.zeros(N, H, device=dev, dtype=torch.float32)
+
+        def fresh_dw(cfg):
+            d_w.zero_()
+            _launch_gemm(_rmsnorm_matmul_dw_kernel, (H, N), cfg, dw_args, dtype)
+            return d_w
+
+        fwd_args = (x, g, rstd, w, y, T, N, H, x.stride(0), w.stride(0), y.stride(0))
+        dx_args = (dy, w, dxn, T, H, N, dy.stride(0), w.stride(0), dxn.stride(0))
+        dw_args = (x, g, rstd, dy, d_w, T, N, H, x.stride(0), dy.stride(0), d_w.stride(0))
+        gemms = {  # name: (output rows × cols, kernel, args, check(cfg) -> error)
+            "rmsnorm_matmul_fwd": ((T, N), _rmsnorm_matmul_fwd_kernel, fwd_args, lambda c: sweep.max_rel_error(
+                (_launch_gemm(_rmsnorm_matmul_fwd_kernel, (T, N), c, fwd_args, dtype), y)[1], y_ref)),
+            "rmsnorm_matmul_dx": ((T, H), _matmul_kernel, dx_args, lambda c: sweep.max_rel_error(
+                (_launch_gemm(_matmul_kernel, (T, H), c, dx_args, dtype), dxn)[1], dxn_ref)),
+            "rmsnorm_matmul_dw": ((H, N), _rmsnorm_matmul_dw_kernel, dw_args,
+                                  lambda c: sweep.max_rel_error(fresh_dw(c), dw_ref)),
         }
         key = _shape_key(T, N, H, dtype)
-        for name, (mn, kernel, args) in gemms.items():
-            best = None
-            for cfg in CANDIDATES:
-                try:
-                    ms = tuning.time_ms(lambda: _launch_gemm(kernel, mn, cfg, args, dtype))
-                except Exception:  # out of shared memory or registers for this tile: skip it
-                    continue
-                if best is None or ms < best[1]:
-                    best = (cfg, ms)
-            tuning.store_config(name, key, best[0])
-            out.append(dict(shape=f"{name} T={T} H={H} N={N}", config=best[0], ms=best[1],
-                            throughput=f"{2 * T * N * H / best[1] / 1e9:.0f} TFLOPS"))
+        for name, (mn, kernel, args, check) in gemms.items():
+            cfg, ms = sweep.fastest(name, CANDIDATES, lambda c: _launch_gemm(kernel, mn, c, args, dtype), check)
+            tuning.store_config(name, key, cfg)
+            out.append(dict(shape=dict(kernel=name, T=T, H=H, N=N, dtype="bf16"), config=cfg, ms=ms,
+                            throughput=f"{2 * T * N * H / ms / 1e9:.0f} TFLOPS (2·T·N·H flops)"))
     return out

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import tuning
+from . import sweep, tuning
 from .reference import rope_backward_ as rope_backward_ref_  # noqa: F401  (tests and benchmarks use it)
 from .reference import rope_forward_ as rope_forward_ref_  # noqa: F401
 
@@ -79,20 +79,26 @@ def _check(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, name: str) -> 
                          f"({cos.stride()} vs {sin.stride()}); call .contiguous()")
 
 
-def _launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool) -> torch.Tensor:
-    T, nH, D = x.shape
-    half = D // 2
-    block_half = triton.next_power_of_2(half)
+def _key(nH: int, D: int, dtype: torch.dtype) -> str:
+    return f"nH{nH}_D{D}_{str(dtype).removeprefix('torch.')}"
+
+
+def _config(nH: int, D: int, dtype: torch.dtype) -> dict:
     default = ({"HEADS": 2, "num_warps": 1} if tuning.interpreting()
-               else {"HEADS": max(1, min(triton.next_power_of_2(nH), 2048 // block_half)), "num_warps": 4})
-    cfg = tuning.best_config("rope", f"nH{nH}_D{D}_{str(x.dtype).removeprefix('torch.')}", default)
+               else {"HEADS": max(1, min(triton.next_power_of_2(nH), 1024 // triton.next_power_of_2(D // 2))),
+                     "num_warps": 4})
+    return tuning.best_config("rope", _key(nH, D, dtype), default)
+
+
+def _launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool, cfg: dict) -> torch.Tensor:
+    T, nH, D = x.shape
     if T == 0 or nH == 0:
         return x
     _rope_kernel[(T, triton.cdiv(nH, cfg["HEADS"]))](
         x, cos, sin,
-        nH, half,
+        nH, D // 2,
         x.stride(0), x.stride(1), cos.stride(0),
-        INVERSE=inverse, HEADS=cfg["HEADS"], BLOCK_HALF=block_half, num_warps=cfg["num_warps"],
+        INVERSE=inverse, HEADS=cfg["HEADS"], BLOCK_HALF=triton.next_power_of_2(D // 2), num_warps=cfg["num_warps"],
     )
     return x
 
@@ -100,41 +106,42 @@ def _launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool
 def rope_forward_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """In place on x[T, nH, D]; cos, sin [T, D] fp32. Returns x."""
     _check(x, cos, sin, "rope_forward_")
-    return _launch(x, cos, sin, inverse=False)
+    return _launch(x, cos, sin, False, _config(x.shape[1], x.shape[2], x.dtype))
 
 
 def rope_backward_(dy: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """In place on dy[T, nH, D]: turns d(rotated) into d(unrotated). Returns dy."""
     _check(dy, cos, sin, "rope_backward_")
-    return _launch(dy, cos, sin, inverse=True)
+    return _launch(dy, cos, sin, True, _config(dy.shape[1], dy.shape[2], dy.dtype))
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Autotuning (GPU only). GB/s counts the read and write of x (cos/sin mostly hit in L2).
+# Autotuning (GPU; AUTOTUNE_DEVICE is swapped for "cpu" in the interpreter's dry-run test). One config serves
+# both directions (same kernel, same traffic). GB/s counts the read and write of x plus cos/sin.
 # ----------------------------------------------------------------------------------------------------------
+AUTOTUNE_DEVICE = "cuda"
 DEFAULT_SHAPES = [dict(T=8192, nH=32, D=128), dict(T=8192, nH=8, D=128), dict(T=8192, nH=64, D=128)]
 
 
+def candidates(nH: int) -> list[dict]:
+    return [{"HEADS": h, "num_warps": w} for h in (1, 2, 4, 8, 16, 32, 64) for w in (1, 2, 4, 8)
+            if h <= triton.next_power_of_2(nH)]
+
+
 def autotune(shape: dict | None = None) -> list[dict]:
-    dtype = torch.bfloat16
+    dtype, dev = torch.bfloat16, AUTOTUNE_DEVICE
     out = []
     for s in ([shape] if shape else DEFAULT_SHAPES):
         T, nH, D = s["T"], s["nH"], s["D"]
-        x = torch.randn(T, nH, D, device="cuda", dtype=dtype)
-        cos = torch.randn(T, D, device="cuda")
-        sin = torch.randn(T, D, device="cuda")
-        key = f"nH{nH}_D{D}_{str(dtype).removeprefix('torch.')}"
-        best = None
-        for heads in (1, 2, 4, 8, 16, 32, 64):
-            if heads > triton.next_power_of_2(nH):
-                continue
-            for warps in (1, 2, 4, 8):
-                cfg = {"HEADS": heads, "num_warps": warps}
-                tuning.store_config("rope", key, cfg)
-                ms = tuning.time_ms(lambda: rope_forward_(x, cos, sin))
-                if best is None or ms < best[1]:
-                    best = (cfg, ms)
-        tuning.store_config("rope", key, best[0])
-        out.append(dict(shape=f"rope T={T} nH={nH} D={D}", config=best[0], ms=best[1],
-                        throughput=f"{2 * x.numel() * 2 / best[1] / 1e6:.0f} GB/s"))
+        x = torch.randn(T, nH, D, device=dev, dtype=dtype)
+        angle = torch.randn(T, D // 2, device=dev).repeat(1, 2)
+        cos, sin = angle.cos(), angle.sin()
+        ref = rope_forward_ref_(x.clone(), cos, sin)
+        work = x.clone()                       # timed runs rotate it again and again: norms are kept
+        cfg, ms = sweep.fastest("rope", candidates(nH), lambda c: _launch(work, cos, sin, False, c),
+                                lambda c: sweep.max_rel_error(_launch(x.clone(), cos, sin, False, c), ref))
+        tuning.store_config("rope", _key(nH, D, dtype), cfg)
+        n_bytes = 2 * x.numel() * 2 + 2 * T * D * 4
+        out.append(dict(shape=dict(kernel="rope", T=T, nH=nH, D=D, dtype="bf16"), config=cfg, ms=ms,
+                        throughput=f"{n_bytes / ms / 1e6:.0f} GB/s"))
     return out

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import tuning
+from . import sweep, tuning
 from .reference import swiglu_backward as swiglu_backward_ref  # noqa: F401  (tests and benchmarks use it)
 from .reference import swiglu_forward as swiglu_forward_ref  # noqa: F401
 
@@ -81,10 +81,14 @@ def _check_gate_up(gate_up: torch.Tensor) -> int:
     return gate_up.shape[1] // 2
 
 
+def _key(I: int, dtype: torch.dtype) -> str:
+    return f"I{I}_{str(dtype).removeprefix('torch.')}"
+
+
 def _config(kernel: str, I: int, dtype: torch.dtype) -> dict:
     default = ({"ROWS": 1, "BLOCK_I": 64, "num_warps": 1} if tuning.interpreting()
                else {"ROWS": 4, "BLOCK_I": 1024, "num_warps": 8})
-    return tuning.best_config(kernel, f"I{I}_{str(dtype).removeprefix('torch.')}", default)
+    return tuning.best_config(kernel, _key(I, dtype), default)
 
 
 def _grid(T: int, I: int, cfg: dict):
@@ -94,9 +98,12 @@ def _grid(T: int, I: int, cfg: dict):
 def swiglu_forward(gate_up: torch.Tensor) -> torch.Tensor:
     """gate_up[T, 2I] -> h[T, I] (same dtype)."""
     I = _check_gate_up(gate_up)
-    T = gate_up.shape[0]
+    return _forward(gate_up, _config("swiglu_fwd", I, gate_up.dtype))
+
+
+def _forward(gate_up, cfg):
+    T, I = gate_up.shape[0], gate_up.shape[1] // 2
     h = torch.empty((T, I), dtype=gate_up.dtype, device=gate_up.device)
-    cfg = _config("swiglu_fwd", I, gate_up.dtype)
     _swiglu_fwd_kernel[_grid(T, I, cfg)](
         gate_up, h, T, I, gate_up.stride(0), h.stride(0),
         ROWS=cfg["ROWS"], BLOCK_I=cfg["BLOCK_I"], num_warps=cfg["num_warps"],
@@ -112,8 +119,12 @@ def swiglu_backward(dh: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"swiglu_backward: dh shape {tuple(dh.shape)} != (T, I) = {(T, I)}")
     if dh.stride(1) != 1:
         dh = dh.contiguous()
-    d_gate_up = torch.empty_like(gate_up, memory_format=torch.contiguous_format)
-    cfg = _config("swiglu_bwd", I, gate_up.dtype)
+    return _backward(dh, gate_up, _config("swiglu_bwd", I, gate_up.dtype))
+
+
+def _backward(dh, gate_up, cfg):
+    T, I = dh.shape
+    d_gate_up = torch.empty((T, 2 * I), dtype=gate_up.dtype, device=gate_up.device)
     _swiglu_bwd_kernel[_grid(T, I, cfg)](
         dh, gate_up, d_gate_up, T, I, dh.stride(0), gate_up.stride(0), d_gate_up.stride(0),
         ROWS=cfg["ROWS"], BLOCK_I=cfg["BLOCK_I"], num_warps=cfg["num_warps"],
@@ -122,30 +133,27 @@ def swiglu_backward(dh: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Autotuning (GPU only). GB/s counts forward 3·T·I and backward 5·T·I elements moved.
+# Autotuning (GPU; AUTOTUNE_DEVICE is swapped for "cpu" in the interpreter's dry-run test).
+# GB/s counts forward 3·T·I and backward 5·T·I elements moved.
 # ----------------------------------------------------------------------------------------------------------
+AUTOTUNE_DEVICE = "cuda"
 DEFAULT_SHAPES = [dict(T=8192, I=11008), dict(T=8192, I=14336), dict(T=8192, I=18944)]
 CANDIDATES = [{"ROWS": r, "BLOCK_I": b, "num_warps": w}
               for r in (1, 2, 4, 8) for b in (256, 512, 1024, 2048) for w in (4, 8) if r * b <= 8192]
 
 
 def autotune(shape: dict | None = None) -> list[dict]:
-    dtype = torch.bfloat16
+    dtype, dev = torch.bfloat16, AUTOTUNE_DEVICE
     out = []
     for s in ([shape] if shape else DEFAULT_SHAPES):
         T, I = s["T"], s["I"]
-        gate_up = torch.randn(T, 2 * I, device="cuda", dtype=dtype)
-        dh = torch.randn(T, I, device="cuda", dtype=dtype)
-        key = f"I{I}_{str(dtype).removeprefix('torch.')}"
-        for kernel, fn, n_elems in (("swiglu_fwd", lambda: swiglu_forward(gate_up), 3 * T * I),
-                                    ("swiglu_bwd", lambda: swiglu_backward(dh, gate_up), 5 * T * I)):
-            best = None
-            for cfg in CANDIDATES:
-                tuning.store_config(kernel, key, cfg)
-                ms = tuning.time_ms(fn)
-                if best is None or ms < best[1]:
-                    best = (cfg, ms)
-            tuning.store_config(kernel, key, best[0])
-            out.append(dict(shape=f"{kernel} T={T} I={I}", config=best[0], ms=best[1],
-                            throughput=f"{n_elems * 2 / best[1] / 1e6:.0f} GB/s"))
+        gate_up = torch.randn(T, 2 * I, device=dev, dtype=dtype)
+        dh = torch.randn(T, I, device=dev, dtype=dtype)
+        h_ref, d_ref = swiglu_forward_ref(gate_up), swiglu_backward_ref(dh, gate_up)
+        for kernel, run, ref, n_elems in (("swiglu_fwd", lambda c: _forward(gate_up, c), h_ref, 3 * T * I),
+                                          ("swiglu_bwd", lambda c: _backward(dh, gate_up, c), d_ref, 5 * T * I)):
+            cfg, ms = sweep.fastest(kernel, CANDIDATES, run, lambda c: sweep.max_rel_error(run(c), ref))
+            tuning.store_config(kernel, _key(I, dtype), cfg)
+            out.append(dict(shape=dict(kernel=kernel, T=T, I=I, dtype="bf16"), config=cfg, ms=ms,
+                            throughput=f"{n_elems * 2 / ms / 1e6:.0f} GB/s"))
     return out

@@ -44,3 +44,22 @@ def assert_within_reference_error(out: torch.Tensor, ref_lowp: torch.Tensor, ref
     err_ref = (ref_lowp.float() - ref_fp32.float()).abs().max().item()
     assert err <= 2 * err_ref + atol, (f"{name}: kernel error {err:.3g} > 2 × reference error {err_ref:.3g} "
                                        f"+ atol {atol:g}")
+
+
+def dry_run_autotune(monkeypatch, tmp_path, module, candidates_attr: str, candidates: list[dict], shape: dict):
+    """Runs ``module.autotune(shape)`` on CPU in the interpreter with ``candidates`` and a fake timer under which
+    every later candidate looks faster; returns (rows, the stored tuning cache for the interpreter)."""
+    from horizon_triton.kernels import tuning
+
+    monkeypatch.setattr(module, "AUTOTUNE_DEVICE", "cpu")
+    if callable(getattr(module, candidates_attr)):
+        monkeypatch.setattr(module, candidates_attr, lambda *_: candidates)
+    else:
+        monkeypatch.setattr(module, candidates_attr, candidates)
+    fake_ms = iter(range(1000, 0, -1))
+    monkeypatch.setattr(tuning, "time_ms", lambda fn, warmup=0, rep=0: (fn(), float(next(fake_ms)))[1])
+    monkeypatch.setenv("HORIZON_TUNING_CACHE", str(tmp_path / "autotune.json"))
+    monkeypatch.setattr(tuning, "_cache", None)
+    rows = module.autotune(shape)
+    monkeypatch.setattr(tuning, "_cache", None)                     # read back what was written to disk
+    return rows, tuning._load()["interpreter"]

@@ -1,7 +1,7 @@
 """kernels/rmsnorm.py in Triton's interpreter vs the torch reference; the reference vs autograd and transformers."""
 import pytest
 import torch
-from kernel_checks import assert_within_reference_error, bf16_round_to_nearest  # noqa: F401  (autouse fixture)
+from kernel_checks import assert_within_reference_error, bf16_round_to_nearest, dry_run_autotune  # noqa: F401
 
 from horizon_triton.kernels import rmsnorm
 from horizon_triton.kernels.rmsnorm import rmsnorm_backward_ref, rmsnorm_forward_ref
@@ -94,3 +94,28 @@ def test_clear_errors():
         rmsnorm.rmsnorm_backward(x, x, w, rstd[:3], torch.zeros(8))
     with pytest.raises(ValueError, match="dy shape"):
         rmsnorm.rmsnorm_backward(x[:3], x, w, rstd, torch.zeros(8))
+
+
+def test_autotune_dry_run(monkeypatch, tmp_path):
+    cands = [{"ROWS": 1, "num_warps": 1}, {"ROWS": 4, "num_warps": 2}]
+    rows, stored = dry_run_autotune(monkeypatch, tmp_path, rmsnorm, "candidates", cands, dict(T=37, H=72))
+    assert [r["shape"]["kernel"] for r in rows] == ["rmsnorm_fwd", "rmsnorm_bwd"]
+    assert all(r["config"] == cands[-1] and r["throughput"].endswith("GB/s") for r in rows)
+    assert stored["rmsnorm_fwd"]["H72_bfloat16"] == stored["rmsnorm_bwd"]["H72_bfloat16"] == cands[-1]
+
+
+def test_sweep_never_times_a_wrong_or_failing_candidate(monkeypatch, capsys):
+    from horizon_triton.kernels import sweep, tuning
+    monkeypatch.setattr(tuning, "time_ms", lambda fn, warmup=0, rep=0: (fn(), 1.0)[1])
+    timed = []
+
+    def check(cfg):
+        if cfg["name"] == "fails":
+            raise RuntimeError("out of resource: shared memory")
+        return {"wrong": 0.5, "right": 1e-3}[cfg["name"]]
+    best = sweep.fastest("k", [{"name": "fails"}, {"name": "wrong"}, {"name": "right"}], timed.append, check)
+    assert best == ({"name": "right"}, 1.0) and timed == [{"name": "right"}]
+    out = capsys.readouterr().out
+    assert "out of resource" in out and "wrong result on this device" in out
+    with pytest.raises(RuntimeError, match="no candidate"):
+        sweep.fastest("k", [{"name": "wrong"}], timed.append, check)

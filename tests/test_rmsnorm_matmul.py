@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from kernel_checks import assert_within_reference_error, bf16_round_to_nearest  # noqa: F401  (autouse fixture)
+from kernel_checks import assert_within_reference_error, bf16_round_to_nearest, dry_run_autotune  # noqa: F401
 
 from horizon_triton.kernels import rmsnorm_matmul
 from horizon_triton.kernels.reference import linear_backward, linear_forward, rmsnorm_forward
@@ -117,3 +117,13 @@ def test_kernels_compile_for_hopper():
         if name.startswith("rmsnorm_matmul"):
             assert r["wgmma"] > 0, f"{name}: no wgmma in the compiled kernel"
             assert r["async_copies"] > 0, f"{name}: the K loop is not software-pipelined"
+
+
+def test_autotune_dry_run(monkeypatch, tmp_path):
+    small = dict(GROUP_M=2, num_warps=4, num_stages=1)
+    cands = [dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, **small), dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, **small)]
+    rows, stored = dry_run_autotune(monkeypatch, tmp_path, rmsnorm_matmul, "CANDIDATES", cands,
+                                    dict(T=37, H=40, N=48))
+    assert [r["shape"]["kernel"] for r in rows] == ["rmsnorm_matmul_fwd", "rmsnorm_matmul_dx", "rmsnorm_matmul_dw"]
+    assert all(r["config"] == cands[-1] and "TFLOPS" in r["throughput"] for r in rows)
+    assert all(stored[r["shape"]["kernel"]]["T64_N48_H40_bfloat16"] == cands[-1] for r in rows)

@@ -1,7 +1,7 @@
 """kernels/rope.py in Triton's interpreter vs the torch reference; the reference vs transformers and autograd."""
 import pytest
 import torch
-from kernel_checks import assert_within_reference_error, bf16_round_to_nearest  # noqa: F401  (autouse fixture)
+from kernel_checks import assert_within_reference_error, bf16_round_to_nearest, dry_run_autotune  # noqa: F401
 
 from horizon_triton.kernels import rope
 from horizon_triton.kernels.rope import rope_backward_ref_, rope_forward_ref_
@@ -90,3 +90,11 @@ def test_clear_errors():
         rope.rope_backward_(torch.randn(4, 2, 8), cos, sin.bfloat16())
     with pytest.raises(ValueError, match="last axis"):
         rope.rope_forward_(torch.randn(4, 8, 2).transpose(1, 2), cos, sin)
+
+
+def test_autotune_dry_run(monkeypatch, tmp_path):
+    cands = [{"HEADS": 1, "num_warps": 1}, {"HEADS": 4, "num_warps": 1}]
+    rows, stored = dry_run_autotune(monkeypatch, tmp_path, rope, "candidates", cands, dict(T=5, nH=3, D=72))
+    (row,) = rows
+    assert row["config"] == cands[-1] and row["throughput"].endswith("GB/s")
+    assert stored["rope"]["nH3_D72_bfloat16"] == cands[-1]

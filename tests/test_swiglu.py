@@ -1,7 +1,7 @@
 """kernels/swiglu.py in Triton's interpreter vs the torch reference; the reference backward vs autograd."""
 import pytest
 import torch
-from kernel_checks import assert_within_reference_error, bf16_round_to_nearest  # noqa: F401  (autouse fixture)
+from kernel_checks import assert_within_reference_error, bf16_round_to_nearest, dry_run_autotune  # noqa: F401
 
 from horizon_triton.kernels import swiglu
 from horizon_triton.kernels.swiglu import swiglu_backward_ref, swiglu_forward_ref
@@ -49,3 +49,11 @@ def test_clear_errors():
         swiglu.swiglu_forward(torch.randn(8, 4).t())
     with pytest.raises(ValueError, match="dh shape"):
         swiglu.swiglu_backward(torch.randn(4, 3), torch.randn(4, 8))
+
+
+def test_autotune_dry_run(monkeypatch, tmp_path):
+    cands = [{"ROWS": 1, "BLOCK_I": 64, "num_warps": 1}, {"ROWS": 2, "BLOCK_I": 32, "num_warps": 1}]
+    rows, stored = dry_run_autotune(monkeypatch, tmp_path, swiglu, "CANDIDATES", cands, dict(T=5, I=100))
+    assert [r["shape"]["kernel"] for r in rows] == ["swiglu_fwd", "swiglu_bwd"]
+    assert all(r["config"] == cands[-1] and r["throughput"].endswith("GB/s") for r in rows)
+    assert stored["swiglu_fwd"]["I100_bfloat16"] == stored["swiglu_bwd"]["I100_bfloat16"] == cands[-1]
