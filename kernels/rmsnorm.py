@@ -151,7 +151,7 @@ def _default_config(H: int, elem_bytes: int) -> dict:
     """ROWS · BLOCK_H about 4K elements per program, at least one whole row."""
     block_h = triton.next_power_of_2(H)
     rows = 1 if tuning.interpreting() else max(1, min(64, 4096 // block_h))
-    warps = 4 if block_h * elem_bytes <= 8192 else (8 if block_h * elem_bytes <= 32768 else 16)
+    warps = 4 if block_h * elem_bytes < 8192 else (8 if block_h * elem_bytes <= 32768 else 16)
     return {"ROWS": rows, "num_warps": warps}
 
 

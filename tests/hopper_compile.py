@@ -3,7 +3,8 @@
 The interpreter checks what the kernels compute; it cannot see whether they lower for Hopper. This script asks
 Triton's real compiler (with its bundled ptxas) for each kernel at its default GPU config and the largest
 autotune candidates, with the 16-divisibility hints the JIT gives aligned arguments, and reports per kernel:
-whether the GEMM loops are software-pipelined (async copies), whether they use wgmma, and the shared memory.
+whether the GEMM loops are software-pipelined (async copies), whether they use wgmma, the shared memory, the
+registers per thread and the stack bytes (register spills).
 
 Run as a script (the kernels must be imported with TRITON_INTERPRET unset): prints one JSON object.
     python tests/hopper_compile.py
@@ -27,8 +28,25 @@ def _compile(fn, types: dict, constexprs: dict, num_warps: int, num_stages: int)
     kernel = triton.compile(src, target=GPUTarget("cuda", 90, 128),
                             options={"num_warps": num_warps, "num_stages": num_stages})
     ir = kernel.asm["ttgir"]
+    regs, stack = _resource_usage(kernel.asm["cubin"])
     return {"shared_bytes": kernel.metadata.shared, "async_copies": ir.count("async_copy_global_to_local"),
-            "wgmma": ir.count("ttng.warp_group_dot ")}
+            "wgmma": ir.count("ttng.warp_group_dot "), "registers": regs, "stack_bytes": stack}
+
+
+def _resource_usage(cubin: bytes) -> tuple[int, int]:
+    """(registers per thread, stack bytes: > 0 means register spills) from the wheel's cuobjdump."""
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        usage = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    regs, stack = re.search(r"REG:(\d+).*?STACK:(\d+)", usage).groups()
+    return int(regs), int(stack)
 
 
 def _gemm_types(names: list[str], dtype: str, fp32_ptrs=()) -> dict:
@@ -45,23 +63,23 @@ def main() -> dict:
     from horizon_triton.kernels import rmsnorm, rmsnorm_matmul as rm, rope, swiglu
 
     report = {}
-    gemm_configs = {"default": rm._HOPPER_DEFAULT,
-                    "128x256x64": {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8,
-                                   "num_stages": 3}}
     gemms = {
         "fwd": (rm._rmsnorm_matmul_fwd_kernel, ("rstd_ptr",)),
         "dx": (rm._matmul_kernel, ()),
         "dw": (rm._rmsnorm_matmul_dw_kernel, ("rstd_ptr", "dw_ptr")),
     }
-    for dtype in ("bf16",):  # fp32 runs IEEE dots on FMA units: correct, not a speed path worth a compile here
-        for cfg_name, cfg in gemm_configs.items():
-            for name, (fn, fp32_ptrs) in gemms.items():
-                n_args = len(fn.arg_names) - 6
-                types = _gemm_types(fn.arg_names[:n_args], dtype, fp32_ptrs)
-                meta = {k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")}
-                meta.update(UPCAST=False, PRECISION="ieee" if dtype == "fp32" else "tf32")
-                report[f"rmsnorm_matmul_{name}/{dtype}/{cfg_name}"] = _compile(
-                    fn, types, meta, cfg["num_warps"], cfg["num_stages"])
+    for name, (fn, fp32_ptrs) in gemms.items():
+        # bf16 only: fp32 runs IEEE dots on FMA units (correct, not a speed path worth a compile here)
+        default = rm._HOPPER_DEFAULTS[f"rmsnorm_matmul_{name}"]
+        tiles = {"default": default, **{label: tile for label, tile in (("128x256x64", rm._TILE_128x256),
+                                                                        ("128x128x64", rm._TILE_128x128))
+                                        if tile != default}}
+        for label, cfg in tiles.items():
+            types = _gemm_types(fn.arg_names[:len(fn.arg_names) - 6], "bf16", fp32_ptrs)  # 6 trailing constexprs
+            meta = {k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")}
+            meta.update(UPCAST=False, PRECISION="tf32")
+            report[f"rmsnorm_matmul_{name}/bf16/{label}"] = _compile(fn, types, meta, cfg["num_warps"],
+                                                                     cfg["num_stages"])
     # row kernels at the model shapes they meet: hidden 4096 and a 128 head dim (q/k norm)
     for H in (4096, 128):
         cfg = rmsnorm._default_config(H, 2)
