@@ -2,7 +2,8 @@
 
 For each chunk of C tokens (h_c = h[chunk], W the lm_head [V, H]):
     logits = h_c @ Wᵀ                                            [C, V] in h.dtype (fp32 accumulation)
-    lse_t  = log Σ_v exp(logits_tv)                              (fp32, online over V blocks)
+    lse_t  = log Σ_v exp(logits_tv)                              (fp32; from per-tile max/sum written by the
+                                                                  logits GEMM's epilogue, or an online pass)
     loss  += Σ_{t: y_t ≠ -100} lse_t − logits_t,y_t
     g      = grad_scale · (exp(logits − lse) − onehot(y))        written in place over the logits, in h.dtype;
                                                                   rows with y_t = -100 get g = 0
@@ -12,18 +13,21 @@ The semantics are those of ``reference.linear_cross_entropy`` (re-exported here 
 including the rounding of the logits to h.dtype before the softmax. The one extra rounding is g, stored in
 h.dtype (bf16) so the two backward GEMMs run on tensor cores at full rate.
 
-Memory: one logits buffer [min(C, T), V] in h.dtype (rows padded to 16 bytes), dh [T, H] and a [T] fp32
-per-token loss; nothing of size T × V. With C = 4096, V = 128256 in bf16 that buffer is 1.05 GB.
+Memory: one logits buffer [min(C, T), V] in h.dtype (rows padded to 16 bytes), its tile statistics
+[2, C, V / BLOCK_N] fp32, dh [T, H] and a [T] fp32 per-token loss; nothing of size T × V. With C = 4096,
+V = 128256 in bf16 the buffer is 1.05 GB.
 
-Work: 3 GEMMs of 2·C·H·V flops per chunk (6·T·H·V in all) plus ~3 passes over the logits chunk (the row kernel
-reads it twice and writes g once). Each GEMM is either the Triton kernel below or torch (cuBLAS); which one,
-the chunk size's block sizes and warps come from ``tuning.best_config("cross_entropy", ...)``, written by
-``autotune()``.
+Work: 3 GEMMs of 2·C·H·V flops per chunk (6·T·H·V in all), plus the row kernel's read and write of the logits
+chunk (a second read when the logits came from torch), plus dW's read-modify-write of the fp32 [V, H] buffer
+once per chunk (why larger chunks are faster). Each GEMM is the Triton kernel below or torch (cuBLAS); which,
+and the block sizes and warps, come from ``tuning.best_config("cross_entropy", ...)``, written by ``autotune()``,
+which also checks every candidate against the reference on the GPU before timing it (``check_config``).
 
 Supported: h, weight in bf16 or fp32 (same dtype), any strides; targets int32/int64 in [0, V) or -100;
 any T ≥ 0 (odd T, last chunk short), any V (odd V, V not a multiple of the block).
 Known gaps:
-- the softmax statistics are not fused into the logits GEMM's epilogue (one extra read of the chunk);
+- the GEMMs are plain (non-persistent, no TMA, no warp specialization) Triton tiles: their H100 speed relative
+  to cuBLAS is unmeasured here; autotune falls back to cuBLAS per GEMM where that is faster;
 - fp32 inputs use exact fp32 (``input_precision="ieee"``) dots: correct but far from tensor-core speed;
 - the ``torch`` choice for dW needs ``torch.addmm(..., out_dtype=float32)`` (CUDA, recent torch) for bf16;
   on CPU it upcasts (test-only path). The default dW GEMM is the Triton one;
@@ -80,6 +84,54 @@ def _round_to(x, dtype: tl.constexpr, INTERPRETER: tl.constexpr):
 
 
 @triton.jit
+def _tile_product(
+    # pointers
+    a_ptr, b_ptr,
+    # shapes
+    M, N, K,
+    # strides
+    stride_am, stride_ak, stride_bk, stride_bn,
+    # meta
+    INTERPRETER: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """This program's tile of A[M, K] @ B[K, N] in fp32 -> (acc, offs_m, offs_n, pid_n).
+
+    Programs are ordered in groups of GROUP_M tile rows so the tiles running together share their A and B
+    panels in L2. Edges are masked rather than wrapped (offs % M) so the compiler still sees BLOCK-long
+    contiguous runs along whichever of M, N, K has unit stride (dW reads gᵀ, whose contiguous axis is M = V)."""
+    pid = tl.program_id(0)
+    grid_m = tl.cdiv(M, BLOCK_M)
+    grid_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * grid_n
+    first_m = (pid // per_group) * GROUP_M
+    group_m = min(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_m
+    pid_n = (pid % per_group) // group_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    a_ptrs = a_ptr + offs_m.to(tl.int64)[:, None] * stride_am + offs_k[None, :] * stride_ak    # [BLOCK_M, BLOCK_K]
+    b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_n.to(tl.int64)[None, :] * stride_bn    # [BLOCK_K, BLOCK_N]
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        k_left = K - k * BLOCK_K
+        a = tl.load(a_ptrs, mask=m_ok[:, None] & (offs_k[None, :] < k_left), other=0.0)
+        b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & n_ok[None, :], other=0.0)
+        if INTERPRETER:                     # the interpreter's tl.dot on bf16 operands is wrong
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+    return acc, offs_m, offs_n, pid_n
+
+
+@triton.jit
 def _matmul_kernel(
     # pointers
     a_ptr, b_ptr, c_ptr,
@@ -93,47 +145,72 @@ def _matmul_kernel(
 ):
     """C[M, N] (+)= A[M, K] @ B[K, N], fp32 accumulation, any strides (a transpose is a stride swap).
 
-    One program owns one BLOCK_M × BLOCK_N tile of C; programs are ordered in groups of GROUP_M tile rows so
-    the tiles running together share their A and B panels in L2. With ACCUMULATE the old C (fp32) is added,
-    which is how dW += gᵀ h stays in place without atomics (each tile has one owner)."""
-    pid = tl.program_id(0)
-    grid_m = tl.cdiv(M, BLOCK_M)
-    grid_n = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * grid_n
-    first_m = (pid // per_group) * GROUP_M
-    group_m = min(grid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_m
-    pid_n = (pid % per_group) // group_m
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    # Edges are masked rather than wrapped (offs % M) so the compiler still sees BLOCK-long contiguous runs along
-    # whichever of M, N, K has unit stride (dW reads gᵀ, whose contiguous axis is M = V) and vectorizes the loads.
-    m_ok = offs_m < M
-    n_ok = offs_n < N
-    offs_m64 = offs_m.to(tl.int64)
-    offs_n64 = offs_n.to(tl.int64)
-    a_ptrs = a_ptr + offs_m64[:, None] * stride_am + offs_k[None, :] * stride_ak      # [BLOCK_M, BLOCK_K]
-    b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_n64[None, :] * stride_bn      # [BLOCK_K, BLOCK_N]
-
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
-        k_left = K - k * BLOCK_K
-        a = tl.load(a_ptrs, mask=m_ok[:, None] & (offs_k[None, :] < k_left), other=0.0)
-        b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & n_ok[None, :], other=0.0)
-        if INTERPRETER:                     # the interpreter's tl.dot on bf16 operands is wrong
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
-        a_ptrs += BLOCK_K * stride_ak
-        b_ptrs += BLOCK_K * stride_bk
-
-    c_ptrs = c_ptr + offs_m64[:, None] * stride_cm + offs_n64[None, :] * stride_cn
-    c_mask = m_ok[:, None] & n_ok[None, :]
+    With ACCUMULATE the old C (fp32) is added, which is how dW += gᵀ h stays in place without atomics (each
+    tile has one owner)."""
+    acc, offs_m, offs_n, _ = _tile_product(a_ptr, b_ptr, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
+                                           INTERPRETER, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
+    c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n.to(tl.int64)[None, :] * stride_cn
+    c_mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
     if ACCUMULATE:
         acc += tl.load(c_ptrs, mask=c_mask, other=0.0).to(tl.float32)
     tl.store(c_ptrs, _round_to(acc, c_ptr.dtype.element_ty, INTERPRETER), mask=c_mask)
+
+
+@triton.jit
+def _logits_kernel(
+    # pointers
+    h_ptr, w_ptr, logits_ptr, tile_max_ptr, tile_sum_ptr,
+    # shapes
+    n_rows, V, H,
+    # strides
+    stride_h, stride_w, stride_logits, stride_stats,
+    # meta
+    INTERPRETER: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """logits[n, V] = h[n, H] @ W[V, H]ᵀ in the logits dtype, plus softmax statistics of each row's piece of
+    this tile, from the rounded values the row kernel will read back:
+        tile_max[t, j] = max_v x_tv,   tile_sum[t, j] = Σ_v exp(x_tv − tile_max[t, j])    (v in tile column j)
+    so the row kernel gets logsumexp from V / BLOCK_N numbers instead of a pass over the row."""
+    acc, offs_m, offs_n, pid_n = _tile_product(h_ptr, w_ptr, n_rows, V, H, stride_h, 1, 1, stride_w,
+                                               INTERPRETER, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
+    m_ok = offs_m < n_rows
+    n_ok = offs_n < V
+    x = _round_to(acc, logits_ptr.dtype.element_ty, INTERPRETER)                        # [BLOCK_M, BLOCK_N]
+    rows64 = offs_m.to(tl.int64)
+    tl.store(logits_ptr + rows64[:, None] * stride_logits + offs_n[None, :], x,
+             mask=m_ok[:, None] & n_ok[None, :])
+    xf = tl.where(n_ok[None, :], x.to(tl.float32), float("-inf"))   # every tile has a column < V: max is finite
+    tile_max = tl.max(xf, axis=1)                                                        # [BLOCK_M]
+    tile_sum = tl.sum(tl.exp(xf - tile_max[:, None]), axis=1)
+    tl.store(tile_max_ptr + rows64 * stride_stats + pid_n, tile_max, mask=m_ok)
+    tl.store(tile_sum_ptr + rows64 * stride_stats + pid_n, tile_sum, mask=m_ok)
+
+
+@triton.jit
+def _loss_and_grad(
+    # pointers
+    row_ptr, loss_ptr,
+    # shapes
+    V,
+    # meta
+    row, target, lse, grad_scale,
+    IGNORE: tl.constexpr, BLOCK_V: tl.constexpr, INTERPRETER: tl.constexpr,
+):
+    """Given the row's logsumexp: loss_t = lse − x[y] (0 when ignored), then the row [V] at row_ptr is
+    overwritten with g = scale·(softmax − onehot) in its own dtype (scale = 0 on ignored rows). Each element
+    is loaded and stored by the same lane, so the in-place overwrite is race-free."""
+    valid = target != IGNORE
+    safe_target = tl.where(valid, target, 0)
+    picked = tl.load(row_ptr + safe_target).to(tl.float32)
+    tl.store(loss_ptr + row, tl.where(valid, lse - picked, 0.0))
+    scale = tl.where(valid, grad_scale, 0.0)
+    cols = tl.arange(0, BLOCK_V)
+    for start in range(0, V, BLOCK_V):
+        in_row = start + cols < V
+        x = tl.load(row_ptr + start + cols, mask=in_row, other=0.0).to(tl.float32)
+        g = tl.exp(x - lse) - tl.where(start + cols == safe_target, 1.0, 0.0)
+        tl.store(row_ptr + start + cols, _round_to(g * scale, row_ptr.dtype.element_ty, INTERPRETER), mask=in_row)
 
 
 @triton.jit
@@ -148,18 +225,14 @@ def _softmax_grad_kernel(
     grad_scale,
     IGNORE: tl.constexpr, BLOCK_V: tl.constexpr, INTERPRETER: tl.constexpr,
 ):
-    """One program per token row: loss_t = lse − logit[y], then the row becomes g = scale·(softmax − onehot).
+    """One program per token row whose logits came without statistics (torch GEMM): an online logsumexp pass
+    over the row, then _loss_and_grad.
 
-    Pass 1 keeps a running max m and sum s per lane (s·exp(m) = Σ exp over the lane's columns so far) and
-    folds the lanes once at the end; pass 2 rereads each block and overwrites it with g in the logits dtype.
-    Each element is loaded and stored by the same lane, so the in-place overwrite is race-free."""
+    The pass keeps a running max m and sum s per lane (s·exp(m) = Σ exp over the lane's columns so far) and
+    folds the lanes once at the end."""
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * stride_row
-    target = tl.load(targets_ptr + row)
-    valid = target != IGNORE
     cols = tl.arange(0, BLOCK_V)
-
-    # pass 1: online logsumexp (fp32)
     m = tl.full((BLOCK_V,), float("-inf"), tl.float32)
     s = tl.zeros((BLOCK_V,), tl.float32)
     for start in range(0, V, BLOCK_V):
@@ -170,26 +243,43 @@ def _softmax_grad_kernel(
         s = s * tl.exp(m - shift) + tl.exp(x - shift)
         m = m_new
     m_row = tl.max(m, axis=0)
-    s_row = tl.sum(s * tl.exp(m - m_row), axis=0)
-    lse = m_row + tl.log(s_row)
+    lse = m_row + tl.log(tl.sum(s * tl.exp(m - m_row), axis=0))
+    _loss_and_grad(row_ptr, loss_ptr, V, row, tl.load(targets_ptr + row), lse, grad_scale,
+                   IGNORE, BLOCK_V, INTERPRETER)
 
-    safe_target = tl.where(valid, target, 0)
-    picked = tl.load(row_ptr + safe_target).to(tl.float32)
-    tl.store(loss_ptr + row, tl.where(valid, lse - picked, 0.0))
 
-    # pass 2: g = scale · (softmax − onehot), in place
-    scale = tl.where(valid, grad_scale, 0.0)
-    for start in range(0, V, BLOCK_V):
-        in_row = start + cols < V
-        x = tl.load(row_ptr + start + cols, mask=in_row, other=0.0).to(tl.float32)
-        g = tl.exp(x - lse) - tl.where(start + cols == safe_target, 1.0, 0.0)
-        tl.store(row_ptr + start + cols, _round_to(g * scale, logits_ptr.dtype.element_ty, INTERPRETER),
-                 mask=in_row)
+@triton.jit
+def _softmax_grad_from_stats_kernel(
+    # pointers
+    logits_ptr, targets_ptr, loss_ptr, tile_max_ptr, tile_sum_ptr,
+    # shapes
+    V, n_tiles,
+    # strides
+    stride_row, stride_stats,
+    # meta
+    grad_scale,
+    IGNORE: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_TILES: tl.constexpr, INTERPRETER: tl.constexpr,
+):
+    """One program per token row whose logits came from _logits_kernel: logsumexp from the per-tile
+    statistics, lse = M + log Σ_j tile_sum_j · exp(tile_max_j − M) with M = max_j tile_max_j, then
+    _loss_and_grad. The row itself is read once and written once."""
+    row = tl.program_id(0).to(tl.int64)
+    j = tl.arange(0, BLOCK_TILES)
+    tile_max = tl.load(tile_max_ptr + row * stride_stats + j, mask=j < n_tiles, other=float("-inf"))
+    tile_sum = tl.load(tile_sum_ptr + row * stride_stats + j, mask=j < n_tiles, other=0.0)
+    m_row = tl.max(tile_max, axis=0)
+    lse = m_row + tl.log(tl.sum(tile_sum * tl.exp(tile_max - m_row), axis=0))
+    _loss_and_grad(logits_ptr + row * stride_row, loss_ptr, V, row, tl.load(targets_ptr + row), lse, grad_scale,
+                   IGNORE, BLOCK_V, INTERPRETER)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------------------
+def _precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 or tuning.interpreting() else "tf32"
+
+
 def _matmul(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, cfg: dict, accumulate: bool = False) -> None:
     """c (+)= a @ b with the GEMM choice ``cfg``; a, b, c are 2-D views of any strides."""
     (M, K), N = a.shape, b.shape[1]
@@ -210,28 +300,53 @@ def _matmul(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, cfg: dict, accumu
         a, b, c,
         M, N, K,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
-        ACCUMULATE=accumulate, INTERPRETER=tuning.interpreting(),
-        PRECISION="ieee" if a.dtype == torch.float32 or tuning.interpreting() else "tf32",
+        ACCUMULATE=accumulate, INTERPRETER=tuning.interpreting(), PRECISION=_precision(a.dtype),
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
 
 
+def _logits(hc: torch.Tensor, weight: torch.Tensor, logits: torch.Tensor, cfg: dict):
+    """logits[n, V] = hc @ Wᵀ. The Triton choice also returns the per-tile (max, sum) statistics [n, V/BLOCK_N]
+    for the row kernel; the torch choice returns None (the row kernel then makes its own pass)."""
+    if cfg["impl"] == "torch":
+        _matmul(hc, weight.t(), logits, cfg)
+        return None
+    (n, H), V = hc.shape, weight.shape[0]
+    if hc.stride(1) != 1 or weight.stride(1) != 1:
+        hc, weight = hc.contiguous(), weight.contiguous()   # the kernel assumes unit stride along H
+    n_tiles = triton.cdiv(V, cfg["BLOCK_N"])
+    stats = torch.empty(2, n, n_tiles, dtype=torch.float32, device=hc.device)        # [max | sum, n, tiles]
+    if n:
+        _logits_kernel[(triton.cdiv(n, cfg["BLOCK_M"]) * n_tiles,)](
+            hc, weight, logits, stats[0], stats[1],
+            n, V, H,
+            hc.stride(0), weight.stride(0), logits.stride(0), stats.stride(1),
+            INTERPRETER=tuning.interpreting(), PRECISION=_precision(hc.dtype),
+            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )
+    return stats
+
+
 def _softmax_grad_(logits: torch.Tensor, targets: torch.Tensor, loss_rows: torch.Tensor, grad_scale: float,
-                   cfg: dict) -> None:
+                   cfg: dict, stats: torch.Tensor | None) -> None:
     """In place over logits[n, V] (unit column stride): per-row loss into loss_rows[n], then g."""
     n, V = logits.shape
     if n == 0:
         return
-    _softmax_grad_kernel[(n,)](
-        logits, targets, loss_rows,
-        V,
-        logits.stride(0),
-        float(grad_scale),
-        IGNORE=IGNORE_INDEX, BLOCK_V=min(cfg["BLOCK_V"], triton.next_power_of_2(V)),
-        INTERPRETER=tuning.interpreting(),
-        num_warps=cfg["num_warps"],
-    )
+    meta = dict(IGNORE=IGNORE_INDEX, BLOCK_V=min(cfg["BLOCK_V"], triton.next_power_of_2(V)),
+                INTERPRETER=tuning.interpreting(), num_warps=cfg["num_warps"])
+    if stats is None:
+        _softmax_grad_kernel[(n,)](logits, targets, loss_rows, V, logits.stride(0), float(grad_scale), **meta)
+    else:
+        _softmax_grad_from_stats_kernel[(n,)](
+            logits, targets, loss_rows, stats[0], stats[1],
+            V, stats.shape[2],
+            logits.stride(0), stats.stride(1),
+            float(grad_scale),
+            BLOCK_TILES=triton.next_power_of_2(stats.shape[2]), **meta,
+        )
 
 
 def _check_inputs(h, weight, targets, d_weight, chunk_size) -> None:
@@ -285,8 +400,8 @@ def _run(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, d_weight:
         stop = min(start + chunk_size, T)
         hc = h[start:stop]                                                  # [n, H]
         logits = buf[:stop - start, :V]                                     # [n, V], becomes g in place
-        _matmul(hc, weight.t(), logits, config["logits"])
-        _softmax_grad_(logits, targets[start:stop], loss_rows[start:stop], grad_scale, config["row"])
+        stats = _logits(hc, weight, logits, config["logits"])
+        _softmax_grad_(logits, targets[start:stop], loss_rows[start:stop], grad_scale, config["row"], stats)
         _matmul(logits, weight, dh[start:stop], config["dh"])               # dh_c = g @ W       [n, H]
         _matmul(logits.t(), hc, d_weight, config["dw"], accumulate=True)    # dW += gᵀ @ h_c     [V, H]
     return loss_rows.sum(), dh
@@ -384,12 +499,11 @@ def autotune(shape: dict | None = None) -> list[dict]:
 
             def checker(role):   # the candidate in its role, the rest of cfg as chosen so far
                 return lambda c: check_config({**cfg, role: c}, H, V, dev, CHECK_TOKENS)
-            cfg["logits"] = _fastest(_GEMM_CANDIDATES, lambda c: _matmul(hc, weight.t(), logits, c),
-                                     checker("logits"))
+            cfg["logits"] = _fastest(_GEMM_CANDIDATES, lambda c: _logits(hc, weight, logits, c), checker("logits"))
             # logits must hold finite values for the row kernel; g stays finite when rerun in place
-            _matmul(hc, weight.t(), logits, cfg["logits"])
+            stats = _logits(hc, weight, logits, cfg["logits"])
             cfg["row"] = _fastest(_ROW_CANDIDATES,
-                                  lambda c: _softmax_grad_(logits, targets[:n], loss_rows, 1.0 / T, c),
+                                  lambda c: _softmax_grad_(logits, targets[:n], loss_rows, 1.0 / T, c, stats),
                                   checker("row"))
             cfg["dh"] = _fastest(_GEMM_CANDIDATES, lambda c: _matmul(logits, weight, dh, c), checker("dh"))
             cfg["dw"] = _fastest(_GEMM_CANDIDATES, lambda c: _matmul(logits.t(), hc, d_weight, c, accumulate=True),
