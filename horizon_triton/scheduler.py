@@ -141,17 +141,20 @@ def compute(p: Pipeline, i: int, slot: int | None, work, name: str) -> None:
         p.slot_free[slot] = p.dev.record("compute")
 
 
-def stream_out(p: Pipeline, i: int, acc: torch.Tensor, keep_alive: list):
-    """copy_out stream. Waits for the compute that finished layer i's gradient; rounds the fp32 accumulator to
-    the host grad dtype on the device (half the bus bytes in bf16 mode) and copies it to the host store.
+def stream_out(p: Pipeline, i: int, acc: torch.Tensor):
+    """copy_out stream. Waits for the compute that finished layer i's gradient and copies the fp32 accumulator
+    into the host grad buffer (on CUDA rounded on the device first: half the bus bytes in bf16 mode).
     Returns the event after which the accumulator may be reused."""
     p.dev.wait("copy_out", p.dev.record("compute"))
     host = p.store.grad[i]
 
     def copy():
-        staged = acc.to(host.dtype)   # a copy even in fp32 mode, so the accumulator is free at once
-        keep_alive.append(staged)     # pinned-memory copies read it asynchronously: keep it until the step syncs
+        if acc.device.type == "cpu":
+            host.copy_(acc)
+            return
+        staged = acc.to(host.dtype)
         host.copy_(staged, non_blocking=True)
+        p.dev.retain(staged, "copy_out")    # freed now, its memory reused only after the copy has run
     p.dev.submit("copy_out", _traced(p, f"stream_out {p.store.layouts[i].name}", "copy_out", copy))
     return p.dev.record("copy_out")
 
@@ -240,7 +243,6 @@ def run_step(p: Pipeline, mbs: list[lt.MicroBatch], grad_scale: float):
     ckpt = Checkpoints(p, L, M)                 # ckpt i: input of decoder layer i (1..L)
     act_bytes = [mb.input_ids.numel() * cfg.hidden_size * p.store.compute_dtype.itemsize for mb in mbs]
     totals = {}                                 # device scalars written by compute work
-    keep_alive: list = []                       # device tensors that in-flight copies still read
 
     def run_layers(order: list[int], make_work, after=None) -> None:
         """The ping-pong: layer order[pos] computes from slot pos % S while the next S-1 layers stream in."""
@@ -303,7 +305,7 @@ def run_step(p: Pipeline, mbs: list[lt.MicroBatch], grad_scale: float):
         return decoder
 
     def gradient_out(i, pos):
-        p.acc_free[pos % 2] = stream_out(p, i, p.accs[pos % 2][:p.store.layouts[i].numel], keep_alive)
+        p.acc_free[pos % 2] = stream_out(p, i, p.accs[pos % 2][:p.store.layouts[i].numel])
 
     def embed_backward():
         g = p.store.layouts[0].views(p.embed_acc)
@@ -314,15 +316,14 @@ def run_step(p: Pipeline, mbs: list[lt.MicroBatch], grad_scale: float):
         totals["sq_0"] = p.embed_acc.square().sum()
 
     run_layers(list(range(p.head + 1)), forward, save_checkpoint)   # embed, decoders, head
-    stream_out(p, p.head, p.head_acc, keep_alive)
+    stream_out(p, p.head, p.head_acc)
     ckpt.prefetch(L)
     run_layers(list(range(L, 0, -1)), backward, gradient_out)        # decoders L..1, recomputed
     compute(p, 0, None, embed_backward, "backward embed")            # needs no weights: a scatter-add of dx
-    stream_out(p, 0, p.embed_acc, keep_alive)
+    stream_out(p, 0, p.embed_acc)
 
     # sync: the loss and the gradient norm are needed on the host to clip and to report
     p.dev.sync(p.dev.record("compute"))
     p.dev.sync(p.dev.record("copy_out"))
-    keep_alive.clear()
     sq = sum(v for k, v in totals.items() if k.startswith("sq_"))
     return totals["loss"], sq
