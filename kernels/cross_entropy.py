@@ -377,7 +377,7 @@ def _check_inputs(h, weight, targets, d_weight, chunk_size) -> None:
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"linear_cross_entropy: chunk_size must be a positive int, got {chunk_size!r}")
     if T:
-        # sync: the host reads two scalars to name a bad target instead of reading out of bounds on the GPU
+        # sync: the host reads one flag, so a bad target is named here instead of read out of bounds on the GPU
         bad = (targets >= V) | ((targets < 0) & (targets != IGNORE_INDEX))
         if bool(bad.any()):
             t = int(bad.nonzero()[0, 0])

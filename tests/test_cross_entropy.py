@@ -104,7 +104,11 @@ def test_public_entry_and_torch_gemms(dtype):
     dw_ref = torch.zeros(V, H)
     ref = (*linear_cross_entropy_ref(h, weight, targets, dw_ref, 1.0, chunk), dw_ref)
     dw = torch.zeros(V, H)
-    _check((*linear_cross_entropy(h, weight, targets, dw, 1.0, chunk), dw), ref, exact, "default config", dtype)
+    got = (*linear_cross_entropy(h, weight, targets, dw, 1.0, chunk), dw)
+    _check(got, ref, exact, "default config", dtype)
+    dw = torch.zeros(V, H)                                         # int32 targets: the same numbers
+    got32 = (*linear_cross_entropy(h, weight, targets.int(), dw, 1.0, chunk), dw)
+    assert all(torch.equal(a, b) for a, b in zip(got, got32))
     dw = torch.zeros(V, H)
     _check((*ce._run(h, weight, targets, dw, 1.0, chunk, TORCH_GEMMS), dw), ref, exact, "torch GEMMs", dtype)
 
