@@ -128,6 +128,8 @@ class Engine:
             raise ValueError(f"optimizer step {self.step + 1} has no label tokens (every label is -100)")
         start = time.perf_counter()
         self.pipeline.meter.reset_peak()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
         loss_sum, sq_norm = run_step(self.pipeline, mbs, grad_scale=1.0 / tokens)
         grad_norm = math.sqrt(float(sq_norm))
         self.step += 1
@@ -143,6 +145,8 @@ class Engine:
             "host_peak_bytes": self.store.nbytes(),
             "host_rss_peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         }
+        if self.device.type == "cuda":   # everything on the GPU, the kernels' workspaces included
+            entry["device_allocator_peak_bytes"] = torch.cuda.max_memory_allocated()
         if callback is not None:
             callback(entry)
         return entry
