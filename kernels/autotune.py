@@ -16,6 +16,7 @@ import sys
 import torch
 
 KERNELS = {
+    "rmsnorm": "horizon_triton.kernels.rmsnorm",
     "rmsnorm_matmul": "horizon_triton.kernels.rmsnorm_matmul",
     "attention": "horizon_triton.kernels.attention",
     "cross_entropy": "horizon_triton.kernels.cross_entropy",
