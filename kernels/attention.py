@@ -326,20 +326,29 @@ def _attn_bwd_preprocess(
 
 @triton.jit
 def _dkdv_range(dk, dv, k, v, k_pos, k_doc,
-                Q, DO, LSE, DELTA, DOC, stride_qs, stride_qd, stride_dos, stride_dod,
+                Q, DO, LSE, DELTA, DOC, stride_qh, stride_qs, stride_qd, stride_doh, stride_dos, stride_dod,
                 lo, hi, seq_len, window, qk_scale,
-                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
+                GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
                 HAS_DOCS: tl.constexpr, HAS_WINDOW: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    """dK/dV of one key block accumulated over the query blocks [lo, hi) of one q head (tiles are key-major:
-    [BLOCK_N keys, BLOCK_M queries])."""
-    for start_m in range(lo, hi, BLOCK_M):
-        start_m = tl.multiple_of(start_m, BLOCK_M)
+    """dK/dV of one key block accumulated over the query blocks [lo, hi) of each of the GROUP q heads (Q, DO,
+    LSE, DELTA point at the group's first head). Tiles are key-major: [BLOCK_N keys, BLOCK_M queries].
+
+    One flat loop over (head, query block) rather than a head loop around a block loop: the nested form made
+    the compiler keep per-head address tiles live and spill on Hopper; the flat one pipelines as one loop."""
+    n_blocks = tl.cdiv(hi - lo, BLOCK_M)
+    for it in range(0, GROUP * n_blocks):
+        g = it // n_blocks
+        start_m = tl.multiple_of(lo + (it - g * n_blocks) * BLOCK_M, BLOCK_M)
         q_pos = start_m + tl.arange(0, BLOCK_M)
-        q = _load_rows(Q, q_pos, stride_qs, stride_qd, seq_len, HEAD_DIM, MASKED)       # [BLOCK_M, D]
+        Q_g = Q + g * stride_qh
+        DO_g = DO + g * stride_doh
+        LSE_g = LSE + g * seq_len
+        DELTA_g = DELTA + g * seq_len
+        q = _load_rows(Q_g, q_pos, stride_qs, stride_qd, seq_len, HEAD_DIM, MASKED)     # [BLOCK_M, D]
         if MASKED:
-            lse = tl.load(LSE + q_pos, mask=q_pos < seq_len, other=0.0)
+            lse = tl.load(LSE_g + q_pos, mask=q_pos < seq_len, other=0.0)
         else:
-            lse = tl.load(LSE + q_pos)
+            lse = tl.load(LSE_g + q_pos)
         qkT = _dot(k, tl.trans(q), None, UPCAST, PRECISION)                             # [BLOCK_N, BLOCK_M]
         pT = tl.math.exp2(qkT * qk_scale - lse[None, :] * 1.4426950408889634)
         if MASKED or HAS_DOCS:
@@ -349,15 +358,15 @@ def _dkdv_range(dk, dv, k, v, k_pos, k_doc,
             ok = _allowed(q_pos[None, :], k_pos[:, None], q_doc[None, :], k_doc[:, None], seq_len, window,
                           MASKED, HAS_DOCS, HAS_WINDOW)
             pT = tl.where(ok, pT, 0.0)
-        do = _load_rows(DO, q_pos, stride_dos, stride_dod, seq_len, HEAD_DIM, MASKED)
+        do = _load_rows(DO_g, q_pos, stride_dos, stride_dod, seq_len, HEAD_DIM, MASKED)
         if MASKED:
-            delta = tl.load(DELTA + q_pos, mask=q_pos < seq_len, other=0.0)
+            delta = tl.load(DELTA_g + q_pos, mask=q_pos < seq_len, other=0.0)
         else:
-            delta = tl.load(DELTA + q_pos)
-        dv = _dot(_to(pT, do.dtype, UPCAST), do, dv, UPCAST, PRECISION)                            # [BLOCK_N, D]
+            delta = tl.load(DELTA_g + q_pos)
+        dv = _dot(_to(pT, do.dtype, UPCAST), do, dv, UPCAST, PRECISION)                   # [BLOCK_N, D]
         dpT = _dot(v, tl.trans(do), None, UPCAST, PRECISION)                             # [BLOCK_N, BLOCK_M]
         dsT = pT * (dpT - delta[None, :])
-        dk = _dot(_to(dsT, q.dtype, UPCAST), q, dk, UPCAST, PRECISION)                             # [BLOCK_N, D]
+        dk = _dot(_to(dsT, q.dtype, UPCAST), q, dk, UPCAST, PRECISION)                    # [BLOCK_N, D]
     return dk, dv
 
 
@@ -410,18 +419,16 @@ def _attn_bwd_dkdv(
         tail_lo = tl.maximum(tail_lo, first)
         hi = tl.minimum(hi, end)
 
-    for g in range(GROUP):
-        off_h = off_kh * GROUP + g
-        Qh = Q + off_b * stride_qb + off_h * stride_qh
-        DOh = DO + off_b * stride_dob + off_h * stride_doh
-        row = (off_b * num_heads + off_h) * seq_len
-        args = (Qh, DOh, LSE + row, DELTA + row, DOC, stride_qs, stride_qd, stride_dos, stride_dod)
-        dk, dv = _dkdv_range(dk, dv, k, v, k_pos, k_doc, *args, diag_lo, diag_hi, seq_len, window, qk_scale,
-                             HEAD_DIM, BLOCK_M, True, HAS_DOCS, HAS_WINDOW, UPCAST, PRECISION)
-        dk, dv = _dkdv_range(dk, dv, k, v, k_pos, k_doc, *args, full_lo, full_hi, seq_len, window, qk_scale,
-                             HEAD_DIM, BLOCK_M, False, HAS_DOCS, HAS_WINDOW, UPCAST, PRECISION)
-        dk, dv = _dkdv_range(dk, dv, k, v, k_pos, k_doc, *args, tail_lo, hi, seq_len, window, qk_scale,
-                             HEAD_DIM, BLOCK_M, True, HAS_DOCS, HAS_WINDOW, UPCAST, PRECISION)
+    first_h = off_kh * GROUP
+    row = (off_b * num_heads + first_h) * seq_len
+    args = (Q + off_b * stride_qb + first_h * stride_qh, DO + off_b * stride_dob + first_h * stride_doh,
+            LSE + row, DELTA + row, DOC, stride_qh, stride_qs, stride_qd, stride_doh, stride_dos, stride_dod)
+    dk, dv = _dkdv_range(dk, dv, k, v, k_pos, k_doc, *args, diag_lo, diag_hi, seq_len, window, qk_scale,
+                         GROUP, HEAD_DIM, BLOCK_M, True, HAS_DOCS, HAS_WINDOW, UPCAST, PRECISION)
+    dk, dv = _dkdv_range(dk, dv, k, v, k_pos, k_doc, *args, full_lo, full_hi, seq_len, window, qk_scale,
+                         GROUP, HEAD_DIM, BLOCK_M, False, HAS_DOCS, HAS_WINDOW, UPCAST, PRECISION)
+    dk, dv = _dkdv_range(dk, dv, k, v, k_pos, k_doc, *args, tail_lo, hi, seq_len, window, qk_scale,
+                         GROUP, HEAD_DIM, BLOCK_M, True, HAS_DOCS, HAS_WINDOW, UPCAST, PRECISION)
 
     dk *= scale
     DK += off_b * stride_dkb + off_kh * stride_dkh
@@ -528,14 +535,16 @@ DKDV_CONFIGS = [_cfg(bm, bn, w, s) for bm in (16, 32, 64) for bn in (64, 128) fo
                 if bn % bm == 0]
 DQ_CONFIGS = [_cfg(bm, bn, w, s) for bm in (64, 128) for bn in (16, 32, 64) for w in (4, 8) for s in (1, 2, 3)]
 
-# Defaults by head dim (Triton tutorial / FA2 choices for H100; shared memory ≤ ~160 KB per program).
+# Defaults by head dim: Triton tutorial / FA2 shapes, kept where a CPU-side compile for sm_90 (triton.compile with
+# GPUTarget("cuda", 90, 32), resources from cuobjdump) showed no register spills with documents and window on.
+# Not timed: `python -m horizon_triton.kernels.autotune attention` on the GPU replaces them.
 _DEFAULTS = {
-    "attention_fwd": {32: _cfg(128, 64, 4, 3), 64: _cfg(128, 64, 4, 3), 128: _cfg(128, 64, 8, 3),
-                      256: _cfg(64, 32, 4, 2)},
-    "attention_bwd_dkdv": {32: _cfg(32, 128, 4, 3), 64: _cfg(32, 128, 4, 3), 128: _cfg(64, 128, 8, 2),
-                           256: _cfg(32, 32, 4, 2)},
-    "attention_bwd_dq": {32: _cfg(128, 32, 4, 3), 64: _cfg(128, 32, 4, 3), 128: _cfg(128, 64, 8, 2),
-                         256: _cfg(64, 32, 4, 2)},
+    "attention_fwd": {32: _cfg(128, 64, 8, 3), 64: _cfg(128, 64, 8, 3), 128: _cfg(128, 64, 8, 3),
+                      256: _cfg(128, 32, 8, 2)},
+    "attention_bwd_dkdv": {32: _cfg(64, 128, 8, 3), 64: _cfg(64, 128, 8, 3), 128: _cfg(32, 128, 8, 3),
+                           256: _cfg(16, 64, 8, 2)},
+    "attention_bwd_dq": {32: _cfg(128, 64, 8, 3), 64: _cfg(128, 64, 8, 3), 128: _cfg(128, 64, 8, 2),
+                         256: _cfg(128, 32, 8, 2)},
 }
 # Small tiles in the interpreter: several blocks per test sequence, so every range (edge, full, diagonal,
 # tail) is exercised, and BLOCK_M ≠ BLOCK_N.
