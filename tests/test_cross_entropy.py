@@ -18,7 +18,7 @@ from horizon_triton.kernels import tuning
 from horizon_triton.kernels.cross_entropy import linear_cross_entropy, linear_cross_entropy_ref
 
 # Small blocks so that the small test shapes still span many tiles, partial tiles and several K steps.
-_GEMM_SMALL = dict(impl="triton", BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, GROUP_M=2, num_warps=4, num_stages=2)
+_GEMM_SMALL = dict(impl="triton", BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, num_warps=4, num_stages=2)
 TRITON_SMALL = dict(logits=_GEMM_SMALL, dh=_GEMM_SMALL, dw=_GEMM_SMALL, row=dict(BLOCK_V=128, num_warps=4))
 TORCH_GEMMS = dict(logits=ce._TORCH, dh=ce._TORCH, dw=ce._TORCH, row=dict(BLOCK_V=64, num_warps=4))
 
@@ -134,7 +134,7 @@ def _largest_allocation(fn) -> int:
 
 @pytest.mark.parametrize("impl", ["reference", "kernel"])
 def test_memory_is_chunk_bounded(impl):
-    T, H, V, chunk = 160, 8, 1000, 16                  # T·V = 160 000 floats ≫ chunk·V, V·H, T·H
+    T, H, V, chunk = 128, 8, 1000, 32                  # T·V = 4 chunks·V ≫ V·H, T·H
     h, weight, targets = _inputs(T, H, V, torch.float32)
     fn = linear_cross_entropy_ref if impl == "reference" else linear_cross_entropy
     largest = _largest_allocation(lambda: fn(h, weight, targets, torch.zeros(V, H), 1.0, chunk))
