@@ -92,7 +92,8 @@ class Engine:
         emb = torch.cat((freqs, freqs), dim=-1)          # [T, D]
         return lt.MicroBatch(input_ids=ids.long().to(dev), targets=targets.reshape(-1).to(dev),
                              cos=emb.cos(), sin=emb.sin(),
-                             doc_ids=None if doc_ids is None else doc_ids.to(dev))
+                             doc_ids=None if doc_ids is None else doc_ids.to(dev),
+                             num_targets=int((targets != IGNORE_INDEX).sum()))
 
     # ---- training ---------------------------------------------------------------------------------------
     def fit(self, loader, max_steps: int | None = None, callback=None) -> list[dict]:
@@ -123,7 +124,7 @@ class Engine:
         return history
 
     def _optimizer_step(self, mbs: list[lt.MicroBatch], total_steps: int | None, callback) -> dict:
-        tokens = int(sum((mb.targets != IGNORE_INDEX).sum().item() for mb in mbs))
+        tokens = sum(mb.num_targets for mb in mbs)
         if tokens == 0:
             raise ValueError(f"optimizer step {self.step + 1} has no label tokens (every label is -100)")
         start = time.perf_counter()

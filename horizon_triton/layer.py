@@ -25,6 +25,7 @@ class MicroBatch:
     cos: torch.Tensor                 # [T, D] fp32 rotary tables at each token's position
     sin: torch.Tensor
     doc_ids: torch.Tensor | None      # [B, S] int32 document index (packed sequences), None: one document a row
+    num_targets: int                  # counted (non-ignored) targets, known on the host without a sync
 
     @property
     def shape(self) -> tuple[int, int]:
