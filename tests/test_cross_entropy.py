@@ -4,6 +4,7 @@ the reference, chunk-bounded memory, and the input errors.
 The judge is an fp64 autograd run of F.cross_entropy(h @ Wᵀ) on the same (already rounded) inputs. A kernel
 result passes when err_kernel ≤ 2·err_reference + atol, both errors measured against that judge, where the
 reference is reference.linear_cross_entropy in the same dtype (its own rounding sets the bar)."""
+import json
 import os
 import subprocess
 import sys
@@ -14,8 +15,9 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 from horizon_triton.kernels import cross_entropy as ce
-from horizon_triton.kernels import tuning
+from horizon_triton.kernels import sweep, tuning
 from horizon_triton.kernels.cross_entropy import linear_cross_entropy, linear_cross_entropy_ref
+from kernel_checks import dry_run_autotune
 
 # Small blocks so that the small test shapes still span many tiles, partial tiles and several K steps.
 _GEMM_SMALL = dict(impl="triton", BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, num_warps=4, num_stages=2)
@@ -173,23 +175,17 @@ def test_input_errors(over, match):
 # ----------------------------------------------------------------------------------------------------------
 # Autotune dry run (interpreter, fake timer) and a compile of the real kernels for sm_90 (no GPU needed)
 # ----------------------------------------------------------------------------------------------------------
-def test_autotune_dry_run(monkeypatch, tmp_path, capsys):
-    """Every candidate runs once through the sweep code; the winner is stored and read back by the launcher."""
-    monkeypatch.setattr(ce, "AUTOTUNE_DEVICE", "cpu")
+def test_autotune_dry_run(monkeypatch, tmp_path):
+    """Every candidate runs once through the sweep code (checked, fake-timed); the last, 'fastest', candidate of
+    each role is stored and is what the launcher would read back."""
     monkeypatch.setattr(ce, "CHECK_TOKENS", 20)
-    monkeypatch.setattr(ce, "_GEMM_CANDIDATES", [_GEMM_SMALL, ce._TORCH])
     monkeypatch.setattr(ce, "_ROW_CANDIDATES", [dict(BLOCK_V=64, num_warps=4), dict(BLOCK_V=128, num_warps=4)])
-    fake_ms = iter(range(1000, 0, -1))                 # later candidates look faster: the last one must win
-    monkeypatch.setattr(tuning, "time_ms", lambda fn, warmup=0, rep=0: (fn(), next(fake_ms))[1])
-    monkeypatch.setenv("HORIZON_TUNING_CACHE", str(tmp_path / "autotune.json"))
-    monkeypatch.setattr(tuning, "_cache", None)
-    rows = ce.autotune(dict(T=40, H=16, V=70, chunk=32))
-    assert "skipping" not in capsys.readouterr().out
+    rows, stored = dry_run_autotune(monkeypatch, tmp_path, ce, "_GEMM_CANDIDATES", [_GEMM_SMALL, ce._TORCH],
+                                    dict(T=40, H=16, V=70, chunk=32))
     (row,) = rows
     assert row["shape"]["chunk"] == 32 and "TFLOPS" in row["throughput"]
-    assert row["config"]["logits"] == ce._TORCH and row["config"]["row"]["BLOCK_V"] == 128
-    stored = tuning._load()["interpreter"]["cross_entropy"][ce.shape_key(torch.bfloat16, 16, 70, 32)]
-    assert stored == row["config"]
+    assert row["config"] == dict(logits=ce._TORCH, dh=ce._TORCH, dw=ce._TORCH, row=dict(BLOCK_V=128, num_warps=4))
+    assert stored["cross_entropy"][ce.shape_key(torch.bfloat16, 16, 70, 32)] == row["config"]
 
 
 def test_autotune_skips_wrong_candidates(monkeypatch, capsys):
@@ -201,93 +197,69 @@ def test_autotune_skips_wrong_candidates(monkeypatch, capsys):
         if cfg["impl"] == "broken":
             c.mul_(1.01)                            # a 1 % error: what a bad tile edge or a dropped beta gives
     monkeypatch.setattr(ce, "_matmul", matmul)
-    base = ce.default_config(torch.bfloat16)
-    wrong = ce.check_config({**base, "dw": dict(impl="broken")}, 16, 70, "cpu", tokens=20)
-    assert wrong and wrong.startswith("d_weight")
-    assert ce.check_config(base, 16, 70, "cpu", tokens=20) is None
     monkeypatch.setattr(tuning, "time_ms", lambda fn, warmup=0, rep=0: fn() or 1.0)
+    base = ce.default_config(torch.bfloat16)
+    assert ce.check_error({**base, "dw": dict(impl="broken")}, 16, 70, "cpu", tokens=20) > 1
+    assert ce.check_error(base, 16, 70, "cpu", tokens=20) <= 1
     timed = []
-    best = ce._fastest([dict(impl="broken"), ce._TORCH], timed.append,
-                       lambda c: ce.check_config({**base, "dh": c}, 16, 70, "cpu", tokens=20))
+    best, _ = sweep.fastest("ce", [dict(impl="broken"), ce._TORCH], timed.append,
+                            lambda c: ce.check_error({**base, "dh": c}, 16, 70, "cpu", tokens=20), tol=1.0)
     assert best == ce._TORCH and timed == [ce._TORCH]
-    assert "wrong result on this device: dh" in capsys.readouterr().out
+    assert "wrong result on this device" in capsys.readouterr().out
 
 
-def _hopper_compile_report():
-    """Compiles the GEMM (per role, default configs) and the row kernel for sm_90 with the Triton wheel's ptxas;
-    prints one line per kernel: name, registers, stack bytes (spills), shared memory, whether it uses wgmma."""
-    import re
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-    target = GPUTarget("cuda", 90, 32)
-
-    def report(name, src, options):
-        k = triton.compile(src, target=target, options=options)
-        cubin = os.path.join(os.environ["CE_TMP"], name + ".cubin")
-        with open(cubin, "wb") as f:
-            f.write(k.asm["cubin"])
-        usage = subprocess.run([os.path.join(bin_dir, "cuobjdump"), "--dump-resource-usage", cubin],
-                               capture_output=True, text=True).stdout
-        regs, stack = re.search(r"REG:(\d+).*?STACK:(\d+)", usage).groups()
-        print(name, regs, stack, k.metadata.shared, "wgmma" in k.asm["ptx"], flush=True)
-
+def _hopper_compile_report() -> dict:
+    """Every kernel of the module compiled for sm_90 at its default bf16 config (shared tests/hopper_compile.py):
+    per kernel shared memory, registers, stack bytes (spills), wgmma and async-copy (pipelining) counts."""
+    from hopper_compile import _compile
     cfg = ce.default_config(torch.bfloat16)
-    gemm_meta = ("INTERPRETER", "PRECISION", "BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")
 
-    def gemm(g, **extra):
+    def gemm_meta(g, **more):
         return dict(INTERPRETER=False, PRECISION="tf32", BLOCK_M=g["BLOCK_M"], BLOCK_N=g["BLOCK_N"],
-                    BLOCK_K=g["BLOCK_K"], GROUP_M=g["GROUP_M"], **extra)
-
-    def source(kernel, types: dict, const: dict):
-        """Arguments in ``const`` are compile-time (Triton specializes strides equal to 1 the same way); the
-        others are taken 16-aligned/divisible, as for H = 4096, V = 128256."""
-        sig = {name: "constexpr" if name in const else ty for name, ty in types.items()}
-        attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(types) if name not in const}
-        return ASTSource(kernel, sig, const, attrs)
-
+                    BLOCK_K=g["BLOCK_K"], GROUP_M=g["GROUP_M"], **more)
+    report = {}
     g = cfg["logits"]
-    report("gemm_logits", source(ce._logits_kernel, dict(
-        h_ptr="*bf16", w_ptr="*bf16", logits_ptr="*bf16", tile_max_ptr="*fp32", tile_sum_ptr="*fp32",
-        n_rows="i32", V="i32", H="i32", stride_h="i32", stride_w="i32", stride_logits="i32", stride_stats="i32",
-        **dict.fromkeys(gemm_meta, "")), gemm(g)), dict(num_warps=g["num_warps"], num_stages=g["num_stages"]))
-    mm_types = dict(a_ptr="*bf16", b_ptr="*bf16", c_ptr="*bf16", M="i32", N="i32", K="i32", stride_am="i32",
-                    stride_ak="i32", stride_bk="i32", stride_bn="i32", stride_cm="i32", stride_cn="i32",
-                    ACCUMULATE="", **dict.fromkeys(gemm_meta, ""))
-    # dh = g @ W (unit strides: g along V, W along H, dh along H); dW += gᵀ @ h (gᵀ along V, h and dW along H)
+    types = dict(h_ptr="*bf16", w_ptr="*bf16", logits_ptr="*bf16", tile_max_ptr="*fp32", tile_sum_ptr="*fp32",
+                 n_rows="i32", V="i32", H="i32", stride_h="i32", stride_w="i32", stride_logits="i32",
+                 stride_stats="i32")
+    report["gemm_logits"] = _compile(ce._logits_kernel, types, gemm_meta(g), g["num_warps"], g["num_stages"])
+    # dh = g @ W: unit strides along V (g) and H (W, dh); dW += gᵀ @ h: gᵀ is unit-stride along M = V
+    mm = ["a_ptr", "b_ptr", "c_ptr", "M", "N", "K", "stride_am", "stride_ak", "stride_bk", "stride_bn", "stride_cm",
+          "stride_cn"]
     for role, g, unit, c_type, acc in (("dh", ce._GEMM_BF16, ("stride_ak", "stride_bn"), "*bf16", False),
                                        ("dw", cfg["dw"], ("stride_am", "stride_bn"), "*fp32", True)):
-        report(f"gemm_{role}", source(ce._matmul_kernel, dict(mm_types, c_ptr=c_type),
-                                      gemm(g, ACCUMULATE=acc, stride_cn=1, **dict.fromkeys(unit, 1))),
-               dict(num_warps=g["num_warps"], num_stages=g["num_stages"]))
+        types = {n: ("*bf16" if n.endswith("_ptr") else "i32") for n in mm if n not in (*unit, "stride_cn")}
+        types["c_ptr"] = c_type
+        meta = gemm_meta(g, ACCUMULATE=acc, stride_cn=1, **dict.fromkeys(unit, 1))
+        report[f"gemm_{role}"] = _compile(ce._matmul_kernel, types, meta, g["num_warps"], g["num_stages"])
     row = cfg["row"]
-    row_types = dict(logits_ptr="*bf16", targets_ptr="*i64", loss_ptr="*fp32", V="i32", stride_row="i32",
-                     grad_scale="fp32", IGNORE="", BLOCK_V="", INTERPRETER="")
-    row_const = dict(IGNORE=-100, BLOCK_V=row["BLOCK_V"], INTERPRETER=False)
-    report("row", source(ce._softmax_grad_kernel, row_types, row_const), dict(num_warps=row["num_warps"]))
-    report("row_from_stats", source(ce._softmax_grad_from_stats_kernel, dict(
-        logits_ptr="*bf16", targets_ptr="*i64", loss_ptr="*fp32", tile_max_ptr="*fp32", tile_sum_ptr="*fp32",
-        V="i32", n_tiles="i32", stride_row="i32", stride_stats="i32", grad_scale="fp32", IGNORE="", BLOCK_V="",
-        BLOCK_TILES="", INTERPRETER=""), dict(row_const, BLOCK_TILES=512)), dict(num_warps=row["num_warps"]))
+    meta = dict(IGNORE=-100, BLOCK_V=row["BLOCK_V"], INTERPRETER=False)
+    types = dict(logits_ptr="*bf16", targets_ptr="*i64", loss_ptr="*fp32", V="i32", stride_row="i32",
+                 grad_scale="fp32")
+    report["row"] = _compile(ce._softmax_grad_kernel, types, meta, row["num_warps"], 1)
+    types = dict(logits_ptr="*bf16", targets_ptr="*i64", loss_ptr="*fp32", tile_max_ptr="*fp32",
+                 tile_sum_ptr="*fp32", V="i32", n_tiles="i32", stride_row="i32", stride_stats="i32",
+                 grad_scale="fp32")
+    report["row_from_stats"] = _compile(ce._softmax_grad_from_stats_kernel, types, dict(meta, BLOCK_TILES=512),
+                                        row["num_warps"], 1)
+    return report
 
 
-def test_kernels_compile_for_hopper(tmp_path):
-    """The interpreter never compiles: build the real kernels for sm_90 (outside the interpreter, in a child
-    process) and require tensor-core (wgmma) GEMMs without register spills in their default configs."""
-    import triton
-    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
-        pytest.skip("this Triton wheel ships no ptxas")
-    env = dict(os.environ, TRITON_INTERPRET="0", CE_TMP=str(tmp_path), TRITON_DEFAULT_FP_FUSION="1")
+def test_kernels_compile_for_hopper():
+    """The interpreter never compiles: build the real kernels for sm_90 (in a child process without it) and
+    require pipelined wgmma GEMMs without register spills and within an H100's shared memory."""
+    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
     out = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    lines = {name: rest for name, *rest in (line.split() for line in out.stdout.splitlines())}
-    assert set(lines) == {"gemm_logits", "gemm_dh", "gemm_dw", "row", "row_from_stats"}, out.stdout
-    for name, (regs, stack, shared, wgmma) in lines.items():
-        assert stack == "0", f"{name} spills registers on sm_90 ({regs} registers, {stack} B of stack)"
-        assert int(shared) <= 227 * 1024, f"{name} needs {shared} B of shared memory, more than an H100 has"
-        assert name.startswith("row") or wgmma == "True", f"{name} does not use wgmma tensor cores on sm_90"
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert set(report) == {"gemm_logits", "gemm_dh", "gemm_dw", "row", "row_from_stats"}
+    for name, r in report.items():
+        assert r["stack_bytes"] == 0, f"{name} spills on sm_90 ({r['registers']} registers, {r['stack_bytes']} B)"
+        assert r["shared_bytes"] <= 227 * 1024, f"{name}: {r['shared_bytes']} B of shared memory > 227 KB"
+        if name.startswith("gemm"):
+            assert r["wgmma"] > 0, f"{name}: no wgmma in the compiled kernel"
+            assert r["async_copies"] > 0, f"{name}: the K loop is not software-pipelined"
 
 
 if __name__ == "__main__":      # the child process of test_kernels_compile_for_hopper
-    _hopper_compile_report()
+    print(json.dumps(_hopper_compile_report()))
