@@ -185,6 +185,12 @@ def _forward(x, weight, eps, cfg):
     return y.view(x.shape), rstd.view(x.shape[:-1])
 
 
+def rmsnorm_backward_into_dy_(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
+                              d_weight: torch.Tensor) -> torch.Tensor:
+    """rmsnorm_backward writing dx over a contiguous dy[T, H] of x's dtype (the fused backward's dxn buffer)."""
+    return _backward(dy, x, weight, rstd, d_weight, _config("rmsnorm_bwd", x.shape[-1], x.dtype), out=dy)
+
+
 def rmsnorm_rstd(x: torch.Tensor, eps: float) -> torch.Tensor:
     """x[T, H] -> rstd[T] fp32 (the statistics pass of the fused RMSNorm + matmul)."""
     H = x.shape[-1]
@@ -221,12 +227,13 @@ def rmsnorm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rs
     return _backward(dy, x, weight, rstd, d_weight, _config("rmsnorm_bwd", H, x.dtype))
 
 
-def _backward(dy, x, weight, rstd, d_weight, cfg):
+def _backward(dy, x, weight, rstd, d_weight, cfg, out=None):
+    """out: where dx goes; may be dy itself (each program reads its rows whole before it writes them)."""
     H = x.shape[-1]
     x2, dy2 = _rows(x, "x", H), _rows(dy, "dy", H)
     rstd2 = rstd.reshape(-1).contiguous()
     n_rows = x2.shape[0]
-    dx = torch.empty((n_rows, H), dtype=x.dtype, device=x.device)
+    dx = torch.empty((n_rows, H), dtype=x.dtype, device=x.device) if out is None else out.view(n_rows, H)
     grid = _n_programs(x.device, triton.cdiv(n_rows, cfg["ROWS"]))
     dg_partial = torch.empty((grid, H), dtype=torch.float32, device=x.device)
     _rmsnorm_bwd_kernel[(grid,)](

@@ -9,11 +9,11 @@ Forward (two launches):
    only difference from rmsnorm → matmul is the order of the fp32 accumulation.
 Backward (three launches), with xn recomputed, never stored:
     1. GEMM            dxn[T, H] = dy @ W                                           (activation dtype, as the reference)
-    2. row pass        dx = rstd · (dxhat − xhat · mean(dxhat · xhat)),  dxhat = dxn · g,  dg += Σ_t dxn · xhat
-                       (kernels/rmsnorm.py's backward kernel)
-    3. GEMM            dW[N, H] += dyᵀ @ xn   computed as dWᵀ tiles = xnᵀ @ dy, so the recomputed xnᵀ is the A
+    2. GEMM            dW[N, H] += dyᵀ @ xn   computed as dWᵀ tiles = xnᵀ @ dy, so the recomputed xnᵀ is the A
                        operand (registers on Hopper) and dy the B operand; each program owns one [BLOCK_M, BLOCK_N]
                        tile of dWᵀ and adds it to the caller's fp32 d_weight (no atomics, deterministic).
+    3. row pass        dx = rstd · (dxhat − xhat · mean(dxhat · xhat)),  dxhat = dxn · g,  dg += Σ_t dxn · xhat
+                       (kernels/rmsnorm.py's backward kernel, writing dx over dxn)
 FLOPs: forward 2·T·N·H; backward 4·T·N·H (dx GEMM + dW GEMM).
 
 Supported range: x[T, H], W[N, H] in bf16, fp16 or fp32 (same dtype), contiguous last axes, any T, N, H ≥ 1
@@ -35,7 +35,7 @@ import triton.language as tl
 from . import sweep, tuning
 from .reference import rmsnorm_matmul_backward as rmsnorm_matmul_backward_ref  # noqa: F401  (tests/benchmarks)
 from .reference import rmsnorm_matmul_forward as rmsnorm_matmul_forward_ref  # noqa: F401
-from .rmsnorm import rmsnorm_backward, rmsnorm_rstd
+from .rmsnorm import rmsnorm_backward_into_dy_, rmsnorm_rstd
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -274,12 +274,12 @@ def rmsnorm_matmul_backward(dy: torch.Tensor, x: torch.Tensor, norm_weight: torc
     cfg = _config("rmsnorm_matmul_dx", T, N, H, x.dtype)
     _launch_gemm(_matmul_kernel, (T, H), cfg,
                  (dy, weight, dxn, T, H, N, dy.stride(0), weight.stride(0), dxn.stride(0)), x.dtype)
-    # 2. dW += dyᵀ @ xn with xn recomputed tile by tile (before step 3 so dxn's memory is still the only extra)
+    # 2. dW += dyᵀ @ xn with xn recomputed tile by tile
     cfg = _config("rmsnorm_matmul_dw", T, N, H, x.dtype)
     _launch_gemm(_rmsnorm_matmul_dw_kernel, (H, N), cfg,
                  (x, g, rstd, dy, d_weight, T, N, H, x.stride(0), dy.stride(0), d_weight.stride(0)), x.dtype)
-    # 3. through the norm: dx and dg (row pass)
-    return rmsnorm_backward(dxn, x, norm_weight, rstd, d_norm_weight)
+    # 3. through the norm: dx (written over dxn: one [T, H] buffer in all) and dg, in one row pass
+    return rmsnorm_backward_into_dy_(dxn, x, norm_weight, rstd, d_norm_weight)
 
 
 # ----------------------------------------------------------------------------------------------------------
