@@ -37,8 +37,9 @@ Known gaps:
   machine, no spills, wgmma used), never timed: run `python -m horizon_triton.kernels.autotune attention` on
   the GPU. hd256 is the least explored (the dkdv default keeps a 24-byte stack frame).
 - stored configs are keyed by head dim, dtype and a sequence-length bucket, not by documents or window.
-- Triton's CPU interpreter gets bf16 tl.dot wrong, so when interpreting the dot operands are upcast to fp32
-  (after the same bf16 rounding of P and dS the GPU path does).
+- Triton's CPU interpreter gets bf16 tl.dot wrong and truncates fp32 → bf16 instead of rounding, so when
+  interpreting (UPCAST) the dot operands are upcast to fp32 and every downcast rounds to nearest even by hand,
+  which reproduces what the GPU computes.
 """
 from __future__ import annotations
 
@@ -55,8 +56,8 @@ from .reference import attention_mask
 
 HEAD_DIMS = (32, 64, 128, 256)
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+LOG2E = tl.constexpr(1.4426950408889634)   # kernels go to base 2 with it (tl.constexpr: readable inside @jit)
+LN2 = tl.constexpr(0.6931471805599453)     # and come back to natural log with it
 
 
 def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: torch.Tensor | None, scale: float,
@@ -293,7 +294,7 @@ def _attn_fwd(
 
     acc = acc / l_i[:, None]
     q_in = q_pos < seq_len
-    tl.store(LSE + q_pos, (m_i + tl.math.log2(l_i)) * 0.6931471805599453, mask=q_in)   # back to natural log
+    tl.store(LSE + q_pos, (m_i + tl.math.log2(l_i)) * LN2, mask=q_in)                  # natural log
     tl.store(O + q_pos[:, None] * stride_os + offs_d[None, :] * stride_od, _to(acc, O.dtype.element_ty, UPCAST),
              mask=q_in[:, None])
 
@@ -351,7 +352,7 @@ def _dkdv_range(dk, dv, k, v, k_pos, k_doc,
         else:
             lse = tl.load(LSE_g + q_pos)
         qkT = _dot(k, tl.trans(q), None, UPCAST, PRECISION)                             # [BLOCK_N, BLOCK_M]
-        pT = tl.math.exp2(qkT * qk_scale - lse[None, :] * 1.4426950408889634)
+        pT = tl.math.exp2(qkT * qk_scale - lse[None, :] * LOG2E)
         if MASKED or HAS_DOCS:
             q_doc = q_pos
             if HAS_DOCS:
@@ -499,7 +500,7 @@ def _attn_bwd_dq(
     do = _load_rows(DO + off_b * stride_dob + off_h * stride_doh, q_pos, stride_dos, stride_dod, seq_len, HEAD_DIM,
                     True)
     row = off_bh.to(tl.int64) * seq_len
-    lse2 = tl.load(LSE + row + q_pos, mask=q_in, other=0.0) * 1.4426950408889634      # base 2, as the scores
+    lse2 = tl.load(LSE + row + q_pos, mask=q_in, other=0.0) * LOG2E                  # base 2, as the scores
     delta = tl.load(DELTA + row + q_pos, mask=q_in, other=0.0)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
 
@@ -615,7 +616,7 @@ def _launch_fwd(q, k, v, doc_ids, o, lse, scale: float, window: int, cfg: dict) 
     grid = (triton.cdiv(S, cfg["BLOCK_M"]), B * Hq)
     _attn_fwd[grid](
         q, k, v, doc, o, lse,
-        S, Hq, window, scale * LOG2E,
+        S, Hq, window, scale * LOG2E.value,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(),
         doc.stride(0) if doc is not None else 0,
         GROUP=Hq // k.shape[2], HEAD_DIM=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
@@ -650,13 +651,13 @@ def _launch_bwd(do, q, k, v, o, lse, doc_ids, scale: float, window: int, cfg_dkd
         o, do, delta, S, Hq, *o.stride(), *do.stride(), HEAD_DIM=D, BLOCK_M=pre_block)
     _attn_bwd_dkdv[(triton.cdiv(S, cfg_dkdv["BLOCK_N"]), B * Hkv)](
         q, k, v, do, lse, delta, doc, dk, dv,
-        S, Hq, Hkv, window, scale * LOG2E, scale,
+        S, Hq, Hkv, window, scale * LOG2E.value, scale,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), doc_stride,
         BLOCK_M=cfg_dkdv["BLOCK_M"], BLOCK_N=cfg_dkdv["BLOCK_N"], **meta,
         num_warps=cfg_dkdv["num_warps"], num_stages=cfg_dkdv["num_stages"])
     _attn_bwd_dq[(triton.cdiv(S, cfg_dq["BLOCK_M"]), B * Hq)](
         q, k, v, do, lse, delta, doc, dq,
-        S, Hq, window, scale * LOG2E, scale,
+        S, Hq, window, scale * LOG2E.value, scale,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), doc_stride,
         BLOCK_M=cfg_dq["BLOCK_M"], BLOCK_N=cfg_dq["BLOCK_N"], **meta,
         num_warps=cfg_dq["num_warps"], num_stages=cfg_dq["num_stages"])
