@@ -17,7 +17,7 @@ from torch.profiler import ProfilerActivity, profile
 from horizon_triton.kernels import cross_entropy as ce
 from horizon_triton.kernels import sweep, tuning
 from horizon_triton.kernels.cross_entropy import linear_cross_entropy, linear_cross_entropy_ref
-from kernel_checks import dry_run_autotune
+from kernel_checks import bf16_round_to_nearest, dry_run_autotune  # noqa: F401  (autouse fixture)
 
 # Small blocks so that the small test shapes still span many tiles, partial tiles and several K steps.
 _GEMM_SMALL = dict(impl="triton", BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, num_warps=4, num_stages=2)
@@ -233,7 +233,7 @@ def _hopper_compile_report() -> dict:
         meta = gemm_meta(g, ACCUMULATE=acc, stride_cn=1, **dict.fromkeys(unit, 1))
         report[f"gemm_{role}"] = _compile(ce._matmul_kernel, types, meta, g["num_warps"], g["num_stages"])
     row = cfg["row"]
-    meta = dict(IGNORE=-100, BLOCK_V=row["BLOCK_V"], INTERPRETER=False)
+    meta = dict(IGNORE=-100, BLOCK_V=row["BLOCK_V"])
     types = dict(logits_ptr="*bf16", targets_ptr="*i64", loss_ptr="*fp32", V="i32", stride_row="i32",
                  grad_scale="fp32")
     report["row"] = _compile(ce._softmax_grad_kernel, types, meta, row["num_warps"], 1)
