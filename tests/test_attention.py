@@ -16,8 +16,20 @@ import torch.nn.functional as F
 import triton
 
 from horizon_triton.kernels import attention as A
+from horizon_triton.kernels import tuning
 
 ATOL = {torch.float32: 2e-5, torch.bfloat16: 2e-3, torch.float16: 5e-4}
+
+
+@pytest.fixture
+def dev() -> torch.device:
+    """Where the kernels run: the CPU interpreter (this suite's default), or the GPU when TRITON_INTERPRET=0 is
+    set on a machine with one, so `TRITON_INTERPRET=0 pytest tests/test_attention.py` checks compiled kernels."""
+    if tuning.interpreting():
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        pytest.skip("TRITON_INTERPRET=0 but no GPU: the kernels cannot run")
+    return torch.device("cuda")
 
 
 def _doc_ids(B: int, S: int, starts: list[int]) -> torch.Tensor:
@@ -28,9 +40,8 @@ def _doc_ids(B: int, S: int, starts: list[int]) -> torch.Tensor:
     return ((pos == 0).cumsum(1) - 1).to(torch.int32)
 
 
-def _inputs(B, S, Hq, Hkv, D, dtype, requires_grad=False):
-    q, k, v = (torch.randn(B, S, h, D).to(dtype).requires_grad_(requires_grad) for h in (Hq, Hkv, Hkv))
-    return q, k, v
+def _inputs(B, S, Hq, Hkv, D, dtype, device="cpu"):
+    return tuple(torch.randn(B, S, h, D).to(device, dtype) for h in (Hq, Hkv, Hkv))
 
 
 def _err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -89,24 +100,24 @@ CASES = {                     # B, S, Hq, Hkv, D, doc starts, window
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_matches_reference(case, dtype):
-    _check_against_reference(case, dtype)
+def test_matches_reference(case, dtype, dev):
+    _check_against_reference(case, dtype, dev)
 
 
-def test_fp16_and_window_wider_than_sequence():
+def test_fp16_and_window_wider_than_sequence(dev):
     """fp16 is accepted too; a window ≥ S is the plain causal mask (the launcher drops it)."""
     B, S, Hq, Hkv, D, _, _ = CASES["odd-S"]
-    _check_against_reference("odd-S", torch.float16)
-    q, k, v = _inputs(B, S, Hq, Hkv, D, torch.float32)
+    _check_against_reference("odd-S", torch.float16, dev)
+    q, k, v = _inputs(B, S, Hq, Hkv, D, torch.float32, dev)
     assert torch.equal(A.attention_forward(q, k, v, None, 0.1, S)[0], A.attention_forward(q, k, v, None, 0.1)[0])
 
 
-def _check_against_reference(case, dtype):
+def _check_against_reference(case, dtype, dev):
     B, S, Hq, Hkv, D, starts, window = CASES[case]
-    q, k, v = _inputs(B, S, Hq, Hkv, D, dtype)
-    doc = _doc_ids(B, S, starts) if starts else None
+    q, k, v = _inputs(B, S, Hq, Hkv, D, dtype, dev)
+    doc = _doc_ids(B, S, starts).to(dev) if starts else None
     scale = D ** -0.5
-    do = torch.randn(B, S, Hq, D).to(dtype)
+    do = torch.randn(B, S, Hq, D).to(dev, dtype)
 
     o, lse = A.attention_forward(q, k, v, doc, scale, window)
     ref = lambda up: (lambda q, k, v: A.attention_ref(q, k, v, doc, scale, window, upcast=up))
@@ -125,9 +136,9 @@ def _check_against_reference(case, dtype):
 
 
 @pytest.mark.parametrize("D", [32, 256])
-def test_other_head_dims(D):
+def test_other_head_dims(D, dev):
     B, S, Hq, Hkv = 1, 40, 2, 1
-    q, k, v = _inputs(B, S, Hq, Hkv, D, torch.bfloat16)
+    q, k, v = _inputs(B, S, Hq, Hkv, D, torch.bfloat16, dev)
     o, lse = A.attention_forward(q, k, v, None, D ** -0.5)
     o_ref, lse_ref = A.attention_forward_ref(q, k, v, None, D ** -0.5)
     assert _err(o, o_ref) <= 2e-2 and _err(lse, lse_ref) < 1e-4
@@ -137,13 +148,13 @@ def test_other_head_dims(D):
         assert _err(g, w) <= 4e-2 * max(1.0, w.float().abs().max().item())
 
 
-def test_strided_views():
+def test_strided_views(dev):
     """q, k, v as head slices of one fused qkv projection (non-contiguous), doc_ids a non-contiguous view."""
     B, S, Hq, Hkv, D = 1, 50, 4, 2, 64
-    qkv = torch.randn(B, S, Hq + 2 * Hkv, D)
+    qkv = torch.randn(B, S, Hq + 2 * Hkv, D, device=dev)
     q, k, v = qkv[:, :, :Hq], qkv[:, :, Hq:Hq + Hkv], qkv[:, :, Hq + Hkv:]
-    doc = _doc_ids(B, 2 * S, [20])[:, ::2]
-    do = torch.randn(B, S, Hq, D).transpose(1, 2).contiguous().transpose(1, 2)      # head-major memory
+    doc = _doc_ids(B, 2 * S, [20]).to(dev)[:, ::2]
+    do = torch.randn(B, S, Hq, D, device=dev).transpose(1, 2).contiguous().transpose(1, 2)   # head-major memory
     o, lse = A.attention_forward(q, k, v, doc, 0.125)
     o_ref, lse_ref = A.attention_forward_ref(q, k, v, doc, 0.125)
     assert _err(o, o_ref) < 1e-5
@@ -171,11 +182,11 @@ def _run(q, k, v, do, doc, window):
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")    # the interpreter warns about the NaN it computes with
 @pytest.mark.parametrize("mode", ["causal", "docs", "window"])
-def test_skipped_blocks_are_not_read(mode):
+def test_skipped_blocks_are_not_read(mode, dev):
     B, S, H, D = 1, 128, 1, 64
-    q, k, v = _inputs(B, S, H, H, D, torch.float32)
-    do = torch.randn(B, S, H, D)
-    doc = _doc_ids(B, S, [40]) if mode == "docs" else None
+    q, k, v = _inputs(B, S, H, H, D, torch.float32, dev)
+    do = torch.randn(B, S, H, D, device=dev)
+    doc = _doc_ids(B, S, [40]).to(dev) if mode == "docs" else None
     window = 20 if mode == "window" else None
     if mode == "causal":
         # keys ≥ 96 are above the diagonal of query blocks < 96; queries < 32 are before key blocks ≥ 32
@@ -229,24 +240,24 @@ def test_compiles_for_hopper_without_spills():
 # ----------------------------------------------------------------------------------------------------------
 # Clear errors
 # ----------------------------------------------------------------------------------------------------------
-def test_rejects_bad_inputs():
-    q, k, v = _inputs(1, 16, 4, 2, 64, torch.float32)
+def test_rejects_bad_inputs(dev):
+    q, k, v = _inputs(1, 16, 4, 2, 64, torch.float32, dev)
     with pytest.raises(ValueError, match="4-D"):
         A.attention_forward(q[0], k, v, None, 0.1)
     with pytest.raises(ValueError, match="must both be"):
         A.attention_forward(q, k[:, :8], v, None, 0.1)
     with pytest.raises(ValueError, match="not a multiple of Hkv=3"):
-        A.attention_forward(q, *_inputs(1, 16, 3, 3, 64, torch.float32)[1:], None, 0.1)
+        A.attention_forward(q, *_inputs(1, 16, 3, 3, 64, torch.float32, dev)[1:], None, 0.1)
     with pytest.raises(ValueError, match="share one dtype"):
         A.attention_forward(q, k.bfloat16(), v, None, 0.1)
     with pytest.raises(ValueError, match="share one dtype"):
         A.attention_forward(*(t.double() for t in (q, k, v)), None, 0.1)
     with pytest.raises(ValueError, match="head dim 96"):
-        A.attention_forward(*_inputs(1, 16, 4, 2, 96, torch.float32), None, 0.1)
+        A.attention_forward(*_inputs(1, 16, 4, 2, 96, torch.float32, dev), None, 0.1)
     with pytest.raises(ValueError, match="int32"):
-        A.attention_forward(q, k, v, torch.zeros(1, 16, dtype=torch.int64), 0.1)
+        A.attention_forward(q, k, v, torch.zeros(1, 16, dtype=torch.int64, device=dev), 0.1)
     with pytest.raises(ValueError, match="doc_ids must be"):
-        A.attention_forward(q, k, v, torch.zeros(2, 16, dtype=torch.int32), 0.1)
+        A.attention_forward(q, k, v, torch.zeros(2, 16, dtype=torch.int32, device=dev), 0.1)
     with pytest.raises(ValueError, match="sliding_window"):
         A.attention_forward(q, k, v, None, 0.1, sliding_window=0)
     o, lse = A.attention_forward_ref(q, k, v, None, 0.1)
