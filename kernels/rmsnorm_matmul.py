@@ -190,6 +190,9 @@ _TILE_128x256 = {**_TILE_128x128, "BLOCK_N": 256}
 # The dW GEMM stays at 128×128: at 128×256 its recomputed xnᵀ tile pushes it past 255 registers (spills).
 _HOPPER_DEFAULTS = {"rmsnorm_matmul_fwd": _TILE_128x256, "rmsnorm_matmul_dx": _TILE_128x256,
                     "rmsnorm_matmul_dw": _TILE_128x128}
+# fp32 operands take IEEE dots on the FMA units (no tensor cores): small tiles, and 4-byte tiles must still fit
+# in shared memory (a 128×256×64 fp32 pipeline would need 288 KB).
+_FP32_DEFAULT = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
 
 
 def _shape_key(T: int, N: int, H: int, dtype: torch.dtype) -> str:
@@ -198,7 +201,10 @@ def _shape_key(T: int, N: int, H: int, dtype: torch.dtype) -> str:
 
 
 def _config(kernel: str, T: int, N: int, H: int, dtype: torch.dtype) -> dict:
-    default = _INTERPRETER_CONFIG if tuning.interpreting() else _HOPPER_DEFAULTS[kernel]
+    if tuning.interpreting():
+        default = _INTERPRETER_CONFIG
+    else:
+        default = _FP32_DEFAULT if dtype == torch.float32 else _HOPPER_DEFAULTS[kernel]
     return tuning.best_config(kernel, _shape_key(T, N, H, dtype), default)
 
 

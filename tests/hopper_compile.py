@@ -69,7 +69,6 @@ def main() -> dict:
         "dw": (rm._rmsnorm_matmul_dw_kernel, ("rstd_ptr", "dw_ptr")),
     }
     for name, (fn, fp32_ptrs) in gemms.items():
-        # bf16 only: fp32 runs IEEE dots on FMA units (correct, not a speed path worth a compile here)
         default = rm._HOPPER_DEFAULTS[f"rmsnorm_matmul_{name}"]
         tiles = {"default": default, **{label: tile for label, tile in (("128x256x64", rm._TILE_128x256),
                                                                         ("128x128x64", rm._TILE_128x128))
@@ -80,6 +79,11 @@ def main() -> dict:
             meta.update(UPCAST=False, PRECISION="tf32")
             report[f"rmsnorm_matmul_{name}/bf16/{label}"] = _compile(fn, types, meta, cfg["num_warps"],
                                                                      cfg["num_stages"])
+        cfg = rm._FP32_DEFAULT
+        meta = {k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")}
+        meta.update(UPCAST=False, PRECISION="ieee")
+        types = _gemm_types(fn.arg_names[:len(fn.arg_names) - 6], "fp32", fp32_ptrs)
+        report[f"rmsnorm_matmul_{name}/fp32/default"] = _compile(fn, types, meta, cfg["num_warps"], cfg["num_stages"])
     # row kernels at the model shapes they meet: hidden 4096 and a 128 head dim (q/k norm)
     for H in (4096, 128):
         cfg = rmsnorm._default_config(H, 2)

@@ -116,7 +116,7 @@ def test_kernels_compile_for_hopper():
         assert r["shared_bytes"] <= 227 * 1024, f"{name}: {r['shared_bytes']} B of shared memory > 227 KB"
         if not name.startswith("rmsnorm_matmul") or name.endswith("/default"):  # other tiles may spill: timed
             assert r["stack_bytes"] == 0, f"{name}: spills ({r['registers']} registers, {r['stack_bytes']} B stack)"
-        if name.startswith("rmsnorm_matmul"):
+        if name.startswith("rmsnorm_matmul") and "/bf16/" in name:   # fp32: IEEE dots on FMA units
             assert r["wgmma"] > 0, f"{name}: no wgmma in the compiled kernel"
             assert r["async_copies"] > 0, f"{name}: the K loop is not software-pipelined"
 
