@@ -13,7 +13,7 @@ The semantics are those of ``reference.linear_cross_entropy`` (re-exported here 
 including the rounding of the logits to h.dtype before the softmax. The one extra rounding is g, stored in
 h.dtype (bf16) so the two backward GEMMs run on tensor cores at full rate.
 
-Memory: one logits buffer [min(C, T), V] in h.dtype (rows padded to 16 bytes), its tile statistics
+Memory: one logits buffer [min(C, T), V] in h.dtype (rows padded to 16 elements), its tile statistics
 [2, C, V / BLOCK_N] fp32, dh [T, H] and a [T] fp32 per-token loss; nothing of size T × V. With C = 4096,
 V = 128256 in bf16 the buffer is 1.05 GB.
 
@@ -183,25 +183,30 @@ def _loss_and_grad(
     # pointers
     row_ptr, loss_ptr,
     # shapes
-    V,
+    V, V_alloc,
     # meta
     row, target, lse, grad_scale,
     IGNORE: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     """Given the row's logsumexp: loss_t = lse − x[y] (0 when ignored), then the row [V] at row_ptr is
-    overwritten with g = scale·(softmax − onehot) in its own dtype (scale = 0 on ignored rows). Each element
-    is loaded and stored by the same lane, so the in-place overwrite is race-free."""
+    overwritten with g = scale·(softmax − onehot) in its own dtype (scale = 0 on ignored rows). In the loop
+    each element is loaded and stored by the same lane; the barrier covers the one cross-lane read, x[y].
+    Loads and stores run to V_alloc ≥ V (the row's allocated width, a multiple of 16 in the launcher's buffer)
+    so that an odd V does not break them into scalar accesses; columns V..V_alloc get g = 0."""
     valid = target != IGNORE
     safe_target = tl.where(valid, target, 0)
     picked = tl.load(row_ptr + safe_target).to(tl.float32)
+    # every warp reads x[y] (a scalar load runs in all threads) before any warp overwrites the row with g
+    tl.debug_barrier()
     tl.store(loss_ptr + row, tl.where(valid, lse - picked, 0.0))
     scale = tl.where(valid, grad_scale, 0.0)
     cols = tl.arange(0, BLOCK_V)
     for start in range(0, V, BLOCK_V):
-        in_row = start + cols < V
-        x = tl.load(row_ptr + start + cols, mask=in_row, other=0.0).to(tl.float32)
+        in_alloc = start + cols < V_alloc
+        x = tl.load(row_ptr + start + cols, mask=in_alloc, other=0.0).to(tl.float32)
+        x = tl.where(start + cols < V, x, float("-inf"))
         g = tl.exp(x - lse) - tl.where(start + cols == safe_target, 1.0, 0.0)
-        tl.store(row_ptr + start + cols, (g * scale).to(row_ptr.dtype.element_ty), mask=in_row)
+        tl.store(row_ptr + start + cols, (g * scale).to(row_ptr.dtype.element_ty), mask=in_alloc)
 
 
 @triton.jit
@@ -209,7 +214,7 @@ def _softmax_grad_kernel(
     # pointers
     logits_ptr, targets_ptr, loss_ptr,
     # shapes
-    V,
+    V, V_alloc,
     # strides
     stride_row,
     # meta
@@ -227,7 +232,8 @@ def _softmax_grad_kernel(
     m = tl.full((BLOCK_V,), float("-inf"), tl.float32)
     s = tl.zeros((BLOCK_V,), tl.float32)
     for start in range(0, V, BLOCK_V):
-        x = tl.load(row_ptr + start + cols, mask=start + cols < V, other=float("-inf")).to(tl.float32)
+        x = tl.load(row_ptr + start + cols, mask=start + cols < V_alloc, other=0.0).to(tl.float32)
+        x = tl.where(start + cols < V, x, float("-inf"))
         m_new = tl.maximum(m, x)
         # lanes past V stay at m = -inf, s = 0: shift them by 0 instead of -inf so no -inf - -inf = NaN appears
         shift = tl.where(m_new > float("-inf"), m_new, 0.0)
@@ -235,7 +241,7 @@ def _softmax_grad_kernel(
         m = m_new
     m_row = tl.max(m, axis=0)
     lse = m_row + tl.log(tl.sum(s * tl.exp(m - m_row), axis=0))
-    _loss_and_grad(row_ptr, loss_ptr, V, row, tl.load(targets_ptr + row), lse, grad_scale,
+    _loss_and_grad(row_ptr, loss_ptr, V, V_alloc, row, tl.load(targets_ptr + row), lse, grad_scale,
                    IGNORE, BLOCK_V)
 
 
@@ -244,7 +250,7 @@ def _softmax_grad_from_stats_kernel(
     # pointers
     logits_ptr, targets_ptr, loss_ptr, tile_max_ptr, tile_sum_ptr,
     # shapes
-    V, n_tiles,
+    V, V_alloc, n_tiles,
     # strides
     stride_row, stride_stats,
     # meta
@@ -260,8 +266,8 @@ def _softmax_grad_from_stats_kernel(
     tile_sum = tl.load(tile_sum_ptr + row * stride_stats + j, mask=j < n_tiles, other=0.0)
     m_row = tl.max(tile_max, axis=0)
     lse = m_row + tl.log(tl.sum(tile_sum * tl.exp(tile_max - m_row), axis=0))
-    _loss_and_grad(logits_ptr + row * stride_row, loss_ptr, V, row, tl.load(targets_ptr + row), lse, grad_scale,
-                   IGNORE, BLOCK_V)
+    _loss_and_grad(logits_ptr + row * stride_row, loss_ptr, V, V_alloc, row, tl.load(targets_ptr + row), lse,
+                   grad_scale, IGNORE, BLOCK_V)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -328,12 +334,14 @@ def _softmax_grad_(logits: torch.Tensor, targets: torch.Tensor, loss_rows: torch
         return
     meta = dict(IGNORE=IGNORE_INDEX, BLOCK_V=min(cfg["BLOCK_V"], triton.next_power_of_2(V)),
                 num_warps=cfg["num_warps"])
+    V_alloc = logits.stride(0)              # the buffer's rows are allocated out to their stride
     if stats is None:
-        _softmax_grad_kernel[(n,)](logits, targets, loss_rows, V, logits.stride(0), float(grad_scale), **meta)
+        _softmax_grad_kernel[(n,)](logits, targets, loss_rows, V, V_alloc, logits.stride(0), float(grad_scale),
+                                   **meta)
     else:
         _softmax_grad_from_stats_kernel[(n,)](
             logits, targets, loss_rows, stats[0], stats[1],
-            V, stats.shape[2],
+            V, V_alloc, stats.shape[2],
             logits.stride(0), stats.stride(1),
             float(grad_scale),
             BLOCK_TILES=triton.next_power_of_2(stats.shape[2]), **meta,
@@ -385,8 +393,8 @@ def _run(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, d_weight:
     dh = torch.empty_like(h)
     loss_rows = torch.zeros(T, dtype=torch.float32, device=h.device)        # [T] per-token loss
     rows = min(chunk_size, T)
-    pad = 16 // h.element_size()                                            # 16-byte aligned logits rows
-    buf = torch.empty(rows, triton.cdiv(V, pad) * pad, dtype=h.dtype, device=h.device)
+    # rows padded to 16 elements: aligned, and a row width the JIT sees as divisible by 16 (vector accesses)
+    buf = torch.empty(rows, triton.cdiv(V, 16) * 16, dtype=h.dtype, device=h.device)
     for start in range(0, T, chunk_size):
         stop = min(start + chunk_size, T)
         hc = h[start:stop]                                                  # [n, H]
