@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import triton
+import triton.language as tl
 
 from horizon_triton.kernels import attention as A
 from horizon_triton.kernels import tuning
@@ -208,6 +209,31 @@ def test_skipped_blocks_are_not_read(mode, dev):
         _, _, dk, dv = _run(q2, k.nan_to_num(), v.nan_to_num(), do2, doc, window)
         assert o[:, 64:].isfinite().all() and dq[:, 64:].isfinite().all()
         assert dk[:, :32].isfinite().all() and dv[:, :32].isfinite().all()
+
+
+@triton.jit
+def _doc_span_kernel(DOC, OUT, doc_lo, doc_hi, lo, hi, seq_len, BLOCK: tl.constexpr):
+    first, end = A._doc_span(DOC, doc_lo, doc_hi, lo, hi, seq_len, BLOCK)
+    tl.store(OUT, first)
+    tl.store(OUT + 1, end)
+
+
+@pytest.mark.parametrize("kind", ["packed", "shuffled"])
+def test_doc_span_over_several_scan_chunks(kind, dev):
+    """The doc-id scan reads 1024 positions per step; long sequences take several steps. Its answer is the run
+    of blocks whose [min, max] doc ids meet the program's [doc_lo, doc_hi], for any doc ids (not only packed)."""
+    S, BLOCK = 3000, 16
+    if kind == "packed":
+        doc = _doc_ids(1, S, [700, 1500, 1510, 2600])[0]
+    else:
+        doc = torch.randint(0, 40, (S,), dtype=torch.int32)
+    doc = doc.to(dev)
+    for doc_lo, doc_hi, lo, hi in ((2, 2, 0, S), (1, 3, 320, 2999), (0, 0, 1024, 2048), (39, 39, 0, 100)):
+        out = torch.empty(2, dtype=torch.int32, device=dev)
+        _doc_span_kernel[(1,)](doc, out, doc_lo, doc_hi, lo, hi, S, BLOCK=BLOCK)
+        starts = range(lo, hi, BLOCK)
+        hits = [b for b in starts if doc[b:b + BLOCK].max() >= doc_lo and doc[b:b + BLOCK].min() <= doc_hi]
+        assert out.tolist() == [min(hits, default=hi), max(hits, default=lo - BLOCK) + BLOCK], (doc_lo, doc_hi)
 
 
 # ----------------------------------------------------------------------------------------------------------
