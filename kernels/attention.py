@@ -28,9 +28,9 @@ FLOPs (for TFLOPS figures): causal forward ≈ 2·B·Hq·S²·D (4·B·Hq·S²·
 backward = 2.5 × forward (five matmuls instead of two).
 
 Supported: q[B, S, Hq, D], k/v[B, S, Hkv, D] with Hq a multiple of Hkv; bf16, fp16 or fp32 (all three the same);
-head dims 32, 64, 128, 256; any strides; doc_ids[B, S] int32 or None; sliding_window ≥ 1 or None.
+head dims 32 to 256 in steps of 16 (tiles are the next power of two, the pad masked: 96 costs as much as 128);
+any strides; doc_ids[B, S] int32 or None; sliding_window ≥ 1 or None.
 Known gaps:
-- head dims that are not powers of two (96, 80) raise; pad D to the next supported size.
 - fp32 inputs use exact ("ieee") fp32 dots: correct but far slower than bf16 on tensor cores.
 - the Hopper configs (plain pointer loads, no TMA descriptors or warp specialization) follow the Triton
   fused-attention tutorial and FA2 and were checked only statically (compile_for_hopper: sm_90 build on a CPU
@@ -54,7 +54,7 @@ from .reference import attention_backward as attention_backward_ref  # noqa: F40
 from .reference import attention_forward as attention_forward_ref  # noqa: F401
 from .reference import attention_mask
 
-HEAD_DIMS = (32, 64, 128, 256)
+MAX_HEAD_DIM = 256
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 LOG2E = tl.constexpr(1.4426950408889634)   # kernels go to base 2 with it (tl.constexpr: readable inside @jit)
 LN2 = tl.constexpr(0.6931471805599453)     # and come back to natural log with it
@@ -103,14 +103,27 @@ def _to(x, dtype: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _load_rows(ptr, pos, stride_s, stride_d, seq_len, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr):
-    """The [len(pos), HEAD_DIM] tile of rows at token positions pos; MASKED tiles may run past seq_len (zeros)."""
-    ptrs = ptr + pos[:, None] * stride_s + tl.arange(0, HEAD_DIM)[None, :] * stride_d
+def _load_rows(ptr, pos, stride_s, stride_d, seq_len, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+               MASKED: tl.constexpr):
+    """The [len(pos), BLOCK_D] tile of rows at token positions pos, zero-padded past HEAD_DIM (BLOCK_D is the
+    power of two ≥ HEAD_DIM that tl.arange needs); MASKED tiles may run past seq_len (zeros there too)."""
+    offs_d = tl.arange(0, BLOCK_D)
+    ptrs = ptr + pos[:, None] * stride_s + offs_d[None, :] * stride_d
     if MASKED:
-        tile = tl.load(ptrs, mask=pos[:, None] < seq_len, other=0.0)
+        tile = tl.load(ptrs, mask=(pos[:, None] < seq_len) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    elif BLOCK_D != HEAD_DIM:
+        tile = tl.load(ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
     else:
         tile = tl.load(ptrs)
     return tile
+
+
+@triton.jit
+def _store_rows(ptr, pos, stride_s, stride_d, tile, seq_len, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Stores the rows of tile at token positions pos < seq_len, columns < HEAD_DIM."""
+    offs_d = tl.arange(0, BLOCK_D)
+    tl.store(ptr + pos[:, None] * stride_s + offs_d[None, :] * stride_d, tile,
+             mask=(pos[:, None] < seq_len) & (offs_d[None, :] < HEAD_DIM))
 
 
 @triton.jit
@@ -221,13 +234,13 @@ def _query_ranges(n0, seq_len, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.conste
 def _fwd_range(acc, l_i, m_i, q, q_pos, q_doc,
                K, V, DOC, stride_ks, stride_vs, stride_kd, stride_vd,
                lo, hi, seq_len, window, qk_scale,
-               HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
                HAS_DOCS: tl.constexpr, HAS_WINDOW: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     """Online-softmax update of one query block over the key blocks [lo, hi)."""
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         k_pos = start_n + tl.arange(0, BLOCK_N)
-        k = _load_rows(K, k_pos, stride_ks, stride_kd, seq_len, HEAD_DIM, MASKED)       # [BLOCK_N, D]
+        k = _load_rows(K, k_pos, stride_ks, stride_kd, seq_len, HEAD_DIM, BLOCK_D, MASKED)       # [BLOCK_N, D]
         qk = _dot(q, tl.trans(k), None, UPCAST, PRECISION)                              # [BLOCK_M, BLOCK_N]
         if MASKED or HAS_DOCS:
             k_doc = k_pos
@@ -247,7 +260,7 @@ def _fwd_range(acc, l_i, m_i, q, q_pos, q_doc,
         alpha = tl.math.exp2(m_i - m_ij)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
-        v = _load_rows(V, k_pos, stride_vs, stride_vd, seq_len, HEAD_DIM, MASKED)
+        v = _load_rows(V, k_pos, stride_vs, stride_vd, seq_len, HEAD_DIM, BLOCK_D, MASKED)
         acc = _dot(_to(p, v.dtype, UPCAST), v, acc, UPCAST, PRECISION)
         m_i = m_ij
     return acc, l_i, m_i
@@ -266,7 +279,7 @@ def _attn_fwd(
     stride_ob, stride_os, stride_oh, stride_od,
     stride_docb,
     # meta
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_DOCS: tl.constexpr, HAS_WINDOW: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Grid (query blocks, B·Hq). Writes o[b, m0:m0+BLOCK_M, h] and lse[b, h, m0:m0+BLOCK_M]."""
@@ -283,29 +296,26 @@ def _attn_fwd(
 
     m0 = start_m * BLOCK_M
     q_pos = m0 + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    q = _load_rows(Q, q_pos, stride_qs, stride_qd, seq_len, HEAD_DIM, True)            # [BLOCK_M, D]
+    q = _load_rows(Q, q_pos, stride_qs, stride_qd, seq_len, HEAD_DIM, BLOCK_D, True)   # [BLOCK_M, BLOCK_D]
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
     if HAS_DOCS:
         DOC += off_b * stride_docb
     q_doc, lo, edge_hi, full_lo, full_hi, diag_lo, hi = _key_ranges(DOC, m0, seq_len, window, BLOCK_M, BLOCK_N,
                                                                     HAS_DOCS, HAS_WINDOW)
     args = (K, V, DOC, stride_ks, stride_vs, stride_kd, stride_vd)
-    acc, l_i, m_i = _fwd_range(acc, l_i, m_i, q, q_pos, q_doc, *args, lo, edge_hi, seq_len,
-                               window, qk_scale, HEAD_DIM, BLOCK_N, True, HAS_DOCS, HAS_WINDOW, UPCAST, PRECISION)
-    acc, l_i, m_i = _fwd_range(acc, l_i, m_i, q, q_pos, q_doc, *args, full_lo, full_hi, seq_len,
-                               window, qk_scale, HEAD_DIM, BLOCK_N, False, HAS_DOCS, HAS_WINDOW, UPCAST, PRECISION)
-    acc, l_i, m_i = _fwd_range(acc, l_i, m_i, q, q_pos, q_doc, *args, diag_lo, hi, seq_len,
-                               window, qk_scale, HEAD_DIM, BLOCK_N, True, HAS_DOCS, HAS_WINDOW, UPCAST, PRECISION)
+    acc, l_i, m_i = _fwd_range(acc, l_i, m_i, q, q_pos, q_doc, *args, lo, edge_hi, seq_len, window, qk_scale,
+                               HEAD_DIM, BLOCK_D, BLOCK_N, True, HAS_DOCS, HAS_WINDOW, UPCAST, PRECISION)
+    acc, l_i, m_i = _fwd_range(acc, l_i, m_i, q, q_pos, q_doc, *args, full_lo, full_hi, seq_len, window, qk_scale,
+                               HEAD_DIM, BLOCK_D, BLOCK_N, False, HAS_DOCS, HAS_WINDOW, UPCAST, PRECISION)
+    acc, l_i, m_i = _fwd_range(acc, l_i, m_i, q, q_pos, q_doc, *args, diag_lo, hi, seq_len, window, qk_scale,
+                               HEAD_DIM, BLOCK_D, BLOCK_N, True, HAS_DOCS, HAS_WINDOW, UPCAST, PRECISION)
 
     acc = acc / l_i[:, None]
-    q_in = q_pos < seq_len
-    tl.store(LSE + q_pos, (m_i + tl.math.log2(l_i)) * LN2, mask=q_in)                  # natural log
-    tl.store(O + q_pos[:, None] * stride_os + offs_d[None, :] * stride_od, _to(acc, O.dtype.element_ty, UPCAST),
-             mask=q_in[:, None])
+    tl.store(LSE + q_pos, (m_i + tl.math.log2(l_i)) * LN2, mask=q_pos < seq_len)      # natural log
+    _store_rows(O, q_pos, stride_os, stride_od, _to(acc, O.dtype.element_ty, UPCAST), seq_len, HEAD_DIM, BLOCK_D)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -321,16 +331,17 @@ def _attn_bwd_preprocess(
     stride_ob, stride_os, stride_oh, stride_od,
     stride_dob, stride_dos, stride_doh, stride_dod,
     # meta
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """Grid (query blocks, B·Hq). Δ[b, h, i] = Σ_d dO · O in fp32."""
     off_bh = tl.program_id(1)
     off_b = (off_bh // num_heads).to(tl.int64)
     off_h = off_bh % num_heads
     pos = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    o = _load_rows(O + off_b * stride_ob + off_h * stride_oh, pos, stride_os, stride_od, seq_len, HEAD_DIM, True)
+    o = _load_rows(O + off_b * stride_ob + off_h * stride_oh, pos, stride_os, stride_od, seq_len, HEAD_DIM, BLOCK_D,
+                   True)
     do = _load_rows(DO + off_b * stride_dob + off_h * stride_doh, pos, stride_dos, stride_dod, seq_len, HEAD_DIM,
-                    True)
+                    BLOCK_D, True)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(DELTA + off_bh.to(tl.int64) * seq_len + pos, delta, mask=pos < seq_len)
 
@@ -339,7 +350,8 @@ def _attn_bwd_preprocess(
 def _dkdv_range(dk, dv, k, v, k_pos, k_doc,
                 Q, DO, LSE, DELTA, DOC, stride_qh, stride_qs, stride_qd, stride_doh, stride_dos, stride_dod,
                 lo, hi, seq_len, window, qk_scale,
-                GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
+                GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                MASKED: tl.constexpr,
                 HAS_DOCS: tl.constexpr, HAS_WINDOW: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     """dK/dV of one key block accumulated over the query blocks [lo, hi) of each of the GROUP q heads (Q, DO,
     LSE, DELTA point at the group's first head). Tiles are key-major: [BLOCK_N keys, BLOCK_M queries].
@@ -355,7 +367,7 @@ def _dkdv_range(dk, dv, k, v, k_pos, k_doc,
         DO_g = DO + g * stride_doh
         LSE_g = LSE + g * seq_len
         DELTA_g = DELTA + g * seq_len
-        q = _load_rows(Q_g, q_pos, stride_qs, stride_qd, seq_len, HEAD_DIM, MASKED)     # [BLOCK_M, D]
+        q = _load_rows(Q_g, q_pos, stride_qs, stride_qd, seq_len, HEAD_DIM, BLOCK_D, MASKED)     # [BLOCK_M, D]
         if MASKED:
             lse = tl.load(LSE_g + q_pos, mask=q_pos < seq_len, other=0.0)
         else:
@@ -369,7 +381,7 @@ def _dkdv_range(dk, dv, k, v, k_pos, k_doc,
             ok = _allowed(q_pos[None, :], k_pos[:, None], q_doc[None, :], k_doc[:, None], seq_len, window,
                           MASKED, HAS_DOCS, HAS_WINDOW)
             pT = tl.where(ok, pT, 0.0)
-        do = _load_rows(DO_g, q_pos, stride_dos, stride_dod, seq_len, HEAD_DIM, MASKED)
+        do = _load_rows(DO_g, q_pos, stride_dos, stride_dod, seq_len, HEAD_DIM, BLOCK_D, MASKED)
         if MASKED:
             delta = tl.load(DELTA_g + q_pos, mask=q_pos < seq_len, other=0.0)
         else:
@@ -396,7 +408,7 @@ def _attn_bwd_dkdv(
     stride_dvb, stride_dvs, stride_dvh, stride_dvd,
     stride_docb,
     # meta
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_DOCS: tl.constexpr, HAS_WINDOW: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Grid (key blocks, B·Hkv). Writes dk, dv[b, n0:n0+BLOCK_N, kv head], summed over the GROUP q heads."""
@@ -405,14 +417,12 @@ def _attn_bwd_dkdv(
     off_b = (off_bkh // num_kv_heads).to(tl.int64)
     off_kh = off_bkh % num_kv_heads
     k_pos = n0 + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
-    k_in = k_pos[:, None] < seq_len
     k = _load_rows(K + off_b * stride_kb + off_kh * stride_kh, k_pos, stride_ks, stride_kd, seq_len, HEAD_DIM,
-                   True)                                                                 # [BLOCK_N, D]
+                   BLOCK_D, True)                                                        # [BLOCK_N, BLOCK_D]
     v = _load_rows(V + off_b * stride_vb + off_kh * stride_vh, k_pos, stride_vs, stride_vd, seq_len, HEAD_DIM,
-                   True)
-    dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
-    dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+                   BLOCK_D, True)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
 
     diag_hi, full_hi, hi = _query_ranges(n0, seq_len, window, BLOCK_M, BLOCK_N, HAS_WINDOW)
     diag_lo = n0
@@ -435,31 +445,31 @@ def _attn_bwd_dkdv(
     args = (Q + off_b * stride_qb + first_h * stride_qh, DO + off_b * stride_dob + first_h * stride_doh,
             LSE + row, DELTA + row, DOC, stride_qh, stride_qs, stride_qd, stride_doh, stride_dos, stride_dod)
     dk, dv = _dkdv_range(dk, dv, k, v, k_pos, k_doc, *args, diag_lo, diag_hi, seq_len, window, qk_scale,
-                         GROUP, HEAD_DIM, BLOCK_M, True, HAS_DOCS, HAS_WINDOW, UPCAST, PRECISION)
+                         GROUP, HEAD_DIM, BLOCK_D, BLOCK_M, True, HAS_DOCS, HAS_WINDOW, UPCAST, PRECISION)
     dk, dv = _dkdv_range(dk, dv, k, v, k_pos, k_doc, *args, full_lo, full_hi, seq_len, window, qk_scale,
-                         GROUP, HEAD_DIM, BLOCK_M, False, HAS_DOCS, HAS_WINDOW, UPCAST, PRECISION)
+                         GROUP, HEAD_DIM, BLOCK_D, BLOCK_M, False, HAS_DOCS, HAS_WINDOW, UPCAST, PRECISION)
     dk, dv = _dkdv_range(dk, dv, k, v, k_pos, k_doc, *args, tail_lo, hi, seq_len, window, qk_scale,
-                         GROUP, HEAD_DIM, BLOCK_M, True, HAS_DOCS, HAS_WINDOW, UPCAST, PRECISION)
+                         GROUP, HEAD_DIM, BLOCK_D, BLOCK_M, True, HAS_DOCS, HAS_WINDOW, UPCAST, PRECISION)
 
     dk *= scale
     DK += off_b * stride_dkb + off_kh * stride_dkh
     DV += off_b * stride_dvb + off_kh * stride_dvh
-    tl.store(DK + k_pos[:, None] * stride_dks + offs_d[None, :] * stride_dkd, _to(dk, DK.dtype.element_ty, UPCAST), mask=k_in)
-    tl.store(DV + k_pos[:, None] * stride_dvs + offs_d[None, :] * stride_dvd, _to(dv, DV.dtype.element_ty, UPCAST), mask=k_in)
+    _store_rows(DK, k_pos, stride_dks, stride_dkd, _to(dk, DK.dtype.element_ty, UPCAST), seq_len, HEAD_DIM, BLOCK_D)
+    _store_rows(DV, k_pos, stride_dvs, stride_dvd, _to(dv, DV.dtype.element_ty, UPCAST), seq_len, HEAD_DIM, BLOCK_D)
 
 
 @triton.jit
 def _dq_range(dq, q, do, lse2, delta, q_pos, q_doc,
               K, V, DOC, stride_ks, stride_vs, stride_kd, stride_vd,
               lo, hi, seq_len, window, qk_scale,
-              HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
               HAS_DOCS: tl.constexpr, HAS_WINDOW: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     """dQ of one query block accumulated over the key blocks [lo, hi)."""
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         k_pos = start_n + tl.arange(0, BLOCK_N)
-        k = _load_rows(K, k_pos, stride_ks, stride_kd, seq_len, HEAD_DIM, MASKED)       # [BLOCK_N, D]
-        v = _load_rows(V, k_pos, stride_vs, stride_vd, seq_len, HEAD_DIM, MASKED)
+        k = _load_rows(K, k_pos, stride_ks, stride_kd, seq_len, HEAD_DIM, BLOCK_D, MASKED)       # [BLOCK_N, D]
+        v = _load_rows(V, k_pos, stride_vs, stride_vd, seq_len, HEAD_DIM, BLOCK_D, MASKED)
         qk = _dot(q, tl.trans(k), None, UPCAST, PRECISION)                              # [BLOCK_M, BLOCK_N]
         p = tl.math.exp2(qk * qk_scale - lse2[:, None])
         if MASKED or HAS_DOCS:
@@ -489,7 +499,7 @@ def _attn_bwd_dq(
     stride_dqb, stride_dqs, stride_dqh, stride_dqd,
     stride_docb,
     # meta
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_DOCS: tl.constexpr, HAS_WINDOW: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Grid (query blocks, B·Hq). Writes dq[b, m0:m0+BLOCK_M, h]; same key ranges as the forward."""
@@ -502,16 +512,15 @@ def _attn_bwd_dq(
     V += off_b * stride_vb + off_kh * stride_vh
     m0 = start_m * BLOCK_M
     q_pos = m0 + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
     q_in = q_pos < seq_len
     q = _load_rows(Q + off_b * stride_qb + off_h * stride_qh, q_pos, stride_qs, stride_qd, seq_len, HEAD_DIM,
-                   True)                                                                 # [BLOCK_M, D]
+                   BLOCK_D, True)                                                        # [BLOCK_M, BLOCK_D]
     do = _load_rows(DO + off_b * stride_dob + off_h * stride_doh, q_pos, stride_dos, stride_dod, seq_len, HEAD_DIM,
-                    True)
+                    BLOCK_D, True)
     row = off_bh.to(tl.int64) * seq_len
     lse2 = tl.load(LSE + row + q_pos, mask=q_in, other=0.0) * LOG2E                  # base 2, as the scores
     delta = tl.load(DELTA + row + q_pos, mask=q_in, other=0.0)
-    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
     if HAS_DOCS:
         DOC += off_b * stride_docb
@@ -519,15 +528,15 @@ def _attn_bwd_dq(
                                                                     HAS_DOCS, HAS_WINDOW)
     args = (K, V, DOC, stride_ks, stride_vs, stride_kd, stride_vd)
     dq = _dq_range(dq, q, do, lse2, delta, q_pos, q_doc, *args, lo, edge_hi, seq_len, window,
-                   qk_scale, HEAD_DIM, BLOCK_N, True, HAS_DOCS, HAS_WINDOW, UPCAST, PRECISION)
+                   qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, True, HAS_DOCS, HAS_WINDOW, UPCAST, PRECISION)
     dq = _dq_range(dq, q, do, lse2, delta, q_pos, q_doc, *args, full_lo, full_hi, seq_len, window,
-                   qk_scale, HEAD_DIM, BLOCK_N, False, HAS_DOCS, HAS_WINDOW, UPCAST, PRECISION)
+                   qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, False, HAS_DOCS, HAS_WINDOW, UPCAST, PRECISION)
     dq = _dq_range(dq, q, do, lse2, delta, q_pos, q_doc, *args, diag_lo, hi, seq_len, window,
-                   qk_scale, HEAD_DIM, BLOCK_N, True, HAS_DOCS, HAS_WINDOW, UPCAST, PRECISION)
+                   qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, True, HAS_DOCS, HAS_WINDOW, UPCAST, PRECISION)
 
     dq *= scale
-    tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + q_pos[:, None] * stride_dqs + offs_d[None, :] * stride_dqd,
-             _to(dq, DQ.dtype.element_ty, UPCAST), mask=q_in[:, None])
+    _store_rows(DQ + off_b * stride_dqb + off_h * stride_dqh, q_pos, stride_dqs, stride_dqd,
+                _to(dq, DQ.dtype.element_ty, UPCAST), seq_len, HEAD_DIM, BLOCK_D)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -567,8 +576,13 @@ def _shape_key(S: int, D: int, dtype: torch.dtype) -> str:
     return f"D{D}_{str(dtype).removeprefix('torch.')}_{'S<=2K' if S <= 2048 else 'S>2K'}"
 
 
+def _block_d(D: int) -> int:
+    """The tile width over the head dim: D rounded up to a power of two (96 → 128; the pad is masked)."""
+    return triton.next_power_of_2(D)
+
+
 def _config(kernel: str, S: int, D: int, dtype: torch.dtype) -> dict:
-    default = _INTERPRETER[kernel] if tuning.interpreting() else _DEFAULTS[kernel][D]
+    default = _INTERPRETER[kernel] if tuning.interpreting() else _DEFAULTS[kernel][_block_d(D)]
     return tuning.best_config(kernel, _shape_key(S, D, dtype), default)
 
 
@@ -589,9 +603,9 @@ def _check_inputs(q, k, v, doc_ids, sliding_window) -> tuple[int, int, int, int,
     if q.dtype not in DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(f"attention: q, k, v must share one dtype among bf16, fp16, fp32; got {q.dtype}, "
                          f"{k.dtype}, {v.dtype}")
-    if D not in HEAD_DIMS:
-        raise ValueError(f"attention: head dim {D} is not supported (supported: {HEAD_DIMS}); pad the head dim "
-                         f"to the next supported size or use kernels.reference.attention_forward")
+    if not (32 <= D <= MAX_HEAD_DIM and D % 16 == 0):
+        raise ValueError(f"attention: head dim {D} is not supported (multiples of 16 from 32 to {MAX_HEAD_DIM}); "
+                         f"pad the head dim or use kernels.reference.attention_forward")
     if S == 0 or B == 0:
         raise ValueError(f"attention: empty input, q shape {tuple(q.shape)}")
     devices = {t.device for t in (q, k, v)} | ({doc_ids.device} if doc_ids is not None else set())
@@ -628,7 +642,7 @@ def _launch_fwd(q, k, v, doc_ids, o, lse, scale: float, window: int, cfg: dict) 
         S, Hq, window, scale * LOG2E.value,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(),
         doc.stride(0) if doc is not None else 0,
-        GROUP=Hq // k.shape[2], HEAD_DIM=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+        GROUP=Hq // k.shape[2], HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
         HAS_DOCS=doc is not None, HAS_WINDOW=window > 0, UPCAST=tuning.interpreting(),
         PRECISION=_precision(q.dtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
@@ -653,11 +667,11 @@ def _launch_bwd(do, q, k, v, o, lse, doc_ids, scale: float, window: int, cfg_dkd
     dq = torch.empty((B, S, Hq, D), dtype=q.dtype, device=q.device)
     dk = torch.empty((B, S, Hkv, D), dtype=q.dtype, device=q.device)
     dv = torch.empty((B, S, Hkv, D), dtype=q.dtype, device=q.device)
-    meta = dict(GROUP=Hq // Hkv, HEAD_DIM=D, HAS_DOCS=doc is not None, HAS_WINDOW=window > 0,
+    meta = dict(GROUP=Hq // Hkv, HEAD_DIM=D, BLOCK_D=_block_d(D), HAS_DOCS=doc is not None, HAS_WINDOW=window > 0,
                 UPCAST=tuning.interpreting(), PRECISION=_precision(q.dtype))
     pre_block = 64 if not tuning.interpreting() else 32
     _attn_bwd_preprocess[(triton.cdiv(S, pre_block), B * Hq)](
-        o, do, delta, S, Hq, *o.stride(), *do.stride(), HEAD_DIM=D, BLOCK_M=pre_block)
+        o, do, delta, S, Hq, *o.stride(), *do.stride(), HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_M=pre_block)
     _attn_bwd_dkdv[(triton.cdiv(S, cfg_dkdv["BLOCK_N"]), B * Hkv)](
         q, k, v, do, lse, delta, doc, dk, dv,
         S, Hq, Hkv, window, scale * LOG2E.value, scale,
@@ -720,9 +734,9 @@ def compile_for_hopper(kernel: str, D: int = 128, docs: bool = True, window: boo
         raise RuntimeError("compile_for_hopper: TRITON_INTERPRET=1 makes the kernels interpreted; run it in a "
                            "process without it")
     fn, act_ptrs, row_ptrs = _KERNELS[kernel]
-    cfg = cfg or _DEFAULTS[kernel][D]
-    meta = dict(GROUP=group, HEAD_DIM=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], HAS_DOCS=docs,
-                HAS_WINDOW=window, UPCAST=False, PRECISION="tf32")
+    cfg = cfg or _DEFAULTS[kernel][_block_d(D)]
+    meta = dict(GROUP=group, HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+                HAS_DOCS=docs, HAS_WINDOW=window, UPCAST=False, PRECISION="tf32")
     signature, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in meta or (name.startswith("stride_") and name.endswith("d") and name != "stride_docb"):
@@ -797,7 +811,7 @@ def autotune(shape: dict | None = None) -> list[dict]:
         tuning.store_config("attention_fwd", key, fwd_cfg)
         o, lse = attention_forward(q, k, v, None, scale)
         do = torch.randn_like(o)
-        dq_default = _DEFAULTS["attention_bwd_dq"][D]
+        dq_default = _DEFAULTS["attention_bwd_dq"][_block_d(D)]
         dkdv_cfg, _ = _sweep("attention_bwd_dkdv", DKDV_CONFIGS,
                              lambda c: _launch_bwd(do, q, k, v, o, lse, None, scale, 0, c, dq_default))
         dq_cfg, _ = _sweep("attention_bwd_dq", DQ_CONFIGS,

@@ -136,7 +136,7 @@ def _check_against_reference(case, dtype, dev):
         assert _err(g, w) <= 2 * _err(w_lp, w) + ATOL[dtype], name
 
 
-@pytest.mark.parametrize("D", [32, 256])
+@pytest.mark.parametrize("D", [32, 96, 256])
 def test_other_head_dims(D, dev):
     B, S, Hq, Hkv = 1, 40, 2, 1
     q, k, v = _inputs(B, S, Hq, Hkv, D, torch.bfloat16, dev)
@@ -245,7 +245,7 @@ import json, warnings
 warnings.filterwarnings("ignore")
 from horizon_triton.kernels import attention as A
 print(json.dumps({f"{k} D{D} {'docs+window' if extra else 'plain'}": A.compile_for_hopper(k, D, extra, extra)
-                  for k in A._KERNELS for D, extra in ((128, True), (128, False))}))
+                  for k in A._KERNELS for D, extra in ((128, True), (128, False), (96, False))}))
 """
 
 
@@ -278,8 +278,8 @@ def test_rejects_bad_inputs(dev):
         A.attention_forward(q, k.bfloat16(), v, None, 0.1)
     with pytest.raises(ValueError, match="share one dtype"):
         A.attention_forward(*(t.double() for t in (q, k, v)), None, 0.1)
-    with pytest.raises(ValueError, match="head dim 96"):
-        A.attention_forward(*_inputs(1, 16, 4, 2, 96, torch.float32, dev), None, 0.1)
+    with pytest.raises(ValueError, match="head dim 72"):
+        A.attention_forward(*_inputs(1, 16, 4, 2, 72, torch.float32, dev), None, 0.1)
     with pytest.raises(ValueError, match="int32"):
         A.attention_forward(q, k, v, torch.zeros(1, 16, dtype=torch.int64, device=dev), 0.1)
     with pytest.raises(ValueError, match="doc_ids must be"):
