@@ -72,8 +72,8 @@ def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: to
     qw = q.to(work)
     kw = k.to(work).repeat_interleave(group, dim=2)
     vw = v.to(work).repeat_interleave(group, dim=2)
-    mask = attention_mask(S, doc_ids, sliding_window, q.device, B)                  # [B, S, S]
-    s = torch.einsum("bihd,bjhd->bhij", qw, kw).float() * scale                      # [B, Hq, S, S] fp32
+    mask = attention_mask(S, doc_ids, sliding_window, q.device, B)                      # [B, S, S]
+    s = torch.einsum("bihd,bjhd->bhij", qw, kw).float() * scale                         # [B, Hq, S, S] fp32
     p = torch.softmax(s.masked_fill(~mask[:, None], float("-inf")), dim=-1).to(work)
     return torch.einsum("bhij,bjhd->bihd", p, vw).to(q.dtype)
 
@@ -160,8 +160,8 @@ def _doc_span(DOC, doc_lo, doc_hi, lo, hi, seq_len, BLOCK: tl.constexpr):
     """[first, end): the smallest run of the blocks of [lo, hi) (step BLOCK) that holds every block containing a
     document id in [doc_lo, doc_hi]. Blocks outside it cannot match and are skipped.
 
-    The scan reads CHUNK blocks (≥ 1024 positions) per step: a block per step would be S / BLOCK dependent
-    global loads, tens of microseconds of latency per program at S = 4K."""
+    The scan reads 1024 positions (CHUNK blocks) per step: a block per step would be S / BLOCK dependent global
+    loads, tens of microseconds of latency per program at S = 4K."""
     CHUNK: tl.constexpr = 1024 // BLOCK if BLOCK < 1024 else 1
     first = hi
     end = lo
@@ -171,7 +171,7 @@ def _doc_span(DOC, doc_lo, doc_hi, lo, hi, seq_len, BLOCK: tl.constexpr):
         doc = tl.load(DOC + offs, mask=inside, other=-1)
         doc_min = tl.reshape(tl.where(inside, doc, 2147483647), [CHUNK, BLOCK])
         doc_max = tl.reshape(tl.where(inside, doc, -2147483647), [CHUNK, BLOCK])
-        block_lo = start + tl.arange(0, CHUNK) * BLOCK                               # [CHUNK] block starts
+        block_lo = start + tl.arange(0, CHUNK) * BLOCK                                  # [CHUNK] block starts
         hit = (tl.max(doc_max, 1) >= doc_lo) & (tl.min(doc_min, 1) <= doc_hi) & (block_lo < hi)
         first = tl.minimum(first, tl.min(tl.where(hit, block_lo, hi), 0))
         end = tl.maximum(end, tl.max(tl.where(hit, block_lo + BLOCK, lo), 0))
@@ -240,7 +240,7 @@ def _fwd_range(acc, l_i, m_i, q, q_pos, q_doc,
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         k_pos = start_n + tl.arange(0, BLOCK_N)
-        k = _load_rows(K, k_pos, stride_ks, stride_kd, seq_len, HEAD_DIM, BLOCK_D, MASKED)       # [BLOCK_N, D]
+        k = _load_rows(K, k_pos, stride_ks, stride_kd, seq_len, HEAD_DIM, BLOCK_D, MASKED)  # [BLOCK_N, BLOCK_D]
         qk = _dot(q, tl.trans(k), None, UPCAST, PRECISION)                              # [BLOCK_M, BLOCK_N]
         if MASKED or HAS_DOCS:
             k_doc = k_pos
@@ -296,7 +296,7 @@ def _attn_fwd(
 
     m0 = start_m * BLOCK_M
     q_pos = m0 + tl.arange(0, BLOCK_M)
-    q = _load_rows(Q, q_pos, stride_qs, stride_qd, seq_len, HEAD_DIM, BLOCK_D, True)   # [BLOCK_M, BLOCK_D]
+    q = _load_rows(Q, q_pos, stride_qs, stride_qd, seq_len, HEAD_DIM, BLOCK_D, True)    # [BLOCK_M, BLOCK_D]
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -351,8 +351,8 @@ def _dkdv_range(dk, dv, k, v, k_pos, k_doc,
                 Q, DO, LSE, DELTA, DOC, stride_qh, stride_qs, stride_qd, stride_doh, stride_dos, stride_dod,
                 lo, hi, seq_len, window, qk_scale,
                 GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                MASKED: tl.constexpr,
-                HAS_DOCS: tl.constexpr, HAS_WINDOW: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+                MASKED: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_WINDOW: tl.constexpr, UPCAST: tl.constexpr,
+                PRECISION: tl.constexpr):
     """dK/dV of one key block accumulated over the query blocks [lo, hi) of each of the GROUP q heads (Q, DO,
     LSE, DELTA point at the group's first head). Tiles are key-major: [BLOCK_N keys, BLOCK_M queries].
 
@@ -367,7 +367,7 @@ def _dkdv_range(dk, dv, k, v, k_pos, k_doc,
         DO_g = DO + g * stride_doh
         LSE_g = LSE + g * seq_len
         DELTA_g = DELTA + g * seq_len
-        q = _load_rows(Q_g, q_pos, stride_qs, stride_qd, seq_len, HEAD_DIM, BLOCK_D, MASKED)     # [BLOCK_M, D]
+        q = _load_rows(Q_g, q_pos, stride_qs, stride_qd, seq_len, HEAD_DIM, BLOCK_D, MASKED)  # [BLOCK_M, BLOCK_D]
         if MASKED:
             lse = tl.load(LSE_g + q_pos, mask=q_pos < seq_len, other=0.0)
         else:
@@ -386,10 +386,10 @@ def _dkdv_range(dk, dv, k, v, k_pos, k_doc,
             delta = tl.load(DELTA_g + q_pos, mask=q_pos < seq_len, other=0.0)
         else:
             delta = tl.load(DELTA_g + q_pos)
-        dv = _dot(_to(pT, do.dtype, UPCAST), do, dv, UPCAST, PRECISION)                   # [BLOCK_N, D]
-        dpT = _dot(v, tl.trans(do), None, UPCAST, PRECISION)                             # [BLOCK_N, BLOCK_M]
+        dv = _dot(_to(pT, do.dtype, UPCAST), do, dv, UPCAST, PRECISION)                 # [BLOCK_N, BLOCK_D]
+        dpT = _dot(v, tl.trans(do), None, UPCAST, PRECISION)                            # [BLOCK_N, BLOCK_M]
         dsT = pT * (dpT - delta[None, :])
-        dk = _dot(_to(dsT, q.dtype, UPCAST), q, dk, UPCAST, PRECISION)                    # [BLOCK_N, D]
+        dk = _dot(_to(dsT, q.dtype, UPCAST), q, dk, UPCAST, PRECISION)                  # [BLOCK_N, BLOCK_D]
     return dk, dv
 
 
@@ -418,7 +418,7 @@ def _attn_bwd_dkdv(
     off_kh = off_bkh % num_kv_heads
     k_pos = n0 + tl.arange(0, BLOCK_N)
     k = _load_rows(K + off_b * stride_kb + off_kh * stride_kh, k_pos, stride_ks, stride_kd, seq_len, HEAD_DIM,
-                   BLOCK_D, True)                                                        # [BLOCK_N, BLOCK_D]
+                   BLOCK_D, True)                                                       # [BLOCK_N, BLOCK_D]
     v = _load_rows(V + off_b * stride_vb + off_kh * stride_vh, k_pos, stride_vs, stride_vd, seq_len, HEAD_DIM,
                    BLOCK_D, True)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -468,7 +468,7 @@ def _dq_range(dq, q, do, lse2, delta, q_pos, q_doc,
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         k_pos = start_n + tl.arange(0, BLOCK_N)
-        k = _load_rows(K, k_pos, stride_ks, stride_kd, seq_len, HEAD_DIM, BLOCK_D, MASKED)       # [BLOCK_N, D]
+        k = _load_rows(K, k_pos, stride_ks, stride_kd, seq_len, HEAD_DIM, BLOCK_D, MASKED)  # [BLOCK_N, BLOCK_D]
         v = _load_rows(V, k_pos, stride_vs, stride_vd, seq_len, HEAD_DIM, BLOCK_D, MASKED)
         qk = _dot(q, tl.trans(k), None, UPCAST, PRECISION)                              # [BLOCK_M, BLOCK_N]
         p = tl.math.exp2(qk * qk_scale - lse2[:, None])
@@ -481,7 +481,7 @@ def _dq_range(dq, q, do, lse2, delta, q_pos, q_doc,
             p = tl.where(ok, p, 0.0)
         dp = _dot(do, tl.trans(v), None, UPCAST, PRECISION)                             # [BLOCK_M, BLOCK_N]
         ds = p * (dp - delta[:, None])
-        dq = _dot(_to(ds, k.dtype, UPCAST), k, dq, UPCAST, PRECISION)                              # [BLOCK_M, D]
+        dq = _dot(_to(ds, k.dtype, UPCAST), k, dq, UPCAST, PRECISION)                   # [BLOCK_M, BLOCK_D]
     return dq
 
 
@@ -514,7 +514,7 @@ def _attn_bwd_dq(
     q_pos = m0 + tl.arange(0, BLOCK_M)
     q_in = q_pos < seq_len
     q = _load_rows(Q + off_b * stride_qb + off_h * stride_qh, q_pos, stride_qs, stride_qd, seq_len, HEAD_DIM,
-                   BLOCK_D, True)                                                        # [BLOCK_M, BLOCK_D]
+                   BLOCK_D, True)                                                       # [BLOCK_M, BLOCK_D]
     do = _load_rows(DO + off_b * stride_dob + off_h * stride_doh, q_pos, stride_dos, stride_dod, seq_len, HEAD_DIM,
                     BLOCK_D, True)
     row = off_bh.to(tl.int64) * seq_len
