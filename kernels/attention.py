@@ -787,41 +787,50 @@ def _sweep(kernel: str, configs: list[dict], run) -> tuple[dict, float]:
     return best, best_ms
 
 
+def _tune_shape(B: int, S: int, Hq: int, Hkv: int, D: int, device="cuda",
+                configs: tuple[list, list, list] = (FWD_CONFIGS, DKDV_CONFIGS, DQ_CONFIGS)) -> list[dict]:
+    """Sweeps one shape (bf16, causal, no documents) and stores the winners; -> the fwd and bwd rows."""
+    dtype = torch.bfloat16
+    q = torch.randn(B, S, Hq, D, device=device, dtype=dtype)
+    k = torch.randn(B, S, Hkv, D, device=device, dtype=dtype)
+    v = torch.randn(B, S, Hkv, D, device=device, dtype=dtype)
+    scale = D ** -0.5
+    key = _shape_key(S, D, dtype)
+    fwd_configs, dkdv_configs, dq_configs = configs
+    o = torch.empty_like(q)
+    lse = torch.empty((B, Hq, S), device=device, dtype=torch.float32)
+    fwd_cfg, fwd_ms = _sweep("attention_fwd", fwd_configs, lambda c: _launch_fwd(q, k, v, None, o, lse, scale, 0, c))
+    tuning.store_config("attention_fwd", key, fwd_cfg)
+    o, lse = attention_forward(q, k, v, None, scale)
+    do = torch.randn_like(o)
+    dq_now = _config("attention_bwd_dq", S, D, dtype)        # dkdv is timed with today's dq config, then dq
+    dkdv_cfg, _ = _sweep("attention_bwd_dkdv", dkdv_configs,
+                         lambda c: _launch_bwd(do, q, k, v, o, lse, None, scale, 0, c, dq_now))
+    dq_cfg, _ = _sweep("attention_bwd_dq", dq_configs,
+                       lambda c: _launch_bwd(do, q, k, v, o, lse, None, scale, 0, dkdv_cfg, c))
+    tuning.store_config("attention_bwd_dkdv", key, dkdv_cfg)
+    tuning.store_config("attention_bwd_dq", key, dq_cfg)
+    bwd_ms = tuning.time_ms(lambda: attention_backward(do, q, k, v, o, lse, None, scale))
+    rows = []
+    for label, cfg, ms, backward in (("fwd", fwd_cfg, fwd_ms, False),
+                                     ("bwd", {"dkdv": dkdv_cfg, "dq": dq_cfg}, bwd_ms, True)):
+        tflops = attention_flops(B, S, Hq, D, backward) / (ms * 1e-3) / 1e12
+        rows.append({"shape": f"B={B} S={S} Hq={Hq} Hkv={Hkv} D={D} bf16 causal {label}", "config": cfg, "ms": ms,
+                     "throughput": f"{tflops:.0f} TFLOPS ({'2.5 × ' if backward else ''}2·B·Hq·S²·D)"})
+    return rows
+
+
 def autotune(shape: dict | None = None) -> list[dict]:
     """Sweep the Hopper config lists on the current GPU (bf16), store the winners, return one row per kernel
     pass (forward, backward) and shape with its TFLOPS. Default shapes: 16K tokens per batch, Hq=32, Hkv=8,
-    D in (64, 128), S in (1024, 4096)."""
+    D in (128, 64), S in (1024, 4096); --shape takes B, S, Hq, Hkv, D."""
     shapes = [shape] if shape else [dict(B=16384 // S, S=S, Hq=32, Hkv=8, D=D) for D in (128, 64)
                                     for S in (1024, 4096)]
     rows = []
     for sh in shapes:
-        B, S, Hq, Hkv, D = (int(sh.get(n, d)) for n, d in (("B", 1), ("S", 4096), ("Hq", 32), ("Hkv", 8),
-                                                               ("D", 128)))
-        dtype = torch.bfloat16
-        q = torch.randn(B, S, Hq, D, device="cuda", dtype=dtype)
-        k = torch.randn(B, S, Hkv, D, device="cuda", dtype=dtype)
-        v = torch.randn(B, S, Hkv, D, device="cuda", dtype=dtype)
-        scale = D ** -0.5
-        key = _shape_key(S, D, dtype)
-        name = f"B={B} S={S} Hq={Hq} Hkv={Hkv} D={D} bf16 causal"
-        o = torch.empty_like(q)
-        lse = torch.empty((B, Hq, S), device="cuda", dtype=torch.float32)
-        fwd_cfg, fwd_ms = _sweep("attention_fwd", FWD_CONFIGS,
-                                 lambda c: _launch_fwd(q, k, v, None, o, lse, scale, 0, c))
-        tuning.store_config("attention_fwd", key, fwd_cfg)
-        o, lse = attention_forward(q, k, v, None, scale)
-        do = torch.randn_like(o)
-        dq_default = _DEFAULTS["attention_bwd_dq"][_block_d(D)]
-        dkdv_cfg, _ = _sweep("attention_bwd_dkdv", DKDV_CONFIGS,
-                             lambda c: _launch_bwd(do, q, k, v, o, lse, None, scale, 0, c, dq_default))
-        dq_cfg, _ = _sweep("attention_bwd_dq", DQ_CONFIGS,
-                           lambda c: _launch_bwd(do, q, k, v, o, lse, None, scale, 0, dkdv_cfg, c))
-        tuning.store_config("attention_bwd_dkdv", key, dkdv_cfg)
-        tuning.store_config("attention_bwd_dq", key, dq_cfg)
-        bwd_ms = tuning.time_ms(lambda: attention_backward(do, q, k, v, o, lse, None, scale))
-        for label, cfg, ms, backward in (("fwd", fwd_cfg, fwd_ms, False),
-                                         ("bwd", {"dkdv": dkdv_cfg, "dq": dq_cfg}, bwd_ms, True)):
-            tflops = attention_flops(B, S, Hq, D, backward) / (ms * 1e-3) / 1e12
-            rows.append({"shape": f"{name} {label}", "config": cfg, "ms": ms,
-                         "throughput": f"{tflops:.0f} TFLOPS ({'2.5 × ' if backward else ''}2·B·Hq·S²·D)"})
+        unknown = set(sh) - {"B", "S", "Hq", "Hkv", "D"}
+        if unknown:
+            raise ValueError(f"autotune attention: unknown shape names {sorted(unknown)}; use B, S, Hq, Hkv, D")
+        rows += _tune_shape(*(int(sh.get(n, d)) for n, d in (("B", 1), ("S", 4096), ("Hq", 32), ("Hkv", 8),
+                                                               ("D", 128))))
     return rows
