@@ -24,7 +24,7 @@ N = 64 * 2**20                 # parameters
 BYTES_PER_PARAM = 28           # see the docstring
 HYPER = dict(lr=1e-4, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
 GRAD_SCALE = 0.25              # clipping coefficient folded into the gradient
-ROUNDS = 8
+ROUNDS = 12
 
 
 @pytest.fixture(scope="module")
