@@ -96,6 +96,7 @@ CASES = {                     # B, S, Hq, Hkv, D, doc starts, window
     "docs-window":      (2, 128, 4, 2, 64, [40, 90], 7),
     "hd128":            (1, 64, 2, 1, 128, None, None),
     "hd128-docs-window": (1, 100, 2, 2, 128, [33], 45),
+    "long-docs-window": (1, 300, 2, 1, 64, [100, 260], 150),   # S > 256: the interpreter's 64×64 tiles
 }
 
 
