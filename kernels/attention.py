@@ -743,6 +743,8 @@ def compile_for_hopper(kernel: str, D: int = 128, docs: bool = True, window: boo
                 HAS_DOCS=docs, HAS_WINDOW=window, UPCAST=False, PRECISION="tf32")
     signature, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
+        if name == "DOC" and not docs:
+            meta[name] = None                                          # the launcher passes None
         if name in meta or (name.startswith("stride_") and name.endswith("d") and name != "stride_docb"):
             meta.setdefault(name, 1)                                   # head-dim strides are 1: specialized
             signature[name] = "constexpr"
