@@ -142,6 +142,20 @@ def _check_against_reference(case, dtype, dev):
         assert _err(g, w) <= 2 * _err(w_lp, w) + ATOL[dtype], name
 
 
+@pytest.mark.parametrize("S,window", [(1, None), (2, 1), (17, 1), (17, 3)])
+def test_tiny_sequences_and_windows(S, window, dev):
+    """One token, and windows of one token (a token sees only itself) or a few."""
+    q, k, v = _inputs(1, S, 2, 1, 32, torch.float32, dev)
+    do = torch.randn_like(q)
+    doc = torch.zeros(1, S, dtype=torch.int32, device=dev)
+    o, lse = A.attention_forward(q, k, v, doc, 0.2, window)
+    o_ref, lse_ref = A.attention_forward_ref(q, k, v, doc, 0.2, window)
+    assert _err(o, o_ref) < 1e-5 and _err(lse, lse_ref) < 1e-5
+    for g, w in zip(A.attention_backward(do, q, k, v, o, lse, doc, 0.2, window),
+                    A.attention_backward_ref(do, q, k, v, o_ref, lse_ref, doc, 0.2, window)):
+        assert _err(g, w) < 1e-5
+
+
 def test_backward_is_deterministic(dev):
     """No atomics: dK/dV are summed over the GROUP heads inside one program, so reruns are bitwise equal
     (meaningful on a GPU, where atomics would reorder the sums)."""
