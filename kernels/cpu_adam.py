@@ -17,9 +17,9 @@ torch.optim.AdamW's default (single-tensor) path is that torch updates m with ``
 a different rounding of the same value: results agree to within fp32 rounding, not bit for bit.
 
 Implementations, chosen once per process (``implementation()`` says which, for the engine to log):
-- ``cpp``: kernels/cpu_adam.cpp, a plain-C-ABI loop with OpenMP threads, built on first use with
-  torch.utils.cpp_extension.load (-O3 -march=native; about 1 s) into ~/.cache/horizon_triton/, keyed by torch
-  version and CPU, and called through ctypes, which drops the GIL for the whole call.
+- ``cpp``: kernels/cpu_adam.cpp, a plain-C-ABI loop with OpenMP threads, compiled on first use with the
+  system C++ compiler (-O3 -march=native; under a second) into ~/.cache/horizon_triton/, keyed by source,
+  flags and CPU, and called through ctypes, which drops the GIL for the whole call.
 - ``torch``: ``adamw_step_torch_``, the same formula as torch ops on cache-sized chunks. Used when
   HORIZON_CPU_ADAM=torch, or, with a warning, when the build fails. It runs on torch's intra-op threads and
   ignores ``set_num_threads``.
@@ -47,6 +47,7 @@ import hashlib
 import math
 import os
 import platform
+import subprocess
 import threading
 import warnings
 from pathlib import Path
@@ -123,29 +124,43 @@ def _scalars(step, lr, beta1, beta2, eps, weight_decay, grad_scale) -> dict[str,
 # ----------------------------------------------------------------------------------------------------------
 # C++ path: build once per machine, load once per process
 # ----------------------------------------------------------------------------------------------------------
-def _build_dir() -> Path:
-    """~/.cache/horizon_triton/cpu_adam-<torch>-<cpu>: -march=native code must not move to another CPU."""
+_CXXFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared"]
+
+
+def _cpu_id() -> str:
+    """Model and feature flags of this CPU: -march=native code must not move to another one."""
     cpu = platform.machine() + platform.processor()
     try:
         cpu += "".join(line for line in Path("/proc/cpuinfo").read_text().splitlines()
                        if line.startswith(("model name", "flags")))
-    except OSError:
+    except OSError:     # not Linux: the machine name is all we key on
         pass
-    cpu_key = hashlib.sha256(cpu.encode()).hexdigest()[:12]
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    return cache / "horizon_triton" / f"cpu_adam-torch{torch.__version__}-{cpu_key}"
+    return cpu
 
 
 def _load_cpp():
-    """Compiles kernels/cpu_adam.cpp (ninja skips it when the cached build is current) -> the C function."""
-    from torch.utils import cpp_extension
-    build_dir = _build_dir()
-    build_dir.mkdir(parents=True, exist_ok=True)
-    library = cpp_extension.load(
-        name="horizon_cpu_adam", sources=[str(Path(__file__).with_name("cpu_adam.cpp"))],
-        extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fno-math-errno"],
-        extra_ldflags=["-fopenmp"], build_directory=str(build_dir), is_python_module=False)
-    fn = ctypes.CDLL(library).horizon_cpu_adamw_step
+    """Compiles kernels/cpu_adam.cpp unless this CPU already has a build of this source -> the C function.
+
+    The library is named by a hash of (source, compiler, flags, CPU) in ~/.cache/horizon_triton (or
+    $XDG_CACHE_HOME), so an edited source or another CPU gets a fresh build and a stale one is never loaded. It
+    is compiled to a temporary name and renamed into place, so processes building at once cannot load half a
+    file. The compiler is called directly rather than through torch.utils.cpp_extension.load: the file needs no
+    torch headers, and cpp_extension would also need ninja, which a fresh virtualenv does not have."""
+    source = Path(__file__).with_name("cpu_adam.cpp")
+    compiler = os.environ.get("CXX", "c++")
+    key = hashlib.sha256("\0".join([source.read_text(), compiler, *_CXXFLAGS, _cpu_id()]).encode()).hexdigest()
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "horizon_triton"
+    library = cache / f"cpu_adam-{key[:16]}.so"
+    if not library.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        partial = library.with_name(f"{library.name}.{os.getpid()}.tmp")
+        build = subprocess.run([compiler, *_CXXFLAGS, str(source), "-o", str(partial)], capture_output=True,
+                               text=True)
+        if build.returncode != 0:
+            partial.unlink(missing_ok=True)
+            raise RuntimeError(f"{compiler} failed on {source.name}: {build.stderr.strip()[-1000:]}")
+        os.replace(partial, library)
+    fn = ctypes.CDLL(str(library)).horizon_cpu_adamw_step
     fn.restype = None
     f32, ptr = ctypes.c_float, ctypes.c_void_p
     fn.argtypes = [ptr, ptr, ctypes.c_int, ptr, ptr, ptr, ctypes.c_int64] + [f32] * 9 + [ctypes.c_int]

@@ -241,6 +241,16 @@ def test_failed_build_falls_back_with_one_warning(unchosen):
         _run_small_step()
 
 
+def test_compiler_error_falls_back(unchosen, tmp_path):
+    """The real build path with a compiler that fails (`false`): a warning naming it, no partial library left."""
+    unchosen.delenv("HORIZON_CPU_ADAM", raising=False)
+    unchosen.setenv("XDG_CACHE_HOME", str(tmp_path))
+    unchosen.setenv("CXX", "false")
+    with pytest.warns(RuntimeWarning, match="false failed on cpu_adam.cpp"):
+        _run_small_step()
+    assert not list(tmp_path.rglob("cpu_adam-*"))
+
+
 def test_failed_build_is_an_error_when_cpp_is_required(unchosen):
     unchosen.setenv("HORIZON_CPU_ADAM", "cpp")
     unchosen.setattr(cpu_adam, "_load_cpp", _failing_build)
