@@ -37,9 +37,9 @@ Known gaps:
   machine, no spills, wgmma used), never timed: run `python -m horizon_triton.kernels.autotune attention` on
   the GPU. hd256 is the least explored (the dkdv default keeps a 24-byte stack frame).
 - stored configs are keyed by head dim, dtype and a sequence-length bucket, not by documents or window.
-- Triton's CPU interpreter gets bf16 tl.dot wrong and truncates fp32 → bf16 instead of rounding, so when
-  interpreting (UPCAST) the dot operands are upcast to fp32 and every downcast rounds to nearest even by hand,
-  which reproduces what the GPU computes.
+- Triton's CPU interpreter gets bf16 tl.dot wrong, so when interpreting (UPCAST) the dot operands are upcast to
+  fp32 after the same rounding to the input dtype the GPU does. (It also truncates fp32 → bf16 instead of
+  rounding; the tests patch that cast with tests/kernel_checks.py's bf16_round_to_nearest.)
 """
 from __future__ import annotations
 
@@ -89,17 +89,6 @@ def _dot(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
         a = a.to(tl.float32)
         b = b.to(tl.float32)
     return tl.dot(a, b, acc, input_precision=PRECISION)
-
-
-@triton.jit
-def _to(x, dtype: tl.constexpr, UPCAST: tl.constexpr):
-    """x.to(dtype), rounding to nearest even as the GPU does. The interpreter truncates fp32 → bf16 instead, so
-    when interpreting (UPCAST) the fp32 bits are rounded first and the conversion is exact."""
-    if UPCAST and dtype == tl.bfloat16:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16 << 16
-        x = bits.to(tl.float32, bitcast=True)
-    return x.to(dtype)
 
 
 @triton.jit
@@ -261,7 +250,7 @@ def _fwd_range(acc, l_i, m_i, q, q_pos, q_doc,
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         v = _load_rows(V, k_pos, stride_vs, stride_vd, seq_len, HEAD_DIM, BLOCK_D, MASKED)
-        acc = _dot(_to(p, v.dtype, UPCAST), v, acc, UPCAST, PRECISION)
+        acc = _dot(p.to(v.dtype), v, acc, UPCAST, PRECISION)
         m_i = m_ij
     return acc, l_i, m_i
 
@@ -315,7 +304,7 @@ def _attn_fwd(
 
     acc = acc / l_i[:, None]
     tl.store(LSE + q_pos, (m_i + tl.math.log2(l_i)) * LN2, mask=q_pos < seq_len)      # natural log
-    _store_rows(O, q_pos, stride_os, stride_od, _to(acc, O.dtype.element_ty, UPCAST), seq_len, HEAD_DIM, BLOCK_D)
+    _store_rows(O, q_pos, stride_os, stride_od, acc.to(O.dtype.element_ty), seq_len, HEAD_DIM, BLOCK_D)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -386,10 +375,10 @@ def _dkdv_range(dk, dv, k, v, k_pos, k_doc,
             delta = tl.load(DELTA_g + q_pos, mask=q_pos < seq_len, other=0.0)
         else:
             delta = tl.load(DELTA_g + q_pos)
-        dv = _dot(_to(pT, do.dtype, UPCAST), do, dv, UPCAST, PRECISION)                 # [BLOCK_N, BLOCK_D]
+        dv = _dot(pT.to(do.dtype), do, dv, UPCAST, PRECISION)                 # [BLOCK_N, BLOCK_D]
         dpT = _dot(v, tl.trans(do), None, UPCAST, PRECISION)                            # [BLOCK_N, BLOCK_M]
         dsT = pT * (dpT - delta[None, :])
-        dk = _dot(_to(dsT, q.dtype, UPCAST), q, dk, UPCAST, PRECISION)                  # [BLOCK_N, BLOCK_D]
+        dk = _dot(dsT.to(q.dtype), q, dk, UPCAST, PRECISION)                  # [BLOCK_N, BLOCK_D]
     return dk, dv
 
 
@@ -454,8 +443,8 @@ def _attn_bwd_dkdv(
     dk *= scale
     DK += off_b * stride_dkb + off_kh * stride_dkh
     DV += off_b * stride_dvb + off_kh * stride_dvh
-    _store_rows(DK, k_pos, stride_dks, stride_dkd, _to(dk, DK.dtype.element_ty, UPCAST), seq_len, HEAD_DIM, BLOCK_D)
-    _store_rows(DV, k_pos, stride_dvs, stride_dvd, _to(dv, DV.dtype.element_ty, UPCAST), seq_len, HEAD_DIM, BLOCK_D)
+    _store_rows(DK, k_pos, stride_dks, stride_dkd, dk.to(DK.dtype.element_ty), seq_len, HEAD_DIM, BLOCK_D)
+    _store_rows(DV, k_pos, stride_dvs, stride_dvd, dv.to(DV.dtype.element_ty), seq_len, HEAD_DIM, BLOCK_D)
 
 
 @triton.jit
@@ -481,7 +470,7 @@ def _dq_range(dq, q, do, lse2, delta, q_pos, q_doc,
             p = tl.where(ok, p, 0.0)
         dp = _dot(do, tl.trans(v), None, UPCAST, PRECISION)                             # [BLOCK_M, BLOCK_N]
         ds = p * (dp - delta[:, None])
-        dq = _dot(_to(ds, k.dtype, UPCAST), k, dq, UPCAST, PRECISION)                   # [BLOCK_M, BLOCK_D]
+        dq = _dot(ds.to(k.dtype), k, dq, UPCAST, PRECISION)                   # [BLOCK_M, BLOCK_D]
     return dq
 
 
@@ -536,7 +525,7 @@ def _attn_bwd_dq(
 
     dq *= scale
     _store_rows(DQ + off_b * stride_dqb + off_h * stride_dqh, q_pos, stride_dqs, stride_dqd,
-                _to(dq, DQ.dtype.element_ty, UPCAST), seq_len, HEAD_DIM, BLOCK_D)
+                dq.to(DQ.dtype.element_ty), seq_len, HEAD_DIM, BLOCK_D)
 
 
 # ----------------------------------------------------------------------------------------------------------
