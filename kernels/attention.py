@@ -35,7 +35,9 @@ Known gaps:
 - the Hopper configs (plain pointer loads, no TMA descriptors or warp specialization) follow the Triton
   fused-attention tutorial and FA2 and were checked only statically (compile_for_hopper: sm_90 build on a CPU
   machine, no spills, wgmma used), never timed: run `python -m horizon_triton.kernels.autotune attention` on
-  the GPU. hd256 is the least explored (the dkdv default keeps a 24-byte stack frame).
+  the GPU. hd256 is the least explored (the dkdv default keeps a 24-byte stack frame; so does the hd128
+  forward with a window and no documents, 8 bytes).
+- kernels launch on the current CUDA device; tensors on another device are not switched to.
 - stored configs are keyed by head dim, dtype and a sequence-length bucket, not by documents or window.
 - Triton's CPU interpreter gets bf16 tl.dot wrong, so when interpreting (UPCAST) the dot operands are upcast to
   fp32 after the same rounding to the input dtype the GPU does. (It also truncates fp32 → bf16 instead of
