@@ -1,0 +1,154 @@
+"""cli.py: the fine-tune job end to end on a tiny Llama with its own tokenizer, its errors before training, the
+demo run (a few steps; its accuracy is measured by hand, not here), and the progress line."""
+import io
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import transformers
+
+from hf_reference import load_hf, make_hf_model
+from horizon_triton import cli
+
+WORDS = "the a cat dog sat ran on under mat rug big small red blue what did do ? . yes no".split()
+
+
+def make_tokenizer(path):
+    """A word-level tokenizer built offline, saved next to the model like a real checkpoint's."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    vocab = {tok: i for i, tok in enumerate(["<pad>", "<unk>", "<s>", "</s>"] + WORDS)}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", unk_token="<unk>",
+                                                     bos_token="<s>", eos_token="</s>")
+    tokenizer.save_pretrained(str(path))
+    return tokenizer
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    src = tmp_path / "src"
+    make_hf_model("llama", src)                # vocab 96 > the tokenizer's 24 ids
+    make_tokenizer(src)
+    return src
+
+
+def _jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+RECORDS = [
+    {"text": "the cat sat on the mat ."},
+    {"prompt": "what did the dog do ?", "response": "the dog ran under the rug ."},
+    {"text": "a big red dog sat on a small blue rug ."},
+    {"prompt": "did the cat sit ?", "response": "yes ."},
+] * 3
+
+
+def _finetune_args(src, data, out, *extra):
+    return ["train", "--model", str(src), "--data", str(data), "--out", str(out), "--device", "cpu",
+            "--dtype", "float32", *extra]
+
+
+def test_finetune_end_to_end(tmp_path, checkpoint, capsys):
+    data = _jsonl(tmp_path / "train.jsonl", RECORDS)
+    out = tmp_path / "out"
+    rc = cli.main(_finetune_args(checkpoint, data, out, "--steps", "4", "--batch-size", "2", "--seq-len", "24",
+                                 "--grad-accum", "2", "--lr", "1e-3"))
+    assert rc == 0
+    assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [1, 2, 3, 4]
+    assert all(line["kind"] == "train" and line["loss"] > 0 and line["tokens"] > 0 for line in lines)
+    assert {"lr", "grad_norm", "tokens_per_s", "device_peak_bytes", "host_rss_peak_bytes"} <= set(lines[0])
+    # the result is a checkpoint transformers loads, with changed weights, and a tokenizer that loads too
+    tuned, original = load_hf(out), load_hf(checkpoint)
+    assert not torch.equal(tuned.model.embed_tokens.weight, original.model.embed_tokens.weight)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(out))
+    ids = torch.tensor([tokenizer("the cat sat")["input_ids"]])
+    assert torch.isfinite(tuned(input_ids=ids).logits).all()
+    printed = capsys.readouterr().out
+    assert "step 4/4" in printed and "tok/s" in printed and "MiB" in printed
+
+
+def test_finetune_default_steps_is_one_pass(tmp_path, checkpoint):
+    data = _jsonl(tmp_path / "train.jsonl", RECORDS[:4])
+    out = tmp_path / "out"
+    assert cli.main(_finetune_args(checkpoint, data, out, "--batch-size", "1", "--seq-len", "64")) == 0
+    rows = len((out / "metrics.jsonl").read_text().splitlines())
+    assert 1 <= rows <= 4                       # 4 short records pack into fewer rows of 64 tokens
+
+
+@pytest.mark.parametrize("lines,message", [
+    ([json.dumps({"text": "the cat"}), "{not json"], "train.jsonl:2: not valid JSON"),
+    ([json.dumps({"prompt": "the cat"})], 'train.jsonl:1: "response" is missing'),
+    ([json.dumps({"words": "the cat"})], 'train.jsonl:1: expected a "text" key'),
+    ([], "holds no records"),
+])
+def test_finetune_data_errors_before_training(tmp_path, checkpoint, capsys, lines, message):
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(line + "\n" for line in lines))
+    out = tmp_path / "out"
+    assert cli.main(_finetune_args(checkpoint, data, out)) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()                     # nothing trained, nothing written
+
+
+def test_finetune_without_tokenizer_is_a_clear_error(tmp_path, capsys):
+    src = tmp_path / "bare"
+    make_hf_model("llama", src)
+    data = _jsonl(tmp_path / "train.jsonl", RECORDS)
+    assert cli.main(_finetune_args(src, data, tmp_path / "out")) == 2
+    assert "has no tokenizer" in capsys.readouterr().err
+
+
+def test_finetune_refuses_to_overwrite_its_source(tmp_path, checkpoint, capsys):
+    data = _jsonl(tmp_path / "train.jsonl", RECORDS)
+    assert cli.main(_finetune_args(checkpoint, data, checkpoint)) == 2
+    assert "--out" in capsys.readouterr().err
+
+
+def test_demo_runs_and_writes_metrics(tmp_path):
+    """The no-argument job, shortened, through ``python -m`` (as a user runs it, with a pipe: plain lines)."""
+    out = tmp_path / "demo"
+    env = dict(os.environ, HORIZON_KERNELS="torch")
+    result = subprocess.run([sys.executable, "-m", "horizon_triton.cli", "train", "--steps", "6", "--eval-every", "3",
+                             "--eval-problems", "16", "--out", str(out)],
+                            capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr
+    assert "\r" not in result.stdout
+    assert "step 6/6" in result.stdout and "held-out exact match" in result.stdout
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines if line["kind"] == "train"] == [1, 2, 3, 4, 5, 6]
+    assert [line["step"] for line in lines if line["kind"] == "eval"] == [0, 3, 6]
+    assert all(0.0 <= line["exact_match"] <= 1.0 for line in lines if line["kind"] == "eval")
+    assert (out / "config.json").is_file()
+
+
+def test_demo_rejects_finetune_options(capsys):
+    assert cli.main(["train", "--data", "x.jsonl"]) == 2
+    assert "--model" in capsys.readouterr().err
+
+
+class _Tty(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_rewrites_one_line_on_a_terminal_and_prints_lines_otherwise():
+    entry = dict(step=1, loss=2.5, tokens_per_s=1234.0, host_rss_peak_bytes=300 * 2**20, device_peak_bytes=2**20)
+    tty, pipe = _Tty(), io.StringIO()
+    for stream in (tty, pipe):
+        progress = cli.Progress(2, stream)
+        progress.step(entry)
+        progress.step(dict(entry, step=2))
+        progress.note("eval")
+        progress.close()
+    assert tty.getvalue().startswith("\rstep 1/2  loss 2.5000  1,234 tok/s  rss 300 MiB  device peak 1 MiB")
+    assert "\rstep 2/2" in tty.getvalue() and tty.getvalue().endswith("\neval\n")
+    assert pipe.getvalue().splitlines()[:2] == ["step 1/2  loss 2.5000  1,234 tok/s  rss 300 MiB  device peak 1 MiB",
+                                                "step 2/2  loss 2.5000  1,234 tok/s  rss 300 MiB  device peak 1 MiB"]
