@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 
 from . import layer as lt
+from horizon_triton.kernels.cpu_adam import implementation as adam_implementation
+
 from .checkpoint import DTYPES, load_weights, save_weights
 from .config import ModelConfig, TrainConfig
 from .device import make_device
@@ -46,8 +48,8 @@ class Engine:
                                        train_cfg.num_slots, self.tracer, train_cfg.checkpoint_budget_bytes)
         self.step = 0                     # optimizer steps taken
         self._inv_freq = model_cfg.inv_freq().to(self.device.torch_device)
-        log.info("horizon-triton: %s parameters, kernels=%s, device=%s", f"{self.store.num_parameters():,}",
-                 self.kernel_backend, train_cfg.device)
+        log.info("horizon-triton: %s parameters, kernels=%s, device=%s, cpu adamw=%s",
+                 f"{self.store.num_parameters():,}", self.kernel_backend, train_cfg.device, adam_implementation())
 
     # ---- data -------------------------------------------------------------------------------------------
     def prepare(self, batch: dict, where: str = "batch") -> lt.MicroBatch:
