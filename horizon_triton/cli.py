@@ -181,6 +181,10 @@ def run_finetune(args) -> dict:
     seq_len = args.seq_len or min(FINETUNE["seq_len"], model_cfg.max_position_embeddings)
     pad_id = next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None)
     rows = data.pack_documents(data.tokenize_records(records, tokenizer), seq_len, pad_id)
+    top = max(int(r["input_ids"].max()) for r in rows)
+    if top >= model_cfg.vocab_size:
+        raise ValueError(f"the tokenizer in {args.model} gives token id {top}, but the model's vocab_size is "
+                         f"{model_cfg.vocab_size}: the tokenizer does not belong to this model")
     batch_size = args.batch_size or FINETUNE["batch_size"]
     steps = args.steps or data.steps_per_epoch(len(rows), batch_size, args.grad_accum)
     loader = data.RowLoader(rows, batch_size, steps, args.grad_accum, seed=args.seed)

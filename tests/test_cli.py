@@ -106,6 +106,15 @@ def test_finetune_without_tokenizer_is_a_clear_error(tmp_path, capsys):
     assert "has no tokenizer" in capsys.readouterr().err
 
 
+def test_finetune_tokenizer_larger_than_the_model_is_a_clear_error(tmp_path, capsys):
+    src = tmp_path / "small"
+    make_hf_model("llama", src, vocab_size=12)     # the tokenizer has 24 ids
+    make_tokenizer(src)
+    data = _jsonl(tmp_path / "train.jsonl", RECORDS)
+    assert cli.main(_finetune_args(src, data, tmp_path / "out")) == 2
+    assert "does not belong to this model" in capsys.readouterr().err
+
+
 def test_finetune_refuses_to_overwrite_its_source(tmp_path, checkpoint, capsys):
     data = _jsonl(tmp_path / "train.jsonl", RECORDS)
     assert cli.main(_finetune_args(checkpoint, data, checkpoint)) == 2

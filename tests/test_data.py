@@ -106,6 +106,13 @@ def test_read_jsonl_names_file_and_line_of_a_bad_line(tmp_path, bad, message):
     assert f"{path}:3" in str(info.value)
 
 
+def test_read_jsonl_names_the_line_that_is_not_utf8(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match=r"latin1.jsonl:2: not UTF-8 \(byte 0xe9"):
+        data.read_jsonl(path)
+
+
 @pytest.mark.parametrize("content", ["", "\n  \n"])
 def test_read_jsonl_empty_file(tmp_path, content):
     path = tmp_path / "empty.jsonl"
