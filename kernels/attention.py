@@ -45,13 +45,11 @@ Known gaps:
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
-from . import tuning
+from . import sweep, tuning
 from .reference import attention_backward as attention_backward_ref  # noqa: F401  (tests and benchmarks use it)
 from .reference import attention_forward as attention_forward_ref  # noqa: F401
 from .reference import attention_mask
@@ -768,25 +766,11 @@ def attention_flops(B: int, S: int, Hq: int, D: int, backward: bool = False) -> 
     return 2.5 * fwd if backward else fwd
 
 
-def _sweep(kernel: str, configs: list[dict], run) -> tuple[dict, float]:
-    """Best (config, ms) of run(cfg) over configs; configs that fail to compile (shared memory) are skipped."""
-    best, best_ms = None, math.inf
-    for cfg in configs:
-        try:
-            ms = tuning.time_ms(lambda: run(cfg))
-        except Exception as err:  # noqa: BLE001  (out of resources and the like: this config is not a candidate)
-            print(f"  {kernel} {cfg}: skipped ({type(err).__name__})")
-            continue
-        if ms < best_ms:
-            best, best_ms = cfg, ms
-    if best is None:
-        raise RuntimeError(f"autotune {kernel}: no candidate config ran")
-    return best, best_ms
-
-
 def _tune_shape(B: int, S: int, Hq: int, Hkv: int, D: int, device="cuda",
                 configs: tuple[list, list, list] = (FWD_CONFIGS, DKDV_CONFIGS, DQ_CONFIGS)) -> list[dict]:
-    """Sweeps one shape (bf16, causal, no documents) and stores the winners; -> the fwd and bwd rows."""
+    """Sweeps one shape (bf16, causal, no documents) with sweep.fastest and stores the winners; -> the fwd and
+    bwd rows. Each candidate is first checked against the reference on batch 0's first kv-head group (G query
+    heads and their kv head: the reference's [G, S, S] scores stay small at S = 4K); a wrong one is skipped."""
     dtype = torch.bfloat16
     q = torch.randn(B, S, Hq, D, device=device, dtype=dtype)
     k = torch.randn(B, S, Hkv, D, device=device, dtype=dtype)
@@ -794,17 +778,41 @@ def _tune_shape(B: int, S: int, Hq: int, Hkv: int, D: int, device="cuda",
     scale = D ** -0.5
     key = _shape_key(S, D, dtype)
     fwd_configs, dkdv_configs, dq_configs = configs
+    G = Hq // Hkv
+
+    def group(t: torch.Tensor, heads: int = G) -> torch.Tensor:
+        return t[:1, :, :heads]                                   # [1, S, heads, D] of batch 0
+
     o = torch.empty_like(q)
     lse = torch.empty((B, Hq, S), device=device, dtype=torch.float32)
-    fwd_cfg, fwd_ms = _sweep("attention_fwd", fwd_configs, lambda c: _launch_fwd(q, k, v, None, o, lse, scale, 0, c))
+    o_ref, _ = attention_forward_ref(group(q), group(k, 1), group(v, 1), None, scale)
+
+    def run_fwd(cfg: dict) -> None:
+        _launch_fwd(q, k, v, None, o, lse, scale, 0, cfg)
+
+    def fwd_error(cfg: dict) -> float:
+        run_fwd(cfg)
+        return sweep.max_rel_error(group(o), o_ref)
+
+    fwd_cfg, fwd_ms = sweep.fastest("attention_fwd", fwd_configs, run_fwd, fwd_error)
     tuning.store_config("attention_fwd", key, fwd_cfg)
+
     o, lse = attention_forward(q, k, v, None, scale)
     do = torch.randn_like(o)
+    grads_ref = attention_backward_ref(group(do), group(q), group(k, 1), group(v, 1), group(o), lse[:1, :G], None,
+                                       scale)                                     # dq, dk, dv of the group
+
+    def bwd_error(cfg_dkdv: dict, cfg_dq: dict) -> float:
+        dq, dk, dv = _launch_bwd(do, q, k, v, o, lse, None, scale, 0, cfg_dkdv, cfg_dq)
+        return max(sweep.max_rel_error(group(g, n), r) for g, n, r in zip((dq, dk, dv), (G, 1, 1), grads_ref))
+
     dq_now = _config("attention_bwd_dq", S, D, dtype)        # dkdv is timed with today's dq config, then dq
-    dkdv_cfg, _ = _sweep("attention_bwd_dkdv", dkdv_configs,
-                         lambda c: _launch_bwd(do, q, k, v, o, lse, None, scale, 0, c, dq_now))
-    dq_cfg, _ = _sweep("attention_bwd_dq", dq_configs,
-                       lambda c: _launch_bwd(do, q, k, v, o, lse, None, scale, 0, dkdv_cfg, c))
+    dkdv_cfg, _ = sweep.fastest("attention_bwd_dkdv", dkdv_configs,
+                                lambda c: _launch_bwd(do, q, k, v, o, lse, None, scale, 0, c, dq_now),
+                                lambda c: bwd_error(c, dq_now))
+    dq_cfg, _ = sweep.fastest("attention_bwd_dq", dq_configs,
+                              lambda c: _launch_bwd(do, q, k, v, o, lse, None, scale, 0, dkdv_cfg, c),
+                              lambda c: bwd_error(dkdv_cfg, c))
     tuning.store_config("attention_bwd_dkdv", key, dkdv_cfg)
     tuning.store_config("attention_bwd_dq", key, dq_cfg)
     bwd_ms = tuning.time_ms(lambda: attention_backward(do, q, k, v, o, lse, None, scale))

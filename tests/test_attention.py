@@ -267,21 +267,41 @@ def test_doc_span_over_several_scan_chunks(kind, dev):
         assert out.tolist() == [min(hits, default=hi), max(hits, default=lo - BLOCK) + BLOCK], (doc_lo, doc_hi)
 
 
-def test_autotune_sweeps_stores_and_reports(dev, monkeypatch, tmp_path):
-    """The GPU autotune's control flow, in the interpreter: every candidate runs (a broken one is skipped), the
-    winners land in the tuning cache, and each pass gets a row with its TFLOPS. Times are faked."""
+def test_autotune_sweeps_stores_and_reports(dev, monkeypatch, tmp_path, capsys):
+    """The GPU autotune's control flow (kernels/sweep.fastest), in the interpreter: each candidate is checked
+    against the reference before it is timed; one that fails to build or computes a wrong result is skipped even
+    where it would be fastest; the winners land in the tuning cache, and each pass gets a row with its TFLOPS.
+    Times are faked: each candidate timed looks slower than the one before."""
     monkeypatch.setenv("HORIZON_TUNING_CACHE", str(tmp_path / "autotune.json"))
     monkeypatch.setattr(tuning, "_cache", None)
     fake_ms = iter(range(1, 1000))
     monkeypatch.setattr(tuning, "time_ms", lambda fn, **_: (fn(), float(next(fake_ms)))[1])
+    launch_fwd, launch_bwd = A._launch_fwd, A._launch_bwd
+
+    def wrong_fwd(q, k, v, doc_ids, o, lse, scale, window, cfg):    # the last partial tile is lost, say
+        launch_fwd(q, k, v, doc_ids, o, lse, scale, window, cfg)
+        if cfg.get("wrong"):
+            o[:, -5:] = 0
+
+    def wrong_bwd(*args):
+        dq, dk, dv = launch_bwd(*args)
+        if args[-1].get("wrong"):                                    # the dq config
+            dq[:, -5:] = 0
+        return dq, dk, dv
+    monkeypatch.setattr(A, "_launch_fwd", wrong_fwd)
+    monkeypatch.setattr(A, "_launch_bwd", wrong_bwd)
     broken = A._cfg(24, 16, 4, 1)                                    # 24 is no power of two: fails to build
-    configs = ([broken, A._cfg(32, 16, 4, 1)], [A._cfg(16, 32, 4, 1)], [A._cfg(32, 16, 4, 1), A._cfg(16, 16, 4, 1)])
+    wrong = {**A._cfg(16, 16, 4, 1), "wrong": True}
+    configs = ([wrong, broken, A._cfg(32, 16, 4, 1)], [A._cfg(16, 32, 4, 1)],
+               [wrong, A._cfg(32, 16, 4, 1), A._cfg(16, 16, 4, 1)])
     rows = A._tune_shape(1, 40, 2, 1, 32, dev, configs)
     assert [r["shape"].split()[-1] for r in rows] == ["fwd", "bwd"]
     assert rows[0]["config"] == A._cfg(32, 16, 4, 1) and "TFLOPS" in rows[0]["throughput"]
     assert rows[1]["config"] == {"dkdv": A._cfg(16, 32, 4, 1), "dq": A._cfg(32, 16, 4, 1)}
     stored = json.loads((tmp_path / "autotune.json").read_text())
     assert set(next(iter(stored.values()))) == {"attention_fwd", "attention_bwd_dkdv", "attention_bwd_dq"}
+    out = capsys.readouterr().out
+    assert out.count("wrong result on this device") == 2 and f"skipping {broken}" in out
 
 
 # ----------------------------------------------------------------------------------------------------------
