@@ -103,6 +103,12 @@ def save_weights(store: HostStore, out_dir: str | Path, dtype: torch.dtype) -> N
             (tmp / "model.safetensors.index.json").write_text(
                 json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
         if out_dir.exists():
+            # the user's other files (a tokenizer, metrics) are copied into the new directory, old weights not;
+            # copied rather than moved, so that a failure here leaves the old directory whole
+            for entry in out_dir.iterdir():
+                if not (entry.name in ("config.json", "model.safetensors.index.json")
+                        or entry.name.startswith("model") and entry.name.endswith(".safetensors")):
+                    (shutil.copytree if entry.is_dir() else shutil.copy2)(entry, tmp / entry.name)
             old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
             out_dir.rename(old)
             tmp.rename(out_dir)

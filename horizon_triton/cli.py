@@ -72,20 +72,16 @@ class Progress:
 
 class Metrics:
     """metrics.jsonl in the output directory, one JSON object a line, flushed as it goes (so it can be followed
-    with tail -f). engine.save_pretrained replaces the whole directory, so ``save`` saves the model and then
-    writes the lines back."""
+    with tail -f). engine.save_pretrained swaps in a new directory (keeping this file), so ``save`` reopens it."""
 
     def __init__(self, out_dir: Path):
         out_dir.mkdir(parents=True, exist_ok=True)
         self.out_dir = out_dir
         self.path = out_dir / "metrics.jsonl"
-        self.lines: list[str] = []
         self._file = self.path.open("w", encoding="utf-8")
 
     def write(self, kind: str, entry: dict) -> None:
-        line = json.dumps({"kind": kind, **entry}) + "\n"
-        self.lines.append(line)
-        self._file.write(line)
+        self._file.write(json.dumps({"kind": kind, **entry}) + "\n")
         self._file.flush()
 
     def save(self, engine, tokenizer=None) -> None:
@@ -94,9 +90,7 @@ class Metrics:
         engine.save_pretrained(self.out_dir)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(self.out_dir))
-        self._file = self.path.open("w", encoding="utf-8")
-        self._file.writelines(self.lines)
-        self._file.flush()
+        self._file = self.path.open("a", encoding="utf-8")
 
     def close(self) -> None:
         self._file.close()
@@ -119,7 +113,7 @@ def run_demo(args) -> dict:
         raise ValueError(f"the demo preset's vocab_size {model_cfg.vocab_size} is below the addition "
                          f"vocabulary's {task.tokenizer.vocab_size}")
     steps = args.steps or DEMO["steps"]
-    train_cfg = TrainConfig(lr=args.lr or DEMO["lr"], weight_decay=DEMO["weight_decay"], lr_schedule="cosine",
+    train_cfg = TrainConfig(lr=DEMO["lr"] if args.lr is None else args.lr, weight_decay=DEMO["weight_decay"], lr_schedule="cosine",
                             warmup_steps=DEMO["warmup"], device=args.device or "cpu", seed=args.seed,
                             compute_dtype=args.dtype or DEMO["dtype"], grad_accum_steps=args.grad_accum)
     engine = Engine(model_cfg, train_cfg)
@@ -188,7 +182,7 @@ def run_finetune(args) -> dict:
     batch_size = args.batch_size or FINETUNE["batch_size"]
     steps = args.steps or data.steps_per_epoch(len(rows), batch_size, args.grad_accum)
     loader = data.RowLoader(rows, batch_size, steps, args.grad_accum, seed=args.seed)
-    train_cfg = TrainConfig(lr=args.lr or FINETUNE["lr"], warmup_steps=args.warmup, seed=args.seed,
+    train_cfg = TrainConfig(lr=FINETUNE["lr"] if args.lr is None else args.lr, warmup_steps=args.warmup, seed=args.seed,
                             grad_accum_steps=args.grad_accum, device=args.device or "auto",
                             compute_dtype=args.dtype or "bfloat16",
                             lr_schedule="cosine" if args.cosine else "constant")

@@ -148,7 +148,8 @@ class ModelConfig:
         cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
                "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config}[self.model_type]
         config = cls(**common, **extra)
-        config.torch_dtype = dtype
+        # transformers 5 renamed torch_dtype to dtype (and warns on the old name)
+        setattr(config, "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype", dtype)
         return config
 
     # ---- rotary embedding -------------------------------------------------------------------------------

@@ -97,6 +97,17 @@ def test_sharded_save_round_trips(tmp_path, monkeypatch):
                                atol=1e-4, rtol=1e-4)
 
 
+def test_saving_over_a_checkpoint_keeps_the_users_other_files(tmp_path):
+    make_hf_model("llama", tmp_path / "src")
+    engine = _engine(tmp_path / "src")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "tokenizer.json").write_text("{}")
+    (out / "model-00001-of-00002.safetensors").write_text("stale shard")
+    engine.save_pretrained(out)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
+
+
 def test_interrupted_save_leaves_nothing_that_looks_complete(tmp_path, monkeypatch):
     make_hf_model("llama", tmp_path / "src")
     engine = _engine(tmp_path / "src")
