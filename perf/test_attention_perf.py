@@ -40,24 +40,6 @@ def _inputs(device, B, S, Hq, Hkv, D):
     return q, k, v, do
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()  # sync: the benchmark's wall clock must cover the GPU work
-
-
-def _measure(benchmark, record, device, fn, flops, flop_formula, **figures):
-    """Benchmarks fn (synchronized) and records TFLOPS; on a GPU the TFLOPS come from CUDA events."""
-    def step():
-        fn()
-        _sync(device)
-
-    step()                                                          # warm-up: compile, autotune caches
-    benchmark.pedantic(step, rounds=10 if device.type == "cuda" else 3, iterations=1, warmup_rounds=1)
-    ms = tuning.time_ms(fn) if device.type == "cuda" else benchmark.stats.stats.median * 1e3
-    record(ms=round(ms, 4), tflops=float(f"{flops / ms / 1e9:.4g}"), flop_formula=flop_formula, **figures)
-    return ms
-
-
 def _sdpa_inputs(q, k, v):
     """[B, S, H, D] → [B, H, S, D] views, k/v repeated onto the query heads (untimed)."""
     group = q.shape[2] // k.shape[2]
@@ -65,14 +47,14 @@ def _sdpa_inputs(q, k, v):
 
 
 @pytest.mark.parametrize("name", list(GPU_SHAPES))
-def test_forward(benchmark, record, device, name):
+def test_forward(measure, record, device, name):
     shape = _shape(device, name)
     q, k, v, _ = _inputs(device, **shape)
     forward, _, path = _kernels(device)
     scale = shape["D"] ** -0.5
-    ms = _measure(benchmark, record, device, lambda: forward(q, k, v, None, scale),
-                  attention_flops(shape["B"], shape["S"], shape["Hq"], shape["D"]), "2*B*Hq*S^2*D",
-                  path=path, dtype=str(q.dtype), **shape)
+    ms = measure(lambda: forward(q, k, v, None, scale),
+                 attention_flops(shape["B"], shape["S"], shape["Hq"], shape["D"]), "2*B*Hq*S^2*D",
+                 path=path, dtype=str(q.dtype), **shape)
     if device.type == "cuda":
         qs, ks, vs = _sdpa_inputs(q, k, v)
         sdpa_ms = tuning.time_ms(lambda: F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale))
@@ -80,7 +62,7 @@ def test_forward(benchmark, record, device, name):
 
 
 @pytest.mark.parametrize("name", list(GPU_SHAPES))
-def test_forward_backward(benchmark, record, device, name):
+def test_forward_backward(measure, record, device, name):
     shape = _shape(device, name)
     q, k, v, do = _inputs(device, **shape)
     forward, backward, path = _kernels(device)
@@ -90,9 +72,9 @@ def test_forward_backward(benchmark, record, device, name):
         o, lse = forward(q, k, v, None, scale)
         return backward(do, q, k, v, o, lse, None, scale)
 
-    ms = _measure(benchmark, record, device, step,
-                  3.5 * attention_flops(shape["B"], shape["S"], shape["Hq"], shape["D"]), "3.5*2*B*Hq*S^2*D",
-                  path=path, dtype=str(q.dtype), **shape)
+    ms = measure(step,
+                 3.5 * attention_flops(shape["B"], shape["S"], shape["Hq"], shape["D"]), "3.5*2*B*Hq*S^2*D",
+                 path=path, dtype=str(q.dtype), **shape)
     if device.type == "cuda":
         o, lse = forward(q, k, v, None, scale)
         bwd_ms = tuning.time_ms(lambda: backward(do, q, k, v, o, lse, None, scale))
@@ -109,22 +91,22 @@ def _sdpa_forward_backward(q, k, v, do, scale):
 
 
 @pytest.mark.parametrize("name", list(GPU_SHAPES))
-def test_sdpa_forward(benchmark, record, device, name):
+def test_sdpa_forward(measure, device, name):
     """The bar: PyTorch's SDPA (flash backend on a GPU) on the same shape."""
     shape = _shape(device, name)
     q, k, v, _ = _inputs(device, **shape)
     qs, ks, vs = _sdpa_inputs(q, k, v)
     scale = shape["D"] ** -0.5
-    _measure(benchmark, record, device, lambda: F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale),
-             attention_flops(shape["B"], shape["S"], shape["Hq"], shape["D"]), "2*B*Hq*S^2*D",
-             path="torch SDPA is_causal", dtype=str(q.dtype), **shape)
+    measure(lambda: F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale),
+            attention_flops(shape["B"], shape["S"], shape["Hq"], shape["D"]), "2*B*Hq*S^2*D",
+            path="torch SDPA is_causal", dtype=str(q.dtype), **shape)
 
 
 @pytest.mark.parametrize("name", list(GPU_SHAPES))
-def test_sdpa_forward_backward(benchmark, record, device, name):
+def test_sdpa_forward_backward(measure, device, name):
     shape = _shape(device, name)
     q, k, v, do = _inputs(device, **shape)
     scale = shape["D"] ** -0.5
-    _measure(benchmark, record, device, lambda: _sdpa_forward_backward(q, k, v, do, scale),
-             3.5 * attention_flops(shape["B"], shape["S"], shape["Hq"], shape["D"]), "3.5*2*B*Hq*S^2*D",
-             path="torch SDPA is_causal + autograd", dtype=str(q.dtype), **shape)
+    measure(lambda: _sdpa_forward_backward(q, k, v, do, scale),
+            3.5 * attention_flops(shape["B"], shape["S"], shape["Hq"], shape["D"]), "3.5*2*B*Hq*S^2*D",
+            path="torch SDPA is_causal + autograd", dtype=str(q.dtype), **shape)

@@ -34,28 +34,11 @@ def _inputs(device, T, H, V, chunk):
     return h, weight, targets, d_weight
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()  # sync: the benchmark's wall clock must cover the GPU work
-
-
-def _run_measured(benchmark, record, device, fn, T, H, V, **figures):
-    """Benchmarks fn (synchronized), then records TFLOPS over 6·T·H·V flops and the peak memory above the inputs."""
-    def step():
-        fn()
-        _sync(device)
-
-    step()                                                          # warm-up: compile, cuBLAS heuristics
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    benchmark.pedantic(step, rounds=5 if device.type == "cuda" else 3, iterations=1, warmup_rounds=1)
-    seconds = benchmark.stats.stats.median
-    if device.type == "cuda":
-        figures["peak_extra_memory_GiB"] = round((torch.cuda.max_memory_allocated() - base) / 2 ** 30, 3)
-    record(T=T, H=H, V=V, dtype=str(figures.pop("dtype")), tflops=float(f"{6 * T * H * V / seconds / 1e12:.4g}"),
-           flop_formula="6*T*H*V", **figures)
-    return seconds
+def _measure(measure, fn, T, H, V, dtype, **figures) -> float:
+    """The shared ``measure`` fixture over 5 rounds of the benchmark's own clock (one call is tens of ms on a GPU),
+    TFLOPS over 6·T·H·V flops and the peak memory above the inputs."""
+    return measure(fn, 6 * T * H * V, "6*T*H*V", rounds=5, events=False, peak_memory=True, T=T, H=H, V=V,
+                   dtype=str(dtype), **figures)
 
 
 def _matmuls_ms(h, weight):
@@ -69,7 +52,7 @@ def _matmuls_ms(h, weight):
     return tuning.time_ms(three, warmup=2, rep=10)
 
 
-def test_fused_linear_cross_entropy(benchmark, record, device):
+def test_fused_linear_cross_entropy(measure, record, device):
     T, H, V, chunk = _shape(device).values()
     h, weight, targets, d_weight = _inputs(device, T, H, V, chunk)
     if device.type == "cuda":
@@ -83,13 +66,13 @@ def test_fused_linear_cross_entropy(benchmark, record, device):
     else:
         fn = lambda: linear_cross_entropy_ref(h, weight, targets, d_weight, 1.0 / T, chunk)  # noqa: E731
         path = "torch reference (CPU path)"
-    seconds = _run_measured(benchmark, record, device, fn, T, H, V, dtype=h.dtype, chunk=chunk, path=path)
+    ms = _measure(measure, fn, T, H, V, dtype=h.dtype, chunk=chunk, path=path)
     if device.type == "cuda":
         matmul_ms = _matmuls_ms(h, weight)
-        record(matmuls_ms=round(matmul_ms, 3), ratio_to_matmuls=round(seconds * 1e3 / matmul_ms, 3))
+        record(matmuls_ms=round(matmul_ms, 3), ratio_to_matmuls=round(ms / matmul_ms, 3))
 
 
-def test_torch_linear_cross_entropy(benchmark, record, device):
+def test_torch_linear_cross_entropy(measure, device):
     """What a plain training loop does: full logits, fp32 cross-entropy, autograd; dW added to an fp32 buffer."""
     T, H, V, chunk = _shape(device).values()
     h, weight, targets, d_weight = _inputs(device, T, H, V, chunk)
@@ -102,10 +85,10 @@ def test_torch_linear_cross_entropy(benchmark, record, device):
         (loss / T).backward()
         d_weight.add_(weight.grad)
         h.grad = weight.grad = None
-    _run_measured(benchmark, record, device, fn, T, H, V, dtype=h.dtype, path="torch autograd")
+    _measure(measure, fn, T, H, V, dtype=h.dtype, path="torch autograd")
 
 
-def test_plain_matmuls(benchmark, record, device):
+def test_plain_matmuls(measure, device):
     """The floor: logits = h Wᵀ, dh = logits W, dW = logitsᵀ h, nothing else."""
     T, H, V, chunk = _shape(device).values()
     h, weight, _, _ = _inputs(device, T, H, V, chunk)
@@ -115,4 +98,4 @@ def test_plain_matmuls(benchmark, record, device):
         torch.mm(h, weight.t(), out=logits)
         logits @ weight
         logits.t() @ h
-    _run_measured(benchmark, record, device, fn, T, H, V, dtype=h.dtype, path="torch.mm x3")
+    _measure(measure, fn, T, H, V, dtype=h.dtype, path="torch.mm x3")

@@ -10,7 +10,7 @@ shapes and says so.
 import pytest
 import torch
 
-from horizon_triton.kernels import reference, tuning
+from horizon_triton.kernels import reference
 
 
 def _case(name, device):
@@ -56,21 +56,12 @@ def _case(name, device):
 
 @pytest.mark.parametrize("impl", ["triton", "torch"])
 @pytest.mark.parametrize("op", ["swiglu_fwd", "swiglu_bwd", "rope_fwd", "rope_bwd", "rmsnorm_fwd", "rmsnorm_bwd"])
-def test_elementwise(benchmark, record, device, op, impl):
+def test_elementwise(measure, record, device, op, impl):
     triton_fn, torch_fn, args, n_bytes, formula, shape = _case(op, device)
     if impl == "triton" and triton_fn is not None:
         fn, path = (lambda: triton_fn(*args)), "triton"
     else:
         fn = lambda: torch_fn(*args)  # noqa: E731
         path = "torch eager" if device.type == "cuda" else "torch (CPU path: no GPU, Triton not run)"
-
-    def step():
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()  # sync: the benchmark's wall clock must cover the GPU work
-
-    step()
-    benchmark.pedantic(step, rounds=10 if device.type == "cuda" else 3, iterations=1, warmup_rounds=1)
-    ms = tuning.time_ms(fn) if device.type == "cuda" else benchmark.stats.stats.median * 1e3
-    record(path=path, dtype=str(args[0].dtype), ms=round(ms, 4), gbps=round(n_bytes / ms / 1e6, 1),
-           bytes_formula=formula, **shape)
+    ms = measure(fn, path=path, dtype=str(args[0].dtype), **shape)
+    record(gbps=round(n_bytes / ms / 1e6, 1), bytes_formula=formula)

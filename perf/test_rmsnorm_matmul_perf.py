@@ -37,31 +37,13 @@ def _inputs(device, T, H, N):
     return x, g, w, dy
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()  # sync: the benchmark's wall clock must cover the GPU work
-
-
-def _measure(benchmark, record, device, fn, flops, flop_formula, **figures):
-    """Benchmarks fn (synchronized) and records TFLOPS; on a GPU the TFLOPS come from CUDA events."""
-    def step():
-        fn()
-        _sync(device)
-
-    step()                                                          # warm-up: compile, cuBLAS heuristics
-    benchmark.pedantic(step, rounds=10 if device.type == "cuda" else 3, iterations=1, warmup_rounds=1)
-    ms = tuning.time_ms(fn) if device.type == "cuda" else benchmark.stats.stats.median * 1e3
-    record(ms=round(ms, 4), tflops=float(f"{flops / ms / 1e9:.4g}"), flop_formula=flop_formula, **figures)
-    return ms
-
-
 @pytest.mark.parametrize("proj", ["qkv", "gate_up"])
-def test_fused_forward(benchmark, record, device, proj):
+def test_fused_forward(measure, record, device, proj):
     shape = (GPU_SHAPES if device.type == "cuda" else CPU_SHAPES)[proj]
     x, g, w, _ = _inputs(device, **shape)
     forward, _, path = _kernels(device)
-    ms = _measure(benchmark, record, device, lambda: forward(x, g, w, EPS), 2 * x.numel() * w.shape[0],
-                  "2*T*N*H", path=path, dtype=str(x.dtype), **shape)
+    ms = measure(lambda: forward(x, g, w, EPS), 2 * x.numel() * w.shape[0],
+                 "2*T*N*H", path=path, dtype=str(x.dtype), **shape)
     if device.type == "cuda":
         xn, _ = rmsnorm_forward(x, g, EPS)
         cublas_ms = tuning.time_ms(lambda: xn @ w.t())
@@ -69,34 +51,34 @@ def test_fused_forward(benchmark, record, device, proj):
 
 
 @pytest.mark.parametrize("proj", ["qkv", "gate_up"])
-def test_torch_rmsnorm_then_matmul(benchmark, record, device, proj):
+def test_torch_rmsnorm_then_matmul(measure, device, proj):
     """What the engine's torch path does: the normalized x is written, then read by cuBLAS."""
     shape = (GPU_SHAPES if device.type == "cuda" else CPU_SHAPES)[proj]
     x, g, w, _ = _inputs(device, **shape)
-    _measure(benchmark, record, device, lambda: rmsnorm_forward(x, g, EPS)[0] @ w.t(), 2 * x.numel() * w.shape[0],
-             "2*T*N*H", path="torch rmsnorm + matmul", dtype=str(x.dtype), **shape)
+    measure(lambda: rmsnorm_forward(x, g, EPS)[0] @ w.t(), 2 * x.numel() * w.shape[0],
+            "2*T*N*H", path="torch rmsnorm + matmul", dtype=str(x.dtype), **shape)
 
 
 @pytest.mark.parametrize("proj", ["qkv", "gate_up"])
-def test_cublas_matmul_prenormalized(benchmark, record, device, proj):
+def test_cublas_matmul_prenormalized(measure, device, proj):
     """The floor: one matmul on an input normalized beforehand (untimed)."""
     shape = (GPU_SHAPES if device.type == "cuda" else CPU_SHAPES)[proj]
     x, g, w, _ = _inputs(device, **shape)
     xn, _ = rmsnorm_forward(x, g, EPS)
-    _measure(benchmark, record, device, lambda: xn @ w.t(), 2 * x.numel() * w.shape[0], "2*T*N*H",
-             path="torch.mm (cuBLAS on GPU)", dtype=str(x.dtype), **shape)
+    measure(lambda: xn @ w.t(), 2 * x.numel() * w.shape[0], "2*T*N*H",
+            path="torch.mm (cuBLAS on GPU)", dtype=str(x.dtype), **shape)
 
 
 @pytest.mark.parametrize("proj", ["qkv", "gate_up"])
-def test_fused_backward(benchmark, record, device, proj):
+def test_fused_backward(measure, record, device, proj):
     shape = (GPU_SHAPES if device.type == "cuda" else CPU_SHAPES)[proj]
     x, g, w, dy = _inputs(device, **shape)
     forward, backward, path = _kernels(device)
     _, rstd = forward(x, g, w, EPS)
     d_w = torch.zeros(w.shape, device=device, dtype=torch.float32)
     d_g = torch.zeros(g.shape, device=device, dtype=torch.float32)
-    ms = _measure(benchmark, record, device, lambda: backward(dy, x, g, w, rstd, d_w, d_g),
-                  4 * x.numel() * w.shape[0], "4*T*N*H", path=path, dtype=str(x.dtype), **shape)
+    ms = measure(lambda: backward(dy, x, g, w, rstd, d_w, d_g),
+                 4 * x.numel() * w.shape[0], "4*T*N*H", path=path, dtype=str(x.dtype), **shape)
     if device.type == "cuda":
         xn, _ = rmsnorm_forward(x, g, EPS)
 
