@@ -159,6 +159,11 @@ def stream_out(p: Pipeline, i: int, acc: torch.Tensor):
     return p.dev.record("copy_out")
 
 
+def _sq_norm(acc: torch.Tensor) -> torch.Tensor:
+    """Squared L2 norm as a device scalar, without a layer-sized temporary."""
+    return torch.linalg.vector_norm(acc).square()
+
+
 def _traced(p: Pipeline, name: str, stream: str, fn):
     return fn if p.tracer is None else p.tracer.wrap(name, stream, fn)
 
@@ -280,7 +285,7 @@ def run_step(p: Pipeline, mbs: list[lt.MicroBatch], grad_scale: float):
                 p.meter.sub(hidden[m])
                 hidden[m], grads[m] = None, p.meter.add(dx)
             totals["loss"] = loss
-            totals["sq_head"] = p.head_acc.square().sum()
+            totals["sq_head"] = _sq_norm(p.head_acc)
         return embed if i == 0 else head if i == p.head else decoder
 
     def save_checkpoint(i, pos):
@@ -301,7 +306,7 @@ def run_step(p: Pipeline, mbs: list[lt.MicroBatch], grad_scale: float):
                 dx = lt.decoder_backward(ops, cfg, w, g, ckpt.pop(i, m), mb, grads[m])
                 p.meter.sub(grads[m])
                 grads[m] = p.meter.add(dx)
-            totals[f"sq_{i}"] = acc.square().sum()
+            totals[f"sq_{i}"] = _sq_norm(acc)
         return decoder
 
     def gradient_out(i, pos):
@@ -313,7 +318,7 @@ def run_step(p: Pipeline, mbs: list[lt.MicroBatch], grad_scale: float):
             lt.embed_backward(g, mb, grads[m])
             p.meter.sub(grads[m])
             grads[m] = None
-        totals["sq_0"] = p.embed_acc.square().sum()
+        totals["sq_0"] = _sq_norm(p.embed_acc)
 
     run_layers(list(range(p.head + 1)), forward, save_checkpoint)   # embed, decoders, head
     stream_out(p, p.head, p.head_acc)
