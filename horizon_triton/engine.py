@@ -123,6 +123,9 @@ class Engine:
         self.optimizer.wait_all()
         if self.tracer is not None:
             self.tracer.write(self.train_cfg.trace_path)
+            summary = self.tracer.summary()
+            log.info("trace %s: compute stream busy %.0f%%, copy time hidden under compute %.0f%%",
+                     self.train_cfg.trace_path, 100 * summary.get("compute_busy", 0), 100 * summary.get("copy_hidden", 0))
         return history
 
     def _optimizer_step(self, mbs: list[lt.MicroBatch], total_steps: int | None, callback) -> dict:
