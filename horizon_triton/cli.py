@@ -113,7 +113,8 @@ def run_demo(args) -> dict:
         raise ValueError(f"the demo preset's vocab_size {model_cfg.vocab_size} is below the addition "
                          f"vocabulary's {task.tokenizer.vocab_size}")
     steps = args.steps or DEMO["steps"]
-    train_cfg = TrainConfig(lr=DEMO["lr"] if args.lr is None else args.lr, weight_decay=DEMO["weight_decay"], lr_schedule="cosine",
+    train_cfg = TrainConfig(lr=DEMO["lr"] if args.lr is None else args.lr, weight_decay=DEMO["weight_decay"],
+                            lr_schedule="cosine",
                             warmup_steps=DEMO["warmup"], device=args.device or "cpu", seed=args.seed,
                             compute_dtype=args.dtype or DEMO["dtype"], grad_accum_steps=args.grad_accum)
     engine = Engine(model_cfg, train_cfg)

@@ -125,7 +125,8 @@ class Engine:
             self.tracer.write(self.train_cfg.trace_path)
             summary = self.tracer.summary()
             log.info("trace %s: compute stream busy %.0f%%, copy time hidden under compute %.0f%%",
-                     self.train_cfg.trace_path, 100 * summary.get("compute_busy", 0), 100 * summary.get("copy_hidden", 0))
+                     self.train_cfg.trace_path, 100 * summary.get("compute_busy", 0),
+                     100 * summary.get("copy_hidden", 0))
         return history
 
     def _optimizer_step(self, mbs: list[lt.MicroBatch], total_steps: int | None, callback) -> dict:
