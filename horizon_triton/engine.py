@@ -17,7 +17,7 @@ from .config import ModelConfig, TrainConfig
 from .device import make_device
 from .ops import load_ops, select_backend
 from .optimizer import OptimizerDriver, clip_coefficient
-from .scheduler import build_pipeline, run_step
+from .scheduler import bind, build_pipeline, run_step, stream_in
 from .store import HostStore
 from .trace import Tracer
 
@@ -168,7 +168,6 @@ class Engine:
             batch["position_ids"] = position_ids
         mb = self.prepare(batch, where="logits")
         p, cfg = self.pipeline, self.model_cfg
-        from .scheduler import bind, stream_in
         x = None
         for i in range(self.store.num_layers):
             stream_in(p, i, 0)
