@@ -47,7 +47,8 @@ def embed_backward(g, mb: MicroBatch, dx: torch.Tensor) -> None:
 # decoder layer
 # ---------------------------------------------------------------------------------------------------------
 def _decoder_recompute(ops, cfg: ModelConfig, w, x: torch.Tensor, mb: MicroBatch) -> dict:
-    """The layer's forward, returning every intermediate its backward needs."""
+    """The layer's forward up to the MLP activation: every intermediate the backward needs (the backward never
+    needs the down projection's output, so the recompute does not pay for that matmul)."""
     B, S = mb.shape
     T, Hq, Hkv, D = x.shape[0], cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     qkv, rstd_in = ops.rmsnorm_matmul_forward(x, w["input_norm"], w["qkv"], cfg.rms_norm_eps)  # [T, (Hq+2Hkv)D]
@@ -71,15 +72,15 @@ def _decoder_recompute(ops, cfg: ModelConfig, w, x: torch.Tensor, mb: MicroBatch
     h = x + ops.linear_forward(attn_flat, w["o"], w.get("o_bias"))                          # [T, H]
     gate_up, rstd_post = ops.rmsnorm_matmul_forward(h, w["post_norm"], w["gate_up"], cfg.rms_norm_eps)  # [T, 2I]
     act = ops.swiglu_forward(gate_up)                                                         # [T, I]
-    out = h + ops.linear_forward(act, w["down"])
     saved.update(q=q, k=k, v=v, attn=attn, lse=lse, attn_flat=attn_flat, h=h, gate_up=gate_up,
-                 rstd_post=rstd_post, act=act, out=out)
+                 rstd_post=rstd_post, act=act)
     return saved
 
 
 def decoder_forward(ops, cfg: ModelConfig, w, x: torch.Tensor, mb: MicroBatch) -> torch.Tensor:
     """x[T, H] -> the layer's output [T, H]; every intermediate is dropped."""
-    return _decoder_recompute(ops, cfg, w, x, mb)["out"]
+    s = _decoder_recompute(ops, cfg, w, x, mb)
+    return s["h"] + ops.linear_forward(s["act"], w["down"])
 
 
 def decoder_backward(ops, cfg: ModelConfig, w, g, x: torch.Tensor, mb: MicroBatch,
