@@ -376,9 +376,12 @@ def _check_inputs(h, weight, targets, d_weight, chunk_size) -> None:
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"linear_cross_entropy: chunk_size must be a positive int, got {chunk_size!r}")
     if T:
-        # sync: the host reads one flag, so a bad target is named here instead of read out of bounds on the GPU
         bad = (targets >= V) | ((targets < 0) & (targets != IGNORE_INDEX))
-        if bool(bad.any()):
+        if targets.is_cuda:
+            # no sync inside a training step (the engine checks labels on the host): a device-side assert
+            # stops a bad target from being read out of bounds
+            torch._assert_async(~bad.any(), "linear_cross_entropy: a target id is outside [0, vocab_size)")
+        elif bool(bad.any()):
             t = int(bad.nonzero()[0, 0])
             raise ValueError(f"linear_cross_entropy: token {t} has target id {int(targets[t])}, outside "
                              f"[0, vocab_size={V}) and not the ignore index {IGNORE_INDEX}")
