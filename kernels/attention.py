@@ -33,10 +33,10 @@ any strides; doc_ids[B, S] int32 or None; sliding_window ≥ 1 or None.
 Known gaps:
 - fp32 inputs use exact ("ieee") fp32 dots: correct but far slower than bf16 on tensor cores.
 - the Hopper configs (plain pointer loads, no TMA descriptors or warp specialization) follow the Triton
-  fused-attention tutorial and FA2 and were checked only statically (compile_for_hopper: sm_90 build on a CPU
-  machine, no spills, wgmma used), never timed: run `python -m horizon_triton.kernels.autotune attention` on
-  the GPU. hd256 is the least explored (the dkdv default keeps a 24-byte stack frame; so does the hd128
-  forward with a window and no documents, 8 bytes).
+  fused-attention tutorial and FA2 and were checked only statically (tests/test_attention.py builds them for
+  sm_90 on a CPU machine: no spills, wgmma used), never timed: run
+  `python -m horizon_triton.kernels.autotune attention` on the GPU. hd256 is the least explored (the dkdv
+  default keeps a 24-byte stack frame; so does the hd128 forward with a window and no documents, 8 bytes).
 - kernels launch on the current CUDA device; tensors on another device are not switched to.
 - stored configs are keyed by head dim, dtype and a sequence-length bucket, not by documents or window.
 - Triton's CPU interpreter gets bf16 tl.dot wrong, so when interpreting (UPCAST) the dot operands are upcast to
@@ -695,66 +695,6 @@ def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
                          f"returns it, got {lse.dtype} {tuple(lse.shape)}")
     return _launch_bwd(do, q, k, v, o, lse.contiguous(), doc_ids, scale, _window(S, sliding_window),
                        _config("attention_bwd_dkdv", S, D, q.dtype), _config("attention_bwd_dq", S, D, q.dtype))
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Static check for Hopper, no GPU needed: compile for sm_90 and read the resources of the cubin
-# ----------------------------------------------------------------------------------------------------------
-_KERNELS = {  # kernel → (jit function, its pointer arguments to activations, its pointers to fp32 rows)
-    "attention_fwd": (_attn_fwd, ("Q", "K", "V", "O"), ("LSE",)),
-    "attention_bwd_dkdv": (_attn_bwd_dkdv, ("Q", "K", "V", "DO", "DK", "DV"), ("LSE", "DELTA")),
-    "attention_bwd_dq": (_attn_bwd_dq, ("Q", "K", "V", "DO", "DQ"), ("LSE", "DELTA")),
-}
-
-
-def compile_for_hopper(kernel: str, D: int = 128, docs: bool = True, window: bool = True,
-                       cfg: dict | None = None, group: int = 4) -> dict:
-    """Compile one kernel for sm_90a on this machine (no GPU: Triton's own ptxas and cuobjdump) with its default
-    config, or ``cfg``, for bf16 and unit head-dim strides, as the launcher would.
-
-    -> {"registers", "spill_bytes" (the stack frame; 0 means no spills), "shared_bytes", "wgmma"}. It catches
-    what the interpreter cannot: code the Triton compiler rejects, spills, shared memory over 227 KB, and MMA
-    falling back from wgmma. Needs TRITON_INTERPRET unset (jit functions are not compiled when interpreting)."""
-    import os
-    import re
-    import subprocess
-    import tempfile
-
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    if tuning.interpreting():
-        raise RuntimeError("compile_for_hopper: TRITON_INTERPRET=1 makes the kernels interpreted; run it in a "
-                           "process without it")
-    fn, act_ptrs, row_ptrs = _KERNELS[kernel]
-    cfg = cfg or _DEFAULTS[kernel][_block_d(D)]
-    meta = dict(GROUP=group, HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-                HAS_DOCS=docs, HAS_WINDOW=window, UPCAST=False, PRECISION="tf32")
-    signature, attrs = {}, {}
-    for i, name in enumerate(fn.arg_names):
-        if name == "DOC" and not docs:
-            meta[name] = None                                          # the launcher passes None
-        if name in meta or (name.startswith("stride_") and name.endswith("d") and name != "stride_docb"):
-            meta.setdefault(name, 1)                                   # head-dim strides are 1: specialized
-            signature[name] = "constexpr"
-            continue
-        signature[name] = ("*bf16" if name in act_ptrs else "*fp32" if name in row_ptrs else "*i32" if name == "DOC"
-                           else "fp32" if name in ("qk_scale", "scale") else "i32")
-        if signature[name].startswith("*") or name.startswith("stride_") or name == "seq_len":
-            attrs[(i,)] = [["tt.divisibility", 16]]                    # what Triton infers for aligned tensors
-    compiled = triton.compile(ASTSource(fn, signature, meta, attrs), target=GPUTarget("cuda", 90, 32),
-                              options=dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
-    with tempfile.TemporaryDirectory() as tmp:
-        cubin = os.path.join(tmp, "k.cubin")
-        with open(cubin, "wb") as f:
-            f.write(compiled.asm["cubin"])
-        tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-        usage = subprocess.run([tool, "--dump-resource-usage", cubin], capture_output=True, text=True).stdout
-    found = re.search(r"REG:(\d+) STACK:(\d+)", usage)
-    if not found:
-        raise RuntimeError(f"compile_for_hopper: no resource usage in cuobjdump output: {usage[-300:]!r}")
-    return {"registers": int(found.group(1)), "spill_bytes": int(found.group(2)),
-            "shared_bytes": compiled.metadata.shared, "wgmma": compiled.asm["ptx"].count("wgmma.mma_async")}
 
 
 # ----------------------------------------------------------------------------------------------------------

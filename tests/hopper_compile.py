@@ -1,113 +1,98 @@
-"""Compile the RMSNorm / fused RMSNorm+matmul / SwiGLU / RoPE kernels for an H100 (sm_90a) without a GPU.
+"""Compile kernels for an H100 (sm_90a) on a machine without a GPU: the kernel tests' check that Triton's real
+compiler accepts each kernel at its Hopper configs, and what it makes of it.
 
-The interpreter checks what the kernels compute; it cannot see whether they lower for Hopper. This script asks
-Triton's real compiler (with its bundled ptxas) for each kernel at its default GPU config and the largest
-autotune candidates, with the 16-divisibility hints the JIT gives aligned arguments, and reports per kernel:
-whether the GEMM loops are software-pipelined (async copies), whether they use wgmma, the shared memory, the
-registers per thread and the stack bytes (register spills).
+The interpreter checks what the kernels compute; it cannot see how they lower for Hopper (code the compiler
+rejects, register spills, shared memory over an H100's 227 KB, tensor-core dots falling back from wgmma, loads
+that are not software-pipelined). Triton's wheel ships ptxas and cuobjdump, so none of this needs a GPU.
 
-Run as a script (the kernels must be imported with TRITON_INTERPRET unset): prints one JSON object.
-    python tests/hopper_compile.py
+- ``compile_sm90(fn, signature_types, constexprs, num_warps, num_stages)`` compiles one @triton.jit function
+  and reads the cubin. It needs a process without TRITON_INTERPRET=1 (the interpreter replaces the compiler).
+- ``report(test_module, function)`` is what a test calls: it runs ``function`` of tests/<test_module>.py, which
+  compiles its family's kernels with compile_sm90 and returns {name: result}, in such a child process.
+- ``assert_fits_without_spills(report)``: no register spills, shared memory within an H100's.
+
+Each family's test (test_attention.py, test_cross_entropy.py, test_rmsnorm.py, test_rmsnorm_matmul.py,
+test_swiglu.py, test_rope.py) owns the argument types and configs of its kernels and its own assertions.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
+import subprocess
 import sys
+import tempfile
+
+H100_SHARED_BYTES = 227 * 1024       # the most shared memory one block may use on an H100
 
 
-def _compile(fn, types: dict, constexprs: dict, num_warps: int, num_stages: int) -> dict:
+def _nvidia_tool(name: str) -> str:
+    import triton
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+
+
+def compile_sm90(fn, signature_types: dict, constexprs: dict, num_warps: int, num_stages: int,
+                 aligned=None) -> dict:
+    """``fn`` compiled for sm_90a with ``signature_types`` ({argument: "*bf16", "i32", "fp32", ...}) and
+    ``constexprs`` ({argument: value}; together they name every argument of fn).
+
+    ``aligned`` names the arguments that get the 16-divisibility hint the JIT gives aligned pointers and sizes
+    at a launch on a model's shapes (default: every argument that is not fp32).
+
+    -> {"registers": per thread, "spills": stack bytes (> 0 means register spills), "shared": bytes,
+        "wgmma": Hopper tensor-core MMA instructions in the PTX, "pipelined": whether loads became async copies}
+    """
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    # every pointer, stride and size aligned to 16, as in a launch on a model's shapes
-    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n, t in types.items() if t != "fp32"}
-    src = ASTSource(fn=fn, signature={**types, **{k: "constexpr" for k in constexprs}}, constexprs=constexprs,
-                    attrs=attrs)
-    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 128),
+    missing = [n for n in fn.arg_names if n not in signature_types and n not in constexprs]
+    if missing:
+        raise ValueError(f"compile_sm90 {fn.__name__}: no type or constexpr value for {missing}")
+    if aligned is None:
+        aligned = [n for n, t in signature_types.items() if t != "fp32"]
+    signature = {n: signature_types.get(n, "constexpr") for n in fn.arg_names}
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+    kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
+                            target=GPUTarget("cuda", 90, 32),
                             options={"num_warps": num_warps, "num_stages": num_stages})
-    ir = kernel.asm["ttgir"]
-    regs, stack = _resource_usage(kernel.asm["cubin"])
-    return {"shared_bytes": kernel.metadata.shared, "async_copies": ir.count("async_copy_global_to_local"),
-            "wgmma": ir.count("ttng.warp_group_dot "), "registers": regs, "stack_bytes": stack}
-
-
-def _resource_usage(cubin: bytes) -> tuple[int, int]:
-    """(registers per thread, stack bytes: > 0 means register spills) from the wheel's cuobjdump."""
-    import re
-    import subprocess
-    import tempfile
-
-    import triton
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
+        f.write(kernel.asm["cubin"])
         f.flush()
-        usage = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
-    regs, stack = re.search(r"REG:(\d+).*?STACK:(\d+)", usage).groups()
-    return int(regs), int(stack)
+        usage = subprocess.run([_nvidia_tool("cuobjdump"), "--dump-resource-usage", f.name], capture_output=True,
+                               text=True).stdout
+    found = re.search(r"REG:(\d+).*?STACK:(\d+)", usage)
+    if not found:
+        raise RuntimeError(f"compile_sm90 {fn.__name__}: no resource usage in cuobjdump's output: {usage[-300:]!r}")
+    return {"registers": int(found.group(1)), "spills": int(found.group(2)), "shared": kernel.metadata.shared,
+            "wgmma": kernel.asm["ptx"].count("wgmma.mma_async"),
+            "pipelined": "async_copy_global_to_local" in kernel.asm["ttgir"]}
 
 
-def _gemm_types(names: list[str], dtype: str, fp32_ptrs=()) -> dict:
-    types = {}
-    for n in names:
-        if n.endswith("_ptr"):
-            types[n] = "*fp32" if n in fp32_ptrs else f"*{dtype}"
-        else:
-            types[n] = "i32"
-    return types
+def report(test_module: str, function: str) -> dict:
+    """``function()`` of tests/<test_module>.py run in a child process without the interpreter -> its
+    {kernel name: compile_sm90 result}. Skips the calling test where this Triton build has no NVIDIA toolchain."""
+    import pytest
+
+    if not os.path.exists(_nvidia_tool("cuobjdump")):
+        pytest.skip("this Triton build ships no NVIDIA toolchain (ptxas, cuobjdump)")
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}   # fp fusion: the GPU default
+    run = subprocess.run([sys.executable, __file__, test_module, function], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-4000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
 
 
-def main() -> dict:
-    from horizon_triton.kernels import rmsnorm, rmsnorm_matmul as rm, rope, swiglu
-
-    report = {}
-    gemms = {
-        "fwd": (rm._rmsnorm_matmul_fwd_kernel, ("rstd_ptr",)),
-        "dx": (rm._matmul_kernel, ()),
-        "dw": (rm._rmsnorm_matmul_dw_kernel, ("rstd_ptr", "dw_ptr")),
-    }
-    for name, (fn, fp32_ptrs) in gemms.items():
-        default = rm._HOPPER_DEFAULTS[f"rmsnorm_matmul_{name}"]
-        tiles = {"default": default, **{label: tile for label, tile in (("128x256x64", rm._TILE_128x256),
-                                                                        ("128x128x64", rm._TILE_128x128))
-                                        if tile != default}}
-        for label, cfg in tiles.items():
-            types = _gemm_types(fn.arg_names[:len(fn.arg_names) - 6], "bf16", fp32_ptrs)  # 6 trailing constexprs
-            meta = {k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")}
-            meta.update(UPCAST=False, PRECISION="tf32")
-            report[f"rmsnorm_matmul_{name}/bf16/{label}"] = _compile(fn, types, meta, cfg["num_warps"],
-                                                                     cfg["num_stages"])
-        cfg = rm._FP32_DEFAULT
-        meta = {k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")}
-        meta.update(UPCAST=False, PRECISION="ieee")
-        types = _gemm_types(fn.arg_names[:len(fn.arg_names) - 6], "fp32", fp32_ptrs)
-        report[f"rmsnorm_matmul_{name}/fp32/default"] = _compile(fn, types, meta, cfg["num_warps"], cfg["num_stages"])
-    # row kernels at the model shapes they meet: hidden 4096 and a 128 head dim (q/k norm)
-    for H in (4096, 128):
-        cfg = rmsnorm._default_config(H, 2)
-        common = dict(ROWS=cfg["ROWS"], BLOCK_H=H)
-        types = {"x_ptr": "*bf16", "w_ptr": "*bf16", "y_ptr": "*bf16", "rstd_ptr": "*fp32", "n_rows": "i32",
-                 "H": "i32", "stride_x_row": "i32", "stride_y_row": "i32", "eps": "fp32"}
-        report[f"rmsnorm_fwd/H{H}"] = _compile(rmsnorm._rmsnorm_fwd_kernel, types, common, cfg["num_warps"], 1)
-        types = {"dy_ptr": "*bf16", "x_ptr": "*bf16", "w_ptr": "*bf16", "rstd_ptr": "*fp32", "dx_ptr": "*bf16",
-                 "dg_partial_ptr": "*fp32", "n_rows": "i32", "H": "i32", "stride_dy_row": "i32",
-                 "stride_x_row": "i32", "stride_dx_row": "i32"}
-        report[f"rmsnorm_bwd/H{H}"] = _compile(rmsnorm._rmsnorm_bwd_kernel, types, common, cfg["num_warps"], 1)
-    types = {"gate_up_ptr": "*bf16", "h_ptr": "*bf16", "T": "i32", "I": "i32", "stride_gu_row": "i32",
-             "stride_h_row": "i32"}
-    report["swiglu_fwd"] = _compile(swiglu._swiglu_fwd_kernel, types, dict(ROWS=4, BLOCK_I=1024), 8, 1)
-    types = {"dh_ptr": "*bf16", "gate_up_ptr": "*bf16", "d_gate_up_ptr": "*bf16", "T": "i32", "I": "i32",
-             "stride_dh_row": "i32", "stride_gu_row": "i32", "stride_dgu_row": "i32"}
-    report["swiglu_bwd"] = _compile(swiglu._swiglu_bwd_kernel, types, dict(ROWS=4, BLOCK_I=1024), 8, 1)
-    types = {"x_ptr": "*bf16", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "n_heads": "i32", "HALF": "i32",
-             "stride_x_t": "i32", "stride_x_h": "i32", "stride_cs_t": "i32"}
-    report["rope/inverse"] = _compile(rope._rope_kernel, types, dict(INVERSE=True, HEADS=16, BLOCK_HALF=64), 4, 1)
-    return report
+def assert_fits_without_spills(report: dict) -> None:
+    """Every kernel of ``report`` spills no registers and fits an H100's shared memory."""
+    for name, r in report.items():
+        assert r["spills"] == 0, f"{name} spills on sm_90 ({r['registers']} registers, {r['spills']} B of stack)"
+        assert r["shared"] <= H100_SHARED_BYTES, f"{name}: {r['shared']} B of shared memory > 227 KB"
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":       # the child process of report(): python tests/hopper_compile.py MODULE FUNCTION
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         sys.exit("hopper_compile.py: unset TRITON_INTERPRET (the interpreter replaces the compiler)")
-    print(json.dumps(main()))
+    import importlib
+    module_name, function_name = sys.argv[1:3]
+    print(json.dumps(getattr(importlib.import_module(module_name), function_name)()))

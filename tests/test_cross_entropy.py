@@ -4,11 +4,7 @@ the reference, chunk-bounded memory, and the input errors.
 The judge is an fp64 autograd run of F.cross_entropy(h @ Wᵀ) on the same (already rounded) inputs. A kernel
 result passes when err_kernel ≤ 2·err_reference + atol, both errors measured against that judge, where the
 reference is reference.linear_cross_entropy in the same dtype (its own rounding sets the bar)."""
-import json
-import os
-import subprocess
-import sys
-
+import hopper_compile
 import pytest
 import torch
 import torch.nn.functional as F
@@ -203,10 +199,10 @@ def test_autotune_skips_wrong_candidates(monkeypatch, capsys):
     assert "wrong result on this device" in capsys.readouterr().out
 
 
-def _hopper_compile_report() -> dict:
-    """Every kernel of the module compiled for sm_90 at its default bf16 config (shared tests/hopper_compile.py):
-    per kernel shared memory, registers, stack bytes (spills), wgmma and async-copy (pipelining) counts."""
-    from hopper_compile import _compile
+def _hopper_report() -> dict:
+    """Every kernel of the module compiled for sm_90 (tests/hopper_compile.py) at its default bf16 config; child
+    process of test_kernels_compile_for_hopper."""
+    from hopper_compile import compile_sm90
     cfg = ce.default_config(torch.bfloat16)
 
     def gemm_meta(g, **more):
@@ -217,7 +213,7 @@ def _hopper_compile_report() -> dict:
     types = dict(h_ptr="*bf16", w_ptr="*bf16", logits_ptr="*bf16", tile_max_ptr="*fp32", tile_sum_ptr="*fp32",
                  n_rows="i32", V="i32", H="i32", stride_h="i32", stride_w="i32", stride_logits="i32",
                  stride_stats="i32")
-    report["gemm_logits"] = _compile(ce._logits_kernel, types, gemm_meta(g), g["num_warps"], g["num_stages"])
+    report["gemm_logits"] = compile_sm90(ce._logits_kernel, types, gemm_meta(g), g["num_warps"], g["num_stages"])
     # dh = g @ W: unit strides along V (g) and H (W, dh); dW += gᵀ @ h: gᵀ is unit-stride along M = V
     mm = ["a_ptr", "b_ptr", "c_ptr", "M", "N", "K", "stride_am", "stride_ak", "stride_bk", "stride_bn", "stride_cm",
           "stride_cn"]
@@ -226,35 +222,27 @@ def _hopper_compile_report() -> dict:
         types = {n: ("*bf16" if n.endswith("_ptr") else "i32") for n in mm if n not in (*unit, "stride_cn")}
         types["c_ptr"] = c_type
         meta = gemm_meta(g, ACCUMULATE=acc, stride_cn=1, **dict.fromkeys(unit, 1))
-        report[f"gemm_{role}"] = _compile(ce._matmul_kernel, types, meta, g["num_warps"], g["num_stages"])
+        report[f"gemm_{role}"] = compile_sm90(ce._matmul_kernel, types, meta, g["num_warps"], g["num_stages"])
     row = cfg["row"]
     meta = dict(IGNORE=-100, BLOCK_V=row["BLOCK_V"])
     types = dict(logits_ptr="*bf16", targets_ptr="*i64", loss_ptr="*fp32", V="i32", V_alloc="i32",
                  stride_row="i32", grad_scale="fp32")
-    report["row"] = _compile(ce._softmax_grad_kernel, types, meta, row["num_warps"], 1)
+    report["row"] = compile_sm90(ce._softmax_grad_kernel, types, meta, row["num_warps"], 1)
     types = dict(logits_ptr="*bf16", targets_ptr="*i64", loss_ptr="*fp32", tile_max_ptr="*fp32",
                  tile_sum_ptr="*fp32", V="i32", V_alloc="i32", n_tiles="i32", stride_row="i32", stride_stats="i32",
                  grad_scale="fp32")
-    report["row_from_stats"] = _compile(ce._softmax_grad_from_stats_kernel, types, dict(meta, BLOCK_TILES=512),
-                                        row["num_warps"], 1)
+    report["row_from_stats"] = compile_sm90(ce._softmax_grad_from_stats_kernel, types, dict(meta, BLOCK_TILES=512),
+                                            row["num_warps"], 1)
     return report
 
 
 def test_kernels_compile_for_hopper():
     """The interpreter never compiles: build the real kernels for sm_90 (in a child process without it) and
     require pipelined wgmma GEMMs without register spills and within an H100's shared memory."""
-    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
-    out = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    report = json.loads(out.stdout.strip().splitlines()[-1])
+    report = hopper_compile.report("test_cross_entropy", "_hopper_report")
     assert set(report) == {"gemm_logits", "gemm_dh", "gemm_dw", "row", "row_from_stats"}
+    hopper_compile.assert_fits_without_spills(report)
     for name, r in report.items():
-        assert r["stack_bytes"] == 0, f"{name} spills on sm_90 ({r['registers']} registers, {r['stack_bytes']} B)"
-        assert r["shared_bytes"] <= 227 * 1024, f"{name}: {r['shared_bytes']} B of shared memory > 227 KB"
         if name.startswith("gemm"):
             assert r["wgmma"] > 0, f"{name}: no wgmma in the compiled kernel"
-            assert r["async_copies"] > 0, f"{name}: the K loop is not software-pipelined"
-
-
-if __name__ == "__main__":      # the child process of test_kernels_compile_for_hopper
-    print(json.dumps(_hopper_compile_report()))
+            assert r["pipelined"], f"{name}: the K loop is not software-pipelined"

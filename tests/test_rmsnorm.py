@@ -1,4 +1,5 @@
 """kernels/rmsnorm.py in Triton's interpreter vs the torch reference; the reference vs autograd and transformers."""
+import hopper_compile
 import pytest
 import torch
 from kernel_checks import assert_within_reference_error, bf16_round_to_nearest, dry_run_autotune  # noqa: F401
@@ -119,3 +120,28 @@ def test_sweep_never_times_a_wrong_or_failing_candidate(monkeypatch, capsys):
     assert "out of resource" in out and "wrong result on this device" in out
     with pytest.raises(RuntimeError, match="no candidate"):
         sweep.fastest("k", [{"name": "wrong"}], timed.append, check)
+
+
+def _hopper_report() -> dict:
+    """Both kernels compiled for sm_90 (tests/hopper_compile.py) at their default config for the shapes they
+    meet: hidden 4096 and a 128 head dim (q/k norm); child process of test_kernels_compile_for_hopper."""
+    from hopper_compile import compile_sm90
+    report = {}
+    for H in (4096, 128):
+        cfg = rmsnorm._default_config(H, 2)
+        common = dict(ROWS=cfg["ROWS"], BLOCK_H=H)
+        types = {"x_ptr": "*bf16", "w_ptr": "*bf16", "y_ptr": "*bf16", "rstd_ptr": "*fp32", "n_rows": "i32",
+                 "H": "i32", "stride_x_row": "i32", "stride_y_row": "i32", "eps": "fp32"}
+        report[f"rmsnorm_fwd/H{H}"] = compile_sm90(rmsnorm._rmsnorm_fwd_kernel, types, common, cfg["num_warps"], 1)
+        types = {"dy_ptr": "*bf16", "x_ptr": "*bf16", "w_ptr": "*bf16", "rstd_ptr": "*fp32", "dx_ptr": "*bf16",
+                 "dg_partial_ptr": "*fp32", "n_rows": "i32", "H": "i32", "stride_dy_row": "i32",
+                 "stride_x_row": "i32", "stride_dx_row": "i32"}
+        report[f"rmsnorm_bwd/H{H}"] = compile_sm90(rmsnorm._rmsnorm_bwd_kernel, types, common, cfg["num_warps"], 1)
+    return report
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_hopper():
+    """Triton's real compiler lowers both kernels for sm_90a without register spills, within an H100's shared
+    memory (the interpreter never compiles them)."""
+    hopper_compile.assert_fits_without_spills(hopper_compile.report("test_rmsnorm", "_hopper_report"))

@@ -1,4 +1,5 @@
 """kernels/rope.py in Triton's interpreter vs the torch reference; the reference vs transformers and autograd."""
+import hopper_compile
 import pytest
 import torch
 from kernel_checks import assert_within_reference_error, bf16_round_to_nearest, dry_run_autotune  # noqa: F401
@@ -98,3 +99,19 @@ def test_autotune_dry_run(monkeypatch, tmp_path):
     (row,) = rows
     assert row["config"] == cands[-1] and row["throughput"].endswith("GB/s")
     assert stored["rope"]["nH3_D72_bfloat16"] == cands[-1]
+
+
+def _hopper_report() -> dict:
+    """The kernel compiled for sm_90 (tests/hopper_compile.py), inverse rotation, 16 heads of a 128 head dim per
+    program; child process of test_kernels_compile_for_hopper."""
+    from hopper_compile import compile_sm90
+    types = {"x_ptr": "*bf16", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "n_heads": "i32", "HALF": "i32",
+             "stride_x_t": "i32", "stride_x_h": "i32", "stride_cs_t": "i32"}
+    return {"rope/inverse": compile_sm90(rope._rope_kernel, types, dict(INVERSE=True, HEADS=16, BLOCK_HALF=64), 4, 1)}
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_hopper():
+    """Triton's real compiler lowers the kernel for sm_90a without register spills, within an H100's shared
+    memory (the interpreter never compiles it)."""
+    hopper_compile.assert_fits_without_spills(hopper_compile.report("test_rope", "_hopper_report"))

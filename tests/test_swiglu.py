@@ -1,4 +1,5 @@
 """kernels/swiglu.py in Triton's interpreter vs the torch reference; the reference backward vs autograd."""
+import hopper_compile
 import pytest
 import torch
 from kernel_checks import assert_within_reference_error, bf16_round_to_nearest, dry_run_autotune  # noqa: F401
@@ -57,3 +58,23 @@ def test_autotune_dry_run(monkeypatch, tmp_path):
     assert [r["shape"]["kernel"] for r in rows] == ["swiglu_fwd", "swiglu_bwd"]
     assert all(r["config"] == cands[-1] and r["throughput"].endswith("GB/s") for r in rows)
     assert stored["swiglu_fwd"]["I100_bfloat16"] == stored["swiglu_bwd"]["I100_bfloat16"] == cands[-1]
+
+
+def _hopper_report() -> dict:
+    """Both kernels compiled for sm_90 (tests/hopper_compile.py) with 4 rows of 1024 columns per program and 8
+    warps; child process of test_kernels_compile_for_hopper."""
+    from hopper_compile import compile_sm90
+    types = {"gate_up_ptr": "*bf16", "h_ptr": "*bf16", "T": "i32", "I": "i32", "stride_gu_row": "i32",
+             "stride_h_row": "i32"}
+    report = {"swiglu_fwd": compile_sm90(swiglu._swiglu_fwd_kernel, types, dict(ROWS=4, BLOCK_I=1024), 8, 1)}
+    types = {"dh_ptr": "*bf16", "gate_up_ptr": "*bf16", "d_gate_up_ptr": "*bf16", "T": "i32", "I": "i32",
+             "stride_dh_row": "i32", "stride_gu_row": "i32", "stride_dgu_row": "i32"}
+    report["swiglu_bwd"] = compile_sm90(swiglu._swiglu_bwd_kernel, types, dict(ROWS=4, BLOCK_I=1024), 8, 1)
+    return report
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_hopper():
+    """Triton's real compiler lowers both kernels for sm_90a without register spills, within an H100's shared
+    memory (the interpreter never compiles them)."""
+    hopper_compile.assert_fits_without_spills(hopper_compile.report("test_swiglu", "_hopper_report"))
