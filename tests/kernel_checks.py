@@ -3,7 +3,7 @@
 - ``bf16_round_to_nearest``: Triton's interpreter converts fp32 → bf16 by truncating the mantissa, while the GPU
   (and torch) round to nearest even. Truncation is a biased error (always towards zero) that adds up in fp32
   accumulations, so a correct kernel would look ~2× worse than torch in the interpreter. The fixture patches the
-  interpreter's cast to round to nearest for the duration of a test; GPU runs never see it.
+  interpreter's cast to round to nearest for the duration of a test; with compiled kernels it does nothing.
 - ``assert_within_reference_error``: the tolerance rule of STYLE.md — against the fp32 reference, the kernel's
   error may be at most twice the low-precision reference's own error plus ``atol``.
 """
@@ -23,6 +23,9 @@ def _round_fp32_to_bf16(data: np.ndarray) -> np.ndarray:
 
 @pytest.fixture(autouse=True)
 def bf16_round_to_nearest(monkeypatch):
+    from horizon_triton.kernels import tuning
+    if not tuning.interpreting():
+        return                                   # compiled kernels (TRITON_INTERPRET=0 on a GPU): nothing to patch
     import triton.language as tl
     from triton.runtime import interpreter
 
@@ -46,12 +49,14 @@ def assert_within_reference_error(out: torch.Tensor, ref_lowp: torch.Tensor, ref
                                        f"+ atol {atol:g}")
 
 
-def dry_run_autotune(monkeypatch, tmp_path, module, candidates_attr: str, candidates: list[dict], shape: dict):
-    """Runs ``module.autotune(shape)`` on CPU in the interpreter with ``candidates`` and a fake timer under which
-    every later candidate looks faster; returns (rows, the stored tuning cache for the interpreter)."""
+def dry_run_autotune(monkeypatch, tmp_path, module, candidates_attr: str, candidates: list[dict], shape: dict,
+                     dev):
+    """Runs ``module.autotune(shape)`` on ``dev`` (the interpreter on CPU, or the GPU) with ``candidates`` and a
+    fake timer under which every later candidate looks faster; returns (rows, the stored tuning cache of this
+    device)."""
     from horizon_triton.kernels import tuning
 
-    monkeypatch.setattr(module, "AUTOTUNE_DEVICE", "cpu")
+    monkeypatch.setattr(module, "AUTOTUNE_DEVICE", dev)
     if callable(getattr(module, candidates_attr)):
         monkeypatch.setattr(module, candidates_attr, lambda *_: candidates)
     else:
@@ -62,4 +67,4 @@ def dry_run_autotune(monkeypatch, tmp_path, module, candidates_attr: str, candid
     monkeypatch.setattr(tuning, "_cache", None)
     rows = module.autotune(shape)
     monkeypatch.setattr(tuning, "_cache", None)                     # read back what was written to disk
-    return rows, tuning._load()["interpreter"]
+    return rows, tuning._load()[tuning._device_name()]

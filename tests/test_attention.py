@@ -26,17 +26,6 @@ from horizon_triton.kernels import tuning
 ATOL = {torch.float32: 2e-5, torch.bfloat16: 2e-3, torch.float16: 5e-4}
 
 
-@pytest.fixture
-def dev() -> torch.device:
-    """Where the kernels run: the CPU interpreter (this suite's default), or the GPU when TRITON_INTERPRET=0 is
-    set on a machine with one, so `TRITON_INTERPRET=0 pytest tests/test_attention.py` checks compiled kernels."""
-    if tuning.interpreting():
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        pytest.skip("TRITON_INTERPRET=0 but no GPU: the kernels cannot run")
-    return torch.device("cuda")
-
-
 def _doc_ids(B: int, S: int, starts: list[int]) -> torch.Tensor:
     """Doc ids from restarting position ids (what a packed batch carries): positions restart at 0 at each start."""
     pos = torch.arange(S).repeat(B, 1)

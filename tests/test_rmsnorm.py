@@ -1,4 +1,6 @@
-"""kernels/rmsnorm.py in Triton's interpreter vs the torch reference; the reference vs autograd and transformers."""
+"""kernels/rmsnorm.py in Triton's interpreter vs the torch reference; the reference vs autograd and transformers.
+
+On a GPU machine `TRITON_INTERPRET=0 pytest tests/test_rmsnorm.py` runs the same checks on compiled kernels."""
 import hopper_compile
 import pytest
 import torch
@@ -11,10 +13,10 @@ EPS = 1e-6
 ATOL = {torch.float32: 1e-5, torch.bfloat16: 1e-3}
 
 
-def _inputs(shape, dtype):
-    x = torch.randn(shape, dtype=dtype) * 2
-    w = (1 + 0.3 * torch.randn(shape[-1])).to(dtype)
-    dy = torch.randn(shape, dtype=dtype)
+def _inputs(shape, dtype, dev):
+    x = torch.randn(shape, dtype=dtype, device=dev) * 2
+    w = (1 + 0.3 * torch.randn(shape[-1], device=dev)).to(dtype)
+    dy = torch.randn(shape, dtype=dtype, device=dev)
     return x, w, dy
 
 
@@ -27,9 +29,9 @@ def _run(fwd, bwd, x, w, dy, d_weight0):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(37, 100), (37, 4, 72), (3, 256), (5, 3, 5)], ids=str)
-def test_kernel_matches_reference(shape, dtype):
-    x, w, dy = _inputs(shape, dtype)
-    d_weight0 = torch.randn(shape[-1])  # accumulation into a non-zero buffer
+def test_kernel_matches_reference(shape, dtype, dev):
+    x, w, dy = _inputs(shape, dtype, dev)
+    d_weight0 = torch.randn(shape[-1], device=dev)  # accumulation into a non-zero buffer
     out = _run(rmsnorm.rmsnorm_forward, rmsnorm.rmsnorm_backward, x, w, dy, d_weight0)
     ref = _run(rmsnorm_forward_ref, rmsnorm_backward_ref, x, w, dy, d_weight0)
     ref32 = _run(rmsnorm_forward_ref, rmsnorm_backward_ref, x.float(), w.float(), dy.float(), d_weight0)
@@ -38,11 +40,11 @@ def test_kernel_matches_reference(shape, dtype):
         assert_within_reference_error(o, r, r32, atol * (1 + r32.abs().max().item()), name)
 
 
-def test_strided_rows_and_qk_norm_view():
+def test_strided_rows_and_qk_norm_view(dev):
     """The engine norms q/k per head on a view into the fused qkv output."""
-    qkv = torch.randn(37, 3, 4, 72, dtype=torch.bfloat16)
+    qkv = torch.randn(37, 3, 4, 72, dtype=torch.bfloat16, device=dev)
     q = qkv[:, 0]                                                     # [T, nH, D], not contiguous
-    w = torch.randn(72, dtype=torch.bfloat16)
+    w = torch.randn(72, dtype=torch.bfloat16, device=dev)
     y, rstd = rmsnorm.rmsnorm_forward(q, w, EPS)
     y_ref, rstd_ref = rmsnorm_forward_ref(q.contiguous(), w, EPS)
     assert y.shape == q.shape and rstd.shape == (37, 4)
@@ -50,13 +52,13 @@ def test_strided_rows_and_qk_norm_view():
     torch.testing.assert_close(y.float(), y_ref.float(), rtol=1e-2, atol=1e-2)
 
 
-def test_reference_backward_matches_autograd():
-    x, w, dy = _inputs((37, 100), torch.float32)
+def test_reference_backward_matches_autograd(dev):
+    x, w, dy = _inputs((37, 100), torch.float32, dev)
     x.requires_grad_(True)
     w.requires_grad_(True)
     y, _ = rmsnorm_forward_ref(x, w, EPS)
     y.backward(dy)
-    d_weight = torch.zeros(100)
+    d_weight = torch.zeros(100, device=dev)
     with torch.no_grad():
         _, rstd = rmsnorm_forward_ref(x, w, EPS)
         dx = rmsnorm_backward_ref(dy, x.detach(), w.detach(), rstd, d_weight)
@@ -65,12 +67,12 @@ def test_reference_backward_matches_autograd():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_reference_matches_transformers_llama_rmsnorm(dtype):
+def test_reference_matches_transformers_llama_rmsnorm(dtype, dev):
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
-    norm = LlamaRMSNorm(100, eps=EPS).to(dtype)
+    norm = LlamaRMSNorm(100, eps=EPS).to(dev, dtype)
     with torch.no_grad():
         norm.weight.copy_(1 + 0.3 * torch.randn(100))
-        x = torch.randn(37, 100, dtype=dtype) * 2
+        x = torch.randn(37, 100, dtype=dtype, device=dev) * 2
         y_hf = norm(x)
         y_ref, _ = rmsnorm_forward_ref(x, norm.weight, EPS)
         y_kernel, _ = rmsnorm.rmsnorm_forward(x, norm.weight, EPS)
@@ -79,27 +81,27 @@ def test_reference_matches_transformers_llama_rmsnorm(dtype):
     assert_within_reference_error(y_kernel, y_ref, y_hf.float(), 1e-5, "kernel vs LlamaRMSNorm")
 
 
-def test_clear_errors():
-    x = torch.randn(4, 8)
-    w = torch.randn(8)
+def test_clear_errors(dev):
+    x = torch.randn(4, 8, device=dev)
+    w = torch.randn(8, device=dev)
     with pytest.raises(ValueError, match="weight shape"):
-        rmsnorm.rmsnorm_forward(x, torch.randn(7), EPS)
+        rmsnorm.rmsnorm_forward(x, torch.randn(7, device=dev), EPS)
     with pytest.raises(TypeError, match="dtype"):
         rmsnorm.rmsnorm_forward(x.to(torch.int32), w, EPS)
     with pytest.raises(ValueError, match="non-empty"):
-        rmsnorm.rmsnorm_forward(torch.empty(0, 8), w, EPS)
+        rmsnorm.rmsnorm_forward(torch.empty(0, 8, device=dev), w, EPS)
     _, rstd = rmsnorm.rmsnorm_forward(x, w, EPS)
     with pytest.raises(ValueError, match="d_weight must be fp32"):
-        rmsnorm.rmsnorm_backward(x, x, w, rstd, torch.zeros(8, dtype=torch.bfloat16))
+        rmsnorm.rmsnorm_backward(x, x, w, rstd, torch.zeros(8, dtype=torch.bfloat16, device=dev))
     with pytest.raises(ValueError, match="rstd must be fp32"):
-        rmsnorm.rmsnorm_backward(x, x, w, rstd[:3], torch.zeros(8))
+        rmsnorm.rmsnorm_backward(x, x, w, rstd[:3], torch.zeros(8, device=dev))
     with pytest.raises(ValueError, match="dy shape"):
-        rmsnorm.rmsnorm_backward(x[:3], x, w, rstd, torch.zeros(8))
+        rmsnorm.rmsnorm_backward(x[:3], x, w, rstd, torch.zeros(8, device=dev))
 
 
-def test_autotune_dry_run(monkeypatch, tmp_path):
+def test_autotune_dry_run(monkeypatch, tmp_path, dev):
     cands = [{"ROWS": 1, "num_warps": 1}, {"ROWS": 4, "num_warps": 2}]
-    rows, stored = dry_run_autotune(monkeypatch, tmp_path, rmsnorm, "candidates", cands, dict(T=37, H=72))
+    rows, stored = dry_run_autotune(monkeypatch, tmp_path, rmsnorm, "candidates", cands, dict(T=37, H=72), dev)
     assert [r["shape"]["kernel"] for r in rows] == ["rmsnorm_fwd", "rmsnorm_bwd"]
     assert all(r["config"] == cands[-1] and r["throughput"].endswith("GB/s") for r in rows)
     assert stored["rmsnorm_fwd"]["H72_bfloat16"] == stored["rmsnorm_bwd"]["H72_bfloat16"] == cands[-1]

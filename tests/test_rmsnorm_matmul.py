@@ -1,4 +1,6 @@
-"""kernels/rmsnorm_matmul.py in Triton's interpreter vs the torch reference; the reference backward vs autograd."""
+"""kernels/rmsnorm_matmul.py in Triton's interpreter vs the torch reference; the reference backward vs autograd.
+
+On a GPU machine `TRITON_INTERPRET=0 pytest tests/test_rmsnorm_matmul.py` runs the same checks on compiled kernels."""
 import hopper_compile
 import pytest
 import torch
@@ -12,11 +14,11 @@ EPS = 1e-6
 ATOL = {torch.float32: 1e-5, torch.bfloat16: 1e-3}
 
 
-def _inputs(T, H, N, dtype):
-    x = torch.randn(T, H, dtype=dtype) * 3
-    g = (1 + 0.3 * torch.randn(H)).to(dtype)
-    w = (torch.randn(N, H) / H ** 0.5).to(dtype)
-    dy = torch.randn(T, N, dtype=dtype)
+def _inputs(T, H, N, dtype, dev):
+    x = torch.randn(T, H, dtype=dtype, device=dev) * 3
+    g = (1 + 0.3 * torch.randn(H, device=dev)).to(dtype)
+    w = (torch.randn(N, H, device=dev) / H ** 0.5).to(dtype)
+    dy = torch.randn(T, N, dtype=dtype, device=dev)
     return x, g, w, dy
 
 
@@ -29,9 +31,10 @@ def _run(fwd, bwd, x, g, w, dy, d_weight0, d_norm_weight0):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("T, H, N", [(37, 100, 130), (64, 72, 32), (1, 40, 7)])
-def test_kernel_matches_reference(T, H, N, dtype):
-    x, g, w, dy = _inputs(T, H, N, dtype)
-    d_weight0, d_norm_weight0 = torch.randn(N, H), torch.randn(H)     # accumulation into non-zero buffers
+def test_kernel_matches_reference(T, H, N, dtype, dev):
+    x, g, w, dy = _inputs(T, H, N, dtype, dev)
+    # accumulation into non-zero buffers
+    d_weight0, d_norm_weight0 = torch.randn(N, H, device=dev), torch.randn(H, device=dev)
     fused = (rmsnorm_matmul.rmsnorm_matmul_forward, rmsnorm_matmul.rmsnorm_matmul_backward)
     ref = (rmsnorm_matmul_forward_ref, rmsnorm_matmul_backward_ref)
     out = _run(*fused, x, g, w, dy, d_weight0, d_norm_weight0)
@@ -41,19 +44,19 @@ def test_kernel_matches_reference(T, H, N, dtype):
         assert_within_reference_error(o, r, r32, ATOL[dtype] * (1 + r32.abs().max().item()), name)
 
 
-def test_rstd_is_the_rmsnorm_rstd():
-    x, g, w, _ = _inputs(37, 100, 130, torch.bfloat16)
+def test_rstd_is_the_rmsnorm_rstd(dev):
+    x, g, w, _ = _inputs(37, 100, 130, torch.bfloat16, dev)
     _, rstd = rmsnorm_matmul.rmsnorm_matmul_forward(x, g, w, EPS)
     torch.testing.assert_close(rstd, rmsnorm_forward(x, g, EPS)[1], rtol=1e-5, atol=0)
 
 
-def test_reference_backward_matches_autograd():
-    x, g, w, dy = _inputs(37, 100, 130, torch.float32)
+def test_reference_backward_matches_autograd(dev):
+    x, g, w, dy = _inputs(37, 100, 130, torch.float32, dev)
     for t in (x, g, w):
         t.requires_grad_(True)
     y, rstd = rmsnorm_matmul_forward_ref(x, g, w, EPS)
     y.backward(dy)
-    d_weight, d_norm_weight = torch.zeros(130, 100), torch.zeros(100)
+    d_weight, d_norm_weight = torch.zeros(130, 100, device=dev), torch.zeros(100, device=dev)
     with torch.no_grad():
         dx = rmsnorm_matmul_backward_ref(dy, x, g, w, rstd, d_weight, d_norm_weight)
     torch.testing.assert_close(dx, x.grad, rtol=1e-4, atol=1e-5)
@@ -61,13 +64,14 @@ def test_reference_backward_matches_autograd():
     torch.testing.assert_close(d_norm_weight, g.grad, rtol=1e-4, atol=1e-4)
 
 
-def test_reference_linear_backward_matches_autograd():
-    x = torch.randn(37, 100, requires_grad=True)
-    w = torch.randn(130, 100, requires_grad=True)
-    b = torch.randn(130, requires_grad=True)
-    dy = torch.randn(37, 130)
+def test_reference_linear_backward_matches_autograd(dev):
+    x = torch.randn(37, 100, requires_grad=True, device=dev)
+    w = torch.randn(130, 100, requires_grad=True, device=dev)
+    b = torch.randn(130, requires_grad=True, device=dev)
+    dy = torch.randn(37, 130, device=dev)
     linear_forward(x, w, b).backward(dy)
-    d_weight, d_bias = torch.ones(130, 100), torch.ones(130)          # accumulates onto what is there
+    # accumulates onto what is there
+    d_weight, d_bias = torch.ones(130, 100, device=dev), torch.ones(130, device=dev)
     with torch.no_grad():
         dx = linear_backward(dy, x, w, d_weight, d_bias)
     torch.testing.assert_close(dx, x.grad, rtol=1e-5, atol=1e-5)
@@ -75,8 +79,8 @@ def test_reference_linear_backward_matches_autograd():
     torch.testing.assert_close(d_bias - 1, b.grad, rtol=1e-5, atol=1e-5)
 
 
-def test_clear_errors():
-    x, g, w, dy = _inputs(8, 16, 12, torch.float32)
+def test_clear_errors(dev):
+    x, g, w, dy = _inputs(8, 16, 12, torch.float32, dev)
     f = rmsnorm_matmul.rmsnorm_matmul_forward
     with pytest.raises(ValueError, match=r"weight is \[12, 15\] but x has H=16"):
         f(x, g, w[:, :15], EPS)
@@ -91,11 +95,11 @@ def test_clear_errors():
     _, rstd = f(x, g, w, EPS)
     b = rmsnorm_matmul.rmsnorm_matmul_backward
     with pytest.raises(ValueError, match="d_weight must be"):
-        b(dy, x, g, w, rstd, torch.zeros(12, 16, dtype=torch.bfloat16), torch.zeros(16))
+        b(dy, x, g, w, rstd, torch.zeros(12, 16, dtype=torch.bfloat16, device=dev), torch.zeros(16, device=dev))
     with pytest.raises(ValueError, match="dy must be"):
-        b(dy[:, :5], x, g, w, rstd, torch.zeros(12, 16), torch.zeros(16))
+        b(dy[:, :5], x, g, w, rstd, torch.zeros(12, 16, device=dev), torch.zeros(16, device=dev))
     with pytest.raises(ValueError, match="rstd must be"):
-        b(dy, x, g, w, rstd.bfloat16(), torch.zeros(12, 16), torch.zeros(16))
+        b(dy, x, g, w, rstd.bfloat16(), torch.zeros(12, 16, device=dev), torch.zeros(16, device=dev))
 
 
 def _gemm_types(names: list[str], dtype: str, fp32_ptrs=()) -> dict:
@@ -148,11 +152,11 @@ def test_kernels_compile_for_hopper():
             assert r["pipelined"], f"{name}: the K loop is not software-pipelined"
 
 
-def test_autotune_dry_run(monkeypatch, tmp_path):
+def test_autotune_dry_run(monkeypatch, tmp_path, dev):
     small = dict(GROUP_M=2, num_warps=4, num_stages=1)
     cands = [dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, **small), dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, **small)]
     rows, stored = dry_run_autotune(monkeypatch, tmp_path, rmsnorm_matmul, "CANDIDATES", cands,
-                                    dict(T=37, H=40, N=48))
+                                    dict(T=37, H=40, N=48), dev)
     assert [r["shape"]["kernel"] for r in rows] == ["rmsnorm_matmul_fwd", "rmsnorm_matmul_dx", "rmsnorm_matmul_dw"]
     assert all(r["config"] == cands[-1] and "TFLOPS" in r["throughput"] for r in rows)
     assert all(stored[r["shape"]["kernel"]]["T64_N48_H40_bfloat16"] == cands[-1] for r in rows)

@@ -1,4 +1,6 @@
-"""kernels/swiglu.py in Triton's interpreter vs the torch reference; the reference backward vs autograd."""
+"""kernels/swiglu.py in Triton's interpreter vs the torch reference; the reference backward vs autograd.
+
+On a GPU machine `TRITON_INTERPRET=0 pytest tests/test_swiglu.py` runs the same checks on compiled kernels."""
 import hopper_compile
 import pytest
 import torch
@@ -12,9 +14,9 @@ ATOL = {torch.float32: 1e-5, torch.bfloat16: 1e-3}
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("T, I", [(37, 130), (1, 100), (64, 256)])
-def test_kernel_matches_reference(T, I, dtype):
-    gate_up = torch.randn(T, 2 * I, dtype=dtype) * 3
-    dh = torch.randn(T, I, dtype=dtype)
+def test_kernel_matches_reference(T, I, dtype, dev):
+    gate_up = torch.randn(T, 2 * I, dtype=dtype, device=dev) * 3
+    dh = torch.randn(T, I, dtype=dtype, device=dev)
     for name, fn, fn_ref, args in (("h", swiglu.swiglu_forward, swiglu_forward_ref, (gate_up,)),
                                    ("d_gate_up", swiglu.swiglu_backward, swiglu_backward_ref, (dh, gate_up))):
         out, ref = fn(*args), fn_ref(*args)
@@ -22,39 +24,39 @@ def test_kernel_matches_reference(T, I, dtype):
         assert_within_reference_error(out, ref, ref32, ATOL[dtype] * (1 + ref32.abs().max().item()), name)
 
 
-def test_strided_rows():
+def test_strided_rows(dev):
     """gate_up may be a column slice of a wider buffer; dh may be a strided view."""
-    buf = torch.randn(37, 300, dtype=torch.bfloat16)
+    buf = torch.randn(37, 300, dtype=torch.bfloat16, device=dev)
     gate_up = buf[:, 20:280]                                          # [37, 260], row stride 300
-    dh = torch.randn(37, 200, dtype=torch.bfloat16)[:, 50:180]        # [37, 130], row stride 200
+    dh = torch.randn(37, 200, dtype=torch.bfloat16, device=dev)[:, 50:180]   # [37, 130], row stride 200
     torch.testing.assert_close(swiglu.swiglu_forward(gate_up), swiglu_forward_ref(gate_up), rtol=1e-2, atol=1e-2)
     torch.testing.assert_close(swiglu.swiglu_backward(dh, gate_up), swiglu_backward_ref(dh, gate_up),
                                rtol=1e-2, atol=1e-2)
 
 
-def test_reference_backward_matches_autograd():
-    gate_up = (torch.randn(37, 260) * 3).requires_grad_(True)
-    dh = torch.randn(37, 130)
+def test_reference_backward_matches_autograd(dev):
+    gate_up = (torch.randn(37, 260, device=dev) * 3).requires_grad_(True)
+    dh = torch.randn(37, 130, device=dev)
     swiglu_forward_ref(gate_up).backward(dh)
     torch.testing.assert_close(swiglu_backward_ref(dh, gate_up.detach()), gate_up.grad, rtol=1e-5, atol=1e-5)
 
 
-def test_clear_errors():
+def test_clear_errors(dev):
     with pytest.raises(ValueError, match="even"):
-        swiglu.swiglu_forward(torch.randn(4, 7))
+        swiglu.swiglu_forward(torch.randn(4, 7, device=dev))
     with pytest.raises(ValueError, match=r"\[T, 2I\]"):
-        swiglu.swiglu_forward(torch.randn(2, 4, 8))
+        swiglu.swiglu_forward(torch.randn(2, 4, 8, device=dev))
     with pytest.raises(TypeError, match="dtype"):
-        swiglu.swiglu_forward(torch.randn(4, 8).to(torch.float64))
+        swiglu.swiglu_forward(torch.randn(4, 8, device=dev).to(torch.float64))
     with pytest.raises(ValueError, match="contiguous"):
-        swiglu.swiglu_forward(torch.randn(8, 4).t())
+        swiglu.swiglu_forward(torch.randn(8, 4, device=dev).t())
     with pytest.raises(ValueError, match="dh shape"):
-        swiglu.swiglu_backward(torch.randn(4, 3), torch.randn(4, 8))
+        swiglu.swiglu_backward(torch.randn(4, 3, device=dev), torch.randn(4, 8, device=dev))
 
 
-def test_autotune_dry_run(monkeypatch, tmp_path):
+def test_autotune_dry_run(monkeypatch, tmp_path, dev):
     cands = [{"ROWS": 1, "BLOCK_I": 64, "num_warps": 1}, {"ROWS": 2, "BLOCK_I": 32, "num_warps": 1}]
-    rows, stored = dry_run_autotune(monkeypatch, tmp_path, swiglu, "CANDIDATES", cands, dict(T=5, I=100))
+    rows, stored = dry_run_autotune(monkeypatch, tmp_path, swiglu, "CANDIDATES", cands, dict(T=5, I=100), dev)
     assert [r["shape"]["kernel"] for r in rows] == ["swiglu_fwd", "swiglu_bwd"]
     assert all(r["config"] == cands[-1] and r["throughput"].endswith("GB/s") for r in rows)
     assert stored["swiglu_fwd"]["I100_bfloat16"] == stored["swiglu_bwd"]["I100_bfloat16"] == cands[-1]
