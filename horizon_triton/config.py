@@ -1,7 +1,6 @@
 """Model and training configuration: frozen dataclasses, Hugging Face config.json reading, named presets."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
@@ -77,9 +76,6 @@ class ModelConfig:
     def num_parameters(self) -> int:
         from .store import layer_layouts
         return sum(layout.numel for layout in layer_layouts(self))
-
-    def replace(self, **changes) -> "ModelConfig":
-        return dataclasses.replace(self, **changes)
 
     # ---- Hugging Face -----------------------------------------------------------------------------------
     @classmethod

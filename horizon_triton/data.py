@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-IGNORE_INDEX = -100
+from horizon_triton.kernels.reference import IGNORE_INDEX
 
 
 # ------------------------------------------------------------------------------------------------------------

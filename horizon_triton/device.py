@@ -48,9 +48,6 @@ class SyncDevice:
     def retain(self, tensor, stream: str) -> None:
         pass
 
-    def synchronize(self) -> None:
-        pass
-
     def close(self) -> None:
         pass
 
@@ -113,10 +110,6 @@ class AsyncTestDevice:
     def retain(self, tensor, stream: str) -> None:
         pass
 
-    def synchronize(self) -> None:
-        for name in STREAMS:
-            self.sync(self.record(name))
-
     def close(self) -> None:
         for q in self._queues.values():
             q.put(None)
@@ -153,9 +146,6 @@ class CudaDevice:
     def retain(self, tensor, stream: str) -> None:
         """The caching allocator must not reuse ``tensor``'s memory before ``stream``'s queued work on it ran."""
         tensor.record_stream(self._streams[stream])
-
-    def synchronize(self) -> None:
-        torch.cuda.synchronize(self.torch_device)
 
     def close(self) -> None:
         pass

@@ -9,8 +9,10 @@ from pathlib import Path
 
 import torch
 
-from . import layer as lt
 from horizon_triton.kernels.cpu_adam import implementation as adam_implementation
+from horizon_triton.kernels.reference import IGNORE_INDEX
+
+from . import layer as lt
 
 from .checkpoint import DTYPES, load_weights, save_weights
 from .config import ModelConfig, TrainConfig
@@ -22,7 +24,6 @@ from .store import HostStore
 from .trace import Tracer
 
 log = logging.getLogger("horizon_triton")
-IGNORE_INDEX = -100
 
 
 class Engine:
