@@ -115,25 +115,60 @@ def layer_layouts(cfg: ModelConfig) -> list[LayerLayout]:
     return layouts
 
 
-class HostStore:
-    """Flat per-layer host buffers (pinned when CUDA is present) and the parameter views into them."""
+@dataclass(frozen=True)
+class Allocation:
+    """One host buffer of the store, as the accounting (nbytes, the dry run, checkpoints) sees it."""
+    kind: str              # "master", "working", "exp_avg", "exp_avg_sq", "grad"
+    layer: int             # index into layouts
+    numel: int
+    dtype: torch.dtype
+    pinned: bool
 
-    def __init__(self, cfg: ModelConfig, compute_dtype: torch.dtype, pin: bool = False):
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+
+class HostStore:
+    """Flat per-layer host buffers (pinned when CUDA is present) and the parameter views into them.
+
+    ``device="meta"`` builds the same layout with no memory behind it (the dry run's store)."""
+
+    def __init__(self, cfg: ModelConfig, compute_dtype: torch.dtype, pin: bool = False, device: str = "cpu"):
         self.cfg = cfg
         self.compute_dtype = compute_dtype
         self.pinned = pin
+        self.device = torch.device(device)
         self.layouts = layer_layouts(cfg)
+        self.allocations: list[Allocation] = []
         self.master, self.working, self.exp_avg, self.exp_avg_sq, self.grad = [], [], [], [], []
-        for layout in self.layouts:
+        for i, layout in enumerate(self.layouts):
             n = layout.numel
-            master = torch.empty(n, dtype=torch.float32, pin_memory=pin)
+            master = self._alloc("master", i, n, torch.float32, pin)
             self.master.append(master)
             # fp32 mode streams the master weights themselves: no second copy
             self.working.append(master if compute_dtype == torch.float32
-                                else torch.empty(n, dtype=compute_dtype, pin_memory=pin))
-            self.exp_avg.append(torch.zeros(n, dtype=torch.float32, pin_memory=pin))
-            self.exp_avg_sq.append(torch.zeros(n, dtype=torch.float32, pin_memory=pin))
-            self.grad.append(torch.zeros(n, dtype=compute_dtype, pin_memory=pin))
+                                else self._alloc("working", i, n, compute_dtype, pin))
+            self.exp_avg.append(self._alloc("exp_avg", i, n, torch.float32, pin, zero=True))
+            self.exp_avg_sq.append(self._alloc("exp_avg_sq", i, n, torch.float32, pin, zero=True))
+            self.grad.append(self._alloc("grad", i, n, compute_dtype, pin, zero=True))
+
+    def _alloc(self, kind: str, layer: int, n: int, dtype: torch.dtype, pinned: bool,
+               zero: bool = False) -> torch.Tensor:
+        """Every host buffer of the store is made here, so that what is counted is what is allocated."""
+        pinned = pinned and self.device.type == "cpu"
+        self.allocations.append(Allocation(kind, layer, n, dtype, pinned))
+        make = torch.zeros if zero else torch.empty
+        return make(n, dtype=dtype, device=self.device, pin_memory=pinned)
+
+    def state_buffers(self):
+        """(kind, layer index, tensor) for every buffer a training checkpoint must hold: all of them but the
+        gradient, which each step rewrites before it is read."""
+        buffers = {"master": self.master, "working": self.working, "exp_avg": self.exp_avg,
+                   "exp_avg_sq": self.exp_avg_sq}
+        for a in self.allocations:
+            if a.kind in buffers:
+                yield a.kind, a.layer, buffers[a.kind][a.layer]
 
     @property
     def num_layers(self) -> int:
@@ -142,11 +177,9 @@ class HostStore:
     def num_parameters(self) -> int:
         return sum(layout.numel for layout in self.layouts)
 
-    def nbytes(self) -> int:
-        bufs = self.master + self.exp_avg + self.exp_avg_sq + self.grad
-        if self.compute_dtype != torch.float32:
-            bufs = bufs + self.working
-        return sum(b.numel() * b.element_size() for b in bufs)
+    def nbytes(self, pinned: bool | None = None) -> int:
+        """Bytes the store holds on the host (only the pinned, or only the pageable ones, if asked)."""
+        return sum(a.nbytes for a in self.allocations if pinned is None or a.pinned == pinned)
 
     def named_master(self):
         """(hf_name, fp32 view) for every parameter, in layer order."""
