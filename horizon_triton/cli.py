@@ -1,7 +1,9 @@
-"""The command line: ``horizon-triton train``.
+"""The command line: ``horizon-triton train`` and ``horizon-triton plan``.
 
     horizon-triton train                                   the demo: a fresh "demo" model learns addition on CPU
     horizon-triton train --model DIR --data FILE.jsonl --out DIR   fine-tunes a Hugging Face checkpoint
+    horizon-triton plan --model DIR|config.json [--tokens-per-step N] [--gpu h100] [--host-ram 1.5TB]
+                                                           memory and speed of a run, from the config alone
 
 Both print one progress line per step (rewritten in place on a terminal) and write metrics.jsonl into --out:
 one {"kind": "train", ...} line per optimizer step (the engine's history entry) and, for the demo, one
@@ -215,6 +217,28 @@ def run_finetune(args) -> dict:
     return {"history": history}
 
 
+def run_plan(args) -> dict:
+    """Prints the plan of --model on --gpu, and the deepest model of its shape that fits --host-ram and the card."""
+    from .config import PRESETS, ModelConfig, TrainConfig, preset
+    from .device import host_memory_info
+    from .plan import format_plan, largest_model, parse_bytes, plan
+    path = Path(args.model)
+    if path.is_file():
+        if path.name != "config.json":
+            raise ValueError(f"--model {args.model}: give a model directory or its config.json")
+        path = path.parent
+    model_cfg = preset(args.model) if args.model in PRESETS and not path.exists() else ModelConfig.from_pretrained(path)
+    train_cfg = TrainConfig(compute_dtype=args.dtype, grad_accum_steps=args.grad_accum)
+    host_ram = parse_bytes(args.host_ram) if args.host_ram else host_memory_info()[1]
+    options = dict(tokens_per_step=args.tokens_per_step, hardware=args.gpu, seq_len=args.seq_len)
+    result = plan(model_cfg, train_cfg, host_memory_bytes=host_ram, **options)
+    largest = largest_model(model_cfg, train_cfg, host_memory_bytes=host_ram, **options)
+    print(format_plan(result, largest))
+    if largest is None:
+        print(f"  not even one layer of this shape fits {args.gpu} with {host_ram / 1e12:.2f} TB of host memory")
+    return {"plan": result, "largest": largest}
+
+
 # ------------------------------------------------------------------------------------------------------------
 # argument parsing
 # ------------------------------------------------------------------------------------------------------------
@@ -256,13 +280,30 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--threads", type=_positive, help=f"torch CPU threads (demo: {DEMO['threads']}; fine-tune: "
                                                          "torch's default)")
     train.add_argument("--eval-problems", type=_positive, default=256, help="demo: held-out problems")
+
+    from .plan import HARDWARE
+    plan = sub.add_parser("plan", help="host and device memory, bus bytes and step time of a run, from a config",
+                          description="Dry-runs one training step of the model (no weights needed) and prints what "
+                                      "it needs and how fast it would go, and the deepest model of the same shape "
+                                      "that fits the host memory and the card.")
+    plan.add_argument("--model", required=True, help="Hugging Face model directory, its config.json, or a preset")
+    plan.add_argument("--tokens-per-step", type=_positive, default=32768, help="tokens an optimizer step "
+                                                                                "(default: 32768)")
+    plan.add_argument("--seq-len", type=_positive, help="tokens a row (default: min(tokens a micro-batch, "
+                                                        "max_position_embeddings))")
+    plan.add_argument("--grad-accum", type=_positive, default=1, help="micro-batches an optimizer step")
+    plan.add_argument("--gpu", choices=list(HARDWARE), default="h100", help="the machine (default: h100)")
+    plan.add_argument("--host-ram", help="host memory to plan for, e.g. 1.5TB or 512GiB (default: this machine's)")
+    plan.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16", help="compute dtype")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.model:
+        if args.command == "plan":
+            run_plan(args)
+        elif args.model:
             run_finetune(args)
         else:
             if args.data or args.seq_len:

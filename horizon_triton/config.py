@@ -208,6 +208,7 @@ class TrainConfig:
     num_slots: int = 2                    # device staging slots for streamed weights (2 or 3)
     checkpoint_budget_bytes: int | None = None  # activation checkpoints kept on the device; above it: offload
     trace_path: str | None = None         # write a Chrome/Perfetto trace of every primitive here
+    preflight: bool = True                # refuse (MemoryError) before allocating what the machine cannot hold
 
     def __post_init__(self):
         if self.lr_schedule not in ("constant", "cosine"):

@@ -13,6 +13,11 @@ exactly as on a GPU:
 - SyncDevice:       CPU; every submit runs at once, events are trivially complete.
 - AsyncTestDevice:  CPU; each stream is a worker thread that runs its queue after random delays, so a missing
                     ``wait`` lets a computation read a half-copied slot and the numbers come out wrong.
+- MetaDevice:       the dry run's (dryrun.py): meta tensors, every submit runs at once, and a timeline of what
+                    each stream was given, for the step-time model (plan.py).
+
+Every device also makes the host buffers that device->host copies land in (``host_empty``) and says how much
+memory its tensors may still take (``mem_get_info``, as torch.cuda.mem_get_info: (free, total) bytes).
 """
 from __future__ import annotations
 
@@ -26,9 +31,30 @@ import torch
 STREAMS = ("compute", "copy_in", "copy_out")
 
 
-class SyncDevice:
-    type = "cpu"
+def host_memory_info() -> tuple[int, int]:
+    """(MemAvailable, MemTotal) of this machine in bytes, from /proc/meminfo."""
+    fields = {}
+    with open("/proc/meminfo") as f:
+        for line in f:
+            name, value = line.split(":", 1)
+            fields[name] = int(value.split()[0]) * 1024
+    return fields["MemAvailable"], fields["MemTotal"]
+
+
+class _HostMemory:
+    """Host buffers and free memory of the devices whose tensors live in host RAM."""
     pin_memory = False
+
+    def host_empty(self, shape, dtype: torch.dtype) -> torch.Tensor:
+        """A host buffer for a device->host copy, pinned where the device copies asynchronously."""
+        return torch.empty(shape, dtype=dtype, pin_memory=self.pin_memory)
+
+    def mem_get_info(self) -> tuple[int, int]:
+        return host_memory_info()
+
+
+class SyncDevice(_HostMemory):
+    type = "cpu"
 
     def __init__(self):
         self.torch_device = torch.device("cpu")
@@ -58,10 +84,9 @@ class _DoneEvent(threading.Event):
         self.set()
 
 
-class AsyncTestDevice:
+class AsyncTestDevice(_HostMemory):
     """CPU streams as worker threads with random delays before each task (seeded, so a failure replays)."""
     type = "cpu"
-    pin_memory = False
 
     def __init__(self, seed: int = 0, max_delay_s: float = 0.002):
         self.torch_device = torch.device("cpu")
@@ -115,7 +140,7 @@ class AsyncTestDevice:
             q.put(None)
 
 
-class CudaDevice:
+class CudaDevice(_HostMemory):
     type = "cuda"
     pin_memory = True
 
@@ -146,6 +171,95 @@ class CudaDevice:
     def retain(self, tensor, stream: str) -> None:
         """The caching allocator must not reuse ``tensor``'s memory before ``stream``'s queued work on it ran."""
         tensor.record_stream(self._streams[stream])
+
+    def mem_get_info(self) -> tuple[int, int]:
+        return torch.cuda.mem_get_info(self.torch_device)
+
+    def close(self) -> None:
+        pass
+
+
+class MetaEvent:
+    """An event of the MetaDevice: its stream, and how many tensors that stream had retained when it was recorded."""
+
+    def __init__(self, stream: str, retained: int):
+        self.stream, self.retained = stream, retained
+
+
+class MetaDevice(_HostMemory):
+    """The dry run's device: tensors on PyTorch's meta device (shapes and dtypes, no memory, no arithmetic), and
+    every submit runs at once, as on SyncDevice. It stands for a CUDA device: host buffers count as pinned.
+
+    ``timeline`` lists what the streams were given, in host order, for the step-time model (plan.py):
+        ("task", stream, costs)   costs: a dict the dry run's op counter fills while the task runs
+        ("record", stream, event) ("wait", stream, event) ("sync", event) ("wait_layer", layer)
+    (the last one is appended by the dry run's stand-in optimizer). As the CUDA caching allocator does, a
+    tensor passed to ``retain`` keeps its memory until an event its stream recorded after it is waited for.
+    ``host_allocating`` is true while a host buffer is made, so that the counter does not take it for device
+    memory; ``allocated`` is what the counter sees live on the device, for ``mem_get_info``."""
+    type = "meta"
+    pin_memory = True
+
+    def __init__(self, ops, kernel_backend: str, memory_bytes: int):
+        self.torch_device = torch.device("meta")
+        self.ops, self.kernel_backend, self.memory_bytes = ops, kernel_backend, memory_bytes
+        self.timeline: list[tuple] = []
+        self.current: dict | None = None           # costs of the task running now
+        self.host_allocating = False
+        self.allocated = 0
+        self._retained = {name: [] for name in STREAMS}
+        self._released = {name: 0 for name in STREAMS}
+
+    def task_costs(self) -> dict:
+        """The costs of the running task; work issued outside any submit goes to the compute (default) stream."""
+        if self.current is not None:
+            return self.current
+        if not (self.timeline and self.timeline[-1][:2] == ("task", "compute")):
+            self.timeline.append(("task", "compute", {}))     # nothing came between: the same stream order
+        return self.timeline[-1][2]
+
+    def submit(self, stream: str, fn) -> None:
+        costs, outer = {}, self.current
+        self.timeline.append(("task", stream, costs))
+        self.current = costs
+        try:
+            fn()
+        finally:
+            self.current = outer
+
+    def record(self, stream: str) -> MetaEvent:
+        event = MetaEvent(stream, len(self._retained[stream]))
+        self.timeline.append(("record", stream, event))
+        return event
+
+    def _release(self, event: MetaEvent) -> None:
+        held = self._retained[event.stream]
+        for k in range(self._released[event.stream], event.retained):
+            held[k] = None
+        self._released[event.stream] = max(self._released[event.stream], event.retained)
+
+    def wait(self, stream: str, event) -> None:
+        if event is not None:
+            self.timeline.append(("wait", stream, event))
+            self._release(event)
+
+    def sync(self, event) -> None:
+        if event is not None:
+            self.timeline.append(("sync", event))
+            self._release(event)
+
+    def retain(self, tensor, stream: str) -> None:
+        self._retained[stream].append(tensor)
+
+    def host_empty(self, shape, dtype: torch.dtype) -> torch.Tensor:
+        self.host_allocating = True
+        try:
+            return torch.empty(shape, dtype=dtype, device="meta")
+        finally:
+            self.host_allocating = False
+
+    def mem_get_info(self) -> tuple[int, int]:
+        return max(0, self.memory_bytes - self.allocated), self.memory_bytes
 
     def close(self) -> None:
         pass

@@ -13,6 +13,7 @@ from horizon_triton.kernels.cpu_adam import implementation as adam_implementatio
 from horizon_triton.kernels.reference import IGNORE_INDEX
 
 from . import layer as lt
+from . import preflight
 
 from .checkpoint import DTYPES, load_weights, save_weights
 from .config import ModelConfig, TrainConfig
@@ -30,18 +31,26 @@ class Engine:
     """Trains a Llama-family model whose parameters live in host RAM, streaming one layer at a time through
     the compute device. Losses and weights match transformers + torch.optim.AdamW."""
 
-    def __init__(self, model_cfg: ModelConfig, train_cfg: TrainConfig | None = None):
+    def __init__(self, model_cfg: ModelConfig, train_cfg: TrainConfig | None = None, *, device=None):
+        """``device``: a device object instead of train_cfg.device's (the dry run passes a MetaDevice)."""
         self.model_cfg = model_cfg
         self.train_cfg = train_cfg = train_cfg or TrainConfig()
-        self.device = make_device(train_cfg.device, train_cfg.seed)
+        self.device = device if device is not None else make_device(train_cfg.device, train_cfg.seed)
         self.compute_dtype = DTYPES[train_cfg.compute_dtype]
-        self.store = HostStore(model_cfg, self.compute_dtype, pin=self.device.pin_memory)
-        if model_cfg.source_path is not None:
+        meta = self.device.type == "meta"
+        if train_cfg.preflight and not meta:
+            preflight.check_engine(model_cfg, train_cfg, self.device)   # before anything is allocated
+        self.store = HostStore(model_cfg, self.compute_dtype, pin=self.device.pin_memory,
+                               device="meta" if meta else "cpu")
+        if model_cfg.source_path is not None and not meta:
             load_weights(self.store, model_cfg.source_path)
-        else:
+        elif not meta:                                            # the dry run's store has no values to fill
             self.store.init_random(train_cfg.seed)
-        self.kernel_backend = select_backend(self.device.type)
-        self.ops = load_ops(self.kernel_backend)
+        if meta:                                                  # kernel stand-ins on meta tensors (dryrun.py)
+            self.kernel_backend, self.ops = self.device.kernel_backend, self.device.ops
+        else:
+            self.kernel_backend = select_backend(self.device.type)
+            self.ops = load_ops(self.kernel_backend)
         self.optimizer = OptimizerDriver(self.store, train_cfg)
         self.tracer = Tracer() if train_cfg.trace_path else None
         self.optimizer.tracer = self.tracer
@@ -49,8 +58,10 @@ class Engine:
                                        train_cfg.num_slots, self.tracer, train_cfg.checkpoint_budget_bytes)
         self.step = 0                     # optimizer steps taken
         self._inv_freq = model_cfg.inv_freq().to(self.device.torch_device)
-        log.info("horizon-triton: %s parameters, kernels=%s, device=%s, cpu adamw=%s",
-                 f"{self.store.num_parameters():,}", self.kernel_backend, train_cfg.device, adam_implementation())
+        self._checked_steps = set()       # micro-batch shapes whose step the preflight has dry-run
+        if not meta:
+                log.info("horizon-triton: %s parameters, kernels=%s, device=%s, cpu adamw=%s",
+                     f"{self.store.num_parameters():,}", self.kernel_backend, train_cfg.device, adam_implementation())
 
     # ---- data -------------------------------------------------------------------------------------------
     def prepare(self, batch: dict, where: str = "batch") -> lt.MicroBatch:
@@ -134,8 +145,14 @@ class Engine:
         tokens = sum(mb.num_targets for mb in mbs)
         if tokens == 0:
             raise ValueError(f"optimizer step {self.step + 1} has no label tokens (every label is -100)")
+        shapes = tuple(mb.shape for mb in mbs)
+        if self.train_cfg.preflight and self.device.type == "cuda" and shapes not in self._checked_steps:
+            preflight.check_step(self, mbs)          # a dry run of this step: refuse what would run out of memory
+            self._checked_steps.add(shapes)
         start = time.perf_counter()
-        self.pipeline.meter.reset_peak()
+        meter = self.pipeline.meter
+        meter.reset_peak()
+        h2d, d2h = meter.h2d_bytes, meter.d2h_bytes
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         loss_sum, sq_norm = run_step(self.pipeline, mbs, grad_scale=1.0 / tokens)
@@ -152,6 +169,7 @@ class Engine:
             "device_peak_bytes": self.pipeline.meter.peak,
             "host_peak_bytes": self.store.nbytes(),
             "host_rss_peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "h2d_bytes": meter.h2d_bytes - h2d, "d2h_bytes": meter.d2h_bytes - d2h,
         }
         if self.device.type == "cuda":   # everything on the GPU, the kernels' workspaces included
             entry["device_allocator_peak_bytes"] = torch.cuda.max_memory_allocated()

@@ -58,12 +58,15 @@ class Pipeline:
 
 
 class DeviceMeter:
-    """Bytes the engine holds on the compute device (slots, accumulators, checkpoints, activation grads)."""
+    """Bytes the engine holds on the compute device (slots, accumulators, checkpoints, activation grads), and the
+    bytes every copy moved across the bus since the pipeline was built (h2d_bytes, d2h_bytes)."""
 
     def __init__(self):
         self._lock = threading.Lock()
         self.held = 0
         self.peak = 0
+        self.h2d_bytes = 0
+        self.d2h_bytes = 0
 
     def add(self, t: torch.Tensor) -> torch.Tensor:
         with self._lock:
@@ -78,6 +81,14 @@ class DeviceMeter:
     def reset_peak(self) -> None:
         with self._lock:
             self.peak = self.held
+
+    def copied(self, t: torch.Tensor, to_device: bool) -> None:
+        """Counts a host<->device copy of t's bytes (called where the copy runs)."""
+        with self._lock:
+            if to_device:
+                self.h2d_bytes += t.numel() * t.element_size()
+            else:
+                self.d2h_bytes += t.numel() * t.element_size()
 
 
 def build_pipeline(cfg, store, ops, dev, optimizer, num_slots: int, tracer=None,
@@ -113,8 +124,11 @@ def stream_in(p: Pipeline, i: int, slot: int) -> None:
     for j in sources:
         host = p.store.working[j]
         seg = dst[offset:offset + host.numel()]
-        p.dev.submit("copy_in", _traced(p, f"stream_in {p.store.layouts[j].name}", "copy_in",
-                                        lambda seg=seg, host=host: seg.copy_(host, non_blocking=True)))
+
+        def copy(seg=seg, host=host):
+            seg.copy_(host, non_blocking=True)
+            p.meter.copied(host, to_device=True)
+        p.dev.submit("copy_in", _traced(p, f"stream_in {p.store.layouts[j].name}", "copy_in", copy))
         offset += host.numel()
     p.slot_ready[slot] = p.dev.record("copy_in")
 
@@ -149,6 +163,7 @@ def stream_out(p: Pipeline, i: int, acc: torch.Tensor):
     host = p.store.grad[i]
 
     def copy():
+        p.meter.copied(host, to_device=False)
         if acc.device.type == "cpu":
             host.copy_(acc)
             return
@@ -202,8 +217,9 @@ class Checkpoints:
         for m in offload:
             def copy(m=m):
                 x = self.on_host[i][m]
-                host = torch.empty(x.shape, dtype=x.dtype, pin_memory=p.dev.pin_memory)
+                host = p.dev.host_empty(x.shape, x.dtype)
                 host.copy_(x, non_blocking=True)
+                p.meter.copied(x, to_device=False)
                 p.dev.retain(x, "copy_out")      # the compute stream may drop x before this copy ran
                 self.on_host[i][m] = host
             p.dev.submit("copy_out", _traced(p, f"offload checkpoint {i}", "copy_out", copy))
@@ -221,6 +237,7 @@ class Checkpoints:
                 host = self.on_host[i][m]
                 x = torch.empty(host.shape, dtype=host.dtype, device=p.dev.torch_device)
                 x.copy_(host, non_blocking=True)
+                p.meter.copied(host, to_device=True)
                 p.dev.retain(x, "compute")
                 self.on_device[i][m], self.on_host[i][m] = p.meter.add(x), None
             p.dev.submit("copy_in", _traced(p, f"prefetch checkpoint {i}", "copy_in", copy))

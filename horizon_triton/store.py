@@ -115,6 +115,17 @@ def layer_layouts(cfg: ModelConfig) -> list[LayerLayout]:
     return layouts
 
 
+PAGE_BYTES = 4096
+
+
+def host_block_bytes(nbytes: int, pinned: bool) -> int:
+    """Bytes one host allocation of ``nbytes`` really takes. PyTorch's caching host allocator rounds every pinned
+    block up to a power of two (a 3.4 GB fp32 buffer takes 4 GiB); a pageable one takes whole pages."""
+    if pinned:
+        return 1 << max(0, nbytes - 1).bit_length()
+    return -(-nbytes // PAGE_BYTES) * PAGE_BYTES
+
+
 @dataclass(frozen=True)
 class Allocation:
     """One host buffer of the store, as the accounting (nbytes, the dry run, checkpoints) sees it."""
@@ -127,6 +138,11 @@ class Allocation:
     @property
     def nbytes(self) -> int:
         return self.numel * self.dtype.itemsize
+
+    @property
+    def reserved_bytes(self) -> int:
+        """What the allocation takes from the machine (see host_block_bytes)."""
+        return host_block_bytes(self.nbytes, self.pinned)
 
 
 class HostStore:
@@ -155,11 +171,11 @@ class HostStore:
 
     def _alloc(self, kind: str, layer: int, n: int, dtype: torch.dtype, pinned: bool,
                zero: bool = False) -> torch.Tensor:
-        """Every host buffer of the store is made here, so that what is counted is what is allocated."""
-        pinned = pinned and self.device.type == "cpu"
+        """Every host buffer of the store is made here, so that what is counted is what is allocated. On meta
+        (the dry run) nothing is pinned, but the allocation records what a real store would pin."""
         self.allocations.append(Allocation(kind, layer, n, dtype, pinned))
         make = torch.zeros if zero else torch.empty
-        return make(n, dtype=dtype, device=self.device, pin_memory=pinned)
+        return make(n, dtype=dtype, device=self.device, pin_memory=pinned and self.device.type == "cpu")
 
     def state_buffers(self):
         """(kind, layer index, tensor) for every buffer a training checkpoint must hold: all of them but the

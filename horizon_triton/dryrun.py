@@ -1,0 +1,504 @@
+"""The dry run: the real engine at full size on PyTorch's meta device (shapes and dtypes, no memory, no arithmetic).
+
+``Engine(model_cfg, train_cfg, device=MetaDevice(...))`` builds the same HostStore layout and the same pipeline
+(build_pipeline) as a real run, and ``run_step`` then runs the real scheduler and layer template on meta
+micro-batches made by the engine's own ``prepare``. Nothing here models the engine a second time; the answers
+are what the engine's own accounting sees:
+
+- host bytes: ``store.allocations``, each at what it really takes (store.host_block_bytes: pinned blocks round
+  up to a power of two), plus the buffers of offloaded activation checkpoints (``device.host_empty``) at their
+  peak;
+- device bytes: every device tensor the run creates, live from its allocation until its storage dies (weakref
+  finalizers on storages, as the caching allocator frees; rounded to its 512-byte blocks), tensors retained for
+  another stream held until that stream's event is waited for (MetaDevice.retain). DeviceMeter's own peak, the
+  ``device_peak_bytes`` of fit()'s history, is reported beside it;
+- bus bytes: DeviceMeter's h2d/d2h counters, which every copy site of the scheduler feeds;
+- FLOPs and device-memory bytes by kind, per stream task (MetaDevice.timeline), for the step-time model of
+  plan.py: torch ops are counted from their shapes by ``OpCounter``, a TorchDispatchMode (GEMMs 2·M·N·K by
+  operand dtype; any other op one FLOP per element and its inputs' and outputs' bytes); the Triton kernels,
+  which cannot run on meta tensors, are stood in for by ``TritonModels``: each allocates what its launch
+  function allocates (outputs and workspaces) and counts the kernel's work from the same shapes, attention
+  over exactly the (query, key) pairs its causal, sliding-window and document masks allow.
+
+Known gaps: the host thread is assumed never to run ahead of the GPU (a retained tensor is freed as soon as its
+copy is known done, where the caching allocator may hold it longer); the batch's own host->device copy (ids,
+labels) is not counted; kernels are costed by the useful work of their tiles, not the masked-out part.
+"""
+from __future__ import annotations
+
+import sys
+import weakref
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from horizon_triton.kernels import reference
+
+from .config import ModelConfig, TrainConfig
+from .device import MetaDevice
+from .ops import KERNEL_FAMILY, TORCH_ONLY
+from .store import HostStore, host_block_bytes
+
+aten = torch.ops.aten
+DEVICE_BLOCK = 512                     # the CUDA caching allocator's allocation granularity
+GEMMS = {aten.mm, aten.addmm, aten.addmm_, aten.bmm, aten.baddbmm, aten.baddbmm_}
+FREE_OPS = {aten.empty, aten.empty_strided, aten.empty_like, aten.detach, aten.alias, aten._unsafe_view,
+            aten.lift_fresh, aten.lift_fresh_copy}
+HOPPER_SMS = 132                       # H100/H200 SXM: sets the rmsnorm backward's persistent grid (its workspace)
+
+
+def causal_pairs(length: int, window: int | None) -> int:
+    """(query, key) pairs a causal mask allows in a document of ``length`` tokens (with a sliding window: at most
+    ``window`` most recent keys per query, Mistral's convention)."""
+    if window is None or window >= length:
+        return length * (length + 1) // 2
+    return window * (window + 1) // 2 + (length - window) * window
+
+
+def _nbytes(*tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def _tensors(tree):
+    if isinstance(tree, torch.Tensor):
+        yield tree
+    elif isinstance(tree, (tuple, list)):
+        for item in tree:
+            yield from _tensors(item)
+    elif isinstance(tree, dict):
+        for item in tree.values():
+            yield from _tensors(item)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# counting: memory live on the device and on the host, work per stream task
+# ------------------------------------------------------------------------------------------------------------
+class OpCounter(TorchDispatchMode):
+    """Sees every op on meta tensors. New storages are device memory, unless HostStore._alloc or
+    MetaDevice.host_empty made them (host memory); their bytes stay counted until the storage dies. Each op's
+    work goes to the running task of the device's timeline; a copy from or to a host storage is a bus transfer."""
+
+    def __init__(self, dev: MetaDevice):
+        super().__init__()
+        self.dev = dev
+        self.device_live = 0
+        self.device_peak = 0
+        self.host_live = 0           # host buffers made during the step (offloaded checkpoints), at reserved size
+        self.host_peak = 0
+        self.workspace_live = 0      # the part of device_live that kernel models allocated as workspace
+        self.held_at_peak = 0        # DeviceMeter.held at the moment of device_peak
+        self.workspace_at_peak = 0
+        self.meter = None            # set once the pipeline exists
+        self._sizes: dict[int, tuple[str, int]] = {}     # storage id -> ("device"|"host"|"store"|"workspace", bytes)
+        self._allocating_workspace = False
+        self._store_code = HostStore._alloc.__code__
+
+    # ---- memory ----------------------------------------------------------------------------------------
+    def _made_by_store(self) -> bool:
+        frame = sys._getframe(2)
+        for _ in range(12):
+            if frame is None:
+                return False
+            if frame.f_code is self._store_code:
+                return True
+            frame = frame.f_back
+        return False
+
+    def _track(self, t: torch.Tensor) -> None:
+        storage = t.untyped_storage()
+        key = storage._cdata
+        if key in self._sizes:
+            return
+        n = storage.nbytes()
+        if self.dev.host_allocating:
+            where, n = "host", host_block_bytes(n, self.dev.pin_memory)
+            self.host_live += n
+            self.host_peak = max(self.host_peak, self.host_live)
+        elif self._made_by_store():
+            where = "store"           # counted from store.allocations, not here
+        else:
+            where = "workspace" if self._allocating_workspace else "device"
+            n = -(-n // DEVICE_BLOCK) * DEVICE_BLOCK
+            self.device_live += n
+            self.workspace_live += n if where == "workspace" else 0
+            self.dev.allocated = self.device_live
+            if self.device_live > self.device_peak:
+                self.device_peak = self.device_live
+                self.held_at_peak = self.meter.held if self.meter is not None else 0
+                self.workspace_at_peak = self.workspace_live
+        self._sizes[key] = (where, n)
+        weakref.finalize(storage, self._free, key)
+
+    def _free(self, key: int) -> None:
+        where, n = self._sizes.pop(key)
+        if where == "host":
+            self.host_live -= n
+        elif where != "store":
+            self.device_live -= n
+            self.workspace_live -= n if where == "workspace" else 0
+            self.dev.allocated = self.device_live
+
+    def is_host(self, t: torch.Tensor) -> bool:
+        return self._sizes.get(t.untyped_storage()._cdata, ("device",))[0] in ("host", "store")
+
+    def workspace(self, shape, dtype: torch.dtype, device) -> torch.Tensor:
+        """A kernel's scratch buffer (kernel models allocate through this, so the peak can say how much is)."""
+        self._allocating_workspace = True
+        try:
+            return torch.empty(shape, dtype=dtype, device=device)
+        finally:
+            self._allocating_workspace = False
+
+    # ---- work ------------------------------------------------------------------------------------------
+    def count(self, kind: str, flops: float, nbytes: int) -> None:
+        costs = self.dev.task_costs()
+        entry = costs.setdefault(kind, [0.0, 0])
+        entry[0] += flops
+        entry[1] += nbytes
+
+    def _cost(self, func, args, kwargs, out) -> None:
+        packet = func.overloadpacket
+        if packet in FREE_OPS or func.is_view:
+            return
+        inputs = [t for t in _tensors((args, kwargs)) if t.device.type == "meta"]
+        outputs = [t for t in _tensors(out) if t.device.type == "meta"]
+        if packet is aten.copy_:
+            dst, src = args[0], args[1]
+            if src.device.type == "meta" and self.is_host(src) != self.is_host(dst):
+                self.count("d2h" if self.is_host(dst) else "h2d", 0, _nbytes(src))
+                return
+        if packet in GEMMS:
+            a, b = (args[1], args[2]) if packet in (aten.addmm, aten.addmm_, aten.baddbmm, aten.baddbmm_) \
+                else (args[0], args[1])
+            batch = a.shape[0] if a.dim() == 3 else 1
+            flops = 2.0 * batch * a.shape[-2] * a.shape[-1] * b.shape[-1]
+            self.count(f"gemm_{str(a.dtype).removeprefix('torch.')}", flops, _nbytes(*inputs, *outputs))
+            return
+        if not inputs and not outputs:
+            return
+        mutated = func._schema.is_mutable
+        if not mutated and outputs and inputs and all(
+                o.untyped_storage()._cdata in {i.untyped_storage()._cdata for i in inputs} for o in outputs):
+            return                    # an alias of an input
+        written = [] if mutated else outputs
+        elements = max(t.numel() for t in inputs + outputs)
+        self.count("elementwise", float(elements), _nbytes(*inputs, *written) + (
+            _nbytes(*outputs) if mutated else 0))
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        for t in _tensors(out):
+            if t.device.type == "meta":
+                self._track(t)
+        self._cost(func, args, kwargs, out)
+        return out
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the Triton kernels, as their launch functions allocate and as much work as they do
+# ------------------------------------------------------------------------------------------------------------
+class TritonModels:
+    """One method per Triton op, with the signature of kernels/reference.py. Each allocates the outputs and the
+    workspaces its launch function in kernels/<family>.py allocates, and counts the kernel's work:
+    FLOPs by kind and the device-memory bytes it must read and write."""
+
+    def __init__(self, counter: OpCounter, doc_lengths: tuple[int, ...] | None):
+        self.counter = counter
+        self.doc_lengths = doc_lengths       # packed documents of every row (None: one document a row)
+
+    def _count(self, kind, flops, *tensors, extra_bytes: int = 0) -> None:
+        self.counter.count(kind, flops, _nbytes(*tensors) + extra_bytes)
+
+    def _gemm(self, flops, dtype, *tensors, extra_bytes: int = 0) -> None:
+        self._count(f"gemm_{str(dtype).removeprefix('torch.')}", flops, *tensors, extra_bytes=extra_bytes)
+
+    # ---- rmsnorm.py ------------------------------------------------------------------------------------
+    def rmsnorm_forward(self, x, weight, eps):
+        H = x.shape[-1]
+        x2 = x.reshape(-1, H)
+        y = torch.empty((x2.shape[0], H), dtype=x.dtype, device=x.device)
+        rstd = torch.empty(x2.shape[0], dtype=torch.float32, device=x.device)
+        self._count("elementwise", 4.0 * x.numel(), x2, weight, y, rstd)
+        return y.view(x.shape), rstd.view(x.shape[:-1])
+
+    def _rmsnorm_backward(self, dy, x, weight, rstd, d_weight, dx):
+        # rmsnorm._backward: a persistent grid of min(row blocks, 4 · SMs) programs, one fp32 dg row each
+        H = x.shape[-1]
+        rows = x.numel() // H
+        dg_partial = self.counter.workspace((min(rows, 4 * HOPPER_SMS), H), torch.float32, x.device)
+        self._count("elementwise", 8.0 * x.numel(), dy, x, rstd, dx, dg_partial)
+        d_weight += dg_partial.sum(0)
+        return dx.view(x.shape)
+
+    def rmsnorm_backward(self, dy, x, weight, rstd, d_weight):
+        dx = torch.empty((x.numel() // x.shape[-1], x.shape[-1]), dtype=x.dtype, device=x.device)
+        return self._rmsnorm_backward(dy, x, weight, rstd, d_weight, dx)
+
+    # ---- rmsnorm_matmul.py -----------------------------------------------------------------------------
+    def rmsnorm_matmul_forward(self, x, norm_weight, weight, eps):
+        T, H = x.shape
+        N = weight.shape[0]
+        rstd = torch.empty(T, dtype=torch.float32, device=x.device)          # rmsnorm_rstd: one read of x
+        self._count("elementwise", 2.0 * x.numel(), x, rstd)
+        y = torch.empty((T, N), dtype=x.dtype, device=x.device)
+        self._gemm(2.0 * T * N * H, x.dtype, x, weight, y)
+        return y, rstd
+
+    def rmsnorm_matmul_backward(self, dy, x, norm_weight, weight, rstd, d_weight, d_norm_weight):
+        T, H = x.shape
+        N = weight.shape[0]
+        if dy.stride(1) != 1:
+            dy = dy.contiguous()
+        dxn = torch.empty((T, H), dtype=x.dtype, device=x.device)
+        self._gemm(2.0 * T * N * H, x.dtype, dy, weight, dxn)                           # dxn = dy @ W
+        self._gemm(2.0 * T * N * H, x.dtype, x, dy, d_weight, d_weight)                # dW += dyᵀ @ xn (RMW)
+        return self._rmsnorm_backward(dxn, x, norm_weight, rstd, d_norm_weight, dxn)   # dx over dxn
+
+    # ---- rope.py ---------------------------------------------------------------------------------------
+    def rope_forward_(self, x, cos, sin):
+        self._count("elementwise", 6.0 * x.numel(), x, x, cos, sin)
+        return x
+
+    rope_backward_ = rope_forward_
+
+    # ---- swiglu.py -------------------------------------------------------------------------------------
+    def swiglu_forward(self, gate_up):
+        T, I = gate_up.shape[0], gate_up.shape[1] // 2
+        h = torch.empty((T, I), dtype=gate_up.dtype, device=gate_up.device)
+        self._count("elementwise", 5.0 * T * I, gate_up, h)
+        return h
+
+    def swiglu_backward(self, dh, gate_up):
+        if dh.stride(1) != 1:
+            dh = dh.contiguous()
+        T, I = dh.shape
+        d_gate_up = torch.empty((T, 2 * I), dtype=gate_up.dtype, device=gate_up.device)
+        self._count("elementwise", 10.0 * T * I, dh, gate_up, d_gate_up)
+        return d_gate_up
+
+    # ---- attention.py ----------------------------------------------------------------------------------
+    def _pairs(self, S: int, doc_ids, sliding_window) -> int:
+        """Allowed (query, key) pairs of one row."""
+        if doc_ids is None:
+            return causal_pairs(S, sliding_window)
+        if self.doc_lengths is None or sum(self.doc_lengths) != S:
+            raise ValueError(f"dry run: documents {self.doc_lengths} do not tile a row of {S} tokens")
+        return sum(causal_pairs(n, sliding_window) for n in self.doc_lengths)
+
+    def attention_forward(self, q, k, v, doc_ids, scale, sliding_window=None):
+        B, S, Hq, D = q.shape
+        o = torch.empty((B, S, Hq, D), dtype=q.dtype, device=q.device)
+        lse = torch.empty((B, Hq, S), dtype=torch.float32, device=q.device)
+        # QKᵀ and PV: 2·D FLOPs each per allowed pair and query head
+        self._count("attention_fwd", 4.0 * D * Hq * B * self._pairs(S, doc_ids, sliding_window), q, k, v, o, lse)
+        return o, lse
+
+    def attention_backward(self, do, q, k, v, o, lse, doc_ids, scale, sliding_window=None):
+        B, S, Hq, D = q.shape
+        Hkv = k.shape[2]
+        lse = lse.contiguous()
+        delta = self.counter.workspace((B, Hq, S), torch.float32, q.device)
+        self._count("elementwise", 2.0 * o.numel(), o, do, delta)                      # _attn_bwd_preprocess
+        dq = torch.empty((B, S, Hq, D), dtype=q.dtype, device=q.device)
+        dk = torch.empty((B, S, Hkv, D), dtype=q.dtype, device=q.device)
+        dv = torch.empty((B, S, Hkv, D), dtype=q.dtype, device=q.device)
+        # QKᵀ again, dV = Pᵀ dO, dP = dO Vᵀ, dQ = dS K, dK = dSᵀ Q: 5 · 2·D per pair and query head
+        self._count("attention_bwd", 10.0 * D * Hq * B * self._pairs(S, doc_ids, sliding_window),
+                    q, k, v, do, lse, delta, dq, dk, dv)
+        return dq, dk, dv
+
+    # ---- cross_entropy.py ------------------------------------------------------------------------------
+    def linear_cross_entropy(self, h, weight, targets, d_weight, grad_scale, chunk_size=4096):
+        from horizon_triton.kernels import cross_entropy
+        T, H = h.shape
+        V = weight.shape[0]
+        cfg = cross_entropy.default_config(h.dtype)
+        targets = targets.contiguous()
+        dh = torch.empty_like(h)
+        loss_rows = torch.zeros(T, dtype=torch.float32, device=h.device)
+        rows = min(chunk_size, T)
+        buf = self.counter.workspace((rows, -(-V // 16) * 16), h.dtype, h.device)   # logits, then g in place
+        for start in range(0, T, chunk_size):
+            n = min(start + chunk_size, T) - start
+            hc, logits = h[start:start + n], buf[:n, :V]
+            stats = (self.counter.workspace((2, n, -(-V // cfg["logits"]["BLOCK_N"])), torch.float32, h.device)
+                     if cfg["logits"]["impl"] == "triton" else None)
+            self._gemm(2.0 * n * H * V, h.dtype, hc, weight, logits, stats)                 # logits = hc Wᵀ
+            self._count("elementwise", 4.0 * n * V, logits, logits, stats)                  # loss, g in place
+            self._gemm(2.0 * n * H * V, h.dtype, logits, weight, hc)                        # dh_c = g W
+            self._gemm(2.0 * n * H * V, h.dtype, logits, hc, d_weight, d_weight)            # dW += gᵀ hc
+            del stats
+        return loss_rows.sum(), dh
+
+
+def meta_ops(backend: str, counter: OpCounter, doc_lengths) -> object:
+    """The ops namespace of a dry run: the torch references themselves (they run on meta tensors as they are)
+    when modelling the torch backend; on the Triton backends, TritonModels for every kernel op it models."""
+    from types import SimpleNamespace
+    ops = {name: getattr(reference, name) for name in (*KERNEL_FAMILY, *TORCH_ONLY)}
+    if backend != "torch":
+        models = TritonModels(counter, doc_lengths)
+        ops.update({name: getattr(models, name) for name in KERNEL_FAMILY if hasattr(models, name)})
+    return SimpleNamespace(**ops)
+
+
+def unmodelled_kernels() -> list[str]:
+    """Kernel ops a dry run of the Triton backend runs as torch references (their memory is the reference's)."""
+    return sorted(name for name in KERNEL_FAMILY if not hasattr(TritonModels, name))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the dry run
+# ------------------------------------------------------------------------------------------------------------
+@dataclass
+class DryRun:
+    """What one optimizer step of the real engine needs, from a dry run (bytes, FLOPs, per step)."""
+    model_cfg: ModelConfig
+    train_cfg: TrainConfig
+    micro_batches: list[tuple[int, int]]     # (rows, seq_len) of each micro-batch
+    num_parameters: int
+    host_store: list[tuple[str, bool, int]]  # (kind, pinned, reserved bytes), one per kind and pinning
+    host_checkpoint_bytes: int               # offloaded activation checkpoints at their peak (reserved)
+    host_checkpoint_pinned: bool
+    device_peak_bytes: int                   # everything live on the device at the step's worst moment
+    device_held_peak_bytes: int              # DeviceMeter's peak: what fit() reports as device_peak_bytes
+    device_fixed_bytes: int                  # allocated before the step: staging slots, gradient accumulators
+    device_held_at_peak: int                 # DeviceMeter.held at the device peak (fixed, checkpoints, boundary)
+    device_workspace_at_peak: int            # kernel workspaces live at the device peak
+    h2d_bytes: int
+    d2h_bytes: int
+    flops: dict[str, float]                  # kind -> FLOPs in the step
+    device_memory_bytes: dict[str, int]      # kind -> device-memory bytes read and written
+    timeline: list = field(repr=False)       # MetaDevice.timeline of the step
+    layer_allocations: list = field(repr=False)   # store.allocations (for the optimizer's host traffic)
+
+    @property
+    def tokens_per_step(self) -> int:
+        return sum(rows * seq for rows, seq in self.micro_batches)
+
+    @property
+    def host_pinned_bytes(self) -> int:
+        ckpt = self.host_checkpoint_bytes if self.host_checkpoint_pinned else 0
+        return sum(n for _, pinned, n in self.host_store if pinned) + ckpt
+
+    @property
+    def host_bytes(self) -> int:
+        return sum(n for _, _, n in self.host_store) + self.host_checkpoint_bytes
+
+
+def host_store_bytes(allocations) -> list[tuple[str, bool, int]]:
+    """(kind, pinned, bytes really taken) summed over a store's allocations, in order of first appearance."""
+    totals: dict[tuple[str, bool], int] = {}
+    for a in allocations:
+        totals[(a.kind, a.pinned)] = totals.get((a.kind, a.pinned), 0) + a.reserved_bytes
+    return [(kind, pinned, n) for (kind, pinned), n in totals.items()]
+
+
+class _OptimizerStandIn:
+    """The pipeline's optimizer during a dry run: nothing to update; the host's wait for layer j goes on the
+    timeline (the step-time model makes it wait for the CPU AdamW of the previous step)."""
+
+    def __init__(self, dev: MetaDevice):
+        self.dev = dev
+
+    def wait_layer(self, j: int) -> None:
+        self.dev.timeline.append(("wait_layer", j))
+
+
+def micro_batch_shapes(tokens_per_step: int, grad_accum_steps: int, seq_len: int) -> list[tuple[int, int]]:
+    """grad_accum_steps micro-batches of equal rows × seq_len making up tokens_per_step."""
+    rows, left = divmod(tokens_per_step, grad_accum_steps * seq_len)
+    if left or rows < 1:
+        raise ValueError(f"tokens_per_step {tokens_per_step} is not a whole number of rows of seq_len {seq_len} "
+                         f"in each of grad_accum_steps={grad_accum_steps} micro-batches; choose a multiple of "
+                         f"{grad_accum_steps * seq_len}")
+    return [(rows, seq_len)] * grad_accum_steps
+
+
+def _batch(rows: int, seq_len: int, doc_lengths) -> dict:
+    """A real (CPU) batch of the given shape for engine.prepare: position ids restart at each document."""
+    ids = torch.zeros((rows, seq_len), dtype=torch.int64)
+    batch = {"input_ids": ids, "labels": ids}
+    if doc_lengths is not None:
+        pos = torch.cat([torch.arange(n) for n in doc_lengths])
+        batch["position_ids"] = pos.expand(rows, seq_len)
+    return batch
+
+
+def dry_run(model_cfg: ModelConfig, train_cfg: TrainConfig | None = None, *, tokens_per_step: int,
+            seq_len: int | None = None, doc_len: int | None = None, kernel_backend: str = "triton",
+            device_memory_bytes: int = 80 * 2**30, pin_memory: bool = True) -> DryRun:
+    """One optimizer step of ``tokens_per_step`` tokens: grad_accum_steps micro-batches of rows × seq_len
+    (seq_len default: min(tokens per micro-batch, max_position_embeddings)), each row packed with documents of
+    doc_len tokens (the last one shorter) or one document. ``kernel_backend`` is the one modelled ("triton": the
+    CUDA path; "torch": the CPU path, its references run on meta as they are); ``device_memory_bytes`` is what
+    the device's mem_get_info reports; ``pin_memory``: whether the store is pinned (as on CUDA)."""
+    train_cfg = train_cfg or TrainConfig()
+    accum = train_cfg.grad_accum_steps
+    if tokens_per_step < 1:
+        raise ValueError(f"tokens_per_step must be ≥ 1, got {tokens_per_step}")
+    seq_len = seq_len or min(tokens_per_step // accum or 1, model_cfg.max_position_embeddings)
+    doc_lengths = None
+    if doc_len is not None and doc_len < seq_len:
+        doc_lengths = (doc_len,) * (seq_len // doc_len) + ((seq_len % doc_len,) if seq_len % doc_len else ())
+    return dry_run_shapes(model_cfg, train_cfg, micro_batch_shapes(tokens_per_step, accum, seq_len), doc_lengths,
+                          kernel_backend=kernel_backend, device_memory_bytes=device_memory_bytes,
+                          pin_memory=pin_memory)
+
+
+def dry_run_shapes(model_cfg: ModelConfig, train_cfg: TrainConfig, shapes: list[tuple[int, int]],
+                   doc_lengths: tuple[int, ...] | None = None, *, kernel_backend: str, device_memory_bytes: int,
+                   pin_memory: bool) -> DryRun:
+    """The dry run of one optimizer step whose micro-batches have these (rows, seq_len) shapes."""
+    from .engine import Engine
+    from .scheduler import run_step
+    train_cfg = replace(train_cfg, trace_path=None, preflight=False)
+    dev = MetaDevice(None, kernel_backend, device_memory_bytes)
+    dev.pin_memory = pin_memory
+    counter = OpCounter(dev)
+    dev.ops = meta_ops(kernel_backend, counter, doc_lengths)
+    tokens = sum(rows * seq for rows, seq in shapes)
+    with counter:
+        engine = Engine(model_cfg, train_cfg, device=dev)
+        p = engine.pipeline
+        counter.meter = p.meter
+        fixed = counter.device_live
+        dev.timeline.clear()                  # building the engine is not part of the step
+        p.optimizer = _OptimizerStandIn(dev)
+        mbs = [engine.prepare(_batch(rows, seq, doc_lengths), where="dry run") for rows, seq in shapes]
+        p.meter.reset_peak()
+        counter.device_peak = counter.device_live
+        run_step(p, mbs, grad_scale=1.0 / tokens)
+        del mbs
+    flops, mem = {}, {}
+    for item in dev.timeline:
+        if item[0] == "task":
+            for kind, (f, b) in item[2].items():
+                if kind not in ("h2d", "d2h"):
+                    flops[kind] = flops.get(kind, 0.0) + f
+                    mem[kind] = mem.get(kind, 0) + b
+    return DryRun(
+        model_cfg=model_cfg, train_cfg=train_cfg, micro_batches=list(shapes),
+        num_parameters=engine.store.num_parameters(),
+        host_store=host_store_bytes(engine.store.allocations),
+        host_checkpoint_bytes=counter.host_peak, host_checkpoint_pinned=pin_memory,
+        device_peak_bytes=counter.device_peak, device_held_peak_bytes=p.meter.peak, device_fixed_bytes=fixed,
+        device_held_at_peak=counter.held_at_peak, device_workspace_at_peak=counter.workspace_at_peak,
+        h2d_bytes=p.meter.h2d_bytes, d2h_bytes=p.meter.d2h_bytes, flops=flops, device_memory_bytes=mem,
+        timeline=dev.timeline, layer_allocations=list(engine.store.allocations))
+
+
+def fixed_device_bytes(model_cfg: ModelConfig, train_cfg: TrainConfig, kernel_backend: str,
+                       device_memory_bytes: int) -> tuple[int, list]:
+    """(bytes the pipeline allocates on the device before any step, the store's allocations), from an engine
+    built on the meta device without running a step (the preflight's need, in a fraction of a second)."""
+    from .engine import Engine
+    dev = MetaDevice(None, kernel_backend, device_memory_bytes)
+    counter = OpCounter(dev)
+    dev.ops = meta_ops(kernel_backend, counter, None)
+    with counter:
+        engine = Engine(model_cfg, replace(train_cfg, trace_path=None, preflight=False), device=dev)
+        return counter.device_live, list(engine.store.allocations)
+
