@@ -492,13 +492,10 @@ def dry_run_shapes(model_cfg: ModelConfig, train_cfg: TrainConfig, shapes: list[
 
 def fixed_device_bytes(model_cfg: ModelConfig, train_cfg: TrainConfig, kernel_backend: str,
                        device_memory_bytes: int) -> tuple[int, list]:
-    """(bytes the pipeline allocates on the device before any step, the store's allocations), from an engine
-    built on the meta device without running a step (the preflight's need, in a fraction of a second)."""
+    """(bytes the pipeline holds on the device before any step, by DeviceMeter's count; the store's allocations),
+    from an engine built on the meta device without running a step. No op counter: the preflight of every Engine
+    runs this, and the first TorchDispatchMode of a process imports torch._dynamo (~150 MB, seconds)."""
     from .engine import Engine
-    dev = MetaDevice(None, kernel_backend, device_memory_bytes)
-    counter = OpCounter(dev)
-    dev.ops = meta_ops(kernel_backend, counter, None)
-    with counter:
-        engine = Engine(model_cfg, replace(train_cfg, trace_path=None, preflight=False), device=dev)
-        return counter.device_live, list(engine.store.allocations)
-
+    dev = MetaDevice(meta_ops("torch", None, None), kernel_backend, device_memory_bytes)
+    engine = Engine(model_cfg, replace(train_cfg, trace_path=None, preflight=False), device=dev)
+    return engine.pipeline.meter.held, list(engine.store.allocations)
