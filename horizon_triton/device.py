@@ -188,7 +188,8 @@ class MetaEvent:
 
 class MetaDevice(_HostMemory):
     """The dry run's device: tensors on PyTorch's meta device (shapes and dtypes, no memory, no arithmetic), and
-    every submit runs at once, as on SyncDevice. It stands for a CUDA device: host buffers count as pinned.
+    every submit runs at once, as on SyncDevice. It stands for a CUDA device (host buffers pinned), or with
+    pin_memory=False for the CPU device.
 
     ``timeline`` lists what the streams were given, in host order, for the step-time model (plan.py):
         ("task", stream, costs)   costs: a dict the dry run's op counter fills while the task runs
@@ -200,9 +201,10 @@ class MetaDevice(_HostMemory):
     type = "meta"
     pin_memory = True
 
-    def __init__(self, ops, kernel_backend: str, memory_bytes: int):
+    def __init__(self, ops, kernel_backend: str, memory_bytes: int, pin_memory: bool = True):
         self.torch_device = torch.device("meta")
         self.ops, self.kernel_backend, self.memory_bytes = ops, kernel_backend, memory_bytes
+        self.pin_memory = pin_memory             # False: it stands for the CPU device
         self.timeline: list[tuple] = []
         self.current: dict | None = None           # costs of the task running now
         self.host_allocating = False

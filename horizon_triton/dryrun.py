@@ -455,8 +455,7 @@ def dry_run_shapes(model_cfg: ModelConfig, train_cfg: TrainConfig, shapes: list[
     from .engine import Engine
     from .scheduler import run_step
     train_cfg = replace(train_cfg, trace_path=None, preflight=False)
-    dev = MetaDevice(None, kernel_backend, device_memory_bytes)
-    dev.pin_memory = pin_memory
+    dev = MetaDevice(None, kernel_backend, device_memory_bytes, pin_memory)
     counter = OpCounter(dev)
     dev.ops = meta_ops(kernel_backend, counter, doc_lengths)
     tokens = sum(rows * seq for rows, seq in shapes)
@@ -491,11 +490,11 @@ def dry_run_shapes(model_cfg: ModelConfig, train_cfg: TrainConfig, shapes: list[
 
 
 def fixed_device_bytes(model_cfg: ModelConfig, train_cfg: TrainConfig, kernel_backend: str,
-                       device_memory_bytes: int) -> tuple[int, list]:
+                       device_memory_bytes: int, pin_memory: bool) -> tuple[int, list]:
     """(bytes the pipeline holds on the device before any step, by DeviceMeter's count; the store's allocations),
     from an engine built on the meta device without running a step. No op counter: the preflight of every Engine
     runs this, and the first TorchDispatchMode of a process imports torch._dynamo (~150 MB, seconds)."""
     from .engine import Engine
-    dev = MetaDevice(meta_ops("torch", None, None), kernel_backend, device_memory_bytes)
+    dev = MetaDevice(meta_ops("torch", None, None), kernel_backend, device_memory_bytes, pin_memory)
     engine = Engine(model_cfg, replace(train_cfg, trace_path=None, preflight=False), device=dev)
     return engine.pipeline.meter.held, list(engine.store.allocations)

@@ -38,14 +38,16 @@ def _device_free(device) -> int:
 
 def check_engine(model_cfg, train_cfg, device) -> None:
     from .dryrun import fixed_device_bytes
-    fixed, allocations = fixed_device_bytes(model_cfg, train_cfg, _backend(device), device.mem_get_info()[1])
+    fixed, allocations = fixed_device_bytes(model_cfg, train_cfg, _backend(device), device.mem_get_info()[1],
+                                            device.pin_memory)
     store = sum(a.reserved_bytes for a in allocations)
     pinned = sum(a.reserved_bytes for a in allocations if a.pinned)
     on_host = device.type == "cpu"                   # the CPU device's tensors are host RAM as well
     need = store + (fixed if on_host else 0)
     available = host_memory_info()[0]
     if need > available:
-        parts = f"the host store {_gib(store)} ({_gib(pinned)} of it pinned, in power-of-two blocks)"
+        parts = f"the host store {_gib(store)}" + (f" ({_gib(pinned)} of it pinned, in power-of-two blocks)"
+                                                   if pinned else "")
         if on_host:
             parts += f" and the CPU device's slots and accumulators {_gib(fixed)}"
         raise MemoryError(

@@ -161,3 +161,18 @@ def test_progress_rewrites_one_line_on_a_terminal_and_prints_lines_otherwise():
     assert "\rstep 2/2" in tty.getvalue() and tty.getvalue().endswith("\neval\n")
     assert pipe.getvalue().splitlines()[:2] == ["step 1/2  loss 2.5000  1,234 tok/s  rss 300 MiB  device peak 1 MiB",
                                                 "step 2/2  loss 2.5000  1,234 tok/s  rss 300 MiB  device peak 1 MiB"]
+
+
+def test_plan_prints_the_table_from_a_config_alone(tmp_path, capsys):
+    config = {"architectures": ["LlamaForCausalLM"], "vocab_size": 4096, "hidden_size": 256,
+              "intermediate_size": 704, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    for model in (tmp_path, tmp_path / "config.json"):           # the directory or its config.json; no weights
+        assert cli.main(["plan", "--model", str(model), "--tokens-per-step", "2048", "--gpu", "h200",
+                         "--host-ram", "2GB"]) == 0
+        out = capsys.readouterr().out
+        assert "on h200; 2,048 tokens a step" in out and "device peak" in out and "bottleneck:" in out
+        layers = int(out.split("largest that fits: ")[1].split(" layers")[0])
+        assert layers > 4                                        # a 2 GB host holds more of these layers
+    assert cli.main(["plan", "--model", str(tmp_path), "--host-ram", "lots"]) == 2
+    assert "cannot read 'lots' as a size" in capsys.readouterr().err
