@@ -60,7 +60,7 @@ class Engine:
         self._inv_freq = model_cfg.inv_freq().to(self.device.torch_device)
         self._checked_steps = set()       # micro-batch shapes whose step the preflight has dry-run
         if not meta:
-                log.info("horizon-triton: %s parameters, kernels=%s, device=%s, cpu adamw=%s",
+            log.info("horizon-triton: %s parameters, kernels=%s, device=%s, cpu adamw=%s",
                      f"{self.store.num_parameters():,}", self.kernel_backend, train_cfg.device, adam_implementation())
 
     # ---- data -------------------------------------------------------------------------------------------

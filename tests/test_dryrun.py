@@ -12,7 +12,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import horizon_triton as ht
-from horizon_triton.dryrun import OpCounter, TritonModels, causal_pairs, dry_run, dry_run_shapes, unmodelled_kernels
+from horizon_triton.dryrun import (OpCounter, TritonModels, _tensors, causal_pairs, dry_run, dry_run_shapes,
+                                   unmodelled_kernels)
 from horizon_triton.device import MetaDevice
 from horizon_triton.kernels.reference import attention_mask
 from horizon_triton.plan import HARDWARE
@@ -157,8 +158,8 @@ class _Allocations(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        inputs = {t.untyped_storage()._cdata for t in _flat((args, kwargs))}
-        for t in _flat(out):
+        inputs = {t.untyped_storage()._cdata for t in _tensors((args, kwargs))}
+        for t in _tensors(out):
             key = t.untyped_storage()._cdata
             if key not in inputs and key not in self._seen:
                 self._seen.add(key)
@@ -167,17 +168,6 @@ class _Allocations(TorchDispatchMode):
                 if t.dtype not in (torch.bool, torch.uint8) and t.untyped_storage().nbytes() > 0 and t.dim() > 0:
                     self.made.append((t.untyped_storage().nbytes(), t.dtype))
         return out
-
-
-def _flat(tree):
-    if isinstance(tree, torch.Tensor):
-        yield tree
-    elif isinstance(tree, (tuple, list)):
-        for x in tree:
-            yield from _flat(x)
-    elif isinstance(tree, dict):
-        for x in tree.values():
-            yield from _flat(x)
 
 
 def _kernel_calls():
