@@ -228,7 +228,8 @@ def plan(model_cfg: ModelConfig, train_cfg: TrainConfig | None = None, *, tokens
     tokens = dry.tokens_per_step
     model_flops = 6.0 * dry.num_parameters * tokens
     busy = sim["busy_s"]
-    names = {"compute": "compute", "copy_in": "host->device", "copy_out": "device->host", "optimizer": "cpu adamw"}
+    names = {"compute": "compute", "copy_in": "host->device copies", "copy_out": "device->host copies",
+             "optimizer": "the CPU AdamW"}
     seq = dry.micro_batches[0][1]
     result = {
         "model": model_cfg, "hardware": hw["name"], "num_parameters": dry.num_parameters,
@@ -335,39 +336,40 @@ def _si(n: float, unit: str) -> str:
 
 
 def format_plan(result: dict, largest: dict | None = None) -> str:
-    """The plan as a short table (one line a question)."""
+    """The plan as a short table (one line a question). Host sizes in decimal units, as RAM is sold; device
+    sizes in GiB, as the driver reports them."""
     cfg = result["model"]
     rows, seq = result["micro_batches"][0]
     accum = len(result["micro_batches"])
     yes = {True: "fits", False: "DOES NOT FIT"}
-    host_line = f"{_size(result['host_bytes'])}  (pinned {_size(result['host_pinned_bytes'])})"
+    host = f"{_si(result['host_bytes'], 'B')} (pinned {_si(result['host_pinned_bytes'], 'B')})"
     if "fits_host" in result:
-        host_line += f"  {yes[result['fits_host']]} in {_size(result['host_memory_bytes'])}"
+        host = f"{host:<34}{yes[result['fits_host']]} in {_si(result['host_memory_bytes'], 'B')}"
+    device = f"{_size(result['device_peak_bytes'])} of {_size(result['device_memory_bytes'])}"
     flops = result["flops_by_kind"]
-    gemm = sum(v for k, v in flops.items() if k.startswith("gemm_"))
-    fp32 = flops.get("gemm_float32", 0.0)
+    gemm = {k.removeprefix("gemm_"): v for k, v in flops.items() if k.startswith("gemm_")}
     attention = flops.get("attention_fwd", 0.0) + flops.get("attention_bwd", 0.0)
+    work = ", ".join([f"GEMM {dtype} {v / 1e15:.2f}" for dtype, v in gemm.items()]
+                     + [f"attention {attention / 1e15:.2f}"])
     busy = result["busy_s"]
     lines = [
-        f"{cfg.model_type} {result['num_parameters'] / 1e9:.1f}B: {cfg.num_layers} layers, hidden "
-        f"{cfg.hidden_size}, vocab {cfg.vocab_size:,} on {result['hardware']}; "
-        f"{result['tokens_per_step']:,} tokens a step ({accum} x {rows} x {seq})",
-        f"  host memory      {host_line}",
-        f"  device peak      {_size(result['device_peak_bytes'])} of {_size(result['device_memory_bytes'])}  "
-        f"{yes[result['fits_device']]}  (slots+accumulators {_size(result['device_fixed_bytes'])})",
-        f"  bus per step     host->device {_size(result['h2d_bytes_per_step'])}, device->host "
-        f"{_size(result['d2h_bytes_per_step'])}",
-        f"  work per step    {_si(result['flops_per_step'], 'FLOP')} (GEMM {_si(gemm, 'FLOP')}, of it fp32 "
-        f"{_si(fp32, 'FLOP')}; attention {_si(attention, 'FLOP')})",
-        f"  step time        {result['step_time_s']:.2f} s  (busy: compute {busy['compute']:.2f} s, host->device "
-        f"{busy['copy_in']:.2f} s, device->host {busy['copy_out']:.2f} s, cpu adamw {busy['optimizer']:.2f} s); "
-        f"bottleneck: {result['bottleneck']}",
-        f"  throughput       {result['tokens_per_s']:,.0f} tokens/s, {result['model_tflops']:.0f} 6PT-TFLOPS",
+        f"{cfg.model_type} {result['num_parameters'] / 1e9:.1f}B: {cfg.num_layers} layers, hidden {cfg.hidden_size}, "
+        f"vocab {cfg.vocab_size:,}; {result['tokens_per_step']:,} tokens a step ({accum} x {rows} x {seq}) on "
+        f"{result['hardware']}",
+        f"  host memory     {host}",
+        f"  device peak     {device:<34}{yes[result['fits_device']]} (slots + accumulators "
+        f"{_size(result['device_fixed_bytes'])})",
+        f"  bus per step    {_size(result['h2d_bytes_per_step'])} in, {_size(result['d2h_bytes_per_step'])} out",
+        f"  work per step   {result['flops_per_step'] / 1e15:.2f} PFLOP: {work}",
+        f"  step time       {result['step_time_s']:.2f} s, bound by {result['bottleneck']} (busy: compute "
+        f"{busy['compute']:.2f} s, copy in {busy['copy_in']:.2f} s, copy out {busy['copy_out']:.2f} s, "
+        f"AdamW {busy['optimizer']:.2f} s)",
+        f"  throughput      {result['tokens_per_s']:,.0f} tokens/s, {result['model_tflops']:.0f} 6PT-TFLOPS",
     ]
     if result["tokens_to_hide_transfers"] is not None:
-        lines.append(f"  copies hide at   {result['tokens_to_hide_transfers']:,} tokens a step (rows of {seq})")
+        lines.append(f"  copies hide at  {result['tokens_to_hide_transfers']:,} tokens a step (rows of {seq})")
     if largest is not None:
-        lines.append(f"  largest that fits: {largest['model'].num_layers} layers of this shape, "
-                     f"{largest['num_parameters'] / 1e9:.1f}B parameters (host {_size(largest['host_bytes'])}, "
+        lines.append(f"  largest that fits: {largest['model'].num_layers} layers of this shape "
+                     f"({largest['num_parameters'] / 1e9:.1f}B parameters; host {_si(largest['host_bytes'], 'B')}, "
                      f"device {_size(largest['device_peak_bytes'])})")
     return "\n".join(lines)

@@ -171,7 +171,7 @@ def test_plan_prints_the_table_from_a_config_alone(tmp_path, capsys):
         assert cli.main(["plan", "--model", str(model), "--tokens-per-step", "2048", "--gpu", "h200",
                          "--host-ram", "2GB"]) == 0
         out = capsys.readouterr().out
-        assert "on h200; 2,048 tokens a step" in out and "device peak" in out and "bottleneck:" in out
+        assert "2,048 tokens a step (1 x 1 x 2048) on h200" in out and "device peak" in out and "bound by" in out
         layers = int(out.split("largest that fits: ")[1].split(" layers")[0])
         assert layers > 4                                        # a 2 GB host holds more of these layers
     assert cli.main(["plan", "--model", str(tmp_path), "--host-ram", "lots"]) == 2

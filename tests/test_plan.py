@@ -84,7 +84,7 @@ def test_plan_reports_every_figure_within_its_roofline_bounds():
     assert result["model_tflops"] == pytest.approx(6 * SMALL.num_parameters() * 1024 / result["step_time_s"] / 1e12)
     assert result["fits_host"] and result["fits_device"]
     text = format_plan(result)
-    assert "device peak" in text and "bottleneck" in text
+    assert "device peak" in text and f"bound by {result['bottleneck']}" in text
 
 
 def test_transfers_hide_from_the_reported_tokens_and_not_one_row_before():
