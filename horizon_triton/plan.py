@@ -24,9 +24,11 @@ import math
 import re
 from dataclasses import replace
 
+from .checkpoint import DTYPES
 from .config import ModelConfig, TrainConfig
 from .device import STREAMS, host_memory_info
-from .dryrun import DryRun, dry_run
+from .dryrun import DryRun, dry_run, host_store_bytes
+from .store import HostStore
 
 GiB = 2**30
 
@@ -266,9 +268,6 @@ def largest_model(model_cfg: ModelConfig, train_cfg: TrainConfig | None = None, 
     """The plan of the deepest model of this shape (its width, more or fewer layers) that fits the host memory and
     the device, or None if not even one layer does. Host fit is searched on the store layout alone (cheap),
     then the device on whole dry runs."""
-    from .dryrun import host_store_bytes
-    from .store import HostStore
-    from .checkpoint import DTYPES
     hw = hardware_figures(hardware)
     dtype = DTYPES[(train_cfg or TrainConfig()).compute_dtype]
 

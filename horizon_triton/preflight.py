@@ -24,10 +24,6 @@ def _gib(n: int) -> str:
     return f"{n / GiB:.1f} GiB"
 
 
-def _backend(device) -> str:
-    return select_backend(device.type)
-
-
 def _device_free(device) -> int:
     """Bytes the device's tensors may still take: free memory, plus on CUDA what torch's allocator caches."""
     free = device.mem_get_info()[0]
@@ -38,7 +34,7 @@ def _device_free(device) -> int:
 
 def check_engine(model_cfg, train_cfg, device) -> None:
     from .dryrun import fixed_device_bytes
-    fixed, allocations = fixed_device_bytes(model_cfg, train_cfg, _backend(device), device.mem_get_info()[1],
+    fixed, allocations = fixed_device_bytes(model_cfg, train_cfg, select_backend(device.type), device.mem_get_info()[1],
                                             device.pin_memory)
     store = sum(a.reserved_bytes for a in allocations)
     pinned = sum(a.reserved_bytes for a in allocations if a.pinned)
