@@ -16,9 +16,8 @@ are what the engine's own accounting sees:
 - FLOPs and device-memory bytes by kind, per stream task (MetaDevice.timeline), for the step-time model of
   plan.py: torch ops are counted from their shapes by ``OpCounter``, a TorchDispatchMode (GEMMs 2·M·N·K by
   operand dtype; any other op one FLOP per element and its inputs' and outputs' bytes); the Triton kernels,
-  which cannot run on meta tensors, are stood in for by ``TritonModels``: each allocates what its launch
-  function allocates (outputs and workspaces) and counts the kernel's work from the same shapes, attention
-  over exactly the (query, key) pairs its causal, sliding-window and document masks allow.
+  which cannot run on meta tensors, are stood in for by kernel_models.TritonModels, which allocate what their
+  launch functions allocate and count the kernels' work from the same shapes.
 
 Known gaps: the host thread is assumed never to run ahead of the GPU (a retained tensor is freed as soon as its
 copy is known done, where the caching allocator may hold it longer); the batch's own host->device copy (ids,
@@ -33,11 +32,9 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from horizon_triton.kernels import reference
-
 from .config import ModelConfig, TrainConfig
 from .device import MetaDevice
-from .ops import KERNEL_FAMILY, TORCH_ONLY
+from .kernel_models import meta_ops, nbytes
 from .store import HostStore, host_block_bytes
 
 aten = torch.ops.aten
@@ -45,19 +42,6 @@ DEVICE_BLOCK = 512                     # the CUDA caching allocator's allocation
 GEMMS = {aten.mm, aten.addmm, aten.addmm_, aten.bmm, aten.baddbmm, aten.baddbmm_}
 FREE_OPS = {aten.empty, aten.empty_strided, aten.empty_like, aten.detach, aten.alias, aten._unsafe_view,
             aten.lift_fresh, aten.lift_fresh_copy}
-HOPPER_SMS = 132                       # H100/H200 SXM: sets the rmsnorm backward's persistent grid (its workspace)
-
-
-def causal_pairs(length: int, window: int | None) -> int:
-    """(query, key) pairs a causal mask allows in a document of ``length`` tokens (with a sliding window: at most
-    ``window`` most recent keys per query, Mistral's convention)."""
-    if window is None or window >= length:
-        return length * (length + 1) // 2
-    return window * (window + 1) // 2 + (length - window) * window
-
-
-def _nbytes(*tensors) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
 def _tensors(tree):
@@ -166,14 +150,14 @@ class OpCounter(TorchDispatchMode):
         if packet is aten.copy_:
             dst, src = args[0], args[1]
             if src.device.type == "meta" and self.is_host(src) != self.is_host(dst):
-                self.count("d2h" if self.is_host(dst) else "h2d", 0, _nbytes(src))
+                self.count("d2h" if self.is_host(dst) else "h2d", 0, nbytes(src))
                 return
         if packet in GEMMS:
             a, b = (args[1], args[2]) if packet in (aten.addmm, aten.addmm_, aten.baddbmm, aten.baddbmm_) \
                 else (args[0], args[1])
             batch = a.shape[0] if a.dim() == 3 else 1
             flops = 2.0 * batch * a.shape[-2] * a.shape[-1] * b.shape[-1]
-            self.count(f"gemm_{str(a.dtype).removeprefix('torch.')}", flops, _nbytes(*inputs, *outputs))
+            self.count(f"gemm_{str(a.dtype).removeprefix('torch.')}", flops, nbytes(*inputs, *outputs))
             return
         if not inputs and not outputs:
             return
@@ -183,8 +167,8 @@ class OpCounter(TorchDispatchMode):
             return                    # an alias of an input
         written = [] if mutated else outputs
         elements = max(t.numel() for t in inputs + outputs)
-        self.count("elementwise", float(elements), _nbytes(*inputs, *written) + (
-            _nbytes(*outputs) if mutated else 0))
+        self.count("elementwise", float(elements), nbytes(*inputs, *written) + (
+            nbytes(*outputs) if mutated else 0))
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -194,159 +178,6 @@ class OpCounter(TorchDispatchMode):
                 self._track(t)
         self._cost(func, args, kwargs, out)
         return out
-
-
-# ------------------------------------------------------------------------------------------------------------
-# the Triton kernels, as their launch functions allocate and as much work as they do
-# ------------------------------------------------------------------------------------------------------------
-class TritonModels:
-    """One method per Triton op, with the signature of kernels/reference.py. Each allocates the outputs and the
-    workspaces its launch function in kernels/<family>.py allocates, and counts the kernel's work:
-    FLOPs by kind and the device-memory bytes it must read and write."""
-
-    def __init__(self, counter: OpCounter, doc_lengths: tuple[int, ...] | None):
-        self.counter = counter
-        self.doc_lengths = doc_lengths       # packed documents of every row (None: one document a row)
-
-    def _count(self, kind, flops, *tensors, extra_bytes: int = 0) -> None:
-        self.counter.count(kind, flops, _nbytes(*tensors) + extra_bytes)
-
-    def _gemm(self, flops, dtype, *tensors, extra_bytes: int = 0) -> None:
-        self._count(f"gemm_{str(dtype).removeprefix('torch.')}", flops, *tensors, extra_bytes=extra_bytes)
-
-    # ---- rmsnorm.py ------------------------------------------------------------------------------------
-    def rmsnorm_forward(self, x, weight, eps):
-        H = x.shape[-1]
-        x2 = x.reshape(-1, H)
-        y = torch.empty((x2.shape[0], H), dtype=x.dtype, device=x.device)
-        rstd = torch.empty(x2.shape[0], dtype=torch.float32, device=x.device)
-        self._count("elementwise", 4.0 * x.numel(), x2, weight, y, rstd)
-        return y.view(x.shape), rstd.view(x.shape[:-1])
-
-    def _rmsnorm_backward(self, dy, x, weight, rstd, d_weight, dx):
-        # rmsnorm._backward: a persistent grid of min(row blocks, 4 · SMs) programs, one fp32 dg row each
-        H = x.shape[-1]
-        rows = x.numel() // H
-        dg_partial = self.counter.workspace((min(rows, 4 * HOPPER_SMS), H), torch.float32, x.device)
-        self._count("elementwise", 8.0 * x.numel(), dy, x, rstd, dx, dg_partial)
-        d_weight += dg_partial.sum(0)
-        return dx.view(x.shape)
-
-    def rmsnorm_backward(self, dy, x, weight, rstd, d_weight):
-        dx = torch.empty((x.numel() // x.shape[-1], x.shape[-1]), dtype=x.dtype, device=x.device)
-        return self._rmsnorm_backward(dy, x, weight, rstd, d_weight, dx)
-
-    # ---- rmsnorm_matmul.py -----------------------------------------------------------------------------
-    def rmsnorm_matmul_forward(self, x, norm_weight, weight, eps):
-        T, H = x.shape
-        N = weight.shape[0]
-        rstd = torch.empty(T, dtype=torch.float32, device=x.device)          # rmsnorm_rstd: one read of x
-        self._count("elementwise", 2.0 * x.numel(), x, rstd)
-        y = torch.empty((T, N), dtype=x.dtype, device=x.device)
-        self._gemm(2.0 * T * N * H, x.dtype, x, weight, y)
-        return y, rstd
-
-    def rmsnorm_matmul_backward(self, dy, x, norm_weight, weight, rstd, d_weight, d_norm_weight):
-        T, H = x.shape
-        N = weight.shape[0]
-        if dy.stride(1) != 1:
-            dy = dy.contiguous()
-        dxn = torch.empty((T, H), dtype=x.dtype, device=x.device)
-        self._gemm(2.0 * T * N * H, x.dtype, dy, weight, dxn)                           # dxn = dy @ W
-        self._gemm(2.0 * T * N * H, x.dtype, x, dy, d_weight, d_weight)                # dW += dyᵀ @ xn (RMW)
-        return self._rmsnorm_backward(dxn, x, norm_weight, rstd, d_norm_weight, dxn)   # dx over dxn
-
-    # ---- rope.py ---------------------------------------------------------------------------------------
-    def rope_forward_(self, x, cos, sin):
-        self._count("elementwise", 6.0 * x.numel(), x, x, cos, sin)
-        return x
-
-    rope_backward_ = rope_forward_
-
-    # ---- swiglu.py -------------------------------------------------------------------------------------
-    def swiglu_forward(self, gate_up):
-        T, I = gate_up.shape[0], gate_up.shape[1] // 2
-        h = torch.empty((T, I), dtype=gate_up.dtype, device=gate_up.device)
-        self._count("elementwise", 5.0 * T * I, gate_up, h)
-        return h
-
-    def swiglu_backward(self, dh, gate_up):
-        if dh.stride(1) != 1:
-            dh = dh.contiguous()
-        T, I = dh.shape
-        d_gate_up = torch.empty((T, 2 * I), dtype=gate_up.dtype, device=gate_up.device)
-        self._count("elementwise", 10.0 * T * I, dh, gate_up, d_gate_up)
-        return d_gate_up
-
-    # ---- attention.py ----------------------------------------------------------------------------------
-    def _pairs(self, S: int, doc_ids, sliding_window) -> int:
-        """Allowed (query, key) pairs of one row."""
-        if doc_ids is None:
-            return causal_pairs(S, sliding_window)
-        if self.doc_lengths is None or sum(self.doc_lengths) != S:
-            raise ValueError(f"dry run: documents {self.doc_lengths} do not tile a row of {S} tokens")
-        return sum(causal_pairs(n, sliding_window) for n in self.doc_lengths)
-
-    def attention_forward(self, q, k, v, doc_ids, scale, sliding_window=None):
-        B, S, Hq, D = q.shape
-        o = torch.empty((B, S, Hq, D), dtype=q.dtype, device=q.device)
-        lse = torch.empty((B, Hq, S), dtype=torch.float32, device=q.device)
-        # QKᵀ and PV: 2·D FLOPs each per allowed pair and query head
-        self._count("attention_fwd", 4.0 * D * Hq * B * self._pairs(S, doc_ids, sliding_window), q, k, v, o, lse)
-        return o, lse
-
-    def attention_backward(self, do, q, k, v, o, lse, doc_ids, scale, sliding_window=None):
-        B, S, Hq, D = q.shape
-        Hkv = k.shape[2]
-        lse = lse.contiguous()
-        delta = self.counter.workspace((B, Hq, S), torch.float32, q.device)
-        self._count("elementwise", 2.0 * o.numel(), o, do, delta)                      # _attn_bwd_preprocess
-        dq = torch.empty((B, S, Hq, D), dtype=q.dtype, device=q.device)
-        dk = torch.empty((B, S, Hkv, D), dtype=q.dtype, device=q.device)
-        dv = torch.empty((B, S, Hkv, D), dtype=q.dtype, device=q.device)
-        # QKᵀ again, dV = Pᵀ dO, dP = dO Vᵀ, dQ = dS K, dK = dSᵀ Q: 5 · 2·D per pair and query head
-        self._count("attention_bwd", 10.0 * D * Hq * B * self._pairs(S, doc_ids, sliding_window),
-                    q, k, v, do, lse, delta, dq, dk, dv)
-        return dq, dk, dv
-
-    # ---- cross_entropy.py ------------------------------------------------------------------------------
-    def linear_cross_entropy(self, h, weight, targets, d_weight, grad_scale, chunk_size=4096):
-        from horizon_triton.kernels import cross_entropy
-        T, H = h.shape
-        V = weight.shape[0]
-        cfg = cross_entropy.default_config(h.dtype)
-        targets = targets.contiguous()
-        dh = torch.empty_like(h)
-        loss_rows = torch.zeros(T, dtype=torch.float32, device=h.device)
-        rows = min(chunk_size, T)
-        buf = self.counter.workspace((rows, -(-V // 16) * 16), h.dtype, h.device)   # logits, then g in place
-        for start in range(0, T, chunk_size):
-            n = min(start + chunk_size, T) - start
-            hc, logits = h[start:start + n], buf[:n, :V]
-            stats = (self.counter.workspace((2, n, -(-V // cfg["logits"]["BLOCK_N"])), torch.float32, h.device)
-                     if cfg["logits"]["impl"] == "triton" else None)
-            self._gemm(2.0 * n * H * V, h.dtype, hc, weight, logits, stats)                 # logits = hc Wᵀ
-            self._count("elementwise", 4.0 * n * V, logits, logits, stats)                  # loss, g in place
-            self._gemm(2.0 * n * H * V, h.dtype, logits, weight, hc)                        # dh_c = g W
-            self._gemm(2.0 * n * H * V, h.dtype, logits, hc, d_weight, d_weight)            # dW += gᵀ hc
-            del stats
-        return loss_rows.sum(), dh
-
-
-def meta_ops(backend: str, counter: OpCounter, doc_lengths) -> object:
-    """The ops namespace of a dry run: the torch references themselves (they run on meta tensors as they are)
-    when modelling the torch backend; on the Triton backends, TritonModels for every kernel op it models."""
-    from types import SimpleNamespace
-    ops = {name: getattr(reference, name) for name in (*KERNEL_FAMILY, *TORCH_ONLY)}
-    if backend != "torch":
-        models = TritonModels(counter, doc_lengths)
-        ops.update({name: getattr(models, name) for name in KERNEL_FAMILY if hasattr(models, name)})
-    return SimpleNamespace(**ops)
-
-
-def unmodelled_kernels() -> list[str]:
-    """Kernel ops a dry run of the Triton backend runs as torch references (their memory is the reference's)."""
-    return sorted(name for name in KERNEL_FAMILY if not hasattr(TritonModels, name))
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The dry run (horizon_triton/dryrun.py) against independent references: real CPU runs of the engine (bytes held,
+"""The dry run (horizon_triton/dryrun.py, kernel_models.py) against independent references: real CPU runs of the engine (bytes held,
 bytes copied, peak RSS), FLOP formulas written from the model's shapes, brute-force attention masks, and the
 Triton launch functions themselves (run by the interpreter) for what the kernel models allocate."""
 import json
@@ -11,8 +11,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import horizon_triton as ht
-from horizon_triton.dryrun import (OpCounter, TritonModels, _tensors, causal_pairs, dry_run, dry_run_shapes,
-                                   unmodelled_kernels)
+from horizon_triton.dryrun import OpCounter, _tensors, dry_run, dry_run_shapes
+from horizon_triton.kernel_models import TritonModels, causal_pairs, unmodelled_kernels
 from horizon_triton.device import MetaDevice
 from horizon_triton.kernels.reference import attention_mask
 from horizon_triton.plan import HARDWARE
@@ -233,10 +233,10 @@ def _meta(tree):
 def test_kernel_models_allocate_what_the_launchers_allocate(name, args, monkeypatch):
     import importlib
 
-    from horizon_triton import dryrun
+    from horizon_triton import kernel_models
     from horizon_triton.ops import KERNEL_FAMILY
     # the rmsnorm backward's persistent grid is 4 programs per SM on a GPU, 4 in all off it
-    monkeypatch.setattr(dryrun, "HOPPER_SMS", 1)
+    monkeypatch.setattr(kernel_models, "HOPPER_SMS", 1)
     launcher = getattr(importlib.import_module(f"horizon_triton.kernels.{KERNEL_FAMILY[name]}"), name)
     with _Allocations() as real:
         launcher(*args)
