@@ -207,6 +207,8 @@ class TrainConfig:
     seed: int = 0
     num_slots: int = 2                    # device staging slots for streamed weights (2 or 3)
     checkpoint_budget_bytes: int | None = None  # activation checkpoints kept on the device; above it: offload
+    #                                     (None: on CUDA what the free memory allows, on CPU every one)
+    head_chunk_rows: int | None = None    # lm_head rows streamed per vocabulary chunk (None: what a slot holds)
     trace_path: str | None = None         # write a Chrome/Perfetto trace of every primitive here
 
     def __post_init__(self):
@@ -220,6 +222,8 @@ class TrainConfig:
             raise ValueError(f"grad_accum_steps must be ≥ 1, got {self.grad_accum_steps}")
         if self.num_slots not in (2, 3):
             raise ValueError(f"num_slots must be 2 or 3, got {self.num_slots}")
+        if self.head_chunk_rows is not None and self.head_chunk_rows < 1:
+            raise ValueError(f"head_chunk_rows must be ≥ 1 (or None), got {self.head_chunk_rows}")
 
     def lr_at(self, step: int, total_steps: int | None) -> float:
         """Learning rate of 1-based optimizer step `step`, as transformers' get_{constant,cosine}_schedule_with_warmup

@@ -19,7 +19,7 @@ from .config import ModelConfig, TrainConfig
 from .device import make_device
 from .ops import load_ops, select_backend
 from .optimizer import OptimizerDriver, clip_coefficient
-from .scheduler import bind, build_pipeline, run_step, stream_in
+from .scheduler import Unit, bind, build_pipeline, run_step, stream_in
 from .store import HostStore
 from .trace import Tracer
 
@@ -46,7 +46,8 @@ class Engine:
         self.tracer = Tracer() if train_cfg.trace_path else None
         self.optimizer.tracer = self.tracer
         self.pipeline = build_pipeline(model_cfg, self.store, self.ops, self.device, self.optimizer,
-                                       train_cfg.num_slots, self.tracer, train_cfg.checkpoint_budget_bytes)
+                                       train_cfg.num_slots, self.tracer, train_cfg.checkpoint_budget_bytes,
+                                       train_cfg.head_chunk_rows)
         self.step = 0                     # optimizer steps taken
         self._inv_freq = model_cfg.inv_freq().to(self.device.torch_device)
         log.info("horizon-triton: %s parameters, kernels=%s, device=%s, cpu adamw=%s",
@@ -93,7 +94,8 @@ class Engine:
         dev = self.device.torch_device
         freqs = pos.reshape(-1, 1).to(dev).float() * self._inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)          # [T, D]
-        return lt.MicroBatch(input_ids=ids.long().to(dev), targets=targets.reshape(-1).to(dev),
+        return lt.MicroBatch(input_ids=ids.long().to(dev), host_ids=ids.long().reshape(-1),
+                             targets=targets.reshape(-1).to(dev),
                              cos=emb.cos(), sin=emb.sin(),
                              doc_ids=None if doc_ids is None else doc_ids.to(dev),
                              num_targets=int((targets != IGNORE_INDEX).sum()))
@@ -169,19 +171,21 @@ class Engine:
             batch["position_ids"] = position_ids
         mb = self.prepare(batch, where="logits")
         p, cfg = self.pipeline, self.model_cfg
-        x = None
-        for i in range(self.store.num_layers):
-            stream_in(p, i, 0)
+        table = self.store.working[0].view(-1, cfg.hidden_size)
+        x = table[mb.host_ids].to(self.device.torch_device)            # the embedding's rows, gathered on the host
+        units = [Unit(i) for i in range(1, p.head)] + p.head_chunks()
+        logits = torch.empty(x.shape[0], cfg.vocab_size, dtype=torch.float32, device=x.device)
+        for u in units:
+            stream_in(p, u, 0)
             self.device.sync(p.slot_ready[0])            # sync: evaluation is not pipelined
-            w = bind(p, i, 0)
-            if i == 0:
-                x = lt.embed_forward(w, mb)
-            elif i < p.head:
+            w = bind(p, u, 0)
+            if u.layer < p.head:
                 x = lt.decoder_forward(self.ops, cfg, w, x, mb)
             else:
                 xn, _ = self.ops.rmsnorm_forward(x, w["norm"], cfg.rms_norm_eps)
-                x = (xn @ w["lm_head"].t()).float()
+                logits[:, u.start:u.stop] = xn @ w["lm_head"].t()
             p.slot_free[0] = self.device.record("compute")
+        x = logits
         return x.view(*input_ids.shape, -1).cpu()
 
     # ---- checkpoints ------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from .config import ModelConfig
 class MicroBatch:
     """One micro-batch, prepared on the compute device."""
     input_ids: torch.Tensor           # [B, S] int64
+    host_ids: torch.Tensor            # [T] int64 on the host: the embedding rows are gathered there
     targets: torch.Tensor             # [T] int64: labels shifted left by one, -100 where nothing is predicted
     cos: torch.Tensor                 # [T, D] fp32 rotary tables at each token's position
     sin: torch.Tensor
@@ -35,12 +36,16 @@ class MicroBatch:
 # ---------------------------------------------------------------------------------------------------------
 # embedding
 # ---------------------------------------------------------------------------------------------------------
-def embed_forward(w, mb: MicroBatch) -> torch.Tensor:
-    return w["embed"][mb.input_ids.reshape(-1)]                                      # [T, H]
+# The table stays on the host: the step's distinct token ids are gathered there (rows [U, H]) and each token
+# reads its row through ``index`` [T] (positions in rows). The backward accumulates into those U rows only.
+def embed_forward(rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    return rows[index]                                                               # [T, H]
 
 
-def embed_backward(g, mb: MicroBatch, dx: torch.Tensor) -> None:
-    g["embed"].index_add_(0, mb.input_ids.reshape(-1), dx.float())
+def embed_backward(d_rows: torch.Tensor, index: torch.Tensor, dx: torch.Tensor, token_chunk: int = 4096) -> None:
+    """d_rows fp32[U, H] += dx[T, H] scattered by index; dx is widened to fp32 token_chunk rows at a time."""
+    for s in range(0, dx.shape[0], token_chunk):
+        d_rows.index_add_(0, index[s:s + token_chunk], dx[s:s + token_chunk].float())
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -121,3 +126,24 @@ def head_forward_backward(ops, cfg: ModelConfig, w, g, x: torch.Tensor, mb: Micr
     xn, rstd = ops.rmsnorm_forward(x, w["norm"], cfg.rms_norm_eps)
     loss_sum, d_xn = ops.linear_cross_entropy(xn, w["lm_head"], mb.targets, g["lm_head"], grad_scale)
     return loss_sum, ops.rmsnorm_backward(d_xn, x, w["norm"], rstd, g["norm"])
+
+
+# The head in vocabulary chunks (when lm_head is larger than a staging slot): the norm once, then two passes over
+# the chunks, w = {"lm_head": rows [start, start + V_c), "norm"} (see kernels/reference.py for the maths).
+def head_norm(ops, cfg: ModelConfig, w, x: torch.Tensor):
+    return ops.rmsnorm_forward(x, w["norm"], cfg.rms_norm_eps)                      # (xn[T, H], rstd[T])
+
+
+def head_chunk_stats(ops, w, xn: torch.Tensor, mb: MicroBatch, start: int, stats: tuple) -> None:
+    """Pass 1: stats = (row_max, row_sum, target_logit) fp32 [T], updated in place."""
+    ops.cross_entropy_chunk_stats_(xn, w["lm_head"], mb.targets, start, *stats)
+
+
+def head_chunk_backward(ops, w, g, xn: torch.Tensor, mb: MicroBatch, start: int, lse: torch.Tensor,
+                        grad_scale: float, d_xn: torch.Tensor) -> None:
+    """Pass 2: d_xn fp32[T, H] and g["lm_head"] (this chunk's rows) accumulate."""
+    ops.cross_entropy_chunk_backward(xn, w["lm_head"], mb.targets, start, lse, grad_scale, d_xn, g["lm_head"])
+
+
+def head_norm_backward(ops, w, g, x: torch.Tensor, rstd: torch.Tensor, d_xn: torch.Tensor) -> torch.Tensor:
+    return ops.rmsnorm_backward(d_xn.to(x.dtype), x, w["norm"], rstd, g["norm"])

@@ -28,8 +28,9 @@ KERNEL_FAMILY = {
     "swiglu_forward": "swiglu", "swiglu_backward": "swiglu",
     "attention_forward": "attention", "attention_backward": "attention",
     "linear_cross_entropy": "cross_entropy",
+    "cross_entropy_chunk_stats_": "cross_entropy", "cross_entropy_chunk_backward": "cross_entropy",
 }
-TORCH_ONLY = ("linear_forward", "linear_backward")
+TORCH_ONLY = ("linear_forward", "linear_backward", "cross_entropy_chunk_loss")
 BACKENDS = {"torch": "torch", "triton": "triton", "interpret": "triton-interpret"}
 
 

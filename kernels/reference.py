@@ -229,3 +229,57 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
         dh[start:start + chunk_size] = (g @ weight.float()).to(h.dtype)
         d_weight += g.t() @ hc.float()
     return loss_sum, dh
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Cross-entropy over vocabulary chunks: the head streamed through a staging slot V_c rows at a time. The
+# softmax spans every chunk, so there are two passes; with W_c = W[start:start + V_c], logits_c = h @ W_cᵀ:
+#   pass 1, each chunk:  (row_max, row_sum) ← online-logsumexp merge of logits_c (Σ exp(logits − row_max) so far)
+#                        target_logit ← logits_c[y − start] where the target falls in the chunk
+#   between:             lse = row_max + log(row_sum);  loss_sum = Σ_{y ≠ -100} lse − target_logit
+#   pass 2, each chunk:  g_c = grad_scale · (exp(logits_c − lse) − onehot(y − start)), 0 on ignored tokens;
+#                        dh += g_c @ W_c  (fp32 accumulator [T, H]),   dW_c += g_cᵀ @ h
+# Same rounding as linear_cross_entropy: logits rounded to h.dtype, softmax and gradients in fp32. Logits exist
+# [token_chunk, V_c] at a time.
+# ----------------------------------------------------------------------------------------------------------
+def cross_entropy_chunk_stats_(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, start: int,
+                               row_max: torch.Tensor, row_sum: torch.Tensor, target_logit: torch.Tensor,
+                               token_chunk: int = 4096) -> None:
+    """Pass 1 for one chunk. h[T, H], weight[V_c, H] (lm_head rows [start, start + V_c)), targets[T]; updates
+    row_max[T] (start at -inf), row_sum[T] (start at 0) and target_logit[T] in place (all fp32)."""
+    V_c = weight.shape[0]
+    for s in range(0, h.shape[0], token_chunk):
+        e = s + token_chunk
+        logits = (h[s:e] @ weight.t()).float()                               # [n, V_c]
+        m_new = torch.maximum(row_max[s:e], logits.max(-1).values)
+        row_sum[s:e] = row_sum[s:e] * torch.exp(row_max[s:e] - m_new) + torch.exp(logits - m_new[:, None]).sum(-1)
+        row_max[s:e] = m_new
+        local = targets[s:e] - start
+        inside = (local >= 0) & (local < V_c)
+        picked = logits.gather(1, local.clamp(0, V_c - 1)[:, None]).squeeze(1)
+        target_logit[s:e] = torch.where(inside, picked, target_logit[s:e])
+
+
+def cross_entropy_chunk_loss(row_max: torch.Tensor, row_sum: torch.Tensor, target_logit: torch.Tensor,
+                             targets: torch.Tensor):
+    """After pass 1: -> (loss_sum fp32 scalar, lse[T] fp32)."""
+    lse = row_max + torch.log(row_sum)
+    return torch.where(targets != IGNORE_INDEX, lse - target_logit, 0.0).sum(), lse
+
+
+def cross_entropy_chunk_backward(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, start: int,
+                                 lse: torch.Tensor, grad_scale: float, dh: torch.Tensor, d_weight: torch.Tensor,
+                                 token_chunk: int = 4096) -> None:
+    """Pass 2 for one chunk: dh (fp32[T, H]) += g_c @ W_c and d_weight (fp32[V_c, H]) += g_cᵀ @ h, in place."""
+    V_c = weight.shape[0]
+    weight_f = weight.float()
+    for s in range(0, h.shape[0], token_chunk):
+        e = s + token_chunk
+        hc, tc = h[s:e], targets[s:e]
+        g = torch.exp((hc @ weight.t()).float() - lse[s:e, None])           # [n, V_c] softmax of the chunk
+        local = tc - start
+        inside = (local >= 0) & (local < V_c)
+        g.scatter_add_(1, local.clamp(0, V_c - 1)[:, None], -inside.float()[:, None])
+        g *= ((tc != IGNORE_INDEX).float() * grad_scale)[:, None]
+        dh[s:e].addmm_(g, weight_f)
+        d_weight.addmm_(g.t(), hc.float())

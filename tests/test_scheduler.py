@@ -4,12 +4,14 @@ The async test device runs every stream on its own thread after random delays: a
 read a half-filled slot or a copy read a half-written gradient, and the numbers change. Results must be
 bit-identical to the synchronous device for every seed."""
 import json
+import math
 
 import pytest
 import torch
 
 import horizon_triton as ht
 from horizon_triton import device as devices
+from horizon_triton import scheduler as sched
 from hf_reference import random_batches
 
 TINY = ht.preset("tiny", num_layers=3, tie_word_embeddings=True)
@@ -94,3 +96,53 @@ def test_trace_shows_every_primitive_and_weights_stream_twice_per_step(tmp_path)
     assert names.count("stream_out layers.1") == 2
     summary = trace["otherData"]
     assert 0 < summary["compute_busy"] <= 1 and 0 <= summary["copy_hidden"] <= 1
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_device_memory_independent_of_vocabulary(tied):
+    """The same decoder with a 1K and a 16K vocabulary: the embedding is gathered by rows and the head streams in
+    slot-sized vocabulary chunks, so slots, accumulators and the measured device peak are the same (the whole
+    head's fp32 gradient alone used to be 16K × 64 × 4 B)."""
+    runs = []
+    for vocab in (1024, 16384):
+        cfg = ht.preset("tiny", vocab_size=vocab, tie_word_embeddings=tied)
+        engine = ht.Engine(cfg, ht.TrainConfig(device="cpu", grad_accum_steps=2))
+        history = engine.fit(random_batches(4, vocab=1024, seq=16))   # the same token ids for both
+        decoder = max(layout.numel for layout in engine.store.layouts[1:-1])
+        assert all(slot.numel() == decoder for slot in engine.pipeline.slots)
+        assert len(engine.pipeline.head_chunks()) == -(-vocab // ((decoder - 64) // 64)) > 1
+        runs.append((history[-1]["device_peak_bytes"], [h["loss"] for h in history]))
+    assert runs[0][0] == runs[1][0]
+    assert runs[1][0] < 16384 * 64 * 4
+    assert all(math.isfinite(x) for x in runs[0][1] + runs[1][1])
+
+
+def test_default_checkpoint_budget_follows_free_device_memory(monkeypatch):
+    """CPU devices keep every checkpoint; a device that reports its free memory keeps what
+    default_checkpoint_budget allows and offloads the rest, with the same numbers."""
+    cfg = ht.preset("tiny", num_layers=4)
+    batches = random_batches(1, vocab=64, seq=16)
+
+    def run(free=None, **train):
+        engine = ht.Engine(cfg, ht.TrainConfig(device="cpu", **train))
+        if free is not None:
+            monkeypatch.setattr(engine.device, "free_memory", lambda: free)
+        return engine, engine.fit(batches)[0]
+
+    _, kept = run()
+    _, offloaded = run(checkpoint_budget_bytes=0)
+    engine, _ = run(free=10**12)
+    one = 2 * 16 * cfg.hidden_size * 2                     # one layer's input: batch 2, seq 16, bf16
+    need = sched.default_checkpoint_budget(engine.pipeline, 10**9, [32], 30)
+    assert need == 10**9 - 10**9 // 20 - (32 * 64 * (3 * 2 + 4) + 32 * sched.backward_bytes_per_token(cfg, 2)
+                                          + 32 * 64 * (2 + 8) + 30 * 64 * (2 + 4))
+    cases = {10**12: kept, 0: offloaded}
+    for free, want in cases.items():
+        assert run(free=free)[1]["device_peak_bytes"] == want["device_peak_bytes"]
+    # room for exactly two checkpoints: two stay, the others go
+    free = 0
+    while sched.default_checkpoint_budget(engine.pipeline, free, [32], 30) < 2 * one:
+        free += 1024
+    two = run(free=free)[1]
+    assert offloaded["device_peak_bytes"] < two["device_peak_bytes"] < kept["device_peak_bytes"]
+    assert kept["loss"] == offloaded["loss"] == two["loss"]
