@@ -2,14 +2,25 @@
 
 Four primitives, each issuing work to one stream of the device (see device.py):
 
-    stream_in(i, slot)   copy_in   layer i's working weights: pinned host store -> staging slot
-    bind(i, slot)        (host)    views of the slot shaped as layer i's parameters (no device copy)
+    stream_in(u, slot)   copy_in   unit u's working weights: pinned host store -> staging slot
+    bind(u, slot)        (host)    views of the slot shaped as u's parameters (no device copy)
     compute(i, ...)      compute   forward of every micro-batch, or recompute + backward
-    stream_out(i)        copy_out  layer i's fp32 gradient accumulator -> host grad buffer (once per step)
+    stream_out(acc)      copy_out  an fp32 gradient accumulator -> host grad buffer (once per step)
 
-and ``run_step`` strings them together. Layers are [embed, decoder 1..L, head] as in store.py. Within a step
-the work is layer-major: every micro-batch passes through layer i while its weights are resident, so weights
-cross the bus twice per step (forward, backward) whatever the number of micro-batches.
+and ``run_step`` strings them together. Layers are [embed, decoder 1..L, head] as in store.py; what streams
+through a slot is a ``Unit``: a decoder layer, or one vocabulary chunk of the head. Within a step the work is
+layer-major: every micro-batch passes through unit u while its weights are resident, so weights cross the bus
+twice per step (forward, backward) whatever the number of micro-batches.
+
+Device memory is O(decoder layer), whatever the vocabulary: slots and accumulators hold the largest decoder
+layer. The embedding table never leaves the host: the step's U distinct token ids are gathered there and only
+those rows cross the bus (U·H·b in, U·H·b gradient out, with b the compute dtype's bytes). The head streams in
+vocabulary chunks of V_c rows; when there is more than one, the softmax over all chunks needs two passes
+(pass 1: each token's running max and sum of exp; pass 2: each chunk's logits again, its gradient, d(x̂) and the
+chunk's lm_head gradient, streamed out per chunk). Against the one fused pass this costs one more logits GEMM,
+2·T·H·V flops per step (8·T·H·V instead of 6·T·H·V for the head), and the head's weights cross the bus twice
+(2·V·H·b in, against once for the fused pass) like every decoder layer's. The tied head's chunks are the embedding's rows, and their gradient
+goes to the embedding's grad buffer.
 
 Ordering, enforced with events so that the async test device catches any missing wait:
 - a slot is refilled only after the compute that read it finished      (slot_free[slot])
@@ -222,6 +233,13 @@ def _sq_norm(acc: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(acc).square()
 
 
+def _host_empty(p: Pipeline, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+    """A host staging buffer beside the store (pinned where the device copies asynchronously; on the meta device
+    when the store is, as in a dry run)."""
+    return torch.empty(shape, dtype=dtype, device=p.store.device,
+                       pin_memory=p.dev.pin_memory and p.store.device.type == "cpu")
+
+
 def _traced(p: Pipeline, name: str, stream: str, fn):
     return fn if p.tracer is None else p.tracer.wrap(name, stream, fn)
 
@@ -261,7 +279,7 @@ class Checkpoints:
         for m in offload:
             def copy(m=m):
                 x = self.on_host[i][m]
-                host = torch.empty(x.shape, dtype=x.dtype, pin_memory=p.dev.pin_memory)
+                host = _host_empty(p, x.shape, x.dtype)
                 host.copy_(x, non_blocking=True)
                 p.dev.retain(x, "copy_out")      # the compute stream may drop x before this copy ran
                 self.on_host[i][m] = host
@@ -341,8 +359,8 @@ def stream_in_embedding(p: Pipeline, emb: EmbeddingRows) -> None:
 
     def copy():
         table = p.store.working[0].view(-1, H)
-        host_rows = torch.empty(emb.ids.numel(), H, dtype=table.dtype, pin_memory=p.dev.pin_memory)
-        torch.index_select(table, 0, emb.ids, out=host_rows)
+        host_rows = _host_empty(p, (emb.ids.numel(), H), table.dtype)
+        torch.index_select(table, 0, emb.ids.to(table.device), out=host_rows)
         host_index = torch.cat(emb.index_host)
         host_index = host_index.pin_memory() if p.dev.pin_memory else host_index
         rows = torch.empty(host_rows.shape, dtype=host_rows.dtype, device=dev)
@@ -366,11 +384,12 @@ def write_embedding_grad(p: Pipeline, emb: EmbeddingRows, rows: torch.Tensor) ->
     Untied, the rows the last step wrote are zeroed first (the rest are still zero); tied, the head's chunks
     wrote every row this step (zeros where these rows go)."""
     grad = p.store.grad[0].view(-1, p.cfg.hidden_size)
+    ids = emb.ids.to(grad.device)               # the store's device: the host (meta in a dry run)
     if not p.cfg.tie_word_embeddings:
         if p.embed_grad_rows is not None:
             grad.index_fill_(0, p.embed_grad_rows, 0)
-        p.embed_grad_rows = emb.ids
-    grad.index_copy_(0, emb.ids, rows.view(-1, p.cfg.hidden_size))
+        p.embed_grad_rows = ids
+    grad.index_copy_(0, ids, rows.view(-1, p.cfg.hidden_size))
 
 
 def run_step(p: Pipeline, mbs: list[lt.MicroBatch], grad_scale: float):
@@ -579,7 +598,7 @@ def run_step(p: Pipeline, mbs: list[lt.MicroBatch], grad_scale: float):
     run_layers([decoder_backward_step(Unit(i)) for i in range(L, 0, -1)])    # decoders L..1, recomputed
     d_rows = emb.grad()
     compute(p, 0, None, lambda: embed_backward(d_rows), "backward embed")    # needs no weights: a scatter-add
-    rows_grad = torch.empty(emb.ids.numel() * H, dtype=p.store.grad[0].dtype, pin_memory=p.dev.pin_memory)
+    rows_grad = _host_empty(p, (emb.ids.numel() * H,), p.store.grad[0].dtype)
     stream_out(p, "embed rows", d_rows.view(-1), rows_grad)
 
     # sync: the loss and the gradient norm are needed on the host to clip and to report

@@ -10,7 +10,7 @@ import horizon_triton as ht
 from hf_reference import random_batches
 
 
-def _run(backend, monkeypatch, compute_dtype="float32"):
+def _run(backend, monkeypatch, compute_dtype="float32", head_chunk_rows=None):
     if backend is None:
         monkeypatch.delenv("HORIZON_KERNELS", raising=False)
     else:
@@ -18,14 +18,16 @@ def _run(backend, monkeypatch, compute_dtype="float32"):
     cfg = ht.preset("tiny", qk_norm=True, attention_bias=True, tie_word_embeddings=True)
     batches = random_batches(2, vocab=64, seq=16)
     batches[1]["position_ids"] = torch.cat((torch.arange(6), torch.arange(10))).expand(2, 16)  # packed docs
-    engine = ht.Engine(cfg, ht.TrainConfig(device="cpu", compute_dtype=compute_dtype, lr=1e-3))
+    engine = ht.Engine(cfg, ht.TrainConfig(device="cpu", compute_dtype=compute_dtype, lr=1e-3,
+                                           head_chunk_rows=head_chunk_rows))
     history = engine.fit(batches)
     return engine.kernel_backend, [h["loss"] for h in history], torch.cat(engine.store.master)
 
 
-def test_engine_through_triton_kernels_matches_torch_path(monkeypatch):
-    name, losses, weights = _run("interpret", monkeypatch)
-    ref_name, ref_losses, ref_weights = _run(None, monkeypatch)
+@pytest.mark.parametrize("head_chunk_rows", [None, 24])   # the fused head, or 3 vocabulary chunks (two passes)
+def test_engine_through_triton_kernels_matches_torch_path(monkeypatch, head_chunk_rows):
+    name, losses, weights = _run("interpret", monkeypatch, head_chunk_rows=head_chunk_rows)
+    ref_name, ref_losses, ref_weights = _run(None, monkeypatch, head_chunk_rows=head_chunk_rows)
     assert (name, ref_name) == ("triton-interpret", "torch")
     assert losses == pytest.approx(ref_losses, rel=1e-5)
     # Adam divides by sqrt(v): where a gradient is ~0 a rounding difference moves a weight by up to ~lr/10

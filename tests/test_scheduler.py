@@ -32,15 +32,24 @@ def sync_result():
     return _train()
 
 
+@pytest.fixture(scope="module")
+def sync_chunked_result():
+    return _train(head_chunk_rows=10)
+
+
 @pytest.mark.parametrize("seed", range(24))
-def test_async_device_bit_identical_to_sync(sync_result, seed, monkeypatch):
-    # vary the delays, the slot count and where checkpoints live; weights come from the same init seed
+def test_async_device_bit_identical_to_sync(sync_result, sync_chunked_result, seed, monkeypatch):
+    # vary the delays, the slot count, where checkpoints live and whether the head streams in vocabulary chunks
+    # (7 chunks of 10 rows, two passes); weights come from the same init seed
     monkeypatch.setattr(devices, "AsyncTestDevice",
                         lambda _seed, _cls=devices.AsyncTestDevice: _cls(seed=1000 + seed, max_delay_s=0.001))
-    result = _train(device="cpu-async", num_slots=2 + seed % 2, checkpoint_budget_bytes=None if seed % 3 else 0)
-    assert result[0] == sync_result[0]
-    assert result[1] == sync_result[1]
-    assert torch.equal(result[2], sync_result[2])
+    chunked = seed % 4 == 1
+    result = _train(device="cpu-async", num_slots=2 + seed % 2, checkpoint_budget_bytes=None if seed % 3 else 0,
+                    head_chunk_rows=10 if chunked else None)
+    want = sync_chunked_result if chunked else sync_result
+    assert result[0] == want[0]
+    assert result[1] == want[1]
+    assert torch.equal(result[2], want[2])
 
 
 def test_async_device_exposes_a_missing_wait(sync_result, monkeypatch):
