@@ -185,8 +185,7 @@ class Engine:
                 xn, _ = self.ops.rmsnorm_forward(x, w["norm"], cfg.rms_norm_eps)
                 logits[:, u.start:u.stop] = xn @ w["lm_head"].t()
             p.slot_free[0] = self.device.record("compute")
-        x = logits
-        return x.view(*input_ids.shape, -1).cpu()
+        return logits.view(*input_ids.shape, -1).cpu()
 
     # ---- checkpoints ------------------------------------------------------------------------------------
     def save_pretrained(self, out_dir: str | Path, dtype: str | torch.dtype | None = None) -> None:

@@ -482,6 +482,13 @@ def run_step(p: Pipeline, mbs: list[lt.MicroBatch], grad_scale: float):
         return u, backward, lambda: give_acc(state["k"], p.name(u), state["acc"], p.store.grad[u.layer])
 
     # ---- head --------------------------------------------------------------------------------------------
+    def head_gradient(u: Unit, state: dict):
+        """Host: chunk u's accumulator (state: its ping-pong index, for head_out) and the gradient views."""
+        state["k"], state["acc"] = take_acc((u.stop - u.start) * H)
+        if cfg.tie_word_embeddings:
+            emb.grad()                           # the chunks hand the gathered rows' gradient to the embedding
+        return state["acc"], {"lm_head": state["acc"].view(-1, H), "norm": p.norm_acc}
+
     def head_gradient_done(u: Unit, acc: torch.Tensor) -> None:
         """Compute stream, after every micro-batch's lm_head gradient of chunk u is in acc: when tied, the rows
         the embedding also gathered move to its row gradient (one sum, rounded once), zero here."""
@@ -505,11 +512,7 @@ def run_step(p: Pipeline, mbs: list[lt.MicroBatch], grad_scale: float):
         state = {}
 
         def forward(w):
-            state["k"], acc = take_acc((u.stop - u.start) * H)
-            state["acc"] = acc
-            g = {"lm_head": acc.view(-1, H), "norm": p.norm_acc}
-            if cfg.tie_word_embeddings:
-                emb.grad()
+            acc, g = head_gradient(u, state)
 
             def head_loss():
                 acc.zero_()
@@ -553,11 +556,7 @@ def run_step(p: Pipeline, mbs: list[lt.MicroBatch], grad_scale: float):
         state = {}
 
         def forward(w):
-            state["k"], acc = take_acc((u.stop - u.start) * H)
-            state["acc"] = acc
-            g = {"lm_head": acc.view(-1, H), "norm": p.norm_acc}
-            if cfg.tie_word_embeddings:
-                emb.grad()
+            acc, g = head_gradient(u, state)
 
             def head_grad():
                 acc.zero_()

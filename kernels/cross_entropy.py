@@ -23,6 +23,14 @@ once per chunk (why larger chunks are faster). Each GEMM is the Triton kernel be
 and the block sizes and warps, come from ``tuning.best_config("cross_entropy", ...)``, written by ``autotune()``,
 which also checks every candidate against the reference on the GPU before timing it (``check_error``).
 
+Vocabulary chunks (the engine's head streamed through a staging slot V_c rows at a time; the maths in
+reference.py): ``cross_entropy_chunk_stats_`` (pass 1: the logits GEMM, then _chunk_stats_kernel merges each
+row's max and Σ exp into running fp32 statistics and picks the target's logit) and
+``cross_entropy_chunk_backward`` (pass 2: the logits GEMM again, _chunk_grad_kernel writes g in place from the
+global lse, then dh += g @ W_c and dW_c += gᵀ @ h, both accumulating in fp32), built from the same GEMMs and
+row loops. Against the fused op, the chunked head costs one more logits GEMM (8·T·H·V flops instead of 6·T·H·V)
+and a [T, H] fp32 dh accumulator; its logits buffer is [min(C, T), V_c].
+
 Supported: h, weight in bf16 or fp32 (same dtype), any strides; targets int32/int64 in [0, V) or -100;
 any T ≥ 0 (odd T, last chunk short), any V (odd V, V not a multiple of the block).
 Known gaps:
@@ -199,13 +207,19 @@ def _loss_and_grad(
     # every warp reads x[y] (a scalar load runs in all threads) before any warp overwrites the row with g
     tl.debug_barrier()
     tl.store(loss_ptr + row, tl.where(valid, lse - picked, 0.0))
-    scale = tl.where(valid, grad_scale, 0.0)
+    _write_grad_row(row_ptr, V, V_alloc, lse, safe_target, tl.where(valid, grad_scale, 0.0), BLOCK_V)
+
+
+@triton.jit
+def _write_grad_row(row_ptr, V, V_alloc, lse, one_hot_col, scale, BLOCK_V: tl.constexpr):
+    """Overwrites the row's logits x with scale·(exp(x − lse) − [v = one_hot_col]) in their own dtype. Each
+    element is loaded and stored by the same lane; loads and stores run to V_alloc ≥ V (see _loss_and_grad)."""
     cols = tl.arange(0, BLOCK_V)
     for start in range(0, V, BLOCK_V):
         in_alloc = start + cols < V_alloc
         x = tl.load(row_ptr + start + cols, mask=in_alloc, other=0.0).to(tl.float32)
         x = tl.where(start + cols < V, x, float("-inf"))
-        g = tl.exp(x - lse) - tl.where(start + cols == safe_target, 1.0, 0.0)
+        g = tl.exp(x - lse) - tl.where(start + cols == one_hot_col, 1.0, 0.0)
         tl.store(row_ptr + start + cols, (g * scale).to(row_ptr.dtype.element_ty), mask=in_alloc)
 
 
@@ -321,15 +335,9 @@ def _chunk_grad_kernel(
     row_ptr = logits_ptr + row * stride_row
     target = tl.load(targets_ptr + row)
     lse = tl.load(lse_ptr + row)
-    local = target - start
-    scale = tl.where(target != IGNORE, grad_scale, 0.0)
-    cols = tl.arange(0, BLOCK_V)
-    for first in range(0, V_c, BLOCK_V):
-        in_alloc = first + cols < V_alloc
-        x = tl.load(row_ptr + first + cols, mask=in_alloc, other=0.0).to(tl.float32)
-        x = tl.where(first + cols < V_c, x, float("-inf"))
-        g = tl.exp(x - lse) - tl.where(first + cols == local, 1.0, 0.0)
-        tl.store(row_ptr + first + cols, (g * scale).to(row_ptr.dtype.element_ty), mask=in_alloc)
+    # a target outside the chunk (or ignored: negative) matches no column
+    _write_grad_row(row_ptr, V_c, V_alloc, lse, target - start, tl.where(target != IGNORE, grad_scale, 0.0),
+                    BLOCK_V)
 
 
 # ----------------------------------------------------------------------------------------------------------
