@@ -19,8 +19,8 @@ vocabulary chunks of V_c rows; when there is more than one, the softmax over all
 (pass 1: each token's running max and sum of exp; pass 2: each chunk's logits again, its gradient, d(x̂) and the
 chunk's lm_head gradient, streamed out per chunk). Against the one fused pass this costs one more logits GEMM,
 2·T·H·V flops per step (8·T·H·V instead of 6·T·H·V for the head), and the head's weights cross the bus twice
-(2·V·H·b in, against once for the fused pass) like every decoder layer's. The tied head's chunks are the embedding's rows, and their gradient
-goes to the embedding's grad buffer.
+(2·V·H·b in, against once for the fused pass) like every decoder layer's. The tied head's chunks are the
+embedding's rows, and their gradient goes to the embedding's grad buffer.
 
 Ordering, enforced with events so that the async test device catches any missing wait:
 - a slot is refilled only after the compute that read it finished      (slot_free[slot])
@@ -402,10 +402,9 @@ def run_step(p: Pipeline, mbs: list[lt.MicroBatch], grad_scale: float):
     hidden = [None] * M                         # the activation flowing forward, per micro-batch
     grads = [None] * M                          # d(activation) flowing backward, per micro-batch
     emb = EmbeddingRows(p, mbs)
-    budget = p.checkpoint_budget
-    if budget is None and p.dev.free_memory() is not None:
-        budget = default_checkpoint_budget(p, p.dev.free_memory(), [mb.host_ids.numel() for mb in mbs],
-                                           emb.ids.numel())
+    budget, free = p.checkpoint_budget, p.dev.free_memory()
+    if budget is None and free is not None:      # the configured budget overrides; CPU devices keep every one
+        budget = default_checkpoint_budget(p, free, [mb.host_ids.numel() for mb in mbs], emb.ids.numel())
     ckpt = Checkpoints(p, L, M, budget)         # ckpt i: input of decoder layer i (1..L)
     act_bytes = [mb.input_ids.numel() * H * p.store.compute_dtype.itemsize for mb in mbs]
     totals = {}                                 # device scalars written by compute work
@@ -537,9 +536,11 @@ def run_step(p: Pipeline, mbs: list[lt.MicroBatch], grad_scale: float):
                     if first:
                         xn, rstd = lt.head_norm(ops, cfg, w, hidden[m])
                         T = xn.shape[0]
-                        stats = [torch.full((T,), float("-inf"), device=xn.device), xn.new_zeros(T, dtype=torch.float32),
-                                 xn.new_zeros(T, dtype=torch.float32)]
-                        head[m] = dict(xn=p.meter.add(xn), rstd=p.meter.add(rstd), stats=[p.meter.add(t) for t in stats])
+                        stats = [torch.full((T,), float("-inf"), device=xn.device),           # row_max
+                                 xn.new_zeros(T, dtype=torch.float32),                          # row_sum
+                                 xn.new_zeros(T, dtype=torch.float32)]                          # target_logit
+                        head[m] = dict(xn=p.meter.add(xn), rstd=p.meter.add(rstd),
+                                       stats=[p.meter.add(t) for t in stats])
                     lt.head_chunk_stats(ops, w, head[m]["xn"], mb, u.start, head[m]["stats"])
                     if last:
                         stats = head[m].pop("stats")

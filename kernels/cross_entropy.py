@@ -330,7 +330,7 @@ def _chunk_grad_kernel(
     IGNORE: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     """Pass 2, one program per token row: overwrites the chunk's logits row with
-    g = grad_scale · (exp(x − lse) − [v = y − start]) in its own dtype (0 on ignored rows and columns ≥ V_c)."""
+    g = grad_scale · (exp(x − lse) − [v = y − start]) in its own dtype (0 on ignored rows, columns ≥ V_c)."""
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * stride_row
     target = tl.load(targets_ptr + row)
