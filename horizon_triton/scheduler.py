@@ -250,16 +250,19 @@ def run_step(p: Pipeline, mbs: list[lt.MicroBatch], grad_scale: float):
     totals = {}                                 # device scalars written by compute work
 
     def run_layers(order: list[int], make_work, after=None) -> None:
-        """The ping-pong: layer order[pos] computes from slot pos % S while the next S-1 layers stream in."""
+        """The ping-pong: layer order[pos] computes from slot pos % S while the next S-1 layers stream in.
+
+        Layer i's compute is submitted before the stream-in of the layer S-1 ahead: that stream-in first waits
+        on the host for the optimizer to have updated its layer, and compute i must not wait with it."""
         for pos in range(min(S - 1, len(order))):
             stream_in(p, order[pos], pos % S)
         for pos, i in enumerate(order):
-            if pos + S - 1 < len(order):
-                stream_in(p, order[pos + S - 1], (pos + S - 1) % S)
             w = bind(p, i, pos % S)
             compute(p, i, pos % S, make_work(i, w, pos), f"{make_work.__name__} {p.store.layouts[i].name}")
             if after is not None:
                 after(i, pos)
+            if pos + S - 1 < len(order):     # refills the slot of compute pos-1 (stream_in waits for it)
+                stream_in(p, order[pos + S - 1], (pos + S - 1) % S)
 
     def forward(i, w, pos):
         def embed():

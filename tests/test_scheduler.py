@@ -4,6 +4,8 @@ The async test device runs every stream on its own thread after random delays: a
 read a half-filled slot or a copy read a half-written gradient, and the numbers change. Results must be
 bit-identical to the synchronous device for every seed."""
 import json
+import threading
+import time
 
 import pytest
 import torch
@@ -94,3 +96,37 @@ def test_trace_shows_every_primitive_and_weights_stream_twice_per_step(tmp_path)
     assert names.count("stream_out layers.1") == 2
     summary = trace["otherData"]
     assert 0 < summary["compute_busy"] <= 1 and 0 <= summary["copy_hidden"] <= 1
+
+
+def test_compute_is_submitted_before_the_stream_in_that_waits_for_the_optimizer(monkeypatch):
+    """Step 2's forward: layer i's compute is submitted before the host blocks on the optimizer for layer i+S-1
+    (with a slow CPU AdamW, compute i would otherwise wait for layer i+1's update)."""
+    from horizon_triton import optimizer as opt
+    from horizon_triton import scheduler
+    log, lock = [], threading.Lock()
+    update, submit = opt.OptimizerDriver.update_layer, scheduler.compute
+
+    def slow_update(self, i, *args):
+        time.sleep(0.05)
+        update(self, i, *args)
+        with lock:
+            log.append(("updated", self.store.layouts[i].name))
+
+    def logged_compute(p, i, slot, work, name):
+        with lock:
+            log.append(("compute", name))
+        submit(p, i, slot, work, name)
+
+    monkeypatch.setattr(opt.OptimizerDriver, "update_layer", slow_update)
+    monkeypatch.setattr(scheduler, "compute", logged_compute)
+    cfg = ht.preset("tiny", num_layers=4)
+    for slots in (2, 3):
+        log.clear()
+        engine = ht.Engine(cfg, ht.TrainConfig(device="cpu-async", num_slots=slots))
+        engine.fit(random_batches(2, vocab=64, seq=8))
+        engine.close()
+        second = log[log.index(("compute", "backward embed")) + 1:]           # from step 2's forward on
+        names = [layout.name for layout in engine.store.layouts]
+        for pos, name in enumerate(names[:-(slots - 1)]):
+            ahead = names[pos + slots - 1]
+            assert second.index(("compute", f"forward {name}")) < second.index(("updated", ahead)), (slots, name)
