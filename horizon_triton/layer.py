@@ -58,7 +58,8 @@ def _decoder_recompute(ops, cfg: ModelConfig, w, x: torch.Tensor, mb: MicroBatch
     q_lin = qkv[:, :cfg.q_size].reshape(T, Hq, D).contiguous()
     k_lin = qkv[:, cfg.q_size:cfg.q_size + cfg.kv_size].reshape(T, Hkv, D).contiguous()
     v = qkv[:, cfg.q_size + cfg.kv_size:].reshape(B, S, Hkv, D).contiguous()
-    saved = dict(qkv=qkv, rstd_in=rstd_in, q_lin=q_lin, k_lin=k_lin)
+    del qkv                                   # the backward never reads it: freed before the attention runs
+    saved = dict(rstd_in=rstd_in, q_lin=q_lin, k_lin=k_lin)
     if cfg.qk_norm:
         q, saved["rstd_q"] = ops.rmsnorm_forward(q_lin, w["q_norm"], cfg.rms_norm_eps)
         k, saved["rstd_k"] = ops.rmsnorm_forward(k_lin, w["k_norm"], cfg.rms_norm_eps)
@@ -105,7 +106,7 @@ def decoder_backward(ops, cfg: ModelConfig, w, g, x: torch.Tensor, mb: MicroBatc
         dk = ops.rmsnorm_backward(dk, s["k_lin"], w["k_norm"], s["rstd_k"], g["k_norm"])
     d_qkv = torch.cat((dq.reshape(T, -1), dk.reshape(T, -1), dv.reshape(T, -1)), dim=1)      # [T, (Hq+2Hkv)D]
     if cfg.attention_bias:
-        g["qkv_bias"] += d_qkv.float().sum(0)
+        g["qkv_bias"] += d_qkv.sum(0, dtype=torch.float32)
     return d_h + ops.rmsnorm_matmul_backward(d_qkv, x, w["input_norm"], w["qkv"], s["rstd_in"], g["qkv"],
                                              g["input_norm"])
 

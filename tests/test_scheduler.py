@@ -6,6 +6,7 @@ bit-identical to the synchronous device for every seed."""
 import json
 import threading
 import time
+import weakref
 
 import pytest
 import torch
@@ -130,3 +131,40 @@ def test_compute_is_submitted_before_the_stream_in_that_waits_for_the_optimizer(
         for pos, name in enumerate(names[:-(slots - 1)]):
             ahead = names[pos + slots - 1]
             assert second.index(("compute", f"forward {name}")) < second.index(("updated", ahead)), (slots, name)
+
+
+def test_tracer_keeps_a_bounded_window_of_spans(tmp_path):
+    from horizon_triton.trace import Tracer
+    tracer = Tracer(max_spans=10)
+    for n in range(25):
+        tracer.wrap(f"work {n}", "compute" if n % 2 else "copy_in", lambda: None)()
+    names = [name for name, *_ in tracer.spans()]
+    assert names == [f"work {n}" for n in range(15, 25)] and tracer.dropped == 15
+    tracer.write(str(tmp_path / "t.json"))
+    trace = json.loads((tmp_path / "t.json").read_text())
+    assert len([e for e in trace["traceEvents"] if e["ph"] == "X"]) == 10
+    assert trace["otherData"]["dropped_spans"] == 15
+
+
+def test_decoder_recompute_keeps_no_fused_qkv():
+    """The backward reads q, k, v (copied out of the fused projection), never the fused qkv itself."""
+    from horizon_triton import layer as lt
+    from horizon_triton.ops import load_ops
+    cfg = ht.preset("tiny", attention_bias=True)
+    engine = ht.Engine(cfg, ht.TrainConfig(device="cpu"))
+    w = engine.store.layouts[1].views(engine.store.working[1])
+    mb = engine.prepare(random_batches(1, vocab=cfg.vocab_size, seq=12)[0])
+    x = torch.randn(mb.input_ids.numel(), cfg.hidden_size, dtype=torch.bfloat16)
+    ops, outputs = load_ops("torch"), []
+    fused = ops.rmsnorm_matmul_forward
+
+    def recorded(*args):
+        y, rstd = fused(*args)
+        outputs.append(weakref.ref(y))
+        return y, rstd
+
+    ops.rmsnorm_matmul_forward = recorded
+    saved = lt._decoder_recompute(ops, cfg, w, x, mb)
+    assert outputs[0]() is None               # the fused qkv projection: gone while the saved tensors live
+    assert outputs[1]() is saved["gate_up"]
+    engine.close()
