@@ -90,13 +90,19 @@ class Engine:
             pos = torch.arange(S).expand(B, S)
         targets = torch.full_like(labels, IGNORE_INDEX, dtype=torch.int64)
         targets[:, :-1] = labels[:, 1:]                  # the transformers convention: shift inside the loss
-        dev = self.device.torch_device
-        freqs = pos.reshape(-1, 1).to(dev).float() * self._inv_freq[None, :]
+        freqs = self._to_device(pos.reshape(-1, 1)).float() * self._inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)          # [T, D]
-        return lt.MicroBatch(input_ids=ids.long().to(dev), targets=targets.reshape(-1).to(dev),
+        return lt.MicroBatch(input_ids=self._to_device(ids.long()), targets=self._to_device(targets.reshape(-1)),
                              cos=emb.cos(), sin=emb.sin(),
-                             doc_ids=None if doc_ids is None else doc_ids.to(dev),
+                             doc_ids=None if doc_ids is None else self._to_device(doc_ids),
                              num_targets=int((targets != IGNORE_INDEX).sum()))
+
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        """On CUDA: through pinned memory, without blocking the host (the copy is queued on the compute stream
+        behind the running step; the pinned buffer is kept until the copy ran by torch's host allocator)."""
+        if not self.device.pin_memory:
+            return t.to(self.device.torch_device)
+        return t.pin_memory().to(self.device.torch_device, non_blocking=True)
 
     # ---- training ---------------------------------------------------------------------------------------
     def fit(self, loader, max_steps: int | None = None, callback=None) -> list[dict]:

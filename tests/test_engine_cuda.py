@@ -36,3 +36,32 @@ def test_cuda_engine_trains_like_the_cpu_path(gpu, tmp_path, family, compute_dty
     assert losses == pytest.approx(ref_losses, rel=rel)
     if compute_dtype == "float32":   # in bf16 the two paths round differently; the losses are the check there
         torch.testing.assert_close(weights, ref_weights, atol=1e-4, rtol=0)
+
+
+def test_prepare_copies_through_pinned_memory_without_blocking(monkeypatch):
+    """On a pinning device (CUDA) every tensor of a micro-batch goes host → pinned → device with non_blocking;
+    runs on CPU with the pinning and the copy recorded instead of done."""
+    engine = ht.Engine(ht.preset("tiny"), ht.TrainConfig(device="cpu"))
+    engine.device.pin_memory = True
+    pinned, copies = [], []
+    def recorded_pin(t):
+        staged = t.clone()
+        pinned.append(staged.data_ptr())
+        return staged
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", recorded_pin)
+    to = torch.Tensor.to
+
+    def recorded_to(t, *args, **kwargs):
+        copies.append((t.data_ptr(), kwargs.get("non_blocking", False)))
+        return to(t, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "to", recorded_to)
+    batch = random_batches(1, vocab=64, seq=12)[0]
+    batch["position_ids"] = torch.cat((torch.arange(5), torch.arange(7))).expand(2, 12)
+    mb = engine.prepare(batch)
+    monkeypatch.undo()
+    assert len(pinned) == 4                                    # positions, input_ids, targets, doc_ids
+    assert [ptr for ptr, non_blocking in copies if non_blocking] == pinned
+    assert mb.doc_ids is not None and mb.input_ids.shape == (2, 12)
+    engine.close()
