@@ -12,12 +12,13 @@ import torch
 from horizon_triton.kernels.cpu_adam import implementation as adam_implementation
 from horizon_triton.kernels.reference import IGNORE_INDEX
 
+from . import canary
 from . import layer as lt
 
 from .checkpoint import DTYPES, load_weights, save_weights
 from .config import ModelConfig, TrainConfig
 from .device import make_device
-from .ops import load_ops, select_backend
+from .ops import TORCH_ONLY, load_ops, select_backend
 from .optimizer import OptimizerDriver, clip_coefficient
 from .scheduler import bind, build_pipeline, run_step, stream_in
 from .store import HostStore
@@ -41,7 +42,17 @@ class Engine:
         else:
             self.store.init_random(train_cfg.seed)
         self.kernel_backend = select_backend(self.device.type)
-        self.ops = load_ops(self.kernel_backend)
+        self.ops = load_ops(self.kernel_backend, self.device.type)
+        # what runs each op: "triton", "library (why)" where the canary replaced a Triton family, or the path
+        path = self.kernel_backend
+        if path == "torch":
+            path = "library" if self.device.type == "cuda" else "reference"
+        self.kernel_report = dict.fromkeys(vars(self.ops), path)
+        if self.kernel_backend == "triton":
+            self.kernel_report.update(dict.fromkeys(TORCH_ONLY, "library"))
+            self.ops, report = canary.run(self.ops, load_ops("torch", "cuda"), self.device.torch_device,
+                                          self.compute_dtype, model_cfg.head_dim, model_cfg.sliding_window)
+            self.kernel_report.update(report)
         self.optimizer = OptimizerDriver(self.store, train_cfg)
         self.tracer = Tracer() if train_cfg.trace_path else None
         self.optimizer.tracer = self.tracer
