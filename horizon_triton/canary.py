@@ -64,10 +64,12 @@ def _run_family(ops, family: str, t) -> list[torch.Tensor]:
         return [ops.rope_forward_(q, t.cos, t.sin), ops.rope_backward_(dq, t.cos, t.sin)]
     if family == "swiglu":
         return [ops.swiglu_forward(t.gate_up), ops.swiglu_backward(t.dh, t.gate_up)]
-    if family == "attention":
-        scale = t.D ** -0.5
-        o, lse = ops.attention_forward(t.q, t.k, t.v, t.doc_ids, scale, t.window)
-        return [o, *ops.attention_backward(t.do, t.q, t.k, t.v, o, lse, t.doc_ids, scale, t.window)]
+    if family == "attention":                        # packed documents and plain rows: two kernel variants
+        scale, outputs = t.D ** -0.5, []
+        for doc_ids in (t.doc_ids, None):
+            o, lse = ops.attention_forward(t.q, t.k, t.v, doc_ids, scale, t.window)
+            outputs += [o, *ops.attention_backward(t.do, t.q, t.k, t.v, o, lse, doc_ids, scale, t.window)]
+        return outputs
     if family == "cross_entropy":
         dw = zeros(*t.lm_head.shape)
         loss, dh = ops.linear_cross_entropy(t.x, t.lm_head, t.targets, dw, 1.0 / t.T)

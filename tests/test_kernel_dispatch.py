@@ -20,6 +20,7 @@ def _run(backend, monkeypatch, compute_dtype="float32"):
     batches[1]["position_ids"] = torch.cat((torch.arange(6), torch.arange(10))).expand(2, 16)  # packed docs
     engine = ht.Engine(cfg, ht.TrainConfig(device="cpu", compute_dtype=compute_dtype, lr=1e-3))
     history = engine.fit(batches)
+    assert set(engine.kernel_report.values()) == {"reference" if backend is None else "triton-interpret"}
     return engine.kernel_backend, [h["loss"] for h in history], torch.cat(engine.store.master)
 
 
