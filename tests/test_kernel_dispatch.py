@@ -87,3 +87,24 @@ def test_torch_backend_on_cuda_is_the_library_path():
     assert ops.attention_forward is library.attention_forward
     assert ops.linear_cross_entropy is library.linear_cross_entropy
     assert ops.rope_forward_ is library.rope_forward_          # the small ops are the references
+
+
+def test_canary_keeps_a_kernel_it_cannot_judge():
+    """Where the library path itself fails (e.g. no flash attention on this GPU) the Triton family stays, with a
+    warning that says it went unchecked."""
+    from types import SimpleNamespace
+
+    from horizon_triton import canary
+    from horizon_triton.ops import load_ops
+
+    triton_ops = load_ops("triton-interpret")
+    fallback = SimpleNamespace(**vars(load_ops("torch")))
+
+    def unavailable(*args):
+        raise RuntimeError("FlashAttention only supports Ampere GPUs or newer")
+    fallback.swiglu_forward = unavailable
+    with pytest.warns(RuntimeWarning, match="swiglu kernels could not be checked"):
+        ops, report = canary.run(triton_ops, fallback, torch.device("cpu"), torch.float32, head_dim=32,
+                                 sliding_window=None)
+    assert report["swiglu_backward"].startswith("triton (unchecked: the library path raised RuntimeError")
+    assert ops.swiglu_forward is triton_ops.swiglu_forward
