@@ -9,6 +9,10 @@ A list of such single examples (what a DataLoader with ``collate_fn=list`` yield
 
 Collation right-pads every row to the longest: input_ids with the pad id (0 without one), labels with -100,
 position_ids with 0, and an attention_mask that is 0 on the padding (combined with the rows' own masks).
+
+attention_mask and position_ids become attention documents for the kernels' doc-id masking (doc_ids_of): a
+masked token is a document of its own, so it attends only to itself and nothing attends to it, while the kept
+tokens see each other as in transformers (whose masked keys are hidden from every query).
 """
 from __future__ import annotations
 

@@ -57,7 +57,7 @@ class Engine:
     def prepare(self, batch, where: str = "batch") -> lt.MicroBatch:
         """Checks one loader batch (see batch.py for the shapes accepted) and moves it to the compute device with
         its rotary tables and doc ids."""
-        cols = batch_tensors(batch, where, self.model_cfg.pad_token_id)
+        cols = batch_tensors(batch, where, self.model_cfg.pad_row)
         ids = cols["input_ids"]
         labels = cols.get("labels")
         if labels is None:
@@ -106,10 +106,9 @@ class Engine:
     def _check_positions(self, pos: torch.Tensor, where: str) -> None:
         limit = self.model_cfg.max_positions
         if pos.numel() and pos.max() >= limit:
-            scaled = " (with its rope scaling)" if self.model_cfg.rope_scaling else ""
-            raise ValueError(f"{where}: position {pos.max().item()} (a sequence of {pos.max().item() + 1} tokens) "
-                             f"is beyond the {limit} positions this model supports{scaled} "
-                             "(max_position_embeddings); cut the sequences shorter")
+            scaled = ", stretched by its rope scaling" if limit != self.model_cfg.max_position_embeddings else ""
+            raise ValueError(f"{where}: position {pos.max().item()} is beyond the {limit} positions of this model "
+                             f"(max_position_embeddings{scaled}); cut sequences to at most {limit} tokens")
 
     # ---- training ---------------------------------------------------------------------------------------
     def fit(self, loader, max_steps: int | None = None, callback=None) -> list[dict]:
