@@ -46,7 +46,8 @@ def _examples_to_columns(examples: Sequence[Mapping], where: str) -> dict[str, l
     keys = [key for key in KEYS if key in examples[0]]
     for index, example in enumerate(examples):
         if [key for key in KEYS if key in example] != keys:
-            raise ValueError(f"{where}: example {index} has keys {sorted(example)}, example 0 has {sorted(examples[0])}")
+            raise ValueError(f"{where}: example {index} has keys {sorted(example)}, example 0 has "
+                             f"{sorted(examples[0])}")
     return {key: [torch.as_tensor(example[key]) for example in examples] for key in keys}
 
 

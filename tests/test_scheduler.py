@@ -98,12 +98,13 @@ def test_trace_shows_every_primitive_and_weights_stream_twice_per_step(tmp_path)
 
 
 def test_grad_norm_is_the_float64_norm_of_the_gradients():
-    """Layers of ~4.2M parameters: an fp32 reduction over one of them is off by ~1e-4 relative on CPU; the
-    reported norm must be the float64 norm of the very gradients the engine wrote to the host store."""
+    """Layers of ~4.2M parameters: one fp32 reduction over such a layer is off by ~1e-4 relative on CPU (the norm
+    was 14.8267 for 14.8307); the reported norm must be the float64 norm of the very gradients the engine wrote
+    to the host store (its fp32 partial sums of 1024 elements leave ~3e-9)."""
     cfg = ht.ModelConfig(vocab_size=256, hidden_size=512, intermediate_size=2048, num_layers=2, num_heads=8,
                          num_kv_heads=8)
     assert min(layout.numel for layout in layer_layouts(cfg)[1:-1]) > 4e6
     engine = ht.Engine(cfg, ht.TrainConfig(device="cpu", compute_dtype="float32", lr=0.0))
     reported = engine.fit(random_batches(1, vocab=256, seq=16))[0]["grad_norm"]
     exact = sum(g.double().square().sum() for g in engine.store.grad).sqrt().item()
-    assert reported == pytest.approx(exact, rel=1e-12)
+    assert reported == pytest.approx(exact, rel=2e-8)
