@@ -14,6 +14,7 @@ from horizon_triton.kernels.reference import IGNORE_INDEX
 
 from . import canary
 from . import layer as lt
+from .batch import batch_tensors, doc_ids_of, kept_tokens
 
 from .checkpoint import DTYPES, load_weights, save_weights
 from .config import ModelConfig, TrainConfig
@@ -64,20 +65,22 @@ class Engine:
                  f"{self.store.num_parameters():,}", self.kernel_backend, train_cfg.device, adam_implementation())
 
     # ---- data -------------------------------------------------------------------------------------------
-    def prepare(self, batch: dict, where: str = "batch") -> lt.MicroBatch:
-        """Checks one loader batch and moves it to the compute device with its rotary tables and doc ids."""
-        if not isinstance(batch, dict) or "input_ids" not in batch:
-            raise ValueError(f"{where}: expected a dict with 'input_ids' and 'labels', got {type(batch).__name__}")
-        ids = torch.as_tensor(batch["input_ids"])
-        labels = torch.as_tensor(batch["labels"]) if "labels" in batch else None
+    def prepare(self, batch, where: str = "batch") -> lt.MicroBatch:
+        """Checks one loader batch (see batch.py for the shapes accepted) and moves it to the compute device with
+        its rotary tables and doc ids."""
+        cols = batch_tensors(batch, where, self.model_cfg.pad_row)
+        ids = cols["input_ids"]
+        labels = cols.get("labels")
         if labels is None:
-            raise ValueError(f"{where}: no 'labels' (use input_ids with -100 where no loss is wanted)")
+            raise ValueError(f"{where}: no 'labels' (labels=input_ids trains on every token the attention_mask "
+                             "keeps; -100 where no loss is wanted)")
         if ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"{where}: input_ids must be an integer tensor [batch, seq], got {tuple(ids.shape)} "
                              f"{ids.dtype}")
-        if labels.shape != ids.shape:
-            raise ValueError(f"{where}: labels shape {tuple(labels.shape)} differs from input_ids shape "
-                             f"{tuple(ids.shape)}")
+        for key in ("labels", "attention_mask", "position_ids"):
+            if key in cols and cols[key].shape != ids.shape:
+                raise ValueError(f"{where}: {key} shape {tuple(cols[key].shape)} differs from input_ids shape "
+                                 f"{tuple(ids.shape)}")
         V = self.model_cfg.vocab_size
         if ids.numel() and (ids.min() < 0 or ids.max() >= V):
             bad = ids[(ids < 0) | (ids >= V)][0].item()
@@ -86,27 +89,36 @@ class Engine:
         if bad_labels.any():
             raise ValueError(f"{where}: label {labels[bad_labels][0].item()} is neither -100 nor in [0, {V})")
         B, S = ids.shape
-        pos = batch.get("position_ids")
-        doc_ids = None
+        keep = kept_tokens(cols.get("attention_mask"), where)    # [B, S] bool or None
+        pos = cols.get("position_ids")
         if pos is not None:
-            pos = torch.as_tensor(pos).long()
-            if pos.shape != ids.shape:
-                raise ValueError(f"{where}: position_ids shape {tuple(pos.shape)} differs from input_ids shape "
-                                 f"{tuple(ids.shape)}")
-            restart = torch.zeros_like(pos, dtype=torch.bool)
-            restart[:, 1:] = pos[:, 1:] <= pos[:, :-1]   # a position that does not grow starts a new document
-            if restart.any():
-                doc_ids = restart.cumsum(1).to(torch.int32)
+            pos = pos.long()
+            if pos.numel() and pos.min() < 0:
+                raise ValueError(f"{where}: position_ids must be ≥ 0, got {pos.min().item()}")
         else:
-            pos = torch.arange(S).expand(B, S)
+            pos = torch.arange(S).expand(B, S)           # as transformers: attention_mask does not shift positions
+        self._check_positions(pos if keep is None else pos[keep], where)
+        doc_ids = doc_ids_of(pos, keep)
         targets = torch.full_like(labels, IGNORE_INDEX, dtype=torch.int64)
         targets[:, :-1] = labels[:, 1:]                  # the transformers convention: shift inside the loss
+        if keep is not None:                             # a masked token neither predicts nor is predicted
+            targets[:, :-1].masked_fill_(~(keep[:, :-1] & keep[:, 1:]), IGNORE_INDEX)
+        pad = self.model_cfg.pad_row
+        embed_grad_mask = None if pad is None or not (ids == pad).any() else (ids != pad).reshape(-1)
         freqs = self._to_device(pos.reshape(-1, 1)).float() * self._inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)          # [T, D]
         return lt.MicroBatch(input_ids=self._to_device(ids.long()), targets=self._to_device(targets.reshape(-1)),
                              cos=emb.cos(), sin=emb.sin(),
                              doc_ids=None if doc_ids is None else self._to_device(doc_ids),
-                             num_targets=int((targets != IGNORE_INDEX).sum()))
+                             num_targets=int((targets != IGNORE_INDEX).sum()),
+                             embed_grad_mask=None if embed_grad_mask is None else self._to_device(embed_grad_mask))
+
+    def _check_positions(self, pos: torch.Tensor, where: str) -> None:
+        limit = self.model_cfg.max_positions
+        if pos.numel() and pos.max() >= limit:
+            scaled = ", stretched by its rope scaling" if limit != self.model_cfg.max_position_embeddings else ""
+            raise ValueError(f"{where}: position {pos.max().item()} is beyond the {limit} positions of this model "
+                             f"(max_position_embeddings{scaled}); cut sequences to at most {limit} tokens")
 
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:
         """On CUDA: through pinned memory, without blocking the host (the copy is queued on the compute stream
@@ -178,12 +190,16 @@ class Engine:
 
     # ---- inference (evaluation and the demo) ------------------------------------------------------------
     @torch.no_grad()
-    def logits(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """fp32 logits [B, S, V] of the current weights; layer by layer through slot 0, without the pipeline."""
+    def logits(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+               attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """fp32 logits [B, S, V] of the current weights; layer by layer through slot 0, without the pipeline.
+        Where attention_mask is 0 the logits mean nothing (those tokens see only themselves)."""
         self.optimizer.wait_all()
         batch = {"input_ids": input_ids, "labels": torch.full_like(input_ids, IGNORE_INDEX)}
         if position_ids is not None:
             batch["position_ids"] = position_ids
+        if attention_mask is not None:
+            batch["attention_mask"] = attention_mask
         mb = self.prepare(batch, where="logits")
         p, cfg = self.pipeline, self.model_cfg
         x = None

@@ -26,6 +26,8 @@ class MicroBatch:
     sin: torch.Tensor
     doc_ids: torch.Tensor | None      # [B, S] int32 document index (packed sequences), None: one document a row
     num_targets: int                  # counted (non-ignored) targets, known on the host without a sync
+    embed_grad_mask: torch.Tensor | None = None  # [T] bool, False at the pad id: that embedding row gets no
+                                                 # gradient from the lookup (padding_idx); None: no pad id
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -40,7 +42,10 @@ def embed_forward(w, mb: MicroBatch) -> torch.Tensor:
 
 
 def embed_backward(g, mb: MicroBatch, dx: torch.Tensor) -> None:
-    g["embed"].index_add_(0, mb.input_ids.reshape(-1), dx.float())
+    dx = dx.float()
+    if mb.embed_grad_mask is not None:
+        dx = dx.masked_fill(~mb.embed_grad_mask[:, None], 0.0)                      # [T, H]
+    g["embed"].index_add_(0, mb.input_ids.reshape(-1), dx)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -27,9 +27,12 @@ def _train(path, device, compute_dtype, batches, **train):
 @pytest.mark.parametrize("family", ["llama_tied_bias", "qwen3", "mistral"])
 @pytest.mark.parametrize("compute_dtype, rel", [("float32", 1e-4), ("bfloat16", 2e-2)])
 def test_cuda_engine_trains_like_the_cpu_path(gpu, tmp_path, family, compute_dtype, rel):
-    make_hf_model(family, tmp_path, head_dim=32, hidden_size=128)
+    make_hf_model(family, tmp_path, head_dim=32, hidden_size=128, pad_token_id=0)
     batches = random_batches(6, vocab=96, seq=40)
     batches[3]["position_ids"] = torch.cat((torch.arange(15), torch.arange(25))).expand(2, 40)
+    mask = torch.ones(2, 40, dtype=torch.long)
+    mask[0, :9], mask[1, 30:] = 0, 0        # left and right padding, through the kernels' doc-id masking
+    batches[4].update(attention_mask=mask, input_ids=batches[4]["input_ids"].masked_fill(mask == 0, 0))
     engine, losses, weights = _train(tmp_path, "cuda", compute_dtype, batches, checkpoint_budget_bytes=0)
     assert engine.kernel_backend == "triton" and engine.store.pinned
     _, ref_losses, ref_weights = _train(tmp_path, "cpu", compute_dtype, batches)

@@ -15,9 +15,15 @@ def _run(backend, monkeypatch, compute_dtype="float32"):
         monkeypatch.delenv("HORIZON_KERNELS", raising=False)
     else:
         monkeypatch.setenv("HORIZON_KERNELS", backend)
-    cfg = ht.preset("tiny", qk_norm=True, attention_bias=True, tie_word_embeddings=True)
+    cfg = ht.preset("tiny", qk_norm=True, attention_bias=True, tie_word_embeddings=True, pad_token_id=5)
     batches = random_batches(2, vocab=64, seq=16)
     batches[1]["position_ids"] = torch.cat((torch.arange(6), torch.arange(10))).expand(2, 16)  # packed docs
+    mask = torch.ones(2, 16, dtype=torch.long)
+    mask[0, :4] = 0                 # row 0 left-padded, row 1 right-padded; the pad id also among real tokens
+    mask[1, 12:] = 0
+    batches[1]["input_ids"][mask == 0] = 5
+    batches[1]["input_ids"][:, 8] = 5
+    batches[1]["attention_mask"] = mask
     engine = ht.Engine(cfg, ht.TrainConfig(device="cpu", compute_dtype=compute_dtype, lr=1e-3))
     history = engine.fit(batches)
     assert set(engine.kernel_report.values()) == {"reference" if backend is None else "triton-interpret"}
