@@ -1,0 +1,100 @@
+"""Records -> token ids and labels: which tokens count for the loss.
+
+A record is rendered to one string plus the character spans that are trained, then tokenized once with offsets;
+a token is trained when it starts inside a span (labels -100 elsewhere).
+
+    text             the string with the tokenizer's special tokens (e.g. BOS) and its eos appended; all trained
+    prompt/response  with a chat template: the conversation [user: prompt, assistant: response], as messages;
+                     without one: prompt + PROMPT_RESPONSE_SEPARATOR + response + eos, the response and eos trained
+    messages         the tokenizer's own chat template (apply_chat_template), no special tokens added beyond it.
+                     Assistant turns are trained: their content and their end-of-turn token.
+
+Finding the assistant spans without {% generation %} markers: for assistant turn k, the rendering of
+messages[:k] with add_generation_prompt=True ends where the turn's content starts, and the rendering of
+messages[:k+1] ends after its end-of-turn token (trailing whitespace, e.g. ChatML's newline, left out). Both must
+be prefixes of the whole conversation's rendering; that holds for ChatML (Qwen), Llama 3, Mistral and Gemma
+templates. A template that rewrites earlier turns (e.g. one that drops past reasoning) is an error saying so.
+``train_on="all"`` trains every token of the rendering instead.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from horizon_triton.kernels.reference import IGNORE_INDEX
+
+PROMPT_RESPONSE_SEPARATOR = "\n"
+TRAIN_ON = ("assistant", "all")
+
+
+def render(record: dict, tokenizer, train_on: str = "assistant") -> tuple[str, list[tuple[int, int]], bool, bool]:
+    """(text, trained character spans, add the tokenizer's special tokens?, append eos?) of one record."""
+    if "text" in record:
+        return record["text"], [(0, len(record["text"]))], True, True
+    has_template = getattr(tokenizer, "chat_template", None) is not None
+    if "prompt" in record and not has_template:
+        text = record["prompt"] + PROMPT_RESPONSE_SEPARATOR + record["response"]
+        start = 0 if train_on == "all" else len(text) - len(record["response"])
+        return text, [(start, len(text))], True, True
+    if not has_template:
+        raise ValueError("the tokenizer has no chat template (tokenizer.chat_template), which conversation "
+                         "records need; set one, or write the data as {\"text\": ...} lines")
+    messages = record.get("messages") or [{"role": "user", "content": record["prompt"]},
+                                          {"role": "assistant", "content": record["response"]}]
+    text = _apply(tokenizer, messages, False)
+    if train_on == "all":
+        return text, [(0, len(text))], False, False
+    spans = []
+    for k, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = _apply(tokenizer, messages[:k], True) if k else ""
+        through = _apply(tokenizer, messages[:k + 1], False).rstrip()
+        if not (through.startswith(before) and text.startswith(through)):
+            raise ValueError(f"the chat template renders assistant turn {k} differently inside the whole "
+                             "conversation than on its own, so its tokens cannot be found; use --train-on all, "
+                             "or a template that keeps earlier turns as they are")
+        spans.append((len(before), len(through)))
+    return text, spans, False, False
+
+
+def _apply(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def encode_record(record: dict, tokenizer, train_on: str = "assistant") -> tuple[list[int], list[int]]:
+    """(input_ids, labels) of one record; labels are the ids where trained, -100 elsewhere."""
+    if train_on not in TRAIN_ON:
+        raise ValueError(f"train_on {train_on!r}: choose one of {', '.join(TRAIN_ON)}")
+    text, spans, special, add_eos = render(record, tokenizer, train_on)
+    try:
+        encoded = tokenizer(text, add_special_tokens=special, return_offsets_mapping=True)
+    except NotImplementedError:
+        raise ValueError("the tokenizer gives no character offsets (a slow tokenizer); save the model's fast "
+                         "tokenizer (tokenizer.json) with it") from None
+    ids = list(encoded["input_ids"])
+    labels = [i if end > start and any(a <= start < b for a, b in spans) else IGNORE_INDEX
+              for i, (start, end) in zip(ids, encoded["offset_mapping"])]
+    if add_eos and tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+        labels.append(tokenizer.eos_token_id)
+    return ids, labels
+
+
+def tokenize_records(records: list[dict], tokenizer, train_on: str = "assistant") -> list[tuple[list[int], list[int]]]:
+    """(input_ids, labels) of each record (see encode_record)."""
+    return [encode_record(record, tokenizer, train_on) for record in records]
+
+
+def load_tokenizer(model_dir: str | Path):
+    """transformers.AutoTokenizer from local files only; a clear error if the directory has none."""
+    import transformers
+    model_dir = Path(model_dir)
+    names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+    if not any((model_dir / name).is_file() for name in names):
+        raise FileNotFoundError(f"{model_dir} has no tokenizer (none of {', '.join(names)}); save one there with "
+                                "tokenizer.save_pretrained(dir)")
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - transformers raises many kinds; the directory is what matters
+        raise ValueError(f"could not load the tokenizer in {model_dir}: {e}") from e
+    return tokenizer
