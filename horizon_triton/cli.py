@@ -320,9 +320,11 @@ def run_data(args) -> dict:
     tokenizer = data.load_tokenizer(args.model)
     seq_len = _seq_len(args, model_cfg)
     prepared = _prepare(args, tokenizer, seq_len, args.data, None, keep_examples=args.show)
+    if prepared.examples:
+        print("trained tokens are shown \u00abbetween guillemets\u00bb")
     for number, ids, labels in prepared.examples:
         trained = int((labels != data.IGNORE_INDEX).sum())
-        print(f"--- {args.data}:{number}: {len(ids)} tokens, {trained} trained (between \u00ab and \u00bb)")
+        print(f"--- {args.data}:{number}: {len(ids)} tokens, {trained} trained")
         print(show_tokens(tokenizer, ids, labels))
     stats = prepared.stats["train"]
     print(f"{args.data}: {stats.summary(seq_len, args.too_long or 'drop')}")
