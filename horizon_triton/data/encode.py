@@ -20,6 +20,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from horizon_triton.kernels.reference import IGNORE_INDEX
 
 PROMPT_RESPONSE_SEPARATOR = "\n"
@@ -48,7 +50,7 @@ def render(record: dict, tokenizer, train_on: str = "assistant") -> tuple[str, l
         if message["role"] != "assistant":
             continue
         before = _apply(tokenizer, messages[:k], True) if k else ""
-        through = _apply(tokenizer, messages[:k + 1], False).rstrip()
+        through = (text if k == len(messages) - 1 else _apply(tokenizer, messages[:k + 1], False)).rstrip()
         if not (through.startswith(before) and text.startswith(through)):
             raise ValueError(f"the chat template renders assistant turn {k} differently inside the whole "
                              "conversation than on its own, so its tokens cannot be found; use --train-on all, "
@@ -72,8 +74,13 @@ def encode_record(record: dict, tokenizer, train_on: str = "assistant") -> tuple
         raise ValueError("the tokenizer gives no character offsets (a slow tokenizer); save the model's fast "
                          "tokenizer (tokenizer.json) with it") from None
     ids = list(encoded["input_ids"])
-    labels = [i if end > start and any(a <= start < b for a, b in spans) else IGNORE_INDEX
-              for i, (start, end) in zip(ids, encoded["offset_mapping"])]
+    offsets = np.array(encoded["offset_mapping"], dtype=np.int64).reshape(-1, 2)      # [tokens, (start, end)]
+    starts = np.array([a for a, _ in spans], dtype=np.int64)
+    ends = np.array([b for _, b in spans], dtype=np.int64)
+    span = np.searchsorted(starts, offsets[:, 0], side="right") - 1                  # the span starting last before
+    trained = (span >= 0) & (offsets[:, 0] < ends[span]) & (offsets[:, 1] > offsets[:, 0]) if spans else \
+        np.zeros(len(ids), dtype=bool)
+    labels = np.where(trained, ids, IGNORE_INDEX).tolist()
     if add_eos and tokenizer.eos_token_id is not None:
         ids.append(tokenizer.eos_token_id)
         labels.append(tokenizer.eos_token_id)
