@@ -4,7 +4,7 @@
     horizon-triton train --model DIR --data FILE.jsonl --out DIR   fine-tunes a Hugging Face checkpoint
     horizon-triton data --model DIR --data FILE.jsonl --show 3     how the records tokenize, what is trained
 
-Both print one progress line per step (rewritten in place on a terminal) and write metrics.jsonl into --out:
+Both show a progress bar on a terminal (one plain line a step otherwise) and write metrics.jsonl into --out:
 one {"kind": "train", ...} line per optimizer step (the engine's history entry) and one {"kind": "eval", ...}
 line per evaluation (the demo's held-out exact match; the fine-tune's eval loss). The fine-tune saves the model
 with engine.save_pretrained and plots metrics.png beside metrics.jsonl. ``train --config run.yaml`` reads options
@@ -162,6 +162,7 @@ def run_demo(args) -> dict:
     try:
         evaluate(0)
         engine.fit(task.batches(batch_size, seed=args.seed), max_steps=steps, callback=on_step)
+        progress.close()
         evaluate(steps)
         problems = task.heldout[:5]
         for problem, answer in zip(problems, data.greedy_answers(engine.logits, task, problems)):
@@ -213,6 +214,8 @@ def run_finetune(args) -> dict:
                          "so choose another --out")
     if args.eval_data and args.eval_split:
         raise ValueError("--eval-data and --eval-split both choose the eval set; give one of them")
+    if args.eval_every and not (args.eval_data or args.eval_split):
+        raise ValueError("--eval-every needs an eval set: --eval-data FILE or --eval-split FRACTION")
     model_cfg = ModelConfig.from_pretrained(args.model)       # checks the directory before the data is read
     tokenizer = data.load_tokenizer(args.model)
     seq_len = _seq_len(args, model_cfg)
@@ -475,7 +478,7 @@ def with_config(argv: list[str], train: argparse.ArgumentParser) -> list[str]:
             known = ", ".join(sorted(d for d in actions if d not in ("help", "config")))
             raise ValueError(f"config file {path}: unknown option {key!r}; options are {known}")
         flag = actions[dest].option_strings[0]
-        if isinstance(actions[dest], argparse._StoreTrueAction):
+        if actions[dest].nargs == 0:                       # a switch (store_true)
             if not isinstance(value, bool):
                 raise ValueError(f"config file {path}: {key} is a switch, give true or false, not {value!r}")
             flags += [flag] if value else []

@@ -2,6 +2,7 @@
 answers in transformers), and the run options around it: validation, --config, the data command, TensorBoard,
 the plot, --version, the help text, demo options refused."""
 import json
+import sys
 
 import pytest
 import torch
@@ -104,12 +105,15 @@ def test_eval_split_config_file_and_tensorboard(tmp_path, chat_model, capsys):
     assert (out / "metrics.png").is_file() and (out / "config.json").is_file()
 
 
-def test_eval_data_file(tmp_path, chat_model):
+def test_eval_data_file_and_a_run_without_matplotlib(tmp_path, chat_model, capsys, monkeypatch):
     data = _jsonl(tmp_path / "chat.jsonl", [_chat(q, a) for q, a in QA])
     held = _jsonl(tmp_path / "held.jsonl", [_chat(q, a) for q, a in QA[:2]])
     out = tmp_path / "out"
+    monkeypatch.setitem(sys.modules, "matplotlib", None)          # import matplotlib raises ImportError
     assert cli.main(_args(chat_model, data, out, "--steps", "2", "--eval-data", str(held), "--seq-len", "64")) == 0
     assert [m["step"] for m in _metrics(out) if m["kind"] == "eval"] == [2]
+    assert 'no plot: the loss plot needs matplotlib: pip install "horizon-triton[plot]"' in capsys.readouterr().out
+    assert not (out / "metrics.png").exists() and (out / "model.safetensors").is_file()
 
 
 @pytest.mark.parametrize("extra,message", [
@@ -117,6 +121,7 @@ def test_eval_data_file(tmp_path, chat_model):
     (["--eval-problems", "3"], "--eval-problems: demo options"),
     (["--eval-split", "0.5", "--eval-data", "x.jsonl"], "give one of them"),
     (["--seq-len", "1000"], "above the model's max_position_embeddings 256"),
+    (["--eval-every", "2"], "--eval-every needs an eval set"),
 ])
 def test_finetune_refuses_options_that_do_not_apply(tmp_path, chat_model, capsys, extra, message):
     data = _jsonl(tmp_path / "chat.jsonl", [_chat(q, a) for q, a in QA])

@@ -86,6 +86,9 @@ def test_a_template_that_rewrites_earlier_turns_is_refused():
         data.encode_record({"messages": CHAT}, tokenizer)
     ids, labels = data.encode_record({"messages": CHAT}, tokenizer, train_on="all")
     assert ids == labels
+    tokenizer.chat_template = "{{ raise_exception('roles must alternate user/assistant') }}"
+    with pytest.raises(ValueError, match="the chat template refused the conversation: roles must alternate"):
+        data.encode_record({"messages": CHAT}, tokenizer)
 
 
 def _chat_lines(n):

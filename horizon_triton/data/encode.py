@@ -60,7 +60,10 @@ def render(record: dict, tokenizer, train_on: str = "assistant") -> tuple[str, l
 
 
 def _apply(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except Exception as e:  # noqa: BLE001 - templates raise their own errors (e.g. roles that must alternate)
+        raise ValueError(f"the chat template refused the conversation: {e}") from None
 
 
 def encode_record(record: dict, tokenizer, train_on: str = "assistant") -> tuple[list[int], list[int]]:
