@@ -75,17 +75,39 @@ def test_text_and_prompt_response_without_a_template():
         data.encode_record({"messages": CHAT}, tokenizer)
 
 
-def test_a_template_that_rewrites_earlier_turns_is_refused():
+def test_templates_that_render_a_turn_differently_later_on():
+    """Qwen3-style: the last assistant turn opens with a think block that earlier ones lose, so an earlier turn
+    rendered as the last one differs from the same turn inside the conversation; Mistral-style: the system prompt
+    goes into the last user turn. Such turns are found by rendering with their content empty."""
+    def words(text):
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
     tokenizer = make_tokenizer(style="chatml")
-    # drops the content of every assistant turn but the last, as reasoning templates do with past thoughts
+    # 'the mat .' stands for the think block
     tokenizer.chat_template = (
-        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
-        "{% if m['role'] != 'assistant' or loop.last %}{{ m['content'] }}{% endif %}<|im_end|>\n{% endfor %}"
+        "{% for m in messages %}{% if m['role'] == 'assistant' and loop.last %}"
+        "<|im_start|>assistant\nthe mat .\n{{ m['content'] }}<|im_end|>\n"
+        "{% else %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endif %}{% endfor %}"
         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-    with pytest.raises(ValueError, match="renders assistant turn 2 differently"):
-        data.encode_record({"messages": CHAT}, tokenizer)
-    ids, labels = data.encode_record({"messages": CHAT}, tokenizer, train_on="all")
-    assert ids == labels
+    ids, labels = data.encode_record({"messages": CHAT}, tokenizer)
+    assert ids == tokenizer.apply_chat_template(CHAT, tokenize=True, return_dict=True)["input_ids"]
+    end = tokenizer.eos_token_id
+    # the last turn is what the model writes after the generation prompt, its think block included
+    assert _trained(ids, labels) == words("blue .") + [end] + words("the mat . four legs .") + [end]
+
+    tokenizer = make_tokenizer()                           # <s>, </s>: the eos ends an assistant turn
+    tokenizer.chat_template = (
+        "{% set system = messages[0]['content'] if messages[0]['role'] == 'system' else '' %}"
+        "{% set turns = messages[1:] if system else messages %}"
+        "{% set last_user = (turns | selectattr('role', 'eq', 'user') | list)[-1] %}"
+        "{{ bos_token }}{% for m in turns %}{% if m['role'] == 'user' %} [INST] "
+        "{% if system and m is sameas last_user %}{{ system }} {% endif %}{{ m['content'] }} [/INST]"
+        "{% else %} {{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}")
+    ids, labels = data.encode_record({"messages": CHAT}, tokenizer)
+    assert ids == tokenizer.apply_chat_template(CHAT, tokenize=True, return_dict=True)["input_ids"]
+    end = tokenizer.eos_token_id
+    assert _trained(ids, labels) == words("blue .") + [end] + words("four legs .") + [end]
+
     tokenizer.chat_template = "{{ raise_exception('roles must alternate user/assistant') }}"
     with pytest.raises(ValueError, match="the chat template refused the conversation: roles must alternate"):
         data.encode_record({"messages": CHAT}, tokenizer)

@@ -12,12 +12,16 @@ a token is trained when it starts inside a span (labels -100 elsewhere).
 Finding the assistant spans without {% generation %} markers: for assistant turn k, the rendering of
 messages[:k] with add_generation_prompt=True ends where the turn's content starts, and the rendering of
 messages[:k+1] ends after its end-of-turn token (trailing whitespace, e.g. ChatML's newline, left out). Both must
-be prefixes of the whole conversation's rendering; that holds for ChatML (Qwen), Llama 3, Mistral and Gemma
-templates. A template that rewrites earlier turns (e.g. one that drops past reasoning) is an error saying so.
+be prefixes of the whole conversation's rendering, as they are for ChatML (Qwen2/2.5) and Llama 3 templates (both
+tested). Where they are not (a template that renders a turn differently once later turns follow: Qwen3's adds an
+empty think block to the last turn only; Mistral's moves the system prompt into the last user turn), the turn's
+content is located by rendering the conversation once more with that content left empty (the two renderings
+differ exactly there), and the tokenizer's eos token is trained too when the template writes it right after.
 ``train_on="all"`` trains every token of the rendering instead.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -51,12 +55,23 @@ def render(record: dict, tokenizer, train_on: str = "assistant") -> tuple[str, l
             continue
         before = _apply(tokenizer, messages[:k], True) if k else ""
         through = (text if k == len(messages) - 1 else _apply(tokenizer, messages[:k + 1], False)).rstrip()
-        if not (through.startswith(before) and text.startswith(through)):
-            raise ValueError(f"the chat template renders assistant turn {k} differently inside the whole "
-                             "conversation than on its own, so its tokens cannot be found; use --train-on all, "
-                             "or a template that keeps earlier turns as they are")
-        spans.append((len(before), len(through)))
+        if through.startswith(before) and text.startswith(through):
+            spans.append((len(before), len(through)))
+        else:
+            spans.append(_span_by_blanking(tokenizer, messages, k, text))
     return text, spans, False, False
+
+
+def _span_by_blanking(tokenizer, messages: list[dict], k: int, text: str) -> tuple[int, int]:
+    """Where turn k's content sits in ``text``: the stretch by which it differs from the rendering with that
+    content empty, extended over the eos token when the template writes it right after."""
+    other = _apply(tokenizer, [dict(m, content="") if n == k else m for n, m in enumerate(messages)], False)
+    start = len(os.path.commonprefix([text, other]))
+    end = len(text) - len(os.path.commonprefix([text[start:][::-1], other[start:][::-1]]))
+    eos = tokenizer.eos_token
+    if end > start and eos and text.startswith(eos, end):
+        end += len(eos)
+    return start, end
 
 
 def _apply(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
