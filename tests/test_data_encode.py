@@ -75,39 +75,39 @@ def test_text_and_prompt_response_without_a_template():
         data.encode_record({"messages": CHAT}, tokenizer)
 
 
-def test_templates_that_render_a_turn_differently_later_on():
-    """Qwen3-style: the last assistant turn opens with a think block that earlier ones lose, so an earlier turn
-    rendered as the last one differs from the same turn inside the conversation; Mistral-style: the system prompt
-    goes into the last user turn. Such turns are found by rendering with their content empty."""
-    def words(text):
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
+# 'the mat .' stands for Qwen3's think block, which only the last assistant turn keeps
+QWEN3_LIKE = (
+    "{% for m in messages %}{% if m['role'] == 'assistant' and loop.last %}"
+    "<|im_start|>assistant\nthe mat .\n{{ m['content'] }}<|im_end|>\n"
+    "{% else %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+# Mistral's: the system prompt goes into the last user turn; an assistant turn ends with the eos
+MISTRAL_LIKE = (
+    "{% set system = messages[0]['content'] if messages[0]['role'] == 'system' else '' %}"
+    "{% set turns = messages[1:] if system else messages %}"
+    "{% set last_user = (turns | selectattr('role', 'eq', 'user') | list)[-1] %}"
+    "{{ bos_token }}{% for m in turns %}{% if m['role'] == 'user' %} [INST] "
+    "{% if system and m is sameas last_user %}{{ system }} {% endif %}{{ m['content'] }} [/INST]"
+    "{% else %} {{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}")
 
+
+@pytest.mark.parametrize("style,template,last_answer", [("chatml", QWEN3_LIKE, "the mat . four legs ."),
+                                                        (None, MISTRAL_LIKE, "four legs .")])
+def test_templates_that_render_a_turn_differently_later_on(style, template, last_answer):
+    """A turn rendered as the conversation's last differs from the same turn with later turns after it (Qwen3)
+    or the prefix before a turn changes once more turns follow (Mistral): such turns are found by rendering with
+    their content empty. The last turn is what the model writes after the generation prompt (a think block too)."""
+    tokenizer = make_tokenizer(style=style)
+    tokenizer.chat_template = template
+    ids, labels = data.encode_record({"messages": CHAT}, tokenizer)
+    assert ids == tokenizer.apply_chat_template(CHAT, tokenize=True, return_dict=True)["input_ids"]
+    end = tokenizer.eos_token_id
+    words = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in ("blue .", last_answer)]
+    assert _trained(ids, labels) == words[0] + [end] + words[1] + [end]
+
+
+def test_a_failing_template_is_named():
     tokenizer = make_tokenizer(style="chatml")
-    # 'the mat .' stands for the think block
-    tokenizer.chat_template = (
-        "{% for m in messages %}{% if m['role'] == 'assistant' and loop.last %}"
-        "<|im_start|>assistant\nthe mat .\n{{ m['content'] }}<|im_end|>\n"
-        "{% else %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endif %}{% endfor %}"
-        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-    ids, labels = data.encode_record({"messages": CHAT}, tokenizer)
-    assert ids == tokenizer.apply_chat_template(CHAT, tokenize=True, return_dict=True)["input_ids"]
-    end = tokenizer.eos_token_id
-    # the last turn is what the model writes after the generation prompt, its think block included
-    assert _trained(ids, labels) == words("blue .") + [end] + words("the mat . four legs .") + [end]
-
-    tokenizer = make_tokenizer()                           # <s>, </s>: the eos ends an assistant turn
-    tokenizer.chat_template = (
-        "{% set system = messages[0]['content'] if messages[0]['role'] == 'system' else '' %}"
-        "{% set turns = messages[1:] if system else messages %}"
-        "{% set last_user = (turns | selectattr('role', 'eq', 'user') | list)[-1] %}"
-        "{{ bos_token }}{% for m in turns %}{% if m['role'] == 'user' %} [INST] "
-        "{% if system and m is sameas last_user %}{{ system }} {% endif %}{{ m['content'] }} [/INST]"
-        "{% else %} {{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}")
-    ids, labels = data.encode_record({"messages": CHAT}, tokenizer)
-    assert ids == tokenizer.apply_chat_template(CHAT, tokenize=True, return_dict=True)["input_ids"]
-    end = tokenizer.eos_token_id
-    assert _trained(ids, labels) == words("blue .") + [end] + words("four legs .") + [end]
-
     tokenizer.chat_template = "{{ raise_exception('roles must alternate user/assistant') }}"
     with pytest.raises(ValueError, match="the chat template refused the conversation: roles must alternate"):
         data.encode_record({"messages": CHAT}, tokenizer)
