@@ -202,15 +202,13 @@ class ChunkEncoder:
         for number, raw in chunk:
             where = f"{self.path}:{number}"
             try:
-                record = parse_line(raw, where, first=number == 1)
+                record = parse_line(raw, where, first=number == 1)     # its errors name the line already
                 if record is None:
                     continue
-                try:
-                    ids, labels = encode_record(record, self.tokenizer, self.train_on)
-                except ValueError as e:
-                    raise ValueError(f"{where}: {e}") from None
+                ids, labels = encode_record(record, self.tokenizer, self.train_on)
             except ValueError as e:
-                out.append((number, None, str(e)))
+                message = str(e)
+                out.append((number, None, message if message.startswith(where + ":") else f"{where}: {message}"))
                 break
             out.append((number, np.array(ids, dtype=np.int32), np.array(labels, dtype=np.int32)))
         return out
