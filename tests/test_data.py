@@ -117,13 +117,15 @@ def test_alpaca_sharegpt_and_messages_become_messages(tmp_path):
         json.dumps({"instruction": "add", "input": "2 and 3", "output": "5", "system": "be brief"}),
         json.dumps({"conversations": [{"from": "human", "value": "add\n2 and 3"}, {"from": "gpt", "value": "5"}],
                     "system": "be brief"}),
-        json.dumps({"conversations": [{"from": "system", "value": "be brief"}, {"from": "user", "value": "add\n2 and 3"},
+        json.dumps({"conversations": [{"from": "system", "value": "be brief"},
+                                      {"from": "user", "value": "add\n2 and 3"},
                                       {"from": "assistant", "value": "5"}]}),
         json.dumps({"instruction": "add 2 and 3", "input": "", "output": "5"}),
     ])
     records = data.read_jsonl(path)
     assert records[:4] == [{"messages": chat}] * 4
-    assert records[4] == {"messages": [{"role": "user", "content": "add 2 and 3"}, {"role": "assistant", "content": "5"}]}
+    assert records[4] == {"messages": [{"role": "user", "content": "add 2 and 3"},
+                                       {"role": "assistant", "content": "5"}]}
 
 
 @pytest.mark.parametrize("bad,message", [
@@ -180,7 +182,7 @@ def test_pack_never_splits_a_document():
         data.pack_documents([long_doc, short], seq_len=4, pad_id=99)
     stats = data.DataStats()
     packer = data.Packer(4, 99, "drop", stats)
-    rows = packer.add(*long_doc) + packer.add(*short) + packer.add([5, 6], [IGNORE_INDEX, IGNORE_INDEX]) + packer.flush()
+    rows = packer.add(*long_doc) + packer.add(*short) + packer.add([5, 6], [IGNORE_INDEX] * 2) + packer.flush()
     assert [r[0].tolist() for r in rows] == [[7, 8, 9, 99]]
     assert (stats.too_long, stats.untrained, stats.rows, stats.tokens, stats.trained_tokens, stats.longest) == \
         (1, 1, 1, 3, 2, 10)

@@ -45,8 +45,8 @@ def make_tokenizer(path=None, style: str | None = None, words=WORDS):
     core.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=core, pad_token=spec["pad"], unk_token="<unk>",
                                                      bos_token=spec["bos"], eos_token=spec["eos"])
-    tokenizer.add_special_tokens({"additional_special_tokens": [t for t in spec["specials"]
-                                                                if t not in (spec["pad"], spec["bos"], spec["eos"], "<unk>")]})
+    named = (spec["pad"], spec["bos"], spec["eos"], "<unk>")
+    tokenizer.add_special_tokens({"additional_special_tokens": [t for t in spec["specials"] if t not in named]})
     if spec["template"] is not None:
         tokenizer.chat_template = spec["template"]
     if path is not None:
