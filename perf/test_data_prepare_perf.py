@@ -6,7 +6,7 @@ size runs in a fresh child process, so that its peak RSS (ru_maxrss) is its own;
 of theirs (RUSAGE_CHILDREN). Also reported: MB/s of JSONL and records/s (2 workers; the tokenizer is a word-level
 one built here with a ChatML template, so the rate is that of the pipeline more than of a real BPE).
 
-    pytest perf/test_data_prepare_perf.py --benchmark-only                  # 64 MiB and 256 MiB
+    pytest perf/test_data_prepare_perf.py --benchmark-only                  # 16 MiB and 64 MiB
     HORIZON_PREPARE_MIB=64,256,1024 pytest perf/test_data_prepare_perf.py --benchmark-only
 """
 import json
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-SIZES_MIB = [int(s) for s in os.environ.get("HORIZON_PREPARE_MIB", "64,256").split(",")]
+SIZES_MIB = [int(s) for s in os.environ.get("HORIZON_PREPARE_MIB", "16,64").split(",")]
 WORKERS = 2
 SEQ_LEN = 2048
 TESTS = Path(__file__).resolve().parent.parent / "tests"
