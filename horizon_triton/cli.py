@@ -182,16 +182,16 @@ def _pad_id(tokenizer) -> int:
     return next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None)
 
 
-def _workers(args) -> int:
+def _workers(args, path) -> int:
     if args.workers is not None:
         return args.workers
-    small = Path(args.data).is_file() and Path(args.data).stat().st_size < SMALL_FILE_BYTES
+    small = Path(path).is_file() and Path(path).stat().st_size < SMALL_FILE_BYTES
     return 0 if small else min(8, os.cpu_count() or 1)
 
 
 def _prepare(args, tokenizer, seq_len: int, path, out_dir, eval_fraction: float = 0.0, keep_examples: int = 0):
     return data.prepare(path, tokenizer, seq_len, _pad_id(tokenizer), out_dir, train_on=args.train_on or "assistant",
-                        too_long=args.too_long or "drop", workers=_workers(args), eval_fraction=eval_fraction,
+                        too_long=args.too_long or "drop", workers=_workers(args, path), eval_fraction=eval_fraction,
                         seed=args.seed, keep_examples=keep_examples)
 
 
