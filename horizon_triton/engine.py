@@ -201,6 +201,29 @@ class Engine:
         if attention_mask is not None:
             batch["attention_mask"] = attention_mask
         mb = self.prepare(batch, where="logits")
+        x = self._forward_to_head(mb, lambda xn, w: (xn @ w["lm_head"].t()).float())
+        return x.view(*input_ids.shape, -1).cpu()
+
+    @torch.no_grad()
+    def evaluate(self, loader) -> float:
+        """Mean loss over the counted label tokens of every batch of ``loader`` (dicts as ``fit`` takes) with the
+        current weights: a forward-only pass, each batch streaming the layers through slot 0 as ``logits`` does;
+        the head's logits exist one chunk of tokens at a time."""
+        self.optimizer.wait_all()
+        loss_sum, tokens = 0.0, 0
+        for index, batch in enumerate(loader):
+            mb = self.prepare(batch, where=f"eval batch {index}")
+            loss = self._forward_to_head(mb, lambda xn, w: self.ops.linear_cross_entropy_loss(xn, w["lm_head"],
+                                                                                                mb.targets))
+            loss_sum += float(loss)                      # sync: one scalar a batch
+            tokens += mb.num_targets
+        if tokens == 0:
+            raise ValueError("evaluate: the loader yielded no label tokens (every label is -100, or no batches)")
+        return loss_sum / tokens
+
+    def _forward_to_head(self, mb: lt.MicroBatch, head):
+        """Streams every layer through slot 0 (not pipelined) and returns ``head(final-normed hidden [T, H],
+        the head's bound weights)``."""
         p, cfg = self.pipeline, self.model_cfg
         x = None
         for i in range(self.store.num_layers):
@@ -213,9 +236,9 @@ class Engine:
                 x = lt.decoder_forward(self.ops, cfg, w, x, mb)
             else:
                 xn, _ = self.ops.rmsnorm_forward(x, w["norm"], cfg.rms_norm_eps)
-                x = (xn @ w["lm_head"].t()).float()
+                x = head(xn, w)
             p.slot_free[0] = self.device.record("compute")
-        return x.view(*input_ids.shape, -1).cpu()
+        return x
 
     # ---- checkpoints ------------------------------------------------------------------------------------
     def save_pretrained(self, out_dir: str | Path, dtype: str | torch.dtype | None = None) -> None:

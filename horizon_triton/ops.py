@@ -8,7 +8,8 @@ Backends
 - ``triton-interpret`` the same kernels run by Triton's interpreter on CPU (slow; for tests)
 
 Default: ``triton`` on CUDA, ``torch`` on CPU. ``HORIZON_KERNELS=torch|triton|interpret`` overrides it.
-Plain matmuls (o_proj, down_proj) stay torch matmuls on every backend: cuBLAS is already the fastest kernel.
+Plain matmuls (o_proj, down_proj) stay torch matmuls on every backend: cuBLAS is already the fastest kernel; so
+does the evaluation loss (linear_cross_entropy_loss: chunked matmul and logsumexp, no gradients).
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ KERNEL_FAMILY = {
     "attention_forward": "attention", "attention_backward": "attention",
     "linear_cross_entropy": "cross_entropy",
 }
-TORCH_ONLY = ("linear_forward", "linear_backward")
+TORCH_ONLY = ("linear_forward", "linear_backward", "linear_cross_entropy_loss")
 BACKENDS = {"torch": "torch", "triton": "triton", "interpret": "triton-interpret"}
 
 

@@ -254,3 +254,17 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
         dh[start:start + chunk_size] = (g @ weight.float()).to(h.dtype)
         matmul_accumulate_(d_weight, g.t(), hc)
     return loss_sum, dh
+
+
+def linear_cross_entropy_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                              chunk_size: int = 4096) -> torch.Tensor:
+    """The forward alone (evaluation): loss_sum as linear_cross_entropy computes it, no gradients. The same
+    chunked matmul and logsumexp serve every backend (the matmul is cuBLAS on CUDA)."""
+    loss_sum = torch.zeros((), dtype=torch.float32, device=h.device)
+    for start in range(0, h.shape[0], chunk_size):
+        tc = targets[start:start + chunk_size]
+        logits = (h[start:start + chunk_size] @ weight.t()).float()     # [chunk, V]
+        valid = tc != IGNORE_INDEX
+        picked = logits.gather(1, torch.where(valid, tc, 0)[:, None]).squeeze(1)
+        loss_sum += torch.where(valid, torch.logsumexp(logits, dim=-1) - picked, 0.0).sum()
+    return loss_sum

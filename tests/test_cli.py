@@ -12,21 +12,7 @@ import transformers
 
 from hf_reference import load_hf, make_hf_model
 from horizon_triton import cli
-
-WORDS = "the a cat dog sat ran on under mat rug big small red blue what did do ? . yes no".split()
-
-
-def make_tokenizer(path):
-    """A word-level tokenizer built offline, saved next to the model like a real checkpoint's."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    vocab = {tok: i for i, tok in enumerate(["<pad>", "<unk>", "<s>", "</s>"] + WORDS)}
-    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", unk_token="<unk>",
-                                                     bos_token="<s>", eos_token="</s>")
-    tokenizer.save_pretrained(str(path))
-    return tokenizer
-
+from tiny_tokenizers import make_tokenizer
 
 @pytest.fixture
 def checkpoint(tmp_path):
@@ -75,12 +61,14 @@ def test_finetune_end_to_end(tmp_path, checkpoint, capsys):
     assert "step 4/4" in printed and "tok/s" in printed and "MiB" in printed
 
 
-def test_finetune_default_steps_is_one_pass(tmp_path, checkpoint):
+def test_finetune_default_is_three_epochs(tmp_path, checkpoint, capsys):
     data = _jsonl(tmp_path / "train.jsonl", RECORDS[:4])
     out = tmp_path / "out"
     assert cli.main(_finetune_args(checkpoint, data, out, "--batch-size", "1", "--seq-len", "64")) == 0
-    rows = len((out / "metrics.jsonl").read_text().splitlines())
-    assert 1 <= rows <= 4                       # 4 short records pack into fewer rows of 64 tokens
+    steps = len((out / "metrics.jsonl").read_text().splitlines())
+    printed = capsys.readouterr().out
+    assert f"{steps} steps = 3 epochs of {steps // 3}" in printed and steps % 3 == 0
+    assert "warning: only" in printed                 # a tiny run says so
 
 
 @pytest.mark.parametrize("lines,message", [
@@ -148,7 +136,7 @@ class _Tty(io.StringIO):
         return True
 
 
-def test_progress_rewrites_one_line_on_a_terminal_and_prints_lines_otherwise():
+def test_progress_is_a_bar_on_a_terminal_and_plain_lines_otherwise():
     entry = dict(step=1, loss=2.5, tokens_per_s=1234.0, host_rss_peak_bytes=300 * 2**20, device_peak_bytes=2**20)
     tty, pipe = _Tty(), io.StringIO()
     for stream in (tty, pipe):
@@ -157,7 +145,9 @@ def test_progress_rewrites_one_line_on_a_terminal_and_prints_lines_otherwise():
         progress.step(dict(entry, step=2))
         progress.note("eval")
         progress.close()
-    assert tty.getvalue().startswith("\rstep 1/2  loss 2.5000  1,234 tok/s  rss 300 MiB  device peak 1 MiB")
-    assert "\rstep 2/2" in tty.getvalue() and tty.getvalue().endswith("\neval\n")
-    assert pipe.getvalue().splitlines()[:2] == ["step 1/2  loss 2.5000  1,234 tok/s  rss 300 MiB  device peak 1 MiB",
-                                                "step 2/2  loss 2.5000  1,234 tok/s  rss 300 MiB  device peak 1 MiB"]
+    bar = tty.getvalue()
+    assert "2/2" in bar and "100%" in bar and "loss 2.5000  1,234 tok/s  rss 300 MiB  device peak 1 MiB" in bar
+    assert "eval\n" in bar
+    assert pipe.getvalue().splitlines() == ["step 1/2  loss 2.5000  1,234 tok/s  rss 300 MiB  device peak 1 MiB",
+                                            "step 2/2  loss 2.5000  1,234 tok/s  rss 300 MiB  device peak 1 MiB",
+                                            "eval"]

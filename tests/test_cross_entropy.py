@@ -252,3 +252,16 @@ def test_kernels_compile_for_hopper():
         if name.startswith("gemm"):
             assert r["wgmma"] > 0, f"{name}: no wgmma in the compiled kernel"
             assert r["pipelined"], f"{name}: the K loop is not software-pipelined"
+
+
+@pytest.mark.parametrize("chunk_size", [7, 4096])
+def test_forward_only_loss_matches_the_fused_loss(dev, chunk_size):
+    """reference.linear_cross_entropy_loss (Engine.evaluate's head) = the fused op's loss and the fp64 judge's."""
+    from horizon_triton.kernels.reference import linear_cross_entropy as fused_ref
+    from horizon_triton.kernels.reference import linear_cross_entropy_loss
+    h, weight, targets = _inputs(45, 24, 61, torch.float32, dev, ignore=[slice(3, 9), slice(40, 41)])
+    loss = linear_cross_entropy_loss(h, weight, targets, chunk_size=chunk_size)
+    fused, _ = fused_ref(h, weight, targets, torch.zeros(61, 24, device=dev), 1.0, chunk_size=chunk_size)
+    judge = F.cross_entropy(h.double() @ weight.double().t(), targets, ignore_index=-100, reduction="sum")
+    torch.testing.assert_close(loss, fused, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(loss.double(), judge, rtol=1e-6, atol=1e-5)
