@@ -62,7 +62,11 @@ def temp_sibling(dst: Path) -> Path:
     """A fresh hidden temporary directory next to dst, after stale temporaries there were cleaned up."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     clean_stale(dst.parent)
-    return Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-{os.getpid()}-", dir=dst.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-{os.getpid()}-", dir=dst.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)    # mkdtemp's 0700 would make the final directory private
+    return tmp
 
 
 def _exchange(a: Path, b: Path) -> bool:

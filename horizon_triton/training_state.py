@@ -266,16 +266,25 @@ def config_differences(saved: ModelConfig, current: ModelConfig) -> list[str]:
 
 
 def _tensor_differences(manifest: dict, expected: dict) -> list[str]:
+    """What differs between the checkpoint's tensors and this store's: whole kinds first, then tensors."""
     saved = manifest["tensors"]
+    ours, theirs = {t["kind"] for t in expected.values()}, {t["kind"] for t in saved.values()}
+    out = []
+    if ours - theirs:
+        out.append(f"this store has kinds {sorted(ours - theirs)} that the checkpoint lacks")
+    if theirs - ours:
+        out.append(f"the checkpoint has kinds {sorted(theirs - ours)} that this store lacks")
 
     def spec(t):
         return f"{t['dtype']} x {t['numel']}"
-    out = [f"{name}: checkpoint {spec(saved[name])}, this store {spec(expected[name])}"
-           for name in expected if name in saved and
-           (saved[name]["dtype"], saved[name]["numel"]) != (expected[name]["dtype"], expected[name]["numel"])]
-    out += [f"{name} ({spec(expected[name])}) is not in the checkpoint" for name in expected if name not in saved]
-    out += [f"the checkpoint's {name} ({spec(saved[name])}) has no place in this store" for name in saved
-            if name not in expected]
+    shared = ours & theirs
+    out += [f"{name}: checkpoint {spec(saved[name])}, this store {spec(expected[name])}"
+            for name in expected if name in saved and
+            (saved[name]["dtype"], saved[name]["numel"]) != (expected[name]["dtype"], expected[name]["numel"])]
+    out += [f"{name} is not in the checkpoint" for name, t in expected.items()
+            if name not in saved and t["kind"] in shared]
+    out += [f"the checkpoint's {name} has no place in this store" for name, t in saved.items()
+            if name not in expected and t["kind"] in shared]
     return out
 
 
