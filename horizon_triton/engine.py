@@ -118,6 +118,10 @@ class Engine:
         save_every_minutes. A SIGINT or SIGTERM lets the current optimizer step finish, saves a checkpoint (with
         checkpoint_dir set), then raises interrupts.Interrupted (a KeyboardInterrupt) or interrupts.Terminated
         (a SystemExit(143)); a second signal stops at once."""
+        with interrupts.deferred_signals():
+            return self._fit(loader, max_steps, callback)
+
+    def _fit(self, loader, max_steps: int | None, callback) -> list[dict]:
         accum = self.train_cfg.grad_accum_steps
         if self.total_steps is None:
             self.total_steps = max_steps
@@ -128,21 +132,20 @@ class Engine:
             self.train_cfg.lr_at(self.train_cfg.warmup_steps + 1, None)  # raises the explanatory error
         history, group, seen = [], [], 0
         self._last_save_time = time.monotonic()
-        with interrupts.deferred_signals():
-            for index, batch in enumerate(loader):
-                group.append(self.prepare(batch, where=f"batch {index}"))
-                seen += 1
-                if len(group) == accum:
-                    history.append(self._optimizer_step(group, total_steps, callback))
-                    group = []
-                    self._checkpoint_if_due()
-                    if max_steps is not None and len(history) >= max_steps:
-                        break
-            if group:  # a last, partial accumulation group still makes a step of its own
+        for index, batch in enumerate(loader):
+            group.append(self.prepare(batch, where=f"batch {index}"))
+            seen += 1
+            if len(group) == accum:
                 history.append(self._optimizer_step(group, total_steps, callback))
-            self._checkpoint_if_due()
-            if seen == 0:
-                raise ValueError("the loader yielded no batches")
+                group = []
+                self._checkpoint_if_due()
+                if max_steps is not None and len(history) >= max_steps:
+                    break
+        if group:  # a last, partial accumulation group still makes a step of its own
+            history.append(self._optimizer_step(group, total_steps, callback))
+        self._checkpoint_if_due()
+        if seen == 0:
+            raise ValueError("the loader yielded no batches")
         self.optimizer.wait_all()
         if self.tracer is not None:
             self.tracer.write(self.train_cfg.trace_path)
