@@ -206,27 +206,27 @@ def test_save_every_keeps_the_newest_and_resume_refuses_other_options(tmp_path, 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("signum,status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_signal_mid_run_then_resume_equals_an_uninterrupted_run(tmp_path, checkpoint, signum, status):
+def test_sigint_and_sigterm_mid_run_then_resume_equal_an_uninterrupted_run(tmp_path, checkpoint):
     data = _jsonl(tmp_path / "train.jsonl", RECORDS)
     straight = tmp_path / "straight"
     assert cli.main(_finetune_args(checkpoint, data, straight, *RUN)) == 0
-    out = tmp_path / "out"
-    args = _finetune_args(checkpoint, data, out, *RUN)
-    proc = subprocess.Popen([sys.executable, "-m", "horizon_triton.cli", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=dict(os.environ, HORIZON_KERNELS="torch"))
-    for line in proc.stdout:
-        if line.startswith("step 3/8"):
-            proc.send_signal(signum)
-            break
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == status, err
-    assert "training state saved in" in err and "--resume" in err
-    saved = sorted(p.name for p in (out / "checkpoints").iterdir())
-    assert len(saved) == 1 and 3 <= int(saved[0][5:]) < 8
-    assert cli.main(args + ["--resume"]) == 0
-    ours, theirs = _weights(out), _weights(straight)
-    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
-    assert [(line["step"], line["loss"], line["grad_norm"]) for line in _train_lines(out)] == \
-        [(line["step"], line["loss"], line["grad_norm"]) for line in _train_lines(straight)]
-    assert (out / "tokenizer.json").is_file() and (out / "checkpoints" / saved[0]).is_dir()
+    for signum, status in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
+        out = tmp_path / signal.Signals(signum).name
+        args = _finetune_args(checkpoint, data, out, *RUN)
+        proc = subprocess.Popen([sys.executable, "-m", "horizon_triton.cli", *args], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=dict(os.environ, HORIZON_KERNELS="torch"))
+        for line in proc.stdout:
+            if line.startswith("step 3/8"):
+                proc.send_signal(signum)
+                break
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == status, err
+        assert "training state saved in" in err and "--resume" in err
+        saved = sorted(p.name for p in (out / "checkpoints").iterdir())
+        assert len(saved) == 1 and 3 <= int(saved[0][5:]) < 8
+        assert cli.main(args + ["--resume"]) == 0
+        ours, theirs = _weights(out), _weights(straight)
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+        assert [(line["step"], line["loss"], line["grad_norm"]) for line in _train_lines(out)] == \
+            [(line["step"], line["loss"], line["grad_norm"]) for line in _train_lines(straight)]
+        assert (out / "tokenizer.json").is_file() and (out / "checkpoints" / saved[0]).is_dir()
