@@ -77,7 +77,7 @@ def test_checkpoint_save_and_load_throughput(benchmark, record, tmp_path):
         for name, fn in writes[::order] + reads[::order]:
             timed(name, fn)
 
-    benchmark.pedantic(one_round, rounds=4, iterations=1, warmup_rounds=0)
+    benchmark.pedantic(one_round, rounds=6, iterations=1, warmup_rounds=0)
     rate = {name: nbytes / statistics.median(s) / 1e9 for name, s in seconds.items()}
     record(state_GB=round(nbytes / 1e9, 3), parameters=engine.store.num_parameters(),
            **{f"{name}_GBps": round(r, 3) for name, r in rate.items()},
