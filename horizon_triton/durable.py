@@ -145,8 +145,8 @@ def _alive(pid: int) -> bool:
 
 def clean_stale(parent: Path) -> None:
     """Finishes or removes what killed saves left in ``parent``: a swapped-out directory (marked) hands the
-    entries its marker lists to the new one (or becomes NAME again if the kill came between two fallback renames); every other
-    temporary of a dead process is deleted."""
+    entries its marker lists to the new one (or becomes NAME again if the kill came between the two fallback
+    renames); every other temporary of a dead process is deleted."""
     if not parent.is_dir():
         return
     for entry in sorted(parent.iterdir()):
@@ -163,6 +163,7 @@ def clean_stale(parent: Path) -> None:
             _finish(entry, dst)
         else:
             shutil.rmtree(entry, ignore_errors=True)
+    busy = {m["name"] for m in map(_TEMP.match, (e.name for e in parent.iterdir())) if m}   # saves under way
     for entry in parent.iterdir():
-        if (entry / SWAPPED_OUT).is_file() and not _TEMP.match(entry.name):
+        if (entry / SWAPPED_OUT).is_file() and not _TEMP.match(entry.name) and entry.name not in busy:
             (entry / SWAPPED_OUT).unlink()    # killed before its exchange: it is still the current directory

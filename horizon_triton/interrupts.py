@@ -84,7 +84,7 @@ class deferred_signals:
         if _Deferral.depth:
             return False
         for s, handler in _Deferral.previous.items():
-            signal.signal(s, handler)
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)   # None: set outside Python
         pending, _Deferral.received = _Deferral.received, None
         if pending is not None and error is None:
             raise stop_error(pending)

@@ -244,7 +244,10 @@ def read(ckpt: Path) -> tuple[dict, dict]:
 
 
 def model_config(trainer_state: dict) -> ModelConfig:
-    return ModelConfig(**trainer_state["model_config"])
+    try:
+        return ModelConfig(**trainer_state["model_config"])
+    except TypeError as e:
+        raise CheckpointError(f"the checkpoint's model config cannot be read by this horizon-triton: {e}") from e
 
 
 def train_config(trainer_state: dict) -> TrainConfig:
