@@ -16,12 +16,13 @@ import argparse
 import json
 import math
 import os
+import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from . import data
+from . import data, interrupts, rundir
 
 # The demo's defaults, measured on 2 CPU cores shared with other jobs (128 held-out problems, seed 0):
 # - format "pad" (fixed width, "007+045=0052"): held-out exact match 59% at step 200, 96% at step 400; the human
@@ -88,24 +89,34 @@ class Progress:
 
 class Metrics:
     """metrics.jsonl in the output directory, one JSON object a line, flushed as it goes (so it can be followed
-    with tail -f). engine.save_pretrained swaps in a new directory (keeping this file), so ``save`` reopens it."""
+    with tail -f). engine.save_pretrained swaps in a new directory (holding a copy of this file), so ``save``
+    reopens it. A resumed run (``resumed_step``) continues the file from its checkpoint's step."""
 
-    def __init__(self, out_dir: Path):
+    def __init__(self, out_dir: Path, resumed_step: int | None = None):
         out_dir.mkdir(parents=True, exist_ok=True)
         self.out_dir = out_dir
         self.path = out_dir / "metrics.jsonl"
-        self._file = self.path.open("w", encoding="utf-8")
+        if resumed_step is not None:
+            rundir.continue_metrics(self.path, resumed_step)
+        self._file = self.path.open("w" if resumed_step is None else "a", encoding="utf-8")
 
     def write(self, kind: str, entry: dict) -> None:
         self._file.write(json.dumps({"kind": kind, **entry}) + "\n")
         self._file.flush()
 
-    def save(self, engine, tokenizer=None) -> None:
-        """The checkpoint (and the tokenizer, so that the directory is a complete model) into out_dir."""
+    def save(self, engine, tokenizer=None, source=None) -> None:
+        """The final model into out_dir: weights, config, the tokenizer and generation_config.json of the
+        ``source`` model, and this file, assembled beside out_dir and swapped in as one unit (the run's
+        checkpoints move into the new directory)."""
         self._file.close()
-        engine.save_pretrained(self.out_dir)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(self.out_dir))
+
+        def add_files(tmp: Path) -> None:
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(tmp))
+            if source is not None and (Path(source) / "generation_config.json").is_file():
+                shutil.copy2(Path(source) / "generation_config.json", tmp / "generation_config.json")
+            shutil.copy2(self.path, tmp / self.path.name)
+        engine.save_pretrained(self.out_dir, add_files=add_files)
         self._file = self.path.open("a", encoding="utf-8")
 
     def close(self) -> None:
@@ -119,7 +130,7 @@ def run_demo(args) -> dict:
     """A fresh "demo" model learns 1-3 digit addition; held-out exact match is printed as it rises."""
     import torch
 
-    from . import Engine, TrainConfig, preset
+    from . import TrainConfig, preset
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads or DEMO["threads"])
     form, eval_every = args.format or DEMO["format"], args.eval_every or DEMO["eval_every"]
@@ -134,9 +145,11 @@ def run_demo(args) -> dict:
                             lr_schedule="cosine",
                             warmup_steps=DEMO["warmup"], device=args.device or "cpu", seed=args.seed,
                             compute_dtype=args.dtype or DEMO["dtype"], grad_accum_steps=args.grad_accum)
-    engine = Engine(model_cfg, train_cfg)
+    if args.out is None:          # the demo's default directory holds only earlier demos: rerunning replaces it
+        args.overwrite = True
     out = Path(args.out or "runs/demo")
-    metrics, progress = Metrics(out), Progress(steps)
+    engine, resumed = rundir.start(args, out, model_cfg, train_cfg)
+    metrics, progress = Metrics(out, engine.step if resumed else None), Progress(steps)
     batch_size = args.batch_size or DEMO["batch_size"]
     progress.note(f"demo: {model_cfg.num_parameters():,} parameter model learns {task.min_digits}-{task.max_digits} "
                   f"digit addition ({steps} steps of {batch_size * args.grad_accum} problems, lr {train_cfg.lr}, "
@@ -160,8 +173,11 @@ def run_demo(args) -> dict:
             evaluate(entry["step"])
 
     try:
-        evaluate(0)
-        engine.fit(task.batches(batch_size, seed=args.seed), max_steps=steps, callback=on_step)
+        if not resumed:
+            evaluate(0)
+        if engine.step < steps:
+            engine.fit(rundir.rest(task.batches(batch_size, seed=args.seed), engine), max_steps=steps - engine.step,
+                       callback=on_step)
         progress.close()
         evaluate(steps)
         problems = task.heldout[:5]
@@ -204,7 +220,7 @@ def _seq_len(args, model_cfg) -> int:
 
 def run_finetune(args) -> dict:
     """Fine-tunes the Hugging Face checkpoint in --model on --data; the result goes to --out."""
-    from . import Engine, ModelConfig, TrainConfig
+    from . import ModelConfig, TrainConfig
     if not args.data:
         raise ValueError("--model needs --data FILE.jsonl")
     if not args.out:
@@ -254,9 +270,9 @@ def run_finetune(args) -> dict:
         if args.threads:
             import torch
             torch.set_num_threads(args.threads)
-        engine = Engine(model_cfg, train_cfg)
         out = Path(args.out)
-        metrics, progress = Metrics(out), Progress(steps)
+        engine, resumed = rundir.start(args, out, model_cfg, train_cfg)
+        metrics, progress = Metrics(out, engine.step if resumed else None), Progress(steps)
         board = tensorboard(out / "tensorboard") if tensorboard else None
         how_long = (f"{steps} steps (--steps; an epoch is {per_epoch})" if args.steps else
                     f"{steps} steps = {epochs} epochs of {per_epoch}")
@@ -287,13 +303,14 @@ def run_finetune(args) -> dict:
                 evaluate(entry["step"])
 
         try:
-            history = engine.fit(loader, max_steps=steps, callback=on_step)
+            history = engine.fit(rundir.rest(loader, engine), max_steps=steps - engine.step,
+                                 callback=on_step) if engine.step < steps else []
             if eval_loader:
-                evaluate(history[-1]["step"])
+                evaluate(steps)
             progress.close()
             if board:
                 board.close()
-            metrics.save(engine, tokenizer)
+            metrics.save(engine, tokenizer, source=args.model)
         finally:
             progress.close()
             metrics.close()
@@ -302,8 +319,8 @@ def run_finetune(args) -> dict:
             if args.eval_data:
                 held.close()
     _plot(out, progress)
-    progress.note(f"done in {time.perf_counter() - start:.0f} s; final loss {history[-1]['loss']:.4f}; "
-                  f"model and metrics.jsonl in {out}")
+    final = f"final loss {history[-1]['loss']:.4f}; " if history else ""
+    progress.note(f"done in {time.perf_counter() - start:.0f} s; {final}model and metrics.jsonl in {out}")
     return {"history": history}
 
 
@@ -406,6 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--threads", type=_positive, help=f"torch CPU threads (demo: {DEMO['threads']}; fine-tune: "
                                                          "torch's default)")
     train.add_argument("--eval-problems", type=_positive, help="demo: held-out problems (default 256)")
+    _add_checkpoint_options(train)
     parser.train_parser = train      # with_config reads its options
     show = sub.add_parser("data", help="show how a data file tokenizes and what the loss counts",
                           description="Prints how the first --show records tokenize with the model's tokenizer "
@@ -419,6 +437,17 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--seed", type=int, default=0)
     _add_data_options(show)
     return parser
+
+
+def _add_checkpoint_options(train: argparse.ArgumentParser) -> None:
+    group = train.add_argument_group("checkpoints", f"training state is saved in OUT/{rundir.CHECKPOINTS} (also "
+                                     "when SIGINT or SIGTERM stops the run)")
+    group.add_argument("--save-every", type=_positive, metavar="N", help="save a checkpoint every N steps")
+    group.add_argument("--save-every-minutes", type=float, metavar="M", help="save a checkpoint every M minutes")
+    group.add_argument("--keep-last", type=_positive, metavar="K", help="keep only the K newest checkpoints")
+    group.add_argument("--resume", nargs="?", const="", metavar="DIR",
+                       help="continue a run from a checkpoint (default: the newest in --out), with the same options")
+    group.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
 
 
 def _add_data_options(parser) -> None:
@@ -510,9 +539,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        return 130
+    except (KeyboardInterrupt, interrupts.Terminated) as e:
+        saved = getattr(e, "checkpoint", None)
+        hint = f"; training state saved in {saved}: run the same command with --resume to continue" if saved else ""
+        print(f"\ninterrupted{hint}", file=sys.stderr)
+        return 143 if isinstance(e, interrupts.Terminated) else 130
     return 0
 
 

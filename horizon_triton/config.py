@@ -228,6 +228,11 @@ class TrainConfig:
     num_slots: int = 2                    # device staging slots for streamed weights (2 or 3)
     checkpoint_budget_bytes: int | None = None  # activation checkpoints kept on the device; above it: offload
     trace_path: str | None = None         # write a Chrome/Perfetto trace of every primitive here
+    checkpoint_dir: str | None = None     # fit saves training checkpoints here (step-N directories), periodically
+                                          # as below and when SIGINT/SIGTERM stops it
+    save_every_steps: int | None = None   # a checkpoint every this many optimizer steps
+    save_every_minutes: float | None = None  # a checkpoint when this much time passed since the last one
+    keep_last: int | None = None          # keep only the newest this many checkpoints (None: all)
 
     def __post_init__(self):
         if self.lr_schedule not in ("constant", "cosine"):
@@ -240,6 +245,10 @@ class TrainConfig:
             raise ValueError(f"grad_accum_steps must be ≥ 1, got {self.grad_accum_steps}")
         if self.num_slots not in (2, 3):
             raise ValueError(f"num_slots must be 2 or 3, got {self.num_slots}")
+        for name in ("save_every_steps", "save_every_minutes", "keep_last"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"{name} must be positive (or None), got {value}")
 
     def lr_at(self, step: int, total_steps: int | None) -> float:
         """Learning rate of 1-based optimizer step `step`, as transformers' get_{constant,cosine}_schedule_with_warmup

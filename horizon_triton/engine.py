@@ -1,6 +1,8 @@
 """Engine: the public entry point. ``Engine(model_cfg, train_cfg).fit(loader)``."""
 from __future__ import annotations
 
+import base64
+import dataclasses
 import logging
 import math
 import resource
@@ -13,6 +15,7 @@ from horizon_triton.kernels.cpu_adam import implementation as adam_implementatio
 from horizon_triton.kernels.reference import IGNORE_INDEX
 
 from . import canary
+from . import interrupts, training_state
 from . import layer as lt
 from .batch import batch_tensors, doc_ids_of, kept_tokens
 
@@ -32,15 +35,16 @@ class Engine:
     """Trains a Llama-family model whose parameters live in host RAM, streaming one layer at a time through
     the compute device. Losses and weights match transformers + torch.optim.AdamW."""
 
-    def __init__(self, model_cfg: ModelConfig, train_cfg: TrainConfig | None = None):
+    def __init__(self, model_cfg: ModelConfig, train_cfg: TrainConfig | None = None, *, init_weights: bool = True):
+        """init_weights=False leaves the host store unfilled (from_checkpoint fills it)."""
         self.model_cfg = model_cfg
         self.train_cfg = train_cfg = train_cfg or TrainConfig()
         self.device = make_device(train_cfg.device, train_cfg.seed)
         self.compute_dtype = DTYPES[train_cfg.compute_dtype]
         self.store = HostStore(model_cfg, self.compute_dtype, pin=self.device.pin_memory)
-        if model_cfg.source_path is not None:
+        if init_weights and model_cfg.source_path is not None:
             load_weights(self.store, model_cfg.source_path)
-        else:
+        elif init_weights:
             self.store.init_random(train_cfg.seed)
         self.kernel_backend = select_backend(self.device.type)
         self.ops = load_ops(self.kernel_backend, self.device.type)
@@ -60,6 +64,11 @@ class Engine:
         self.pipeline = build_pipeline(model_cfg, self.store, self.ops, self.device, self.optimizer,
                                        train_cfg.num_slots, self.tracer, train_cfg.checkpoint_budget_bytes)
         self.step = 0                     # optimizer steps taken
+        self.micro_batches = 0            # loader batches those steps consumed: the data position
+        self.total_steps = None           # the lr schedule's length, fixed by the first fit that knows it
+        self.extra_state: dict = {}       # the caller's JSON, saved with every checkpoint (the CLI's options)
+        self._last_checkpoint = (None, None)      # (step, path) of the latest save or load
+        self._last_save_time = time.monotonic()
         self._inv_freq = model_cfg.inv_freq().to(self.device.torch_device)
         log.info("horizon-triton: %s parameters, kernels=%s, device=%s, cpu adamw=%s",
                  f"{self.store.num_parameters():,}", self.kernel_backend, train_cfg.device, adam_implementation())
@@ -130,24 +139,40 @@ class Engine:
     # ---- training ---------------------------------------------------------------------------------------
     def fit(self, loader, max_steps: int | None = None, callback=None) -> list[dict]:
         """Trains on ``loader`` (an iterable of batches, one micro-batch each) until it is exhausted or
-        ``max_steps`` optimizer steps were taken. Returns one dict per optimizer step."""
+        ``max_steps`` optimizer steps were taken. Returns one dict per optimizer step.
+
+        The lr schedule's length is fixed by the first fit that knows it (max_steps, else the loader's length in
+        steps) and kept: a fit after from_checkpoint, or a second fit, continues the same schedule.
+        With train_cfg.checkpoint_dir set, a checkpoint is saved every save_every_steps steps and/or
+        save_every_minutes. A SIGINT or SIGTERM lets the current optimizer step finish, saves a checkpoint (with
+        checkpoint_dir set), then raises interrupts.Interrupted (a KeyboardInterrupt) or interrupts.Terminated
+        (a SystemExit(143)); a second signal stops at once."""
+        with interrupts.deferred_signals():
+            return self._fit(loader, max_steps, callback)
+
+    def _fit(self, loader, max_steps: int | None, callback) -> list[dict]:
         accum = self.train_cfg.grad_accum_steps
-        total_steps = max_steps
-        if total_steps is None and hasattr(loader, "__len__"):
-            total_steps = math.ceil(len(loader) / accum)
+        if self.total_steps is None:
+            self.total_steps = max_steps
+            if self.total_steps is None and hasattr(loader, "__len__"):
+                self.total_steps = math.ceil(len(loader) / accum)
+        total_steps = self.total_steps
         if self.train_cfg.lr_schedule == "cosine" and total_steps is None:
             self.train_cfg.lr_at(self.train_cfg.warmup_steps + 1, None)  # raises the explanatory error
         history, group, seen = [], [], 0
+        self._last_save_time = time.monotonic()
         for index, batch in enumerate(loader):
             group.append(self.prepare(batch, where=f"batch {index}"))
             seen += 1
             if len(group) == accum:
                 history.append(self._optimizer_step(group, total_steps, callback))
                 group = []
+                self._checkpoint_if_due()
                 if max_steps is not None and len(history) >= max_steps:
                     break
         if group:  # a last, partial accumulation group still makes a step of its own
             history.append(self._optimizer_step(group, total_steps, callback))
+        self._checkpoint_if_due()
         if seen == 0:
             raise ValueError("the loader yielded no batches")
         self.optimizer.wait_all()
@@ -170,6 +195,7 @@ class Engine:
         loss_sum, sq_norm = run_step(self.pipeline, mbs, grad_scale=1.0 / tokens)
         grad_norm = math.sqrt(float(sq_norm))
         self.step += 1
+        self.micro_batches += len(mbs)
         lr = self.train_cfg.lr_at(self.step, total_steps)
         coef = clip_coefficient(grad_norm, self.train_cfg.max_grad_norm)
         self.optimizer.start_step(self.step, lr, coef)   # runs while the next step's forward streams
@@ -187,6 +213,19 @@ class Engine:
         if callback is not None:
             callback(entry)
         return entry
+
+    def _checkpoint_if_due(self) -> None:
+        """After an optimizer step: the periodic save, and the stop a signal asked for (after saving)."""
+        c, signum = self.train_cfg, interrupts.received()
+        if c.checkpoint_dir is not None and self.step > 0 and self._last_checkpoint[0] != self.step and (
+                signum is not None
+                or c.save_every_steps is not None and self.step % c.save_every_steps == 0
+                or c.save_every_minutes is not None
+                and time.monotonic() - self._last_save_time >= 60 * c.save_every_minutes):
+            self.save_checkpoint(c.checkpoint_dir, keep_last=c.keep_last)
+        if signum is not None:
+            step, path = self._last_checkpoint
+            raise interrupts.stop_error(signum, path if step == self.step else None)
 
     # ---- inference (evaluation and the demo) ------------------------------------------------------------
     @torch.no_grad()
@@ -241,9 +280,12 @@ class Engine:
         return x
 
     # ---- checkpoints ------------------------------------------------------------------------------------
-    def save_pretrained(self, out_dir: str | Path, dtype: str | torch.dtype | None = None) -> None:
+    def save_pretrained(self, out_dir: str | Path, dtype: str | torch.dtype | None = None, add_files=None) -> None:
         """config.json + safetensors loadable by transformers.AutoModelForCausalLM.from_pretrained. Default dtype:
-        fp32 (the master weights) if the model was loaded or built in fp32, else the source checkpoint's."""
+        fp32 (the master weights) if the model was loaded or built in fp32, else the source checkpoint's.
+
+        The directory is assembled beside out_dir and swapped in whole (``add_files(tmp_dir)`` writes more files
+        into it first: a tokenizer, metrics); a SIGINT or SIGTERM during the save is acted on once it is done."""
         self.optimizer.wait_all()
         if dtype is None:
             dtype = self.model_cfg.torch_dtype
@@ -251,7 +293,85 @@ class Engine:
             if dtype not in DTYPES:
                 raise ValueError(f"dtype {dtype!r} not supported for saving; choose from {sorted(DTYPES)}")
             dtype = DTYPES[dtype]
-        save_weights(self.store, out_dir, dtype)
+        with interrupts.deferred_signals():
+            save_weights(self.store, out_dir, dtype, add_files)
+
+    def save_checkpoint(self, path: str | Path, keep_last: int | None = None) -> Path:
+        """The whole training state (every host-store buffer but the gradient, step, lr schedule, RNG, data
+        position, configs) into PATH/step-N for N = self.step, atomically and durably; returns that directory.
+        keep_last=K then deletes all but the K newest checkpoints in PATH."""
+        self.optimizer.wait_all()      # the worker may still be updating the last step's layers
+        with interrupts.deferred_signals():
+            saved = training_state.save(self.store, Path(path), self._trainer_state(), keep_last)
+        self._last_checkpoint, self._last_save_time = (self.step, saved), time.monotonic()
+        log.info("checkpoint of step %d saved in %s", self.step, saved)
+        return saved
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, train_cfg: TrainConfig | None = None) -> "Engine":
+        """An engine in the state a save_checkpoint recorded: PATH is a checkpoint, or a directory of them (the
+        newest complete one is taken). train_cfg: the saved one by default; another one may change how the run
+        executes (device, slots, checkpoint cadence), while changing optimizer settings changes the result.
+        fit(rest_of_loader) then continues: engine.step counts on, engine.micro_batches says how many loader
+        batches the run had consumed. Also restores torch's global RNG to its state at the save."""
+        ckpt = training_state.find(path)
+        _, state = training_state.read(ckpt)
+        engine = cls(training_state.model_config(state), train_cfg or training_state.train_config(state),
+                     init_weights=False)
+        engine.load_checkpoint(ckpt)
+        return engine
+
+    def load_checkpoint(self, path: str | Path) -> Path:
+        """Loads a training checkpoint (or the newest under PATH) into this engine after checking that it was
+        saved from this model with this store layout; returns the checkpoint's directory. Nothing is
+        overwritten unless every file is present, whole and of the right layout."""
+        ckpt = training_state.find(path)
+        manifest, state = training_state.read(ckpt)
+        differences = training_state.config_differences(training_state.model_config(state), self.model_cfg)
+        saved_dtype = state["train_config"].get("compute_dtype")
+        if saved_dtype != self.train_cfg.compute_dtype:
+            differences.append(f"compute_dtype: checkpoint {saved_dtype!r}, this engine "
+                               f"{self.train_cfg.compute_dtype!r}")
+        if differences:
+            raise training_state.CheckpointError(f"{ckpt} was saved from another model or setup: "
+                                                 + "; ".join(differences))
+        self.optimizer.wait_all()
+        training_state.load_into(self.store, ckpt, manifest)
+        self.step, self.micro_batches = state["step"], state["micro_batches"]
+        self.total_steps = state["schedule"]["total_steps"]
+        self.extra_state = state.get("extra", {})
+        self._set_rng_state(state["rng"])
+        self._last_checkpoint = (self.step, ckpt)
+        return ckpt
+
+    def _trainer_state(self) -> dict:
+        c = self.train_cfg
+        known = c.lr_schedule == "constant" or self.total_steps is not None
+        next_lr = c.lr_at(self.step + 1, self.total_steps) if known else None
+        return {"step": self.step, "micro_batches": self.micro_batches,
+                "schedule": {"kind": c.lr_schedule, "warmup_steps": c.warmup_steps, "total_steps": self.total_steps,
+                             "next_lr": next_lr},
+                "rng": self._rng_state(), "model_config": dataclasses.asdict(self.model_cfg),
+                "train_config": dataclasses.asdict(c), "extra": self.extra_state}
+
+    def _rng_state(self) -> dict:
+        def encode(t):
+            return base64.b64encode(t.numpy().tobytes()).decode()
+        state = {"torch": encode(torch.get_rng_state())}
+        if self.device.type == "cuda":
+            state["cuda"] = encode(torch.cuda.get_rng_state(self.device.torch_device))
+        if hasattr(self.device, "rng_state"):
+            state["device"] = self.device.rng_state()
+        return state
+
+    def _set_rng_state(self, state: dict) -> None:
+        def decode(text):
+            return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
+        torch.set_rng_state(decode(state["torch"]))
+        if self.device.type == "cuda" and "cuda" in state:
+            torch.cuda.set_rng_state(decode(state["cuda"]), self.device.torch_device)
+        if hasattr(self.device, "set_rng_state") and "device" in state:
+            self.device.set_rng_state(state["device"])
 
     def close(self) -> None:
         self.optimizer.wait_all()
