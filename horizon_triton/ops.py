@@ -55,8 +55,10 @@ def load_ops(backend: str, device_type: str = "cpu") -> SimpleNamespace:
     """A namespace with one function per op, all with the signatures of kernels/reference.py."""
     names = list(KERNEL_FAMILY) + list(TORCH_ONLY)
     if backend == "torch":
-        source = library if device_type == "cuda" else reference
-        return SimpleNamespace(**{name: getattr(source, name) for name in names})
+        if device_type != "cuda":
+            return SimpleNamespace(**{name: getattr(reference, name) for name in names})
+        # the library path replaces what PyTorch's own kernels do better; every other op is the reference
+        return SimpleNamespace(**{name: getattr(library, name, None) or getattr(reference, name) for name in names})
     if backend == "triton-interpret":
         _enter_interpreter()
     ops = {name: getattr(reference, name) for name in TORCH_ONLY}
