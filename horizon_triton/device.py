@@ -96,6 +96,15 @@ class AsyncTestDevice:
     def submit(self, stream: str, fn) -> None:
         self._queues[stream].put((self._rng.uniform(0, self._max_delay), fn, False))
 
+    def rng_state(self) -> list:
+        """The delays' generator state as JSON (training checkpoints carry it)."""
+        version, internal, gauss = self._rng.getstate()
+        return [version, list(internal), gauss]
+
+    def set_rng_state(self, state: list) -> None:
+        version, internal, gauss = state
+        self._rng.setstate((version, tuple(internal), gauss))
+
     def record(self, stream: str):
         event = threading.Event()
         self._queues[stream].put((self._rng.uniform(0, self._max_delay), event.set, True))

@@ -27,6 +27,8 @@ class MicroBatch:
     sin: torch.Tensor
     doc_ids: torch.Tensor | None      # [B, S] int32 document index (packed sequences), None: one document a row
     num_targets: int                  # counted (non-ignored) targets, known on the host without a sync
+    embed_grad_mask: torch.Tensor | None = None  # [T] bool, False at the pad id: that embedding row gets no
+                                                 # gradient from the lookup (padding_idx); None: no pad id
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -42,10 +44,15 @@ def embed_forward(rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return rows[index]                                                               # [T, H]
 
 
-def embed_backward(d_rows: torch.Tensor, index: torch.Tensor, dx: torch.Tensor, token_chunk: int = 4096) -> None:
-    """d_rows fp32[U, H] += dx[T, H] scattered by index; dx is widened to fp32 token_chunk rows at a time."""
+def embed_backward(d_rows: torch.Tensor, index: torch.Tensor, dx: torch.Tensor, keep: torch.Tensor | None = None,
+                   token_chunk: int = 4096) -> None:
+    """d_rows fp32[U, H] += dx[T, H] scattered by index; dx is widened to fp32 token_chunk rows at a time. Tokens
+    where keep[T] is False (the pad id, as nn.Embedding(padding_idx=...)) add nothing."""
     for s in range(0, dx.shape[0], token_chunk):
-        d_rows.index_add_(0, index[s:s + token_chunk], dx[s:s + token_chunk].float())
+        d = dx[s:s + token_chunk].float()
+        if keep is not None:
+            d.masked_fill_(~keep[s:s + token_chunk, None], 0.0)
+        d_rows.index_add_(0, index[s:s + token_chunk], d)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -63,7 +70,8 @@ def _decoder_recompute(ops, cfg: ModelConfig, w, x: torch.Tensor, mb: MicroBatch
     q_lin = qkv[:, :cfg.q_size].reshape(T, Hq, D).contiguous()
     k_lin = qkv[:, cfg.q_size:cfg.q_size + cfg.kv_size].reshape(T, Hkv, D).contiguous()
     v = qkv[:, cfg.q_size + cfg.kv_size:].reshape(B, S, Hkv, D).contiguous()
-    saved = dict(qkv=qkv, rstd_in=rstd_in, q_lin=q_lin, k_lin=k_lin)
+    del qkv                                   # the backward never reads it: freed before the attention runs
+    saved = dict(rstd_in=rstd_in, q_lin=q_lin, k_lin=k_lin)
     if cfg.qk_norm:
         q, saved["rstd_q"] = ops.rmsnorm_forward(q_lin, w["q_norm"], cfg.rms_norm_eps)
         k, saved["rstd_k"] = ops.rmsnorm_forward(k_lin, w["k_norm"], cfg.rms_norm_eps)
@@ -110,7 +118,7 @@ def decoder_backward(ops, cfg: ModelConfig, w, g, x: torch.Tensor, mb: MicroBatc
         dk = ops.rmsnorm_backward(dk, s["k_lin"], w["k_norm"], s["rstd_k"], g["k_norm"])
     d_qkv = torch.cat((dq.reshape(T, -1), dk.reshape(T, -1), dv.reshape(T, -1)), dim=1)      # [T, (Hq+2Hkv)D]
     if cfg.attention_bias:
-        g["qkv_bias"] += d_qkv.float().sum(0)
+        g["qkv_bias"] += d_qkv.sum(0, dtype=torch.float32)
     return d_h + ops.rmsnorm_matmul_backward(d_qkv, x, w["input_norm"], w["qkv"], s["rstd_in"], g["qkv"],
                                              g["input_norm"])
 

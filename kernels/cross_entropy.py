@@ -37,9 +37,12 @@ Known gaps:
 - the GEMMs are plain (non-persistent, no TMA, no warp specialization) Triton tiles: their H100 speed relative
   to cuBLAS is unmeasured here; autotune falls back to cuBLAS per GEMM where that is faster;
 - fp32 inputs use exact fp32 (``input_precision="ieee"``) dots: correct but far from tensor-core speed;
-- the ``torch`` choice for dW needs ``torch.addmm(..., out_dtype=float32)`` (CUDA, recent torch) for bf16;
-  on CPU it upcasts (test-only path). The default dW GEMM is the Triton one;
-- input checking of the targets reads them on the host (one sync per call).
+- the ``torch`` choice for dW is ``reference.matmul_accumulate_`` (cuBLAS with an fp32 output on CUDA; chunked
+  upcasts on CPU, a test-only path). The default dW GEMM is the Triton one;
+- target ids are checked without a sync on CUDA: a device-side assert (``torch._assert_async``) stops a bad id
+  from being read out of bounds, but it surfaces as a CUDA error at the next sync, not as a ValueError naming
+  the token (the engine checks the labels on the host before they reach the device). On CPU the check is a
+  host check that names the token.
 - In the Triton interpreter (tests) ``tl.dot`` on bf16 operands is wrong, so there (constexpr INTERPRETER, true
   only when ``tuning.interpreting()``) the GEMM upcasts its tiles to fp32. The interpreter's fp32 → bf16 cast
   truncates; the tests patch it to round to nearest as the GPU does (tests/kernel_checks.py).
@@ -53,7 +56,7 @@ import triton
 import triton.language as tl
 
 from . import sweep, tuning
-from .reference import IGNORE_INDEX
+from .reference import IGNORE_INDEX, matmul_accumulate_
 from .reference import linear_cross_entropy as linear_cross_entropy_ref  # noqa: F401  (tests, benchmarks)
 
 KERNEL = "cross_entropy"
@@ -351,14 +354,10 @@ def _matmul(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, cfg: dict, accumu
     """c (+)= a @ b with the GEMM choice ``cfg``; a, b, c are 2-D views of any strides."""
     (M, K), N = a.shape, b.shape[1]
     if cfg["impl"] == "torch":
-        if not accumulate:
+        if accumulate:                      # bf16 operands, fp32 accumulator: cuBLAS with beta = 1
+            matmul_accumulate_(c, a, b)
+        else:
             torch.mm(a, b, out=c)
-        elif a.dtype == c.dtype:
-            c.addmm_(a, b)
-        elif c.is_cuda:                     # bf16 operands, fp32 accumulator: cuBLAS with beta = 1
-            torch.addmm(c, a, b, out_dtype=c.dtype, out=c)
-        else:                               # CPU (interpreter tests only): no mixed-dtype addmm there
-            c.addmm_(a.float(), b.float())
         return
     if M == 0 or N == 0:
         return

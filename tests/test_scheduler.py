@@ -5,6 +5,9 @@ read a half-filled slot or a copy read a half-written gradient, and the numbers 
 bit-identical to the synchronous device for every seed."""
 import json
 import math
+import threading
+import time
+import weakref
 
 import pytest
 import torch
@@ -12,6 +15,7 @@ import torch
 import horizon_triton as ht
 from horizon_triton import device as devices
 from horizon_triton import scheduler as sched
+from horizon_triton.store import layer_layouts
 from hf_reference import random_batches
 
 TINY = ht.preset("tiny", num_layers=3, tie_word_embeddings=True)
@@ -155,3 +159,87 @@ def test_default_checkpoint_budget_follows_free_device_memory(monkeypatch):
     two = run(free=free)[1]
     assert offloaded["device_peak_bytes"] < two["device_peak_bytes"] < kept["device_peak_bytes"]
     assert kept["loss"] == offloaded["loss"] == two["loss"]
+
+
+def test_compute_is_submitted_before_the_stream_in_that_waits_for_the_optimizer(monkeypatch):
+    """Step 2's forward: layer i's compute is submitted before the host blocks on the optimizer for layer i+S-1
+    (with a slow CPU AdamW, compute i would otherwise wait for layer i+1's update)."""
+    from horizon_triton import optimizer as opt
+    from horizon_triton import scheduler
+    log, lock = [], threading.Lock()
+    update, submit = opt.OptimizerDriver.update_layer, scheduler.compute
+
+    def slow_update(self, i, *args):
+        time.sleep(0.05)
+        update(self, i, *args)
+        with lock:
+            log.append(("updated", self.store.layouts[i].name))
+
+    def logged_compute(p, i, slot, work, name):
+        with lock:
+            log.append(("compute", name))
+        submit(p, i, slot, work, name)
+
+    monkeypatch.setattr(opt.OptimizerDriver, "update_layer", slow_update)
+    monkeypatch.setattr(scheduler, "compute", logged_compute)
+    cfg = ht.preset("tiny", num_layers=4)
+    for slots in (2, 3):
+        log.clear()
+        engine = ht.Engine(cfg, ht.TrainConfig(device="cpu-async", num_slots=slots))
+        engine.fit(random_batches(2, vocab=64, seq=8))
+        engine.close()
+        second = log[log.index(("compute", "backward embed")) + 1:]           # from step 2's forward on
+        names = [layout.name for layout in engine.store.layouts]
+        for pos, name in enumerate(names[:-(slots - 1)]):
+            ahead = names[pos + slots - 1]
+            assert second.index(("compute", f"forward {name}")) < second.index(("updated", ahead)), (slots, name)
+
+
+def test_tracer_keeps_a_bounded_window_of_spans(tmp_path):
+    from horizon_triton.trace import Tracer
+    tracer = Tracer(max_spans=10)
+    for n in range(25):
+        tracer.wrap(f"work {n}", "compute" if n % 2 else "copy_in", lambda: None)()
+    names = [name for name, *_ in tracer.spans()]
+    assert names == [f"work {n}" for n in range(15, 25)] and tracer.dropped == 15
+    tracer.write(str(tmp_path / "t.json"))
+    trace = json.loads((tmp_path / "t.json").read_text())
+    assert len([e for e in trace["traceEvents"] if e["ph"] == "X"]) == 10
+    assert trace["otherData"]["dropped_spans"] == 15
+
+
+def test_decoder_recompute_keeps_no_fused_qkv():
+    """The backward reads q, k, v (copied out of the fused projection), never the fused qkv itself."""
+    from horizon_triton import layer as lt
+    from horizon_triton.ops import load_ops
+    cfg = ht.preset("tiny", attention_bias=True)
+    engine = ht.Engine(cfg, ht.TrainConfig(device="cpu"))
+    w = engine.store.layouts[1].views(engine.store.working[1])
+    mb = engine.prepare(random_batches(1, vocab=cfg.vocab_size, seq=12)[0])
+    x = torch.randn(mb.input_ids.numel(), cfg.hidden_size, dtype=torch.bfloat16)
+    ops, outputs = load_ops("torch"), []
+    fused = ops.rmsnorm_matmul_forward
+
+    def recorded(*args):
+        y, rstd = fused(*args)
+        outputs.append(weakref.ref(y))
+        return y, rstd
+
+    ops.rmsnorm_matmul_forward = recorded
+    saved = lt._decoder_recompute(ops, cfg, w, x, mb)
+    assert outputs[0]() is None               # the fused qkv projection: gone while the saved tensors live
+    assert outputs[1]() is saved["gate_up"]
+    engine.close()
+
+
+def test_grad_norm_is_the_float64_norm_of_the_gradients():
+    """Layers of ~4.2M parameters: one fp32 reduction over such a layer is off by ~1e-4 relative on CPU (the norm
+    was 14.8267 for 14.8307); the reported norm must be the float64 norm of the very gradients the engine wrote
+    to the host store (its fp32 partial sums of 1024 elements leave ~3e-9)."""
+    cfg = ht.ModelConfig(vocab_size=256, hidden_size=512, intermediate_size=2048, num_layers=2, num_heads=8,
+                         num_kv_heads=8)
+    assert min(layout.numel for layout in layer_layouts(cfg)[1:-1]) > 4e6
+    engine = ht.Engine(cfg, ht.TrainConfig(device="cpu", compute_dtype="float32", lr=0.0))
+    reported = engine.fit(random_batches(1, vocab=256, seq=16))[0]["grad_norm"]
+    exact = sum(g.double().square().sum() for g in engine.store.grad).sqrt().item()
+    assert reported == pytest.approx(exact, rel=2e-8)
