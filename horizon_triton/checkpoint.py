@@ -2,15 +2,13 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from . import durable
 from .store import HostStore
 
 SHARD_BYTES = 5 * 1000**3  # transformers' default shard size: above it, shards plus an index
@@ -70,14 +68,21 @@ def load_weights(store: HostStore, path: str | Path) -> None:
     store.refresh_working()
 
 
-def save_weights(store: HostStore, out_dir: str | Path, dtype: torch.dtype) -> None:
-    """Writes config.json + model.safetensors (or shards + index) from the fp32 master weights.
+def _is_model_file(name: str) -> bool:
+    return name in ("config.json", "model.safetensors.index.json") or (name.startswith("model")
+                                                                       and name.endswith(".safetensors"))
 
-    Everything goes to a temporary directory next to out_dir that is renamed at the end, so an interrupted save
-    never leaves a directory that looks complete."""
+
+def save_weights(store: HostStore, out_dir: str | Path, dtype: torch.dtype, add_files=None) -> None:
+    """Writes config.json + model.safetensors (or shards + index) from the fp32 master weights, and whatever
+    ``add_files(tmp_dir)`` adds (a tokenizer, metrics).
+
+    Everything goes to a temporary sibling of out_dir, fsynced and swapped in as one unit (durable.replace_dir),
+    so a kill at any instant leaves the old directory or the new one, never a mixture. The old directory's
+    other entries (files the user put there, a run's checkpoints) that the new one lacks are moved into it; its
+    model files go. Temporaries a killed save left are cleaned up by the next save."""
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    tmp = durable.temp_sibling(out_dir)
     try:
         dtype_name = str(dtype).replace("torch.", "")
         store.cfg.to_hf_config(dtype_name).save_pretrained(tmp)
@@ -102,19 +107,9 @@ def save_weights(store: HostStore, out_dir: str | Path, dtype: torch.dtype) -> N
             total = sum(view.numel() * dtype.itemsize for _, view in named)
             (tmp / "model.safetensors.index.json").write_text(
                 json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-        if out_dir.exists():
-            # the user's other files (a tokenizer, metrics) are copied into the new directory, old weights not;
-            # copied rather than moved, so that a failure here leaves the old directory whole
-            for entry in out_dir.iterdir():
-                if not (entry.name in ("config.json", "model.safetensors.index.json")
-                        or entry.name.startswith("model") and entry.name.endswith(".safetensors")):
-                    (shutil.copytree if entry.is_dir() else shutil.copy2)(entry, tmp / entry.name)
-            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-            out_dir.rename(old)
-            tmp.rename(out_dir)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out_dir)
+        if add_files is not None:
+            add_files(tmp)
+        durable.replace_dir(tmp, out_dir, keep=lambda name: not _is_model_file(name))
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        durable.discard_temp(tmp)
         raise

@@ -1,23 +1,30 @@
-"""The command line: ``horizon-triton train`` and ``horizon-triton plan``.
+"""The command line: ``horizon-triton train`` and ``horizon-triton data`` and ``horizon-triton plan``.
 
     horizon-triton train                                   the demo: a fresh "demo" model learns addition on CPU
     horizon-triton train --model DIR --data FILE.jsonl --out DIR   fine-tunes a Hugging Face checkpoint
+    horizon-triton data --model DIR --data FILE.jsonl --show 3     how the records tokenize, what is trained
     horizon-triton plan --model DIR|config.json [--tokens-per-step N] [--gpu h100] [--host-ram 1.5TB]
                                                            memory and speed of a run, from the config alone
 
-Both print one progress line per step (rewritten in place on a terminal) and write metrics.jsonl into --out:
-one {"kind": "train", ...} line per optimizer step (the engine's history entry) and, for the demo, one
-{"kind": "eval", ...} line per held-out evaluation. The fine-tune saves the model with engine.save_pretrained.
+Both show a progress bar on a terminal (one plain line a step otherwise) and write metrics.jsonl into --out:
+one {"kind": "train", ...} line per optimizer step (the engine's history entry) and one {"kind": "eval", ...}
+line per evaluation (the demo's held-out exact match; the fine-tune's eval loss). The fine-tune saves the model
+with engine.save_pretrained and plots metrics.png beside metrics.jsonl. ``train --config run.yaml`` reads options
+from a YAML file (the flags' names, with - or _); flags given on the command line override it.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-from . import data
+from . import data, interrupts, rundir
 
 # The demo's defaults, measured on 2 CPU cores shared with other jobs (128 held-out problems, seed 0):
 # - format "pad" (fixed width, "007+045=0052"): held-out exact match 59% at step 200, 96% at step 400; the human
@@ -27,7 +34,12 @@ from . import data
 #   steps 3-6x slower (they wait at barriers for a core).
 DEMO = dict(format="pad", steps=400, batch_size=64, lr=3e-3, warmup=30, weight_decay=0.1, eval_every=50,
             dtype="float32", threads=1)
-FINETUNE = dict(lr=1e-5, batch_size=8, seq_len=512, warmup=0)
+FINETUNE = dict(lr=1e-5, batch_size=8, seq_len=512, warmup=0, epochs=3)
+TINY_RUN_STEPS = 10          # fewer optimizer steps than this get a warning in the plan line
+SMALL_FILE_BYTES = 8 << 20   # data files below this are tokenized in this process (workers cost a start-up)
+DEMO_ONLY = ("format", "eval_problems")
+FINETUNE_ONLY = ("data", "seq_len", "epochs", "eval_data", "eval_split", "train_on", "too_long", "workers",
+                 "report_to")
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -38,60 +50,75 @@ def _mib(n: int) -> str:
 
 
 class Progress:
-    """One line per step: rewritten in place (carriage return) on a terminal, plain lines otherwise.
-    ``note`` prints a line of its own (an evaluation) without clobbering the progress line."""
+    """On a terminal, a progress bar with the step, its ETA and the latest loss (tqdm); otherwise one plain line a
+    step. ``note`` prints a line of its own (an evaluation) without clobbering the bar."""
 
     def __init__(self, total: int | None, stream=None):
         self.total = total
         self.stream = stream if stream is not None else sys.stdout
         self.tty = self.stream.isatty()
-        self._width = 0          # length of the progress line on screen, to blank it when it gets shorter
+        self._bar = None
+
+    def _line(self, entry: dict) -> str:
+        return (f"loss {entry['loss']:.4f}  {entry['tokens_per_s']:,.0f} tok/s  "
+                f"rss {_mib(entry['host_rss_peak_bytes'])}  device peak {_mib(entry['device_peak_bytes'])}")
 
     def step(self, entry: dict) -> None:
-        total = f"/{self.total}" if self.total else ""
-        line = (f"step {entry['step']}{total}  loss {entry['loss']:.4f}  {entry['tokens_per_s']:,.0f} tok/s  "
-                f"rss {_mib(entry['host_rss_peak_bytes'])}  device peak {_mib(entry['device_peak_bytes'])}")
         if self.tty:
-            self.stream.write("\r" + line.ljust(self._width))
-            self._width = len(line)
-        else:
-            self.stream.write(line + "\n")
+            if self._bar is None:
+                from tqdm import tqdm
+                self._bar = tqdm(total=self.total, file=self.stream, unit="step", dynamic_ncols=True,
+                                 initial=entry["step"] - 1)
+            self._bar.set_postfix_str(self._line(entry), refresh=False)
+            self._bar.update(entry["step"] - self._bar.n)
+            return
+        total = f"/{self.total}" if self.total else ""
+        self.stream.write(f"step {entry['step']}{total}  {self._line(entry)}\n")
         self.stream.flush()
 
     def note(self, text: str) -> None:
-        if self.tty and self._width:
-            self.stream.write("\n")
-            self._width = 0
+        if self._bar is not None:
+            self._bar.write(text, file=self.stream)
+            return
         self.stream.write(text + "\n")
         self.stream.flush()
 
     def close(self) -> None:
-        if self.tty and self._width:
-            self.stream.write("\n")
-            self.stream.flush()
-        self._width = 0
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
 
 
 class Metrics:
     """metrics.jsonl in the output directory, one JSON object a line, flushed as it goes (so it can be followed
-    with tail -f). engine.save_pretrained swaps in a new directory (keeping this file), so ``save`` reopens it."""
+    with tail -f). engine.save_pretrained swaps in a new directory (holding a copy of this file), so ``save``
+    reopens it. A resumed run (``resumed_step``) continues the file from its checkpoint's step."""
 
-    def __init__(self, out_dir: Path):
+    def __init__(self, out_dir: Path, resumed_step: int | None = None):
         out_dir.mkdir(parents=True, exist_ok=True)
         self.out_dir = out_dir
         self.path = out_dir / "metrics.jsonl"
-        self._file = self.path.open("w", encoding="utf-8")
+        if resumed_step is not None:
+            rundir.continue_metrics(self.path, resumed_step)
+        self._file = self.path.open("w" if resumed_step is None else "a", encoding="utf-8")
 
     def write(self, kind: str, entry: dict) -> None:
         self._file.write(json.dumps({"kind": kind, **entry}) + "\n")
         self._file.flush()
 
-    def save(self, engine, tokenizer=None) -> None:
-        """The checkpoint (and the tokenizer, so that the directory is a complete model) into out_dir."""
+    def save(self, engine, tokenizer=None, source=None) -> None:
+        """The final model into out_dir: weights, config, the tokenizer and generation_config.json of the
+        ``source`` model, and this file, assembled beside out_dir and swapped in as one unit (the run's
+        checkpoints move into the new directory)."""
         self._file.close()
-        engine.save_pretrained(self.out_dir)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(self.out_dir))
+
+        def add_files(tmp: Path) -> None:
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(tmp))
+            if source is not None and (Path(source) / "generation_config.json").is_file():
+                shutil.copy2(Path(source) / "generation_config.json", tmp / "generation_config.json")
+            shutil.copy2(self.path, tmp / self.path.name)
+        engine.save_pretrained(self.out_dir, add_files=add_files)
         self._file = self.path.open("a", encoding="utf-8")
 
     def close(self) -> None:
@@ -105,11 +132,12 @@ def run_demo(args) -> dict:
     """A fresh "demo" model learns 1-3 digit addition; held-out exact match is printed as it rises."""
     import torch
 
-    from . import Engine, TrainConfig, preset
+    from . import TrainConfig, preset
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads or DEMO["threads"])
-    task = data.AdditionTask(min_digits=1, max_digits=3, num_heldout=args.eval_problems, seed=args.seed,
-                             pad="pad" in args.format, reverse="reverse" in args.format)
+    form, eval_every = args.format or DEMO["format"], args.eval_every or DEMO["eval_every"]
+    task = data.AdditionTask(min_digits=1, max_digits=3, num_heldout=args.eval_problems or 256, seed=args.seed,
+                             pad="pad" in form, reverse="reverse" in form)
     model_cfg = preset("demo")
     if model_cfg.vocab_size < task.tokenizer.vocab_size:
         raise ValueError(f"the demo preset's vocab_size {model_cfg.vocab_size} is below the addition "
@@ -119,14 +147,16 @@ def run_demo(args) -> dict:
                             lr_schedule="cosine",
                             warmup_steps=DEMO["warmup"], device=args.device or "cpu", seed=args.seed,
                             compute_dtype=args.dtype or DEMO["dtype"], grad_accum_steps=args.grad_accum)
-    engine = Engine(model_cfg, train_cfg)
+    if args.out is None:          # the demo's default directory holds only earlier demos: rerunning replaces it
+        args.overwrite = True
     out = Path(args.out or "runs/demo")
-    metrics, progress = Metrics(out), Progress(steps)
+    engine, resumed = rundir.start(args, out, model_cfg, train_cfg)
+    metrics, progress = Metrics(out, engine.step if resumed else None), Progress(steps)
     batch_size = args.batch_size or DEMO["batch_size"]
     progress.note(f"demo: {model_cfg.num_parameters():,} parameter model learns {task.min_digits}-{task.max_digits} "
                   f"digit addition ({steps} steps of {batch_size * args.grad_accum} problems, lr {train_cfg.lr}, "
                   f"{train_cfg.compute_dtype} on {train_cfg.device}); exact match on {len(task.heldout)} "
-                  f"held-out problems every {args.eval_every} steps")
+                  f"held-out problems every {eval_every} steps")
     start = time.perf_counter()
     curve = []
 
@@ -141,12 +171,16 @@ def run_demo(args) -> dict:
     def on_step(entry: dict) -> None:
         metrics.write("train", entry)
         progress.step(entry)
-        if entry["step"] % args.eval_every == 0 and entry["step"] != steps:
+        if entry["step"] % eval_every == 0 and entry["step"] != steps:
             evaluate(entry["step"])
 
     try:
-        evaluate(0)
-        engine.fit(task.batches(batch_size, seed=args.seed), max_steps=steps, callback=on_step)
+        if not resumed:
+            evaluate(0)
+        if engine.step < steps:
+            engine.fit(rundir.rest(task.batches(batch_size, seed=args.seed), engine), max_steps=steps - engine.step,
+                       callback=on_step)
+        progress.close()
         evaluate(steps)
         problems = task.heldout[:5]
         for problem, answer in zip(problems, data.greedy_answers(engine.logits, task, problems)):
@@ -162,9 +196,33 @@ def run_demo(args) -> dict:
     return {"curve": curve}
 
 
+def _pad_id(tokenizer) -> int:
+    return next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None)
+
+
+def _workers(args, path) -> int:
+    if args.workers is not None:
+        return args.workers
+    small = Path(path).is_file() and Path(path).stat().st_size < SMALL_FILE_BYTES
+    return 0 if small else min(8, os.cpu_count() or 1)
+
+
+def _prepare(args, tokenizer, seq_len: int, path, out_dir, eval_fraction: float = 0.0, keep_examples: int = 0):
+    return data.prepare(path, tokenizer, seq_len, _pad_id(tokenizer), out_dir, train_on=args.train_on or "assistant",
+                        too_long=args.too_long or "drop", workers=_workers(args, path), eval_fraction=eval_fraction,
+                        seed=args.seed, keep_examples=keep_examples)
+
+
+def _seq_len(args, model_cfg) -> int:
+    if args.seq_len and args.seq_len > model_cfg.max_position_embeddings:
+        raise ValueError(f"--seq-len {args.seq_len} is above the model's max_position_embeddings "
+                         f"{model_cfg.max_position_embeddings}")
+    return args.seq_len or min(FINETUNE["seq_len"], model_cfg.max_position_embeddings)
+
+
 def run_finetune(args) -> dict:
     """Fine-tunes the Hugging Face checkpoint in --model on --data; the result goes to --out."""
-    from . import Engine, ModelConfig, TrainConfig
+    from . import ModelConfig, TrainConfig
     if not args.data:
         raise ValueError("--model needs --data FILE.jsonl")
     if not args.out:
@@ -172,48 +230,99 @@ def run_finetune(args) -> dict:
     if Path(args.out).resolve() == Path(args.model).resolve():
         raise ValueError(f"--out {args.out} is the --model directory; the saved checkpoint replaces --out whole, "
                          "so choose another --out")
+    if args.eval_data and args.eval_split:
+        raise ValueError("--eval-data and --eval-split both choose the eval set; give one of them")
+    if args.eval_every and not (args.eval_data or args.eval_split):
+        raise ValueError("--eval-every needs an eval set: --eval-data FILE or --eval-split FRACTION")
     model_cfg = ModelConfig.from_pretrained(args.model)       # checks the directory before the data is read
     tokenizer = data.load_tokenizer(args.model)
-    records = data.read_jsonl(args.data)                      # every line is checked before training starts
-    seq_len = args.seq_len or min(FINETUNE["seq_len"], model_cfg.max_position_embeddings)
-    pad_id = next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None)
-    rows = data.pack_documents(data.tokenize_records(records, tokenizer), seq_len, pad_id)
-    top = max(int(r["input_ids"].max()) for r in rows)
-    if top >= model_cfg.vocab_size:
-        raise ValueError(f"the tokenizer in {args.model} gives token id {top}, but the model's vocab_size is "
-                         f"{model_cfg.vocab_size}: the tokenizer does not belong to this model")
-    batch_size = args.batch_size or FINETUNE["batch_size"]
-    steps = args.steps or data.steps_per_epoch(len(rows), batch_size, args.grad_accum)
-    loader = data.RowLoader(rows, batch_size, steps, args.grad_accum, seed=args.seed)
-    train_cfg = TrainConfig(lr=FINETUNE["lr"] if args.lr is None else args.lr, warmup_steps=args.warmup, seed=args.seed,
-                            grad_accum_steps=args.grad_accum, device=args.device or "auto",
-                            compute_dtype=args.dtype or "bfloat16",
-                            lr_schedule="cosine" if args.cosine else "constant")
-    if args.threads:
-        import torch
-        torch.set_num_threads(args.threads)
-    engine = Engine(model_cfg, train_cfg)
-    out = Path(args.out)
-    metrics, progress = Metrics(out), Progress(steps)
-    progress.note(f"fine-tune {args.model}: {model_cfg.num_parameters():,} parameters, {len(records)} records in "
-                  f"{len(rows)} rows of {seq_len} tokens, {steps} steps of {batch_size}x{args.grad_accum} rows, "
-                  f"lr {train_cfg.lr}, {train_cfg.compute_dtype} on {engine.device.type}")
-    start = time.perf_counter()
+    seq_len = _seq_len(args, model_cfg)
+    tensorboard = None
+    if args.report_to == "tensorboard":
+        from .reporting import TensorBoard
+        tensorboard = TensorBoard                             # checks the package is there before any work
+    # every line is checked, tokenized and packed into row files before training starts
+    with tempfile.TemporaryDirectory(prefix="horizon-triton-rows-") as rows_dir:
+        prepared = _prepare(args, tokenizer, seq_len, args.data, rows_dir, eval_fraction=args.eval_split or 0.0)
+        eval_rows, eval_stats = prepared.eval, prepared.stats.get("eval")
+        if args.eval_data:
+            eval_dir = Path(rows_dir) / "eval"
+            eval_dir.mkdir()
+            held = _prepare(args, tokenizer, seq_len, args.eval_data, eval_dir)
+            eval_rows, eval_stats = held.train, held.stats["train"]
+        top = max(s.max_id for s in prepared.stats.values())
+        if top >= model_cfg.vocab_size:
+            raise ValueError(f"the tokenizer in {args.model} gives token id {top}, but the model's vocab_size is "
+                             f"{model_cfg.vocab_size}: the tokenizer does not belong to this model")
+        batch_size = args.batch_size or FINETUNE["batch_size"]
+        epochs = args.epochs or FINETUNE["epochs"]
+        if args.steps:
+            loader = data.RowLoader(prepared.train, batch_size, args.steps, args.grad_accum, seed=args.seed)
+        else:
+            loader = data.RowLoader(prepared.train, batch_size, grad_accum=args.grad_accum, seed=args.seed,
+                                    epochs=epochs)
+        steps = math.ceil(len(loader) / args.grad_accum)
+        per_epoch = data.steps_per_epoch(len(prepared.train), batch_size, args.grad_accum)
+        eval_loader = (data.RowLoader(eval_rows, batch_size, epochs=1, shuffle=False)
+                       if eval_rows is not None else None)
+        train_cfg = TrainConfig(lr=FINETUNE["lr"] if args.lr is None else args.lr, warmup_steps=args.warmup,
+                                seed=args.seed, grad_accum_steps=args.grad_accum, device=args.device or "auto",
+                                compute_dtype=args.dtype or "bfloat16",
+                                lr_schedule="cosine" if args.cosine else "constant")
+        if args.threads:
+            import torch
+            torch.set_num_threads(args.threads)
+        out = Path(args.out)
+        engine, resumed = rundir.start(args, out, model_cfg, train_cfg)
+        metrics, progress = Metrics(out, engine.step if resumed else None), Progress(steps)
+        board = tensorboard(out / "tensorboard") if tensorboard else None
+        how_long = (f"{steps} steps (--steps; an epoch is {per_epoch})" if args.steps else
+                    f"{steps} steps = {epochs} epochs of {per_epoch}")
+        progress.note(f"fine-tune {args.model}: {model_cfg.num_parameters():,} parameters, lr {train_cfg.lr}, "
+                      f"{train_cfg.compute_dtype} on {engine.device.type}\n"
+                      f"  train data: {prepared.stats['train'].summary(seq_len, args.too_long or 'drop')}\n"
+                      + (f"  eval data: {eval_stats.summary(seq_len, args.too_long or 'drop')}\n" if eval_stats else "")
+                      + f"  {how_long}, {batch_size}x{args.grad_accum} rows a step")
+        if steps < TINY_RUN_STEPS:
+            progress.note(f"warning: only {steps} optimizer steps; the model will hardly change (more data, more "
+                          "--epochs or a smaller --batch-size make more steps)")
+        start = time.perf_counter()
 
-    def on_step(entry: dict) -> None:
-        metrics.write("train", entry)
-        progress.step(entry)
+        def evaluate(step: int) -> None:
+            loss = engine.evaluate(eval_loader)
+            metrics.write("eval", {"step": step, "eval_loss": loss, "rows": len(eval_rows),
+                                   "elapsed_s": time.perf_counter() - start})
+            if board:
+                board.eval(step, loss)
+            progress.note(f"eval step {step}: eval loss {loss:.4f}")
 
-    try:
-        history = engine.fit(loader, max_steps=steps, callback=on_step)
-        progress.close()
-        metrics.save(engine, tokenizer)
-    finally:
-        progress.close()
-        metrics.close()
-        engine.close()
-    progress.note(f"done in {time.perf_counter() - start:.0f} s; final loss {history[-1]['loss']:.4f}; "
-                  f"model and metrics.jsonl in {out}")
+        def on_step(entry: dict) -> None:
+            metrics.write("train", entry)
+            if board:
+                board.train(entry)
+            progress.step(entry)
+            if eval_loader and args.eval_every and entry["step"] % args.eval_every == 0 and entry["step"] != steps:
+                evaluate(entry["step"])
+
+        try:
+            history = engine.fit(rundir.rest(loader, engine), max_steps=steps - engine.step,
+                                 callback=on_step) if engine.step < steps else []
+            if eval_loader:
+                evaluate(steps)
+            progress.close()
+            if board:
+                board.close()
+            metrics.save(engine, tokenizer, source=args.model)
+        finally:
+            progress.close()
+            metrics.close()
+            engine.close()
+            prepared.close()
+            if args.eval_data:
+                held.close()
+    _plot(out, progress)
+    final = f"final loss {history[-1]['loss']:.4f}; " if history else ""
+    progress.note(f"done in {time.perf_counter() - start:.0f} s; {final}model and metrics.jsonl in {out}")
     return {"history": history}
 
 
@@ -239,6 +348,52 @@ def run_plan(args) -> dict:
     return {"plan": result, "largest": largest}
 
 
+def _plot(out: Path, progress: Progress) -> None:
+    from .reporting import plot_metrics
+    try:
+        progress.note(f"plot: {plot_metrics(out / 'metrics.jsonl', out / 'metrics.png')}")
+    except ImportError as e:
+        progress.note(f"no plot: {e}")
+
+
+def run_data(args) -> dict:
+    """Shows how --data tokenizes with --model's tokenizer: the first --show records token by token, trained
+    tokens marked, and the statistics of the whole file."""
+    from . import ModelConfig
+    model_cfg = ModelConfig.from_pretrained(args.model)
+    tokenizer = data.load_tokenizer(args.model)
+    seq_len = _seq_len(args, model_cfg)
+    prepared = _prepare(args, tokenizer, seq_len, args.data, None, keep_examples=args.show)
+    if prepared.examples:
+        print("trained tokens are shown \u00abbetween guillemets\u00bb")
+    for number, ids, labels in prepared.examples:
+        trained = int((labels != data.IGNORE_INDEX).sum())
+        print(f"--- {args.data}:{number}: {len(ids)} tokens, {trained} trained")
+        print(show_tokens(tokenizer, ids, labels))
+    stats = prepared.stats["train"]
+    print(f"{args.data}: {stats.summary(seq_len, args.too_long or 'drop')}")
+    return {"stats": stats, "examples": prepared.examples}
+
+
+def show_tokens(tokenizer, ids, labels) -> str:
+    """The decoded tokens with each run of trained ones between \u00ab and \u00bb."""
+    pieces, run, trained_run = [], [], None
+    for token, label in zip(ids.tolist(), labels.tolist()):
+        trained = label != data.IGNORE_INDEX
+        if trained != trained_run and run:
+            pieces.append((trained_run, run))
+            run = []
+        run.append(token)
+        trained_run = trained
+    if run:
+        pieces.append((trained_run, run))
+    text = ""
+    for trained, run in pieces:
+        piece = tokenizer.decode(run, skip_special_tokens=False)
+        text += f"\u00ab{piece}\u00bb" if trained else piece
+    return text
+
+
 # ------------------------------------------------------------------------------------------------------------
 # argument parsing
 # ------------------------------------------------------------------------------------------------------------
@@ -250,16 +405,22 @@ def _positive(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="horizon-triton", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="horizon-triton", description="Fine-tune language models larger than "
+                                     "GPU memory on one GPU, or train the built-in addition demo.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train the addition demo (no arguments) or fine-tune a checkpoint",
                            description="With no --model: the addition demo on CPU. With --model DIR --data "
                                        "FILE.jsonl --out DIR: fine-tune that Hugging Face checkpoint.")
     train.add_argument("--model", help="Hugging Face model directory (config.json, safetensors, tokenizer)")
-    train.add_argument("--data", help="JSONL file: {\"text\": ...} or {\"prompt\": ..., \"response\": ...} a line")
+    train.add_argument("--config", help="YAML file of options (the flags' names); flags given here override it")
+    train.add_argument("--data", help="JSONL file, one record a line: text, prompt/response, messages (chat), Alpaca "
+                                      "or ShareGPT (see README)")
     train.add_argument("--out", help="output directory (demo default: runs/demo)")
-    train.add_argument("--steps", type=_positive, help=f"optimizer steps (demo: {DEMO['steps']}; fine-tune: one "
-                                                       "pass over the data)")
+    train.add_argument("--steps", type=_positive, help=f"optimizer steps (demo: {DEMO['steps']}; fine-tune: "
+                                                       "overrides --epochs)")
+    train.add_argument("--epochs", type=_positive, help=f"fine-tune: passes over the data (default "
+                                                        f"{FINETUNE['epochs']})")
     train.add_argument("--batch-size", type=_positive, help=f"rows a micro-batch (demo: {DEMO['batch_size']}; "
                                                             f"fine-tune: {FINETUNE['batch_size']})")
     train.add_argument("--lr", type=float, help=f"peak learning rate (demo: {DEMO['lr']}; fine-tune: "
@@ -273,13 +434,32 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--device", choices=["cpu", "cuda", "auto"], help="demo: cpu; fine-tune: auto")
     train.add_argument("--dtype", choices=["bfloat16", "float32"], help=f"compute dtype (demo: {DEMO['dtype']}; "
                                                                         "fine-tune: bfloat16)")
-    train.add_argument("--eval-every", type=_positive, default=DEMO["eval_every"], help="demo: steps between "
-                                                                                          "evaluations")
-    train.add_argument("--format", choices=["plain", "pad", "reverse", "pad-reverse"], default=DEMO["format"],
+    train.add_argument("--eval-every", type=_positive, help=f"steps between evaluations (demo: {DEMO['eval_every']}; "
+                                                            "fine-tune: only at the end)")
+    train.add_argument("--eval-data", help="fine-tune: JSONL file of held-out records for the eval loss")
+    train.add_argument("--eval-split", type=_fraction, help="fine-tune: hold out this fraction of --data's records "
+                                                            "for the eval loss (e.g. 0.05)")
+    _add_data_options(train)
+    train.add_argument("--report-to", choices=["none", "tensorboard"], help="fine-tune: also write TensorBoard "
+                                                                            "scalars to OUT/tensorboard")
+    train.add_argument("--format", choices=["plain", "pad", "reverse", "pad-reverse"],
                        help="demo: how sums are written for the model (see data.AdditionTask)")
     train.add_argument("--threads", type=_positive, help=f"torch CPU threads (demo: {DEMO['threads']}; fine-tune: "
                                                          "torch's default)")
-    train.add_argument("--eval-problems", type=_positive, default=256, help="demo: held-out problems")
+    train.add_argument("--eval-problems", type=_positive, help="demo: held-out problems (default 256)")
+    _add_checkpoint_options(train)
+    parser.train_parser = train      # with_config reads its options
+    show = sub.add_parser("data", help="show how a data file tokenizes and what the loss counts",
+                          description="Prints how the first --show records tokenize with the model's tokenizer "
+                                      "(trained tokens between \u00ab and \u00bb) and the statistics of the whole "
+                                      "file: records, tokens, trained tokens, records longer than --seq-len.")
+    show.add_argument("--model", required=True, help="Hugging Face model directory (its tokenizer and config)")
+    show.add_argument("--data", required=True, help="JSONL file")
+    show.add_argument("--show", type=int, default=3, help="records to print token by token (default 3)")
+    show.add_argument("--seq-len", type=_positive, help="tokens a packed row (default: 512, at most "
+                                                        "max_position_embeddings)")
+    show.add_argument("--seed", type=int, default=0)
+    _add_data_options(show)
 
     from .plan import HARDWARE
     plan = sub.add_parser("plan", help="host and device memory, bus bytes and step time of a run, from a config",
@@ -298,23 +478,113 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def _add_checkpoint_options(train: argparse.ArgumentParser) -> None:
+    group = train.add_argument_group("checkpoints", f"training state is saved in OUT/{rundir.CHECKPOINTS} (also "
+                                     "when SIGINT or SIGTERM stops the run)")
+    group.add_argument("--save-every", type=_positive, metavar="N", help="save a checkpoint every N steps")
+    group.add_argument("--save-every-minutes", type=float, metavar="M", help="save a checkpoint every M minutes")
+    group.add_argument("--keep-last", type=_positive, metavar="K", help="keep only the K newest checkpoints")
+    group.add_argument("--resume", nargs="?", const="", metavar="DIR",
+                       help="continue a run from a checkpoint (default: the newest in --out), with the same options")
+    group.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+
+
+def _add_data_options(parser) -> None:
+    parser.add_argument("--train-on", choices=list(data.TRAIN_ON), help="chat records: train the assistant turns "
+                                                                        "(default) or every token")
+    parser.add_argument("--too-long", choices=list(data.TOO_LONG), help="records longer than --seq-len: drop "
+                                                                        "(default), truncate or error")
+    parser.add_argument("--workers", type=int, help="tokenizer processes (default: none for files under 8 MiB, "
+                                                    "else one a core, at most 8)")
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be a fraction in (0, 1), got {value}")
+    return value
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
     try:
-        if args.command == "plan":
+        return version("horizon-triton")
+    except PackageNotFoundError:
+        return "(not installed)"
+
+
+def with_config(argv: list[str], train: argparse.ArgumentParser) -> list[str]:
+    """``train --config run.yaml ...`` -> the file's options as flags, then the command line's (later flags win,
+    as argparse takes the last occurrence). Keys are the flags' names with - or _; true/false for switches."""
+    if len(argv) < 1 or argv[0] != "train" or not any(a == "--config" or a.startswith("--config=") for a in argv):
+        return argv
+    rest, path = [], None
+    it = iter(argv[1:])
+    for a in it:
+        if a == "--config":
+            path = next(it, None)
+        elif a.startswith("--config="):
+            path = a.split("=", 1)[1]
+        else:
+            rest.append(a)
+    if not path:
+        raise ValueError("--config needs a YAML file")
+    import yaml
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"config file {path} not found")
+    try:
+        options = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"config file {path} is not valid YAML: {e}") from None
+    if not isinstance(options, dict):
+        raise ValueError(f"config file {path} must be a mapping of option: value, got {type(options).__name__}")
+    actions = {a.dest: a for a in train._actions if a.option_strings}
+    flags = []
+    for key, value in options.items():
+        dest = str(key).replace("-", "_")
+        if dest not in actions or dest in ("help", "config"):
+            known = ", ".join(sorted(d for d in actions if d not in ("help", "config")))
+            raise ValueError(f"config file {path}: unknown option {key!r}; options are {known}")
+        flag = actions[dest].option_strings[0]
+        if actions[dest].nargs == 0:                       # a switch (store_true)
+            if not isinstance(value, bool):
+                raise ValueError(f"config file {path}: {key} is a switch, give true or false, not {value!r}")
+            flags += [flag] if value else []
+        elif value is not None:
+            flags += [flag, str(value)]
+    return ["train", *flags, *rest]
+
+
+def _given(args, names) -> list[str]:
+    return ["--" + n.replace("_", "-") for n in names if getattr(args, n, None) not in (None, False)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        parser = build_parser()
+        args = parser.parse_args(with_config(argv, parser.train_parser))
+        if args.command == "data":
+            run_data(args)
+        elif args.command == "plan":
             run_plan(args)
         elif args.model:
+            if _given(args, DEMO_ONLY):
+                raise ValueError(f"{', '.join(_given(args, DEMO_ONLY))}: demo options, not for fine-tuning --model")
             run_finetune(args)
         else:
-            if args.data or args.seq_len:
-                raise ValueError("--data and --seq-len are for fine-tuning and need --model DIR")
+            if _given(args, FINETUNE_ONLY):
+                raise ValueError(f"{', '.join(_given(args, FINETUNE_ONLY))}: fine-tuning options, they need "
+                                 "--model DIR")
             run_demo(args)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        return 130
+    except (KeyboardInterrupt, interrupts.Terminated) as e:
+        saved = getattr(e, "checkpoint", None)
+        hint = f"; training state saved in {saved}: run the same command with --resume to continue" if saved else ""
+        print(f"\ninterrupted{hint}", file=sys.stderr)
+        return 143 if isinstance(e, interrupts.Terminated) else 130
     return 0
 
 

@@ -36,6 +36,7 @@ class ModelConfig:
     sliding_window: int | None = None     # Mistral: a query sees at most this many most recent keys
     rope_scaling: dict | None = None      # None, {"rope_type": "llama3", ...} or {"rope_type": "linear", ...}
     model_type: str | None = None         # llama | mistral | qwen2 | qwen3; None: qwen3 if qk_norm else llama
+    pad_token_id: int | None = None       # its embedding row gets no gradient from the lookup (padding_idx)
     torch_dtype: str = "float32"          # dtype the weights were loaded from or built in
     source_path: str | None = field(default=None, compare=False)  # HF directory whose weights the engine loads
 
@@ -59,6 +60,9 @@ class ModelConfig:
             kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
             if kind not in ("llama3", "linear", "default"):
                 raise ValueError(f"rope scaling {kind!r} is not supported yet (supported: llama3, linear)")
+        if self.pad_token_id is not None and not -self.vocab_size <= self.pad_token_id < self.vocab_size:
+            raise ValueError(f"pad_token_id {self.pad_token_id} is outside the vocabulary [0, {self.vocab_size}) "
+                             "(transformers refuses such an embedding too); fix pad_token_id in config.json")
 
     # ---- sizes ------------------------------------------------------------------------------------------
     @property
@@ -72,6 +76,21 @@ class ModelConfig:
     @property
     def architecture(self) -> str:
         return ARCHITECTURE_OF[self.model_type]
+
+    @property
+    def pad_row(self) -> int | None:
+        """Embedding row of the pad token (a negative pad_token_id counts from the end, as padding_idx does)."""
+        return None if self.pad_token_id is None else self.pad_token_id % self.vocab_size
+
+    @property
+    def max_positions(self) -> int:
+        """Positions a sequence may use: max_position_embeddings, or with rope scaling the stretched length
+        factor × original_max_position_embeddings when the config gives a longer one that way."""
+        s = self.rope_scaling
+        if s is None or "factor" not in s:
+            return self.max_position_embeddings
+        original = s.get("original_max_position_embeddings", self.max_position_embeddings)
+        return max(self.max_position_embeddings, int(s["factor"] * original))
 
     def num_parameters(self) -> int:
         from .store import layer_layouts
@@ -120,7 +139,7 @@ class ModelConfig:
             max_position_embeddings=hf.get("max_position_embeddings", 4096),
             sliding_window=hf.get("sliding_window") if model_type == "mistral" else None,
             rope_scaling=scaling, model_type=model_type, torch_dtype=str(dtype).replace("torch.", ""),
-            source_path=str(path),
+            pad_token_id=hf.get("pad_token_id"), source_path=str(path),
         )
 
     def to_hf_config(self, dtype: str):
@@ -132,6 +151,7 @@ class ModelConfig:
             num_key_value_heads=self.num_kv_heads, head_dim=self.head_dim, rms_norm_eps=self.rms_norm_eps,
             tie_word_embeddings=self.tie_word_embeddings, max_position_embeddings=self.max_position_embeddings,
             rope_theta=self.rope_theta, hidden_act="silu", architectures=[self.architecture],
+            pad_token_id=self.pad_token_id,
         )
         if self.rope_scaling is not None:
             common["rope_scaling"] = dict(self.rope_scaling, rope_theta=self.rope_theta)
@@ -207,7 +227,14 @@ class TrainConfig:
     seed: int = 0
     num_slots: int = 2                    # device staging slots for streamed weights (2 or 3)
     checkpoint_budget_bytes: int | None = None  # activation checkpoints kept on the device; above it: offload
+    #                                     (None: on CUDA what the free memory allows, on CPU every one)
+    head_chunk_rows: int | None = None    # lm_head rows streamed per vocabulary chunk (None: what a slot holds)
     trace_path: str | None = None         # write a Chrome/Perfetto trace of every primitive here
+    checkpoint_dir: str | None = None     # fit saves training checkpoints here (step-N directories), periodically
+                                          # as below and when SIGINT/SIGTERM stops it
+    save_every_steps: int | None = None   # a checkpoint every this many optimizer steps
+    save_every_minutes: float | None = None  # a checkpoint when this much time passed since the last one
+    keep_last: int | None = None          # keep only the newest this many checkpoints (None: all)
     preflight: bool = True                # refuse (MemoryError) before allocating what the machine cannot hold
 
     def __post_init__(self):
@@ -221,6 +248,12 @@ class TrainConfig:
             raise ValueError(f"grad_accum_steps must be ≥ 1, got {self.grad_accum_steps}")
         if self.num_slots not in (2, 3):
             raise ValueError(f"num_slots must be 2 or 3, got {self.num_slots}")
+        if self.head_chunk_rows is not None and self.head_chunk_rows < 1:
+            raise ValueError(f"head_chunk_rows must be ≥ 1 (or None), got {self.head_chunk_rows}")
+        for name in ("save_every_steps", "save_every_minutes", "keep_last"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"{name} must be positive (or None), got {value}")
 
     def lr_at(self, step: int, total_steps: int | None) -> float:
         """Learning rate of 1-based optimizer step `step`, as transformers' get_{constant,cosine}_schedule_with_warmup

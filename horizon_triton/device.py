@@ -8,6 +8,7 @@ exactly as on a GPU:
     dev.retain(t, stream)      t's memory stays reserved until the stream's queued work on it has run
     dev.wait(stream, ev)       later work on the stream starts only after ev completes
     dev.sync(ev)               the host blocks until ev completes   (every call site says "# sync: ...")
+    dev.free_memory()          bytes still free for the engine on the device (None on CPU: unbounded)
 
 - CudaDevice:       real CUDA streams and events; copies from pinned memory are asynchronous.
 - SyncDevice:       CPU; every submit runs at once, events are trivially complete.
@@ -51,6 +52,10 @@ class _HostMemory:
 
     def mem_get_info(self) -> tuple[int, int]:
         return host_memory_info()
+
+    def free_memory(self) -> int | None:
+        """Bytes the engine may still allocate on the device; None: unbounded (CPU memory is the host's)."""
+        return None
 
 
 class SyncDevice(_HostMemory):
@@ -104,26 +109,35 @@ class AsyncTestDevice(_HostMemory):
             task = q.get()
             if task is None:
                 return
-            delay, fn = task
+            delay, fn, always = task
             if delay:
                 time.sleep(delay)
             try:
-                if self._error is None:
+                if self._error is None or always:   # events still complete after an error: sync must not hang
                     fn()
             except BaseException as e:  # surfaced at the next sync
                 self._error = e
 
     def submit(self, stream: str, fn) -> None:
-        self._queues[stream].put((self._rng.uniform(0, self._max_delay), fn))
+        self._queues[stream].put((self._rng.uniform(0, self._max_delay), fn, False))
+
+    def rng_state(self) -> list:
+        """The delays' generator state as JSON (training checkpoints carry it)."""
+        version, internal, gauss = self._rng.getstate()
+        return [version, list(internal), gauss]
+
+    def set_rng_state(self, state: list) -> None:
+        version, internal, gauss = state
+        self._rng.setstate((version, tuple(internal), gauss))
 
     def record(self, stream: str):
         event = threading.Event()
-        self._queues[stream].put((self._rng.uniform(0, self._max_delay), event.set))
+        self._queues[stream].put((self._rng.uniform(0, self._max_delay), event.set, True))
         return event
 
     def wait(self, stream: str, event) -> None:
         if event is not None:
-            self._queues[stream].put((0.0, event.wait))
+            self._queues[stream].put((0.0, event.wait, False))
 
     def sync(self, event) -> None:
         if event is not None:
@@ -171,6 +185,11 @@ class CudaDevice(_HostMemory):
     def retain(self, tensor, stream: str) -> None:
         """The caching allocator must not reuse ``tensor``'s memory before ``stream``'s queued work on it ran."""
         tensor.record_stream(self._streams[stream])
+
+    def free_memory(self) -> int:
+        """The driver's free bytes plus what torch's caching allocator holds but no tensor uses."""
+        free, _ = torch.cuda.mem_get_info(self.torch_device)
+        return free + torch.cuda.memory_reserved(self.torch_device) - torch.cuda.memory_allocated(self.torch_device)
 
     def mem_get_info(self) -> tuple[int, int]:
         return torch.cuda.mem_get_info(self.torch_device)
@@ -262,6 +281,10 @@ class MetaDevice(_HostMemory):
 
     def mem_get_info(self) -> tuple[int, int]:
         return max(0, self.memory_bytes - self.allocated), self.memory_bytes
+
+    def free_memory(self) -> int | None:
+        """As the device it stands for: the card's free bytes, or unbounded for the CPU device."""
+        return self.mem_get_info()[0] if self.pin_memory else None
 
     def close(self) -> None:
         pass

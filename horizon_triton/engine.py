@@ -1,6 +1,8 @@
 """Engine: the public entry point. ``Engine(model_cfg, train_cfg).fit(loader)``."""
 from __future__ import annotations
 
+import base64
+import dataclasses
 import logging
 import math
 import resource
@@ -12,15 +14,18 @@ import torch
 from horizon_triton.kernels.cpu_adam import implementation as adam_implementation
 from horizon_triton.kernels.reference import IGNORE_INDEX
 
+from . import canary
+from . import interrupts, training_state
 from . import layer as lt
 from . import preflight
+from .batch import batch_tensors, doc_ids_of, kept_tokens
 
 from .checkpoint import DTYPES, load_weights, save_weights
 from .config import ModelConfig, TrainConfig
 from .device import make_device
-from .ops import load_ops, select_backend
+from .ops import TORCH_ONLY, load_ops, select_backend
 from .optimizer import OptimizerDriver, clip_coefficient
-from .scheduler import bind, build_pipeline, run_step, stream_in
+from .scheduler import Unit, bind, build_pipeline, run_step, stream_in
 from .store import HostStore
 from .trace import Tracer
 
@@ -31,8 +36,10 @@ class Engine:
     """Trains a Llama-family model whose parameters live in host RAM, streaming one layer at a time through
     the compute device. Losses and weights match transformers + torch.optim.AdamW."""
 
-    def __init__(self, model_cfg: ModelConfig, train_cfg: TrainConfig | None = None, *, device=None):
-        """``device``: a device object instead of train_cfg.device's (the dry run passes a MetaDevice)."""
+    def __init__(self, model_cfg: ModelConfig, train_cfg: TrainConfig | None = None, *, init_weights: bool = True,
+                 device=None):
+        """init_weights=False leaves the host store unfilled (from_checkpoint fills it). ``device``: a device object
+        instead of train_cfg.device's (the dry run passes a MetaDevice)."""
         self.model_cfg = model_cfg
         self.train_cfg = train_cfg = train_cfg or TrainConfig()
         self.device = device if device is not None else make_device(train_cfg.device, train_cfg.seed)
@@ -42,21 +49,37 @@ class Engine:
             preflight.check_engine(model_cfg, train_cfg, self.device)   # before anything is allocated
         self.store = HostStore(model_cfg, self.compute_dtype, pin=self.device.pin_memory,
                                device="meta" if meta else "cpu")
-        if model_cfg.source_path is not None and not meta:
+        if init_weights and model_cfg.source_path is not None and not meta:
             load_weights(self.store, model_cfg.source_path)
-        elif not meta:                                            # the dry run's store has no values to fill
+        elif init_weights and not meta:                           # the dry run's store has no values to fill
             self.store.init_random(train_cfg.seed)
         if meta:                                                  # kernel stand-ins on meta tensors (dryrun.py)
             self.kernel_backend, self.ops = self.device.kernel_backend, self.device.ops
         else:
             self.kernel_backend = select_backend(self.device.type)
-            self.ops = load_ops(self.kernel_backend)
+            self.ops = load_ops(self.kernel_backend, self.device.type)
+        # what runs each op: "triton", "library (why)" where the canary replaced a Triton family, or the path
+        path = self.kernel_backend
+        if path == "torch":
+            path = "library" if self.device.type == "cuda" else "reference"
+        self.kernel_report = dict.fromkeys(vars(self.ops), path)
+        if self.kernel_backend == "triton" and not meta:    # the dry run's stand-ins have nothing to check
+            self.kernel_report.update(dict.fromkeys(TORCH_ONLY, "library"))
+            self.ops, report = canary.run(self.ops, load_ops("torch", "cuda"), self.device.torch_device,
+                                          self.compute_dtype, model_cfg.head_dim, model_cfg.sliding_window)
+            self.kernel_report.update(report)
         self.optimizer = OptimizerDriver(self.store, train_cfg)
         self.tracer = Tracer() if train_cfg.trace_path else None
         self.optimizer.tracer = self.tracer
         self.pipeline = build_pipeline(model_cfg, self.store, self.ops, self.device, self.optimizer,
-                                       train_cfg.num_slots, self.tracer, train_cfg.checkpoint_budget_bytes)
+                                       train_cfg.num_slots, self.tracer, train_cfg.checkpoint_budget_bytes,
+                                       train_cfg.head_chunk_rows)
         self.step = 0                     # optimizer steps taken
+        self.micro_batches = 0            # loader batches those steps consumed: the data position
+        self.total_steps = None           # the lr schedule's length, fixed by the first fit that knows it
+        self.extra_state: dict = {}       # the caller's JSON, saved with every checkpoint (the CLI's options)
+        self._last_checkpoint = (None, None)      # (step, path) of the latest save or load
+        self._last_save_time = time.monotonic()
         self._inv_freq = model_cfg.inv_freq().to(self.device.torch_device)
         self._checked_steps = set()       # micro-batch shapes whose step the preflight has dry-run
         if not meta:
@@ -64,20 +87,22 @@ class Engine:
                      f"{self.store.num_parameters():,}", self.kernel_backend, train_cfg.device, adam_implementation())
 
     # ---- data -------------------------------------------------------------------------------------------
-    def prepare(self, batch: dict, where: str = "batch") -> lt.MicroBatch:
-        """Checks one loader batch and moves it to the compute device with its rotary tables and doc ids."""
-        if not isinstance(batch, dict) or "input_ids" not in batch:
-            raise ValueError(f"{where}: expected a dict with 'input_ids' and 'labels', got {type(batch).__name__}")
-        ids = torch.as_tensor(batch["input_ids"])
-        labels = torch.as_tensor(batch["labels"]) if "labels" in batch else None
+    def prepare(self, batch, where: str = "batch") -> lt.MicroBatch:
+        """Checks one loader batch (see batch.py for the shapes accepted) and moves it to the compute device with
+        its rotary tables and doc ids."""
+        cols = batch_tensors(batch, where, self.model_cfg.pad_row)
+        ids = cols["input_ids"]
+        labels = cols.get("labels")
         if labels is None:
-            raise ValueError(f"{where}: no 'labels' (use input_ids with -100 where no loss is wanted)")
+            raise ValueError(f"{where}: no 'labels' (labels=input_ids trains on every token the attention_mask "
+                             "keeps; -100 where no loss is wanted)")
         if ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"{where}: input_ids must be an integer tensor [batch, seq], got {tuple(ids.shape)} "
                              f"{ids.dtype}")
-        if labels.shape != ids.shape:
-            raise ValueError(f"{where}: labels shape {tuple(labels.shape)} differs from input_ids shape "
-                             f"{tuple(ids.shape)}")
+        for key in ("labels", "attention_mask", "position_ids"):
+            if key in cols and cols[key].shape != ids.shape:
+                raise ValueError(f"{where}: {key} shape {tuple(cols[key].shape)} differs from input_ids shape "
+                                 f"{tuple(ids.shape)}")
         V = self.model_cfg.vocab_size
         if ids.numel() and (ids.min() < 0 or ids.max() >= V):
             bad = ids[(ids < 0) | (ids >= V)][0].item()
@@ -86,50 +111,82 @@ class Engine:
         if bad_labels.any():
             raise ValueError(f"{where}: label {labels[bad_labels][0].item()} is neither -100 nor in [0, {V})")
         B, S = ids.shape
-        pos = batch.get("position_ids")
-        doc_ids = None
+        keep = kept_tokens(cols.get("attention_mask"), where)    # [B, S] bool or None
+        pos = cols.get("position_ids")
         if pos is not None:
-            pos = torch.as_tensor(pos).long()
-            if pos.shape != ids.shape:
-                raise ValueError(f"{where}: position_ids shape {tuple(pos.shape)} differs from input_ids shape "
-                                 f"{tuple(ids.shape)}")
-            restart = torch.zeros_like(pos, dtype=torch.bool)
-            restart[:, 1:] = pos[:, 1:] <= pos[:, :-1]   # a position that does not grow starts a new document
-            if restart.any():
-                doc_ids = restart.cumsum(1).to(torch.int32)
+            pos = pos.long()
+            if pos.numel() and pos.min() < 0:
+                raise ValueError(f"{where}: position_ids must be ≥ 0, got {pos.min().item()}")
         else:
-            pos = torch.arange(S).expand(B, S)
+            pos = torch.arange(S).expand(B, S)           # as transformers: attention_mask does not shift positions
+        self._check_positions(pos if keep is None else pos[keep], where)
+        doc_ids = doc_ids_of(pos, keep)
         targets = torch.full_like(labels, IGNORE_INDEX, dtype=torch.int64)
         targets[:, :-1] = labels[:, 1:]                  # the transformers convention: shift inside the loss
-        dev = self.device.torch_device
-        freqs = pos.reshape(-1, 1).to(dev).float() * self._inv_freq[None, :]
+        if keep is not None:                             # a masked token neither predicts nor is predicted
+            targets[:, :-1].masked_fill_(~(keep[:, :-1] & keep[:, 1:]), IGNORE_INDEX)
+        pad = self.model_cfg.pad_row
+        embed_grad_mask = None if pad is None or not (ids == pad).any() else (ids != pad).reshape(-1)
+        freqs = self._to_device(pos.reshape(-1, 1)).float() * self._inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)          # [T, D]
-        return lt.MicroBatch(input_ids=ids.long().to(dev), targets=targets.reshape(-1).to(dev),
+        return lt.MicroBatch(input_ids=self._to_device(ids.long()), host_ids=ids.long().reshape(-1),
+                             targets=self._to_device(targets.reshape(-1)),
                              cos=emb.cos(), sin=emb.sin(),
-                             doc_ids=None if doc_ids is None else doc_ids.to(dev),
-                             num_targets=int((targets != IGNORE_INDEX).sum()))
+                             doc_ids=None if doc_ids is None else self._to_device(doc_ids),
+                             num_targets=int((targets != IGNORE_INDEX).sum()),
+                             embed_grad_mask=None if embed_grad_mask is None else self._to_device(embed_grad_mask))
+
+    def _check_positions(self, pos: torch.Tensor, where: str) -> None:
+        limit = self.model_cfg.max_positions
+        if pos.numel() and pos.max() >= limit:
+            scaled = ", stretched by its rope scaling" if limit != self.model_cfg.max_position_embeddings else ""
+            raise ValueError(f"{where}: position {pos.max().item()} is beyond the {limit} positions of this model "
+                             f"(max_position_embeddings{scaled}); cut sequences to at most {limit} tokens")
+
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        """On CUDA: through pinned memory, without blocking the host (the copy is queued on the compute stream
+        behind the running step; the pinned buffer is kept until the copy ran by torch's host allocator)."""
+        if self.device.type != "cuda":
+            return t.to(self.device.torch_device)
+        return t.pin_memory().to(self.device.torch_device, non_blocking=True)
 
     # ---- training ---------------------------------------------------------------------------------------
     def fit(self, loader, max_steps: int | None = None, callback=None) -> list[dict]:
         """Trains on ``loader`` (an iterable of batches, one micro-batch each) until it is exhausted or
-        ``max_steps`` optimizer steps were taken. Returns one dict per optimizer step."""
+        ``max_steps`` optimizer steps were taken. Returns one dict per optimizer step.
+
+        The lr schedule's length is fixed by the first fit that knows it (max_steps, else the loader's length in
+        steps) and kept: a fit after from_checkpoint, or a second fit, continues the same schedule.
+        With train_cfg.checkpoint_dir set, a checkpoint is saved every save_every_steps steps and/or
+        save_every_minutes. A SIGINT or SIGTERM lets the current optimizer step finish, saves a checkpoint (with
+        checkpoint_dir set), then raises interrupts.Interrupted (a KeyboardInterrupt) or interrupts.Terminated
+        (a SystemExit(143)); a second signal stops at once."""
+        with interrupts.deferred_signals():
+            return self._fit(loader, max_steps, callback)
+
+    def _fit(self, loader, max_steps: int | None, callback) -> list[dict]:
         accum = self.train_cfg.grad_accum_steps
-        total_steps = max_steps
-        if total_steps is None and hasattr(loader, "__len__"):
-            total_steps = math.ceil(len(loader) / accum)
+        if self.total_steps is None:
+            self.total_steps = max_steps
+            if self.total_steps is None and hasattr(loader, "__len__"):
+                self.total_steps = math.ceil(len(loader) / accum)
+        total_steps = self.total_steps
         if self.train_cfg.lr_schedule == "cosine" and total_steps is None:
             self.train_cfg.lr_at(self.train_cfg.warmup_steps + 1, None)  # raises the explanatory error
         history, group, seen = [], [], 0
+        self._last_save_time = time.monotonic()
         for index, batch in enumerate(loader):
             group.append(self.prepare(batch, where=f"batch {index}"))
             seen += 1
             if len(group) == accum:
                 history.append(self._optimizer_step(group, total_steps, callback))
                 group = []
+                self._checkpoint_if_due()
                 if max_steps is not None and len(history) >= max_steps:
                     break
         if group:  # a last, partial accumulation group still makes a step of its own
             history.append(self._optimizer_step(group, total_steps, callback))
+        self._checkpoint_if_due()
         if seen == 0:
             raise ValueError("the loader yielded no batches")
         self.optimizer.wait_all()
@@ -158,6 +215,7 @@ class Engine:
         loss_sum, sq_norm = run_step(self.pipeline, mbs, grad_scale=1.0 / tokens)
         grad_norm = math.sqrt(float(sq_norm))
         self.step += 1
+        self.micro_batches += len(mbs)
         lr = self.train_cfg.lr_at(self.step, total_steps)
         coef = clip_coefficient(grad_norm, self.train_cfg.max_grad_norm)
         self.optimizer.start_step(self.step, lr, coef)   # runs while the next step's forward streams
@@ -177,35 +235,89 @@ class Engine:
             callback(entry)
         return entry
 
+    def _checkpoint_if_due(self) -> None:
+        """After an optimizer step: the periodic save, and the stop a signal asked for (after saving)."""
+        c, signum = self.train_cfg, interrupts.received()
+        if c.checkpoint_dir is not None and self.step > 0 and self._last_checkpoint[0] != self.step and (
+                signum is not None
+                or c.save_every_steps is not None and self.step % c.save_every_steps == 0
+                or c.save_every_minutes is not None
+                and time.monotonic() - self._last_save_time >= 60 * c.save_every_minutes):
+            self.save_checkpoint(c.checkpoint_dir, keep_last=c.keep_last)
+        if signum is not None:
+            step, path = self._last_checkpoint
+            raise interrupts.stop_error(signum, path if step == self.step else None)
+
     # ---- inference (evaluation and the demo) ------------------------------------------------------------
     @torch.no_grad()
-    def logits(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """fp32 logits [B, S, V] of the current weights; layer by layer through slot 0, without the pipeline."""
+    def logits(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+               attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """fp32 logits [B, S, V] of the current weights; layer by layer through slot 0, without the pipeline.
+        Where attention_mask is 0 the logits mean nothing (those tokens see only themselves)."""
         self.optimizer.wait_all()
         batch = {"input_ids": input_ids, "labels": torch.full_like(input_ids, IGNORE_INDEX)}
         if position_ids is not None:
             batch["position_ids"] = position_ids
+        if attention_mask is not None:
+            batch["attention_mask"] = attention_mask
         mb = self.prepare(batch, where="logits")
+        logits = torch.empty(mb.targets.numel(), self.model_cfg.vocab_size, dtype=torch.float32,
+                             device=self.device.torch_device)
+
+        def head_chunk(xn, w, u):
+            logits[:, u.start:u.stop] = xn @ w["lm_head"].t()
+        self._forward_to_head(mb, head_chunk)
+        return logits.view(*input_ids.shape, -1).cpu()
+
+    @torch.no_grad()
+    def evaluate(self, loader) -> float:
+        """Mean loss over the counted label tokens of every batch of ``loader`` (dicts as ``fit`` takes) with the
+        current weights: a forward-only pass, each batch streaming the layers through slot 0 as ``logits`` does;
+        the head's logits exist one chunk of tokens and vocabulary at a time (the training head's first pass)."""
+        self.optimizer.wait_all()
+        loss_sum, tokens = 0.0, 0
+        for index, batch in enumerate(loader):
+            mb = self.prepare(batch, where=f"eval batch {index}")
+            T, dev = mb.targets.numel(), self.device.torch_device
+            stats = (torch.full((T,), float("-inf"), device=dev), torch.zeros(T, device=dev),
+                     torch.zeros(T, device=dev))                   # running max, sum of exp, target logit
+
+            def head_chunk(xn, w, u, mb=mb, stats=stats):
+                self.ops.cross_entropy_chunk_stats_(xn, w["lm_head"], mb.targets, u.start, *stats)
+            self._forward_to_head(mb, head_chunk)
+            loss, _ = self.ops.cross_entropy_chunk_loss(*stats, mb.targets)
+            loss_sum += float(loss)                      # sync: one scalar a batch
+            tokens += mb.num_targets
+        if tokens == 0:
+            raise ValueError("evaluate: the loader yielded no label tokens (every label is -100, or no batches)")
+        return loss_sum / tokens
+
+    def _forward_to_head(self, mb: lt.MicroBatch, head_chunk) -> None:
+        """Streams every layer through slot 0 (not pipelined) and calls ``head_chunk(final-normed hidden [T, H],
+        the chunk's bound weights, the chunk's Unit)`` for each vocabulary chunk of the head."""
         p, cfg = self.pipeline, self.model_cfg
-        x = None
-        for i in range(self.store.num_layers):
-            stream_in(p, i, 0)
+        table = self.store.working[0].view(-1, cfg.hidden_size)
+        x = table[mb.host_ids].to(self.device.torch_device)            # the embedding's rows, gathered on the host
+        xn = None
+        for u in [Unit(i) for i in range(1, p.head)] + p.head_chunks():
+            stream_in(p, u, 0)
             self.device.sync(p.slot_ready[0])            # sync: evaluation is not pipelined
-            w = bind(p, i, 0)
-            if i == 0:
-                x = lt.embed_forward(w, mb)
-            elif i < p.head:
+            w = bind(p, u, 0)
+            if u.layer < p.head:
                 x = lt.decoder_forward(self.ops, cfg, w, x, mb)
             else:
-                xn, _ = self.ops.rmsnorm_forward(x, w["norm"], cfg.rms_norm_eps)
-                x = (xn @ w["lm_head"].t()).float()
+                if xn is None:                           # every chunk carries the final norm: normalize once
+                    xn, _ = self.ops.rmsnorm_forward(x, w["norm"], cfg.rms_norm_eps)
+                head_chunk(xn, w, u)
             p.slot_free[0] = self.device.record("compute")
-        return x.view(*input_ids.shape, -1).cpu()
 
     # ---- checkpoints ------------------------------------------------------------------------------------
-    def save_pretrained(self, out_dir: str | Path, dtype: str | torch.dtype | None = None) -> None:
+    def save_pretrained(self, out_dir: str | Path, dtype: str | torch.dtype | None = None, add_files=None) -> None:
         """config.json + safetensors loadable by transformers.AutoModelForCausalLM.from_pretrained. Default dtype:
-        fp32 (the master weights) if the model was loaded or built in fp32, else the source checkpoint's."""
+        fp32 (the master weights) if the model was loaded or built in fp32, else the source checkpoint's.
+
+        The directory is assembled beside out_dir and swapped in whole (``add_files(tmp_dir)`` writes more files
+        into it first: a tokenizer, metrics); a SIGINT or SIGTERM during the save is acted on once it is done."""
         self.optimizer.wait_all()
         if dtype is None:
             dtype = self.model_cfg.torch_dtype
@@ -213,7 +325,85 @@ class Engine:
             if dtype not in DTYPES:
                 raise ValueError(f"dtype {dtype!r} not supported for saving; choose from {sorted(DTYPES)}")
             dtype = DTYPES[dtype]
-        save_weights(self.store, out_dir, dtype)
+        with interrupts.deferred_signals():
+            save_weights(self.store, out_dir, dtype, add_files)
+
+    def save_checkpoint(self, path: str | Path, keep_last: int | None = None) -> Path:
+        """The whole training state (every host-store buffer but the gradient, step, lr schedule, RNG, data
+        position, configs) into PATH/step-N for N = self.step, atomically and durably; returns that directory.
+        keep_last=K then deletes all but the K newest checkpoints in PATH."""
+        self.optimizer.wait_all()      # the worker may still be updating the last step's layers
+        with interrupts.deferred_signals():
+            saved = training_state.save(self.store, Path(path), self._trainer_state(), keep_last)
+        self._last_checkpoint, self._last_save_time = (self.step, saved), time.monotonic()
+        log.info("checkpoint of step %d saved in %s", self.step, saved)
+        return saved
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, train_cfg: TrainConfig | None = None) -> "Engine":
+        """An engine in the state a save_checkpoint recorded: PATH is a checkpoint, or a directory of them (the
+        newest complete one is taken). train_cfg: the saved one by default; another one may change how the run
+        executes (device, slots, checkpoint cadence), while changing optimizer settings changes the result.
+        fit(rest_of_loader) then continues: engine.step counts on, engine.micro_batches says how many loader
+        batches the run had consumed. Also restores torch's global RNG to its state at the save."""
+        ckpt = training_state.find(path)
+        _, state = training_state.read(ckpt)
+        engine = cls(training_state.model_config(state), train_cfg or training_state.train_config(state),
+                     init_weights=False)
+        engine.load_checkpoint(ckpt)
+        return engine
+
+    def load_checkpoint(self, path: str | Path) -> Path:
+        """Loads a training checkpoint (or the newest under PATH) into this engine after checking that it was
+        saved from this model with this store layout; returns the checkpoint's directory. Nothing is
+        overwritten unless every file is present, whole and of the right layout."""
+        ckpt = training_state.find(path)
+        manifest, state = training_state.read(ckpt)
+        differences = training_state.config_differences(training_state.model_config(state), self.model_cfg)
+        saved_dtype = state["train_config"].get("compute_dtype")
+        if saved_dtype != self.train_cfg.compute_dtype:
+            differences.append(f"compute_dtype: checkpoint {saved_dtype!r}, this engine "
+                               f"{self.train_cfg.compute_dtype!r}")
+        if differences:
+            raise training_state.CheckpointError(f"{ckpt} was saved from another model or setup: "
+                                                 + "; ".join(differences))
+        self.optimizer.wait_all()
+        training_state.load_into(self.store, ckpt, manifest)
+        self.step, self.micro_batches = state["step"], state["micro_batches"]
+        self.total_steps = state["schedule"]["total_steps"]
+        self.extra_state = state.get("extra", {})
+        self._set_rng_state(state["rng"])
+        self._last_checkpoint = (self.step, ckpt)
+        return ckpt
+
+    def _trainer_state(self) -> dict:
+        c = self.train_cfg
+        known = c.lr_schedule == "constant" or self.total_steps is not None
+        next_lr = c.lr_at(self.step + 1, self.total_steps) if known else None
+        return {"step": self.step, "micro_batches": self.micro_batches,
+                "schedule": {"kind": c.lr_schedule, "warmup_steps": c.warmup_steps, "total_steps": self.total_steps,
+                             "next_lr": next_lr},
+                "rng": self._rng_state(), "model_config": dataclasses.asdict(self.model_cfg),
+                "train_config": dataclasses.asdict(c), "extra": self.extra_state}
+
+    def _rng_state(self) -> dict:
+        def encode(t):
+            return base64.b64encode(t.numpy().tobytes()).decode()
+        state = {"torch": encode(torch.get_rng_state())}
+        if self.device.type == "cuda":
+            state["cuda"] = encode(torch.cuda.get_rng_state(self.device.torch_device))
+        if hasattr(self.device, "rng_state"):
+            state["device"] = self.device.rng_state()
+        return state
+
+    def _set_rng_state(self, state: dict) -> None:
+        def decode(text):
+            return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
+        torch.set_rng_state(decode(state["torch"]))
+        if self.device.type == "cuda" and "cuda" in state:
+            torch.cuda.set_rng_state(decode(state["cuda"]), self.device.torch_device)
+        if hasattr(self.device, "set_rng_state") and "device" in state:
+            self.device.set_rng_state(state["device"])
 
     def close(self) -> None:
         self.optimizer.wait_all()

@@ -21,11 +21,14 @@ from .config import ModelConfig
 class MicroBatch:
     """One micro-batch, prepared on the compute device."""
     input_ids: torch.Tensor           # [B, S] int64
+    host_ids: torch.Tensor            # [T] int64 on the host: the embedding rows are gathered there
     targets: torch.Tensor             # [T] int64: labels shifted left by one, -100 where nothing is predicted
     cos: torch.Tensor                 # [T, D] fp32 rotary tables at each token's position
     sin: torch.Tensor
     doc_ids: torch.Tensor | None      # [B, S] int32 document index (packed sequences), None: one document a row
     num_targets: int                  # counted (non-ignored) targets, known on the host without a sync
+    embed_grad_mask: torch.Tensor | None = None  # [T] bool, False at the pad id: that embedding row gets no
+                                                 # gradient from the lookup (padding_idx); None: no pad id
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -35,12 +38,21 @@ class MicroBatch:
 # ---------------------------------------------------------------------------------------------------------
 # embedding
 # ---------------------------------------------------------------------------------------------------------
-def embed_forward(w, mb: MicroBatch) -> torch.Tensor:
-    return w["embed"][mb.input_ids.reshape(-1)]                                      # [T, H]
+# The table stays on the host: the step's distinct token ids are gathered there (rows [U, H]) and each token
+# reads its row through ``index`` [T] (positions in rows). The backward accumulates into those U rows only.
+def embed_forward(rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    return rows[index]                                                               # [T, H]
 
 
-def embed_backward(g, mb: MicroBatch, dx: torch.Tensor) -> None:
-    g["embed"].index_add_(0, mb.input_ids.reshape(-1), dx.float())
+def embed_backward(d_rows: torch.Tensor, index: torch.Tensor, dx: torch.Tensor, keep: torch.Tensor | None = None,
+                   token_chunk: int = 4096) -> None:
+    """d_rows fp32[U, H] += dx[T, H] scattered by index; dx is widened to fp32 token_chunk rows at a time. Tokens
+    where keep[T] is False (the pad id, as nn.Embedding(padding_idx=...)) add nothing."""
+    for s in range(0, dx.shape[0], token_chunk):
+        d = dx[s:s + token_chunk].float()
+        if keep is not None:
+            d.masked_fill_(~keep[s:s + token_chunk, None], 0.0)
+        d_rows.index_add_(0, index[s:s + token_chunk], d)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -58,7 +70,8 @@ def _decoder_recompute(ops, cfg: ModelConfig, w, x: torch.Tensor, mb: MicroBatch
     q_lin = qkv[:, :cfg.q_size].reshape(T, Hq, D).contiguous()
     k_lin = qkv[:, cfg.q_size:cfg.q_size + cfg.kv_size].reshape(T, Hkv, D).contiguous()
     v = qkv[:, cfg.q_size + cfg.kv_size:].reshape(B, S, Hkv, D).contiguous()
-    saved = dict(qkv=qkv, rstd_in=rstd_in, q_lin=q_lin, k_lin=k_lin)
+    del qkv                                   # the backward never reads it: freed before the attention runs
+    saved = dict(rstd_in=rstd_in, q_lin=q_lin, k_lin=k_lin)
     if cfg.qk_norm:
         q, saved["rstd_q"] = ops.rmsnorm_forward(q_lin, w["q_norm"], cfg.rms_norm_eps)
         k, saved["rstd_k"] = ops.rmsnorm_forward(k_lin, w["k_norm"], cfg.rms_norm_eps)
@@ -105,7 +118,7 @@ def decoder_backward(ops, cfg: ModelConfig, w, g, x: torch.Tensor, mb: MicroBatc
         dk = ops.rmsnorm_backward(dk, s["k_lin"], w["k_norm"], s["rstd_k"], g["k_norm"])
     d_qkv = torch.cat((dq.reshape(T, -1), dk.reshape(T, -1), dv.reshape(T, -1)), dim=1)      # [T, (Hq+2Hkv)D]
     if cfg.attention_bias:
-        g["qkv_bias"] += d_qkv.float().sum(0)
+        g["qkv_bias"] += d_qkv.sum(0, dtype=torch.float32)
     return d_h + ops.rmsnorm_matmul_backward(d_qkv, x, w["input_norm"], w["qkv"], s["rstd_in"], g["qkv"],
                                              g["input_norm"])
 
@@ -121,3 +134,24 @@ def head_forward_backward(ops, cfg: ModelConfig, w, g, x: torch.Tensor, mb: Micr
     xn, rstd = ops.rmsnorm_forward(x, w["norm"], cfg.rms_norm_eps)
     loss_sum, d_xn = ops.linear_cross_entropy(xn, w["lm_head"], mb.targets, g["lm_head"], grad_scale)
     return loss_sum, ops.rmsnorm_backward(d_xn, x, w["norm"], rstd, g["norm"])
+
+
+# The head in vocabulary chunks (when lm_head is larger than a staging slot): the norm once, then two passes over
+# the chunks, w = {"lm_head": rows [start, start + V_c), "norm"} (see kernels/reference.py for the maths).
+def head_norm(ops, cfg: ModelConfig, w, x: torch.Tensor):
+    return ops.rmsnorm_forward(x, w["norm"], cfg.rms_norm_eps)                      # (xn[T, H], rstd[T])
+
+
+def head_chunk_stats(ops, w, xn: torch.Tensor, mb: MicroBatch, start: int, stats: tuple) -> None:
+    """Pass 1: stats = (row_max, row_sum, target_logit) fp32 [T], updated in place."""
+    ops.cross_entropy_chunk_stats_(xn, w["lm_head"], mb.targets, start, *stats)
+
+
+def head_chunk_backward(ops, w, g, xn: torch.Tensor, mb: MicroBatch, start: int, lse: torch.Tensor,
+                        grad_scale: float, d_xn: torch.Tensor) -> None:
+    """Pass 2: d_xn fp32[T, H] and g["lm_head"] (this chunk's rows) accumulate."""
+    ops.cross_entropy_chunk_backward(xn, w["lm_head"], mb.targets, start, lse, grad_scale, d_xn, g["lm_head"])
+
+
+def head_norm_backward(ops, w, g, x: torch.Tensor, rstd: torch.Tensor, d_xn: torch.Tensor) -> torch.Tensor:
+    return ops.rmsnorm_backward(d_xn.to(x.dtype), x, w["norm"], rstd, g["norm"])

@@ -1,7 +1,9 @@
 """Op dispatch: the one place that decides which implementation of each op the layer template runs.
 
 Backends
-- ``torch``            the references in kernels/reference.py (the CPU path; hand-written backward, no autograd)
+- ``torch``            on CPU the references in kernels/reference.py (hand-written backward, no autograd); on CUDA
+                       the library path, kernels/library.py (PyTorch's flash attention and cuBLAS called directly,
+                       same signatures): the always-correct baseline
 - ``triton``           the Triton kernels of kernels/<family>.py (the CUDA path)
 - ``triton-interpret`` the same kernels run by Triton's interpreter on CPU (slow; for tests)
 
@@ -16,7 +18,7 @@ import os
 import sys
 from types import SimpleNamespace
 
-from horizon_triton.kernels import reference
+from horizon_triton.kernels import library, reference
 
 log = logging.getLogger("horizon_triton")
 
@@ -28,8 +30,9 @@ KERNEL_FAMILY = {
     "swiglu_forward": "swiglu", "swiglu_backward": "swiglu",
     "attention_forward": "attention", "attention_backward": "attention",
     "linear_cross_entropy": "cross_entropy",
+    "cross_entropy_chunk_stats_": "cross_entropy", "cross_entropy_chunk_backward": "cross_entropy",
 }
-TORCH_ONLY = ("linear_forward", "linear_backward")
+TORCH_ONLY = ("linear_forward", "linear_backward", "cross_entropy_chunk_loss")
 BACKENDS = {"torch": "torch", "triton": "triton", "interpret": "triton-interpret"}
 
 
@@ -48,11 +51,14 @@ def select_backend(device_type: str) -> str:
     return backend
 
 
-def load_ops(backend: str) -> SimpleNamespace:
+def load_ops(backend: str, device_type: str = "cpu") -> SimpleNamespace:
     """A namespace with one function per op, all with the signatures of kernels/reference.py."""
     names = list(KERNEL_FAMILY) + list(TORCH_ONLY)
     if backend == "torch":
-        return SimpleNamespace(**{name: getattr(reference, name) for name in names})
+        if device_type != "cuda":
+            return SimpleNamespace(**{name: getattr(reference, name) for name in names})
+        # the library path replaces what PyTorch's own kernels do better; every other op is the reference
+        return SimpleNamespace(**{name: getattr(library, name, None) or getattr(reference, name) for name in names})
     if backend == "triton-interpret":
         _enter_interpreter()
     ops = {name: getattr(reference, name) for name in TORCH_ONLY}

@@ -2,14 +2,25 @@
 
 Four primitives, each issuing work to one stream of the device (see device.py):
 
-    stream_in(i, slot)   copy_in   layer i's working weights: pinned host store -> staging slot
-    bind(i, slot)        (host)    views of the slot shaped as layer i's parameters (no device copy)
+    stream_in(u, slot)   copy_in   unit u's working weights: pinned host store -> staging slot
+    bind(u, slot)        (host)    views of the slot shaped as u's parameters (no device copy)
     compute(i, ...)      compute   forward of every micro-batch, or recompute + backward
-    stream_out(i)        copy_out  layer i's fp32 gradient accumulator -> host grad buffer (once per step)
+    stream_out(acc)      copy_out  an fp32 gradient accumulator -> host grad buffer (once per step)
 
-and ``run_step`` strings them together. Layers are [embed, decoder 1..L, head] as in store.py. Within a step
-the work is layer-major: every micro-batch passes through layer i while its weights are resident, so weights
-cross the bus twice per step (forward, backward) whatever the number of micro-batches.
+and ``run_step`` strings them together. Layers are [embed, decoder 1..L, head] as in store.py; what streams
+through a slot is a ``Unit``: a decoder layer, or one vocabulary chunk of the head. Within a step the work is
+layer-major: every micro-batch passes through unit u while its weights are resident, so weights cross the bus
+twice per step (forward, backward) whatever the number of micro-batches.
+
+Device memory is O(decoder layer), whatever the vocabulary: slots and accumulators hold the largest decoder
+layer. The embedding table never leaves the host: the step's U distinct token ids are gathered there and only
+those rows cross the bus (U·H·b in, U·H·b gradient out, with b the compute dtype's bytes). The head streams in
+vocabulary chunks of V_c rows; when there is more than one, the softmax over all chunks needs two passes
+(pass 1: each token's running max and sum of exp; pass 2: each chunk's logits again, its gradient, d(x̂) and the
+chunk's lm_head gradient, streamed out per chunk). Against the one fused pass this costs one more logits GEMM,
+2·T·H·V flops per step (8·T·H·V instead of 6·T·H·V for the head), and the head's weights cross the bus twice
+(2·V·H·b in, against once for the fused pass) like every decoder layer's. The tied head's chunks are the
+embedding's rows, and their gradient goes to the embedding's grad buffer.
 
 Ordering, enforced with events so that the async test device catches any missing wait:
 - a slot is refilled only after the compute that read it finished      (slot_free[slot])
@@ -29,6 +40,15 @@ from .config import ModelConfig
 from .store import HostStore
 
 
+@dataclass(frozen=True)
+class Unit:
+    """What one pass through a staging slot computes with: decoder layer ``layer``, or (layer = the head) the
+    vocabulary rows [start, stop) of lm_head (of the embedding when tied) followed by the final norm."""
+    layer: int
+    start: int = 0
+    stop: int = 0
+
+
 @dataclass
 class Pipeline:
     """Everything the scheduler keeps on the compute device between primitives: fixed in size."""
@@ -37,29 +57,45 @@ class Pipeline:
     ops: object
     dev: object
     optimizer: object                              # .wait_layer(i): blocks until layer i holds new weights
-    slots: list[torch.Tensor]                      # staging slots, compute dtype, capacity of the largest layer
+    slots: list[torch.Tensor]                      # staging slots, compute dtype: the largest decoder layer
     slot_ready: list = field(default_factory=list)
     slot_free: list = field(default_factory=list)
-    accs: list[torch.Tensor] = field(default_factory=list)   # 2 ping-pong fp32 accumulators for decoder layers
+    accs: list[torch.Tensor] = field(default_factory=list)   # 2 ping-pong fp32 accumulators: layers, head chunks
     acc_free: list = field(default_factory=list)
-    embed_acc: torch.Tensor | None = None          # fp32; also receives the tied lm_head gradient
-    head_acc: torch.Tensor | None = None
+    norm_acc: torch.Tensor | None = None           # fp32 [H]: the final norm's gradient
+    head_rows: int = 0                             # lm_head rows per vocabulary chunk (all of them: one pass)
+    embed_grad_rows: torch.Tensor | None = None    # host: rows of the untied embedding's grad the last step wrote
     meter: "DeviceMeter" = None
     tracer: object = None
-    checkpoint_budget: int | None = None           # bytes of activation checkpoints kept on the device
+    checkpoint_budget: int | None = None           # bytes of activation checkpoints kept on the device (override)
 
     @property
     def head(self) -> int:
         return self.store.num_layers - 1
 
-    def sources(self, i: int) -> list[int]:
-        """Host layers whose weights layer i computes with (the tied head also reads the embedding)."""
-        return [i, 0] if i == self.head and self.cfg.tie_word_embeddings else [i]
+    def sources(self, u: Unit) -> list[int]:
+        """Host layers whose weights unit u computes with (the tied head reads the embedding)."""
+        return [u.layer, 0] if u.layer == self.head and self.cfg.tie_word_embeddings else [u.layer]
+
+    def name(self, u: Unit) -> str:
+        return self.store.layouts[u.layer].name + (f"[{u.start}:{u.stop}]" if u.layer == self.head else "")
+
+    def head_chunks(self) -> list[Unit]:
+        V = self.cfg.vocab_size
+        return [Unit(self.head, a, min(a + self.head_rows, V)) for a in range(0, V, self.head_rows)]
+
+    def head_segments(self, buffers: list[torch.Tensor], u: Unit) -> tuple[torch.Tensor, torch.Tensor]:
+        """(lm_head rows [start, stop), final norm) as flat views of one of the store's per-layer buffer lists."""
+        H, layout = self.cfg.hidden_size, self.store.layouts[self.head]
+        offsets = {q.key: q.offset for q in layout.params}
+        table = buffers[0] if self.cfg.tie_word_embeddings else buffers[self.head][offsets["lm_head"]:]
+        norm = buffers[self.head][offsets["norm"]:offsets["norm"] + H]
+        return table[u.start * H:u.stop * H], norm
 
 
 class DeviceMeter:
-    """Bytes the engine holds on the compute device (slots, accumulators, checkpoints, activation grads), and the
-    bytes every copy moved across the bus since the pipeline was built (h2d_bytes, d2h_bytes)."""
+    """Bytes the engine holds on the compute device (slots, accumulators, checkpoints, activations, gradients), and
+    the bytes every copy moved across the bus since the pipeline was built (h2d_bytes, d2h_bytes)."""
 
     def __init__(self):
         self._lock = threading.Lock()
@@ -92,57 +128,91 @@ class DeviceMeter:
 
 
 def build_pipeline(cfg, store, ops, dev, optimizer, num_slots: int, tracer=None,
-                   checkpoint_budget: int | None = None) -> Pipeline:
+                   checkpoint_budget: int | None = None, head_rows: int | None = None) -> Pipeline:
+    """Slots and accumulators hold the largest decoder layer, whatever the vocabulary: the embedding never
+    streams (its rows are gathered on the host) and the head streams in chunks of ``head_rows`` vocabulary rows
+    (default: as many as a slot holds next to the final norm; all of them when they fit, which runs the fused
+    one-pass cross-entropy)."""
     torch_dev = dev.torch_device
     meter = DeviceMeter()
     p = Pipeline(cfg, store, ops, dev, optimizer, slots=[], meter=meter, tracer=tracer,
                  checkpoint_budget=checkpoint_budget)
-    capacity = max(sum(store.layouts[j].numel for j in p.sources(i)) for i in range(store.num_layers))
-    decoder_numel = max((lay.numel for lay in store.layouts[1:-1]), default=0)
+    H, V = cfg.hidden_size, cfg.vocab_size
+    capacity = max(max((lay.numel for lay in store.layouts[1:-1]), default=0), 2 * H)
+    p.head_rows = min(V, head_rows or V, (capacity - H) // H)
     p.slots = [meter.add(torch.empty(capacity, dtype=store.compute_dtype, device=torch_dev))
                for _ in range(num_slots)]
     p.slot_ready = [None] * num_slots
     p.slot_free = [None] * num_slots
-    p.accs = [meter.add(torch.zeros(decoder_numel, dtype=torch.float32, device=torch_dev)) for _ in range(2)]
+    p.accs = [meter.add(torch.zeros(capacity, dtype=torch.float32, device=torch_dev)) for _ in range(2)]
     p.acc_free = [None, None]
-    p.embed_acc = meter.add(torch.zeros(store.layouts[0].numel, dtype=torch.float32, device=torch_dev))
-    p.head_acc = meter.add(torch.zeros(store.layouts[-1].numel, dtype=torch.float32, device=torch_dev))
+    p.norm_acc = meter.add(torch.zeros(H, dtype=torch.float32, device=torch_dev))
     return p
+
+
+CROSS_ENTROPY_TOKEN_CHUNK = 4096   # tokens whose logits exist at once in the head (the ops' chunk_size default)
+
+
+def backward_bytes_per_token(cfg: ModelConfig, itemsize: int) -> int:
+    """Device bytes a decoder layer's recompute + backward holds per token of one micro-batch, at its peak: what
+    _decoder_recompute keeps (qkv, contiguous q/k/v, normed q/k, attention output, h, gate_up, act) and the
+    backward's live gradients (d_act, d_gate_up, d_h, d_attn, dq/dk/dv, d_qkv), in the compute dtype, plus the
+    fp32 widenings the weight-gradient products make of one [T, 2I] and one [T, H] operand, and the attention's
+    fp32 lse and dq workspace."""
+    q, kv, H, I = cfg.q_size, cfg.kv_size, cfg.hidden_size, cfg.intermediate_size
+    kept = (q + 2 * kv) + (q + 2 * kv) + (q + kv) * cfg.qk_norm + q + H + 2 * I + I
+    live = I + 2 * I + H + q + (q + 2 * kv) * 2
+    return itemsize * (kept + live) + 4 * (2 * I + H + cfg.num_heads + q)
+
+
+def default_checkpoint_budget(p: Pipeline, free_bytes: int, mb_tokens: list[int], unique_rows: int) -> int:
+    """Bytes of activation checkpoints the device can keep this step, from its free memory at the step's start
+    (slots and accumulators already allocated):
+
+        budget = free − margin − activations − backward − head − embedding,   margin = free / 20
+        activations = Σ_m T_m·H·(3b + 4)      hidden, the head's x̂ and fp32 d(x̂), the d(x) it returns
+        backward    = max_m T_m · backward_bytes_per_token(b)            one micro-batch through one layer
+        head        = min(T_max, 4096) · V_c · (b + 8)                   one logits chunk, fp32 softmax
+        embedding   = U·H·(b + 4)                                         gathered rows, their fp32 gradient
+
+    with b the compute dtype's bytes, T_m the micro-batches' tokens, V_c the head's rows per chunk and U the
+    step's distinct token ids; never below 0 (then every checkpoint is offloaded to the host)."""
+    b, H = p.store.compute_dtype.itemsize, p.cfg.hidden_size
+    T_max = max(mb_tokens, default=0)
+    need = (sum(mb_tokens) * H * (3 * b + 4) + T_max * backward_bytes_per_token(p.cfg, b)
+            + min(T_max, CROSS_ENTROPY_TOKEN_CHUNK) * p.head_rows * (b + 8) + unique_rows * H * (b + 4))
+    return max(0, free_bytes - free_bytes // 20 - need)
 
 
 # ------------------------------------------------------------------------------------------------------------
 # the four primitives
 # ------------------------------------------------------------------------------------------------------------
-def stream_in(p: Pipeline, i: int, slot: int) -> None:
-    """copy_in stream. Waits (host) for the optimizer to have updated layer i, then (stream) for the last compute
-    that read ``slot``; copies layer i's working weights into the slot and records slot_ready[slot]."""
-    sources = p.sources(i)
-    for j in sources:
+def stream_in(p: Pipeline, u: Unit, slot: int) -> None:
+    """copy_in stream. Waits (host) for the optimizer to have updated u's layers, then (stream) for the last
+    compute that read ``slot``; copies u's working weights into the slot and records slot_ready[slot]."""
+    for j in p.sources(u):
         p.optimizer.wait_layer(j)
     p.dev.wait("copy_in", p.slot_free[slot])
+    hosts = p.head_segments(p.store.working, u) if u.layer == p.head else [p.store.working[u.layer]]
     dst, offset = p.slots[slot], 0
-    for j in sources:
-        host = p.store.working[j]
+    for host in hosts:
         seg = dst[offset:offset + host.numel()]
 
         def copy(seg=seg, host=host):
             seg.copy_(host, non_blocking=True)
             p.meter.copied(host, to_device=True)
-        p.dev.submit("copy_in", _traced(p, f"stream_in {p.store.layouts[j].name}", "copy_in", copy))
+        p.dev.submit("copy_in", _traced(p, f"stream_in {p.name(u)}", "copy_in", copy))
         offset += host.numel()
     p.slot_ready[slot] = p.dev.record("copy_in")
 
 
-def bind(p: Pipeline, i: int, slot: int) -> dict[str, torch.Tensor]:
-    """Host only: layer i's parameters as views into the slot (nothing is copied on the device)."""
-    views, offset = {}, 0
-    for j in p.sources(i):
-        layout = p.store.layouts[j]
-        views.update(layout.views(p.slots[slot][offset:offset + layout.numel]))
-        offset += layout.numel
-    if i == p.head and p.cfg.tie_word_embeddings:
-        views["lm_head"] = views.pop("embed")
-    return views
+def bind(p: Pipeline, u: Unit, slot: int) -> dict[str, torch.Tensor]:
+    """Host only: u's parameters as views into the slot (nothing is copied on the device)."""
+    if u.layer != p.head:
+        layout = p.store.layouts[u.layer]
+        return layout.views(p.slots[slot][:layout.numel])
+    H, n = p.cfg.hidden_size, u.stop - u.start
+    return {"lm_head": p.slots[slot][:n * H].view(n, H), "norm": p.slots[slot][n * H:(n + 1) * H]}
 
 
 def compute(p: Pipeline, i: int, slot: int | None, work, name: str) -> None:
@@ -155,12 +225,11 @@ def compute(p: Pipeline, i: int, slot: int | None, work, name: str) -> None:
         p.slot_free[slot] = p.dev.record("compute")
 
 
-def stream_out(p: Pipeline, i: int, acc: torch.Tensor):
-    """copy_out stream. Waits for the compute that finished layer i's gradient and copies the fp32 accumulator
-    into the host grad buffer (on CUDA rounded on the device first: half the bus bytes in bf16 mode).
-    Returns the event after which the accumulator may be reused."""
+def stream_out(p: Pipeline, name: str, acc: torch.Tensor, host: torch.Tensor):
+    """copy_out stream. Waits for the compute that finished a gradient and copies the fp32 accumulator ``acc``
+    into ``host`` (a host grad buffer or a slice of it; on CUDA rounded on the device first: half the bus bytes
+    in bf16 mode). Returns the event after which the accumulator may be reused."""
     p.dev.wait("copy_out", p.dev.record("compute"))
-    host = p.store.grad[i]
 
     def copy():
         p.meter.copied(host, to_device=False)
@@ -170,13 +239,23 @@ def stream_out(p: Pipeline, i: int, acc: torch.Tensor):
         staged = acc.to(host.dtype)
         host.copy_(staged, non_blocking=True)
         p.dev.retain(staged, "copy_out")    # freed now, its memory reused only after the copy has run
-    p.dev.submit("copy_out", _traced(p, f"stream_out {p.store.layouts[i].name}", "copy_out", copy))
+    p.dev.submit("copy_out", _traced(p, f"stream_out {name}", "copy_out", copy))
     return p.dev.record("copy_out")
 
 
+NORM_ROW = 1024   # elements of each fp32 partial sum in _sq_norm
+
+
 def _sq_norm(acc: torch.Tensor) -> torch.Tensor:
-    """Squared L2 norm as a device scalar, without a layer-sized temporary."""
-    return torch.linalg.vector_norm(acc).square()
+    """Squared L2 norm as a float64 device scalar: the fp32 norms of rows of NORM_ROW elements, their squares
+    summed in float64. One fp32 reduction over a layer of millions of elements is off by up to ~1e-3 relative on
+    CPU; this stays within ~1e-8 of the float64 norm, with one reduction kernel and no layer-sized temporary
+    (casting the layer to float64 would need twice its size, and is ~10x slower on CPU)."""
+    acc = acc.reshape(-1)                                  # any contiguous accumulator: a layer's, or rows [U, H]
+    full = acc.numel() // NORM_ROW * NORM_ROW
+    rows = torch.linalg.vector_norm(acc[:full].view(-1, NORM_ROW), dim=1)          # [numel // NORM_ROW] fp32
+    tail = torch.linalg.vector_norm(acc[full:], dtype=torch.float64)
+    return rows.double().square().sum() + tail.square()
 
 
 def _traced(p: Pipeline, name: str, stream: str, fn):
@@ -191,8 +270,9 @@ class Checkpoints:
     to host memory on the copy-out stream during the forward and come back on the copy-in stream one layer
     ahead of the backward. Which ones go is decided on the host from their sizes, so no sync is needed."""
 
-    def __init__(self, p: Pipeline, num_layers: int, num_mbs: int):
+    def __init__(self, p: Pipeline, num_layers: int, num_mbs: int, budget: int | None):
         self.p = p
+        self.budget = budget                                                  # None: keep every one
         self.on_device = [[None] * num_mbs for _ in range(num_layers + 1)]   # [layer][mb] device tensors
         self.on_host = [[None] * num_mbs for _ in range(num_layers + 1)]     # [layer][mb] host tensors
         self.offloaded = [([], None)] * (num_layers + 1)                      # (mbs, event: copies done)
@@ -204,7 +284,7 @@ class Checkpoints:
         p = self.p
         offload = []
         for m, size in enumerate(nbytes):
-            keep = p.checkpoint_budget is None or self.kept_bytes + size <= p.checkpoint_budget
+            keep = self.budget is None or self.kept_bytes + size <= self.budget
             self.kept_bytes += size if keep else 0
             if not keep:
                 offload.append(m)
@@ -254,98 +334,306 @@ class Checkpoints:
         return x
 
 
+class EmbeddingRows:
+    """The step's embedding rows. The table stays on the host: the distinct token ids of all micro-batches
+    (sorted, found on the host, no sync) are gathered there and cross the bus once; each token reads its row
+    through ``index``. The backward accumulates fp32 gradients of those rows only, which the host writes into
+    the embedding's grad buffer at the end of the step (every other row is zero, or the tied head's gradient)."""
+
+    def __init__(self, p: Pipeline, mbs: list[lt.MicroBatch]):
+        self.p = p
+        self.ids, index = torch.unique(torch.cat([mb.host_ids for mb in mbs]), return_inverse=True)   # host
+        self.index_host = index.split([mb.host_ids.numel() for mb in mbs])
+        self.rows = None          # device [U, H] compute dtype, during the embedding's forward
+        self.index = None         # device, per micro-batch [T] int64: positions in ids
+        self.index_all = None     # the tensor those are views of
+        self.ids_dev = None       # device [U] int64 (tied: the head's chunks pick these rows of their gradient)
+        self.d_rows = None        # device fp32 [U, H], from the head (tied) or the embedding's backward on
+        self.ready = None         # event: rows and indices are on the device
+
+    def locate(self, start: int, stop: int) -> tuple[int, int]:
+        """Host: the positions [lo, hi) in ids of the rows inside [start, stop) (ids are sorted)."""
+        lo, hi = torch.searchsorted(self.ids, torch.tensor([start, stop])).tolist()
+        return lo, hi
+
+    def grad(self) -> torch.Tensor:
+        """Host, when the compute work that first adds to it is made: the fp32 row gradient, zeroed (the
+        tied head needs it from its first gradient chunk on, the untied embedding from its backward)."""
+        if self.d_rows is None:
+            self.d_rows = self.p.meter.add(torch.zeros(self.ids.numel(), self.p.cfg.hidden_size,
+                                                       dtype=torch.float32, device=self.p.dev.torch_device))
+        return self.d_rows
+
+    def release(self) -> None:
+        """Host, after the step's last sync: what the engine's bookkeeping still counts."""
+        for t in (self.index_all, self.ids_dev, self.d_rows):
+            if t is not None:
+                self.p.meter.sub(t)
+
+
+def _to_device(p: Pipeline, host: torch.Tensor) -> torch.Tensor:
+    """copy_in stream: a device copy of a host tensor, through a pinned buffer where the device copies
+    asynchronously; kept alive for the compute stream that reads it."""
+    if p.dev.pin_memory and not host.is_pinned():
+        staged = p.dev.host_empty(host.shape, host.dtype)
+        staged.copy_(host)
+        host = staged
+    x = torch.empty(host.shape, dtype=host.dtype, device=p.dev.torch_device)
+    x.copy_(host, non_blocking=True)
+    p.meter.copied(host, to_device=True)
+    p.dev.retain(x, "compute")
+    return x
+
+
+def stream_in_embedding(p: Pipeline, emb: EmbeddingRows) -> None:
+    """copy_in stream. Waits (host) for the optimizer to have updated the embedding; gathers the step's rows of
+    the host table (host work, into pinned memory on CUDA) and copies them and each token's row index in."""
+    p.optimizer.wait_layer(0)
+    H = p.cfg.hidden_size
+
+    def copy():
+        table = p.store.working[0].view(-1, H)
+        host_rows = p.dev.host_empty((emb.ids.numel(), H), table.dtype)
+        torch.index_select(table, 0, emb.ids.to(table.device), out=host_rows)
+        host_index = torch.cat(emb.index_host)
+        rows, index = _to_device(p, host_rows), _to_device(p, host_index)
+        if p.cfg.tie_word_embeddings:
+            emb.ids_dev = p.meter.add(_to_device(p, emb.ids))
+        emb.rows, emb.index_all = p.meter.add(rows), p.meter.add(index)
+        emb.index = index.split([t.numel() for t in emb.index_host])
+    p.dev.submit("copy_in", _traced(p, "stream_in embed rows", "copy_in", copy))
+    emb.ready = p.dev.record("copy_in")
+
+
+def write_embedding_grad(p: Pipeline, emb: EmbeddingRows, rows: torch.Tensor) -> None:
+    """Host, after the step's last copy-out: the gathered rows' gradients into the embedding's grad buffer.
+    Untied, the rows the last step wrote are zeroed first (the rest are still zero); tied, the head's chunks
+    wrote every row this step (zeros where these rows go)."""
+    grad = p.store.grad[0].view(-1, p.cfg.hidden_size)
+    ids = emb.ids.to(grad.device)               # the store's device: the host (meta in a dry run)
+    if not p.cfg.tie_word_embeddings:
+        if p.embed_grad_rows is not None:
+            grad.index_fill_(0, p.embed_grad_rows, 0)
+        p.embed_grad_rows = ids
+    grad.index_copy_(0, ids, rows.view(-1, p.cfg.hidden_size))
+
+
 def run_step(p: Pipeline, mbs: list[lt.MicroBatch], grad_scale: float):
-    """Forward through every layer (the head also runs its backward), then the backward in reverse.
+    """Embedding rows in, forward through every decoder layer, the head (its backward included) in vocabulary
+    chunks, then the backward in reverse and the embedding rows' gradients out.
 
     Returns (loss_sum, squared gradient norm) as device scalars, after one sync at the end of the backward."""
-    S, cfg, ops, L = len(p.slots), p.cfg, p.ops, p.cfg.num_layers
+    S, cfg, ops, L, H = len(p.slots), p.cfg, p.ops, p.cfg.num_layers, p.cfg.hidden_size
     M = len(mbs)
     hidden = [None] * M                         # the activation flowing forward, per micro-batch
     grads = [None] * M                          # d(activation) flowing backward, per micro-batch
-    ckpt = Checkpoints(p, L, M)                 # ckpt i: input of decoder layer i (1..L)
-    act_bytes = [mb.input_ids.numel() * cfg.hidden_size * p.store.compute_dtype.itemsize for mb in mbs]
+    emb = EmbeddingRows(p, mbs)
+    budget, free = p.checkpoint_budget, p.dev.free_memory()
+    if budget is None and free is not None:      # the configured budget overrides; CPU devices keep every one
+        budget = default_checkpoint_budget(p, free, [mb.host_ids.numel() for mb in mbs], emb.ids.numel())
+    ckpt = Checkpoints(p, L, M, budget)         # ckpt i: input of decoder layer i (1..L)
+    act_bytes = [mb.input_ids.numel() * H * p.store.compute_dtype.itemsize for mb in mbs]
     totals = {}                                 # device scalars written by compute work
+    head = {}                                   # the head's per-micro-batch state: xn, rstd, stats, lse, d_xn
+    acc_turn = [0]
 
-    def run_layers(order: list[int], make_work, after=None) -> None:
-        """The ping-pong: layer order[pos] computes from slot pos % S while the next S-1 layers stream in."""
-        for pos in range(min(S - 1, len(order))):
-            stream_in(p, order[pos], pos % S)
-        for pos, i in enumerate(order):
-            if pos + S - 1 < len(order):
-                stream_in(p, order[pos + S - 1], (pos + S - 1) % S)
-            w = bind(p, i, pos % S)
-            compute(p, i, pos % S, make_work(i, w, pos), f"{make_work.__name__} {p.store.layouts[i].name}")
+    def run_layers(plan) -> None:
+        """The ping-pong: plan[pos] = (unit, make_work, after) computes from slot pos % S while the next S-1
+        units stream in. make_work(w) -> the compute work on the bound weights; after() runs on the host.
+
+        Unit pos's compute is submitted before the stream-in of the unit S-1 ahead: that stream-in first waits on
+        the host for the optimizer to have updated its layer, and compute pos must not wait with it."""
+        for pos in range(min(S - 1, len(plan))):
+            stream_in(p, plan[pos][0], pos % S)
+        for pos, (u, make_work, after) in enumerate(plan):
+            work = make_work(bind(p, u, pos % S))
+            compute(p, u.layer, pos % S, work, f"{make_work.__name__} {p.name(u)}")
             if after is not None:
-                after(i, pos)
+                after()
+            if pos + S - 1 < len(plan):     # refills the slot of compute pos-1 (stream_in waits for it)
+                stream_in(p, plan[pos + S - 1][0], (pos + S - 1) % S)
 
-    def forward(i, w, pos):
-        def embed():
-            for m, mb in enumerate(mbs):
-                hidden[m] = p.meter.add(lt.embed_forward(w, mb))
+    def take_acc(numel: int):
+        """The next ping-pong accumulator (its previous gradient has left the device before compute zeroes it)."""
+        k = acc_turn[0] % 2
+        acc_turn[0] += 1
+        p.dev.wait("compute", p.acc_free[k])
+        return k, p.accs[k][:numel]
 
-        def decoder():
-            for m, mb in enumerate(mbs):
-                x = hidden[m]
-                hidden[m] = p.meter.add(lt.decoder_forward(ops, cfg, w, x, mb))
-                p.meter.sub(x)
+    def give_acc(k: int, name: str, acc: torch.Tensor, host: torch.Tensor) -> None:
+        p.acc_free[k] = stream_out(p, name, acc, host)
 
-        def head():
-            g = p.store.layouts[i].views(p.head_acc)
-            if cfg.tie_word_embeddings:
-                g["lm_head"] = p.store.layouts[0].views(p.embed_acc)["embed"]
-            p.head_acc.zero_()
-            p.embed_acc.zero_()
-            loss = torch.zeros((), dtype=torch.float32, device=p.head_acc.device)
-            for m, mb in enumerate(mbs):
-                loss_m, dx = lt.head_forward_backward(ops, cfg, w, g, hidden[m], mb, grad_scale)
-                loss += loss_m
-                p.meter.sub(hidden[m])
-                hidden[m], grads[m] = None, p.meter.add(dx)
-            totals["loss"] = loss
-            totals["sq_head"] = _sq_norm(p.head_acc)
-        return embed if i == 0 else head if i == p.head else decoder
+    # ---- embedding ---------------------------------------------------------------------------------------
+    def embed():
+        for m in range(M):
+            hidden[m] = p.meter.add(lt.embed_forward(emb.rows, emb.index[m]))
+        p.meter.sub(emb.rows)
+        emb.rows = None
 
-    def save_checkpoint(i, pos):
-        if i < L:                                # layer i's output is decoder layer i+1's input
-            ckpt.save(i + 1, hidden, act_bytes)
-
-    def backward(i, w, pos):
-        acc = p.accs[pos % 2][:p.store.layouts[i].numel]
-        g = p.store.layouts[i].views(acc)
-        if i > 1:
-            ckpt.prefetch(i - 1)                 # one layer ahead of the backward
-        ckpt.wait(i)
-        p.dev.wait("compute", p.acc_free[pos % 2])   # its previous layer's gradient has left the device
-
-        def decoder():
-            acc.zero_()
-            for m, mb in enumerate(mbs):
-                dx = lt.decoder_backward(ops, cfg, w, g, ckpt.pop(i, m), mb, grads[m])
-                p.meter.sub(grads[m])
-                grads[m] = p.meter.add(dx)
-            totals[f"sq_{i}"] = _sq_norm(acc)
-        return decoder
-
-    def gradient_out(i, pos):
-        p.acc_free[pos % 2] = stream_out(p, i, p.accs[pos % 2][:p.store.layouts[i].numel])
-
-    def embed_backward():
-        g = p.store.layouts[0].views(p.embed_acc)
-        for m, mb in enumerate(mbs):
-            lt.embed_backward(g, mb, grads[m])
+    def embed_backward(d_rows):
+        for m in range(M):
+            lt.embed_backward(d_rows, emb.index[m], grads[m], mbs[m].embed_grad_mask)
             p.meter.sub(grads[m])
             grads[m] = None
-        totals["sq_0"] = _sq_norm(p.embed_acc)
+        totals["sq_embed"] = _sq_norm(d_rows)
 
-    run_layers(list(range(p.head + 1)), forward, save_checkpoint)   # embed, decoders, head
-    stream_out(p, p.head, p.head_acc)
+    # ---- decoder layers ----------------------------------------------------------------------------------
+    def decoder_step(u: Unit):
+        def forward(w):
+            def decoder():
+                for m, mb in enumerate(mbs):
+                    x = hidden[m]
+                    hidden[m] = p.meter.add(lt.decoder_forward(ops, cfg, w, x, mb))
+                    p.meter.sub(x)
+            return decoder
+        return u, forward, (lambda: ckpt.save(u.layer + 1, hidden, act_bytes)) if u.layer < L else None
+
+    def decoder_backward_step(u: Unit):
+        state = {}
+
+        def backward(w):
+            if u.layer > 1:
+                ckpt.prefetch(u.layer - 1)       # one layer ahead of the backward
+            ckpt.wait(u.layer)
+            state["k"], acc = take_acc(p.store.layouts[u.layer].numel)
+            g = p.store.layouts[u.layer].views(acc)
+
+            def decoder():
+                acc.zero_()
+                for m, mb in enumerate(mbs):
+                    dx = lt.decoder_backward(ops, cfg, w, g, ckpt.pop(u.layer, m), mb, grads[m])
+                    p.meter.sub(grads[m])
+                    grads[m] = p.meter.add(dx)
+                totals[f"sq_{u.layer}"] = _sq_norm(acc)
+            state["acc"] = acc
+            return decoder
+        return u, backward, lambda: give_acc(state["k"], p.name(u), state["acc"], p.store.grad[u.layer])
+
+    # ---- head --------------------------------------------------------------------------------------------
+    def head_gradient(u: Unit, state: dict):
+        """Host: chunk u's accumulator (state: its ping-pong index, for head_out) and the gradient views."""
+        state["k"], state["acc"] = take_acc((u.stop - u.start) * H)
+        if cfg.tie_word_embeddings:
+            emb.grad()                           # the chunks hand the gathered rows' gradient to the embedding
+        return state["acc"], {"lm_head": state["acc"].view(-1, H), "norm": p.norm_acc}
+
+    def head_gradient_done(u: Unit, acc: torch.Tensor) -> None:
+        """Compute stream, after every micro-batch's lm_head gradient of chunk u is in acc: when tied, the rows
+        the embedding also gathered move to its row gradient (one sum, rounded once), zero here."""
+        if cfg.tie_word_embeddings:
+            lo, hi = emb.locate(u.start, u.stop)
+            if hi > lo:
+                local = emb.ids_dev[lo:hi] - u.start
+                rows = acc.view(-1, H)
+                emb.d_rows[lo:hi] = rows.index_select(0, local)
+                rows.index_fill_(0, local, 0.0)
+        totals[f"sq_head{u.start}"] = _sq_norm(acc)
+
+    def head_out(k: int, u: Unit, acc: torch.Tensor, last: bool) -> None:
+        rows, norm = p.head_segments(p.store.grad, u)
+        give_acc(k, p.name(u), acc, rows)
+        if last:
+            stream_out(p, "head norm", p.norm_acc, norm)
+
+    def head_fused_step(u: Unit):
+        """One chunk holds the whole vocabulary: the fused one-pass cross-entropy."""
+        state = {}
+
+        def forward(w):
+            acc, g = head_gradient(u, state)
+
+            def head_loss():
+                acc.zero_()
+                p.norm_acc.zero_()
+                loss = torch.zeros((), dtype=torch.float32, device=acc.device)
+                for m, mb in enumerate(mbs):
+                    loss_m, dx = lt.head_forward_backward(ops, cfg, w, g, hidden[m], mb, grad_scale)
+                    loss += loss_m
+                    p.meter.sub(hidden[m])
+                    hidden[m], grads[m] = None, p.meter.add(dx)
+                totals["loss"] = loss
+                totals["sq_norm"] = _sq_norm(p.norm_acc)
+                head_gradient_done(u, acc)
+            return head_loss
+        return u, forward, lambda: head_out(state["k"], u, state["acc"], last=True)
+
+    def head_stats_step(u: Unit, first: bool, last: bool):
+        """Pass 1 over the chunks: per-token running max and sum of exp, and the target's logit."""
+        def forward(w):
+            def head_stats():
+                for m, mb in enumerate(mbs):
+                    if first:
+                        xn, rstd = lt.head_norm(ops, cfg, w, hidden[m])
+                        T = xn.shape[0]
+                        stats = [torch.full((T,), float("-inf"), device=xn.device),           # row_max
+                                 xn.new_zeros(T, dtype=torch.float32),                          # row_sum
+                                 xn.new_zeros(T, dtype=torch.float32)]                          # target_logit
+                        head[m] = dict(xn=p.meter.add(xn), rstd=p.meter.add(rstd),
+                                       stats=[p.meter.add(t) for t in stats])
+                    lt.head_chunk_stats(ops, w, head[m]["xn"], mb, u.start, head[m]["stats"])
+                    if last:
+                        stats = head[m].pop("stats")
+                        loss_m, head[m]["lse"] = ops.cross_entropy_chunk_loss(*stats, mb.targets)
+                        totals["loss"] = loss_m if m == 0 else totals["loss"] + loss_m
+                        p.meter.add(head[m]["lse"])
+                        for t in stats:
+                            p.meter.sub(t)
+            return head_stats
+        return u, forward, None
+
+    def head_grad_step(u: Unit, first: bool, last: bool):
+        """Pass 2 over the chunks: each chunk's logits again, its lm_head gradient and its share of d(x̂)."""
+        state = {}
+
+        def forward(w):
+            acc, g = head_gradient(u, state)
+
+            def head_grad():
+                acc.zero_()
+                for m, mb in enumerate(mbs):
+                    s = head[m]
+                    if first:
+                        s["d_xn"] = p.meter.add(torch.zeros(s["xn"].shape, dtype=torch.float32, device=acc.device))
+                    lt.head_chunk_backward(ops, w, g, s["xn"], mb, u.start, s["lse"], grad_scale, s["d_xn"])
+                head_gradient_done(u, acc)
+                if not last:
+                    return
+                p.norm_acc.zero_()
+                for m in range(M):
+                    s = head.pop(m)
+                    dx = lt.head_norm_backward(ops, w, g, hidden[m], s["rstd"], s["d_xn"])
+                    for t in (hidden[m], s["xn"], s["rstd"], s["lse"], s["d_xn"]):
+                        p.meter.sub(t)
+                    hidden[m], grads[m] = None, p.meter.add(dx)
+                totals["sq_norm"] = _sq_norm(p.norm_acc)
+            return head_grad
+        return u, forward, lambda: head_out(state["k"], u, state["acc"], last)
+
+    chunks = p.head_chunks()
+    if len(chunks) == 1:
+        head_plan = [head_fused_step(chunks[0])]
+    else:
+        K = len(chunks)
+        head_plan = ([head_stats_step(u, c == 0, c == K - 1) for c, u in enumerate(chunks)]
+                     + [head_grad_step(u, c == 0, c == K - 1) for c, u in enumerate(chunks)])
+
+    stream_in_embedding(p, emb)
+    p.dev.wait("compute", emb.ready)
+    compute(p, 0, None, embed, "forward embed")
+    if L:
+        ckpt.save(1, hidden, act_bytes)
+    run_layers([decoder_step(Unit(i)) for i in range(1, L + 1)] + head_plan)   # decoders, the head's passes
     ckpt.prefetch(L)
-    run_layers(list(range(L, 0, -1)), backward, gradient_out)        # decoders L..1, recomputed
-    compute(p, 0, None, embed_backward, "backward embed")            # needs no weights: a scatter-add of dx
-    stream_out(p, 0, p.embed_acc)
+    run_layers([decoder_backward_step(Unit(i)) for i in range(L, 0, -1)])    # decoders L..1, recomputed
+    d_rows = emb.grad()
+    compute(p, 0, None, lambda: embed_backward(d_rows), "backward embed")    # needs no weights: a scatter-add
+    rows_grad = p.dev.host_empty((emb.ids.numel() * H,), p.store.grad[0].dtype)
+    stream_out(p, "embed rows", d_rows.view(-1), rows_grad)
 
     # sync: the loss and the gradient norm are needed on the host to clip and to report
     p.dev.sync(p.dev.record("compute"))
     p.dev.sync(p.dev.record("copy_out"))
+    write_embedding_grad(p, emb, rows_grad)
+    emb.release()
     sq = sum(v for k, v in totals.items() if k.startswith("sq_"))
     return totals["loss"], sq

@@ -205,8 +205,8 @@ class HostStore:
                 yield p.hf_name, views[p.key]
 
     def init_random(self, seed: int) -> None:
-        """transformers' init: normal(0, 0.02) matrices, ones for norms, zeros for biases; one generator per
-        layer so that building a model never needs more than its own buffers."""
+        """transformers' init: normal(0, 0.02) matrices, ones for norms, zeros for biases and the pad token's
+        embedding row; one generator per layer so that building a model never needs more than its own buffers."""
         for index, (layout, flat) in enumerate(zip(self.layouts, self.master)):
             gen = torch.Generator().manual_seed(seed * 100003 + index)
             views = layout.views(flat)
@@ -217,6 +217,8 @@ class HostStore:
                     views[p.key].zero_()
                 else:
                     views[p.key].fill_(1.0)
+        if self.cfg.pad_row is not None:   # as nn.Embedding(padding_idx) starts it
+            self.layouts[0].views(self.master[0])["embed"][self.cfg.pad_row].zero_()
         self.refresh_working()
 
     def refresh_working(self) -> None:

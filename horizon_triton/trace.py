@@ -2,9 +2,13 @@
 
 Work is timed where it runs: on CPU devices by the thread that executes it, on CUDA by events recorded on the
 stream around it (read back when the trace is written, so tracing adds no sync to the step).
+
+Memory stays bounded over a long run: the tracer keeps the last ``max_spans`` spans (a few hundred steps of an
+80-layer model by default); the trace file and its summary cover those.
 """
 from __future__ import annotations
 
+import collections
 import json
 import threading
 import time
@@ -14,10 +18,15 @@ import torch
 LANES = {"compute": 1, "copy_in": 2, "copy_out": 3, "optimizer": 4}
 
 
+MAX_SPANS = 100_000
+
+
 class Tracer:
-    def __init__(self):
+    def __init__(self, max_spans: int = MAX_SPANS):
         self._lock = threading.Lock()
-        self._spans: list[tuple] = []          # (name, lane, start, end): seconds, or CUDA events
+        # (name, lane, start, end): seconds, or CUDA events; the oldest drop out (with their events) past max_spans
+        self._spans: collections.deque[tuple] = collections.deque(maxlen=max_spans)
+        self.dropped = 0                       # spans that fell out of the window
         self._t0 = time.perf_counter()
         self._cuda_origin = None
 
@@ -37,13 +46,16 @@ class Tracer:
                 fn()
                 end = time.perf_counter()
             with self._lock:
+                self.dropped += len(self._spans) == self._spans.maxlen
                 self._spans.append((name, lane, start, end))
         return timed
 
     def spans(self) -> list[tuple[str, str, float, float]]:
         """(name, lane, start_s, end_s) relative to the tracer's creation. Syncs CUDA (at write time only)."""
         out = []
-        for name, lane, start, end in self._spans:
+        with self._lock:
+            kept = list(self._spans)
+        for name, lane, start, end in kept:
             if isinstance(start, float):
                 out.append((name, lane, start - self._t0, end - self._t0))
             else:
@@ -76,7 +88,7 @@ class Tracer:
         events += [{"name": "thread_name", "ph": "M", "pid": 0, "tid": tid, "args": {"name": lane}}
                    for lane, tid in LANES.items()]
         with open(path, "w") as f:
-            json.dump({"traceEvents": events, "displayTimeUnit": "ms", "otherData": self.summary()}, f)
+            json.dump({"traceEvents": events, "displayTimeUnit": "ms", "otherData": {**self.summary(), "dropped_spans": self.dropped}}, f)
 
 
 def _union(intervals):

@@ -626,9 +626,27 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"   # "tf32" is ignored for bf16/fp16 operands
 
 
+MAX_GRID_Y = 65535   # CUDA's limit on a grid's y dimension, which holds (batch row, head) pairs here
+
+
+def batch_slices(B: int, heads: int) -> list[tuple[int, int]]:
+    """[b0, b1) ranges of batch rows with (b1 - b0) · heads ≤ MAX_GRID_Y: one launch per range (a long
+    packed batch of short rows can exceed the limit with B · Hq)."""
+    if heads > MAX_GRID_Y:
+        raise ValueError(f"attention: {heads} heads exceed the launch grid's y limit {MAX_GRID_Y}")
+    rows = MAX_GRID_Y // heads
+    return [(b0, min(b0 + rows, B)) for b0 in range(0, B, rows)]
+
+
 def _launch_fwd(q, k, v, doc_ids, o, lse, scale: float, window: int, cfg: dict) -> None:
-    B, S, Hq, D = q.shape
     doc = doc_ids.contiguous() if doc_ids is not None else None
+    for b0, b1 in batch_slices(q.shape[0], q.shape[2]):
+        _launch_fwd_rows(q[b0:b1], k[b0:b1], v[b0:b1], None if doc is None else doc[b0:b1], o[b0:b1],
+                         lse[b0:b1], scale, window, cfg)
+
+
+def _launch_fwd_rows(q, k, v, doc, o, lse, scale: float, window: int, cfg: dict) -> None:
+    B, S, Hq, D = q.shape
     grid = (triton.cdiv(S, cfg["BLOCK_M"]), B * Hq)
     _attn_fwd[grid](
         q, k, v, doc, o, lse,
@@ -655,11 +673,21 @@ def _launch_bwd(do, q, k, v, o, lse, doc_ids, scale: float, window: int, cfg_dkd
     B, S, Hq, D = q.shape
     Hkv = k.shape[2]
     doc = doc_ids.contiguous() if doc_ids is not None else None
-    doc_stride = doc.stride(0) if doc is not None else 0
     delta = torch.empty((B, Hq, S), dtype=torch.float32, device=q.device)
     dq = torch.empty((B, S, Hq, D), dtype=q.dtype, device=q.device)
     dk = torch.empty((B, S, Hkv, D), dtype=q.dtype, device=q.device)
     dv = torch.empty((B, S, Hkv, D), dtype=q.dtype, device=q.device)
+    for b0, b1 in batch_slices(B, Hq):
+        rows = [t[b0:b1] for t in (do, q, k, v, o, lse, delta, dq, dk, dv)]
+        _launch_bwd_rows(*rows, None if doc is None else doc[b0:b1], scale, window, cfg_dkdv, cfg_dq)
+    return dq, dk, dv
+
+
+def _launch_bwd_rows(do, q, k, v, o, lse, delta, dq, dk, dv, doc, scale: float, window: int, cfg_dkdv: dict,
+                     cfg_dq: dict) -> None:
+    B, S, Hq, D = q.shape
+    Hkv = k.shape[2]
+    doc_stride = doc.stride(0) if doc is not None else 0
     meta = dict(GROUP=Hq // Hkv, HEAD_DIM=D, BLOCK_D=_block_d(D), HAS_DOCS=doc is not None, HAS_WINDOW=window > 0,
                 UPCAST=tuning.interpreting(), PRECISION=_precision(q.dtype))
     pre_block = 64 if not tuning.interpreting() else 32
@@ -677,7 +705,6 @@ def _launch_bwd(do, q, k, v, o, lse, doc_ids, scale: float, window: int, cfg_dkd
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), doc_stride,
         BLOCK_M=cfg_dq["BLOCK_M"], BLOCK_N=cfg_dq["BLOCK_N"], **meta,
         num_warps=cfg_dq["num_warps"], num_stages=cfg_dq["num_stages"])
-    return dq, dk, dv
 
 
 def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,

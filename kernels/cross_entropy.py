@@ -23,15 +23,26 @@ once per chunk (why larger chunks are faster). Each GEMM is the Triton kernel be
 and the block sizes and warps, come from ``tuning.best_config("cross_entropy", ...)``, written by ``autotune()``,
 which also checks every candidate against the reference on the GPU before timing it (``check_error``).
 
+Vocabulary chunks (the engine's head streamed through a staging slot V_c rows at a time; the maths in
+reference.py): ``cross_entropy_chunk_stats_`` (pass 1: the logits GEMM, then _chunk_stats_kernel merges each
+row's max and Σ exp into running fp32 statistics and picks the target's logit) and
+``cross_entropy_chunk_backward`` (pass 2: the logits GEMM again, _chunk_grad_kernel writes g in place from the
+global lse, then dh += g @ W_c and dW_c += gᵀ @ h, both accumulating in fp32), built from the same GEMMs and
+row loops. Against the fused op, the chunked head costs one more logits GEMM (8·T·H·V flops instead of 6·T·H·V)
+and a [T, H] fp32 dh accumulator; its logits buffer is [min(C, T), V_c].
+
 Supported: h, weight in bf16 or fp32 (same dtype), any strides; targets int32/int64 in [0, V) or -100;
 any T ≥ 0 (odd T, last chunk short), any V (odd V, V not a multiple of the block).
 Known gaps:
 - the GEMMs are plain (non-persistent, no TMA, no warp specialization) Triton tiles: their H100 speed relative
   to cuBLAS is unmeasured here; autotune falls back to cuBLAS per GEMM where that is faster;
 - fp32 inputs use exact fp32 (``input_precision="ieee"``) dots: correct but far from tensor-core speed;
-- the ``torch`` choice for dW needs ``torch.addmm(..., out_dtype=float32)`` (CUDA, recent torch) for bf16;
-  on CPU it upcasts (test-only path). The default dW GEMM is the Triton one;
-- input checking of the targets reads them on the host (one sync per call).
+- the ``torch`` choice for dW is ``reference.matmul_accumulate_`` (cuBLAS with an fp32 output on CUDA; chunked
+  upcasts on CPU, a test-only path). The default dW GEMM is the Triton one;
+- target ids are checked without a sync on CUDA: a device-side assert (``torch._assert_async``) stops a bad id
+  from being read out of bounds, but it surfaces as a CUDA error at the next sync, not as a ValueError naming
+  the token (the engine checks the labels on the host before they reach the device). On CPU the check is a
+  host check that names the token.
 - In the Triton interpreter (tests) ``tl.dot`` on bf16 operands is wrong, so there (constexpr INTERPRETER, true
   only when ``tuning.interpreting()``) the GEMM upcasts its tiles to fp32. The interpreter's fp32 → bf16 cast
   truncates; the tests patch it to round to nearest as the GPU does (tests/kernel_checks.py).
@@ -45,7 +56,7 @@ import triton
 import triton.language as tl
 
 from . import sweep, tuning
-from .reference import IGNORE_INDEX
+from .reference import IGNORE_INDEX, matmul_accumulate_
 from .reference import linear_cross_entropy as linear_cross_entropy_ref  # noqa: F401  (tests, benchmarks)
 
 KERNEL = "cross_entropy"
@@ -199,14 +210,39 @@ def _loss_and_grad(
     # every warp reads x[y] (a scalar load runs in all threads) before any warp overwrites the row with g
     tl.debug_barrier()
     tl.store(loss_ptr + row, tl.where(valid, lse - picked, 0.0))
-    scale = tl.where(valid, grad_scale, 0.0)
+    _write_grad_row(row_ptr, V, V_alloc, lse, safe_target, tl.where(valid, grad_scale, 0.0), BLOCK_V)
+
+
+@triton.jit
+def _write_grad_row(row_ptr, V, V_alloc, lse, one_hot_col, scale, BLOCK_V: tl.constexpr):
+    """Overwrites the row's logits x with scale·(exp(x − lse) − [v = one_hot_col]) in their own dtype. Each
+    element is loaded and stored by the same lane; loads and stores run to V_alloc ≥ V (see _loss_and_grad)."""
     cols = tl.arange(0, BLOCK_V)
     for start in range(0, V, BLOCK_V):
         in_alloc = start + cols < V_alloc
         x = tl.load(row_ptr + start + cols, mask=in_alloc, other=0.0).to(tl.float32)
         x = tl.where(start + cols < V, x, float("-inf"))
-        g = tl.exp(x - lse) - tl.where(start + cols == safe_target, 1.0, 0.0)
+        g = tl.exp(x - lse) - tl.where(start + cols == one_hot_col, 1.0, 0.0)
         tl.store(row_ptr + start + cols, (g * scale).to(row_ptr.dtype.element_ty), mask=in_alloc)
+
+
+@triton.jit
+def _row_max_sum(row_ptr, V, V_alloc, BLOCK_V: tl.constexpr):
+    """(max, Σ exp(x − max)) of the row's V values, fp32, in one online pass: a running max m and sum s per lane
+    (s·exp(m) = Σ exp over the lane's columns so far), the lanes folded once at the end."""
+    cols = tl.arange(0, BLOCK_V)
+    m = tl.full((BLOCK_V,), float("-inf"), tl.float32)
+    s = tl.zeros((BLOCK_V,), tl.float32)
+    for start in range(0, V, BLOCK_V):
+        x = tl.load(row_ptr + start + cols, mask=start + cols < V_alloc, other=0.0).to(tl.float32)
+        x = tl.where(start + cols < V, x, float("-inf"))
+        m_new = tl.maximum(m, x)
+        # lanes past V stay at m = -inf, s = 0: shift them by 0 instead of -inf so no -inf - -inf = NaN appears
+        shift = tl.where(m_new > float("-inf"), m_new, 0.0)
+        s = s * tl.exp(m - shift) + tl.exp(x - shift)
+        m = m_new
+    m_row = tl.max(m, axis=0)
+    return m_row, tl.sum(s * tl.exp(m - m_row), axis=0)
 
 
 @triton.jit
@@ -222,27 +258,12 @@ def _softmax_grad_kernel(
     IGNORE: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     """One program per token row whose logits came without statistics (torch GEMM): an online logsumexp pass
-    over the row, then _loss_and_grad.
-
-    The pass keeps a running max m and sum s per lane (s·exp(m) = Σ exp over the lane's columns so far) and
-    folds the lanes once at the end."""
+    over the row, then _loss_and_grad."""
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * stride_row
-    cols = tl.arange(0, BLOCK_V)
-    m = tl.full((BLOCK_V,), float("-inf"), tl.float32)
-    s = tl.zeros((BLOCK_V,), tl.float32)
-    for start in range(0, V, BLOCK_V):
-        x = tl.load(row_ptr + start + cols, mask=start + cols < V_alloc, other=0.0).to(tl.float32)
-        x = tl.where(start + cols < V, x, float("-inf"))
-        m_new = tl.maximum(m, x)
-        # lanes past V stay at m = -inf, s = 0: shift them by 0 instead of -inf so no -inf - -inf = NaN appears
-        shift = tl.where(m_new > float("-inf"), m_new, 0.0)
-        s = s * tl.exp(m - shift) + tl.exp(x - shift)
-        m = m_new
-    m_row = tl.max(m, axis=0)
-    lse = m_row + tl.log(tl.sum(s * tl.exp(m - m_row), axis=0))
-    _loss_and_grad(row_ptr, loss_ptr, V, V_alloc, row, tl.load(targets_ptr + row), lse, grad_scale,
-                   IGNORE, BLOCK_V)
+    m_row, s_row = _row_max_sum(row_ptr, V, V_alloc, BLOCK_V)
+    _loss_and_grad(row_ptr, loss_ptr, V, V_alloc, row, tl.load(targets_ptr + row), m_row + tl.log(s_row),
+                   grad_scale, IGNORE, BLOCK_V)
 
 
 @triton.jit
@@ -270,6 +291,58 @@ def _softmax_grad_from_stats_kernel(
                    grad_scale, IGNORE, BLOCK_V)
 
 
+@triton.jit
+def _chunk_stats_kernel(
+    # pointers
+    logits_ptr, targets_ptr, row_max_ptr, row_sum_ptr, target_logit_ptr,
+    # shapes
+    V_c, V_alloc, start,
+    # strides
+    stride_row,
+    # meta
+    BLOCK_V: tl.constexpr,
+):
+    """Pass 1 of the vocabulary-chunked cross-entropy, one program per token row of a chunk's logits [n, V_c]:
+    merges the row's (max, Σ exp) into the running (row_max, row_sum),
+        M = max(m, m_c),   s ← s·exp(m − M) + s_c·exp(m_c − M),
+    and records the target's logit when the target id falls in [start, start + V_c)."""
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = logits_ptr + row * stride_row
+    m_c, s_c = _row_max_sum(row_ptr, V_c, V_alloc, BLOCK_V)
+    m_old = tl.load(row_max_ptr + row)
+    m_new = tl.maximum(m_old, m_c)                      # finite: every chunk has a column
+    s_new = tl.load(row_sum_ptr + row) * tl.exp(m_old - m_new) + s_c * tl.exp(m_c - m_new)
+    tl.store(row_max_ptr + row, m_new)
+    tl.store(row_sum_ptr + row, s_new)
+    local = tl.load(targets_ptr + row) - start          # the ignore index is negative: never inside
+    inside = (local >= 0) & (local < V_c)
+    picked = tl.load(row_ptr + tl.where(inside, local, 0)).to(tl.float32)
+    tl.store(target_logit_ptr + row, picked, mask=inside)
+
+
+@triton.jit
+def _chunk_grad_kernel(
+    # pointers
+    logits_ptr, targets_ptr, lse_ptr,
+    # shapes
+    V_c, V_alloc, start,
+    # strides
+    stride_row,
+    # meta
+    grad_scale,
+    IGNORE: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    """Pass 2, one program per token row: overwrites the chunk's logits row with
+    g = grad_scale · (exp(x − lse) − [v = y − start]) in its own dtype (0 on ignored rows, columns ≥ V_c)."""
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = logits_ptr + row * stride_row
+    target = tl.load(targets_ptr + row)
+    lse = tl.load(lse_ptr + row)
+    # a target outside the chunk (or ignored: negative) matches no column
+    _write_grad_row(row_ptr, V_c, V_alloc, lse, target - start, tl.where(target != IGNORE, grad_scale, 0.0),
+                    BLOCK_V)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------------------
@@ -281,14 +354,10 @@ def _matmul(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, cfg: dict, accumu
     """c (+)= a @ b with the GEMM choice ``cfg``; a, b, c are 2-D views of any strides."""
     (M, K), N = a.shape, b.shape[1]
     if cfg["impl"] == "torch":
-        if not accumulate:
+        if accumulate:                      # bf16 operands, fp32 accumulator: cuBLAS with beta = 1
+            matmul_accumulate_(c, a, b)
+        else:
             torch.mm(a, b, out=c)
-        elif a.dtype == c.dtype:
-            c.addmm_(a, b)
-        elif c.is_cuda:                     # bf16 operands, fp32 accumulator: cuBLAS with beta = 1
-            torch.addmm(c, a, b, out_dtype=c.dtype, out=c)
-        else:                               # CPU (interpreter tests only): no mixed-dtype addmm there
-            c.addmm_(a.float(), b.float())
         return
     if M == 0 or N == 0:
         return
@@ -418,6 +487,67 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
     H, V = h.shape[1], weight.shape[0]
     config = tuning.best_config(KERNEL, shape_key(h.dtype, H, V, chunk_size), default_config(h.dtype))
     return _run(h, weight, targets, d_weight, grad_scale, chunk_size, config)
+
+
+def _chunk_setup(name, h, weight, targets, token_chunk, fp32_buffers):
+    """The chunked ops' checks, GEMM config and logits buffer [min(token_chunk, T), V_c] (rows padded to 16).
+    Target ids are not checked here: they span the whole vocabulary, and the engine checks them on the host."""
+    if h.dim() != 2 or weight.dim() != 2 or weight.shape[1] != h.shape[1] or weight.shape[0] < 1:
+        raise ValueError(f"{name}: h must be [T, H] and weight a chunk of lm_head rows [V_c ≥ 1, H]; got "
+                         f"h{list(h.shape)}, weight{list(weight.shape)}")
+    if h.dtype not in SUPPORTED_DTYPES or weight.dtype != h.dtype:
+        raise TypeError(f"{name}: h and weight must share one dtype among bf16/fp32; got h {h.dtype}, "
+                        f"weight {weight.dtype}")
+    if targets.shape != h.shape[:1] or any(t.dtype != torch.float32 for t in fp32_buffers):
+        raise ValueError(f"{name}: targets must be [{h.shape[0]}] and the statistics/gradient buffers fp32")
+    if h.device.type != "cuda" and not tuning.interpreting():
+        raise RuntimeError(f"{name} (Triton) needs CUDA tensors, or TRITON_INTERPRET=1 for the interpreter; the "
+                           f"CPU path is kernels.reference.{name}")
+    H, V_c = weight.shape[1], weight.shape[0]
+    config = tuning.best_config(KERNEL, shape_key(h.dtype, H, V_c, token_chunk), default_config(h.dtype))
+    buf = torch.empty(min(token_chunk, h.shape[0]), triton.cdiv(V_c, 16) * 16, dtype=h.dtype, device=h.device)
+    return config, buf
+
+
+def cross_entropy_chunk_stats_(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, start: int,
+                               row_max: torch.Tensor, row_sum: torch.Tensor, target_logit: torch.Tensor,
+                               token_chunk: int = 4096) -> None:
+    """Pass 1 for one vocabulary chunk (weight = lm_head rows [start, start + V_c)); same contract as
+    reference.cross_entropy_chunk_stats_. Work: one GEMM of 2·T·H·V_c flops and one read of the logits."""
+    config, buf = _chunk_setup("cross_entropy_chunk_stats_", h, weight, targets, token_chunk,
+                               (row_max, row_sum, target_logit))
+    V_c = weight.shape[0]
+    targets = targets.contiguous()
+    row_cfg = config["row"]
+    for s in range(0, h.shape[0], token_chunk):
+        e = min(s + token_chunk, h.shape[0])
+        logits = buf[:e - s, :V_c]                                          # [n, V_c]
+        _matmul(h[s:e], weight.t(), logits, config["logits"])
+        _chunk_stats_kernel[(e - s,)](logits, targets[s:e], row_max[s:e], row_sum[s:e], target_logit[s:e],
+                                      V_c, logits.stride(0), start, logits.stride(0),
+                                      BLOCK_V=min(row_cfg["BLOCK_V"], triton.next_power_of_2(V_c)),
+                                      num_warps=row_cfg["num_warps"])
+
+
+def cross_entropy_chunk_backward(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, start: int,
+                                 lse: torch.Tensor, grad_scale: float, dh: torch.Tensor, d_weight: torch.Tensor,
+                                 token_chunk: int = 4096) -> None:
+    """Pass 2 for one vocabulary chunk; same contract as reference.cross_entropy_chunk_backward. g is stored in
+    h.dtype (as in linear_cross_entropy), dh and d_weight accumulate in fp32. Work: 3 GEMMs of 2·T·H·V_c."""
+    config, buf = _chunk_setup("cross_entropy_chunk_backward", h, weight, targets, token_chunk, (lse, dh, d_weight))
+    V_c = weight.shape[0]
+    targets = targets.contiguous()
+    row_cfg = config["row"]
+    for s in range(0, h.shape[0], token_chunk):
+        e = min(s + token_chunk, h.shape[0])
+        hc, logits = h[s:e], buf[:e - s, :V_c]                              # [n, H], [n, V_c]
+        _matmul(hc, weight.t(), logits, config["logits"])
+        _chunk_grad_kernel[(e - s,)](logits, targets[s:e], lse[s:e], V_c, logits.stride(0), start,
+                                     logits.stride(0), float(grad_scale), IGNORE=IGNORE_INDEX,
+                                     BLOCK_V=min(row_cfg["BLOCK_V"], triton.next_power_of_2(V_c)),
+                                     num_warps=row_cfg["num_warps"])
+        _matmul(logits, weight, dh[s:e], config["dh"], accumulate=True)     # dh += g @ W_c      [n, H]
+        _matmul(logits.t(), hc, d_weight, config["dw"], accumulate=True)    # dW_c += gᵀ @ h     [V_c, H]
 
 
 # ----------------------------------------------------------------------------------------------------------

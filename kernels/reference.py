@@ -46,6 +46,31 @@ def rmsnorm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rs
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Weight-gradient GEMM:  acc += a @ b  with a fp32 accumulator and bf16 (or fp32) operands
+# ----------------------------------------------------------------------------------------------------------
+CPU_CHUNK_ELEMENTS = 1 << 22   # per fp32 operand chunk on CPU: 16 MB, never an activation-sized fp32 copy
+
+
+def matmul_accumulate_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """acc[M, N] (fp32) += a[M, K] @ b[K, N], in place. Returns acc.
+
+    - operands in acc's dtype: one addmm (BLAS with beta = 1);
+    - bf16/fp16 operands off the CPU: cuBLAS reads them as they are and accumulates in fp32 straight into acc
+      (``addmm(..., out_dtype=float32)``, torch ≥ 2.8, CUDA);
+    - otherwise (CPU: no mixed-dtype GEMM there) the reduction axis K is cut into chunks converted to fp32 one
+      at a time, so no fp32 copy of a whole activation exists. The products of bf16 values are exact in fp32,
+      so every path computes bf16 operands with fp32 accumulation."""
+    if a.dtype == b.dtype == acc.dtype:
+        return acc.addmm_(a, b)
+    if acc.device.type != "cpu" and a.dtype == b.dtype and a.dtype in (torch.bfloat16, torch.float16):
+        return torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+    step = max(1, CPU_CHUNK_ELEMENTS // max(a.shape[0], b.shape[1], 1))
+    for k0 in range(0, a.shape[1], step):
+        acc.addmm_(a[:, k0:k0 + step].to(acc.dtype), b[k0:k0 + step].to(acc.dtype))
+    return acc
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Linear:  y = x @ Wᵀ (+ b);  dx = dy @ W,  dW += dyᵀ @ x,  db += Σ dy
 # ----------------------------------------------------------------------------------------------------------
 def linear_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -59,9 +84,9 @@ def linear_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
 def linear_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, d_weight: torch.Tensor,
                     d_bias: torch.Tensor | None = None) -> torch.Tensor:
     """Returns dx[T, K]; accumulates dW (fp32[N, K]) and db (fp32[N]) in place."""
-    d_weight += dy.float().t() @ x.float()
+    matmul_accumulate_(d_weight, dy.t(), x)
     if d_bias is not None:
-        d_bias += dy.float().sum(0)
+        d_bias += dy.sum(0, dtype=torch.float32)
     return dy @ weight
 
 
@@ -227,5 +252,58 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
         g[torch.arange(g.shape[0], device=g.device), safe_t] -= 1.0
         g *= (valid.float() * grad_scale)[:, None]
         dh[start:start + chunk_size] = (g @ weight.float()).to(h.dtype)
-        d_weight += g.t() @ hc.float()
+        matmul_accumulate_(d_weight, g.t(), hc)
     return loss_sum, dh
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Cross-entropy over vocabulary chunks: the head streamed through a staging slot V_c rows at a time. The
+# softmax spans every chunk, so there are two passes; with W_c = W[start:start + V_c], logits_c = h @ W_cᵀ:
+#   pass 1, each chunk:  (row_max, row_sum) ← online-logsumexp merge of logits_c (Σ exp(logits − row_max) so far)
+#                        target_logit ← logits_c[y − start] where the target falls in the chunk
+#   between:             lse = row_max + log(row_sum);  loss_sum = Σ_{y ≠ -100} lse − target_logit
+#   pass 2, each chunk:  g_c = grad_scale · (exp(logits_c − lse) − onehot(y − start)), 0 on ignored tokens;
+#                        dh += g_c @ W_c  (fp32 accumulator [T, H]),   dW_c += g_cᵀ @ h
+# Same rounding as linear_cross_entropy: logits rounded to h.dtype, softmax and gradients in fp32. Logits exist
+# [token_chunk, V_c] at a time.
+# ----------------------------------------------------------------------------------------------------------
+def cross_entropy_chunk_stats_(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, start: int,
+                               row_max: torch.Tensor, row_sum: torch.Tensor, target_logit: torch.Tensor,
+                               token_chunk: int = 4096) -> None:
+    """Pass 1 for one chunk. h[T, H], weight[V_c, H] (lm_head rows [start, start + V_c)), targets[T]; updates
+    row_max[T] (start at -inf), row_sum[T] (start at 0) and target_logit[T] in place (all fp32)."""
+    V_c = weight.shape[0]
+    for s in range(0, h.shape[0], token_chunk):
+        e = s + token_chunk
+        logits = (h[s:e] @ weight.t()).float()                               # [n, V_c]
+        m_new = torch.maximum(row_max[s:e], logits.max(-1).values)
+        row_sum[s:e] = row_sum[s:e] * torch.exp(row_max[s:e] - m_new) + torch.exp(logits - m_new[:, None]).sum(-1)
+        row_max[s:e] = m_new
+        local = targets[s:e] - start
+        inside = (local >= 0) & (local < V_c)
+        picked = logits.gather(1, local.clamp(0, V_c - 1)[:, None]).squeeze(1)
+        target_logit[s:e] = torch.where(inside, picked, target_logit[s:e])
+
+
+def cross_entropy_chunk_loss(row_max: torch.Tensor, row_sum: torch.Tensor, target_logit: torch.Tensor,
+                             targets: torch.Tensor):
+    """After pass 1: -> (loss_sum fp32 scalar, lse[T] fp32)."""
+    lse = row_max + torch.log(row_sum)
+    return torch.where(targets != IGNORE_INDEX, lse - target_logit, 0.0).sum(), lse
+
+
+def cross_entropy_chunk_backward(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, start: int,
+                                 lse: torch.Tensor, grad_scale: float, dh: torch.Tensor, d_weight: torch.Tensor,
+                                 token_chunk: int = 4096) -> None:
+    """Pass 2 for one chunk: dh (fp32[T, H]) += g_c @ W_c and d_weight (fp32[V_c, H]) += g_cᵀ @ h, in place."""
+    V_c = weight.shape[0]
+    for s in range(0, h.shape[0], token_chunk):
+        e = s + token_chunk
+        hc, tc = h[s:e], targets[s:e]
+        g = torch.exp((hc @ weight.t()).float() - lse[s:e, None])           # [n, V_c] softmax of the chunk
+        local = tc - start
+        inside = (local >= 0) & (local < V_c)
+        g.scatter_add_(1, local.clamp(0, V_c - 1)[:, None], -inside.float()[:, None])
+        g *= ((tc != IGNORE_INDEX).float() * grad_scale)[:, None]
+        matmul_accumulate_(dh[s:e], g, weight)
+        matmul_accumulate_(d_weight, g.t(), hc)

@@ -195,9 +195,13 @@ _HOPPER_DEFAULTS = {"rmsnorm_matmul_fwd": _TILE_128x256, "rmsnorm_matmul_dx": _T
 _FP32_DEFAULT = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
 
 
+TOKEN_BUCKET_CAP = 32768   # micro-batches of 32K tokens and more share the largest bucket, which autotune tunes
+
+
 def _shape_key(T: int, N: int, H: int, dtype: torch.dtype) -> str:
-    """T is bucketed to a power of two (micro-batches vary); N, H and the dtype are exact."""
-    return f"T{min(triton.next_power_of_2(T), 16384)}_N{N}_H{H}_{str(dtype).removeprefix('torch.')}"
+    """T is bucketed to a power of two up to TOKEN_BUCKET_CAP (micro-batches vary); N, H and the dtype are
+    exact. DEFAULT_SHAPES below use bucket values of T, so the keys they store are the keys the engine asks."""
+    return f"T{min(triton.next_power_of_2(T), TOKEN_BUCKET_CAP)}_N{N}_H{H}_{str(dtype).removeprefix('torch.')}"
 
 
 def _config(kernel: str, T: int, N: int, H: int, dtype: torch.dtype) -> dict:
@@ -293,11 +297,12 @@ def rmsnorm_matmul_backward(dy: torch.Tensor, x: torch.Tensor, norm_weight: torc
 # sweep per GEMM, each candidate checked against torch before it is timed; TFLOPS = 2·T·N·H / time per GEMM.
 # ----------------------------------------------------------------------------------------------------------
 AUTOTUNE_DEVICE = "cuda"
-DEFAULT_SHAPES = [
-    dict(T=8192, H=4096, N=6144),    # Llama-3-8B qkv (32 + 2·8 heads × 128)
-    dict(T=8192, H=4096, N=28672),   # Llama-3-8B gate_up (2 × 14336)
-    dict(T=8192, H=5120, N=7168),    # Qwen2.5-14B/32B-style qkv
-    dict(T=2048, H=4096, N=6144),    # a short micro-batch
+DEFAULT_SHAPES = [                  # the engine's micro-batches: 32K tokens (and more), 8K, a short 2K one
+    *(dict(T=T, H=4096, N=6144) for T in (32768, 8192, 2048)),   # Llama-3-8B qkv (32 + 2·8 heads × 128)
+    *(dict(T=T, H=4096, N=28672) for T in (32768, 8192)),        # Llama-3-8B gate_up (2 × 14336)
+    dict(T=32768, H=5120, N=7168),                               # Qwen2.5-14B/32B-style qkv
+    dict(T=32768, H=8192, N=10240),                              # Llama-3-70B qkv (64 + 2·8 heads × 128)
+    dict(T=32768, H=8192, N=57344),                              # Llama-3-70B gate_up (2 × 28672)
 ]
 CANDIDATES = [
     {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "num_warps": w, "num_stages": s}

@@ -71,7 +71,11 @@ def test_engine_step(benchmark, record, device, tmp_path):
 def _stream_in_bandwidth(engine, events) -> float:
     """Bytes over busy time of the copy-in spans of the engine's own trace."""
     size = {layout.name: layout.numel * engine.store.compute_dtype.itemsize for layout in engine.store.layouts}
-    spans = [e for e in events["traceEvents"] if e["ph"] == "X" and e["name"].startswith("stream_in ")]
+    p = engine.pipeline
+    for u in p.head_chunks():   # the head streams in vocabulary chunks (rows and the final norm)
+        size[p.name(u)] = (u.stop - u.start + 1) * p.cfg.hidden_size * engine.store.compute_dtype.itemsize
+    spans = [e for e in events["traceEvents"] if e["ph"] == "X" and e["name"].startswith("stream_in ")
+             and e["name"] != "stream_in embed rows"]   # a gather of the step's rows, not a weight stream
     total = sum(size[e["name"].split(" ", 1)[1]] for e in spans)
     return total / (sum(e["dur"] for e in spans) / 1e6) / 1e9
 

@@ -68,8 +68,9 @@ def reference_train(model, batches, *, lr, weight_decay, betas, eps, max_grad_no
         opt.zero_grad()
         total = 0.0
         for b in group:
-            kwargs = {"position_ids": b["position_ids"]} if "position_ids" in b else {}
-            logits = model(input_ids=b["input_ids"], **kwargs).logits.float()
+            kwargs = {k: b[k] for k in ("position_ids", "attention_mask") if k in b}
+            # use_cache=False: with a cache, transformers ignores the documents that packed position_ids mark
+            logits = model(input_ids=b["input_ids"], use_cache=False, **kwargs).logits.float()
             loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), b["labels"][:, 1:].reshape(-1),
                                    ignore_index=-100, reduction="sum") / tokens
             loss.backward()

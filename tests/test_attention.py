@@ -365,3 +365,25 @@ def test_rejects_bad_inputs(dev):
         A.attention_backward(o, q, k, v, o, lse.transpose(1, 2), None, 0.1)
     with pytest.raises(ValueError, match="do must match q"):
         A.attention_backward(o.bfloat16(), q, k, v, o, lse, None, 0.1)
+
+
+def test_grid_y_limit_splits_the_batch(monkeypatch, dev):
+    """B·Hq can exceed CUDA's 65535 grid rows (many short packed rows × heads): the launchers split the batch so
+    that every launch stays within the limit, and the split launches compute what one launch does."""
+    assert A.batch_slices(4096, 32) == [(0, 2047), (2047, 4094), (4094, 4096)]   # 4096 · 32 = 131072 rows
+    assert all((b1 - b0) * 32 <= A.MAX_GRID_Y for b0, b1 in A.batch_slices(4096, 32))
+    assert A.batch_slices(16, 32) == [(0, 16)]
+    grids = []                                             # every launch's grid: kernel[grid](...)
+    jit_class, launch = type(A._attn_fwd), type(A._attn_fwd).__getitem__
+    monkeypatch.setattr(jit_class, "__getitem__", lambda self, grid: (grids.append(grid), launch(self, grid))[1])
+    B, S, Hq, Hkv, D = 5, 19, 4, 2, 16
+    q, k, v = _inputs(B, S, Hq, Hkv, D, torch.float32, dev)
+    do = torch.randn_like(q)
+    doc = _doc_ids(B, S, [7]).to(dev)
+    whole = _run(q, k, v, do, doc, None)
+    monkeypatch.setattr(A, "MAX_GRID_Y", 2 * Hq)          # two batch rows per launch: 3 launches per kernel
+    grids.clear()
+    split = _run(q, k, v, do, doc, None)
+    assert max(g[1] for g in grids) <= 2 * Hq and len(grids) == 4 * 3
+    for a, b in zip(whole, split):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

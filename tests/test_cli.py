@@ -3,6 +3,7 @@ demo run (a few steps; its accuracy is measured by hand, not here), and the prog
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -12,21 +13,7 @@ import transformers
 
 from hf_reference import load_hf, make_hf_model
 from horizon_triton import cli
-
-WORDS = "the a cat dog sat ran on under mat rug big small red blue what did do ? . yes no".split()
-
-
-def make_tokenizer(path):
-    """A word-level tokenizer built offline, saved next to the model like a real checkpoint's."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    vocab = {tok: i for i, tok in enumerate(["<pad>", "<unk>", "<s>", "</s>"] + WORDS)}
-    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", unk_token="<unk>",
-                                                     bos_token="<s>", eos_token="</s>")
-    tokenizer.save_pretrained(str(path))
-    return tokenizer
-
+from tiny_tokenizers import make_tokenizer
 
 @pytest.fixture
 def checkpoint(tmp_path):
@@ -75,12 +62,14 @@ def test_finetune_end_to_end(tmp_path, checkpoint, capsys):
     assert "step 4/4" in printed and "tok/s" in printed and "MiB" in printed
 
 
-def test_finetune_default_steps_is_one_pass(tmp_path, checkpoint):
+def test_finetune_default_is_three_epochs(tmp_path, checkpoint, capsys):
     data = _jsonl(tmp_path / "train.jsonl", RECORDS[:4])
     out = tmp_path / "out"
     assert cli.main(_finetune_args(checkpoint, data, out, "--batch-size", "1", "--seq-len", "64")) == 0
-    rows = len((out / "metrics.jsonl").read_text().splitlines())
-    assert 1 <= rows <= 4                       # 4 short records pack into fewer rows of 64 tokens
+    steps = len((out / "metrics.jsonl").read_text().splitlines())
+    printed = capsys.readouterr().out
+    assert f"{steps} steps = 3 epochs of {steps // 3}" in printed and steps % 3 == 0
+    assert "warning: only" in printed                 # a tiny run says so
 
 
 @pytest.mark.parametrize("lines,message", [
@@ -148,7 +137,7 @@ class _Tty(io.StringIO):
         return True
 
 
-def test_progress_rewrites_one_line_on_a_terminal_and_prints_lines_otherwise():
+def test_progress_is_a_bar_on_a_terminal_and_plain_lines_otherwise():
     entry = dict(step=1, loss=2.5, tokens_per_s=1234.0, host_rss_peak_bytes=300 * 2**20, device_peak_bytes=2**20)
     tty, pipe = _Tty(), io.StringIO()
     for stream in (tty, pipe):
@@ -157,10 +146,12 @@ def test_progress_rewrites_one_line_on_a_terminal_and_prints_lines_otherwise():
         progress.step(dict(entry, step=2))
         progress.note("eval")
         progress.close()
-    assert tty.getvalue().startswith("\rstep 1/2  loss 2.5000  1,234 tok/s  rss 300 MiB  device peak 1 MiB")
-    assert "\rstep 2/2" in tty.getvalue() and tty.getvalue().endswith("\neval\n")
-    assert pipe.getvalue().splitlines()[:2] == ["step 1/2  loss 2.5000  1,234 tok/s  rss 300 MiB  device peak 1 MiB",
-                                                "step 2/2  loss 2.5000  1,234 tok/s  rss 300 MiB  device peak 1 MiB"]
+    bar = tty.getvalue()
+    assert "2/2" in bar and "100%" in bar and "loss 2.5000  1,234 tok/s  rss 300 MiB  device peak 1 MiB" in bar
+    assert "eval\n" in bar
+    assert pipe.getvalue().splitlines() == ["step 1/2  loss 2.5000  1,234 tok/s  rss 300 MiB  device peak 1 MiB",
+                                            "step 2/2  loss 2.5000  1,234 tok/s  rss 300 MiB  device peak 1 MiB",
+                                            "eval"]
 
 
 def test_plan_prints_the_table_from_a_config_alone(tmp_path, capsys):
@@ -176,3 +167,71 @@ def test_plan_prints_the_table_from_a_config_alone(tmp_path, capsys):
         assert layers > 4                                        # a 2 GB host holds more of these layers
     assert cli.main(["plan", "--model", str(tmp_path), "--host-ram", "lots"]) == 2
     assert "cannot read 'lots' as a size" in capsys.readouterr().err
+
+
+# ---- checkpoints and resuming --------------------------------------------------------------------------------
+RUN = ("--steps", "8", "--batch-size", "2", "--seq-len", "24", "--grad-accum", "2", "--lr", "1e-3", "--warmup", "3",
+       "--cosine")
+
+
+def _weights(out):
+    from safetensors import safe_open
+    with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+        return {name: f.get_tensor(name) for name in f.keys()}
+
+
+def _train_lines(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_out_in_use_is_refused_and_overwrite_replaces_it(tmp_path, checkpoint, capsys):
+    data = _jsonl(tmp_path / "train.jsonl", RECORDS)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "model.safetensors").write_text("an earlier run")
+    assert cli.main(_finetune_args(checkpoint, data, out, "--steps", "2", "--seq-len", "24")) == 2
+    err = capsys.readouterr().err
+    assert "is not empty" in err and "--resume" in err and "--overwrite" in err
+    assert (out / "model.safetensors").read_text() == "an earlier run"
+    assert cli.main(_finetune_args(checkpoint, data, out, "--steps", "2", "--seq-len", "24", "--overwrite")) == 0
+    assert [line["step"] for line in _train_lines(out)] == [1, 2]
+    assert (out / "generation_config.json").is_file() == (checkpoint / "generation_config.json").is_file()
+    assert (out / "tokenizer.json").is_file() and not (out / "checkpoints").exists()
+
+
+def test_save_every_keeps_the_newest_and_resume_refuses_other_options(tmp_path, checkpoint, capsys):
+    data = _jsonl(tmp_path / "train.jsonl", RECORDS)
+    out = tmp_path / "out"
+    assert cli.main(_finetune_args(checkpoint, data, out, *RUN, "--save-every", "3", "--keep-last", "2")) == 0
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000003", "step-00000006"]
+    changed = [a if a != "2" else "3" for a in RUN]           # --batch-size 3, --grad-accum 3
+    assert cli.main(_finetune_args(checkpoint, data, out, *changed, "--resume")) == 2
+    err = capsys.readouterr().err
+    assert "--batch-size 3 (the checkpoint's run: 2)" in err and "--grad-accum 3" in err
+
+
+@pytest.mark.slow
+def test_sigint_and_sigterm_mid_run_then_resume_equal_an_uninterrupted_run(tmp_path, checkpoint):
+    data = _jsonl(tmp_path / "train.jsonl", RECORDS)
+    straight = tmp_path / "straight"
+    assert cli.main(_finetune_args(checkpoint, data, straight, *RUN)) == 0
+    for signum, status in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
+        out = tmp_path / signal.Signals(signum).name
+        args = _finetune_args(checkpoint, data, out, *RUN)
+        proc = subprocess.Popen([sys.executable, "-m", "horizon_triton.cli", *args], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=dict(os.environ, HORIZON_KERNELS="torch"))
+        for line in proc.stdout:
+            if line.startswith("step 3/8"):
+                proc.send_signal(signum)
+                break
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == status, err
+        assert "training state saved in" in err and "--resume" in err
+        saved = sorted(p.name for p in (out / "checkpoints").iterdir())
+        assert len(saved) == 1 and 3 <= int(saved[0][5:]) < 8
+        assert cli.main(args + ["--resume"]) == 0
+        ours, theirs = _weights(out), _weights(straight)
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+        assert [(line["step"], line["loss"], line["grad_norm"]) for line in _train_lines(out)] == \
+            [(line["step"], line["loss"], line["grad_norm"]) for line in _train_lines(straight)]
+        assert (out / "tokenizer.json").is_file() and (out / "checkpoints" / saved[0]).is_dir()

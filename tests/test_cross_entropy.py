@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 from horizon_triton.kernels import cross_entropy as ce
-from horizon_triton.kernels import sweep, tuning
+from horizon_triton.kernels import reference, sweep, tuning
 from horizon_triton.kernels.cross_entropy import linear_cross_entropy, linear_cross_entropy_ref
 from kernel_checks import assert_within_reference_error, bf16_round_to_nearest, dry_run_autotune  # noqa: F401
 
@@ -115,6 +115,69 @@ def test_all_ignored_and_empty(dev):
     assert loss.item() == 0 and dh.abs().max() == 0 and torch.equal(dw, torch.ones(60, 16, device=dev))
     loss, dh = linear_cross_entropy(h[:0], weight, targets[:0], dw, 1.0)
     assert loss.item() == 0 and dh.shape == (0, 16) and torch.equal(dw, torch.ones(60, 16, device=dev))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Vocabulary chunks: the two-pass cross-entropy of the streamed head
+# ----------------------------------------------------------------------------------------------------------
+def _two_pass(ops, h, weight, targets, d_weight, grad_scale, rows, token_chunk):
+    """The engine's use of the chunk ops: pass 1 over lm_head rows [a, a + rows), the loss, pass 2."""
+    T, V = h.shape[0], weight.shape[0]
+    stats = [torch.full((T,), float("-inf"), device=h.device), torch.zeros(T, device=h.device),
+             torch.zeros(T, device=h.device)]
+    for a in range(0, V, rows):
+        ops.cross_entropy_chunk_stats_(h, weight[a:a + rows], targets, a, *stats, token_chunk=token_chunk)
+    loss, lse = reference.cross_entropy_chunk_loss(*stats, targets)
+    dh = torch.zeros(h.shape, device=h.device)
+    for a in range(0, V, rows):
+        ops.cross_entropy_chunk_backward(h, weight[a:a + rows], targets, a, lse, grad_scale, dh, d_weight[a:a + rows],
+                                         token_chunk=token_chunk)
+    return loss, dh.to(h.dtype)
+
+
+CHUNK_SHAPES = [  # T, H, V, rows per vocabulary chunk, token chunk, ignored token ranges
+    (37, 24, 101, 16, 8, (slice(0, 3), slice(16, 24))),   # odd T, V; last vocabulary chunk 5 rows
+    (64, 16, 50, 50, 64, ()),                             # one chunk: the same as the fused op
+    (20, 8, 33, 1, 100, (slice(5, 6),)),                  # one row per chunk
+]
+
+
+@pytest.mark.parametrize("T,H,V,rows,token_chunk,ignore", CHUNK_SHAPES)
+def test_chunked_reference_matches_autograd(T, H, V, rows, token_chunk, ignore, dev):
+    h, weight, targets = _inputs(T, H, V, torch.float32, dev, ignore)
+    d_weight = torch.randn(V, H, device=dev)
+    loss_e, dh_e, dw_e = _autograd(h, weight, targets, 0.25, d_weight)
+    loss, dh = _two_pass(reference, h, weight, targets, d_weight, 0.25, rows, token_chunk)
+    torch.testing.assert_close(loss.double(), loss_e, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dh.double(), dh_e, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(d_weight.double(), dw_e, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("T,H,V,rows,token_chunk,ignore", CHUNK_SHAPES[:2] + [(50, 40, 97, 30, 32, ())])
+def test_chunk_kernels_match_reference(T, H, V, rows, token_chunk, ignore, dtype, dev, monkeypatch):
+    monkeypatch.setattr(ce.tuning, "best_config", lambda kernel, key, default: TRITON_SMALL)
+    h, weight, targets = _inputs(T, H, V, dtype, dev, ignore)
+    d_weight0 = torch.randn(V, H, device=dev)
+    exact = _autograd(h, weight, targets, 0.37, d_weight0)
+    dw_ref, dw = d_weight0.clone(), d_weight0.clone()
+    ref = (*_two_pass(reference, h, weight, targets, dw_ref, 0.37, rows, token_chunk), dw_ref)
+    got = (*_two_pass(ce, h, weight, targets, dw, 0.37, rows, token_chunk), dw)
+    _check(got, ref, exact, "chunked triton", dtype)
+    for sl in ignore:
+        assert got[1][sl].abs().max() == 0
+
+
+def test_chunk_kernel_input_errors(dev):
+    h, weight, targets = _inputs(8, 4, 10, torch.float32, dev)
+    stats = [torch.zeros(8, device=dev) for _ in range(3)]
+    with pytest.raises(ValueError, match=r"weight a chunk of lm_head rows \[V_c ≥ 1, H\]"):
+        ce.cross_entropy_chunk_stats_(h, weight[:, :3], targets, 0, *stats)
+    with pytest.raises(TypeError, match="share one dtype"):
+        ce.cross_entropy_chunk_stats_(h, weight.bfloat16(), targets, 0, *stats)
+    with pytest.raises(ValueError, match="statistics/gradient buffers fp32"):
+        ce.cross_entropy_chunk_backward(h, weight, targets, 0, stats[0], 1.0, torch.zeros(8, 4, device=dev),
+                                        torch.zeros(10, 4, device=dev, dtype=torch.bfloat16))
 
 
 # ----------------------------------------------------------------------------------------------------------

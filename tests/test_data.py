@@ -1,5 +1,6 @@
-"""data.py: the addition task's masking and held-out split, JSONL checking, tokenizing and packing."""
+"""data: the addition task's masking and held-out split, JSONL checking and normalizing, packing, loaders."""
 import json
+import re
 
 import pytest
 import torch
@@ -106,6 +107,42 @@ def test_read_jsonl_names_file_and_line_of_a_bad_line(tmp_path, bad, message):
     assert f"{path}:3" in str(info.value)
 
 
+def test_alpaca_sharegpt_and_messages_become_messages(tmp_path):
+    """Alpaca as LLaMA-Factory reads it (instruction, a newline, the input; a system field) and ShareGPT's
+    from/value turns become the same conversation as a messages line."""
+    chat = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "add\n2 and 3"},
+            {"role": "assistant", "content": "5"}]
+    path = _write(tmp_path, [
+        json.dumps({"messages": chat}),
+        json.dumps({"instruction": "add", "input": "2 and 3", "output": "5", "system": "be brief"}),
+        json.dumps({"conversations": [{"from": "human", "value": "add\n2 and 3"}, {"from": "gpt", "value": "5"}],
+                    "system": "be brief"}),
+        json.dumps({"conversations": [{"from": "system", "value": "be brief"},
+                                      {"from": "user", "value": "add\n2 and 3"},
+                                      {"from": "assistant", "value": "5"}]}),
+        json.dumps({"instruction": "add 2 and 3", "input": "", "output": "5"}),
+    ])
+    records = data.read_jsonl(path)
+    assert records[:4] == [{"messages": chat}] * 4
+    assert records[4] == {"messages": [{"role": "user", "content": "add 2 and 3"},
+                                       {"role": "assistant", "content": "5"}]}
+
+
+@pytest.mark.parametrize("bad,message", [
+    ({"messages": []}, '"messages" must be a non-empty list'),
+    ({"messages": [{"role": "bot", "content": "x"}]}, "role 'bot' is not one of system, user, assistant"),
+    ({"messages": [{"role": "user", "content": 3}]}, "messages[0]: 'content' must be a string"),
+    ({"messages": [{"role": "user", "content": "hi"}]}, "no assistant turn"),
+    ({"conversations": [{"from": "human", "value": "hi"}, {"from": "robot", "value": "x"}]}, "from 'robot'"),
+    ({"instruction": "add"}, '"output" is missing (an Alpaca line'),
+])
+def test_chat_formats_name_the_bad_turn(tmp_path, bad, message):
+    path = _write(tmp_path, [json.dumps(bad)])
+    with pytest.raises(ValueError, match=re.escape(message)) as info:
+        data.read_jsonl(path)
+    assert f"{path}:1" in str(info.value)
+
+
 def test_read_jsonl_names_the_line_that_is_not_utf8(tmp_path):
     path = tmp_path / "latin1.jsonl"
     path.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
@@ -123,21 +160,6 @@ def test_read_jsonl_empty_file(tmp_path, content):
         data.read_jsonl(tmp_path / "missing.jsonl")
 
 
-class SpaceTokenizer:
-    """A stand-in with the transformers call convention: BOS 1 in front, words -> ids, eos 2."""
-    eos_token_id = 2
-
-    def __call__(self, text, add_special_tokens=True):
-        ids = [10 + len(word) for word in text.split()]
-        return {"input_ids": ([1] if add_special_tokens else []) + ids}
-
-
-def test_tokenize_masks_prompt_and_trains_all_text():
-    docs = data.tokenize_records([{"text": "aa b"}, {"prompt": "ccc d", "response": "ee"}], SpaceTokenizer())
-    assert docs[0] == ([1, 12, 11, 2], [1, 12, 11, 2])                             # every token trained
-    assert docs[1] == ([1, 13, 11, 12, 2], [IGNORE_INDEX] * 3 + [12, 2])            # BOS + prompt masked
-
-
 # ---- packing ----------------------------------------------------------------------------------------------
 def test_pack_positions_restart_at_each_document():
     docs = [([5, 6, 7], [5, 6, 7]), ([8, 9], [IGNORE_INDEX, 9]), ([3, 4, 5, 6], [3, 4, 5, 6])]
@@ -151,11 +173,43 @@ def test_pack_positions_restart_at_each_document():
     assert rows[1]["labels"].tolist() == [IGNORE_INDEX, 4, 5, 6, IGNORE_INDEX, IGNORE_INDEX]
 
 
-def test_pack_cuts_long_documents_into_rows():
-    rows = data.pack_documents([(list(range(10)), list(range(10)))], seq_len=4, pad_id=99)
-    assert [r["input_ids"].tolist() for r in rows] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 99, 99]]
-    assert all(r["position_ids"].tolist() == [0, 1, 2, 3] for r in rows)
-    assert [r["labels"][0].item() for r in rows] == [IGNORE_INDEX] * 3
+def test_pack_never_splits_a_document():
+    """A document longer than seq_len is dropped, truncated or refused, and counted; one left with nothing to
+    train is skipped."""
+    long_doc = (list(range(10)), list(range(10)))
+    short = ([7, 8, 9], [IGNORE_INDEX, 8, 9])
+    with pytest.raises(ValueError, match="document 0 has 10 tokens, more than --seq-len 4"):
+        data.pack_documents([long_doc, short], seq_len=4, pad_id=99)
+    stats = data.DataStats()
+    packer = data.Packer(4, 99, "drop", stats)
+    rows = packer.add(*long_doc) + packer.add(*short) + packer.add([5, 6], [IGNORE_INDEX] * 2) + packer.flush()
+    assert [r[0].tolist() for r in rows] == [[7, 8, 9, 99]]
+    assert (stats.too_long, stats.untrained, stats.rows, stats.tokens, stats.trained_tokens, stats.longest) == \
+        (1, 1, 1, 3, 2, 10)
+    rows = data.pack_documents([long_doc], seq_len=4, pad_id=99, too_long="truncate")
+    assert [r["input_ids"].tolist() for r in rows] == [[0, 1, 2, 3]]
+    assert rows[0]["labels"].tolist() == [IGNORE_INDEX, 1, 2, 3]
+
+
+def test_row_file_round_trips(tmp_path):
+    docs = [([5, 6, 7], [5, 6, 7]), ([8, 9], [IGNORE_INDEX, 9]), ([3, 4, 5, 6], [IGNORE_INDEX, IGNORE_INDEX, 5, 6])]
+    rows = data.pack_documents(docs, seq_len=6, pad_id=0)
+    writer = data.packing.RowWriter(tmp_path / "r.rows", 6)
+    packer = data.Packer(6, 0)
+    for ids, labels in docs:
+        for row in packer.add(ids, labels):
+            writer.write(*row)
+    for row in packer.flush():
+        writer.write(*row)
+    writer.close()
+    stored = data.PackedRows(tmp_path / "r.rows", 6, 0, len(rows))
+    assert len(stored) == 2 and (tmp_path / "r.rows").stat().st_size == 2 * 6 * 5
+    for i, row in enumerate(rows):
+        for key in ("input_ids", "labels", "position_ids"):
+            assert stored[i][key].tolist() == row[key].tolist(), key
+    with pytest.raises(IndexError):
+        stored[2]
+    stored.close()
 
 
 def test_packed_batch_equals_separate_documents_in_the_engine():
@@ -179,9 +233,23 @@ def test_row_loader_batches_steps_and_reshuffles():
     batches = list(loader)
     assert len(batches) == len(loader) == 10
     assert set(batches[0]) == {"input_ids", "labels", "position_ids"}
-    assert all(b["input_ids"].shape == (4, 3) and b["input_ids"].dtype == torch.long for b in batches)
+    assert [len(b["input_ids"]) for b in batches] == [4, 4, 2] * 3 + [4]     # a pass ends with a smaller batch
+    assert all(b["input_ids"].shape[1] == 3 and b["input_ids"].dtype == torch.long for b in batches)
     firsts = [int(r[0]) for b in batches[:5] for r in b["input_ids"]][:10]
     assert sorted(firsts) == list(range(10))          # the first pass sees every row once
     assert data.steps_per_epoch(10, 4, 2) == 2
     with pytest.raises(ValueError, match="no row has a token to train on"):
         data.RowLoader(data.pack_documents([([1, 2], [IGNORE_INDEX] * 2)], 4, 0), 2, 1)
+
+
+def test_row_loader_epochs_see_every_row_once_and_eval_keeps_order():
+    rows = data.pack_documents([([i, i + 1], [i, i + 1]) for i in range(7)], seq_len=2, pad_id=0)
+    loader = data.RowLoader(rows, batch_size=3, epochs=2, seed=1)
+    batches = list(loader)
+    assert len(loader) == len(batches) == 6 and [len(b["input_ids"]) for b in batches] == [3, 3, 1] * 2
+    for epoch in (batches[:3], batches[3:]):
+        assert sorted(int(r[0]) for b in epoch for r in b["input_ids"]) == list(range(7))
+    ordered = data.RowLoader(rows, batch_size=3, epochs=1, shuffle=False)
+    assert [int(r[0]) for b in ordered for r in b["input_ids"]] == list(range(7))
+    with pytest.raises(ValueError, match="steps or epochs"):
+        data.RowLoader(rows, 3, steps=2, epochs=1)

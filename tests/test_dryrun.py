@@ -51,8 +51,6 @@ def test_full_size_model_fits_its_card_with_default_settings(cfg, hardware):
     assert dry.device_peak_bytes <= HARDWARE[hardware]["device_memory_bytes"], dry.device_peak_bytes / GiB
 
 
-@pytest.mark.xfail(strict=True, reason="needs issue 9 item 5 (checkpoint budget from free memory, slots sized to "
-                                       "the decoder layer): today every checkpoint stays on the device")
 def test_device_peak_does_not_grow_with_depth():
     shallow = _on("h100", ht.ModelConfig(**{**LLAMA3_70B.__dict__, "num_layers": 40}))
     deep = _on("h100", LLAMA3_70B)

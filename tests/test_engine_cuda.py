@@ -27,12 +27,44 @@ def _train(path, device, compute_dtype, batches, **train):
 @pytest.mark.parametrize("family", ["llama_tied_bias", "qwen3", "mistral"])
 @pytest.mark.parametrize("compute_dtype, rel", [("float32", 1e-4), ("bfloat16", 2e-2)])
 def test_cuda_engine_trains_like_the_cpu_path(gpu, tmp_path, family, compute_dtype, rel):
-    make_hf_model(family, tmp_path, head_dim=32, hidden_size=128)
+    make_hf_model(family, tmp_path, head_dim=32, hidden_size=128, pad_token_id=0)
     batches = random_batches(6, vocab=96, seq=40)
     batches[3]["position_ids"] = torch.cat((torch.arange(15), torch.arange(25))).expand(2, 40)
+    mask = torch.ones(2, 40, dtype=torch.long)
+    mask[0, :9], mask[1, 30:] = 0, 0        # left and right padding, through the kernels' doc-id masking
+    batches[4].update(attention_mask=mask, input_ids=batches[4]["input_ids"].masked_fill(mask == 0, 0))
     engine, losses, weights = _train(tmp_path, "cuda", compute_dtype, batches, checkpoint_budget_bytes=0)
     assert engine.kernel_backend == "triton" and engine.store.pinned
     _, ref_losses, ref_weights = _train(tmp_path, "cpu", compute_dtype, batches)
     assert losses == pytest.approx(ref_losses, rel=rel)
     if compute_dtype == "float32":   # in bf16 the two paths round differently; the losses are the check there
         torch.testing.assert_close(weights, ref_weights, atol=1e-4, rtol=0)
+
+
+def test_prepare_copies_through_pinned_memory_without_blocking(monkeypatch):
+    """On a pinning device (CUDA) every tensor of a micro-batch goes host → pinned → device with non_blocking;
+    runs on CPU with the pinning and the copy recorded instead of done."""
+    engine = ht.Engine(ht.preset("tiny"), ht.TrainConfig(device="cpu"))
+    engine.device.pin_memory = True
+    pinned, copies = [], []
+    def recorded_pin(t):
+        staged = t.clone()
+        pinned.append(staged.data_ptr())
+        return staged
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", recorded_pin)
+    to = torch.Tensor.to
+
+    def recorded_to(t, *args, **kwargs):
+        copies.append((t.data_ptr(), kwargs.get("non_blocking", False)))
+        return to(t, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "to", recorded_to)
+    batch = random_batches(1, vocab=64, seq=12)[0]
+    batch["position_ids"] = torch.cat((torch.arange(5), torch.arange(7))).expand(2, 12)
+    mb = engine.prepare(batch)
+    monkeypatch.undo()
+    assert len(pinned) == 4                                    # positions, input_ids, targets, doc_ids
+    assert [ptr for ptr, non_blocking in copies if non_blocking] == pinned
+    assert mb.doc_ids is not None and mb.input_ids.shape == (2, 12)
+    engine.close()

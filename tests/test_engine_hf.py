@@ -127,3 +127,45 @@ def test_packed_documents_equal_separate_sequences(tmp_path):
     with torch.no_grad():
         losses = [ref(x, labels=x).loss * (x.shape[1] - 1) for x in (a, b)]
     assert packed_loss == pytest.approx(float(sum(losses)) / 14, rel=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])   # untied, tied
+def test_head_in_vocabulary_chunks_matches_transformers(tmp_path, family):
+    """lm_head streamed 13 rows at a time (8 chunks of the 96-token vocabulary, the last one short) through the
+    two-pass cross-entropy, two micro-batches a step: still transformers' losses, norms and weights."""
+    engine, history, reference, ref = _train_both(tmp_path, family, steps=3, grad_accum_steps=2,
+                                                  head_chunk_rows=13)
+    assert [u.stop - u.start for u in engine.pipeline.head_chunks()] == [13] * 7 + [5]
+    for got, want in zip(history, ref):
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-4)
+        assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-4)
+    _assert_weights_match(engine, reference, tmp_path / "out")
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])   # untied, tied
+@pytest.mark.parametrize("head_chunk_rows", [None, 13])
+def test_embedding_gradient_from_gathered_rows(tmp_path, family, head_chunk_rows):
+    """Only the step's distinct token ids are gathered and get gradients on the device, yet the embedding's grad
+    buffer is transformers' whole gradient (tied: lm_head's added), also in a second step whose ids are all
+    different (the first step's rows must be zero again)."""
+    src = tmp_path / "src"
+    make_hf_model(family, src)
+    batches = random_batches(2, vocab=40) + [{k: v + 50 for k, v in b.items()} for b in random_batches(2, vocab=40)]
+    for b in batches[2:]:
+        b["labels"][:, :3] = -100
+    engine = ht.Engine(ht.ModelConfig.from_pretrained(src),
+                       ht.TrainConfig(lr=0.0, compute_dtype="float32", device="cpu", grad_accum_steps=2,
+                                      head_chunk_rows=head_chunk_rows))
+    grads = []
+    engine.fit(batches, callback=lambda entry: grads.append(engine.store.grad[0].view(96, 64).clone()))
+    model = load_hf(src)
+    for step, got in enumerate(grads):
+        model.zero_grad()
+        group = batches[2 * step:2 * step + 2]
+        tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in group)
+        for b in group:
+            logits = model(input_ids=b["input_ids"]).logits
+            torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 96), b["labels"][:, 1:].reshape(-1),
+                                              ignore_index=-100, reduction="sum").div(tokens).backward()
+        want = model.model.embed_tokens.weight.grad
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-4, msg=f"step {step + 1}")

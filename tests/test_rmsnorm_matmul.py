@@ -160,3 +160,18 @@ def test_autotune_dry_run(monkeypatch, tmp_path, dev):
     assert [r["shape"]["kernel"] for r in rows] == ["rmsnorm_matmul_fwd", "rmsnorm_matmul_dx", "rmsnorm_matmul_dw"]
     assert all(r["config"] == cands[-1] and "TFLOPS" in r["throughput"] for r in rows)
     assert all(stored[r["shape"]["kernel"]]["T64_N48_H40_bfloat16"] == cands[-1] for r in rows)
+
+
+def test_autotune_keys_are_the_keys_the_engine_asks_for():
+    """The keys autotune stores (one per DEFAULT_SHAPES entry) are those a launch computes at the engine's token
+    counts: 32K tokens and more land on the tuned 32K bucket, and every tuned T is its own bucket."""
+    key = rmsnorm_matmul._shape_key
+    tuned = {key(s["T"], s["N"], s["H"], torch.bfloat16) for s in rmsnorm_matmul.DEFAULT_SHAPES}
+    assert all(key(s["T"], s["N"], s["H"], torch.bfloat16).startswith(f"T{s['T']}_")
+               for s in rmsnorm_matmul.DEFAULT_SHAPES)
+    for T in (32768, 40000, 65536, 131072):                 # Llama-3-8B qkv and gate_up at 32K+ tokens
+        assert key(T, 6144, 4096, torch.bfloat16) in tuned
+        assert key(T, 28672, 4096, torch.bfloat16) in tuned
+    for T in (5000, 8192, 1500):
+        assert key(T, 6144, 4096, torch.bfloat16) in tuned
+    assert key(32768, 57344, 8192, torch.bfloat16) in tuned   # a 70B-width layer

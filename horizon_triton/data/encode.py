@@ -1,0 +1,125 @@
+"""Records -> token ids and labels: which tokens count for the loss.
+
+A record is rendered to one string plus the character spans that are trained, then tokenized once with offsets;
+a token is trained when it starts inside a span (labels -100 elsewhere).
+
+    text             the string with the tokenizer's special tokens (e.g. BOS) and its eos appended; all trained
+    prompt/response  with a chat template: the conversation [user: prompt, assistant: response], as messages;
+                     without one: prompt + PROMPT_RESPONSE_SEPARATOR + response + eos, the response and eos trained
+    messages         the tokenizer's own chat template (apply_chat_template), no special tokens added beyond it.
+                     Assistant turns are trained: their content and their end-of-turn token.
+
+Finding the assistant spans without {% generation %} markers: for assistant turn k, the rendering of
+messages[:k] with add_generation_prompt=True ends where the turn's content starts, and the rendering of
+messages[:k+1] ends after its end-of-turn token (trailing whitespace, e.g. ChatML's newline, left out). Both must
+be prefixes of the whole conversation's rendering, as they are for ChatML (Qwen2/2.5) and Llama 3 templates (both
+tested). Where they are not (a template that renders a turn differently once later turns follow: Qwen3's adds an
+empty think block to the last turn only; Mistral's moves the system prompt into the last user turn), the turn's
+content is located by rendering the conversation once more with that content left empty (the two renderings
+differ exactly there), and the tokenizer's eos token is trained too when the template writes it right after.
+``train_on="all"`` trains every token of the rendering instead.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from horizon_triton.kernels.reference import IGNORE_INDEX
+
+PROMPT_RESPONSE_SEPARATOR = "\n"
+TRAIN_ON = ("assistant", "all")
+
+
+def render(record: dict, tokenizer, train_on: str = "assistant") -> tuple[str, list[tuple[int, int]], bool, bool]:
+    """(text, trained character spans, add the tokenizer's special tokens?, append eos?) of one record."""
+    if "text" in record:
+        return record["text"], [(0, len(record["text"]))], True, True
+    has_template = getattr(tokenizer, "chat_template", None) is not None
+    if "prompt" in record and not has_template:
+        text = record["prompt"] + PROMPT_RESPONSE_SEPARATOR + record["response"]
+        start = 0 if train_on == "all" else len(text) - len(record["response"])
+        return text, [(start, len(text))], True, True
+    if not has_template:
+        raise ValueError("the tokenizer has no chat template (tokenizer.chat_template), which conversation "
+                         "records need; set one, or write the data as {\"text\": ...} lines")
+    messages = record.get("messages") or [{"role": "user", "content": record["prompt"]},
+                                          {"role": "assistant", "content": record["response"]}]
+    text = _apply(tokenizer, messages, False)
+    if train_on == "all":
+        return text, [(0, len(text))], False, False
+    spans = []
+    for k, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = _apply(tokenizer, messages[:k], True) if k else ""
+        through = (text if k == len(messages) - 1 else _apply(tokenizer, messages[:k + 1], False)).rstrip()
+        if through.startswith(before) and text.startswith(through):
+            spans.append((len(before), len(through)))
+        else:
+            spans.append(_span_by_blanking(tokenizer, messages, k, text))
+    return text, spans, False, False
+
+
+def _span_by_blanking(tokenizer, messages: list[dict], k: int, text: str) -> tuple[int, int]:
+    """Where turn k's content sits in ``text``: the stretch by which it differs from the rendering with that
+    content empty, extended over the eos token when the template writes it right after."""
+    other = _apply(tokenizer, [dict(m, content="") if n == k else m for n, m in enumerate(messages)], False)
+    start = len(os.path.commonprefix([text, other]))
+    end = len(text) - len(os.path.commonprefix([text[start:][::-1], other[start:][::-1]]))
+    eos = tokenizer.eos_token
+    if end > start and eos and text.startswith(eos, end):
+        end += len(eos)
+    return start, end
+
+
+def _apply(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except Exception as e:  # noqa: BLE001 - templates raise their own errors (e.g. roles that must alternate)
+        raise ValueError(f"the chat template refused the conversation: {e}") from None
+
+
+def encode_record(record: dict, tokenizer, train_on: str = "assistant") -> tuple[list[int], list[int]]:
+    """(input_ids, labels) of one record; labels are the ids where trained, -100 elsewhere."""
+    if train_on not in TRAIN_ON:
+        raise ValueError(f"train_on {train_on!r}: choose one of {', '.join(TRAIN_ON)}")
+    text, spans, special, add_eos = render(record, tokenizer, train_on)
+    try:
+        encoded = tokenizer(text, add_special_tokens=special, return_offsets_mapping=True)
+    except NotImplementedError:
+        raise ValueError("the tokenizer gives no character offsets (a slow tokenizer); save the model's fast "
+                         "tokenizer (tokenizer.json) with it") from None
+    ids = list(encoded["input_ids"])
+    offsets = np.array(encoded["offset_mapping"], dtype=np.int64).reshape(-1, 2)      # [tokens, (start, end)]
+    starts = np.array([a for a, _ in spans], dtype=np.int64)
+    ends = np.array([b for _, b in spans], dtype=np.int64)
+    span = np.searchsorted(starts, offsets[:, 0], side="right") - 1                  # the span starting last before
+    trained = (span >= 0) & (offsets[:, 0] < ends[span]) & (offsets[:, 1] > offsets[:, 0]) if spans else \
+        np.zeros(len(ids), dtype=bool)
+    labels = np.where(trained, ids, IGNORE_INDEX).tolist()
+    if add_eos and tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+        labels.append(tokenizer.eos_token_id)
+    return ids, labels
+
+
+def tokenize_records(records: list[dict], tokenizer, train_on: str = "assistant") -> list[tuple[list[int], list[int]]]:
+    """(input_ids, labels) of each record (see encode_record)."""
+    return [encode_record(record, tokenizer, train_on) for record in records]
+
+
+def load_tokenizer(model_dir: str | Path):
+    """transformers.AutoTokenizer from local files only; a clear error if the directory has none."""
+    import transformers
+    model_dir = Path(model_dir)
+    names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+    if not any((model_dir / name).is_file() for name in names):
+        raise FileNotFoundError(f"{model_dir} has no tokenizer (none of {', '.join(names)}); save one there with "
+                                "tokenizer.save_pretrained(dir)")
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - transformers raises many kinds; the directory is what matters
+        raise ValueError(f"could not load the tokenizer in {model_dir}: {e}") from e
+    return tokenizer

@@ -1,0 +1,213 @@
+"""The library-backed path: every op of kernels/reference.py through PyTorch's own fused kernels, no autograd.
+
+``HORIZON_KERNELS=torch`` on CUDA runs these (ops.py): the always-correct baseline that the Triton kernels are
+measured against in the same run, and what the start-up canary falls back to for a Triton op that fails.
+
+- attention: FlashAttention-2 as PyTorch ships it, called directly (``aten._flash_attention_forward`` /
+  ``_flash_attention_backward``), always in its variable-length form: the batch is flattened to T tokens and
+  cut into segments at every row and document boundary (``cu_seqlens``), so packed documents never see each
+  other. Causal, grouped-query heads natively, Mistral's window as ``window_size_left = W − 1``.
+  For i − j < W and j ≤ i:  o = softmax(scale · q kᵀ) v per segment, lse in natural log, as the reference.
+- GEMMs (linear, the fused rmsnorm + matmul, the cross-entropy's): cuBLAS in bf16 with fp32 accumulation; weight
+  gradients straight into the fp32 accumulator (reference.matmul_accumulate_).
+- cross-entropy: the reference's chunking with bf16 logits and a bf16 gradient g, as the Triton kernel rounds
+  them, so the two backward GEMMs run on tensor cores; lse, the loss and the softmax in fp32.
+- rmsnorm, rope, swiglu: the references (elementwise; their speed is the memory bandwidth either way).
+
+Supported range of the flash path: CUDA, bf16/fp16, head_dim ≤ 256 and a multiple of 8; doc_ids non-decreasing
+along each row (what Engine.prepare builds from restarting position ids). Anything else on CUDA — fp32 (exact
+mode), other head dims — takes the reference attention (O(S²) memory: small shapes only).
+Known gaps: cu_seqlens and the longest segment are computed once per doc_ids tensor with one host sync (cached
+for the layers that share it); cuBLAS may use reduced-precision split-K reductions for bf16 unless
+``torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction`` is False.
+
+On CPU, ``_cpu_flash_forward``/``_cpu_flash_backward`` run the same segment layout and window through aten's CPU
+flash attention (a mask built from cu_seqlens): that is how the tests check the layout logic without a GPU.
+"""
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+from . import reference
+from .reference import (IGNORE_INDEX, linear_backward, linear_forward, matmul_accumulate_,  # noqa: F401
+                        rmsnorm_backward, rmsnorm_forward, rmsnorm_matmul_backward, rmsnorm_matmul_forward,
+                        rope_backward_, rope_forward_, swiglu_backward, swiglu_forward)
+
+FLASH_DTYPES = (torch.bfloat16, torch.float16)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Segment layout: rows × documents -> cumulative sequence lengths over the flattened tokens
+# ----------------------------------------------------------------------------------------------------------
+_layouts: dict[int, tuple] = {}    # id(doc_ids) -> (weakref to it, cu_seqlens, max_seqlen)
+
+
+def varlen_layout(doc_ids: torch.Tensor | None, B: int, S: int, device) -> tuple[torch.Tensor, int]:
+    """(cu_seqlens int32 [n + 1], max_seqlen): the n segments of the flattened [B·S] tokens that attend only
+    among themselves — one per row, cut again wherever doc_ids changes along the row.
+
+    Without doc_ids no sync is needed; with them one (the segment count and the longest segment are host
+    values), paid once per doc_ids tensor: every layer's forward and backward reuses it."""
+    if doc_ids is None:
+        return torch.arange(0, B * S + 1, S, dtype=torch.int32, device=device), S
+    cached = _layouts.get(id(doc_ids))
+    if cached is not None and cached[0]() is doc_ids:
+        return cached[1], cached[2]
+    if doc_ids.shape != (B, S):
+        raise ValueError(f"attention: doc_ids shape {tuple(doc_ids.shape)} != (B, S) = {(B, S)}")
+    step = doc_ids[:, 1:] - doc_ids[:, :-1]
+    starts = torch.ones(B, S, dtype=torch.bool, device=doc_ids.device)
+    starts[:, 1:] = step != 0                                        # a row's first token starts a segment too
+    # sync: the segment boundaries and the longest segment are launch arguments of the varlen kernel
+    if bool((step < 0).any()):
+        raise ValueError("attention (library path): doc_ids must be non-decreasing along each row (documents "
+                         "packed one after another, as Engine.prepare builds them from position_ids)")
+    cu = torch.cat((starts.reshape(-1).nonzero().reshape(-1),
+                    torch.tensor([B * S], device=doc_ids.device))).to(torch.int32)
+    max_seqlen = int((cu[1:] - cu[:-1]).max())
+    if len(_layouts) > 64:                                           # only the live micro-batches matter
+        _layouts.clear()
+    _layouts[id(doc_ids)] = (weakref.ref(doc_ids), cu, max_seqlen)
+    return cu, max_seqlen
+
+
+def window_left(S: int, sliding_window: int | None) -> int | None:
+    """Keys a query may look back beyond itself: W − 1 for Mistral's i − j < W; None = unbounded."""
+    return None if sliding_window is None or sliding_window >= S else sliding_window - 1
+
+
+def _flash_calls(q: torch.Tensor):
+    """(forward, backward) varlen calls for q's device and dtype, or None where only the reference applies.
+    On CPU the stand-ins below take the same arguments (the tests' way to run this module without a GPU)."""
+    if not q.is_cuda:
+        return (_cpu_flash_forward, _cpu_flash_backward) if q.device.type == "cpu" else None
+    D = q.shape[-1]
+    return (_cuda_flash_forward, _cuda_flash_backward) if q.dtype in FLASH_DTYPES and D <= 256 and D % 8 == 0 \
+        else None
+
+
+def _lse_to_reference(lse_ht: torch.Tensor, B: int, S: int) -> torch.Tensor:
+    """[Hq, T] (the varlen kernels' layout) -> [B, Hq, S] (the reference's)."""
+    return lse_ht.view(-1, B, S).permute(1, 0, 2).contiguous()
+
+
+def _lse_to_varlen(lse: torch.Tensor) -> torch.Tensor:
+    """[B, Hq, S] -> [Hq, T]."""
+    return lse.permute(1, 0, 2).reshape(lse.shape[1], -1).contiguous()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Attention
+# ----------------------------------------------------------------------------------------------------------
+def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: torch.Tensor | None,
+                      scale: float, sliding_window: int | None = None):
+    """-> (o[B, S, Hq, D] in q.dtype, lse[B, Hq, S] fp32). Same contract as reference.attention_forward."""
+    B, S, Hq, D = q.shape
+    calls = _flash_calls(q)
+    if calls is None:
+        return reference.attention_forward(q, k, v, doc_ids, scale, sliding_window)
+    cu, max_seqlen = varlen_layout(doc_ids, B, S, q.device)
+    T = B * S
+    o, lse = calls[0](q.reshape(T, Hq, D), k.reshape(T, -1, D), v.reshape(T, -1, D), cu, max_seqlen,
+                                 scale, window_left(S, sliding_window))
+    return o.view(B, S, Hq, D), _lse_to_reference(lse, B, S)
+
+
+def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                       lse: torch.Tensor, doc_ids: torch.Tensor | None, scale: float,
+                       sliding_window: int | None = None):
+    """-> (dq, dk, dv) in the input dtype. Same contract as reference.attention_backward."""
+    B, S, Hq, D = q.shape
+    calls = _flash_calls(q)
+    if calls is None:
+        return reference.attention_backward(do, q, k, v, o, lse, doc_ids, scale, sliding_window)
+    cu, max_seqlen = varlen_layout(doc_ids, B, S, q.device)
+    T, Hkv = B * S, k.shape[2]
+    dq, dk, dv = calls[1](do.reshape(T, Hq, D), q.reshape(T, Hq, D), k.reshape(T, Hkv, D),
+                                      v.reshape(T, Hkv, D), o.reshape(T, Hq, D), _lse_to_varlen(lse), cu,
+                                      max_seqlen, scale, window_left(S, sliding_window))
+    return dq.view(B, S, Hq, D), dk.view(B, S, Hkv, D), dv.view(B, S, Hkv, D)
+
+
+def _cuda_flash_forward(q, k, v, cu, max_seqlen: int, scale: float, left: int | None):
+    """q[T, Hq, D], k/v[T, Hkv, D] -> (o[T, Hq, D], lse[Hq, T]) through FlashAttention-2's varlen kernel."""
+    o, lse, _, _, _ = torch.ops.aten._flash_attention_forward(
+        q, k, v, cu, cu, max_seqlen, max_seqlen, 0.0, True, False, scale=scale,
+        window_size_left=left, window_size_right=None if left is None else 0)
+    return o, lse
+
+
+def _cuda_flash_backward(do, q, k, v, o, lse, cu, max_seqlen: int, scale: float, left: int | None):
+    """-> (dq[T, Hq, D], dk[T, Hkv, D], dv[T, Hkv, D]); the kernel sums each kv head's query group itself.
+    No dropout, so the random-state arguments are placeholders the kernel does not read."""
+    philox_seed = torch.zeros(2, dtype=torch.uint64, device=q.device)
+    philox_offset = torch.zeros((), dtype=torch.uint64, device=q.device)
+    return torch.ops.aten._flash_attention_backward(
+        do, q, k, v, o, lse, cu, cu, max_seqlen, max_seqlen, 0.0, True, philox_seed, philox_offset, scale=scale,
+        window_size_left=left, window_size_right=None if left is None else 0)
+
+
+def _segment_mask(cu: torch.Tensor, T: int, left: int | None) -> torch.Tensor:
+    """bool[T, T]: what the varlen kernel lets query i see — key j in i's segment, j ≤ i, i − j ≤ left."""
+    t = torch.arange(T, device=cu.device)
+    segment = torch.searchsorted(cu[1:].long(), t, right=True)
+    allowed = (segment[:, None] == segment[None, :]) & (t[None, :] <= t[:, None])
+    if left is not None:
+        allowed &= t[:, None] - t[None, :] <= left
+    return allowed
+
+
+def _cpu_inputs(cu, T: int, Hq: int, left: int | None, dtype, *tensors):
+    """The segment mask as an additive [1, 1, T, T] mask, and each [T, H, D] tensor as [1, Hq, T, D] (kv heads
+    repeated over their query group: the CPU kernel has no grouped-query form)."""
+    mask = torch.zeros(T, T, dtype=dtype).masked_fill_(~_segment_mask(cu, T, left), float("-inf"))
+    return mask[None, None], [t.repeat_interleave(Hq // t.shape[1], dim=1).transpose(0, 1)[None] for t in tensors]
+
+
+def _cpu_flash_forward(q, k, v, cu, max_seqlen: int, scale: float, left: int | None):
+    """The CUDA call's CPU stand-in (tests): same arguments and layouts, aten's CPU flash attention underneath
+    with the segment layout as a mask over the flattened tokens (T² memory: small shapes only)."""
+    T, Hq, _ = q.shape
+    mask, (qh, kh, vh) = _cpu_inputs(cu, T, Hq, left, q.dtype, q, k, v)
+    o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qh, kh, vh, 0.0, False, attn_mask=mask,
+                                                                        scale=scale)
+    return o[0].transpose(0, 1).contiguous(), lse[0]                 # [T, Hq, D], [Hq, T]
+
+
+def _cpu_flash_backward(do, q, k, v, o, lse, cu, max_seqlen: int, scale: float, left: int | None):
+    T, Hq, D = q.shape
+    Hkv = k.shape[1]
+    mask, (doh, qh, kh, vh, oh) = _cpu_inputs(cu, T, Hq, left, q.dtype, do, q, k, v, o)
+    dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        doh, qh, kh, vh, oh, lse[None], 0.0, False, attn_mask=mask, scale=scale)
+    per_kv = lambda t: t[0].reshape(Hkv, Hq // Hkv, T, D).sum(1).transpose(0, 1).to(q.dtype).contiguous()  # noqa: E731
+    return dq[0].transpose(0, 1).contiguous(), per_kv(dk), per_kv(dv)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Fused linear cross-entropy with bf16 logits and gradient (as the Triton kernel), fp32 statistics
+# ----------------------------------------------------------------------------------------------------------
+def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, d_weight: torch.Tensor,
+                         grad_scale: float, chunk_size: int = 4096):
+    """Same contract as reference.linear_cross_entropy; g = grad_scale · (softmax − onehot) rounded to h.dtype."""
+    T = h.shape[0]
+    loss_sum = torch.zeros((), dtype=torch.float32, device=h.device)
+    dh = torch.empty_like(h)
+    for start in range(0, T, chunk_size):
+        hc = h[start:start + chunk_size]                                 # [n, H]
+        tc = targets[start:start + chunk_size]
+        valid = tc != IGNORE_INDEX
+        safe_t = torch.where(valid, tc, 0)
+        logits = (hc @ weight.t()).float()                               # [n, V]: cuBLAS in h.dtype, then fp32
+        lse = torch.logsumexp(logits, dim=-1)
+        picked = logits.gather(1, safe_t[:, None]).squeeze(1)
+        loss_sum += torch.where(valid, lse - picked, 0.0).sum()
+        g = logits.sub_(lse[:, None]).exp_()                             # softmax in place of the logits
+        g[torch.arange(g.shape[0], device=g.device), safe_t] -= 1.0
+        g *= (valid.float() * grad_scale)[:, None]
+        g = g.to(h.dtype)                                                # [n, V] in h.dtype
+        dh[start:start + chunk_size] = g @ weight
+        matmul_accumulate_(d_weight, g.t(), hc)
+    return loss_sum, dh

@@ -1,0 +1,103 @@
+"""The library path (kernels/library.py) on CPU: its segment layout, window arguments and layouts run through
+aten's CPU flash attention (the same calling code as the CUDA flash call) against reference.attention_*, and its
+cross-entropy against the reference under the tests' tolerance rule."""
+import pytest
+import torch
+from kernel_checks import assert_within_reference_error
+
+from horizon_triton.kernels import library, reference
+
+
+def _doc_ids(rows: list[list[int]]) -> torch.Tensor:
+    """Doc ids from each row's document lengths."""
+    return torch.stack([torch.repeat_interleave(torch.arange(len(r)), torch.tensor(r)) for r in rows]).int()
+
+
+def test_varlen_layout_cuts_at_rows_and_documents():
+    cu, longest = library.varlen_layout(None, 3, 8, "cpu")
+    assert cu.tolist() == [0, 8, 16, 24] and longest == 8 and cu.dtype == torch.int32
+    docs = _doc_ids([[3, 5], [8], [2, 2, 4]])
+    cu, longest = library.varlen_layout(docs, 3, 8, "cpu")
+    assert cu.tolist() == [0, 3, 8, 16, 18, 20, 24] and longest == 8
+    assert library.varlen_layout(docs, 3, 8, "cpu")[0] is cu                 # one sync per doc_ids tensor
+    with pytest.raises(ValueError, match="non-decreasing"):
+        library.varlen_layout(torch.tensor([[0, 1, 0, 1]], dtype=torch.int32), 1, 4, "cpu")
+
+
+def test_window_argument_is_mistral_semantics():
+    """i − j < W  ⇔  j ≥ i − (W − 1): FlashAttention's window_size_left is W − 1; a window ≥ S is no window."""
+    assert library.window_left(100, 4) == 3
+    assert library.window_left(100, None) is None and library.window_left(100, 100) is None
+    cu = torch.tensor([0, 10], dtype=torch.int32)
+    mask = library._segment_mask(cu, 10, library.window_left(10, 4))
+    assert torch.equal(mask, reference.attention_mask(10, None, 4, "cpu", 1)[0])
+
+
+CASES = {"causal": ([[16], [16]], None), "docs": ([[5, 11], [16]], None), "window": ([[16], [16]], 4),
+         "docs+window": ([[7, 9], [3, 3, 10]], 5)}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_attention_through_the_varlen_call_matches_reference(case, dtype):
+    rows, window = CASES[case]
+    B, S, Hq, Hkv, D = len(rows), 16, 4, 2, 16
+    docs = None if case in ("causal", "window") else _doc_ids(rows)
+    q32, k32, v32, do32 = (torch.randn(B, S, h, D) for h in (Hq, Hkv, Hkv, Hq))
+    q, k, v, do = (t.to(dtype) for t in (q32, k32, v32, do32))
+    o, lse = library.attention_forward(q, k, v, docs, 0.3, window)
+    o32, lse32 = reference.attention_forward(q32, k32, v32, docs, 0.3, window)
+    o_lp, _ = reference.attention_forward(q, k, v, docs, 0.3, window)
+    atol = {torch.float32: 2e-5, torch.bfloat16: 2e-3}[dtype]
+    assert_within_reference_error(o, o_lp, o32, atol, "o")
+    torch.testing.assert_close(lse, lse32, rtol=1e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-2)
+    grads = library.attention_backward(do, q, k, v, o, lse, docs, 0.3, window)
+    grads32 = reference.attention_backward(do32, q32, k32, v32, o32, lse32, docs, 0.3, window)
+    grads_lp = reference.attention_backward(do, q, k, v, o_lp, lse, docs, 0.3, window)
+    for name, g, g_lp, g32 in zip(("dq", "dk", "dv"), grads, grads_lp, grads32):
+        assert g.shape == g32.shape
+        assert_within_reference_error(g, g_lp, g32, atol * (1 + g32.abs().max().item()), name)
+
+
+def test_lse_layout_round_trip():
+    lse = torch.randn(2, 3, 5)
+    varlen = library._lse_to_varlen(lse)
+    assert varlen.shape == (3, 10) and torch.equal(varlen[1, 5:], lse[1, 1])
+    assert torch.equal(library._lse_to_reference(varlen, 2, 5), lse)
+
+
+@pytest.mark.parametrize("T,chunk", [(37, 16), (50, 4096)])
+def test_cross_entropy_with_bf16_gradient_matches_reference(T, chunk):
+    H, V = 32, 75
+    h32, w32 = torch.randn(T, H), torch.randn(V, H) / H ** 0.5
+    targets = torch.randint(0, V, (T,))
+    targets[::5] = reference.IGNORE_INDEX
+    h, w = h32.bfloat16(), w32.bfloat16()
+    out = [torch.zeros(V, H)]
+    out[1:] = library.linear_cross_entropy(h, w, targets, out[0], 1 / T, chunk)
+    exact = [torch.zeros(V, H)]
+    exact[1:] = reference.linear_cross_entropy(h32, w32, targets, exact[0], 1 / T, chunk)
+    lowp = [torch.zeros(V, H)]
+    lowp[1:] = reference.linear_cross_entropy(h, w, targets, lowp[0], 1 / T, chunk)
+    for name, o, lp, ref in zip(("dW", "loss", "dh"), out, lowp, exact):
+        assert_within_reference_error(o, lp, ref, 2e-3 * (1 + ref.abs().max().item()), name)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the flash kernels need a CUDA GPU")
+@pytest.mark.parametrize("case", list(CASES))
+def test_cuda_flash_attention_matches_reference(case):
+    rows, window = CASES[case]
+    B, S, Hq, Hkv, D = len(rows), 16, 8, 2, 128
+    docs = None if case in ("causal", "window") else _doc_ids(rows).cuda()
+    q32, k32, v32, do32 = (torch.randn(B, S, h, D, device="cuda") for h in (Hq, Hkv, Hkv, Hq))
+    q, k, v, do = (t.bfloat16() for t in (q32, k32, v32, do32))
+    o, lse = library.attention_forward(q, k, v, docs, D ** -0.5, window)
+    o32, lse32 = reference.attention_forward(q32, k32, v32, docs, D ** -0.5, window)
+    o_lp, _ = reference.attention_forward(q, k, v, docs, D ** -0.5, window)
+    assert_within_reference_error(o, o_lp, o32, 2e-3, "o")
+    torch.testing.assert_close(lse, lse32, rtol=1e-2, atol=1e-2)
+    grads = library.attention_backward(do, q, k, v, o, lse, docs, D ** -0.5, window)
+    grads32 = reference.attention_backward(do32, q32, k32, v32, o32, lse32, docs, D ** -0.5, window)
+    grads_lp = reference.attention_backward(do, q, k, v, o_lp, lse, docs, D ** -0.5, window)
+    for name, g, g_lp, g32 in zip(("dq", "dk", "dv"), grads, grads_lp, grads32):
+        assert_within_reference_error(g, g_lp, g32, 2e-3 * (1 + g32.abs().max().item()), name)
