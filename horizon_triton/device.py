@@ -9,6 +9,7 @@ exactly as on a GPU:
     dev.wait(stream, ev)       later work on the stream starts only after ev completes
     dev.sync(ev)               the host blocks until ev completes   (every call site says "# sync: ...")
     dev.free_memory()          bytes still free for the engine on the device (None on CPU: unbounded)
+    dev.is_pinned(host)        whether a host tensor is page-locked (copies from it are asynchronous)
 
 - CudaDevice:       real CUDA streams and events; copies from pinned memory are asynchronous.
 - SyncDevice:       CPU; every submit runs at once, events are trivially complete.
@@ -49,6 +50,10 @@ class _HostMemory:
     def host_empty(self, shape, dtype: torch.dtype) -> torch.Tensor:
         """A host buffer for a device->host copy, pinned where the device copies asynchronously."""
         return torch.empty(shape, dtype=dtype, pin_memory=self.pin_memory)
+
+    def is_pinned(self, host: torch.Tensor) -> bool:
+        """Whether a host tensor is in page-locked memory (the device can copy from it asynchronously)."""
+        return host.is_pinned()
 
     def mem_get_info(self) -> tuple[int, int]:
         return host_memory_info()
@@ -214,7 +219,11 @@ class MetaDevice(_HostMemory):
         ("task", stream, costs)   costs: a dict the dry run's op counter fills while the task runs
         ("record", stream, event) ("wait", stream, event) ("sync", event) ("wait_layer", layer)
     (the last one is appended by the dry run's stand-in optimizer). As the CUDA caching allocator does, a
-    tensor passed to ``retain`` keeps its memory until an event its stream recorded after it is waited for.
+    tensor passed to ``retain`` keeps its memory until its stream's work on it has run: until an event its
+    stream recorded after it is waited for, or, for the copy streams, until the end of the next compute task
+    (the copy runs beside it: the bus keeps up with the compute, which plan's "copies hide" checks). Without
+    that, checkpoints offloaded in the forward, where nothing waits for the copy-out stream, would stay counted
+    until the head, as if the allocator needed the host to wait before reusing their memory.
     ``host_allocating`` is true while a host buffer is made, so that the counter does not take it for device
     memory; ``allocated`` is what the counter sees live on the device, for ``mem_get_info``."""
     type = "meta"
@@ -241,12 +250,16 @@ class MetaDevice(_HostMemory):
 
     def submit(self, stream: str, fn) -> None:
         costs, outer = {}, self.current
+        copies = [MetaEvent(name, len(self._retained[name])) for name in ("copy_in", "copy_out")]
         self.timeline.append(("task", stream, costs))
         self.current = costs
         try:
             fn()
         finally:
             self.current = outer
+        if stream == "compute":              # the copies issued before this task have run beside it
+            for copied in copies:
+                self._release(copied)
 
     def record(self, stream: str) -> MetaEvent:
         event = MetaEvent(stream, len(self._retained[stream]))
@@ -278,6 +291,11 @@ class MetaDevice(_HostMemory):
             return torch.empty(shape, dtype=dtype, device="meta")
         finally:
             self.host_allocating = False
+
+    def is_pinned(self, host: torch.Tensor) -> bool:
+        """The host tensors on meta are host_empty's and the store's, pinned when the device is (real CPU tensors,
+        made from a batch, are pageable)."""
+        return self.pin_memory and host.device.type == "meta"
 
     def mem_get_info(self) -> tuple[int, int]:
         return max(0, self.memory_bytes - self.allocated), self.memory_bytes

@@ -2,12 +2,13 @@
 
 ``Engine(model_cfg, train_cfg, device=MetaDevice(...))`` builds the same HostStore layout and the same pipeline
 (build_pipeline) as a real run, and ``run_step`` then runs the real scheduler and layer template on meta
-micro-batches made by the engine's own ``prepare``. Nothing here models the engine a second time; the answers
-are what the engine's own accounting sees:
+micro-batches made by the engine's own ``prepare`` (every token of the step a distinct id, up to the vocabulary:
+the most embedding rows a step can gather). Nothing here models the engine a second time; the answers are what
+the engine's own accounting sees:
 
 - host bytes: ``store.allocations``, each at what it really takes (store.host_block_bytes: pinned blocks round
-  up to a power of two), plus the buffers of offloaded activation checkpoints (``device.host_empty``) at their
-  peak;
+  up to a power of two), plus the host buffers the step makes (``device.host_empty``: offloaded activation
+  checkpoints, the gathered embedding rows and their gradient) at their peak;
 - device bytes: every device tensor the run creates, live from its allocation until its storage dies (weakref
   finalizers on storages, as the caching allocator frees; rounded to its 512-byte blocks), tensors retained for
   another stream held until that stream's event is waited for (MetaDevice.retain). DeviceMeter's own peak, the
@@ -68,7 +69,7 @@ class OpCounter(TorchDispatchMode):
         self.dev = dev
         self.device_live = 0
         self.device_peak = 0
-        self.host_live = 0           # host buffers made during the step (offloaded checkpoints), at reserved size
+        self.host_live = 0           # host buffers made during the step (dev.host_empty), at reserved size
         self.host_peak = 0
         self.workspace_live = 0      # the part of device_live that kernel models allocated as workspace
         self.held_at_peak = 0        # DeviceMeter.held at the moment of device_peak
@@ -149,8 +150,10 @@ class OpCounter(TorchDispatchMode):
         outputs = [t for t in _tensors(out) if t.device.type == "meta"]
         if packet is aten.copy_:
             dst, src = args[0], args[1]
-            if src.device.type == "meta" and self.is_host(src) != self.is_host(dst):
-                self.count("d2h" if self.is_host(dst) else "h2d", 0, nbytes(src))
+            # a real CPU tensor (host indices made from the batch) is host memory too
+            src_host, dst_host = (t.device.type != "meta" or self.is_host(t) for t in (src, dst))
+            if src_host != dst_host:
+                self.count("d2h" if dst_host else "h2d", 0, nbytes(src))
                 return
         if packet in GEMMS:
             a, b = (args[1], args[2]) if packet in (aten.addmm, aten.addmm_, aten.baddbmm, aten.baddbmm_) \
@@ -191,8 +194,8 @@ class DryRun:
     micro_batches: list[tuple[int, int]]     # (rows, seq_len) of each micro-batch
     num_parameters: int
     host_store: list[tuple[str, bool, int]]  # (kind, pinned, reserved bytes), one per kind and pinning
-    host_checkpoint_bytes: int               # offloaded activation checkpoints at their peak (reserved)
-    host_checkpoint_pinned: bool
+    host_step_bytes: int                     # host buffers of the step at their peak (reserved): offloaded
+    host_step_pinned: bool                   # checkpoints, the gathered embedding rows and their gradient
     device_peak_bytes: int                   # everything live on the device at the step's worst moment
     device_held_peak_bytes: int              # DeviceMeter's peak: what fit() reports as device_peak_bytes
     device_fixed_bytes: int                  # allocated before the step: staging slots, gradient accumulators
@@ -211,12 +214,12 @@ class DryRun:
 
     @property
     def host_pinned_bytes(self) -> int:
-        ckpt = self.host_checkpoint_bytes if self.host_checkpoint_pinned else 0
-        return sum(n for _, pinned, n in self.host_store if pinned) + ckpt
+        step = self.host_step_bytes if self.host_step_pinned else 0
+        return sum(n for _, pinned, n in self.host_store if pinned) + step
 
     @property
     def host_bytes(self) -> int:
-        return sum(n for _, _, n in self.host_store) + self.host_checkpoint_bytes
+        return sum(n for _, _, n in self.host_store) + self.host_step_bytes
 
 
 def host_store_bytes(allocations) -> list[tuple[str, bool, int]]:
@@ -248,9 +251,11 @@ def micro_batch_shapes(tokens_per_step: int, grad_accum_steps: int, seq_len: int
     return [(rows, seq_len)] * grad_accum_steps
 
 
-def _batch(rows: int, seq_len: int, doc_lengths) -> dict:
-    """A real (CPU) batch of the given shape for engine.prepare: position ids restart at each document."""
-    ids = torch.zeros((rows, seq_len), dtype=torch.int64)
+def _batch(rows: int, seq_len: int, doc_lengths, first_id: int, vocab_size: int) -> dict:
+    """A real (CPU) batch of the given shape for engine.prepare: token ids first_id, first_id + 1, … (mod the
+    vocabulary), so that a step's micro-batches hold min(tokens, vocab) distinct ids, the most embedding rows a
+    step can gather; position ids restart at each document."""
+    ids = (torch.arange(rows * seq_len, dtype=torch.int64).view(rows, seq_len) + first_id) % vocab_size
     batch = {"input_ids": ids, "labels": ids}
     if doc_lengths is not None:
         pos = torch.cat([torch.arange(n) for n in doc_lengths])
@@ -295,9 +300,11 @@ def dry_run_shapes(model_cfg: ModelConfig, train_cfg: TrainConfig, shapes: list[
         p = engine.pipeline
         counter.meter = p.meter
         fixed = counter.device_live
-        dev.timeline.clear()                  # building the engine is not part of the step
         p.optimizer = _OptimizerStandIn(dev)
-        mbs = [engine.prepare(_batch(rows, seq, doc_lengths), where="dry run") for rows, seq in shapes]
+        firsts = [sum(r * n for r, n in shapes[:m]) for m in range(len(shapes))]
+        mbs = [engine.prepare(_batch(rows, seq, doc_lengths, first, model_cfg.vocab_size), where="dry run")
+               for (rows, seq), first in zip(shapes, firsts)]
+        dev.timeline.clear()                  # building the engine and the batches is not part of the step
         p.meter.reset_peak()
         counter.device_peak = counter.device_live
         run_step(p, mbs, grad_scale=1.0 / tokens)
@@ -313,7 +320,7 @@ def dry_run_shapes(model_cfg: ModelConfig, train_cfg: TrainConfig, shapes: list[
         model_cfg=model_cfg, train_cfg=train_cfg, micro_batches=list(shapes),
         num_parameters=engine.store.num_parameters(),
         host_store=host_store_bytes(engine.store.allocations),
-        host_checkpoint_bytes=counter.host_peak, host_checkpoint_pinned=pin_memory,
+        host_step_bytes=counter.host_peak, host_step_pinned=pin_memory,
         device_peak_bytes=counter.device_peak, device_held_peak_bytes=p.meter.peak, device_fixed_bytes=fixed,
         device_held_at_peak=counter.held_at_peak, device_workspace_at_peak=counter.workspace_at_peak,
         h2d_bytes=p.meter.h2d_bytes, d2h_bytes=p.meter.d2h_bytes, flops=flops, device_memory_bytes=mem,

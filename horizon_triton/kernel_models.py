@@ -166,6 +166,35 @@ class TritonModels:
             del stats
         return loss_rows.sum(), dh
 
+    def _chunk_logits(self, h, weight, token_chunk):
+        """cross_entropy._chunk_setup's logits buffer, and (start, rows) of each token chunk."""
+        T, V_c = h.shape[0], weight.shape[0]
+        buf = self.counter.workspace((min(token_chunk, T), -(-V_c // 16) * 16), h.dtype, h.device)
+        return buf, [(s, min(s + token_chunk, T) - s) for s in range(0, T, token_chunk)]
+
+    def cross_entropy_chunk_stats_(self, h, weight, targets, start, row_max, row_sum, target_logit,
+                                   token_chunk=4096):
+        H, V_c = h.shape[1], weight.shape[0]
+        buf, chunks = self._chunk_logits(h, weight, token_chunk)
+        for s, n in chunks:
+            logits = buf[:n, :V_c]
+            self._gemm(2.0 * n * H * V_c, h.dtype, h[s:s + n], weight, logits)          # logits = h_c W_cᵀ
+            # _chunk_stats_kernel: one read of the logits, the running statistics read and written
+            self._count("elementwise", 3.0 * n * V_c, logits, row_max[s:s + n], row_sum[s:s + n],
+                        extra_bytes=2 * nbytes(row_max[s:s + n], row_sum[s:s + n], target_logit[s:s + n]))
+
+    def cross_entropy_chunk_backward(self, h, weight, targets, start, lse, grad_scale, dh, d_weight,
+                                     token_chunk=4096):
+        H, V_c = h.shape[1], weight.shape[0]
+        buf, chunks = self._chunk_logits(h, weight, token_chunk)
+        for s, n in chunks:
+            hc, logits = h[s:s + n], buf[:n, :V_c]
+            self._gemm(2.0 * n * H * V_c, h.dtype, hc, weight, logits)                    # logits again
+            self._count("elementwise", 3.0 * n * V_c, logits, logits, lse[s:s + n])        # g in place, bf16
+            # both weight-side GEMMs read bf16 g and accumulate in fp32 (read-modify-write of dh and dW_c)
+            self._gemm(2.0 * n * H * V_c, h.dtype, logits, weight, dh[s:s + n], dh[s:s + n])   # dh += g W_c
+            self._gemm(2.0 * n * H * V_c, h.dtype, logits, hc, d_weight, d_weight)             # dW_c += gᵀ h_c
+
 
 def meta_ops(backend: str, counter, doc_lengths) -> object:
     """The ops namespace of a dry run: the torch references themselves (they run on meta tensors as they are)

@@ -28,6 +28,7 @@ from .checkpoint import DTYPES
 from .config import ModelConfig, TrainConfig
 from .device import STREAMS, host_memory_info
 from .dryrun import DryRun, dry_run, host_store_bytes
+from .scheduler import CROSS_ENTROPY_TOKEN_CHUNK
 from .store import HostStore
 
 GiB = 2**30
@@ -168,7 +169,8 @@ def _dry(model_cfg, train_cfg, hw, tokens_per_step, seq_len=None, doc_len=None) 
 def _interpolated(a: DryRun, b: DryRun, rows_a: int, rows_b: int, rows: int) -> DryRun | None:
     """The dry run at ``rows`` rows per micro-batch from two others, when their timelines have one structure
     (the same tasks and events): every count is linear in the rows at a fixed sequence length (but for grid-sized
-    workspaces, a few hundredths of a percent of the time). None otherwise."""
+    workspaces, a few hundredths of a percent of the time), within one number of the head's token chunks and one
+    side of the vocabulary (tokens_to_hide_transfers' ``piece``). None otherwise."""
     def structure(item):
         return item[0], item[1] if isinstance(item[1], (str, int)) else None, \
             tuple(item[2]) if item[0] == "task" else None
@@ -195,13 +197,25 @@ def tokens_to_hide_transfers(model_cfg, train_cfg, hw, seq_len: int, doc_len=Non
     if hw["device"] == "cpu":
         return None
     accum = (train_cfg or TrainConfig()).grad_accum_steps
-    runs = {r: _dry(model_cfg, train_cfg, hw, accum * r * seq_len, seq_len, doc_len) for r in (1, 2)}
+    runs: dict[int, DryRun] = {}
+
+    def run(rows: int) -> DryRun:
+        if rows not in runs:
+            runs[rows] = _dry(model_cfg, train_cfg, hw, accum * rows * seq_len, seq_len, doc_len)
+        return runs[rows]
+
+    def piece(rows: int) -> tuple[int, bool]:
+        """Rows whose dry runs are linear in the rows between them: the same number of the head's token chunks
+        per micro-batch, and the same side of the vocabulary (the dry run's ids: one per token up to it)."""
+        tokens = rows * seq_len
+        return -(-tokens // CROSS_ENTROPY_TOKEN_CHUNK), accum * tokens >= model_cfg.vocab_size
 
     def hidden(rows: int) -> bool:
-        run = runs.get(rows) or _interpolated(runs[1], runs[2], 1, 2, rows)
-        if run is None:
-            run = runs[rows] = _dry(model_cfg, train_cfg, hw, accum * rows * seq_len, seq_len, doc_len)
-        return _hidden(run, hw)
+        bases = [r for r in sorted(runs) if piece(r) == piece(rows)]
+        between = None
+        if rows not in runs and len(bases) >= 2:
+            between = _interpolated(runs[bases[0]], runs[bases[-1]], bases[0], bases[-1], rows)
+        return _hidden(between or run(rows), hw)
 
     low, high = 0, 1                      # hidden(high) once found; not hidden(low) (0: nothing tried)
     while not hidden(high):
@@ -239,7 +253,7 @@ def plan(model_cfg: ModelConfig, train_cfg: TrainConfig | None = None, *, tokens
         "host_bytes": host, "host_pinned_bytes": dry.host_pinned_bytes,
         "host_pageable_bytes": host - dry.host_pinned_bytes,
         "host_store_bytes": {f"{kind}{'' if pinned else ' (pageable)'}": n for kind, pinned, n in dry.host_store},
-        "host_checkpoint_bytes": dry.host_checkpoint_bytes,
+        "host_step_bytes": dry.host_step_bytes,
         "device_peak_bytes": dry.device_peak_bytes, "device_held_peak_bytes": dry.device_held_peak_bytes,
         "device_fixed_bytes": dry.device_fixed_bytes, "device_workspace_bytes": dry.device_workspace_at_peak,
         "device_memory_bytes": hw["device_memory_bytes"],

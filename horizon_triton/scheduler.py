@@ -374,7 +374,7 @@ class EmbeddingRows:
 def _to_device(p: Pipeline, host: torch.Tensor) -> torch.Tensor:
     """copy_in stream: a device copy of a host tensor, through a pinned buffer where the device copies
     asynchronously; kept alive for the compute stream that reads it."""
-    if p.dev.pin_memory and not host.is_pinned():
+    if p.dev.pin_memory and not p.dev.is_pinned(host):
         staged = p.dev.host_empty(host.shape, host.dtype)
         staged.copy_(host)
         host = staged

@@ -11,7 +11,8 @@ measured against in the same run, and what the start-up canary falls back to for
 - GEMMs (linear, the fused rmsnorm + matmul, the cross-entropy's): cuBLAS in bf16 with fp32 accumulation; weight
   gradients straight into the fp32 accumulator (reference.matmul_accumulate_).
 - cross-entropy: the reference's chunking with bf16 logits and a bf16 gradient g, as the Triton kernel rounds
-  them, so the two backward GEMMs run on tensor cores; lse, the loss and the softmax in fp32.
+  them, so the two backward GEMMs run on tensor cores; lse, the loss and the softmax in fp32. Likewise pass 2
+  of the vocabulary-chunked head (pass 1, the statistics, is the reference's: one GEMM in h.dtype).
 - rmsnorm, rope, swiglu: the references (elementwise; their speed is the memory bandwidth either way).
 
 Supported range of the flash path: CUDA, bf16/fp16, head_dim ≤ 256 and a multiple of 8; doc_ids non-decreasing
@@ -31,9 +32,9 @@ import weakref
 import torch
 
 from . import reference
-from .reference import (IGNORE_INDEX, linear_backward, linear_forward, matmul_accumulate_,  # noqa: F401
-                        rmsnorm_backward, rmsnorm_forward, rmsnorm_matmul_backward, rmsnorm_matmul_forward,
-                        rope_backward_, rope_forward_, swiglu_backward, swiglu_forward)
+from .reference import (IGNORE_INDEX, cross_entropy_chunk_grad, linear_backward, linear_forward,  # noqa: F401
+                        matmul_accumulate_, rmsnorm_backward, rmsnorm_forward, rmsnorm_matmul_backward,
+                        rmsnorm_matmul_forward, rope_backward_, rope_forward_, swiglu_backward, swiglu_forward)
 
 FLASH_DTYPES = (torch.bfloat16, torch.float16)
 
@@ -211,3 +212,16 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
         dh[start:start + chunk_size] = g @ weight
         matmul_accumulate_(d_weight, g.t(), hc)
     return loss_sum, dh
+
+
+def cross_entropy_chunk_backward(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, start: int,
+                                 lse: torch.Tensor, grad_scale: float, dh: torch.Tensor, d_weight: torch.Tensor,
+                                 token_chunk: int = 4096) -> None:
+    """Same contract as reference.cross_entropy_chunk_backward; g_c rounded to h.dtype (as the Triton kernel),
+    so that dh += g_c @ W_c and dW_c += g_cᵀ @ h are bf16 GEMMs accumulating in fp32, not fp32 ones."""
+    for s in range(0, h.shape[0], token_chunk):
+        e = s + token_chunk
+        hc = h[s:e]
+        g = cross_entropy_chunk_grad(hc, weight, targets[s:e], start, lse[s:e], grad_scale).to(h.dtype)
+        matmul_accumulate_(dh[s:e], g, weight)
+        matmul_accumulate_(d_weight, g.t(), hc)

@@ -292,18 +292,25 @@ def cross_entropy_chunk_loss(row_max: torch.Tensor, row_sum: torch.Tensor, targe
     return torch.where(targets != IGNORE_INDEX, lse - target_logit, 0.0).sum(), lse
 
 
+def cross_entropy_chunk_grad(hc: torch.Tensor, weight: torch.Tensor, tc: torch.Tensor, start: int,
+                             lse: torch.Tensor, grad_scale: float) -> torch.Tensor:
+    """Pass 2's g_c (fp32 [n, V_c]) for the tokens hc[n, H] with targets tc[n] and their lse[n]."""
+    V_c = weight.shape[0]
+    g = torch.exp((hc @ weight.t()).float() - lse[:, None])                  # [n, V_c] softmax of the chunk
+    local = tc - start
+    inside = (local >= 0) & (local < V_c)
+    g.scatter_add_(1, local.clamp(0, V_c - 1)[:, None], -inside.float()[:, None])
+    g *= ((tc != IGNORE_INDEX).float() * grad_scale)[:, None]
+    return g
+
+
 def cross_entropy_chunk_backward(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, start: int,
                                  lse: torch.Tensor, grad_scale: float, dh: torch.Tensor, d_weight: torch.Tensor,
                                  token_chunk: int = 4096) -> None:
     """Pass 2 for one chunk: dh (fp32[T, H]) += g_c @ W_c and d_weight (fp32[V_c, H]) += g_cᵀ @ h, in place."""
-    V_c = weight.shape[0]
     for s in range(0, h.shape[0], token_chunk):
         e = s + token_chunk
-        hc, tc = h[s:e], targets[s:e]
-        g = torch.exp((hc @ weight.t()).float() - lse[s:e, None])           # [n, V_c] softmax of the chunk
-        local = tc - start
-        inside = (local >= 0) & (local < V_c)
-        g.scatter_add_(1, local.clamp(0, V_c - 1)[:, None], -inside.float()[:, None])
-        g *= ((tc != IGNORE_INDEX).float() * grad_scale)[:, None]
+        hc = h[s:e]
+        g = cross_entropy_chunk_grad(hc, weight, targets[s:e], start, lse[s:e], grad_scale)
         matmul_accumulate_(dh[s:e], g, weight)
         matmul_accumulate_(d_weight, g.t(), hc)

@@ -83,6 +83,57 @@ def test_cross_entropy_with_bf16_gradient_matches_reference(T, chunk):
         assert_within_reference_error(o, lp, ref, 2e-3 * (1 + ref.abs().max().item()), name)
 
 
+def _chunked_head_gradients(ops, h, w, targets, rows: int, token_chunk: int):
+    """(dW, dh) of the two-pass head over lm_head chunks of ``rows``: pass 1 by the reference, pass 2 by ops."""
+    (T, H), V = h.shape, w.shape[0]
+    stats = [torch.full((T,), float("-inf")), torch.zeros(T), torch.zeros(T)]
+    for a in range(0, V, rows):
+        reference.cross_entropy_chunk_stats_(h, w[a:a + rows], targets, a, *stats, token_chunk=token_chunk)
+    _, lse = reference.cross_entropy_chunk_loss(*stats, targets)
+    dw, dh = torch.zeros(V, H), torch.zeros(T, H)
+    for a in range(0, V, rows):
+        ops.cross_entropy_chunk_backward(h, w[a:a + rows], targets, a, lse, 1 / T, dh, dw[a:a + rows],
+                                         token_chunk=token_chunk)
+    return dw, dh
+
+
+@pytest.mark.parametrize("T,rows,token_chunk", [(37, 16, 8), (50, 75, 4096)])
+def test_chunked_head_backward_with_bf16_gradient_matches_reference(T, rows, token_chunk):
+    H, V = 32, 75
+    h32, w32 = torch.randn(T, H), torch.randn(V, H) / H ** 0.5
+    targets = torch.randint(0, V, (T,))
+    targets[::5] = reference.IGNORE_INDEX
+    h, w = h32.bfloat16(), w32.bfloat16()
+    out = _chunked_head_gradients(library, h, w, targets, rows, token_chunk)
+    exact = _chunked_head_gradients(reference, h32, w32, targets, rows, token_chunk)
+    lowp = _chunked_head_gradients(reference, h, w, targets, rows, token_chunk)
+    for name, o, lp, ref in zip(("dW", "dh"), out, lowp, exact):
+        assert_within_reference_error(o, lp, ref, 2e-3 * (1 + ref.abs().max().item()), name)
+
+
+def test_chunked_head_backward_runs_bf16_gemms():
+    """g_c in bf16: both GEMMs of pass 2 take bf16 operands (the reference's fp32 g_c made them fp32 GEMMs)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Gemms(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.dtypes = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            packet = func.overloadpacket
+            if packet in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_):
+                self.dtypes.append((args[0] if packet is torch.ops.aten.mm else args[1]).dtype)
+            return func(*args, **(kwargs or {}))
+
+    h, w = torch.randn(8, 16).bfloat16(), torch.randn(10, 16).bfloat16()
+    dh, dw = torch.zeros(8, 16, device="meta"), torch.zeros(10, 16, device="meta")
+    meta = [t.to("meta") for t in (h, w, torch.randint(0, 10, (8,)), torch.zeros(8))]
+    with Gemms() as seen:        # on the meta device matmul_accumulate_ takes its CUDA path
+        library.cross_entropy_chunk_backward(meta[0], meta[1], meta[2], 0, meta[3], 0.1, dh, dw)
+    assert seen.dtypes == [torch.bfloat16] * 3, seen.dtypes
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the flash kernels need a CUDA GPU")
 @pytest.mark.parametrize("case", list(CASES))
 def test_cuda_flash_attention_matches_reference(case):

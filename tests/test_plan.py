@@ -24,7 +24,7 @@ def _timeline_run(timeline, optimizer_bytes=()):
     reads and writes once."""
     allocations = [Allocation("master", i, n // 4, torch.float32, True) for i, n in enumerate(optimizer_bytes)]
     return DryRun(model_cfg=SMALL, train_cfg=ht.TrainConfig(), micro_batches=[(1, 1)], num_parameters=0,
-                  host_store=[], host_checkpoint_bytes=0, host_checkpoint_pinned=True, device_peak_bytes=0,
+                  host_store=[], host_step_bytes=0, host_step_pinned=True, device_peak_bytes=0,
                   device_held_peak_bytes=0, device_fixed_bytes=0, device_held_at_peak=0,
                   device_workspace_at_peak=0, h2d_bytes=0, d2h_bytes=0, flops={}, device_memory_bytes={},
                   timeline=timeline, layer_allocations=allocations)
