@@ -160,7 +160,12 @@ class OpCounter(TorchDispatchMode):
                 else (args[0], args[1])
             batch = a.shape[0] if a.dim() == 3 else 1
             flops = 2.0 * batch * a.shape[-2] * a.shape[-1] * b.shape[-1]
-            self.count(f"gemm_{str(a.dtype).removeprefix('torch.')}", flops, nbytes(*inputs, *outputs))
+            dtype = a.dtype
+            if func is aten.addmm.dtype_out and not self.dev.pin_memory:
+                # reference.matmul_accumulate_ takes its CUDA path on meta tensors; the CPU device it stands for
+                # has no mixed-dtype GEMM and runs fp32 GEMMs over fp32 copies of operand chunks
+                dtype = out.dtype
+            self.count(f"gemm_{str(dtype).removeprefix('torch.')}", flops, nbytes(*inputs, *outputs))
             return
         if not inputs and not outputs:
             return

@@ -44,8 +44,9 @@ def test_plan_against_a_measured_step(benchmark, record, device):
     predicted = plan(cfg, train_cfg, tokens_per_step=rows * seq * accum, seq_len=seq, hardware=hardware,
                      find_hiding=False)
     engine = ht.Engine(cfg, train_cfg)
-    ids = torch.randint(0, cfg.vocab_size, (rows, seq))
-    batches = [{"input_ids": ids, "labels": ids}] * accum
+    # the dry run's ids: every token of the step a distinct id (as many embedding rows as a step can gather)
+    ids = torch.arange(accum * rows * seq).view(accum, rows, seq) % cfg.vocab_size
+    batches = [{"input_ids": ids[m], "labels": ids[m]} for m in range(accum)]
     engine.fit(batches)                                         # warm-up: kernels, pinned pools, the AdamW build
     steps, seconds, cpu_seconds, history = 2, [], [], []
 

@@ -107,6 +107,13 @@ def test_gemm_flops_match_the_formula(backend):
         B, S, Hq, D = 2, 128, cfg.num_heads, cfg.head_dim      # forward and in the recompute, five in the backward
         gemm -= cfg.num_layers * (2 + 2 + 5) * 2 * B * Hq * S * S * D
     assert gemm == pytest.approx(_gemm_flops(cfg, 256), rel=1e-9)
+    if backend == "torch":   # standing for the CPU device: the decoder's weight gradients are fp32 GEMMs there
+        cpu = dry_run(cfg, tokens_per_step=2 * 128, seq_len=128, kernel_backend=backend, pin_memory=False)
+        H, I = cfg.hidden_size, cfg.intermediate_size
+        matrices = H * (cfg.q_size + 2 * cfg.kv_size) + cfg.q_size * H + 3 * I * H
+        weight_grads = 2.0 * 256 * matrices * cfg.num_layers
+        assert cpu.flops["gemm_float32"] - dry.flops["gemm_float32"] == pytest.approx(weight_grads, rel=1e-9)
+        assert dry.flops["gemm_bfloat16"] - cpu.flops["gemm_bfloat16"] == pytest.approx(weight_grads, rel=1e-9)
 
 
 @pytest.mark.parametrize("window, doc_len", [(None, None), (48, None), (None, 40), (24, 40)])
