@@ -11,8 +11,9 @@ the engine's own accounting sees:
   checkpoints, the gathered embedding rows and their gradient) at their peak;
 - device bytes: every device tensor the run creates, live from its allocation until its storage dies (weakref
   finalizers on storages, as the caching allocator frees; rounded to its 512-byte blocks), tensors retained for
-  another stream held until that stream's event is waited for (MetaDevice.retain). DeviceMeter's own peak, the
-  ``device_peak_bytes`` of fit()'s history, is reported beside it;
+  another stream held until that stream's event is waited for, or a copy stream's until the next compute task
+  has run (MetaDevice.retain). DeviceMeter's own peak, the ``device_peak_bytes`` of fit()'s history, is
+  reported beside it;
 - bus bytes: DeviceMeter's h2d/d2h counters, which every copy site of the scheduler feeds;
 - FLOPs and device-memory bytes by kind, per stream task (MetaDevice.timeline), for the step-time model of
   plan.py: torch ops are counted from their shapes by ``OpCounter``, a TorchDispatchMode (GEMMs 2·M·N·K by
@@ -22,7 +23,8 @@ the engine's own accounting sees:
 
 Known gaps: the host thread is assumed never to run ahead of the GPU (a retained tensor is freed as soon as its
 copy is known done, where the caching allocator may hold it longer); the batch's own host->device copy (ids,
-labels) is not counted; kernels are costed by the useful work of their tiles, not the masked-out part.
+labels) is not counted; kernels are costed by the useful work of their tiles, not the masked-out part; on the
+CPU device, the fp32 operand chunks of matmul_accumulate_ (16 MB each) are not counted as memory.
 """
 from __future__ import annotations
 

@@ -146,7 +146,7 @@ class Engine:
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:
         """On CUDA: through pinned memory, without blocking the host (the copy is queued on the compute stream
         behind the running step; the pinned buffer is kept until the copy ran by torch's host allocator)."""
-        if self.device.type != "cuda":
+        if not self.device.pin_memory or self.device.type == "meta":    # the dry run's batch: nothing to pin
             return t.to(self.device.torch_device)
         return t.pin_memory().to(self.device.torch_device, non_blocking=True)
 
