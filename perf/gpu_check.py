@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.metadata
 import json
 import os
 import platform
@@ -82,7 +83,7 @@ def all_parts(quick: bool) -> list[Part]:
              measure("cross_entropy"), without_gpu=timed),
         Part("host_to_device", "c", "stream_in vs a plain pinned copy (GB/s)", 12, measure("host_to_device"),
              without_gpu="a host -> device copy needs a device"),
-        Part("cpu_adam", "d", "CPU AdamW (adamw_step_) on this machine's cores", 12, measure("cpu_adam"),
+        Part("cpu_adam", "d", "CPU AdamW (adamw_step_) on this machine's cores", 15, measure("cpu_adam"),
              needs_gpu=False),
     ]
     for workload, what, budgets in (("8b", "Llama-3-8B width, 4 layers, 32K tokens/step", (55, 45)),
@@ -188,8 +189,8 @@ def environment(gpu: bool) -> dict:
                     numpy=numpy.__version__)
     for name in ("triton", "transformers"):
         try:
-            versions[name] = __import__(name).__version__
-        except ImportError:
+            versions[name] = importlib.metadata.version(name)     # without importing it
+        except importlib.metadata.PackageNotFoundError:
             versions[name] = "not installed"
     device = "no CUDA GPU visible"
     if gpu:
