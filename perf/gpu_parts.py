@@ -181,7 +181,8 @@ def cross_entropy(quick: bool) -> dict:
         _free()
     return dict(summary="; ".join(f"H={r['H']} V={r['V']}: {r['ratio_to_matmuls']}× the GEMMs, "
                                   f"{r['fused_peak_extra_GiB']} vs {r['autograd_peak_extra_GiB']} GiB autograd"
-                                  for r in rows),
+                                  + (f" (WRONG: error {r['error_over_allowed']}× the allowed)"
+                                     if not r["error_over_allowed"] <= 1 else "") for r in rows),
                 figures=dict(flop_formula="6·T·H·V (logits, dh, dW GEMMs)",
                              memory_note="peak_extra: the allocator's high-water mark above the inputs",
                              target="fused ≤ 1.2× the plain GEMMs; error_over_allowed ≤ 1"),
