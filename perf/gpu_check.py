@@ -41,6 +41,7 @@ from bench import commit  # noqa: E402
 
 TAIL_LINES = 30                  # lines of a failed child's output kept in the results
 KERNEL_TEST_SELECTION = "not autotune and not hopper and not reference_"   # -k: compiled kernels, no sweeps
+CHILD_DEFAULTS = {"TRITON_INTERPRET": "0"}          # compiled kernels; HORIZON_KERNELS only where a part sets it
 PYTEST_OUTCOME = re.compile(r"^(\S+?\.py)::(\S+) (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b")
 
 
@@ -60,7 +61,6 @@ class Part:
 
 def all_parts(quick: bool) -> list[Part]:
     py = sys.executable
-    compiled = {"TRITON_INTERPRET": "0"}
     interpreted = ("compiled kernels need one; without it `python -m pytest tests` runs these tests in Triton's "
                    "interpreter")
     timed = "GPU kernel timings need one"
@@ -69,9 +69,9 @@ def all_parts(quick: bool) -> list[Part]:
                            ("swiglu", 8), ("rope", 12)):
         parts.append(Part(f"kernel_tests_{family}", "a", f"compiled kernel tests: tests/test_{family}.py (subset)",
                           budget, (py, "-m", "pytest", f"tests/test_{family}.py", "-m", "not slow",
-                                   "-k", KERNEL_TEST_SELECTION), compiled, pytest=True, without_gpu=interpreted))
+                                   "-k", KERNEL_TEST_SELECTION), pytest=True, without_gpu=interpreted))
     parts.append(Part("engine_cuda_tests", "a", "tests/test_engine_cuda.py: the engine on CUDA vs the CPU path", 50,
-                      (py, "-m", "pytest", "tests/test_engine_cuda.py"), compiled, pytest=True,
+                      (py, "-m", "pytest", "tests/test_engine_cuda.py"), pytest=True,
                       without_gpu="the CUDA device needs one; tests/test_scheduler.py races the same scheduler on CPU"))
     measure = lambda name: (py, str(HERE / "gpu_parts.py"), name) + (("--quick",) if quick else ())  # noqa: E731
     parts += [
@@ -113,8 +113,9 @@ def run_child(argv, env: dict, timeout_s: float, log) -> tuple[int | None, float
     """Runs argv in the repository root in a process group of its own, its output appended to ``log`` (an open
     file). -> (exit status, or None when it was killed at timeout_s; seconds; its output)."""
     start = time.perf_counter()
+    base = {k: v for k, v in os.environ.items() if k not in ("HORIZON_KERNELS", *CHILD_DEFAULTS)}
     with tempfile.TemporaryFile(mode="w+") as out:
-        proc = subprocess.Popen(list(argv), cwd=ROOT, env={**os.environ, **env}, stdout=out,
+        proc = subprocess.Popen(list(argv), cwd=ROOT, env={**base, **CHILD_DEFAULTS, **env}, stdout=out,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
         try:
             rc = proc.wait(timeout=max(timeout_s, 0.1))
@@ -196,9 +197,12 @@ def environment(gpu: bool) -> dict:
     if gpu:
         props = torch.cuda.get_device_properties(0)
         device = f"{props.name} ({props.total_memory / 2**30:.0f} GiB, {props.multi_processor_count} SMs)"
+    import horizon_triton.kernels
+    code = {m.__name__: str(Path(m.__file__).resolve().parent) for m in (horizon_triton, horizon_triton.kernels)}
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     now = datetime.datetime.now(datetime.timezone.utc)
     return dict(device=device, versions=versions, commit=commit(), date_utc=now.strftime("%Y-%m-%d %H:%M"),
+                code_from=code, code_is_this_checkout=all(Path(c).is_relative_to(ROOT) for c in code.values()),
                 host=f"{os.cpu_count()} CPUs, {ram:.0f} GiB RAM, {platform.machine()}")
 
 
@@ -217,7 +221,9 @@ def markdown(report: dict) -> str:
              f"- Machine: {env['device']}; {env['host']}. Python {v['python']}, torch {v['torch']} (CUDA {v['cuda']}), "
              f"triton {v['triton']}, numpy {v['numpy']}, transformers {v['transformers']}.",
              f"- Command: `{report['command']}`; {report['wall_s']:.0f} s wall of a {report['budget_s']:.0f} s budget"
-             f"{' (quick shapes: a smoke test, not figures)' if report['quick'] else ''}.", "",
+             f"{' (quick shapes: a smoke test, not figures)' if report['quick'] else ''}.",
+             *([] if env["code_is_this_checkout"] else
+               [f"- WARNING: the code measured is not this checkout's: {env['code_from']}."]), "",
              "| part | what | status | s | result |", "|---|---|---|---|---|"]
     for p in report["parts"]:
         result = p.get("summary") if p["status"] == "ok" else p.get("reason", "")
@@ -275,6 +281,9 @@ def main(argv=None) -> int:
                   quick=args.quick, budget_s=args.budget_s, parts=[])
     if not gpu:
         print("gpu_check: no CUDA GPU visible; the parts that need one are skipped, the others run", flush=True)
+    if not report["environment"]["code_is_this_checkout"]:
+        print(f"gpu_check: WARNING: horizon_triton is imported from {report['environment']['code_from']}, not from "
+              f"{ROOT}; `pip install --no-deps --no-build-isolation -e .` here measures this checkout", flush=True)
     with open(out / "gpu_check.log", "w") as log:
         for part in parts:
             remaining = args.budget_s - (time.perf_counter() - start)

@@ -34,6 +34,7 @@ def test_runs_end_to_end_without_a_gpu(tmp_path):
     env = report["environment"]
     assert env["device"] == "no CUDA GPU visible" and env["commit"] and env["date_utc"]
     assert env["versions"]["torch"] == torch.__version__ and {"triton", "python", "numpy"} <= set(env["versions"])
+    assert env["code_is_this_checkout"] and env["code_from"]["horizon_triton.kernels"] == str(ROOT / "kernels")
     parts = {p["name"]: p for p in report["parts"]}
     assert list(parts) == [p.name for p in gpu_check.all_parts(quick=True) if p.section == "a"] + [
         "attention", "cpu_adam", "engine_8b_triton"]
@@ -137,3 +138,15 @@ def test_engine_part_on_a_toy_model_on_cpu(tmp_path):
     assert f["tflops_model"] > f["tflops_6pt"]
     assert 0 < f["compute_busy"] <= 1 and 0 <= f["copy_hidden"] <= 1 and f["optimizer_s_per_step"] > 0
     assert all(abs(loss - math.log(512)) < 0.5 for loss in f["losses"])   # random init: about ln(vocab)
+
+
+def test_children_compile_kernels_and_get_only_their_own_backend(log, monkeypatch):
+    monkeypatch.setenv("HORIZON_KERNELS", "torch")          # a user's setting
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    code = ("import json, os, sys; json.dump({'status': 'ok', 'summary': '', 'figures': {k: os.environ.get(k) "
+            "for k in ('HORIZON_KERNELS', 'TRITON_INTERPRET')}}, open(sys.argv[2], 'w'))")
+    plain = gpu_check.run_part(_python_part(code), False, 100, log)
+    assert plain["figures"] == {"HORIZON_KERNELS": None, "TRITON_INTERPRET": "0"}
+    part = gpu_check.Part("child", "e", "a child", 60, (sys.executable, "-c", code), {"HORIZON_KERNELS": "triton"},
+                          needs_gpu=False)
+    assert gpu_check.run_part(part, False, 100, log)["figures"]["HORIZON_KERNELS"] == "triton"
