@@ -42,7 +42,7 @@ from bench import commit  # noqa: E402
 TAIL_LINES = 30                  # lines of a failed child's output kept in the results
 KERNEL_TEST_SELECTION = "not autotune and not hopper and not reference_"   # -k: compiled kernels, no sweeps
 CHILD_DEFAULTS = {"TRITON_INTERPRET": "0"}          # compiled kernels; HORIZON_KERNELS only where a part sets it
-PYTEST_OUTCOME = re.compile(r"^(\S+?\.py)::(\S+) (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b")
+PYTEST_OUTCOME = re.compile(r"^(\S+?\.py)::(.+?) (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b")  # ids may hold spaces
 
 
 @dataclass(frozen=True)

@@ -65,7 +65,8 @@ def test_runs_end_to_end_without_a_gpu(tmp_path):
 
 def test_a_pytest_part_reports_counts_and_failures(tmp_path, log):
     sample = tmp_path / "test_sample.py"
-    sample.write_text("import pytest\n\ndef test_ok():\n    pass\n\ndef test_bad():\n    assert 1 == 2\n\n"
+    sample.write_text("import pytest\n\n@pytest.mark.parametrize('shape', [(3, 4)], ids=str)\n"   # an id with a space
+                      "def test_ok(shape):\n    pass\n\ndef test_bad():\n    assert 1 == 2\n\n"
                       "def test_skip():\n    pytest.skip('no')\n")
     part = gpu_check.Part("sample", "a", "a sample", 60, (sys.executable, "-m", "pytest", str(sample)),
                           needs_gpu=False, pytest=True)
