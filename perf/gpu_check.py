@@ -230,6 +230,7 @@ def markdown(report: dict) -> str:
         if p["status"] == "failed" and p.get("summary"):
             result = f"{p['reason']}; {p['summary']}"
         lines.append(f"| {p['name']} | {_cell(p['what'])} | {p['status']} | {p['seconds']:.0f} | {_cell(result)} |")
+    lines += engine_table(report["parts"])
     for p in report["parts"]:
         if p["status"] == "skipped":
             continue
@@ -244,6 +245,27 @@ def markdown(report: dict) -> str:
         if p.get("error_tail"):
             lines += ["", "```", p["error_tail"], "```"]
     return "\n".join(lines) + "\n"
+
+
+ENGINE_COLUMNS = ("kernels", "tokens_per_s", "tflops_model", "tflops_6pt", "mfu", "step_s", "compute_busy",
+                  "compute_s_per_step", "hidden_copy_s_per_step", "optimizer_s_per_step", "device_allocator_peak_GiB")
+
+
+def engine_table(parts: list[dict]) -> list[str]:
+    """Markdown lines: the engine parts that ran, side by side, and our kernels' speed-up over the library path."""
+    ran = [p for p in parts if p["section"] == "e" and p["status"] == "ok"]
+    if not ran:
+        return []
+    lines = ["", "Engine steps side by side:", "", "| part | " + " | ".join(ENGINE_COLUMNS) + " |",
+             "|" + "---|" * (len(ENGINE_COLUMNS) + 1)]
+    for p in ran:
+        lines.append(f"| {p['name']} | " + " | ".join(_cell(p["figures"].get(c, "")) for c in ENGINE_COLUMNS) + " |")
+    speed = {p["name"]: p["figures"]["tokens_per_s"] for p in ran}
+    for name in speed:
+        if name.endswith("_triton") and name.replace("_triton", "_torch") in speed:
+            lines.append(f"\n{name.removesuffix('_triton')}: triton / torch tokens/s = "
+                         f"{speed[name] / speed[name.replace('_triton', '_torch')]:.2f}×")
+    return lines
 
 
 def summary_table(report: dict) -> str:

@@ -151,3 +151,24 @@ def test_children_compile_kernels_and_get_only_their_own_backend(log, monkeypatc
     part = gpu_check.Part("child", "e", "a child", 60, (sys.executable, "-c", code), {"HORIZON_KERNELS": "triton"},
                           needs_gpu=False)
     assert gpu_check.run_part(part, False, 100, log)["figures"]["HORIZON_KERNELS"] == "triton"
+
+
+def test_engine_parts_side_by_side_in_the_markdown():
+    def engine_part(name, kernels, tokens_per_s):
+        return dict(name=name, section="e", what=name, status="ok", seconds=30.0, summary="s",
+                    figures=dict(kernels=kernels, tokens_per_s=tokens_per_s, tflops_model=400.0, step_s=1.5))
+    report = dict(environment=dict(device="GPU", date_utc="d", commit="c", host="h", code_from={},
+                                   code_is_this_checkout=True,
+                                   versions=dict(python="3", torch="t", cuda="13", triton="3.6", numpy="2",
+                                                 transformers="5")),
+                  command="bash perf/gpu_check.sh out", wall_s=1.0, budget_s=470.0, quick=False,
+                  parts=[engine_part("engine_8b_triton", "triton", 30000),
+                         engine_part("engine_8b_torch", "torch", 20000),
+                         dict(name="engine_70b_triton", section="e", what="w", status="failed", seconds=60.0,
+                              reason="timed out after 60 s", error_tail="...")])
+    md = gpu_check.markdown(report)
+    table = md.split("Engine steps side by side:")[1]
+    assert "| engine_8b_triton | triton | 30000 | 400 |  |  | 1.5 |" in table
+    assert "| engine_8b_torch | torch | 20000 | 400 |" in table
+    assert "engine_8b: triton / torch tokens/s = 1.50×" in table and "| engine_70b_triton |" not in table
+    assert "| engine_70b_triton | w | failed | 60 | timed out after 60 s |" in md
