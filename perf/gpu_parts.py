@@ -314,7 +314,7 @@ def engine(quick: bool, workload: str, device: str = "cuda") -> dict:
     figures = dict(
         kernels=eng.kernel_backend, model=_describe(cfg), parameters=cfg.num_parameters(), tokens_per_step=tokens,
         batch=batch, seq=seq, measured_steps=steps, build_s=round(build_s, 1), warmup_step_s=round(warmup_s, 1),
-        step_s=round(step_s, 4), step_times_s=[round(h["time_s"], 4) for h in history],
+        step_s=_sig(step_s), step_times_s=[_sig(h["time_s"]) for h in history],
         tokens_per_s=round(tokens / step_s), tflops_model=_sig(model / step_s / 1e12),
         tflops_6pt=_sig(six_pt / step_s / 1e12),
         mfu=None if peak is None else round(model / step_s / 1e12 / peak, 3),

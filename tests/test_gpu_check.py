@@ -127,7 +127,7 @@ def test_engine_part_on_a_toy_model_on_cpu(tmp_path):
     f = result["figures"]
     assert f["kernels"] == "torch" and f["tokens_per_step"] == f["batch"] * f["seq"] == 64
     assert len(f["step_times_s"]) == f["measured_steps"] == 2 and f["step_s"] == f["step_times_s"][1]
-    assert f["tokens_per_s"] == round(64 / f["step_s"])
+    assert f["tokens_per_s"] == pytest.approx(64 / f["step_s"], rel=1e-3, abs=1)   # both rounded
     # 6PT against transformers' own parameter count of the same model, the embedding lookup left out
     cfg = ht.preset("llama-8b", hidden_size=128, intermediate_size=256, num_heads=2, num_kv_heads=1, num_layers=2,
                     vocab_size=512)
@@ -135,7 +135,7 @@ def test_engine_part_on_a_toy_model_on_cpu(tmp_path):
         hf = AutoModelForCausalLM.from_config(cfg.to_hf_config("float32"))
     compute_params = sum(p.numel() for n, p in hf.named_parameters() if "embed_tokens" not in n)
     assert f["parameters"] == sum(p.numel() for p in hf.parameters())
-    assert f["tflops_6pt"] == pytest.approx(6 * compute_params * 64 / f["step_s"] / 1e12, rel=1e-3)
+    assert f["tflops_6pt"] == pytest.approx(6 * compute_params * 64 / f["step_s"] / 1e12, rel=2e-3)
     assert f["tflops_model"] > f["tflops_6pt"]
     assert 0 < f["compute_busy"] <= 1 and 0 <= f["copy_hidden"] <= 1 and f["optimizer_s_per_step"] > 0
     assert all(abs(loss - math.log(512)) < 0.5 for loss in f["losses"])   # random init: about ln(vocab)
