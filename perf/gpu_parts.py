@@ -259,7 +259,7 @@ def cpu_adam(quick: bool) -> dict:
     copy_gbps = 2 * src.numel() / min(copy_times) / 1e9
     gbps = n * ADAMW_BYTES_PER_PARAM / best / 1e9
     figures = dict(params=n, rounds=rounds, implementation=ca.implementation(), cpu_count=os.cpu_count(),
-                   best_ms=round(best * 1e3, 2), median_ms=round(median * 1e3, 2),
+                   best_ms=_sig(best * 1e3), median_ms=_sig(median * 1e3),
                    params_per_s=float(f"{n / best:.4g}"), effective_GBps=round(gbps, 2),
                    copy_GBps=round(copy_gbps, 2), ratio_to_copy=round(gbps / copy_gbps, 3),
                    bytes_formula=f"{ADAMW_BYTES_PER_PARAM} B/param (read master, grad bf16, m, v; write master, "
