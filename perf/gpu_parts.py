@@ -290,7 +290,8 @@ def engine(quick: bool, workload: str, device: str = "cuda") -> dict:
                          vocab_size=512, tie_word_embeddings=overrides.get("tie_word_embeddings", False))
         batch, seq, steps = 1, 64, 2
     cfg = ht.preset("llama-8b", **overrides)
-    trace = os.path.join(tempfile.mkdtemp(prefix="gpu_check_"), "trace.json")
+    trace_dir = tempfile.TemporaryDirectory(prefix="gpu_check_")
+    trace = os.path.join(trace_dir.name, "trace.json")
     start = time.perf_counter()
     eng = ht.Engine(cfg, ht.TrainConfig(device=device, lr=1e-5, trace_path=trace))
     build_s = time.perf_counter() - start
@@ -306,6 +307,7 @@ def engine(quick: bool, workload: str, device: str = "cuda") -> dict:
     step_s = statistics.median(h["time_s"] for h in history[1:])
     with open(trace) as f:
         events = json.load(f)
+    trace_dir.cleanup()
     summary = events["otherData"]
     optimizer_s = sum(e["dur"] for e in events["traceEvents"] if e.get("cat") == "optimizer") / 1e6 / steps
     six_pt, model, tokens = engine_flops(cfg, batch, seq, 1)
