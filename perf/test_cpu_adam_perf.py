@@ -17,13 +17,13 @@ import time
 
 import pytest
 import torch
+from bench import ADAMW_BYTES_PER_PARAM as BYTES_PER_PARAM
+from bench import ADAMW_GRAD_SCALE as GRAD_SCALE
+from bench import ADAMW_HYPER as HYPER
 
 from horizon_triton.kernels import cpu_adam
 
 N = 64 * 2**20                 # parameters
-BYTES_PER_PARAM = 28           # see the docstring
-HYPER = dict(lr=1e-4, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
-GRAD_SCALE = 0.25              # clipping coefficient folded into the gradient
 ROUNDS = 12
 
 
