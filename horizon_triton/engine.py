@@ -35,7 +35,8 @@ class Engine:
         self.train_cfg = train_cfg = train_cfg or TrainConfig()
         self.device = make_device(train_cfg.device, train_cfg.seed)
         self.compute_dtype = DTYPES[train_cfg.compute_dtype]
-        self.store = HostStore(model_cfg, self.compute_dtype, pin=self.device.pin_memory)
+        self.store = HostStore(model_cfg, self.compute_dtype, pin=self.device.pin_memory,
+                               optimizer_states=train_cfg.optimizer_states)
         if model_cfg.source_path is not None:
             load_weights(self.store, model_cfg.source_path)
         else:
@@ -49,8 +50,10 @@ class Engine:
                                        train_cfg.num_slots, self.tracer, train_cfg.checkpoint_budget_bytes)
         self.step = 0                     # optimizer steps taken
         self._inv_freq = model_cfg.inv_freq().to(self.device.torch_device)
-        log.info("horizon-triton: %s parameters, kernels=%s, device=%s, cpu adamw=%s",
-                 f"{self.store.num_parameters():,}", self.kernel_backend, train_cfg.device, adam_implementation())
+        log.info("horizon-triton: %s parameters, host store %.2f GB (%s moments), kernels=%s, device=%s, "
+                 "cpu adamw=%s, optimizer_threads=%d", f"{self.store.num_parameters():,}", self.store.nbytes() / 1e9,
+                 train_cfg.optimizer_states, self.kernel_backend, train_cfg.device,
+                 adam_implementation(), self.optimizer.num_threads)
 
     # ---- data -------------------------------------------------------------------------------------------
     def prepare(self, batch: dict, where: str = "batch") -> lt.MicroBatch:
@@ -200,3 +203,4 @@ class Engine:
     def close(self) -> None:
         self.optimizer.wait_all()
         self.device.close()
+        self.store.close()

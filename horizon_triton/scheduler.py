@@ -111,6 +111,7 @@ def stream_in(p: Pipeline, i: int, slot: int) -> None:
     p.dev.wait("copy_in", p.slot_free[slot])
     dst, offset = p.slots[slot], 0
     for j in sources:
+        p.store.wait_pinned(j)                  # host: only before the first copy of j, while pinning runs
         host = p.store.working[j]
         seg = dst[offset:offset + host.numel()]
         p.dev.submit("copy_in", _traced(p, f"stream_in {p.store.layouts[j].name}", "copy_in",
@@ -146,6 +147,7 @@ def stream_out(p: Pipeline, i: int, acc: torch.Tensor):
     into the host grad buffer (on CUDA rounded on the device first: half the bus bytes in bf16 mode).
     Returns the event after which the accumulator may be reused."""
     p.dev.wait("copy_out", p.dev.record("compute"))
+    p.store.wait_pinned(i)
     host = p.store.grad[i]
 
     def copy():

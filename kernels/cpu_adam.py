@@ -48,8 +48,9 @@ within noise; the C++ one wins on the cost around it: a one-second build instead
 recompiles when step-dependent scalars change, and a call that certainly drops the GIL (ctypes).
 
 Limits: CPU tensors only; master, exp_avg, exp_avg_sq fp32; weights bf16 and master_low int16; codes uint8
-and scales fp32 (num_blocks(n) of them); grad fp32 or bf16; out_bf16 bf16 or None; all 1-D and contiguous (views into a larger flat buffer are fine, any storage offset). No amsgrad, no maximize, no
-per-element learning rate. Aliasing between the buffers is not checked.
+and scales fp32 (num_blocks(n) of them); grad fp32 or bf16; out_bf16 bf16 or None; all 1-D and contiguous
+(views into a larger flat buffer are fine, any storage offset; a view into an 8-bit buffer must start on a
+block boundary). No amsgrad, no maximize, no per-element learning rate. Aliasing between the buffers is not checked.
 """
 from __future__ import annotations
 
@@ -280,7 +281,8 @@ _chosen: str | None = None
 _num_threads: int | None = None
 
 
-def _default_num_threads() -> int:
+def default_num_threads() -> int:
+    """Every core this process may run on."""
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:      # not on Linux
@@ -296,7 +298,7 @@ def set_num_threads(n: int | None) -> None:
 
 
 def get_num_threads() -> int:
-    return _num_threads if _num_threads is not None else _default_num_threads()
+    return _num_threads if _num_threads is not None else default_num_threads()
 
 
 def _choose() -> None:
