@@ -22,6 +22,13 @@ bits instead of a search: r = |x| · (1/scale) rounded to nearest on its top bit
 Below the smallest code: exp_avg rounds to 0 or 2^-14 (nearest); exp_avg_sq never rounds a positive value to 0
 (it takes the smallest code): a zero second moment under a nonzero first one would make the update m/eps.
 Decoding is a table lookup times the scale. Codes above 1.0 (7 per map) are never produced.
+
+Each step re-encodes against the block's new maximum, which itself is stored exactly (r = 1), so the codes
+follow a block that grows or shrinks as a whole; an element whose ratio to the maximum drifts by less than half
+a code step a step (β2 = 0.999 changes v by ~0.1% a step) keeps its code until the drift adds up: the error
+stays bounded by half a code step of that ratio, not zero (tests/test_cpu_adam.py measures 5-9% mean relative
+error on m and v, 2% mean bias on v, after 30 steps). Stochastic rounding was tried and removed: unbiased, but
+its noise accumulates in v over 1/(1-β2) steps (10% mean error already at 50 steps).
 """
 from __future__ import annotations
 
