@@ -106,7 +106,7 @@ class OptimizerDriver:
                 b = s.buffers
                 adamw_step_split_8bit_(weights[:split], low[:split], grad[:split], b("exp_avg_q")[i],
                                        b("exp_avg_scale")[i], b("exp_avg_sq_q")[i], b("exp_avg_sq_scale")[i],
-                                       weight_decay=c.weight_decay, **hyper)
+                                       weight_decay=c.weight_decay, seed=i, **hyper)
             if n > split:
                 adamw_step_split_(weights[split:], low[split:], grad[split:], s.exp_avg[i], s.exp_avg_sq[i],
                                   weight_decay=0.0, **hyper)

@@ -104,25 +104,38 @@ void adamw_split_slice(uint16_t* __restrict hi, int16_t* __restrict lo, const Gr
     }
 }
 
-// 8-bit codes (kernels/host_formats.py): r = |x| * (1/scale); k = ((bits(r) + 2^19) >> 20) - 8 * (127 - top).
+// 8-bit codes (kernels/host_formats.py): r = |x| * (1/scale); k = ((bits(r) + u) >> 20) - 8 * (127 - top),
+// u in [0, 2^20) a hash of (element index, step, moment, seed): stochastic rounding, reproducible.
 constexpr int64_t kQBlock = 256;
 
-inline uint8_t encode_exp_avg(float x, float inv_scale) {
+inline uint32_t mix32(uint32_t x) {
+    x ^= x >> 16;
+    x *= 0x85EBCA6Bu;
+    x ^= x >> 13;
+    x *= 0xC2B2AE35u;
+    return x ^ (x >> 16);
+}
+
+inline uint32_t rounding_offset(uint32_t mixed_index, uint32_t step_salt) {
+    return mix32(mixed_index + step_salt * 0x9E3779B1u) >> 12;
+}
+
+inline uint8_t encode_exp_avg(float x, float inv_scale, uint32_t u) {
     float r = std::fabs(x) * inv_scale;
     uint32_t bits, sign;
     std::memcpy(&bits, &r, sizeof bits);
     std::memcpy(&sign, &x, sizeof sign);
-    int32_t k = static_cast<int32_t>((bits + (1u << 19)) >> 20) - 8 * (127 - 15);
+    int32_t k = static_cast<int32_t>((bits + u) >> 20) - 8 * (127 - 15);
     if (k < 8) k = r >= 0x1p-15f ? 8 : 0;
     if (k > 127) k = 127;
     return static_cast<uint8_t>(k | ((sign >> 31) << 7));
 }
 
-inline uint8_t encode_exp_avg_sq(float x, float inv_scale) {
+inline uint8_t encode_exp_avg_sq(float x, float inv_scale, uint32_t u) {
     float r = x * inv_scale;
     uint32_t bits;
     std::memcpy(&bits, &r, sizeof bits);
-    int32_t k = static_cast<int32_t>((bits + (1u << 19)) >> 20) - 8 * (127 - 31);
+    int32_t k = static_cast<int32_t>((bits + u) >> 20) - 8 * (127 - 31);
     if (k < 8) k = r > 0.0f ? 8 : 0;
     if (k > 255) k = 255;
     return static_cast<uint8_t>(k);
@@ -133,7 +146,8 @@ template <typename Grad>
 void adamw_8bit_block(uint16_t* __restrict hi, int16_t* __restrict lo, const Grad* __restrict grad,
                       uint8_t* __restrict exp_avg_q, float* __restrict exp_avg_scale, uint8_t* __restrict exp_avg_sq_q,
                       float* __restrict exp_avg_sq_scale, const float* __restrict m_codes,
-                      const float* __restrict v_codes, int64_t block, int64_t n, const Hyper h) {
+                      const float* __restrict v_codes, int64_t block, int64_t n, uint32_t step,
+                      uint32_t seed, const Hyper h) {
     const int64_t begin = block * kQBlock, len = (n - begin < kQBlock) ? n - begin : kQBlock;
     const float m_scale = exp_avg_scale[block], v_scale = exp_avg_sq_scale[block];
     float m_new[kQBlock], v_new[kQBlock], m_max = 0.0f, v_max = 0.0f;
@@ -152,8 +166,10 @@ void adamw_8bit_block(uint16_t* __restrict hi, int16_t* __restrict lo, const Gra
     const float m_inv = m_max > 0.0f ? 1.0f / m_max : 0.0f, v_inv = v_max > 0.0f ? 1.0f / v_max : 0.0f;
 #pragma omp simd
     for (int64_t j = 0; j < len; ++j) {
-        exp_avg_q[begin + j] = encode_exp_avg(m_new[j], m_inv);
-        exp_avg_sq_q[begin + j] = encode_exp_avg_sq(v_new[j], v_inv);
+        const int64_t i = begin + j;
+        const uint32_t mixed = mix32(static_cast<uint32_t>(i) + seed * 0x632BE5ABu);
+        exp_avg_q[i] = encode_exp_avg(m_new[j], m_inv, rounding_offset(mixed, 2 * step));
+        exp_avg_sq_q[i] = encode_exp_avg_sq(v_new[j], v_inv, rounding_offset(mixed, 2 * step + 1));
     }
     exp_avg_scale[block] = m_max;
     exp_avg_sq_scale[block] = v_max;
@@ -224,7 +240,7 @@ void horizon_cpu_adamw_step_split(uint16_t* hi, int16_t* lo, const void* grad, i
 void horizon_cpu_adamw_step_split_8bit(uint16_t* hi, int16_t* lo, const void* grad, int grad_is_bf16,
                                        uint8_t* exp_avg_q, float* exp_avg_scale, uint8_t* exp_avg_sq_q,
                                        float* exp_avg_sq_scale, const float* m_codes, const float* v_codes,
-                                       int64_t n, float grad_scale, float beta1, float one_minus_beta1, float beta2,
+                                       int64_t n, int64_t step, int64_t seed, float grad_scale, float beta1, float one_minus_beta1, float beta2,
                                        float one_minus_beta2, float decay, float step_size,
                                        float bias_correction2_sqrt, float eps, int num_threads) {
     const Hyper h{grad_scale, beta1, one_minus_beta1, beta2, one_minus_beta2, decay, step_size,
@@ -233,10 +249,12 @@ void horizon_cpu_adamw_step_split_8bit(uint16_t* hi, int16_t* lo, const void* gr
         for (int64_t b = first; b < last; ++b) {
             if (grad_is_bf16)
                 adamw_8bit_block(hi, lo, static_cast<const uint16_t*>(grad), exp_avg_q, exp_avg_scale,
-                                 exp_avg_sq_q, exp_avg_sq_scale, m_codes, v_codes, b, n, h);
+                                 exp_avg_sq_q, exp_avg_sq_scale, m_codes, v_codes, b, n,
+                                 static_cast<uint32_t>(step), static_cast<uint32_t>(seed), h);
             else
                 adamw_8bit_block(hi, lo, static_cast<const float*>(grad), exp_avg_q, exp_avg_scale,
-                                 exp_avg_sq_q, exp_avg_sq_scale, m_codes, v_codes, b, n, h);
+                                 exp_avg_sq_q, exp_avg_sq_scale, m_codes, v_codes, b, n,
+                                 static_cast<uint32_t>(step), static_cast<uint32_t>(seed), h);
         }
     });
 }

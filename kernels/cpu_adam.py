@@ -118,7 +118,7 @@ def adamw_step_split_torch_(weights, master_low, grad, exp_avg, exp_avg_sq, *, s
 
 def adamw_step_split_8bit_torch_(weights, master_low, grad, exp_avg_q, exp_avg_scale, exp_avg_sq_q,
                                  exp_avg_sq_scale, *, step, lr, beta1, beta2, eps, weight_decay, grad_scale=1.0,
-                                 num_threads=None):
+                                 num_threads=None, seed=0):
     """The split-master, 8-bit-moment layout as torch ops. Same signature as ``adamw_step_split_8bit_``."""
     _check_8bit_inputs(weights, master_low, grad, exp_avg_q, exp_avg_scale, exp_avg_sq_q, exp_avg_sq_scale, step)
     scalars = _scalars(step, lr, beta1, beta2, eps, weight_decay, grad_scale)
@@ -129,8 +129,9 @@ def adamw_step_split_8bit_torch_(weights, master_low, grad, exp_avg_q, exp_avg_s
         p = join_master(weights[c], master_low[c])
         m, v, p = _adamw_chunk(grad[c].float(), m, v, p, scalars)
         split_master(p, weights[c], master_low[c])
-        quantize(m, exp_avg_q[c], exp_avg_scale[blocks], signed=True)
-        quantize(v, exp_avg_sq_q[c], exp_avg_sq_scale[blocks], signed=False)
+        quantize(m, exp_avg_q[c], exp_avg_scale[blocks], signed=True, step=step, first_index=c.start, seed=seed)
+        quantize(v, exp_avg_sq_q[c], exp_avg_sq_scale[blocks], signed=False, step=step, first_index=c.start,
+                 seed=seed)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -248,7 +249,7 @@ def _load_cpp():
     signatures = {"step": ("horizon_cpu_adamw_step", [ptr, ptr, i32, ptr, ptr, ptr, i64]),
                   "split": ("horizon_cpu_adamw_step_split", [ptr, ptr, ptr, i32, ptr, ptr, i64]),
                   "split_8bit": ("horizon_cpu_adamw_step_split_8bit",
-                                 [ptr, ptr, ptr, i32, ptr, ptr, ptr, ptr, ptr, ptr, i64])}
+                                 [ptr, ptr, ptr, i32, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64])}
     functions = {}
     for key, (name, pointers) in signatures.items():
         fn = getattr(lib, name)
@@ -262,14 +263,15 @@ _SCALAR_ORDER = ("grad_scale", "beta1", "one_minus_beta1", "beta2", "one_minus_b
                  "bias_correction2_sqrt", "eps")
 
 
-def _call_cpp(fn, pointers, grad, n, scalars, num_threads):
-    """pointers: the layout's buffers before grad's and after it, as (before, after) lists of tensors or None.
+def _call_cpp(fn, pointers, grad, sizes, scalars, num_threads):
+    """pointers: the layout's buffers before grad's and after it, as (before, after) lists of tensors or None;
+    sizes: the integers after them (n, and the step and seed of the 8-bit layout's rounding).
     ctypes releases the GIL for the duration of the call: the OpenMP loop runs while Python goes on."""
     before, after = pointers
     address = [None if t is None else t.data_ptr() for t in before]
     address += [grad.data_ptr(), int(grad.dtype == torch.bfloat16)]
     address += [None if t is None else t.data_ptr() for t in after]
-    fn(*address, n, *(scalars[k] for k in _SCALAR_ORDER), num_threads or get_num_threads())
+    fn(*address, *sizes, *(scalars[k] for k in _SCALAR_ORDER), num_threads or get_num_threads())
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -332,12 +334,12 @@ def implementation() -> str:
     return f"cpp (OpenMP, {get_num_threads()} threads)" if _chosen == "cpp" else _chosen
 
 
-def _run(torch_fn, key, pointers, grad, n, step_args, num_threads):
+def _run(torch_fn, key, pointers, grad, sizes, step_args, num_threads):
     _choose()
     if _cpp_fn is None:
         return torch_fn()
-    if n:
-        _call_cpp(_cpp_fn[key], pointers, grad, n, _scalars(**step_args), num_threads)
+    if sizes[0]:
+        _call_cpp(_cpp_fn[key], pointers, grad, sizes, _scalars(**step_args), num_threads)
 
 
 def adamw_step_(master, grad, exp_avg, exp_avg_sq, out_bf16, *, step, lr, beta1, beta2, eps, weight_decay,
@@ -350,7 +352,7 @@ def adamw_step_(master, grad, exp_avg, exp_avg_sq, out_bf16, *, step, lr, beta1,
     hyper = dict(step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
                  grad_scale=grad_scale)
     _run(lambda: adamw_step_torch_(master, grad, exp_avg, exp_avg_sq, out_bf16, **hyper), "step",
-         ([master], [exp_avg, exp_avg_sq, out_bf16]), grad, master.numel(), hyper, num_threads)
+         ([master], [exp_avg, exp_avg_sq, out_bf16]), grad, (master.numel(),), hyper, num_threads)
 
 
 def adamw_step_split_(weights, master_low, grad, exp_avg, exp_avg_sq, *, step, lr, beta1, beta2, eps,
@@ -361,18 +363,19 @@ def adamw_step_split_(weights, master_low, grad, exp_avg, exp_avg_sq, *, step, l
     hyper = dict(step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
                  grad_scale=grad_scale)
     _run(lambda: adamw_step_split_torch_(weights, master_low, grad, exp_avg, exp_avg_sq, **hyper), "split",
-         ([weights, master_low], [exp_avg, exp_avg_sq]), grad, weights.numel(), hyper, num_threads)
+         ([weights, master_low], [exp_avg, exp_avg_sq]), grad, (weights.numel(),), hyper, num_threads)
 
 
 def adamw_step_split_8bit_(weights, master_low, grad, exp_avg_q, exp_avg_scale, exp_avg_sq_q, exp_avg_sq_scale, *,
-                           step, lr, beta1, beta2, eps, weight_decay, grad_scale=1.0, num_threads=None):
+                           step, lr, beta1, beta2, eps, weight_decay, grad_scale=1.0, num_threads=None, seed=0):
     """One AdamW step in place on the split master and the blockwise 8-bit moments: exp_avg_q, exp_avg_sq_q
     uint8[N] codes, exp_avg_scale, exp_avg_sq_scale fp32[num_blocks(N)] block maxima (kernels/host_formats.py).
-    Zero codes and zero scales are the zero moments of step 1."""
+    Zero codes and zero scales are the zero moments of step 1. The re-encoding rounds stochastically, seeded
+    by (element index, step, seed: an int telling buffers apart): the same call gives the same bits."""
     _check_8bit_inputs(weights, master_low, grad, exp_avg_q, exp_avg_scale, exp_avg_sq_q, exp_avg_sq_scale, step)
     hyper = dict(step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
                  grad_scale=grad_scale)
     _run(lambda: adamw_step_split_8bit_torch_(weights, master_low, grad, exp_avg_q, exp_avg_scale, exp_avg_sq_q,
-                                              exp_avg_sq_scale, **hyper), "split_8bit",
+                                              exp_avg_sq_scale, **hyper, seed=seed), "split_8bit",
          ([weights, master_low], [exp_avg_q, exp_avg_scale, exp_avg_sq_q, exp_avg_sq_scale, EXP_AVG_CODES,
-                                  EXP_AVG_SQ_CODES]), grad, weights.numel(), hyper, num_threads)
+                                  EXP_AVG_SQ_CODES]), grad, (weights.numel(), step, seed), hyper, num_threads)

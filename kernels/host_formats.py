@@ -17,18 +17,23 @@ a code of x / scale in a dynamic (floating-point) map:
     exp_avg_sq  unsigned 5 exponent bits, 3 mantissa bits: 2^(e-31)·(1 + f/8), e = 1..31; code 0 is 0
                           (2^-30 .. 1: v spans the square of the gradients' range)
 A floating-point map rather than Dettmers' decimal tree map, so that encoding is integer arithmetic on the fp32
-bits instead of a search: r = |x| · (1/scale) rounded to nearest on its top bits (ties away from zero), that is
-    k = ((bits(r) + 2^19) >> 20) - 8·(127 - E_top)     (E_top = 15 for exp_avg, 31 for exp_avg_sq)
-Below the smallest code: exp_avg rounds to 0 or 2^-14 (nearest); exp_avg_sq never rounds a positive value to 0
+bits instead of a search: with r = |x| · (1/scale) (fp32),
+    k = ((bits(r) + u) >> 20) - 8·(127 - E_top)        (E_top = 15 for exp_avg, 31 for exp_avg_sq)
+where u in [0, 2^20) is a pseudo-random integer: r is rounded stochastically to one of its two neighbouring
+codes, up with probability equal to its distance from the lower one, so the stored moment is unbiased. u is a
+hash of (element index, step, moment, buffer seed), not a random generator's draw, so a step is reproducible and the C++
+kernel and this reference agree bit for bit. The block maximum has r = 1 exactly and is stored exactly. Below
+the smallest code: exp_avg rounds to the nearer of 0 and 2^-14; exp_avg_sq never rounds a positive value to 0
 (it takes the smallest code): a zero second moment under a nonzero first one would make the update m/eps.
 Decoding is a table lookup times the scale. Codes above 1.0 (7 per map) are never produced.
 
-Each step re-encodes against the block's new maximum, which itself is stored exactly (r = 1), so the codes
-follow a block that grows or shrinks as a whole; an element whose ratio to the maximum drifts by less than half
-a code step a step (β2 = 0.999 changes v by ~0.1% a step) keeps its code until the drift adds up: the error
-stays bounded by half a code step of that ratio, not zero (tests/test_cpu_adam.py measures 5-9% mean relative
-error on m and v, 2% mean bias on v, after 30 steps). Stochastic rounding was tried and removed: unbiased, but
-its noise accumulates in v over 1/(1-β2) steps (10% mean error already at 50 steps).
+Why stochastic: rounding to nearest freezes a moment whose change per step is below half a code step (3-6%),
+and β2 = 0.999 changes v by about 0.1% a step. On tests/test_master_precision.py's 120-step fine-tune, nearest
+rounding ended 1.8% above the fp32-moment loss (m and v each about half of it), 4 exponent / 4 mantissa bit
+variants 1.4%, stochastic rounding 0.2-0.4% (two data seeds). The offsets must be independent between elements
+and buffers: a first hash of index·C + step·C' (neighbouring elements' offsets related across steps, every layer
+the same) ended 1.9% above. The price is noise: an element's v wanders by a few code steps over 1/(1-β2) steps
+(tests/test_cpu_adam.py bounds it), while its mean stays right.
 """
 from __future__ import annotations
 
@@ -92,8 +97,30 @@ def dequantize(codes: torch.Tensor, scales: torch.Tensor, signed: bool) -> torch
     return (values * scales[:, None]).view(-1)[:codes.numel()]
 
 
-def quantize(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, signed: bool) -> None:
-    """Writes the codes (uint8[n]) and block maxima (fp32[num_blocks(n)]) of fp32 x in place."""
+_MASK32 = 0xFFFFFFFF
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """murmur3's 32-bit finaliser on int64 tensors holding uint32 values."""
+    x = x ^ (x >> 16)
+    x = (x * 0x85EBCA6B) & _MASK32
+    x = x ^ (x >> 13)
+    x = (x * 0xC2B2AE35) & _MASK32
+    return x ^ (x >> 16)
+
+
+def rounding_offsets(index: torch.Tensor, step: int, salt: int, seed: int = 0) -> torch.Tensor:
+    """u in [0, 2^20) for each element index (int64): mix(mix(index + seed·C) + (2·step + salt)·C') in uint32
+    arithmetic. The index is mixed on its own first, so that the sequences of two neighbouring elements over
+    the steps are unrelated; salt 0 is exp_avg, 1 exp_avg_sq; seed tells buffers apart (the layer index)."""
+    x = _mix32((index + seed * 0x632BE5AB) & _MASK32)
+    return _mix32((x + (2 * step + salt) * 0x9E3779B1) & _MASK32) >> 12
+
+
+def quantize(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, signed: bool, step: int,
+             first_index: int = 0, seed: int = 0) -> None:
+    """Writes the codes (uint8[n]) and block maxima (fp32[num_blocks(n)]) of fp32 x in place. step, seed and
+    the index of x's first element in its buffer (a multiple of QBLOCK) drive the stochastic rounding."""
     n = x.numel()
     blocks = _blocks(x)
     magnitude = blocks.abs()
@@ -101,11 +128,12 @@ def quantize(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, signed:
     inv = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))
     r = magnitude * inv[:, None]                 # fp32 multiply, the same rounding as the C++ kernel
     top = _M_TOP if signed else _V_TOP
-    k = ((r.view(torch.int32) + (1 << 19)) >> 20) - 8 * (127 - top)
+    u = rounding_offsets(torch.arange(first_index, first_index + blocks.numel()), step, 0 if signed else 1, seed)
+    k = ((r.view(torch.int32).long() + u.view(blocks.shape)) >> 20) - 8 * (127 - top)
     smallest = torch.full_like(k, 8)
     if signed:
         k = torch.where(k < 8, torch.where(r >= 2.0 ** -top, smallest, torch.zeros_like(k)), k)
-        k = k.clamp(max=127) | ((blocks.view(torch.int32) >> 31) & 1) << 7
+        k = k.clamp(max=127) | ((blocks.view(torch.int32) >> 31) & 1).long() << 7
     else:
         k = torch.where(k < 8, torch.where(r > 0, smallest, torch.zeros_like(k)), k).clamp(max=255)
     codes.copy_(k.view(-1)[:n].to(torch.uint8))

@@ -362,7 +362,7 @@ def test_cpp_equals_torch_reference_bit_for_bit(n, grad_dtype):
             kwargs = dict(step=step, **HYPER, weight_decay=0.1, grad_scale=0.5)
             step_fp32(fp32[0], g, fp32[1], fp32[2], fp32[3], **kwargs)
             step_split(split[0], split[1], g, *split[2:], **kwargs)
-            step_8bit(eight[0], eight[1], g, *eight[2:], **kwargs)
+            step_8bit(eight[0], eight[1], g, *eight[2:], **kwargs, seed=3)
         results[impl] = fp32 + split + eight
     for ours, reference in zip(results["cpp"], results["torch"]):
         assert torch.equal(ours.view(torch.uint8), reference.view(torch.uint8))
@@ -370,9 +370,9 @@ def test_cpp_equals_torch_reference_bit_for_bit(n, grad_dtype):
 
 def test_8bit_moments_stay_close_to_fp32_moments(layout_fns):
     """Same gradients (magnitudes within 3x, so every code is in range), 8-bit against fp32 moments over 30
-    steps: each re-encoding is off by at most half a code step (3-6%), and these errors stay bounded rather than
-    grow (measured on this test: m 5%, v 6-9% mean relative error, 2% mean bias of v at beta2 0.999); the
-    weights drift from the fp32-moment ones by about 5% of the distance they moved."""
+    steps: each stochastic re-encoding is off by less than one code step (6-12%) and unbiased, so the decoded
+    moments wander (mean relative error a few percent) around the fp32 ones without drifting away (mean bias
+    within 4%), and the weights drift from the fp32-moment ones by a few percent of the distance they moved."""
     _, step_split, step_8bit = layout_fns
     n, steps = 64 * 1024, 30
     master0 = torch.randn(n) * 0.02

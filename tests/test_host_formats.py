@@ -49,66 +49,78 @@ def test_high_half_is_round_to_nearest_ties_away_from_zero():
     assert (hi[ties].float().abs() >= values[ties].abs()).all()
 
 
-def _nearest_code(r: torch.Tensor, table: torch.Tensor, lowest: float) -> torch.Tensor:
-    """Brute force: the distance of r to every usable code value (|value| ≤ 1, ≥ lowest unless 0)."""
-    usable = (table >= 0) & (table <= 1)
-    candidates = table.clone()
-    candidates[~usable] = float("inf")
-    distance = (r[:, None].double() - candidates[None, :].double()).abs()
-    best = distance.min(dim=1, keepdim=True).values
-    return distance, best
+def _neighbours(r: torch.Tensor, table: torch.Tensor):
+    """Brute force over the usable codes (0 .. 1): the largest code value ≤ r and the smallest ≥ r."""
+    usable = table[(table >= 0) & (table <= 1)].double()
+    below = torch.where(usable[None, :] <= r[:, None].double(), usable[None, :], -1.0).amax(dim=1)
+    above = torch.where(usable[None, :] >= r[:, None].double(), usable[None, :], 2.0).amin(dim=1)
+    return below, above
 
 
 @pytest.mark.parametrize("signed", [True, False])
-def test_codes_are_the_nearest_of_the_map(signed):
-    """Every element's code is a nearest usable code of |x| / block max (up to the documented exceptions:
-    exp_avg_sq never rounds a positive value to 0), its sign is x's, and each block's scale is its max."""
+def test_codes_are_a_neighbour_and_unbiased(signed):
+    """Every code is one of the two map values around |x| / block max (up to the documented rules below the
+    smallest code), its sign is x's, each block's scale is its max, the max itself is exact, and over many
+    steps (different rounding offsets) the decoded values average to x."""
     g = torch.Generator().manual_seed(1)
-    n = 5 * QBLOCK + 17                                  # a partial last block
+    n = 2 * QBLOCK + 17                                  # a partial last block
     x = torch.randn(n, generator=g) * torch.logspace(-12, 0, n)[torch.randperm(n, generator=g)]
     if not signed:
         x = x * x
     x[3] = 0.0
+    table = (EXP_AVG_CODES[:128] if signed else EXP_AVG_SQ_CODES)
     codes, scales = torch.empty(n, dtype=torch.uint8), torch.empty(num_blocks(n))
-    quantize(x, codes, scales, signed)
-    blocks = torch.nn.functional.pad(x, (0, num_blocks(n) * QBLOCK - n)).view(-1, QBLOCK)
-    assert torch.equal(scales, blocks.abs().amax(dim=1))
-    table = EXP_AVG_CODES if signed else EXP_AVG_SQ_CODES
-    r = x.abs() / scales.repeat_interleave(QBLOCK)[:n]
-    distance, best = _nearest_code(r, table.abs() * (torch.arange(256) < 128 if signed else 1), 0.0)
-    mine = distance.gather(1, (codes.long() & (0x7F if signed else 0xFF))[:, None])
-    # within the fp32 rounding of r: our r is |x| * (1 / scale) in fp32, the judge's |x| / scale in fp64
-    ok = (mine - best).abs() <= 2e-7 * r[:, None].double()
-    if not signed:
-        smallest = EXP_AVG_SQ_CODES[8].item()
-        ok |= (r[:, None] > 0) & (r[:, None] < smallest / 2) & (codes[:, None] == 8)
-    assert ok.all(), (x[~ok.view(-1)][:5], codes[~ok.view(-1)][:5])
-    if signed:
-        assert torch.equal((codes >> 7).bool() & (codes & 0x7F > 0), (x < 0) & (codes & 0x7F > 0))
-    else:
-        assert ((codes == 0) == (x == 0)).all()          # a positive v never decodes to 0
+    mean = torch.zeros(n, dtype=torch.float64)
+    steps = 200
+    for step in range(1, steps + 1):
+        quantize(x, codes, scales, signed, step=step)
+        blocks = torch.nn.functional.pad(x, (0, num_blocks(n) * QBLOCK - n)).view(-1, QBLOCK)
+        assert torch.equal(scales, blocks.abs().amax(dim=1))
+        per_element_scale = scales.repeat_interleave(QBLOCK)[:n]
+        r = x.abs() / per_element_scale
+        value = EXP_AVG_CODES[codes.long()].abs() if signed else EXP_AVG_SQ_CODES[codes.long()]
+        below, above = _neighbours(r, table)
+        # the judge's r is |x| / scale in fp64, ours |x| * (1 / scale) in fp32: allow that rounding
+        slack = 1e-6 * r.double()
+        inside = (value.double() >= below - slack) & (value.double() <= above + slack)
+        smallest = table[8].item()
+        if signed:       # below the smallest code: the nearer of 0 and the smallest
+            inside |= (r < smallest) & (value == torch.where(r >= smallest / 2, smallest, 0.0))
+        else:            # a positive v takes at least the smallest code, never 0
+            inside |= (r > 0) & (r < smallest) & (value == smallest)
+        assert inside.all(), (x[~inside][:5], codes[~inside][:5])
+        if signed:
+            assert torch.equal((codes >= 128) & (codes != 128), (x < 0) & (codes != 128) & (codes != 0))
+        else:
+            assert ((codes == 0) == (x == 0)).all()      # a positive v never decodes to 0
+        mean += dequantize(codes, scales, signed).double()
+        assert torch.equal(dequantize(codes, scales, signed)[x.abs() == per_element_scale],
+                           x[x.abs() == per_element_scale])                   # the block max is exact
+    mean /= steps
+    in_range = x.abs() >= 2.0 ** -13 * scales.repeat_interleave(QBLOCK)[:n]
+    # unbiased: the mean of 200 draws is within 4 standard errors of x (a draw is off by < one code step,
+    # 12.5% relative)
+    assert ((mean - x.double()).abs()[in_range] <= 4 * 0.125 / steps ** 0.5 * x.abs()[in_range].double()).all()
 
 
-@pytest.mark.parametrize("signed, step", [(True, 2.0 ** -4), (False, 2.0 ** -4)])
-def test_round_trip_error_is_half_a_code_step(signed, step):
-    """In range (above 2^-14 of the block max), decoding is off by at most half a code step: 2^-4 relative."""
+@pytest.mark.parametrize("signed", [True, False])
+def test_round_trip_error_is_below_one_code_step(signed):
+    """In range (above 2^-14 of the block max), a decoded value is off by less than one code step: 2^-3
+    relative (stochastic rounding picks either neighbour)."""
     g = torch.Generator().manual_seed(2)
     n = 4096
     x = torch.randn(n, generator=g) * torch.logspace(-3, 0, n)
     if not signed:
         x = x.abs()
     codes, scales = torch.empty(n, dtype=torch.uint8), torch.empty(num_blocks(n))
-    quantize(x, codes, scales, signed)
+    quantize(x, codes, scales, signed, step=1)
     y = dequantize(codes, scales, signed)
     in_range = x.abs() >= 2.0 ** -14 * scales.repeat_interleave(QBLOCK)
-    rel = ((y - x).abs() / x.abs())[in_range]
-    assert rel.max() <= step * (1 + 1e-6)
-    assert torch.equal(y[x.abs() == scales.repeat_interleave(QBLOCK)].abs(),
-                       x[x.abs() == scales.repeat_interleave(QBLOCK)].abs())   # the block max is exact
+    assert ((y - x).abs() / x.abs())[in_range].max() < 2.0 ** -3
 
 
 def test_zero_block():
     codes, scales = torch.full((QBLOCK,), 7, dtype=torch.uint8), torch.ones(1)
-    quantize(torch.zeros(QBLOCK), codes, scales, signed=True)
+    quantize(torch.zeros(QBLOCK), codes, scales, signed=True, step=1)
     assert not codes.any() and scales.item() == 0
     assert not dequantize(codes, scales, signed=True).any()
