@@ -40,7 +40,7 @@ import torch
 from horizon_triton.kernels.host_formats import join_master, num_blocks, split_master
 
 from .config import ModelConfig
-from .pinning import HostPinner, cuda_register_functions
+from .pinning import HostPinner, arena, cuda_register_functions
 
 INIT_STD = 0.02  # transformers' initializer_range default for these families
 
@@ -150,6 +150,7 @@ class Allocation:
 
 
 OPTIMIZER_STATES = ("fp32", "8bit")
+_SPLIT_CHUNK = 1 << 20           # elements split per call in set_master
 
 
 class HostStore:
@@ -207,19 +208,24 @@ class HostStore:
     def _alloc_kind(self, kind: str, sizes: list[int], dtype: torch.dtype, pinned: bool = False,
                     zero: bool = False) -> None:
         """Every host buffer of the store is made here, one per layer, so that what is counted is what is
-        allocated. A pinned kind on the host is one arena, each layer's region registered in the background."""
+        allocated: one arena per kind (pinning.arena), each layer's page-aligned region registered in the
+        background if the kind is pinned."""
+        nbytes = [n * dtype.itemsize for n in sizes]
+        pin_here = pinned and self._pinner is not None
         regions = None
-        if pinned and self._pinner is not None:
-            regions = self._pinner.arena([n * dtype.itemsize for n in sizes])
+        if pin_here:
+            regions = self._pinner.arena(nbytes)            # zero-filled by the pinning threads
+        elif self.device.type == "cpu":
+            regions = arena(nbytes, zero=zero)
         buffers = []
         for layer, n in enumerate(sizes):
             self.allocations.append(Allocation(kind, layer, n, dtype, pinned))
-            if regions is not None:
-                buffer = regions[layer].view(dtype)
+            if regions is None:                              # the meta device: a layout without memory
+                buffers.append(torch.empty(n, dtype=dtype, device=self.device))
+                continue
+            buffers.append(regions[layer].view(dtype))
+            if pin_here:
                 self._pinner.pin((kind, layer), regions[layer], zero=zero)
-            else:
-                buffer = (torch.zeros if zero else torch.empty)(n, dtype=dtype, device=self.device)
-            buffers.append(buffer)
         self._buffers[kind] = buffers
 
     def wait_pinned(self, layer: int) -> None:
@@ -269,8 +275,12 @@ class HostStore:
         if not self.split_master:
             self._buffers["master"][layer][start:end].copy_(values)
             return
-        split_master(values, self._buffers["working"][layer][start:end],
-                     self._buffers["master_low"][layer][start:end])
+        # in chunks: split_master's integer temporaries stay small and of one size, so the allocator reuses
+        # them instead of leaving a parameter-sized hole per parameter in the heap
+        for lo in range(0, values.numel(), _SPLIT_CHUNK):
+            hi = min(lo + _SPLIT_CHUNK, values.numel())
+            split_master(values[lo:hi], self._buffers["working"][layer][start + lo:start + hi],
+                         self._buffers["master_low"][layer][start + lo:start + hi])
 
     def buffers(self, kind: str) -> list[torch.Tensor]:
         """The per-layer buffers of one kind (see the module docstring for the kinds of each layout)."""
@@ -297,10 +307,11 @@ class HostStore:
     def init_random(self, seed: int) -> None:
         """transformers' init: normal(0, 0.02) matrices, ones for norms, zeros for biases; one generator per
         layer so that building a model never needs more than its own buffers and one parameter's fp32 copy."""
+        scratch = torch.empty(max(p.numel for layout in self.layouts for p in layout.params))  # one allocation
         for index, layout in enumerate(self.layouts):
             gen = torch.Generator().manual_seed(seed * 100003 + index)
             for p in layout.params:
-                values = torch.empty(p.numel)
+                values = scratch[:p.numel]
                 if p.decay:
                     values.normal_(0.0, INIT_STD, generator=gen)
                 elif p.key.endswith("bias"):

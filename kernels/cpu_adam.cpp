@@ -18,6 +18,7 @@
 // The products are grouped as torch's addcmul_ and addcdiv_ group them, and the build uses -ffp-contract=off so
 // no multiply-add is fused: the roundings are exactly the ones written above. (Torch's vectorised add_/addcmul_
 // do fuse, so the torch path differs from this one in the last bit of some elements.)
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -125,19 +126,22 @@ inline uint8_t encode_exp_avg(float x, float inv_scale, uint32_t u) {
     uint32_t bits, sign;
     std::memcpy(&bits, &r, sizeof bits);
     std::memcpy(&sign, &x, sizeof sign);
-    int32_t k = static_cast<int32_t>((bits + u) >> 20) - 8 * (127 - 15);
-    if (k < 8) k = r >= 0x1p-15f ? 8 : 0;
-    if (k > 127) k = 127;
-    return static_cast<uint8_t>(k | ((sign >> 31) << 7));
+    // selects by masks, not ?: (which gcc 12 leaves as control flow): the encoding loop must vectorise
+    int32_t k = std::min(static_cast<int32_t>((bits + u) >> 20) - 8 * (127 - 15), 127);
+    int32_t below = static_cast<int32_t>(r >= 0x1p-15f) << 3;       // the nearer of 0 and the smallest code
+    int32_t small = -static_cast<int32_t>(k < 8);
+    k = (below & small) | (k & ~small);
+    return static_cast<uint8_t>(k | static_cast<int32_t>((sign >> 31) << 7));
 }
 
 inline uint8_t encode_exp_avg_sq(float x, float inv_scale, uint32_t u) {
     float r = x * inv_scale;
     uint32_t bits;
     std::memcpy(&bits, &r, sizeof bits);
-    int32_t k = static_cast<int32_t>((bits + u) >> 20) - 8 * (127 - 31);
-    if (k < 8) k = r > 0.0f ? 8 : 0;
-    if (k > 255) k = 255;
+    int32_t k = std::min(static_cast<int32_t>((bits + u) >> 20) - 8 * (127 - 31), 255);
+    int32_t below = static_cast<int32_t>(r > 0.0f) << 3;            // never 0 for a positive v
+    int32_t small = -static_cast<int32_t>(k < 8);
+    k = (below & small) | (k & ~small);
     return static_cast<uint8_t>(k);
 }
 
