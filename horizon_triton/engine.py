@@ -25,7 +25,7 @@ from .device import make_device
 from .ops import TORCH_ONLY, load_ops, select_backend
 from .optimizer import OptimizerDriver, clip_coefficient
 from .scheduler import Unit, bind, build_pipeline, run_step, stream_in
-from .store import HostStore
+from .store import HostStore, fix_malloc_mmap_threshold
 from .trace import Tracer
 
 log = logging.getLogger("horizon_triton")
@@ -41,7 +41,9 @@ class Engine:
         self.train_cfg = train_cfg = train_cfg or TrainConfig()
         self.device = make_device(train_cfg.device, train_cfg.seed)
         self.compute_dtype = DTYPES[train_cfg.compute_dtype]
-        self.store = HostStore(model_cfg, self.compute_dtype, pin=self.device.pin_memory)
+        fix_malloc_mmap_threshold()
+        self.store = HostStore(model_cfg, self.compute_dtype, pin=self.device.pin_memory,
+                               optimizer_states=train_cfg.optimizer_states)
         if init_weights and model_cfg.source_path is not None:
             load_weights(self.store, model_cfg.source_path)
         elif init_weights:
@@ -71,8 +73,10 @@ class Engine:
         self._last_checkpoint = (None, None)      # (step, path) of the latest save or load
         self._last_save_time = time.monotonic()
         self._inv_freq = model_cfg.inv_freq().to(self.device.torch_device)
-        log.info("horizon-triton: %s parameters, kernels=%s, device=%s, cpu adamw=%s",
-                 f"{self.store.num_parameters():,}", self.kernel_backend, train_cfg.device, adam_implementation())
+        log.info("horizon-triton: %s parameters, host store %.2f GB (%s moments), kernels=%s, device=%s, "
+                 "cpu adamw=%s, optimizer_threads=%d", f"{self.store.num_parameters():,}", self.store.nbytes() / 1e9,
+                 train_cfg.optimizer_states, self.kernel_backend, train_cfg.device,
+                 adam_implementation(), self.optimizer.num_threads)
 
     # ---- data -------------------------------------------------------------------------------------------
     def prepare(self, batch, where: str = "batch") -> lt.MicroBatch:
@@ -389,3 +393,4 @@ class Engine:
     def close(self) -> None:
         self.optimizer.wait_all()
         self.device.close()
+        self.store.close()

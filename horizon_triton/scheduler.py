@@ -181,6 +181,7 @@ def stream_in(p: Pipeline, u: Unit, slot: int) -> None:
     compute that read ``slot``; copies u's working weights into the slot and records slot_ready[slot]."""
     for j in p.sources(u):
         p.optimizer.wait_layer(j)
+        p.store.wait_pinned(j)    # host: only before the first copy of j while pinning runs (covers its grad too)
     p.dev.wait("copy_in", p.slot_free[slot])
     hosts = p.head_segments(p.store.working, u) if u.layer == p.head else [p.store.working[u.layer]]
     dst, offset = p.slots[slot], 0
@@ -247,7 +248,7 @@ def _host_empty(p: Pipeline, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
     """A host staging buffer beside the store (pinned where the device copies asynchronously; on the meta device
     when the store is, as in a dry run)."""
     return torch.empty(shape, dtype=dtype, device=p.store.device,
-                       pin_memory=p.dev.pin_memory and p.store.device.type == "cpu")
+                       pin_memory=p.dev.type == "cuda" and p.store.device.type == "cpu")
 
 
 def _traced(p: Pipeline, name: str, stream: str, fn):
@@ -372,7 +373,7 @@ def stream_in_embedding(p: Pipeline, emb: EmbeddingRows) -> None:
         host_rows = _host_empty(p, (emb.ids.numel(), H), table.dtype)
         torch.index_select(table, 0, emb.ids.to(table.device), out=host_rows)
         host_index = torch.cat(emb.index_host)
-        host_index = host_index.pin_memory() if p.dev.pin_memory else host_index
+        host_index = host_index.pin_memory() if p.dev.type == "cuda" else host_index
         rows = torch.empty(host_rows.shape, dtype=host_rows.dtype, device=dev)
         rows.copy_(host_rows, non_blocking=True)
         index = torch.empty(host_index.shape, dtype=host_index.dtype, device=dev)
@@ -381,7 +382,7 @@ def stream_in_embedding(p: Pipeline, emb: EmbeddingRows) -> None:
             p.dev.retain(t, "compute")
         if p.cfg.tie_word_embeddings:
             emb.ids_dev = p.meter.add(index.new_empty(emb.ids.shape))
-            emb.ids_dev.copy_(emb.ids.pin_memory() if p.dev.pin_memory else emb.ids, non_blocking=True)
+            emb.ids_dev.copy_(emb.ids.pin_memory() if p.dev.type == "cuda" else emb.ids, non_blocking=True)
             p.dev.retain(emb.ids_dev, "compute")
         emb.rows, emb.index_all = p.meter.add(rows), p.meter.add(index)
         emb.index = index.split([t.numel() for t in emb.index_host])
