@@ -44,28 +44,28 @@ def _open(file: Path):
 
 
 def load_weights(store: HostStore, path: str | Path) -> None:
-    """Fills the store's master (fp32) and working buffers from a HF checkpoint directory."""
+    """Fills the store's master weights (both halves, exactly, in bf16 mode) from a HF checkpoint directory,
+    one tensor at a time."""
     path = Path(path)
     files = _tensor_files(path)
-    wanted = list(store.named_master())
-    missing = [name for name, _ in wanted if name not in files]
+    wanted = list(store.named_params())
+    missing = [name for name, _, _ in wanted if name not in files]
     if missing:
         raise ValueError(f"checkpoint {path} lacks {len(missing)} tensor(s) the model needs, e.g. {missing[:3]}")
     by_file: dict[Path, list] = {}
-    for name, view in wanted:
-        by_file.setdefault(files[name], []).append((name, view))
+    for name, layer, param in wanted:
+        by_file.setdefault(files[name], []).append((name, layer, param))
     for file, items in by_file.items():
         with _open(file) as f:
-            for name, view in items:
+            for name, layer, param in items:
                 try:
                     tensor = f.get_tensor(name)
                 except Exception as e:
                     raise ValueError(f"cannot read tensor {name} from {file}: {e} (truncated file?)") from e
-                if tuple(tensor.shape) != tuple(view.shape):
+                if tuple(tensor.shape) != tuple(param.shape):
                     raise ValueError(f"tensor {name} in {file} has shape {tuple(tensor.shape)}, the config implies "
-                                     f"{tuple(view.shape)}")
-                view.copy_(tensor)
-    store.refresh_working()
+                                     f"{tuple(param.shape)}")
+                store.set_master(layer, tensor, param.offset)
 
 
 def _is_model_file(name: str) -> bool:
@@ -74,7 +74,8 @@ def _is_model_file(name: str) -> bool:
 
 
 def save_weights(store: HostStore, out_dir: str | Path, dtype: torch.dtype, add_files=None) -> None:
-    """Writes config.json + model.safetensors (or shards + index) from the fp32 master weights, and whatever
+    """Writes config.json + model.safetensors (or shards + index) from the fp32 master weights (in bf16 mode the
+    exact master reconstructed from its halves, so dtype="float32" saves what the optimizer holds), and whatever
     ``add_files(tmp_dir)`` adds (a tokenizer, metrics).
 
     Everything goes to a temporary sibling of out_dir, fsynced and swapped in as one unit (durable.replace_dir),
@@ -86,25 +87,28 @@ def save_weights(store: HostStore, out_dir: str | Path, dtype: torch.dtype, add_
     try:
         dtype_name = str(dtype).replace("torch.", "")
         store.cfg.to_hf_config(dtype_name).save_pretrained(tmp)
-        named = list(store.named_master())
+        named = list(store.named_params())
         shards, current, size = [], [], 0
-        for name, view in named:
-            nbytes = view.numel() * dtype.itemsize
+        for name, layer, param in named:
+            nbytes = param.numel * dtype.itemsize
             if current and size + nbytes > SHARD_BYTES:
                 shards.append(current)
                 current, size = [], 0
-            current.append((name, view))
+            current.append((name, layer, param))
             size += nbytes
         shards.append(current)
         weight_map = {}
         for i, shard in enumerate(shards):
             file = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            # one shard converted at a time: the copy is bounded by the shard size, not the model
-            save_file({name: view.to(dtype, copy=True) for name, view in shard}, str(tmp / file),
-                      metadata={"format": "pt"})
-            weight_map.update({name: file for name, _ in shard})
+            # one shard converted at a time: the copy is bounded by the shard size, not the model; the fp32
+            # master is read (in bf16 mode reconstructed from its halves) one parameter at a time
+            tensors = {name: store.master_values(layer, p.offset, p.offset + p.numel).view(p.shape)
+                       .to(dtype, copy=True) for name, layer, p in shard}
+            save_file(tensors, str(tmp / file), metadata={"format": "pt"})
+            del tensors
+            weight_map.update({name: file for name, _, _ in shard})
         if len(shards) > 1:
-            total = sum(view.numel() * dtype.itemsize for _, view in named)
+            total = sum(p.numel * dtype.itemsize for _, _, p in named)
             (tmp / "model.safetensors.index.json").write_text(
                 json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
         if add_files is not None:

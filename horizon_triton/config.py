@@ -235,6 +235,8 @@ class TrainConfig:
     save_every_steps: int | None = None   # a checkpoint every this many optimizer steps
     save_every_minutes: float | None = None  # a checkpoint when this much time passed since the last one
     keep_last: int | None = None          # keep only the newest this many checkpoints (None: all)
+    optimizer_states: str = "fp32"        # Adam moments: "fp32" | "8bit" (blockwise 8-bit, bf16 compute only)
+    optimizer_threads: int | None = None  # CPU AdamW threads; None: every core but one (at least one)
     preflight: bool = True                # refuse (MemoryError) before allocating what the machine cannot hold
 
     def __post_init__(self):
@@ -254,6 +256,16 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"{name} must be positive (or None), got {value}")
+        if self.optimizer_states not in ("fp32", "8bit"):
+            raise ValueError(f"optimizer_states must be 'fp32' or '8bit', got {self.optimizer_states!r}")
+        if self.optimizer_states == "8bit" and self.compute_dtype != "bfloat16":
+            raise ValueError("optimizer_states='8bit' needs compute_dtype='bfloat16' (its master is kept as bf16 + "
+                             "int16 halves); use optimizer_states='fp32' with compute_dtype='float32'")
+        if self.optimizer_threads is not None and (not isinstance(self.optimizer_threads, int)
+                                                   or isinstance(self.optimizer_threads, bool)
+                                                   or self.optimizer_threads < 1):
+            raise ValueError(f"optimizer_threads must be an int ≥ 1 or None (every core but one), got "
+                             f"{self.optimizer_threads!r}")
 
     def lr_at(self, step: int, total_steps: int | None) -> float:
         """Learning rate of 1-based optimizer step `step`, as transformers' get_{constant,cosine}_schedule_with_warmup

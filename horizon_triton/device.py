@@ -48,8 +48,9 @@ class _HostMemory:
     pin_memory = False
 
     def host_empty(self, shape, dtype: torch.dtype) -> torch.Tensor:
-        """A host buffer for a device->host copy, pinned where the device copies asynchronously."""
-        return torch.empty(shape, dtype=dtype, pin_memory=self.pin_memory)
+        """A host buffer for a device->host copy, pinned where the device copies asynchronously (through torch's
+        caching host allocator, which only a CUDA device has)."""
+        return torch.empty(shape, dtype=dtype, pin_memory=self.pin_memory and self.type == "cuda")
 
     def is_pinned(self, host: torch.Tensor) -> bool:
         """Whether a host tensor is in page-locked memory (the device can copy from it asynchronously)."""

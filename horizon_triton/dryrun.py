@@ -62,7 +62,7 @@ def _tensors(tree):
 # counting: memory live on the device and on the host, work per stream task
 # ------------------------------------------------------------------------------------------------------------
 class OpCounter(TorchDispatchMode):
-    """Sees every op on meta tensors. New storages are device memory, unless HostStore._alloc or
+    """Sees every op on meta tensors. New storages are device memory, unless HostStore._alloc_kind or
     MetaDevice.host_empty made them (host memory); their bytes stay counted until the storage dies. Each op's
     work goes to the running task of the device's timeline; a copy from or to a host storage is a bus transfer."""
 
@@ -79,7 +79,7 @@ class OpCounter(TorchDispatchMode):
         self.meter = None            # set once the pipeline exists
         self._sizes: dict[int, tuple[str, int]] = {}     # storage id -> ("device"|"host"|"store"|"workspace", bytes)
         self._allocating_workspace = False
-        self._store_code = HostStore._alloc.__code__
+        self._store_code = HostStore._alloc_kind.__code__
 
     # ---- memory ----------------------------------------------------------------------------------------
     def _made_by_store(self) -> bool:

@@ -26,7 +26,7 @@ from .device import make_device
 from .ops import TORCH_ONLY, load_ops, select_backend
 from .optimizer import OptimizerDriver, clip_coefficient
 from .scheduler import Unit, bind, build_pipeline, run_step, stream_in
-from .store import HostStore
+from .store import HostStore, fix_malloc_mmap_threshold
 from .trace import Tracer
 
 log = logging.getLogger("horizon_triton")
@@ -47,8 +47,9 @@ class Engine:
         meta = self.device.type == "meta"
         if train_cfg.preflight and not meta:
             preflight.check_engine(model_cfg, train_cfg, self.device)   # before anything is allocated
+        fix_malloc_mmap_threshold()
         self.store = HostStore(model_cfg, self.compute_dtype, pin=self.device.pin_memory,
-                               device="meta" if meta else "cpu")
+                               device="meta" if meta else "cpu", optimizer_states=train_cfg.optimizer_states)
         if init_weights and model_cfg.source_path is not None and not meta:
             load_weights(self.store, model_cfg.source_path)
         elif init_weights and not meta:                           # the dry run's store has no values to fill
@@ -83,8 +84,10 @@ class Engine:
         self._inv_freq = model_cfg.inv_freq().to(self.device.torch_device)
         self._checked_steps = set()       # micro-batch shapes whose step the preflight has dry-run
         if not meta:
-            log.info("horizon-triton: %s parameters, kernels=%s, device=%s, cpu adamw=%s",
-                     f"{self.store.num_parameters():,}", self.kernel_backend, train_cfg.device, adam_implementation())
+            log.info("horizon-triton: %s parameters, host store %.2f GB (%s moments), kernels=%s, device=%s, "
+                     "cpu adamw=%s, optimizer_threads=%d", f"{self.store.num_parameters():,}",
+                     self.store.nbytes() / 1e9, train_cfg.optimizer_states, self.kernel_backend, train_cfg.device,
+                     adam_implementation(), self.optimizer.num_threads)
 
     # ---- data -------------------------------------------------------------------------------------------
     def prepare(self, batch, where: str = "batch") -> lt.MicroBatch:
@@ -408,3 +411,4 @@ class Engine:
     def close(self) -> None:
         self.optimizer.wait_all()
         self.device.close()
+        self.store.close()

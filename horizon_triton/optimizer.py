@@ -3,13 +3,18 @@
 After the backward the global gradient norm is known, so clipping is exact (torch.nn.utils.clip_grad_norm_'s
 coefficient, folded into the update as grad_scale). The worker then updates layers 0, 1, 2, … in order and
 marks each one done, so the next step's forward can stream layer i in as soon as layer i is updated while the
-update of the later layers continues. Each update also rewrites the layer's bf16 working copy in place.
+update of the later layers continues. In bf16 mode the working weights are the high half of the master, so the
+update rewrites them in place; in fp32 mode the master is what streams.
+
+The update runs on ``optimizer_threads`` OpenMP threads (default: every core but one, which stays free for the
+thread that launches the device's kernels and copies).
 """
 from __future__ import annotations
 
 import threading
 
-from horizon_triton.kernels.cpu_adam import adamw_step_
+from horizon_triton.kernels.cpu_adam import (adamw_step_, adamw_step_split_, adamw_step_split_8bit_,
+                                             default_num_threads)
 
 from .config import TrainConfig
 from .store import HostStore
@@ -22,10 +27,18 @@ def clip_coefficient(total_norm: float, max_norm: float | None) -> float:
     return min(1.0, max_norm / (total_norm + 1e-6))
 
 
+def optimizer_threads(train_cfg: TrainConfig) -> int:
+    """TrainConfig.optimizer_threads, or every core this process may use but one (at least one)."""
+    if train_cfg.optimizer_threads is not None:
+        return train_cfg.optimizer_threads
+    return max(1, default_num_threads() - 1)
+
+
 class OptimizerDriver:
     def __init__(self, store: HostStore, train_cfg: TrainConfig):
         self.store = store
         self.cfg = train_cfg
+        self.num_threads = optimizer_threads(train_cfg)
         self._done = [threading.Event() for _ in range(store.num_layers)]
         for event in self._done:
             event.set()                     # before the first step every layer's weights are current
@@ -75,12 +88,30 @@ class OptimizerDriver:
 
     def update_layer(self, i: int, step: int, lr: float, grad_scale: float) -> None:
         s, c = self.store, self.cfg
-        split = s.layouts[i].decay_numel   # decayed matrices first, then norms and biases
-        working = s.working[i]
-        out = None if working is s.master[i] else working
-        for lo, hi, wd in ((0, split, c.weight_decay), (split, s.layouts[i].numel, 0.0)):
-            if hi == lo:
-                continue
-            adamw_step_(s.master[i][lo:hi], s.grad[i][lo:hi], s.exp_avg[i][lo:hi], s.exp_avg_sq[i][lo:hi],
-                        None if out is None else out[lo:hi], step=step, lr=lr, beta1=c.betas[0],
-                        beta2=c.betas[1], eps=c.eps, weight_decay=wd, grad_scale=grad_scale)
+        split, n = s.layouts[i].decay_numel, s.layouts[i].numel   # decayed matrices first, then norms and biases
+        hyper = dict(step=step, lr=lr, beta1=c.betas[0], beta2=c.betas[1], eps=c.eps, grad_scale=grad_scale,
+                     num_threads=self.num_threads)
+        grad = s.grad[i]
+        if not s.split_master:
+            master = s.master[i]
+            for lo, hi, wd in ((0, split, c.weight_decay), (split, n, 0.0)):
+                if hi > lo:
+                    adamw_step_(master[lo:hi], grad[lo:hi], s.exp_avg[i][lo:hi], s.exp_avg_sq[i][lo:hi], None,
+                                weight_decay=wd, **hyper)
+            return
+        weights, low = s.working[i], s.master_low[i]
+        if s.optimizer_states == "8bit":
+            # the matrices' moments are 8-bit codes; the norms' and biases' (exp_avg[i]: [n - split]) stay fp32
+            if split:
+                b = s.buffers
+                adamw_step_split_8bit_(weights[:split], low[:split], grad[:split], b("exp_avg_q")[i],
+                                       b("exp_avg_scale")[i], b("exp_avg_sq_q")[i], b("exp_avg_sq_scale")[i],
+                                       weight_decay=c.weight_decay, seed=i, **hyper)
+            if n > split:
+                adamw_step_split_(weights[split:], low[split:], grad[split:], s.exp_avg[i], s.exp_avg_sq[i],
+                                  weight_decay=0.0, **hyper)
+            return
+        for lo, hi, wd in ((0, split, c.weight_decay), (split, n, 0.0)):
+            if hi > lo:
+                adamw_step_split_(weights[lo:hi], low[lo:hi], grad[lo:hi], s.exp_avg[i][lo:hi],
+                                  s.exp_avg_sq[i][lo:hi], weight_decay=wd, **hyper)

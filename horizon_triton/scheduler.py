@@ -192,6 +192,7 @@ def stream_in(p: Pipeline, u: Unit, slot: int) -> None:
     compute that read ``slot``; copies u's working weights into the slot and records slot_ready[slot]."""
     for j in p.sources(u):
         p.optimizer.wait_layer(j)
+        p.store.wait_pinned(j)    # host: only before the first copy of j while pinning runs (covers its grad too)
     p.dev.wait("copy_in", p.slot_free[slot])
     hosts = p.head_segments(p.store.working, u) if u.layer == p.head else [p.store.working[u.layer]]
     dst, offset = p.slots[slot], 0

@@ -1,26 +1,49 @@
 """Host store: host RAM is the authoritative home of every parameter, gradient and optimizer state.
 
 The model is a list of layers: the embedding, the decoder layers, the head (final norm, and lm_head unless it is
-tied to the embedding). Each layer owns one contiguous flat buffer per kind:
+tied to the embedding). Each layer owns one contiguous flat buffer per kind. Three layouts:
 
-    working  bf16 (or fp32)  what streams to the compute device; in fp32 mode it *is* the master buffer
-    master   fp32            the optimizer's weights
-    exp_avg, exp_avg_sq fp32 AdamW moments
-    grad     bf16 (or fp32)  the step's gradient, written once per step from the device's fp32 accumulator
+    bf16 compute (default), fp32 moments: 14 bytes per parameter
+        working     bf16   what streams to the compute device, and the high half of the fp32 master
+        master_low  int16  the low half: (working, master_low) is the fp32 master, exactly (host_formats.py);
+                           the working weights are the master rounded to nearest (exact ties away from zero)
+        exp_avg, exp_avg_sq  fp32  AdamW moments
+        grad        bf16   the step's gradient, written once per step from the device's fp32 accumulator
+    bf16 compute, optimizer_states="8bit": 8 bytes per parameter (+ 8 bytes per 256)
+        working, master_low, grad as above
+        exp_avg_q, exp_avg_sq_q          uint8  blockwise 8-bit codes of the moments of the decayed (matrix)
+        exp_avg_scale, exp_avg_sq_scale  fp32   parameters, one scale per 256-element block
+        exp_avg, exp_avg_sq              fp32   moments of the rest (norms, biases: a few thousand per layer)
+    fp32 compute (exact mode): 16 bytes per parameter
+        master      fp32   the optimizer's weights, streamed as they are
+        exp_avg, exp_avg_sq, grad  fp32
 
-That is 2 + 4 + 4 + 4 + 2 = 16 bytes per parameter in bf16 mode (4 + 4 + 4 + 4 in fp32 mode). Every parameter
-is a view into these buffers; nothing else holds a copy of the model.
+Every parameter is a view into these buffers; nothing else holds a copy of the model. ``master_values`` is the
+one way to read the fp32 master (a view in fp32 mode, reconstructed from the halves otherwise), ``set_master``
+the one way to write it.
+
+Pinned (when the compute device is CUDA): only what crosses the bus, the working weights (the master in fp32
+mode) and the gradients, each at its exact size (pinning.py); master halves and moments stay pageable: only the
+CPU optimizer reads them.
 
 Inside a layer, parameters that take weight decay (2+ dimensions) come first, so one AdamW call covers them and
 a second the rest; q/k/v rows are adjacent (one fused [q+2kv, H] matrix), as are gate/up and the q/k/v biases.
 """
 from __future__ import annotations
 
+import ctypes
+import os
+import sys
 from dataclasses import dataclass
+
+import weakref
 
 import torch
 
+from horizon_triton.kernels.host_formats import join_master, num_blocks, split_master
+
 from .config import ModelConfig
+from .pinning import HostPinner, arena, cuda_register_functions
 
 INIT_STD = 0.02  # transformers' initializer_range default for these families
 
@@ -119,21 +142,45 @@ PAGE_BYTES = 4096
 
 
 def host_block_bytes(nbytes: int, pinned: bool) -> int:
-    """Bytes one host allocation of ``nbytes`` really takes. PyTorch's caching host allocator rounds every pinned
-    block up to a power of two (a 3.4 GB fp32 buffer takes 4 GiB); a pageable one takes whole pages."""
+    """Bytes one host allocation of ``nbytes`` made through torch really takes: PyTorch's caching host allocator
+    rounds every pinned block up to a power of two (a 3.4 GB buffer takes 4 GiB); a pageable one takes whole pages.
+    (The store's own buffers are pinned at their exact size instead: Allocation.reserved_bytes.)"""
     if pinned:
         return 1 << max(0, nbytes - 1).bit_length()
     return -(-nbytes // PAGE_BYTES) * PAGE_BYTES
 
 
+MMAP_THRESHOLD_BYTES = 4 * 2**20
+_M_MMAP_THRESHOLD = -3     # glibc's mallopt parameter
+
+
+def fix_malloc_mmap_threshold() -> None:
+    """Once per process (glibc only, unless MALLOC_MMAP_THRESHOLD_ is set): host allocations of 4 MiB and more get
+    a mapping of their own. glibc otherwise raises its threshold after each large free, up to 32 MiB, so the
+    engine's per-layer temporaries then come from the heap and fragment it: measured on the 2-core box, peak RSS
+    grew 14.3 B per added parameter for a 14 B/param store, 13.95 with the fixed threshold
+    (tests/test_host_memory.py). A process-wide setting, made when an Engine is built, never on import."""
+    global _threshold_fixed
+    if _threshold_fixed or not sys.platform.startswith("linux") or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return
+    _threshold_fixed = True
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+    except (OSError, AttributeError):      # not glibc (musl has no mallopt): nothing to fix
+        pass
+
+
+_threshold_fixed = False
+
+
 @dataclass(frozen=True)
 class Allocation:
     """One host buffer of the store, as the accounting (nbytes, the dry run, checkpoints) sees it."""
-    kind: str              # "master", "working", "exp_avg", "exp_avg_sq", "grad"
+    kind: str              # "working", "master_low", "master", "exp_avg", "exp_avg_sq", "exp_avg_q", ..., "grad"
     layer: int             # index into layouts
     numel: int
     dtype: torch.dtype
-    pinned: bool
+    pinned: bool           # page-locked at its exact size (a CUDA run), or would be (device="meta")
 
     @property
     def nbytes(self) -> int:
@@ -141,50 +188,107 @@ class Allocation:
 
     @property
     def reserved_bytes(self) -> int:
-        """What the allocation takes from the machine (see host_block_bytes)."""
-        return host_block_bytes(self.nbytes, self.pinned)
+        """What the allocation takes from the machine: whole pages, pinned or not (the store registers its own
+        arenas at their exact size, pinning.py)."""
+        return -(-self.nbytes // PAGE_BYTES) * PAGE_BYTES
+
+
+OPTIMIZER_STATES = ("fp32", "8bit")
+_SPLIT_CHUNK = 1 << 20           # elements split per call in set_master
 
 
 class HostStore:
-    """Flat per-layer host buffers (pinned when CUDA is present) and the parameter views into them.
+    """Flat per-layer host buffers and the parameter views into them; the buffers that cross the bus pinned
+    when ``pin`` (through ``pinner``, by default the CUDA runtime's cudaHostRegister).
 
     ``device="meta"`` builds the same layout with no memory behind it (the dry run's store)."""
 
-    def __init__(self, cfg: ModelConfig, compute_dtype: torch.dtype, pin: bool = False, device: str = "cpu"):
+    def __init__(self, cfg: ModelConfig, compute_dtype: torch.dtype, pin: bool = False, device: str = "cpu",
+                 optimizer_states: str = "fp32", pinner: HostPinner | None = None):
+        if optimizer_states not in OPTIMIZER_STATES:
+            raise ValueError(f"optimizer_states must be one of {OPTIMIZER_STATES}, got {optimizer_states!r}")
+        if optimizer_states == "8bit" and compute_dtype != torch.bfloat16:
+            raise ValueError("optimizer_states='8bit' needs compute_dtype='bfloat16' (the 8-bit layout keeps the "
+                             "master as bf16 + int16 halves); use optimizer_states='fp32' in float32 mode")
         self.cfg = cfg
         self.compute_dtype = compute_dtype
+        self.optimizer_states = optimizer_states
+        self.split_master = compute_dtype == torch.bfloat16
         self.pinned = pin
         self.device = torch.device(device)
         self.layouts = layer_layouts(cfg)
         self.allocations: list[Allocation] = []
-        self.master, self.working, self.exp_avg, self.exp_avg_sq, self.grad = [], [], [], [], []
-        for i, layout in enumerate(self.layouts):
-            n = layout.numel
-            master = self._alloc("master", i, n, torch.float32, pin)
-            self.master.append(master)
-            # fp32 mode streams the master weights themselves: no second copy
-            self.working.append(master if compute_dtype == torch.float32
-                                else self._alloc("working", i, n, compute_dtype, pin))
-            self.exp_avg.append(self._alloc("exp_avg", i, n, torch.float32, pin, zero=True))
-            self.exp_avg_sq.append(self._alloc("exp_avg_sq", i, n, torch.float32, pin, zero=True))
-            self.grad.append(self._alloc("grad", i, n, compute_dtype, pin, zero=True))
+        self._buffers: dict[str, list[torch.Tensor]] = {}
+        self._pinner = None
+        if pin and self.device.type == "cpu":
+            self._pinner = pinner or HostPinner(*cuda_register_functions())
+            weakref.finalize(self, self._pinner.close)   # unregistered before the arenas are freed
+        sizes = [layout.numel for layout in self.layouts]
+        decayed = [layout.decay_numel for layout in self.layouts]
+        if self.split_master:
+            self._alloc_kind("working", sizes, compute_dtype, pin)
+            self._alloc_kind("master_low", sizes, torch.int16)
+        else:
+            self._alloc_kind("master", sizes, torch.float32, pin)   # streamed as it is: no second copy
+        if optimizer_states == "8bit":
+            blocks = [num_blocks(n) for n in decayed]
+            for moment in ("exp_avg", "exp_avg_sq"):
+                self._alloc_kind(f"{moment}_q", decayed, torch.uint8, zero=True)
+                self._alloc_kind(f"{moment}_scale", blocks, torch.float32, zero=True)
+            rest = [n - d for n, d in zip(sizes, decayed)]           # norms and biases stay fp32
+            self._alloc_kind("exp_avg", rest, torch.float32, zero=True)
+            self._alloc_kind("exp_avg_sq", rest, torch.float32, zero=True)
+        else:
+            self._alloc_kind("exp_avg", sizes, torch.float32, zero=True)
+            self._alloc_kind("exp_avg_sq", sizes, torch.float32, zero=True)
+        self._alloc_kind("grad", sizes, compute_dtype, pin, zero=True)
+        self.working: list[torch.Tensor] = self._buffers["working" if self.split_master else "master"]
+        self.grad: list[torch.Tensor] = self._buffers["grad"]
+        self.exp_avg: list[torch.Tensor] = self._buffers["exp_avg"]
+        self.exp_avg_sq: list[torch.Tensor] = self._buffers["exp_avg_sq"]
+        if self.split_master:
+            self.master_low: list[torch.Tensor] = self._buffers["master_low"]
 
-    def _alloc(self, kind: str, layer: int, n: int, dtype: torch.dtype, pinned: bool,
-               zero: bool = False) -> torch.Tensor:
-        """Every host buffer of the store is made here, so that what is counted is what is allocated. On meta
-        (the dry run) nothing is pinned, but the allocation records what a real store would pin."""
-        self.allocations.append(Allocation(kind, layer, n, dtype, pinned))
-        make = torch.zeros if zero else torch.empty
-        return make(n, dtype=dtype, device=self.device, pin_memory=pinned and self.device.type == "cpu")
+    def _alloc_kind(self, kind: str, sizes: list[int], dtype: torch.dtype, pinned: bool = False,
+                    zero: bool = False) -> None:
+        """Every host buffer of the store is made here, one per layer, so that what is counted is what is
+        allocated: one arena per kind (pinning.arena), each layer's page-aligned region registered in the
+        background if the kind is pinned."""
+        nbytes = [n * dtype.itemsize for n in sizes]
+        pin_here = pinned and self._pinner is not None
+        regions = None
+        if pin_here:
+            regions = self._pinner.arena(nbytes)            # zero-filled by the pinning threads
+        elif self.device.type == "cpu":
+            regions = arena(nbytes, zero=zero)
+        buffers = []
+        for layer, n in enumerate(sizes):
+            self.allocations.append(Allocation(kind, layer, n, dtype, pinned))
+            if regions is None:                              # the meta device: a layout without memory
+                buffers.append(torch.empty(n, dtype=dtype, device=self.device))
+                continue
+            buffers.append(regions[layer].view(dtype))
+            if pin_here:
+                self._pinner.pin((kind, layer), regions[layer], zero=zero)
+        self._buffers[kind] = buffers
+
+    def wait_pinned(self, layer: int) -> None:
+        """Before a layer's first transfer: blocks until its pinned buffers are registered (no-op unpinned)."""
+        if self._pinner is not None:
+            for kind in ("working", "master", "grad"):
+                self._pinner.wait((kind, layer))
+
+    def close(self) -> None:
+        """Unregisters the pinned buffers (they stay usable as pageable memory)."""
+        if self._pinner is not None:
+            self._pinner.close()
 
     def state_buffers(self):
         """(kind, layer index, tensor) for every buffer a training checkpoint must hold: all of them but the
         gradient, which each step rewrites before it is read."""
-        buffers = {"master": self.master, "working": self.working, "exp_avg": self.exp_avg,
-                   "exp_avg_sq": self.exp_avg_sq}
         for a in self.allocations:
-            if a.kind in buffers:
-                yield a.kind, a.layer, buffers[a.kind][a.layer]
+            if a.kind != "grad":
+                yield a.kind, a.layer, self._buffers[a.kind][a.layer]
 
     @property
     def num_layers(self) -> int:
@@ -194,34 +298,90 @@ class HostStore:
         return sum(layout.numel for layout in self.layouts)
 
     def nbytes(self, pinned: bool | None = None) -> int:
-        """Bytes the store holds on the host (only the pinned, or only the pageable ones, if asked)."""
+        """Bytes the store holds on the host (only the pinned, or only the pageable ones, if asked). Pinned
+        buffers are locked at these sizes, plus at most one page each."""
         return sum(a.nbytes for a in self.allocations if pinned is None or a.pinned == pinned)
 
-    def named_master(self):
-        """(hf_name, fp32 view) for every parameter, in layer order."""
-        for layout, flat in zip(self.layouts, self.master):
-            views = layout.views(flat)
+    # ---- the fp32 master ----------------------------------------------------------------------------------
+    def master_values(self, layer: int, start: int = 0, end: int | None = None) -> torch.Tensor:
+        """fp32 master of elements [start, end) of a layer: a view in fp32 mode (writes go through), a new
+        tensor reconstructed exactly from the two halves in bf16 mode (write with ``set_master``)."""
+        if not self.split_master:
+            return self._buffers["master"][layer][start:end]
+        return join_master(self._buffers["working"][layer][start:end],
+                           self._buffers["master_low"][layer][start:end])
+
+    def set_master(self, layer: int, values: torch.Tensor, start: int = 0) -> None:
+        """Writes fp32 ``values`` (any shape, flattened) as the master of elements [start, start + numel) of a
+        layer, and with it the working weights: both halves exactly, in bf16 mode."""
+        values = values.reshape(-1).to(torch.float32)
+        end = start + values.numel()
+        if not self.split_master:
+            self._buffers["master"][layer][start:end].copy_(values)
+            return
+        # in chunks: split_master's integer temporaries stay small and of one size, so the allocator reuses
+        # them instead of leaving a parameter-sized hole per parameter in the heap
+        for lo in range(0, values.numel(), _SPLIT_CHUNK):
+            hi = min(lo + _SPLIT_CHUNK, values.numel())
+            split_master(values[lo:hi], self._buffers["working"][layer][start + lo:start + hi],
+                         self._buffers["master_low"][layer][start + lo:start + hi])
+
+    def buffers(self, kind: str) -> list[torch.Tensor]:
+        """The per-layer buffers of one kind (see the module docstring for the kinds of each layout)."""
+        return self._buffers[kind]
+
+    @property
+    def master(self):
+        """fp32 master of every layer, read only in bf16 mode: store.master[i] is ``master_values(i)``."""
+        if not self.split_master:
+            return self._buffers["master"]
+        return _MasterValues(self)
+
+    def named_params(self):
+        """(hf_name, layer index, Param) for every parameter, in layer order."""
+        for index, layout in enumerate(self.layouts):
             for p in layout.params:
-                yield p.hf_name, views[p.key]
+                yield p.hf_name, index, p
+
+    def named_master(self):
+        """(hf_name, fp32 tensor) for every parameter, in layer order, one parameter reconstructed at a time."""
+        for name, index, p in self.named_params():
+            yield name, self.master_values(index, p.offset, p.offset + p.numel).view(p.shape)
 
     def init_random(self, seed: int) -> None:
         """transformers' init: normal(0, 0.02) matrices, ones for norms, zeros for biases and the pad token's
-        embedding row; one generator per layer so that building a model never needs more than its own buffers."""
-        for index, (layout, flat) in enumerate(zip(self.layouts, self.master)):
+        embedding row; one generator per layer so that building a model never needs more than its own buffers
+        and one parameter's fp32 copy."""
+        scratch = torch.empty(max(p.numel for layout in self.layouts for p in layout.params))  # one allocation
+        for index, layout in enumerate(self.layouts):
             gen = torch.Generator().manual_seed(seed * 100003 + index)
-            views = layout.views(flat)
             for p in layout.params:
+                values = scratch[:p.numel]
                 if p.decay:
-                    views[p.key].normal_(0.0, INIT_STD, generator=gen)
+                    values.normal_(0.0, INIT_STD, generator=gen)
                 elif p.key.endswith("bias"):
-                    views[p.key].zero_()
+                    values.zero_()
                 else:
-                    views[p.key].fill_(1.0)
-        if self.cfg.pad_row is not None:   # as nn.Embedding(padding_idx) starts it
-            self.layouts[0].views(self.master[0])["embed"][self.cfg.pad_row].zero_()
-        self.refresh_working()
+                    values.fill_(1.0)
+                if index == 0 and self.cfg.pad_row is not None:   # as nn.Embedding(padding_idx) starts it
+                    values.view(p.shape)[self.cfg.pad_row].zero_()
+                self.set_master(index, values, p.offset)
 
-    def refresh_working(self) -> None:
-        for master, working in zip(self.master, self.working):
-            if working is not master:
-                working.copy_(master)
+
+class _MasterValues:
+    """store.master in bf16 mode: a sequence of reconstructed fp32 layers (copies: writing them changes
+    nothing; use store.set_master)."""
+
+    def __init__(self, store: HostStore):
+        self._store = store
+
+    def __len__(self) -> int:
+        return self._store.num_layers
+
+    def __getitem__(self, layer: int) -> torch.Tensor:
+        if not -len(self) <= layer < len(self):
+            raise IndexError(f"layer {layer} out of range for {len(self)} layers")
+        return self._store.master_values(layer % len(self))
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))

@@ -52,8 +52,10 @@ def step_dir(root: Path, step: int) -> Path:
 
 
 def _state_tensors(store: HostStore) -> list[tuple[str, str, int, torch.Tensor]]:
-    """(tensor name, kind, layer index, buffer) for every state buffer, in the store's order."""
-    return [(f"{store.layouts[layer].name}.{kind}", kind, layer, t) for kind, layer, t in store.state_buffers()]
+    """(tensor name, kind, layer index, buffer) for every state buffer, layer by layer (within a layer in the
+    store's order), so that a shard holds whole layers whatever order the store allocates its kinds in."""
+    tensors = [(f"{store.layouts[layer].name}.{kind}", kind, layer, t) for kind, layer, t in store.state_buffers()]
+    return sorted(tensors, key=lambda entry: entry[2])
 
 
 def expected_tensors(store: HostStore) -> dict[str, dict]:

@@ -1,28 +1,39 @@
-"""CPU AdamW on host buffers, fused into one pass over memory.
+"""CPU AdamW on host buffers, fused into one pass over memory, for the three layouts of the host store.
 
-The engine keeps fp32 master weights, fp32 Adam moments and the step's gradients in host RAM; after each
-optimizer step it needs the updated weights rounded to bf16 for the GPU. ``adamw_step_`` does all of it in a
-single read of (master, grad, exp_avg, exp_avg_sq) and a single write of (master, exp_avg, exp_avg_sq, out_bf16):
-28 bytes per parameter with bf16 gradients, 30 with fp32 gradients, 26 / 24 without the bf16 output.
+The engine keeps the master weights, the Adam moments and the step's gradients in host RAM; after each optimizer
+step it needs the updated weights in bf16 for the GPU. Each function below does the whole update in a single
+read and a single write of every buffer (bytes per parameter with bf16 gradients, read + write):
 
-Maths (torch.optim.AdamW, decoupled weight decay, step t 1-based; scalars in double, elements in fp32):
+    adamw_step_             fp32 master, fp32 m and v, bf16 copy out     14 + 14 = 28   (16 B/param store)
+    adamw_step_split_       master = bf16 weights (hi) + int16 low half,  14 + 12 = 26   (14 B/param store)
+                            fp32 m and v; the weights are updated in place: no copy to refresh
+    adamw_step_split_8bit_  split master, blockwise 8-bit m and v          8 +  6 = 14   (8 B/param store)
+                            (plus one fp32 scale per 256-element block for each moment)
+
+The split master and the 8-bit codes are defined in kernels/host_formats.py.
+
+Maths (torch.optim.AdamW, decoupled weight decay, step t 1-based; scalars in double, rounded to fp32, elements
+in fp32):
     g  = grad · grad_scale                                   (grad_scale folds gradient clipping in)
     m  = β1·m + (1-β1)·g
     v  = β2·v + ((1-β2)·g)·g
     p  = p · (1 - lr·wd)
     p  = p - (lr/(1-β1^t) · m) / (sqrt(v)/sqrt(1-β2^t) + eps)
     out_bf16 = round-to-nearest-even(p)                      (bit-identical to ``p.to(torch.bfloat16)``)
-The products are grouped as torch's ``addcmul_``/``addcdiv_`` group them. The one difference from
-torch.optim.AdamW's default (single-tensor) path is that torch updates m with ``lerp_``, m + (1-β1)·(g - m),
-a different rounding of the same value: results agree to within fp32 rounding, not bit for bit.
+In the split layouts p is joined from its halves before and split after; in the 8-bit layout m and v are
+decoded before and encoded after, each block against its new absolute maximum (the update itself uses the fp32
+m and v of this step, never their codes). Every product and sum is rounded on its own (no fused multiply-add,
+-ffp-contract=off), so the torch references, written as separate torch ops, give the same bits. The one
+difference from torch.optim.AdamW's default (single-tensor) path is that torch updates m with ``lerp_``,
+m + (1-β1)·(g - m), and fuses its ``addcmul_``/``addcdiv_``: results agree to within fp32 rounding.
 
 Implementations, chosen once per process (``implementation()`` says which, for the engine to log):
 - ``cpp``: kernels/cpu_adam.cpp, a plain-C-ABI loop with OpenMP threads, compiled on first use with the
   system C++ compiler (-O3 -march=native; under a second) into ~/.cache/horizon_triton/, keyed by source,
   flags and CPU, and called through ctypes, which drops the GIL for the whole call.
-- ``torch``: ``adamw_step_torch_``, the same formula as torch ops on cache-sized chunks. Used when
-  HORIZON_CPU_ADAM=torch, or, with a warning, when the build fails. It runs on torch's intra-op threads and
-  ignores ``set_num_threads``.
+- ``torch``: ``adamw_step_torch_`` (and ``_split_torch_``, ``_split_8bit_torch_``), the same arithmetic as torch
+  ops on cache-sized chunks, bit for bit. Used when HORIZON_CPU_ADAM=torch, or, with a warning, when the build
+  fails. It runs on torch's intra-op threads and ignores the thread count.
 HORIZON_CPU_ADAM=cpp makes a failed build an error instead of a fallback.
 
 Why the C++ loop won, measured with bf16 grads and bf16 output on 64M params on a 2-core AMD EPYC (Zen 4,
@@ -36,9 +47,10 @@ read, except the 2 B/param bf16 output. The loop is memory-bound, so inductor's 
 within noise; the C++ one wins on the cost around it: a one-second build instead of 35 s, no graph guards or
 recompiles when step-dependent scalars change, and a call that certainly drops the GIL (ctypes).
 
-Limits: CPU tensors only; master, exp_avg, exp_avg_sq fp32; grad fp32 or bf16; out_bf16 bf16 or None; all 1-D
-and contiguous (views into a larger flat buffer are fine, any storage offset). No amsgrad, no maximize, no
-per-element learning rate. Aliasing between the buffers is not checked.
+Limits: CPU tensors only; master, exp_avg, exp_avg_sq fp32; weights bf16 and master_low int16; codes uint8
+and scales fp32 (num_blocks(n) of them); grad fp32 or bf16; out_bf16 bf16 or None; all 1-D and contiguous
+(views into a larger flat buffer are fine, any storage offset; a view into an 8-bit buffer must start on a
+block boundary). No amsgrad, no maximize, no per-element learning rate. Aliasing between the buffers is not checked.
 """
 from __future__ import annotations
 
@@ -54,48 +66,86 @@ from pathlib import Path
 
 import torch
 
+from .host_formats import (EXP_AVG_CODES, EXP_AVG_SQ_CODES, QBLOCK, dequantize, join_master, num_blocks, quantize,
+                           split_master)
+
 _ENV = "HORIZON_CPU_ADAM"          # auto (default) | cpp | torch
-_TORCH_CHUNK = 1 << 18             # elements per chunk of the torch path: its two 1 MiB temporaries stay in cache
+_TORCH_CHUNK = 1 << 18             # elements per chunk of the torch path (a multiple of QBLOCK)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Torch path: the reference and the fallback.
 # ----------------------------------------------------------------------------------------------------------
+def _adamw_chunk(g, m, v, p, scalars):
+    """The update of fp32 chunks, one torch op per rounding of the C++ loop -> (m, v, p), new tensors."""
+    g = g * scalars["grad_scale"]
+    m = m * scalars["beta1"] + g * scalars["one_minus_beta1"]
+    v = v * scalars["beta2"] + g * scalars["one_minus_beta2"] * g
+    p = p * scalars["decay"]
+    # torch's vectorised fp32 sqrt is within 0.5001 ulp, not correctly rounded; the fp64 one rounded to fp32 is
+    denom = v.double().sqrt_().float() / scalars["bias_correction2_sqrt"] + scalars["eps"]
+    return m, v, p - scalars["step_size"] * m / denom
+
+
+def _chunks(n: int):
+    for start in range(0, n, _TORCH_CHUNK):
+        yield slice(start, min(start + _TORCH_CHUNK, n))
+
+
 def adamw_step_torch_(master, grad, exp_avg, exp_avg_sq, out_bf16, *, step, lr, beta1, beta2, eps,
-                      weight_decay, grad_scale=1.0):
-    """The formula of the module docstring as torch ops, chunk by chunk. Same signature as ``adamw_step_``."""
+                      weight_decay, grad_scale=1.0, num_threads=None):
+    """The fp32 layout as torch ops, chunk by chunk. Same signature as ``adamw_step_``."""
     _check_inputs(master, grad, exp_avg, exp_avg_sq, out_bf16, step)
     scalars = _scalars(step, lr, beta1, beta2, eps, weight_decay, grad_scale)
-    n = master.numel()
-    g = torch.empty(min(n, _TORCH_CHUNK), dtype=torch.float32)
-    denom = torch.empty_like(g)
-    for start in range(0, n, _TORCH_CHUNK):
-        end = min(start + _TORCH_CHUNK, n)
-        p, m, v = master[start:end], exp_avg[start:end], exp_avg_sq[start:end]
-        gc, dc = g[:end - start], denom[:end - start]
-        gc.copy_(grad[start:end]).mul_(scalars["grad_scale"])
-        m.mul_(scalars["beta1"]).add_(gc, alpha=scalars["one_minus_beta1"])
-        v.mul_(scalars["beta2"]).addcmul_(gc, gc, value=scalars["one_minus_beta2"])
-        p.mul_(scalars["decay"])
-        torch.sqrt(v, out=dc).div_(scalars["bias_correction2_sqrt"]).add_(scalars["eps"])
-        p.addcdiv_(m, dc, value=-scalars["step_size"])
+    for c in _chunks(master.numel()):
+        m, v, p = _adamw_chunk(grad[c].float(), exp_avg[c], exp_avg_sq[c], master[c], scalars)
+        exp_avg[c], exp_avg_sq[c], master[c] = m, v, p
         if out_bf16 is not None:
-            out_bf16[start:end].copy_(p)
+            out_bf16[c] = p
+
+
+def adamw_step_split_torch_(weights, master_low, grad, exp_avg, exp_avg_sq, *, step, lr, beta1, beta2, eps,
+                            weight_decay, grad_scale=1.0, num_threads=None):
+    """The split-master layout as torch ops. Same signature as ``adamw_step_split_``."""
+    _check_split_inputs(weights, master_low, grad, {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}, step)
+    scalars = _scalars(step, lr, beta1, beta2, eps, weight_decay, grad_scale)
+    for c in _chunks(weights.numel()):
+        p = join_master(weights[c], master_low[c])
+        m, v, p = _adamw_chunk(grad[c].float(), exp_avg[c], exp_avg_sq[c], p, scalars)
+        exp_avg[c], exp_avg_sq[c] = m, v
+        split_master(p, weights[c], master_low[c])
+
+
+def adamw_step_split_8bit_torch_(weights, master_low, grad, exp_avg_q, exp_avg_scale, exp_avg_sq_q,
+                                 exp_avg_sq_scale, *, step, lr, beta1, beta2, eps, weight_decay, grad_scale=1.0,
+                                 num_threads=None, seed=0):
+    """The split-master, 8-bit-moment layout as torch ops. Same signature as ``adamw_step_split_8bit_``."""
+    _check_8bit_inputs(weights, master_low, grad, exp_avg_q, exp_avg_scale, exp_avg_sq_q, exp_avg_sq_scale, step)
+    scalars = _scalars(step, lr, beta1, beta2, eps, weight_decay, grad_scale)
+    for c in _chunks(weights.numel()):
+        blocks = slice(c.start // QBLOCK, num_blocks(c.stop))
+        m = dequantize(exp_avg_q[c], exp_avg_scale[blocks], signed=True)
+        v = dequantize(exp_avg_sq_q[c], exp_avg_sq_scale[blocks], signed=False)
+        p = join_master(weights[c], master_low[c])
+        m, v, p = _adamw_chunk(grad[c].float(), m, v, p, scalars)
+        split_master(p, weights[c], master_low[c])
+        quantize(m, exp_avg_q[c], exp_avg_scale[blocks], signed=True, step=step, first_index=c.start, seed=seed)
+        quantize(v, exp_avg_sq_q[c], exp_avg_sq_scale[blocks], signed=False, step=step, first_index=c.start,
+                 seed=seed)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Checks and scalars shared by both paths
 # ----------------------------------------------------------------------------------------------------------
-def _check_inputs(master, grad, exp_avg, exp_avg_sq, out_bf16, step):
-    """Raises ValueError naming the argument; called before anything is written."""
+def _check_step(step):
     if not isinstance(step, int) or isinstance(step, bool) or step < 1:
         raise ValueError(f"step must be an int ≥ 1 (1 on the first optimizer step, as torch counts), got {step!r}")
-    expected = {"master": (master, (torch.float32,)), "grad": (grad, (torch.bfloat16, torch.float32)),
-                "exp_avg": (exp_avg, (torch.float32,)), "exp_avg_sq": (exp_avg_sq, (torch.float32,))}
-    if out_bf16 is not None:
-        expected["out_bf16"] = (out_bf16, (torch.bfloat16,))
-    n = master.numel() if isinstance(master, torch.Tensor) else None
-    for name, (t, dtypes) in expected.items():
+
+
+def _check_tensors(expected: dict, n: int | None, first: str) -> None:
+    """expected: name -> (tensor, allowed dtypes, elements or None for n). Raises ValueError naming the argument;
+    called before anything is written."""
+    for name, (t, dtypes, numel) in expected.items():
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.device.type != "cpu":
@@ -108,17 +158,51 @@ def _check_inputs(master, grad, exp_avg, exp_avg_sq, out_bf16, step):
                              f"buffer with .view(-1))")
         if not t.is_contiguous():
             raise ValueError(f"{name} is not contiguous (stride {t.stride()}); pass a contiguous 1-D view")
-        if t.numel() != n:
-            raise ValueError(f"{name} has {t.numel()} elements but master has {n}")
+        if numel is None and t.numel() != n:
+            raise ValueError(f"{name} has {t.numel()} elements but {first} has {n}")
+        if numel is not None and t.numel() != numel:
+            raise ValueError(f"{name} has {t.numel()} elements; {first}'s {n} elements make {numel} blocks of "
+                             f"{QBLOCK}, one scale each")
+
+
+_F32, _GRAD = (torch.float32,), (torch.bfloat16, torch.float32)
+
+
+def _check_inputs(master, grad, exp_avg, exp_avg_sq, out_bf16, step):
+    _check_step(step)
+    expected = {"master": (master, _F32, None), "grad": (grad, _GRAD, None), "exp_avg": (exp_avg, _F32, None),
+                "exp_avg_sq": (exp_avg_sq, _F32, None)}
+    if out_bf16 is not None:
+        expected["out_bf16"] = (out_bf16, (torch.bfloat16,), None)
+    _check_tensors(expected, master.numel() if isinstance(master, torch.Tensor) else None, "master")
+
+
+def _check_split_inputs(weights, master_low, grad, moments: dict, step, scales: dict | None = None):
+    _check_step(step)
+    n = weights.numel() if isinstance(weights, torch.Tensor) else None
+    expected = {"weights": (weights, (torch.bfloat16,), None), "master_low": (master_low, (torch.int16,), None),
+                "grad": (grad, _GRAD, None)}
+    for name, t in moments.items():
+        expected[name] = (t, (torch.uint8,) if scales is not None else _F32, None)
+    for name, t in (scales or {}).items():
+        expected[name] = (t, _F32, None if n is None else num_blocks(n))
+    _check_tensors(expected, n, "weights")
+
+
+def _check_8bit_inputs(weights, master_low, grad, exp_avg_q, exp_avg_scale, exp_avg_sq_q, exp_avg_sq_scale, step):
+    _check_split_inputs(weights, master_low, grad, {"exp_avg_q": exp_avg_q, "exp_avg_sq_q": exp_avg_sq_q}, step,
+                        scales={"exp_avg_scale": exp_avg_scale, "exp_avg_sq_scale": exp_avg_sq_scale})
 
 
 def _scalars(step, lr, beta1, beta2, eps, weight_decay, grad_scale) -> dict[str, float]:
-    """The per-step constants, computed in double as torch computes them."""
+    """The per-step constants, computed in double as torch computes them, then rounded to fp32."""
     bias_correction1 = 1 - beta1 ** step
     bias_correction2 = 1 - beta2 ** step
-    return dict(grad_scale=grad_scale, beta1=beta1, one_minus_beta1=1 - beta1, beta2=beta2,
-                one_minus_beta2=1 - beta2, decay=1 - lr * weight_decay, step_size=lr / bias_correction1,
-                bias_correction2_sqrt=math.sqrt(bias_correction2), eps=eps)
+    scalars = dict(grad_scale=grad_scale, beta1=beta1, one_minus_beta1=1 - beta1, beta2=beta2,
+                   one_minus_beta2=1 - beta2, decay=1 - lr * weight_decay, step_size=lr / bias_correction1,
+                   bias_correction2_sqrt=math.sqrt(bias_correction2), eps=eps)
+    # rounded to fp32 here, as the C function receives them: the torch path multiplies by exactly these values
+    return {k: float(torch.tensor(v, dtype=torch.float32)) for k, v in scalars.items()}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -160,32 +244,47 @@ def _load_cpp():
             partial.unlink(missing_ok=True)
             raise RuntimeError(f"{compiler} failed on {source.name}: {build.stderr.strip()[-1000:]}")
         os.replace(partial, library)
-    fn = ctypes.CDLL(str(library)).horizon_cpu_adamw_step
-    fn.restype = None
-    f32, ptr = ctypes.c_float, ctypes.c_void_p
-    fn.argtypes = [ptr, ptr, ctypes.c_int, ptr, ptr, ptr, ctypes.c_int64] + [f32] * 9 + [ctypes.c_int]
-    return fn
+    lib = ctypes.CDLL(str(library))
+    f32, ptr, i32, i64 = ctypes.c_float, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
+    signatures = {"step": ("horizon_cpu_adamw_step", [ptr, ptr, i32, ptr, ptr, ptr, i64]),
+                  "split": ("horizon_cpu_adamw_step_split", [ptr, ptr, ptr, i32, ptr, ptr, i64]),
+                  "split_8bit": ("horizon_cpu_adamw_step_split_8bit",
+                                 [ptr, ptr, ptr, i32, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64])}
+    functions = {}
+    for key, (name, pointers) in signatures.items():
+        fn = getattr(lib, name)
+        fn.restype = None
+        fn.argtypes = pointers + [f32] * 9 + [i32]
+        functions[key] = fn
+    return functions
 
 
-def _adamw_step_cpp_(fn, master, grad, exp_avg, exp_avg_sq, out_bf16, scalars):
-    # ctypes releases the GIL for the duration of the call: the OpenMP loop runs while Python goes on.
-    fn(master.data_ptr(), grad.data_ptr(), int(grad.dtype == torch.bfloat16), exp_avg.data_ptr(),
-       exp_avg_sq.data_ptr(), None if out_bf16 is None else out_bf16.data_ptr(), master.numel(),
-       scalars["grad_scale"], scalars["beta1"], scalars["one_minus_beta1"], scalars["beta2"],
-       scalars["one_minus_beta2"], scalars["decay"], scalars["step_size"], scalars["bias_correction2_sqrt"],
-       scalars["eps"], get_num_threads())
+_SCALAR_ORDER = ("grad_scale", "beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "decay", "step_size",
+                 "bias_correction2_sqrt", "eps")
+
+
+def _call_cpp(fn, pointers, grad, sizes, scalars, num_threads):
+    """pointers: the layout's buffers before grad's and after it, as (before, after) lists of tensors or None;
+    sizes: the integers after them (n, and the step and seed of the 8-bit layout's rounding).
+    ctypes releases the GIL for the duration of the call: the OpenMP loop runs while Python goes on."""
+    before, after = pointers
+    address = [None if t is None else t.data_ptr() for t in before]
+    address += [grad.data_ptr(), int(grad.dtype == torch.bfloat16)]
+    address += [None if t is None else t.data_ptr() for t in after]
+    fn(*address, *sizes, *(scalars[k] for k in _SCALAR_ORDER), num_threads or get_num_threads())
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Public API
 # ----------------------------------------------------------------------------------------------------------
 _lock = threading.Lock()
-_cpp_fn = None          # the loaded C function once chosen
+_cpp_fn = None          # the loaded C functions ({"step", "split", "split_8bit"} -> function) once chosen
 _chosen: str | None = None
 _num_threads: int | None = None
 
 
-def _default_num_threads() -> int:
+def default_num_threads() -> int:
+    """Every core this process may run on."""
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:      # not on Linux
@@ -201,7 +300,7 @@ def set_num_threads(n: int | None) -> None:
 
 
 def get_num_threads() -> int:
-    return _num_threads if _num_threads is not None else _default_num_threads()
+    return _num_threads if _num_threads is not None else default_num_threads()
 
 
 def _choose() -> None:
@@ -235,19 +334,48 @@ def implementation() -> str:
     return f"cpp (OpenMP, {get_num_threads()} threads)" if _chosen == "cpp" else _chosen
 
 
+def _run(torch_fn, key, pointers, grad, sizes, step_args, num_threads):
+    _choose()
+    if _cpp_fn is None:
+        return torch_fn()
+    if sizes[0]:
+        _call_cpp(_cpp_fn[key], pointers, grad, sizes, _scalars(**step_args), num_threads)
+
+
 def adamw_step_(master, grad, exp_avg, exp_avg_sq, out_bf16, *, step, lr, beta1, beta2, eps, weight_decay,
-                grad_scale=1.0):
+                grad_scale=1.0, num_threads=None):
     """One AdamW step in place on master, exp_avg, exp_avg_sq; writes bf16(master) to out_bf16 unless None.
 
     master, exp_avg, exp_avg_sq: fp32[N]; grad: bf16[N] or fp32[N]; out_bf16: bf16[N] or None; all 1-D,
     contiguous, on the CPU. step is 1-based. Raises ValueError naming the bad argument before writing."""
     _check_inputs(master, grad, exp_avg, exp_avg_sq, out_bf16, step)
-    _choose()
-    if _cpp_fn is None:
-        adamw_step_torch_(master, grad, exp_avg, exp_avg_sq, out_bf16, step=step, lr=lr, beta1=beta1, beta2=beta2,
-                          eps=eps, weight_decay=weight_decay, grad_scale=grad_scale)
-        return
-    if master.numel() == 0:
-        return
-    _adamw_step_cpp_(_cpp_fn, master, grad, exp_avg, exp_avg_sq, out_bf16,
-                     _scalars(step, lr, beta1, beta2, eps, weight_decay, grad_scale))
+    hyper = dict(step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+                 grad_scale=grad_scale)
+    _run(lambda: adamw_step_torch_(master, grad, exp_avg, exp_avg_sq, out_bf16, **hyper), "step",
+         ([master], [exp_avg, exp_avg_sq, out_bf16]), grad, (master.numel(),), hyper, num_threads)
+
+
+def adamw_step_split_(weights, master_low, grad, exp_avg, exp_avg_sq, *, step, lr, beta1, beta2, eps,
+                      weight_decay, grad_scale=1.0, num_threads=None):
+    """One AdamW step in place on the split master (weights = bf16 high half, master_low = int16 low half) and
+    the fp32 moments. weights, master_low, exp_avg, exp_avg_sq, grad (bf16 or fp32): 1-D [N], contiguous, CPU."""
+    _check_split_inputs(weights, master_low, grad, {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}, step)
+    hyper = dict(step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+                 grad_scale=grad_scale)
+    _run(lambda: adamw_step_split_torch_(weights, master_low, grad, exp_avg, exp_avg_sq, **hyper), "split",
+         ([weights, master_low], [exp_avg, exp_avg_sq]), grad, (weights.numel(),), hyper, num_threads)
+
+
+def adamw_step_split_8bit_(weights, master_low, grad, exp_avg_q, exp_avg_scale, exp_avg_sq_q, exp_avg_sq_scale, *,
+                           step, lr, beta1, beta2, eps, weight_decay, grad_scale=1.0, num_threads=None, seed=0):
+    """One AdamW step in place on the split master and the blockwise 8-bit moments: exp_avg_q, exp_avg_sq_q
+    uint8[N] codes, exp_avg_scale, exp_avg_sq_scale fp32[num_blocks(N)] block maxima (kernels/host_formats.py).
+    Zero codes and zero scales are the zero moments of step 1. The re-encoding rounds stochastically, seeded
+    by (element index, step, seed: an int telling buffers apart): the same call gives the same bits."""
+    _check_8bit_inputs(weights, master_low, grad, exp_avg_q, exp_avg_scale, exp_avg_sq_q, exp_avg_sq_scale, step)
+    hyper = dict(step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+                 grad_scale=grad_scale)
+    _run(lambda: adamw_step_split_8bit_torch_(weights, master_low, grad, exp_avg_q, exp_avg_scale, exp_avg_sq_q,
+                                              exp_avg_sq_scale, **hyper, seed=seed), "split_8bit",
+         ([weights, master_low], [exp_avg_q, exp_avg_scale, exp_avg_sq_q, exp_avg_sq_scale, EXP_AVG_CODES,
+                                  EXP_AVG_SQ_CODES]), grad, (weights.numel(), step, seed), hyper, num_threads)

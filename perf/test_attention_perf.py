@@ -12,6 +12,7 @@ Without a GPU the CPU path (the torch reference, and SDPA on CPU) runs on a smal
 import pytest
 import torch
 import torch.nn.functional as F
+from bench import attention_inputs, sdpa_forward_backward, sdpa_inputs
 
 from horizon_triton.kernels import tuning
 from horizon_triton.kernels.attention import attention_flops
@@ -33,17 +34,8 @@ def _shape(device, name):
     return (GPU_SHAPES if device.type == "cuda" else CPU_SHAPES)[name]
 
 
-def _inputs(device, B, S, Hq, Hkv, D):
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    gen = torch.Generator(device=device).manual_seed(0)
-    q, k, v, do = (torch.randn(B, S, h, D, device=device, dtype=dtype, generator=gen) for h in (Hq, Hkv, Hkv, Hq))
-    return q, k, v, do
-
-
-def _sdpa_inputs(q, k, v):
-    """[B, S, H, D] → [B, H, S, D] views, k/v repeated onto the query heads (untimed)."""
-    group = q.shape[2] // k.shape[2]
-    return (t.repeat_interleave(r, dim=2).transpose(1, 2) for t, r in ((q, 1), (k, group), (v, group)))
+def _inputs(device, **shape):
+    return attention_inputs(device, **shape, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
 
 
 @pytest.mark.parametrize("name", list(GPU_SHAPES))
@@ -56,7 +48,7 @@ def test_forward(measure, record, device, name):
                  attention_flops(shape["B"], shape["S"], shape["Hq"], shape["D"]), "2*B*Hq*S^2*D",
                  path=path, dtype=str(q.dtype), **shape)
     if device.type == "cuda":
-        qs, ks, vs = _sdpa_inputs(q, k, v)
+        qs, ks, vs = sdpa_inputs(q, k, v)
         sdpa_ms = tuning.time_ms(lambda: F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale))
         record(sdpa_ms=round(sdpa_ms, 4), ratio_to_sdpa=round(ms / sdpa_ms, 3))
 
@@ -80,14 +72,8 @@ def test_forward_backward(measure, record, device, name):
         bwd_ms = tuning.time_ms(lambda: backward(do, q, k, v, o, lse, None, scale))
         bwd_flops = attention_flops(shape["B"], shape["S"], shape["Hq"], shape["D"], backward=True)
         record(backward_ms=round(bwd_ms, 4), backward_tflops=float(f"{bwd_flops / bwd_ms / 1e9:.4g}"))
-        sdpa_ms = tuning.time_ms(lambda: _sdpa_forward_backward(q, k, v, do, scale))
+        sdpa_ms = tuning.time_ms(lambda: sdpa_forward_backward(q, k, v, do, scale))
         record(sdpa_ms=round(sdpa_ms, 4), ratio_to_sdpa=round(ms / sdpa_ms, 3))
-
-
-def _sdpa_forward_backward(q, k, v, do, scale):
-    qs, ks, vs = (t.detach().requires_grad_() for t in _sdpa_inputs(q, k, v))
-    o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale)
-    return torch.autograd.grad(o, (qs, ks, vs), do.transpose(1, 2))
 
 
 @pytest.mark.parametrize("name", list(GPU_SHAPES))
@@ -95,7 +81,7 @@ def test_sdpa_forward(measure, device, name):
     """The bar: PyTorch's SDPA (flash backend on a GPU) on the same shape."""
     shape = _shape(device, name)
     q, k, v, _ = _inputs(device, **shape)
-    qs, ks, vs = _sdpa_inputs(q, k, v)
+    qs, ks, vs = sdpa_inputs(q, k, v)
     scale = shape["D"] ** -0.5
     measure(lambda: F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale),
             attention_flops(shape["B"], shape["S"], shape["Hq"], shape["D"]), "2*B*Hq*S^2*D",
@@ -103,10 +89,10 @@ def test_sdpa_forward(measure, device, name):
 
 
 @pytest.mark.parametrize("name", list(GPU_SHAPES))
-def test_sdpa_forward_backward(measure, device, name):
+def testsdpa_forward_backward(measure, device, name):
     shape = _shape(device, name)
     q, k, v, do = _inputs(device, **shape)
     scale = shape["D"] ** -0.5
-    measure(lambda: _sdpa_forward_backward(q, k, v, do, scale),
+    measure(lambda: sdpa_forward_backward(q, k, v, do, scale),
             3.5 * attention_flops(shape["B"], shape["S"], shape["Hq"], shape["D"]), "3.5*2*B*Hq*S^2*D",
             path="torch SDPA is_causal + autograd", dtype=str(q.dtype), **shape)

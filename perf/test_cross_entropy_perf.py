@@ -9,7 +9,7 @@ shape and says so.
     pytest perf/test_cross_entropy_perf.py --benchmark-only
 """
 import torch
-import torch.nn.functional as F
+from bench import autograd_cross_entropy, cross_entropy_inputs, plain_matmuls
 
 from horizon_triton.kernels import cross_entropy as ce
 from horizon_triton.kernels import tuning
@@ -24,14 +24,7 @@ def _shape(device):
 
 
 def _inputs(device, T, H, V, chunk):
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    g = torch.Generator(device=device).manual_seed(0)
-    h = torch.randn(T, H, device=device, dtype=dtype, generator=g)
-    weight = torch.randn(V, H, device=device, dtype=dtype, generator=g) / H ** 0.5
-    targets = torch.randint(0, V, (T,), device=device, generator=g)
-    targets[::7] = -100
-    d_weight = torch.zeros(V, H, device=device, dtype=torch.float32)
-    return h, weight, targets, d_weight
+    return cross_entropy_inputs(device, T, H, V, torch.bfloat16 if device.type == "cuda" else torch.float32)
 
 
 def _measure(measure, fn, T, H, V, dtype, **figures) -> float:
@@ -44,12 +37,7 @@ def _measure(measure, fn, T, H, V, dtype, **figures) -> float:
 def _matmuls_ms(h, weight):
     """Median ms of the three plain bf16 cuBLAS matmuls over the whole T (no softmax, no accumulation)."""
     logits = h @ weight.t()
-
-    def three():
-        lg = torch.mm(h, weight.t(), out=logits)
-        lg @ weight
-        lg.t() @ h
-    return tuning.time_ms(three, warmup=2, rep=10)
+    return tuning.time_ms(lambda: plain_matmuls(h, weight, logits), warmup=2, rep=10)
 
 
 def test_fused_linear_cross_entropy(measure, record, device):
@@ -78,14 +66,8 @@ def test_torch_linear_cross_entropy(measure, device):
     h, weight, targets, d_weight = _inputs(device, T, H, V, chunk)
     h.requires_grad_()
     weight.requires_grad_()
-
-    def fn():
-        logits = h @ weight.t()                                         # [T, V]
-        loss = F.cross_entropy(logits.float(), targets, ignore_index=-100, reduction="sum")
-        (loss / T).backward()
-        d_weight.add_(weight.grad)
-        h.grad = weight.grad = None
-    _measure(measure, fn, T, H, V, dtype=h.dtype, path="torch autograd")
+    _measure(measure, lambda: autograd_cross_entropy(h, weight, targets, d_weight), T, H, V, dtype=h.dtype,
+             path="torch autograd")
 
 
 def test_plain_matmuls(measure, device):
@@ -93,9 +75,4 @@ def test_plain_matmuls(measure, device):
     T, H, V, chunk = _shape(device).values()
     h, weight, _, _ = _inputs(device, T, H, V, chunk)
     logits = h @ weight.t()
-
-    def fn():
-        torch.mm(h, weight.t(), out=logits)
-        logits @ weight
-        logits.t() @ h
-    _measure(measure, fn, T, H, V, dtype=h.dtype, path="torch.mm x3")
+    _measure(measure, lambda: plain_matmuls(h, weight, logits), T, H, V, dtype=h.dtype, path="torch.mm x3")

@@ -13,14 +13,9 @@ import os
 
 import pytest
 import torch
+from bench import copy_gbps, engine_flops, peak_tflops
 
 import horizon_triton as ht
-
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "GH200": 989.0}
-
-
-def _peak_tflops(name: str):
-    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
 
 
 def _workload(device):
@@ -29,15 +24,6 @@ def _workload(device):
         name = "llama-8b" if total_ram > 16 * 8.1e9 * 1.3 else "llama-1b"
         return ht.preset(name), 4, 4096, 1          # batch 4 × 4096 tokens = 16K tokens per step
     return ht.preset("tiny"), 2, 64, 2
-
-
-def _flops(cfg: ht.ModelConfig, batch: int, seq: int, accum: int):
-    params = cfg.num_parameters() - cfg.vocab_size * cfg.hidden_size * (1 if cfg.tie_word_embeddings else 2)
-    params += cfg.vocab_size * cfg.hidden_size     # the lm_head matmul is compute, the embedding lookup is not
-    tokens = batch * seq * accum
-    six_pt = 6 * params * tokens
-    attention = 3 * 2 * 2 * batch * accum * seq * seq * cfg.num_heads * cfg.head_dim * cfg.num_layers / 2
-    return six_pt, six_pt + attention, tokens
 
 
 @pytest.mark.benchmark(group="engine-step")
@@ -53,18 +39,18 @@ def test_engine_step(benchmark, record, device, tmp_path):
     history = []
     benchmark.pedantic(lambda: history.extend(engine.fit(batches)), rounds=3, iterations=1)
     step_s = min(h["time_s"] for h in history)
-    six_pt, model, tokens = _flops(cfg, batch, seq, accum)
+    six_pt, model, tokens = engine_flops(cfg, batch, seq, accum)
     events = json.loads(trace.read_text())
     summary = events["otherData"]
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    peak = _peak_tflops(name)
+    peak = peak_tflops(name)
     record(model=f"{cfg.num_parameters() / 1e9:.2f}B", tokens_per_step=tokens, step_s=step_s,
            tokens_per_s=tokens / step_s, tflops_6pt=six_pt / step_s / 1e12, tflops_model=model / step_s / 1e12,
            mfu=None if peak is None else model / step_s / 1e12 / peak,
            compute_busy=summary.get("compute_busy"), copy_hidden=summary.get("copy_hidden"),
            device_peak_bytes=history[-1]["device_peak_bytes"], host_peak_bytes=history[-1]["host_peak_bytes"],
            kernels=engine.kernel_backend, stream_in_gb_per_s=_stream_in_bandwidth(engine, events),
-           plain_copy_gb_per_s=_plain_copy_bandwidth(engine, device))
+           plain_copy_gb_per_s=copy_gbps(max(engine.store.working, key=torch.Tensor.numel), device))
     engine.close()
 
 
@@ -78,27 +64,3 @@ def _stream_in_bandwidth(engine, events) -> float:
              and e["name"] != "stream_in embed rows"]   # a gather of the step's rows, not a weight stream
     total = sum(size[e["name"].split(" ", 1)[1]] for e in spans)
     return total / (sum(e["dur"] for e in spans) / 1e6) / 1e9
-
-
-def _plain_copy_bandwidth(engine, device, repeats: int = 10) -> float:
-    """A plain (pinned on CUDA) copy of the largest layer's working weights, timed in the same process."""
-    host = max(engine.store.working, key=torch.Tensor.numel)
-    dst = torch.empty_like(host, device=device)
-    dst.copy_(host)
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(repeats):
-            dst.copy_(host, non_blocking=True)
-        end.record()
-        end.synchronize()  # sync: read the timing
-        seconds = start.elapsed_time(end) / 1e3
-    else:
-        import time
-        t0 = time.perf_counter()
-        for _ in range(repeats):
-            dst.copy_(host)
-        seconds = time.perf_counter() - t0
-    return repeats * host.numel() * host.element_size() / seconds / 1e9
-
-

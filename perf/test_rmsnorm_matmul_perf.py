@@ -9,6 +9,7 @@ Without a GPU the CPU path (the torch reference) runs on a small fp32 shape and 
 """
 import pytest
 import torch
+from bench import rmsnorm_matmul_inputs, two_gemms_backward
 
 from horizon_triton.kernels import tuning
 from horizon_triton.kernels.reference import rmsnorm_forward
@@ -27,14 +28,8 @@ def _kernels(device):
     return r.rmsnorm_matmul_forward, r.rmsnorm_matmul_backward, "torch reference (CPU path)"
 
 
-def _inputs(device, T, H, N):
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    gen = torch.Generator(device=device).manual_seed(0)
-    x = torch.randn(T, H, device=device, dtype=dtype, generator=gen)
-    g = (1 + 0.1 * torch.randn(H, device=device, generator=gen)).to(dtype)
-    w = torch.randn(N, H, device=device, dtype=dtype, generator=gen) / H ** 0.5
-    dy = torch.randn(T, N, device=device, dtype=dtype, generator=gen)
-    return x, g, w, dy
+def _inputs(device, **shape):
+    return rmsnorm_matmul_inputs(device, **shape, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
 
 
 @pytest.mark.parametrize("proj", ["qkv", "gate_up"])
@@ -81,9 +76,5 @@ def test_fused_backward(measure, record, device, proj):
                  4 * x.numel() * w.shape[0], "4*T*N*H", path=path, dtype=str(x.dtype), **shape)
     if device.type == "cuda":
         xn, _ = rmsnorm_forward(x, g, EPS)
-
-        def cublas_backward():    # the two bf16 GEMMs alone on the pre-normalized input, dW added to fp32
-            dy @ w
-            d_w.add_(dy.t() @ xn)
-        cublas_ms = tuning.time_ms(cublas_backward)
+        cublas_ms = tuning.time_ms(lambda: two_gemms_backward(dy, w, xn, d_w))
         record(cublas_two_gemms_ms=round(cublas_ms, 4), ratio_to_cublas=round(ms / cublas_ms, 3))

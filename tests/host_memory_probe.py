@@ -1,8 +1,13 @@
 """Run as a script: trains a wide model of the given depth for two steps and prints JSON with the parameter
-count and the growth of peak resident memory (ru_maxrss) over the process's footprint before the model."""
+count and the growth of peak resident memory (ru_maxrss) over the process's footprint before the model.
+
+    python tests/host_memory_probe.py DEPTH [--states fp32|8bit] [--baseline]
+
+--baseline trains the same model with transformers (fp32 weights) + torch.optim.AdamW instead, the usual way to
+fine-tune it on a CPU: what the engine's host store is compared with (perf/RESULTS.md)."""
+import argparse
 import json
 import resource
-import sys
 
 import torch
 
@@ -13,17 +18,45 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def main(depth: int) -> None:
-    cfg = ht.ModelConfig(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_layers=depth,
-                         num_heads=16, num_kv_heads=4)
+def model_config(depth: int) -> ht.ModelConfig:
+    return ht.ModelConfig(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_layers=depth,
+                          num_heads=16, num_kv_heads=4)
+
+
+def engine_run(cfg: ht.ModelConfig, batches, states: str) -> dict:
+    engine = ht.Engine(cfg, ht.TrainConfig(device="cpu", lr=1e-4, optimizer_states=states))
+    history = engine.fit(batches)
+    return {"params": engine.store.num_parameters(), "store_bytes": engine.store.nbytes(),
+            "host_peak_bytes": history[-1]["host_peak_bytes"], "loss": history[-1]["loss"]}
+
+
+def baseline_run(cfg: ht.ModelConfig, batches) -> dict:
+    import transformers
+    hf_cfg = cfg.to_hf_config("float32")
+    hf_cfg._attn_implementation = "sdpa"
+    model = transformers.LlamaForCausalLM(hf_cfg)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    for batch in batches:
+        loss = model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=False)      # the gradients stay allocated, as across real steps
+    return {"params": sum(p.numel() for p in model.parameters()), "loss": float(loss)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("depth", type=int)
+    parser.add_argument("--states", default="fp32", choices=["fp32", "8bit"])
+    parser.add_argument("--baseline", action="store_true")
+    args = parser.parse_args()
+    cfg = model_config(args.depth)
     ids = torch.randint(0, cfg.vocab_size, (1, 32))
     batches = [{"input_ids": ids, "labels": ids}] * 2
     before = peak_rss()
-    engine = ht.Engine(cfg, ht.TrainConfig(device="cpu", lr=1e-4))
-    history = engine.fit(batches)
-    print(json.dumps({"params": engine.store.num_parameters(), "rss_growth": peak_rss() - before,
-                      "store_bytes": engine.store.nbytes(), "loss": history[-1]["loss"]}))
+    result = baseline_run(cfg, batches) if args.baseline else engine_run(cfg, batches, args.states)
+    print(json.dumps({**result, "rss_growth": peak_rss() - before}))
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]))
+    main()

@@ -127,6 +127,19 @@ def test_demo_runs_and_writes_metrics(tmp_path):
     assert (out / "config.json").is_file()
 
 
+def test_demo_reruns_into_its_default_directory(tmp_path, monkeypatch):
+    """`horizon-triton train` twice: the second run replaces runs/demo (it holds only an earlier demo), while an
+    --out given by hand that holds something is still refused."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HORIZON_KERNELS", "torch")
+    args = ["train", "--steps", "2", "--eval-every", "2", "--eval-problems", "4"]
+    for _ in range(2):
+        assert cli.main(args) == 0
+        lines = (tmp_path / "runs" / "demo" / "metrics.jsonl").read_text().splitlines()
+        assert [json.loads(line)["step"] for line in lines if '"train"' in line] == [1, 2]
+    assert cli.main(args + ["--out", "runs/demo"]) == 2
+
+
 def test_demo_rejects_finetune_options(capsys):
     assert cli.main(["train", "--data", "x.jsonl"]) == 2
     assert "--model" in capsys.readouterr().err

@@ -17,6 +17,7 @@ from kernel_checks import assert_within_reference_error
 
 from horizon_triton.kernels import cpu_adam
 from horizon_triton.kernels.cpu_adam import adamw_step_, adamw_step_torch_
+from horizon_triton.kernels.host_formats import dequantize, join_master, num_blocks, split_master
 
 HYPER = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8)
 STEPS = 5
@@ -263,3 +264,176 @@ def test_unknown_env_value(unchosen):
     with pytest.raises(ValueError, match="HORIZON_CPU_ADAM='cuda'"):
         cpu_adam.implementation()
 
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The split-master and 8-bit layouts (kernels/host_formats.py)
+# ----------------------------------------------------------------------------------------------------------
+LAYOUT_FNS = {"cpp": (cpu_adam.adamw_step_, cpu_adam.adamw_step_split_, cpu_adam.adamw_step_split_8bit_),
+              "torch": (adamw_step_torch_, cpu_adam.adamw_step_split_torch_, cpu_adam.adamw_step_split_8bit_torch_)}
+
+
+@pytest.fixture(params=["cpp", "torch"])
+def layout_fns(request):
+    """(fp32 layout, split layout, split + 8-bit layout) of one implementation."""
+    if request.param == "cpp" and cpu_adam.implementation().split()[0] != "cpp":
+        pytest.skip(f"C++ path unavailable: {cpu_adam.implementation()}")
+    return LAYOUT_FNS[request.param]
+
+
+def _halves(values):
+    hi, lo = torch.empty(values.numel(), dtype=torch.bfloat16), torch.empty(values.numel(), dtype=torch.int16)
+    split_master(values, hi, lo)
+    return hi, lo
+
+
+def _moments_8bit(n):
+    blocks = num_blocks(n)
+    return [torch.zeros(n, dtype=torch.uint8), torch.zeros(blocks), torch.zeros(n, dtype=torch.uint8),
+            torch.zeros(blocks)]
+
+
+def _mixed_grads(n, dtype, steps=STEPS, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(n, generator=g) * torch.logspace(-6, 1, n)[torch.randperm(n, generator=g)]).to(dtype)
+            for _ in range(steps)]
+
+
+@pytest.mark.parametrize("n", [1, 7, 100_003])
+@pytest.mark.parametrize("grad_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("weight_decay, grad_scale", [(0.0, 1.0), (0.1, 0.37)])
+def test_split_master_equals_fp32_master_bit_for_bit(layout_fns, n, grad_dtype, weight_decay, grad_scale):
+    """The split layout is the fp32 layout stored differently: the master joined from its halves, and the
+    moments, equal the fp32 layout's bit for bit after every step (so it inherits test_matches_torch_adamw), and
+    the working weights are that master rounded to nearest."""
+    step_fp32, step_split, _ = layout_fns
+    master = torch.randn(n) * 0.02
+    hi, lo = _halves(master)
+    m32, v32, m, v = torch.zeros(n), torch.zeros(n), torch.zeros(n), torch.zeros(n)
+    for step, g in enumerate(_mixed_grads(n, grad_dtype), start=1):
+        kwargs = dict(step=step, **HYPER, weight_decay=weight_decay, grad_scale=grad_scale)
+        step_fp32(master, g, m32, v32, None, **kwargs)
+        step_split(hi, lo, g, m, v, **kwargs)
+        assert torch.equal(join_master(hi, lo).view(torch.int32), master.view(torch.int32))
+        assert torch.equal(m, m32) and torch.equal(v, v32)
+    expected_hi, _ = _halves(master)
+    assert torch.equal(hi.view(torch.int16), expected_hi.view(torch.int16))
+
+
+def test_split_master_keeps_updates_below_half_a_bf16_ulp(layout_fns):
+    """Weights ~1 and lr 1e-4: each update is 1/40 of a bf16 ulp. A bf16 master (torch.optim.AdamW on bf16)
+    never moves; the split master moves as torch.optim.AdamW's fp32 master does, and the working weights follow."""
+    _, step_split, _ = layout_fns
+    n = 4096
+    master0 = 1 + 0.1 * torch.rand(n)
+    hi, lo = _halves(master0)
+    m, v = torch.zeros(n), torch.zeros(n)
+    params = {dtype: torch.nn.Parameter(master0.to(dtype, copy=True)) for dtype in (torch.float32, torch.bfloat16)}
+    optimizers = {dtype: torch.optim.AdamW([p], lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+                  for dtype, p in params.items()}
+    grad = torch.ones(n, dtype=torch.bfloat16)            # a constant push: Adam moves each weight by lr a step
+    for step in range(1, 201):
+        step_split(hi, lo, grad, m, v, step=step, lr=1e-4, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0)
+        for dtype, p in params.items():
+            p.grad = grad.to(dtype)
+            optimizers[dtype].step()
+    fp32 = params[torch.float32].detach()
+    # fp32 rounding of 200 additions of 1e-4 to values near 1 (a few ulps of 1.2e-7), nothing more
+    torch.testing.assert_close(join_master(hi, lo), fp32, rtol=0, atol=2e-6)
+    assert (master0 - fp32).min() > 0.0199
+    assert torch.equal(params[torch.bfloat16].detach(), master0.bfloat16())   # the bf16 master lost every update
+    assert (hi.float() < master0.bfloat16().float()).float().mean() > 0.9    # the working weights moved
+
+
+@pytest.mark.parametrize("n", [1, 255, 257, 100_003])
+@pytest.mark.parametrize("grad_dtype", [torch.float32, torch.bfloat16])
+def test_cpp_equals_torch_reference_bit_for_bit(n, grad_dtype):
+    """Every layout's C++ loop against its torch reference over several steps: the same bits in every buffer
+    (the references round each operation as the C++ loop does; see the cpu_adam docstring)."""
+    if cpu_adam.implementation().split()[0] != "cpp":
+        pytest.skip(f"C++ path unavailable: {cpu_adam.implementation()}")
+    master0, grads = torch.randn(n), _mixed_grads(n, grad_dtype)
+    results = {}
+    for impl, (step_fp32, step_split, step_8bit) in LAYOUT_FNS.items():
+        fp32 = [master0.clone(), torch.zeros(n), torch.zeros(n), torch.empty(n, dtype=torch.bfloat16)]
+        split = [*_halves(master0), torch.zeros(n), torch.zeros(n)]
+        eight = [*_halves(master0), *_moments_8bit(n)]
+        for step, g in enumerate(grads, start=1):
+            kwargs = dict(step=step, **HYPER, weight_decay=0.1, grad_scale=0.5)
+            step_fp32(fp32[0], g, fp32[1], fp32[2], fp32[3], **kwargs)
+            step_split(split[0], split[1], g, *split[2:], **kwargs)
+            step_8bit(eight[0], eight[1], g, *eight[2:], **kwargs, seed=3)
+        results[impl] = fp32 + split + eight
+    for ours, reference in zip(results["cpp"], results["torch"]):
+        assert torch.equal(ours.view(torch.uint8), reference.view(torch.uint8))
+
+
+def test_8bit_moments_stay_close_to_fp32_moments(layout_fns):
+    """Same gradients (magnitudes within 3x, so every code is in range), 8-bit against fp32 moments over 30
+    steps: each stochastic re-encoding is off by less than one code step (6-12%) and unbiased, so the decoded
+    moments wander (mean relative error a few percent) around the fp32 ones without drifting away (mean bias
+    within 4%), and the weights drift from the fp32-moment ones by a few percent of the distance they moved."""
+    _, step_split, step_8bit = layout_fns
+    n, steps = 64 * 1024, 30
+    master0 = torch.randn(n) * 0.02
+    split, eight = [*_halves(master0), torch.zeros(n), torch.zeros(n)], [*_halves(master0), *_moments_8bit(n)]
+    g = torch.Generator().manual_seed(3)
+    for step in range(1, steps + 1):
+        grad = (torch.randn(n, generator=g).sign() * (0.5 + torch.rand(n, generator=g))).bfloat16()
+        kwargs = dict(step=step, **HYPER, weight_decay=0.1)
+        step_split(split[0], split[1], grad, *split[2:], **kwargs)
+        step_8bit(eight[0], eight[1], grad, *eight[2:], **kwargs)
+    m8 = dequantize(eight[2], eight[3], signed=True)
+    v8 = dequantize(eight[4], eight[5], signed=False)
+    m32, v32 = split[2], split[3]
+    assert (m8 - m32).abs().mean() < 0.08 * m32.abs().mean()
+    assert ((v8 - v32).abs() / v32).mean() < 0.12
+    assert ((v8 - v32) / v32).mean().abs() < 0.04
+    moved = (join_master(*split[:2]) - master0).abs().mean()
+    drift = (join_master(*eight[:2]) - join_master(*split[:2])).abs().mean()
+    assert drift < 0.08 * moved, (drift, moved)
+
+
+BAD_SPLIT_INPUTS = [
+    ("weights", lambda a: torch.zeros(64), "weights has dtype torch.float32; expected torch.bfloat16"),
+    ("master_low", lambda a: torch.zeros(64, dtype=torch.int32), "master_low has dtype torch.int32"),
+    ("master_low", lambda a: torch.zeros(63, dtype=torch.int16), "master_low has 63 elements but weights has 64"),
+    ("exp_avg_q", lambda a: torch.zeros(64, dtype=torch.int8), "exp_avg_q has dtype torch.int8"),
+    ("exp_avg_scale", lambda a: torch.zeros(2), "exp_avg_scale has 2 elements; weights's 64 elements make 1"),
+    ("exp_avg_sq_scale", lambda a: torch.zeros(1, dtype=torch.float64), "exp_avg_sq_scale has dtype torch.float64"),
+    ("grad", lambda a: torch.zeros(64, dtype=torch.float16), "grad has dtype torch.float16"),
+]
+
+
+@pytest.mark.parametrize("name, make_bad, message", BAD_SPLIT_INPUTS)
+def test_bad_8bit_input_raises_before_writing(layout_fns, name, make_bad, message):
+    _, _, step_8bit = layout_fns
+    n = 64
+    args = dict(zip(["weights", "master_low"], _halves(torch.randn(n))), grad=torch.randn(n).bfloat16())
+    args.update(zip(["exp_avg_q", "exp_avg_scale", "exp_avg_sq_q", "exp_avg_sq_scale"], _moments_8bit(n)))
+    args[name] = make_bad(args)
+    snapshot = {k: v.clone() for k, v in args.items()}
+    with pytest.raises(ValueError, match=re.escape(message)):
+        step_8bit(*args.values(), step=1, **HYPER, weight_decay=0.0)
+    for k, v in snapshot.items():
+        assert torch.equal(args[k].view(torch.uint8), v.view(torch.uint8)), f"{k} was written before the error"
+    with pytest.raises(ValueError, match="step must be an int"):
+        step_8bit(*snapshot.values(), step=0, **HYPER, weight_decay=0.0)
+
+
+def test_thread_count_does_not_change_the_new_layouts():
+    if cpu_adam.implementation().split()[0] != "cpp":
+        pytest.skip(f"C++ path unavailable: {cpu_adam.implementation()}")
+    n = 100_003
+    master0, g = torch.randn(n), torch.randn(n).bfloat16()
+    results = []
+    for threads in (1, 3):
+        split, eight = [*_halves(master0), torch.zeros(n), torch.zeros(n)], [*_halves(master0), *_moments_8bit(n)]
+        for step in (1, 2):
+            cpu_adam.adamw_step_split_(split[0], split[1], g, *split[2:], step=step, **HYPER, weight_decay=0.1,
+                                       num_threads=threads)
+            cpu_adam.adamw_step_split_8bit_(eight[0], eight[1], g, *eight[2:], step=step, **HYPER,
+                                            weight_decay=0.1, num_threads=threads)
+        results.append(split + eight)
+    for a, b in zip(*results):
+        assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))

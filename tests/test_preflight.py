@@ -35,7 +35,7 @@ def test_llama3_70b_is_refused_on_this_machine_without_the_process_growing():
     message = result["message"]
     assert message is not None, "the 70B engine was built"
     need, available = map(float, re.search(r"needs ([0-9.]+) GiB.* has ([0-9.]+) GiB available", message).groups())
-    assert need > 1000 > available                    # ~1.3 TiB of pinned-rounded store against a 24 GiB machine
+    assert need > 900 > available                     # ~0.93 TiB of store (14 B/param) against a 24 GiB machine
     assert "preflight=False" in message
     assert result["growth"] < 64 * 2**20, result      # nothing of the model was allocated
     print(f"70B refused in {result['seconds']:.1f} s, peak RSS grew {result['growth'] / 2**20:.0f} MiB")
