@@ -168,3 +168,35 @@ class DPOHead:
     def metrics(self) -> dict:
         """Host, after the step's sync: TRL's names, means over the step's pairs."""
         return dict(zip(METRICS, (self.sums / self.pairs).tolist()))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the reference pass
+# ------------------------------------------------------------------------------------------------------------
+def add_reference(engine, rows, batch_size: int, path=None, on_batch=None):
+    """DPO's reference, computed once before training with the engine's current (starting) weights: each row's
+    per-token log-probs (Engine.reference_logps) in row order, ``batch_size`` rows a forward-only pass. ``rows``:
+    a list of row dicts, each given a "ref_logps" tensor, or a data.PackedRows, whose reference file (``path``,
+    default beside its row file) is written and attached. ``on_batch(rows_done)`` follows the progress. Returns
+    the rows."""
+    from .data.packing import PackedRows, RowLoader
+    loader = RowLoader(rows, batch_size, epochs=1, shuffle=False)
+    if not isinstance(rows, PackedRows):
+        done = 0
+        for logps in engine.reference_logps(loader):
+            for row, values in zip(rows[done:done + len(logps)], logps):
+                row["ref_logps"] = values
+            done += len(logps)
+            if on_batch is not None:
+                on_batch(done)
+        return rows
+    path = rows.path.with_suffix(".ref") if path is None else path
+    done = 0
+    with open(path, "wb") as f:
+        for logps in engine.reference_logps(loader):
+            f.write(logps.numpy().astype("float32").tobytes())
+            done += len(logps)
+            if on_batch is not None:
+                on_batch(done)
+    rows.attach_reference(path)
+    return rows
