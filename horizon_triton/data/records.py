@@ -127,9 +127,11 @@ def _response(value, where: str, key: str):
         return value
     if isinstance(value, dict):
         turns = _messages([value], where, key, "from" if "from" in value else "role",
-                          "value" if "value" in value else "content", {**SHAREGPT_ROLES, **{r: r for r in ROLES}})
+                          "value" if "value" in value else "content", {**SHAREGPT_ROLES, **{r: r for r in ROLES}},
+                          need_assistant=False)
         return _responses(turns, where, key)
-    return _responses(_messages(value, where, key, "role", "content", {r: r for r in ROLES}), where, key)
+    return _responses(_messages(value, where, key, "role", "content", {r: r for r in ROLES}, need_assistant=False),
+                      where, key)
 
 
 def _responses(turns: list[dict], where: str, key: str) -> list[dict]:
