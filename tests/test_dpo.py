@@ -349,7 +349,8 @@ def test_bad_micro_batches_are_refused(tmp_path):
 @pytest.mark.slow
 def test_dpo_raises_preference_accuracy_on_addition(tmp_path):
     """The demo's model, briefly fine-tuned on sums, then DPO on (right sum, one digit wrong) pairs: the held-out
-    pairs' reward accuracy (the policy prefers the right sum more than the reference did) rises clearly."""
+    pairs' reward accuracy (the policy prefers the right sum more than the reference did) rises clearly, and so
+    does the training pairs'. About 20 s on 2 cores."""
     torch.manual_seed(0)
     torch.set_num_threads(1)
     task = data.AdditionTask(min_digits=1, max_digits=2, num_heldout=64, seed=0, pad=True)
@@ -367,6 +368,47 @@ def test_dpo_raises_preference_accuracy_on_addition(tmp_path):
     before = engine.evaluate_preferences(data.RowLoader(held, 64, epochs=1, shuffle=False))
     history = engine.fit(data.RowLoader(rows, 32, steps=150))
     after = engine.evaluate_preferences(data.RowLoader(held, 64, epochs=1, shuffle=False))
+    # at the start the policy is the reference: every reward 0, no pair counted as preferred (TRL's convention)
     assert before["rewards/accuracies"] == 0.0 and before["loss"] == pytest.approx(0.6931, abs=1e-4)
-    assert after["rewards/accuracies"] > 0.8, after
-    assert after["loss"] < 0.5 and history[-1]["loss"] < history[0]["loss"]
+    assert after["rewards/accuracies"] > 0.7 and after["loss"] < 0.5, after                   # measured: 0.83, 0.37
+    accuracy = [sum(e["rewards/accuracies"] for e in history[a:a + 25]) / 25 for a in (0, 125)]
+    assert accuracy[1] > accuracy[0] + 0.05, accuracy                                         # measured: 0.66, 0.78
+
+
+# ---- the command line --------------------------------------------------------------------------------------
+def test_cli_dpo_run_with_reference_pass_eval_and_resume(tmp_path, capsys):
+    import json
+
+    from horizon_triton import cli
+    src = tmp_path / "src"
+    tokenizer = make_tokenizer(src, style="chatml")
+    make_hf_model("llama", src, vocab_size=len(tokenizer), max_position_embeddings=256)
+    prefs = tmp_path / "prefs.jsonl"
+    prefs.write_text("".join(json.dumps(r) + "\n" for r in _conversational()))
+    out = tmp_path / "out"
+    args = ["train", "--model", str(src), "--data", str(prefs), "--out", str(out), "--device", "cpu", "--dtype",
+            "float32", "--objective", "dpo", "--dpo-beta", "0.5", "--seq-len", "64", "--batch-size", "2",
+            "--eval-split", "0.25", "--lr", "2e-3", "--threads", "1"]
+    assert cli.main(args + ["--steps", "4", "--save-every", "2"]) == 0
+    printed = capsys.readouterr().out
+    # the eval split holds out 3 of the 8 records (data.in_eval_split); a pair a row
+    assert "reference log-probs of 5 train rows" in printed and "reference log-probs of 3 eval rows" in printed
+    assert (out / "reference" / "train.ref").stat().st_size == 5 * 64 * 4
+    first = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    resume = ["--resume", str(out / "checkpoints" / "step-00000002")]
+    assert cli.main(args + ["--steps", "4", "--save-every", "2"] + resume) == 0   # reuses the first reference
+    assert "reference log-probs" not in capsys.readouterr().out
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    for a, b in zip(first, lines):                                     # the resumed run: the same numbers
+        key = "loss" if a["kind"] == "train" else "eval_loss"
+        assert a["kind"] == b["kind"] and a[key] == pytest.approx(b[key], rel=1e-6)
+    train = [m for m in lines if m["kind"] == "train"]
+    assert [m["step"] for m in train] == [1, 2, 3, 4]
+    assert train[0]["loss"] == pytest.approx(0.693147, abs=1e-5) and train[0]["rewards/margins"] == 0
+    assert all(set(preference.METRICS) <= set(m) for m in train)
+    evals = [m for m in lines if m["kind"] == "eval"]
+    assert evals and all("eval_rewards/accuracies" in m and m["eval_pairs"] == 3 for m in evals)
+    assert cli.main(["data", "--model", str(src), "--data", str(prefs), "--objective", "dpo", "--show", "1"]) == 0
+    shown = capsys.readouterr().out
+    assert "prefs.jsonl:1 chosen" in shown and "\u00abblue . <|im_end|>\u00bb" in shown
+    assert cli.main(args + ["--steps", "2", "--overwrite", "--train-on", "all"]) == 2
