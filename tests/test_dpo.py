@@ -3,6 +3,7 @@ transformers + torch.autograd + torch AdamW implementation of DPO training, TRL'
 where trl is absent) for the numbers and for the tokenization of preference records, and the synthetic addition
 preference set for learning."""
 import copy
+from dataclasses import replace
 import random
 
 import pytest
@@ -412,3 +413,46 @@ def test_cli_dpo_run_with_reference_pass_eval_and_resume(tmp_path, capsys):
     shown = capsys.readouterr().out
     assert "prefs.jsonl:1 chosen" in shown and "\u00abblue . <|im_end|>\u00bb" in shown
     assert cli.main(args + ["--steps", "2", "--overwrite", "--train-on", "all"]) == 2
+
+
+# ---- the dry run and the plan ------------------------------------------------------------------------------
+def test_dry_run_of_a_dpo_step_matches_a_real_cpu_step():
+    """The dry run models DPO's head (two passes even with one vocabulary chunk, the per-token weights): its held
+    bytes and bus bytes are a real CPU DPO step's."""
+    from horizon_triton.dryrun import dry_run_shapes
+    cfg = ht.ModelConfig(vocab_size=512, hidden_size=128, intermediate_size=352, num_layers=4, num_heads=4,
+                         num_kv_heads=2)
+    train_cfg = ht.TrainConfig(device="cpu", grad_accum_steps=2, objective="dpo")
+    ids = torch.arange(2 * 2 * 48).view(2, 2, 48) % cfg.vocab_size      # the dry run's ids: all distinct
+    engine = ht.Engine(cfg, train_cfg)
+    real = engine.fit([{"input_ids": ids[m], "labels": ids[m], "ref_logps": torch.zeros(2, 48)}
+                       for m in range(2)])[0]
+    dry = dry_run_shapes(cfg, train_cfg, [(2, 48), (2, 48)], kernel_backend="torch", device_memory_bytes=2**34,
+                         pin_memory=False)
+    sft = dry_run_shapes(cfg, replace(train_cfg, objective="sft"), [(2, 48), (2, 48)], kernel_backend="torch",
+                         device_memory_bytes=2**34, pin_memory=False)
+    assert dry.device_held_peak_bytes == pytest.approx(real["device_peak_bytes"], rel=0.02)
+    assert (dry.h2d_bytes, dry.d2h_bytes) == (real["h2d_bytes"], real["d2h_bytes"])
+    # the vocabulary fits one slot: the mean loss takes the fused head, DPO the two passes (one more logits GEMM)
+    head_gemm = 2.0 * 4 * 48 * cfg.hidden_size * cfg.vocab_size
+    assert dry.flops["gemm_bfloat16"] - sft.flops["gemm_bfloat16"] == pytest.approx(head_gemm, rel=1e-6)
+
+
+def test_plan_of_dpo_at_8b_widths_keeps_the_device_peak():
+    """Llama-3-8B, 32K tokens a step on an H100: the head is two-pass already, and DPO adds only per-token
+    tensors (each target's sequence, int64, and its weight, fp32, with the weights' temporaries): the planned
+    device peak is the mean loss's plus at most 32 bytes a token, and the plan reports the dry run's peak."""
+    from horizon_triton.dryrun import dry_run
+    from horizon_triton.plan import HARDWARE
+    cfg, tokens = ht.preset("llama-8b"), 32768
+    card = HARDWARE["h100"]["device_memory_bytes"]
+    runs = {obj: dry_run(cfg, ht.TrainConfig(objective=obj), tokens_per_step=tokens, seq_len=4096,
+                         device_memory_bytes=card) for obj in ("sft", "dpo")}
+    extra = runs["dpo"].device_peak_bytes - runs["sft"].device_peak_bytes
+    assert 0 < extra <= 32 * tokens, extra
+    assert runs["dpo"].device_peak_bytes <= card
+    assert (runs["dpo"].h2d_bytes, runs["dpo"].d2h_bytes) == (runs["sft"].h2d_bytes, runs["sft"].d2h_bytes)
+    assert runs["dpo"].flops["gemm_bfloat16"] == runs["sft"].flops["gemm_bfloat16"]
+    planned = ht.plan(cfg, ht.TrainConfig(objective="dpo"), tokens_per_step=tokens, seq_len=4096, hardware="h100",
+                      find_hiding=False)
+    assert planned["device_peak_bytes"] == runs["dpo"].device_peak_bytes
