@@ -9,12 +9,12 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 
 import horizon_triton as ht
 from hf_reference import load_hf, make_hf_model
 from horizon_triton import data, preference
 from horizon_triton.kernels.reference import IGNORE_INDEX
+from test_engine_hf import _assert_weights_match
 from tiny_tokenizers import make_tokenizer
 
 OPT = dict(lr=2e-3, weight_decay=0.0, betas=(0.9, 0.95), eps=1e-8, max_grad_norm=1.0)
@@ -114,15 +114,6 @@ def _with_reference(engine, batches):
         ragged = isinstance(b["input_ids"], list)
         out.append(dict(b, ref_logps=[r[:len(ids)] for r, ids in zip(ref, b["input_ids"])] if ragged else ref))
     return out
-
-
-def _assert_weights_match(engine, model, out_dir, atol=1e-4):
-    engine.save_pretrained(out_dir)
-    saved = load_file(str(out_dir / "model.safetensors"))
-    expected = {k: v for k, v in model.state_dict().items() if k in saved}
-    assert set(saved) == set(expected)
-    for name, tensor in saved.items():
-        torch.testing.assert_close(tensor, expected[name], atol=atol, rtol=0, msg=name)
 
 
 @pytest.mark.parametrize("family, loss_type, eps, accum, head_rows", [
@@ -347,25 +338,32 @@ def test_bad_micro_batches_are_refused(tmp_path):
 
 
 # ---- learning ----------------------------------------------------------------------------------------------
+def addition_dpo_setup(out_dir):
+    """(engine, train rows, held-out rows) of the synthetic preference set: the demo's model fine-tuned on sums for
+    60 steps (the reference), 512 training pairs (right sum, one digit wrong) and the task's 64 held-out problems
+    as pairs, their reference log-probs attached (perf/test_dpo_perf.py draws its accuracy curve from it too)."""
+    torch.manual_seed(0)
+    task = data.AdditionTask(min_digits=1, max_digits=2, num_heldout=64, seed=0, pad=True)
+    sft = ht.Engine(ht.preset("demo"), ht.TrainConfig(lr=3e-3, compute_dtype="float32", device="cpu",
+                                                      warmup_steps=10))
+    sft.fit(task.batches(32), max_steps=60)
+    sft.save_pretrained(out_dir / "sft")
+    engine = ht.Engine(ht.ModelConfig.from_pretrained(out_dir / "sft"),
+                       ht.TrainConfig(lr=1e-3, compute_dtype="float32", device="cpu", objective="dpo", dpo_beta=0.1))
+    rng = random.Random(1)
+    train = [task.preference_pair(task.draw(rng), rng) for _ in range(512)]
+    held = [task.preference_pair(p, rng) for p in task.heldout]
+    return engine, *(preference.add_reference(engine, data.pack_pairs(pairs, 2 * task.seq_len, task.tokenizer.pad_id),
+                                              64) for pairs in (train, held))
+
+
 @pytest.mark.slow
 def test_dpo_raises_preference_accuracy_on_addition(tmp_path):
     """The demo's model, briefly fine-tuned on sums, then DPO on (right sum, one digit wrong) pairs: the held-out
     pairs' reward accuracy (the policy prefers the right sum more than the reference did) rises clearly, and so
     does the training pairs'. About 20 s on 2 cores."""
-    torch.manual_seed(0)
     torch.set_num_threads(1)
-    task = data.AdditionTask(min_digits=1, max_digits=2, num_heldout=64, seed=0, pad=True)
-    cfg = ht.preset("demo")
-    sft = ht.Engine(cfg, ht.TrainConfig(lr=3e-3, compute_dtype="float32", device="cpu", warmup_steps=10))
-    sft.fit(task.batches(32), max_steps=60)
-    sft.save_pretrained(tmp_path / "sft")
-    engine = ht.Engine(ht.ModelConfig.from_pretrained(tmp_path / "sft"),
-                       ht.TrainConfig(lr=1e-3, compute_dtype="float32", device="cpu", objective="dpo", dpo_beta=0.1))
-    rng = random.Random(1)
-    train_pairs = [task.preference_pair(task.draw(rng), rng) for _ in range(512)]
-    heldout = [task.preference_pair(p, rng) for p in task.heldout]
-    rows = preference.add_reference(engine, data.pack_pairs(train_pairs, task.seq_len * 2, task.tokenizer.pad_id), 64)
-    held = preference.add_reference(engine, data.pack_pairs(heldout, task.seq_len * 2, task.tokenizer.pad_id), 64)
+    engine, rows, held = addition_dpo_setup(tmp_path)
     before = engine.evaluate_preferences(data.RowLoader(held, 64, epochs=1, shuffle=False))
     history = engine.fit(data.RowLoader(rows, 32, steps=150))
     after = engine.evaluate_preferences(data.RowLoader(held, 64, epochs=1, shuffle=False))
