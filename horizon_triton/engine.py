@@ -296,7 +296,8 @@ class Engine:
     def evaluate(self, loader) -> float:
         """Mean loss over the counted label tokens of every batch of ``loader`` (dicts as ``fit`` takes) with the
         current weights: a forward-only pass, each batch streaming the layers through slot 0 as ``logits`` does;
-        the head's logits exist one chunk of tokens and vocabulary at a time (the training head's first pass)."""
+        the head's logits exist one chunk of tokens and vocabulary at a time (the training head's first pass).
+        With objective "dpo": the mean DPO loss over the loader's pairs (evaluate_preferences has the metrics)."""
         if self.train_cfg.objective == "dpo":
             return self.evaluate_preferences(loader)["loss"]
         self.optimizer.wait_all()

@@ -167,6 +167,26 @@ def test_packed_pairs_equal_pairs_in_rows(tmp_path):
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), key
 
 
+def test_dpo_through_triton_kernels_matches_torch_path(tmp_path, monkeypatch):
+    """The head's per-token weights through the Triton kernels (interpreter) give the torch path's numbers."""
+    make_hf_model("llama", tmp_path / "src", num_attention_heads=2, num_key_value_heads=1)   # head dim 32
+    batches = _random_pairs(2, pairs=1, seq=10)
+    runs = []
+    for backend in ("torch", "interpret"):
+        monkeypatch.setenv("HORIZON_KERNELS", backend)
+        engine = _engine(tmp_path / "src", dpo_beta=0.5)
+        assert set(engine.kernel_report.values()) == {"reference" if backend == "torch" else "triton-interpret"}
+        runs.append((engine.fit(_with_reference(engine, batches)), engine))
+    (torch_run, torch_engine), (triton_run, triton_engine) = runs
+    for a, b in zip(torch_run, triton_run):
+        for key in METRICS + ("grad_norm",):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), key
+    torch_engine.optimizer.wait_all()
+    triton_engine.optimizer.wait_all()
+    for a, b in zip(torch_engine.store.working, triton_engine.store.working):
+        torch.testing.assert_close(b, a, atol=1e-4, rtol=0)
+
+
 def test_bf16_dpo_close_to_fp32(tmp_path):
     make_hf_model("llama", tmp_path / "src")
     batches = _random_pairs(3, pairs=2)
@@ -221,7 +241,8 @@ def _trl_trainer(tmp_path, model, tokenizer, records, *, pairs, accum, steps, be
     return InOrder(model=model, args=args, train_dataset=Dataset.from_list(records), processing_class=tokenizer)
 
 
-@pytest.mark.parametrize("loss_type, eps, accum", [("sigmoid", 0.0, 1), ("robust", 0.2, 2)])
+@pytest.mark.parametrize("loss_type, eps, accum", [("sigmoid", 0.0, 1), ("robust", 0.2, 2), ("ipo", 0.0, 1),
+                                                    ("hinge", 0.0, 1)])
 def test_engine_matches_trl_dpo_trainer(tmp_path, loss_type, eps, accum):
     """Same records, model and optimizer: per-step loss, rewards, log-probs and gradient norm as TRL logs them,
     and the updated weights, within 1e-4. The engine's batches are its own data pipeline's (each pair packed in
