@@ -22,7 +22,7 @@ import torch
 
 from horizon_triton.kernels.reference import IGNORE_INDEX
 
-KEYS = ("input_ids", "labels", "attention_mask", "position_ids")
+KEYS = ("input_ids", "labels", "attention_mask", "position_ids", "ref_logps")   # ref_logps: DPO (preference.py)
 
 
 def batch_tensors(batch, where: str, pad_id: int | None) -> dict[str, torch.Tensor]:
@@ -70,7 +70,7 @@ def _collate(columns: dict, where: str, pad_id: int | None) -> dict[str, torch.T
                 raise ValueError(f"{where}: row {index} of {key} has shape {tuple(row.shape)}, its input_ids "
                                  f"have {n} tokens")
     fill = {"input_ids": 0 if pad_id is None else pad_id, "labels": IGNORE_INDEX, "attention_mask": 0,
-            "position_ids": 0}
+            "position_ids": 0, "ref_logps": 0.0}
     S = max(lengths)
     out = {}
     for key, value in rows.items():

@@ -39,7 +39,8 @@ TINY_RUN_STEPS = 10          # fewer optimizer steps than this get a warning in 
 SMALL_FILE_BYTES = 8 << 20   # data files below this are tokenized in this process (workers cost a start-up)
 DEMO_ONLY = ("format", "eval_problems")
 FINETUNE_ONLY = ("data", "seq_len", "epochs", "eval_data", "eval_split", "train_on", "too_long", "workers",
-                 "report_to")
+                 "report_to", "objective", "dpo_beta", "dpo_label_smoothing", "dpo_loss")
+REFERENCE = "reference"      # OUT/reference/{train,eval}.ref: DPO's reference log-probs, kept for --resume
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -60,7 +61,9 @@ class Progress:
         self._bar = None
 
     def _line(self, entry: dict) -> str:
-        return (f"loss {entry['loss']:.4f}  {entry['tokens_per_s']:,.0f} tok/s  "
+        dpo = (f"accuracy {entry['rewards/accuracies']:.2f}  margin {entry['rewards/margins']:.3f}  "
+               if "rewards/accuracies" in entry else "")
+        return (f"loss {entry['loss']:.4f}  {dpo}{entry['tokens_per_s']:,.0f} tok/s  "
                 f"rss {_mib(entry['host_rss_peak_bytes'])}  device peak {_mib(entry['device_peak_bytes'])}")
 
     def step(self, entry: dict) -> None:
@@ -210,7 +213,31 @@ def _workers(args, path) -> int:
 def _prepare(args, tokenizer, seq_len: int, path, out_dir, eval_fraction: float = 0.0, keep_examples: int = 0):
     return data.prepare(path, tokenizer, seq_len, _pad_id(tokenizer), out_dir, train_on=args.train_on or "assistant",
                         too_long=args.too_long or "drop", workers=_workers(args, path), eval_fraction=eval_fraction,
-                        seed=args.seed, keep_examples=keep_examples)
+                        seed=args.seed, keep_examples=keep_examples, preference=args.objective == "dpo")
+
+
+def _reference_pass(engine, rows, name: str, out: Path, resumed: bool, batch_size: int, progress) -> None:
+    """DPO: the reference log-probs of every row from the starting weights, once, into OUT/reference/NAME.ref
+    (a forward-only streamed pass, with a progress bar on a terminal); a resumed run reuses that file."""
+    from . import preference
+    path = out / REFERENCE / f"{name}.ref"
+    if resumed:
+        if not path.is_file():
+            raise ValueError(f"--resume: {path} (the reference log-probs this DPO run computed from its starting "
+                             "weights) is missing; start the run again with --overwrite")
+        rows.attach_reference(path)
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    bar = None
+    if progress.tty:
+        from tqdm import tqdm
+        bar = tqdm(total=len(rows), file=progress.stream, unit="row", desc=f"reference {name}", dynamic_ncols=True)
+    preference.add_reference(engine, rows, batch_size, path,
+                             on_batch=(lambda done: bar.update(done - bar.n)) if bar else None)
+    if bar is not None:
+        bar.close()
+    progress.note(f"reference log-probs of {len(rows):,} {name} rows in {time.perf_counter() - start:.1f} s")
 
 
 def _seq_len(args, model_cfg) -> int:
@@ -232,6 +259,8 @@ def run_finetune(args) -> dict:
                          "so choose another --out")
     if args.eval_data and args.eval_split:
         raise ValueError("--eval-data and --eval-split both choose the eval set; give one of them")
+    if args.objective == "dpo" and args.train_on:
+        raise ValueError("--train-on does not apply to --objective dpo: its pairs train their responses only")
     if args.eval_every and not (args.eval_data or args.eval_split):
         raise ValueError("--eval-every needs an eval set: --eval-data FILE or --eval-split FRACTION")
     model_cfg = ModelConfig.from_pretrained(args.model)       # checks the directory before the data is read
@@ -268,7 +297,10 @@ def run_finetune(args) -> dict:
         train_cfg = TrainConfig(lr=FINETUNE["lr"] if args.lr is None else args.lr, warmup_steps=args.warmup,
                                 seed=args.seed, grad_accum_steps=args.grad_accum, device=args.device or "auto",
                                 compute_dtype=args.dtype or "bfloat16",
-                                lr_schedule="cosine" if args.cosine else "constant")
+                                lr_schedule="cosine" if args.cosine else "constant",
+                                objective=args.objective or "sft",
+                                **{k: getattr(args, k) for k in ("dpo_beta", "dpo_label_smoothing", "dpo_loss")
+                                   if getattr(args, k) is not None})
         if args.threads:
             import torch
             torch.set_num_threads(args.threads)
@@ -286,12 +318,21 @@ def run_finetune(args) -> dict:
         if steps < TINY_RUN_STEPS:
             progress.note(f"warning: only {steps} optimizer steps; the model will hardly change (more data, more "
                           "--epochs or a smaller --batch-size make more steps)")
+        dpo = train_cfg.objective == "dpo"
+        if dpo:       # before any step: the reference is the starting weights
+            for name, rows in (("train", prepared.train), ("eval", eval_rows)):
+                if rows is not None:
+                    _reference_pass(engine, rows, name, out, resumed, batch_size, progress)
         start = time.perf_counter()
 
         def evaluate(step: int) -> None:
-            loss = engine.evaluate(eval_loader)
+            if dpo:           # the DPO loss and TRL's metrics on the held-out pairs
+                scores = engine.evaluate_preferences(eval_loader)
+                loss, extra = scores.pop("loss"), {f"eval_{k}": v for k, v in scores.items()}
+            else:
+                loss, extra = engine.evaluate(eval_loader), {}
             metrics.write("eval", {"step": step, "eval_loss": loss, "rows": len(eval_rows),
-                                   "elapsed_s": time.perf_counter() - start})
+                                   "elapsed_s": time.perf_counter() - start, **extra})
             if board:
                 board.eval(step, loss)
             progress.note(f"eval step {step}: eval loss {loss:.4f}")
@@ -367,9 +408,11 @@ def run_data(args) -> dict:
     if prepared.examples:
         print("trained tokens are shown \u00abbetween guillemets\u00bb")
     for number, ids, labels in prepared.examples:
-        trained = int((labels != data.IGNORE_INDEX).sum())
-        print(f"--- {args.data}:{number}: {len(ids)} tokens, {trained} trained")
-        print(show_tokens(tokenizer, ids, labels))
+        pair = isinstance(ids, list)                 # a preference pair: its chosen and its rejected
+        for what, seq_ids, seq_labels in zip(("chosen", "rejected"), ids, labels) if pair else [("", ids, labels)]:
+            trained = int((seq_labels != data.IGNORE_INDEX).sum())
+            print(f"--- {args.data}:{number}{' ' + what if what else ''}: {len(seq_ids)} tokens, {trained} trained")
+            print(show_tokens(tokenizer, seq_ids, seq_labels))
     stats = prepared.stats["train"]
     print(f"{args.data}: {stats.summary(seq_len, args.too_long or 'drop')}")
     return {"stats": stats, "examples": prepared.examples}
@@ -442,6 +485,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_options(train)
     train.add_argument("--report-to", choices=["none", "tensorboard"], help="fine-tune: also write TensorBoard "
                                                                             "scalars to OUT/tensorboard")
+    dpo = train.add_argument_group("preference tuning", "--objective dpo: --data holds preference pairs (see README)")
+    dpo.add_argument("--dpo-beta", type=float, help="DPO's beta: how far the policy may move from the reference "
+                                                    "(default 0.1)")
+    dpo.add_argument("--dpo-label-smoothing", type=float, help="probability a preference is flipped (sigmoid, "
+                                                               "robust; default 0)")
+    dpo.add_argument("--dpo-loss", choices=["sigmoid", "robust", "hinge", "ipo"], help="default sigmoid")
     train.add_argument("--format", choices=["plain", "pad", "reverse", "pad-reverse"],
                        help="demo: how sums are written for the model (see data.AdditionTask)")
     train.add_argument("--threads", type=_positive, help=f"torch CPU threads (demo: {DEMO['threads']}; fine-tune: "
@@ -490,6 +539,8 @@ def _add_checkpoint_options(train: argparse.ArgumentParser) -> None:
 
 
 def _add_data_options(parser) -> None:
+    parser.add_argument("--objective", choices=["sft", "dpo"], help="sft: records trained on their labels "
+                                                                    "(default); dpo: preference pairs")
     parser.add_argument("--train-on", choices=list(data.TRAIN_ON), help="chat records: train the assistant turns "
                                                                         "(default) or every token")
     parser.add_argument("--too-long", choices=list(data.TOO_LONG), help="records longer than --seq-len: drop "

@@ -238,6 +238,11 @@ class TrainConfig:
     optimizer_states: str = "fp32"        # Adam moments: "fp32" | "8bit" (blockwise 8-bit, bf16 compute only)
     optimizer_threads: int | None = None  # CPU AdamW threads; None: every core but one (at least one)
     preflight: bool = True                # refuse (MemoryError) before allocating what the machine cannot hold
+    objective: str = "sft"                # "sft" (mean cross-entropy of the labels) | "dpo" (preference pairs,
+    #                                     see preference.py; batches carry the reference's ref_logps)
+    dpo_beta: float = 0.1                 # DPO's β (TRL's beta): how far the policy may move from the reference
+    dpo_label_smoothing: float = 0.0      # ε: the probability a preference label is flipped (sigmoid, robust)
+    dpo_loss: str = "sigmoid"             # "sigmoid" | "robust" | "hinge" | "ipo" (TRL's loss_type)
 
     def __post_init__(self):
         if self.lr_schedule not in ("constant", "cosine"):
@@ -261,6 +266,14 @@ class TrainConfig:
         if self.optimizer_states == "8bit" and self.compute_dtype != "bfloat16":
             raise ValueError("optimizer_states='8bit' needs compute_dtype='bfloat16' (its master is kept as bf16 + "
                              "int16 halves); use optimizer_states='fp32' with compute_dtype='float32'")
+        if self.objective not in ("sft", "dpo"):
+            raise ValueError(f"objective must be 'sft' or 'dpo', got {self.objective!r}")
+        if self.dpo_loss not in ("sigmoid", "robust", "hinge", "ipo"):
+            raise ValueError(f"dpo_loss must be 'sigmoid', 'robust', 'hinge' or 'ipo', got {self.dpo_loss!r}")
+        if not self.dpo_beta > 0:
+            raise ValueError(f"dpo_beta must be > 0, got {self.dpo_beta}")
+        if not 0.0 <= self.dpo_label_smoothing < 0.5:
+            raise ValueError(f"dpo_label_smoothing must be in [0, 0.5), got {self.dpo_label_smoothing}")
         if self.optimizer_threads is not None and (not isinstance(self.optimizer_threads, int)
                                                    or isinstance(self.optimizer_threads, bool)
                                                    or self.optimizer_threads < 1):

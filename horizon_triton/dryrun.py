@@ -38,6 +38,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from .config import ModelConfig, TrainConfig
 from .device import MetaDevice
 from .kernel_models import meta_ops, nbytes
+from .preference import DPOHead, PreferenceBatch
 from .store import HostStore, host_block_bytes
 
 aten = torch.ops.aten
@@ -270,6 +271,18 @@ def _batch(rows: int, seq_len: int, doc_lengths, first_id: int, vocab_size: int)
     return batch
 
 
+def _dry_run_pairs(engine, mb) -> PreferenceBatch:
+    """DPO's per-token and per-sequence tensors of a micro-batch (a pair per two rows, a row split in two when it
+    is the only one), at their real sizes: which sequence each target is in, the sequences' lengths and
+    reference log-probs. The values are the meta device's: only their shapes matter here."""
+    T = mb.targets.numel()
+    num_pairs = max(1, mb.shape[0] // 2)
+    seq_index = torch.arange(T) * (2 * num_pairs) // max(T, 1)
+    lengths = torch.full((2 * num_pairs,), T / (2 * num_pairs))
+    return PreferenceBatch(seq_index=engine._to_device(seq_index), num_pairs=num_pairs,
+                           lengths=engine._to_device(lengths), ref_logps=engine._to_device(torch.zeros(2 * num_pairs)))
+
+
 def dry_run(model_cfg: ModelConfig, train_cfg: TrainConfig | None = None, *, tokens_per_step: int,
             seq_len: int | None = None, doc_len: int | None = None, kernel_backend: str = "triton",
             device_memory_bytes: int = 80 * 2**30, pin_memory: bool = True) -> DryRun:
@@ -302,8 +315,10 @@ def dry_run_shapes(model_cfg: ModelConfig, train_cfg: TrainConfig, shapes: list[
     counter = OpCounter(dev)
     dev.ops = meta_ops(kernel_backend, counter, doc_lengths)
     tokens = sum(rows * seq for rows, seq in shapes)
+    dpo = train_cfg.objective == "dpo"
     with counter:
-        engine = Engine(model_cfg, train_cfg, device=dev)
+        # the batches are made as for the mean loss; with DPO, each gets pairs of its shape (_dry_run_pairs)
+        engine = Engine(model_cfg, replace(train_cfg, objective="sft"), device=dev)
         p = engine.pipeline
         counter.meter = p.meter
         fixed = counter.device_live
@@ -311,10 +326,12 @@ def dry_run_shapes(model_cfg: ModelConfig, train_cfg: TrainConfig, shapes: list[
         firsts = [sum(r * n for r, n in shapes[:m]) for m in range(len(shapes))]
         mbs = [engine.prepare(_batch(rows, seq, doc_lengths, first, model_cfg.vocab_size), where="dry run")
                for (rows, seq), first in zip(shapes, firsts)]
+        for mb in mbs if dpo else ():
+            mb.preference = _dry_run_pairs(engine, mb)
         dev.timeline.clear()                  # building the engine and the batches is not part of the step
         p.meter.reset_peak()
         counter.device_peak = counter.device_live
-        run_step(p, mbs, grad_scale=1.0 / tokens)
+        run_step(p, mbs, grad_scale=1.0 / tokens, preference=DPOHead(train_cfg, mbs) if dpo else None)
         del mbs
     flops, mem = {}, {}
     for item in dev.timeline:

@@ -15,7 +15,7 @@ from horizon_triton.kernels.cpu_adam import implementation as adam_implementatio
 from horizon_triton.kernels.reference import IGNORE_INDEX
 
 from . import canary
-from . import interrupts, training_state
+from . import interrupts, preference, training_state
 from . import layer as lt
 from . import preflight
 from .batch import batch_tensors, doc_ids_of, kept_tokens
@@ -102,7 +102,7 @@ class Engine:
         if ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"{where}: input_ids must be an integer tensor [batch, seq], got {tuple(ids.shape)} "
                              f"{ids.dtype}")
-        for key in ("labels", "attention_mask", "position_ids"):
+        for key in ("labels", "attention_mask", "position_ids", "ref_logps"):
             if key in cols and cols[key].shape != ids.shape:
                 raise ValueError(f"{where}: {key} shape {tuple(cols[key].shape)} differs from input_ids shape "
                                  f"{tuple(ids.shape)}")
@@ -132,12 +132,25 @@ class Engine:
         embed_grad_mask = None if pad is None or not (ids == pad).any() else (ids != pad).reshape(-1)
         freqs = self._to_device(pos.reshape(-1, 1)).float() * self._inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)          # [T, D]
+        pairs = None
+        if self.train_cfg.objective == "dpo":
+            pairs = self._pairs(targets, doc_ids, keep, cols.get("ref_logps"), where)
         return lt.MicroBatch(input_ids=self._to_device(ids.long()), host_ids=ids.long().reshape(-1),
                              targets=self._to_device(targets.reshape(-1)),
                              cos=emb.cos(), sin=emb.sin(),
                              doc_ids=None if doc_ids is None else self._to_device(doc_ids),
                              num_targets=int((targets != IGNORE_INDEX).sum()),
-                             embed_grad_mask=None if embed_grad_mask is None else self._to_device(embed_grad_mask))
+                             embed_grad_mask=None if embed_grad_mask is None else self._to_device(embed_grad_mask),
+                             preference=pairs)
+
+    def _pairs(self, targets, doc_ids, keep, ref_logps, where: str) -> preference.PreferenceBatch:
+        """DPO: the micro-batch's pairs (preference.pair_layout) and, when the batch has them, the reference's
+        summed log-probs of its sequences."""
+        index, num_pairs, lengths = preference.pair_layout(targets, doc_ids, keep, where)
+        ref = None if ref_logps is None else preference.reference_sums(ref_logps, index, num_pairs, where)
+        return preference.PreferenceBatch(seq_index=self._to_device(index), num_pairs=num_pairs,
+                                          lengths=self._to_device(lengths),
+                                          ref_logps=None if ref is None else self._to_device(ref))
 
     def _check_positions(self, pos: torch.Tensor, where: str) -> None:
         limit = self.model_cfg.max_positions
@@ -180,6 +193,10 @@ class Engine:
         self._last_save_time = time.monotonic()
         for index, batch in enumerate(loader):
             group.append(self.prepare(batch, where=f"batch {index}"))
+            if self.train_cfg.objective == "dpo" and group[-1].preference.ref_logps is None:
+                raise ValueError(f"batch {index}: no 'ref_logps' (the reference model's log-probability of each "
+                                 "labelled token), which DPO needs; compute them once before training with "
+                                 "engine.reference_logps(batches) or preference.add_reference(engine, rows)")
             seen += 1
             if len(group) == accum:
                 history.append(self._optimizer_step(group, total_steps, callback))
@@ -215,7 +232,8 @@ class Engine:
         h2d, d2h = meter.h2d_bytes, meter.d2h_bytes
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        loss_sum, sq_norm = run_step(self.pipeline, mbs, grad_scale=1.0 / tokens)
+        dpo = preference.DPOHead(self.train_cfg, mbs) if self.train_cfg.objective == "dpo" else None
+        loss_sum, sq_norm = run_step(self.pipeline, mbs, grad_scale=1.0 / tokens, preference=dpo)
         grad_norm = math.sqrt(float(sq_norm))
         self.step += 1
         self.micro_batches += len(mbs)
@@ -234,6 +252,8 @@ class Engine:
         }
         if self.device.type == "cuda":   # everything on the GPU, the kernels' workspaces included
             entry["device_allocator_peak_bytes"] = torch.cuda.max_memory_allocated()
+        if dpo is not None:              # the loss is the mean over the step's pairs; TRL's metrics beside it
+            entry.update(loss=float(loss_sum) / dpo.pairs, pairs=dpo.pairs, **dpo.metrics())
         if callback is not None:
             callback(entry)
         return entry
@@ -276,7 +296,10 @@ class Engine:
     def evaluate(self, loader) -> float:
         """Mean loss over the counted label tokens of every batch of ``loader`` (dicts as ``fit`` takes) with the
         current weights: a forward-only pass, each batch streaming the layers through slot 0 as ``logits`` does;
-        the head's logits exist one chunk of tokens and vocabulary at a time (the training head's first pass)."""
+        the head's logits exist one chunk of tokens and vocabulary at a time (the training head's first pass).
+        With objective "dpo": the mean DPO loss over the loader's pairs (evaluate_preferences has the metrics)."""
+        if self.train_cfg.objective == "dpo":
+            return self.evaluate_preferences(loader)["loss"]
         self.optimizer.wait_all()
         loss_sum, tokens = 0.0, 0
         for index, batch in enumerate(loader):
@@ -294,6 +317,56 @@ class Engine:
         if tokens == 0:
             raise ValueError("evaluate: the loader yielded no label tokens (every label is -100, or no batches)")
         return loss_sum / tokens
+
+    @torch.no_grad()
+    def reference_logps(self, loader):
+        """Yields, for each batch of ``loader``, fp32 [B, S] (host) the log-probability the current weights give
+        each labelled token, aligned with the labels (0 where they are -100): DPO's ``ref_logps``, computed once
+        from the starting weights before training. A forward-only pass streaming the layers as ``evaluate``
+        does; the head's logits exist one chunk at a time (its first pass's statistics give lse and the target's
+        logit). With objective "dpo" each batch's pair layout is checked as training will check it."""
+        self.optimizer.wait_all()
+        for index, batch in enumerate(loader):
+            mb = self.prepare(batch, where=f"reference batch {index}")
+            lse, target_logit = self._head_statistics(mb)
+            token_logps = torch.where(mb.targets != IGNORE_INDEX, target_logit - lse, 0.0)
+            B, S = mb.shape
+            by_label = torch.zeros(B, S, dtype=torch.float32)
+            by_label[:, 1:] = token_logps.view(B, S)[:, :-1].cpu()      # target t scores token t + 1
+            yield by_label
+
+    @torch.no_grad()
+    def evaluate_preferences(self, loader) -> dict:
+        """objective "dpo": the DPO loss and TRL's metrics (rewards/chosen, rewards/accuracies, ...) with the
+        current weights, means over every pair of ``loader`` (batches with ref_logps, as fit takes them)."""
+        self.optimizer.wait_all()
+        loss, sums, pairs = 0.0, None, 0
+        for index, batch in enumerate(loader):
+            mb = self.prepare(batch, where=f"eval batch {index}")
+            if mb.preference is None or mb.preference.ref_logps is None:
+                raise ValueError(f"eval batch {index}: evaluate_preferences needs objective 'dpo' and batches "
+                                 "with 'ref_logps' (engine.reference_logps)")
+            head = preference.DPOHead(self.train_cfg, [mb])
+            loss_m, _ = head.token_weights(mb, *self._head_statistics(mb))
+            loss += float(loss_m)                        # sync: one scalar a batch
+            sums = head.sums if sums is None else sums + head.sums
+            pairs += head.pairs
+        if pairs == 0:
+            raise ValueError("evaluate_preferences: the loader yielded no batches")
+        return {"loss": loss / pairs, "pairs": pairs,
+                **dict(zip(preference.METRICS, (sums / pairs).tolist()))}
+
+    def _head_statistics(self, mb: lt.MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(lse, target logit), fp32 [T] device, of one micro-batch: the training head's first pass."""
+        T, dev = mb.targets.numel(), self.device.torch_device
+        stats = (torch.full((T,), float("-inf"), device=dev), torch.zeros(T, device=dev),
+                 torch.zeros(T, device=dev))                       # running max, sum of exp, target logit
+
+        def head_chunk(xn, w, u):
+            self.ops.cross_entropy_chunk_stats_(xn, w["lm_head"], mb.targets, u.start, *stats)
+        self._forward_to_head(mb, head_chunk)
+        _, lse = self.ops.cross_entropy_chunk_loss(*stats, mb.targets)
+        return lse, stats[2]
 
     def _forward_to_head(self, mb: lt.MicroBatch, head_chunk) -> None:
         """Streams every layer through slot 0 (not pipelined) and calls ``head_chunk(final-normed hidden [T, H],

@@ -187,10 +187,13 @@ class TritonModels:
                                      token_chunk=4096):
         H, V_c = h.shape[1], weight.shape[0]
         buf, chunks = self._chunk_logits(h, weight, token_chunk)
+        per_token = isinstance(grad_scale, torch.Tensor)        # DPO's weights; else cross_entropy._scale_rows'
+        scales = grad_scale if per_token else torch.empty(1, dtype=torch.float32, device=h.device)
         for s, n in chunks:
             hc, logits = h[s:s + n], buf[:n, :V_c]
             self._gemm(2.0 * n * H * V_c, h.dtype, hc, weight, logits)                    # logits again
-            self._count("elementwise", 3.0 * n * V_c, logits, logits, lse[s:s + n])        # g in place, bf16
+            self._count("elementwise", 3.0 * n * V_c, logits, logits, lse[s:s + n],        # g in place, bf16
+                        scales[s:s + n] if per_token else None)
             # both weight-side GEMMs read bf16 g and accumulate in fp32 (read-modify-write of dh and dW_c)
             self._gemm(2.0 * n * H * V_c, h.dtype, logits, weight, dh[s:s + n], dh[s:s + n])   # dh += g W_c
             self._gemm(2.0 * n * H * V_c, h.dtype, logits, hc, d_weight, d_weight)             # dW_c += gᵀ h_c

@@ -29,6 +29,7 @@ class MicroBatch:
     num_targets: int                  # counted (non-ignored) targets, known on the host without a sync
     embed_grad_mask: torch.Tensor | None = None  # [T] bool, False at the pad id: that embedding row gets no
                                                  # gradient from the lookup (padding_idx); None: no pad id
+    preference: object = None         # preference.PreferenceBatch with objective "dpo": the pairs, their references
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -148,8 +149,9 @@ def head_chunk_stats(ops, w, xn: torch.Tensor, mb: MicroBatch, start: int, stats
 
 
 def head_chunk_backward(ops, w, g, xn: torch.Tensor, mb: MicroBatch, start: int, lse: torch.Tensor,
-                        grad_scale: float, d_xn: torch.Tensor) -> None:
-    """Pass 2: d_xn fp32[T, H] and g["lm_head"] (this chunk's rows) accumulate."""
+                        grad_scale, d_xn: torch.Tensor) -> None:
+    """Pass 2: d_xn fp32[T, H] and g["lm_head"] (this chunk's rows) accumulate. grad_scale: one number (the mean
+    loss's 1 / tokens) or fp32 [T] per-token weights (DPO's, preference.DPOHead)."""
     ops.cross_entropy_chunk_backward(xn, w["lm_head"], mb.targets, start, lse, grad_scale, d_xn, g["lm_head"])
 
 

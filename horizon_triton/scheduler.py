@@ -419,11 +419,16 @@ def write_embedding_grad(p: Pipeline, emb: EmbeddingRows, rows: torch.Tensor) ->
     grad.index_copy_(0, ids, rows.view(-1, p.cfg.hidden_size))
 
 
-def run_step(p: Pipeline, mbs: list[lt.MicroBatch], grad_scale: float):
+def run_step(p: Pipeline, mbs: list[lt.MicroBatch], grad_scale: float, preference=None):
     """Embedding rows in, forward through every decoder layer, the head (its backward included) in vocabulary
     chunks, then the backward in reverse and the embedding rows' gradients out.
 
-    Returns (loss_sum, squared gradient norm) as device scalars, after one sync at the end of the backward."""
+    ``preference`` (a preference.DPOHead): the DPO objective instead of the mean cross-entropy. The head then
+    always takes its two passes, even over one chunk: the first pass's statistics give each sequence's summed
+    log-prob, the DPO loss and every token's weight, which the second pass uses in place of grad_scale.
+
+    Returns (loss_sum, squared gradient norm) as device scalars, after one sync at the end of the backward (with
+    ``preference``, loss_sum is the sum of the pairs' losses)."""
     S, cfg, ops, L, H = len(p.slots), p.cfg, p.ops, p.cfg.num_layers, p.cfg.hidden_size
     M = len(mbs)
     hidden = [None] * M                         # the activation flowing forward, per micro-batch
@@ -436,6 +441,7 @@ def run_step(p: Pipeline, mbs: list[lt.MicroBatch], grad_scale: float):
     act_bytes = [mb.input_ids.numel() * H * p.store.compute_dtype.itemsize for mb in mbs]
     totals = {}                                 # device scalars written by compute work
     head = {}                                   # the head's per-micro-batch state: xn, rstd, stats, lse, d_xn
+    #                                             (and with preference: scale, the per-token weights [T] fp32)
     acc_turn = [0]
 
     def run_layers(plan) -> None:
@@ -575,6 +581,9 @@ def run_step(p: Pipeline, mbs: list[lt.MicroBatch], grad_scale: float):
                     if last:
                         stats = head[m].pop("stats")
                         loss_m, head[m]["lse"] = ops.cross_entropy_chunk_loss(*stats, mb.targets)
+                        if preference is not None:     # DPO: the pairs' losses, each token's weight for pass 2
+                            loss_m, scale = preference.token_weights(mb, head[m]["lse"], stats[2])
+                            head[m]["scale"] = p.meter.add(scale)
                         totals["loss"] = loss_m if m == 0 else totals["loss"] + loss_m
                         p.meter.add(head[m]["lse"])
                         for t in stats:
@@ -595,7 +604,8 @@ def run_step(p: Pipeline, mbs: list[lt.MicroBatch], grad_scale: float):
                     s = head[m]
                     if first:
                         s["d_xn"] = p.meter.add(torch.zeros(s["xn"].shape, dtype=torch.float32, device=acc.device))
-                    lt.head_chunk_backward(ops, w, g, s["xn"], mb, u.start, s["lse"], grad_scale, s["d_xn"])
+                    lt.head_chunk_backward(ops, w, g, s["xn"], mb, u.start, s["lse"], s.get("scale", grad_scale),
+                                           s["d_xn"])
                 head_gradient_done(u, acc)
                 if not last:
                     return
@@ -603,15 +613,16 @@ def run_step(p: Pipeline, mbs: list[lt.MicroBatch], grad_scale: float):
                 for m in range(M):
                     s = head.pop(m)
                     dx = lt.head_norm_backward(ops, w, g, hidden[m], s["rstd"], s["d_xn"])
-                    for t in (hidden[m], s["xn"], s["rstd"], s["lse"], s["d_xn"]):
-                        p.meter.sub(t)
+                    for t in (hidden[m], s["xn"], s["rstd"], s["lse"], s["d_xn"], s.get("scale")):
+                        if t is not None:
+                            p.meter.sub(t)
                     hidden[m], grads[m] = None, p.meter.add(dx)
                 totals["sq_norm"] = _sq_norm(p.norm_acc)
             return head_grad
         return u, forward, lambda: head_out(state["k"], u, state["acc"], last)
 
     chunks = p.head_chunks()
-    if len(chunks) == 1:
+    if len(chunks) == 1 and preference is None:
         head_plan = [head_fused_step(chunks[0])]
     else:
         K = len(chunks)

@@ -27,8 +27,8 @@ Vocabulary chunks (the engine's head streamed through a staging slot V_c rows at
 reference.py): ``cross_entropy_chunk_stats_`` (pass 1: the logits GEMM, then _chunk_stats_kernel merges each
 row's max and Σ exp into running fp32 statistics and picks the target's logit) and
 ``cross_entropy_chunk_backward`` (pass 2: the logits GEMM again, _chunk_grad_kernel writes g in place from the
-global lse, then dh += g @ W_c and dW_c += gᵀ @ h, both accumulating in fp32), built from the same GEMMs and
-row loops. Against the fused op, the chunked head costs one more logits GEMM (8·T·H·V flops instead of 6·T·H·V)
+global lse and each token's scale, one number or per-token weights for a sequence-level objective such as DPO,
+then dh += g @ W_c and dW_c += gᵀ @ h, both accumulating in fp32), built from the same GEMMs and row loops. Against the fused op, the chunked head costs one more logits GEMM (8·T·H·V flops instead of 6·T·H·V)
 and a [T, H] fp32 dh accumulator; its logits buffer is [min(C, T), V_c].
 
 Supported: h, weight in bf16 or fp32 (same dtype), any strides; targets int32/int64 in [0, V) or -100;
@@ -323,24 +323,25 @@ def _chunk_stats_kernel(
 @triton.jit
 def _chunk_grad_kernel(
     # pointers
-    logits_ptr, targets_ptr, lse_ptr,
+    logits_ptr, targets_ptr, lse_ptr, scale_ptr,
     # shapes
     V_c, V_alloc, start,
     # strides
-    stride_row,
+    stride_row, stride_scale,
     # meta
-    grad_scale,
     IGNORE: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     """Pass 2, one program per token row: overwrites the chunk's logits row with
-    g = grad_scale · (exp(x − lse) − [v = y − start]) in its own dtype (0 on ignored rows, columns ≥ V_c)."""
+    g = s_t · (exp(x − lse) − [v = y − start]) in its own dtype (0 on ignored rows, columns ≥ V_c), where the
+    token's scale s_t = scale_ptr[row · stride_scale]: stride 0 for one scale of every token (the mean loss), 1 for
+    per-token weights (a sequence-level objective, DPO)."""
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * stride_row
     target = tl.load(targets_ptr + row)
     lse = tl.load(lse_ptr + row)
+    scale = tl.load(scale_ptr + row * stride_scale)
     # a target outside the chunk (or ignored: negative) matches no column
-    _write_grad_row(row_ptr, V_c, V_alloc, lse, target - start, tl.where(target != IGNORE, grad_scale, 0.0),
-                    BLOCK_V)
+    _write_grad_row(row_ptr, V_c, V_alloc, lse, target - start, tl.where(target != IGNORE, scale, 0.0), BLOCK_V)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -509,6 +510,17 @@ def _chunk_setup(name, h, weight, targets, token_chunk, fp32_buffers):
     return config, buf
 
 
+def _scale_rows(grad_scale, T: int, device) -> tuple[torch.Tensor, int]:
+    """(scales, stride) for _chunk_grad_kernel: per-token weights as they are (stride 1), or one number in a
+    one-element tensor that every row reads (stride 0)."""
+    if not isinstance(grad_scale, torch.Tensor):
+        return torch.full((1,), float(grad_scale), dtype=torch.float32, device=device), 0
+    if grad_scale.shape != (T,) or grad_scale.dtype != torch.float32:
+        raise ValueError(f"cross_entropy_chunk_backward: per-token grad_scale must be fp32 [{T}] (one weight a "
+                         f"token), got {grad_scale.dtype} {list(grad_scale.shape)}")
+    return grad_scale.contiguous(), 1
+
+
 def cross_entropy_chunk_stats_(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, start: int,
                                row_max: torch.Tensor, row_sum: torch.Tensor, target_logit: torch.Tensor,
                                token_chunk: int = 4096) -> None:
@@ -530,20 +542,23 @@ def cross_entropy_chunk_stats_(h: torch.Tensor, weight: torch.Tensor, targets: t
 
 
 def cross_entropy_chunk_backward(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, start: int,
-                                 lse: torch.Tensor, grad_scale: float, dh: torch.Tensor, d_weight: torch.Tensor,
+                                 lse: torch.Tensor, grad_scale, dh: torch.Tensor, d_weight: torch.Tensor,
                                  token_chunk: int = 4096) -> None:
-    """Pass 2 for one vocabulary chunk; same contract as reference.cross_entropy_chunk_backward. g is stored in
-    h.dtype (as in linear_cross_entropy), dh and d_weight accumulate in fp32. Work: 3 GEMMs of 2·T·H·V_c."""
+    """Pass 2 for one vocabulary chunk; same contract as reference.cross_entropy_chunk_backward (grad_scale one
+    number or fp32 [T] per-token weights). g is stored in h.dtype (as in linear_cross_entropy), dh and d_weight
+    accumulate in fp32. Work: 3 GEMMs of 2·T·H·V_c."""
     config, buf = _chunk_setup("cross_entropy_chunk_backward", h, weight, targets, token_chunk, (lse, dh, d_weight))
-    V_c = weight.shape[0]
+    T, V_c = h.shape[0], weight.shape[0]
+    scales, stride_scale = _scale_rows(grad_scale, T, h.device)
     targets = targets.contiguous()
     row_cfg = config["row"]
-    for s in range(0, h.shape[0], token_chunk):
-        e = min(s + token_chunk, h.shape[0])
+    for s in range(0, T, token_chunk):
+        e = min(s + token_chunk, T)
         hc, logits = h[s:e], buf[:e - s, :V_c]                              # [n, H], [n, V_c]
         _matmul(hc, weight.t(), logits, config["logits"])
-        _chunk_grad_kernel[(e - s,)](logits, targets[s:e], lse[s:e], V_c, logits.stride(0), start,
-                                     logits.stride(0), float(grad_scale), IGNORE=IGNORE_INDEX,
+        _chunk_grad_kernel[(e - s,)](logits, targets[s:e], lse[s:e], scales[s * stride_scale:],
+                                     V_c, logits.stride(0), start, logits.stride(0), stride_scale,
+                                     IGNORE=IGNORE_INDEX,
                                      BLOCK_V=min(row_cfg["BLOCK_V"], triton.next_power_of_2(V_c)),
                                      num_warps=row_cfg["num_warps"])
         _matmul(logits, weight, dh[s:e], config["dh"], accumulate=True)     # dh += g @ W_c      [n, H]

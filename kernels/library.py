@@ -34,7 +34,8 @@ import torch
 from . import reference
 from .reference import (IGNORE_INDEX, cross_entropy_chunk_grad, linear_backward, linear_forward,  # noqa: F401
                         matmul_accumulate_, rmsnorm_backward, rmsnorm_forward, rmsnorm_matmul_backward,
-                        rmsnorm_matmul_forward, rope_backward_, rope_forward_, swiglu_backward, swiglu_forward)
+                        rmsnorm_matmul_forward, rope_backward_, rope_forward_, swiglu_backward, swiglu_forward,
+                        token_scales)
 
 FLASH_DTYPES = (torch.bfloat16, torch.float16)
 
@@ -215,13 +216,14 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
 
 
 def cross_entropy_chunk_backward(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, start: int,
-                                 lse: torch.Tensor, grad_scale: float, dh: torch.Tensor, d_weight: torch.Tensor,
+                                 lse: torch.Tensor, grad_scale, dh: torch.Tensor, d_weight: torch.Tensor,
                                  token_chunk: int = 4096) -> None:
     """Same contract as reference.cross_entropy_chunk_backward; g_c rounded to h.dtype (as the Triton kernel),
     so that dh += g_c @ W_c and dW_c += g_cᵀ @ h are bf16 GEMMs accumulating in fp32, not fp32 ones."""
     for s in range(0, h.shape[0], token_chunk):
         e = s + token_chunk
         hc = h[s:e]
-        g = cross_entropy_chunk_grad(hc, weight, targets[s:e], start, lse[s:e], grad_scale).to(h.dtype)
+        g = cross_entropy_chunk_grad(hc, weight, targets[s:e], start, lse[s:e],
+                                     token_scales(grad_scale, s, e)).to(h.dtype)
         matmul_accumulate_(dh[s:e], g, weight)
         matmul_accumulate_(d_weight, g.t(), hc)

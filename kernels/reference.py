@@ -264,6 +264,8 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
 #   between:             lse = row_max + log(row_sum);  loss_sum = Σ_{y ≠ -100} lse − target_logit
 #   pass 2, each chunk:  g_c = grad_scale · (exp(logits_c − lse) − onehot(y − start)), 0 on ignored tokens;
 #                        dh += g_c @ W_c  (fp32 accumulator [T, H]),   dW_c += g_cᵀ @ h
+# grad_scale is one number (the mean loss: 1 / counted tokens) or an fp32 [T] tensor of per-token weights s_t (a
+# sequence-level objective such as DPO: s_t = −∂L/∂(log p_t), so g_c is the gradient of L = Σ_t s_t·ce_t).
 # Same rounding as linear_cross_entropy: logits rounded to h.dtype, softmax and gradients in fp32. Logits exist
 # [token_chunk, V_c] at a time.
 # ----------------------------------------------------------------------------------------------------------
@@ -292,9 +294,15 @@ def cross_entropy_chunk_loss(row_max: torch.Tensor, row_sum: torch.Tensor, targe
     return torch.where(targets != IGNORE_INDEX, lse - target_logit, 0.0).sum(), lse
 
 
+def token_scales(grad_scale, s: int, e: int):
+    """The scale of tokens [s, e): grad_scale itself when it is one number, else its slice."""
+    return grad_scale[s:e] if isinstance(grad_scale, torch.Tensor) else grad_scale
+
+
 def cross_entropy_chunk_grad(hc: torch.Tensor, weight: torch.Tensor, tc: torch.Tensor, start: int,
-                             lse: torch.Tensor, grad_scale: float) -> torch.Tensor:
-    """Pass 2's g_c (fp32 [n, V_c]) for the tokens hc[n, H] with targets tc[n] and their lse[n]."""
+                             lse: torch.Tensor, grad_scale) -> torch.Tensor:
+    """Pass 2's g_c (fp32 [n, V_c]) for the tokens hc[n, H] with targets tc[n] and their lse[n]; grad_scale a
+    number or fp32 [n] per-token weights."""
     V_c = weight.shape[0]
     g = torch.exp((hc @ weight.t()).float() - lse[:, None])                  # [n, V_c] softmax of the chunk
     local = tc - start
@@ -305,12 +313,13 @@ def cross_entropy_chunk_grad(hc: torch.Tensor, weight: torch.Tensor, tc: torch.T
 
 
 def cross_entropy_chunk_backward(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, start: int,
-                                 lse: torch.Tensor, grad_scale: float, dh: torch.Tensor, d_weight: torch.Tensor,
+                                 lse: torch.Tensor, grad_scale, dh: torch.Tensor, d_weight: torch.Tensor,
                                  token_chunk: int = 4096) -> None:
-    """Pass 2 for one chunk: dh (fp32[T, H]) += g_c @ W_c and d_weight (fp32[V_c, H]) += g_cᵀ @ h, in place."""
+    """Pass 2 for one chunk: dh (fp32[T, H]) += g_c @ W_c and d_weight (fp32[V_c, H]) += g_cᵀ @ h, in place;
+    grad_scale a number or fp32 [T] per-token weights."""
     for s in range(0, h.shape[0], token_chunk):
         e = s + token_chunk
         hc = h[s:e]
-        g = cross_entropy_chunk_grad(hc, weight, targets[s:e], start, lse[s:e], grad_scale)
+        g = cross_entropy_chunk_grad(hc, weight, targets[s:e], start, lse[s:e], token_scales(grad_scale, s, e))
         matmul_accumulate_(dh[s:e], g, weight)
         matmul_accumulate_(d_weight, g.t(), hc)

@@ -36,9 +36,10 @@ def _autograd(h, weight, targets, grad_scale, d_weight0):
     """fp64 judge: loss_sum, dh, d_weight0 + dW from torch.autograd on the plain (unfused) formula."""
     h64 = h.double().requires_grad_()
     w64 = weight.double().requires_grad_()
-    loss = F.cross_entropy(h64 @ w64.t(), targets, ignore_index=-100, reduction="sum")
-    (loss * grad_scale).backward()
-    return loss.detach(), h64.grad, d_weight0.double() + w64.grad
+    per_token = F.cross_entropy(h64 @ w64.t(), targets, ignore_index=-100, reduction="none")
+    # grad_scale: one number, or per-token weights (of either sign, as DPO's)
+    (per_token * (grad_scale.double() if isinstance(grad_scale, torch.Tensor) else grad_scale)).sum().backward()
+    return per_token.detach().sum(), h64.grad, d_weight0.double() + w64.grad
 
 
 def _check(got, ref, exact, what, dtype):
@@ -166,6 +167,41 @@ def test_chunk_kernels_match_reference(T, H, V, rows, token_chunk, ignore, dtype
     _check(got, ref, exact, "chunked triton", dtype)
     for sl in ignore:
         assert got[1][sl].abs().max() == 0
+
+
+def _signed_weights(T, dev):
+    """Per-token weights as DPO makes them: one value per sequence, of either sign."""
+    per_sequence = torch.tensor([0.3, -0.45, 0.02, -1.1], device=dev)
+    return per_sequence[torch.arange(T, device=dev) * 4 // T].float()
+
+
+@pytest.mark.parametrize("T,H,V,rows,token_chunk,ignore", CHUNK_SHAPES[:2])
+def test_chunked_reference_with_per_token_weights_matches_autograd(T, H, V, rows, token_chunk, ignore, dev):
+    h, weight, targets = _inputs(T, H, V, torch.float32, dev, ignore)
+    scales = _signed_weights(T, dev)
+    d_weight = torch.randn(V, H, device=dev)
+    loss_e, dh_e, dw_e = _autograd(h, weight, targets, scales, d_weight)
+    loss, dh = _two_pass(reference, h, weight, targets, d_weight, scales, rows, token_chunk)
+    torch.testing.assert_close(loss.double(), loss_e, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dh.double(), dh_e, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(d_weight.double(), dw_e, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("T,H,V,rows,token_chunk,ignore", [CHUNK_SHAPES[0], (50, 40, 97, 97, 32, ())])
+def test_chunk_kernel_with_per_token_weights_matches_reference(T, H, V, rows, token_chunk, ignore, dtype, dev,
+                                                               monkeypatch):
+    monkeypatch.setattr(ce.tuning, "best_config", lambda kernel, key, default: TRITON_SMALL)
+    h, weight, targets = _inputs(T, H, V, dtype, dev, ignore)
+    scales = _signed_weights(T, dev)
+    d_weight0 = torch.randn(V, H, device=dev)
+    exact = _autograd(h, weight, targets, scales, d_weight0)
+    dw_ref, dw = d_weight0.clone(), d_weight0.clone()
+    ref = (*_two_pass(reference, h, weight, targets, dw_ref, scales, rows, token_chunk), dw_ref)
+    got = (*_two_pass(ce, h, weight, targets, dw, scales, rows, token_chunk), dw)
+    _check(got, ref, exact, "chunked triton, per-token weights", dtype)
+    with pytest.raises(ValueError, match=r"per-token grad_scale must be fp32 \["):
+        _two_pass(ce, h, weight, targets, dw, scales[:-1], rows, token_chunk)
 
 
 def test_chunk_kernel_input_errors(dev):

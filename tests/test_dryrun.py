@@ -264,6 +264,8 @@ def _kernel_calls():
                                         torch.full((T,), -1e4), torch.ones(T), torch.zeros(T), 16)),
         ("cross_entropy_chunk_backward", (x, torch.randn(N, H, dtype=bf), torch.randint(0, V, (T,)), 100,
                                           torch.rand(T) + 5, 1.0 / T, torch.zeros(T, H), torch.zeros(N, H), 16)),
+        ("cross_entropy_chunk_backward", (x, torch.randn(N, H, dtype=bf), torch.randint(0, V, (T,)), 100,
+                                          torch.rand(T) + 5, torch.randn(T), torch.zeros(T, H), torch.zeros(N, H), 16)),
     ]
 
 

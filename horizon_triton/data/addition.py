@@ -112,6 +112,17 @@ class AdditionTask:
         prompt, answer = tok.encode(self.prompt(problem)), tok.encode(self.target(problem)) + [tok.eos_id]
         return prompt + answer, [IGNORE_INDEX] * len(prompt) + answer
 
+    def preference_pair(self, problem: Problem, rng: random.Random) -> list[tuple[list[int], list[int]]]:
+        """[(input_ids, labels) of the right answer, those of a wrong one]: one answer digit changed (a synthetic
+        preference set for DPO: the model should come to prefer the correct sum)."""
+        wrong = list(self.target(problem))
+        at = rng.randrange(len(wrong))
+        wrong[at] = str((int(wrong[at]) + rng.randint(1, 9)) % 10)
+        tok = self.tokenizer
+        prompt = tok.encode(self.prompt(problem))
+        return [(prompt + answer, [IGNORE_INDEX] * len(prompt) + answer)
+                for answer in (tok.encode(self.target(problem)) + [tok.eos_id], tok.encode("".join(wrong)) + [tok.eos_id])]
+
     def batches(self, batch_size: int, seed: int | None = None):
         """Endless training batches [batch_size, seq_len] of fresh problems (none held out), right-padded."""
         rng = random.Random(self.seed if seed is None else seed)

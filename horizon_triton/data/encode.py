@@ -18,6 +18,10 @@ empty think block to the last turn only; Mistral's moves the system prompt into 
 content is located by rendering the conversation once more with that content left empty (the two renderings
 differ exactly there), and the tokenizer's eos token is trained too when the template writes it right after.
 ``train_on="all"`` trains every token of the rendering instead.
+
+Preference pairs (``encode_preference``): the chosen and the rejected each become one sequence, the prompt then
+the response, rendered as above: three strings as a {"prompt", "response"} record each, turns as the
+conversation prompt + response with only the response's assistant turns trained (``first_trained_turn``).
 """
 from __future__ import annotations
 
@@ -32,8 +36,10 @@ PROMPT_RESPONSE_SEPARATOR = "\n"
 TRAIN_ON = ("assistant", "all")
 
 
-def render(record: dict, tokenizer, train_on: str = "assistant") -> tuple[str, list[tuple[int, int]], bool, bool]:
-    """(text, trained character spans, add the tokenizer's special tokens?, append eos?) of one record."""
+def render(record: dict, tokenizer, train_on: str = "assistant",
+           first_trained_turn: int = 0) -> tuple[str, list[tuple[int, int]], bool, bool]:
+    """(text, trained character spans, add the tokenizer's special tokens?, append eos?) of one record; in a
+    conversation, assistant turns before ``first_trained_turn`` are not trained (a preference pair's prompt)."""
     if "text" in record:
         return record["text"], [(0, len(record["text"]))], True, True
     has_template = getattr(tokenizer, "chat_template", None) is not None
@@ -51,7 +57,7 @@ def render(record: dict, tokenizer, train_on: str = "assistant") -> tuple[str, l
         return text, [(0, len(text))], False, False
     spans = []
     for k, message in enumerate(messages):
-        if message["role"] != "assistant":
+        if message["role"] != "assistant" or k < first_trained_turn:
             continue
         before = _apply(tokenizer, messages[:k], True) if k else ""
         through = (text if k == len(messages) - 1 else _apply(tokenizer, messages[:k + 1], False)).rstrip()
@@ -81,11 +87,12 @@ def _apply(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
         raise ValueError(f"the chat template refused the conversation: {e}") from None
 
 
-def encode_record(record: dict, tokenizer, train_on: str = "assistant") -> tuple[list[int], list[int]]:
+def encode_record(record: dict, tokenizer, train_on: str = "assistant",
+                  first_trained_turn: int = 0) -> tuple[list[int], list[int]]:
     """(input_ids, labels) of one record; labels are the ids where trained, -100 elsewhere."""
     if train_on not in TRAIN_ON:
         raise ValueError(f"train_on {train_on!r}: choose one of {', '.join(TRAIN_ON)}")
-    text, spans, special, add_eos = render(record, tokenizer, train_on)
+    text, spans, special, add_eos = render(record, tokenizer, train_on, first_trained_turn)
     try:
         encoded = tokenizer(text, add_special_tokens=special, return_offsets_mapping=True)
     except NotImplementedError:
@@ -103,6 +110,16 @@ def encode_record(record: dict, tokenizer, train_on: str = "assistant") -> tuple
         ids.append(tokenizer.eos_token_id)
         labels.append(tokenizer.eos_token_id)
     return ids, labels
+
+
+def encode_preference(pair: dict, tokenizer) -> list[tuple[list[int], list[int]]]:
+    """[(input_ids, labels) of the chosen sequence, those of the rejected] of a normalized preference pair
+    (records.normalize_preference); only the response is trained."""
+    if isinstance(pair["prompt"], str):
+        return [encode_record({"prompt": pair["prompt"], "response": pair[key]}, tokenizer)
+                for key in ("chosen", "rejected")]
+    return [encode_record({"messages": pair["prompt"] + pair[key]}, tokenizer, first_trained_turn=len(pair["prompt"]))
+            for key in ("chosen", "rejected")]
 
 
 def tokenize_records(records: list[dict], tokenizer, train_on: str = "assistant") -> list[tuple[list[int], list[int]]]:

@@ -12,6 +12,12 @@ longer than seq_len is never split (a response is never trained without its prom
 ``"truncate"`` keeps its first seq_len tokens, ``"error"`` refuses it; either way it is counted. A document left with
 no trained token is skipped and counted too.
 
+Preference pairs (``preference=True``): the chosen and the rejected sequence of a pair are two documents packed one
+after the other in the same row, so that a micro-batch of whole rows holds whole pairs in the order DPO reads them
+(horizon_triton/preference.py). A pair longer than seq_len (chosen + rejected) is dropped, refused, or truncated:
+each sequence keeps its start, the chosen max(seq_len // 2, seq_len − rejected) tokens at most, the rejected the
+rest. A row file of pairs may get a column of reference log-probs per token (``PackedRows.attach_reference``).
+
 ``prepare`` streams: lines are read in chunks, encoded by worker processes (a bounded number of chunks in flight),
 packed as they come back in file order and written to a row file (int32 ids then uint8 flags a row) that
 ``PackedRows`` reads one row at a time. Memory stays that of a few chunks and one row, whatever the file size.
@@ -31,7 +37,7 @@ import torch
 
 from horizon_triton.kernels.reference import IGNORE_INDEX
 
-from .encode import encode_record
+from .encode import encode_preference, encode_record
 from .records import iter_lines, parse_line
 
 TOO_LONG = ("drop", "truncate", "error")
@@ -96,20 +102,44 @@ class Packer:
             if self.too_long == "drop":
                 return []
             ids, labels, n = ids[:self.seq_len], labels[:self.seq_len], self.seq_len
-        if n:
-            labels[0] = IGNORE_INDEX                 # nothing of its own precedes a document's first token
-        trained = int((labels != IGNORE_INDEX).sum())
-        if trained == 0:
+        return self._place([(ids, labels)])
+
+    def add_pair(self, chosen, rejected, where: str = "a pair") -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """A preference pair: (ids, labels) of the chosen and of the rejected sequence, placed in one row."""
+        docs = [(np.asarray(ids, dtype=np.int64), np.array(labels, dtype=np.int64)) for ids, labels in (chosen, rejected)]
+        (n_c, n_r) = (len(d[0]) for d in docs)
+        self.stats.longest = max(self.stats.longest, n_c + n_r)
+        self.stats.max_id = max([self.stats.max_id] + [int(d[0].max()) for d in docs if len(d[0])])
+        if n_c + n_r > self.seq_len:
+            self.stats.too_long += 1
+            if self.too_long == "error":
+                raise ValueError(f"{where} has {n_c} + {n_r} tokens (chosen + rejected, which share a row), more "
+                                 f"than --seq-len {self.seq_len}; raise --seq-len or choose --too-long drop or "
+                                 "truncate")
+            if self.too_long == "drop":
+                return []
+            keep_c = min(n_c, max(self.seq_len // 2, self.seq_len - n_r))
+            docs = [(ids[:keep], labels[:keep]) for (ids, labels), keep in zip(docs, (keep_c, self.seq_len - keep_c))]
+        return self._place(docs)
+
+    def _place(self, docs: list[tuple[np.ndarray, np.ndarray]]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Documents that go in one row together (one, or a pair), each with something to train, else none."""
+        for _, labels in docs:
+            if len(labels):
+                labels[0] = IGNORE_INDEX             # nothing of its own precedes a document's first token
+        if any(not (labels != IGNORE_INDEX).any() for _, labels in docs):
             self.stats.untrained += 1
             return []
+        n = sum(len(ids) for ids, _ in docs)
         self.stats.tokens += n
-        self.stats.trained_tokens += trained
+        self.stats.trained_tokens += sum(int((labels != IGNORE_INDEX).sum()) for _, labels in docs)
         done = self.flush() if self.at + n > self.seq_len else []
-        end = self.at + n
-        self.ids[self.at:end], self.labels[self.at:end] = ids, labels
-        self.positions[self.at:end] = np.arange(n)
-        self.positions[end:] = np.arange(n, n + self.seq_len - end)
-        self.at = end
+        for ids, labels in docs:
+            end = self.at + len(ids)
+            self.ids[self.at:end], self.labels[self.at:end] = ids, labels
+            self.positions[self.at:end] = np.arange(len(ids))
+            self.positions[end:] = np.arange(len(ids), len(ids) + self.seq_len - end)
+            self.at = end
         return done
 
     def flush(self) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
@@ -132,6 +162,16 @@ def pack_documents(docs, seq_len: int, pad_id: int, too_long: str = "error") -> 
     rows = []
     for n, (ids, labels) in enumerate(docs):
         rows += packer.add(ids, labels, where=f"document {n}")
+    return [_row_dict(*row) for row in rows + packer.flush()]
+
+
+def pack_pairs(pairs, seq_len: int, pad_id: int, too_long: str = "error") -> list[dict]:
+    """In memory: rows of a list of preference pairs [(ids, labels) chosen, (ids, labels) rejected], each pair in
+    one row (encode.encode_preference makes them)."""
+    packer = Packer(seq_len, pad_id, too_long)
+    rows = []
+    for n, (chosen, rejected) in enumerate(pairs):
+        rows += packer.add_pair(chosen, rejected, where=f"pair {n}")
     return [_row_dict(*row) for row in rows + packer.flush()]
 
 
@@ -158,12 +198,23 @@ class RowWriter:
 
 
 class PackedRows:
-    """The rows of a row file, read one at a time (os.pread: nothing of the file stays in this process's memory)."""
+    """The rows of a row file, read one at a time (os.pread: nothing of the file stays in this process's memory);
+    with a reference file attached, each row also has "ref_logps" (fp32 [seq_len]) from it."""
 
     def __init__(self, path: Path, seq_len: int, pad_id: int, num_rows: int):
         self.path, self.seq_len, self.pad_id, self.num_rows = Path(path), seq_len, pad_id, num_rows
         self._row_bytes = 5 * seq_len
         self._fd = None
+        self.reference_path = None
+        self._ref_fd = None
+
+    def attach_reference(self, path) -> None:
+        """A file of fp32 [rows, seq_len] (DPO's reference log-probs of each token, preference.add_reference)."""
+        path = Path(path)
+        if not path.is_file() or path.stat().st_size != 4 * self.seq_len * self.num_rows:
+            raise ValueError(f"{path}: a reference file for these rows must hold {self.num_rows} x {self.seq_len} "
+                             "fp32 values (was it written for other data or another --seq-len?)")
+        self.reference_path = path
 
     def __len__(self) -> int:
         return self.num_rows
@@ -179,38 +230,49 @@ class PackedRows:
         labels = np.where(flags & _TRAINED, ids, IGNORE_INDEX)
         index = np.arange(self.seq_len)
         doc_start = np.maximum.accumulate(np.where(flags & _DOC_START, index, 0))
-        return _row_dict(ids, labels, index - doc_start)
+        row = _row_dict(ids, labels, index - doc_start)
+        if self.reference_path is not None:
+            if self._ref_fd is None:
+                self._ref_fd = os.open(self.reference_path, os.O_RDONLY)
+            raw = os.pread(self._ref_fd, 4 * self.seq_len, i * 4 * self.seq_len)
+            row["ref_logps"] = torch.from_numpy(np.frombuffer(raw, dtype=np.float32).copy())
+        return row
 
     def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        for name in ("_fd", "_ref_fd"):
+            if getattr(self, name) is not None:
+                os.close(getattr(self, name))
+                setattr(self, name, None)
 
 
 # ------------------------------------------------------------------------------------------------------------
 # streaming a JSONL file through worker processes
 # ------------------------------------------------------------------------------------------------------------
 class ChunkEncoder:
-    """Lines -> [(line number, ids int32, labels int32)] in a worker; stops at the first bad line and returns it
-    as (line number, None, the error text)."""
+    """Lines -> [(line number, ids int32, labels int32)] in a worker (``preference``: lists [chosen, rejected] of
+    those); stops at the first bad line and returns it as (line number, None, the error text)."""
 
-    def __init__(self, path, tokenizer, train_on: str):
-        self.path, self.tokenizer, self.train_on = str(path), tokenizer, train_on
+    def __init__(self, path, tokenizer, train_on: str, preference: bool = False):
+        self.path, self.tokenizer, self.train_on, self.preference = str(path), tokenizer, train_on, preference
 
     def __call__(self, chunk: list[tuple[int, bytes]]) -> list[tuple]:
         out = []
         for number, raw in chunk:
             where = f"{self.path}:{number}"
             try:
-                record = parse_line(raw, where, first=number == 1)     # its errors name the line already
+                record = parse_line(raw, where, first=number == 1, preference=self.preference)   # names the line
                 if record is None:
                     continue
-                ids, labels = encode_record(record, self.tokenizer, self.train_on)
+                if self.preference:
+                    docs = encode_preference(record, self.tokenizer)
+                else:
+                    docs = [encode_record(record, self.tokenizer, self.train_on)]
             except ValueError as e:
                 message = str(e)
                 out.append((number, None, message if message.startswith(where + ":") else f"{where}: {message}"))
                 break
-            out.append((number, np.array(ids, dtype=np.int32), np.array(labels, dtype=np.int32)))
+            ids, labels = ([np.array(d[k], dtype=np.int32) for d in docs] for k in (0, 1))
+            out.append((number, ids, labels) if self.preference else (number, ids[0], labels[0]))
         return out
 
 
@@ -239,10 +301,11 @@ def _chunks(lines):
         yield chunk
 
 
-def encoded_documents(path, tokenizer, train_on: str = "assistant", workers: int = 0):
-    """(line number, ids, labels) of every record of a JSONL file in file order, encoded by ``workers`` processes
-    (0: in this process) with at most 2 chunks a worker in flight. The first bad line raises its error."""
-    encoder = ChunkEncoder(path, tokenizer, train_on)
+def encoded_documents(path, tokenizer, train_on: str = "assistant", workers: int = 0, preference: bool = False):
+    """(line number, ids, labels) of every record of a JSONL file in file order (``preference``: of every pair,
+    with ids and labels lists [chosen, rejected]), encoded by ``workers`` processes (0: in this process) with at
+    most 2 chunks a worker in flight. The first bad line raises its error."""
+    encoder = ChunkEncoder(path, tokenizer, train_on, preference)
     chunks = _chunks(iter_lines(path))
 
     def results():
@@ -291,9 +354,10 @@ class Prepared:
 
 def prepare(path, tokenizer, seq_len: int, pad_id: int, out_dir=None, *, train_on: str = "assistant",
             too_long: str = "drop", workers: int = 0, eval_fraction: float = 0.0, seed: int = 0,
-            keep_examples: int = 0) -> Prepared:
+            keep_examples: int = 0, preference: bool = False) -> Prepared:
     """Streams a JSONL file into packed rows: row files in ``out_dir`` (train.rows, eval.rows), or only the
-    statistics when out_dir is None. ``eval_fraction`` of the records go to the eval rows."""
+    statistics when out_dir is None. ``eval_fraction`` of the records go to the eval rows. ``preference``: the
+    records are preference pairs (records.normalize_preference), each packed in one row (Packer.add_pair)."""
     if not 0.0 <= eval_fraction < 1.0:
         raise ValueError(f"the eval split must be a fraction in [0, 1), got {eval_fraction}")
     splits = ["train", "eval"] if eval_fraction > 0 else ["train"]
@@ -303,13 +367,16 @@ def prepare(path, tokenizer, seq_len: int, pad_id: int, out_dir=None, *, train_o
     examples = []
     try:
         index = 0
-        for number, ids, labels in encoded_documents(path, tokenizer, train_on, workers):
+        for number, ids, labels in encoded_documents(path, tokenizer, train_on, workers, preference):
             name = "eval" if eval_fraction and in_eval_split(index, eval_fraction, seed) else "train"
             index += 1
             stats[name].records += 1
             if len(examples) < keep_examples:
                 examples.append((number, ids, labels))
-            for row in packers[name].add(ids, labels, where=f"{path}:{number}"):
+            where = f"{path}:{number}"
+            rows = (packers[name].add_pair(*zip(ids, labels), where=where) if preference
+                    else packers[name].add(ids, labels, where=where))
+            for row in rows:
                 if writers:
                     writers[name].write(*row)
         for name in splits:

@@ -1,0 +1,202 @@
+"""Preference tuning (DPO, Rafailov et al. 2023, as TRL's DPOTrainer computes it): the pair layout of a micro-batch,
+the losses and their gradients in closed form, and the head's per-token weights.
+
+Layout. A micro-batch holds whole pairs: its sequences (the documents of its rows, in row-major order: a row
+is one document, or several packed ones whose position_ids restart) alternate chosen, rejected, chosen, ...
+So a chosen and its rejected sit in rows 2k and 2k+1, or one after the other in one packed row (what
+``data.prepare(..., preference=True)`` writes). The labels mark the response tokens; the batch carries
+``ref_logps`` [B, S], the reference model's log-probability of each labelled token (0 elsewhere), which
+``Engine.reference_logps`` computes once, before training, from the frozen starting weights.
+
+Maths. For pair i, π = Σ log p_θ(y_t | y_<t) over a sequence's response tokens and ρ the same under the
+reference; the head gets log p_t = target_logit_t − lse_t from the cross-entropy's first pass (the logits never
+exist whole). With d = (π_c − ρ_c) − (π_r − ρ_r) and σ the logistic function:
+
+    sigmoid   ℓ = −(1−ε)·log σ(βd) − ε·log σ(−βd)            ∂ℓ/∂d = −β·[(1−ε)·σ(−βd) − ε·σ(βd)]
+    robust    ℓ = (−(1−ε)·log σ(βd) + ε·log σ(−βd)) / (1−2ε)  ∂ℓ/∂d = −β·[(1−ε)·σ(−βd) + ε·σ(βd)] / (1−2ε)
+    hinge     ℓ = max(0, 1 − βd)                               ∂ℓ/∂d = −β·[βd < 1]
+    ipo       q = (π_c−ρ_c)/n_c − (π_r−ρ_r)/n_r, ℓ = (q − 1/(2β))²   (n: the sequence's response tokens)
+              ∂ℓ/∂π_c = 2(q − 1/(2β))/n_c,  ∂ℓ/∂π_r = −2(q − 1/(2β))/n_r
+
+(ε = label_smoothing: for sigmoid the conservative DPO of TRL's releases before 1.0, ε = 0 being TRL 1.x's
+"sigmoid"; "robust", "hinge" and "ipo" are TRL 1.x's.) For the other three ∂ℓ/∂π_c = ∂ℓ/∂d = −∂ℓ/∂π_r. The
+step's loss is L = (1/P)·Σ_i ℓ_i over its P pairs (all micro-batches of the accumulation), and since a token's
+cross-entropy is −log p_t, the gradient flows through the head's hand-written backward with the per-token weight
+s_t = −(1/P)·∂ℓ/∂π of the token's sequence in place of the mean loss's 1/tokens. Rewards are β·(π − ρ), as TRL
+logs them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from horizon_triton.kernels.reference import IGNORE_INDEX
+
+LOSSES = ("sigmoid", "robust", "hinge", "ipo")
+METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+           "logps/rejected")
+
+
+@dataclass
+class PreferenceBatch:
+    """A micro-batch's pairs, on the compute device (MicroBatch.preference)."""
+    seq_index: torch.Tensor           # [T] int64: each target's sequence 2i (chosen) or 2i+1 (rejected); 2P if none
+    num_pairs: int                    # P, known on the host
+    lengths: torch.Tensor             # [2P] fp32: response tokens of each sequence
+    ref_logps: torch.Tensor | None    # [2P] fp32: the reference's summed log-probs (None: not computed yet)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the layout: which sequence each target belongs to (host, when the batch is prepared)
+# ------------------------------------------------------------------------------------------------------------
+def sequence_of_tokens(doc_ids: torch.Tensor | None, keep: torch.Tensor | None, shape) -> tuple[torch.Tensor, int]:
+    """(sequence index [B, S] of every kept token, -1 on masked ones; number of sequences): the documents of the
+    micro-batch numbered in row-major order (doc_ids as batch.doc_ids_of gives them, None: one a row)."""
+    B, S = shape
+    if doc_ids is None:
+        return torch.arange(B)[:, None].expand(B, S).clone(), B
+    local = doc_ids.long()
+    kept = torch.ones(B, S, dtype=torch.bool) if keep is None else keep
+    per_row = torch.where(kept, local + 1, 0).amax(1)                  # documents in each row
+    offsets = torch.cumsum(per_row, 0) - per_row
+    return torch.where(kept, local + offsets[:, None], -1), int(per_row.sum())
+
+
+def pair_layout(targets: torch.Tensor, doc_ids, keep, where: str) -> tuple[torch.Tensor, int, torch.Tensor]:
+    """(seq_index [T] of every target, 2P for ignored ones; P; response tokens per sequence [2P]) of a micro-batch
+    with targets [B, S] (labels shifted: target t predicts token t+1). Errors name the batch and the sequence."""
+    B, S = targets.shape
+    seq, count = sequence_of_tokens(doc_ids, keep, (B, S))
+    valid = targets != IGNORE_INDEX
+    crossing = valid[:, :-1] & (seq[:, :-1] != seq[:, 1:])
+    if crossing.any():
+        r, t = (int(i) for i in crossing.nonzero()[0])
+        raise ValueError(f"{where}: row {r}, position {t + 1} is labelled but starts a packed sequence: nothing of "
+                         "its own precedes it, so DPO cannot score it (set its label to -100)")
+    if count % 2:
+        raise ValueError(f"{where}: {count} sequences, an odd number: DPO needs every chosen sequence followed by "
+                         "its rejected one in the same micro-batch (rows 2k and 2k+1, or one after the other in a "
+                         "packed row); was a pair split across micro-batches?")
+    index = torch.where(valid, seq, count).reshape(-1)
+    lengths = torch.bincount(index, minlength=count + 1)[:count]
+    if count == 0 or (lengths == 0).any():
+        k = int((lengths == 0).nonzero()[0]) if count else 0
+        what = f"sequence {k} ({'chosen' if k % 2 == 0 else 'rejected'} of pair {k // 2})" if count else "it"
+        raise ValueError(f"{where}: {what} has no response tokens (every label is -100); DPO scores each chosen "
+                         "and rejected response by the log-probability of its labelled tokens")
+    return index, count // 2, lengths.float()
+
+
+def reference_sums(ref_logps: torch.Tensor, index: torch.Tensor, num_pairs: int, where: str) -> torch.Tensor:
+    """fp32 [2P]: the batch's per-token reference log-probs (label-aligned [B, S]) summed per sequence."""
+    ref = ref_logps.float()
+    if not torch.isfinite(ref).all():
+        raise ValueError(f"{where}: ref_logps holds non-finite values")
+    by_target = torch.zeros_like(ref)
+    by_target[:, :-1] = ref[:, 1:]                   # aligned with the targets, as the labels are
+    sums = torch.zeros(2 * num_pairs + 1, dtype=torch.float32)
+    sums.index_add_(0, index, by_target.reshape(-1))
+    return sums[:-1]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the loss
+# ------------------------------------------------------------------------------------------------------------
+def dpo_loss(policy: torch.Tensor, reference: torch.Tensor, lengths: torch.Tensor, beta: float,
+             label_smoothing: float, loss_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ℓ per pair [P], ∂ℓ/∂π per sequence [2P]) from summed log-probs π (policy) and ρ (reference) [2P] of
+    interleaved chosen/rejected sequences; see the module docstring for the formulas."""
+    ratios = policy - reference
+    rc, rr = ratios[0::2], ratios[1::2]
+    grad = torch.empty_like(policy)
+    if loss_type == "ipo":
+        q = rc / lengths[0::2] - rr / lengths[1::2]
+        gap = q - 1.0 / (2 * beta)
+        grad[0::2], grad[1::2] = 2 * gap / lengths[0::2], -2 * gap / lengths[1::2]
+        return gap.square(), grad
+    z = beta * (rc - rr)
+    eps = label_smoothing
+    if loss_type == "sigmoid":
+        loss = -(1 - eps) * F.logsigmoid(z) - eps * F.logsigmoid(-z)
+        d = -beta * ((1 - eps) * torch.sigmoid(-z) - eps * torch.sigmoid(z))
+    elif loss_type == "robust":
+        loss = (-(1 - eps) * F.logsigmoid(z) + eps * F.logsigmoid(-z)) / (1 - 2 * eps)
+        d = -beta * ((1 - eps) * torch.sigmoid(-z) + eps * torch.sigmoid(z)) / (1 - 2 * eps)
+    elif loss_type == "hinge":
+        loss = torch.relu(1 - z)
+        d = -beta * (z < 1).float()
+    else:
+        raise ValueError(f"dpo_loss {loss_type!r}: choose one of {', '.join(LOSSES)}")
+    grad[0::2], grad[1::2] = d, -d
+    return loss, grad
+
+
+class DPOHead:
+    """The head's part of DPO in one optimizer step (run_step's ``preference``): per micro-batch, from the first
+    pass's statistics, each sequence's summed log-prob, the pair losses and every token's weight for the second
+    pass; device sums of the metrics, read once after the step's sync."""
+
+    def __init__(self, train_cfg, mbs: list):
+        self.beta, self.eps, self.loss_type = train_cfg.dpo_beta, train_cfg.dpo_label_smoothing, train_cfg.dpo_loss
+        self.pairs = sum(mb.preference.num_pairs for mb in mbs)
+        self.sums = None              # device fp32 [len(METRICS)]: sums over the step's pairs
+
+    def token_weights(self, mb, lse: torch.Tensor, target_logit: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Compute stream: (Σ ℓ over the micro-batch's pairs, weights fp32 [T]) from lse and the target logits [T]."""
+        pref = mb.preference
+        valid = mb.targets != IGNORE_INDEX
+        token_logps = torch.where(valid, target_logit - lse, 0.0)                          # [T]
+        n = 2 * pref.num_pairs
+        policy = torch.zeros(n + 1, dtype=torch.float32, device=lse.device)
+        policy.index_add_(0, pref.seq_index, token_logps)
+        policy = policy[:n]                                                                # [2P]
+        loss, grad = dpo_loss(policy, pref.ref_logps, pref.lengths, self.beta, self.eps, self.loss_type)
+        per_sequence = torch.cat((-grad / self.pairs, grad.new_zeros(1)))                  # [2P + 1]
+        weights = per_sequence[pref.seq_index]                                             # [T]
+        self._add(policy, pref.ref_logps)
+        return loss.sum(), weights
+
+    def _add(self, policy: torch.Tensor, reference: torch.Tensor) -> None:
+        rewards = self.beta * (policy - reference)
+        chosen, rejected = rewards[0::2], rewards[1::2]
+        sums = torch.stack([chosen.sum(), rejected.sum(), (chosen > rejected).float().sum(),
+                            (chosen - rejected).sum(), policy[0::2].sum(), policy[1::2].sum()])
+        self.sums = sums if self.sums is None else self.sums + sums
+
+    def metrics(self) -> dict:
+        """Host, after the step's sync: TRL's names, means over the step's pairs."""
+        return dict(zip(METRICS, (self.sums / self.pairs).tolist()))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the reference pass
+# ------------------------------------------------------------------------------------------------------------
+def add_reference(engine, rows, batch_size: int, path=None, on_batch=None):
+    """DPO's reference, computed once before training with the engine's current (starting) weights: each row's
+    per-token log-probs (Engine.reference_logps) in row order, ``batch_size`` rows a forward-only pass. ``rows``:
+    a list of row dicts, each given a "ref_logps" tensor, or a data.PackedRows, whose reference file (``path``,
+    default beside its row file) is written and attached. ``on_batch(rows_done)`` follows the progress. Returns
+    the rows."""
+    from .data.packing import PackedRows, RowLoader
+    loader = RowLoader(rows, batch_size, epochs=1, shuffle=False)
+    if not isinstance(rows, PackedRows):
+        done = 0
+        for logps in engine.reference_logps(loader):
+            for row, values in zip(rows[done:done + len(logps)], logps):
+                row["ref_logps"] = values
+            done += len(logps)
+            if on_batch is not None:
+                on_batch(done)
+        return rows
+    path = rows.path.with_suffix(".ref") if path is None else path
+    done = 0
+    with open(path, "wb") as f:
+        for logps in engine.reference_logps(loader):
+            f.write(logps.numpy().astype("float32").tobytes())
+            done += len(logps)
+            if on_batch is not None:
+                on_batch(done)
+    rows.attach_reference(path)
+    return rows
