@@ -73,7 +73,7 @@ def _is_model_file(name: str) -> bool:
                                                                        and name.endswith(".safetensors"))
 
 
-def save_weights(store: HostStore, out_dir: str | Path, dtype: torch.dtype, add_files=None) -> None:
+def save_weights(store: HostStore, out_dir: str | Path, dtype: torch.dtype, add_files=None, tensor_of=None) -> None:
     """Writes config.json + model.safetensors (or shards + index) from the fp32 master weights (in bf16 mode the
     exact master reconstructed from its halves, so dtype="float32" saves what the optimizer holds), and whatever
     ``add_files(tmp_dir)`` adds (a tokenizer, metrics).
@@ -81,7 +81,8 @@ def save_weights(store: HostStore, out_dir: str | Path, dtype: torch.dtype, add_
     Everything goes to a temporary sibling of out_dir, fsynced and swapped in as one unit (durable.replace_dir),
     so a kill at any instant leaves the old directory or the new one, never a mixture. The old directory's
     other entries (files the user put there, a run's checkpoints) that the new one lacks are moved into it; its
-    model files go. Temporaries a killed save left are cleaned up by the next save."""
+    model files go. Temporaries a killed save left are cleaned up by the next save. ``tensor_of(layer, param)``,
+    if given, gives each parameter's fp32 value instead of the master (a LoRA merge, lora.merged_values)."""
     out_dir = Path(out_dir)
     tmp = durable.temp_sibling(out_dir)
     try:
@@ -102,8 +103,9 @@ def save_weights(store: HostStore, out_dir: str | Path, dtype: torch.dtype, add_
             file = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
             # one shard converted at a time: the copy is bounded by the shard size, not the model; the fp32
             # master is read (in bf16 mode reconstructed from its halves) one parameter at a time
-            tensors = {name: store.master_values(layer, p.offset, p.offset + p.numel).view(p.shape)
-                       .to(dtype, copy=True) for name, layer, p in shard}
+            value = tensor_of or (lambda layer, p: store.master_values(layer, p.offset, p.offset + p.numel)
+                                  .view(p.shape))
+            tensors = {name: value(layer, p).to(dtype, copy=True) for name, layer, p in shard}
             save_file(tensors, str(tmp / file), metadata={"format": "pt"})
             del tensors
             weight_map.update({name: file for name, _, _ in shard})
