@@ -22,7 +22,8 @@ from . import durable, training_state
 CHECKPOINTS = "checkpoints"
 # the options that define a run (its data order and its numbers); a resumed run must repeat them
 RUN_OPTIONS = ("model", "data", "steps", "epochs", "batch_size", "lr", "seq_len", "grad_accum", "warmup", "cosine",
-               "seed", "dtype", "format", "eval_problems", "eval_split", "train_on", "too_long")
+               "seed", "dtype", "format", "eval_problems", "eval_split", "train_on", "too_long", "lora_rank",
+               "lora_alpha", "lora_targets")
 _PATH_OPTIONS = ("model", "data")
 
 

@@ -184,7 +184,9 @@ def default_checkpoint_budget(p: Pipeline, free_bytes: int, mb_tokens: list[int]
     step's distinct token ids; never below 0 (then every checkpoint is offloaded to the host)."""
     b, H = p.store.compute_dtype.itemsize, p.cfg.hidden_size
     T_max = max(mb_tokens, default=0)
-    need = (sum(mb_tokens) * H * (3 * b + 4) + T_max * backward_bytes_per_token(p.cfg, b)
+    # a frozen base (LoRA) keeps both norms' outputs for its adapters: the fused norm + matmul is split there
+    per_token = backward_bytes_per_token(p.cfg, b) + (2 * H * b if p.store.lora is not None else 0)
+    need = (sum(mb_tokens) * H * (3 * b + 4) + T_max * per_token
             + min(T_max, CROSS_ENTROPY_TOKEN_CHUNK) * p.head_rows * (b + 8) + unique_rows * H * (b + 4))
     return max(0, free_bytes - free_bytes // 20 - need)
 

@@ -223,3 +223,54 @@ def test_peak_host_memory_per_base_parameter():
     assert deep["store_bytes"] <= 2.1 * deep["params"]
     assert deep["host_peak_bytes"] == deep["store_bytes"]
     assert 1.5 <= per_added_param <= 2.2, per_added_param
+
+
+LLAMA_70B = ht.ModelConfig(vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_layers=80, num_heads=64,
+                           num_kv_heads=8, rope_theta=500000.0, max_position_embeddings=8192)
+
+
+def test_plan_at_70b_holds_two_bytes_per_base_parameter():
+    from horizon_triton.plan import format_plan, plan
+    lora = plan(LLAMA_70B, ht.TrainConfig(lora_rank=16), tokens_per_step=8192, find_hiding=False)
+    full = plan(LLAMA_70B, ht.TrainConfig(), tokens_per_step=8192, find_hiding=False)
+    P, info = lora["num_parameters"], lora["lora"]
+    adapters = 80 * (16 * 8192 + 8192 * 16 + 16 * 8192 + 1024 * 16)      # q: A[16, 8192] B[8192, 16]; v: B[1024, 16]
+    assert info["adapter_parameters"] == adapters
+    store = sum(lora["host_store_bytes"].values())
+    assert store == pytest.approx(2 * P + 16 * adapters, rel=1e-5)       # bf16 base + 16 B per adapter parameter
+    assert 2.0 < info["host_bytes_per_base_parameter"] == lora["host_bytes"] / P <= 2.0 + 16 * adapters / P + 0.02
+    assert lora["d2h_bytes_per_step"] == 4 * adapters                     # only the adapters' fp32 gradients
+    assert lora["device_fixed_bytes"] < full["device_fixed_bytes"] / 2     # accumulators of the adapters' size
+    assert lora["flops_per_step"] < 0.8 * full["flops_per_step"]          # no weight-gradient GEMMs of the base
+    assert "rank 16 on q_proj, v_proj" in format_plan(lora)
+
+
+def test_cli_train_lora_saves_peft_adapter_and_merged_model(tmp_path, capsys):
+    from horizon_triton import cli
+    from tiny_tokenizers import make_tokenizer
+    src = tmp_path / "src"
+    make_hf_model("llama", src, max_position_embeddings=256)
+    make_tokenizer(src, style="chatml")
+    records = [{"messages": [{"role": "user", "content": "what color is the sky ?"},
+                             {"role": "assistant", "content": "blue ."}]}] * 4
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    common = ["train", "--model", str(src), "--data", str(data), "--device", "cpu", "--dtype", "float32", "--steps",
+              "3", "--batch-size", "2", "--seq-len", "32", "--lr", "1e-2", "--lora-rank", "4", "--lora-alpha", "16",
+              "--lora-targets", "q_proj,o_proj,down_proj"]
+    assert cli.main([*common, "--out", str(tmp_path / "adapter")]) == 0
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"], config["target_modules"]) == (4, 16, ["down_proj", "o_proj", "q_proj"])
+    assert (tmp_path / "adapter" / "tokenizer_config.json").is_file()
+    assert cli.main([*common, "--out", str(tmp_path / "merged"), "--merge"]) == 0
+    ids = torch.randint(0, 96, (1, 10))
+    with torch.no_grad():
+        adapted = peft.PeftModel.from_pretrained(load_hf(src), tmp_path / "adapter")(input_ids=ids).logits
+        merged = load_hf(tmp_path / "merged")(ids).logits
+        base = load_hf(src)(ids).logits
+    torch.testing.assert_close(merged, adapted, atol=1e-4, rtol=0)      # same seed, data and steps: same run
+    assert (adapted - base).abs().max() > 1e-3                          # and it trained something
+    assert cli.main(["train", "--model", str(src), "--data", str(data), "--out", str(tmp_path / "x"), "--merge"]) == 2
+    assert "need --lora-rank" in capsys.readouterr().err
+    assert cli.main(["plan", "--model", "tiny", "--lora-rank", "8", "--tokens-per-step", "256"]) == 0
+    assert "rank 8 on q_proj, v_proj" in capsys.readouterr().out
