@@ -44,14 +44,16 @@ def _peft_model(src, rank, alpha, targets, start=None, rslora=False):
     return model
 
 
-def _train_both(tmp_path, family, rank, alpha, targets, steps=4, grad_accum_steps=1, rslora=False, **opt):
+def _train_both(tmp_path, family, rank, alpha, targets, steps=4, grad_accum_steps=1, rslora=False, run=None, **opt):
+    """Our engine and peft + torch AdamW from the same starting adapters; run: more TrainConfig settings."""
     src = tmp_path / "src"
     make_hf_model(family, src)
     opt = {**OPT, **opt}
     batches = random_batches(steps * grad_accum_steps, vocab=96)
     engine = ht.Engine(ht.ModelConfig.from_pretrained(src),
-                       ht.TrainConfig(**opt, grad_accum_steps=grad_accum_steps, compute_dtype="float32", device="cpu",
-                                      lora_rank=rank, lora_alpha=alpha, lora_targets=targets, use_rslora=rslora))
+                       ht.TrainConfig(**{**dict(device="cpu"), **opt, **(run or {})}, grad_accum_steps=grad_accum_steps,
+                                      compute_dtype="float32", lora_rank=rank, lora_alpha=alpha, lora_targets=targets,
+                                      use_rslora=rslora))
     model = _peft_model(src, rank, alpha, targets, _adapters(engine), rslora)
     history = engine.fit(batches)
     ref = reference_train(model, batches, grad_accum_steps=grad_accum_steps, **opt)
@@ -88,6 +90,32 @@ def test_grad_accumulation_clipping_and_rslora_match_peft(tmp_path):
                                               grad_accum_steps=2, rslora=True, max_grad_norm=0.05)
     assert all(h["grad_norm"] > 0.05 for h in history[1:])
     _assert_parity(engine, history, model, ref)
+
+
+def test_async_streams_chunked_head_and_offloaded_checkpoints_match_peft(tmp_path):
+    # the race-testing device, three slots, the head in 5 vocabulary chunks (two passes), every checkpoint offloaded
+    run = dict(device="cpu-async", num_slots=3, head_chunk_rows=20, checkpoint_budget_bytes=0)
+    _assert_parity(*_train_both(tmp_path, "llama_tied_bias", 4, 8, ALL, steps=3, run=run))
+
+
+def test_triton_kernels_match_the_torch_path(monkeypatch):
+    """The engine through the Triton kernels (interpreter): the frozen head in 3 vocabulary chunks without dW,
+    the norm and matmul split for the adapters. (The fused head's d_weight=None: tests/test_cross_entropy.py.)"""
+    runs = {}
+    for backend in ("interpret", None):
+        if backend is None:
+            monkeypatch.delenv("HORIZON_KERNELS", raising=False)
+        else:
+            monkeypatch.setenv("HORIZON_KERNELS", backend)
+        cfg = ht.preset("tiny", qk_norm=True, attention_bias=True, tie_word_embeddings=True)
+        engine = ht.Engine(cfg, ht.TrainConfig(device="cpu", compute_dtype="float32", lr=1e-2, lora_rank=4,
+                                               lora_targets=ALL, head_chunk_rows=24))
+        history = engine.fit(random_batches(2, vocab=64, seq=16))
+        runs[backend] = [h["loss"] for h in history], _adapters(engine), engine.kernel_backend
+    assert (runs["interpret"][2], runs[None][2]) == ("triton-interpret", "torch")
+    assert runs["interpret"][0] == pytest.approx(runs[None][0], rel=1e-5)
+    for name, value in runs[None][1].items():   # 1% of the lr: Adam's step is sensitive where |grad| ~ eps
+        torch.testing.assert_close(runs["interpret"][1][name], value, atol=1e-4, rtol=0, msg=name)
 
 
 def test_lora_reference_backward_matches_autograd():
@@ -272,5 +300,6 @@ def test_cli_train_lora_saves_peft_adapter_and_merged_model(tmp_path, capsys):
     assert (adapted - base).abs().max() > 1e-3                          # and it trained something
     assert cli.main(["train", "--model", str(src), "--data", str(data), "--out", str(tmp_path / "x"), "--merge"]) == 2
     assert "need --lora-rank" in capsys.readouterr().err
-    assert cli.main(["plan", "--model", "tiny", "--lora-rank", "8", "--tokens-per-step", "256"]) == 0
+    assert cli.main(["plan", "--model", "tiny", "--lora-rank", "8", "--tokens-per-step", "256",
+                     "--host-ram", "20MB"]) == 0
     assert "rank 8 on q_proj, v_proj" in capsys.readouterr().out
