@@ -69,8 +69,9 @@ def load_weights(store: HostStore, path: str | Path) -> None:
 
 
 def _is_model_file(name: str) -> bool:
-    return name in ("config.json", "model.safetensors.index.json") or (name.startswith("model")
-                                                                       and name.endswith(".safetensors"))
+    """The files of a saved model (weights, config, or LoRA adapters): a new save replaces all of them."""
+    return name in ("config.json", "model.safetensors.index.json", "adapter_config.json",
+                    "adapter_model.safetensors") or (name.startswith("model") and name.endswith(".safetensors"))
 
 
 def save_weights(store: HostStore, out_dir: str | Path, dtype: torch.dtype, add_files=None, tensor_of=None) -> None:
@@ -84,8 +85,7 @@ def save_weights(store: HostStore, out_dir: str | Path, dtype: torch.dtype, add_
     model files go. Temporaries a killed save left are cleaned up by the next save. ``tensor_of(layer, param)``,
     if given, gives each parameter's fp32 value instead of the master (a LoRA merge, lora.merged_values)."""
     out_dir = Path(out_dir)
-    tmp = durable.temp_sibling(out_dir)
-    try:
+    with durable.assembled(out_dir, keep=lambda name: not _is_model_file(name)) as tmp:
         dtype_name = str(dtype).replace("torch.", "")
         store.cfg.to_hf_config(dtype_name).save_pretrained(tmp)
         named = list(store.named_params())
@@ -115,7 +115,3 @@ def save_weights(store: HostStore, out_dir: str | Path, dtype: torch.dtype, add_
                 json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
         if add_files is not None:
             add_files(tmp)
-        durable.replace_dir(tmp, out_dir, keep=lambda name: not _is_model_file(name))
-    except BaseException:
-        durable.discard_temp(tmp)
-        raise

@@ -110,27 +110,17 @@ def adapter_config(spec: LoraSpec, cfg: ModelConfig) -> dict:
                              "parent_library": f"transformers.models.{cfg.model_type}.modeling_{cfg.model_type}"}}
 
 
-def _is_adapter_or_model_file(name: str) -> bool:
-    from .checkpoint import _is_model_file
-    return name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS) or _is_model_file(name)
-
-
 def save_adapter(store, out_dir: str | Path, add_files=None) -> None:
     """adapter_config.json + adapter_model.safetensors (fp32 A and B) in out_dir, assembled beside it and swapped
     in whole as save_weights does (the old directory's other entries move into the new one)."""
-    out_dir = Path(out_dir)
-    tmp = durable.temp_sibling(out_dir)
-    try:
+    from .checkpoint import _is_model_file
+    with durable.assembled(Path(out_dir), keep=lambda name: not _is_model_file(name)) as tmp:
         tensors = {p.hf_name: store.master_values(index, p.offset, p.offset + p.numel, adapters=True)
                    .view(p.shape).clone() for index, layout in enumerate(store.adapter_layouts) for p in layout.params}
         save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(adapter_config(store.lora, store.cfg), indent=2))
         if add_files is not None:
             add_files(tmp)
-        durable.replace_dir(tmp, out_dir, keep=lambda name: not _is_adapter_or_model_file(name))
-    except BaseException:
-        durable.discard_temp(tmp)
-        raise
 
 
 def merged_values(store):
