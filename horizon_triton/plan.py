@@ -393,10 +393,10 @@ def format_plan(result: dict, largest: dict | None = None) -> str:
     ]
     if "lora" in result:
         lo = result["lora"]
-        lines.insert(1, f"  LoRA            rank {lo['rank']} on {', '.join(lo['targets'])}: "
-                        f"{lo['adapter_parameters'] / 1e6:,.1f}M adapter parameters ({_si(lo['adapter_host_bytes'], 'B')}"
-                        f" on the host), the base frozen ({_si(lo['base_host_bytes'], 'B')}); "
-                        f"{lo['host_bytes_per_base_parameter']:.2f} host bytes per base parameter")
+        lines.insert(1, f"  LoRA            rank {lo['rank']} ({', '.join(lo['targets'])}), "
+                        f"{lo['adapter_parameters'] / 1e6:,.1f}M adapter params: host "
+                        f"{lo['host_bytes_per_base_parameter']:.2f} B per base param (frozen base "
+                        f"{_si(lo['base_host_bytes'], 'B')}, adapters {_si(lo['adapter_host_bytes'], 'B')})")
     if result["tokens_to_hide_transfers"] is not None:
         lines.append(f"  copies hide at  {result['tokens_to_hide_transfers']:,} tokens a step (rows of {seq})")
     if largest is not None:

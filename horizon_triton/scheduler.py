@@ -22,6 +22,10 @@ chunk's lm_head gradient, streamed out per chunk). Against the one fused pass th
 (2·V·H·b in, against once for the fused pass) like every decoder layer's. The tied head's chunks are the
 embedding's rows, and their gradient goes to the embedding's grad buffer.
 
+With LoRA adapters on a frozen base (store.lora), each decoder layer's adapters stream in right after its base
+weights into the same slot, the accumulators hold and stream out only the adapters' gradients (store.trainable),
+and the embedding and head get none: the head still gives d(x), the embedding's backward is skipped.
+
 Ordering, enforced with events so that the async test device catches any missing wait:
 - a slot is refilled only after the compute that read it finished      (slot_free[slot])
 - compute reads a slot only after its copy finished                    (slot_ready[slot])

@@ -17,6 +17,11 @@ tied to the embedding). Each layer owns one contiguous flat buffer per kind. Thr
     fp32 compute (exact mode): 16 bytes per parameter
         master      fp32   the optimizer's weights, streamed as they are
         exp_avg, exp_avg_sq, grad  fp32
+    LoRA (``lora=``, lora.py): 2 bytes per base parameter (4 in fp32 mode) + 16 per adapter parameter
+        working (or master)  the frozen base, its streamed weights alone: no master, moments or gradient
+        lora_working + lora_master_low (or lora_master), lora_exp_avg, lora_exp_avg_sq, lora_grad (fp32):
+                    each decoder layer's adapters (A and B of every target, store.adapter_layouts), trained as
+                    a full store's layers are (``store.trainable`` has their buffers for the optimizer)
 
 Every parameter is a view into these buffers; nothing else holds a copy of the model. ``master_values`` is the
 one way to read the fp32 master (a view in fp32 mode, reconstructed from the halves otherwise), ``set_master``

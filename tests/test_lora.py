@@ -270,7 +270,7 @@ def test_plan_at_70b_holds_two_bytes_per_base_parameter():
     assert lora["d2h_bytes_per_step"] == 4 * adapters                     # only the adapters' fp32 gradients
     assert lora["device_fixed_bytes"] < full["device_fixed_bytes"] / 2     # accumulators of the adapters' size
     assert lora["flops_per_step"] < 0.8 * full["flops_per_step"]          # no weight-gradient GEMMs of the base
-    assert "rank 16 on q_proj, v_proj" in format_plan(lora)
+    assert "rank 16 (q_proj, v_proj)" in format_plan(lora)
 
 
 def test_cli_train_lora_saves_peft_adapter_and_merged_model(tmp_path, capsys):
@@ -302,4 +302,4 @@ def test_cli_train_lora_saves_peft_adapter_and_merged_model(tmp_path, capsys):
     assert "need --lora-rank" in capsys.readouterr().err
     assert cli.main(["plan", "--model", "tiny", "--lora-rank", "8", "--tokens-per-step", "256",
                      "--host-ram", "20MB"]) == 0
-    assert "rank 8 on q_proj, v_proj" in capsys.readouterr().out
+    assert "rank 8 (q_proj, v_proj)" in capsys.readouterr().out
