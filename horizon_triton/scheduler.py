@@ -144,8 +144,7 @@ def build_pipeline(cfg, store, ops, dev, optimizer, num_slots: int, tracer=None,
     H, V = cfg.hidden_size, cfg.vocab_size
     trained = store.trainable.layouts            # a LoRA store's adapters ride in the slot after their layer's base
     extra = [trained[i].numel if store.lora is not None else 0 for i in range(len(store.layouts))]
-    capacity = max(max((lay.numel + extra[i] for i, lay in enumerate(store.layouts) if 0 < i < len(extra) - 1),
-                       default=0), 2 * H)
+    capacity = max(max((store.layouts[i].numel + extra[i] for i in range(1, len(extra) - 1)), default=0), 2 * H)
     p.head_rows = min(V, head_rows or V, (capacity - H) // H)
     p.slots = [meter.add(torch.empty(capacity, dtype=store.compute_dtype, device=torch_dev))
                for _ in range(num_slots)]
