@@ -92,6 +92,11 @@ class Engine:
                      "cpu adamw=%s, optimizer_threads=%d", f"{self.store.num_parameters():,}",
                      self.store.nbytes() / 1e9, train_cfg.optimizer_states, self.kernel_backend, train_cfg.device,
                      adam_implementation(), self.optimizer.num_threads)
+            if self.store.lora is not None:
+                spec = self.store.lora
+                log.info("LoRA: rank %d, scale %.4g on %s, %s adapter parameters; the base frozen", spec.rank,
+                         spec.scale, ",".join(spec.targets),
+                         f"{sum(layout.numel for layout in self.store.adapter_layouts):,}")
 
     # ---- data -------------------------------------------------------------------------------------------
     def prepare(self, batch, where: str = "batch") -> lt.MicroBatch:
