@@ -69,11 +69,12 @@ def load_weights(store: HostStore, path: str | Path) -> None:
 
 
 def _is_model_file(name: str) -> bool:
-    return name in ("config.json", "model.safetensors.index.json") or (name.startswith("model")
-                                                                       and name.endswith(".safetensors"))
+    """The files of a saved model (weights, config, or LoRA adapters): a new save replaces all of them."""
+    return name in ("config.json", "model.safetensors.index.json", "adapter_config.json",
+                    "adapter_model.safetensors") or (name.startswith("model") and name.endswith(".safetensors"))
 
 
-def save_weights(store: HostStore, out_dir: str | Path, dtype: torch.dtype, add_files=None) -> None:
+def save_weights(store: HostStore, out_dir: str | Path, dtype: torch.dtype, add_files=None, tensor_of=None) -> None:
     """Writes config.json + model.safetensors (or shards + index) from the fp32 master weights (in bf16 mode the
     exact master reconstructed from its halves, so dtype="float32" saves what the optimizer holds), and whatever
     ``add_files(tmp_dir)`` adds (a tokenizer, metrics).
@@ -81,10 +82,10 @@ def save_weights(store: HostStore, out_dir: str | Path, dtype: torch.dtype, add_
     Everything goes to a temporary sibling of out_dir, fsynced and swapped in as one unit (durable.replace_dir),
     so a kill at any instant leaves the old directory or the new one, never a mixture. The old directory's
     other entries (files the user put there, a run's checkpoints) that the new one lacks are moved into it; its
-    model files go. Temporaries a killed save left are cleaned up by the next save."""
+    model files go. Temporaries a killed save left are cleaned up by the next save. ``tensor_of(layer, param)``,
+    if given, gives each parameter's fp32 value instead of the master (a LoRA merge, lora.merged_values)."""
     out_dir = Path(out_dir)
-    tmp = durable.temp_sibling(out_dir)
-    try:
+    with durable.assembled(out_dir, keep=lambda name: not _is_model_file(name)) as tmp:
         dtype_name = str(dtype).replace("torch.", "")
         store.cfg.to_hf_config(dtype_name).save_pretrained(tmp)
         named = list(store.named_params())
@@ -102,8 +103,9 @@ def save_weights(store: HostStore, out_dir: str | Path, dtype: torch.dtype, add_
             file = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
             # one shard converted at a time: the copy is bounded by the shard size, not the model; the fp32
             # master is read (in bf16 mode reconstructed from its halves) one parameter at a time
-            tensors = {name: store.master_values(layer, p.offset, p.offset + p.numel).view(p.shape)
-                       .to(dtype, copy=True) for name, layer, p in shard}
+            value = tensor_of or (lambda layer, p: store.master_values(layer, p.offset, p.offset + p.numel)
+                                  .view(p.shape))
+            tensors = {name: value(layer, p).to(dtype, copy=True) for name, layer, p in shard}
             save_file(tensors, str(tmp / file), metadata={"format": "pt"})
             del tensors
             weight_map.update({name: file for name, _, _ in shard})
@@ -113,7 +115,3 @@ def save_weights(store: HostStore, out_dir: str | Path, dtype: torch.dtype, add_
                 json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
         if add_files is not None:
             add_files(tmp)
-        durable.replace_dir(tmp, out_dir, keep=lambda name: not _is_model_file(name))
-    except BaseException:
-        durable.discard_temp(tmp)
-        raise

@@ -109,10 +109,11 @@ class Metrics:
         self._file.write(json.dumps({"kind": kind, **entry}) + "\n")
         self._file.flush()
 
-    def save(self, engine, tokenizer=None, source=None) -> None:
+    def save(self, engine, tokenizer=None, source=None, merge: bool = False) -> None:
         """The final model into out_dir: weights, config, the tokenizer and generation_config.json of the
         ``source`` model, and this file, assembled beside out_dir and swapped in as one unit (the run's
-        checkpoints move into the new directory)."""
+        checkpoints move into the new directory). A LoRA run saves its adapters (peft's format), or with
+        ``merge`` the base with the adapters merged in."""
         self._file.close()
 
         def add_files(tmp: Path) -> None:
@@ -121,7 +122,7 @@ class Metrics:
             if source is not None and (Path(source) / "generation_config.json").is_file():
                 shutil.copy2(Path(source) / "generation_config.json", tmp / "generation_config.json")
             shutil.copy2(self.path, tmp / self.path.name)
-        engine.save_pretrained(self.out_dir, add_files=add_files)
+        engine.save_pretrained(self.out_dir, add_files=add_files, merge=merge)
         self._file = self.path.open("a", encoding="utf-8")
 
     def close(self) -> None:
@@ -149,7 +150,8 @@ def run_demo(args) -> dict:
     train_cfg = TrainConfig(lr=DEMO["lr"] if args.lr is None else args.lr, weight_decay=DEMO["weight_decay"],
                             lr_schedule="cosine",
                             warmup_steps=DEMO["warmup"], device=args.device or "cpu", seed=args.seed,
-                            compute_dtype=args.dtype or DEMO["dtype"], grad_accum_steps=args.grad_accum)
+                            compute_dtype=args.dtype or DEMO["dtype"], grad_accum_steps=args.grad_accum,
+                            **_lora_options(args))
     if args.out is None:          # the demo's default directory holds only earlier demos: rerunning replaces it
         args.overwrite = True
     out = Path(args.out or "runs/demo")
@@ -190,7 +192,7 @@ def run_demo(args) -> dict:
             ok = answer == task.target(problem)
             verdict = "ok" if ok else f"expected {problem.answer}"
             progress.note(f"  {task.show(problem)}{task.read_answer(answer)}  {verdict}")
-        metrics.save(engine)
+        metrics.save(engine, merge=args.merge)
     finally:
         progress.close()
         metrics.close()
@@ -300,7 +302,8 @@ def run_finetune(args) -> dict:
                                 lr_schedule="cosine" if args.cosine else "constant",
                                 objective=args.objective or "sft",
                                 **{k: getattr(args, k) for k in ("dpo_beta", "dpo_label_smoothing", "dpo_loss")
-                                   if getattr(args, k) is not None})
+                                   if getattr(args, k) is not None},
+                                **_lora_options(args))
         if args.threads:
             import torch
             torch.set_num_threads(args.threads)
@@ -353,7 +356,7 @@ def run_finetune(args) -> dict:
             progress.close()
             if board:
                 board.close()
-            metrics.save(engine, tokenizer, source=args.model)
+            metrics.save(engine, tokenizer, source=args.model, merge=args.merge)
         finally:
             progress.close()
             metrics.close()
@@ -378,7 +381,7 @@ def run_plan(args) -> dict:
             raise ValueError(f"--model {args.model}: give a model directory or its config.json")
         path = path.parent
     model_cfg = preset(args.model) if args.model in PRESETS and not path.exists() else ModelConfig.from_pretrained(path)
-    train_cfg = TrainConfig(compute_dtype=args.dtype, grad_accum_steps=args.grad_accum)
+    train_cfg = TrainConfig(compute_dtype=args.dtype, grad_accum_steps=args.grad_accum, **_lora_options(args))
     host_ram = parse_bytes(args.host_ram) if args.host_ram else host_memory_info()[1]
     options = dict(tokens_per_step=args.tokens_per_step, hardware=args.gpu, seq_len=args.seq_len)
     result = plan(model_cfg, train_cfg, host_memory_bytes=host_ram, **options)
@@ -387,6 +390,32 @@ def run_plan(args) -> dict:
     if largest is None:
         print(f"  not even one layer of this shape fits {args.gpu} with {host_ram / 1e12:.2f} TB of host memory")
     return {"plan": result, "largest": largest}
+
+
+def _lora_options(args) -> dict:
+    """TrainConfig's LoRA settings from --lora-rank, --lora-alpha, --lora-targets (TrainConfig checks them)."""
+    if args.lora_rank is None:
+        if getattr(args, "merge", False) or args.lora_alpha is not None or args.lora_targets is not None:
+            raise ValueError("--lora-alpha, --lora-targets and --merge need --lora-rank R (a LoRA run)")
+        return {}
+    options = {"lora_rank": args.lora_rank}
+    if args.lora_alpha is not None:
+        options["lora_alpha"] = args.lora_alpha
+    if args.lora_targets is not None:
+        options["lora_targets"] = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
+    return options
+
+
+def _add_lora_options(parser, merge: bool) -> None:
+    group = parser.add_argument_group("LoRA", "adapters on a frozen base (peft's LoraConfig names and defaults)")
+    group.add_argument("--lora-rank", type=_positive, metavar="R", help="train rank-R LoRA adapters, the base frozen "
+                                                                         "(default: full fine-tune)")
+    group.add_argument("--lora-alpha", type=float, help="adapter scaling alpha / R (default 8, as peft)")
+    group.add_argument("--lora-targets", metavar="NAMES", help="comma-separated projections among q_proj, k_proj, "
+                       "v_proj, o_proj, gate_proj, up_proj, down_proj (default: q_proj,v_proj)")
+    if merge:
+        group.add_argument("--merge", action="store_true", help="save the base with the adapters merged in (a "
+                           "full model for transformers) instead of the adapters in peft's format")
 
 
 def _plot(out: Path, progress: Progress) -> None:
@@ -496,6 +525,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--threads", type=_positive, help=f"torch CPU threads (demo: {DEMO['threads']}; fine-tune: "
                                                          "torch's default)")
     train.add_argument("--eval-problems", type=_positive, help="demo: held-out problems (default 256)")
+    _add_lora_options(train, merge=True)
     _add_checkpoint_options(train)
     parser.train_parser = train      # with_config reads its options
     show = sub.add_parser("data", help="show how a data file tokenizes and what the loss counts",
@@ -524,6 +554,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--gpu", choices=list(HARDWARE), default="h100", help="the machine (default: h100)")
     plan.add_argument("--host-ram", help="host memory to plan for, e.g. 1.5TB or 512GiB (default: this machine's)")
     plan.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16", help="compute dtype")
+    _add_lora_options(plan, merge=False)
     return parser
 
 

@@ -243,6 +243,11 @@ class TrainConfig:
     dpo_beta: float = 0.1                 # DPO's β (TRL's beta): how far the policy may move from the reference
     dpo_label_smoothing: float = 0.0      # ε: the probability a preference label is flipped (sigmoid, robust)
     dpo_loss: str = "sigmoid"             # "sigmoid" | "robust" | "hinge" | "ipo" (TRL's loss_type)
+    lora_rank: int | None = None          # LoRA adapters of this rank on a frozen base (None: full fine-tune)
+    lora_alpha: float = 8.0               # adapter scaling alpha / rank (alpha / sqrt(rank) with use_rslora)
+    lora_targets: tuple[str, ...] = ("q_proj", "v_proj")   # peft's target_modules names (its Llama default)
+    lora_dropout: float = 0.0             # only 0: the hand-written backward has no dropout mask
+    use_rslora: bool = False              # rank-stabilized scaling (Kalajdzievski 2023), as peft's use_rslora
 
     def __post_init__(self):
         if self.lr_schedule not in ("constant", "cosine"):
@@ -274,11 +279,34 @@ class TrainConfig:
             raise ValueError(f"dpo_beta must be > 0, got {self.dpo_beta}")
         if not 0.0 <= self.dpo_label_smoothing < 0.5:
             raise ValueError(f"dpo_label_smoothing must be in [0, 0.5), got {self.dpo_label_smoothing}")
+        self._check_lora()
         if self.optimizer_threads is not None and (not isinstance(self.optimizer_threads, int)
                                                    or isinstance(self.optimizer_threads, bool)
                                                    or self.optimizer_threads < 1):
             raise ValueError(f"optimizer_threads must be an int ≥ 1 or None (every core but one), got "
                              f"{self.optimizer_threads!r}")
+
+    def _check_lora(self) -> None:
+        from .lora import TARGETS
+        if isinstance(self.lora_targets, str):
+            object.__setattr__(self, "lora_targets", tuple(t for t in self.lora_targets.split(",") if t))
+        object.__setattr__(self, "lora_targets", tuple(self.lora_targets))     # a list from JSON or the CLI
+        if self.lora_rank is None:
+            return
+        if not isinstance(self.lora_rank, int) or isinstance(self.lora_rank, bool) or self.lora_rank < 1:
+            raise ValueError(f"lora_rank must be an int ≥ 1 (or None: full fine-tune), got {self.lora_rank!r}")
+        unknown = [t for t in self.lora_targets if t not in TARGETS]
+        if unknown or not self.lora_targets or len(set(self.lora_targets)) != len(self.lora_targets):
+            raise ValueError(f"lora_targets {list(self.lora_targets)}: give distinct names among {list(TARGETS)}"
+                             + (f" ({unknown} unknown)" if unknown else ""))
+        if not self.lora_alpha > 0:
+            raise ValueError(f"lora_alpha must be > 0, got {self.lora_alpha!r}")
+        if self.lora_dropout != 0:
+            raise ValueError(f"lora_dropout={self.lora_dropout} is not supported: the adapters' hand-written "
+                             "backward has no dropout mask; use lora_dropout=0 (peft's lora_dropout=0.0)")
+        if self.optimizer_states != "fp32":
+            raise ValueError("optimizer_states='8bit' does not apply to LoRA: the adapters keep fp32 moments (they "
+                             "are a small fraction of the host store); use optimizer_states='fp32'")
 
     def lr_at(self, step: int, total_steps: int | None) -> float:
         """Learning rate of 1-based optimizer step `step`, as transformers' get_{constant,cosine}_schedule_with_warmup

@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 SWAPPED_OUT = ".swapped-out"     # marker in an old directory: the JSON list of its entries that go to the new one
@@ -114,6 +115,19 @@ def _finish(old: Path, dst: Path) -> None:
     fsync_dir(dst)
     shutil.rmtree(old)
     fsync_dir(dst.parent)
+
+
+@contextmanager
+def assembled(dst: Path, keep=None):
+    """``with assembled(dst, keep) as tmp:`` write the new directory into tmp (a temp_sibling); on leaving, it is
+    swapped in at dst as one unit (replace_dir, keeping what ``keep`` names); on an error the temporary goes."""
+    tmp = temp_sibling(dst)
+    try:
+        yield tmp
+        replace_dir(tmp, dst, keep=keep)
+    except BaseException:
+        discard_temp(tmp)
+        raise
 
 
 def discard_temp(tmp: Path) -> None:

@@ -14,7 +14,7 @@ import torch
 from horizon_triton.kernels.cpu_adam import implementation as adam_implementation
 from horizon_triton.kernels.reference import IGNORE_INDEX
 
-from . import canary
+from . import canary, lora
 from . import interrupts, preference, training_state
 from . import layer as lt
 from . import preflight
@@ -49,11 +49,15 @@ class Engine:
             preflight.check_engine(model_cfg, train_cfg, self.device)   # before anything is allocated
         fix_malloc_mmap_threshold()
         self.store = HostStore(model_cfg, self.compute_dtype, pin=self.device.pin_memory,
-                               device="meta" if meta else "cpu", optimizer_states=train_cfg.optimizer_states)
-        if init_weights and model_cfg.source_path is not None and not meta:
+                               device="meta" if meta else "cpu", optimizer_states=train_cfg.optimizer_states,
+                               lora=lora.spec_of(train_cfg))
+        fill_base = init_weights or self.store.lora is not None   # a LoRA checkpoint holds no frozen base
+        if fill_base and model_cfg.source_path is not None and not meta:
             load_weights(self.store, model_cfg.source_path)
-        elif init_weights and not meta:                           # the dry run's store has no values to fill
+        elif fill_base and not meta:                              # the dry run's store has no values to fill
             self.store.init_random(train_cfg.seed)
+        if init_weights and self.store.lora is not None and not meta:
+            lora.init_adapters(self.store, train_cfg.seed)
         if meta:                                                  # kernel stand-ins on meta tensors (dryrun.py)
             self.kernel_backend, self.ops = self.device.kernel_backend, self.device.ops
         else:
@@ -88,6 +92,11 @@ class Engine:
                      "cpu adamw=%s, optimizer_threads=%d", f"{self.store.num_parameters():,}",
                      self.store.nbytes() / 1e9, train_cfg.optimizer_states, self.kernel_backend, train_cfg.device,
                      adam_implementation(), self.optimizer.num_threads)
+            if self.store.lora is not None:
+                spec = self.store.lora
+                log.info("LoRA: rank %d, scale %.4g on %s, %s adapter parameters; the base frozen", spec.rank,
+                         spec.scale, ",".join(spec.targets),
+                         f"{sum(layout.numel for layout in self.store.adapter_layouts):,}")
 
     # ---- data -------------------------------------------------------------------------------------------
     def prepare(self, batch, where: str = "batch") -> lt.MicroBatch:
@@ -388,13 +397,24 @@ class Engine:
             p.slot_free[0] = self.device.record("compute")
 
     # ---- checkpoints ------------------------------------------------------------------------------------
-    def save_pretrained(self, out_dir: str | Path, dtype: str | torch.dtype | None = None, add_files=None) -> None:
+    def save_pretrained(self, out_dir: str | Path, dtype: str | torch.dtype | None = None, add_files=None,
+                        merge: bool = False) -> None:
         """config.json + safetensors loadable by transformers.AutoModelForCausalLM.from_pretrained. Default dtype:
         fp32 (the master weights) if the model was loaded or built in fp32, else the source checkpoint's.
+        A LoRA run saves its adapters in peft's format instead (adapter_config.json + adapter_model.safetensors,
+        fp32, for peft.PeftModel.from_pretrained on the base), or with merge=True the full model with the
+        adapters merged into the base weights (W + s·B A, in dtype).
 
         The directory is assembled beside out_dir and swapped in whole (``add_files(tmp_dir)`` writes more files
         into it first: a tokenizer, metrics); a SIGINT or SIGTERM during the save is acted on once it is done."""
         self.optimizer.wait_all()
+        if merge and self.store.lora is None:
+            raise ValueError("merge=True merges LoRA adapters into the base; this run trains the full model "
+                             "(TrainConfig(lora_rank=...) makes a LoRA run)")
+        if self.store.lora is not None and not merge:
+            with interrupts.deferred_signals():
+                lora.save_adapter(self.store, out_dir, add_files)
+            return
         if dtype is None:
             dtype = self.model_cfg.torch_dtype
         if isinstance(dtype, str):
@@ -402,7 +422,8 @@ class Engine:
                 raise ValueError(f"dtype {dtype!r} not supported for saving; choose from {sorted(DTYPES)}")
             dtype = DTYPES[dtype]
         with interrupts.deferred_signals():
-            save_weights(self.store, out_dir, dtype, add_files)
+            save_weights(self.store, out_dir, dtype, add_files,
+                         tensor_of=lora.merged_values(self.store) if merge else None)
 
     def save_checkpoint(self, path: str | Path, keep_last: int | None = None) -> Path:
         """The whole training state (every host-store buffer but the gradient, step, lr schedule, RNG, data
@@ -440,6 +461,9 @@ class Engine:
         if saved_dtype != self.train_cfg.compute_dtype:
             differences.append(f"compute_dtype: checkpoint {saved_dtype!r}, this engine "
                                f"{self.train_cfg.compute_dtype!r}")
+        saved_lora = lora.spec_of(training_state.train_config(state))
+        if saved_lora != self.store.lora:
+            differences.append(f"LoRA adapters: checkpoint {saved_lora}, this engine {self.store.lora}")
         if differences:
             raise training_state.CheckpointError(f"{ckpt} was saved from another model or setup: "
                                                  + "; ".join(differences))

@@ -162,7 +162,8 @@ class TritonModels:
             self._gemm(2.0 * n * H * V, h.dtype, hc, weight, logits, stats)                 # logits = hc Wᵀ
             self._count("elementwise", 4.0 * n * V, logits, logits, stats)                  # loss, g in place
             self._gemm(2.0 * n * H * V, h.dtype, logits, weight, hc)                        # dh_c = g W
-            self._gemm(2.0 * n * H * V, h.dtype, logits, hc, d_weight, d_weight)            # dW += gᵀ hc
+            if d_weight is not None:                                                        # None: frozen
+                self._gemm(2.0 * n * H * V, h.dtype, logits, hc, d_weight, d_weight)        # dW += gᵀ hc
             del stats
         return loss_rows.sum(), dh
 
@@ -196,7 +197,8 @@ class TritonModels:
                         scales[s:s + n] if per_token else None)
             # both weight-side GEMMs read bf16 g and accumulate in fp32 (read-modify-write of dh and dW_c)
             self._gemm(2.0 * n * H * V_c, h.dtype, logits, weight, dh[s:s + n], dh[s:s + n])   # dh += g W_c
-            self._gemm(2.0 * n * H * V_c, h.dtype, logits, hc, d_weight, d_weight)             # dW_c += gᵀ h_c
+            if d_weight is not None:                                                            # None: frozen
+                self._gemm(2.0 * n * H * V_c, h.dtype, logits, hc, d_weight, d_weight)         # dW_c += gᵀ h_c
 
 
 def meta_ops(backend: str, counter, doc_lengths) -> object:

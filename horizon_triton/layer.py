@@ -6,7 +6,12 @@ gradients are accumulated into ``g`` (the same views into an fp32 accumulator). 
 beyond one call. The forward keeps nothing but its output; ``decoder_backward`` recomputes the layer from its
 input and runs the hand-written backward of every op (kernels/reference.py gives the formulas).
 
-Shapes: T = B·S tokens, H hidden, Hq/Hkv heads of size D, I intermediate, V vocabulary.
+With LoRA adapters (lora.py) ``w`` also holds each target's A and B ("q.lora_A", "q.lora_B", ...) and their
+scale (``w[LORA_SCALE]``), the base is frozen, and ``g`` holds the adapters' gradients only: every projection then
+runs as the frozen matmul plus its adapters (the helpers below), its backward gives d(input) and the adapters'
+gradients, and no base weight gradient is ever formed; the head gets ``g = {"lm_head": None, "norm": scratch}``.
+
+Shapes: T = B·S tokens, H hidden, Hq/Hkv heads of size D, I intermediate, V vocabulary, r the LoRA rank.
 """
 from __future__ import annotations
 
@@ -57,6 +62,70 @@ def embed_backward(d_rows: torch.Tensor, index: torch.Tensor, dx: torch.Tensor, 
 
 
 # ---------------------------------------------------------------------------------------------------------
+# projections: the fused kernels of a full fine-tune, or a frozen matmul plus LoRA adapters
+# ---------------------------------------------------------------------------------------------------------
+LORA_SCALE = "lora_scale"      # key of the adapters' scale s in w: its presence marks a frozen base
+
+
+def _members(cfg: ModelConfig, proj: str) -> list[tuple[str, int, int]]:
+    """(key, first column, end column) of each projection fused into ``proj``'s output."""
+    q, kv, I = cfg.q_size, cfg.kv_size, cfg.intermediate_size
+    return {"qkv": [("q", 0, q), ("k", q, q + kv), ("v", q + kv, q + 2 * kv)],
+            "gate_up": [("gate", 0, I), ("up", I, 2 * I)]}.get(proj, [(proj, 0, None)])
+
+
+def _with_adapters(ops, cfg, w, x: torch.Tensor, y: torch.Tensor, proj: str, saved: dict) -> torch.Tensor:
+    """y[T, N] += s·(x Aᵀ) Bᵀ for each adapter of proj's members; keeps xa = s·x Aᵀ [T, r] in saved."""
+    for key, lo, hi in _members(cfg, proj):
+        if key + ".lora_A" in w:
+            delta, saved[key + ".xa"] = ops.lora_forward(x, w[key + ".lora_A"], w[key + ".lora_B"], w[LORA_SCALE])
+            y[:, lo:hi] += delta
+    return y
+
+
+def _normed_projection(ops, cfg, w, x: torch.Tensor, norm: str, proj: str, saved: dict):
+    """(rmsnorm(x) W[proj]ᵀ [T, N], rstd[T]): the fused kernel; with adapters the norm's output is kept for them."""
+    if LORA_SCALE not in w:
+        return ops.rmsnorm_matmul_forward(x, w[norm], w[proj], cfg.rms_norm_eps)
+    xn, rstd = ops.rmsnorm_forward(x, w[norm], cfg.rms_norm_eps)
+    saved[proj + ".x"] = xn
+    return _with_adapters(ops, cfg, w, xn, ops.linear_forward(xn, w[proj]), proj, saved), rstd
+
+
+def _projection(ops, cfg, w, x: torch.Tensor, proj: str, saved: dict, bias=None) -> torch.Tensor:
+    y = ops.linear_forward(x, w[proj], bias)
+    return _with_adapters(ops, cfg, w, x, y, proj, saved) if LORA_SCALE in w else y
+
+
+def _frozen_backward(ops, cfg, w, g, dy: torch.Tensor, x: torch.Tensor, proj: str, saved: dict) -> torch.Tensor:
+    """d(x) of x W[proj]ᵀ + adapters with W frozen: dy W (no dW), plus each adapter's share; dA, dB into g."""
+    dx = dy @ w[proj]
+    for key, lo, hi in _members(cfg, proj):
+        if key + ".lora_A" in w:
+            dx += ops.lora_backward(dy[:, lo:hi], x, saved.get(key + ".xa"), w[key + ".lora_A"], w[key + ".lora_B"],
+                                    w[LORA_SCALE], g[key + ".lora_A"], g[key + ".lora_B"])
+    return dx
+
+
+def _norm_grad(g, w, key: str) -> torch.Tensor:
+    """Where a norm's gradient goes: g's buffer, or with a frozen base a discarded fp32 scratch of its size."""
+    return g[key] if key in g else torch.zeros(w[key].shape, dtype=torch.float32, device=w[key].device)
+
+
+def _normed_projection_backward(ops, cfg, w, g, dy, x, rstd, norm: str, proj: str, saved: dict) -> torch.Tensor:
+    if LORA_SCALE not in w:
+        return ops.rmsnorm_matmul_backward(dy, x, w[norm], w[proj], rstd, g[proj], g[norm])
+    dxn = _frozen_backward(ops, cfg, w, g, dy, saved[proj + ".x"], proj, saved)
+    return ops.rmsnorm_backward(dxn, x, w[norm], rstd, _norm_grad(g, w, norm))
+
+
+def _projection_backward(ops, cfg, w, g, dy, x, proj: str, saved: dict, d_bias=None) -> torch.Tensor:
+    if LORA_SCALE not in w:
+        return ops.linear_backward(dy, x, w[proj], g[proj], d_bias)
+    return _frozen_backward(ops, cfg, w, g, dy, x, proj, saved)
+
+
+# ---------------------------------------------------------------------------------------------------------
 # decoder layer
 # ---------------------------------------------------------------------------------------------------------
 def _decoder_recompute(ops, cfg: ModelConfig, w, x: torch.Tensor, mb: MicroBatch) -> dict:
@@ -64,7 +133,8 @@ def _decoder_recompute(ops, cfg: ModelConfig, w, x: torch.Tensor, mb: MicroBatch
     needs the down projection's output, so the recompute does not pay for that matmul)."""
     B, S = mb.shape
     T, Hq, Hkv, D = x.shape[0], cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    qkv, rstd_in = ops.rmsnorm_matmul_forward(x, w["input_norm"], w["qkv"], cfg.rms_norm_eps)  # [T, (Hq+2Hkv)D]
+    saved = {}
+    qkv, rstd_in = _normed_projection(ops, cfg, w, x, "input_norm", "qkv", saved)             # [T, (Hq+2Hkv)D]
     if cfg.attention_bias:
         qkv += w["qkv_bias"]
     # contiguous copies: the kernels take dense tensors, and RoPE rotates in place
@@ -72,7 +142,7 @@ def _decoder_recompute(ops, cfg: ModelConfig, w, x: torch.Tensor, mb: MicroBatch
     k_lin = qkv[:, cfg.q_size:cfg.q_size + cfg.kv_size].reshape(T, Hkv, D).contiguous()
     v = qkv[:, cfg.q_size + cfg.kv_size:].reshape(B, S, Hkv, D).contiguous()
     del qkv                                   # the backward never reads it: freed before the attention runs
-    saved = dict(rstd_in=rstd_in, q_lin=q_lin, k_lin=k_lin)
+    saved.update(rstd_in=rstd_in, q_lin=q_lin, k_lin=k_lin)
     if cfg.qk_norm:
         q, saved["rstd_q"] = ops.rmsnorm_forward(q_lin, w["q_norm"], cfg.rms_norm_eps)
         k, saved["rstd_k"] = ops.rmsnorm_forward(k_lin, w["k_norm"], cfg.rms_norm_eps)
@@ -83,8 +153,8 @@ def _decoder_recompute(ops, cfg: ModelConfig, w, x: torch.Tensor, mb: MicroBatch
     q, k = q.view(B, S, Hq, D), k.view(B, S, Hkv, D)
     attn, lse = ops.attention_forward(q, k, v, mb.doc_ids, D ** -0.5, cfg.sliding_window)     # [B, S, Hq, D]
     attn_flat = attn.view(T, cfg.q_size)
-    h = x + ops.linear_forward(attn_flat, w["o"], w.get("o_bias"))                          # [T, H]
-    gate_up, rstd_post = ops.rmsnorm_matmul_forward(h, w["post_norm"], w["gate_up"], cfg.rms_norm_eps)  # [T, 2I]
+    h = x + _projection(ops, cfg, w, attn_flat, "o", saved, w.get("o_bias"))                 # [T, H]
+    gate_up, rstd_post = _normed_projection(ops, cfg, w, h, "post_norm", "gate_up", saved)     # [T, 2I]
     act = ops.swiglu_forward(gate_up)                                                         # [T, I]
     saved.update(q=q, k=k, v=v, attn=attn, lse=lse, attn_flat=attn_flat, h=h, gate_up=gate_up,
                  rstd_post=rstd_post, act=act)
@@ -94,7 +164,7 @@ def _decoder_recompute(ops, cfg: ModelConfig, w, x: torch.Tensor, mb: MicroBatch
 def decoder_forward(ops, cfg: ModelConfig, w, x: torch.Tensor, mb: MicroBatch) -> torch.Tensor:
     """x[T, H] -> the layer's output [T, H]; every intermediate is dropped."""
     s = _decoder_recompute(ops, cfg, w, x, mb)
-    return s["h"] + ops.linear_forward(s["act"], w["down"])
+    return s["h"] + _projection(ops, cfg, w, s["act"], "down", s)
 
 
 def decoder_backward(ops, cfg: ModelConfig, w, g, x: torch.Tensor, mb: MicroBatch,
@@ -103,25 +173,24 @@ def decoder_backward(ops, cfg: ModelConfig, w, g, x: torch.Tensor, mb: MicroBatc
     s = _decoder_recompute(ops, cfg, w, x, mb)
     T, D = x.shape[0], cfg.head_dim
     # MLP block: out = h + down(swiglu(gate_up(rmsnorm(h))))
-    d_act = ops.linear_backward(d_out, s["act"], w["down"], g["down"])
+    d_act = _projection_backward(ops, cfg, w, g, d_out, s["act"], "down", s)
     d_gate_up = ops.swiglu_backward(d_act, s["gate_up"])
-    d_h = d_out + ops.rmsnorm_matmul_backward(d_gate_up, s["h"], w["post_norm"], w["gate_up"], s["rstd_post"],
-                                              g["gate_up"], g["post_norm"])
+    d_h = d_out + _normed_projection_backward(ops, cfg, w, g, d_gate_up, s["h"], s["rstd_post"], "post_norm",
+                                              "gate_up", s)
     # attention block: h = x + o(attention(rope(q), rope(k), v))
-    d_attn = ops.linear_backward(d_h, s["attn_flat"], w["o"], g["o"], g.get("o_bias"))
+    d_attn = _projection_backward(ops, cfg, w, g, d_h, s["attn_flat"], "o", s, g.get("o_bias"))
     dq, dk, dv = ops.attention_backward(d_attn.view_as(s["attn"]), s["q"], s["k"], s["v"], s["attn"], s["lse"],
                                         mb.doc_ids, D ** -0.5, cfg.sliding_window)
     dq, dk = dq.view(T, cfg.num_heads, D), dk.view(T, cfg.num_kv_heads, D)
     ops.rope_backward_(dq, mb.cos, mb.sin)
     ops.rope_backward_(dk, mb.cos, mb.sin)
     if cfg.qk_norm:
-        dq = ops.rmsnorm_backward(dq, s["q_lin"], w["q_norm"], s["rstd_q"], g["q_norm"])
-        dk = ops.rmsnorm_backward(dk, s["k_lin"], w["k_norm"], s["rstd_k"], g["k_norm"])
+        dq = ops.rmsnorm_backward(dq, s["q_lin"], w["q_norm"], s["rstd_q"], _norm_grad(g, w, "q_norm"))
+        dk = ops.rmsnorm_backward(dk, s["k_lin"], w["k_norm"], s["rstd_k"], _norm_grad(g, w, "k_norm"))
     d_qkv = torch.cat((dq.reshape(T, -1), dk.reshape(T, -1), dv.reshape(T, -1)), dim=1)      # [T, (Hq+2Hkv)D]
-    if cfg.attention_bias:
+    if "qkv_bias" in g:                       # the biases, unless frozen
         g["qkv_bias"] += d_qkv.sum(0, dtype=torch.float32)
-    return d_h + ops.rmsnorm_matmul_backward(d_qkv, x, w["input_norm"], w["qkv"], s["rstd_in"], g["qkv"],
-                                             g["input_norm"])
+    return d_h + _normed_projection_backward(ops, cfg, w, g, d_qkv, x, s["rstd_in"], "input_norm", "qkv", s)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -8,7 +8,8 @@ Backends
 - ``triton-interpret`` the same kernels run by Triton's interpreter on CPU (slow; for tests)
 
 Default: ``triton`` on CUDA, ``torch`` on CPU. ``HORIZON_KERNELS=torch|triton|interpret`` overrides it.
-Plain matmuls (o_proj, down_proj) stay torch matmuls on every backend: cuBLAS is already the fastest kernel.
+Plain matmuls (o_proj, down_proj, the LoRA adapters' rank-r products) stay torch matmuls on every backend: cuBLAS
+is already the fastest kernel.
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ KERNEL_FAMILY = {
     "linear_cross_entropy": "cross_entropy",
     "cross_entropy_chunk_stats_": "cross_entropy", "cross_entropy_chunk_backward": "cross_entropy",
 }
-TORCH_ONLY = ("linear_forward", "linear_backward", "cross_entropy_chunk_loss")
+TORCH_ONLY = ("linear_forward", "linear_backward", "cross_entropy_chunk_loss", "lora_forward", "lora_backward")
 BACKENDS = {"torch": "torch", "triton": "triton", "interpret": "triton-interpret"}
 
 

@@ -87,7 +87,7 @@ class OptimizerDriver:
                 event.set()
 
     def update_layer(self, i: int, step: int, lr: float, grad_scale: float) -> None:
-        s, c = self.store, self.cfg
+        s, c = self.store.trainable, self.cfg       # the store itself, or a LoRA store's adapters (none: no-op)
         split, n = s.layouts[i].decay_numel, s.layouts[i].numel   # decayed matrices first, then norms and biases
         hyper = dict(step=step, lr=lr, beta1=c.betas[0], beta2=c.betas[1], eps=c.eps, grad_scale=grad_scale,
                      num_threads=self.num_threads)

@@ -29,6 +29,7 @@ from .config import ModelConfig, TrainConfig
 from .device import STREAMS, host_memory_info
 from .dryrun import DryRun, dry_run, host_store_bytes
 from .scheduler import CROSS_ENTROPY_TOKEN_CHUNK
+from .lora import spec_of
 from .store import HostStore
 
 GiB = 2**30
@@ -120,7 +121,8 @@ def optimizer_seconds(allocations, hw: dict) -> list[float]:
     """Seconds of the CPU AdamW per layer: the host bytes it reads and writes over host-memory bandwidth."""
     per_layer: dict[int, int] = {}
     for a in allocations:
-        per_layer[a.layer] = per_layer.get(a.layer, 0) + a.nbytes * OPTIMIZER_PASSES.get(a.kind, 2)
+        moved = 0 if a.frozen else a.nbytes * OPTIMIZER_PASSES.get(a.kind.removeprefix("lora_"), 2)
+        per_layer[a.layer] = per_layer.get(a.layer, 0) + moved      # a frozen LoRA base: never touched
     return [per_layer[i] / (hw["host_gbps"] * 1e9) for i in sorted(per_layer)]
 
 
@@ -270,6 +272,15 @@ def plan(model_cfg: ModelConfig, train_cfg: TrainConfig | None = None, *, tokens
     if host_memory_bytes is not None:
         result["host_memory_bytes"] = host_memory_bytes
         result["fits_host"] = host <= host_memory_bytes
+    spec = spec_of(train_cfg)
+    if spec is not None:             # the base frozen: its bytes and the adapters' apart
+        adapter = [a for a in dry.layer_allocations if a.kind.startswith("lora_")]
+        adapter_params = sum(a.numel for a in adapter if a.kind == "lora_exp_avg")
+        base_bytes = sum(a.reserved_bytes for a in dry.layer_allocations if a.frozen)
+        result["lora"] = {"rank": spec.rank, "alpha": spec.alpha, "targets": list(spec.targets),
+                          "adapter_parameters": adapter_params,
+                          "adapter_host_bytes": sum(a.reserved_bytes for a in adapter), "base_host_bytes": base_bytes,
+                          "host_bytes_per_base_parameter": host / dry.num_parameters}
     return result
 
 
@@ -286,7 +297,8 @@ def largest_model(model_cfg: ModelConfig, train_cfg: TrainConfig | None = None, 
     dtype = DTYPES[(train_cfg or TrainConfig()).compute_dtype]
 
     def store_fits(layers: int) -> bool:
-        store = HostStore(_with_layers(model_cfg, layers), dtype, pin=hw["device"] == "cuda", device="meta")
+        store = HostStore(_with_layers(model_cfg, layers), dtype, pin=hw["device"] == "cuda", device="meta",
+                          lora=spec_of(train_cfg))
         return sum(n for _, _, n in host_store_bytes(store.allocations)) <= host_memory_bytes
 
     def fits(layers: int) -> dict | None:
@@ -379,6 +391,12 @@ def format_plan(result: dict, largest: dict | None = None) -> str:
         f"AdamW {busy['optimizer']:.2f} s)",
         f"  throughput      {result['tokens_per_s']:,.0f} tokens/s, {result['model_tflops']:.0f} 6PT-TFLOPS",
     ]
+    if "lora" in result:
+        lo = result["lora"]
+        lines.insert(1, f"  LoRA            rank {lo['rank']} ({', '.join(lo['targets'])}), "
+                        f"{lo['adapter_parameters'] / 1e6:,.1f}M adapter params: host "
+                        f"{lo['host_bytes_per_base_parameter']:.2f} B per base param (frozen base "
+                        f"{_si(lo['base_host_bytes'], 'B')}, adapters {_si(lo['adapter_host_bytes'], 'B')})")
     if result["tokens_to_hide_transfers"] is not None:
         lines.append(f"  copies hide at  {result['tokens_to_hide_transfers']:,} tokens a step (rows of {seq})")
     if largest is not None:

@@ -23,7 +23,8 @@ CHECKPOINTS = "checkpoints"
 # the options that define a run (its data order and its numbers); a resumed run must repeat them
 RUN_OPTIONS = ("model", "data", "steps", "epochs", "batch_size", "lr", "seq_len", "grad_accum", "warmup", "cosine",
                "seed", "dtype", "format", "eval_problems", "eval_split", "train_on", "too_long", "objective",
-               "dpo_beta", "dpo_label_smoothing", "dpo_loss")
+               "dpo_beta", "dpo_label_smoothing", "dpo_loss", "lora_rank", "lora_alpha",
+               "lora_targets")
 _PATH_OPTIONS = ("model", "data")
 
 

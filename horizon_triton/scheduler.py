@@ -22,6 +22,10 @@ chunk's lm_head gradient, streamed out per chunk). Against the one fused pass th
 (2·V·H·b in, against once for the fused pass) like every decoder layer's. The tied head's chunks are the
 embedding's rows, and their gradient goes to the embedding's grad buffer.
 
+With LoRA adapters on a frozen base (store.lora), each decoder layer's adapters stream in right after its base
+weights into the same slot, the accumulators hold and stream out only the adapters' gradients (store.trainable),
+and the embedding and head get none: the head still gives d(x), the embedding's backward is skipped.
+
 Ordering, enforced with events so that the async test device catches any missing wait:
 - a slot is refilled only after the compute that read it finished      (slot_free[slot])
 - compute reads a slot only after its copy finished                    (slot_ready[slot])
@@ -138,13 +142,17 @@ def build_pipeline(cfg, store, ops, dev, optimizer, num_slots: int, tracer=None,
     p = Pipeline(cfg, store, ops, dev, optimizer, slots=[], meter=meter, tracer=tracer,
                  checkpoint_budget=checkpoint_budget)
     H, V = cfg.hidden_size, cfg.vocab_size
-    capacity = max(max((lay.numel for lay in store.layouts[1:-1]), default=0), 2 * H)
+    trained = store.trainable.layouts            # a LoRA store's adapters ride in the slot after their layer's base
+    extra = [trained[i].numel if store.lora is not None else 0 for i in range(len(store.layouts))]
+    capacity = max(max((store.layouts[i].numel + extra[i] for i in range(1, len(extra) - 1)), default=0), 2 * H)
     p.head_rows = min(V, head_rows or V, (capacity - H) // H)
     p.slots = [meter.add(torch.empty(capacity, dtype=store.compute_dtype, device=torch_dev))
                for _ in range(num_slots)]
     p.slot_ready = [None] * num_slots
     p.slot_free = [None] * num_slots
-    p.accs = [meter.add(torch.zeros(capacity, dtype=torch.float32, device=torch_dev)) for _ in range(2)]
+    # the accumulators hold the largest gradient: a decoder layer's, or only its adapters' with a frozen base
+    acc_size = capacity if store.lora is None else max(max(extra), 1)
+    p.accs = [meter.add(torch.zeros(acc_size, dtype=torch.float32, device=torch_dev)) for _ in range(2)]
     p.acc_free = [None, None]
     p.norm_acc = meter.add(torch.zeros(H, dtype=torch.float32, device=torch_dev))
     return p
@@ -179,7 +187,9 @@ def default_checkpoint_budget(p: Pipeline, free_bytes: int, mb_tokens: list[int]
     step's distinct token ids; never below 0 (then every checkpoint is offloaded to the host)."""
     b, H = p.store.compute_dtype.itemsize, p.cfg.hidden_size
     T_max = max(mb_tokens, default=0)
-    need = (sum(mb_tokens) * H * (3 * b + 4) + T_max * backward_bytes_per_token(p.cfg, b)
+    # a frozen base (LoRA) keeps both norms' outputs for its adapters: the fused norm + matmul is split there
+    per_token = backward_bytes_per_token(p.cfg, b) + (2 * H * b if p.store.lora is not None else 0)
+    need = (sum(mb_tokens) * H * (3 * b + 4) + T_max * per_token
             + min(T_max, CROSS_ENTROPY_TOKEN_CHUNK) * p.head_rows * (b + 8) + unique_rows * H * (b + 4))
     return max(0, free_bytes - free_bytes // 20 - need)
 
@@ -195,6 +205,8 @@ def stream_in(p: Pipeline, u: Unit, slot: int) -> None:
         p.store.wait_pinned(j)    # host: only before the first copy of j while pinning runs (covers its grad too)
     p.dev.wait("copy_in", p.slot_free[slot])
     hosts = p.head_segments(p.store.working, u) if u.layer == p.head else [p.store.working[u.layer]]
+    if p.store.lora is not None and u.layer != p.head:
+        hosts.append(p.store.trainable.working[u.layer])      # the layer's adapters, right after its base
     dst, offset = p.slots[slot], 0
     for host in hosts:
         seg = dst[offset:offset + host.numel()]
@@ -211,7 +223,12 @@ def bind(p: Pipeline, u: Unit, slot: int) -> dict[str, torch.Tensor]:
     """Host only: u's parameters as views into the slot (nothing is copied on the device)."""
     if u.layer != p.head:
         layout = p.store.layouts[u.layer]
-        return layout.views(p.slots[slot][:layout.numel])
+        w = layout.views(p.slots[slot][:layout.numel])
+        if p.store.lora is not None:                           # A, B and their scale (layer.LORA_SCALE)
+            adapters = p.store.trainable.layouts[u.layer]
+            w.update(adapters.views(p.slots[slot][layout.numel:layout.numel + adapters.numel]))
+            w[lt.LORA_SCALE] = p.store.lora.scale
+        return w
     H, n = p.cfg.hidden_size, u.stop - u.start
     return {"lm_head": p.slots[slot][:n * H].view(n, H), "norm": p.slots[slot][n * H:(n + 1) * H]}
 
@@ -442,6 +459,8 @@ def run_step(p: Pipeline, mbs: list[lt.MicroBatch], grad_scale: float, preferenc
     totals = {}                                 # device scalars written by compute work
     head = {}                                   # the head's per-micro-batch state: xn, rstd, stats, lse, d_xn
     #                                             (and with preference: scale, the per-token weights [T] fp32)
+    trained = p.store.trainable                 # the gradients' layouts and host buffers (LoRA: the adapters')
+    frozen = p.store.lora is not None           # a frozen base: the embedding and head get no gradient
     acc_turn = [0]
 
     def run_layers(plan) -> None:
@@ -484,6 +503,12 @@ def run_step(p: Pipeline, mbs: list[lt.MicroBatch], grad_scale: float, preferenc
             grads[m] = None
         totals["sq_embed"] = _sq_norm(d_rows)
 
+    def drop_embed_grads():
+        """A frozen embedding: the first decoder layer's d(x) has nowhere to go."""
+        for m in range(M):
+            p.meter.sub(grads[m])
+            grads[m] = None
+
     # ---- decoder layers ----------------------------------------------------------------------------------
     def decoder_step(u: Unit):
         def forward(w):
@@ -502,8 +527,8 @@ def run_step(p: Pipeline, mbs: list[lt.MicroBatch], grad_scale: float, preferenc
             if u.layer > 1:
                 ckpt.prefetch(u.layer - 1)       # one layer ahead of the backward
             ckpt.wait(u.layer)
-            state["k"], acc = take_acc(p.store.layouts[u.layer].numel)
-            g = p.store.layouts[u.layer].views(acc)
+            state["k"], acc = take_acc(trained.layouts[u.layer].numel)
+            g = trained.layouts[u.layer].views(acc)
 
             def decoder():
                 acc.zero_()
@@ -514,11 +539,15 @@ def run_step(p: Pipeline, mbs: list[lt.MicroBatch], grad_scale: float, preferenc
                 totals[f"sq_{u.layer}"] = _sq_norm(acc)
             state["acc"] = acc
             return decoder
-        return u, backward, lambda: give_acc(state["k"], p.name(u), state["acc"], p.store.grad[u.layer])
+        return u, backward, lambda: give_acc(state["k"], p.name(u), state["acc"], trained.grad[u.layer])
 
     # ---- head --------------------------------------------------------------------------------------------
     def head_gradient(u: Unit, state: dict):
-        """Host: chunk u's accumulator (state: its ping-pong index, for head_out) and the gradient views."""
+        """Host: chunk u's accumulator (state: its ping-pong index, for head_out) and the gradient views; with a
+        frozen base none (the norm's gradient goes to a scratch: only d(x) is wanted)."""
+        if frozen:
+            state["k"], state["acc"] = None, None
+            return None, {"lm_head": None, "norm": p.norm_acc}
         state["k"], state["acc"] = take_acc((u.stop - u.start) * H)
         if cfg.tie_word_embeddings:
             emb.grad()                           # the chunks hand the gathered rows' gradient to the embedding
@@ -527,6 +556,8 @@ def run_step(p: Pipeline, mbs: list[lt.MicroBatch], grad_scale: float, preferenc
     def head_gradient_done(u: Unit, acc: torch.Tensor) -> None:
         """Compute stream, after every micro-batch's lm_head gradient of chunk u is in acc: when tied, the rows
         the embedding also gathered move to its row gradient (one sum, rounded once), zero here."""
+        if acc is None:
+            return
         if cfg.tie_word_embeddings:
             lo, hi = emb.locate(u.start, u.stop)
             if hi > lo:
@@ -537,6 +568,8 @@ def run_step(p: Pipeline, mbs: list[lt.MicroBatch], grad_scale: float, preferenc
         totals[f"sq_head{u.start}"] = _sq_norm(acc)
 
     def head_out(k: int, u: Unit, acc: torch.Tensor, last: bool) -> None:
+        if acc is None:                          # frozen: nothing streams out
+            return
         rows, norm = p.head_segments(p.store.grad, u)
         give_acc(k, p.name(u), acc, rows)
         if last:
@@ -550,16 +583,18 @@ def run_step(p: Pipeline, mbs: list[lt.MicroBatch], grad_scale: float, preferenc
             acc, g = head_gradient(u, state)
 
             def head_loss():
-                acc.zero_()
+                if acc is not None:
+                    acc.zero_()
                 p.norm_acc.zero_()
-                loss = torch.zeros((), dtype=torch.float32, device=acc.device)
+                loss = torch.zeros((), dtype=torch.float32, device=p.norm_acc.device)
                 for m, mb in enumerate(mbs):
                     loss_m, dx = lt.head_forward_backward(ops, cfg, w, g, hidden[m], mb, grad_scale)
                     loss += loss_m
                     p.meter.sub(hidden[m])
                     hidden[m], grads[m] = None, p.meter.add(dx)
                 totals["loss"] = loss
-                totals["sq_norm"] = _sq_norm(p.norm_acc)
+                if not frozen:
+                    totals["sq_norm"] = _sq_norm(p.norm_acc)
                 head_gradient_done(u, acc)
             return head_loss
         return u, forward, lambda: head_out(state["k"], u, state["acc"], last=True)
@@ -599,11 +634,13 @@ def run_step(p: Pipeline, mbs: list[lt.MicroBatch], grad_scale: float, preferenc
             acc, g = head_gradient(u, state)
 
             def head_grad():
-                acc.zero_()
+                if acc is not None:
+                    acc.zero_()
                 for m, mb in enumerate(mbs):
                     s = head[m]
                     if first:
-                        s["d_xn"] = p.meter.add(torch.zeros(s["xn"].shape, dtype=torch.float32, device=acc.device))
+                        s["d_xn"] = p.meter.add(torch.zeros(s["xn"].shape, dtype=torch.float32,
+                                                            device=s["xn"].device))
                     lt.head_chunk_backward(ops, w, g, s["xn"], mb, u.start, s["lse"], s.get("scale", grad_scale),
                                            s["d_xn"])
                 head_gradient_done(u, acc)
@@ -617,7 +654,8 @@ def run_step(p: Pipeline, mbs: list[lt.MicroBatch], grad_scale: float, preferenc
                         if t is not None:
                             p.meter.sub(t)
                     hidden[m], grads[m] = None, p.meter.add(dx)
-                totals["sq_norm"] = _sq_norm(p.norm_acc)
+                if not frozen:
+                    totals["sq_norm"] = _sq_norm(p.norm_acc)
             return head_grad
         return u, forward, lambda: head_out(state["k"], u, state["acc"], last)
 
@@ -637,15 +675,19 @@ def run_step(p: Pipeline, mbs: list[lt.MicroBatch], grad_scale: float, preferenc
     run_layers([decoder_step(Unit(i)) for i in range(1, L + 1)] + head_plan)   # decoders, the head's passes
     ckpt.prefetch(L)
     run_layers([decoder_backward_step(Unit(i)) for i in range(L, 0, -1)])    # decoders L..1, recomputed
-    d_rows = emb.grad()
-    compute(p, 0, None, lambda: embed_backward(d_rows), "backward embed")    # needs no weights: a scatter-add
-    rows_grad = p.dev.host_empty((emb.ids.numel() * H,), p.store.grad[0].dtype)
-    stream_out(p, "embed rows", d_rows.view(-1), rows_grad)
+    if not frozen:
+        d_rows = emb.grad()
+        compute(p, 0, None, lambda: embed_backward(d_rows), "backward embed")    # needs no weights: a scatter-add
+        rows_grad = p.dev.host_empty((emb.ids.numel() * H,), p.store.grad[0].dtype)
+        stream_out(p, "embed rows", d_rows.view(-1), rows_grad)
+    else:
+        compute(p, 0, None, drop_embed_grads, "backward embed (frozen: nothing)")
 
     # sync: the loss and the gradient norm are needed on the host to clip and to report
     p.dev.sync(p.dev.record("compute"))
     p.dev.sync(p.dev.record("copy_out"))
-    write_embedding_grad(p, emb, rows_grad)
+    if not frozen:
+        write_embedding_grad(p, emb, rows_grad)
     emb.release()
     sq = sum(v for k, v in totals.items() if k.startswith("sq_"))
     return totals["loss"], sq

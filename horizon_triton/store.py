@@ -17,6 +17,11 @@ tied to the embedding). Each layer owns one contiguous flat buffer per kind. Thr
     fp32 compute (exact mode): 16 bytes per parameter
         master      fp32   the optimizer's weights, streamed as they are
         exp_avg, exp_avg_sq, grad  fp32
+    LoRA (``lora=``, lora.py): 2 bytes per base parameter (4 in fp32 mode) + 16 per adapter parameter
+        working (or master)  the frozen base, its streamed weights alone: no master, moments or gradient
+        lora_working + lora_master_low (or lora_master), lora_exp_avg, lora_exp_avg_sq, lora_grad (fp32):
+                    each decoder layer's adapters (A and B of every target, store.adapter_layouts), trained as
+                    a full store's layers are (``store.trainable`` has their buffers for the optimizer)
 
 Every parameter is a view into these buffers; nothing else holds a copy of the model. ``master_values`` is the
 one way to read the fp32 master (a view in fp32 mode, reconstructed from the halves otherwise), ``set_master``
@@ -181,6 +186,7 @@ class Allocation:
     numel: int
     dtype: torch.dtype
     pinned: bool           # page-locked at its exact size (a CUDA run), or would be (device="meta")
+    frozen: bool = False   # the frozen base of a LoRA store: nothing but the stream reads it, never the optimizer
 
     @property
     def nbytes(self) -> int:
@@ -204,7 +210,7 @@ class HostStore:
     ``device="meta"`` builds the same layout with no memory behind it (the dry run's store)."""
 
     def __init__(self, cfg: ModelConfig, compute_dtype: torch.dtype, pin: bool = False, device: str = "cpu",
-                 optimizer_states: str = "fp32", pinner: HostPinner | None = None):
+                 optimizer_states: str = "fp32", pinner: HostPinner | None = None, lora=None):
         if optimizer_states not in OPTIMIZER_STATES:
             raise ValueError(f"optimizer_states must be one of {OPTIMIZER_STATES}, got {optimizer_states!r}")
         if optimizer_states == "8bit" and compute_dtype != torch.bfloat16:
@@ -225,6 +231,11 @@ class HostStore:
             weakref.finalize(self, self._pinner.close)   # unregistered before the arenas are freed
         sizes = [layout.numel for layout in self.layouts]
         decayed = [layout.decay_numel for layout in self.layouts]
+        self.lora = lora                      # a lora.LoraSpec: the LoRA layout below
+        self.trainable = self                 # what the optimizer updates and the backward's gradients fill
+        if lora is not None:
+            self._init_lora(sizes)
+            return
         if self.split_master:
             self._alloc_kind("working", sizes, compute_dtype, pin)
             self._alloc_kind("master_low", sizes, torch.int16)
@@ -249,8 +260,36 @@ class HostStore:
         if self.split_master:
             self.master_low: list[torch.Tensor] = self._buffers["master_low"]
 
+    def _init_lora(self, sizes: list[int]) -> None:
+        """The LoRA layout: the base frozen as its working weights alone (bf16, or fp32 in float32 mode: 2 or 4 bytes
+        per base parameter, no master, moments or gradient), and for each decoder layer one flat buffer of each
+        kind for its adapters, which train as the full store's layers do: working bf16 + int16 low half (the
+        exact fp32 master) or the fp32 master, fp32 moments and an fp32 gradient, 16 bytes per adapter
+        parameter. The trainable part is ``self.trainable`` (TrainableBuffers): the optimizer and the scheduler's
+        gradient copies see the adapters' buffers exactly as they see a full store's layers."""
+        from .lora import adapter_layouts
+        self.adapter_layouts = adapter_layouts(self.cfg, self.lora)
+        base = "working" if self.split_master else "master"
+        self._alloc_kind(base, sizes, self.compute_dtype, self.pinned, frozen=True)
+        adapter = [layout.numel for layout in self.adapter_layouts]
+        if self.split_master:
+            self._alloc_kind("lora_working", adapter, self.compute_dtype, self.pinned)
+            self._alloc_kind("lora_master_low", adapter, torch.int16)
+        else:
+            self._alloc_kind("lora_master", adapter, torch.float32, self.pinned)
+        self._alloc_kind("lora_exp_avg", adapter, torch.float32, zero=True)
+        self._alloc_kind("lora_exp_avg_sq", adapter, torch.float32, zero=True)
+        self._alloc_kind("lora_grad", adapter, torch.float32, self.pinned, zero=True)
+        self.working = self._buffers[base]
+        b = self._buffers
+        self.trainable = TrainableBuffers(
+            layouts=self.adapter_layouts, split_master=self.split_master, optimizer_states="fp32",
+            working=b["lora_working" if self.split_master else "lora_master"], master=b.get("lora_master"),
+            master_low=b.get("lora_master_low"), exp_avg=b["lora_exp_avg"], exp_avg_sq=b["lora_exp_avg_sq"],
+            grad=b["lora_grad"])
+
     def _alloc_kind(self, kind: str, sizes: list[int], dtype: torch.dtype, pinned: bool = False,
-                    zero: bool = False) -> None:
+                    zero: bool = False, frozen: bool = False) -> None:
         """Every host buffer of the store is made here, one per layer, so that what is counted is what is
         allocated: one arena per kind (pinning.arena), each layer's page-aligned region registered in the
         background if the kind is pinned."""
@@ -263,7 +302,8 @@ class HostStore:
             regions = arena(nbytes, zero=zero)
         buffers = []
         for layer, n in enumerate(sizes):
-            self.allocations.append(Allocation(kind, layer, n, dtype, pinned))
+            if n:                  # a LoRA store's embed and head have no adapters: no buffer to count or save
+                self.allocations.append(Allocation(kind, layer, n, dtype, pinned, frozen))
             if regions is None:                              # the meta device: a layout without memory
                 buffers.append(torch.empty(n, dtype=dtype, device=self.device))
                 continue
@@ -275,7 +315,7 @@ class HostStore:
     def wait_pinned(self, layer: int) -> None:
         """Before a layer's first transfer: blocks until its pinned buffers are registered (no-op unpinned)."""
         if self._pinner is not None:
-            for kind in ("working", "master", "grad"):
+            for kind in ("working", "master", "grad", "lora_working", "lora_master", "lora_grad"):
                 self._pinner.wait((kind, layer))
 
     def close(self) -> None:
@@ -285,9 +325,10 @@ class HostStore:
 
     def state_buffers(self):
         """(kind, layer index, tensor) for every buffer a training checkpoint must hold: all of them but the
-        gradient, which each step rewrites before it is read."""
+        gradient, which each step rewrites before it is read, and a LoRA store's frozen base, which the engine
+        loads from the model again (model_cfg.source_path, or the seeded init)."""
         for a in self.allocations:
-            if a.kind != "grad":
+            if a.kind not in ("grad", "lora_grad") and not a.frozen:
                 yield a.kind, a.layer, self._buffers[a.kind][a.layer]
 
     @property
@@ -303,28 +344,37 @@ class HostStore:
         return sum(a.nbytes for a in self.allocations if pinned is None or a.pinned == pinned)
 
     # ---- the fp32 master ----------------------------------------------------------------------------------
-    def master_values(self, layer: int, start: int = 0, end: int | None = None) -> torch.Tensor:
-        """fp32 master of elements [start, end) of a layer: a view in fp32 mode (writes go through), a new
-        tensor reconstructed exactly from the two halves in bf16 mode (write with ``set_master``)."""
+    def master_values(self, layer: int, start: int = 0, end: int | None = None, adapters: bool = False) -> torch.Tensor:
+        """fp32 master of elements [start, end) of a layer (of its adapters, in a LoRA store): a view in fp32 mode
+        (writes go through), a new tensor reconstructed exactly from the two halves in bf16 mode (write with
+        ``set_master``). A LoRA store's frozen bf16 base has no master: its weights widened to fp32."""
+        pre = "lora_" if adapters else ""
         if not self.split_master:
-            return self._buffers["master"][layer][start:end]
-        return join_master(self._buffers["working"][layer][start:end],
-                           self._buffers["master_low"][layer][start:end])
+            return self._buffers[pre + "master"][layer][start:end]
+        if self.lora is not None and not adapters:
+            return self._buffers["working"][layer][start:end].float()
+        return join_master(self._buffers[pre + "working"][layer][start:end],
+                           self._buffers[pre + "master_low"][layer][start:end])
 
-    def set_master(self, layer: int, values: torch.Tensor, start: int = 0) -> None:
+    def set_master(self, layer: int, values: torch.Tensor, start: int = 0, adapters: bool = False) -> None:
         """Writes fp32 ``values`` (any shape, flattened) as the master of elements [start, start + numel) of a
-        layer, and with it the working weights: both halves exactly, in bf16 mode."""
+        layer (of its adapters), and with it the working weights: both halves exactly, in bf16 mode. A LoRA
+        store's frozen bf16 base is rounded to nearest even, as transformers' .to(torch.bfloat16)."""
         values = values.reshape(-1).to(torch.float32)
         end = start + values.numel()
+        pre = "lora_" if adapters else ""
         if not self.split_master:
-            self._buffers["master"][layer][start:end].copy_(values)
+            self._buffers[pre + "master"][layer][start:end].copy_(values)
+            return
+        if self.lora is not None and not adapters:
+            self._buffers["working"][layer][start:end].copy_(values)
             return
         # in chunks: split_master's integer temporaries stay small and of one size, so the allocator reuses
         # them instead of leaving a parameter-sized hole per parameter in the heap
         for lo in range(0, values.numel(), _SPLIT_CHUNK):
             hi = min(lo + _SPLIT_CHUNK, values.numel())
-            split_master(values[lo:hi], self._buffers["working"][layer][start + lo:start + hi],
-                         self._buffers["master_low"][layer][start + lo:start + hi])
+            split_master(values[lo:hi], self._buffers[pre + "working"][layer][start + lo:start + hi],
+                         self._buffers[pre + "master_low"][layer][start + lo:start + hi])
 
     def buffers(self, kind: str) -> list[torch.Tensor]:
         """The per-layer buffers of one kind (see the module docstring for the kinds of each layout)."""
@@ -366,6 +416,21 @@ class HostStore:
                 if index == 0 and self.cfg.pad_row is not None:   # as nn.Embedding(padding_idx) starts it
                     values.view(p.shape)[self.cfg.pad_row].zero_()
                 self.set_master(index, values, p.offset)
+
+
+@dataclass
+class TrainableBuffers:
+    """A LoRA store's trainable part, with the attributes of a HostStore the optimizer and the scheduler's gradient
+    copies read: per-layer adapter layouts and buffers (empty for the embed and the head)."""
+    layouts: list[LayerLayout]
+    split_master: bool
+    optimizer_states: str
+    working: list[torch.Tensor]              # bf16 high halves, or the fp32 master itself
+    master: list[torch.Tensor] | None        # fp32 mode only
+    master_low: list[torch.Tensor] | None    # bf16 mode only
+    exp_avg: list[torch.Tensor]
+    exp_avg_sq: list[torch.Tensor]
+    grad: list[torch.Tensor]                 # fp32
 
 
 class _MasterValues:

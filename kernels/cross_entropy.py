@@ -433,10 +433,10 @@ def _check_inputs(h, weight, targets, d_weight, chunk_size) -> None:
     if targets.shape != (T,) or targets.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"linear_cross_entropy: targets must be int64/int32 [{T}] (one per token of h); got "
                          f"{targets.dtype} {list(targets.shape)}")
-    if d_weight.shape != (V, H) or d_weight.dtype != torch.float32:
+    if d_weight is not None and (d_weight.shape != (V, H) or d_weight.dtype != torch.float32):
         raise ValueError(f"linear_cross_entropy: d_weight must be the fp32 [{V}, {H}] gradient buffer of the "
                          f"lm_head; got {d_weight.dtype} {list(d_weight.shape)}")
-    devices = {t.device for t in (h, weight, targets, d_weight)}
+    devices = {t.device for t in (h, weight, targets, d_weight) if t is not None}
     if len(devices) != 1:
         raise ValueError(f"linear_cross_entropy: h, weight, targets and d_weight must be on one device; got "
                          f"{sorted(str(d) for d in devices)}")
@@ -475,7 +475,8 @@ def _run(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, d_weight:
         stats = _logits(hc, weight, logits, config["logits"])
         _softmax_grad_(logits, targets[start:stop], loss_rows[start:stop], grad_scale, config["row"], stats)
         _matmul(logits, weight, dh[start:stop], config["dh"])               # dh_c = g @ W       [n, H]
-        _matmul(logits.t(), hc, d_weight, config["dw"], accumulate=True)    # dW += gᵀ @ h_c     [V, H]
+        if d_weight is not None:                                            # None: a frozen lm_head
+            _matmul(logits.t(), hc, d_weight, config["dw"], accumulate=True)    # dW += gᵀ @ h_c     [V, H]
     return loss_rows.sum(), dh
 
 
@@ -542,12 +543,13 @@ def cross_entropy_chunk_stats_(h: torch.Tensor, weight: torch.Tensor, targets: t
 
 
 def cross_entropy_chunk_backward(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, start: int,
-                                 lse: torch.Tensor, grad_scale, dh: torch.Tensor, d_weight: torch.Tensor,
+                                 lse: torch.Tensor, grad_scale, dh: torch.Tensor, d_weight: torch.Tensor | None,
                                  token_chunk: int = 4096) -> None:
     """Pass 2 for one vocabulary chunk; same contract as reference.cross_entropy_chunk_backward (grad_scale one
     number or fp32 [T] per-token weights). g is stored in h.dtype (as in linear_cross_entropy), dh and d_weight
     accumulate in fp32. Work: 3 GEMMs of 2·T·H·V_c."""
-    config, buf = _chunk_setup("cross_entropy_chunk_backward", h, weight, targets, token_chunk, (lse, dh, d_weight))
+    config, buf = _chunk_setup("cross_entropy_chunk_backward", h, weight, targets, token_chunk,
+                               tuple(t for t in (lse, dh, d_weight) if t is not None))
     T, V_c = h.shape[0], weight.shape[0]
     scales, stride_scale = _scale_rows(grad_scale, T, h.device)
     targets = targets.contiguous()
@@ -562,7 +564,8 @@ def cross_entropy_chunk_backward(h: torch.Tensor, weight: torch.Tensor, targets:
                                      BLOCK_V=min(row_cfg["BLOCK_V"], triton.next_power_of_2(V_c)),
                                      num_warps=row_cfg["num_warps"])
         _matmul(logits, weight, dh[s:e], config["dh"], accumulate=True)     # dh += g @ W_c      [n, H]
-        _matmul(logits.t(), hc, d_weight, config["dw"], accumulate=True)    # dW_c += gᵀ @ h     [V_c, H]
+        if d_weight is not None:                                            # None: a frozen lm_head
+            _matmul(logits.t(), hc, d_weight, config["dw"], accumulate=True)    # dW_c += gᵀ @ h     [V_c, H]
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -211,7 +211,8 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
         g *= (valid.float() * grad_scale)[:, None]
         g = g.to(h.dtype)                                                # [n, V] in h.dtype
         dh[start:start + chunk_size] = g @ weight
-        matmul_accumulate_(d_weight, g.t(), hc)
+        if d_weight is not None:                                         # None: a frozen lm_head
+            matmul_accumulate_(d_weight, g.t(), hc)
     return loss_sum, dh
 
 
@@ -226,4 +227,5 @@ def cross_entropy_chunk_backward(h: torch.Tensor, weight: torch.Tensor, targets:
         g = cross_entropy_chunk_grad(hc, weight, targets[s:e], start, lse[s:e],
                                      token_scales(grad_scale, s, e)).to(h.dtype)
         matmul_accumulate_(dh[s:e], g, weight)
-        matmul_accumulate_(d_weight, g.t(), hc)
+        if d_weight is not None:                                         # None: a frozen lm_head
+            matmul_accumulate_(d_weight, g.t(), hc)

@@ -91,6 +91,31 @@ def linear_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, d_w
 
 
 # ----------------------------------------------------------------------------------------------------------
+# LoRA adapter on a frozen projection (peft's Linear): y = x Wᵀ + s · (x Aᵀ) Bᵀ,  A[r, K], B[N, r], s = alpha / r
+#   with xa = s · x Aᵀ [T, r] and e = s · dy B [T, r]:
+#   dB += dyᵀ xa,   dA += eᵀ x,   dx = dy W + e A     (W's gradient is never formed)
+# ----------------------------------------------------------------------------------------------------------
+def lora_forward(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float):
+    """x[T, K], lora_a[r, K], lora_b[N, r] -> (delta[T, N] = s·(x Aᵀ) Bᵀ, xa[T, r] = s·x Aᵀ, kept for the
+    backward), both in x.dtype."""
+    xa = (x @ lora_a.t()) * scale
+    return xa @ lora_b.t(), xa
+
+
+def lora_backward(dy: torch.Tensor, x: torch.Tensor, xa: torch.Tensor | None, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                  scale: float, d_a: torch.Tensor, d_b: torch.Tensor) -> torch.Tensor:
+    """dy[T, N] (any strides) -> the adapter's share of dx[T, K]; accumulates d_a (fp32[r, K]) and d_b
+    (fp32[N, r]) in place, as the weight-gradient GEMMs do (fp32 accumulation of x.dtype operands). xa None:
+    recomputed from x (the recompute skips the forward of the layer's last projection)."""
+    if xa is None:
+        xa = (x @ lora_a.t()) * scale
+    matmul_accumulate_(d_b, dy.t(), xa)
+    e = (dy @ lora_b) * scale                                            # [T, r]
+    matmul_accumulate_(d_a, e.t(), x)
+    return e @ lora_a
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Fused RMSNorm + matmul:  y = rmsnorm(x; g) @ Wᵀ   (the normalized x is never stored)
 # ----------------------------------------------------------------------------------------------------------
 def rmsnorm_matmul_forward(x: torch.Tensor, norm_weight: torch.Tensor, weight: torch.Tensor, eps: float):
@@ -231,9 +256,10 @@ def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
 # The engine passes grad_scale = 1 / (non-ignored tokens in the optimizer step), so gradients are those of the
 # step's mean loss.
 # ----------------------------------------------------------------------------------------------------------
-def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, d_weight: torch.Tensor,
+def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, d_weight: torch.Tensor | None,
                          grad_scale: float, chunk_size: int = 4096):
-    """h[T, H], weight[V, H], targets[T] int64 (-100 = ignored), d_weight fp32[V, H] accumulated in place.
+    """h[T, H], weight[V, H], targets[T] int64 (-100 = ignored), d_weight fp32[V, H] accumulated in place (None:
+    a frozen lm_head, no dW GEMM).
 
     -> (loss_sum: fp32 scalar tensor, dh[T, H] in h.dtype)."""
     T = h.shape[0]
@@ -252,7 +278,8 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
         g[torch.arange(g.shape[0], device=g.device), safe_t] -= 1.0
         g *= (valid.float() * grad_scale)[:, None]
         dh[start:start + chunk_size] = (g @ weight.float()).to(h.dtype)
-        matmul_accumulate_(d_weight, g.t(), hc)
+        if d_weight is not None:
+            matmul_accumulate_(d_weight, g.t(), hc)
     return loss_sum, dh
 
 
@@ -313,13 +340,14 @@ def cross_entropy_chunk_grad(hc: torch.Tensor, weight: torch.Tensor, tc: torch.T
 
 
 def cross_entropy_chunk_backward(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, start: int,
-                                 lse: torch.Tensor, grad_scale, dh: torch.Tensor, d_weight: torch.Tensor,
+                                 lse: torch.Tensor, grad_scale, dh: torch.Tensor, d_weight: torch.Tensor | None,
                                  token_chunk: int = 4096) -> None:
     """Pass 2 for one chunk: dh (fp32[T, H]) += g_c @ W_c and d_weight (fp32[V_c, H]) += g_cᵀ @ h, in place;
-    grad_scale a number or fp32 [T] per-token weights."""
+    grad_scale a number or fp32 [T] per-token weights; d_weight None: a frozen lm_head."""
     for s in range(0, h.shape[0], token_chunk):
         e = s + token_chunk
         hc = h[s:e]
         g = cross_entropy_chunk_grad(hc, weight, targets[s:e], start, lse[s:e], token_scales(grad_scale, s, e))
         matmul_accumulate_(dh[s:e], g, weight)
-        matmul_accumulate_(d_weight, g.t(), hc)
+        if d_weight is not None:
+            matmul_accumulate_(d_weight, g.t(), hc)

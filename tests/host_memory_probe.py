@@ -1,7 +1,7 @@
 """Run as a script: trains a wide model of the given depth for two steps and prints JSON with the parameter
 count and the growth of peak resident memory (ru_maxrss) over the process's footprint before the model.
 
-    python tests/host_memory_probe.py DEPTH [--states fp32|8bit] [--baseline]
+    python tests/host_memory_probe.py DEPTH [--states fp32|8bit] [--lora-rank R] [--baseline]
 
 --baseline trains the same model with transformers (fp32 weights) + torch.optim.AdamW instead, the usual way to
 fine-tune it on a CPU: what the engine's host store is compared with (perf/RESULTS.md)."""
@@ -15,6 +15,15 @@ import horizon_triton as ht
 
 
 def peak_rss() -> int:
+    """This process's peak resident memory: VmHWM, which exec resets (Linux's ru_maxrss starts a child at its
+    parent's RSS at fork time, so a probe smaller than a large pytest process would measure no growth)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
@@ -23,8 +32,8 @@ def model_config(depth: int) -> ht.ModelConfig:
                           num_heads=16, num_kv_heads=4)
 
 
-def engine_run(cfg: ht.ModelConfig, batches, states: str) -> dict:
-    engine = ht.Engine(cfg, ht.TrainConfig(device="cpu", lr=1e-4, optimizer_states=states))
+def engine_run(cfg: ht.ModelConfig, batches, states: str, lora_rank: int | None = None) -> dict:
+    engine = ht.Engine(cfg, ht.TrainConfig(device="cpu", lr=1e-4, optimizer_states=states, lora_rank=lora_rank))
     history = engine.fit(batches)
     return {"params": engine.store.num_parameters(), "store_bytes": engine.store.nbytes(),
             "host_peak_bytes": history[-1]["host_peak_bytes"], "loss": history[-1]["loss"]}
@@ -48,13 +57,14 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("depth", type=int)
     parser.add_argument("--states", default="fp32", choices=["fp32", "8bit"])
+    parser.add_argument("--lora-rank", type=int, help="LoRA adapters of this rank on q/v, the base frozen")
     parser.add_argument("--baseline", action="store_true")
     args = parser.parse_args()
     cfg = model_config(args.depth)
     ids = torch.randint(0, cfg.vocab_size, (1, 32))
     batches = [{"input_ids": ids, "labels": ids}] * 2
     before = peak_rss()
-    result = baseline_run(cfg, batches) if args.baseline else engine_run(cfg, batches, args.states)
+    result = baseline_run(cfg, batches) if args.baseline else engine_run(cfg, batches, args.states, args.lora_rank)
     print(json.dumps({**result, "rss_growth": peak_rss() - before}))
 
 

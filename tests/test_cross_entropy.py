@@ -154,6 +154,26 @@ def test_chunked_reference_matches_autograd(T, H, V, rows, token_chunk, ignore, 
     torch.testing.assert_close(d_weight.double(), dw_e, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("impl", ["reference", "library", "triton"])
+def test_frozen_head_gives_the_same_dh_without_d_weight(impl, dev, monkeypatch):
+    """d_weight=None (a LoRA run's frozen lm_head): no dW GEMM, the same loss and dh bit for bit."""
+    from horizon_triton.kernels import library
+    monkeypatch.setattr(ce.tuning, "best_config", lambda kernel, key, default: TRITON_SMALL)
+    ops = {"reference": reference, "library": library, "triton": ce}[impl]
+    h, weight, targets = _inputs(37, 24, 101, torch.bfloat16, dev, (slice(0, 3),))
+    d_weight = torch.zeros(101, 24, device=dev)
+    loss, dh = ops.linear_cross_entropy(h, weight, targets, d_weight, 0.3, 16)
+    frozen_loss, frozen_dh = ops.linear_cross_entropy(h, weight, targets, None, 0.3, 16)
+    assert torch.equal(loss, frozen_loss) and torch.equal(dh, frozen_dh) and d_weight.abs().max() > 0
+    lse = torch.logsumexp((h @ weight.t()).float(), -1)
+    grads = {}
+    for d_rows in (d_weight[40:80], None):
+        grads[d_rows is None] = torch.zeros(h.shape, device=dev)
+        ops.cross_entropy_chunk_backward(h, weight[40:80], targets, 40, lse, 0.3, grads[d_rows is None], d_rows,
+                                         token_chunk=16)
+    assert torch.equal(grads[False], grads[True]) and grads[True].abs().max() > 0
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("T,H,V,rows,token_chunk,ignore", CHUNK_SHAPES[:2] + [(50, 40, 97, 30, 32, ())])
 def test_chunk_kernels_match_reference(T, H, V, rows, token_chunk, ignore, dtype, dev, monkeypatch):
