@@ -475,3 +475,26 @@ def test_plan_of_dpo_at_8b_widths_keeps_the_device_peak():
     planned = ht.plan(cfg, ht.TrainConfig(objective="dpo"), tokens_per_step=tokens, seq_len=4096, hardware="h100",
                       find_hiding=False)
     assert planned["device_peak_bytes"] == runs["dpo"].device_peak_bytes
+
+
+def test_dpo_with_lora_matches_peft_and_autograd_dpo(tmp_path):
+    """DPO on LoRA adapters (the reference pass on the starting model: with B = 0, the base) against a peft model
+    trained by the autograd DPO above: the two features compose without a line of their own."""
+    peft = pytest.importorskip("peft")
+    from test_lora import _adapters, _peft_model
+    make_hf_model("llama", tmp_path / "src")
+    batches = _random_pairs(3, pairs=2)
+    targets = ("q_proj", "v_proj", "down_proj")
+    engine = _engine(tmp_path / "src", dpo_beta=0.5, lora_rank=4, lora_alpha=8, lora_targets=targets)
+    model = _peft_model(tmp_path / "src", 4, 8, targets, _adapters(engine))
+    assert isinstance(model, peft.PeftModel)
+    history = engine.fit(_with_reference(engine, batches))
+    want = torch_dpo_train(model, batches, beta=0.5, eps=0.0, loss_type="sigmoid", lr=OPT["lr"], weight_decay=0.0,
+                           betas=OPT["betas"], eps_adam=OPT["eps"], max_grad_norm=OPT["max_grad_norm"])
+    for got, ref in zip(history, want):
+        for key in METRICS + ("grad_norm",):
+            assert got[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-5), key
+    params = dict(model.named_parameters())
+    for name, value in _adapters(engine).items():
+        torch.testing.assert_close(value, params[name].detach(), atol=1e-4, rtol=0, msg=name)
+    assert history[-1]["rewards/margins"] != 0
