@@ -1,10 +1,13 @@
 """The local ranks of tests/test_node_store.py: each function runs in a spawned process, maps one store shared
 with its peers, and reports through ``results`` (a queue) as (rank, what, value)."""
 import hashlib
+import multiprocessing as mp
 import os
+import queue
 import signal
 import time
 import traceback
+import uuid
 
 import torch
 
@@ -13,7 +16,7 @@ from horizon_triton import training_state
 from horizon_triton.node_store import NodeShare, PeerError
 from horizon_triton.optimizer import OptimizerDriver
 from horizon_triton.pinning import HostPinner
-from horizon_triton.store import HostStore
+from horizon_triton.store import HostStore, fix_malloc_mmap_threshold
 
 # 0.9M parameters; the decoder layers' decayed prefix ends inside a 256-element block; with tied embeddings
 # the head is one 304-element norm, so a cut of 2 or 3 ranks falls inside the undecayed rest (and one is empty)
@@ -22,6 +25,56 @@ CFG = ht.ModelConfig(vocab_size=512, hidden_size=304, intermediate_size=100, num
 TRAIN = ht.TrainConfig(lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8, optimizer_threads=1)
 LAYOUTS = {"split": (torch.bfloat16, "fp32"), "8bit": (torch.bfloat16, "8bit"), "fp32": (torch.float32, "fp32")}
 STEPS, SEED, GRAD_SCALE = 3, 5, 0.7
+
+
+CTX = mp.get_context("spawn")
+
+
+class Ranks:
+    """``world`` spawned local ranks running ``target(rank, world, name, barrier, results, *args)``; ``name``
+    is unique to them (their NodeShare's)."""
+
+    def __init__(self, target, world: int, *args, barrier_timeout: float = 120.0):
+        self.name, self.results = f"test-{os.getpid()}-{uuid.uuid4().hex[:8]}", CTX.Queue()
+        self.barrier = CTX.Barrier(world, timeout=barrier_timeout)    # kept: the children unpickle it late
+        self.procs = [CTX.Process(target=target, args=(rank, world, self.name, self.barrier, self.results, *args))
+                      for rank in range(world)]
+        for p in self.procs:
+            p.start()
+
+    def get(self, timeout: float = 120.0):
+        """The next report (rank, what, value); a rank's traceback, or a crash, fails the test."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                rank, what, value = self.results.get(timeout=0.5)
+                break
+            except queue.Empty:
+                crashed = [p.exitcode for p in self.procs if p.exitcode not in (None, 0, -signal.SIGKILL)]
+                if crashed or time.monotonic() > deadline:
+                    self.kill()
+                    raise AssertionError(f"no report from the ranks (exit codes {crashed}) within "
+                                         f"{timeout} s") from None
+        if what == "error":
+            self.kill()
+            raise AssertionError(f"local rank {rank} raised:\n{value}")
+        return rank, what, value
+
+    def collect(self, count: int, timeout: float = 120.0) -> dict:
+        """{(rank, what): value} of the next ``count`` reports."""
+        return {(r, w): v for r, w, v in (self.get(timeout) for _ in range(count))}
+
+    def join(self, timeout: float = 60.0) -> list[int]:
+        for p in self.procs:
+            p.join(timeout)
+        self.kill()
+        return [p.exitcode for p in self.procs]
+
+    def kill(self):
+        for p in self.procs:
+            if p.is_alive():
+                p.kill()
+                p.join()
 
 
 def gradient(layout, layer: int, step: int, dtype: torch.dtype) -> torch.Tensor:
@@ -258,22 +311,29 @@ def rss_bytes() -> int:
     raise RuntimeError("no Rss line in /proc/self/smaps_rollup")
 
 
-def memory(rank, world, name, barrier, results, cfg_fields, shared, states):
-    """Builds a store (shared between the ranks, or one private store each), fills it, runs one sharded
-    optimizer step (every buffer touched) and reports PSS and RSS before and after, measured while every rank
-    still maps it."""
+def memory(rank, world, name, barrier, results, cfg_fields, shared, states, threads=1):
+    """Builds a store (shared between the ranks, or one private store each), fills it, writes the gradient
+    (this rank's shard) and runs two optimizer steps (every buffer touched); reports PSS and RSS before and after,
+    measured while every rank still maps it, and the seconds of the second step (start_step to wait_all)."""
     def body():
         torch.set_num_threads(1)
+        fix_malloc_mmap_threshold()            # as an Engine does: freed temporaries go back to the system
         cfg = ht.ModelConfig(**cfg_fields)
         before = pss_bytes(), rss_bytes()
         share = NodeShare(name, rank, world, barrier.wait) if shared else None
         store = HostStore(cfg, torch.bfloat16, optimizer_states=states, shared=share)
         store.fill_shared(lambda: store.init_random(SEED))
         shard = (rank, world) if shared else None
-        driver = OptimizerDriver(store, TRAIN, shard=shard)
-        start = time.perf_counter()
-        train(store, driver, shard=shard, steps=1)
-        seconds = time.perf_counter() - start
+        for i, layout in enumerate(store.layouts):
+            lo, hi = store.shard_bounds(i, *shard) if shard else (0, layout.numel)
+            store.grad[i][lo:hi] = gradient(layout, i, 1, store.grad[i].dtype)[lo:hi]
+        driver = OptimizerDriver(store, ht.TrainConfig(lr=TRAIN.lr, optimizer_threads=threads), shard=shard)
+        for step in (1, 2):
+            barrier.wait()
+            start = time.perf_counter()
+            driver.start_step(step, TRAIN.lr, GRAD_SCALE)
+            driver.wait_all()
+            seconds = time.perf_counter() - start
         barrier.wait()
         results.put((rank, "memory", dict(pss_before=before[0], rss_before=before[1], pss=pss_bytes(),
                                            rss=rss_bytes(), store_bytes=store.nbytes(), step_s=seconds)))

@@ -2,12 +2,8 @@
 the single-process update bit for bit; a failed, hung or killed peer ends the waits with an error naming it;
 nothing is left in /dev/shm; checkpoints of a shared store; the pinning of a shared store in each process;
 the machine's memory with 2 processes is about one store's."""
-import multiprocessing as mp
 import os
-import queue
 import signal
-import time
-import uuid
 
 import pytest
 import torch
@@ -20,61 +16,11 @@ from horizon_triton.optimizer import OptimizerDriver, optimizer_threads
 from horizon_triton.store import HostStore
 
 pytestmark = pytest.mark.skipif(not os.path.isdir(SHM_DIR), reason=f"needs POSIX shared memory at {SHM_DIR}")
-CTX = mp.get_context("spawn")
-
-
-def _name() -> str:
-    return f"test-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+Ranks = worker.Ranks
 
 
 def _leftovers(name: str) -> list[str]:
     return sorted(f for f in os.listdir(SHM_DIR) if name in f)
-
-
-class Ranks:
-    """``world`` spawned processes running ``target(rank, world, name, barrier, results, *args)``."""
-
-    def __init__(self, target, world: int, *args, barrier_timeout: float = 120.0):
-        self.name, self.results = _name(), CTX.Queue()
-        self.barrier = CTX.Barrier(world, timeout=barrier_timeout)    # kept: the children unpickle it late
-        self.procs = [CTX.Process(target=target, args=(rank, world, self.name, self.barrier, self.results, *args))
-                      for rank in range(world)]
-        for p in self.procs:
-            p.start()
-
-    def get(self, timeout: float = 120.0):
-        """The next report (rank, what, value); a rank's traceback fails the test."""
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                rank, what, value = self.results.get(timeout=0.5)
-                break
-            except queue.Empty:
-                crashed = [p.exitcode for p in self.procs if p.exitcode not in (None, 0, -signal.SIGKILL)]
-                if crashed or time.monotonic() > deadline:
-                    self.kill()
-                    raise AssertionError(f"no report from the ranks (exit codes {crashed}) within "
-                                         f"{timeout} s") from None
-        if what == "error":
-            self.kill()
-            raise AssertionError(f"local rank {rank} raised:\n{value}")
-        return rank, what, value
-
-    def collect(self, count: int, timeout: float = 120.0) -> dict:
-        """{(rank, what): value} of the next ``count`` reports."""
-        return {(r, w): v for r, w, v in (self.get(timeout) for _ in range(count))}
-
-    def join(self, timeout: float = 60.0) -> list[int]:
-        for p in self.procs:
-            p.join(timeout)
-        self.kill()
-        return [p.exitcode for p in self.procs]
-
-    def kill(self):
-        for p in self.procs:
-            if p.is_alive():
-                p.kill()
-                p.join()
 
 
 # ---- shard bounds (no processes) ------------------------------------------------------------------------
@@ -155,7 +101,7 @@ def test_sharded_update_equals_one_process_bit_for_bit(world, tmp_path):
 
 
 def test_a_killed_or_hung_peer_ends_the_wait_in_bounded_time():
-    killed = CTX.Event()
+    killed = worker.CTX.Event()
     ranks = Ranks(worker.dead_peer, 2, killed)
     pids = {r: v for (r, _), v in ranks.collect(2).items()}
     rank, what, (message, seconds) = ranks.get()
