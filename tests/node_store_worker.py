@@ -174,8 +174,19 @@ def dead_peer(rank, world, name, barrier, results, killed):
 
 
 def failing_peer(rank, world, name, barrier, results):
-    """Rank 1's update of layer 1 raises: rank 0's waits raise naming it, rank 1 gets its own error back."""
+    """Rank 0's filling of a first store raises: rank 1's wait for it raises naming rank 0. Then rank 1's update
+    of layer 1 of a second store raises: rank 0's waits raise naming it, rank 1 gets its own error back."""
     def body():
+        first = HostStore(CFG, torch.bfloat16, shared=NodeShare(f"{name}-fill", rank, world, barrier.wait))
+
+        def fill():
+            raise OSError("checkpoint unreadable")
+        try:
+            first.fill_shared(fill)
+            results.put((rank, "fill", "returned"))
+        except Exception as e:
+            results.put((rank, "fill", f"{type(e).__name__}: {e}"))
+        first.close()
         share = NodeShare(name, rank, world, barrier.wait)
         store = HostStore(CFG, torch.bfloat16, optimizer_states="8bit", shared=share)
         store.fill_shared(lambda: store.init_random(SEED))

@@ -117,9 +117,12 @@ def test_a_killed_or_hung_peer_ends_the_wait_in_bounded_time():
     assert _leftovers(ranks.name) == []
 
 
-def test_a_failed_peer_update_is_raised_on_every_rank_naming_it():
+def test_a_failed_fill_or_peer_update_is_raised_on_every_rank_naming_it():
     ranks = Ranks(worker.failing_peer, 2)
-    reports = ranks.collect(2)
+    reports = ranks.collect(4)
+    assert reports[(0, "fill")] == "OSError: checkpoint unreadable"
+    assert reports[(1, "fill")] == ("PeerError: local rank 0 failed: filling the shared store raised OSError: "
+                                    "checkpoint unreadable")
     assert reports[(0, "wait_all")] == ("PeerError: local rank 1 failed: its optimizer update of step 1 raised "
                                         "RuntimeError: injected failure")
     assert reports[(1, "wait_all")] == "RuntimeError: injected failure"
