@@ -24,6 +24,8 @@ from typing import Callable
 
 import torch
 
+from .durable import process_alive
+
 SHM_DIR = "/dev/shm"
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,200}$")
 BOARD = "board"                   # the board's segment, beside the store's kinds
@@ -109,21 +111,6 @@ def _pid_namespace() -> int:
         return os.stat("/proc/self/ns/pid").st_ino
     except OSError:
         return 0
-
-
-def _alive(pid: int) -> bool:
-    """Whether pid is a running process (a zombie, dead but not yet reaped by its parent, is not)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except (OSError, IndexError):
-        return True
 
 
 class PeerError(RuntimeError):
@@ -217,6 +204,6 @@ class NodeBoard:
         for r in range(self.share.local_world):
             pid = int(self._pid[r])
             # a peer that has not registered yet, or in another pid namespace, is left to the timeout
-            if r != self.share.local_rank and pid and int(self._pidns[r]) == ours and lagging(r) and not _alive(pid):
+            if r != self.share.local_rank and pid and int(self._pidns[r]) == ours and lagging(r) and not process_alive(pid):
                 raise PeerError(f"local rank {r} (pid {pid}) is gone: it exited or was killed while local rank "
                                 f"{self.share.local_rank} waited for it")

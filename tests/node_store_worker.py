@@ -305,21 +305,14 @@ def pinned(rank, world, name, barrier, results):
     _report(results, rank, body)
 
 
-def pss_bytes() -> int:
-    """This process's proportional set size: shared pages count 1/n in each of the n processes mapping them."""
+def smaps_rollup(field: str) -> int:
+    """Bytes of one field of this process's /proc/self/smaps_rollup: "Pss" (proportional set size: a page
+    mapped by n processes counts 1/n in each) or "Rss"."""
     with open("/proc/self/smaps_rollup") as f:
         for line in f:
-            if line.startswith("Pss:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
-    raise RuntimeError("no Pss line in /proc/self/smaps_rollup")
-
-
-def rss_bytes() -> int:
-    with open("/proc/self/smaps_rollup") as f:
-        for line in f:
-            if line.startswith("Rss:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no Rss line in /proc/self/smaps_rollup")
+    raise RuntimeError(f"no {field} line in /proc/self/smaps_rollup")
 
 
 def memory(rank, world, name, barrier, results, cfg_fields, shared, states, threads=1):
@@ -330,7 +323,7 @@ def memory(rank, world, name, barrier, results, cfg_fields, shared, states, thre
         torch.set_num_threads(1)
         fix_malloc_mmap_threshold()            # as an Engine does: freed temporaries go back to the system
         cfg = ht.ModelConfig(**cfg_fields)
-        before = pss_bytes(), rss_bytes()
+        before = smaps_rollup("Pss"), smaps_rollup("Rss")
         share = NodeShare(name, rank, world, barrier.wait) if shared else None
         store = HostStore(cfg, torch.bfloat16, optimizer_states=states, shared=share)
         store.fill_shared(lambda: store.init_random(SEED))
@@ -346,7 +339,7 @@ def memory(rank, world, name, barrier, results, cfg_fields, shared, states, thre
             driver.wait_all()
             seconds = time.perf_counter() - start
         barrier.wait()
-        results.put((rank, "memory", dict(pss_before=before[0], rss_before=before[1], pss=pss_bytes(),
-                                           rss=rss_bytes(), store_bytes=store.nbytes(), step_s=seconds)))
+        results.put((rank, "memory", dict(pss_before=before[0], rss_before=before[1], pss=smaps_rollup("Pss"),
+                                           rss=smaps_rollup("Rss"), store_bytes=store.nbytes(), step_s=seconds)))
         barrier.wait()
     _report(results, rank, body)
