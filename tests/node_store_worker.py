@@ -1,5 +1,6 @@
 """The local ranks of tests/test_node_store.py: each function runs in a spawned process, maps one store shared
 with its peers, and reports through ``results`` (a queue) as (rank, what, value)."""
+import gc
 import hashlib
 import multiprocessing as mp
 import os
@@ -146,7 +147,16 @@ def sharded_training(rank, world, name, barrier, results, out_dir):
                 torch.save(state(store), os.path.join(out_dir, f"{layout}.pt"))
             barrier.wait()                 # nobody unmaps before rank 0 has saved
             store.close()
+            del store, driver
+            results.put((rank, f"{layout} mapped after close", mapped_segments(f"{name}-{layout}")))
     _report(results, rank, body)
+
+
+def mapped_segments(name: str) -> list[str]:
+    """The lines of /proc/self/maps that map a segment of NodeShare ``name``."""
+    gc.collect()
+    with open("/proc/self/maps") as f:
+        return [line.strip() for line in f if f"horizon-{name}-" in line]
 
 
 def dead_peer(rank, world, name, barrier, results, killed):

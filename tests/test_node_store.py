@@ -87,12 +87,13 @@ def test_a_single_process_store_is_private():
 def test_sharded_update_equals_one_process_bit_for_bit(world, tmp_path):
     """Each layout (bf16 split master, 8-bit moments, fp32): the ranks map one store, see each other's writes,
     each writes and updates only its shard for 3 steps; the store then holds, bit for bit, what one process
-    updating everything holds, and every rank sees the same bytes."""
+    updating everything holds, and every rank sees the same bytes. Closed and dropped, nothing stays mapped."""
     ranks = Ranks(worker.sharded_training, world, str(tmp_path))
-    reports = ranks.collect(world * len(worker.LAYOUTS), timeout=300)
+    reports = ranks.collect(2 * world * len(worker.LAYOUTS), timeout=300)
     assert ranks.join() == [0] * world
     assert _leftovers(ranks.name) == []
     for layout in worker.LAYOUTS:
+        assert all(reports[(r, f"{layout} mapped after close")] == [] for r in range(world))
         assert len({reports[(r, layout)] for r in range(world)}) == 1, f"{layout}: the ranks see different bytes"
         sharded, reference = torch.load(tmp_path / f"{layout}.pt"), worker.reference_state(layout)
         assert sharded.keys() == reference.keys()
