@@ -172,22 +172,27 @@ class NodeBoard:
         self._fills[0] = self._fills_seen
 
     def wait_fill(self) -> None:
-        """Other ranks: returns once local rank 0 has filled the store as often as this rank has waited."""
+        """Other ranks: returns once local rank 0 has filled the store as often as this rank has waited. No
+        timeout (loading a terabyte checkpoint takes what the disk takes): only rank 0's failure or exit ends it."""
         self._fills_seen += 1
         seen = self._fills_seen
-        self._wait(lambda: int(self._fills[0]) >= seen, lambda r: r == 0, "filling the shared store")
+        self._wait(lambda: int(self._fills[0]) >= seen, lambda r: r == 0, "filling the shared store",
+                   bounded=False)
 
-    def _wait(self, ready, lagging, what: str) -> None:
+    def _wait(self, ready, lagging, what: str, bounded: bool = True) -> None:
+        """Polls ready() until true; raises PeerError if a peer failed, a lagging peer is gone, or (bounded)
+        after the NodeShare's timeout_s."""
+        timeout = self.share.timeout_s
         start, pause, next_check = time.monotonic(), 2e-5, 0.0
         while not ready():
             self.raise_failed()
             now = time.monotonic()
-            if now >= next_check:            # /proc reads: a few times a second is enough
+            if now >= next_check:            # the /proc reads every 50 ms, not every poll
                 self._raise_gone(lagging)
                 next_check = now + 0.05
-            if now - start > self.share.timeout_s:
+            if bounded and now - start > timeout:
                 ranks = [r for r in range(self.share.local_world) if lagging(r)]
-                raise PeerError(f"local rank(s) {ranks} did not finish {what} within {self.share.timeout_s:g} s "
+                raise PeerError(f"local rank(s) {ranks} did not finish {what} within {timeout:g} s "
                                 f"(NodeShare timeout_s); hung or much slower than local rank "
                                 f"{self.share.local_rank}")
             time.sleep(pause)
