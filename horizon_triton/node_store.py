@@ -185,7 +185,9 @@ class NodeBoard:
         timeout = self.share.timeout_s
         start, pause, next_check = time.monotonic(), 2e-5, 0.0
         while not ready():
-            self.raise_failed()
+            failure = self.peer_failure()
+            if failure is not None and not ready():    # a peer marks its failure after what it completed
+                raise PeerError(failure)
             now = time.monotonic()
             if now >= next_check:            # the /proc reads every 50 ms, not every poll
                 self._raise_gone(lagging)
@@ -198,17 +200,23 @@ class NodeBoard:
             time.sleep(pause)
             pause = min(2 * pause, 1e-3)
 
-    def raise_failed(self) -> None:
+    def peer_failure(self) -> str | None:
+        """'local rank R failed: what it raised' for the first peer that marked a failure, else None."""
         for r in range(self.share.local_world):
             if r != self.share.local_rank and int(self._failed[r]):
                 text = bytes(self._messages[r].tolist()).split(b"\0", 1)[0].decode("utf-8", "replace")
-                raise PeerError(f"local rank {r} failed: {text}")
+                return f"local rank {r} failed: {text}"
+        return None
 
     def _raise_gone(self, lagging) -> None:
         ours = _pid_namespace()
         for r in range(self.share.local_world):
             pid = int(self._pid[r])
             # a peer that has not registered yet, or in another pid namespace, is left to the timeout
-            if r != self.share.local_rank and pid and int(self._pidns[r]) == ours and lagging(r) and not process_alive(pid):
+            known = r != self.share.local_rank and pid and int(self._pidns[r]) == ours
+            if known and lagging(r) and not process_alive(pid):
+                failure = self.peer_failure()      # a peer that failed, then exited: its error says more
+                if failure is not None:
+                    raise PeerError(failure)
                 raise PeerError(f"local rank {r} (pid {pid}) is gone: it exited or was killed while local rank "
                                 f"{self.share.local_rank} waited for it")

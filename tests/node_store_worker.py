@@ -210,8 +210,10 @@ def failing_peer(rank, world, name, barrier, results):
                 update(i, *args)
             driver.update_layer = broken
         driver.start_step(1, TRAIN.lr, 1.0)
-        driver.wait_layer(0)                       # layer 0 was updated by both
+        if rank == 0:
+            driver.wait_layer(0)                   # layer 0 was updated by both
         try:
+            driver.wait_layer(0)                   # rank 1: its own error, once its worker raised
             driver.wait_all()
             results.put((rank, "wait_all", "returned"))
         except Exception as e:
