@@ -11,6 +11,10 @@ without a collective: per rank, the update generation each layer has reached, it
 gone), an error flag with a message, and the count of fills (weights loaded by local rank 0). Waits poll it with
 a short sleep and end with an error naming the rank when a peer failed, died, or took longer than the timeout.
 
+The NodeShare's name must be unique among the jobs of a node (e.g. the rendezvous id and port of the job, or
+a uuid broadcast by rank 0); /dev/shm must have room for the whole store (containers often give it 64 MB).
+Liveness is judged by pid, so a peer in another pid namespace is only caught by the timeout.
+
 Writes by one process are seen by the others through the board's plain stores (x86's total store order; ARM's
 would need fences, which Python's syscalls around the poll give in practice, not by contract).
 """
@@ -74,6 +78,7 @@ def map_segments(share: NodeShare, sizes: dict[str, int]) -> dict[str, torch.Ten
     ours = [] if share.creator else list(paths.values())
     try:
         if share.creator:
+            _check_room(sum(sizes.values()))
             for kind, path in paths.items():
                 _create(path, sizes[kind], share.name)
                 ours.append(path)
@@ -85,6 +90,18 @@ def map_segments(share: NodeShare, sizes: dict[str, int]) -> dict[str, torch.Ten
         for path in ours:
             _unlink(path)
     return mapped
+
+
+def _check_room(nbytes: int) -> None:
+    """The segments are sparse until written: a tmpfs too small for them would kill the first process to write
+    past its end with SIGBUS, long after the start. Refuse at once instead."""
+    fs = os.statvfs(SHM_DIR)
+    free = fs.f_bavail * fs.f_frsize
+    if free < nbytes:
+        raise RuntimeError(f"the shared host store needs {nbytes / 1e9:.2f} GB in {SHM_DIR}, which has "
+                           f"{free / 1e9:.2f} GB free: enlarge it (a container: docker run --shm-size=..., "
+                           f"Kubernetes: an emptyDir with medium Memory on {SHM_DIR}; a host: mount -o remount,"
+                           f"size=... {SHM_DIR}), or run one process per node")
 
 
 def _create(path: str, nbytes: int, name: str) -> None:
