@@ -11,6 +11,16 @@ without a collective: per rank, the update generation each layer has reached, it
 gone), an error flag with a message, and the count of fills (weights loaded by local rank 0). Waits poll it with
 a short sleep and end with an error naming the rank when a peer failed, died, or took longer than the timeout.
 
+Use, in every local rank (the barrier: one over the node's ranks, e.g. torch.distributed.barrier on a group of
+the local ranks):
+
+    share = NodeShare(name, local_rank, local_world, barrier)
+    store = HostStore(cfg, dtype, pin=..., optimizer_states=..., shared=share)
+    store.fill_shared(lambda: load_weights(store, path))        # local rank 0 writes, the others wait
+    optimizer = OptimizerDriver(store, train_cfg, shard=(local_rank, local_world))
+    # each step: rank r writes grad[i][lo:hi], (lo, hi) = store.shard_bounds(i, r, local_world), then
+    # optimizer.start_step(...); optimizer.wait_layer(i) returns once every local rank updated its part of i
+
 The NodeShare's name must be unique among the jobs of a node (e.g. the rendezvous id and port of the job, or
 a uuid broadcast by rank 0); /dev/shm must have room for the whole store (containers often give it 64 MB).
 Liveness is judged by pid, so a peer in another pid namespace is only caught by the timeout.
