@@ -1,0 +1,357 @@
+"""Data parallelism over torch.distributed: the job's ranks, its process groups, the host-side exchanges of a
+step, and how a failing rank ends the job.
+
+Every rank runs a whole engine on its own micro-batches; the gradient of each layer is summed over the ranks on
+the devices during the backward (scheduler.py), so every rank's update is the one a single process would make
+with all ranks' micro-batches:
+
+    step start   every rank's (micro-batches, counted tokens, tokens): equal micro-batch counts are checked,
+                 grad_scale = 1 / global counted tokens
+    backward     each layer's fp32 accumulator all-reduced (sum) over ``group`` before its norm and copy-out
+    step end     every rank's (loss sum, squared-norm part) gathered and summed in rank order, so the loss, the
+                 norm and the clip coefficient are bit-identical on every rank
+
+The context comes from a process group the caller initialized, or from torchrun's environment (RANK,
+WORLD_SIZE, MASTER_ADDR/PORT; LOCAL_RANK, LOCAL_WORLD_SIZE, GROUP_RANK), which ``context`` initializes: NCCL for
+CUDA devices, gloo otherwise. Host-side exchanges run on a second, gloo ``control`` group (CPU tensors, no device
+sync); gradients on ``group``.
+
+Faults: a rank whose work raises (``guard``) writes "rank R (host): Error: message" under ERROR_KEY in the job's
+key-value store, then destroys its process groups, which makes its peers' pending gloo collectives fail at once
+("connection closed"); a peer whose collective fails reads the key and raises ``RankFailed`` with that message
+(or, if none was written, says the peer died). Every rank then waits up to ACK_WAIT_S for the others to have
+read the message (rank 0 may host the store) and leaves. The process-group timeout (HORIZON_TRITON_DIST_TIMEOUT,
+seconds; default 30 min) bounds what remains: a rank that hangs without raising. On NCCL, whose collectives do
+not notice a vanished peer, a watcher thread polls the key and aborts this rank's groups.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+ERROR_KEY = "horizon_triton/error"
+ACK_KEY = "horizon_triton/error_seen"
+ACK_WAIT_S = 10.0                 # a failing rank waits this long for its peers to have read its message
+PEER_MESSAGE_WAIT_S = 2.0         # a rank whose collective failed waits this long for the failing rank's message
+WATCH_INTERVAL_S = 1.0            # NCCL: how often the watcher looks for a peer's error
+DEFAULT_TIMEOUT_S = 1800
+
+
+class RankFailed(RuntimeError):
+    """Another rank of the data-parallel job failed (its message), or vanished; this rank stopped with it."""
+
+
+@dataclass
+class DistContext:
+    """This process's place in the job. Ranks of one node are consecutive in ``node_ranks``."""
+    rank: int
+    world: int
+    local_rank: int
+    local_world: int
+    node: int
+    num_nodes: int
+    backend: str                               # of ``group``: "nccl" | "gloo"
+    group: object                              # every rank: the gradients' all-reduce
+    control: object                            # every rank, gloo: host-side exchanges
+    node_group: object                         # the ranks of this node
+    cross_group: object | None                 # the ranks of this local index on every node (None: one node)
+    node_of: list[int]                         # node index of each rank
+    store: object = None                       # the job's key-value store (the error key)
+    failed: bool = False
+    _groups: list = field(default_factory=list)
+    _watcher: threading.Thread | None = None
+
+    # ---- collectives ----------------------------------------------------------------------------------
+    def collective(self, fn, *args, **kwargs):
+        """Runs a collective; if it fails, the job's error (``RankFailed``) instead of the transport's."""
+        try:
+            return fn(*args, **kwargs)
+        except RankFailed:
+            raise
+        except Exception as e:
+            raise self._peer_failure(e) from None
+
+    def all_reduce(self, tensor: torch.Tensor) -> None:
+        """In place: the sum over every rank, on ``group`` (on CUDA queued in the current stream's order)."""
+        self.collective(dist.all_reduce, tensor, group=self.group)
+
+    def reduce_gradient(self, tensor: torch.Tensor, asynchronous: bool):
+        """all_reduce on ``group``; asynchronous (CUDA): returns the work, whose ``wait()`` makes the current
+        stream wait for it; else done on return (None)."""
+        if asynchronous:
+            return self.collective(dist.all_reduce, tensor, group=self.group, async_op=True)
+        self.all_reduce(tensor)
+        return None
+
+    def gather_rows(self, values: list[float]) -> torch.Tensor:
+        """float64 [world, n]: every rank's ``values`` (host, control group), the same table on every rank."""
+        mine = torch.tensor(values, dtype=torch.float64)
+        rows = [torch.empty_like(mine) for _ in range(self.world)]
+        self.collective(dist.all_gather, rows, mine, group=self.control)
+        return torch.stack(rows)
+
+    def union_ids(self, ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
+        """Sorted int64: the distinct token ids of every rank's ``ids`` (sorted, distinct), through a
+        vocabulary-sized byte mask reduced with MAX: V bytes a step, whatever the world size."""
+        mask = torch.zeros(vocab_size, dtype=torch.uint8)
+        mask[ids] = 1
+        self.collective(dist.all_reduce, mask, op=dist.ReduceOp.MAX, group=self.control)
+        return mask.nonzero().reshape(-1)
+
+    def same_everywhere(self, what: str, fields: dict) -> None:
+        """ValueError on every rank, naming the field and the ranks, if some field of ``fields`` differs."""
+        gathered = [None] * self.world
+        self.collective(dist.all_gather_object, gathered, fields, group=self.control)
+        for name in fields:
+            values = {}
+            for r, f in enumerate(gathered):
+                values.setdefault(repr(f.get(name)), []).append(r)
+            if len(values) > 1:
+                shown = "; ".join(f"{v} on ranks {_ranks(rs)}" for v, rs in values.items())
+                raise ValueError(f"{what} differs across the data-parallel ranks: {name} is {shown}. Every rank "
+                                 "must run the same configuration")
+
+    def any_rank(self, flags: list[bool]) -> list[bool]:
+        """For each flag: whether some rank raised it (host, control group)."""
+        table = self.gather_rows([float(f) for f in flags])
+        return [bool(x) for x in table.amax(dim=0).tolist()]
+
+    def step_counts(self, step: int, micro_batches: int, tokens: int, positions: int) -> tuple[int, int]:
+        """Step start: (counted tokens, token positions) summed over the ranks, after checking that every rank
+        brings as many micro-batches (0: its loader ended). ValueError on every rank otherwise."""
+        table = self.gather_rows([micro_batches, tokens, positions])
+        counts = [int(c) for c in table[:, 0].tolist()]
+        if len(set(counts)) > 1:
+            by_count = {}
+            for r, c in enumerate(counts):
+                by_count.setdefault(c, []).append(r)
+            shown = "; ".join(f"{c} on ranks {_ranks(rs)}" for c, rs in sorted(by_count.items()))
+            ended = f" (a 0: that rank's loader had ended)" if 0 in by_count else ""
+            raise ValueError(f"optimizer step {step}: the data-parallel ranks bring different numbers of "
+                             f"micro-batches: {shown}{ended}. Give every rank's loader the same number of "
+                             "micro-batches (e.g. every world_size-th batch of one loader, the remainder dropped)")
+        tokens, positions = table[:, 1:].sum(dim=0).tolist()
+        return int(tokens), int(positions)
+
+    def step_totals(self, loss_sum: float, sq_norm: float, sharded: bool) -> tuple[float, float]:
+        """Step end: the loss sum over every rank, and the squared gradient norm: each rank's part summed over the
+        ranks of one node when each streams out a shard of the reduced gradient, else any rank's (the reduced
+        gradient is the same on all). Summed in rank order from one gathered table: bit-identical everywhere."""
+        table = self.gather_rows([loss_sum, sq_norm])
+        loss = sum(table[:, 0].tolist())
+        if not sharded:
+            return loss, table[0, 1].item()
+        node0 = [r for r in range(self.world) if self.node_of[r] == 0]
+        return loss, sum(table[node0, 1].tolist())
+
+    def barrier(self) -> None:
+        self.collective(dist.barrier, group=self.control)
+
+    # ---- faults ---------------------------------------------------------------------------------------
+    def guard(self):
+        """Context manager around a rank's work: an error (not a peer's, not a signal's stop) is reported to the
+        job before it propagates, so that every peer stops with it."""
+        return _Guard(self)
+
+    def fail(self, error: BaseException) -> None:
+        """Tells the job this rank failed with ``error``, breaks its collectives, waits for the peers to know."""
+        if self.failed:
+            return
+        self.failed = True
+        message = f"rank {self.rank} ({socket.gethostname()}): {type(error).__name__}: {error}"
+        if not str(error):
+            message += "".join(traceback.format_exception(type(error), error, error.__traceback__)[-3:])
+        try:
+            if not self.store.check([ERROR_KEY]):     # the first failure is the one reported
+                self.store.set(ERROR_KEY, message)
+            self.store.add(ACK_KEY, 1)
+        except Exception:                             # the store's host is gone: the peers find out anyway
+            pass
+        self._leave()
+
+    def _peer_failure(self, transport_error: BaseException) -> RankFailed:
+        """After a failed collective: the failing rank's message as RankFailed (every rank waits for the others
+        to have read it before it leaves: rank 0 may host the store)."""
+        message = None
+        try:
+            deadline = time.monotonic() + PEER_MESSAGE_WAIT_S
+            while message is None and time.monotonic() < deadline:
+                if self.store.check([ERROR_KEY]):
+                    message = self.store.get(ERROR_KEY).decode()
+                else:
+                    time.sleep(0.05)
+            if message is not None and not self.failed:
+                self.store.add(ACK_KEY, 1)
+        except Exception:
+            pass
+        self.failed = True
+        self._leave()
+        if message is None:
+            return RankFailed(f"rank {self.rank}: a peer of the data-parallel job vanished without reporting an "
+                              f"error (killed? out of host memory?): {str(transport_error)[:300]}")
+        return RankFailed(f"the data-parallel job stopped: {message}")
+
+    def _leave(self) -> None:
+        """Breaks this rank's collectives (the peers' pending gloo ones fail), then waits (bounded) until every
+        rank has acknowledged the error, so that a store hosted here outlives their reading it."""
+        for g in self._groups:
+            try:
+                dist.destroy_process_group(g)
+            except Exception:
+                pass
+        self._groups = []
+        deadline = time.monotonic() + ACK_WAIT_S
+        try:
+            while self.store.add(ACK_KEY, 0) < self.world and time.monotonic() < deadline:
+                time.sleep(0.05)
+        except Exception:
+            pass
+
+    def _watch(self) -> None:
+        """NCCL only: a peer's error aborts this rank's communicators, which ends its pending collectives."""
+        while not self.failed:
+            try:
+                if self.store.check([ERROR_KEY]):
+                    for g in self._groups:
+                        abort = getattr(g, "abort", None)
+                        if abort is not None:
+                            abort()
+                    return
+            except Exception:
+                return
+            time.sleep(WATCH_INTERVAL_S)
+
+
+class _Guard:
+    def __init__(self, ctx: DistContext):
+        self.ctx = ctx
+
+    def __enter__(self):
+        return self.ctx
+
+    def __exit__(self, kind, error, tb):
+        if error is not None and not isinstance(error, (RankFailed, KeyboardInterrupt, SystemExit)):
+            self.ctx.fail(error)
+        return False
+
+
+def _ranks(ranks: list[int]) -> str:
+    return ", ".join(map(str, ranks))
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    return int(value) if value not in (None, "") else None
+
+
+_CONTEXT: dict = {}               # the default process group -> its context (one a process)
+
+
+def context(device_type: str = "cpu") -> DistContext | None:
+    """The data-parallel context of this process, or None when it runs alone (world size 1, no process group,
+    no torchrun environment). Initializes the default process group from torchrun's environment when the caller
+    has not (NCCL if ``device_type`` is "cuda", else gloo); built once, then returned again."""
+    if not dist.is_available():
+        return None
+    if not dist.is_initialized():
+        world = _env_int("WORLD_SIZE")
+        if world is None or world <= 1:
+            return None
+        missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+        if missing:
+            raise ValueError(f"WORLD_SIZE={world} but {', '.join(missing)} not set: launch with torchrun (or set "
+                             "RANK, MASTER_ADDR and MASTER_PORT), or initialize torch.distributed yourself")
+        timeout = datetime.timedelta(seconds=float(os.environ.get("HORIZON_TRITON_DIST_TIMEOUT", DEFAULT_TIMEOUT_S)))
+        backend = "nccl" if device_type == "cuda" else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(_env_int("LOCAL_RANK") or 0)
+        dist.init_process_group(backend, timeout=timeout)
+    default = dist.group.WORLD
+    if default in _CONTEXT:
+        return _CONTEXT[default]
+    if dist.get_world_size() <= 1:
+        return None
+    _CONTEXT[default] = ctx = _build(device_type)
+    return ctx
+
+
+def _build(device_type: str) -> DistContext:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    backend = dist.get_backend()
+    if device_type == "cuda" and backend != "nccl":
+        raise ValueError(f"device cuda with a {backend} process group: initialize torch.distributed with "
+                         "backend='nccl' for CUDA devices")
+    if device_type != "cuda" and "gloo" not in str(backend):
+        raise ValueError(f"device {device_type} with a {backend} process group: CPU tensors need backend='gloo'")
+    control = dist.new_group(backend="gloo") if backend == "nccl" else dist.group.WORLD
+    # where each rank runs: torchrun's node rank and local rank if it set them, else ranks grouped by host name
+    mine = (_env_int("GROUP_RANK"), _env_int("LOCAL_RANK"), socket.gethostname())
+    places = [None] * world
+    dist.all_gather_object(places, mine, group=control)
+    if all(p[0] is not None and p[1] is not None for p in places):
+        keys = [p[0] for p in places]
+    else:
+        keys = [p[2] for p in places]
+    nodes = list(dict.fromkeys(keys))
+    node_of = [nodes.index(k) for k in keys]
+    members = [[r for r in range(world) if node_of[r] == n] for n in range(len(nodes))]
+    sizes = {len(m) for m in members}
+    if len(sizes) != 1:
+        raise ValueError(f"the nodes run different numbers of ranks ({[len(m) for m in members]}): give every "
+                         "node the same --nproc-per-node")
+    node = node_of[rank]
+    local_rank, local_world = members[node].index(rank), len(members[node])
+    groups = [g for g in (dist.group.WORLD, control) if g is not None]
+    node_group, cross_group = dist.group.WORLD, None
+    if len(nodes) > 1:                 # every rank creates every group, in the same order
+        for n, ranks in enumerate(members):
+            g = dist.new_group(ranks)
+            node_group = g if n == node else node_group
+        for local in range(local_world):
+            g = dist.new_group([m[local] for m in members])
+            cross_group = g if local == local_rank else cross_group
+        groups += [node_group, cross_group]
+    ctx = DistContext(rank, world, local_rank, local_world, node, len(nodes), str(backend), dist.group.WORLD,
+                      control, node_group, cross_group, node_of, store=dist.distributed_c10d._get_default_store())
+    ctx._groups = list(dict.fromkeys(g for g in reversed(groups)))    # the default group is destroyed last
+    if ctx.backend == "nccl":
+        ctx._watcher = threading.Thread(target=ctx._watch, daemon=True, name="horizon-triton-fault-watch")
+        ctx._watcher.start()
+    return ctx
+
+
+def is_main_process() -> bool:
+    """Rank 0 of an initialized job, or a process that runs alone: the one that writes files."""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+# ------------------------------------------------------------------------------------------------------------
+# launching without torchrun
+# ------------------------------------------------------------------------------------------------------------
+def _spawned(local_rank: int, fn, world: int, port: int, args, env: dict) -> None:
+    os.environ.update({"RANK": str(local_rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(local_rank),
+                       "LOCAL_WORLD_SIZE": str(world), "GROUP_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(port), **env})
+    fn(local_rank, *args)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn(fn, world: int, args: tuple = (), env: dict | None = None) -> None:
+    """Runs ``fn(rank, *args)`` in ``world`` fresh processes on this machine, each with torchrun's environment
+    (one node), so that Engine or ``context`` inside ``fn`` joins them; raises if one of them fails.
+    ``fn`` must be importable (a module-level function). torchrun does the same for scripts and the CLI."""
+    import torch.multiprocessing as mp
+    mp.spawn(_spawned, args=(fn, world, free_port(), args, dict(env or {})), nprocs=world, join=True)
