@@ -17,22 +17,26 @@ CUDA devices, gloo otherwise. Host-side exchanges run on a second, gloo ``contro
 sync); gradients on ``group``.
 
 Faults: a rank whose work raises (``guard``) writes "rank R (host): Error: message" under ERROR_KEY in the job's
-key-value store, then destroys its process groups, which makes its peers' pending gloo collectives fail at once
-("connection closed"); a peer whose collective fails reads the key and raises ``RankFailed`` with that message
-(or, if none was written, says the peer died). Every rank then waits up to ACK_WAIT_S for the others to have
-read the message (rank 0 may host the store) and leaves. The process-group timeout (HORIZON_TRITON_DIST_TIMEOUT,
-seconds; default 30 min) bounds what remains: a rank that hangs without raising. On NCCL, whose collectives do
-not notice a vanished peer, a watcher thread polls the key and aborts this rank's groups.
+key-value store. Every host-side collective here is issued asynchronously and waited for by polling, which
+also looks at that key (every POLL_S once the collective has taken longer than SPIN_S): a peer waiting for the
+failed rank raises ``RankFailed`` with its message within a fraction of a second. A rank that dies without
+raising (killed, out of memory) closes its connections: the peers' gloo collectives fail, and they say so.
+Every rank that stops waits up to ACK_WAIT_S for the others to have read the message (rank 0 may host the
+store), then leaves. The process-group timeout (HORIZON_TRITON_DIST_TIMEOUT, seconds; default 30 min) bounds
+what remains: a rank that hangs without raising. On NCCL the gradients' collectives run on the devices, where
+the host cannot poll them: a watcher thread polls the key and aborts this rank's communicators instead.
 """
 from __future__ import annotations
 
 import datetime
+import pickle
+import itertools
 import os
 import socket
 import threading
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -41,6 +45,8 @@ ERROR_KEY = "horizon_triton/error"
 ACK_KEY = "horizon_triton/error_seen"
 ACK_WAIT_S = 10.0                 # a failing rank waits this long for its peers to have read its message
 PEER_MESSAGE_WAIT_S = 2.0         # a rank whose collective failed waits this long for the failing rank's message
+SPIN_S = 0.02                     # a collective's first this many seconds are waited for without the store
+POLL_S = 0.05                     # then the error key is looked at this often
 WATCH_INTERVAL_S = 1.0            # NCCL: how often the watcher looks for a peer's error
 DEFAULT_TIMEOUT_S = 1800
 
@@ -66,18 +72,31 @@ class DistContext:
     node_of: list[int]                         # node index of each rank
     store: object = None                       # the job's key-value store (the error key)
     failed: bool = False
-    _groups: list = field(default_factory=list)
     _watcher: threading.Thread | None = None
 
     # ---- collectives ----------------------------------------------------------------------------------
-    def collective(self, fn, *args, **kwargs):
-        """Runs a collective; if it fails, the job's error (``RankFailed``) instead of the transport's."""
+    def collective(self, fn, *args, wait: bool = True, **kwargs):
+        """Issues the collective ``fn(*args, **kwargs, async_op=True)`` and, unless wait=False (returns the
+        work), waits for it while watching the error key; RankFailed (the failed rank's message) if a peer
+        failed or the collective did."""
+        if self.failed:
+            raise RankFailed(f"rank {self.rank}: the data-parallel job has already stopped")
         try:
-            return fn(*args, **kwargs)
+            work = fn(*args, **kwargs, async_op=True)
+            if not wait:
+                return work
+            start, pause = time.monotonic(), 0.0002
+            while not work.is_completed():
+                time.sleep(pause)
+                pause = min(2 * pause, POLL_S)
+                if time.monotonic() - start > SPIN_S and self.store.check([ERROR_KEY]):
+                    raise self._peer_failure("")
+            work.wait()
+            return work
         except RankFailed:
             raise
         except Exception as e:
-            raise self._peer_failure(e) from None
+            raise self._peer_failure(f"{type(e).__name__}: {e}") from None
 
     def all_reduce(self, tensor: torch.Tensor) -> None:
         """In place: the sum over every rank, on ``group`` (on CUDA queued in the current stream's order)."""
@@ -87,7 +106,7 @@ class DistContext:
         """all_reduce on ``group``; asynchronous (CUDA): returns the work, whose ``wait()`` makes the current
         stream wait for it; else done on return (None)."""
         if asynchronous:
-            return self.collective(dist.all_reduce, tensor, group=self.group, async_op=True)
+            return self.collective(dist.all_reduce, tensor, group=self.group, wait=False)
         self.all_reduce(tensor)
         return None
 
@@ -106,10 +125,19 @@ class DistContext:
         self.collective(dist.all_reduce, mask, op=dist.ReduceOp.MAX, group=self.control)
         return mask.nonzero().reshape(-1)
 
+    def gather_objects(self, obj) -> list:
+        """Every rank's picklable ``obj``, in rank order (all_gather_object, but watched as every collective)."""
+        data = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
+        sizes = [int(n) for n in self.gather_rows([data.numel()])[:, 0].tolist()]
+        padded = torch.zeros(max(sizes), dtype=torch.uint8)
+        padded[:data.numel()] = data
+        rows = [torch.empty_like(padded) for _ in range(self.world)]
+        self.collective(dist.all_gather, rows, padded, group=self.control)
+        return [pickle.loads(row[:n].numpy().tobytes()) for row, n in zip(rows, sizes)]
+
     def same_everywhere(self, what: str, fields: dict) -> None:
         """ValueError on every rank, naming the field and the ranks, if some field of ``fields`` differs."""
-        gathered = [None] * self.world
-        self.collective(dist.all_gather_object, gathered, fields, group=self.control)
+        gathered = self.gather_objects(fields)
         for name in fields:
             values = {}
             for r, f in enumerate(gathered):
@@ -165,7 +193,6 @@ class DistContext:
         """Tells the job this rank failed with ``error``, breaks its collectives, waits for the peers to know."""
         if self.failed:
             return
-        self.failed = True
         message = f"rank {self.rank} ({socket.gethostname()}): {type(error).__name__}: {error}"
         if not str(error):
             message += "".join(traceback.format_exception(type(error), error, error.__traceback__)[-3:])
@@ -175,6 +202,7 @@ class DistContext:
             self.store.add(ACK_KEY, 1)
         except Exception:                             # the store's host is gone: the peers find out anyway
             pass
+        self.failed = True
         self._leave()
 
     def _peer_failure(self, transport_error: BaseException) -> RankFailed:
@@ -200,14 +228,8 @@ class DistContext:
         return RankFailed(f"the data-parallel job stopped: {message}")
 
     def _leave(self) -> None:
-        """Breaks this rank's collectives (the peers' pending gloo ones fail), then waits (bounded) until every
-        rank has acknowledged the error, so that a store hosted here outlives their reading it."""
-        for g in self._groups:
-            try:
-                dist.destroy_process_group(g)
-            except Exception:
-                pass
-        self._groups = []
+        """Waits (bounded) until every rank has acknowledged the error, so that a store hosted here outlives
+        their reading it."""
         deadline = time.monotonic() + ACK_WAIT_S
         try:
             while self.store.add(ACK_KEY, 0) < self.world and time.monotonic() < deadline:
@@ -220,7 +242,7 @@ class DistContext:
         while not self.failed:
             try:
                 if self.store.check([ERROR_KEY]):
-                    for g in self._groups:
+                    for g in (self.group, self.node_group, self.cross_group):
                         abort = getattr(g, "abort", None)
                         if abort is not None:
                             abort()
@@ -309,7 +331,6 @@ def _build(device_type: str) -> DistContext:
                          "node the same --nproc-per-node")
     node = node_of[rank]
     local_rank, local_world = members[node].index(rank), len(members[node])
-    groups = [g for g in (dist.group.WORLD, control) if g is not None]
     node_group, cross_group = dist.group.WORLD, None
     if len(nodes) > 1:                 # every rank creates every group, in the same order
         for n, ranks in enumerate(members):
@@ -318,10 +339,8 @@ def _build(device_type: str) -> DistContext:
         for local in range(local_world):
             g = dist.new_group([m[local] for m in members])
             cross_group = g if local == local_rank else cross_group
-        groups += [node_group, cross_group]
     ctx = DistContext(rank, world, local_rank, local_world, node, len(nodes), str(backend), dist.group.WORLD,
                       control, node_group, cross_group, node_of, store=dist.distributed_c10d._get_default_store())
-    ctx._groups = list(dict.fromkeys(g for g in reversed(groups)))    # the default group is destroyed last
     if ctx.backend == "nccl":
         ctx._watcher = threading.Thread(target=ctx._watch, daemon=True, name="horizon-triton-fault-watch")
         ctx._watcher.start()
@@ -331,6 +350,35 @@ def _build(device_type: str) -> DistContext:
 def is_main_process() -> bool:
     """Rank 0 of an initialized job, or a process that runs alone: the one that writes files."""
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+# ------------------------------------------------------------------------------------------------------------
+# loaders
+# ------------------------------------------------------------------------------------------------------------
+class ShardedLoader:
+    """Every ``world``-th batch of a loader with a length, from the ``rank``-th: of its first len - len % world
+    batches (every rank the same count; the remainder dropped) unless drop_remainder=False (evaluation)."""
+
+    def __init__(self, loader, rank: int, world: int, drop_remainder: bool = True):
+        self.loader, self.rank, self.world, self.drop_remainder = loader, rank, world, drop_remainder
+
+    def __len__(self) -> int:
+        n = len(self.loader)
+        return n // self.world if self.drop_remainder else len(range(self.rank, n, self.world))
+
+    def __iter__(self):
+        stop = len(self.loader) // self.world * self.world if self.drop_remainder else None
+        return itertools.islice(self.loader, self.rank, stop, self.world)
+
+
+def shard_loader(loader, ctx: DistContext | None, drop_remainder: bool = True):
+    """This rank's batches of ``loader`` (a loader with a length: ShardedLoader; an endless iterable: every
+    world-th item from the rank-th); ``loader`` itself when running alone."""
+    if ctx is None:
+        return loader
+    if hasattr(loader, "__len__"):
+        return ShardedLoader(loader, ctx.rank, ctx.world, drop_remainder)
+    return itertools.islice(loader, ctx.rank, None, ctx.world)
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ def batches(n: int, seed: int = 1, batch: int = 2, seq: int = 12, vocab: int = V
 
 def configs(spec: dict) -> tuple[ht.ModelConfig, ht.TrainConfig]:
     model = ht.preset("tiny", **spec.get("model", {}))
-    train = ht.TrainConfig(**{"lr": 1e-2, "weight_decay": 0.1, "max_grad_norm": 0.5, "device": "cpu",
+    train = ht.TrainConfig(**{"lr": 1e-3, "weight_decay": 0.1, "max_grad_norm": 0.5, "device": "cpu",
                               "optimizer_threads": 1, "preflight": False, **spec.get("train", {})})
     return model, train
 
@@ -46,7 +46,9 @@ def masters(engine) -> list[torch.Tensor]:
 
 
 def run_rank(rank: int, out_dir: str, spec: dict) -> None:
-    """spec: model/train overrides, batches (count, seed, pad_id), steps, fail (rank, step, how)."""
+    """spec: model/train overrides (rank_train: per rank), batches (count, seed, pad_id), per_rank_counts (the
+    rank's first so many), no_len (its loader an iterator), steps, fail (rank, step, how: "data" or "raise"),
+    save."""
     torch.set_num_threads(1)
     out = Path(out_dir)
     model_cfg, train_cfg = configs(spec)
@@ -54,7 +56,7 @@ def run_rank(rank: int, out_dir: str, spec: dict) -> None:
         train_cfg = ht.TrainConfig(**{**train_cfg.__dict__, **spec["rank_train"].get(str(rank), {})})
     world = int(os.environ["WORLD_SIZE"])
     data = batches(**spec["batches"])
-    mine = data[rank::world][:spec.get("per_rank", None)]
+    mine = data[rank::world][:spec.get("per_rank_counts", {}).get(str(rank))]
     fail = spec.get("fail")
     if fail and fail["rank"] == rank and fail["how"] == "data":     # a bad token id in this rank's batch
         bad = (fail["step"] - 1) * train_cfg.grad_accum_steps
@@ -66,7 +68,7 @@ def run_rank(rank: int, out_dir: str, spec: dict) -> None:
         def callback(entry):
             if fail and fail["rank"] == rank and fail["how"] == "raise" and entry["step"] == fail["step"]:
                 raise RuntimeError(f"a bug on rank {rank} at step {entry['step']}")
-        history = engine.fit(mine, max_steps=spec.get("steps"), callback=callback)
+        history = engine.fit(iter(mine) if spec.get("no_len") else mine, max_steps=spec.get("steps"), callback=callback)
         if spec.get("save"):
             engine.save_pretrained(out / "model")
             engine.save_checkpoint(out / "checkpoints")

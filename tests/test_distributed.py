@@ -1,0 +1,250 @@
+"""Data parallel on CPU (gloo): W ranks with grad_accum micro-batches each against one process with
+grad_accum × W (the reference: the engine alone, itself checked against transformers in test_engine_hf.py);
+the async test device bit-identical to the synchronous one; faults; torchrun end to end.
+
+Tolerances: in fp32 compute the only difference is the order of the fp32 sums (each rank accumulates its own
+micro-batches, then the ranks' sums are added), a few ulp of the gradient: losses and norms within 1e-5
+relative, master weights within 1e-5. In bf16 compute each rank's micro-batches run the same bf16 GEMMs as in
+the single process, but the reduced fp32 gradient, rounded to the bf16 grad buffer, can land one bf16 ulp
+(2^-8 relative) apart where the sum order moves it across a rounding boundary; AdamW's normalized update then
+moves such an element by up to ~lr·2^-8 more or less: weights within 1e-4 at lr 1e-3 over two steps, losses
+(computed before the step's update) within 1e-5 of each other in the first step, 1e-4 after.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import horizon_triton as ht
+from horizon_triton import distributed
+from horizon_triton.distributed import ShardedLoader
+
+import distributed_worker as worker
+
+TESTS = Path(__file__).parent
+
+
+def run_ranks(tmp_path, spec: dict, world: int = 2) -> list[dict]:
+    out = tmp_path / f"w{world}-{len(list(tmp_path.iterdir()))}"
+    out.mkdir()
+    distributed.spawn(worker.run_rank, world, (str(out), spec))
+    return [torch.load(out / f"rank{r}.pt") for r in range(world)]
+
+
+def one_process(spec: dict, world: int) -> tuple[list[dict], list[torch.Tensor]]:
+    """The same run in one process: every rank's micro-batches of a step accumulated there."""
+    model_cfg, train_cfg = worker.configs(spec)
+    train_cfg = dataclasses.replace(train_cfg, grad_accum_steps=train_cfg.grad_accum_steps * world)
+    engine = ht.Engine(model_cfg, train_cfg)
+    history = engine.fit(worker.batches(**spec["batches"]), max_steps=spec.get("steps"))
+    return history, worker.masters(engine)
+
+
+def assert_matches(spec, ranks, world, loss_tol, weight_tol, norm_tol):
+    history, masters = one_process(spec, world)
+    for r in ranks:        # every rank reports the global figures and holds the same weights, bit for bit
+        assert [h["loss"] for h in r["history"]] == [h["loss"] for h in ranks[0]["history"]]
+        assert all(torch.equal(a, b) for a, b in zip(r["masters"], ranks[0]["masters"]))
+    got = ranks[0]["history"]
+    assert len(got) == len(history)
+    for mine, ref in zip(got, history):
+        assert mine["tokens"] == ref["tokens"]
+        assert mine["world_size"] == world
+        assert abs(mine["loss"] - ref["loss"]) <= loss_tol * abs(ref["loss"])
+        assert abs(mine["grad_norm"] - ref["grad_norm"]) <= norm_tol * ref["grad_norm"]
+    for a, b in zip(ranks[0]["masters"], masters):
+        torch.testing.assert_close(a, b, rtol=0, atol=weight_tol)
+    # clipping was active (max_grad_norm 0.5): the norm of the reduced gradient decided the update
+    assert all(h["grad_norm"] > 0.5 for h in history)
+
+
+FP32 = {"compute_dtype": "float32", "grad_accum_steps": 2}
+
+
+@pytest.mark.parametrize("case", [
+    {"model": {}, "train": dict(FP32, head_chunk_rows=24)},                                # two-pass head
+    {"model": {"tie_word_embeddings": True, "pad_token_id": 0}, "train": FP32, "pad_id": 0},   # tied, padding
+], ids=["untied-chunked", "tied-padded"])
+def test_two_ranks_match_one_process_fp32(tmp_path, case):
+    spec = {"model": case["model"], "train": case["train"],
+            "batches": {"n": 8, "seed": 3, "pad_id": case.get("pad_id")}}
+    ranks = run_ranks(tmp_path, spec)
+    assert_matches(spec, ranks, 2, loss_tol=1e-5, weight_tol=1e-5, norm_tol=1e-5)
+    assert ranks[0]["history"][0]["allreduce_bytes"] > 0
+
+
+def test_four_ranks_match_one_process_fp32(tmp_path):
+    spec = {"train": dict(FP32, grad_accum_steps=1), "batches": {"n": 8, "seed": 4}}
+    assert_matches(spec, run_ranks(tmp_path, spec, world=4), 4, loss_tol=1e-5, weight_tol=1e-5, norm_tol=1e-5)
+
+
+def test_two_ranks_match_one_process_bf16(tmp_path):
+    spec = {"train": {"grad_accum_steps": 2}, "batches": {"n": 8, "seed": 5}}
+    ranks = run_ranks(tmp_path, spec)
+    assert_matches(spec, ranks, 2, loss_tol=1e-4, weight_tol=1e-4, norm_tol=1e-4)
+    history, _ = one_process(spec, 2)
+    assert abs(ranks[0]["history"][0]["loss"] - history[0]["loss"]) <= 1e-5 * history[0]["loss"]
+
+
+def test_async_device_is_bit_identical(tmp_path):
+    """The async test device (streams on threads, random delays) under 2 ranks: the very same bits as cpu."""
+    spec = {"model": {"tie_word_embeddings": True}, "train": dict(FP32, head_chunk_rows=24),
+            "batches": {"n": 8, "seed": 6}}
+    sync = run_ranks(tmp_path, spec)
+    spec_async = dict(spec, train=dict(spec["train"], device="cpu-async"))
+    racy = run_ranks(tmp_path, spec_async)
+    assert [h["loss"] for h in racy[0]["history"]] == [h["loss"] for h in sync[0]["history"]]
+    assert [h["grad_norm"] for h in racy[0]["history"]] == [h["grad_norm"] for h in sync[0]["history"]]
+    assert all(torch.equal(a, b) for a, b in zip(racy[0]["masters"], sync[0]["masters"]))
+
+
+def test_only_rank_0_writes(tmp_path):
+    """save_pretrained and save_checkpoint on every rank: rank 0 writes (each rank here names its own directory,
+    to see who wrote), and the saved model is the single process's."""
+    spec = {"train": FP32, "batches": {"n": 4, "seed": 7}, "save": True}
+    out = tmp_path / "run"
+    out.mkdir()
+    distributed.spawn(_save_per_rank_dir, 2, (str(out), spec))
+    assert (out / "r0" / "model" / "config.json").is_file()
+    assert list((out / "r0" / "checkpoints").iterdir())[0].name == "step-00000001"
+    assert not (out / "r1").exists()
+    _, masters = one_process(spec, 2)
+    from safetensors.torch import load_file
+    saved = load_file(out / "r0" / "model" / "model.safetensors")
+    torch.testing.assert_close(saved["model.embed_tokens.weight"].reshape(-1), masters[0], rtol=0, atol=1e-5)
+
+
+def _save_per_rank_dir(rank: int, out: str, spec: dict) -> None:
+    model_cfg, train_cfg = worker.configs(spec)
+    engine = ht.Engine(model_cfg, train_cfg)
+    engine.fit(worker.batches(**spec["batches"])[rank::2])
+    engine.save_pretrained(Path(out) / f"r{rank}" / "model")
+    engine.save_checkpoint(Path(out) / f"r{rank}" / "checkpoints")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# faults: two independent processes (no launcher that would kill the survivor), each must exit on its own
+# ------------------------------------------------------------------------------------------------------------
+def launch_apart(tmp_path, spec: dict, world: int = 2, timeout: float = 90):
+    """Starts the ranks as unrelated processes; returns (exit codes, each rank's error text, seconds)."""
+    port = distributed.free_port()
+    procs = []
+    start = time.monotonic()
+    for rank in range(world):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                   LOCAL_WORLD_SIZE=str(world), GROUP_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                   PYTHONPATH=str(TESTS) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        procs.append(subprocess.Popen([sys.executable, str(TESTS / "distributed_worker.py"), str(tmp_path),
+                                       json.dumps(spec)], env=env, stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.PIPE, text=True))
+    codes = []
+    for p in procs:
+        try:
+            p.wait(timeout=max(1.0, timeout - (time.monotonic() - start)))
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            pytest.fail("a rank hung: the job did not end within the time bound")
+        codes.append(p.returncode)
+    errors = [(tmp_path / f"error{r}.txt").read_text() if (tmp_path / f"error{r}.txt").is_file() else ""
+              for r in range(world)]
+    for p in procs:
+        p.stderr.close()
+    return codes, errors, time.monotonic() - start
+
+
+@pytest.mark.parametrize("how, expected", [
+    ("data", "token id 71 is outside the vocabulary"),
+    ("raise", "a bug on rank 1 at step 2"),
+])
+def test_a_failing_rank_ends_every_rank_with_its_error(tmp_path, how, expected):
+    spec = {"train": FP32, "batches": {"n": 12, "seed": 8}, "fail": {"rank": 1, "step": 2, "how": how}}
+    codes, errors, seconds = launch_apart(tmp_path, spec)
+    assert all(code != 0 for code in codes), codes
+    assert expected in errors[1]
+    assert errors[0].startswith("RankFailed") and "rank 1" in errors[0] and expected in errors[0], errors[0]
+    assert seconds < 60
+
+
+def test_mismatched_configs_are_refused_naming_field_and_ranks(tmp_path):
+    spec = {"train": FP32, "batches": {"n": 4, "seed": 9}, "rank_train": {"1": {"lr": 0.5}}}
+    codes, errors, _ = launch_apart(tmp_path, spec)
+    assert all(code != 0 for code in codes)
+    for text in errors:
+        assert "the train config differs" in text and "lr is 0.001 on ranks 0; 0.5 on ranks 1" in text, text
+
+
+def test_mismatched_loader_lengths_are_refused(tmp_path):
+    spec = {"train": FP32, "batches": {"n": 12, "seed": 9}, "per_rank_counts": {"0": 6, "1": 4}}
+    codes, errors, _ = launch_apart(tmp_path, spec)
+    assert all(code != 0 for code in codes)
+    for text in errors:
+        assert "the loader differs" in text and "6 on ranks 0; 4 on ranks 1" in text, text
+
+
+def test_a_shorter_loader_without_length_is_caught_at_its_step(tmp_path):
+    spec = {"train": FP32, "batches": {"n": 12, "seed": 9}, "per_rank_counts": {"0": 6, "1": 3},
+            "no_len": True}
+    codes, errors, _ = launch_apart(tmp_path, spec)
+    assert all(code != 0 for code in codes)
+    for text in errors:
+        assert "optimizer step 2: the data-parallel ranks bring different numbers of micro-batches: 1 on ranks " \
+               "1; 2 on ranks 0" in text, text
+
+
+def test_sharded_loader_deals_batches_out():
+    loader = list(range(11))
+    shards = [ShardedLoader(loader, r, 3) for r in range(3)]
+    assert [list(s) for s in shards] == [[0, 3, 6], [1, 4, 7], [2, 5, 8]]
+    assert [len(s) for s in shards] == [3, 3, 3]
+    assert list(ShardedLoader(loader, 1, 3, drop_remainder=False)) == [1, 4, 7, 10]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# torchrun
+# ------------------------------------------------------------------------------------------------------------
+def test_cli_demo_under_torchrun_matches_one_process(tmp_path):
+    """torchrun --nproc-per-node 2 -m horizon_triton.cli train: each rank every other micro-batch of the demo's
+    generated data; rank 0 writes metrics.jsonl and the model; the figures are those of one process with
+    --grad-accum 2."""
+    common = ["train", "--steps", "3", "--eval-every", "100", "--eval-problems", "8", "--batch-size", "8"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
+                          "-m", "horizon_triton.cli", *common, "--out", str(tmp_path / "dp")],
+                         env=env, capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stderr[-3000:]
+    alone = subprocess.run([sys.executable, "-m", "horizon_triton.cli", *common, "--grad-accum", "2", "--out",
+                            str(tmp_path / "one")], env=env, capture_output=True, text=True, timeout=240)
+    assert alone.returncode == 0, alone.stderr[-3000:]
+
+    def train_lines(run_dir):
+        lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        return [x for x in lines if x["kind"] == "train"]
+    dp, one = train_lines(tmp_path / "dp"), train_lines(tmp_path / "one")
+    assert [x["step"] for x in dp] == [1, 2, 3]                 # written once, by rank 0
+    for a, b in zip(dp, one):
+        assert a["tokens"] == b["tokens"]
+        assert abs(a["loss"] - b["loss"]) <= 1e-5 * b["loss"]
+    assert (tmp_path / "dp" / "model.safetensors").is_file()
+    assert run.stdout.count("step 3/3") == 1                    # rank 0 reports
+
+
+def test_cli_failure_under_torchrun_reports_the_rank(tmp_path):
+    """An --out that holds another run: rank 0 refuses it; rank 1, waiting for rank 0, stops with its message."""
+    out = tmp_path / "busy"
+    out.mkdir()
+    (out / "notes.txt").write_text("someone else's")
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
+                          "-m", "horizon_triton.cli", "train", "--steps", "2", "--out", str(out)],
+                         env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=240)
+    assert run.returncode != 0
+    assert "exists and is not empty" in run.stderr
+    assert (out / "notes.txt").is_file()
