@@ -248,3 +248,28 @@ def test_cli_failure_under_torchrun_reports_the_rank(tmp_path):
     assert run.returncode != 0
     assert "exists and is not empty" in run.stderr
     assert (out / "notes.txt").is_file()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the dry run of one rank of W
+# ------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("world", [2, 8])
+def test_dry_run_predicts_one_ranks_traffic(world):
+    """One rank of a W-rank job, bf16, tied head in chunks: it all-reduces every fp32 gradient it streams out
+    (the decoder layers, each head chunk's rows, the final norm, the union's embedding rows) and gathers the
+    union of the ranks' ids, min(V, W·U) rows with distinct ids on every rank, in and out, where one process
+    gathers U (with their ids: the tied head picks those rows from its chunks' gradients)."""
+    from horizon_triton.dryrun import dry_run
+    from horizon_triton.store import layer_layouts
+    cfg = ht.ModelConfig(vocab_size=3000, hidden_size=64, intermediate_size=160, num_layers=2, num_heads=4,
+                         num_kv_heads=2, tie_word_embeddings=True)
+    train = ht.TrainConfig(head_chunk_rows=700)
+    alone = dry_run(cfg, train, tokens_per_step=512, world_size=1)
+    rank = dry_run(cfg, train, tokens_per_step=512, world_size=world)
+    H, V, U = cfg.hidden_size, cfg.vocab_size, 512
+    union = min(V, world * U)
+    decoders_and_norm = sum(lay.numel for lay in layer_layouts(cfg)[1:])
+    assert alone.allreduce_bytes == 0
+    assert rank.allreduce_bytes == 4 * (decoders_and_norm + V * H + union * H)    # chunks: the whole table
+    assert rank.h2d_bytes - alone.h2d_bytes == (union - U) * (H * 2 + 8)    # bf16 rows, their int64 ids (tied)
+    assert rank.d2h_bytes - alone.d2h_bytes == (union - U) * H * 2                 # and their gradient out
