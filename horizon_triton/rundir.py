@@ -36,7 +36,7 @@ def run_options(args) -> dict:
 
 
 def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
+    return "data-parallel ranks" if name == "world_size" else "--" + name.replace("_", "-")
 
 
 def _resume_point(args, out: Path) -> Path | None:

@@ -72,12 +72,22 @@ def run_rank(rank: int, out_dir: str, spec: dict) -> None:
         if spec.get("save"):
             engine.save_pretrained(out / "model")
             engine.save_checkpoint(out / "checkpoints")
-        torch.save({"history": history, "masters": masters(engine)}, out / f"rank{rank}.pt")
+        d = engine.dist
+        place = {"node": d.node, "num_nodes": d.num_nodes, "local_rank": d.local_rank, "local_world": d.local_world}
+        torch.save({"history": history, "masters": masters(engine), "place": place}, out / f"rank{rank}.pt")
         engine.close()
     except BaseException as e:
         (out / f"error{rank}.txt").write_text(f"{type(e).__name__}: {e}")
         traceback.print_exc()
         raise
+
+
+def run_rank_on_nodes(rank: int, out_dir: str, spec: dict, per_node: int) -> None:
+    """run_rank as if the job's ranks ran on nodes of ``per_node`` ranks each (torchrun's node rank and local
+    rank in the environment)."""
+    os.environ.update(GROUP_RANK=str(rank // per_node), LOCAL_RANK=str(rank % per_node),
+                      LOCAL_WORLD_SIZE=str(per_node))
+    run_rank(rank, out_dir, spec)
 
 
 def main() -> None:

@@ -81,9 +81,17 @@ def test_two_ranks_match_one_process_fp32(tmp_path, case):
     assert ranks[0]["history"][0]["allreduce_bytes"] > 0
 
 
-def test_four_ranks_match_one_process_fp32(tmp_path):
-    spec = {"train": dict(FP32, grad_accum_steps=1), "batches": {"n": 8, "seed": 4}}
-    assert_matches(spec, run_ranks(tmp_path, spec, world=4), 4, loss_tol=1e-5, weight_tol=1e-5, norm_tol=1e-5)
+def test_four_ranks_on_two_nodes(tmp_path):
+    """Two nodes of two ranks (torchrun's node and local ranks): each rank knows its place, the node groups and
+    the cross-node groups are made, and the numbers are still one process's."""
+    spec = {"train": dict(FP32, grad_accum_steps=1), "batches": {"n": 8, "seed": 10}}
+    out = tmp_path / "nodes"
+    out.mkdir()
+    distributed.spawn(worker.run_rank_on_nodes, 4, (str(out), spec, 2))
+    ranks = [torch.load(out / f"rank{r}.pt") for r in range(4)]
+    assert [r["place"] for r in ranks] == [{"node": r // 2, "num_nodes": 2, "local_rank": r % 2, "local_world": 2}
+                                           for r in range(4)]
+    assert_matches(spec, ranks, 4, loss_tol=1e-5, weight_tol=1e-5, norm_tol=1e-5)
 
 
 def test_two_ranks_match_one_process_bf16(tmp_path):
@@ -273,3 +281,19 @@ def test_dry_run_predicts_one_ranks_traffic(world):
     assert rank.allreduce_bytes == 4 * (decoders_and_norm + V * H + union * H)    # chunks: the whole table
     assert rank.h2d_bytes - alone.h2d_bytes == (union - U) * (H * 2 + 8)    # bf16 rows, their int64 ids (tied)
     assert rank.d2h_bytes - alone.d2h_bytes == (union - U) * H * 2                 # and their gradient out
+
+
+def test_resuming_with_another_number_of_ranks_is_refused(tmp_path, monkeypatch, capsys):
+    """The data order depends on the ranks (each takes every W-th batch): a run saved by one process does not
+    resume on two."""
+    from contextlib import nullcontext
+    from types import SimpleNamespace
+    from horizon_triton import cli
+    out = tmp_path / "run"
+    demo = ["train", "--steps", "2", "--save-every", "1", "--eval-every", "100", "--eval-problems", "4",
+            "--batch-size", "4", "--out", str(out)]
+    assert cli.main(demo) == 0
+    two_ranks = SimpleNamespace(world=2, rank=0, guard=nullcontext)
+    monkeypatch.setattr(distributed, "context", lambda device_type="cpu": two_ranks)
+    assert cli.main(demo + ["--resume"]) == 2
+    assert "data-parallel ranks 2 (the checkpoint's run: 1)" in capsys.readouterr().err
