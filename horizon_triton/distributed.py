@@ -98,17 +98,22 @@ class DistContext:
         except Exception as e:
             raise self._peer_failure(f"{type(e).__name__}: {e}") from None
 
-    def all_reduce(self, tensor: torch.Tensor) -> None:
-        """In place: the sum over every rank, on ``group`` (on CUDA queued in the current stream's order)."""
-        self.collective(dist.all_reduce, tensor, group=self.group)
-
-    def reduce_gradient(self, tensor: torch.Tensor, asynchronous: bool):
-        """all_reduce on ``group``; asynchronous (CUDA): returns the work, whose ``wait()`` makes the current
-        stream wait for it; else done on return (None)."""
-        if asynchronous:
-            return self.collective(dist.all_reduce, tensor, group=self.group, wait=False)
-        self.all_reduce(tensor)
-        return None
+    def reduce_gradient(self, tensor: torch.Tensor, asynchronous: bool, shards: list | None = None):
+        """The sum over every rank of ``tensor``: all of it (an all-reduce on ``group``), or with ``shards`` (views
+        of tensor, one per local rank, covering it) only this rank's shard (a reduce-scatter inside the node,
+        then an all-reduce across the nodes). Asynchronous (CUDA): returns the last work, whose ``wait()`` makes
+        the current stream wait for it (a cross-node step first makes the current stream wait for the
+        node's); else done on return (None)."""
+        if shards is None:
+            return self.collective(dist.all_reduce, tensor, group=self.group, wait=not asynchronous)
+        mine = shards[self.local_rank]
+        work = self.collective(dist.reduce_scatter, mine, list(shards), group=self.node_group,
+                               wait=not asynchronous)
+        if self.cross_group is not None:
+            if asynchronous:
+                work.wait()
+            work = self.collective(dist.all_reduce, mine, group=self.cross_group, wait=not asynchronous)
+        return work if asynchronous else None
 
     def gather_rows(self, values: list[float]) -> torch.Tensor:
         """float64 [world, n]: every rank's ``values`` (host, control group), the same table on every rank."""

@@ -290,17 +290,32 @@ def stream_out_gradient(p: Pipeline, name: str, acc: torch.Tensor, host: torch.T
     [offset, offset + n) of host layer ``layer``, to go into ``host`` (the same range of its grad buffer).
     Alone: stream_out (the compute work took the norm). Data parallel: a compute task sums ``acc`` over the
     ranks; then, on the copy_out stream, the squared norm of this rank's shard of it into totals[key] (if
-    ``norm``) and the shard's copy (layer None: all of it). Returns the event after which ``acc`` may be reused."""
+    ``norm``) and the shard's copy (layer None: all of it). Sharded (a node-shared store), the sum is a
+    reduce-scatter inside the node onto each local rank's shard (half an all-reduce's bytes), then an
+    all-reduce of the shard across the nodes: only this rank's shard of ``acc`` holds the sum.
+    Returns the event after which ``acc`` may be reused."""
     if p.dist is None:
         return stream_out(p, name, acc, host)
-    lo, hi = p.shard(layer) if layer is not None else (offset, offset + acc.numel())
-    a, b = min(max(lo - offset, 0), acc.numel()), max(min(hi - offset, acc.numel()), 0)
-    a = min(a, b)
+    n = acc.numel()
+
+    def within(lo: int, hi: int) -> tuple[int, int]:          # a layer's element range, in acc's positions
+        a = min(max(lo - offset, 0), n)
+        return a, max(a, min(hi - offset, n))
+    parts = None
+    if layer is None:
+        a, b = 0, n
+    elif p.sharded:
+        local_world = p.store.shared.local_world
+        bounds = [within(*p.store.shard_bounds(layer, r, local_world)) for r in range(local_world)]
+        parts = [acc[x:y] for x, y in bounds]                 # every local rank's shard, covering acc
+        a, b = bounds[p.store.shared.local_rank]
+    else:
+        a, b = 0, n
     pending = []
 
     def reduce():
         p.meter.reduced(acc)
-        pending.append(p.dist.reduce_gradient(acc, asynchronous=p.dev.type == "cuda"))
+        pending.append(p.dist.reduce_gradient(acc, asynchronous=p.dev.type == "cuda", shards=parts))
     p.dev.submit("compute", _traced(p, f"all_reduce {name}", "compute", reduce))
 
     def reduced():
