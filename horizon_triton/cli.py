@@ -614,6 +614,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 with ctx.guard():
                     _train(args)
+                distributed.close()
     except distributed.RankFailed as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

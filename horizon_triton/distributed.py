@@ -280,6 +280,7 @@ def _env_int(name: str) -> int | None:
 
 
 _CONTEXT: dict = {}               # the default process group -> its context (one a process)
+_OPENED: list = []                # the process group context() initialized itself (close() ends it)
 
 
 def context(device_type: str = "cpu") -> DistContext | None:
@@ -301,6 +302,7 @@ def context(device_type: str = "cpu") -> DistContext | None:
         if backend == "nccl":
             torch.cuda.set_device(_env_int("LOCAL_RANK") or 0)
         dist.init_process_group(backend, timeout=timeout)
+        _OPENED.append(dist.group.WORLD)
     default = dist.group.WORLD
     if default in _CONTEXT:
         return _CONTEXT[default]
@@ -350,6 +352,15 @@ def _build(device_type: str) -> DistContext:
         ctx._watcher = threading.Thread(target=ctx._watch, daemon=True, name="horizon-triton-fault-watch")
         ctx._watcher.start()
     return ctx
+
+
+def close() -> None:
+    """Ends the process group ``context`` initialized (none that the caller did), after a job that went well:
+    every rank calls it (NCCL warns at exit about a group left open)."""
+    if _OPENED and dist.is_initialized() and dist.group.WORLD is _OPENED[0]:
+        _CONTEXT.clear()
+        dist.destroy_process_group()
+    _OPENED.clear()
 
 
 def is_main_process() -> bool:
