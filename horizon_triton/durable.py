@@ -131,16 +131,25 @@ def discard_dir(path: Path) -> None:
     shutil.rmtree(gone)
 
 
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return False          # our own temporaries outlive no call that made them: leftovers of a failure
+def process_alive(pid: int) -> bool:
+    """Whether pid is a running process (a zombie, dead but not yet reaped by its parent, is not)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):     # no /proc (not Linux): kill's answer stands
+        return True
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False          # our own temporaries outlive no call that made them: leftovers of a failure
+    return process_alive(pid)
 
 
 def clean_stale(parent: Path) -> None:

@@ -40,14 +40,24 @@ def _round_up(n: int, multiple: int) -> int:
     return (n + multiple - 1) // multiple * multiple
 
 
-def arena(nbytes: list[int], zero: bool = False) -> list[torch.Tensor]:
+def arena_span(nbytes: list[int]) -> int:
+    """Bytes of page-aligned memory an arena of regions of these sizes takes."""
+    return sum(_round_up(n, PAGE) for n in nbytes)
+
+
+def arena(nbytes: list[int], zero: bool = False, base: torch.Tensor | None = None) -> list[torch.Tensor]:
     """One pageable allocation holding a page-aligned uint8 region of each size, nothing rounded beyond the page.
     The regions are views: they keep the allocation alive. One large allocation rather than one per layer also
     keeps the store out of malloc's heap, where layer-sized buffers and the training's layer-sized temporaries
-    would interleave and fragment it (+0.15 bytes/param of peak RSS measured, tests/test_host_memory.py)."""
+    would interleave and fragment it (+0.15 bytes/param of peak RSS measured, tests/test_host_memory.py).
+    ``base``: cut the regions from this page-aligned uint8 memory of arena_span(nbytes) bytes instead (a shared
+    segment, node_store.py; ``zero`` is then left to whoever made it)."""
     spans = [_round_up(n, PAGE) for n in nbytes]
-    total = sum(spans) + PAGE       # room to align the start
-    base = (torch.zeros if zero else torch.empty)(total, dtype=torch.uint8)
+    if base is None:
+        base = (torch.zeros if zero else torch.empty)(sum(spans) + PAGE, dtype=torch.uint8)   # room to align
+    elif base.data_ptr() % PAGE or base.numel() < sum(spans):
+        raise ValueError(f"arena base at {base.data_ptr():#x} of {base.numel()} bytes: needs {sum(spans)} bytes "
+                         f"starting on a page")
     offset = -base.data_ptr() % PAGE
     regions = []
     for n, span in zip(nbytes, spans):
@@ -69,10 +79,10 @@ class HostPinner:
         self._lock = threading.Lock()
         self.arena_bytes = 0            # bytes allocated for arenas (regions, their page padding, alignment)
 
-    def arena(self, nbytes: list[int]) -> list[torch.Tensor]:
-        """``arena(nbytes)``, counted in arena_bytes."""
-        self.arena_bytes += sum(_round_up(n, PAGE) for n in nbytes) + PAGE
-        return arena(nbytes)
+    def arena(self, nbytes: list[int], base: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """``arena(nbytes, base=base)``, counted in arena_bytes."""
+        self.arena_bytes += arena_span(nbytes) + (PAGE if base is None else 0)
+        return arena(nbytes, base=base)
 
     def pin(self, key, region: torch.Tensor, zero: bool = False) -> None:
         """Registers ``region`` (a page-aligned arena region) on a background thread, zero-filling it first if

@@ -26,6 +26,9 @@ Pinned (when the compute device is CUDA): only what crosses the bus, the working
 mode) and the gradients, each at its exact size (pinning.py); master halves and moments stay pageable: only the
 CPU optimizer reads them.
 
+Shared (a data-parallel job's local ranks, ``shared=NodeShare(...)``): the same buffers, in POSIX shared memory
+that every local rank of the node maps (node_store.py); each process pins them in its own address space.
+
 Inside a layer, parameters that take weight decay (2+ dimensions) come first, so one AdamW call covers them and
 a second the rest; q/k/v rows are adjacent (one fused [q+2kv, H] matrix), as are gate/up and the q/k/v biases.
 """
@@ -40,10 +43,11 @@ import weakref
 
 import torch
 
-from horizon_triton.kernels.host_formats import join_master, num_blocks, split_master
+from horizon_triton.kernels.host_formats import QBLOCK, join_master, num_blocks, split_master
 
 from .config import ModelConfig
-from .pinning import HostPinner, arena, cuda_register_functions
+from .node_store import BOARD, NodeBoard, NodeShare, map_segments
+from .pinning import HostPinner, arena, arena_span, cuda_register_functions
 
 INIT_STD = 0.02  # transformers' initializer_range default for these families
 
@@ -181,6 +185,8 @@ class Allocation:
     numel: int
     dtype: torch.dtype
     pinned: bool           # page-locked at its exact size (a CUDA run), or would be (device="meta")
+    shared: bool = False   # in a node's shared memory (node_store.py): its bytes are taken once per node,
+                           # however many local ranks map it; the pinning is per process, of the same pages
 
     @property
     def nbytes(self) -> int:
@@ -201,10 +207,16 @@ class HostStore:
     """Flat per-layer host buffers and the parameter views into them; the buffers that cross the bus pinned
     when ``pin`` (through ``pinner``, by default the CUDA runtime's cudaHostRegister).
 
-    ``device="meta"`` builds the same layout with no memory behind it (the dry run's store)."""
+    ``device="meta"`` builds the same layout with no memory behind it (the dry run's store).
+
+    ``shared``: the local ranks of a node share one store (node_store.py). Every local rank builds it with its
+    NodeShare; local rank 0 creates the buffers in shared memory, the others map them, and ``fill_shared`` is
+    how values are then written (by local rank 0 alone). ``store.shared`` is that NodeShare (None for a private
+    store), ``store.board`` the ranks' progress board; ``allocations`` and ``nbytes`` describe the same buffers
+    in every local rank, taken once per node (Allocation.shared)."""
 
     def __init__(self, cfg: ModelConfig, compute_dtype: torch.dtype, pin: bool = False, device: str = "cpu",
-                 optimizer_states: str = "fp32", pinner: HostPinner | None = None):
+                 optimizer_states: str = "fp32", pinner: HostPinner | None = None, shared: NodeShare | None = None):
         if optimizer_states not in OPTIMIZER_STATES:
             raise ValueError(f"optimizer_states must be one of {OPTIMIZER_STATES}, got {optimizer_states!r}")
         if optimizer_states == "8bit" and compute_dtype != torch.bfloat16:
@@ -223,25 +235,19 @@ class HostStore:
         if pin and self.device.type == "cpu":
             self._pinner = pinner or HostPinner(*cuda_register_functions())
             weakref.finalize(self, self._pinner.close)   # unregistered before the arenas are freed
-        sizes = [layout.numel for layout in self.layouts]
-        decayed = [layout.decay_numel for layout in self.layouts]
-        if self.split_master:
-            self._alloc_kind("working", sizes, compute_dtype, pin)
-            self._alloc_kind("master_low", sizes, torch.int16)
-        else:
-            self._alloc_kind("master", sizes, torch.float32, pin)   # streamed as it is: no second copy
-        if optimizer_states == "8bit":
-            blocks = [num_blocks(n) for n in decayed]
-            for moment in ("exp_avg", "exp_avg_sq"):
-                self._alloc_kind(f"{moment}_q", decayed, torch.uint8, zero=True)
-                self._alloc_kind(f"{moment}_scale", blocks, torch.float32, zero=True)
-            rest = [n - d for n, d in zip(sizes, decayed)]           # norms and biases stay fp32
-            self._alloc_kind("exp_avg", rest, torch.float32, zero=True)
-            self._alloc_kind("exp_avg_sq", rest, torch.float32, zero=True)
-        else:
-            self._alloc_kind("exp_avg", sizes, torch.float32, zero=True)
-            self._alloc_kind("exp_avg_sq", sizes, torch.float32, zero=True)
-        self._alloc_kind("grad", sizes, compute_dtype, pin, zero=True)
+        self.shared = shared
+        self.board: NodeBoard | None = None
+        kinds = self._kinds(pin)
+        segments = {}
+        if shared is not None:
+            if self.device.type != "cpu":
+                raise ValueError(f"a shared store lives in host memory; device={device!r} has none to share")
+            spans = {kind: arena_span([n * dtype.itemsize for n in sizes]) for kind, sizes, dtype, _, _ in kinds}
+            spans[BOARD] = NodeBoard.nbytes(shared.local_world, self.num_layers)
+            segments = map_segments(shared, spans)
+            self.board = NodeBoard(shared, segments.pop(BOARD), self.num_layers)
+        for kind, sizes, dtype, pinned, zero in kinds:
+            self._alloc_kind(kind, sizes, dtype, pinned, zero, segments.get(kind))
         self.working: list[torch.Tensor] = self._buffers["working" if self.split_master else "master"]
         self.grad: list[torch.Tensor] = self._buffers["grad"]
         self.exp_avg: list[torch.Tensor] = self._buffers["exp_avg"]
@@ -249,27 +255,49 @@ class HostStore:
         if self.split_master:
             self.master_low: list[torch.Tensor] = self._buffers["master_low"]
 
+    def _kinds(self, pin: bool) -> list[tuple[str, list[int], torch.dtype, bool, bool]]:
+        """(kind, elements per layer, dtype, pinned, zero-filled) of every buffer kind of this layout."""
+        sizes = [layout.numel for layout in self.layouts]
+        decayed = [layout.decay_numel for layout in self.layouts]
+        f32 = torch.float32
+        if self.split_master:
+            kinds = [("working", sizes, self.compute_dtype, pin, False),
+                     ("master_low", sizes, torch.int16, False, False)]
+        else:
+            kinds = [("master", sizes, f32, pin, False)]                 # streamed as it is: no second copy
+        if self.optimizer_states == "8bit":
+            blocks = [num_blocks(n) for n in decayed]
+            for moment in ("exp_avg", "exp_avg_sq"):
+                kinds += [(f"{moment}_q", decayed, torch.uint8, False, True),
+                          (f"{moment}_scale", blocks, f32, False, True)]
+            rest = [n - d for n, d in zip(sizes, decayed)]               # norms and biases stay fp32
+            kinds += [("exp_avg", rest, f32, False, True), ("exp_avg_sq", rest, f32, False, True)]
+        else:
+            kinds += [("exp_avg", sizes, f32, False, True), ("exp_avg_sq", sizes, f32, False, True)]
+        return kinds + [("grad", sizes, self.compute_dtype, pin, True)]
+
     def _alloc_kind(self, kind: str, sizes: list[int], dtype: torch.dtype, pinned: bool = False,
-                    zero: bool = False) -> None:
+                    zero: bool = False, segment: torch.Tensor | None = None) -> None:
         """Every host buffer of the store is made here, one per layer, so that what is counted is what is
         allocated: one arena per kind (pinning.arena), each layer's page-aligned region registered in the
-        background if the kind is pinned."""
+        background if the kind is pinned. ``segment``: the kind's shared memory (a shared store), already
+        zero-filled, and which no process but local rank 0 may write before the store is filled."""
         nbytes = [n * dtype.itemsize for n in sizes]
         pin_here = pinned and self._pinner is not None
         regions = None
         if pin_here:
-            regions = self._pinner.arena(nbytes)            # zero-filled by the pinning threads
+            regions = self._pinner.arena(nbytes, base=segment)    # zero-filled by the pinning threads
         elif self.device.type == "cpu":
-            regions = arena(nbytes, zero=zero)
+            regions = arena(nbytes, zero=zero, base=segment)
         buffers = []
         for layer, n in enumerate(sizes):
-            self.allocations.append(Allocation(kind, layer, n, dtype, pinned))
+            self.allocations.append(Allocation(kind, layer, n, dtype, pinned, self.shared is not None))
             if regions is None:                              # the meta device: a layout without memory
                 buffers.append(torch.empty(n, dtype=dtype, device=self.device))
                 continue
             buffers.append(regions[layer].view(dtype))
             if pin_here:
-                self._pinner.pin((kind, layer), regions[layer], zero=zero)
+                self._pinner.pin((kind, layer), regions[layer], zero=zero and segment is None)
         self._buffers[kind] = buffers
 
     def wait_pinned(self, layer: int) -> None:
@@ -279,9 +307,43 @@ class HostStore:
                 self._pinner.wait((kind, layer))
 
     def close(self) -> None:
-        """Unregisters the pinned buffers (they stay usable as pageable memory)."""
+        """Unregisters the pinned buffers (they stay usable as pageable memory). A shared store also lets go of
+        its mapping: the memory is unmapped when no view of it remains in this process, and freed when the last
+        local rank unmaps it (idempotent)."""
         if self._pinner is not None:
             self._pinner.close()
+        if self.shared is not None:
+            for buffers in self._buffers.values():
+                buffers.clear()
+            self.board = None
+
+    def fill_shared(self, fill) -> None:
+        """Runs ``fill()``, the writing of the store's values (load_weights, init_random, a checkpoint), where it
+        belongs: here for a private store; on local rank 0 for a shared one, the others returning once it is
+        done (or raising if it failed or local rank 0 is gone). Every local rank calls it, in the same order."""
+        if self.shared is None:
+            fill()
+        elif self.shared.creator:
+            try:
+                fill()
+            except BaseException as e:
+                self.board.mark_failed(f"filling the shared store raised {type(e).__name__}: {e}")
+                raise
+            self.board.publish_fill()
+        else:
+            self.board.wait_fill()
+
+    def shard_bounds(self, layer: int, local_rank: int, local_world: int) -> tuple[int, int]:
+        """Elements [lo, hi) of ``layer`` that local rank ``local_rank`` of ``local_world`` owns: the ranks'
+        ranges are disjoint, cover the layer, cut only on QBLOCK (256-element) boundaries, so that an 8-bit
+        moment block and its scale belong to one rank, and differ in size by at most one block. A cut may fall
+        in the decayed prefix [0, decay_numel) or in the rest; the owner splits its range there."""
+        if not 0 <= local_rank < local_world:
+            raise ValueError(f"local_rank {local_rank} is not in [0, {local_world})")
+        n = self.layouts[layer].numel
+        blocks = num_blocks(n)
+        return (min(n, blocks * local_rank // local_world * QBLOCK),
+                min(n, blocks * (local_rank + 1) // local_world * QBLOCK))
 
     def state_buffers(self):
         """(kind, layer index, tensor) for every buffer a training checkpoint must hold: all of them but the

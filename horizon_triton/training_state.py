@@ -152,7 +152,11 @@ def _shards(tensors: list[tuple[str, str, int, torch.Tensor]]) -> list[list[tupl
 
 
 def save(store: HostStore, root: Path, trainer_state: dict, keep_last: int | None = None) -> Path:
-    """Writes ROOT/step-N (N = trainer_state["step"]) atomically and durably; keeps the newest keep_last."""
+    """Writes ROOT/step-N (N = trainer_state["step"]) atomically and durably; keeps the newest keep_last.
+    A store shared by a node's local ranks is one state: local rank 0 writes it, no other rank may."""
+    if store.shared is not None and not store.shared.creator:
+        raise ValueError(f"local rank {store.shared.local_rank} holds a shared store: only local rank 0 saves its "
+                         "checkpoint (the other local ranks map the same memory)")
     root = Path(root)
     final = step_dir(root, trainer_state["step"])
     tmp = durable.temp_sibling(final)             # also removes what a killed save left in root
@@ -295,7 +299,8 @@ def _tensor_differences(manifest: dict, expected: dict) -> list[str]:
 
 def load_into(store: HostStore, ckpt: Path, manifest: dict) -> None:
     """Fills the store's state buffers from the checkpoint, after checking that every tensor is there, in the
-    layout this store has, in files whose headers agree with the manifest."""
+    layout this store has, in files whose headers agree with the manifest. A shared store: every local rank
+    checks and calls this; local rank 0 reads the bytes, the others return once it has (store.fill_shared)."""
     expected = expected_tensors(store)
     differences = _tensor_differences(manifest, expected)
     if differences:
@@ -313,11 +318,13 @@ def load_into(store: HostStore, ckpt: Path, manifest: dict) -> None:
                 or end - begin != t["numel"] * dtype.itemsize):
             raise CheckpointError(f"{ckpt / t['file']}: tensor {name} is missing or differs from the manifest "
                                   f"({entry})")
-    for file, (header, data_start) in headers.items():
-        with open(ckpt / file, "rb", buffering=0) as f:
-            for name, t in _state_tensors_in(store, file, manifest):
-                f.seek(data_start + header[name]["data_offsets"][0])
-                _read_into(f, t, f"{ckpt / file} ({name})")
+    def read_bytes():
+        for file, (header, data_start) in headers.items():
+            with open(ckpt / file, "rb", buffering=0) as f:
+                for name, t in _state_tensors_in(store, file, manifest):
+                    f.seek(data_start + header[name]["data_offsets"][0])
+                    _read_into(f, t, f"{ckpt / file} ({name})")
+    store.fill_shared(read_bytes)
 
 
 def _state_tensors_in(store: HostStore, file: str, manifest: dict):

@@ -151,7 +151,7 @@ void adamw_8bit_block(uint16_t* __restrict hi, int16_t* __restrict lo, const Gra
                       uint8_t* __restrict exp_avg_q, float* __restrict exp_avg_scale, uint8_t* __restrict exp_avg_sq_q,
                       float* __restrict exp_avg_sq_scale, const float* __restrict m_codes,
                       const float* __restrict v_codes, int64_t block, int64_t n, uint32_t step,
-                      uint32_t seed, const Hyper h) {
+                      uint32_t seed, int64_t first_index, const Hyper h) {
     const int64_t begin = block * kQBlock, len = (n - begin < kQBlock) ? n - begin : kQBlock;
     const float m_scale = exp_avg_scale[block], v_scale = exp_avg_sq_scale[block];
     float m_new[kQBlock], v_new[kQBlock], m_max = 0.0f, v_max = 0.0f;
@@ -171,7 +171,7 @@ void adamw_8bit_block(uint16_t* __restrict hi, int16_t* __restrict lo, const Gra
 #pragma omp simd
     for (int64_t j = 0; j < len; ++j) {
         const int64_t i = begin + j;
-        const uint32_t mixed = mix32(static_cast<uint32_t>(i) + seed * 0x632BE5ABu);
+        const uint32_t mixed = mix32(static_cast<uint32_t>(first_index + i) + seed * 0x632BE5ABu);
         exp_avg_q[i] = encode_exp_avg(m_new[j], m_inv, rounding_offset(mixed, 2 * step));
         exp_avg_sq_q[i] = encode_exp_avg_sq(v_new[j], v_inv, rounding_offset(mixed, 2 * step + 1));
     }
@@ -241,10 +241,13 @@ void horizon_cpu_adamw_step_split(uint16_t* hi, int16_t* lo, const void* grad, i
 }
 
 // m_codes, v_codes: the fp32[256] code tables of kernels/host_formats.py (passed in, so both paths share them).
+// first_index: the index of hi[0] in its whole buffer, so that a slice (one process's shard of a layer) rounds
+// exactly as the whole buffer does.
 void horizon_cpu_adamw_step_split_8bit(uint16_t* hi, int16_t* lo, const void* grad, int grad_is_bf16,
                                        uint8_t* exp_avg_q, float* exp_avg_scale, uint8_t* exp_avg_sq_q,
                                        float* exp_avg_sq_scale, const float* m_codes, const float* v_codes,
-                                       int64_t n, int64_t step, int64_t seed, float grad_scale, float beta1, float one_minus_beta1, float beta2,
+                                       int64_t n, int64_t step, int64_t seed, int64_t first_index,
+                                       float grad_scale, float beta1, float one_minus_beta1, float beta2,
                                        float one_minus_beta2, float decay, float step_size,
                                        float bias_correction2_sqrt, float eps, int num_threads) {
     const Hyper h{grad_scale, beta1, one_minus_beta1, beta2, one_minus_beta2, decay, step_size,
@@ -254,11 +257,11 @@ void horizon_cpu_adamw_step_split_8bit(uint16_t* hi, int16_t* lo, const void* gr
             if (grad_is_bf16)
                 adamw_8bit_block(hi, lo, static_cast<const uint16_t*>(grad), exp_avg_q, exp_avg_scale,
                                  exp_avg_sq_q, exp_avg_sq_scale, m_codes, v_codes, b, n,
-                                 static_cast<uint32_t>(step), static_cast<uint32_t>(seed), h);
+                                 static_cast<uint32_t>(step), static_cast<uint32_t>(seed), first_index, h);
             else
                 adamw_8bit_block(hi, lo, static_cast<const float*>(grad), exp_avg_q, exp_avg_scale,
                                  exp_avg_sq_q, exp_avg_sq_scale, m_codes, v_codes, b, n,
-                                 static_cast<uint32_t>(step), static_cast<uint32_t>(seed), h);
+                                 static_cast<uint32_t>(step), static_cast<uint32_t>(seed), first_index, h);
         }
     });
 }

@@ -118,7 +118,7 @@ def adamw_step_split_torch_(weights, master_low, grad, exp_avg, exp_avg_sq, *, s
 
 def adamw_step_split_8bit_torch_(weights, master_low, grad, exp_avg_q, exp_avg_scale, exp_avg_sq_q,
                                  exp_avg_sq_scale, *, step, lr, beta1, beta2, eps, weight_decay, grad_scale=1.0,
-                                 num_threads=None, seed=0):
+                                 num_threads=None, seed=0, first_index=0):
     """The split-master, 8-bit-moment layout as torch ops. Same signature as ``adamw_step_split_8bit_``."""
     _check_8bit_inputs(weights, master_low, grad, exp_avg_q, exp_avg_scale, exp_avg_sq_q, exp_avg_sq_scale, step)
     scalars = _scalars(step, lr, beta1, beta2, eps, weight_decay, grad_scale)
@@ -129,9 +129,10 @@ def adamw_step_split_8bit_torch_(weights, master_low, grad, exp_avg_q, exp_avg_s
         p = join_master(weights[c], master_low[c])
         m, v, p = _adamw_chunk(grad[c].float(), m, v, p, scalars)
         split_master(p, weights[c], master_low[c])
-        quantize(m, exp_avg_q[c], exp_avg_scale[blocks], signed=True, step=step, first_index=c.start, seed=seed)
-        quantize(v, exp_avg_sq_q[c], exp_avg_sq_scale[blocks], signed=False, step=step, first_index=c.start,
+        quantize(m, exp_avg_q[c], exp_avg_scale[blocks], signed=True, step=step, first_index=first_index + c.start,
                  seed=seed)
+        quantize(v, exp_avg_sq_q[c], exp_avg_sq_scale[blocks], signed=False, step=step,
+                 first_index=first_index + c.start, seed=seed)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -249,7 +250,7 @@ def _load_cpp():
     signatures = {"step": ("horizon_cpu_adamw_step", [ptr, ptr, i32, ptr, ptr, ptr, i64]),
                   "split": ("horizon_cpu_adamw_step_split", [ptr, ptr, ptr, i32, ptr, ptr, i64]),
                   "split_8bit": ("horizon_cpu_adamw_step_split_8bit",
-                                 [ptr, ptr, ptr, i32, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64])}
+                                 [ptr, ptr, ptr, i32, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64])}
     functions = {}
     for key, (name, pointers) in signatures.items():
         fn = getattr(lib, name)
@@ -265,7 +266,7 @@ _SCALAR_ORDER = ("grad_scale", "beta1", "one_minus_beta1", "beta2", "one_minus_b
 
 def _call_cpp(fn, pointers, grad, sizes, scalars, num_threads):
     """pointers: the layout's buffers before grad's and after it, as (before, after) lists of tensors or None;
-    sizes: the integers after them (n, and the step and seed of the 8-bit layout's rounding).
+    sizes: the integers after them (n, and the step, seed and first index of the 8-bit layout's rounding).
     ctypes releases the GIL for the duration of the call: the OpenMP loop runs while Python goes on."""
     before, after = pointers
     address = [None if t is None else t.data_ptr() for t in before]
@@ -367,15 +368,22 @@ def adamw_step_split_(weights, master_low, grad, exp_avg, exp_avg_sq, *, step, l
 
 
 def adamw_step_split_8bit_(weights, master_low, grad, exp_avg_q, exp_avg_scale, exp_avg_sq_q, exp_avg_sq_scale, *,
-                           step, lr, beta1, beta2, eps, weight_decay, grad_scale=1.0, num_threads=None, seed=0):
+                           step, lr, beta1, beta2, eps, weight_decay, grad_scale=1.0, num_threads=None, seed=0,
+                           first_index=0):
     """One AdamW step in place on the split master and the blockwise 8-bit moments: exp_avg_q, exp_avg_sq_q
     uint8[N] codes, exp_avg_scale, exp_avg_sq_scale fp32[num_blocks(N)] block maxima (kernels/host_formats.py).
     Zero codes and zero scales are the zero moments of step 1. The re-encoding rounds stochastically, seeded
-    by (element index, step, seed: an int telling buffers apart): the same call gives the same bits."""
+    by (element index, step, seed: an int telling buffers apart): the same call gives the same bits. The element
+    index counts from ``first_index``, the position of weights[0] in its whole buffer (a multiple of QBLOCK), so
+    that updating a buffer in slices gives the bits of one call on the whole."""
+    if not isinstance(first_index, int) or first_index < 0 or first_index % QBLOCK:
+        raise ValueError(f"first_index must be an int ≥ 0 on a {QBLOCK}-element block boundary, got {first_index!r}")
     _check_8bit_inputs(weights, master_low, grad, exp_avg_q, exp_avg_scale, exp_avg_sq_q, exp_avg_sq_scale, step)
     hyper = dict(step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
                  grad_scale=grad_scale)
     _run(lambda: adamw_step_split_8bit_torch_(weights, master_low, grad, exp_avg_q, exp_avg_scale, exp_avg_sq_q,
-                                              exp_avg_sq_scale, **hyper, seed=seed), "split_8bit",
+                                              exp_avg_sq_scale, **hyper, seed=seed, first_index=first_index),
+         "split_8bit",
          ([weights, master_low], [exp_avg_q, exp_avg_scale, exp_avg_sq_q, exp_avg_sq_scale, EXP_AVG_CODES,
-                                  EXP_AVG_SQ_CODES]), grad, (weights.numel(), step, seed), hyper, num_threads)
+                                  EXP_AVG_SQ_CODES]), grad, (weights.numel(), step, seed, first_index), hyper,
+         num_threads)

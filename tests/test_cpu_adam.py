@@ -17,7 +17,7 @@ from kernel_checks import assert_within_reference_error
 
 from horizon_triton.kernels import cpu_adam
 from horizon_triton.kernels.cpu_adam import adamw_step_, adamw_step_torch_
-from horizon_triton.kernels.host_formats import dequantize, join_master, num_blocks, split_master
+from horizon_triton.kernels.host_formats import QBLOCK, dequantize, join_master, num_blocks, split_master
 
 HYPER = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8)
 STEPS = 5
@@ -437,3 +437,28 @@ def test_thread_count_does_not_change_the_new_layouts():
         results.append(split + eight)
     for a, b in zip(*results):
         assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+
+def test_8bit_update_in_block_aligned_slices_equals_one_call(layout_fns):
+    """A buffer updated in slices (one process's shard each), each told its first_index, gets the bits of one call
+    on the whole buffer; without first_index the slices would round with other offsets."""
+    _, _, step_8bit = layout_fns
+    n, cuts = 3 * QBLOCK * 5 + 77, [0, 5 * QBLOCK, 11 * QBLOCK, 3 * QBLOCK * 5 + 77]
+    master0, grads = torch.randn(n), _mixed_grads(n, torch.bfloat16, steps=3)
+    whole = [*_halves(master0), *_moments_8bit(n)]
+    sliced, unplaced = [*_halves(master0), *_moments_8bit(n)], [*_halves(master0), *_moments_8bit(n)]
+    for step, g in enumerate(grads, start=1):
+        kwargs = dict(step=step, **HYPER, weight_decay=0.1, seed=7)
+        step_8bit(whole[0], whole[1], g, *whole[2:], **kwargs)
+        for lo, hi in zip(cuts, cuts[1:]):
+            blocks = slice(lo // QBLOCK, num_blocks(hi))
+            for buffers, first in ((sliced, lo), (unplaced, 0)):
+                w, low, mq, ms, vq, vs = buffers
+                step_8bit(w[lo:hi], low[lo:hi], g[lo:hi], mq[lo:hi], ms[blocks], vq[lo:hi], vs[blocks], **kwargs,
+                          first_index=first)
+    for a, b in zip(whole, sliced):
+        assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+    assert not torch.equal(whole[2], unplaced[2])
+    with pytest.raises(ValueError, match="first_index must be an int ≥ 0 on a 256-element block boundary"):
+        cpu_adam.adamw_step_split_8bit_(*whole[:2], grads[0], *whole[2:], step=1, **HYPER, weight_decay=0.0,
+                                        first_index=100)
