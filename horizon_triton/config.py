@@ -238,6 +238,8 @@ class TrainConfig:
     optimizer_states: str = "fp32"        # Adam moments: "fp32" | "8bit" (blockwise 8-bit, bf16 compute only)
     optimizer_threads: int | None = None  # CPU AdamW threads; None: every core but one (at least one)
     preflight: bool = True                # refuse (MemoryError) before allocating what the machine cannot hold
+    share_host_store: bool = True         # data parallel: a node's ranks share one host store in /dev/shm, each
+    #                                     updating its shard (False: a store per rank, e.g. a small /dev/shm)
 
     def __post_init__(self):
         if self.lr_schedule not in ("constant", "cosine"):

@@ -36,6 +36,7 @@ import socket
 import threading
 import time
 import traceback
+import uuid
 from dataclasses import dataclass
 
 import torch
@@ -70,6 +71,8 @@ class DistContext:
     node_group: object                         # the ranks of this node
     cross_group: object | None                 # the ranks of this local index on every node (None: one node)
     node_of: list[int]                         # node index of each rank
+    node_control: object = None                # the ranks of this node, gloo: host-side waits (the shared store)
+    job_token: str = ""                        # rank 0's random token: names this job's shared memory
     store: object = None                       # the job's key-value store (the error key)
     failed: bool = False
     _watcher: threading.Thread | None = None
@@ -99,21 +102,24 @@ class DistContext:
             raise self._peer_failure(f"{type(e).__name__}: {e}") from None
 
     def reduce_gradient(self, tensor: torch.Tensor, asynchronous: bool, shards: list | None = None):
-        """The sum over every rank of ``tensor``: all of it (an all-reduce on ``group``), or with ``shards`` (views
-        of tensor, one per local rank, covering it) only this rank's shard (a reduce-scatter inside the node,
-        then an all-reduce across the nodes). Asynchronous (CUDA): returns the last work, whose ``wait()`` makes
-        the current stream wait for it (a cross-node step first makes the current stream wait for the
-        node's); else done on return (None)."""
+        """The sum over every rank of ``tensor``, in place. Synchronous (CPU): an all-reduce on ``group``, watched
+        for a failed peer. Asynchronous (CUDA): returns the last work, whose ``wait()`` makes the current stream
+        wait for it; with ``shards`` (views of tensor, one per local rank, covering it) only this rank's shard
+        gets the sum: a reduce-scatter inside the node (half an all-reduce's bytes), then an all-reduce of the
+        shard across the nodes (the current stream first waits for the node's step). gloo's reduce-scatter
+        cannot be watched for a failed peer (its work reports completion only to wait()), so the CPU path
+        reduces the whole tensor: the bus is not what a CPU run is short of."""
+        if not asynchronous:
+            self.collective(dist.all_reduce, tensor, group=self.group)
+            return None
         if shards is None:
-            return self.collective(dist.all_reduce, tensor, group=self.group, wait=not asynchronous)
+            return self.collective(dist.all_reduce, tensor, group=self.group, wait=False)
         mine = shards[self.local_rank]
-        work = self.collective(dist.reduce_scatter, mine, list(shards), group=self.node_group,
-                               wait=not asynchronous)
+        work = self.collective(dist.reduce_scatter, mine, list(shards), group=self.node_group, wait=False)
         if self.cross_group is not None:
-            if asynchronous:
-                work.wait()
-            work = self.collective(dist.all_reduce, mine, group=self.cross_group, wait=not asynchronous)
-        return work if asynchronous else None
+            work.wait()
+            work = self.collective(dist.all_reduce, mine, group=self.cross_group, wait=False)
+        return work
 
     def gather_rows(self, values: list[float]) -> torch.Tensor:
         """float64 [world, n]: every rank's ``values`` (host, control group), the same table on every rank."""
@@ -187,6 +193,15 @@ class DistContext:
 
     def barrier(self) -> None:
         self.collective(dist.barrier, group=self.control)
+
+    def node_barrier(self) -> None:
+        """Returns when every rank of this node has called it (the node-shared store's rendezvous)."""
+        self.collective(dist.barrier, group=self.node_control)
+
+    @property
+    def node_store_name(self) -> str:
+        """The name of this node's shared host store: unique to the job and the node."""
+        return f"{self.job_token}-node{self.node}"
 
     # ---- faults ---------------------------------------------------------------------------------------
     def guard(self):
@@ -322,7 +337,7 @@ def _build(device_type: str) -> DistContext:
         raise ValueError(f"device {device_type} with a {backend} process group: CPU tensors need backend='gloo'")
     control = dist.new_group(backend="gloo") if backend == "nccl" else dist.group.WORLD
     # where each rank runs: torchrun's node rank and local rank if it set them, else ranks grouped by host name
-    mine = (_env_int("GROUP_RANK"), _env_int("LOCAL_RANK"), socket.gethostname())
+    mine = (_env_int("GROUP_RANK"), _env_int("LOCAL_RANK"), socket.gethostname(), uuid.uuid4().hex[:16])
     places = [None] * world
     dist.all_gather_object(places, mine, group=control)
     if all(p[0] is not None and p[1] is not None for p in places):
@@ -338,16 +353,19 @@ def _build(device_type: str) -> DistContext:
                          "node the same --nproc-per-node")
     node = node_of[rank]
     local_rank, local_world = members[node].index(rank), len(members[node])
-    node_group, cross_group = dist.group.WORLD, None
+    node_group, node_control, cross_group = dist.group.WORLD, control, None
     if len(nodes) > 1:                 # every rank creates every group, in the same order
         for n, ranks in enumerate(members):
             g = dist.new_group(ranks)
             node_group = g if n == node else node_group
+            g = dist.new_group(ranks, backend="gloo") if backend == "nccl" else g
+            node_control = g if n == node else node_control
         for local in range(local_world):
             g = dist.new_group([m[local] for m in members])
             cross_group = g if local == local_rank else cross_group
     ctx = DistContext(rank, world, local_rank, local_world, node, len(nodes), str(backend), dist.group.WORLD,
-                      control, node_group, cross_group, node_of, store=dist.distributed_c10d._get_default_store())
+                      control, node_group, cross_group, node_of, node_control, job_token=places[0][3],
+                      store=dist.distributed_c10d._get_default_store())
     if ctx.backend == "nccl":
         ctx._watcher = threading.Thread(target=ctx._watch, daemon=True, name="horizon-triton-fault-watch")
         ctx._watcher.start()

@@ -27,6 +27,7 @@ from .device import make_device
 from .ops import TORCH_ONLY, load_ops, select_backend
 from .optimizer import OptimizerDriver, clip_coefficient
 from .scheduler import Unit, bind, build_pipeline, run_step, stream_in
+from .node_store import NodeShare
 from .store import HostStore, fix_malloc_mmap_threshold
 from .trace import Tracer
 
@@ -35,7 +36,7 @@ log = logging.getLogger("horizon_triton")
 # TrainConfig fields that change the numbers, or when the ranks meet: the same on every data-parallel rank
 SAME_ON_EVERY_RANK = ("lr", "weight_decay", "betas", "eps", "max_grad_norm", "grad_accum_steps", "warmup_steps",
                       "lr_schedule", "compute_dtype", "seed", "head_chunk_rows", "optimizer_states",
-                      "checkpoint_dir", "save_every_steps", "save_every_minutes", "keep_last")
+                      "checkpoint_dir", "save_every_steps", "save_every_minutes", "keep_last", "share_host_store")
 
 
 def _device_kind(device: str) -> str:
@@ -65,10 +66,11 @@ class Engine:
             self._build(model_cfg, train_cfg, init_weights, device)
             return
         with self.dist.guard():        # a rank that fails here ends the job on every rank
-            self._build(model_cfg, train_cfg, init_weights, device)
+            # first: the ranks of a node build one shared store, of one layout
             self.dist.same_everywhere("the model config", _model_fields(model_cfg))
             self.dist.same_everywhere("the train config", {k: getattr(train_cfg, k) for k in SAME_ON_EVERY_RANK}
-                                      | {"device": self.device.type})
+                                      | {"device": _device_kind(train_cfg.device)})
+            self._build(model_cfg, train_cfg, init_weights, device)
 
     def _build(self, model_cfg: ModelConfig, train_cfg: TrainConfig, init_weights: bool, device) -> None:
         index = self.dist.local_rank if self.dist is not None else 0
@@ -78,12 +80,17 @@ class Engine:
         if train_cfg.preflight and not meta:
             preflight.check_engine(model_cfg, train_cfg, self.device)   # before anything is allocated
         fix_malloc_mmap_threshold()
+        share = None
+        if self.dist is not None and self.dist.local_world > 1 and train_cfg.share_host_store:
+            share = NodeShare(self.dist.node_store_name, self.dist.local_rank, self.dist.local_world,
+                              self.dist.node_barrier)            # one store per node, each rank updates a shard
         self.store = HostStore(model_cfg, self.compute_dtype, pin=self.device.pin_memory,
-                               device="meta" if meta else "cpu", optimizer_states=train_cfg.optimizer_states)
+                               device="meta" if meta else "cpu", optimizer_states=train_cfg.optimizer_states,
+                               shared=share)
         if init_weights and model_cfg.source_path is not None and not meta:
-            load_weights(self.store, model_cfg.source_path)
+            self.store.fill_shared(lambda: load_weights(self.store, model_cfg.source_path))
         elif init_weights and not meta:                           # the dry run's store has no values to fill
-            self.store.init_random(train_cfg.seed)
+            self.store.fill_shared(lambda: self.store.init_random(train_cfg.seed))
         if meta:                                                  # kernel stand-ins on meta tensors (dryrun.py)
             self.kernel_backend, self.ops = self.device.kernel_backend, self.device.ops
         else:
@@ -99,7 +106,8 @@ class Engine:
             self.ops, report = canary.run(self.ops, load_ops("torch", "cuda"), self.device.torch_device,
                                           self.compute_dtype, model_cfg.head_dim, model_cfg.sliding_window)
             self.kernel_report.update(report)
-        self.optimizer = OptimizerDriver(self.store, train_cfg)
+        self.optimizer = OptimizerDriver(self.store, train_cfg,
+                                         shard=None if share is None else (share.local_rank, share.local_world))
         self.tracer = Tracer() if train_cfg.trace_path else None
         self.optimizer.tracer = self.tracer
         self.pipeline = build_pipeline(model_cfg, self.store, self.ops, self.device, self.optimizer,

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 import horizon_triton as ht
+from horizon_triton import distributed
 
 VOCAB = 64
 
@@ -88,6 +89,19 @@ def run_rank_on_nodes(rank: int, out_dir: str, spec: dict, per_node: int) -> Non
     os.environ.update(GROUP_RANK=str(rank // per_node), LOCAL_RANK=str(rank % per_node),
                       LOCAL_WORLD_SIZE=str(per_node))
     run_rank(rank, out_dir, spec)
+
+
+def reduce_shards(rank: int, out_dir: str, per_node: int) -> None:
+    """The CUDA path's sharded reduction (reduce-scatter in the node, all-reduce across nodes) run on gloo:
+    rank r's tensor is (r + 1)·[0, 1, …, 9]; each local rank keeps its uneven shard of the sum."""
+    os.environ.update(GROUP_RANK=str(rank // per_node), LOCAL_RANK=str(rank % per_node),
+                      LOCAL_WORLD_SIZE=str(per_node))
+    ctx = distributed.context("cpu")
+    t = torch.arange(10, dtype=torch.float32) * (rank + 1)
+    cuts = [0, 3, 10] if per_node == 2 else [0, 10]
+    shards = [t[a:b] for a, b in zip(cuts, cuts[1:])]
+    ctx.reduce_gradient(t, asynchronous=True, shards=shards).wait()
+    torch.save(shards[ctx.local_rank].clone(), Path(out_dir) / f"shard{rank}.pt")
 
 
 def main() -> None:

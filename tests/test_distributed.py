@@ -72,8 +72,11 @@ FP32 = {"compute_dtype": "float32", "grad_accum_steps": 2}
 @pytest.mark.parametrize("case", [
     {"model": {}, "train": dict(FP32, head_chunk_rows=24)},                                # two-pass head
     {"model": {"tie_word_embeddings": True, "pad_token_id": 0}, "train": FP32, "pad_id": 0},   # tied, padding
-], ids=["untied-chunked", "tied-padded"])
+    {"model": {"tie_word_embeddings": True}, "train": dict(FP32, head_chunk_rows=24, share_host_store=False)},
+], ids=["untied-chunked", "tied-padded", "private-stores"])
 def test_two_ranks_match_one_process_fp32(tmp_path, case):
+    """Shared (the default: one store for the node, each rank streams out and updates its shard) or private
+    stores (each rank its whole store, the whole reduced gradient, the whole AdamW)."""
     spec = {"model": case["model"], "train": case["train"],
             "batches": {"n": 8, "seed": 3, "pad_id": case.get("pad_id")}}
     ranks = run_ranks(tmp_path, spec)
@@ -92,6 +95,18 @@ def test_four_ranks_on_two_nodes(tmp_path):
     assert [r["place"] for r in ranks] == [{"node": r // 2, "num_nodes": 2, "local_rank": r % 2, "local_world": 2}
                                            for r in range(4)]
     assert_matches(spec, ranks, 4, loss_tol=1e-5, weight_tol=1e-5, norm_tol=1e-5)
+
+
+@pytest.mark.parametrize("per_node", [2, 1], ids=["one-node", "two-nodes"])
+def test_sharded_reduction_sums_each_shard(tmp_path, per_node):
+    """reduce_gradient with shards (the CUDA path's reduce-scatter in the node, then the cross-node all-reduce),
+    run on gloo: every rank's shard holds the sum over the 2 ranks (two nodes of one rank: the cross step)."""
+    distributed.spawn(worker.reduce_shards, 2, (str(tmp_path), per_node))
+    total = torch.arange(10, dtype=torch.float32) * 3
+    cuts = [0, 3, 10] if per_node == 2 else [0, 10, 10]
+    for rank in range(2):
+        local = rank % per_node
+        torch.testing.assert_close(torch.load(tmp_path / f"shard{rank}.pt"), total[cuts[local]:cuts[local + 1]])
 
 
 def test_two_ranks_match_one_process_bf16(tmp_path):
