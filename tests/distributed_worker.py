@@ -49,7 +49,8 @@ def masters(engine) -> list[torch.Tensor]:
 def run_rank(rank: int, out_dir: str, spec: dict) -> None:
     """spec: model/train overrides (rank_train: per rank), batches (count, seed, pad_id), per_rank_counts (the
     rank's first so many), no_len (its loader an iterator), steps, fail (rank, step, how: "data" or "raise"),
-    save."""
+    save, checkpoint_to (a training checkpoint at the end), resume (from a checkpoint, skipping the batches it
+    had consumed)."""
     torch.set_num_threads(1)
     out = Path(out_dir)
     model_cfg, train_cfg = configs(spec)
@@ -64,7 +65,11 @@ def run_rank(rank: int, out_dir: str, spec: dict) -> None:
         mine[bad] = dict(mine[bad], input_ids=mine[bad]["input_ids"].clone())
         mine[bad]["input_ids"][0, 0] = VOCAB + 7
     try:
-        engine = ht.Engine(model_cfg, train_cfg)
+        if spec.get("resume"):            # continue a checkpointed job where it stopped
+            engine = ht.Engine.from_checkpoint(spec["resume"], train_cfg)
+            mine = mine[engine.micro_batches:]
+        else:
+            engine = ht.Engine(model_cfg, train_cfg)
 
         def callback(entry):
             if fail and fail["rank"] == rank and fail["how"] == "raise" and entry["step"] == fail["step"]:
@@ -73,6 +78,8 @@ def run_rank(rank: int, out_dir: str, spec: dict) -> None:
         if spec.get("save"):
             engine.save_pretrained(out / "model")
             engine.save_checkpoint(out / "checkpoints")
+        if spec.get("checkpoint_to"):
+            engine.save_checkpoint(spec["checkpoint_to"])
         d = engine.dist
         place = {"node": d.node, "num_nodes": d.num_nodes, "local_rank": d.local_rank, "local_world": d.local_world}
         torch.save({"history": history, "masters": masters(engine), "place": place}, out / f"rank{rank}.pt")

@@ -145,6 +145,18 @@ def test_only_rank_0_writes(tmp_path):
     torch.testing.assert_close(saved["model.embed_tokens.weight"].reshape(-1), masters[0], rtol=0, atol=1e-5)
 
 
+def test_a_checkpointed_job_resumes_bit_identically(tmp_path):
+    """Two ranks on a shared store: 2 steps, a training checkpoint, then a new job resumes from it for 2 more
+    steps; the same losses and weights, bit for bit, as 4 steps at once."""
+    spec = {"train": {"grad_accum_steps": 1}, "batches": {"n": 8, "seed": 11}}
+    whole = run_ranks(tmp_path, dict(spec, steps=4))
+    run_ranks(tmp_path, dict(spec, steps=2, checkpoint_to=str(tmp_path / "ckpt")))
+    resumed = run_ranks(tmp_path, dict(spec, steps=2, resume=str(tmp_path / "ckpt")))
+    assert [h["step"] for h in resumed[0]["history"]] == [3, 4]
+    assert [h["loss"] for h in resumed[0]["history"]] == [h["loss"] for h in whole[0]["history"][2:]]
+    assert all(torch.equal(a, b) for a, b in zip(resumed[0]["masters"], whole[0]["masters"]))
+
+
 def _save_per_rank_dir(rank: int, out: str, spec: dict) -> None:
     model_cfg, train_cfg = worker.configs(spec)
     engine = ht.Engine(model_cfg, train_cfg)
@@ -260,6 +272,7 @@ def test_cli_demo_under_torchrun_matches_one_process(tmp_path):
     assert run.stdout.count("step 3/3") == 1                    # rank 0 reports
 
 
+@pytest.mark.slow
 def test_cli_failure_under_torchrun_reports_the_rank(tmp_path):
     """An --out that holds another run: rank 0 refuses it; rank 1, waiting for rank 0, stops with its message."""
     out = tmp_path / "busy"
@@ -312,3 +325,16 @@ def test_resuming_with_another_number_of_ranks_is_refused(tmp_path, monkeypatch,
     monkeypatch.setattr(distributed, "context", lambda device_type="cpu": two_ranks)
     assert cli.main(demo + ["--resume"]) == 2
     assert "data-parallel ranks 2 (the checkpoint's run: 1)" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_python_api_under_torchrun(tmp_path):
+    """A user's script under torchrun: Engine finds the job in torchrun's environment (tests/distributed_worker.py
+    run as the script), and the numbers are one process's."""
+    spec = {"train": FP32, "batches": {"n": 8, "seed": 12}}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
+                          str(TESTS / "distributed_worker.py"), str(tmp_path), json.dumps(spec)],
+                         env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert_matches(spec, ranks, 2, loss_tol=1e-5, weight_tol=1e-5, norm_tol=1e-5)
