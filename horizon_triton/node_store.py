@@ -11,6 +11,20 @@ without a collective: per rank, the update generation each layer has reached, it
 gone), an error flag with a message, and the count of fills (weights loaded by local rank 0). Waits poll it with
 a short sleep and end with an error naming the rank when a peer failed, died, or took longer than the timeout.
 
+Use, in every local rank (the barrier: one over the node's ranks, e.g. torch.distributed.barrier on a group of
+the local ranks):
+
+    share = NodeShare(name, local_rank, local_world, barrier)
+    store = HostStore(cfg, dtype, pin=..., optimizer_states=..., shared=share)
+    store.fill_shared(lambda: load_weights(store, path))        # local rank 0 writes, the others wait
+    optimizer = OptimizerDriver(store, train_cfg, shard=(local_rank, local_world))
+    # each step: rank r writes grad[i][lo:hi], (lo, hi) = store.shard_bounds(i, r, local_world), then
+    # optimizer.start_step(...); optimizer.wait_layer(i) returns once every local rank updated its part of i
+
+The NodeShare's name must be unique among the jobs of a node (e.g. the rendezvous id and port of the job, or
+a uuid broadcast by rank 0); /dev/shm must have room for the whole store (containers often give it 64 MB).
+Liveness is judged by pid, so a peer in another pid namespace is only caught by the timeout.
+
 Writes by one process are seen by the others through the board's plain stores (x86's total store order; ARM's
 would need fences, which Python's syscalls around the poll give in practice, not by contract).
 """
@@ -74,6 +88,7 @@ def map_segments(share: NodeShare, sizes: dict[str, int]) -> dict[str, torch.Ten
     ours = [] if share.creator else list(paths.values())
     try:
         if share.creator:
+            _check_room(sum(sizes.values()))
             for kind, path in paths.items():
                 _create(path, sizes[kind], share.name)
                 ours.append(path)
@@ -85,6 +100,18 @@ def map_segments(share: NodeShare, sizes: dict[str, int]) -> dict[str, torch.Ten
         for path in ours:
             _unlink(path)
     return mapped
+
+
+def _check_room(nbytes: int) -> None:
+    """The segments are sparse until written: a tmpfs too small for them would kill the first process to write
+    past its end with SIGBUS, long after the start. Refuse at once instead."""
+    fs = os.statvfs(SHM_DIR)
+    free = fs.f_bavail * fs.f_frsize
+    if free < nbytes:
+        raise RuntimeError(f"the shared host store needs {nbytes / 1e9:.2f} GB in {SHM_DIR}, which has "
+                           f"{free / 1e9:.2f} GB free: enlarge it (a container: docker run --shm-size=..., "
+                           f"Kubernetes: an emptyDir with medium Memory on {SHM_DIR}; a host: mount -o remount,"
+                           f"size=... {SHM_DIR}), or run one process per node")
 
 
 def _create(path: str, nbytes: int, name: str) -> None:
@@ -185,7 +212,9 @@ class NodeBoard:
         timeout = self.share.timeout_s
         start, pause, next_check = time.monotonic(), 2e-5, 0.0
         while not ready():
-            self.raise_failed()
+            failure = self.peer_failure()
+            if failure is not None and not ready():    # a peer marks its failure after what it completed
+                raise PeerError(failure)
             now = time.monotonic()
             if now >= next_check:            # the /proc reads every 50 ms, not every poll
                 self._raise_gone(lagging)
@@ -196,19 +225,25 @@ class NodeBoard:
                                 f"(NodeShare timeout_s); hung or much slower than local rank "
                                 f"{self.share.local_rank}")
             time.sleep(pause)
-            pause = min(2 * pause, 1e-3)
+            pause = min(2 * pause, 2.5e-4)    # a peer's mark is seen within 0.25 ms: small beside a layer
 
-    def raise_failed(self) -> None:
+    def peer_failure(self) -> str | None:
+        """'local rank R failed: what it raised' for the first peer that marked a failure, else None."""
         for r in range(self.share.local_world):
             if r != self.share.local_rank and int(self._failed[r]):
                 text = bytes(self._messages[r].tolist()).split(b"\0", 1)[0].decode("utf-8", "replace")
-                raise PeerError(f"local rank {r} failed: {text}")
+                return f"local rank {r} failed: {text}"
+        return None
 
     def _raise_gone(self, lagging) -> None:
         ours = _pid_namespace()
         for r in range(self.share.local_world):
             pid = int(self._pid[r])
             # a peer that has not registered yet, or in another pid namespace, is left to the timeout
-            if r != self.share.local_rank and pid and int(self._pidns[r]) == ours and lagging(r) and not process_alive(pid):
+            known = r != self.share.local_rank and pid and int(self._pidns[r]) == ours
+            if known and lagging(r) and not process_alive(pid):
+                failure = self.peer_failure()      # a peer that failed, then exited: its error says more
+                if failure is not None:
+                    raise PeerError(failure)
                 raise PeerError(f"local rank {r} (pid {pid}) is gone: it exited or was killed while local rank "
                                 f"{self.share.local_rank} waited for it")

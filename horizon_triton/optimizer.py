@@ -106,13 +106,13 @@ class OptimizerDriver:
                                      lambda i=i: self.update_layer(i, step, lr, grad_scale))()
                 else:
                     self.update_layer(i, step, lr, grad_scale)
-                self._done[i].set()
-                if self._board is not None:
+                if self._board is not None:      # first: a wait that sees the event finds this rank's mark
                     self._board.mark_done(i, self._generation)
+                self._done[i].set()
         except BaseException as e:
-            self._error = e
-            if self._board is not None:
+            if self._board is not None:      # first: this rank may raise it and exit as soon as _error is set
                 self._board.mark_failed(f"its optimizer update of step {step} raised {type(e).__name__}: {e}")
+            self._error = e
         finally:
             for event in self._done:  # never leave the streaming side waiting forever
                 event.set()

@@ -27,7 +27,8 @@ mode) and the gradients, each at its exact size (pinning.py); master halves and 
 CPU optimizer reads them.
 
 Shared (a data-parallel job's local ranks, ``shared=NodeShare(...)``): the same buffers, in POSIX shared memory
-that every local rank of the node maps (node_store.py); each process pins them in its own address space.
+that every local rank of the node maps (node_store.py); each process pins in its own address space what it
+copies: all the working weights, and the pages of its own shard of the gradients.
 
 Inside a layer, parameters that take weight decay (2+ dimensions) come first, so one AdamW call covers them and
 a second the rest; q/k/v rows are adjacent (one fused [q+2kv, H] matrix), as are gate/up and the q/k/v biases.
@@ -187,6 +188,7 @@ class Allocation:
     pinned: bool           # page-locked at its exact size (a CUDA run), or would be (device="meta")
     shared: bool = False   # in a node's shared memory (node_store.py): its bytes are taken once per node,
                            # however many local ranks map it; the pinning is per process, of the same pages
+                           # (of a shared gradient, each rank pins only its shard's pages)
 
     @property
     def nbytes(self) -> int:
@@ -297,8 +299,19 @@ class HostStore:
                 continue
             buffers.append(regions[layer].view(dtype))
             if pin_here:
-                self._pinner.pin((kind, layer), regions[layer], zero=zero and segment is None)
+                self._pinner.pin((kind, layer), self._pinned_part(kind, layer, regions[layer], dtype),
+                                 zero=zero and segment is None)
         self._buffers[kind] = buffers
+
+    def _pinned_part(self, kind: str, layer: int, region: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """What this process registers of a pinned region: all of it, but of a shared store's gradient only the
+        pages holding this rank's shard (it copies out nothing else; the ranks' page ranges may share a page
+        at each end, registered once in each process)."""
+        if self.shared is None or kind != "grad" or self.shared.local_world == 1:
+            return region
+        lo, hi = self.shard_bounds(layer, self.shared.local_rank, self.shared.local_world)
+        start = lo * dtype.itemsize // PAGE_BYTES * PAGE_BYTES
+        return region[start:max(start, hi * dtype.itemsize)]
 
     def wait_pinned(self, layer: int) -> None:
         """Before a layer's first transfer: blocks until its pinned buffers are registered (no-op unpinned)."""

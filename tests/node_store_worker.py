@@ -210,8 +210,10 @@ def failing_peer(rank, world, name, barrier, results):
                 update(i, *args)
             driver.update_layer = broken
         driver.start_step(1, TRAIN.lr, 1.0)
-        driver.wait_layer(0)                       # layer 0 was updated by both
+        if rank == 0:
+            driver.wait_layer(0)                   # layer 0 was updated by both
         try:
+            driver.wait_layer(0)                   # rank 1: its own error, once its worker raised
             driver.wait_all()
             results.put((rank, "wait_all", "returned"))
         except Exception as e:
@@ -285,8 +287,9 @@ class SlowFakeCuda:
 
 
 def pinned(rank, world, name, barrier, results):
-    """Each rank pins the shared store's working weights and gradients in its own address space (a fake driver);
-    rank 1 pins late, after rank 0 has written weights and gradients, and must not clear them."""
+    """Each rank pins, in its own address space (a fake driver), the shared store's working weights and its
+    shard of the gradients; rank 1 pins late, after rank 0 has written weights and gradients, and must not clear
+    them."""
     def body():
         cuda = SlowFakeCuda(delay=1.0 if rank == 1 else 0.0)
         share = NodeShare(name, rank, world, barrier.wait)
@@ -300,11 +303,17 @@ def pinned(rank, world, name, barrier, results):
         store.fill_shared(fill)
         for i in range(store.num_layers):
             store.wait_pinned(i)
-        expected = {}
+        expected = {}              # every page of the working weights; the pages of this rank's gradient shard
         for a in store.allocations:
-            if a.pinned:
-                expected[store.buffers(a.kind)[a.layer].data_ptr()] = -(-a.nbytes // 4096) * 4096
-        results.put((rank, "registered", cuda.registered == expected and len(expected) == 2 * store.num_layers))
+            ptr = store.buffers(a.kind)[a.layer].data_ptr()
+            if a.kind == "working":
+                expected[ptr] = -(-a.nbytes // 4096) * 4096
+            elif a.kind == "grad":
+                lo, hi = (n * a.dtype.itemsize for n in store.shard_bounds(a.layer, rank, world))
+                first, end = lo // 4096 * 4096, -(-hi // 4096) * 4096
+                if hi > lo:
+                    expected[ptr + first] = end - first
+        results.put((rank, "registered", cuda.registered == expected and len(expected) >= store.num_layers + 2))
         grads_kept = all(torch.equal(store.grad[i], gradient(layout, i, 1, torch.bfloat16))
                          for i, layout in enumerate(store.layouts))
         results.put((rank, "grads kept", grads_kept))

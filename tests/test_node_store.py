@@ -73,6 +73,19 @@ def test_threads_divide_the_cores_between_local_ranks(monkeypatch):
     assert optimizer_threads(ht.TrainConfig(optimizer_threads=3), local_world=8) == 3
 
 
+def test_a_shm_too_small_for_the_store_is_refused_before_anything_is_created(monkeypatch):
+    import horizon_triton.node_store as node_store
+    real = os.statvfs
+
+    class Small:
+        f_bavail, f_frsize = 1000, 4096           # 4.1 MB free
+    monkeypatch.setattr(node_store.os, "statvfs", lambda path: Small if path == SHM_DIR else real(path))
+    name = f"test-{os.getpid()}-small"
+    with pytest.raises(RuntimeError, match=r"needs 0\.01 GB in /dev/shm, which has 0\.00 GB free: enlarge it"):
+        HostStore(worker.CFG, torch.bfloat16, shared=NodeShare(name, 0, 1, lambda: None))
+    assert _leftovers(name) == []
+
+
 def test_a_single_process_store_is_private():
     store = HostStore(worker.CFG, torch.bfloat16)
     assert store.shared is None and store.board is None
