@@ -314,8 +314,8 @@ def context(device_type: str = "cpu") -> DistContext | None:
                              "RANK, MASTER_ADDR and MASTER_PORT), or initialize torch.distributed yourself")
         timeout = datetime.timedelta(seconds=float(os.environ.get("HORIZON_TRITON_DIST_TIMEOUT", DEFAULT_TIMEOUT_S)))
         backend = "nccl" if device_type == "cuda" else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(_env_int("LOCAL_RANK") or 0)
+        if backend == "nccl":      # as make_device: one GPU a local rank (or the one a launcher left visible)
+            torch.cuda.set_device((_env_int("LOCAL_RANK") or 0) % torch.cuda.device_count())
         dist.init_process_group(backend, timeout=timeout)
         _OPENED.append(dist.group.WORLD)
     default = dist.group.WORLD
