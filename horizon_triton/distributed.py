@@ -58,7 +58,7 @@ class RankFailed(RuntimeError):
 
 @dataclass
 class DistContext:
-    """This process's place in the job. Ranks of one node are consecutive in ``node_ranks``."""
+    """This process's place in the job and its process groups (``node_of``: each rank's node index)."""
     rank: int
     world: int
     local_rank: int
@@ -173,7 +173,7 @@ class DistContext:
             for r, c in enumerate(counts):
                 by_count.setdefault(c, []).append(r)
             shown = "; ".join(f"{c} on ranks {_ranks(rs)}" for c, rs in sorted(by_count.items()))
-            ended = f" (a 0: that rank's loader had ended)" if 0 in by_count else ""
+            ended = " (a 0: that rank's loader had ended)" if 0 in by_count else ""
             raise ValueError(f"optimizer step {step}: the data-parallel ranks bring different numbers of "
                              f"micro-batches: {shown}{ended}. Give every rank's loader the same number of "
                              "micro-batches (e.g. every world_size-th batch of one loader, the remainder dropped)")
