@@ -84,6 +84,7 @@ def run_rank(rank: int, out_dir: str, spec: dict) -> None:
         place = {"node": d.node, "num_nodes": d.num_nodes, "local_rank": d.local_rank, "local_world": d.local_world}
         torch.save({"history": history, "masters": masters(engine), "place": place}, out / f"rank{rank}.pt")
         engine.close()
+        distributed.close()
     except BaseException as e:
         (out / f"error{rank}.txt").write_text(f"{type(e).__name__}: {e}")
         traceback.print_exc()
@@ -109,6 +110,8 @@ def reduce_shards(rank: int, out_dir: str, per_node: int) -> None:
     shards = [t[a:b] for a, b in zip(cuts, cuts[1:])]
     ctx.reduce_gradient(t, asynchronous=True, shards=shards).wait()
     torch.save(shards[ctx.local_rank].clone(), Path(out_dir) / f"shard{rank}.pt")
+    ctx.barrier()
+    distributed.close()                   # no gloo work left to the interpreter's exit
 
 
 def main() -> None:
