@@ -241,7 +241,8 @@ class DistContext:
         except Exception:
             pass
         self.failed = True
-        self._leave()
+        if message is not None:       # nobody needs the store to outlive this rank when no message was left
+            self._leave()
         if message is None:
             return RankFailed(f"rank {self.rank}: a peer of the data-parallel job vanished without reporting an "
                               f"error (killed? out of host memory?): {str(transport_error)[:300]}")

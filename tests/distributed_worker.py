@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -48,7 +49,7 @@ def masters(engine) -> list[torch.Tensor]:
 
 def run_rank(rank: int, out_dir: str, spec: dict) -> None:
     """spec: model/train overrides (rank_train: per rank), batches (count, seed, pad_id), per_rank_counts (the
-    rank's first so many), no_len (its loader an iterator), steps, fail (rank, step, how: "data" or "raise"),
+    rank's first so many), no_len (its loader an iterator), steps, fail (rank, step, how: "data", "raise" or "kill"),
     save, checkpoint_to (a training checkpoint at the end), resume (from a checkpoint, skipping the batches it
     had consumed)."""
     torch.set_num_threads(1)
@@ -74,6 +75,8 @@ def run_rank(rank: int, out_dir: str, spec: dict) -> None:
         def callback(entry):
             if fail and fail["rank"] == rank and fail["how"] == "raise" and entry["step"] == fail["step"]:
                 raise RuntimeError(f"a bug on rank {rank} at step {entry['step']}")
+            if fail and fail["rank"] == rank and fail["how"] == "kill" and entry["step"] == fail["step"]:
+                os.kill(os.getpid(), signal.SIGKILL)      # as the kernel's OOM killer would
         history = engine.fit(iter(mine) if spec.get("no_len") else mine, max_steps=spec.get("steps"), callback=callback)
         if spec.get("save"):
             engine.save_pretrained(out / "model")

@@ -209,6 +209,16 @@ def test_a_failing_rank_ends_every_rank_with_its_error(tmp_path, how, expected):
     assert seconds < 60
 
 
+def test_a_killed_rank_ends_every_rank(tmp_path):
+    """Rank 1 is killed (SIGKILL, as by the OOM killer) after step 2: it reports nothing; rank 0, waiting for it
+    in a collective or for its shard of the update, stops on its own, saying which rank or that a peer vanished."""
+    spec = {"train": FP32, "batches": {"n": 12, "seed": 8}, "fail": {"rank": 1, "step": 2, "how": "kill"}}
+    codes, errors, seconds = launch_apart(tmp_path, spec)
+    assert codes[1] == -9 and codes[0] != 0
+    assert "rank 1" in errors[0] or "vanished" in errors[0], errors[0]
+    assert seconds < 60
+
+
 def test_mismatched_configs_are_refused_naming_field_and_ranks(tmp_path):
     spec = {"train": FP32, "batches": {"n": 4, "seed": 9}, "rank_train": {"1": {"lr": 0.5}}}
     codes, errors, _ = launch_apart(tmp_path, spec)
