@@ -70,8 +70,10 @@ FP32 = {"compute_dtype": "float32", "grad_accum_steps": 2}
 
 
 @pytest.mark.parametrize("case", [
-    {"model": {}, "train": dict(FP32, head_chunk_rows=24)},                                # two-pass head
-    {"model": {"tie_word_embeddings": True, "pad_token_id": 0}, "train": FP32, "pad_id": 0},   # tied, padding
+    # hidden 36: 64 x 36 = 9 blocks of 256, the 2 shards cut the embedding inside row 28
+    {"model": {"hidden_size": 36}, "train": dict(FP32, head_chunk_rows=24)},               # two-pass head
+    {"model": {"hidden_size": 36, "tie_word_embeddings": True, "pad_token_id": 0}, "train": FP32,
+     "pad_id": 0},                                                                         # tied, padding
     {"model": {"tie_word_embeddings": True}, "train": dict(FP32, head_chunk_rows=24, share_host_store=False)},
 ], ids=["untied-chunked", "tied-padded", "private-stores"])
 def test_two_ranks_match_one_process_fp32(tmp_path, case):
