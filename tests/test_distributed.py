@@ -350,3 +350,42 @@ def test_python_api_under_torchrun(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     assert_matches(spec, ranks, 2, loss_tol=1e-5, weight_tol=1e-5, norm_tol=1e-5)
+
+
+@pytest.mark.slow
+def test_cli_finetune_under_torchrun_matches_one_process(tmp_path):
+    """The fine-tune under torchrun: every rank tokenizes the file, takes every other batch of one loader; the
+    eval loss over both ranks' eval batches; the losses and the saved weights are one process's with
+    --grad-accum 2."""
+    from hf_reference import make_hf_model
+    from tiny_tokenizers import make_tokenizer
+    from safetensors.torch import load_file
+    src = tmp_path / "src"
+    make_hf_model("llama", src)
+    make_tokenizer(src)
+    records = [{"text": "the cat sat on the mat ."}, {"prompt": "what did the dog do ?",
+                                                      "response": "the dog ran under the rug ."},
+               {"text": "a big red dog sat on a small blue rug ."}, {"prompt": "did the cat sit ?",
+                                                                     "response": "yes ."}] * 3
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    common = ["train", "--model", str(src), "--data", str(data), "--device", "cpu", "--dtype", "float32",
+              "--steps", "3", "--batch-size", "2", "--seq-len", "24", "--eval-split", "0.25", "--lr", "1e-3"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
+                          "-m", "horizon_triton.cli", *common, "--out", str(tmp_path / "dp")],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    alone = subprocess.run([sys.executable, "-m", "horizon_triton.cli", *common, "--grad-accum", "2", "--out",
+                            str(tmp_path / "one")], env=env, capture_output=True, text=True, timeout=300)
+    assert alone.returncode == 0, alone.stderr[-3000:]
+
+    def lines(run_dir, kind):
+        return [x for x in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if x["kind"] == kind]
+    for a, b in zip(lines(tmp_path / "dp", "train"), lines(tmp_path / "one", "train"), strict=True):
+        assert a["tokens"] == b["tokens"] and abs(a["loss"] - b["loss"]) <= 1e-5 * b["loss"]
+    (dp_eval,), (one_eval,) = lines(tmp_path / "dp", "eval"), lines(tmp_path / "one", "eval")
+    assert abs(dp_eval["eval_loss"] - one_eval["eval_loss"]) <= 1e-5 * one_eval["eval_loss"]
+    got, ref = load_file(tmp_path / "dp" / "model.safetensors"), load_file(tmp_path / "one" / "model.safetensors")
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], rtol=0, atol=1e-5)
