@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from . import data, interrupts, rundir
+from . import data, distributed, interrupts, rundir
 
 # The demo's defaults, measured on 2 CPU cores shared with other jobs (128 held-out problems, seed 0):
 # - format "pad" (fixed width, "007+045=0052"): held-out exact match 59% at step 200, 96% at step 400; the human
@@ -56,6 +56,8 @@ class Progress:
 
     def __init__(self, total: int | None, stream=None):
         self.total = total
+        if not distributed.is_main_process():      # data parallel: rank 0 reports for every rank
+            stream = open(os.devnull, "w")
         self.stream = stream if stream is not None else sys.stdout
         self.tty = self.stream.isatty()
         self._bar = None
@@ -95,17 +97,23 @@ class Progress:
 class Metrics:
     """metrics.jsonl in the output directory, one JSON object a line, flushed as it goes (so it can be followed
     with tail -f). engine.save_pretrained swaps in a new directory (holding a copy of this file), so ``save``
-    reopens it. A resumed run (``resumed_step``) continues the file from its checkpoint's step."""
+    reopens it. A resumed run (``resumed_step``) continues the file from its checkpoint's step. Data parallel:
+    rank 0 alone writes it (the history is the global figures on every rank)."""
 
     def __init__(self, out_dir: Path, resumed_step: int | None = None):
-        out_dir.mkdir(parents=True, exist_ok=True)
         self.out_dir = out_dir
         self.path = out_dir / "metrics.jsonl"
+        self._file = None
+        if not distributed.is_main_process():
+            return
+        out_dir.mkdir(parents=True, exist_ok=True)
         if resumed_step is not None:
             rundir.continue_metrics(self.path, resumed_step)
         self._file = self.path.open("w" if resumed_step is None else "a", encoding="utf-8")
 
     def write(self, kind: str, entry: dict) -> None:
+        if self._file is None:
+            return
         self._file.write(json.dumps({"kind": kind, **entry}) + "\n")
         self._file.flush()
 
@@ -113,8 +121,9 @@ class Metrics:
         """The final model into out_dir: weights, config, the tokenizer and generation_config.json of the
         ``source`` model, and this file, assembled beside out_dir and swapped in as one unit (the run's
         checkpoints move into the new directory). A LoRA run saves its adapters (peft's format), or with
-        ``merge`` the base with the adapters merged in."""
-        self._file.close()
+        ``merge`` the base with the adapters merged in. Every rank calls it; rank 0 writes."""
+        if self._file is not None:
+            self._file.close()
 
         def add_files(tmp: Path) -> None:
             if tokenizer is not None:
@@ -123,10 +132,12 @@ class Metrics:
                 shutil.copy2(Path(source) / "generation_config.json", tmp / "generation_config.json")
             shutil.copy2(self.path, tmp / self.path.name)
         engine.save_pretrained(self.out_dir, add_files=add_files, merge=merge)
-        self._file = self.path.open("a", encoding="utf-8")
+        if self._file is not None:
+            self._file = self.path.open("a", encoding="utf-8")
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -158,8 +169,9 @@ def run_demo(args) -> dict:
     engine, resumed = rundir.start(args, out, model_cfg, train_cfg)
     metrics, progress = Metrics(out, engine.step if resumed else None), Progress(steps)
     batch_size = args.batch_size or DEMO["batch_size"]
+    world = engine.dist.world if engine.dist is not None else 1
     progress.note(f"demo: {model_cfg.num_parameters():,} parameter model learns {task.min_digits}-{task.max_digits} "
-                  f"digit addition ({steps} steps of {batch_size * args.grad_accum} problems, lr {train_cfg.lr}, "
+                  f"digit addition ({steps} steps of {batch_size * args.grad_accum * world} problems, lr {train_cfg.lr}, "
                   f"{train_cfg.compute_dtype} on {train_cfg.device}); exact match on {len(task.heldout)} "
                   f"held-out problems every {eval_every} steps")
     start = time.perf_counter()
@@ -182,9 +194,9 @@ def run_demo(args) -> dict:
     try:
         if not resumed:
             evaluate(0)
-        if engine.step < steps:
-            engine.fit(rundir.rest(task.batches(batch_size, seed=args.seed), engine), max_steps=steps - engine.step,
-                       callback=on_step)
+        if engine.step < steps:     # data parallel: rank r trains on every world_size-th batch, from the r-th
+            batches = distributed.shard_loader(task.batches(batch_size, seed=args.seed), engine.dist)
+            engine.fit(rundir.rest(batches, engine), max_steps=steps - engine.step, callback=on_step)
         progress.close()
         evaluate(steps)
         problems = task.heldout[:5]
@@ -287,14 +299,20 @@ def run_finetune(args) -> dict:
                              f"{model_cfg.vocab_size}: the tokenizer does not belong to this model")
         batch_size = args.batch_size or FINETUNE["batch_size"]
         epochs = args.epochs or FINETUNE["epochs"]
+        # data parallel: one loader's batches dealt out, rank r taking every world-th from the r-th; a step is
+        # grad_accum of them on every rank
+        ctx = distributed.context(_device_kind(args.device or "auto"))
+        world = ctx.world if ctx is not None else 1
         if args.steps:
-            loader = data.RowLoader(prepared.train, batch_size, args.steps, args.grad_accum, seed=args.seed)
+            loader = data.RowLoader(prepared.train, batch_size, args.steps, args.grad_accum * world, seed=args.seed)
         else:
             loader = data.RowLoader(prepared.train, batch_size, grad_accum=args.grad_accum, seed=args.seed,
                                     epochs=epochs)
+        loader = distributed.shard_loader(loader, ctx)
         steps = math.ceil(len(loader) / args.grad_accum)
-        per_epoch = data.steps_per_epoch(len(prepared.train), batch_size, args.grad_accum)
-        eval_loader = (data.RowLoader(eval_rows, batch_size, epochs=1, shuffle=False)
+        per_epoch = data.steps_per_epoch(len(prepared.train), batch_size, args.grad_accum * world)
+        eval_loader = (distributed.shard_loader(data.RowLoader(eval_rows, batch_size, epochs=1, shuffle=False), ctx,
+                                                drop_remainder=False)
                        if eval_rows is not None else None)
         train_cfg = TrainConfig(lr=FINETUNE["lr"] if args.lr is None else args.lr, warmup_steps=args.warmup,
                                 seed=args.seed, grad_accum_steps=args.grad_accum, device=args.device or "auto",
@@ -310,7 +328,7 @@ def run_finetune(args) -> dict:
         out = Path(args.out)
         engine, resumed = rundir.start(args, out, model_cfg, train_cfg)
         metrics, progress = Metrics(out, engine.step if resumed else None), Progress(steps)
-        board = tensorboard(out / "tensorboard") if tensorboard else None
+        board = tensorboard(out / "tensorboard") if tensorboard and distributed.is_main_process() else None
         how_long = (f"{steps} steps (--steps; an epoch is {per_epoch})" if args.steps else
                     f"{steps} steps = {epochs} epochs of {per_epoch}")
         progress.note(f"fine-tune {args.model}: {model_cfg.num_parameters():,} parameters, lr {train_cfg.lr}, "
@@ -420,6 +438,8 @@ def _add_lora_options(parser, merge: bool) -> None:
 
 def _plot(out: Path, progress: Progress) -> None:
     from .reporting import plot_metrics
+    if not distributed.is_main_process():
+        return
     try:
         progress.note(f"plot: {plot_metrics(out / 'metrics.jsonl', out / 'metrics.png')}")
     except ImportError as e:
@@ -641,6 +661,23 @@ def _given(args, names) -> list[str]:
     return ["--" + n.replace("_", "-") for n in names if getattr(args, n, None) not in (None, False)]
 
 
+def _device_kind(device: str) -> str:
+    from .engine import _device_kind as kind
+    return kind(device)
+
+
+def _train(args) -> None:
+    if args.model:
+        if _given(args, DEMO_ONLY):
+            raise ValueError(f"{', '.join(_given(args, DEMO_ONLY))}: demo options, not for fine-tuning --model")
+        run_finetune(args)
+    else:
+        if _given(args, FINETUNE_ONLY):
+            raise ValueError(f"{', '.join(_given(args, FINETUNE_ONLY))}: fine-tuning options, they need "
+                             "--model DIR")
+        run_demo(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -650,15 +687,19 @@ def main(argv: list[str] | None = None) -> int:
             run_data(args)
         elif args.command == "plan":
             run_plan(args)
-        elif args.model:
-            if _given(args, DEMO_ONLY):
-                raise ValueError(f"{', '.join(_given(args, DEMO_ONLY))}: demo options, not for fine-tuning --model")
-            run_finetune(args)
         else:
-            if _given(args, FINETUNE_ONLY):
-                raise ValueError(f"{', '.join(_given(args, FINETUNE_ONLY))}: fine-tuning options, they need "
-                                 "--model DIR")
-            run_demo(args)
+            # under torchrun: data parallel; an error on any rank, here or in the engine, ends every rank
+            ctx = distributed.context(_device_kind(args.device or ("auto" if args.model else "cpu")))
+            args.world_size = ctx.world if ctx is not None else 1
+            if ctx is None:
+                _train(args)
+            else:
+                with ctx.guard():
+                    _train(args)
+                distributed.close()
+    except distributed.RankFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -248,6 +248,8 @@ class TrainConfig:
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")   # peft's target_modules names (its Llama default)
     lora_dropout: float = 0.0             # only 0: the hand-written backward has no dropout mask
     use_rslora: bool = False              # rank-stabilized scaling (Kalajdzievski 2023), as peft's use_rslora
+    share_host_store: bool = True         # data parallel: a node's ranks share one host store in /dev/shm, each
+    #                                     updating its shard (False: a store per rank, e.g. a small /dev/shm)
 
     def __post_init__(self):
         if self.lr_schedule not in ("constant", "cosine"):

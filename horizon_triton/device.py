@@ -309,14 +309,15 @@ class MetaDevice(_HostMemory):
         pass
 
 
-def make_device(kind: str, seed: int = 0):
-    """kind: "cpu" | "cuda" | "auto" | "cpu-async"."""
+def make_device(kind: str, seed: int = 0, index: int = 0):
+    """kind: "cpu" | "cuda" | "auto" | "cpu-async"; index: the CUDA device (a data-parallel rank's local rank,
+    modulo the devices this process sees: one each when the launcher narrows CUDA_VISIBLE_DEVICES)."""
     if kind == "auto":
         kind = "cuda" if torch.cuda.is_available() else "cpu"
     if kind == "cuda":
         if not torch.cuda.is_available():
             raise RuntimeError("device='cuda' but no CUDA GPU is visible; use device='cpu' or 'auto'")
-        return CudaDevice()
+        return CudaDevice(index % torch.cuda.device_count())
     if kind == "cpu-async":
         return AsyncTestDevice(seed)
     return SyncDevice()

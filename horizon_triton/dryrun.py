@@ -215,6 +215,8 @@ class DryRun:
     device_memory_bytes: dict[str, int]      # kind -> device-memory bytes read and written
     timeline: list = field(repr=False)       # MetaDevice.timeline of the step
     layer_allocations: list = field(repr=False)   # store.allocations (for the optimizer's host traffic)
+    world_size: int = 1                      # data-parallel ranks; the figures are one rank's (one GPU's)
+    allreduce_bytes: int = 0                 # the gradients this rank sums with the others (DeviceMeter)
 
     @property
     def tokens_per_step(self) -> int:
@@ -236,6 +238,23 @@ def host_store_bytes(allocations) -> list[tuple[str, bool, int]]:
     for a in allocations:
         totals[(a.kind, a.pinned)] = totals.get((a.kind, a.pinned), 0) + a.reserved_bytes
     return [(kind, pinned, n) for (kind, pinned), n in totals.items()]
+
+
+class _DistStandIn:
+    """A data-parallel rank of a ``world``-rank job for the dry run: reductions cost nothing here (DeviceMeter
+    counts their bytes), and every rank's micro-batches bring distinct token ids (the most rows the union of
+    their ids can have: min(vocabulary, world × this rank's distinct ids))."""
+    rank, local_rank = 0, 0
+
+    def __init__(self, world: int):
+        self.world = world
+
+    def union_ids(self, ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
+        others = torch.arange(min(vocab_size, self.world * ids.numel()), dtype=ids.dtype)
+        return torch.unique(torch.cat([ids, others]))
+
+    def reduce_gradient(self, tensor: torch.Tensor, asynchronous: bool, shards=None):
+        return None
 
 
 class _OptimizerStandIn:
@@ -285,12 +304,14 @@ def _dry_run_pairs(engine, mb) -> PreferenceBatch:
 
 def dry_run(model_cfg: ModelConfig, train_cfg: TrainConfig | None = None, *, tokens_per_step: int,
             seq_len: int | None = None, doc_len: int | None = None, kernel_backend: str = "triton",
-            device_memory_bytes: int = 80 * 2**30, pin_memory: bool = True) -> DryRun:
+            device_memory_bytes: int = 80 * 2**30, pin_memory: bool = True, world_size: int = 1) -> DryRun:
     """One optimizer step of ``tokens_per_step`` tokens: grad_accum_steps micro-batches of rows × seq_len
     (seq_len default: min(tokens per micro-batch, max_position_embeddings)), each row packed with documents of
     doc_len tokens (the last one shorter) or one document. ``kernel_backend`` is the one modelled ("triton": the
     CUDA path; "torch": the CPU path, its references run on meta as they are); ``device_memory_bytes`` is what
-    the device's mem_get_info reports; ``pin_memory``: whether the store is pinned (as on CUDA)."""
+    the device's mem_get_info reports; ``pin_memory``: whether the store is pinned (as on CUDA); ``world_size``:
+    one rank of a data-parallel job of that many, each with these micro-batches (its all-reduced gradient
+    bytes, and the union of the ranks' ids gathered as embedding rows)."""
     train_cfg = train_cfg or TrainConfig()
     accum = train_cfg.grad_accum_steps
     if tokens_per_step < 1:
@@ -301,12 +322,12 @@ def dry_run(model_cfg: ModelConfig, train_cfg: TrainConfig | None = None, *, tok
         doc_lengths = (doc_len,) * (seq_len // doc_len) + ((seq_len % doc_len,) if seq_len % doc_len else ())
     return dry_run_shapes(model_cfg, train_cfg, micro_batch_shapes(tokens_per_step, accum, seq_len), doc_lengths,
                           kernel_backend=kernel_backend, device_memory_bytes=device_memory_bytes,
-                          pin_memory=pin_memory)
+                          pin_memory=pin_memory, world_size=world_size)
 
 
 def dry_run_shapes(model_cfg: ModelConfig, train_cfg: TrainConfig, shapes: list[tuple[int, int]],
                    doc_lengths: tuple[int, ...] | None = None, *, kernel_backend: str, device_memory_bytes: int,
-                   pin_memory: bool) -> DryRun:
+                   pin_memory: bool, world_size: int = 1) -> DryRun:
     """The dry run of one optimizer step whose micro-batches have these (rows, seq_len) shapes."""
     from .engine import Engine
     from .scheduler import run_step
@@ -323,6 +344,8 @@ def dry_run_shapes(model_cfg: ModelConfig, train_cfg: TrainConfig, shapes: list[
         counter.meter = p.meter
         fixed = counter.device_live
         p.optimizer = _OptimizerStandIn(dev)
+        if world_size > 1:
+            p.dist = _DistStandIn(world_size)
         firsts = [sum(r * n for r, n in shapes[:m]) for m in range(len(shapes))]
         mbs = [engine.prepare(_batch(rows, seq, doc_lengths, first, model_cfg.vocab_size), where="dry run")
                for (rows, seq), first in zip(shapes, firsts)]
@@ -348,7 +371,8 @@ def dry_run_shapes(model_cfg: ModelConfig, train_cfg: TrainConfig, shapes: list[
         device_peak_bytes=counter.device_peak, device_held_peak_bytes=p.meter.peak, device_fixed_bytes=fixed,
         device_held_at_peak=counter.held_at_peak, device_workspace_at_peak=counter.workspace_at_peak,
         h2d_bytes=p.meter.h2d_bytes, d2h_bytes=p.meter.d2h_bytes, flops=flops, device_memory_bytes=mem,
-        timeline=dev.timeline, layer_allocations=list(engine.store.allocations))
+        timeline=dev.timeline, layer_allocations=list(engine.store.allocations), world_size=world_size,
+        allreduce_bytes=p.meter.reduced_bytes)
 
 
 def fixed_device_bytes(model_cfg: ModelConfig, train_cfg: TrainConfig, kernel_backend: str,

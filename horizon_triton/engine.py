@@ -6,6 +6,7 @@ import dataclasses
 import logging
 import math
 import resource
+import signal
 import time
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import torch
 from horizon_triton.kernels.cpu_adam import implementation as adam_implementation
 from horizon_triton.kernels.reference import IGNORE_INDEX
 
-from . import canary, lora
+from . import canary, distributed, lora
 from . import interrupts, preference, training_state
 from . import layer as lt
 from . import preflight
@@ -26,10 +27,27 @@ from .device import make_device
 from .ops import TORCH_ONLY, load_ops, select_backend
 from .optimizer import OptimizerDriver, clip_coefficient
 from .scheduler import Unit, bind, build_pipeline, run_step, stream_in
+from .node_store import NodeShare
 from .store import HostStore, fix_malloc_mmap_threshold
 from .trace import Tracer
 
 log = logging.getLogger("horizon_triton")
+
+# TrainConfig fields that change the numbers, or when the ranks meet: the same on every data-parallel rank
+SAME_ON_EVERY_RANK = ("lr", "weight_decay", "betas", "eps", "max_grad_norm", "grad_accum_steps", "warmup_steps",
+                      "lr_schedule", "compute_dtype", "seed", "head_chunk_rows", "optimizer_states",
+                      "checkpoint_dir", "save_every_steps", "save_every_minutes", "keep_last", "share_host_store")
+
+
+def _device_kind(device: str) -> str:
+    """"cuda" or "cpu": the kind of device TrainConfig.device makes (the process group's backend follows it)."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return "cuda" if device == "cuda" else "cpu"
+
+
+def _model_fields(cfg: ModelConfig) -> dict:
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.compare}
 
 
 class Engine:
@@ -42,20 +60,43 @@ class Engine:
         instead of train_cfg.device's (the dry run passes a MetaDevice)."""
         self.model_cfg = model_cfg
         self.train_cfg = train_cfg = train_cfg or TrainConfig()
-        self.device = device if device is not None else make_device(train_cfg.device, train_cfg.seed)
+        # data parallel when torch.distributed is initialized or torchrun's environment is set (not in a dry run)
+        self.dist = None if device is not None else distributed.context(_device_kind(train_cfg.device))
+        if self.dist is None:
+            self._build(model_cfg, train_cfg, init_weights, device)
+            return
+        if train_cfg.objective == "dpo" or train_cfg.lora_rank is not None:
+            what = "objective='dpo'" if train_cfg.objective == "dpo" else "LoRA (lora_rank)"
+            raise ValueError(f"{what} does not run data-parallel yet (its pair counts and metrics, or its adapter "
+                             f"gradients, are not reduced across ranks): run it as one process (world size "
+                             f"{self.dist.world} found)")
+        with self.dist.guard():        # a rank that fails here ends the job on every rank
+            # first: the ranks of a node build one shared store, of one layout
+            self.dist.same_everywhere("the model config", _model_fields(model_cfg))
+            self.dist.same_everywhere("the train config", {k: getattr(train_cfg, k) for k in SAME_ON_EVERY_RANK}
+                                      | {"device": _device_kind(train_cfg.device)})
+            self._build(model_cfg, train_cfg, init_weights, device)
+
+    def _build(self, model_cfg: ModelConfig, train_cfg: TrainConfig, init_weights: bool, device) -> None:
+        index = self.dist.local_rank if self.dist is not None else 0
+        self.device = device if device is not None else make_device(train_cfg.device, train_cfg.seed, index)
         self.compute_dtype = DTYPES[train_cfg.compute_dtype]
         meta = self.device.type == "meta"
         if train_cfg.preflight and not meta:
             preflight.check_engine(model_cfg, train_cfg, self.device)   # before anything is allocated
         fix_malloc_mmap_threshold()
+        share = None
+        if self.dist is not None and self.dist.local_world > 1 and train_cfg.share_host_store:
+            share = NodeShare(self.dist.node_store_name, self.dist.local_rank, self.dist.local_world,
+                              self.dist.node_barrier)            # one store per node, each rank updates a shard
         self.store = HostStore(model_cfg, self.compute_dtype, pin=self.device.pin_memory,
                                device="meta" if meta else "cpu", optimizer_states=train_cfg.optimizer_states,
-                               lora=lora.spec_of(train_cfg))
+                               lora=lora.spec_of(train_cfg), shared=share)
         fill_base = init_weights or self.store.lora is not None   # a LoRA checkpoint holds no frozen base
         if fill_base and model_cfg.source_path is not None and not meta:
-            load_weights(self.store, model_cfg.source_path)
+            self.store.fill_shared(lambda: load_weights(self.store, model_cfg.source_path))
         elif fill_base and not meta:                              # the dry run's store has no values to fill
-            self.store.init_random(train_cfg.seed)
+            self.store.fill_shared(lambda: self.store.init_random(train_cfg.seed))
         if init_weights and self.store.lora is not None and not meta:
             lora.init_adapters(self.store, train_cfg.seed)
         if meta:                                                  # kernel stand-ins on meta tensors (dryrun.py)
@@ -73,12 +114,14 @@ class Engine:
             self.ops, report = canary.run(self.ops, load_ops("torch", "cuda"), self.device.torch_device,
                                           self.compute_dtype, model_cfg.head_dim, model_cfg.sliding_window)
             self.kernel_report.update(report)
-        self.optimizer = OptimizerDriver(self.store, train_cfg)
+        self.optimizer = OptimizerDriver(self.store, train_cfg,
+                                         shard=None if share is None else (share.local_rank, share.local_world))
         self.tracer = Tracer() if train_cfg.trace_path else None
         self.optimizer.tracer = self.tracer
         self.pipeline = build_pipeline(model_cfg, self.store, self.ops, self.device, self.optimizer,
                                        train_cfg.num_slots, self.tracer, train_cfg.checkpoint_budget_bytes,
                                        train_cfg.head_chunk_rows)
+        self.pipeline.dist = self.dist
         self.step = 0                     # optimizer steps taken
         self.micro_batches = 0            # loader batches those steps consumed: the data position
         self.total_steps = None           # the lr schedule's length, fixed by the first fit that knows it
@@ -187,10 +230,16 @@ class Engine:
         checkpoint_dir set), then raises interrupts.Interrupted (a KeyboardInterrupt) or interrupts.Terminated
         (a SystemExit(143)); a second signal stops at once."""
         with interrupts.deferred_signals():
-            return self._fit(loader, max_steps, callback)
+            if self.dist is None:
+                return self._fit(loader, max_steps, callback)
+            with self.dist.guard():
+                return self._fit(loader, max_steps, callback)
 
     def _fit(self, loader, max_steps: int | None, callback) -> list[dict]:
         accum = self.train_cfg.grad_accum_steps
+        if self.dist is not None:    # every rank's loader must make the same steps
+            self.dist.same_everywhere("the loader", {"micro-batches (len(loader))": len(loader) if hasattr(
+                loader, "__len__") else None, "max_steps": max_steps})
         if self.total_steps is None:
             self.total_steps = max_steps
             if self.total_steps is None and hasattr(loader, "__len__"):
@@ -200,6 +249,7 @@ class Engine:
             self.train_cfg.lr_at(self.train_cfg.warmup_steps + 1, None)  # raises the explanatory error
         history, group, seen = [], [], 0
         self._last_save_time = time.monotonic()
+        exhausted = True
         for index, batch in enumerate(loader):
             group.append(self.prepare(batch, where=f"batch {index}"))
             if self.train_cfg.objective == "dpo" and group[-1].preference.ref_logps is None:
@@ -212,14 +262,17 @@ class Engine:
                 group = []
                 self._checkpoint_if_due()
                 if max_steps is not None and len(history) >= max_steps:
+                    exhausted = False
                     break
         if group:  # a last, partial accumulation group still makes a step of its own
             history.append(self._optimizer_step(group, total_steps, callback))
         self._checkpoint_if_due()
+        if self.dist is not None and exhausted:    # no rank may have batches left when this one has none
+            self.dist.step_counts(self.step + 1, 0, 0, 0)
         if seen == 0:
             raise ValueError("the loader yielded no batches")
         self.optimizer.wait_all()
-        if self.tracer is not None:
+        if self.tracer is not None and distributed.is_main_process():
             self.tracer.write(self.train_cfg.trace_path)
             summary = self.tracer.summary()
             log.info("trace %s: compute stream busy %.0f%%, copy time hidden under compute %.0f%%",
@@ -229,6 +282,9 @@ class Engine:
 
     def _optimizer_step(self, mbs: list[lt.MicroBatch], total_steps: int | None, callback) -> dict:
         tokens = sum(mb.num_targets for mb in mbs)
+        positions = sum(mb.targets.numel() for mb in mbs)
+        if self.dist is not None:       # the step's loss and gradient are over every rank's tokens
+            tokens, positions = self.dist.step_counts(self.step + 1, len(mbs), tokens, positions)
         if tokens == 0:
             raise ValueError(f"optimizer step {self.step + 1} has no label tokens (every label is -100)")
         shapes = tuple(mb.shape for mb in mbs)
@@ -238,11 +294,14 @@ class Engine:
         start = time.perf_counter()
         meter = self.pipeline.meter
         meter.reset_peak()
-        h2d, d2h = meter.h2d_bytes, meter.d2h_bytes
+        h2d, d2h, reduced = meter.h2d_bytes, meter.d2h_bytes, meter.reduced_bytes
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         dpo = preference.DPOHead(self.train_cfg, mbs) if self.train_cfg.objective == "dpo" else None
         loss_sum, sq_norm = run_step(self.pipeline, mbs, grad_scale=1.0 / tokens, preference=dpo)
+        if self.dist is not None:       # every rank's loss sum; the norm of the reduced gradient's parts
+            loss_sum, sq_norm = self.dist.step_totals(float(loss_sum), float(sq_norm),
+                                                      sharded=self.pipeline.sharded)
         grad_norm = math.sqrt(float(sq_norm))
         self.step += 1
         self.micro_batches += len(mbs)
@@ -253,12 +312,15 @@ class Engine:
         entry = {
             "step": self.step, "loss": float(loss_sum) / tokens, "lr": lr, "grad_norm": grad_norm,
             "tokens": tokens, "time_s": elapsed,
-            "tokens_per_s": sum(mb.targets.numel() for mb in mbs) / elapsed,
+            "tokens_per_s": positions / elapsed,
             "device_peak_bytes": self.pipeline.meter.peak,
             "host_peak_bytes": self.store.nbytes(),
             "host_rss_peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "h2d_bytes": meter.h2d_bytes - h2d, "d2h_bytes": meter.d2h_bytes - d2h,
         }
+        if self.dist is not None:       # this rank's share of the collectives: the tensors it reduced
+            entry["world_size"] = self.dist.world
+            entry["allreduce_bytes"] = meter.reduced_bytes - reduced
         if self.device.type == "cuda":   # everything on the GPU, the kernels' workspaces included
             entry["device_allocator_peak_bytes"] = torch.cuda.max_memory_allocated()
         if dpo is not None:              # the loss is the mean over the step's pairs; TRL's metrics beside it
@@ -270,11 +332,14 @@ class Engine:
     def _checkpoint_if_due(self) -> None:
         """After an optimizer step: the periodic save, and the stop a signal asked for (after saving)."""
         c, signum = self.train_cfg, interrupts.received()
+        periodic = (c.save_every_steps is not None and self.step % c.save_every_steps == 0
+                    or c.save_every_minutes is not None
+                    and time.monotonic() - self._last_save_time >= 60 * c.save_every_minutes)
+        if self.dist is not None:       # every rank saves and stops after the same step (a signal to any rank)
+            stop, periodic = self.dist.any_rank([signum is not None, periodic])
+            signum = signum if signum is not None or not stop else signal.SIGTERM
         if c.checkpoint_dir is not None and self.step > 0 and self._last_checkpoint[0] != self.step and (
-                signum is not None
-                or c.save_every_steps is not None and self.step % c.save_every_steps == 0
-                or c.save_every_minutes is not None
-                and time.monotonic() - self._last_save_time >= 60 * c.save_every_minutes):
+                signum is not None or periodic):
             self.save_checkpoint(c.checkpoint_dir, keep_last=c.keep_last)
         if signum is not None:
             step, path = self._last_checkpoint
@@ -323,6 +388,9 @@ class Engine:
             loss, _ = self.ops.cross_entropy_chunk_loss(*stats, mb.targets)
             loss_sum += float(loss)                      # sync: one scalar a batch
             tokens += mb.num_targets
+        if self.dist is not None:                        # every rank's eval batches
+            with self.dist.guard():
+                loss_sum, tokens = self.dist.gather_rows([loss_sum, tokens]).sum(dim=0).tolist()
         if tokens == 0:
             raise ValueError("evaluate: the loader yielded no label tokens (every label is -100, or no batches)")
         return loss_sum / tokens
@@ -422,8 +490,8 @@ class Engine:
                 raise ValueError(f"dtype {dtype!r} not supported for saving; choose from {sorted(DTYPES)}")
             dtype = DTYPES[dtype]
         with interrupts.deferred_signals():
-            save_weights(self.store, out_dir, dtype, add_files,
-                         tensor_of=lora.merged_values(self.store) if merge else None)
+            self._on_rank_0(lambda: save_weights(self.store, out_dir, dtype, add_files,
+                                                 tensor_of=lora.merged_values(self.store) if merge else None))
 
     def save_checkpoint(self, path: str | Path, keep_last: int | None = None) -> Path:
         """The whole training state (every host-store buffer but the gradient, step, lr schedule, RNG, data
@@ -431,7 +499,8 @@ class Engine:
         keep_last=K then deletes all but the K newest checkpoints in PATH."""
         self.optimizer.wait_all()      # the worker may still be updating the last step's layers
         with interrupts.deferred_signals():
-            saved = training_state.save(self.store, Path(path), self._trainer_state(), keep_last)
+            saved = training_state.step_dir(Path(path), self.step)
+            self._on_rank_0(lambda: training_state.save(self.store, Path(path), self._trainer_state(), keep_last))
         self._last_checkpoint, self._last_save_time = (self.step, saved), time.monotonic()
         log.info("checkpoint of step %d saved in %s", self.step, saved)
         return saved
@@ -475,6 +544,17 @@ class Engine:
         self._set_rng_state(state["rng"])
         self._last_checkpoint = (self.step, ckpt)
         return ckpt
+
+    def _on_rank_0(self, write) -> None:
+        """``write()`` on rank 0 alone (data parallel: every rank holds the same weights), then every rank waits
+        for it: the files exist when this returns, on any rank."""
+        if self.dist is None:
+            write()
+            return
+        with self.dist.guard():
+            if self.dist.rank == 0:
+                write()
+            self.dist.barrier()
 
     def _trainer_state(self) -> dict:
         c = self.train_cfg

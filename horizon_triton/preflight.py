@@ -67,7 +67,8 @@ def check_step(engine, mbs) -> None:
     shapes = [mb.shape for mb in mbs]
     dry = dry_run_shapes(engine.model_cfg, engine.train_cfg, shapes, kernel_backend=engine.kernel_backend,
                          device_memory_bytes=engine.device.mem_get_info()[1],
-                         pin_memory=engine.device.pin_memory)
+                         pin_memory=engine.device.pin_memory,
+                         world_size=engine.dist.world if engine.dist is not None else 1)   # the ids' union
     extra = dry.device_peak_bytes - dry.device_fixed_bytes     # the fixed part is allocated already
     free = _device_free(engine.device)
     if extra > free:

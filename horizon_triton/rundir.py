@@ -17,14 +17,15 @@ import json
 import os
 from pathlib import Path
 
-from . import durable, training_state
+from . import distributed, durable, training_state
 
 CHECKPOINTS = "checkpoints"
 # the options that define a run (its data order and its numbers); a resumed run must repeat them
 RUN_OPTIONS = ("model", "data", "steps", "epochs", "batch_size", "lr", "seq_len", "grad_accum", "warmup", "cosine",
                "seed", "dtype", "format", "eval_problems", "eval_split", "train_on", "too_long", "objective",
-               "dpo_beta", "dpo_label_smoothing", "dpo_loss", "lora_rank", "lora_alpha",
-               "lora_targets")
+               "dpo_beta", "dpo_label_smoothing", "dpo_loss", "lora_rank", "lora_alpha", "lora_targets",
+               "world_size")
+_DEFAULTS = {"world_size": 1}       # what a checkpoint written before the option existed ran with
 _PATH_OPTIONS = ("model", "data")
 
 
@@ -37,7 +38,7 @@ def run_options(args) -> dict:
 
 
 def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
+    return "data-parallel ranks" if name == "world_size" else "--" + name.replace("_", "-")
 
 
 def _resume_point(args, out: Path) -> Path | None:
@@ -45,6 +46,8 @@ def _resume_point(args, out: Path) -> Path | None:
     refusing (or, with --overwrite, clearing) an --out that holds something else."""
     if args.resume is not None:
         return training_state.find(Path(args.resume) if args.resume else out / CHECKPOINTS)
+    if not distributed.is_main_process():     # data parallel: rank 0 alone checks and clears --out
+        return None
     if out.is_dir() and any(out.iterdir()):
         if not args.overwrite:
             raise ValueError(f"--out {out} exists and is not empty: pass --resume to continue the run saved there, "
@@ -71,8 +74,8 @@ def start(args, out: Path, model_cfg, train_cfg):
     saved = state.get("extra", {}).get("cli")
     if saved is None:
         raise ValueError(f"--resume {resume}: this checkpoint was not written by horizon-triton train")
-    changed = [f"{_flag(k)} {options.get(k)!r} (the checkpoint's run: {saved.get(k)!r})" for k in RUN_OPTIONS
-               if options.get(k) != saved.get(k)]
+    changed = [f"{_flag(k)} {options.get(k)!r} (the checkpoint's run: {saved.get(k, _DEFAULTS.get(k))!r})"
+               for k in RUN_OPTIONS if options.get(k, _DEFAULTS.get(k)) != saved.get(k, _DEFAULTS.get(k))]
     if changed:
         raise ValueError(f"--resume {resume}: the run was started with other options: {'; '.join(changed)}. "
                          "Resume with the same options")

@@ -31,6 +31,16 @@ Ordering, enforced with events so that the async test device catches any missing
 - compute reads a slot only after its copy finished                    (slot_ready[slot])
 - a gradient accumulator is zeroed for reuse only after its copy-out   (acc_free[k])
 - layer i streams in only after the optimizer updated it               (host waits optimizer.layer_done(i))
+
+Data parallel (``p.dist``, distributed.py): every completed fp32 gradient (a decoder layer's accumulator, a head
+chunk's, the final norm's, the embedding rows') is all-reduced (summed) over the ranks by a compute-stream task
+queued right after the work that completed it, so every rank issues the same reductions in the same order.
+Its squared norm and its copy-out then run on the copy_out stream: on CUDA the reduction is asynchronous (NCCL
+waits for the compute stream's work before it, the copy-out waits for the reduction), so it overlaps the next
+layer's backward instead of holding the compute stream; on CPU (gloo) it runs inside the compute task. The
+embedding rows are those of the union of every rank's token ids (the same rows on every rank, exactly the
+rows one process with all ranks' micro-batches would gather). When the ranks of a node share one host store
+(``store.shared``), each streams out and norms only its shard [lo, hi) of each layer (``store.shard_bounds``).
 """
 from __future__ import annotations
 
@@ -69,6 +79,7 @@ class Pipeline:
     norm_acc: torch.Tensor | None = None           # fp32 [H]: the final norm's gradient
     head_rows: int = 0                             # lm_head rows per vocabulary chunk (all of them: one pass)
     embed_grad_rows: torch.Tensor | None = None    # host: rows of the untied embedding's grad the last step wrote
+    dist: object = None                            # the data-parallel context (distributed.py), None: alone
     meter: "DeviceMeter" = None
     tracer: object = None
     checkpoint_budget: int | None = None           # bytes of activation checkpoints kept on the device (override)
@@ -87,6 +98,26 @@ class Pipeline:
     def head_chunks(self) -> list[Unit]:
         V = self.cfg.vocab_size
         return [Unit(self.head, a, min(a + self.head_rows, V)) for a in range(0, V, self.head_rows)]
+
+    @property
+    def sharded(self) -> bool:
+        """Whether this rank streams out only its shard of each reduced gradient (the node's ranks share one
+        host store, each updating its shard)."""
+        return self.dist is not None and getattr(self.store, "shared", None) is not None
+
+    def shard(self, layer: int) -> tuple[int, int]:
+        """Elements [lo, hi) of host layer ``layer`` whose gradient this rank writes: all of them unless sharded."""
+        if not self.sharded:
+            return 0, self.store.layouts[layer].numel
+        shared = self.store.shared
+        return self.store.shard_bounds(layer, shared.local_rank, shared.local_world)
+
+    def head_offsets(self, u: Unit) -> tuple[int, int, int]:
+        """(host layer, element offset there) of head chunk u's rows, and the final norm's offset in the head."""
+        H, offsets = self.cfg.hidden_size, {q.key: q.offset for q in self.store.layouts[self.head].params}
+        if self.cfg.tie_word_embeddings:
+            return 0, u.start * H, offsets["norm"]
+        return self.head, offsets["lm_head"] + u.start * H, offsets["norm"]
 
     def head_segments(self, buffers: list[torch.Tensor], u: Unit) -> tuple[torch.Tensor, torch.Tensor]:
         """(lm_head rows [start, stop), final norm) as flat views of one of the store's per-layer buffer lists."""
@@ -107,6 +138,7 @@ class DeviceMeter:
         self.peak = 0
         self.h2d_bytes = 0
         self.d2h_bytes = 0
+        self.reduced_bytes = 0          # data parallel: bytes of the tensors this rank all-reduced
 
     def add(self, t: torch.Tensor) -> torch.Tensor:
         with self._lock:
@@ -121,6 +153,11 @@ class DeviceMeter:
     def reset_peak(self) -> None:
         with self._lock:
             self.peak = self.held
+
+    def reduced(self, t: torch.Tensor) -> None:
+        """Counts an all-reduce of t (a ring moves 2·(W-1)/W of its bytes out of each rank, and as many in)."""
+        with self._lock:
+            self.reduced_bytes += t.numel() * t.element_size()
 
     def copied(self, t: torch.Tensor, to_device: bool) -> None:
         """Counts a host<->device copy of t's bytes (called where the copy runs)."""
@@ -243,13 +280,16 @@ def compute(p: Pipeline, i: int, slot: int | None, work, name: str) -> None:
         p.slot_free[slot] = p.dev.record("compute")
 
 
-def stream_out(p: Pipeline, name: str, acc: torch.Tensor, host: torch.Tensor):
+def stream_out(p: Pipeline, name: str, acc: torch.Tensor, host: torch.Tensor, before=None):
     """copy_out stream. Waits for the compute that finished a gradient and copies the fp32 accumulator ``acc``
     into ``host`` (a host grad buffer or a slice of it; on CUDA rounded on the device first: half the bus bytes
-    in bf16 mode). Returns the event after which the accumulator may be reused."""
+    in bf16 mode), after running ``before()`` on the stream (data parallel: the wait for the reduction, the
+    norm). Returns the event after which the accumulator may be reused."""
     p.dev.wait("copy_out", p.dev.record("compute"))
 
     def copy():
+        if before is not None:
+            before()
         p.meter.copied(host, to_device=False)
         if acc.device.type == "cpu":
             host.copy_(acc)
@@ -259,6 +299,47 @@ def stream_out(p: Pipeline, name: str, acc: torch.Tensor, host: torch.Tensor):
         p.dev.retain(staged, "copy_out")    # freed now, its memory reused only after the copy has run
     p.dev.submit("copy_out", _traced(p, f"stream_out {name}", "copy_out", copy))
     return p.dev.record("copy_out")
+
+
+def stream_out_gradient(p: Pipeline, name: str, acc: torch.Tensor, host: torch.Tensor, totals: dict, key: str,
+                        layer: int | None, offset: int = 0, norm: bool = True):
+    """Host, right after submitting the compute that completed the fp32 gradient ``acc``: elements
+    [offset, offset + n) of host layer ``layer``, to go into ``host`` (the same range of its grad buffer).
+    Alone: stream_out (the compute work took the norm). Data parallel: a compute task sums ``acc`` over the
+    ranks; then, on the copy_out stream, the squared norm of this rank's shard of it into totals[key] (if
+    ``norm``) and the shard's copy (layer None: all of it). Sharded (a node-shared store), the sum is a
+    reduce-scatter inside the node onto each local rank's shard (half an all-reduce's bytes), then an
+    all-reduce of the shard across the nodes: only this rank's shard of ``acc`` holds the sum.
+    Returns the event after which ``acc`` may be reused."""
+    if p.dist is None:
+        return stream_out(p, name, acc, host)
+    n = acc.numel()
+
+    def within(lo: int, hi: int) -> tuple[int, int]:          # a layer's element range, in acc's positions
+        a = min(max(lo - offset, 0), n)
+        return a, max(a, min(hi - offset, n))
+    parts = None
+    if layer is None:
+        a, b = 0, n
+    elif p.sharded:
+        local_world = p.store.shared.local_world
+        bounds = [within(*p.store.shard_bounds(layer, r, local_world)) for r in range(local_world)]
+        parts = [acc[x:y] for x, y in bounds]                 # every local rank's shard, covering acc
+        a, b = bounds[p.store.shared.local_rank]
+    else:
+        a, b = 0, n
+    pending = []
+
+    def reduce():
+        p.meter.reduced(acc)
+        pending.append(p.dist.reduce_gradient(acc, asynchronous=p.dev.type == "cuda", shards=parts))
+    p.dev.submit("compute", _traced(p, f"all_reduce {name}", "compute", reduce))
+
+    def reduced():
+        if pending[0] is not None:
+            pending[0].wait()                   # CUDA: this stream waits for the reduction, the host does not
+        totals[key] = _sq_norm(acc[a:b]) if norm else 0.0
+    return stream_out(p, name, acc[a:b], host[a:b], before=reduced)
 
 
 NORM_ROW = 1024   # elements of each fp32 partial sum in _sq_norm
@@ -360,7 +441,11 @@ class EmbeddingRows:
 
     def __init__(self, p: Pipeline, mbs: list[lt.MicroBatch]):
         self.p = p
-        self.ids, index = torch.unique(torch.cat([mb.host_ids for mb in mbs]), return_inverse=True)   # host
+        host_ids = torch.cat([mb.host_ids for mb in mbs])
+        self.ids, index = torch.unique(host_ids, return_inverse=True)                                # host
+        if p.dist is not None:    # every rank gathers the rows of every rank's ids: the reductions line up
+            self.ids = p.dist.union_ids(self.ids, p.cfg.vocab_size)
+            index = torch.searchsorted(self.ids, host_ids)
         self.index_host = index.split([mb.host_ids.numel() for mb in mbs])
         self.rows = None          # device [U, H] compute dtype, during the embedding's forward
         self.index = None         # device, per micro-batch [T] int64: positions in ids
@@ -427,13 +512,32 @@ def write_embedding_grad(p: Pipeline, emb: EmbeddingRows, rows: torch.Tensor) ->
     """Host, after the step's last copy-out: the gathered rows' gradients into the embedding's grad buffer.
     Untied, the rows the last step wrote are zeroed first (the rest are still zero); tied, the head's chunks
     wrote every row this step (zeros where these rows go)."""
-    grad = p.store.grad[0].view(-1, p.cfg.hidden_size)
-    ids = emb.ids.to(grad.device)               # the store's device: the host (meta in a dry run)
+    ids = emb.ids.to(p.store.grad[0].device)    # the store's device: the host (meta in a dry run)
     if not p.cfg.tie_word_embeddings:
         if p.embed_grad_rows is not None:
-            grad.index_fill_(0, p.embed_grad_rows, 0)
+            _write_rows(p, p.embed_grad_rows, None)
         p.embed_grad_rows = ids
-    grad.index_copy_(0, ids, rows.view(-1, p.cfg.hidden_size))
+    _write_rows(p, ids, rows.view(-1, p.cfg.hidden_size))
+
+
+def _write_rows(p: Pipeline, ids: torch.Tensor, rows: torch.Tensor | None) -> None:
+    """Host: embedding grad rows ``ids`` = ``rows`` (None: zeros), within this rank's shard of the embedding only
+    (a shard's bounds may cut a row: its part is written element-wise)."""
+    H = p.cfg.hidden_size
+    flat = p.store.grad[0]
+    grad = flat.view(-1, H)
+    lo, hi = p.shard(0)
+    if (lo, hi) == (0, flat.numel()):
+        grad.index_fill_(0, ids, 0) if rows is None else grad.index_copy_(0, ids, rows)
+        return
+    whole = (ids * H >= lo) & ((ids + 1) * H <= hi)
+    if rows is None:
+        grad.index_fill_(0, ids[whole], 0)
+    else:
+        grad.index_copy_(0, ids[whole], rows[whole])
+    for k in (~whole & (ids * H < hi) & ((ids + 1) * H > lo)).nonzero().reshape(-1).tolist():
+        start, r = int(ids[k]) * H, slice(max(lo - int(ids[k]) * H, 0), min(hi - int(ids[k]) * H, H))
+        flat[start + r.start:start + r.stop] = 0 if rows is None else rows[k, r]
 
 
 def run_step(p: Pipeline, mbs: list[lt.MicroBatch], grad_scale: float, preference=None):
@@ -486,8 +590,9 @@ def run_step(p: Pipeline, mbs: list[lt.MicroBatch], grad_scale: float, preferenc
         p.dev.wait("compute", p.acc_free[k])
         return k, p.accs[k][:numel]
 
-    def give_acc(k: int, name: str, acc: torch.Tensor, host: torch.Tensor) -> None:
-        p.acc_free[k] = stream_out(p, name, acc, host)
+    def give_acc(k: int, name: str, acc: torch.Tensor, host: torch.Tensor, key: str, layer: int,
+                 offset: int) -> None:
+        p.acc_free[k] = stream_out_gradient(p, name, acc, host, totals, key, layer, offset)
 
     # ---- embedding ---------------------------------------------------------------------------------------
     def embed():
@@ -501,7 +606,8 @@ def run_step(p: Pipeline, mbs: list[lt.MicroBatch], grad_scale: float, preferenc
             lt.embed_backward(d_rows, emb.index[m], grads[m], mbs[m].embed_grad_mask)
             p.meter.sub(grads[m])
             grads[m] = None
-        totals["sq_embed"] = _sq_norm(d_rows)
+        if p.dist is None:
+            totals["sq_embed"] = _sq_norm(d_rows)
 
     def drop_embed_grads():
         """A frozen embedding: the first decoder layer's d(x) has nowhere to go."""
@@ -536,10 +642,12 @@ def run_step(p: Pipeline, mbs: list[lt.MicroBatch], grad_scale: float, preferenc
                     dx = lt.decoder_backward(ops, cfg, w, g, ckpt.pop(u.layer, m), mb, grads[m])
                     p.meter.sub(grads[m])
                     grads[m] = p.meter.add(dx)
-                totals[f"sq_{u.layer}"] = _sq_norm(acc)
+                if p.dist is None:              # data parallel: the norm of the reduced gradient, later
+                    totals[f"sq_{u.layer}"] = _sq_norm(acc)
             state["acc"] = acc
             return decoder
-        return u, backward, lambda: give_acc(state["k"], p.name(u), state["acc"], trained.grad[u.layer])
+        return u, backward, lambda: give_acc(state["k"], p.name(u), state["acc"], trained.grad[u.layer],
+                                             f"sq_{u.layer}", u.layer, 0)
 
     # ---- head --------------------------------------------------------------------------------------------
     def head_gradient(u: Unit, state: dict):
@@ -565,15 +673,17 @@ def run_step(p: Pipeline, mbs: list[lt.MicroBatch], grad_scale: float, preferenc
                 rows = acc.view(-1, H)
                 emb.d_rows[lo:hi] = rows.index_select(0, local)
                 rows.index_fill_(0, local, 0.0)
-        totals[f"sq_head{u.start}"] = _sq_norm(acc)
+        if p.dist is None:
+            totals[f"sq_head{u.start}"] = _sq_norm(acc)
 
     def head_out(k: int, u: Unit, acc: torch.Tensor, last: bool) -> None:
         if acc is None:                          # frozen: nothing streams out
             return
         rows, norm = p.head_segments(p.store.grad, u)
-        give_acc(k, p.name(u), acc, rows)
+        layer, offset, norm_offset = p.head_offsets(u)
+        give_acc(k, p.name(u), acc, rows, f"sq_head{u.start}", layer, offset)
         if last:
-            stream_out(p, "head norm", p.norm_acc, norm)
+            stream_out_gradient(p, "head norm", p.norm_acc, norm, totals, "sq_norm", p.head, norm_offset)
 
     def head_fused_step(u: Unit):
         """One chunk holds the whole vocabulary: the fused one-pass cross-entropy."""
@@ -593,7 +703,7 @@ def run_step(p: Pipeline, mbs: list[lt.MicroBatch], grad_scale: float, preferenc
                     p.meter.sub(hidden[m])
                     hidden[m], grads[m] = None, p.meter.add(dx)
                 totals["loss"] = loss
-                if not frozen:
+                if not frozen and p.dist is None:
                     totals["sq_norm"] = _sq_norm(p.norm_acc)
                 head_gradient_done(u, acc)
             return head_loss
@@ -654,7 +764,7 @@ def run_step(p: Pipeline, mbs: list[lt.MicroBatch], grad_scale: float, preferenc
                         if t is not None:
                             p.meter.sub(t)
                     hidden[m], grads[m] = None, p.meter.add(dx)
-                if not frozen:
+                if not frozen and p.dist is None:
                     totals["sq_norm"] = _sq_norm(p.norm_acc)
             return head_grad
         return u, forward, lambda: head_out(state["k"], u, state["acc"], last)
@@ -675,13 +785,15 @@ def run_step(p: Pipeline, mbs: list[lt.MicroBatch], grad_scale: float, preferenc
     run_layers([decoder_step(Unit(i)) for i in range(1, L + 1)] + head_plan)   # decoders, the head's passes
     ckpt.prefetch(L)
     run_layers([decoder_backward_step(Unit(i)) for i in range(L, 0, -1)])    # decoders L..1, recomputed
-    if not frozen:
+    if frozen:
+        compute(p, 0, None, drop_embed_grads, "backward embed (frozen: nothing)")
+    else:
         d_rows = emb.grad()
         compute(p, 0, None, lambda: embed_backward(d_rows), "backward embed")    # needs no weights: a scatter-add
         rows_grad = p.dev.host_empty((emb.ids.numel() * H,), p.store.grad[0].dtype)
-        stream_out(p, "embed rows", d_rows.view(-1), rows_grad)
-    else:
-        compute(p, 0, None, drop_embed_grads, "backward embed (frozen: nothing)")
+        # every rank takes every row (each writes its shard of them); one rank of a node norms them
+        stream_out_gradient(p, "embed rows", d_rows.view(-1), rows_grad, totals, "sq_embed", None,
+                            norm=not p.sharded or p.store.shared.local_rank == 0)
 
     # sync: the loss and the gradient norm are needed on the host to clip and to report
     p.dev.sync(p.dev.record("compute"))

@@ -1,0 +1,126 @@
+"""One data-parallel rank for tests/test_distributed.py, run by horizon_triton.distributed.spawn (or torchrun):
+trains an Engine on its share of the batches and saves what the test compares (history, master weights)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import traceback
+from pathlib import Path
+
+import torch
+
+import horizon_triton as ht
+from horizon_triton import distributed
+
+VOCAB = 64
+
+
+def batches(n: int, seed: int = 1, batch: int = 2, seq: int = 12, vocab: int = VOCAB, pad_id: int | None = None):
+    """n micro-batches of random tokens; rows of different lengths where pad_id is given (right-padded)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for k in range(n):
+        ids = torch.randint(0, vocab, (batch, seq), generator=g)
+        labels = ids.clone()
+        labels[:, :3] = -100
+        item = {"input_ids": ids, "labels": labels}
+        if pad_id is not None:
+            mask = torch.ones(batch, seq, dtype=torch.long)
+            mask[0, seq - 1 - k % 4:] = 0
+            ids[mask == 0] = pad_id
+            labels[mask == 0] = -100
+            item["attention_mask"] = mask
+        out.append(item)
+    return out
+
+
+def configs(spec: dict) -> tuple[ht.ModelConfig, ht.TrainConfig]:
+    model = ht.preset("tiny", **spec.get("model", {}))
+    train = ht.TrainConfig(**{"lr": 1e-3, "weight_decay": 0.1, "max_grad_norm": 0.5, "device": "cpu",
+                              "optimizer_threads": 1, "preflight": False, **spec.get("train", {})})
+    return model, train
+
+
+def masters(engine) -> list[torch.Tensor]:
+    return [engine.store.master_values(i).clone() for i in range(engine.store.num_layers)]
+
+
+def run_rank(rank: int, out_dir: str, spec: dict) -> None:
+    """spec: model/train overrides (rank_train: per rank), batches (count, seed, pad_id), per_rank_counts (the
+    rank's first so many), no_len (its loader an iterator), steps, fail (rank, step, how: "data", "raise" or "kill"),
+    save, checkpoint_to (a training checkpoint at the end), resume (from a checkpoint, skipping the batches it
+    had consumed)."""
+    torch.set_num_threads(1)
+    out = Path(out_dir)
+    model_cfg, train_cfg = configs(spec)
+    if spec.get("rank_train"):            # a per-rank override (the mismatched-config test)
+        train_cfg = ht.TrainConfig(**{**train_cfg.__dict__, **spec["rank_train"].get(str(rank), {})})
+    world = int(os.environ["WORLD_SIZE"])
+    data = batches(**spec["batches"])
+    mine = data[rank::world][:spec.get("per_rank_counts", {}).get(str(rank))]
+    fail = spec.get("fail")
+    if fail and fail["rank"] == rank and fail["how"] == "data":     # a bad token id in this rank's batch
+        bad = (fail["step"] - 1) * train_cfg.grad_accum_steps
+        mine[bad] = dict(mine[bad], input_ids=mine[bad]["input_ids"].clone())
+        mine[bad]["input_ids"][0, 0] = VOCAB + 7
+    try:
+        if spec.get("resume"):            # continue a checkpointed job where it stopped
+            engine = ht.Engine.from_checkpoint(spec["resume"], train_cfg)
+            mine = mine[engine.micro_batches:]
+        else:
+            engine = ht.Engine(model_cfg, train_cfg)
+
+        def callback(entry):
+            if fail and fail["rank"] == rank and fail["how"] == "raise" and entry["step"] == fail["step"]:
+                raise RuntimeError(f"a bug on rank {rank} at step {entry['step']}")
+            if fail and fail["rank"] == rank and fail["how"] == "kill" and entry["step"] == fail["step"]:
+                os.kill(os.getpid(), signal.SIGKILL)      # as the kernel's OOM killer would
+        history = engine.fit(iter(mine) if spec.get("no_len") else mine, max_steps=spec.get("steps"), callback=callback)
+        if spec.get("save"):
+            engine.save_pretrained(out / "model")
+            engine.save_checkpoint(out / "checkpoints")
+        if spec.get("checkpoint_to"):
+            engine.save_checkpoint(spec["checkpoint_to"])
+        d = engine.dist
+        place = {"node": d.node, "num_nodes": d.num_nodes, "local_rank": d.local_rank, "local_world": d.local_world}
+        torch.save({"history": history, "masters": masters(engine), "place": place}, out / f"rank{rank}.pt")
+        engine.close()
+        distributed.close()
+    except BaseException as e:
+        (out / f"error{rank}.txt").write_text(f"{type(e).__name__}: {e}")
+        traceback.print_exc()
+        raise
+
+
+def run_rank_on_nodes(rank: int, out_dir: str, spec: dict, per_node: int) -> None:
+    """run_rank as if the job's ranks ran on nodes of ``per_node`` ranks each (torchrun's node rank and local
+    rank in the environment)."""
+    os.environ.update(GROUP_RANK=str(rank // per_node), LOCAL_RANK=str(rank % per_node),
+                      LOCAL_WORLD_SIZE=str(per_node))
+    run_rank(rank, out_dir, spec)
+
+
+def reduce_shards(rank: int, out_dir: str, per_node: int) -> None:
+    """The CUDA path's sharded reduction (reduce-scatter in the node, all-reduce across nodes) run on gloo:
+    rank r's tensor is (r + 1)·[0, 1, …, 9]; each local rank keeps its uneven shard of the sum."""
+    os.environ.update(GROUP_RANK=str(rank // per_node), LOCAL_RANK=str(rank % per_node),
+                      LOCAL_WORLD_SIZE=str(per_node))
+    ctx = distributed.context("cpu")
+    t = torch.arange(10, dtype=torch.float32) * (rank + 1)
+    cuts = [0, 3, 10] if per_node == 2 else [0, 10]
+    shards = [t[a:b] for a, b in zip(cuts, cuts[1:])]
+    ctx.reduce_gradient(t, asynchronous=True, shards=shards).wait()
+    torch.save(shards[ctx.local_rank].clone(), Path(out_dir) / f"shard{rank}.pt")
+    ctx.barrier()
+    distributed.close()                   # no gloo work left to the interpreter's exit
+
+
+def main() -> None:
+    """torchrun entry: python -m torch.distributed.run ... tests/distributed_worker.py OUT SPEC_JSON."""
+    run_rank(int(os.environ["RANK"]), sys.argv[1], json.loads(sys.argv[2]))
+
+
+if __name__ == "__main__":
+    main()
