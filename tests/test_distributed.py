@@ -229,6 +229,16 @@ def test_mismatched_configs_are_refused_naming_field_and_ranks(tmp_path):
         assert "the train config differs" in text and "lr is 0.001 on ranks 0; 0.5 on ranks 1" in text, text
 
 
+@pytest.mark.parametrize("train, what", [({"objective": "dpo"}, "objective='dpo'"),
+                                         ({"lora_rank": 2}, "LoRA (lora_rank)")])
+def test_dpo_and_lora_are_refused_under_data_parallel(tmp_path, train, what):
+    spec = {"train": {**FP32, **train}, "batches": {"n": 4, "seed": 9}}
+    codes, errors, _ = launch_apart(tmp_path, spec)
+    assert all(code != 0 for code in codes)
+    for text in errors:
+        assert f"{what} does not run data-parallel yet" in text and "world size 2" in text, text
+
+
 def test_mismatched_loader_lengths_are_refused(tmp_path):
     spec = {"train": FP32, "batches": {"n": 12, "seed": 9}, "per_rank_counts": {"0": 6, "1": 4}}
     codes, errors, _ = launch_apart(tmp_path, spec)
