@@ -268,19 +268,26 @@ def test_sharded_loader_deals_batches_out():
 # ------------------------------------------------------------------------------------------------------------
 # torchrun
 # ------------------------------------------------------------------------------------------------------------
+def _torchrun_and_alone(tmp_path, common: list[str], timeout: int) -> subprocess.CompletedProcess:
+    """The CLI with ``common`` under torchrun on 2 ranks into tmp_path/dp, and alone with --grad-accum 2 into
+    tmp_path/one."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
+                          "-m", "horizon_triton.cli", *common, "--out", str(tmp_path / "dp")],
+                         env=env, capture_output=True, text=True, timeout=timeout)
+    assert run.returncode == 0, run.stderr[-3000:]
+    alone = subprocess.run([sys.executable, "-m", "horizon_triton.cli", *common, "--grad-accum", "2", "--out",
+                            str(tmp_path / "one")], env=env, capture_output=True, text=True, timeout=timeout)
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    return run
+
+
 def test_cli_demo_under_torchrun_matches_one_process(tmp_path):
     """torchrun --nproc-per-node 2 -m horizon_triton.cli train: each rank every other micro-batch of the demo's
     generated data; rank 0 writes metrics.jsonl and the model; the figures are those of one process with
     --grad-accum 2."""
     common = ["train", "--steps", "3", "--eval-every", "100", "--eval-problems", "8", "--batch-size", "8"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
-                          "-m", "horizon_triton.cli", *common, "--out", str(tmp_path / "dp")],
-                         env=env, capture_output=True, text=True, timeout=240)
-    assert run.returncode == 0, run.stderr[-3000:]
-    alone = subprocess.run([sys.executable, "-m", "horizon_triton.cli", *common, "--grad-accum", "2", "--out",
-                            str(tmp_path / "one")], env=env, capture_output=True, text=True, timeout=240)
-    assert alone.returncode == 0, alone.stderr[-3000:]
+    run = _torchrun_and_alone(tmp_path, common, timeout=240)
 
     def train_lines(run_dir):
         lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -381,14 +388,7 @@ def test_cli_finetune_under_torchrun_matches_one_process(tmp_path):
     data.write_text("".join(json.dumps(r) + "\n" for r in records))
     common = ["train", "--model", str(src), "--data", str(data), "--device", "cpu", "--dtype", "float32",
               "--steps", "3", "--batch-size", "2", "--seq-len", "24", "--eval-split", "0.25", "--lr", "1e-3"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
-                          "-m", "horizon_triton.cli", *common, "--out", str(tmp_path / "dp")],
-                         env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    alone = subprocess.run([sys.executable, "-m", "horizon_triton.cli", *common, "--grad-accum", "2", "--out",
-                            str(tmp_path / "one")], env=env, capture_output=True, text=True, timeout=300)
-    assert alone.returncode == 0, alone.stderr[-3000:]
+    _torchrun_and_alone(tmp_path, common, timeout=300)
 
     def lines(run_dir, kind):
         return [x for x in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if x["kind"] == kind]
