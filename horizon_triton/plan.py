@@ -28,7 +28,7 @@ from .checkpoint import DTYPES
 from .config import ModelConfig, TrainConfig
 from .device import STREAMS, host_memory_info
 from .dryrun import DryRun, dry_run, host_store_bytes
-from .scheduler import CROSS_ENTROPY_TOKEN_CHUNK
+from .activations import CROSS_ENTROPY_TOKEN_CHUNK
 from .lora import spec_of
 from .store import HostStore
 

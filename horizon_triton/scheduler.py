@@ -32,6 +32,9 @@ Ordering, enforced with events so that the async test device catches any missing
 - a gradient accumulator is zeroed for reuse only after its copy-out   (acc_free[k])
 - layer i streams in only after the optimizer updated it               (host waits optimizer.layer_done(i))
 
+The step's activation checkpoints and their default budget are in activations.py, its embedding rows (gathered
+on the host, their gradient written back) in embedding_rows.py.
+
 Data parallel (``p.dist``, distributed.py): every completed fp32 gradient (a decoder layer's accumulator, a head
 chunk's, the final norm's, the embedding rows') is all-reduced (summed) over the ranks by a compute-stream task
 queued right after the work that completed it, so every rank issues the same reductions in the same order.
@@ -50,8 +53,11 @@ from dataclasses import dataclass, field
 import torch
 
 from . import layer as lt
+from .activations import Checkpoints, default_checkpoint_budget
 from .config import ModelConfig
+from .embedding_rows import EmbeddingRows, stream_in_embedding, write_embedding_grad
 from .store import HostStore
+from .trace import traced
 
 
 @dataclass(frozen=True)
@@ -195,42 +201,6 @@ def build_pipeline(cfg, store, ops, dev, optimizer, num_slots: int, tracer=None,
     return p
 
 
-CROSS_ENTROPY_TOKEN_CHUNK = 4096   # tokens whose logits exist at once in the head (the ops' chunk_size default)
-
-
-def backward_bytes_per_token(cfg: ModelConfig, itemsize: int) -> int:
-    """Device bytes a decoder layer's recompute + backward holds per token of one micro-batch, at its peak: what
-    _decoder_recompute keeps (qkv, contiguous q/k/v, normed q/k, attention output, h, gate_up, act) and the
-    backward's live gradients (d_act, d_gate_up, d_h, d_attn, dq/dk/dv, d_qkv), in the compute dtype, plus the
-    fp32 widenings the weight-gradient products make of one [T, 2I] and one [T, H] operand, and the attention's
-    fp32 lse and dq workspace."""
-    q, kv, H, I = cfg.q_size, cfg.kv_size, cfg.hidden_size, cfg.intermediate_size
-    kept = (q + 2 * kv) + (q + 2 * kv) + (q + kv) * cfg.qk_norm + q + H + 2 * I + I
-    live = I + 2 * I + H + q + (q + 2 * kv) * 2
-    return itemsize * (kept + live) + 4 * (2 * I + H + cfg.num_heads + q)
-
-
-def default_checkpoint_budget(p: Pipeline, free_bytes: int, mb_tokens: list[int], unique_rows: int) -> int:
-    """Bytes of activation checkpoints the device can keep this step, from its free memory at the step's start
-    (slots and accumulators already allocated):
-
-        budget = free − margin − activations − backward − head − embedding,   margin = free / 20
-        activations = Σ_m T_m·H·(3b + 4)      hidden, the head's x̂ and fp32 d(x̂), the d(x) it returns
-        backward    = max_m T_m · backward_bytes_per_token(b)            one micro-batch through one layer
-        head        = min(T_max, 4096) · V_c · (b + 8)                   one logits chunk, fp32 softmax
-        embedding   = U·H·(b + 4)                                         gathered rows, their fp32 gradient
-
-    with b the compute dtype's bytes, T_m the micro-batches' tokens, V_c the head's rows per chunk and U the
-    step's distinct token ids; never below 0 (then every checkpoint is offloaded to the host)."""
-    b, H = p.store.compute_dtype.itemsize, p.cfg.hidden_size
-    T_max = max(mb_tokens, default=0)
-    # a frozen base (LoRA) keeps both norms' outputs for its adapters: the fused norm + matmul is split there
-    per_token = backward_bytes_per_token(p.cfg, b) + (2 * H * b if p.store.lora is not None else 0)
-    need = (sum(mb_tokens) * H * (3 * b + 4) + T_max * per_token
-            + min(T_max, CROSS_ENTROPY_TOKEN_CHUNK) * p.head_rows * (b + 8) + unique_rows * H * (b + 4))
-    return max(0, free_bytes - free_bytes // 20 - need)
-
-
 # ------------------------------------------------------------------------------------------------------------
 # the four primitives
 # ------------------------------------------------------------------------------------------------------------
@@ -251,7 +221,7 @@ def stream_in(p: Pipeline, u: Unit, slot: int) -> None:
         def copy(seg=seg, host=host):
             seg.copy_(host, non_blocking=True)
             p.meter.copied(host, to_device=True)
-        p.dev.submit("copy_in", _traced(p, f"stream_in {p.name(u)}", "copy_in", copy))
+        p.dev.submit("copy_in", traced(p.tracer, f"stream_in {p.name(u)}", "copy_in", copy))
         offset += host.numel()
     p.slot_ready[slot] = p.dev.record("copy_in")
 
@@ -275,7 +245,7 @@ def compute(p: Pipeline, i: int, slot: int | None, work, name: str) -> None:
     records slot_free[slot] so the copy-in stream may refill the slot."""
     if slot is not None:
         p.dev.wait("compute", p.slot_ready[slot])
-    p.dev.submit("compute", _traced(p, name, "compute", work))
+    p.dev.submit("compute", traced(p.tracer, name, "compute", work))
     if slot is not None:
         p.slot_free[slot] = p.dev.record("compute")
 
@@ -297,7 +267,7 @@ def stream_out(p: Pipeline, name: str, acc: torch.Tensor, host: torch.Tensor, be
         staged = acc.to(host.dtype)
         host.copy_(staged, non_blocking=True)
         p.dev.retain(staged, "copy_out")    # freed now, its memory reused only after the copy has run
-    p.dev.submit("copy_out", _traced(p, f"stream_out {name}", "copy_out", copy))
+    p.dev.submit("copy_out", traced(p.tracer, f"stream_out {name}", "copy_out", copy))
     return p.dev.record("copy_out")
 
 
@@ -333,7 +303,7 @@ def stream_out_gradient(p: Pipeline, name: str, acc: torch.Tensor, host: torch.T
     def reduce():
         p.meter.reduced(acc)
         pending.append(p.dist.reduce_gradient(acc, asynchronous=p.dev.type == "cuda", shards=parts))
-    p.dev.submit("compute", _traced(p, f"all_reduce {name}", "compute", reduce))
+    p.dev.submit("compute", traced(p.tracer, f"all_reduce {name}", "compute", reduce))
 
     def reduced():
         if pending[0] is not None:
@@ -357,189 +327,9 @@ def _sq_norm(acc: torch.Tensor) -> torch.Tensor:
     return rows.double().square().sum() + tail.square()
 
 
-def _traced(p: Pipeline, name: str, stream: str, fn):
-    return fn if p.tracer is None else p.tracer.wrap(name, stream, fn)
-
-
 # ------------------------------------------------------------------------------------------------------------
 # one optimizer step's forward and backward
 # ------------------------------------------------------------------------------------------------------------
-class Checkpoints:
-    """Each decoder layer's input per micro-batch. Kept on the device while they fit ``budget`` bytes; the rest go
-    to host memory on the copy-out stream during the forward and come back on the copy-in stream one layer
-    ahead of the backward. Which ones go is decided on the host from their sizes, so no sync is needed."""
-
-    def __init__(self, p: Pipeline, num_layers: int, num_mbs: int, budget: int | None):
-        self.p = p
-        self.budget = budget                                                  # None: keep every one
-        self.on_device = [[None] * num_mbs for _ in range(num_layers + 1)]   # [layer][mb] device tensors
-        self.on_host = [[None] * num_mbs for _ in range(num_layers + 1)]     # [layer][mb] host tensors
-        self.offloaded = [([], None)] * (num_layers + 1)                      # (mbs, event: copies done)
-        self.ready = [None] * (num_layers + 1)                                # event: prefetch done
-        self.kept_bytes = 0
-
-    def save(self, i: int, hidden: list, nbytes: list[int]) -> None:
-        """Host, after the compute that produced layer i's input in ``hidden``: keep it or stream it out."""
-        p = self.p
-        offload = []
-        for m, size in enumerate(nbytes):
-            keep = self.budget is None or self.kept_bytes + size <= self.budget
-            self.kept_bytes += size if keep else 0
-            if not keep:
-                offload.append(m)
-            # compute stream, right after the producing work: hold this very tensor (hidden[m] moves on)
-            p.dev.submit("compute", lambda m=m, keep=keep: (self.on_device[i].__setitem__(m, p.meter.add(hidden[m]))
-                                                           if keep else self.on_host[i].__setitem__(m, hidden[m])))
-        if not offload:
-            return
-        p.dev.wait("copy_out", p.dev.record("compute"))
-        for m in offload:
-            def copy(m=m):
-                x = self.on_host[i][m]
-                host = p.dev.host_empty(x.shape, x.dtype)
-                host.copy_(x, non_blocking=True)
-                p.meter.copied(x, to_device=False)
-                p.dev.retain(x, "copy_out")      # the compute stream may drop x before this copy ran
-                self.on_host[i][m] = host
-            p.dev.submit("copy_out", _traced(p, f"offload checkpoint {i}", "copy_out", copy))
-        self.offloaded[i] = (offload, p.dev.record("copy_out"))
-
-    def prefetch(self, i: int) -> None:
-        """copy_in stream: brings layer i's offloaded inputs back; ``wait(i)`` makes compute wait for them."""
-        p = self.p
-        todo, copied = self.offloaded[i]
-        if not todo:
-            return
-        p.dev.wait("copy_in", copied)
-        for m in todo:
-            def copy(m=m):
-                host = self.on_host[i][m]
-                x = torch.empty(host.shape, dtype=host.dtype, device=p.dev.torch_device)
-                x.copy_(host, non_blocking=True)
-                p.meter.copied(host, to_device=True)
-                p.dev.retain(x, "compute")
-                self.on_device[i][m], self.on_host[i][m] = p.meter.add(x), None
-            p.dev.submit("copy_in", _traced(p, f"prefetch checkpoint {i}", "copy_in", copy))
-        self.ready[i] = p.dev.record("copy_in")
-
-    def wait(self, i: int) -> None:
-        self.p.dev.wait("compute", self.ready[i])
-
-    def pop(self, i: int, m: int) -> torch.Tensor:
-        """Compute stream: the checkpoint, released from the engine's bookkeeping."""
-        x = self.on_device[i][m]
-        self.on_device[i][m] = None
-        self.p.meter.sub(x)
-        return x
-
-
-class EmbeddingRows:
-    """The step's embedding rows. The table stays on the host: the distinct token ids of all micro-batches
-    (sorted, found on the host, no sync) are gathered there and cross the bus once; each token reads its row
-    through ``index``. The backward accumulates fp32 gradients of those rows only, which the host writes into
-    the embedding's grad buffer at the end of the step (every other row is zero, or the tied head's gradient)."""
-
-    def __init__(self, p: Pipeline, mbs: list[lt.MicroBatch]):
-        self.p = p
-        host_ids = torch.cat([mb.host_ids for mb in mbs])
-        self.ids, index = torch.unique(host_ids, return_inverse=True)                                # host
-        if p.dist is not None:    # every rank gathers the rows of every rank's ids: the reductions line up
-            self.ids = p.dist.union_ids(self.ids, p.cfg.vocab_size)
-            index = torch.searchsorted(self.ids, host_ids)
-        self.index_host = index.split([mb.host_ids.numel() for mb in mbs])
-        self.rows = None          # device [U, H] compute dtype, during the embedding's forward
-        self.index = None         # device, per micro-batch [T] int64: positions in ids
-        self.index_all = None     # the tensor those are views of
-        self.ids_dev = None       # device [U] int64 (tied: the head's chunks pick these rows of their gradient)
-        self.d_rows = None        # device fp32 [U, H], from the head (tied) or the embedding's backward on
-        self.ready = None         # event: rows and indices are on the device
-
-    def locate(self, start: int, stop: int) -> tuple[int, int]:
-        """Host: the positions [lo, hi) in ids of the rows inside [start, stop) (ids are sorted)."""
-        lo, hi = torch.searchsorted(self.ids, torch.tensor([start, stop])).tolist()
-        return lo, hi
-
-    def grad(self) -> torch.Tensor:
-        """Host, when the compute work that first adds to it is made: the fp32 row gradient, zeroed (the
-        tied head needs it from its first gradient chunk on, the untied embedding from its backward)."""
-        if self.d_rows is None:
-            self.d_rows = self.p.meter.add(torch.zeros(self.ids.numel(), self.p.cfg.hidden_size,
-                                                       dtype=torch.float32, device=self.p.dev.torch_device))
-        return self.d_rows
-
-    def release(self) -> None:
-        """Host, after the step's last sync: what the engine's bookkeeping still counts."""
-        for t in (self.index_all, self.ids_dev, self.d_rows):
-            if t is not None:
-                self.p.meter.sub(t)
-
-
-def _to_device(p: Pipeline, host: torch.Tensor) -> torch.Tensor:
-    """copy_in stream: a device copy of a host tensor, through a pinned buffer where the device copies
-    asynchronously; kept alive for the compute stream that reads it."""
-    if p.dev.pin_memory and not p.dev.is_pinned(host):
-        staged = p.dev.host_empty(host.shape, host.dtype)
-        staged.copy_(host)
-        host = staged
-    x = torch.empty(host.shape, dtype=host.dtype, device=p.dev.torch_device)
-    x.copy_(host, non_blocking=True)
-    p.meter.copied(host, to_device=True)
-    p.dev.retain(x, "compute")
-    return x
-
-
-def stream_in_embedding(p: Pipeline, emb: EmbeddingRows) -> None:
-    """copy_in stream. Waits (host) for the optimizer to have updated the embedding; gathers the step's rows of
-    the host table (host work, into pinned memory on CUDA) and copies them and each token's row index in."""
-    p.optimizer.wait_layer(0)
-    H = p.cfg.hidden_size
-
-    def copy():
-        table = p.store.working[0].view(-1, H)
-        host_rows = p.dev.host_empty((emb.ids.numel(), H), table.dtype)
-        torch.index_select(table, 0, emb.ids.to(table.device), out=host_rows)
-        host_index = torch.cat(emb.index_host)
-        rows, index = _to_device(p, host_rows), _to_device(p, host_index)
-        if p.cfg.tie_word_embeddings:
-            emb.ids_dev = p.meter.add(_to_device(p, emb.ids))
-        emb.rows, emb.index_all = p.meter.add(rows), p.meter.add(index)
-        emb.index = index.split([t.numel() for t in emb.index_host])
-    p.dev.submit("copy_in", _traced(p, "stream_in embed rows", "copy_in", copy))
-    emb.ready = p.dev.record("copy_in")
-
-
-def write_embedding_grad(p: Pipeline, emb: EmbeddingRows, rows: torch.Tensor) -> None:
-    """Host, after the step's last copy-out: the gathered rows' gradients into the embedding's grad buffer.
-    Untied, the rows the last step wrote are zeroed first (the rest are still zero); tied, the head's chunks
-    wrote every row this step (zeros where these rows go)."""
-    ids = emb.ids.to(p.store.grad[0].device)    # the store's device: the host (meta in a dry run)
-    if not p.cfg.tie_word_embeddings:
-        if p.embed_grad_rows is not None:
-            _write_rows(p, p.embed_grad_rows, None)
-        p.embed_grad_rows = ids
-    _write_rows(p, ids, rows.view(-1, p.cfg.hidden_size))
-
-
-def _write_rows(p: Pipeline, ids: torch.Tensor, rows: torch.Tensor | None) -> None:
-    """Host: embedding grad rows ``ids`` = ``rows`` (None: zeros), within this rank's shard of the embedding only
-    (a shard's bounds may cut a row: its part is written element-wise)."""
-    H = p.cfg.hidden_size
-    flat = p.store.grad[0]
-    grad = flat.view(-1, H)
-    lo, hi = p.shard(0)
-    if (lo, hi) == (0, flat.numel()):
-        grad.index_fill_(0, ids, 0) if rows is None else grad.index_copy_(0, ids, rows)
-        return
-    whole = (ids * H >= lo) & ((ids + 1) * H <= hi)
-    if rows is None:
-        grad.index_fill_(0, ids[whole], 0)
-    else:
-        grad.index_copy_(0, ids[whole], rows[whole])
-    for k in (~whole & (ids * H < hi) & ((ids + 1) * H > lo)).nonzero().reshape(-1).tolist():
-        start, r = int(ids[k]) * H, slice(max(lo - int(ids[k]) * H, 0), min(hi - int(ids[k]) * H, H))
-        flat[start + r.start:start + r.stop] = 0 if rows is None else rows[k, r]
-
-
 def run_step(p: Pipeline, mbs: list[lt.MicroBatch], grad_scale: float, preference=None):
     """Embedding rows in, forward through every decoder layer, the head (its backward included) in vocabulary
     chunks, then the backward in reverse and the embedding rows' gradients out.

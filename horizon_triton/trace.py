@@ -21,6 +21,11 @@ LANES = {"compute": 1, "copy_in": 2, "copy_out": 3, "optimizer": 4}
 MAX_SPANS = 100_000
 
 
+def traced(tracer, name: str, lane: str, fn):
+    """fn itself without a tracer, else fn timed as a span named ``name`` on ``lane`` where it runs."""
+    return fn if tracer is None else tracer.wrap(name, lane, fn)
+
+
 class Tracer:
     def __init__(self, max_spans: int = MAX_SPANS):
         self._lock = threading.Lock()
