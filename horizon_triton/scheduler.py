@@ -373,6 +373,12 @@ def run_step(p: Pipeline, mbs: list[lt.MicroBatch], grad_scale: float, preferenc
             if pos + S - 1 < len(plan):     # refills the slot of compute pos-1 (stream_in waits for it)
                 stream_in(p, plan[pos + S - 1][0], (pos + S - 1) % S)
 
+    def norm_before_reduction(key: str, acc: torch.Tensor) -> None:
+        """Compute stream, once ``acc`` holds its gradient: alone, its squared norm into totals[key]; data
+        parallel, nothing here (stream_out_gradient norms the reduced gradient on the copy_out stream)."""
+        if p.dist is None:
+            totals[key] = _sq_norm(acc)
+
     def take_acc(numel: int):
         """The next ping-pong accumulator (its previous gradient has left the device before compute zeroes it)."""
         k = acc_turn[0] % 2
@@ -396,8 +402,7 @@ def run_step(p: Pipeline, mbs: list[lt.MicroBatch], grad_scale: float, preferenc
             lt.embed_backward(d_rows, emb.index[m], grads[m], mbs[m].embed_grad_mask)
             p.meter.sub(grads[m])
             grads[m] = None
-        if p.dist is None:
-            totals["sq_embed"] = _sq_norm(d_rows)
+        norm_before_reduction("sq_embed", d_rows)
 
     def drop_embed_grads():
         """A frozen embedding: the first decoder layer's d(x) has nowhere to go."""
@@ -432,8 +437,7 @@ def run_step(p: Pipeline, mbs: list[lt.MicroBatch], grad_scale: float, preferenc
                     dx = lt.decoder_backward(ops, cfg, w, g, ckpt.pop(u.layer, m), mb, grads[m])
                     p.meter.sub(grads[m])
                     grads[m] = p.meter.add(dx)
-                if p.dist is None:              # data parallel: the norm of the reduced gradient, later
-                    totals[f"sq_{u.layer}"] = _sq_norm(acc)
+                norm_before_reduction(f"sq_{u.layer}", acc)
             state["acc"] = acc
             return decoder
         return u, backward, lambda: give_acc(state["k"], p.name(u), state["acc"], trained.grad[u.layer],
@@ -463,8 +467,7 @@ def run_step(p: Pipeline, mbs: list[lt.MicroBatch], grad_scale: float, preferenc
                 rows = acc.view(-1, H)
                 emb.d_rows[lo:hi] = rows.index_select(0, local)
                 rows.index_fill_(0, local, 0.0)
-        if p.dist is None:
-            totals[f"sq_head{u.start}"] = _sq_norm(acc)
+        norm_before_reduction(f"sq_head{u.start}", acc)
 
     def head_out(k: int, u: Unit, acc: torch.Tensor, last: bool) -> None:
         if acc is None:                          # frozen: nothing streams out
@@ -493,8 +496,8 @@ def run_step(p: Pipeline, mbs: list[lt.MicroBatch], grad_scale: float, preferenc
                     p.meter.sub(hidden[m])
                     hidden[m], grads[m] = None, p.meter.add(dx)
                 totals["loss"] = loss
-                if not frozen and p.dist is None:
-                    totals["sq_norm"] = _sq_norm(p.norm_acc)
+                if not frozen:                  # frozen: the norm's gradient is scratch
+                    norm_before_reduction("sq_norm", p.norm_acc)
                 head_gradient_done(u, acc)
             return head_loss
         return u, forward, lambda: head_out(state["k"], u, state["acc"], last=True)
@@ -554,8 +557,8 @@ def run_step(p: Pipeline, mbs: list[lt.MicroBatch], grad_scale: float, preferenc
                         if t is not None:
                             p.meter.sub(t)
                     hidden[m], grads[m] = None, p.meter.add(dx)
-                if not frozen and p.dist is None:
-                    totals["sq_norm"] = _sq_norm(p.norm_acc)
+                if not frozen:                  # frozen: the norm's gradient is scratch
+                    norm_before_reduction("sq_norm", p.norm_acc)
             return head_grad
         return u, forward, lambda: head_out(state["k"], u, state["acc"], last)
 
