@@ -48,6 +48,21 @@ FREE_OPS = {aten.empty, aten.empty_strided, aten.empty_like, aten.detach, aten.a
             aten.lift_fresh, aten.lift_fresh_copy}
 
 
+def meta_addmm_dtype_out(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype, *,
+                         out: torch.Tensor, beta=1, alpha=1) -> torch.Tensor:
+    """``addmm(acc, a, b, out_dtype=..., out=out)`` on meta tensors: checks what CUDA checks and returns ``out``.
+
+    Never calls PyTorch's own meta decomposition: torch 2.11's binds ``out_dtype`` as ``beta`` and raises TypeError,
+    which would stop every dry run (preflight, plan) before its first step."""
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0]:
+        raise RuntimeError(f"addmm: mat1 {tuple(a.shape)} and mat2 {tuple(b.shape)} cannot be multiplied")
+    if a.dtype != b.dtype:
+        raise RuntimeError(f"addmm: mat1 and mat2 must have one dtype, got {a.dtype} and {b.dtype}")
+    if out.dtype != out_dtype or tuple(out.shape) != (a.shape[0], b.shape[1]) or acc.shape != out.shape:
+        raise RuntimeError(f"addmm: out {out.dtype}{tuple(out.shape)} for {out_dtype} [{a.shape[0]}, {b.shape[1]}]")
+    return out
+
+
 def _tensors(tree):
     if isinstance(tree, torch.Tensor):
         yield tree
@@ -183,7 +198,10 @@ class OpCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        out = func(*args, **kwargs)
+        if func is aten.addmm.dtype_out and kwargs["out"].device.type == "meta":
+            out = meta_addmm_dtype_out(*args, **kwargs)
+        else:
+            out = func(*args, **kwargs)
         for t in _tensors(out):
             if t.device.type == "meta":
                 self._track(t)
