@@ -24,11 +24,11 @@ from .batch import batch_tensors, doc_ids_of, kept_tokens
 from .checkpoint import DTYPES, load_weights, save_weights
 from .config import ModelConfig, TrainConfig
 from .device import make_device
-from .ops import TORCH_ONLY, load_ops, select_backend
+from .ops import CPU_LIBRARY_OPS, TORCH_ONLY, load_ops, select_backend
 from .optimizer import OptimizerDriver, clip_coefficient
 from .scheduler import Unit, bind, build_pipeline, run_step, stream_in
 from .node_store import NodeShare
-from .store import HostStore, fix_malloc_mmap_threshold
+from .store import HostStore
 from .trace import Tracer
 
 log = logging.getLogger("horizon_triton")
@@ -84,7 +84,6 @@ class Engine:
         meta = self.device.type == "meta"
         if train_cfg.preflight and not meta:
             preflight.check_engine(model_cfg, train_cfg, self.device)   # before anything is allocated
-        fix_malloc_mmap_threshold()
         share = None
         if self.dist is not None and self.dist.local_world > 1 and train_cfg.share_host_store:
             share = NodeShare(self.dist.node_store_name, self.dist.local_rank, self.dist.local_world,
@@ -105,10 +104,10 @@ class Engine:
             self.kernel_backend = select_backend(self.device.type)
             self.ops = load_ops(self.kernel_backend, self.device.type)
         # what runs each op: "triton", "library (why)" where the canary replaced a Triton family, or the path
-        path = self.kernel_backend
-        if path == "torch":
-            path = "library" if self.device.type == "cuda" else "reference"
-        self.kernel_report = dict.fromkeys(vars(self.ops), path)
+        self.kernel_report = dict.fromkeys(vars(self.ops), self.kernel_backend)
+        if self.kernel_backend == "torch":
+            self.kernel_report = {name: "library" if self.device.type == "cuda" or name in CPU_LIBRARY_OPS
+                                  else "reference" for name in vars(self.ops)}
         if self.kernel_backend == "triton" and not meta:    # the dry run's stand-ins have nothing to check
             self.kernel_report.update(dict.fromkeys(TORCH_ONLY, "library"))
             self.ops, report = canary.run(self.ops, load_ops("torch", "cuda"), self.device.torch_device,
