@@ -160,16 +160,6 @@ def _cuda_flash_backward(do, q, k, v, o, lse, cu, max_seqlen: int, scale: float,
         window_size_left=left, window_size_right=None if left is None else 0)
 
 
-def _segment_mask(cu: torch.Tensor, T: int, left: int | None) -> torch.Tensor:
-    """bool[T, T]: what the varlen kernel lets query i see — key j in i's segment, j ≤ i, i − j ≤ left."""
-    t = torch.arange(T, device=cu.device)
-    segment = torch.searchsorted(cu[1:].long(), t, right=True)
-    allowed = (segment[:, None] == segment[None, :]) & (t[None, :] <= t[:, None])
-    if left is not None:
-        allowed &= t[:, None] - t[None, :] <= left
-    return allowed
-
-
 _cpu_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _cpu_flash_grad = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
