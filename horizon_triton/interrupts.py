@@ -89,3 +89,33 @@ class deferred_signals:
         if pending is not None and error is None:
             raise stop_error(pending)
         return False
+
+
+def until_signal(batches):
+    """The batches, until a signal is received inside deferred_signals(); the first is always given (a loop
+    that stops early then has something to count). An evaluation that a signal cut short is to be discarded."""
+    for index, batch in enumerate(batches):
+        if index and _Deferral.received is not None:
+            return
+        yield batch
+
+
+class raising_on_sigterm:
+    """Context manager: SIGTERM raises Terminated at once, as SIGINT raises KeyboardInterrupt (Python's default for
+    SIGTERM ends the process without running ``finally`` blocks or removing temporary files). Blocks of
+    deferred_signals() inside it defer as usual; main thread only (elsewhere it changes nothing)."""
+
+    def __enter__(self):
+        self.installed = threading.current_thread() is threading.main_thread()
+        if self.installed:
+            self.previous = signal.signal(signal.SIGTERM, _raise_terminated)
+        return self
+
+    def __exit__(self, kind, error, tb):
+        if self.installed:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if self.previous is None else self.previous)
+        return False
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise stop_error(signum)
