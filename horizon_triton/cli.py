@@ -18,6 +18,7 @@ import argparse
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -152,7 +153,7 @@ def run_demo(args) -> dict:
     """A fresh "demo" model learns 1-3 digit addition; held-out exact match is printed as it rises."""
     import torch
 
-    from . import TrainConfig, preset
+    from . import preset
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads or DEMO["threads"])
     form, eval_every = args.format or DEMO["format"], args.eval_every or DEMO["eval_every"]
@@ -163,7 +164,7 @@ def run_demo(args) -> dict:
         raise ValueError(f"the demo preset's vocab_size {model_cfg.vocab_size} is below the addition "
                          f"vocabulary's {task.tokenizer.vocab_size}")
     steps = args.steps or DEMO["steps"]
-    train_cfg = TrainConfig(lr=DEMO["lr"] if args.lr is None else args.lr, weight_decay=DEMO["weight_decay"],
+    train_cfg = _train_config(lr=DEMO["lr"] if args.lr is None else args.lr, weight_decay=DEMO["weight_decay"],
                             lr_schedule="cosine",
                             warmup_steps=DEMO["warmup"], device=args.device or "cpu", seed=args.seed,
                             compute_dtype=args.dtype or DEMO["dtype"], grad_accum_steps=args.grad_accum,
@@ -296,7 +297,6 @@ def run_finetune(args) -> dict:
 
 
 def _finetune(args, model_cfg) -> dict:
-    from . import TrainConfig
     tokenizer = data.load_tokenizer(args.model)
     seq_len = _seq_len(args, model_cfg)
     tensorboard = None
@@ -332,7 +332,7 @@ def _finetune(args, model_cfg) -> dict:
         eval_loader = (distributed.shard_loader(data.RowLoader(eval_rows, batch_size, epochs=1, shuffle=False), ctx,
                                                 drop_remainder=False)
                        if eval_rows is not None else None)
-        train_cfg = TrainConfig(lr=FINETUNE["lr"] if args.lr is None else args.lr, warmup_steps=args.warmup,
+        train_cfg = _train_config(lr=FINETUNE["lr"] if args.lr is None else args.lr, warmup_steps=args.warmup,
                                 seed=args.seed, grad_accum_steps=args.grad_accum, device=args.device or "auto",
                                 compute_dtype=args.dtype or "bfloat16",
                                 lr_schedule="cosine" if args.cosine else "constant",
@@ -461,7 +461,7 @@ def _save_final(engine, save, progress) -> None:
 
 def run_plan(args) -> dict:
     """Prints the plan of --model on --gpu, and the deepest model of its shape that fits --host-ram and the card."""
-    from .config import PRESETS, ModelConfig, TrainConfig, preset
+    from .config import PRESETS, ModelConfig, preset
     from .device import host_memory_info
     from .plan import format_plan, largest_model, parse_bytes, plan
     path = Path(args.model)
@@ -470,7 +470,7 @@ def run_plan(args) -> dict:
             raise ValueError(f"--model {args.model}: give a model directory or its config.json")
         path = path.parent
     model_cfg = preset(args.model) if args.model in PRESETS and not path.exists() else ModelConfig.from_pretrained(path)
-    train_cfg = TrainConfig(compute_dtype=args.dtype, grad_accum_steps=args.grad_accum, **_lora_options(args))
+    train_cfg = _train_config(compute_dtype=args.dtype, grad_accum_steps=args.grad_accum, **_lora_options(args))
     host_ram = parse_bytes(args.host_ram) if args.host_ram else host_memory_info()[1]
     options = dict(tokens_per_step=args.tokens_per_step, hardware=args.gpu, seq_len=args.seq_len)
     result = plan(model_cfg, train_cfg, host_memory_bytes=host_ram, **options)
@@ -479,6 +479,26 @@ def run_plan(args) -> dict:
     if largest is None:
         print(f"  not even one layer of this shape fits {args.gpu} with {host_ram / 1e12:.2f} TB of host memory")
     return {"plan": result, "largest": largest}
+
+
+# TrainConfig's settings the command line sets, by the flag that sets them (its errors name the flag)
+FLAGS = {"lr": "--lr", "warmup_steps": "--warmup", "grad_accum_steps": "--grad-accum", "dpo_beta": "--dpo-beta",
+         "dpo_label_smoothing": "--dpo-label-smoothing", "dpo_loss": "--dpo-loss", "lora_rank": "--lora-rank",
+         "lora_alpha": "--lora-alpha", "lora_targets": "--lora-targets", "compute_dtype": "--dtype",
+         "device": "--device"}
+
+
+def _train_config(**settings):
+    """TrainConfig(**settings), its refusals naming the command line's flags rather than its fields."""
+    from . import TrainConfig
+    try:
+        return TrainConfig(**settings)
+    except ValueError as e:
+        message = str(e)
+        field = re.match(r"\w+", message)
+        if field is not None and field[0] in FLAGS:
+            message = FLAGS[field[0]] + message[field.end():]
+        raise ValueError(message) from None
 
 
 def _lora_options(args) -> dict:
