@@ -4,7 +4,8 @@ the RNG state, the data position and the configs, in a directory that appears wh
     ROOT/step-00000120/
         state-00001-of-00003.safetensors   the store's state buffers, one group of consecutive layers a file
         trainer_state.json                 step, micro-batches consumed, schedule, RNG, configs, extra
-        manifest.json                      written last: each file's size, each tensor's kind, layer, dtype, size
+        manifest.json                      written last: each file's size and checksum (Checksum), each
+                                           tensor's kind, layer, dtype, size
 
 A tensor is named "<layer>.<kind>" ("layers.3.exp_avg"). What is saved is what ``store.state_buffers()`` yields,
 described by ``store.allocations``, so a store with other kinds (a split master, 8-bit moments with their
@@ -14,7 +15,8 @@ The files are standard safetensors (any safetensors reader opens them), written 
 length, the JSON header, then each buffer streamed from its own memory in large writes, so saving makes no copy
 of the state in RAM (a 1 TB state goes straight to the disk) and runs at the disk's sequential write speed.
 Loading reads the bytes straight into the store's buffers, after every file was checked against the manifest:
-a truncated, foreign or mismatched checkpoint is refused before anything is overwritten.
+a truncated, foreign or mismatched checkpoint is refused before anything is overwritten; a corrupted one (its
+checksum, verified as the bytes arrive) once they are read (from_checkpoint then returns no engine).
 """
 from __future__ import annotations
 
@@ -79,26 +81,25 @@ def _bytes_of(t: torch.Tensor) -> memoryview:
 
 
 class Checksum:
-    """The CRC-32 of a file's bytes, computed in order on a helper thread while the caller writes or reads them
-    (zlib releases the GIL: the checksum costs no time beside the disk's). ``value()`` waits for every chunk."""
+    """A file's checksum: the CRC-32 of each piece of it (the header, then each tensor in WRITE_CHUNK pieces),
+    computed on helper threads while the caller writes or reads the next pieces (zlib releases the GIL, so the
+    checksum keeps up with the disk), and a CRC-32 over those, in order. Writing and reading cut a file into
+    the same pieces. ``value()`` waits for every piece."""
+
+    THREADS = max(1, min(8, (os.cpu_count() or 2) - 1))   # one core stays with the thread doing the I/O
 
     def __init__(self):
-        self._pool = ThreadPoolExecutor(max_workers=1)
-        self._crc = 0
-        self._last = None
+        self._pool = ThreadPoolExecutor(max_workers=self.THREADS)
+        self._pieces = []
 
-    def _update(self, chunk) -> None:
-        self._crc = zlib.crc32(chunk, self._crc)
-
-    def add(self, chunk) -> None:
-        """Queues a chunk; the caller must not change it before value() returns."""
-        self._last = self._pool.submit(self._update, chunk)
+    def add(self, piece) -> None:
+        """Queues a piece; the caller must not change its bytes before value() returns."""
+        self._pieces.append(self._pool.submit(zlib.crc32, piece))
 
     def value(self) -> str:
-        if self._last is not None:
-            self._last.result()
+        crcs = [f.result() for f in self._pieces]
         self._pool.shutdown()
-        return f"crc32:{self._crc:08x}"
+        return f"crc32-pieces:{zlib.crc32(struct.pack(f'<{len(crcs)}I', *crcs)):08x}"
 
 
 def checksum_of(data: bytes) -> str:
@@ -162,14 +163,17 @@ def read_safetensors_header(path: Path) -> tuple[dict, int]:
 
 
 def _read_into(f, t: torch.Tensor, where: str, checksum: Checksum) -> None:
+    """Reads the tensor's bytes in the pieces write_safetensors checksummed."""
     data = _bytes_of(t)
-    done = 0
-    while done < len(data):
-        n = f.readinto(data[done:done + WRITE_CHUNK])
-        if not n:
-            raise CheckpointError(f"{where} ended early (truncated while loading)")
-        checksum.add(data[done:done + n])
-        done += n
+    for start in range(0, len(data), WRITE_CHUNK):
+        piece = data[start:start + WRITE_CHUNK]
+        done = 0
+        while done < len(piece):
+            n = f.readinto(piece[done:])
+            if not n:
+                raise CheckpointError(f"{where} ended early (truncated while loading)")
+            done += n
+        checksum.add(piece)
 
 
 # ------------------------------------------------------------------------------------------------------------

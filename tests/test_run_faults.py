@@ -279,8 +279,8 @@ def test_a_live_run_locks_its_out_and_a_killed_one_does_not(tmp_path, model, cap
         for line in proc.stdout:
             if line.startswith("step 2/"):
                 break
-        for extra in (["--overwrite"], ["--resume"]):
-            assert cli.main(long_run + extra) == 2
+        for second in (_args(model, data, out, "--overwrite"), long_run + ["--resume"]):
+            assert cli.main(second) == 2
             err = capsys.readouterr().err
             assert f"is in use by another run (pid {proc.pid} on" in err
         assert proc.poll() is None                   # untouched: still training
