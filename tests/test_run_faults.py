@@ -99,6 +99,7 @@ def test_sigint_during_the_final_evaluation_keeps_the_model_and_resume_evaluates
     assert [line["step"] for line in _lines(out) if line["kind"] == "train"] == [1, 2, 3, 4]
 
 
+@pytest.mark.slow
 def test_sigterm_during_the_final_evaluation_keeps_the_model(tmp_path, model):
     """Python's default SIGTERM ends the process at once: the run must not be lost (exit status 143)."""
     data, out = _jsonl(tmp_path / "train.jsonl"), tmp_path / "out"
@@ -235,6 +236,7 @@ def test_an_unwritable_out_at_the_final_save_falls_back_to_a_checkpoint(tmp_path
     assert (out / "model.safetensors").is_file() and [line["step"] for line in _lines(out)] == [1, 2, 3, 4]
 
 
+@pytest.mark.slow
 def test_a_full_disk_at_the_final_save_keeps_the_state_until_there_is_room(tmp_path, model, mounts):
     """A 16 MB tmpfs filled but for 256 KiB: the model (about 0.5 MB) and the checkpoint do not fit; the run says
     which path is full and retries; once the test frees the room, the model is written and the run ends well."""
@@ -269,6 +271,7 @@ def test_os_errors_are_one_line_naming_the_path(tmp_path, model, mounts, capsys)
 
 
 # ---- 6. one run at a time on an --out ----------------------------------------------------------------------------
+@pytest.mark.slow
 def test_a_live_run_locks_its_out_and_a_killed_one_does_not(tmp_path, model, capsys):
     data, out = _jsonl(tmp_path / "train.jsonl"), tmp_path / "out"
     long_run = _args(model, data, out, "--save-every", "1")
@@ -320,6 +323,7 @@ def _children(pid: int) -> set[int]:
     return found
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM])
 def test_a_kill_during_data_preparation_leaves_no_rows_and_no_worker(tmp_path, model, signum):
     data, out, tmp = _jsonl(tmp_path / "big.jsonl", RECORDS * 4000), tmp_path / "out", tmp_path / "tmp"
