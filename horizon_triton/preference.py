@@ -28,6 +28,7 @@ logs them.
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +36,8 @@ import torch
 import torch.nn.functional as F
 
 from horizon_triton.kernels.reference import IGNORE_INDEX
+
+from .distributed import shard_loader
 
 LOSSES = ("sigmoid", "robust", "hinge", "ipo")
 METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
@@ -184,7 +187,6 @@ def add_reference(engine, rows, batch_size: int, path=None, on_batch=None):
     the rows. Data parallel: every rank calls it with the same rows; each computes every world-th batch and
     every rank gets all of them (the file: each rank writes a private sibling, then renames it into place, so
     ranks sharing a path leave one whole file)."""
-    import os
     from .data.packing import PackedRows, RowLoader
     loader = RowLoader(rows, batch_size, epochs=1, shuffle=False)
     guard = engine.dist.guard() if engine.dist is not None else contextlib.nullcontext()
@@ -222,7 +224,6 @@ def _every_rank_reference(engine, loader):
     if ctx is None:
         yield from engine.reference_logps(loader)
         return
-    from .distributed import shard_loader
     mine = engine.reference_logps(shard_loader(loader, ctx, drop_remainder=False))
     for first in range(0, len(loader), ctx.world):
         logps = next(mine) if first + ctx.rank < len(loader) else None

@@ -195,10 +195,12 @@ def test_only_rank_0_writes(tmp_path):
     torch.testing.assert_close(saved["model.embed_tokens.weight"].reshape(-1), masters[0], rtol=0, atol=1e-5)
 
 
-def test_a_checkpointed_job_resumes_bit_identically(tmp_path):
+@pytest.mark.parametrize("train", [pytest.param({}, id="full"),
+                                   pytest.param(LORA, id="lora", marks=pytest.mark.slow)])
+def test_a_checkpointed_job_resumes_bit_identically(tmp_path, train):
     """Two ranks on a shared store: 2 steps, a training checkpoint, then a new job resumes from it for 2 more
-    steps; the same losses and weights, bit for bit, as 4 steps at once."""
-    spec = {"train": {"grad_accum_steps": 1}, "batches": {"n": 8, "seed": 11}}
+    steps; the same losses and weights (a LoRA run's adapters), bit for bit, as 4 steps at once."""
+    spec = {"train": {"grad_accum_steps": 1, **train}, "batches": {"n": 8, "seed": 11}}
     whole = run_ranks(tmp_path, dict(spec, steps=4))
     run_ranks(tmp_path, dict(spec, steps=2, checkpoint_to=str(tmp_path / "ckpt")))
     resumed = run_ranks(tmp_path, dict(spec, steps=2, resume=str(tmp_path / "ckpt")))
@@ -351,6 +353,44 @@ def test_cli_failure_under_torchrun_reports_the_rank(tmp_path):
     assert run.returncode != 0
     assert "exists and is not empty" in run.stderr
     assert (out / "notes.txt").is_file()
+
+
+@pytest.mark.slow
+def test_cli_dpo_on_lora_under_torchrun_matches_one_process(tmp_path):
+    """--objective dpo --lora-rank 4 under torchrun: the reference pass shared out over the ranks (5 rows, a batch
+    each: 3 rounds), each rank every other batch, the held-out pairs split between the ranks; the train and eval
+    lines (TRL's metrics), the reference file and the saved adapters are one process's with --grad-accum 2."""
+    import numpy as np
+    from hf_reference import make_hf_model
+    from test_dpo import _conversational
+    from tiny_tokenizers import make_tokenizer
+    src = tmp_path / "src"
+    tokenizer = make_tokenizer(src, style="chatml")
+    make_hf_model("llama", src, vocab_size=len(tokenizer), max_position_embeddings=256)
+    prefs = tmp_path / "prefs.jsonl"
+    prefs.write_text("".join(json.dumps(r) + "\n" for r in _conversational()))
+    common = ["train", "--model", str(src), "--data", str(prefs), "--device", "cpu", "--dtype", "float32",
+              "--objective", "dpo", "--dpo-beta", "0.5", "--seq-len", "64", "--batch-size", "1", "--steps", "2",
+              "--eval-split", "0.25", "--lr", "2e-3", "--lora-rank", "4", "--lora-targets", "q_proj,down_proj"]
+    _torchrun_and_alone(tmp_path, common, timeout=300)
+
+    def lines(run_dir, kind):
+        return [x for x in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if x["kind"] == kind]
+    for kind, keys in (("train", ("loss", "pairs", "grad_norm") + preference.METRICS),
+                       ("eval", ("eval_loss", "eval_pairs") + tuple(f"eval_{k}" for k in preference.METRICS))):
+        dp, one = lines(tmp_path / "dp", kind), lines(tmp_path / "one", kind)
+        assert len(dp) == len(one) > 0
+        for a, b in zip(dp, one):
+            for key in keys:
+                assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (kind, key)
+    assert lines(tmp_path / "dp", "train")[-1]["rewards/margins"] != 0
+    refs = [np.fromfile(tmp_path / run / "reference" / "train.ref", dtype=np.float32) for run in ("dp", "one")]
+    np.testing.assert_allclose(refs[0], refs[1], rtol=0, atol=1e-6)
+    got = load_file(tmp_path / "dp" / "adapter_model.safetensors")
+    ref = load_file(tmp_path / "one" / "adapter_model.safetensors")
+    assert set(got) == set(ref)
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], rtol=0, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------------------------
