@@ -32,6 +32,8 @@ import numpy as np
 
 from horizon_triton.kernels.reference import IGNORE_INDEX
 
+from .chat_shapes import ConversationShapes, render_conversations
+
 PROMPT_RESPONSE_SEPARATOR = "\n"
 TRAIN_ON = ("assistant", "all")
 
@@ -50,8 +52,7 @@ def render(record: dict, tokenizer, train_on: str = "assistant",
     if not has_template:
         raise ValueError("the tokenizer has no chat template (tokenizer.chat_template), which conversation "
                          "records need; set one, or write the data as {\"text\": ...} lines")
-    messages = record.get("messages") or [{"role": "user", "content": record["prompt"]},
-                                          {"role": "assistant", "content": record["response"]}]
+    messages = conversation(record)
     text = _apply(tokenizer, messages, False)
     if train_on == "all":
         return text, [(0, len(text))], False, False
@@ -87,19 +88,35 @@ def _apply(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
         raise ValueError(f"the chat template refused the conversation: {e}") from None
 
 
+def conversation(record: dict) -> list[dict]:
+    """The turns of a {"messages"} or {"prompt", "response"} record."""
+    return record.get("messages") or [{"role": "user", "content": record["prompt"]},
+                                      {"role": "assistant", "content": record["response"]}]
+
+
 def encode_record(record: dict, tokenizer, train_on: str = "assistant",
                   first_trained_turn: int = 0) -> tuple[list[int], list[int]]:
     """(input_ids, labels) of one record; labels are the ids where trained, -100 elsewhere."""
     if train_on not in TRAIN_ON:
         raise ValueError(f"train_on {train_on!r}: choose one of {', '.join(TRAIN_ON)}")
     text, spans, special, add_eos = render(record, tokenizer, train_on, first_trained_turn)
+    encoded = _tokenize(tokenizer, text, special)
+    return _labelled(tokenizer, encoded["input_ids"], encoded["offset_mapping"], spans, add_eos)
+
+
+def _tokenize(tokenizer, text, special: bool):
+    """The tokenizer's encoding of a text (or a list of texts, in one call) with character offsets."""
     try:
-        encoded = tokenizer(text, add_special_tokens=special, return_offsets_mapping=True)
+        return tokenizer(text, add_special_tokens=special, return_offsets_mapping=True)
     except NotImplementedError:
         raise ValueError("the tokenizer gives no character offsets (a slow tokenizer); save the model's fast "
                          "tokenizer (tokenizer.json) with it") from None
-    ids = list(encoded["input_ids"])
-    offsets = np.array(encoded["offset_mapping"], dtype=np.int64).reshape(-1, 2)      # [tokens, (start, end)]
+
+
+def _labelled(tokenizer, ids, offsets, spans: list[tuple[int, int]], add_eos: bool) -> tuple[list[int], list[int]]:
+    """(ids, labels): a token is trained when it starts inside a span (and covers a character)."""
+    ids = list(ids)
+    offsets = np.array(offsets, dtype=np.int64).reshape(-1, 2)                        # [tokens, (start, end)]
     starts = np.array([a for a, _ in spans], dtype=np.int64)
     ends = np.array([b for _, b in spans], dtype=np.int64)
     span = np.searchsorted(starts, offsets[:, 0], side="right") - 1                  # the span starting last before
@@ -112,19 +129,61 @@ def encode_record(record: dict, tokenizer, train_on: str = "assistant",
     return ids, labels
 
 
+def preference_records(pair: dict) -> list[tuple[dict, int]]:
+    """(record, first trained turn) of the chosen and of the rejected sequence of a normalized preference pair."""
+    if isinstance(pair["prompt"], str):
+        return [({"prompt": pair["prompt"], "response": pair[key]}, 0) for key in ("chosen", "rejected")]
+    return [({"messages": pair["prompt"] + pair[key]}, len(pair["prompt"])) for key in ("chosen", "rejected")]
+
+
 def encode_preference(pair: dict, tokenizer) -> list[tuple[list[int], list[int]]]:
     """[(input_ids, labels) of the chosen sequence, those of the rejected] of a normalized preference pair
     (records.normalize_preference); only the response is trained."""
-    if isinstance(pair["prompt"], str):
-        return [encode_record({"prompt": pair["prompt"], "response": pair[key]}, tokenizer)
-                for key in ("chosen", "rejected")]
-    return [encode_record({"messages": pair["prompt"] + pair[key]}, tokenizer, first_trained_turn=len(pair["prompt"]))
-            for key in ("chosen", "rejected")]
+    return [encode_record(record, tokenizer, first_trained_turn=first) for record, first in preference_records(pair)]
+
+
+def encode_records(items: list[tuple[dict, int]], tokenizer, train_on: str = "assistant",
+                   shapes: ConversationShapes | None = None) -> list[tuple[list[int], list[int], bool]]:
+    """(input_ids, labels, slow path?) of many (record, first trained turn) at once, equal to encode_record's:
+    each conversation rendered once (chat_shapes: its spans from its shape, else encode.render: the slow path),
+    all tokenized in one call per kind (the fast tokenizer's batch, threaded in Rust). ``shapes``: those learnt
+    so far, kept between calls. A record the template refuses raises for the whole batch, without its index."""
+    if train_on not in TRAIN_ON:
+        raise ValueError(f"train_on {train_on!r}: choose one of {', '.join(TRAIN_ON)}")
+    shapes = shapes if shapes is not None else ConversationShapes(tokenizer)
+    rendered: list = [None] * len(items)              # (text, spans, add special tokens?, append eos?, slow?)
+    templated = []                                    # (item index, turns, Shape or None for train_on="all")
+    for n, (record, first) in enumerate(items):
+        if "text" in record or getattr(tokenizer, "chat_template", None) is None:
+            rendered[n] = (*render(record, tokenizer, train_on, first), False)
+            continue
+        turns = conversation(record)
+        shape = shapes.shape(turns, first) if train_on == "assistant" else None
+        if train_on == "assistant" and shape is None:
+            rendered[n] = (*render(record, tokenizer, train_on, first), True)
+        else:
+            templated.append((n, turns, shape))
+    texts = render_conversations(tokenizer, [turns for _, turns, _ in templated])
+    for (n, turns, shape), text in zip(templated, texts):
+        spans = shape.spans_in(turns, text) if shape is not None else [(0, len(text))]
+        rendered[n] = (text, spans, False, False, False) if spans is not None else \
+            (*render(items[n][0], tokenizer, train_on, items[n][1]), True)
+    out: list = [None] * len(items)
+    for special in (True, False):
+        which = [n for n, r in enumerate(rendered) if r[2] == special]
+        if not which:
+            continue
+        encoded = _tokenize(tokenizer, [rendered[n][0] for n in which], special)
+        for i, n in enumerate(which):
+            _, spans, _, add_eos, slow = rendered[n]
+            out[n] = (*_labelled(tokenizer, encoded["input_ids"][i], encoded["offset_mapping"][i], spans, add_eos),
+                      slow)
+    return out
 
 
 def tokenize_records(records: list[dict], tokenizer, train_on: str = "assistant") -> list[tuple[list[int], list[int]]]:
-    """(input_ids, labels) of each record (see encode_record)."""
-    return [encode_record(record, tokenizer, train_on) for record in records]
+    """(input_ids, labels) of each record (see encode_record), encoded together (encode_records)."""
+    return [(ids, labels) for ids, labels, _ in encode_records([(r, 0) for r in records], tokenizer, train_on)]
 
 
 def load_tokenizer(model_dir: str | Path):
