@@ -26,6 +26,7 @@ conversation prompt + response with only the response's assistant turns trained 
 from __future__ import annotations
 
 import os
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
@@ -101,7 +102,13 @@ def encode_record(record: dict, tokenizer, train_on: str = "assistant",
         raise ValueError(f"train_on {train_on!r}: choose one of {', '.join(TRAIN_ON)}")
     text, spans, special, add_eos = render(record, tokenizer, train_on, first_trained_turn)
     encoded = _tokenize(tokenizer, text, special)
-    return _labelled(tokenizer, encoded["input_ids"], encoded["offset_mapping"], spans, add_eos)
+    ids = list(encoded["input_ids"])
+    offsets = np.array(encoded["offset_mapping"], dtype=np.int64).reshape(-1, 2)      # [tokens, (start, end)]
+    labels = np.where(_trained(offsets, spans), ids, IGNORE_INDEX).tolist()
+    if add_eos and tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+        labels.append(tokenizer.eos_token_id)
+    return ids, labels
 
 
 def _tokenize(tokenizer, text, special: bool):
@@ -113,20 +120,31 @@ def _tokenize(tokenizer, text, special: bool):
                          "tokenizer (tokenizer.json) with it") from None
 
 
-def _labelled(tokenizer, ids, offsets, spans: list[tuple[int, int]], add_eos: bool) -> tuple[list[int], list[int]]:
-    """(ids, labels): a token is trained when it starts inside a span (and covers a character)."""
-    ids = list(ids)
-    offsets = np.array(offsets, dtype=np.int64).reshape(-1, 2)                        # [tokens, (start, end)]
+def _trained(offsets: np.ndarray, spans: list[tuple[int, int]]) -> np.ndarray:
+    """Which tokens (offsets [tokens, (start, end)]) start inside a span and cover a character."""
+    if not spans:
+        return np.zeros(len(offsets), dtype=bool)
     starts = np.array([a for a, _ in spans], dtype=np.int64)
     ends = np.array([b for _, b in spans], dtype=np.int64)
     span = np.searchsorted(starts, offsets[:, 0], side="right") - 1                  # the span starting last before
-    trained = (span >= 0) & (offsets[:, 0] < ends[span]) & (offsets[:, 1] > offsets[:, 0]) if spans else \
-        np.zeros(len(ids), dtype=bool)
-    labels = np.where(trained, ids, IGNORE_INDEX).tolist()
-    if add_eos and tokenizer.eos_token_id is not None:
-        ids.append(tokenizer.eos_token_id)
-        labels.append(tokenizer.eos_token_id)
-    return ids, labels
+    return (span >= 0) & (offsets[:, 0] < ends[span]) & (offsets[:, 1] > offsets[:, 0])
+
+
+def _encodings(tokenizer, texts: list[str], special: bool) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(ids [tokens], offsets [tokens, 2]) of each text, from one batch of the fast tokenizer: its Rust tokenizer
+    called as transformers calls it (no truncation, no padding, special tokens split as the tokenizer says), without
+    transformers' conversion of every field to Python lists; through transformers where the Rust tokenizer is set
+    otherwise."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if (backend is not None and backend.truncation is None and backend.padding is None
+            and getattr(backend, "encode_special_tokens", False) == bool(getattr(tokenizer, "split_special_tokens",
+                                                                                  False))):
+        return [(np.array(e.ids, dtype=np.int64),
+                 np.fromiter(chain.from_iterable(e.offsets), np.int64, 2 * len(e)).reshape(-1, 2))
+                for e in backend.encode_batch(texts, add_special_tokens=special)]
+    encoded = _tokenize(tokenizer, texts, special)
+    return [(np.array(ids, dtype=np.int64), np.array(offsets, dtype=np.int64).reshape(-1, 2))
+            for ids, offsets in zip(encoded["input_ids"], encoded["offset_mapping"])]
 
 
 def preference_records(pair: dict) -> list[tuple[dict, int]]:
@@ -143,8 +161,8 @@ def encode_preference(pair: dict, tokenizer) -> list[tuple[list[int], list[int]]
 
 
 def encode_records(items: list[tuple[dict, int]], tokenizer, train_on: str = "assistant",
-                   shapes: ConversationShapes | None = None) -> list[tuple[list[int], list[int], bool]]:
-    """(input_ids, labels, slow path?) of many (record, first trained turn) at once, equal to encode_record's:
+                   shapes: ConversationShapes | None = None) -> list[tuple[np.ndarray, np.ndarray, bool]]:
+    """(input_ids, labels, slow path?), int64 arrays, of many (record, first trained turn) at once, equal to encode_record's:
     each conversation rendered once (chat_shapes: its spans from its shape, else encode.render: the slow path),
     all tokenized in one call per kind (the fast tokenizer's batch, threaded in Rust). ``shapes``: those learnt
     so far, kept between calls. A record the template refuses raises for the whole batch, without its index."""
@@ -169,21 +187,23 @@ def encode_records(items: list[tuple[dict, int]], tokenizer, train_on: str = "as
         rendered[n] = (text, spans, False, False, False) if spans is not None else \
             (*render(items[n][0], tokenizer, train_on, items[n][1]), True)
     out: list = [None] * len(items)
+    eos = tokenizer.eos_token_id
     for special in (True, False):
         which = [n for n, r in enumerate(rendered) if r[2] == special]
-        if not which:
-            continue
-        encoded = _tokenize(tokenizer, [rendered[n][0] for n in which], special)
-        for i, n in enumerate(which):
+        for n, (ids, offsets) in zip(which, _encodings(tokenizer, [rendered[n][0] for n in which], special)
+                                     if which else []):
             _, spans, _, add_eos, slow = rendered[n]
-            out[n] = (*_labelled(tokenizer, encoded["input_ids"][i], encoded["offset_mapping"][i], spans, add_eos),
-                      slow)
+            labels = np.where(_trained(offsets, spans), ids, IGNORE_INDEX)
+            if add_eos and eos is not None:
+                ids, labels = np.append(ids, eos), np.append(labels, eos)
+            out[n] = (ids, labels, slow)
     return out
 
 
 def tokenize_records(records: list[dict], tokenizer, train_on: str = "assistant") -> list[tuple[list[int], list[int]]]:
     """(input_ids, labels) of each record (see encode_record), encoded together (encode_records)."""
-    return [(ids, labels) for ids, labels, _ in encode_records([(r, 0) for r in records], tokenizer, train_on)]
+    return [(ids.tolist(), labels.tolist())
+            for ids, labels, _ in encode_records([(r, 0) for r in records], tokenizer, train_on)]
 
 
 def load_tokenizer(model_dir: str | Path):

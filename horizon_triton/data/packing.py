@@ -283,7 +283,7 @@ class ChunkEncoder:
         out = []
         for i, number in enumerate(numbers):
             docs = encoded[i * per_record:(i + 1) * per_record]
-            ids, labels = ([np.array(d[k], dtype=np.int32) for d in docs] for k in (0, 1))
+            ids, labels = ([d[k].astype(np.int32) for d in docs] for k in (0, 1))
             slow = any(d[2] for d in docs)
             out.append((number, ids, labels, slow) if self.preference else (number, ids[0], labels[0], slow))
         return out + bad
