@@ -14,8 +14,9 @@ one built here with a ChatML template, so the rate is that of the pipeline more 
 The speed test runs, each in a fresh process on the same file: the baseline (each line parsed, then one
 apply_chat_template(tokenize=True) call: no spans, no labels, no packing), today's one-record algorithm
 (encode.encode_record a line: every prefix rendered), and data.prepare writing the row file with the tokenizer
-limited to one thread, with its threads (workers=0), and with WORKERS processes. Times are wall clock; records/s
-and the ratio to the baseline are recorded.
+limited to one thread, with its threads (workers=0), and with WORKERS processes. Recorded: wall-clock seconds,
+records/s and the ratio to the baseline; and CPU seconds (user + system, the process's threads and its workers,
+imports left out), the work done whatever else loads the machine, and their ratio to the baseline's.
 """
 import json
 import os
@@ -99,14 +100,18 @@ def test_prepare_peak_rss(benchmark, record, tmp_path, mib):
 
 
 SPEED_CHILD = textwrap.dedent("""
-    import json, sys, time
+    import json, resource, sys, time
     sys.path.insert(0, sys.argv[1])
     from tiny_tokenizers import make_tokenizer
     from horizon_triton import data
     from horizon_triton.data.records import iter_lines, parse_line
     tokenizer = make_tokenizer(style="chatml")
     path, out, how = sys.argv[2], sys.argv[3], sys.argv[4]
-    start = time.perf_counter()
+
+    def cpu_seconds():      # this process's threads and its finished workers
+        return sum(r.ru_utime + r.ru_stime for r in map(resource.getrusage, (resource.RUSAGE_SELF,
+                                                                             resource.RUSAGE_CHILDREN)))
+    start, start_cpu = time.perf_counter(), cpu_seconds()
     tokens = 0
     if how in ("baseline", "encode_record"):
         for number, raw in iter_lines(path):
@@ -120,7 +125,7 @@ SPEED_CHILD = textwrap.dedent("""
         prepared = data.prepare(path, tokenizer, 2048, 0, out, workers=int(how), too_long="truncate")
         tokens = prepared.stats["train"].tokens
         assert prepared.stats["train"].slow_path == 0
-    print(json.dumps(dict(seconds=time.perf_counter() - start, tokens=tokens)))
+    print(json.dumps(dict(seconds=time.perf_counter() - start, cpu_seconds=cpu_seconds() - start_cpu, tokens=tokens)))
 """)
 
 
@@ -147,4 +152,7 @@ def test_prepare_speed_against_one_template_call_per_record(benchmark, record, t
     record(jsonl_mib=SPEED_MIB, records=records, tokens=result["baseline"]["tokens"], cpus=os.cpu_count(),
            **{f"{name}_s": round(r["seconds"], 2) for name, r in result.items()},
            **{f"{name}_records_per_s": round(records / r["seconds"]) for name, r in result.items()},
-           **{f"{name}_vs_baseline": round(base / r["seconds"], 2) for name, r in result.items()})
+           **{f"{name}_vs_baseline": round(base / r["seconds"], 2) for name, r in result.items()},
+           **{f"{name}_cpu_s": round(r["cpu_seconds"], 2) for name, r in result.items()},
+           **{f"{name}_cpu_vs_baseline": round(result["baseline"]["cpu_seconds"] / r["cpu_seconds"], 2)
+              for name, r in result.items()})
