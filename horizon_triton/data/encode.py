@@ -22,6 +22,11 @@ differ exactly there), and the tokenizer's eos token is trained too when the tem
 Preference pairs (``encode_preference``): the chosen and the rejected each become one sequence, the prompt then
 the response, rendered as above: three strings as a {"prompt", "response"} record each, turns as the
 conversation prompt + response with only the response's assistant turns trained (``first_trained_turn``).
+
+Many records at once (``encode_records``, what data preparation uses): the same ids and labels, token for token,
+with one rendering a record where chat_shapes can prove the spans from the conversation's shape (else the prefix
+renderings above: the slow path, reported per record), and one call of the fast tokenizer for all the texts.
+encode_record stays the one-record reference.
 """
 from __future__ import annotations
 
