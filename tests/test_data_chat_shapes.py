@@ -184,3 +184,13 @@ def test_a_record_the_template_refuses_is_named_by_its_line(tmp_path):
     for workers in (0, 2):
         with pytest.raises(ValueError, match="bad.jsonl:18: the chat template refused the conversation: no boom"):
             data.prepare(path, tokenizer, 64, 0, workers=workers)
+
+
+def test_a_rust_tokenizer_set_to_truncate_is_called_through_transformers():
+    """transformers turns the Rust tokenizer's truncation and padding off before it encodes; calling the Rust
+    tokenizer directly is only right when they are off already."""
+    records = [{"messages": CHAT}]
+    expected = _reference(records, make_tokenizer(style="chatml"))
+    tokenizer = make_tokenizer(style="chatml")
+    tokenizer.backend_tokenizer.enable_truncation(8)
+    assert _lists(encode_records([(r, 0) for r in records], tokenizer)) == expected

@@ -135,13 +135,25 @@ def _trained(offsets: np.ndarray, spans: list[tuple[int, int]]) -> np.ndarray:
     return (span >= 0) & (offsets[:, 0] < ends[span]) & (offsets[:, 1] > offsets[:, 0])
 
 
+def _encodes_as_the_fast_base_class(tokenizer) -> bool:
+    """Whether the tokenizer's class leaves transformers' fast encoding as it is (a few, e.g. CodeLlama's and
+    LayoutLM's, add their own steps)."""
+    import transformers
+    base = transformers.PreTrainedTokenizerFast
+    return isinstance(tokenizer, base) and all(
+        getattr(type(tokenizer), name) is getattr(base, name)
+        for name in ("__call__", "_call_one", "encode_plus", "batch_encode_plus", "_encode_plus", "_batch_encode_plus")
+        if hasattr(base, name))
+
+
 def _encodings(tokenizer, texts: list[str], special: bool) -> list[tuple[np.ndarray, np.ndarray]]:
     """(ids [tokens], offsets [tokens, 2]) of each text, from one batch of the fast tokenizer: its Rust tokenizer
     called as transformers calls it (no truncation, no padding, special tokens split as the tokenizer says), without
     transformers' conversion of every field to Python lists; through transformers where the Rust tokenizer is set
     otherwise."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    if (backend is not None and backend.truncation is None and backend.padding is None
+    if (backend is not None and _encodes_as_the_fast_base_class(tokenizer) and backend.truncation is None
+            and backend.padding is None
             and getattr(backend, "encode_special_tokens", False) == bool(getattr(tokenizer, "split_special_tokens",
                                                                                   False))):
         return [(np.array(e.ids, dtype=np.int64),
