@@ -70,7 +70,7 @@ def test_encode_records_equals_encode_record_token_for_token(name, train_on):
         assert not any(slow)                      # one rendering a record: the shapes hold for these templates
     elif name == "qwen3-like":                    # the think block moves to the last turn: two assistant turns
         assert slow == [len([m for m in r.get("messages", []) if m["role"] == "assistant"]) > 1 for r in records]
-    else:      # Mistral-like: a system prompt moves into the last user turn (once there are two), an empty one is a turn
+    else:      # Mistral-like: the system prompt moves into the last user turn (once there are two); empty, it is a turn
         def moves(turns):
             roles = [m["role"] for m in turns]
             return "system" in roles and (roles.count("user") > 1 or turns[0]["content"] == "")

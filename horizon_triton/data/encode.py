@@ -179,10 +179,11 @@ def encode_preference(pair: dict, tokenizer) -> list[tuple[list[int], list[int]]
 
 def encode_records(items: list[tuple[dict, int]], tokenizer, train_on: str = "assistant",
                    shapes: ConversationShapes | None = None) -> list[tuple[np.ndarray, np.ndarray, bool]]:
-    """(input_ids, labels, slow path?), int64 arrays, of many (record, first trained turn) at once, equal to encode_record's:
-    each conversation rendered once (chat_shapes: its spans from its shape, else encode.render: the slow path),
-    all tokenized in one call per kind (the fast tokenizer's batch, threaded in Rust). ``shapes``: those learnt
-    so far, kept between calls. A record the template refuses raises for the whole batch, without its index."""
+    """(input_ids, labels, slow path?), int64 arrays, of many (record, first trained turn) at once, equal to
+    encode_record's: each conversation rendered once (chat_shapes: its spans from its shape, else encode.render,
+    the slow path), all tokenized in one call per kind (the fast tokenizer's batch, threaded in Rust). ``shapes``:
+    those learnt so far, kept between calls. A record the template refuses raises for the whole batch, without
+    saying which."""
     if train_on not in TRAIN_ON:
         raise ValueError(f"train_on {train_on!r}: choose one of {', '.join(TRAIN_ON)}")
     shapes = shapes if shapes is not None else ConversationShapes(tokenizer)
