@@ -13,7 +13,9 @@ one built here with a ChatML template, so the rate is that of the pipeline more 
 
 The speed test runs, each in a fresh process on the same file: the baseline (each line parsed, then one
 apply_chat_template(tokenize=True) call: no spans, no labels, no packing), today's one-record algorithm
-(encode.encode_record a line: every prefix rendered), and data.prepare writing the row file with the tokenizer
+(encode.encode_record a line: every prefix rendered), the floor of any exact way (a chunk's records rendered in
+one call, then the Rust tokenizer's batch with the character offsets the spans need, on one thread: no spans,
+labels or packing), and data.prepare writing the row file with the tokenizer
 limited to one thread, with its threads (workers=0), and with WORKERS processes. Recorded: wall-clock seconds,
 records/s and the ratio to the baseline; and CPU seconds (user + system, the process's threads and its workers,
 imports left out), the work done whatever else loads the machine, and their ratio to the baseline's.
@@ -113,7 +115,14 @@ SPEED_CHILD = textwrap.dedent("""
                                                                              resource.RUSAGE_CHILDREN)))
     start, start_cpu = time.perf_counter(), cpu_seconds()
     tokens = 0
-    if how in ("baseline", "encode_record"):
+    if how == "floor":      # what any exact way pays: one rendering and the Rust tokenization with offsets
+        lines = list(iter_lines(path))
+        for at in range(0, len(lines), data.packing.CHUNK_LINES):
+            texts = tokenizer.apply_chat_template([parse_line(raw, path, first=number == 1)["messages"]
+                                                   for number, raw in lines[at:at + data.packing.CHUNK_LINES]],
+                                                  tokenize=False)
+            tokens += sum(len(e) for e in tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False))
+    elif how in ("baseline", "encode_record"):
         for number, raw in iter_lines(path):
             record = parse_line(raw, path, first=number == 1)
             if how == "baseline":
@@ -135,6 +144,7 @@ def test_prepare_speed_against_one_template_call_per_record(benchmark, record, t
     out = tmp_path / "rows"
     out.mkdir()
     runs = {"baseline": ("baseline", {}), "encode_record": ("encode_record", {}),
+            "floor_1_thread": ("floor", {"RAYON_NUM_THREADS": "1"}),
             "prepare_1_thread": ("0", {"RAYON_NUM_THREADS": "1"}), "prepare_threads": ("0", {}),
             f"prepare_{WORKERS}_workers": (str(WORKERS), {})}
     result = {}
