@@ -184,19 +184,32 @@ def test_a_huge_record_is_found_too_long_without_tokenizing_it_whole(tmp_path, p
     path.write_text("".join(json.dumps(r) + "\n" for r in [short, big, short]))
     alone = tmp_path / "short.jsonl"
     alone.write_text("".join(json.dumps(r) + "\n" for r in [short, short]))
-    longest = []
+    longest = []                       # every text tokenized, through transformers or straight to the Rust batch
     call = type(tokenizer).__call__
 
     def measured(self, text, *args, **kwargs):
-        longest.append(len(text))
+        longest.extend(len(t) for t in ([text] if isinstance(text, str) else text))
         return call(self, text, *args, **kwargs)
+
+    class Backend:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def encode_batch(self, texts, *args, **kwargs):
+            longest.extend(len(t) for t in texts)
+            return self.inner.encode_batch(texts, *args, **kwargs)
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
     type(tokenizer).__call__ = measured
+    tokenizer._tokenizer = Backend(tokenizer._tokenizer)
     try:
         stats = data.prepare(path, tokenizer, seq_len, 0, preference=preference).stats["train"]
         with pytest.raises(ValueError, match=rf"huge.jsonl:2 has more than \d+ tokens, more than --seq-len {seq_len}"):
             data.prepare(path, tokenizer, seq_len, 0, too_long="error", preference=preference)
     finally:
         type(tokenizer).__call__ = call
+        tokenizer._tokenizer = tokenizer._tokenizer.inner
     assert max(longest) < 20 * seq_len
     assert (stats.records, stats.too_long) == (3, 1) and stats.longest > seq_len
     expected = data.prepare(alone, tokenizer, seq_len, 0, preference=preference).stats["train"]
