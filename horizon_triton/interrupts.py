@@ -8,6 +8,10 @@ wherever the main thread is (a save in progress is then abandoned and cleaned up
 SIGINT becomes ``Interrupted`` (a KeyboardInterrupt: exit status 130 through the CLI), SIGTERM ``Terminated``
 (a SystemExit with code 143 = 128 + 15), the conventions of shells and job schedulers. Handlers can only be set in
 the main thread; elsewhere the block changes nothing.
+
+``until_signal(batches)`` stops a loop (the CLI's final evaluation) at its next batch once a signal was
+deferred; ``raising_on_sigterm()`` makes SIGTERM outside those blocks raise Terminated at once (as SIGINT raises
+KeyboardInterrupt) instead of ending the process without its ``finally`` blocks.
 """
 from __future__ import annotations
 
