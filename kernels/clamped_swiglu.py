@@ -86,7 +86,7 @@ def _check_gate_up(gate_up: torch.Tensor, name: str) -> int:
 
 
 def _config(kernel: str, I: int, dtype: torch.dtype) -> dict:
-    default = ({"ROWS": 1, "BLOCK_I": 64, "num_warps": 1} if tuning.interpreting()
+    default = ({"ROWS": 16, "BLOCK_I": 64, "num_warps": 1} if tuning.interpreting()
                else {"ROWS": 4, "BLOCK_I": 512, "num_warps": 8})
     return tuning.best_config(kernel, f"I{I}_{str(dtype).removeprefix('torch.')}", default)
 

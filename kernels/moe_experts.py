@@ -13,9 +13,9 @@ expert e owns the sorted rows offsets[e] : offsets[e + 1], possibly none. W[e] i
                    (the gate_up backward's dx is the combine of its per-slot dx with unit weights)
 The grouped GEMM's programs walk M tiles packed expert after expert: each finds its expert from the offsets
 (a cumulative sum of cdiv(rows_e, BLOCK_M) over ≤ 1024 experts, in registers), so no host sync and no padded
-copy; the grid is sized for the worst case, cdiv(T·k, BLOCK_M) + E tiles, and programs past the last exit.
-Every dW program owns one [BLOCK_N, BLOCK_K] tile of one expert and loops over that expert's rows: no atomics,
-deterministic, and an expert with no rows adds nothing. FLOPs: each grouped GEMM 2·T·k·N·K; dW the same.
+copy; the grid is sized for the worst case, cdiv(T·k, BLOCK_M) + min(E, T·k) tiles; programs past the last exit.
+Every dW program owns one [BLOCK_N, BLOCK_K] tile of one expert (in the interpreter: of every expert in turn)
+and loops over that expert's rows: no atomics, deterministic, and an expert with no rows adds nothing. FLOPs: each grouped GEMM 2·T·k·N·K; dW the same.
 
 Supported range: activations (x, h, d_o, d_gate_up) with contiguous last axes; weights any strided [E, N, K]
 view (gpt-oss's [E, K, N] parameters pass as .transpose(1, 2)) in the activation dtype (bf16, fp16 or fp32);
@@ -49,29 +49,6 @@ MAX_EXPERTS = 1024
 # Kernels
 # ----------------------------------------------------------------------------------------------------------
 @triton.jit
-def _mma(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    """acc += a @ b; UPCAST (interpreter only) feeds fp32 copies, since its bf16 dot is wrong."""
-    if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=PRECISION)
-    return tl.dot(a, b, acc, input_precision=PRECISION)
-
-
-@triton.jit
-def _expert_of_tile(tile, offsets_ptr, E, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
-    """(e, first row, end row) of M tile ``tile``, tiles packed expert after expert; e ≥ E past the last tile."""
-    es = tl.arange(0, BLOCK_E)
-    start = tl.load(offsets_ptr + es, mask=es < E, other=0)
-    end = tl.load(offsets_ptr + es + 1, mask=es < E, other=0)
-    tiles = tl.cdiv(end - start, BLOCK_M)
-    last = tl.cumsum(tiles, 0)                                        # tiles up to and including expert e
-    e = tl.sum((last <= tile).to(tl.int32), 0)                        # experts whose tiles all come before
-    mine = es == e
-    first_tile = tl.sum(tl.where(mine, last - tiles, 0), 0)
-    row0 = tl.sum(tl.where(mine, start, 0), 0) + (tile - first_tile) * BLOCK_M
-    return e, row0, tl.sum(tl.where(mine, end, 0), 0)
-
-
-@triton.jit
 def _grouped_gemm_kernel(
     # pointers
     a_ptr, a_index_ptr, b_ptr, bias_ptr, c_ptr, c_index_ptr, offsets_ptr,
@@ -92,9 +69,19 @@ def _grouped_gemm_kernel(
     group_size = tl.minimum(max_tiles_m - first_m, GROUP_M)
     tile_m = first_m + (pid % per_group) % group_size
     pid_n = (pid % per_group) // group_size
-    e, row0, row_end = _expert_of_tile(tile_m, offsets_ptr, E, BLOCK_M, BLOCK_E)
-    if e >= E:
+    # this tile's expert e: the M tiles are packed expert after expert, cdiv(rows_e, BLOCK_M) each
+    # (inline rather than a helper: the interpreter pays milliseconds per nested jit call)
+    es = tl.arange(0, BLOCK_E)
+    start = tl.load(offsets_ptr + es, mask=es < E, other=0)
+    end = tl.load(offsets_ptr + es + 1, mask=es < E, other=0)
+    tiles = tl.cdiv(end - start, BLOCK_M)
+    last = tl.cumsum(tiles, 0)                                         # tiles up to and including expert e
+    e = tl.sum((last <= tile_m).to(tl.int32), 0)                       # experts whose tiles all come before
+    if e >= E:                                                         # past the last tile
         return
+    mine = es == e
+    row0 = tl.sum(tl.where(mine, start, 0), 0) + (tile_m - tl.sum(tl.where(mine, last - tiles, 0), 0)) * BLOCK_M
+    row_end = tl.sum(tl.where(mine, end, 0), 0)
     rows = row0 + tl.arange(0, BLOCK_M)
     row_ok = rows < row_end
     a_rows = tl.load(a_index_ptr + rows, mask=row_ok, other=0) // a_div
@@ -108,7 +95,9 @@ def _grouped_gemm_kernel(
         k_ok = rk < K - k * BLOCK_K
         a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
-        acc = _mma(a, b, acc, UPCAST, PRECISION)
+        if UPCAST:                                                     # the interpreter's bf16 dot is wrong
+            a, b = a.to(tl.float32), b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K * stride_b_k
     rn_out = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -125,47 +114,51 @@ def _grouped_dw_kernel(
     # pointers
     d_ptr, d_index_ptr, a_ptr, a_index_ptr, dw_ptr, db_ptr, offsets_ptr,
     # shapes
-    N, K, a_div,
+    N, K, E, a_div, expert_step,
     # strides
     stride_d_m, stride_a_m, stride_dw_e, stride_dw_n, stride_dw_k, stride_db_e, stride_db_n,
     # meta
     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """dW[e][n tile, k tile] += Σ_r D[d_index[r]]ᵀ A[a_index[r] // a_div] over the rows r of expert e (program
-    axis 1); db[e][n tile] += Σ_r D[d_index[r]] in the programs of the first k tile."""
+    """dW[e][n tile, k tile] += Σ_r D[d_index[r]]ᵀ A[a_index[r] // a_div] over the rows r of expert e, for the
+    experts e = program_id(1), + expert_step, ...; db[e][n tile] += Σ_r D[d_index[r]] in the first k tile."""
     pid = tl.program_id(0)
-    e = tl.program_id(1)
     num_k = tl.cdiv(K, BLOCK_K)
     pid_n, pid_k = pid // num_k, pid % num_k
-    start = tl.load(offsets_ptr + e)
-    end = tl.load(offsets_ptr + e + 1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     rn_in, rk_in = rn % N, rk % K                                      # wrap, dropped by the store mask
     rr = tl.arange(0, BLOCK_R)
-    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    acc_b = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for r0 in range(start, end, BLOCK_R):
-        rows = r0 + rr
-        row_ok = rows < end
-        d_rows = tl.load(d_index_ptr + rows, mask=row_ok, other=0)
-        a_rows = tl.load(a_index_ptr + rows, mask=row_ok, other=0) // a_div
-        d_t = tl.load(d_ptr + d_rows.to(tl.int64)[None, :] * stride_d_m + rn_in[:, None], mask=row_ok[None, :],
-                      other=0.0)                                                          # Dᵀ [BLOCK_N, BLOCK_R]
-        a = tl.load(a_ptr + a_rows.to(tl.int64)[:, None] * stride_a_m + rk_in[None, :], mask=row_ok[:, None],
-                    other=0.0)                                                            # [BLOCK_R, BLOCK_K]
-        acc = _mma(d_t, a, acc, UPCAST, PRECISION)
-        if HAS_BIAS:
-            acc_b += tl.sum(d_t.to(tl.float32), axis=1)
-    e64 = e.to(tl.int64)
-    dw_ptrs = dw_ptr + e64 * stride_dw_e + rn.to(tl.int64)[:, None] * stride_dw_n + rk.to(tl.int64)[None, :] * stride_dw_k
     mask = (rn < N)[:, None] & (rk < K)[None, :]
-    tl.store(dw_ptrs, tl.load(dw_ptrs, mask=mask, other=0.0) + acc, mask=mask)
-    if HAS_BIAS:
-        if pid_k == 0:
-            db_ptrs = db_ptr + e64 * stride_db_e + rn.to(tl.int64) * stride_db_n
-            tl.store(db_ptrs, tl.load(db_ptrs, mask=rn < N, other=0.0) + acc_b, mask=rn < N)
+    for e in range(tl.program_id(1), E, expert_step):
+        start = tl.load(offsets_ptr + e)
+        end = tl.load(offsets_ptr + e + 1)
+        if end > start:                                                # an expert with no rows adds nothing
+            acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+            acc_b = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            for r0 in range(start, end, BLOCK_R):
+                rows = r0 + rr
+                row_ok = rows < end
+                d_rows = tl.load(d_index_ptr + rows, mask=row_ok, other=0)
+                a_rows = tl.load(a_index_ptr + rows, mask=row_ok, other=0) // a_div
+                d_t = tl.load(d_ptr + d_rows.to(tl.int64)[None, :] * stride_d_m + rn_in[:, None],
+                              mask=row_ok[None, :], other=0.0)                            # Dᵀ [BLOCK_N, BLOCK_R]
+                a = tl.load(a_ptr + a_rows.to(tl.int64)[:, None] * stride_a_m + rk_in[None, :],
+                            mask=row_ok[:, None], other=0.0)                              # [BLOCK_R, BLOCK_K]
+                if HAS_BIAS:
+                    acc_b += tl.sum(d_t.to(tl.float32), axis=1)
+                if UPCAST:                                             # the interpreter's bf16 dot is wrong
+                    d_t, a = d_t.to(tl.float32), a.to(tl.float32)
+                acc = tl.dot(d_t, a, acc, input_precision=PRECISION)
+            e64 = tl.cast(e, tl.int64)                                 # E·N·K may pass 2³¹
+            dw_ptrs = (dw_ptr + e64 * stride_dw_e + rn.to(tl.int64)[:, None] * stride_dw_n
+                       + rk.to(tl.int64)[None, :] * stride_dw_k)
+            tl.store(dw_ptrs, tl.load(dw_ptrs, mask=mask, other=0.0) + acc, mask=mask)
+            if HAS_BIAS:
+                if pid_k == 0:
+                    db_ptrs = db_ptr + e64 * stride_db_e + rn.to(tl.int64) * stride_db_n
+                    tl.store(db_ptrs, tl.load(db_ptrs, mask=rn < N, other=0.0) + acc_b, mask=rn < N)
 
 
 @triton.jit
@@ -231,8 +224,9 @@ def _combine_bwd_kernel(
 # ----------------------------------------------------------------------------------------------------------
 # Launch functions
 # ----------------------------------------------------------------------------------------------------------
-_INTERPRETER_GEMM = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4, "num_warps": 4, "num_stages": 1}
-_INTERPRETER_DW = {"BLOCK_N": 32, "BLOCK_K": 32, "BLOCK_R": 16, "num_warps": 4, "num_stages": 1}
+# the interpreter pays per program: wide N tiles; BLOCK_M and BLOCK_R small so that experts span several tiles
+_INTERPRETER_GEMM = {"BLOCK_M": 32, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 4, "num_warps": 4, "num_stages": 1}
+_INTERPRETER_DW = {"BLOCK_N": 64, "BLOCK_K": 64, "BLOCK_R": 16, "num_warps": 4, "num_stages": 1}
 # Untuned Hopper defaults. Expert GEMMs see T·k/E rows each (a few hundred to a few thousand at training batch
 # sizes), so the M tile stays at 128 (a quiet expert pads at most one tile); dW programs reduce over the rows.
 _HOPPER_GEMM = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
@@ -273,7 +267,7 @@ def _grouped_gemm(a, a_index, a_div, b, stride_b_k, stride_b_n, bias, c, c_index
     """Launch: C[c_index[r]] = A[a_index[r] // a_div] @ B[e] (+ bias[e]) with B[e] read through the strides."""
     M, E = c_index.shape[0], offsets.shape[0] - 1
     N, K = c.shape[1], a.shape[1]
-    max_tiles_m = triton.cdiv(M, cfg["BLOCK_M"]) + E
+    max_tiles_m = triton.cdiv(M, cfg["BLOCK_M"]) + min(E, M)      # each expert with rows adds ≤ 1 partial tile
     grid = (max_tiles_m * triton.cdiv(N, cfg["BLOCK_N"]),)
     _grouped_gemm_kernel[grid](
         a, a_index, b, c if bias is None else bias, c, c_index, offsets,
@@ -287,10 +281,13 @@ def _grouped_gemm(a, a_index, a_div, b, stride_b_k, stride_b_n, bias, c, c_index
 def _grouped_dw(d, d_index, a, a_index, a_div, d_weight, d_bias, offsets, cfg) -> None:
     """Launch: d_weight[e] += Σ_r D[d_index[r]]ᵀ A[a_index[r] // a_div] (+ d_bias[e] += Σ_r D[d_index[r]])."""
     E, N, K = d_weight.shape
-    grid = (triton.cdiv(N, cfg["BLOCK_N"]) * triton.cdiv(K, cfg["BLOCK_K"]), E)
+    # programs per tile, each taking every expert_step-th expert: one expert each on the GPU (E × tiles
+    # programs); the interpreter, which pays milliseconds per program, walks all experts in one
+    expert_step = 1 if tuning.interpreting() else E
+    grid = (triton.cdiv(N, cfg["BLOCK_N"]) * triton.cdiv(K, cfg["BLOCK_K"]), expert_step)
     _grouped_dw_kernel[grid](
         d, d_index, a, a_index, d_weight, d_weight if d_bias is None else d_bias, offsets,
-        N, K, a_div,
+        N, K, E, a_div, expert_step,
         d.stride(0), a.stride(0), *d_weight.stride(), *((0, 0) if d_bias is None else d_bias.stride()),
         HAS_BIAS=d_bias is not None, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], BLOCK_R=cfg["BLOCK_R"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **_dot_args(a.dtype))

@@ -366,12 +366,19 @@ def cross_entropy_chunk_backward(h: torch.Tensor, weight: torch.Tensor, targets:
 # linear_backward per expert (dW, db accumulated in fp32 in place), dx[t] = Σ_j dx_slot[t·k + j] (fp32 sum).
 # Weights may be any strided view [E, N, K] (gpt-oss stores [E, K, N]: pass .transpose(1, 2)).
 # ----------------------------------------------------------------------------------------------------------
+def _top_k(values: torch.Tensor, k: int):
+    """(values, ids) of the k largest of each row, the lowest index first among equal values (as the kernels do;
+    torch.topk leaves the order of ties unspecified)."""
+    values, ids = torch.sort(values, dim=-1, descending=True, stable=True)
+    return values[:, :k], ids[:, :k]
+
+
 def moe_softmax_topk_forward(logits: torch.Tensor, top_k: int, renormalize: bool):
     """Mixtral, Qwen3-MoE (renormalize = norm_topk_prob), gpt-oss (softmax over the top-k logits = renormalized).
     logits[T, E] -> (weights[T, k] fp32, ids[T, k] int32): p = softmax(logits) in fp32, its k largest, divided
     by their sum when renormalize."""
     probs = torch.softmax(logits.float(), dim=-1)
-    weights, ids = torch.topk(probs, top_k, dim=-1)
+    weights, ids = _top_k(probs, top_k)
     if renormalize:
         weights = weights / weights.sum(-1, keepdim=True)
     return weights, ids.to(torch.int32)
@@ -403,10 +410,10 @@ def moe_sigmoid_topk_forward(logits: torch.Tensor, bias: torch.Tensor, top_k: in
     scores = torch.sigmoid(logits.float())
     choice = scores + bias.float()
     group_scores = choice.view(T, n_group, E // n_group).topk(2, dim=-1)[0].sum(-1)       # [T, n_group]
-    group_idx = torch.topk(group_scores, topk_group, dim=-1)[1]
+    group_idx = _top_k(group_scores, topk_group)[1]
     keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, group_idx, True)
     choice = choice.masked_fill(~keep.repeat_interleave(E // n_group, dim=1), float("-inf"))
-    ids = torch.topk(choice, top_k, dim=-1)[1]
+    ids = _top_k(choice, top_k)[1]
     weights = scores.gather(1, ids)
     if renormalize:
         weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
