@@ -230,7 +230,9 @@ _INTERPRETER_DW = {"BLOCK_N": 64, "BLOCK_K": 64, "BLOCK_R": 16, "num_warps": 4, 
 # Untuned Hopper defaults. Expert GEMMs see T·k/E rows each (a few hundred to a few thousand at training batch
 # sizes), so the M tile stays at 128 (a quiet expert pads at most one tile); dW programs reduce over the rows.
 _HOPPER_GEMM = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
-_HOPPER_DW = {"BLOCK_N": 128, "BLOCK_K": 128, "BLOCK_R": 64, "num_warps": 8, "num_stages": 3}
+# The dW tile stays at 128×64: its operands are gathered rows (a 64-bit address per element in registers), and
+# at 128×128 it needs more than 255 registers (spills), with or without the bias sum.
+_HOPPER_DW = {"BLOCK_N": 128, "BLOCK_K": 64, "BLOCK_R": 64, "num_warps": 8, "num_stages": 3}
 # fp32 operands take IEEE dots on the FMA units: small tiles that fit shared memory.
 _FP32_GEMM = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
 _FP32_DW = {"BLOCK_N": 64, "BLOCK_K": 64, "BLOCK_R": 32, "num_warps": 8, "num_stages": 3}

@@ -389,15 +389,22 @@ def moe_permute(ids: torch.Tensor, num_experts: int):
     counts = torch.empty((n_blocks, E), dtype=torch.int32, device=ids.device)
     _expert_histogram_kernel[(n_blocks,)](flat, counts, S, E, BLOCK_S=block,
                                           BINS=triton.next_power_of_2(E + 1), num_warps=4)
-    # start[e, b]: the slots before block b's first slot of expert e in the sorted order ([E · blocks] ints)
+    start, offsets = block_starts(counts, S)
+    order = torch.empty(S, dtype=torch.int32, device=ids.device)
+    _expert_scatter_kernel[(n_blocks,)](flat, start, order, S, n_blocks, BLOCK_S=block, num_warps=4)
+    return order, offsets
+
+
+def block_starts(counts: torch.Tensor, slots: int):
+    """counts[blocks, E] int32 -> (start[E, blocks]: the sorted rows before block b's first slot of expert e,
+    offsets[E + 1]), by torch ops on [E · blocks] ints (no sync). The dry run's model runs this too."""
+    E, n_blocks = counts.shape[1], counts.shape[0]
     per_expert = counts.t().reshape(-1)                                        # e-major, then block
     start = (per_expert.cumsum(0, dtype=torch.int32) - per_expert).view(E, n_blocks)
-    offsets = torch.empty(E + 1, dtype=torch.int32, device=ids.device)
+    offsets = torch.empty(E + 1, dtype=torch.int32, device=counts.device)
     offsets[:E] = start[:, 0]
-    offsets[E] = S
-    order = torch.empty(S, dtype=torch.int32, device=ids.device)
-    _expert_scatter_kernel[(n_blocks,)](flat, start.contiguous(), order, S, n_blocks, BLOCK_S=block, num_warps=4)
-    return order, offsets
+    offsets[E] = slots
+    return start, offsets
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -199,17 +199,17 @@ def _hopper_report() -> dict:
                                     ("fp32", me._FP32_GEMM, me._FP32_DW, "ieee")):
         for has_bias in (False, True):
             fn = me._grouped_gemm_kernel
-            types = {n: ("*i32" if n in idx else f"*{dt}") if n.endswith("_ptr") else "i32"
-                     for n in fn.arg_names if n.upper() != n}
             meta = {k: gemm[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")}
             meta.update(HAS_BIAS=has_bias, BLOCK_E=256, UPCAST=False, PRECISION=precision)
+            types = {n: ("*i32" if n in idx else f"*{dt}") if n.endswith("_ptr") else "i32"
+                     for n in fn.arg_names if n not in meta}
             report[f"grouped_gemm/{dt}/bias={has_bias}"] = compile_sm90(fn, types, meta, gemm["num_warps"],
                                                                         gemm["num_stages"])
             fn = me._grouped_dw_kernel
-            types = {n: ("*i32" if n in idx else "*fp32" if n in ("dw_ptr", "db_ptr") else f"*{dt}")
-                     if n.endswith("_ptr") else "i32" for n in fn.arg_names if n.upper() != n}
             meta = {k: dw[k] for k in ("BLOCK_N", "BLOCK_K", "BLOCK_R")}
             meta.update(HAS_BIAS=has_bias, UPCAST=False, PRECISION=precision)
+            types = {n: ("*i32" if n in idx else "*fp32" if n in ("dw_ptr", "db_ptr") else f"*{dt}")
+                     if n.endswith("_ptr") else "i32" for n in fn.arg_names if n not in meta}
             report[f"grouped_dw/{dt}/bias={has_bias}"] = compile_sm90(fn, types, meta, dw["num_warps"],
                                                                       dw["num_stages"])
         cfg = me._ELEMENTWISE
