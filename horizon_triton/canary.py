@@ -17,7 +17,7 @@ import torch
 
 from horizon_triton.kernels import reference
 
-from .ops import KERNEL_FAMILY
+from .ops import KERNEL_FAMILY, MOE_FAMILIES
 
 ATOL = {torch.float32: 2e-5, torch.bfloat16: 2e-3, torch.float16: 1e-3}
 
@@ -135,13 +135,18 @@ def check_family(candidate, family: str, t, exact: list, library: list, atol: fl
             raise Mismatch(f"output {i}: error {err:.3g} against fp32 > 2 × library error {err_lib:.3g} + atol")
 
 
-def run(candidate, fallback, device, dtype: torch.dtype, head_dim: int, sliding_window: int | None):
+def run(candidate, fallback, device, dtype: torch.dtype, head_dim: int, sliding_window: int | None,
+        moe: bool = False):
     """-> (ops namespace with failing families replaced by ``fallback``'s, report {op: "triton" | "library
-    (reason)" | "triton (unchecked: ...)"}). Warns once per replaced or unchecked family, naming it and why."""
+    (reason)" | "triton (unchecked: ...)"}). Warns once per replaced or unchecked family, naming it and why.
+    moe: check the MoE families too (a model with MoE layers); a dense model does not compile them."""
     t = _inputs(dtype, device, head_dim, sliding_window)
     ops, report = dict(vars(candidate)), {}
     for family in dict.fromkeys(KERNEL_FAMILY.values()):
         names = [n for n, f in KERNEL_FAMILY.items() if f == family]
+        if family in MOE_FAMILIES and not moe:
+            report.update(dict.fromkeys(names, "triton (unchecked: no MoE layer)"))
+            continue
         try:
             exact, library = _judges(fallback, family, t)
         except Exception as exc:  # noqa: BLE001  (no judge on this machine: keep the kernel, say so)

@@ -40,6 +40,7 @@ KERNEL_FAMILY = {
     "moe_combine_forward": "moe_experts", "moe_combine_backward": "moe_experts",
     "clamped_swiglu_forward": "clamped_swiglu", "clamped_swiglu_backward": "clamped_swiglu",
 }
+MOE_FAMILIES = ("moe_routing", "moe_experts", "clamped_swiglu")      # used by MoE layers only
 TORCH_ONLY = ("linear_forward", "linear_backward", "cross_entropy_chunk_loss", "lora_forward", "lora_backward")
 BACKENDS = {"torch": "torch", "triton": "triton", "interpret": "triton-interpret"}
 
