@@ -43,7 +43,8 @@ def _inputs(dtype, device, head_dim: int, sliding_window: int | None, heads=(4, 
     ids = ((torch.arange(T)[:, None] * 3 + torch.arange(k)) % (E - 1)).to(torch.int32)
     order, offsets = reference.moe_permute(ids, E)
     moe = SimpleNamespace(
-        E=E, k=k, router_logits=router_logits.to(device, dtype), score_bias=(0.1 * torch.randn(E, generator=g)).to(device),
+        E=E, k=k, router_logits=router_logits.to(device, dtype),
+        score_bias=(0.1 * torch.randn(E, generator=g)).to(device),
         d_route=torch.randn(T, k, generator=g).to(device), order=order.to(device), offsets=offsets.to(device),
         weights=torch.rand(T, k, generator=g).to(device), x=rand(T, H), w_gu=rand(E, 2 * I, H, scale=H ** -0.5),
         b_gu=rand(E, 2 * I), w_d=rand(E, H, I, scale=I ** -0.5), b_d=rand(E, H), d_gate_up=rand(T * k, 2 * I),
@@ -103,7 +104,8 @@ def _run_family(ops, family: str, t) -> list[torch.Tensor]:
                 ops.moe_down_backward(m.d_o, m.h, m.order, m.offsets, m.w_d, dw_d), dw_gu, db_gu, dw_d,
                 ops.moe_combine_forward(m.d_o, m.weights), *ops.moe_combine_backward(m.x, m.d_o, m.weights)]
     if family == "clamped_swiglu":
-        return [ops.clamped_swiglu_forward(m.gate_up, 1.702, 7.0), ops.clamped_swiglu_backward(m.dh, m.gate_up, 1.702, 7.0)]
+        return [ops.clamped_swiglu_forward(m.gate_up, 1.702, 7.0),
+                ops.clamped_swiglu_backward(m.dh, m.gate_up, 1.702, 7.0)]
     raise ValueError(f"canary: no check for kernel family {family!r}")
 
 

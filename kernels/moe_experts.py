@@ -15,7 +15,8 @@ The grouped GEMM's programs walk M tiles packed expert after expert: each finds 
 (a cumulative sum of cdiv(rows_e, BLOCK_M) over ≤ 1024 experts, in registers), so no host sync and no padded
 copy; the grid is sized for the worst case, cdiv(T·k, BLOCK_M) + min(E, T·k) tiles; programs past the last exit.
 Every dW program owns one [BLOCK_N, BLOCK_K] tile of one expert (in the interpreter: of every expert in turn)
-and loops over that expert's rows: no atomics, deterministic, and an expert with no rows adds nothing. FLOPs: each grouped GEMM 2·T·k·N·K; dW the same.
+and loops over that expert's rows: no atomics, deterministic, and an expert with no rows adds nothing.
+FLOPs: each grouped GEMM 2·T·k·N·K; each dW the same.
 
 Supported range: activations (x, h, d_o, d_gate_up) with contiguous last axes; weights any strided [E, N, K]
 view (gpt-oss's [E, K, N] parameters pass as .transpose(1, 2)) in the activation dtype (bf16, fp16 or fp32);
@@ -326,7 +327,8 @@ def _check_routing(order: torch.Tensor, offsets: torch.Tensor, slots: int, name:
         raise ValueError(f"{name}: order has {order.shape[0]} slots, expected T·k = {slots}")
     E = offsets.shape[0] - 1
     if not 1 <= E <= MAX_EXPERTS:
-        raise ValueError(f"{name}: offsets must hold E + 1 values for 1 ≤ E ≤ {MAX_EXPERTS}, got {offsets.shape[0]}")
+        raise ValueError(f"{name}: offsets must hold E + 1 values for 1 ≤ E ≤ {MAX_EXPERTS}, "
+                         f"got {offsets.shape[0]}")
     return E
 
 
@@ -465,7 +467,8 @@ def moe_combine_backward(dy: torch.Tensor, o: torch.Tensor, weights: torch.Tenso
 # ----------------------------------------------------------------------------------------------------------
 # Autotuning (GPU; AUTOTUNE_DEVICE is swapped for "cpu" in the interpreter's dry-run test): the four grouped
 # GEMMs and two dW GEMMs of an MoE layer on balanced routing, each candidate checked against the reference
-# before it is timed; TFLOPS = 2·T·k·N·K / time per GEMM.
+# before it is timed (dh and dx are grouped GEMMs with W[e] itself: the references on the transposed views);
+# TFLOPS = 2·T·k·N·K / time per GEMM.
 # ----------------------------------------------------------------------------------------------------------
 AUTOTUNE_DEVICE = "cuda"
 DEFAULT_SHAPES = [                      # (T tokens, H, I, E, k): gpt-oss-120b, Qwen3-235B-A22B, DeepSeek-V3
@@ -500,46 +503,45 @@ def autotune(shape: dict | None = None) -> list[dict]:
         T, H, I, E, k = s["T"], s["H"], s["I"], s["E"], s["k"]
         M = T * k
         _, order, offsets = balanced_routing(T, E, k, dev)
-        x = torch.randn(T, H, device=dev, dtype=dtype)
-        w_gu = (torch.randn(E, 2 * I, H, device=dev) / H ** 0.5).to(dtype)
-        w_d = (torch.randn(E, H, I, device=dev) / I ** 0.5).to(dtype)
-        h = torch.randn(M, I, device=dev, dtype=dtype)
-        d_gate_up = torch.randn(M, 2 * I, device=dev, dtype=dtype)
-        d_o = torch.randn(M, H, device=dev, dtype=dtype)
         identity = _identity(M, dev)
-        gu, o = torch.empty(M, 2 * I, device=dev, dtype=dtype), torch.empty(M, H, device=dev, dtype=dtype)
-        dx_slots, dh = torch.empty(M, H, device=dev, dtype=dtype), torch.empty(M, I, device=dev, dtype=dtype)
-        dw_gu, dw_d = torch.zeros(E, 2 * I, H, device=dev), torch.zeros(E, H, I, device=dev)
-        refs = {"gu": moe_gate_up_forward_ref(x, order, offsets, k, w_gu), "o": moe_down_forward_ref(h, order, offsets, w_d)}
-        refs["dh"] = moe_down_backward_ref(d_o, h, order, offsets, w_d, torch.zeros_like(dw_d))
-        refs["dw_d"] = torch.zeros_like(dw_d)
-        moe_down_backward_ref(d_o, h, order, offsets, w_d, refs["dw_d"])
-        refs["dw_gu"] = torch.zeros_like(dw_gu)
-        moe_gate_up_backward_ref(d_gate_up, x, order, offsets, k, w_gu, refs["dw_gu"])
-        gemms = {  # name: (run(cfg) -> output, reference, K of the GEMM)
-            "moe_gate_up_fwd": (lambda c: (_grouped_gemm(x, order, k, w_gu, w_gu.stride(2), w_gu.stride(1), None, gu,
-                                                         identity, offsets, c), gu)[1], refs["gu"], 2 * I, H),
-            "moe_down_fwd": (lambda c: (_grouped_gemm(h, identity, 1, w_d, w_d.stride(2), w_d.stride(1), None, o, order,
-                                                      offsets, c), o)[1], refs["o"], H, I),
-            "moe_down_dh": (lambda c: (_grouped_gemm(d_o, order, 1, w_d, w_d.stride(1), w_d.stride(2), None, dh,
-                                                     identity, offsets, c), dh)[1], refs["dh"], I, H),
-            "moe_gate_up_dx": (lambda c: (_grouped_gemm(d_gate_up, identity, 1, w_gu, w_gu.stride(1), w_gu.stride(2),
-                                                        None, dx_slots, order, offsets, c), dx_slots)[1], None, H, 2 * I),
-            "moe_gate_up_dw": (lambda c: (dw_gu.zero_(), _grouped_dw(d_gate_up, identity, x, order, k, dw_gu, None,
-                                                                     offsets, c), dw_gu)[2], refs["dw_gu"], 2 * I, H),
-            "moe_down_dw": (lambda c: (dw_d.zero_(), _grouped_dw(d_o, order, h, identity, 1, dw_d, None, offsets, c),
-                                       dw_d)[2], refs["dw_d"], H, I),
+        rand = lambda *shape, scale=1.0: (scale * torch.randn(*shape, device=dev)).to(dtype)  # noqa: E731
+        x, h, d_gate_up, d_o = rand(T, H), rand(M, I), rand(M, 2 * I), rand(M, H)
+        w_gu, w_d = rand(E, 2 * I, H, scale=H ** -0.5), rand(E, H, I, scale=I ** -0.5)
+        w_gu_t, w_d_t = w_gu.transpose(1, 2), w_d.transpose(1, 2)        # B = W[e] (not ᵀ): dx and dh
+        # name: (A, a_index, a_div, W[e]ᵀ as strided [E, N, K], c_index, reference of C)
+        gemms = {
+            "moe_gate_up_fwd": (x, order, k, w_gu, identity, moe_gate_up_forward_ref(x, order, offsets, k, w_gu)),
+            "moe_down_fwd": (h, identity, 1, w_d, order, moe_down_forward_ref(h, order, offsets, w_d)),
+            "moe_down_dh": (d_o, order, 1, w_d_t, identity, moe_gate_up_forward_ref(d_o, order, offsets, 1, w_d_t)),
+            "moe_gate_up_dx": (d_gate_up, identity, 1, w_gu_t, order,
+                               moe_down_forward_ref(d_gate_up, order, offsets, w_gu_t)),
         }
-        for name, (run, ref, N, K) in gemms.items():
-            candidates = DW_CANDIDATES if name.endswith("_dw") else GEMM_CANDIDATES
-            if ref is None:      # the dx GEMM's reference is the dh GEMM's, with the gate_up weight: check the sum
-                check = lambda c, run=run: sweep.max_rel_error(  # noqa: E731
-                    _combine(run(c), torch.ones(T, k, device=dev)),
-                    moe_gate_up_backward_ref(d_gate_up, x, order, offsets, k, w_gu, torch.zeros_like(dw_gu)))
-            else:
-                check = lambda c, run=run, ref=ref: sweep.max_rel_error(run(c), ref)  # noqa: E731
-            cfg, ms = sweep.fastest(name, candidates, run, check)
-            tuning.store_config(name, _shape_key(M, N, K, E, dtype), cfg)
-            out.append(dict(shape=dict(kernel=name, T=T, H=H, I=I, E=E, k=k, dtype="bf16"), config=cfg, ms=ms,
-                            throughput=f"{2 * M * N * K / ms / 1e9:.0f} TFLOPS (2·T·k·N·K flops)"))
+        for name, (a, a_index, a_div, w, c_index, ref) in gemms.items():
+            c = torch.empty_like(ref)
+
+            def run(cfg, a=a, a_index=a_index, a_div=a_div, w=w, c_index=c_index, c=c):
+                _grouped_gemm(a, a_index, a_div, w, w.stride(2), w.stride(1), None, c, c_index, offsets, cfg)
+                return c
+            out.append(_tune(name, GEMM_CANDIDATES, run, ref, M, w.shape[1], w.shape[2], s))
+        # name: (D, d_index, A, a_index, a_div, dW shape)
+        dws = {"moe_gate_up_dw": (d_gate_up, identity, x, order, k, w_gu.shape),
+               "moe_down_dw": (d_o, order, h, identity, 1, w_d.shape)}
+        for name, (d, d_index, a, a_index, a_div, dw_shape) in dws.items():
+            dw = torch.zeros(dw_shape, device=dev)
+            ref = torch.zeros_like(dw)
+            for e, lo, hi in [(e, int(offsets[e]), int(offsets[e + 1])) for e in range(E)]:  # sync: reference only
+                ref[e] += d[d_index[lo:hi].long()].float().t() @ a[a_index[lo:hi].long() // a_div].float()
+
+            def run(cfg, d=d, d_index=d_index, a=a, a_index=a_index, a_div=a_div, dw=dw):
+                dw.zero_()
+                _grouped_dw(d, d_index, a, a_index, a_div, dw, None, offsets, cfg)
+                return dw
+            out.append(_tune(name, DW_CANDIDATES, run, ref, M, dw_shape[1], dw_shape[2], s))
     return out
+
+
+def _tune(name: str, candidates: list[dict], run, ref: torch.Tensor, M: int, N: int, K: int, s: dict) -> dict:
+    cfg, ms = sweep.fastest(name, candidates, run, lambda c: sweep.max_rel_error(run(c), ref))
+    tuning.store_config(name, _shape_key(M, N, K, s["E"], torch.bfloat16), cfg)
+    return dict(shape=dict(kernel=name, **s, dtype="bf16"), config=cfg, ms=ms,
+                throughput=f"{2 * M * N * K / ms / 1e9:.0f} TFLOPS (2·T·k·N·K flops)")

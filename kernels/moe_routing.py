@@ -4,14 +4,16 @@ and the permutation of the token slots by expert.
 Softmax top-k (Mixtral, Qwen3-MoE, gpt-oss), one program per ROWS tokens, the E logits of a row in registers:
     p = softmax(l) (fp32);  k times: the largest remaining p (lowest index on ties), its id and value;
     w_j = p_j, or p_j / Σ_m p_m when renormalized (gpt-oss's softmax over its top-k logits is this)
-  backward, d_j = ∂L/∂w_j:  plain:         dl_e = p_e · (d_e − Σ_j d_j p_j)      (d_e = d_j at e = ids_j, else 0)
-                            renormalized:  dl_e = w_e · (d_e − Σ_j d_j w_j) at the chosen e, 0 elsewhere
+  backward, d_j = ∂L/∂w_j, d_e = d_j at e = ids_j (else 0):
+    plain:         dl_e = p_e · (d_e − Σ_j d_j p_j)
+    renormalized:  dl_e = w_e · (d_e − Σ_j d_j w_j) at the chosen e, 0 elsewhere
 Sigmoid grouped top-k (DeepSeek-V3, GLM-4.5; transformers' DeepseekV3TopkRouter):
     s = σ(l),  c = s + bias;  group score = sum of the two largest c of each of the n_group groups;
     the topk_group best groups stay, the others' c become −inf;  k times the largest c (id);
     w_j = scaling · s_j (/ (Σ_m s_m + 1e-20) when renormalized)
   backward (the choice is piecewise constant, the bias gets no gradient), D = Σ_m s_m + 1e-20:
-    ds_j = scaling · (d_j / D − Σ_m d_m s_m / D²)  (renormalized) or scaling · d_j;   dl_ids_j = ds_j · s_j (1 − s_j)
+    ds_j = scaling · (d_j / D − Σ_m d_m s_m / D²)  (renormalized) or scaling · d_j
+    dl_ids_j = ds_j · s_j (1 − s_j)
 Permutation (a stable counting sort, no padding): slots s = t·k + j, blocks of BLOCK_S slots;
     1. per block b, histogram count[b, e];   2. (torch, [E·blocks] ints) start[e, b] = Σ_{e' < e} total_e'
     + Σ_{b' < b} count[b', e];   3. order[start[ids_s, b] + (earlier slots of the block with the same expert)] = s

@@ -530,7 +530,7 @@ def moe_combine_backward(dy: torch.Tensor, o: torch.Tensor, weights: torch.Tenso
 # gpt-oss's clamped SwiGLU on its interleaved gate/up (gate = gate_up[:, 0::2], up = gate_up[:, 1::2]):
 #   g = min(gate, limit),  u = clamp(up, −limit, limit),  h = (u + 1) · g · σ(α g)
 #   d_gate = dh · (u + 1) · σ(αg) · (1 + α g (1 − σ(αg))) where gate ≤ limit, else 0
-#   d_up   = dh · g · σ(αg)                                 where −limit ≤ up ≤ limit, else 0   (torch's clamp)
+#   d_up   = dh · g · σ(αg)                                 where −limit ≤ up ≤ limit, else 0  (torch's clamp)
 # ----------------------------------------------------------------------------------------------------------
 def clamped_swiglu_forward(gate_up: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
     """gate_up[M, 2I] interleaved -> h[M, I] (same dtype)."""

@@ -77,7 +77,8 @@ def test_without_biases_and_with_transposed_weights(dtype, dev):
            grads=(torch.zeros(E, I, H, device=dev).transpose(1, 2),))
     d_gate_up = torch.randn(T * k, 2 * I, device=dev).to(dtype)
     _check("gate_up_bwd", moe_experts.moe_gate_up_backward, moe_gate_up_backward_ref,
-           (d_gate_up, x, order, offsets, k, w_gu), dtype, grads=(torch.zeros(E, H, 2 * I, device=dev).transpose(1, 2),))
+           (d_gate_up, x, order, offsets, k, w_gu), dtype,
+           grads=(torch.zeros(E, H, 2 * I, device=dev).transpose(1, 2),))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
