@@ -232,8 +232,10 @@ _INTERPRETER_DW = {"BLOCK_N": 64, "BLOCK_K": 64, "BLOCK_R": 16, "num_warps": 4, 
 # sizes), so the M tile stays at 128 (a quiet expert pads at most one tile); dW programs reduce over the rows.
 _HOPPER_GEMM = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
 # The dW tile stays at 128×64: its operands are gathered rows (a 64-bit address per element in registers), and
-# at 128×128 it needs more than 255 registers (spills), with or without the bias sum.
+# at 128×128 it needs more than 255 registers (spills). The bias sum (a reduction of the D tile in registers)
+# takes 32 rows a step: at 64 it spills under Triton 3.6 (the GPU machine's).
 _HOPPER_DW = {"BLOCK_N": 128, "BLOCK_K": 64, "BLOCK_R": 64, "num_warps": 8, "num_stages": 3}
+_HOPPER_DW_BIAS = {**_HOPPER_DW, "BLOCK_R": 32}
 # fp32 operands take IEEE dots on the FMA units: small tiles that fit shared memory.
 _FP32_GEMM = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
 _FP32_DW = {"BLOCK_N": 64, "BLOCK_K": 64, "BLOCK_R": 32, "num_warps": 8, "num_stages": 3}
@@ -247,13 +249,15 @@ def _shape_key(M: int, N: int, K: int, E: int, dtype: torch.dtype) -> str:
 
 
 def _config(kernel: str, M: int, N: int, K: int, E: int, dtype: torch.dtype) -> dict:
-    dw = kernel.endswith("_dw")
+    """A dW kernel with the bias sum is its own entry, ``<kernel>_bias``: autotune (no biases) leaves it at its
+    default."""
+    dw = kernel.endswith(("_dw", "_dw_bias"))
     if tuning.interpreting():
         default = _INTERPRETER_DW if dw else _INTERPRETER_GEMM
     elif dtype == torch.float32:
         default = _FP32_DW if dw else _FP32_GEMM
     else:
-        default = _HOPPER_DW if dw else _HOPPER_GEMM
+        default = (_HOPPER_DW_BIAS if kernel.endswith("_bias") else _HOPPER_DW) if dw else _HOPPER_GEMM
     return tuning.best_config(kernel, _shape_key(M, N, K, E, dtype), default)
 
 
@@ -389,7 +393,7 @@ def moe_gate_up_backward(d_gate_up: torch.Tensor, x: torch.Tensor, order: torch.
     identity = _identity(M, x.device)
     # dW_gu[e] += d_gate_upᵀ @ x[tokens of e]   (and db_gu)
     _grouped_dw(d_gate_up, identity, x, order, top_k, d_weight, d_bias, offsets,
-                _config("moe_gate_up_dw", M, N, H, E, x.dtype))
+                _config("moe_gate_up_dw" + ("_bias" if d_bias is not None else ""), M, N, H, E, x.dtype))
     # dx of every slot, scattered to slot order, then the k slots of each token summed
     dx_slots = torch.empty((M, H), dtype=x.dtype, device=x.device)
     _grouped_gemm(d_gate_up, identity, 1, weight, weight.stride(1), weight.stride(2), None, dx_slots, order,
@@ -428,7 +432,8 @@ def moe_down_backward(d_o: torch.Tensor, h: torch.Tensor, order: torch.Tensor, o
     _check_grads(d_weight, d_bias, (E, N, I), name)
     identity = _identity(M, h.device)
     # dW_d[e] += d_o[slots of e]ᵀ @ h[rows of e]   (and db_d)
-    _grouped_dw(d_o, order, h, identity, 1, d_weight, d_bias, offsets, _config("moe_down_dw", M, N, I, E, h.dtype))
+    _grouped_dw(d_o, order, h, identity, 1, d_weight, d_bias, offsets,
+                _config("moe_down_dw" + ("_bias" if d_bias is not None else ""), M, N, I, E, h.dtype))
     dh = torch.empty_like(h)
     _grouped_gemm(d_o, order, 1, weight, weight.stride(1), weight.stride(2), None, dh, identity, offsets,
                   _config("moe_down_dh", M, I, N, E, h.dtype))

@@ -196,9 +196,10 @@ def _hopper_report() -> dict:
     me = moe_experts
     report = {}
     idx = ("a_index_ptr", "c_index_ptr", "offsets_ptr", "d_index_ptr")
-    for dt, gemm, dw, precision in (("bf16", me._HOPPER_GEMM, me._HOPPER_DW, "tf32"),
-                                    ("fp32", me._FP32_GEMM, me._FP32_DW, "ieee")):
+    for dt, gemm, dw_default, precision in (("bf16", me._HOPPER_GEMM, me._HOPPER_DW, "tf32"),
+                                            ("fp32", me._FP32_GEMM, me._FP32_DW, "ieee")):
         for has_bias in (False, True):
+            dw = me._HOPPER_DW_BIAS if has_bias and dt == "bf16" else dw_default
             fn = me._grouped_gemm_kernel
             meta = {k: gemm[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")}
             meta.update(HAS_BIAS=has_bias, BLOCK_E=256, UPCAST=False, PRECISION=precision)
