@@ -13,6 +13,7 @@ from horizon_triton.kernels.moe_routing import (moe_permute_ref, moe_sigmoid_top
 
 ATOL = {torch.float32: 1e-6, torch.bfloat16: 1e-3}
 SOFTMAX_CASES = [(37, 8, 1), (37, 8, 2), (37, 16, 4), (19, 64, 8), (19, 128, 8), (5, 100, 4)]
+VARIANTS = [(True, torch.float32), (False, torch.float32), (True, torch.bfloat16)]
 SIGMOID_CASES = [  # T, E, k, n_group, topk_group
     (37, 8, 2, 1, 1), (37, 16, 4, 4, 2), (19, 64, 8, 8, 4), (19, 128, 8, 8, 4), (5, 96, 6, 1, 1), (7, 20, 4, 5, 3)]
 
@@ -24,8 +25,7 @@ def _logits(T, E, dtype, dev):
     return ((perm - E // 2).float() * 2.0 ** -(E.bit_length() - 4)).to(dtype)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("renormalize", [True, False])
+@pytest.mark.parametrize("renormalize, dtype", VARIANTS)
 @pytest.mark.parametrize("T, E, k", SOFTMAX_CASES)
 def test_softmax_topk_matches_reference(T, E, k, renormalize, dtype, dev):
     logits = _logits(T, E, dtype, dev)
@@ -40,8 +40,7 @@ def test_softmax_topk_matches_reference(T, E, k, renormalize, dtype, dev):
     assert_within_reference_error(d_logits, ref, ref32, ATOL[dtype] * (1 + ref32.abs().max().item()), "d_logits")
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("renormalize", [True, False])
+@pytest.mark.parametrize("renormalize, dtype", VARIANTS)
 @pytest.mark.parametrize("T, E, k, n_group, topk_group", SIGMOID_CASES)
 def test_sigmoid_topk_matches_reference(T, E, k, n_group, topk_group, renormalize, dtype, dev):
     logits = _logits(T, E, dtype, dev)
