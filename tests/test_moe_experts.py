@@ -123,8 +123,11 @@ BLOCKS = {
 }
 
 
-@pytest.mark.parametrize("name, dtype", [*((n, torch.float32) for n in BLOCKS), ("gpt_oss", torch.bfloat16),
-                                         ("deepseek", torch.bfloat16)])
+WHOLE_BLOCK_CASES = [*((n, torch.float32) for n in BLOCKS), ("gpt_oss", torch.bfloat16), ("deepseek", torch.bfloat16)]
+
+
+@pytest.mark.parametrize("name, dtype", WHOLE_BLOCK_CASES,
+                         ids=[f"{n}-{str(d).removeprefix('torch.')}" for n, d in WHOLE_BLOCK_CASES])
 def test_whole_block_matches_reference(name, dtype, dev):
     """Every MoE op of the Triton backend composed into a block, forward and backward, against the reference
     ops in the same composition: the output, dX and every parameter's gradient."""
