@@ -21,7 +21,9 @@ Permutation (a stable counting sort, no padding): slots s = t·k + j, blocks of 
 
 Supported range: logits[T, E] in fp32, bf16 or fp16 with a contiguous last axis, any T ≥ 1; E ≤ 1024 (a row's
 logits live in registers); 1 ≤ k ≤ E; grouped routing with E divisible by n_group, ≥ 2 experts a group,
-n_group ≤ 64 and k ≤ topk_group · E / n_group. ids ≤ 2³¹ slots.
+n_group ≤ 64 and k ≤ topk_group · E / n_group. T·k < 2³¹ slots. moe_permute takes ids in [0, E) (what the
+routing returns) without checking them (a check would cost a host sync); an id outside is dropped, never
+written out of bounds, and leaves its slot of ``order`` unset.
 Known gaps: ties between equal scores go to the lowest expert index (torch.topk's order on ties is unspecified);
 the aux (load-balancing) loss is not here: it is a mean over all tokens of torch ops on the logits.
 """
@@ -246,7 +248,8 @@ def _expert_histogram_kernel(
     """counts[b, e] = slots of block b routed to expert e."""
     b = tl.program_id(0)
     slots = b * BLOCK_S + tl.arange(0, BLOCK_S)
-    ids = tl.load(ids_ptr + slots, mask=slots < S, other=E)                   # padding counts in bin E
+    ids = tl.load(ids_ptr + slots, mask=slots < S, other=E)
+    ids = tl.where((ids >= 0) & (ids < E), ids, E)                             # padding (and bad ids): bin E
     hist = tl.histogram(ids, BINS)
     bins = tl.arange(0, BINS)
     tl.store(counts_ptr + b.to(tl.int64) * E + bins, hist, mask=bins < E)
@@ -257,7 +260,7 @@ def _expert_scatter_kernel(
     # pointers
     ids_ptr, start_ptr, order_ptr,
     # shapes
-    S, n_blocks,
+    S, n_blocks, n_experts,
     # meta
     BLOCK_S: tl.constexpr,
 ):
@@ -266,8 +269,8 @@ def _expert_scatter_kernel(
     b = tl.program_id(0)
     lanes = tl.arange(0, BLOCK_S)
     slots = b * BLOCK_S + lanes
-    ok = slots < S
-    ids = tl.load(ids_ptr + slots, mask=ok, other=-1)
+    ids = tl.load(ids_ptr + slots, mask=slots < S, other=-1)
+    ok = (slots < S) & (ids >= 0) & (ids < n_experts)                          # a bad id is never written
     same_before = (ids[:, None] == ids[None, :]) & (lanes[None, :] < lanes[:, None])   # [BLOCK_S, BLOCK_S]
     rank = tl.sum(same_before.to(tl.int32), axis=1)
     start = tl.load(start_ptr + ids.to(tl.int64) * n_blocks + b, mask=ok, other=0)
@@ -393,7 +396,7 @@ def moe_permute(ids: torch.Tensor, num_experts: int):
                                           BINS=triton.next_power_of_2(E + 1), num_warps=4)
     start, offsets = block_starts(counts, S)
     order = torch.empty(S, dtype=torch.int32, device=ids.device)
-    _expert_scatter_kernel[(n_blocks,)](flat, start, order, S, n_blocks, BLOCK_S=block, num_warps=4)
+    _expert_scatter_kernel[(n_blocks,)](flat, start, order, S, n_blocks, E, BLOCK_S=block, num_warps=4)
     return order, offsets
 
 

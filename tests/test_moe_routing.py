@@ -166,7 +166,8 @@ def _hopper_report() -> dict:
                                        dict(BLOCK_S=moe_routing.PERMUTE_BLOCK, BINS=512), 4, 1)
     report["scatter"] = compile_sm90(moe_routing._expert_scatter_kernel,
                                      {"ids_ptr": "*i32", "start_ptr": "*i32", "order_ptr": "*i32", "S": "i32",
-                                      "n_blocks": "i32"}, dict(BLOCK_S=moe_routing.PERMUTE_BLOCK), 4, 1)
+                                      "n_blocks": "i32", "n_experts": "i32"},
+                                     dict(BLOCK_S=moe_routing.PERMUTE_BLOCK), 4, 1)
     return report
 
 
