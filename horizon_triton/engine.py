@@ -36,7 +36,9 @@ log = logging.getLogger("horizon_triton")
 # TrainConfig fields that change the numbers, or when the ranks meet: the same on every data-parallel rank
 SAME_ON_EVERY_RANK = ("lr", "weight_decay", "betas", "eps", "max_grad_norm", "grad_accum_steps", "warmup_steps",
                       "lr_schedule", "compute_dtype", "seed", "head_chunk_rows", "optimizer_states",
-                      "checkpoint_dir", "save_every_steps", "save_every_minutes", "keep_last", "share_host_store")
+                      "checkpoint_dir", "save_every_steps", "save_every_minutes", "keep_last", "share_host_store",
+                      "objective", "dpo_beta", "dpo_label_smoothing", "dpo_loss", "lora_rank", "lora_alpha",
+                      "lora_targets", "use_rslora")
 
 
 def _device_kind(device: str) -> str:
@@ -48,6 +50,19 @@ def _device_kind(device: str) -> str:
 
 def _model_fields(cfg: ModelConfig) -> dict:
     return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.compare}
+
+
+class Diverged(ValueError):
+    """A step's loss or gradient norm is not finite: training stops before that step's update is applied, so the
+    weights (and every checkpoint) stay those of the step before."""
+
+    def __init__(self, step: int, loss: float, grad_norm: float, last_checkpoint):
+        saved_step, saved = last_checkpoint
+        where = (f"; the newest training checkpoint is {saved} (step {saved_step})" if saved is not None else "")
+        super().__init__(f"training diverged at step {step}: loss {loss}, gradient norm {grad_norm} (not finite). "
+                         f"The update was not applied: the weights are those after step {step - 1}{where}. Lower "
+                         "the learning rate, add warm-up or gradient clipping, or check the data")
+        self.step, self.loss, self.grad_norm, self.checkpoint = step, loss, grad_norm, saved
 
 
 class Engine:
@@ -65,11 +80,6 @@ class Engine:
         if self.dist is None:
             self._build(model_cfg, train_cfg, init_weights, device)
             return
-        if train_cfg.objective == "dpo" or train_cfg.lora_rank is not None:
-            what = "objective='dpo'" if train_cfg.objective == "dpo" else "LoRA (lora_rank)"
-            raise ValueError(f"{what} does not run data-parallel yet (its pair counts and metrics, or its adapter "
-                             f"gradients, are not reduced across ranks): run it as one process (world size "
-                             f"{self.dist.world} found)")
         with self.dist.guard():        # a rank that fails here ends the job on every rank
             # first: the ranks of a node build one shared store, of one layout
             self.dist.same_everywhere("the model config", _model_fields(model_cfg))
@@ -97,7 +107,7 @@ class Engine:
         elif fill_base and not meta:                              # the dry run's store has no values to fill
             self.store.fill_shared(lambda: self.store.init_random(train_cfg.seed))
         if init_weights and self.store.lora is not None and not meta:
-            lora.init_adapters(self.store, train_cfg.seed)
+            self.store.fill_shared(lambda: lora.init_adapters(self.store, train_cfg.seed))
         if meta:                                                  # kernel stand-ins on meta tensors (dryrun.py)
             self.kernel_backend, self.ops = self.device.kernel_backend, self.device.ops
         else:
@@ -236,14 +246,20 @@ class Engine:
 
     def _fit(self, loader, max_steps: int | None, callback) -> list[dict]:
         accum = self.train_cfg.grad_accum_steps
+        if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 0):
+            raise ValueError(f"max_steps must be an int ≥ 0 (or None: until the loader ends), got {max_steps!r}")
         if self.dist is not None:    # every rank's loader must make the same steps
             self.dist.same_everywhere("the loader", {"micro-batches (len(loader))": len(loader) if hasattr(
                 loader, "__len__") else None, "max_steps": max_steps})
-        if self.total_steps is None:
-            self.total_steps = max_steps
-            if self.total_steps is None and hasattr(loader, "__len__"):
-                self.total_steps = math.ceil(len(loader) / accum)
+        if max_steps == 0:
+            return []
+        if hasattr(loader, "__len__") and len(loader) == 0:
+            raise ValueError("the loader yielded no batches")
         total_steps = self.total_steps
+        if total_steps is None:      # fixed below, once a step is taken: a fit that takes none fixes nothing
+            total_steps = max_steps
+            if total_steps is None and hasattr(loader, "__len__"):
+                total_steps = math.ceil(len(loader) / accum)
         if self.train_cfg.lr_schedule == "cosine" and total_steps is None:
             self.train_cfg.lr_at(self.train_cfg.warmup_steps + 1, None)  # raises the explanatory error
         history, group, seen = [], [], 0
@@ -256,6 +272,8 @@ class Engine:
                                  "labelled token), which DPO needs; compute them once before training with "
                                  "engine.reference_logps(batches) or preference.add_reference(engine, rows)")
             seen += 1
+            if self.total_steps is None:
+                self.total_steps = total_steps
             if len(group) == accum:
                 history.append(self._optimizer_step(group, total_steps, callback))
                 group = []
@@ -267,7 +285,7 @@ class Engine:
             history.append(self._optimizer_step(group, total_steps, callback))
         self._checkpoint_if_due()
         if self.dist is not None and exhausted:    # no rank may have batches left when this one has none
-            self.dist.step_counts(self.step + 1, 0, 0, 0)
+            self.dist.step_counts(self.step + 1, 0, 0, 0, 0)
         if seen == 0:
             raise ValueError("the loader yielded no batches")
         self.optimizer.wait_all()
@@ -282,8 +300,10 @@ class Engine:
     def _optimizer_step(self, mbs: list[lt.MicroBatch], total_steps: int | None, callback) -> dict:
         tokens = sum(mb.num_targets for mb in mbs)
         positions = sum(mb.targets.numel() for mb in mbs)
-        if self.dist is not None:       # the step's loss and gradient are over every rank's tokens
-            tokens, positions = self.dist.step_counts(self.step + 1, len(mbs), tokens, positions)
+        dpo = self.train_cfg.objective == "dpo"
+        pairs = sum(mb.preference.num_pairs for mb in mbs) if dpo else 0
+        if self.dist is not None:       # the step's loss and gradient are over every rank's tokens (pairs)
+            tokens, positions, pairs = self.dist.step_counts(self.step + 1, len(mbs), tokens, positions, pairs)
         if tokens == 0:
             raise ValueError(f"optimizer step {self.step + 1} has no label tokens (every label is -100)")
         shapes = tuple(mb.shape for mb in mbs)
@@ -296,12 +316,17 @@ class Engine:
         h2d, d2h, reduced = meter.h2d_bytes, meter.d2h_bytes, meter.reduced_bytes
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        dpo = preference.DPOHead(self.train_cfg, mbs) if self.train_cfg.objective == "dpo" else None
+        dpo = preference.DPOHead(self.train_cfg, pairs) if dpo else None
         loss_sum, sq_norm = run_step(self.pipeline, mbs, grad_scale=1.0 / tokens, preference=dpo)
-        if self.dist is not None:       # every rank's loss sum; the norm of the reduced gradient's parts
-            loss_sum, sq_norm = self.dist.step_totals(float(loss_sum), float(sq_norm),
-                                                      sharded=self.pipeline.sharded)
+        if self.dist is not None:       # every rank's loss (and DPO metric) sums; the reduced gradient's norm
+            loss_sum, sq_norm, sums = self.dist.step_totals(float(loss_sum), float(sq_norm), self.pipeline.sharded,
+                                                            dpo.sums.tolist() if dpo is not None else [])
+            if dpo is not None:
+                dpo.sums = torch.tensor(sums, dtype=torch.float64)
         grad_norm = math.sqrt(float(sq_norm))
+        loss = float(loss_sum) / (dpo.pairs if dpo is not None else tokens)
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            raise Diverged(self.step + 1, loss, grad_norm, self._last_checkpoint)
         self.step += 1
         self.micro_batches += len(mbs)
         lr = self.train_cfg.lr_at(self.step, total_steps)
@@ -309,7 +334,7 @@ class Engine:
         self.optimizer.start_step(self.step, lr, coef)   # runs while the next step's forward streams
         elapsed = time.perf_counter() - start
         entry = {
-            "step": self.step, "loss": float(loss_sum) / tokens, "lr": lr, "grad_norm": grad_norm,
+            "step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
             "tokens": tokens, "time_s": elapsed,
             "tokens_per_s": positions / elapsed,
             "device_peak_bytes": self.pipeline.meter.peak,
@@ -323,17 +348,29 @@ class Engine:
         if self.device.type == "cuda":   # everything on the GPU, the kernels' workspaces included
             entry["device_allocator_peak_bytes"] = torch.cuda.max_memory_allocated()
         if dpo is not None:              # the loss is the mean over the step's pairs; TRL's metrics beside it
-            entry.update(loss=float(loss_sum) / dpo.pairs, pairs=dpo.pairs, **dpo.metrics())
+            entry.update(pairs=dpo.pairs, **dpo.metrics())
         if callback is not None:
             callback(entry)
         return entry
 
-    def _checkpoint_if_due(self) -> None:
+    @property
+    def last_checkpoint(self) -> tuple:
+        """(step, path) of the newest training checkpoint this engine saved or loaded; (None, None) if none."""
+        return self._last_checkpoint
+
+    def stop_if_signalled(self) -> None:
+        """Outside fit, where stopping is safe (after an evaluation, after the final save): if a SIGINT or SIGTERM
+        was received inside interrupts.deferred_signals() (on any rank), saves a checkpoint of this step (with
+        checkpoint_dir set, unless one exists) and raises interrupts.Interrupted / Terminated. Every rank calls
+        it."""
+        self._checkpoint_if_due(periodic_saves=False)
+
+    def _checkpoint_if_due(self, periodic_saves: bool = True) -> None:
         """After an optimizer step: the periodic save, and the stop a signal asked for (after saving)."""
         c, signum = self.train_cfg, interrupts.received()
-        periodic = (c.save_every_steps is not None and self.step % c.save_every_steps == 0
-                    or c.save_every_minutes is not None
-                    and time.monotonic() - self._last_save_time >= 60 * c.save_every_minutes)
+        periodic = periodic_saves and (c.save_every_steps is not None and self.step % c.save_every_steps == 0
+                                       or c.save_every_minutes is not None
+                                       and time.monotonic() - self._last_save_time >= 60 * c.save_every_minutes)
         if self.dist is not None:       # every rank saves and stops after the same step (a signal to any rank)
             stop, periodic = self.dist.any_rank([signum is not None, periodic])
             signum = signum if signum is not None or not stop else signal.SIGTERM
@@ -414,7 +451,8 @@ class Engine:
     @torch.no_grad()
     def evaluate_preferences(self, loader) -> dict:
         """objective "dpo": the DPO loss and TRL's metrics (rewards/chosen, rewards/accuracies, ...) with the
-        current weights, means over every pair of ``loader`` (batches with ref_logps, as fit takes them)."""
+        current weights, means over every pair of ``loader`` (batches with ref_logps, as fit takes them); data
+        parallel, over every rank's batches."""
         self.optimizer.wait_all()
         loss, sums, pairs = 0.0, None, 0
         for index, batch in enumerate(loader):
@@ -422,11 +460,17 @@ class Engine:
             if mb.preference is None or mb.preference.ref_logps is None:
                 raise ValueError(f"eval batch {index}: evaluate_preferences needs objective 'dpo' and batches "
                                  "with 'ref_logps' (engine.reference_logps)")
-            head = preference.DPOHead(self.train_cfg, [mb])
+            head = preference.DPOHead(self.train_cfg, mb.preference.num_pairs)
             loss_m, _ = head.token_weights(mb, *self._head_statistics(mb))
             loss += float(loss_m)                        # sync: one scalar a batch
             sums = head.sums if sums is None else sums + head.sums
             pairs += head.pairs
+        if sums is None:
+            sums = torch.zeros(len(preference.METRICS))
+        if self.dist is not None:                        # every rank's eval batches
+            with self.dist.guard():
+                loss, pairs, *sums = self.dist.gather_rows([loss, pairs, *sums.tolist()]).sum(dim=0).tolist()
+            sums = torch.tensor(sums, dtype=torch.float64)
         if pairs == 0:
             raise ValueError("evaluate_preferences: the loader yielded no batches")
         return {"loss": loss / pairs, "pairs": pairs,
@@ -480,7 +524,7 @@ class Engine:
                              "(TrainConfig(lora_rank=...) makes a LoRA run)")
         if self.store.lora is not None and not merge:
             with interrupts.deferred_signals():
-                lora.save_adapter(self.store, out_dir, add_files)
+                self._on_rank_0(lambda: lora.save_adapter(self.store, out_dir, add_files))
             return
         if dtype is None:
             dtype = self.model_cfg.torch_dtype
