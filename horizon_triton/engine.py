@@ -15,21 +15,23 @@ import torch
 from horizon_triton.kernels.cpu_adam import implementation as adam_implementation
 from horizon_triton.kernels.reference import IGNORE_INDEX
 
-from . import canary, distributed, lora
-from . import interrupts, preference, training_state
-from . import layer as lt
-from . import preflight
-from .batch import batch_tensors, doc_ids_of, kept_tokens
+from .devices import canary, distributed
+from .objectives import lora
+from .state import interrupts, training_state
+from .objectives import preference
+from .models.dense import layer as lt
+from .planning import preflight
+from .data.batch import batch_tensors, doc_ids_of, kept_tokens
 
-from .checkpoint import DTYPES, load_weights, save_weights
+from .state.checkpoint import DTYPES, load_weights, save_weights
 from .config import ModelConfig, TrainConfig
-from .device import make_device
-from .ops import TORCH_ONLY, load_ops, select_backend
-from .optimizer import OptimizerDriver, clip_coefficient
-from .scheduler import Unit, bind, build_pipeline, run_step, stream_in
-from .node_store import NodeShare
-from .store import HostStore, fix_malloc_mmap_threshold
-from .trace import Tracer
+from .devices.device import make_device
+from .models.ops import TORCH_ONLY, load_ops, select_backend
+from .host.optimizer import OptimizerDriver, clip_coefficient
+from .schedule.scheduler import Unit, bind, build_pipeline, run_step, stream_in
+from .host.node_store import NodeShare
+from .host.store import HostStore, fix_malloc_mmap_threshold
+from .schedule.trace import Tracer
 
 log = logging.getLogger("horizon_triton")
 

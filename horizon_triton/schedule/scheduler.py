@@ -52,11 +52,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import layer as lt
+from ..models.dense import layer as lt
 from .activations import Checkpoints, default_checkpoint_budget
-from .config import ModelConfig
+from ..config import ModelConfig
 from .embedding_rows import EmbeddingRows, stream_in_embedding, write_embedding_grad
-from .store import HostStore
+from ..host.store import HostStore
 from .trace import traced
 
 

@@ -9,7 +9,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from . import durable
-from .store import HostStore
+from ..host.store import HostStore
 
 SHARD_BYTES = 5 * 1000**3  # transformers' default shard size: above it, shards plus an index
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

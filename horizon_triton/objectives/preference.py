@@ -179,7 +179,7 @@ def add_reference(engine, rows, batch_size: int, path=None, on_batch=None):
     a list of row dicts, each given a "ref_logps" tensor, or a data.PackedRows, whose reference file (``path``,
     default beside its row file) is written and attached. ``on_batch(rows_done)`` follows the progress. Returns
     the rows."""
-    from .data.packing import PackedRows, RowLoader
+    from ..data.packing import PackedRows, RowLoader
     loader = RowLoader(rows, batch_size, epochs=1, shuffle=False)
     if not isinstance(rows, PackedRows):
         done = 0

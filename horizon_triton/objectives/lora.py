@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from . import durable
-from .config import ModelConfig
+from ..state import durable
+from ..config import ModelConfig
 
 # peft's target name -> the parameter key in a decoder layer's layout (store.layer_layouts)
 TARGETS = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "gate_proj": "gate", "up_proj": "up",
@@ -72,7 +72,7 @@ def projection_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
 def adapter_layouts(cfg: ModelConfig, spec: LoraSpec):
     """One layout per store layer ([embed, decoders, head], as store.layer_layouts): the decoder layers' A and B
     of each target (keys "q.lora_A", "q.lora_B", ...; names as peft saves them), nothing for the embed and head."""
-    from .store import _layout
+    from ..host.store import _layout
     shapes = projection_shapes(cfg)
     layouts = [_layout("embed", [])]
     for i in range(cfg.num_layers):
@@ -113,7 +113,7 @@ def adapter_config(spec: LoraSpec, cfg: ModelConfig) -> dict:
 def save_adapter(store, out_dir: str | Path, add_files=None) -> None:
     """adapter_config.json + adapter_model.safetensors (fp32 A and B) in out_dir, assembled beside it and swapped
     in whole as save_weights does (the old directory's other entries move into the new one)."""
-    from .checkpoint import _is_model_file
+    from ..state.checkpoint import _is_model_file
     with durable.assembled(Path(out_dir), keep=lambda name: not _is_model_file(name)) as tmp:
         tensors = {p.hf_name: store.master_values(index, p.offset, p.offset + p.numel, adapters=True)
                    .view(p.shape).clone() for index, layout in enumerate(store.adapter_layouts) for p in layout.params}

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .config import ModelConfig
+from ..config import ModelConfig
 from .trace import traced
 
 if TYPE_CHECKING:

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from . import layer as lt
+from ..models.dense import layer as lt
 from .trace import traced
 
 if TYPE_CHECKING:

@@ -51,7 +51,7 @@ import torch
 
 from horizon_triton.kernels.host_formats import QBLOCK, join_master, num_blocks, split_master
 
-from .config import ModelConfig
+from ..config import ModelConfig
 from .node_store import BOARD, NodeBoard, NodeShare, map_segments
 from .pinning import HostPinner, arena, arena_span, cuda_register_functions
 
@@ -281,7 +281,7 @@ class HostStore:
         exact fp32 master) or the fp32 master, fp32 moments and an fp32 gradient, 16 bytes per adapter
         parameter. The trainable part is ``self.trainable`` (TrainableBuffers): the optimizer and the scheduler's
         gradient copies see the adapters' buffers exactly as they see a full store's layers."""
-        from .lora import adapter_layouts
+        from ..objectives.lora import adapter_layouts
         self.adapter_layouts = adapter_layouts(self.cfg, self.lora)
         base = "working" if self.split_master else "master"
         self._alloc_kind(base, sizes, self.compute_dtype, self.pinned, frozen=True)

@@ -17,7 +17,8 @@ import json
 import os
 from pathlib import Path
 
-from . import distributed, durable, training_state
+from ..devices import distributed
+from ..state import durable, training_state
 
 CHECKPOINTS = "checkpoints"
 # the options that define a run (its data order and its numbers); a resumed run must repeat them
@@ -61,7 +62,7 @@ def _resume_point(args, out: Path) -> Path | None:
 def start(args, out: Path, model_cfg, train_cfg):
     """(engine, resumed): a fresh engine, or one resumed from the checkpoint --resume names. Either saves its
     checkpoints in OUT/checkpoints as --save-every / --save-every-minutes / --keep-last say."""
-    from . import Engine
+    from .. import Engine
     resume = _resume_point(args, out)
     train_cfg = dataclasses.replace(train_cfg, checkpoint_dir=str(out / CHECKPOINTS), save_every_steps=args.save_every,
                                     save_every_minutes=args.save_every_minutes, keep_last=args.keep_last)

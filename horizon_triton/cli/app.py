@@ -24,7 +24,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from . import data, distributed, interrupts, rundir
+from .. import data
+from ..devices import distributed
+from ..state import interrupts
+from . import rundir
 
 # The demo's defaults, measured on 2 CPU cores shared with other jobs (128 held-out problems, seed 0):
 # - format "pad" (fixed width, "007+045=0052"): held-out exact match 59% at step 200, 96% at step 400; the human
@@ -147,7 +150,7 @@ def run_demo(args) -> dict:
     """A fresh "demo" model learns 1-3 digit addition; held-out exact match is printed as it rises."""
     import torch
 
-    from . import TrainConfig, preset
+    from .. import TrainConfig, preset
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads or DEMO["threads"])
     form, eval_every = args.format or DEMO["format"], args.eval_every or DEMO["eval_every"]
@@ -233,7 +236,7 @@ def _prepare(args, tokenizer, seq_len: int, path, out_dir, eval_fraction: float 
 def _reference_pass(engine, rows, name: str, out: Path, resumed: bool, batch_size: int, progress) -> None:
     """DPO: the reference log-probs of every row from the starting weights, once, into OUT/reference/NAME.ref
     (a forward-only streamed pass, with a progress bar on a terminal); a resumed run reuses that file."""
-    from . import preference
+    from ..objectives import preference
     path = out / REFERENCE / f"{name}.ref"
     if resumed:
         if not path.is_file():
@@ -263,7 +266,7 @@ def _seq_len(args, model_cfg) -> int:
 
 def run_finetune(args) -> dict:
     """Fine-tunes the Hugging Face checkpoint in --model on --data; the result goes to --out."""
-    from . import ModelConfig, TrainConfig
+    from .. import ModelConfig, TrainConfig
     if not args.data:
         raise ValueError("--model needs --data FILE.jsonl")
     if not args.out:
@@ -390,9 +393,9 @@ def run_finetune(args) -> dict:
 
 def run_plan(args) -> dict:
     """Prints the plan of --model on --gpu, and the deepest model of its shape that fits --host-ram and the card."""
-    from .config import PRESETS, ModelConfig, TrainConfig, preset
-    from .device import host_memory_info
-    from .plan import format_plan, largest_model, parse_bytes, plan
+    from ..config import PRESETS, ModelConfig, TrainConfig, preset
+    from ..devices.device import host_memory_info
+    from ..planning.plan import format_plan, largest_model, parse_bytes, plan
     path = Path(args.model)
     if path.is_file():
         if path.name != "config.json":
@@ -449,7 +452,7 @@ def _plot(out: Path, progress: Progress) -> None:
 def run_data(args) -> dict:
     """Shows how --data tokenizes with --model's tokenizer: the first --show records token by token, trained
     tokens marked, and the statistics of the whole file."""
-    from . import ModelConfig
+    from .. import ModelConfig
     model_cfg = ModelConfig.from_pretrained(args.model)
     tokenizer = data.load_tokenizer(args.model)
     seq_len = _seq_len(args, model_cfg)
@@ -560,7 +563,7 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--seed", type=int, default=0)
     _add_data_options(show)
 
-    from .plan import HARDWARE
+    from ..planning.plan import HARDWARE
     plan = sub.add_parser("plan", help="host and device memory, bus bytes and step time of a run, from a config",
                           description="Dry-runs one training step of the model (no weights needed) and prints what "
                                       "it needs and how fast it would go, and the deepest model of the same shape "
@@ -662,7 +665,7 @@ def _given(args, names) -> list[str]:
 
 
 def _device_kind(device: str) -> str:
-    from .engine import _device_kind as kind
+    from ..engine import _device_kind as kind
     return kind(device)
 
 

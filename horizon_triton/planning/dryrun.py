@@ -35,11 +35,11 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .config import ModelConfig, TrainConfig
-from .device import MetaDevice
+from ..config import ModelConfig, TrainConfig
+from ..devices.device import MetaDevice
 from .kernel_models import meta_ops, nbytes
-from .preference import DPOHead, PreferenceBatch
-from .store import HostStore, host_block_bytes
+from ..objectives.preference import DPOHead, PreferenceBatch
+from ..host.store import HostStore, host_block_bytes
 
 aten = torch.ops.aten
 DEVICE_BLOCK = 512                     # the CUDA caching allocator's allocation granularity
@@ -347,8 +347,8 @@ def dry_run_shapes(model_cfg: ModelConfig, train_cfg: TrainConfig, shapes: list[
                    doc_lengths: tuple[int, ...] | None = None, *, kernel_backend: str, device_memory_bytes: int,
                    pin_memory: bool, world_size: int = 1) -> DryRun:
     """The dry run of one optimizer step whose micro-batches have these (rows, seq_len) shapes."""
-    from .engine import Engine
-    from .scheduler import run_step
+    from ..engine import Engine
+    from ..schedule.scheduler import run_step
     train_cfg = replace(train_cfg, trace_path=None, preflight=False)
     dev = MetaDevice(None, kernel_backend, device_memory_bytes, pin_memory)
     counter = OpCounter(dev)
@@ -398,7 +398,7 @@ def fixed_device_bytes(model_cfg: ModelConfig, train_cfg: TrainConfig, kernel_ba
     """(bytes the pipeline holds on the device before any step, by DeviceMeter's count; the store's allocations),
     from an engine built on the meta device without running a step. No op counter: the preflight of every Engine
     runs this, and the first TorchDispatchMode of a process imports torch._dynamo (~150 MB, seconds)."""
-    from .engine import Engine
+    from ..engine import Engine
     dev = MetaDevice(meta_ops("torch", None, None), kernel_backend, device_memory_bytes, pin_memory)
     engine = Engine(model_cfg, replace(train_cfg, trace_path=None, preflight=False), device=dev)
     return engine.pipeline.meter.held, list(engine.store.allocations)
