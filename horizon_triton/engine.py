@@ -28,7 +28,8 @@ from .config import ModelConfig, TrainConfig
 from .devices.device import make_device
 from .models.ops import TORCH_ONLY, load_ops, select_backend
 from .host.optimizer import OptimizerDriver, clip_coefficient
-from .schedule.scheduler import Unit, bind, build_pipeline, run_step, stream_in
+from .schedule.pipeline import Unit, build_pipeline
+from .schedule.scheduler import bind, run_step, stream_in
 from .host.node_store import NodeShare
 from .host.store import HostStore, fix_malloc_mmap_threshold
 from .schedule.trace import Tracer

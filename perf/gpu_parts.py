@@ -195,7 +195,8 @@ def host_to_device(quick: bool) -> dict:
     of the same bytes, a pageable copy, and a plain device → host copy into pinned memory."""
     import horizon_triton as ht
     from horizon_triton.devices.device import CudaDevice
-    from horizon_triton.schedule.scheduler import Unit, build_pipeline, stream_in
+    from horizon_triton.schedule.pipeline import Unit, build_pipeline
+    from horizon_triton.schedule.scheduler import stream_in
     from horizon_triton.host.store import HostStore
     _cuda()
     cfg = (ht.preset("tiny", hidden_size=512, intermediate_size=1536, num_heads=4) if quick else

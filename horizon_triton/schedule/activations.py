@@ -3,15 +3,11 @@ while they fit a byte budget, the rest offloaded to the host during the forward 
 of the backward; and the default budget, from the device's free memory (scheduler.run_step uses both)."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
 from ..config import ModelConfig
+from .pipeline import Pipeline
 from .trace import traced
-
-if TYPE_CHECKING:
-    from .scheduler import Pipeline
 
 
 CROSS_ENTROPY_TOKEN_CHUNK = 4096   # tokens whose logits exist at once in the head (the ops' chunk_size default)
