@@ -24,7 +24,7 @@ import torch
 
 import horizon_triton as ht
 from horizon_triton.devices import distributed
-from horizon_triton.host.store import layer_layouts
+from horizon_triton.models.dense.weights import layer_layouts
 
 
 def _rank(rank: int, out: str, spec: dict) -> None:

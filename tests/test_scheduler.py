@@ -16,7 +16,7 @@ import horizon_triton as ht
 from horizon_triton.devices import device as devices
 from horizon_triton.schedule import activations
 from horizon_triton.schedule import scheduler as sched
-from horizon_triton.host.store import layer_layouts
+from horizon_triton.models.dense.weights import layer_layouts
 from hf_reference import random_batches
 
 TINY = ht.preset("tiny", num_layers=3, tie_word_embeddings=True)
