@@ -21,7 +21,7 @@ from .state import interrupts, training_state
 from .objectives import preference
 from .models.dense import layer as lt
 from .planning import preflight
-from .data.batch import batch_tensors, doc_ids_of, kept_tokens
+from .data.batch import prepare as prepare_batch
 
 from .state.checkpoint import DTYPES, load_weights, save_weights
 from .config import ModelConfig, TrainConfig
@@ -146,80 +146,10 @@ class Engine:
 
     # ---- data -------------------------------------------------------------------------------------------
     def prepare(self, batch, where: str = "batch") -> lt.MicroBatch:
-        """Checks one loader batch (see batch.py for the shapes accepted) and moves it to the compute device with
-        its rotary tables and doc ids."""
-        cols = batch_tensors(batch, where, self.model_cfg.pad_row)
-        ids = cols["input_ids"]
-        labels = cols.get("labels")
-        if labels is None:
-            raise ValueError(f"{where}: no 'labels' (labels=input_ids trains on every token the attention_mask "
-                             "keeps; -100 where no loss is wanted)")
-        if ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"{where}: input_ids must be an integer tensor [batch, seq], got {tuple(ids.shape)} "
-                             f"{ids.dtype}")
-        for key in ("labels", "attention_mask", "position_ids", "ref_logps"):
-            if key in cols and cols[key].shape != ids.shape:
-                raise ValueError(f"{where}: {key} shape {tuple(cols[key].shape)} differs from input_ids shape "
-                                 f"{tuple(ids.shape)}")
-        V = self.model_cfg.vocab_size
-        if ids.numel() and (ids.min() < 0 or ids.max() >= V):
-            bad = ids[(ids < 0) | (ids >= V)][0].item()
-            raise ValueError(f"{where}: token id {bad} is outside the vocabulary [0, {V})")
-        bad_labels = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= V))
-        if bad_labels.any():
-            raise ValueError(f"{where}: label {labels[bad_labels][0].item()} is neither -100 nor in [0, {V})")
-        B, S = ids.shape
-        keep = kept_tokens(cols.get("attention_mask"), where)    # [B, S] bool or None
-        pos = cols.get("position_ids")
-        if pos is not None:
-            pos = pos.long()
-            if pos.numel() and pos.min() < 0:
-                raise ValueError(f"{where}: position_ids must be ≥ 0, got {pos.min().item()}")
-        else:
-            pos = torch.arange(S).expand(B, S)           # as transformers: attention_mask does not shift positions
-        self._check_positions(pos if keep is None else pos[keep], where)
-        doc_ids = doc_ids_of(pos, keep)
-        targets = torch.full_like(labels, IGNORE_INDEX, dtype=torch.int64)
-        targets[:, :-1] = labels[:, 1:]                  # the transformers convention: shift inside the loss
-        if keep is not None:                             # a masked token neither predicts nor is predicted
-            targets[:, :-1].masked_fill_(~(keep[:, :-1] & keep[:, 1:]), IGNORE_INDEX)
-        pad = self.model_cfg.pad_row
-        embed_grad_mask = None if pad is None or not (ids == pad).any() else (ids != pad).reshape(-1)
-        freqs = self._to_device(pos.reshape(-1, 1)).float() * self._inv_freq[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)          # [T, D]
-        pairs = None
-        if self.train_cfg.objective == "dpo":
-            pairs = self._pairs(targets, doc_ids, keep, cols.get("ref_logps"), where)
-        return lt.MicroBatch(input_ids=self._to_device(ids.long()), host_ids=ids.long().reshape(-1),
-                             targets=self._to_device(targets.reshape(-1)),
-                             cos=emb.cos(), sin=emb.sin(),
-                             doc_ids=None if doc_ids is None else self._to_device(doc_ids),
-                             num_targets=int((targets != IGNORE_INDEX).sum()),
-                             embed_grad_mask=None if embed_grad_mask is None else self._to_device(embed_grad_mask),
-                             preference=pairs)
-
-    def _pairs(self, targets, doc_ids, keep, ref_logps, where: str) -> preference.PreferenceBatch:
-        """DPO: the micro-batch's pairs (preference.pair_layout) and, when the batch has them, the reference's
-        summed log-probs of its sequences."""
-        index, num_pairs, lengths = preference.pair_layout(targets, doc_ids, keep, where)
-        ref = None if ref_logps is None else preference.reference_sums(ref_logps, index, num_pairs, where)
-        return preference.PreferenceBatch(seq_index=self._to_device(index), num_pairs=num_pairs,
-                                          lengths=self._to_device(lengths),
-                                          ref_logps=None if ref is None else self._to_device(ref))
-
-    def _check_positions(self, pos: torch.Tensor, where: str) -> None:
-        limit = self.model_cfg.max_positions
-        if pos.numel() and pos.max() >= limit:
-            scaled = ", stretched by its rope scaling" if limit != self.model_cfg.max_position_embeddings else ""
-            raise ValueError(f"{where}: position {pos.max().item()} is beyond the {limit} positions of this model "
-                             f"(max_position_embeddings{scaled}); cut sequences to at most {limit} tokens")
-
-    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
-        """On CUDA: through pinned memory, without blocking the host (the copy is queued on the compute stream
-        behind the running step; the pinned buffer is kept until the copy ran by torch's host allocator)."""
-        if not self.device.pin_memory or self.device.type == "meta":    # the dry run's batch: nothing to pin
-            return t.to(self.device.torch_device)
-        return t.pin_memory().to(self.device.torch_device, non_blocking=True)
+        """One loader batch as a MicroBatch on the compute device (data/batch.py: the shapes accepted, the
+        checks, the tensors made)."""
+        return prepare_batch(batch, self.model_cfg, self.device, self._inv_freq,
+                             dpo=self.train_cfg.objective == "dpo", where=where)
 
     # ---- training ---------------------------------------------------------------------------------------
     def fit(self, loader, max_steps: int | None = None, callback=None) -> list[dict]:

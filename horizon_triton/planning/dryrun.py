@@ -38,7 +38,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from ..config import ModelConfig, TrainConfig
 from ..devices.device import MetaDevice
 from .kernel_models import meta_ops, nbytes
-from ..objectives.preference import DPOHead, PreferenceBatch
+from ..data.pairs import PreferenceBatch
+from ..objectives.preference import DPOHead
 from ..host.store import HostStore, host_block_bytes
 
 aten = torch.ops.aten
