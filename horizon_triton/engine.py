@@ -25,13 +25,14 @@ from .data.batch import prepare as prepare_batch
 
 from .state.checkpoint import DTYPES, load_weights, save_weights
 from .config import ModelConfig, TrainConfig
-from .devices.device import make_device
+from .devices.device import device_kind, make_device
 from .models.ops import TORCH_ONLY, load_ops, select_backend
 from .host.optimizer import OptimizerDriver, clip_coefficient
-from .schedule.pipeline import Unit, build_pipeline
+from .schedule.build import build_step_pipeline, build_store
+from .schedule.pipeline import Unit
 from .schedule.scheduler import bind, run_step, stream_in
 from .host.node_store import NodeShare
-from .host.store import HostStore, fix_malloc_mmap_threshold
+from .host.store import fix_malloc_mmap_threshold
 from .schedule.trace import Tracer
 
 log = logging.getLogger("horizon_triton")
@@ -42,13 +43,6 @@ SAME_ON_EVERY_RANK = ("lr", "weight_decay", "betas", "eps", "max_grad_norm", "gr
                       "checkpoint_dir", "save_every_steps", "save_every_minutes", "keep_last", "share_host_store")
 
 
-def _device_kind(device: str) -> str:
-    """"cuda" or "cpu": the kind of device TrainConfig.device makes (the process group's backend follows it)."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return "cuda" if device == "cuda" else "cpu"
-
-
 def _model_fields(cfg: ModelConfig) -> dict:
     return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.compare}
 
@@ -57,16 +51,14 @@ class Engine:
     """Trains a Llama-family model whose parameters live in host RAM, streaming one layer at a time through
     the compute device. Losses and weights match transformers + torch.optim.AdamW."""
 
-    def __init__(self, model_cfg: ModelConfig, train_cfg: TrainConfig | None = None, *, init_weights: bool = True,
-                 device=None):
-        """init_weights=False leaves the host store unfilled (from_checkpoint fills it). ``device``: a device object
-        instead of train_cfg.device's (the dry run passes a MetaDevice)."""
+    def __init__(self, model_cfg: ModelConfig, train_cfg: TrainConfig | None = None, *, init_weights: bool = True):
+        """init_weights=False leaves the host store unfilled (from_checkpoint fills it)."""
         self.model_cfg = model_cfg
         self.train_cfg = train_cfg = train_cfg or TrainConfig()
-        # data parallel when torch.distributed is initialized or torchrun's environment is set (not in a dry run)
-        self.dist = None if device is not None else distributed.context(_device_kind(train_cfg.device))
+        # data parallel when torch.distributed is initialized or torchrun's environment is set
+        self.dist = distributed.context(device_kind(train_cfg.device))
         if self.dist is None:
-            self._build(model_cfg, train_cfg, init_weights, device)
+            self._build(model_cfg, train_cfg, init_weights)
             return
         if train_cfg.objective == "dpo" or train_cfg.lora_rank is not None:
             what = "objective='dpo'" if train_cfg.objective == "dpo" else "LoRA (lora_rank)"
@@ -77,42 +69,36 @@ class Engine:
             # first: the ranks of a node build one shared store, of one layout
             self.dist.same_everywhere("the model config", _model_fields(model_cfg))
             self.dist.same_everywhere("the train config", {k: getattr(train_cfg, k) for k in SAME_ON_EVERY_RANK}
-                                      | {"device": _device_kind(train_cfg.device)})
-            self._build(model_cfg, train_cfg, init_weights, device)
+                                      | {"device": device_kind(train_cfg.device)})
+            self._build(model_cfg, train_cfg, init_weights)
 
-    def _build(self, model_cfg: ModelConfig, train_cfg: TrainConfig, init_weights: bool, device) -> None:
+    def _build(self, model_cfg: ModelConfig, train_cfg: TrainConfig, init_weights: bool) -> None:
         index = self.dist.local_rank if self.dist is not None else 0
-        self.device = device if device is not None else make_device(train_cfg.device, train_cfg.seed, index)
+        self.device = make_device(train_cfg.device, train_cfg.seed, index)
         self.compute_dtype = DTYPES[train_cfg.compute_dtype]
-        meta = self.device.type == "meta"
-        if train_cfg.preflight and not meta:
+        if train_cfg.preflight:
             preflight.check_engine(model_cfg, train_cfg, self.device)   # before anything is allocated
         fix_malloc_mmap_threshold()
         share = None
         if self.dist is not None and self.dist.local_world > 1 and train_cfg.share_host_store:
             share = NodeShare(self.dist.node_store_name, self.dist.local_rank, self.dist.local_world,
                               self.dist.node_barrier)            # one store per node, each rank updates a shard
-        self.store = HostStore(model_cfg, self.compute_dtype, pin=self.device.pin_memory,
-                               device="meta" if meta else "cpu", optimizer_states=train_cfg.optimizer_states,
-                               lora=lora.spec_of(train_cfg), shared=share)
+        self.store = build_store(model_cfg, train_cfg, self.device, share)    # the dry run builds the same
         fill_base = init_weights or self.store.lora is not None   # a LoRA checkpoint holds no frozen base
-        if fill_base and model_cfg.source_path is not None and not meta:
+        if fill_base and model_cfg.source_path is not None:
             self.store.fill_shared(lambda: load_weights(self.store, model_cfg.source_path))
-        elif fill_base and not meta:                              # the dry run's store has no values to fill
+        elif fill_base:
             self.store.fill_shared(lambda: self.store.init_random(train_cfg.seed))
-        if init_weights and self.store.lora is not None and not meta:
+        if init_weights and self.store.lora is not None:
             lora.init_adapters(self.store, train_cfg.seed)
-        if meta:                                                  # kernel stand-ins on meta tensors (dryrun.py)
-            self.kernel_backend, self.ops = self.device.kernel_backend, self.device.ops
-        else:
-            self.kernel_backend = select_backend(self.device.type)
-            self.ops = load_ops(self.kernel_backend, self.device.type)
+        self.kernel_backend = select_backend(self.device.type)
+        self.ops = load_ops(self.kernel_backend, self.device.type)
         # what runs each op: "triton", "library (why)" where the canary replaced a Triton family, or the path
         path = self.kernel_backend
         if path == "torch":
             path = "library" if self.device.type == "cuda" else "reference"
         self.kernel_report = dict.fromkeys(vars(self.ops), path)
-        if self.kernel_backend == "triton" and not meta:    # the dry run's stand-ins have nothing to check
+        if self.kernel_backend == "triton":
             self.kernel_report.update(dict.fromkeys(TORCH_ONLY, "library"))
             self.ops, report = canary.run(self.ops, load_ops("torch", "cuda"), self.device.torch_device,
                                           self.compute_dtype, model_cfg.head_dim, model_cfg.sliding_window)
@@ -121,9 +107,8 @@ class Engine:
                                          shard=None if share is None else (share.local_rank, share.local_world))
         self.tracer = Tracer() if train_cfg.trace_path else None
         self.optimizer.tracer = self.tracer
-        self.pipeline = build_pipeline(model_cfg, self.store, self.ops, self.device, self.optimizer,
-                                       train_cfg.num_slots, self.tracer, train_cfg.checkpoint_budget_bytes,
-                                       train_cfg.head_chunk_rows)
+        self.pipeline = build_step_pipeline(model_cfg, train_cfg, self.store, self.ops, self.device, self.optimizer,
+                                            self.tracer)
         self.pipeline.dist = self.dist
         self.step = 0                     # optimizer steps taken
         self.micro_batches = 0            # loader batches those steps consumed: the data position
@@ -133,16 +118,15 @@ class Engine:
         self._last_save_time = time.monotonic()
         self._inv_freq = model_cfg.inv_freq().to(self.device.torch_device)
         self._checked_steps = set()       # micro-batch shapes whose step the preflight has dry-run
-        if not meta:
-            log.info("horizon-triton: %s parameters, host store %.2f GB (%s moments), kernels=%s, device=%s, "
-                     "cpu adamw=%s, optimizer_threads=%d", f"{self.store.num_parameters():,}",
-                     self.store.nbytes() / 1e9, train_cfg.optimizer_states, self.kernel_backend, train_cfg.device,
-                     adam_implementation(), self.optimizer.num_threads)
-            if self.store.lora is not None:
-                spec = self.store.lora
-                log.info("LoRA: rank %d, scale %.4g on %s, %s adapter parameters; the base frozen", spec.rank,
-                         spec.scale, ",".join(spec.targets),
-                         f"{sum(layout.numel for layout in self.store.adapter_layouts):,}")
+        log.info("horizon-triton: %s parameters, host store %.2f GB (%s moments), kernels=%s, device=%s, "
+                 "cpu adamw=%s, optimizer_threads=%d", f"{self.store.num_parameters():,}",
+                 self.store.nbytes() / 1e9, train_cfg.optimizer_states, self.kernel_backend, train_cfg.device,
+                 adam_implementation(), self.optimizer.num_threads)
+        if self.store.lora is not None:
+            spec = self.store.lora
+            log.info("LoRA: rank %d, scale %.4g on %s, %s adapter parameters; the base frozen", spec.rank,
+                     spec.scale, ",".join(spec.targets),
+                     f"{sum(layout.numel for layout in self.store.adapter_layouts):,}")
 
     # ---- data -------------------------------------------------------------------------------------------
     def prepare(self, batch, where: str = "batch") -> lt.MicroBatch:

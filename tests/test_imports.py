@@ -35,7 +35,8 @@ def _package(name: str, path: Path) -> str:
 
 def imports(root: Path):
     """(graph, privates): graph[module] = the set of modules it imports; privates = [(module, line, text)] for
-    every private name one module takes from another (``from m import _x``, or ``m._x`` on an imported module)."""
+    every private name one module takes from another (``from m import _x``, or ``m._x`` / ``C._x`` on an imported
+    module or an imported name)."""
     mods = modules(root)
     graph, privates = {name: set() for name in mods}, []
     for name, path in mods.items():
@@ -43,14 +44,13 @@ def imports(root: Path):
             continue
         package = _package(name, path)
         tree = ast.parse(path.read_text(), str(path))
-        module_aliases = {}                          # local name -> module, for `m._x`
+        imported = {}                                # local name -> what it names (a module, or module.name)
         for node in ast.walk(tree):
             if isinstance(node, ast.Import):
                 for alias in node.names:
                     if alias.name in mods:
                         graph[name].add(alias.name)
-                        if alias.asname:
-                            module_aliases[alias.asname] = alias.name
+                        imported[alias.asname or alias.name] = alias.name
             elif isinstance(node, ast.ImportFrom):
                 if node.level:
                     base = package.split(".")
@@ -64,16 +64,17 @@ def imports(root: Path):
                     sub = f"{source}.{alias.name}"
                     if sub in mods:                  # a module taken from its package
                         graph[name].add(sub)
-                        module_aliases[alias.asname or alias.name] = sub
+                        imported[alias.asname or alias.name] = sub
                     else:
                         graph[name].add(source)
+                        imported[alias.asname or alias.name] = sub
                         if alias.name.startswith("_") and not alias.name.startswith("__"):
                             privates.append((name, node.lineno, f"from {source} import {alias.name}"))
         for node in ast.walk(tree):
             if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
-                    and node.value.id in module_aliases and node.attr.startswith("_")
+                    and node.value.id in imported and node.attr.startswith("_")
                     and not node.attr.startswith("__")):
-                privates.append((name, node.lineno, f"{module_aliases[node.value.id]}.{node.attr}"))
+                privates.append((name, node.lineno, f"{imported[node.value.id]}.{node.attr}"))
         graph[name].discard(name)
     return graph, privates
 
@@ -138,13 +139,15 @@ def test_the_checks_see_a_circle_and_a_private_import(tmp_path):
     (tmp_path / "horizon_triton" / "a.py").write_text("from .sub.b import helper\n")
     (tmp_path / "horizon_triton" / "sub" / "b.py").write_text("def helper():\n    from .. import a\n")
     (tmp_path / "horizon_triton" / "c.py").write_text("from .sub import b\nx = b._hidden\n"
-                                                      "from horizon_triton.kernels.k import _kernel\n")
+                                                      "from horizon_triton.kernels.k import _kernel, Kernel\n"
+                                                      "y = Kernel._launch\n")
     (tmp_path / "kernels" / "k.py").write_text("")
     graph, privates = imports(tmp_path)
     assert circles(graph) == [["horizon_triton.a", "horizon_triton.sub.b"]]
     assert [(m, text) for m, _, text in privates] == [
         ("horizon_triton.c", "from horizon_triton.kernels.k import _kernel"),
-        ("horizon_triton.c", "horizon_triton.sub.b._hidden")]
+        ("horizon_triton.c", "horizon_triton.sub.b._hidden"),
+        ("horizon_triton.c", "horizon_triton.kernels.k.Kernel._launch")]
 
 
 def main(argv=None) -> int:

@@ -665,8 +665,8 @@ def _given(args, names) -> list[str]:
 
 
 def _device_kind(device: str) -> str:
-    from ..engine import _device_kind as kind
-    return kind(device)
+    from ..devices.device import device_kind     # torch, imported when needed
+    return device_kind(device)
 
 
 def _train(args) -> None:

@@ -178,7 +178,7 @@ class HostStore:
             segments = map_segments(shared, spans)
             self.board = NodeBoard(shared, segments.pop(BOARD), self.num_layers)
         for kind, sizes, dtype, pinned, zero in kinds:
-            self._alloc_kind(kind, sizes, dtype, pinned, zero, segments.get(kind))
+            self.alloc_kind(kind, sizes, dtype, pinned, zero, segments.get(kind))
         self.working: list[torch.Tensor] = self._buffers["working" if self.split_master else "master"]
         self.grad: list[torch.Tensor] = self._buffers["grad"]
         self.exp_avg: list[torch.Tensor] = self._buffers["exp_avg"]
@@ -195,16 +195,16 @@ class HostStore:
         gradient copies see the adapters' buffers exactly as they see a full store's layers."""
         self.adapter_layouts = adapter_layouts(self.cfg, self.lora)
         base = "working" if self.split_master else "master"
-        self._alloc_kind(base, sizes, self.compute_dtype, self.pinned, frozen=True)
+        self.alloc_kind(base, sizes, self.compute_dtype, self.pinned, frozen=True)
         adapter = [layout.numel for layout in self.adapter_layouts]
         if self.split_master:
-            self._alloc_kind("lora_working", adapter, self.compute_dtype, self.pinned)
-            self._alloc_kind("lora_master_low", adapter, torch.int16)
+            self.alloc_kind("lora_working", adapter, self.compute_dtype, self.pinned)
+            self.alloc_kind("lora_master_low", adapter, torch.int16)
         else:
-            self._alloc_kind("lora_master", adapter, torch.float32, self.pinned)
-        self._alloc_kind("lora_exp_avg", adapter, torch.float32, zero=True)
-        self._alloc_kind("lora_exp_avg_sq", adapter, torch.float32, zero=True)
-        self._alloc_kind("lora_grad", adapter, torch.float32, self.pinned, zero=True)
+            self.alloc_kind("lora_master", adapter, torch.float32, self.pinned)
+        self.alloc_kind("lora_exp_avg", adapter, torch.float32, zero=True)
+        self.alloc_kind("lora_exp_avg_sq", adapter, torch.float32, zero=True)
+        self.alloc_kind("lora_grad", adapter, torch.float32, self.pinned, zero=True)
         self.working = self._buffers[base]
         b = self._buffers
         self.trainable = TrainableBuffers(
@@ -234,8 +234,8 @@ class HostStore:
             kinds += [("exp_avg", sizes, f32, False, True), ("exp_avg_sq", sizes, f32, False, True)]
         return kinds + [("grad", sizes, self.compute_dtype, pin, True)]
 
-    def _alloc_kind(self, kind: str, sizes: list[int], dtype: torch.dtype, pinned: bool = False,
-                    zero: bool = False, segment: torch.Tensor | None = None, frozen: bool = False) -> None:
+    def alloc_kind(self, kind: str, sizes: list[int], dtype: torch.dtype, pinned: bool = False,
+                   zero: bool = False, segment: torch.Tensor | None = None, frozen: bool = False) -> None:
         """Every host buffer of the store is made here, one per layer, so that what is counted is what is
         allocated: one arena per kind (pinning.arena), each layer's page-aligned region registered in the
         background if the kind is pinned. ``segment``: the kind's shared memory (a shared store), already
