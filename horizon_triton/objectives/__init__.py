@@ -1,2 +1,2 @@
-"""Training objectives beyond the mean loss: DPO (preference) and LoRA adapters (lora). Imports config, state,
-host, data and the kernels."""
+"""Training objectives beyond the mean loss: DPO's losses and reference pass (preference) and LoRA adapters
+(lora). Imports config, models, state, data and the kernels."""
