@@ -36,6 +36,10 @@ Ordering, enforced with events so that the async test device catches any missing
 The step's activation checkpoints and their default budget are in activations.py, its embedding rows (gathered
 on the host, their gradient written back) in embedding_rows.py.
 
+Where a completed gradient goes is its sink (``gradient_sinks``): ``LocalSink`` alone, ``ReducingSink`` under data
+parallel, ``FrozenSink`` for a LoRA store's embedding and head; run_step calls ``completed`` on the compute stream
+and ``out`` on the host, the same calls whatever the sink.
+
 Data parallel (``p.dist``, distributed.py): every completed fp32 gradient (a decoder layer's accumulator, a head
 chunk's, the final norm's, the embedding rows') is all-reduced (summed) over the ranks by a compute-stream task
 queued right after the work that completed it, so every rank issues the same reductions in the same order.
@@ -127,45 +131,87 @@ def stream_out(p: Pipeline, name: str, acc: torch.Tensor, host: torch.Tensor, be
     return p.dev.record("copy_out")
 
 
-def stream_out_gradient(p: Pipeline, name: str, acc: torch.Tensor, host: torch.Tensor, totals: dict, key: str,
-                        layer: int | None, offset: int = 0, norm: bool = True):
-    """Host, right after submitting the compute that completed the fp32 gradient ``acc``: elements
-    [offset, offset + n) of host layer ``layer``, to go into ``host`` (the same range of its grad buffer).
-    Alone: stream_out (the compute work took the norm). Data parallel: a compute task sums ``acc`` over the
-    ranks; then, on the copy_out stream, the squared norm of this rank's shard of it into totals[key] (if
-    ``norm``) and the shard's copy (layer None: all of it). Sharded (a node-shared store), the sum is a
-    reduce-scatter inside the node onto each local rank's shard (half an all-reduce's bytes), then an
-    all-reduce of the shard across the nodes: only this rank's shard of ``acc`` holds the sum.
-    Returns the event after which ``acc`` may be reused."""
-    if p.dist is None:
-        return stream_out(p, name, acc, host)
-    n = acc.numel()
+# ------------------------------------------------------------------------------------------------------------
+# where a completed gradient goes
+# ------------------------------------------------------------------------------------------------------------
+class LocalSink:
+    """One process: a completed gradient's squared norm is taken on the compute stream, by the work that completed
+    it, into totals[key]; then it streams out whole."""
+    takes_gradient = True
 
-    def within(lo: int, hi: int) -> tuple[int, int]:          # a layer's element range, in acc's positions
-        a = min(max(lo - offset, 0), n)
-        return a, max(a, min(hi - offset, n))
-    parts = None
-    if layer is None:
-        a, b = 0, n
-    elif p.sharded:
-        local_world = p.store.shared.local_world
-        bounds = [within(*p.store.shard_bounds(layer, r, local_world)) for r in range(local_world)]
-        parts = [acc[x:y] for x, y in bounds]                 # every local rank's shard, covering acc
-        a, b = bounds[p.store.shared.local_rank]
-    else:
-        a, b = 0, n
-    pending = []
+    def __init__(self, p: Pipeline, totals: dict):
+        self.p, self.totals = p, totals
 
-    def reduce():
-        p.meter.reduced(acc)
-        pending.append(p.dist.reduce_gradient(acc, asynchronous=p.dev.type == "cuda", shards=parts))
-    p.dev.submit("compute", traced(p.tracer, f"all_reduce {name}", "compute", reduce))
+    def completed(self, key: str, acc: torch.Tensor) -> None:
+        """Compute stream, once ``acc`` holds its gradient."""
+        self.totals[key] = _sq_norm(acc)
 
-    def reduced():
-        if pending[0] is not None:
-            pending[0].wait()                   # CUDA: this stream waits for the reduction, the host does not
-        totals[key] = _sq_norm(acc[a:b]) if norm else 0.0
-    return stream_out(p, name, acc[a:b], host[a:b], before=reduced)
+    def out(self, name: str, acc: torch.Tensor, host: torch.Tensor, key: str, layer: int | None, offset: int = 0,
+            norm: bool = True):
+        """Host, right after submitting the compute that completed the fp32 gradient ``acc``: elements
+        [offset, offset + n) of host layer ``layer`` (None: not a layer's), to go into ``host`` (the same range
+        of its grad buffer). Returns the event after which ``acc`` may be reused."""
+        return stream_out(self.p, name, acc, host)
+
+
+class ReducingSink(LocalSink):
+    """Data parallel: a compute task sums ``acc`` over the ranks; then, on the copy_out stream, the squared norm of
+    this rank's shard of it into totals[key] (if ``norm``) and the shard's copy (layer None: all of it). Sharded
+    (a node-shared store), the sum is a reduce-scatter inside the node onto each local rank's shard (half an
+    all-reduce's bytes), then an all-reduce of the shard across the nodes: only this rank's shard of ``acc``
+    holds the sum."""
+
+    def completed(self, key: str, acc: torch.Tensor) -> None:
+        """Nothing on the compute stream: ``out`` norms the reduced gradient on the copy_out stream."""
+
+    def out(self, name: str, acc: torch.Tensor, host: torch.Tensor, key: str, layer: int | None, offset: int = 0,
+            norm: bool = True):
+        p, n = self.p, acc.numel()
+
+        def within(lo: int, hi: int) -> tuple[int, int]:          # a layer's element range, in acc's positions
+            a = min(max(lo - offset, 0), n)
+            return a, max(a, min(hi - offset, n))
+        parts = None
+        if layer is None:
+            a, b = 0, n
+        elif p.sharded:
+            local_world = p.store.shared.local_world
+            bounds = [within(*p.store.shard_bounds(layer, r, local_world)) for r in range(local_world)]
+            parts = [acc[x:y] for x, y in bounds]                 # every local rank's shard, covering acc
+            a, b = bounds[p.store.shared.local_rank]
+        else:
+            a, b = 0, n
+        pending = []
+
+        def reduce():
+            p.meter.reduced(acc)
+            pending.append(p.dist.reduce_gradient(acc, asynchronous=p.dev.type == "cuda", shards=parts))
+        p.dev.submit("compute", traced(p.tracer, f"all_reduce {name}", "compute", reduce))
+
+        def reduced():
+            if pending[0] is not None:
+                pending[0].wait()                   # CUDA: this stream waits for the reduction, the host does not
+            self.totals[key] = _sq_norm(acc[a:b]) if norm else 0.0
+        return stream_out(p, name, acc[a:b], host[a:b], before=reduced)
+
+
+class FrozenSink:
+    """A frozen part of the model (LoRA's base: the embedding and the head): it forms no gradient, so nothing is
+    normed or streamed out (the head still gives d(x))."""
+    takes_gradient = False
+
+    def completed(self, key: str, acc) -> None:
+        pass
+
+    def out(self, *args, **kwargs) -> None:
+        return None
+
+
+def gradient_sinks(p: Pipeline, totals: dict):
+    """(the decoder layers' sink, the embedding's and head's): local or reducing (data parallel), and frozen for
+    the embedding and head of a LoRA store."""
+    trained = ReducingSink(p, totals) if p.dist is not None else LocalSink(p, totals)
+    return trained, FrozenSink() if p.store.lora is not None else trained
 
 
 NORM_ROW = 1024   # elements of each fp32 partial sum in _sq_norm
@@ -210,7 +256,7 @@ def run_step(p: Pipeline, mbs: list[lt.MicroBatch], grad_scale: float, preferenc
     head = {}                                   # the head's per-micro-batch state: xn, rstd, stats, lse, d_xn
     #                                             (and with preference: scale, the per-token weights [T] fp32)
     trained = p.store.trainable                 # the gradients' layouts and host buffers (LoRA: the adapters')
-    frozen = p.store.lora is not None           # a frozen base: the embedding and head get no gradient
+    sink, edge = gradient_sinks(p, totals)      # the decoder layers' gradients; the embedding's and the head's
     acc_turn = [0]
 
     def run_layers(plan) -> None:
@@ -229,12 +275,6 @@ def run_step(p: Pipeline, mbs: list[lt.MicroBatch], grad_scale: float, preferenc
             if pos + S - 1 < len(plan):     # refills the slot of compute pos-1 (stream_in waits for it)
                 stream_in(p, plan[pos + S - 1][0], (pos + S - 1) % S)
 
-    def norm_before_reduction(key: str, acc: torch.Tensor) -> None:
-        """Compute stream, once ``acc`` holds its gradient: alone, its squared norm into totals[key]; data
-        parallel, nothing here (stream_out_gradient norms the reduced gradient on the copy_out stream)."""
-        if p.dist is None:
-            totals[key] = _sq_norm(acc)
-
     def take_acc(numel: int):
         """The next ping-pong accumulator (its previous gradient has left the device before compute zeroes it)."""
         k = acc_turn[0] % 2
@@ -242,9 +282,9 @@ def run_step(p: Pipeline, mbs: list[lt.MicroBatch], grad_scale: float, preferenc
         p.dev.wait("compute", p.acc_free[k])
         return k, p.accs[k][:numel]
 
-    def give_acc(k: int, name: str, acc: torch.Tensor, host: torch.Tensor, key: str, layer: int,
+    def give_acc(to, k: int, name: str, acc: torch.Tensor, host: torch.Tensor, key: str, layer: int,
                  offset: int) -> None:
-        p.acc_free[k] = stream_out_gradient(p, name, acc, host, totals, key, layer, offset)
+        p.acc_free[k] = to.out(name, acc, host, key, layer, offset)
 
     # ---- embedding ---------------------------------------------------------------------------------------
     def embed():
@@ -254,17 +294,13 @@ def run_step(p: Pipeline, mbs: list[lt.MicroBatch], grad_scale: float, preferenc
         emb.rows = None
 
     def embed_backward(d_rows):
+        """d_rows None (a frozen embedding): the first decoder layer's d(x) has nowhere to go."""
         for m in range(M):
-            lt.embed_backward(d_rows, emb.index[m], grads[m], mbs[m].embed_grad_mask)
+            if d_rows is not None:
+                lt.embed_backward(d_rows, emb.index[m], grads[m], mbs[m].embed_grad_mask)
             p.meter.sub(grads[m])
             grads[m] = None
-        norm_before_reduction("sq_embed", d_rows)
-
-    def drop_embed_grads():
-        """A frozen embedding: the first decoder layer's d(x) has nowhere to go."""
-        for m in range(M):
-            p.meter.sub(grads[m])
-            grads[m] = None
+        edge.completed("sq_embed", d_rows)
 
     # ---- decoder layers ----------------------------------------------------------------------------------
     def decoder_step(u: Unit):
@@ -293,17 +329,17 @@ def run_step(p: Pipeline, mbs: list[lt.MicroBatch], grad_scale: float, preferenc
                     dx = lt.decoder_backward(ops, cfg, w, g, ckpt.pop(u.layer, m), mb, grads[m])
                     p.meter.sub(grads[m])
                     grads[m] = p.meter.add(dx)
-                norm_before_reduction(f"sq_{u.layer}", acc)
+                sink.completed(f"sq_{u.layer}", acc)
             state["acc"] = acc
             return decoder
-        return u, backward, lambda: give_acc(state["k"], p.name(u), state["acc"], trained.grad[u.layer],
+        return u, backward, lambda: give_acc(sink, state["k"], p.name(u), state["acc"], trained.grad[u.layer],
                                              f"sq_{u.layer}", u.layer, 0)
 
     # ---- head --------------------------------------------------------------------------------------------
     def head_gradient(u: Unit, state: dict):
-        """Host: chunk u's accumulator (state: its ping-pong index, for head_out) and the gradient views; with a
-        frozen base none (the norm's gradient goes to a scratch: only d(x) is wanted)."""
-        if frozen:
+        """Host: chunk u's accumulator (state: its ping-pong index, for head_out) and the gradient views; a frozen
+        head none (the norm's gradient goes to a scratch: only d(x) is wanted)."""
+        if not edge.takes_gradient:
             state["k"], state["acc"] = None, None
             return None, {"lm_head": None, "norm": p.norm_acc}
         state["k"], state["acc"] = take_acc((u.stop - u.start) * H)
@@ -323,16 +359,16 @@ def run_step(p: Pipeline, mbs: list[lt.MicroBatch], grad_scale: float, preferenc
                 rows = acc.view(-1, H)
                 emb.d_rows[lo:hi] = rows.index_select(0, local)
                 rows.index_fill_(0, local, 0.0)
-        norm_before_reduction(f"sq_head{u.start}", acc)
+        edge.completed(f"sq_head{u.start}", acc)
 
     def head_out(k: int, u: Unit, acc: torch.Tensor, last: bool) -> None:
-        if acc is None:                          # frozen: nothing streams out
+        if not edge.takes_gradient:
             return
         rows, norm = p.head_segments(p.store.grad, u)
         layer, offset, norm_offset = p.head_offsets(u)
-        give_acc(k, p.name(u), acc, rows, f"sq_head{u.start}", layer, offset)
+        give_acc(edge, k, p.name(u), acc, rows, f"sq_head{u.start}", layer, offset)
         if last:
-            stream_out_gradient(p, "head norm", p.norm_acc, norm, totals, "sq_norm", p.head, norm_offset)
+            edge.out("head norm", p.norm_acc, norm, "sq_norm", p.head, norm_offset)
 
     def head_fused_step(u: Unit):
         """One chunk holds the whole vocabulary: the fused one-pass cross-entropy."""
@@ -352,8 +388,7 @@ def run_step(p: Pipeline, mbs: list[lt.MicroBatch], grad_scale: float, preferenc
                     p.meter.sub(hidden[m])
                     hidden[m], grads[m] = None, p.meter.add(dx)
                 totals["loss"] = loss
-                if not frozen:                  # frozen: the norm's gradient is scratch
-                    norm_before_reduction("sq_norm", p.norm_acc)
+                edge.completed("sq_norm", p.norm_acc)     # frozen: the norm's gradient is scratch
                 head_gradient_done(u, acc)
             return head_loss
         return u, forward, lambda: head_out(state["k"], u, state["acc"], last=True)
@@ -413,8 +448,7 @@ def run_step(p: Pipeline, mbs: list[lt.MicroBatch], grad_scale: float, preferenc
                         if t is not None:
                             p.meter.sub(t)
                     hidden[m], grads[m] = None, p.meter.add(dx)
-                if not frozen:                  # frozen: the norm's gradient is scratch
-                    norm_before_reduction("sq_norm", p.norm_acc)
+                edge.completed("sq_norm", p.norm_acc)     # frozen: the norm's gradient is scratch
             return head_grad
         return u, forward, lambda: head_out(state["k"], u, state["acc"], last)
 
@@ -434,20 +468,19 @@ def run_step(p: Pipeline, mbs: list[lt.MicroBatch], grad_scale: float, preferenc
     run_layers([decoder_step(Unit(i)) for i in range(1, L + 1)] + head_plan)   # decoders, the head's passes
     ckpt.prefetch(L)
     run_layers([decoder_backward_step(Unit(i)) for i in range(L, 0, -1)])    # decoders L..1, recomputed
-    if frozen:
-        compute(p, 0, None, drop_embed_grads, "backward embed (frozen: nothing)")
-    else:
-        d_rows = emb.grad()
-        compute(p, 0, None, lambda: embed_backward(d_rows), "backward embed")    # needs no weights: a scatter-add
+    d_rows = emb.grad() if edge.takes_gradient else None
+    compute(p, 0, None, lambda: embed_backward(d_rows),                     # needs no weights: a scatter-add
+            "backward embed" if d_rows is not None else "backward embed (frozen: nothing)")
+    if d_rows is not None:
         rows_grad = p.dev.host_empty((emb.ids.numel() * H,), p.store.grad[0].dtype)
         # every rank takes every row (each writes its shard of them); one rank of a node norms them
-        stream_out_gradient(p, "embed rows", d_rows.view(-1), rows_grad, totals, "sq_embed", None,
-                            norm=not p.sharded or p.store.shared.local_rank == 0)
+        edge.out("embed rows", d_rows.view(-1), rows_grad, "sq_embed", None,
+                 norm=not p.sharded or p.store.shared.local_rank == 0)
 
     # sync: the loss and the gradient norm are needed on the host to clip and to report
     p.dev.sync(p.dev.record("compute"))
     p.dev.sync(p.dev.record("copy_out"))
-    if not frozen:
+    if d_rows is not None:
         write_embedding_grad(p, emb, rows_grad)
     emb.release()
     sq = sum(v for k, v in totals.items() if k.startswith("sq_"))
