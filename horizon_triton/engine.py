@@ -15,25 +15,23 @@ import torch
 from horizon_triton.kernels.cpu_adam import implementation as adam_implementation
 from horizon_triton.kernels.reference import IGNORE_INDEX
 
-from .devices import canary, distributed
-from .objectives import lora
-from .state import interrupts, training_state
-from .objectives import preference
-from .models.dense import layer as lt
-from .planning import preflight
-from .data.batch import prepare as prepare_batch
-
-from .state.checkpoint import DTYPES, load_weights, save_weights
 from .config import ModelConfig, TrainConfig
+from .data.batch import prepare as prepare_batch
+from .devices import canary, distributed
 from .devices.device import device_kind, make_device
-from .models.ops import TORCH_ONLY, load_ops, select_backend
+from .host.node_store import NodeShare
 from .host.optimizer import OptimizerDriver, clip_coefficient
+from .host.store import fix_malloc_mmap_threshold
+from .models.dense import layer as lt
+from .models.ops import TORCH_ONLY, load_ops, select_backend
+from .objectives import lora, preference
+from .planning import preflight
 from .schedule.build import build_step_pipeline, build_store
 from .schedule.pipeline import Unit
 from .schedule.scheduler import bind, run_step, stream_in
-from .host.node_store import NodeShare
-from .host.store import fix_malloc_mmap_threshold
 from .schedule.trace import Tracer
+from .state import interrupts, training_state
+from .state.checkpoint import DTYPES, load_weights, save_weights
 
 log = logging.getLogger("horizon_triton")
 
