@@ -67,7 +67,7 @@ class Pipeline:
     def shard(self, layer: int) -> tuple[int, int]:
         """Elements [lo, hi) of host layer ``layer`` whose gradient this rank writes: all of them unless sharded."""
         if not self.sharded:
-            return 0, self.store.layouts[layer].numel
+            return 0, self.store.trainable.layouts[layer].numel
         shared = self.store.shared
         return self.store.shard_bounds(layer, shared.local_rank, shared.local_world)
 
