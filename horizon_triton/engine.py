@@ -26,7 +26,8 @@ from .config import ModelConfig, TrainConfig
 from .device import make_device
 from .ops import TORCH_ONLY, load_ops, select_backend
 from .optimizer import OptimizerDriver, clip_coefficient
-from .scheduler import Unit, bind, build_pipeline, run_step, stream_in
+from .activations import forward_budget, forward_group_full
+from .scheduler import build_pipeline, run_forward, run_step
 from .node_store import NodeShare
 from .store import HostStore, fix_malloc_mmap_threshold
 from .trace import Tracer
@@ -346,10 +347,56 @@ class Engine:
             raise interrupts.stop_error(signum, path if step == self.step else None)
 
     # ---- inference (evaluation and the demo) ------------------------------------------------------------
+    # Forward-only passes run like the step's forward (scheduler.run_forward): layer-major over a group of
+    # micro-batches, so the weights cross the bus once per group, not once per batch. A group is
+    # grad_accum_steps × num_layers micro-batches (their hidden states, one each, are what one step's
+    # checkpoints of grad_accum_steps such micro-batches hold), or more while they fit the device's checkpoint
+    # budget; beyond that budget they wait in host memory (activations.forward_group_full).
+    def _forward_groups(self, loader, where: str, check=None):
+        """Yields (micro-batches, device budget) of ``loader``'s batches, a group at a time, in order; ``check(
+        index, mb)`` before a batch joins its group."""
+        H, b = self.model_cfg.hidden_size, self.compute_dtype.itemsize
+        min_mbs = self.train_cfg.grad_accum_steps * self.model_cfg.num_layers
+        group, nbytes, budget = [], 0, None
+        for index, batch in enumerate(loader):
+            mb = self.prepare(batch, where=f"{where} {index}")
+            if check is not None:
+                check(index, mb)
+            size = mb.host_ids.numel() * H * b
+            if not group:
+                budget = forward_budget(self.pipeline, mb.host_ids.numel())
+            elif forward_group_full(len(group), nbytes, size, min_mbs, budget):
+                yield group, budget
+                group, nbytes, budget = [], 0, forward_budget(self.pipeline, mb.host_ids.numel())
+            group.append(mb)
+            nbytes += size
+        if group:
+            yield group, budget
+
+    def _head_statistics(self, loader, where: str, check=None):
+        """Yields (micro-batch, its loss sum, lse, target logit: fp32 [T]), device, for each batch of ``loader``
+        through a forward-only pass; the head's logits exist one chunk of tokens and vocabulary at a time (the
+        training head's first pass)."""
+        dev = self.device.torch_device
+        for mbs, budget in self._forward_groups(loader, where, check):
+            stats = [(torch.full((mb.targets.numel(),), float("-inf"), device=dev),
+                      torch.zeros(mb.targets.numel(), device=dev), torch.zeros(mb.targets.numel(), device=dev))
+                     for mb in mbs]                        # running max, sum of exp, target logit
+            results = [None] * len(mbs)
+
+            def head_chunk(m, xn, w, u, mbs=mbs, stats=stats):
+                self.ops.cross_entropy_chunk_stats_(xn, w["lm_head"], mbs[m].targets, u.start, *stats[m])
+
+            def finish(m, mbs=mbs, stats=stats, results=results):
+                results[m] = self.ops.cross_entropy_chunk_loss(*stats[m], mbs[m].targets)
+            run_forward(self.pipeline, mbs, budget, head_chunk, finish)
+            for mb, (loss, lse), (_, _, target_logit) in zip(mbs, results, stats):
+                yield mb, loss, lse, target_logit
+
     @torch.no_grad()
     def logits(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """fp32 logits [B, S, V] of the current weights; layer by layer through slot 0, without the pipeline.
+        """fp32 logits [B, S, V] of the current weights (a forward-only pass of one micro-batch).
         Where attention_mask is 0 the logits mean nothing (those tokens see only themselves)."""
         self.optimizer.wait_all()
         batch = {"input_ids": input_ids, "labels": torch.full_like(input_ids, IGNORE_INDEX)}
@@ -361,32 +408,24 @@ class Engine:
         logits = torch.empty(mb.targets.numel(), self.model_cfg.vocab_size, dtype=torch.float32,
                              device=self.device.torch_device)
 
-        def head_chunk(xn, w, u):
+        def head_chunk(m, xn, w, u):
             logits[:, u.start:u.stop] = xn @ w["lm_head"].t()
-        self._forward_to_head(mb, head_chunk)
+        run_forward(self.pipeline, [mb], forward_budget(self.pipeline, mb.host_ids.numel()), head_chunk)
         return logits.view(*input_ids.shape, -1).cpu()
 
     @torch.no_grad()
     def evaluate(self, loader) -> float:
         """Mean loss over the counted label tokens of every batch of ``loader`` (dicts as ``fit`` takes) with the
-        current weights: a forward-only pass, each batch streaming the layers through slot 0 as ``logits`` does;
-        the head's logits exist one chunk of tokens and vocabulary at a time (the training head's first pass).
-        With objective "dpo": the mean DPO loss over the loader's pairs (evaluate_preferences has the metrics)."""
+        current weights: a forward-only pass, layer-major over groups of batches (the weights cross once per
+        group); the head's logits exist one chunk of tokens and vocabulary at a time (the training head's first
+        pass). With objective "dpo": the mean DPO loss over the loader's pairs (evaluate_preferences has the
+        metrics). Data parallel: every rank calls it with its own batches, and gets the mean over all of them."""
         if self.train_cfg.objective == "dpo":
             return self.evaluate_preferences(loader)["loss"]
         self.optimizer.wait_all()
         loss_sum, tokens = 0.0, 0
-        for index, batch in enumerate(loader):
-            mb = self.prepare(batch, where=f"eval batch {index}")
-            T, dev = mb.targets.numel(), self.device.torch_device
-            stats = (torch.full((T,), float("-inf"), device=dev), torch.zeros(T, device=dev),
-                     torch.zeros(T, device=dev))                   # running max, sum of exp, target logit
-
-            def head_chunk(xn, w, u, mb=mb, stats=stats):
-                self.ops.cross_entropy_chunk_stats_(xn, w["lm_head"], mb.targets, u.start, *stats)
-            self._forward_to_head(mb, head_chunk)
-            loss, _ = self.ops.cross_entropy_chunk_loss(*stats, mb.targets)
-            loss_sum += float(loss)                      # sync: one scalar a batch
+        for mb, loss, _, _ in self._head_statistics(loader, "eval batch"):
+            loss_sum += float(loss)                      # one scalar a batch, in batch order
             tokens += mb.num_targets
         if self.dist is not None:                        # every rank's eval batches
             with self.dist.guard():
@@ -399,13 +438,11 @@ class Engine:
     def reference_logps(self, loader):
         """Yields, for each batch of ``loader``, fp32 [B, S] (host) the log-probability the current weights give
         each labelled token, aligned with the labels (0 where they are -100): DPO's ``ref_logps``, computed once
-        from the starting weights before training. A forward-only pass streaming the layers as ``evaluate``
-        does; the head's logits exist one chunk at a time (its first pass's statistics give lse and the target's
-        logit). With objective "dpo" each batch's pair layout is checked as training will check it."""
+        from the starting weights before training. A forward-only pass as ``evaluate``'s (the batches of a group
+        are yielded once the group has run). With objective "dpo" each batch's pair layout is checked as training
+        will check it."""
         self.optimizer.wait_all()
-        for index, batch in enumerate(loader):
-            mb = self.prepare(batch, where=f"reference batch {index}")
-            lse, target_logit = self._head_statistics(mb)
+        for mb, _, lse, target_logit in self._head_statistics(loader, "reference batch"):
             token_logps = torch.where(mb.targets != IGNORE_INDEX, target_logit - lse, 0.0)
             B, S = mb.shape
             by_label = torch.zeros(B, S, dtype=torch.float32)
@@ -417,52 +454,22 @@ class Engine:
         """objective "dpo": the DPO loss and TRL's metrics (rewards/chosen, rewards/accuracies, ...) with the
         current weights, means over every pair of ``loader`` (batches with ref_logps, as fit takes them)."""
         self.optimizer.wait_all()
-        loss, sums, pairs = 0.0, None, 0
-        for index, batch in enumerate(loader):
-            mb = self.prepare(batch, where=f"eval batch {index}")
+
+        def check(index, mb):
             if mb.preference is None or mb.preference.ref_logps is None:
                 raise ValueError(f"eval batch {index}: evaluate_preferences needs objective 'dpo' and batches "
                                  "with 'ref_logps' (engine.reference_logps)")
+        loss, sums, pairs = 0.0, None, 0
+        for mb, _, lse, target_logit in self._head_statistics(loader, "eval batch", check):
             head = preference.DPOHead(self.train_cfg, [mb])
-            loss_m, _ = head.token_weights(mb, *self._head_statistics(mb))
-            loss += float(loss_m)                        # sync: one scalar a batch
+            loss_m, _ = head.token_weights(mb, lse, target_logit)
+            loss += float(loss_m)                        # one scalar a batch, in batch order
             sums = head.sums if sums is None else sums + head.sums
             pairs += head.pairs
         if pairs == 0:
             raise ValueError("evaluate_preferences: the loader yielded no batches")
         return {"loss": loss / pairs, "pairs": pairs,
                 **dict(zip(preference.METRICS, (sums / pairs).tolist()))}
-
-    def _head_statistics(self, mb: lt.MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """(lse, target logit), fp32 [T] device, of one micro-batch: the training head's first pass."""
-        T, dev = mb.targets.numel(), self.device.torch_device
-        stats = (torch.full((T,), float("-inf"), device=dev), torch.zeros(T, device=dev),
-                 torch.zeros(T, device=dev))                       # running max, sum of exp, target logit
-
-        def head_chunk(xn, w, u):
-            self.ops.cross_entropy_chunk_stats_(xn, w["lm_head"], mb.targets, u.start, *stats)
-        self._forward_to_head(mb, head_chunk)
-        _, lse = self.ops.cross_entropy_chunk_loss(*stats, mb.targets)
-        return lse, stats[2]
-
-    def _forward_to_head(self, mb: lt.MicroBatch, head_chunk) -> None:
-        """Streams every layer through slot 0 (not pipelined) and calls ``head_chunk(final-normed hidden [T, H],
-        the chunk's bound weights, the chunk's Unit)`` for each vocabulary chunk of the head."""
-        p, cfg = self.pipeline, self.model_cfg
-        table = self.store.working[0].view(-1, cfg.hidden_size)
-        x = table[mb.host_ids].to(self.device.torch_device)            # the embedding's rows, gathered on the host
-        xn = None
-        for u in [Unit(i) for i in range(1, p.head)] + p.head_chunks():
-            stream_in(p, u, 0)
-            self.device.sync(p.slot_ready[0])            # sync: evaluation is not pipelined
-            w = bind(p, u, 0)
-            if u.layer < p.head:
-                x = lt.decoder_forward(self.ops, cfg, w, x, mb)
-            else:
-                if xn is None:                           # every chunk carries the final norm: normalize once
-                    xn, _ = self.ops.rmsnorm_forward(x, w["norm"], cfg.rms_norm_eps)
-                head_chunk(xn, w, u)
-            p.slot_free[0] = self.device.record("compute")
 
     # ---- checkpoints ------------------------------------------------------------------------------------
     def save_pretrained(self, out_dir: str | Path, dtype: str | torch.dtype | None = None, add_files=None,
