@@ -222,7 +222,8 @@ class HiddenStates:
         if self.kept[m]:
             return
         self.consumed.append(p.dev.record("compute"))
-        if result != "new":
+        if result != "new":          # the host copy stays; the next fetch of m comes after this compute's read
+            self.ready[m] = self.consumed[-1]
             return
         p.dev.wait("copy_out", self.consumed[-1])
 
