@@ -71,6 +71,7 @@ class Engine:
             raise ValueError(f"{what} does not run data-parallel yet (its pair counts and metrics, or its adapter "
                              f"gradients, are not reduced across ranks): run it as one process (world size "
                              f"{self.dist.world} found)")
+        self.dist.begin("Engine(...)", "the same configs on every rank")
         with self.dist.guard():        # a rank that fails here ends the job on every rank
             # first: the ranks of a node build one shared store, of one layout
             self.dist.same_everywhere("the model config", _model_fields(model_cfg))
@@ -128,6 +129,7 @@ class Engine:
         self.total_steps = None           # the lr schedule's length, fixed by the first fit that knows it
         self.extra_state: dict = {}       # the caller's JSON, saved with every checkpoint (the CLI's options)
         self._last_checkpoint = (None, None)      # (step, path) of the latest save or load
+        self._saves: dict = {}            # data parallel: (call, step) -> saves made (rank 0's are waited for)
         self._last_save_time = time.monotonic()
         self._inv_freq = model_cfg.inv_freq().to(self.device.torch_device)
         self._checked_steps = set()       # micro-batch shapes whose step the preflight has dry-run
@@ -233,6 +235,8 @@ class Engine:
         with interrupts.deferred_signals():
             if self.dist is None:
                 return self._fit(loader, max_steps, callback)
+            self.dist.begin("fit", "each rank with its own batches, e.g. distributed.shard_loader(loader, "
+                                   "engine.dist)")
             with self.dist.guard():
                 return self._fit(loader, max_steps, callback)
 
@@ -422,6 +426,9 @@ class Engine:
         metrics). Data parallel: every rank calls it with its own batches, and gets the mean over all of them."""
         if self.train_cfg.objective == "dpo":
             return self.evaluate_preferences(loader)["loss"]
+        if self.dist is not None:    # a rank that calls it alone is told so once its peers are gone
+            self.dist.begin("evaluate", "each rank with its own batches, e.g. distributed.shard_loader(loader, "
+                                        "engine.dist, drop_remainder=False): every rank gets the mean over all")
         self.optimizer.wait_all()
         loss_sum, tokens = 0.0, 0
         for mb, loss, _, _ in self._head_statistics(loader, "eval batch"):
@@ -488,7 +495,8 @@ class Engine:
                              "(TrainConfig(lora_rank=...) makes a LoRA run)")
         if self.store.lora is not None and not merge:
             with interrupts.deferred_signals():
-                lora.save_adapter(self.store, out_dir, add_files)
+                self._on_rank_0(lambda: lora.save_adapter(self.store, out_dir, add_files), "save_pretrained",
+                                out_dir)
             return
         if dtype is None:
             dtype = self.model_cfg.torch_dtype
@@ -498,7 +506,8 @@ class Engine:
             dtype = DTYPES[dtype]
         with interrupts.deferred_signals():
             self._on_rank_0(lambda: save_weights(self.store, out_dir, dtype, add_files,
-                                                 tensor_of=lora.merged_values(self.store) if merge else None))
+                                                 tensor_of=lora.merged_values(self.store) if merge else None),
+                            "save_pretrained", out_dir)
 
     def save_checkpoint(self, path: str | Path, keep_last: int | None = None) -> Path:
         """The whole training state (every host-store buffer but the gradient, step, lr schedule, RNG, data
@@ -507,7 +516,8 @@ class Engine:
         self.optimizer.wait_all()      # the worker may still be updating the last step's layers
         with interrupts.deferred_signals():
             saved = training_state.step_dir(Path(path), self.step)
-            self._on_rank_0(lambda: training_state.save(self.store, Path(path), self._trainer_state(), keep_last))
+            self._on_rank_0(lambda: training_state.save(self.store, Path(path), self._trainer_state(), keep_last),
+                            "save_checkpoint", saved)
         self._last_checkpoint, self._last_save_time = (self.step, saved), time.monotonic()
         log.info("checkpoint of step %d saved in %s", self.step, saved)
         return saved
@@ -552,16 +562,24 @@ class Engine:
         self._last_checkpoint = (self.step, ckpt)
         return ckpt
 
-    def _on_rank_0(self, write) -> None:
-        """``write()`` on rank 0 alone (data parallel: every rank holds the same weights), then every rank waits
-        for it: the files exist when this returns, on any rank."""
+    def _on_rank_0(self, write, call: str, target) -> None:
+        """``write()`` (of directory ``target``) on rank 0 alone, with no collective: data parallel, rank 0 holds
+        every weight once its optimizer has waited for the last update (its own store is a whole replica; a
+        node-shared one is mapped whole in every local rank, and its wait covers every local rank's shard), so
+        it may save alone after fit, the other ranks gone (the usual ``if rank == 0:`` idiom). The other ranks
+        that call it wait for rank 0's call of the same kind and count at this step (their ``target`` is not
+        used): the files exist when it returns, on any rank."""
         if self.dist is None:
             write()
             return
-        with self.dist.guard():
-            if self.dist.rank == 0:
+        count = self._saves[(call, self.step)] = self._saves.get((call, self.step), 0) + 1
+        what = f"{call} #{count} at step {self.step}"
+        if self.dist.rank == 0:
+            with self.dist.guard():
                 write()
-            self.dist.barrier()
+            self.dist.saved(what, str(Path(target).absolute()))
+        else:
+            self.dist.wait_for_save(what, call)
 
     def _trainer_state(self) -> dict:
         c = self.train_cfg
