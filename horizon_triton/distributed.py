@@ -5,11 +5,12 @@ Every rank runs a whole engine on its own micro-batches; the gradient of each la
 the devices during the backward (scheduler.py), so every rank's update is the one a single process would make
 with all ranks' micro-batches:
 
-    step start   every rank's (micro-batches, counted tokens, tokens): equal micro-batch counts are checked,
-                 grad_scale = 1 / global counted tokens
-    backward     each layer's fp32 accumulator all-reduced (sum) over ``group`` before its norm and copy-out
-    step end     every rank's (loss sum, squared-norm part) gathered and summed in rank order, so the loss, the
-                 norm and the clip coefficient are bit-identical on every rank
+    step start   every rank's (micro-batches, counted tokens, tokens, DPO pairs): equal micro-batch counts are
+                 checked, grad_scale = 1 / global counted tokens (DPO: each pair's weight 1 / global pairs)
+    backward     each layer's fp32 accumulator (a LoRA run's: its adapters') all-reduced (sum) over ``group``
+                 before its norm and copy-out
+    step end     every rank's (loss sum, squared-norm part, DPO's metric sums) gathered and summed in rank
+                 order, so the loss, the norm, the clip coefficient and the metrics are bit-identical everywhere
 
 The context comes from a process group the caller initialized, or from torchrun's environment (RANK,
 WORLD_SIZE, MASTER_ADDR/PORT; LOCAL_RANK, LOCAL_WORLD_SIZE, GROUP_RANK), which ``context`` initializes: NCCL for
@@ -108,11 +109,11 @@ class DistContext:
                 time.sleep(pause)
                 pause = min(2 * pause, POLL_S)
                 now = time.monotonic()
-                if now - start > SPIN_S and self.store.check([ERROR_KEY]):
+                if now - start > SPIN_S and not work.is_completed() and self._error_posted():
                     raise self._peer_failure("")
                 if now - start > SPIN_S and now >= next_check:
                     next_check = now + PEER_CHECK_S
-                    misuse = self.misuse()
+                    misuse = self._misuse_posted()
                     misuse_since = (misuse_since or now) if misuse else None
                     if misuse and now - misuse_since >= EXIT_GRACE_S and not work.is_completed():
                         raise RankFailed(misuse)
@@ -122,6 +123,15 @@ class DistContext:
             raise
         except Exception as e:
             raise self._peer_failure(f"{type(e).__name__}: {e}") from None
+
+    def _error_posted(self) -> bool:
+        """Whether a rank has written its error into the store. A store that cannot be reached says nothing: rank
+        0 hosts it and may have left once this collective completed on its side (a failed peer ends the
+        collective itself, which wait() then reports)."""
+        try:
+            return self.store.check([ERROR_KEY])
+        except Exception:
+            return False
 
     def reduce_gradient(self, tensor: torch.Tensor, asynchronous: bool, shards: list | None = None):
         """The sum over every rank of ``tensor``, in place. Synchronous (CPU): an all-reduce on ``group``, watched
@@ -185,10 +195,12 @@ class DistContext:
         table = self.gather_rows([float(f) for f in flags])
         return [bool(x) for x in table.amax(dim=0).tolist()]
 
-    def step_counts(self, step: int, micro_batches: int, tokens: int, positions: int) -> tuple[int, int]:
-        """Step start: (counted tokens, token positions) summed over the ranks, after checking that every rank
-        brings as many micro-batches (0: its loader ended). ValueError on every rank otherwise."""
-        table = self.gather_rows([micro_batches, tokens, positions])
+    def step_counts(self, step: int, micro_batches: int, tokens: int, positions: int,
+                    pairs: int = 0) -> tuple[int, int, int]:
+        """Step start: (counted tokens, token positions, DPO's preference pairs) summed over the ranks, after
+        checking that every rank brings as many micro-batches (0: its loader ended). ValueError on every rank
+        otherwise."""
+        table = self.gather_rows([micro_batches, tokens, positions, pairs])
         counts = [int(c) for c in table[:, 0].tolist()]
         if len(set(counts)) > 1:
             by_count = {}
@@ -199,19 +211,22 @@ class DistContext:
             raise ValueError(f"optimizer step {step}: the data-parallel ranks bring different numbers of "
                              f"micro-batches: {shown}{ended}. Give every rank's loader the same number of "
                              "micro-batches (e.g. every world_size-th batch of one loader, the remainder dropped)")
-        tokens, positions = table[:, 1:].sum(dim=0).tolist()
-        return int(tokens), int(positions)
+        tokens, positions, pairs = table[:, 1:].sum(dim=0).tolist()
+        return int(tokens), int(positions), int(pairs)
 
-    def step_totals(self, loss_sum: float, sq_norm: float, sharded: bool) -> tuple[float, float]:
-        """Step end: the loss sum over every rank, and the squared gradient norm: each rank's part summed over the
-        ranks of one node when each streams out a shard of the reduced gradient, else any rank's (the reduced
-        gradient is the same on all). Summed in rank order from one gathered table: bit-identical everywhere."""
-        table = self.gather_rows([loss_sum, sq_norm])
+    def step_totals(self, loss_sum: float, sq_norm: float, sharded: bool,
+                    sums: list[float] = ()) -> tuple[float, float, list[float]]:
+        """Step end: the loss sum over every rank, the squared gradient norm (each rank's part summed over the
+        ranks of one node when each streams out a shard of the reduced gradient, else any rank's: the reduced
+        gradient is the same on all) and each of ``sums`` (DPO's metric sums) over every rank. Summed in rank
+        order from one gathered table: bit-identical everywhere."""
+        table = self.gather_rows([loss_sum, sq_norm, *sums])
         loss = sum(table[:, 0].tolist())
+        totals = [sum(column) for column in table[:, 2:].t().tolist()]
         if not sharded:
-            return loss, table[0, 1].item()
+            return loss, table[0, 1].item(), totals
         node0 = [r for r in range(self.world) if self.node_of[r] == 0]
-        return loss, sum(table[node0, 1].tolist())
+        return loss, sum(table[node0, 1].tolist()), totals
 
     def barrier(self) -> None:
         self.collective(dist.barrier, group=self.control)
@@ -254,6 +269,13 @@ class DistContext:
                 shown = "; ".join(f"rank {r} called {n}" for r, n in others if n != name)
                 return f"{what}, but another call was made in its place ({shown}) while rank {self.rank} waited in it"
         return None
+
+    def _misuse_posted(self) -> str | None:
+        """misuse(), where the store can be reached (as _error_posted: rank 0 hosts it and may have left)."""
+        try:
+            return self.misuse()
+        except Exception:
+            return None
 
     def saved(self, what: str, path: str) -> None:
         """Rank 0, after writing ``what`` (a save, its number) into ``path``: wait_for_save(what) returns."""
@@ -324,7 +346,7 @@ class DistContext:
                     message = self.store.get(ERROR_KEY).decode()
                 else:
                     time.sleep(0.05)
-                if message is None and self.current is not None and self.misuse() is not None:
+                if message is None and self.current is not None and self._misuse_posted() is not None:
                     break
             if message is not None and not self.failed:
                 self.store.add(ACK_KEY, 1)
@@ -333,12 +355,7 @@ class DistContext:
         self.failed = True
         if message is not None:       # nobody needs the store to outlive this rank when no message was left
             self._leave()
-        misuse = None
-        if message is None:
-            try:
-                misuse = self.misuse()
-            except Exception:
-                pass
+        misuse = self._misuse_posted() if message is None else None
         if misuse is not None:
             return RankFailed(misuse)
         if message is None:
