@@ -277,13 +277,13 @@ class DistContext:
         except Exception:
             return None
 
-    def saved(self, what: str, path: str) -> None:
-        """Rank 0, after writing ``what`` (a save, its number) into ``path``: wait_for_save(what) returns."""
-        self.store.set(f"{SAVED_KEY}/{what}", path)
+    def saved(self, what: str) -> None:
+        """Rank 0, after writing ``what`` (a save and its number): wait_for_save(what) returns."""
+        self.store.set(f"{SAVED_KEY}/{what}", "1")
 
-    def wait_for_save(self, what: str, call: str) -> str:
-        """A rank other than 0 in ``call`` (save_pretrained, save_checkpoint): returns the path once rank 0 has
-        written ``what``; RankFailed if rank 0 failed, exited without writing it, or took longer than the timeout."""
+    def wait_for_save(self, what: str, call: str) -> None:
+        """A rank other than 0 in ``call`` (save_pretrained, save_checkpoint): returns once rank 0 has written
+        ``what``; RankFailed if rank 0 failed, exited without writing it, or took longer than the timeout."""
         key = f"{SAVED_KEY}/{what}"
         deadline = time.monotonic() + float(os.environ.get("HORIZON_TRITON_DIST_TIMEOUT", DEFAULT_TIMEOUT_S))
         late = (f"{call}: rank 0 writes the files, and it exited without writing them ({what}; call {call} on rank "
@@ -291,7 +291,7 @@ class DistContext:
         while True:
             try:
                 if self.store.check([key]):
-                    return self.store.get(key).decode()
+                    return
                 if self.store.check([ERROR_KEY]):
                     raise self._peer_failure("")
                 if self.store.check([f"{EXIT_KEY}/0"]) and not self.store.check([key]):
@@ -305,11 +305,16 @@ class DistContext:
             time.sleep(POLL_S)
 
     def _note_exit(self) -> None:
-        """At interpreter exit: this rank is gone (``misuse`` tells the peers still waiting for it)."""
+        """At interpreter exit: this rank is gone (``misuse`` tells the peers still waiting for it). Rank 0 then
+        waits (up to ACK_WAIT_S) for the others to have exited too: it may host the store, where a rank still
+        waiting for its last save would find the key gone with it."""
         try:
             self.store.set_timeout(datetime.timedelta(seconds=EXIT_STORE_TIMEOUT_S))
             self.store.set(f"{EXIT_KEY}/{self.rank}", self.current[1] if self.current else "starting")
             self.store.add(EXIT_KEY, 1)
+            deadline = time.monotonic() + ACK_WAIT_S
+            while self.rank == 0 and self.store.add(EXIT_KEY, 0) < self.world and time.monotonic() < deadline:
+                time.sleep(POLL_S)
         except Exception:               # the store's host is gone already: nobody is left to tell
             pass
 

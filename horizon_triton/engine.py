@@ -506,8 +506,7 @@ class Engine:
                              "(TrainConfig(lora_rank=...) makes a LoRA run)")
         if self.store.lora is not None and not merge:
             with interrupts.deferred_signals():
-                self._on_rank_0(lambda: lora.save_adapter(self.store, out_dir, add_files), "save_pretrained",
-                                out_dir)
+                self._on_rank_0(lambda: lora.save_adapter(self.store, out_dir, add_files), "save_pretrained")
             return
         if dtype is None:
             dtype = self.model_cfg.torch_dtype
@@ -518,7 +517,7 @@ class Engine:
         with interrupts.deferred_signals():
             self._on_rank_0(lambda: save_weights(self.store, out_dir, dtype, add_files,
                                                  tensor_of=lora.merged_values(self.store) if merge else None),
-                            "save_pretrained", out_dir)
+                            "save_pretrained")
 
     def save_checkpoint(self, path: str | Path, keep_last: int | None = None) -> Path:
         """The whole training state (every host-store buffer but the gradient, step, lr schedule, RNG, data
@@ -528,7 +527,7 @@ class Engine:
         with interrupts.deferred_signals():
             saved = training_state.step_dir(Path(path), self.step)
             self._on_rank_0(lambda: training_state.save(self.store, Path(path), self._trainer_state(), keep_last),
-                            "save_checkpoint", saved)
+                            "save_checkpoint")
         self._last_checkpoint, self._last_save_time = (self.step, saved), time.monotonic()
         log.info("checkpoint of step %d saved in %s", self.step, saved)
         return saved
@@ -573,12 +572,12 @@ class Engine:
         self._last_checkpoint = (self.step, ckpt)
         return ckpt
 
-    def _on_rank_0(self, write, call: str, target) -> None:
-        """``write()`` (of directory ``target``) on rank 0 alone, with no collective: data parallel, rank 0 holds
+    def _on_rank_0(self, write, call: str) -> None:
+        """``write()`` (``call``'s files) on rank 0 alone, with no collective: data parallel, rank 0 holds
         every weight once its optimizer has waited for the last update (its own store is a whole replica; a
         node-shared one is mapped whole in every local rank, and its wait covers every local rank's shard), so
         it may save alone after fit, the other ranks gone (the usual ``if rank == 0:`` idiom). The other ranks
-        that call it wait for rank 0's call of the same kind and count at this step (their ``target`` is not
+        that call it wait for rank 0's call of the same kind and count at this step (their arguments are not
         used): the files exist when it returns, on any rank."""
         if self.dist is None:
             write()
@@ -588,7 +587,7 @@ class Engine:
         if self.dist.rank == 0:
             with self.dist.guard():
                 write()
-            self.dist.saved(what, str(Path(target).absolute()))
+            self.dist.saved(what)
         else:
             self.dist.wait_for_save(what, call)
 
