@@ -18,13 +18,13 @@ import argparse
 import json
 import math
 import os
+import re
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from . import data, distributed, interrupts, rundir
+from . import data, distributed, durable, interrupts, rundir
 
 # The demo's defaults, measured on 2 CPU cores shared with other jobs (128 held-out problems, seed 0):
 # - format "pad" (fixed width, "007+045=0052"): held-out exact match 59% at step 200, 96% at step 400; the human
@@ -40,7 +40,10 @@ SMALL_FILE_BYTES = 8 << 20   # data files below this are tokenized in this proce
 DEMO_ONLY = ("format", "eval_problems")
 FINETUNE_ONLY = ("data", "seq_len", "epochs", "eval_data", "eval_split", "train_on", "too_long", "workers",
                  "report_to", "objective", "dpo_beta", "dpo_label_smoothing", "dpo_loss")
-REFERENCE = "reference"      # OUT/reference/{train,eval}.ref: DPO's reference log-probs, kept for --resume
+# a final save that fails (a full disk, an unwritable --out) with no training checkpoint written either is retried
+# this often, for at most this long, the trained state kept in memory meanwhile
+SAVE_RETRY_S = float(os.environ.get("HORIZON_TRITON_SAVE_RETRY_S", 60))
+SAVE_WAIT_S = float(os.environ.get("HORIZON_TRITON_SAVE_WAIT_S", 3600))
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -131,9 +134,12 @@ class Metrics:
             if source is not None and (Path(source) / "generation_config.json").is_file():
                 shutil.copy2(Path(source) / "generation_config.json", tmp / "generation_config.json")
             shutil.copy2(self.path, tmp / self.path.name)
-        engine.save_pretrained(self.out_dir, add_files=add_files, merge=merge)
-        if self._file is not None:
-            self._file = self.path.open("a", encoding="utf-8")
+            rundir.mark_run(tmp, [e.name for e in tmp.iterdir()])
+        try:
+            engine.save_pretrained(self.out_dir, add_files=add_files, merge=merge)
+        finally:
+            if self._file is not None:
+                self._file = self.path.open("a", encoding="utf-8")
 
     def close(self) -> None:
         if self._file is not None:
@@ -147,7 +153,7 @@ def run_demo(args) -> dict:
     """A fresh "demo" model learns 1-3 digit addition; held-out exact match is printed as it rises."""
     import torch
 
-    from . import TrainConfig, preset
+    from . import preset
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads or DEMO["threads"])
     form, eval_every = args.format or DEMO["format"], args.eval_every or DEMO["eval_every"]
@@ -158,7 +164,7 @@ def run_demo(args) -> dict:
         raise ValueError(f"the demo preset's vocab_size {model_cfg.vocab_size} is below the addition "
                          f"vocabulary's {task.tokenizer.vocab_size}")
     steps = args.steps or DEMO["steps"]
-    train_cfg = TrainConfig(lr=DEMO["lr"] if args.lr is None else args.lr, weight_decay=DEMO["weight_decay"],
+    train_cfg = _train_config(lr=DEMO["lr"] if args.lr is None else args.lr, weight_decay=DEMO["weight_decay"],
                             lr_schedule="cosine",
                             warmup_steps=DEMO["warmup"], device=args.device or "cpu", seed=args.seed,
                             compute_dtype=args.dtype or DEMO["dtype"], grad_accum_steps=args.grad_accum,
@@ -166,6 +172,12 @@ def run_demo(args) -> dict:
     if args.out is None:          # the demo's default directory holds only earlier demos: rerunning replaces it
         args.overwrite = True
     out = Path(args.out or "runs/demo")
+    rundir.check_inputs(out, {"--config": args.config})
+    with rundir.locked(out):
+        return _demo(args, task, model_cfg, train_cfg, steps, eval_every, out)
+
+
+def _demo(args, task, model_cfg, train_cfg, steps: int, eval_every: int, out: Path) -> dict:
     engine, resumed = rundir.start(args, out, model_cfg, train_cfg)
     metrics, progress = Metrics(out, engine.step if resumed else None), Progress(steps)
     batch_size = args.batch_size or DEMO["batch_size"]
@@ -177,8 +189,10 @@ def run_demo(args) -> dict:
     start = time.perf_counter()
     curve = []
 
-    def evaluate(step: int) -> None:
+    def evaluate(step: int, final: bool = False) -> None:
         accuracy = data.exact_match(engine.logits, task)
+        if final:                   # a signal during it: a checkpoint, then the stop, before the line is written
+            engine.stop_if_signalled()
         elapsed = time.perf_counter() - start
         curve.append((step, accuracy, elapsed))
         metrics.write("eval", {"step": step, "exact_match": accuracy, "problems": len(task.heldout),
@@ -194,17 +208,18 @@ def run_demo(args) -> dict:
     try:
         if not resumed:
             evaluate(0)
-        if engine.step < steps:     # data parallel: rank r trains on every world_size-th batch, from the r-th
-            batches = distributed.shard_loader(task.batches(batch_size, seed=args.seed), engine.dist)
-            engine.fit(rundir.rest(batches, engine), max_steps=steps - engine.step, callback=on_step)
-        progress.close()
-        evaluate(steps)
+        with interrupts.deferred_signals():     # from the first step to the saved model: see _save_final
+            if engine.step < steps:     # data parallel: rank r trains on every world_size-th batch, from the r-th
+                batches = distributed.shard_loader(task.batches(batch_size, seed=args.seed), engine.dist)
+                engine.fit(rundir.rest(batches, engine), max_steps=steps - engine.step, callback=on_step)
+            progress.close()
+            _save_final(engine, lambda: metrics.save(engine, merge=args.merge), progress)
+            evaluate(steps, final=True)
         problems = task.heldout[:5]
         for problem, answer in zip(problems, data.greedy_answers(engine.logits, task, problems)):
             ok = answer == task.target(problem)
             verdict = "ok" if ok else f"expected {problem.answer}"
             progress.note(f"  {task.show(problem)}{task.read_answer(answer)}  {verdict}")
-        metrics.save(engine, merge=args.merge)
     finally:
         progress.close()
         metrics.close()
@@ -234,7 +249,7 @@ def _reference_pass(engine, rows, name: str, out: Path, resumed: bool, batch_siz
     """DPO: the reference log-probs of every row from the starting weights, once, into OUT/reference/NAME.ref
     (a forward-only streamed pass, with a progress bar on a terminal); a resumed run reuses that file."""
     from . import preference
-    path = out / REFERENCE / f"{name}.ref"
+    path = out / rundir.REFERENCE / f"{name}.ref"
     if resumed:
         if not path.is_file():
             raise ValueError(f"--resume: {path} (the reference log-probs this DPO run computed from its starting "
@@ -263,14 +278,13 @@ def _seq_len(args, model_cfg) -> int:
 
 def run_finetune(args) -> dict:
     """Fine-tunes the Hugging Face checkpoint in --model on --data; the result goes to --out."""
-    from . import ModelConfig, TrainConfig
+    from . import ModelConfig
     if not args.data:
         raise ValueError("--model needs --data FILE.jsonl")
     if not args.out:
         raise ValueError("--model needs --out DIR for the fine-tuned checkpoint")
-    if Path(args.out).resolve() == Path(args.model).resolve():
-        raise ValueError(f"--out {args.out} is the --model directory; the saved checkpoint replaces --out whole, "
-                         "so choose another --out")
+    rundir.check_inputs(Path(args.out), {"--model": args.model, "--data": args.data, "--eval-data": args.eval_data,
+                                         "--config": args.config})
     if args.eval_data and args.eval_split:
         raise ValueError("--eval-data and --eval-split both choose the eval set; give one of them")
     if args.objective == "dpo" and args.train_on:
@@ -278,21 +292,25 @@ def run_finetune(args) -> dict:
     if args.eval_every and not (args.eval_data or args.eval_split):
         raise ValueError("--eval-every needs an eval set: --eval-data FILE or --eval-split FRACTION")
     model_cfg = ModelConfig.from_pretrained(args.model)       # checks the directory before the data is read
+    with rundir.locked(Path(args.out)):                       # before the data is read: a second run stops at once
+        return _finetune(args, model_cfg)
+
+
+def _finetune(args, model_cfg) -> dict:
     tokenizer = data.load_tokenizer(args.model)
     seq_len = _seq_len(args, model_cfg)
     tensorboard = None
     if args.report_to == "tensorboard":
         from .reporting import TensorBoard
         tensorboard = TensorBoard                             # checks the package is there before any work
-    # every line is checked, tokenized and packed into row files before training starts
-    with tempfile.TemporaryDirectory(prefix="horizon-triton-rows-") as rows_dir:
-        prepared = _prepare(args, tokenizer, seq_len, args.data, rows_dir, eval_fraction=args.eval_split or 0.0)
-        eval_rows, eval_stats = prepared.eval, prepared.stats.get("eval")
-        if args.eval_data:
-            eval_dir = Path(rows_dir) / "eval"
-            eval_dir.mkdir()
-            held = _prepare(args, tokenizer, seq_len, args.eval_data, eval_dir)
-            eval_rows, eval_stats = held.train, held.stats["train"]
+    # every line is checked, tokenized and packed into row files before training starts: unnamed temporary
+    # files, which vanish with this process however it ends
+    prepared = _prepare(args, tokenizer, seq_len, args.data, data.TEMPORARY, eval_fraction=args.eval_split or 0.0)
+    eval_rows, eval_stats = prepared.eval, prepared.stats.get("eval")
+    if args.eval_data:
+        held = _prepare(args, tokenizer, seq_len, args.eval_data, data.TEMPORARY)
+        eval_rows, eval_stats = held.train, held.stats["train"]
+    try:
         top = max(s.max_id for s in prepared.stats.values())
         if top >= model_cfg.vocab_size:
             raise ValueError(f"the tokenizer in {args.model} gives token id {top}, but the model's vocab_size is "
@@ -314,7 +332,7 @@ def run_finetune(args) -> dict:
         eval_loader = (distributed.shard_loader(data.RowLoader(eval_rows, batch_size, epochs=1, shuffle=False), ctx,
                                                 drop_remainder=False)
                        if eval_rows is not None else None)
-        train_cfg = TrainConfig(lr=FINETUNE["lr"] if args.lr is None else args.lr, warmup_steps=args.warmup,
+        train_cfg = _train_config(lr=FINETUNE["lr"] if args.lr is None else args.lr, warmup_steps=args.warmup,
                                 seed=args.seed, grad_accum_steps=args.grad_accum, device=args.device or "auto",
                                 compute_dtype=args.dtype or "bfloat16",
                                 lr_schedule="cosine" if args.cosine else "constant",
@@ -346,12 +364,16 @@ def run_finetune(args) -> dict:
                     _reference_pass(engine, rows, name, out, resumed, batch_size, progress)
         start = time.perf_counter()
 
-        def evaluate(step: int) -> None:
+        def evaluate(step: int, final: bool = False) -> None:
+            # the final one stops at the next batch on a signal, and is then discarded (see _save_final)
+            batches = interrupts.until_signal(eval_loader) if final else eval_loader
             if dpo:           # the DPO loss and TRL's metrics on the held-out pairs
-                scores = engine.evaluate_preferences(eval_loader)
+                scores = engine.evaluate_preferences(batches)
                 loss, extra = scores.pop("loss"), {f"eval_{k}": v for k, v in scores.items()}
             else:
-                loss, extra = engine.evaluate(eval_loader), {}
+                loss, extra = engine.evaluate(batches), {}
+            if final:
+                engine.stop_if_signalled()
             metrics.write("eval", {"step": step, "eval_loss": loss, "rows": len(eval_rows),
                                    "elapsed_s": time.perf_counter() - start, **extra})
             if board:
@@ -367,30 +389,79 @@ def run_finetune(args) -> dict:
                 evaluate(entry["step"])
 
         try:
-            history = engine.fit(rundir.rest(loader, engine), max_steps=steps - engine.step,
-                                 callback=on_step) if engine.step < steps else []
-            if eval_loader:
-                evaluate(steps)
-            progress.close()
+            with interrupts.deferred_signals():     # from the first step to the saved model: see _save_final
+                history = engine.fit(rundir.rest(loader, engine), max_steps=steps - engine.step,
+                                     callback=on_step) if engine.step < steps else []
+                progress.close()
+                _save_final(engine, lambda: metrics.save(engine, tokenizer, source=args.model, merge=args.merge),
+                            progress)
+                if eval_loader:
+                    evaluate(steps, final=True)
             if board:
                 board.close()
-            metrics.save(engine, tokenizer, source=args.model, merge=args.merge)
         finally:
             progress.close()
             metrics.close()
             engine.close()
-            prepared.close()
-            if args.eval_data:
-                held.close()
-    _plot(out, progress)
-    final = f"final loss {history[-1]['loss']:.4f}; " if history else ""
-    progress.note(f"done in {time.perf_counter() - start:.0f} s; {final}model and metrics.jsonl in {out}")
-    return {"history": history}
+        _plot(out, progress)
+        final = f"final loss {history[-1]['loss']:.4f}; " if history else ""
+        progress.note(f"done in {time.perf_counter() - start:.0f} s; {final}model and metrics.jsonl in {out}")
+        return {"history": history}
+    finally:
+        prepared.close()
+        if args.eval_data:
+            held.close()
+
+
+class ModelNotSaved(Exception):
+    """The final save failed; the message says where the trained state is, if anywhere."""
+
+
+def _save_final(engine, save, progress) -> None:
+    """The end of a run, called inside interrupts.deferred_signals() after fit: ``save()`` writes the model
+    first, so that a signal (a scheduler's time limit) during the final evaluation that follows costs only the
+    evaluation (it stops at its next batch, a training checkpoint is written, the run stops with 130 or 143, and
+    --resume evaluates and saves again). A save that fails with an OS error (a full disk, a read-only or busy
+    --out) keeps the trained state: a training checkpoint is written instead (ModelNotSaved says where, for
+    --resume), or where that fails too, both are retried every SAVE_RETRY_S seconds, saying what is full, for
+    at most SAVE_WAIT_S (a SIGINT or SIGTERM gives up). Data parallel: the error stops every rank."""
+    deadline = time.monotonic() + SAVE_WAIT_S
+    while True:
+        try:
+            save()
+            return
+        except OSError as e:
+            if engine.dist is not None:
+                raise
+            failed = durable.describe(e)
+        progress.note(f"error: the model could not be saved: {failed}")
+        step, checkpoint = engine.last_checkpoint
+        if step != engine.step and engine.train_cfg.checkpoint_dir is not None:
+            try:
+                checkpoint = engine.save_checkpoint(engine.train_cfg.checkpoint_dir,
+                                                    keep_last=engine.train_cfg.keep_last)
+            except OSError as e:
+                progress.note(f"error: nor could the training state be saved: {durable.describe(e)}")
+                checkpoint = None
+        elif step != engine.step:
+            checkpoint = None
+        if checkpoint is not None:
+            raise ModelNotSaved(f"the model could not be saved ({failed}); the trained state of step {engine.step} "
+                                f"is in {checkpoint}: make room or fix the path, then run the same command with "
+                                "--resume to write the model")
+        if interrupts.received() is not None or time.monotonic() >= deadline:
+            raise ModelNotSaved(f"the model could not be saved ({failed}), nor the training state: the run is lost")
+        progress.note(f"the trained state is kept in memory: make room or fix the path; retrying every "
+                      f"{SAVE_RETRY_S:g} s for {max(0.0, deadline - time.monotonic()) / 60:.0f} more minutes "
+                      "(SIGINT or SIGTERM gives up)")
+        until = time.monotonic() + SAVE_RETRY_S
+        while time.monotonic() < until and interrupts.received() is None:
+            time.sleep(min(0.5, SAVE_RETRY_S))
 
 
 def run_plan(args) -> dict:
     """Prints the plan of --model on --gpu, and the deepest model of its shape that fits --host-ram and the card."""
-    from .config import PRESETS, ModelConfig, TrainConfig, preset
+    from .config import PRESETS, ModelConfig, preset
     from .device import host_memory_info
     from .plan import format_plan, largest_model, parse_bytes, plan
     path = Path(args.model)
@@ -399,7 +470,7 @@ def run_plan(args) -> dict:
             raise ValueError(f"--model {args.model}: give a model directory or its config.json")
         path = path.parent
     model_cfg = preset(args.model) if args.model in PRESETS and not path.exists() else ModelConfig.from_pretrained(path)
-    train_cfg = TrainConfig(compute_dtype=args.dtype, grad_accum_steps=args.grad_accum, **_lora_options(args))
+    train_cfg = _train_config(compute_dtype=args.dtype, grad_accum_steps=args.grad_accum, **_lora_options(args))
     host_ram = parse_bytes(args.host_ram) if args.host_ram else host_memory_info()[1]
     options = dict(tokens_per_step=args.tokens_per_step, hardware=args.gpu, seq_len=args.seq_len)
     result = plan(model_cfg, train_cfg, host_memory_bytes=host_ram, **options)
@@ -408,6 +479,26 @@ def run_plan(args) -> dict:
     if largest is None:
         print(f"  not even one layer of this shape fits {args.gpu} with {host_ram / 1e12:.2f} TB of host memory")
     return {"plan": result, "largest": largest}
+
+
+# TrainConfig's settings the command line sets, by the flag that sets them (its errors name the flag)
+FLAGS = {"lr": "--lr", "warmup_steps": "--warmup", "grad_accum_steps": "--grad-accum", "dpo_beta": "--dpo-beta",
+         "dpo_label_smoothing": "--dpo-label-smoothing", "dpo_loss": "--dpo-loss", "lora_rank": "--lora-rank",
+         "lora_alpha": "--lora-alpha", "lora_targets": "--lora-targets", "compute_dtype": "--dtype",
+         "device": "--device"}
+
+
+def _train_config(**settings):
+    """TrainConfig(**settings), its refusals naming the command line's flags rather than its fields."""
+    from . import TrainConfig
+    try:
+        return TrainConfig(**settings)
+    except ValueError as e:
+        message = str(e)
+        field = re.match(r"\w+", message)
+        if field is not None and field[0] in FLAGS:
+            message = FLAGS[field[0]] + message[field.end():]
+        raise ValueError(message) from None
 
 
 def _lora_options(args) -> dict:
@@ -496,6 +587,16 @@ def _positive(text: str) -> int:
     return value
 
 
+def _non_negative(kind):
+    def parse(text: str):
+        value = kind(text)
+        if not math.isfinite(value) or value < 0:
+            raise argparse.ArgumentTypeError(f"must be a finite number ≥ 0, got {text}")
+        return value
+    parse.__name__ = kind.__name__           # argparse names the type in its errors
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="horizon-triton", description="Fine-tune language models larger than "
                                      "GPU memory on one GPU, or train the built-in addition demo.")
@@ -515,12 +616,12 @@ def build_parser() -> argparse.ArgumentParser:
                                                         f"{FINETUNE['epochs']})")
     train.add_argument("--batch-size", type=_positive, help=f"rows a micro-batch (demo: {DEMO['batch_size']}; "
                                                             f"fine-tune: {FINETUNE['batch_size']})")
-    train.add_argument("--lr", type=float, help=f"peak learning rate (demo: {DEMO['lr']}; fine-tune: "
+    train.add_argument("--lr", type=_non_negative(float), help=f"peak learning rate (demo: {DEMO['lr']}; fine-tune: "
                                                 f"{FINETUNE['lr']})")
     train.add_argument("--seq-len", type=_positive, help="fine-tune: tokens a packed row (default: 512, at most "
                                                          "max_position_embeddings)")
     train.add_argument("--grad-accum", type=_positive, default=1, help="micro-batches an optimizer step")
-    train.add_argument("--warmup", type=int, default=0, help="fine-tune: linear warm-up steps")
+    train.add_argument("--warmup", type=_non_negative(int), default=0, help="fine-tune: linear warm-up steps")
     train.add_argument("--cosine", action="store_true", help="fine-tune: cosine decay to 0 (default: constant)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--device", choices=["cpu", "cuda", "auto"], help="demo: cpu; fine-tune: auto")
@@ -631,6 +732,7 @@ def with_config(argv: list[str], train: argparse.ArgumentParser) -> list[str]:
             rest.append(a)
     if not path:
         raise ValueError("--config needs a YAML file")
+    rest = ["--config", path, *rest]          # kept: check_inputs refuses an --out holding it
     import yaml
     if not Path(path).is_file():
         raise FileNotFoundError(f"config file {path} not found")
@@ -678,37 +780,48 @@ def _train(args) -> None:
         run_demo(args)
 
 
+def _main(argv: list[str]) -> int:
+    parser = build_parser()
+    args = parser.parse_args(with_config(argv, parser.train_parser))
+    if args.command == "data":
+        run_data(args)
+    elif args.command == "plan":
+        run_plan(args)
+    else:
+        # under torchrun: data parallel; an error on any rank, here or in the engine, ends every rank
+        ctx = distributed.context(_device_kind(args.device or ("auto" if args.model else "cpu")))
+        args.world_size = ctx.world if ctx is not None else 1
+        if ctx is None:
+            _train(args)
+        else:
+            with ctx.guard():
+                _train(args)
+            distributed.close()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        parser = build_parser()
-        args = parser.parse_args(with_config(argv, parser.train_parser))
-        if args.command == "data":
-            run_data(args)
-        elif args.command == "plan":
-            run_plan(args)
-        else:
-            # under torchrun: data parallel; an error on any rank, here or in the engine, ends every rank
-            ctx = distributed.context(_device_kind(args.device or ("auto" if args.model else "cpu")))
-            args.world_size = ctx.world if ctx is not None else 1
-            if ctx is None:
-                _train(args)
-            else:
-                with ctx.guard():
-                    _train(args)
-                distributed.close()
+        with interrupts.raising_on_sigterm():      # a SIGTERM outside training still removes temporary files
+            return _main(argv)
     except distributed.RankFailed as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except ModelNotSaved as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:            # ENOSPC, EROFS, EPERM, EBUSY, ...: one line naming the path
+        print(f"error: {durable.describe(e)}", file=sys.stderr)
+        return 1
     except (KeyboardInterrupt, interrupts.Terminated) as e:
         saved = getattr(e, "checkpoint", None)
         hint = f"; training state saved in {saved}: run the same command with --resume to continue" if saved else ""
         print(f"\ninterrupted{hint}", file=sys.stderr)
         return 143 if isinstance(e, interrupts.Terminated) else 130
-    return 0
 
 
 if __name__ == "__main__":

@@ -53,6 +53,19 @@ def _model_fields(cfg: ModelConfig) -> dict:
     return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.compare}
 
 
+class Diverged(ValueError):
+    """A step's loss or gradient norm is not finite: training stops before that step's update is applied, so the
+    weights (and every checkpoint) stay those of the step before."""
+
+    def __init__(self, step: int, loss: float, grad_norm: float, last_checkpoint):
+        saved_step, saved = last_checkpoint
+        where = (f"; the newest training checkpoint is {saved} (step {saved_step})" if saved is not None else "")
+        super().__init__(f"training diverged at step {step}: loss {loss}, gradient norm {grad_norm} (not finite). "
+                         f"The update was not applied: the weights are those after step {step - 1}{where}. Lower "
+                         "the learning rate, add warm-up or gradient clipping, or check the data")
+        self.step, self.loss, self.grad_norm, self.checkpoint = step, loss, grad_norm, saved
+
+
 class Engine:
     """Trains a Llama-family model whose parameters live in host RAM, streaming one layer at a time through
     the compute device. Losses and weights match transformers + torch.optim.AdamW."""
@@ -239,14 +252,20 @@ class Engine:
 
     def _fit(self, loader, max_steps: int | None, callback) -> list[dict]:
         accum = self.train_cfg.grad_accum_steps
+        if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 0):
+            raise ValueError(f"max_steps must be an int ≥ 0 (or None: until the loader ends), got {max_steps!r}")
         if self.dist is not None:    # every rank's loader must make the same steps
             self.dist.same_everywhere("the loader", {"micro-batches (len(loader))": len(loader) if hasattr(
                 loader, "__len__") else None, "max_steps": max_steps})
-        if self.total_steps is None:
-            self.total_steps = max_steps
-            if self.total_steps is None and hasattr(loader, "__len__"):
-                self.total_steps = math.ceil(len(loader) / accum)
+        if max_steps == 0:
+            return []
+        if hasattr(loader, "__len__") and len(loader) == 0:
+            raise ValueError("the loader yielded no batches")
         total_steps = self.total_steps
+        if total_steps is None:      # fixed below, once a step is taken: a fit that takes none fixes nothing
+            total_steps = max_steps
+            if total_steps is None and hasattr(loader, "__len__"):
+                total_steps = math.ceil(len(loader) / accum)
         if self.train_cfg.lr_schedule == "cosine" and total_steps is None:
             self.train_cfg.lr_at(self.train_cfg.warmup_steps + 1, None)  # raises the explanatory error
         history, group, seen = [], [], 0
@@ -259,6 +278,8 @@ class Engine:
                                  "labelled token), which DPO needs; compute them once before training with "
                                  "engine.reference_logps(batches) or preference.add_reference(engine, rows)")
             seen += 1
+            if self.total_steps is None:
+                self.total_steps = total_steps
             if len(group) == accum:
                 history.append(self._optimizer_step(group, total_steps, callback))
                 group = []
@@ -309,6 +330,9 @@ class Engine:
             if dpo is not None:
                 dpo.sums = torch.tensor(sums, dtype=torch.float64)
         grad_norm = math.sqrt(float(sq_norm))
+        loss = float(loss_sum) / (dpo.pairs if dpo is not None else tokens)
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            raise Diverged(self.step + 1, loss, grad_norm, self._last_checkpoint)
         self.step += 1
         self.micro_batches += len(mbs)
         lr = self.train_cfg.lr_at(self.step, total_steps)
@@ -316,7 +340,7 @@ class Engine:
         self.optimizer.start_step(self.step, lr, coef)   # runs while the next step's forward streams
         elapsed = time.perf_counter() - start
         entry = {
-            "step": self.step, "loss": float(loss_sum) / tokens, "lr": lr, "grad_norm": grad_norm,
+            "step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
             "tokens": tokens, "time_s": elapsed,
             "tokens_per_s": positions / elapsed,
             "device_peak_bytes": self.pipeline.meter.peak,
@@ -330,17 +354,29 @@ class Engine:
         if self.device.type == "cuda":   # everything on the GPU, the kernels' workspaces included
             entry["device_allocator_peak_bytes"] = torch.cuda.max_memory_allocated()
         if dpo is not None:              # the loss is the mean over the step's pairs; TRL's metrics beside it
-            entry.update(loss=float(loss_sum) / dpo.pairs, pairs=dpo.pairs, **dpo.metrics())
+            entry.update(pairs=dpo.pairs, **dpo.metrics())
         if callback is not None:
             callback(entry)
         return entry
 
-    def _checkpoint_if_due(self) -> None:
+    @property
+    def last_checkpoint(self) -> tuple:
+        """(step, path) of the newest training checkpoint this engine saved or loaded; (None, None) if none."""
+        return self._last_checkpoint
+
+    def stop_if_signalled(self) -> None:
+        """Outside fit, where stopping is safe (after an evaluation, after the final save): if a SIGINT or SIGTERM
+        was received inside interrupts.deferred_signals() (on any rank), saves a checkpoint of this step (with
+        checkpoint_dir set, unless one exists) and raises interrupts.Interrupted / Terminated. Every rank calls
+        it."""
+        self._checkpoint_if_due(periodic_saves=False)
+
+    def _checkpoint_if_due(self, periodic_saves: bool = True) -> None:
         """After an optimizer step: the periodic save, and the stop a signal asked for (after saving)."""
         c, signum = self.train_cfg, interrupts.received()
-        periodic = (c.save_every_steps is not None and self.step % c.save_every_steps == 0
-                    or c.save_every_minutes is not None
-                    and time.monotonic() - self._last_save_time >= 60 * c.save_every_minutes)
+        periodic = periodic_saves and (c.save_every_steps is not None and self.step % c.save_every_steps == 0
+                                       or c.save_every_minutes is not None
+                                       and time.monotonic() - self._last_save_time >= 60 * c.save_every_minutes)
         if self.dist is not None:       # every rank saves and stops after the same step (a signal to any rank)
             stop, periodic = self.dist.any_rank([signum is not None, periodic])
             signum = signum if signum is not None or not stop else signal.SIGTERM

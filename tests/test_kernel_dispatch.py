@@ -59,8 +59,9 @@ def test_autotune_says_it_needs_a_gpu():
 
 
 def test_canary_replaces_a_failing_family_with_one_warning_each():
-    """The canary on CPU: the Triton kernels through the interpreter against the reference, with one family
-    planted wrong (swiglu's backward 1% off) and one raising (rope, as a kernel that does not compile)."""
+    """The canary on CPU: the Triton kernels through the interpreter against the reference, with two families
+    planted wrong (swiglu's backward, the MoE down GEMM 1% off) and one raising (rope, as a kernel that does not
+    compile)."""
     from types import SimpleNamespace
 
     from horizon_triton import canary
@@ -69,6 +70,7 @@ def test_canary_replaces_a_failing_family_with_one_warning_each():
     triton_ops = load_ops("triton-interpret")
     planted = SimpleNamespace(**vars(triton_ops))
     planted.swiglu_backward = lambda dh, gate_up: triton_ops.swiglu_backward(dh, gate_up) * 1.01
+    planted.moe_down_forward = lambda *args: triton_ops.moe_down_forward(*args) * 1.01
 
     def no_compile(*args):
         raise RuntimeError("out of resource: shared memory")
@@ -76,15 +78,16 @@ def test_canary_replaces_a_failing_family_with_one_warning_each():
     fallback = load_ops("torch")
     with pytest.warns(RuntimeWarning) as warned:
         ops, report = canary.run(planted, fallback, torch.device("cpu"), torch.float32, head_dim=32,
-                                 sliding_window=5)
-    messages = [str(w.message) for w in warned]
-    assert len(messages) == 2
-    assert "swiglu" in messages[0] + messages[1] and "rope" in messages[0] + messages[1]
+                                 sliding_window=5, moe=True)
+    messages = "\n".join(str(w.message) for w in warned)
+    assert len(warned) == 3
+    assert all(f"the Triton {family} kernels" in messages for family in ("swiglu", "rope", "moe_experts"))
     assert report["swiglu_forward"] == report["swiglu_backward"]
     assert report["swiglu_backward"].startswith("library (Mismatch: output 1")
     assert report["rope_forward_"].startswith("library (RuntimeError: out of resource")
     assert ops.swiglu_backward is fallback.swiglu_backward and ops.rope_backward_ is fallback.rope_backward_
-    healthy = [n for n, f in KERNEL_FAMILY.items() if f not in ("swiglu", "rope")]
+    assert report["moe_gate_up_backward"].startswith("library (Mismatch: output 1")      # moe_down_forward's
+    healthy = [n for n, f in KERNEL_FAMILY.items() if f not in ("swiglu", "rope", "moe_experts")]
     assert all(report[n] == "triton" and getattr(ops, n) is getattr(triton_ops, n) for n in healthy)
 
 
@@ -116,3 +119,4 @@ def test_canary_keeps_a_kernel_it_cannot_judge():
                                  sliding_window=None)
     assert report["swiglu_backward"].startswith("triton (unchecked: the library path raised RuntimeError")
     assert ops.swiglu_forward is triton_ops.swiglu_forward
+    assert report["moe_gate_up_forward"] == "triton (unchecked: no MoE layer)"     # a dense model's start-up
