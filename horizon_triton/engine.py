@@ -369,6 +369,8 @@ class Engine:
         was received inside interrupts.deferred_signals() (on any rank), saves a checkpoint of this step (with
         checkpoint_dir set, unless one exists) and raises interrupts.Interrupted / Terminated. Every rank calls
         it."""
+        if self.dist is not None:
+            self.dist.begin("stop_if_signalled", "after the same evaluation or save")
         self._checkpoint_if_due(periodic_saves=False)
 
     def _checkpoint_if_due(self, periodic_saves: bool = True) -> None:
