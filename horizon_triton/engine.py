@@ -26,9 +26,9 @@ from .models.dense import layer as lt
 from .models.ops import TORCH_ONLY, load_ops, select_backend
 from .objectives import lora, preference
 from .planning import preflight
+from .schedule.activations import forward_budget, forward_group_full
 from .schedule.build import build_step_pipeline, build_store
-from .schedule.pipeline import Unit
-from .schedule.scheduler import bind, run_step, stream_in
+from .schedule.scheduler import run_forward, run_step
 from .schedule.trace import Tracer
 from .state import interrupts, training_state
 from .state.checkpoint import DTYPES, load_weights, save_weights
@@ -47,6 +47,19 @@ def _model_fields(cfg: ModelConfig) -> dict:
     return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.compare}
 
 
+class Diverged(ValueError):
+    """A step's loss or gradient norm is not finite: training stops before that step's update is applied, so the
+    weights (and every checkpoint) stay those of the step before."""
+
+    def __init__(self, step: int, loss: float, grad_norm: float, last_checkpoint):
+        saved_step, saved = last_checkpoint
+        where = (f"; the newest training checkpoint is {saved} (step {saved_step})" if saved is not None else "")
+        super().__init__(f"training diverged at step {step}: loss {loss}, gradient norm {grad_norm} (not finite). "
+                         f"The update was not applied: the weights are those after step {step - 1}{where}. Lower "
+                         "the learning rate, add warm-up or gradient clipping, or check the data")
+        self.step, self.loss, self.grad_norm, self.checkpoint = step, loss, grad_norm, saved
+
+
 class Engine:
     """Trains a Llama-family model whose parameters live in host RAM, streaming one layer at a time through
     the compute device. Losses and weights match transformers + torch.optim.AdamW."""
@@ -60,6 +73,7 @@ class Engine:
         if self.dist is None:
             self._build(model_cfg, train_cfg, init_weights)
             return
+        self.dist.begin("Engine(...)", "the same configs on every rank")
         with self.dist.guard():        # a rank that fails here ends the job on every rank
             # first: the ranks of a node build one shared store, of one layout
             self.dist.same_everywhere("the model config", _model_fields(model_cfg))
@@ -110,6 +124,7 @@ class Engine:
         self.total_steps = None           # the lr schedule's length, fixed by the first fit that knows it
         self.extra_state: dict = {}       # the caller's JSON, saved with every checkpoint (the CLI's options)
         self._last_checkpoint = (None, None)      # (step, path) of the latest save or load
+        self._saves: dict = {}            # data parallel: (call, step) -> saves made (rank 0's are waited for)
         self._last_save_time = time.monotonic()
         self._inv_freq = model_cfg.inv_freq().to(self.device.torch_device)
         self._checked_steps = set()       # micro-batch shapes whose step the preflight has dry-run
@@ -144,19 +159,27 @@ class Engine:
         with interrupts.deferred_signals():
             if self.dist is None:
                 return self._fit(loader, max_steps, callback)
+            self.dist.begin("fit", "each rank with its own batches, e.g. distributed.shard_loader(loader, "
+                                   "engine.dist)")
             with self.dist.guard():
                 return self._fit(loader, max_steps, callback)
 
     def _fit(self, loader, max_steps: int | None, callback) -> list[dict]:
         accum = self.train_cfg.grad_accum_steps
+        if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 0):
+            raise ValueError(f"max_steps must be an int ≥ 0 (or None: until the loader ends), got {max_steps!r}")
         if self.dist is not None:    # every rank's loader must make the same steps
             self.dist.same_everywhere("the loader", {"micro-batches (len(loader))": len(loader) if hasattr(
                 loader, "__len__") else None, "max_steps": max_steps})
-        if self.total_steps is None:
-            self.total_steps = max_steps
-            if self.total_steps is None and hasattr(loader, "__len__"):
-                self.total_steps = math.ceil(len(loader) / accum)
+        if max_steps == 0:
+            return []
+        if hasattr(loader, "__len__") and len(loader) == 0:
+            raise ValueError("the loader yielded no batches")
         total_steps = self.total_steps
+        if total_steps is None:      # fixed below, once a step is taken: a fit that takes none fixes nothing
+            total_steps = max_steps
+            if total_steps is None and hasattr(loader, "__len__"):
+                total_steps = math.ceil(len(loader) / accum)
         if self.train_cfg.lr_schedule == "cosine" and total_steps is None:
             self.train_cfg.lr_at(self.train_cfg.warmup_steps + 1, None)  # raises the explanatory error
         history, group, seen = [], [], 0
@@ -169,6 +192,8 @@ class Engine:
                                  "labelled token), which DPO needs; compute them once before training with "
                                  "engine.reference_logps(batches) or preference.add_reference(engine, rows)")
             seen += 1
+            if self.total_steps is None:
+                self.total_steps = total_steps
             if len(group) == accum:
                 history.append(self._optimizer_step(group, total_steps, callback))
                 group = []
@@ -219,6 +244,9 @@ class Engine:
             if dpo is not None:
                 dpo.sums = torch.tensor(sums, dtype=torch.float64)
         grad_norm = math.sqrt(float(sq_norm))
+        loss = float(loss_sum) / (dpo.pairs if dpo is not None else tokens)
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            raise Diverged(self.step + 1, loss, grad_norm, self._last_checkpoint)
         self.step += 1
         self.micro_batches += len(mbs)
         lr = self.train_cfg.lr_at(self.step, total_steps)
@@ -226,7 +254,7 @@ class Engine:
         self.optimizer.start_step(self.step, lr, coef)   # runs while the next step's forward streams
         elapsed = time.perf_counter() - start
         entry = {
-            "step": self.step, "loss": float(loss_sum) / tokens, "lr": lr, "grad_norm": grad_norm,
+            "step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
             "tokens": tokens, "time_s": elapsed,
             "tokens_per_s": positions / elapsed,
             "device_peak_bytes": self.pipeline.meter.peak,
@@ -240,17 +268,31 @@ class Engine:
         if self.device.type == "cuda":   # everything on the GPU, the kernels' workspaces included
             entry["device_allocator_peak_bytes"] = torch.cuda.max_memory_allocated()
         if dpo is not None:              # the loss is the mean over the step's pairs; TRL's metrics beside it
-            entry.update(loss=float(loss_sum) / dpo.pairs, pairs=dpo.pairs, **dpo.metrics())
+            entry.update(pairs=dpo.pairs, **dpo.metrics())
         if callback is not None:
             callback(entry)
         return entry
 
-    def _checkpoint_if_due(self) -> None:
+    @property
+    def last_checkpoint(self) -> tuple:
+        """(step, path) of the newest training checkpoint this engine saved or loaded; (None, None) if none."""
+        return self._last_checkpoint
+
+    def stop_if_signalled(self) -> None:
+        """Outside fit, where stopping is safe (after an evaluation, after the final save): if a SIGINT or SIGTERM
+        was received inside interrupts.deferred_signals() (on any rank), saves a checkpoint of this step (with
+        checkpoint_dir set, unless one exists) and raises interrupts.Interrupted / Terminated. Every rank calls
+        it."""
+        if self.dist is not None:
+            self.dist.begin("stop_if_signalled", "after the same evaluation or save")
+        self._checkpoint_if_due(periodic_saves=False)
+
+    def _checkpoint_if_due(self, periodic_saves: bool = True) -> None:
         """After an optimizer step: the periodic save, and the stop a signal asked for (after saving)."""
         c, signum = self.train_cfg, interrupts.received()
-        periodic = (c.save_every_steps is not None and self.step % c.save_every_steps == 0
-                    or c.save_every_minutes is not None
-                    and time.monotonic() - self._last_save_time >= 60 * c.save_every_minutes)
+        periodic = periodic_saves and (c.save_every_steps is not None and self.step % c.save_every_steps == 0
+                                       or c.save_every_minutes is not None
+                                       and time.monotonic() - self._last_save_time >= 60 * c.save_every_minutes)
         if self.dist is not None:       # every rank saves and stops after the same step (a signal to any rank)
             stop, periodic = self.dist.any_rank([signum is not None, periodic])
             signum = signum if signum is not None or not stop else signal.SIGTERM
@@ -262,10 +304,56 @@ class Engine:
             raise interrupts.stop_error(signum, path if step == self.step else None)
 
     # ---- inference (evaluation and the demo) ------------------------------------------------------------
+    # Forward-only passes run like the step's forward (scheduler.run_forward): layer-major over a group of
+    # micro-batches, so the weights cross the bus once per group, not once per batch. A group is
+    # grad_accum_steps × num_layers micro-batches (their hidden states, one each, are what one step's
+    # checkpoints of grad_accum_steps such micro-batches hold), or more while they fit the device's checkpoint
+    # budget; beyond that budget they wait in host memory (activations.forward_group_full).
+    def _forward_groups(self, loader, where: str, check=None):
+        """Yields (micro-batches, device budget) of ``loader``'s batches, a group at a time, in order; ``check(
+        index, mb)`` before a batch joins its group."""
+        H, b = self.model_cfg.hidden_size, self.compute_dtype.itemsize
+        min_mbs = self.train_cfg.grad_accum_steps * self.model_cfg.num_layers
+        group, nbytes, budget = [], 0, None
+        for index, batch in enumerate(loader):
+            mb = self.prepare(batch, where=f"{where} {index}")
+            if check is not None:
+                check(index, mb)
+            size = mb.host_ids.numel() * H * b
+            if not group:
+                budget = forward_budget(self.pipeline, mb.host_ids.numel())
+            elif forward_group_full(len(group), nbytes, size, min_mbs, budget):
+                yield group, budget
+                group, nbytes, budget = [], 0, forward_budget(self.pipeline, mb.host_ids.numel())
+            group.append(mb)
+            nbytes += size
+        if group:
+            yield group, budget
+
+    def _head_statistics(self, loader, where: str, check=None):
+        """Yields (micro-batch, its loss sum, lse, target logit: fp32 [T]), device, for each batch of ``loader``
+        through a forward-only pass; the head's logits exist one chunk of tokens and vocabulary at a time (the
+        training head's first pass)."""
+        dev = self.device.torch_device
+        for mbs, budget in self._forward_groups(loader, where, check):
+            stats = [(torch.full((mb.targets.numel(),), float("-inf"), device=dev),
+                      torch.zeros(mb.targets.numel(), device=dev), torch.zeros(mb.targets.numel(), device=dev))
+                     for mb in mbs]                        # running max, sum of exp, target logit
+            results = [None] * len(mbs)
+
+            def head_chunk(m, xn, w, u, mbs=mbs, stats=stats):
+                self.ops.cross_entropy_chunk_stats_(xn, w["lm_head"], mbs[m].targets, u.start, *stats[m])
+
+            def finish(m, mbs=mbs, stats=stats, results=results):
+                results[m] = self.ops.cross_entropy_chunk_loss(*stats[m], mbs[m].targets)
+            run_forward(self.pipeline, mbs, budget, head_chunk, finish)
+            for mb, (loss, lse), (_, _, target_logit) in zip(mbs, results, stats):
+                yield mb, loss, lse, target_logit
+
     @torch.no_grad()
     def logits(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """fp32 logits [B, S, V] of the current weights; layer by layer through slot 0, without the pipeline.
+        """fp32 logits [B, S, V] of the current weights (a forward-only pass of one micro-batch).
         Where attention_mask is 0 the logits mean nothing (those tokens see only themselves)."""
         self.optimizer.wait_all()
         batch = {"input_ids": input_ids, "labels": torch.full_like(input_ids, IGNORE_INDEX)}
@@ -277,32 +365,27 @@ class Engine:
         logits = torch.empty(mb.targets.numel(), self.model_cfg.vocab_size, dtype=torch.float32,
                              device=self.device.torch_device)
 
-        def head_chunk(xn, w, u):
+        def head_chunk(m, xn, w, u):
             logits[:, u.start:u.stop] = xn @ w["lm_head"].t()
-        self._forward_to_head(mb, head_chunk)
+        run_forward(self.pipeline, [mb], forward_budget(self.pipeline, mb.host_ids.numel()), head_chunk)
         return logits.view(*input_ids.shape, -1).cpu()
 
     @torch.no_grad()
     def evaluate(self, loader) -> float:
         """Mean loss over the counted label tokens of every batch of ``loader`` (dicts as ``fit`` takes) with the
-        current weights: a forward-only pass, each batch streaming the layers through slot 0 as ``logits`` does;
-        the head's logits exist one chunk of tokens and vocabulary at a time (the training head's first pass).
-        With objective "dpo": the mean DPO loss over the loader's pairs (evaluate_preferences has the metrics)."""
+        current weights: a forward-only pass, layer-major over groups of batches (the weights cross once per
+        group); the head's logits exist one chunk of tokens and vocabulary at a time (the training head's first
+        pass). With objective "dpo": the mean DPO loss over the loader's pairs (evaluate_preferences has the
+        metrics). Data parallel: every rank calls it with its own batches, and gets the mean over all of them."""
         if self.train_cfg.objective == "dpo":
             return self.evaluate_preferences(loader)["loss"]
+        if self.dist is not None:    # a rank that calls it alone is told so once its peers are gone
+            self.dist.begin("evaluate", "each rank with its own batches, e.g. distributed.shard_loader(loader, "
+                                        "engine.dist, drop_remainder=False): every rank gets the mean over all")
         self.optimizer.wait_all()
         loss_sum, tokens = 0.0, 0
-        for index, batch in enumerate(loader):
-            mb = self.prepare(batch, where=f"eval batch {index}")
-            T, dev = mb.targets.numel(), self.device.torch_device
-            stats = (torch.full((T,), float("-inf"), device=dev), torch.zeros(T, device=dev),
-                     torch.zeros(T, device=dev))                   # running max, sum of exp, target logit
-
-            def head_chunk(xn, w, u, mb=mb, stats=stats):
-                self.ops.cross_entropy_chunk_stats_(xn, w["lm_head"], mb.targets, u.start, *stats)
-            self._forward_to_head(mb, head_chunk)
-            loss, _ = self.ops.cross_entropy_chunk_loss(*stats, mb.targets)
-            loss_sum += float(loss)                      # sync: one scalar a batch
+        for mb, loss, _, _ in self._head_statistics(loader, "eval batch"):
+            loss_sum += float(loss)                      # one scalar a batch, in batch order
             tokens += mb.num_targets
         if self.dist is not None:                        # every rank's eval batches
             with self.dist.guard():
@@ -315,13 +398,11 @@ class Engine:
     def reference_logps(self, loader):
         """Yields, for each batch of ``loader``, fp32 [B, S] (host) the log-probability the current weights give
         each labelled token, aligned with the labels (0 where they are -100): DPO's ``ref_logps``, computed once
-        from the starting weights before training. A forward-only pass streaming the layers as ``evaluate``
-        does; the head's logits exist one chunk at a time (its first pass's statistics give lse and the target's
-        logit). With objective "dpo" each batch's pair layout is checked as training will check it."""
+        from the starting weights before training. A forward-only pass as ``evaluate``'s (the batches of a group
+        are yielded once the group has run). With objective "dpo" each batch's pair layout is checked as training
+        will check it."""
         self.optimizer.wait_all()
-        for index, batch in enumerate(loader):
-            mb = self.prepare(batch, where=f"reference batch {index}")
-            lse, target_logit = self._head_statistics(mb)
+        for mb, _, lse, target_logit in self._head_statistics(loader, "reference batch"):
             token_logps = torch.where(mb.targets != IGNORE_INDEX, target_logit - lse, 0.0)
             B, S = mb.shape
             by_label = torch.zeros(B, S, dtype=torch.float32)
@@ -334,15 +415,19 @@ class Engine:
         current weights, means over every pair of ``loader`` (batches with ref_logps, as fit takes them); data
         parallel, over every rank's batches."""
         self.optimizer.wait_all()
-        loss, sums, pairs = 0.0, None, 0
-        for index, batch in enumerate(loader):
-            mb = self.prepare(batch, where=f"eval batch {index}")
+
+        def check(index, mb):
             if mb.preference is None or mb.preference.ref_logps is None:
                 raise ValueError(f"eval batch {index}: evaluate_preferences needs objective 'dpo' and batches "
                                  "with 'ref_logps' (engine.reference_logps)")
+        if self.dist is not None:
+            self.dist.begin("evaluate_preferences", "each rank with its own batches: every rank gets the means over "
+                                                    "all of them")
+        loss, sums, pairs = 0.0, None, 0
+        for mb, _, lse, target_logit in self._head_statistics(loader, "eval batch", check):
             head = preference.DPOHead(self.train_cfg, mb.preference.num_pairs)
-            loss_m, _ = head.token_weights(mb, *self._head_statistics(mb))
-            loss += float(loss_m)                        # sync: one scalar a batch
+            loss_m, _ = head.token_weights(mb, lse, target_logit)
+            loss += float(loss_m)                        # one scalar a batch, in batch order
             sums = head.sums if sums is None else sums + head.sums
             pairs += head.pairs
         if sums is None:
@@ -355,37 +440,6 @@ class Engine:
             raise ValueError("evaluate_preferences: the loader yielded no batches")
         return {"loss": loss / pairs, "pairs": pairs,
                 **dict(zip(preference.METRICS, (sums / pairs).tolist()))}
-
-    def _head_statistics(self, mb: lt.MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """(lse, target logit), fp32 [T] device, of one micro-batch: the training head's first pass."""
-        T, dev = mb.targets.numel(), self.device.torch_device
-        stats = (torch.full((T,), float("-inf"), device=dev), torch.zeros(T, device=dev),
-                 torch.zeros(T, device=dev))                       # running max, sum of exp, target logit
-
-        def head_chunk(xn, w, u):
-            self.ops.cross_entropy_chunk_stats_(xn, w["lm_head"], mb.targets, u.start, *stats)
-        self._forward_to_head(mb, head_chunk)
-        _, lse = self.ops.cross_entropy_chunk_loss(*stats, mb.targets)
-        return lse, stats[2]
-
-    def _forward_to_head(self, mb: lt.MicroBatch, head_chunk) -> None:
-        """Streams every layer through slot 0 (not pipelined) and calls ``head_chunk(final-normed hidden [T, H],
-        the chunk's bound weights, the chunk's Unit)`` for each vocabulary chunk of the head."""
-        p, cfg = self.pipeline, self.model_cfg
-        table = self.store.working[0].view(-1, cfg.hidden_size)
-        x = table[mb.host_ids].to(self.device.torch_device)            # the embedding's rows, gathered on the host
-        xn = None
-        for u in [Unit(i) for i in range(1, p.head)] + p.head_chunks():
-            stream_in(p, u, 0)
-            self.device.sync(p.slot_ready[0])            # sync: evaluation is not pipelined
-            w = bind(p, u, 0)
-            if u.layer < p.head:
-                x = lt.decoder_forward(self.ops, cfg, w, x, mb)
-            else:
-                if xn is None:                           # every chunk carries the final norm: normalize once
-                    xn, _ = self.ops.rmsnorm_forward(x, w["norm"], cfg.rms_norm_eps)
-                head_chunk(xn, w, u)
-            p.slot_free[0] = self.device.record("compute")
 
     # ---- checkpoints ------------------------------------------------------------------------------------
     def save_pretrained(self, out_dir: str | Path, dtype: str | torch.dtype | None = None, add_files=None,
@@ -404,7 +458,7 @@ class Engine:
                              "(TrainConfig(lora_rank=...) makes a LoRA run)")
         if self.store.lora is not None and not merge:
             with interrupts.deferred_signals():
-                self._on_rank_0(lambda: lora.save_adapter(self.store, out_dir, add_files))
+                self._on_rank_0(lambda: lora.save_adapter(self.store, out_dir, add_files), "save_pretrained")
             return
         if dtype is None:
             dtype = self.model_cfg.torch_dtype
@@ -414,7 +468,8 @@ class Engine:
             dtype = DTYPES[dtype]
         with interrupts.deferred_signals():
             self._on_rank_0(lambda: save_weights(self.store, out_dir, dtype, add_files,
-                                                 tensor_of=lora.merged_values(self.store) if merge else None))
+                                                 tensor_of=lora.merged_values(self.store) if merge else None),
+                            "save_pretrained")
 
     def save_checkpoint(self, path: str | Path, keep_last: int | None = None) -> Path:
         """The whole training state (every host-store buffer but the gradient, step, lr schedule, RNG, data
@@ -423,7 +478,8 @@ class Engine:
         self.optimizer.wait_all()      # the worker may still be updating the last step's layers
         with interrupts.deferred_signals():
             saved = training_state.step_dir(Path(path), self.step)
-            self._on_rank_0(lambda: training_state.save(self.store, Path(path), self._trainer_state(), keep_last))
+            self._on_rank_0(lambda: training_state.save(self.store, Path(path), self._trainer_state(), keep_last),
+                            "save_checkpoint")
         self._last_checkpoint, self._last_save_time = (self.step, saved), time.monotonic()
         log.info("checkpoint of step %d saved in %s", self.step, saved)
         return saved
@@ -468,16 +524,24 @@ class Engine:
         self._last_checkpoint = (self.step, ckpt)
         return ckpt
 
-    def _on_rank_0(self, write) -> None:
-        """``write()`` on rank 0 alone (data parallel: every rank holds the same weights), then every rank waits
-        for it: the files exist when this returns, on any rank."""
+    def _on_rank_0(self, write, call: str) -> None:
+        """``write()`` (``call``'s files) on rank 0 alone, with no collective: data parallel, rank 0 holds
+        every weight once its optimizer has waited for the last update (its own store is a whole replica; a
+        node-shared one is mapped whole in every local rank, and its wait covers every local rank's shard), so
+        it may save alone after fit, the other ranks gone (the usual ``if rank == 0:`` idiom). The other ranks
+        that call it wait for rank 0's call of the same kind and count at this step (their arguments are not
+        used): the files exist when it returns, on any rank."""
         if self.dist is None:
             write()
             return
-        with self.dist.guard():
-            if self.dist.rank == 0:
+        count = self._saves[(call, self.step)] = self._saves.get((call, self.step), 0) + 1
+        what = f"{call} #{count} at step {self.step}"
+        if self.dist.rank == 0:
+            with self.dist.guard():
                 write()
-            self.dist.barrier()
+            self.dist.saved(what)
+        else:
+            self.dist.wait_for_save(what, call)
 
     def _trainer_state(self) -> dict:
         c = self.train_cfg

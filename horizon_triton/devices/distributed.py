@@ -26,9 +26,16 @@ Every rank that stops waits up to ACK_WAIT_S for the others to have read the mes
 store), then leaves. The process-group timeout (HORIZON_TRITON_DIST_TIMEOUT, seconds; default 30 min) bounds
 what remains: a rank that hangs without raising. On NCCL the gradients' collectives run on the devices, where
 the host cannot poll them: a watcher thread polls the key and aborts this rank's communicators instead.
+
+Misuse: a call every rank must make (Engine(...), fit, evaluate: ``begin``) is counted in the job's store under
+its name, and a rank that exits says so there (at interpreter exit); a rank waiting in such a call's collectives
+raises ``RankFailed`` saying how to call it once a peer has exited or made another call in its place, instead of
+waiting for the timeout or reporting a vanished peer. Saves are written by rank 0 alone, with no collective
+(``wait_for_save``: the other ranks that call them wait for the files).
 """
 from __future__ import annotations
 
+import atexit
 import datetime
 import pickle
 import itertools
@@ -51,6 +58,12 @@ SPIN_S = 0.02                     # a collective's first this many seconds are w
 POLL_S = 0.05                     # then the error key is looked at this often
 WATCH_INTERVAL_S = 1.0            # NCCL: how often the watcher looks for a peer's error
 DEFAULT_TIMEOUT_S = 1800
+CALL_KEY = "horizon_triton/call"      # /N: ranks that made their N-th call; /N/NAME: of them, named so; /N/rankR
+EXIT_KEY = "horizon_triton/exited"    # ranks that have exited; /R: what rank R last called
+SAVED_KEY = "horizon_triton/saved"    # /WHAT: rank 0 has written it
+PEER_CHECK_S = 0.5                # how often a waiting rank looks for a peer that exited or made another call
+EXIT_GRACE_S = 1.0                # a peer that exited may have finished this collective first: wait this long
+EXIT_STORE_TIMEOUT_S = 5.0        # an exiting rank's note in the store gives up after this long
 
 
 class RankFailed(RuntimeError):
@@ -76,6 +89,8 @@ class DistContext:
     job_token: str = ""                        # rank 0's random token: names this job's shared memory
     store: object = None                       # the job's key-value store (the error key)
     failed: bool = False
+    calls: int = 0                             # calls every rank must make, made so far (begin)
+    current: tuple | None = None               # (number, name, how to call it) of the latest one
     _watcher: threading.Thread | None = None
 
     # ---- collectives ----------------------------------------------------------------------------------
@@ -89,12 +104,19 @@ class DistContext:
             work = fn(*args, **kwargs, async_op=True)
             if not wait:
                 return work
-            start, pause = time.monotonic(), 0.0002
+            start, pause, next_check, misuse_since = time.monotonic(), 0.0002, 0.0, None
             while not work.is_completed():
                 time.sleep(pause)
                 pause = min(2 * pause, POLL_S)
-                if time.monotonic() - start > SPIN_S and not work.is_completed() and self._error_posted():
+                now = time.monotonic()
+                if now - start > SPIN_S and not work.is_completed() and self._error_posted():
                     raise self._peer_failure("")
+                if now - start > SPIN_S and now >= next_check:
+                    next_check = now + PEER_CHECK_S
+                    misuse = self._misuse_posted()
+                    misuse_since = (misuse_since or now) if misuse else None
+                    if misuse and now - misuse_since >= EXIT_GRACE_S and not work.is_completed():
+                        raise RankFailed(misuse)
             work.wait()
             return work
         except RankFailed:
@@ -218,6 +240,84 @@ class DistContext:
         """The name of this node's shared host store: unique to the job and the node."""
         return f"{self.job_token}-node{self.node}"
 
+    # ---- calls every rank must make, and rank 0's saves ---------------------------------------------------
+    def begin(self, name: str, how: str) -> None:
+        """Host, as this rank enters a call every rank must make (``name``; ``how``: how to call it right, for
+        the error a misuse gets): counted in the job's store, in program order (see ``misuse``)."""
+        self.calls += 1
+        self.current = (self.calls, name, how)
+        key = f"{CALL_KEY}/{self.calls}"
+        self.store.set(f"{key}/rank{self.rank}", name)
+        self.store.add(f"{key}/{name}", 1)      # first the named count, then the total (misuse reads the other way)
+        self.store.add(key, 1)
+
+    def misuse(self) -> str | None:
+        """What keeps this rank's current call from ever completing, if the store says so: a peer that exited,
+        or one whose call of the same number is another one. None otherwise (the peers may just be slower)."""
+        number, name, how = self.current or (0, "this collective", "on every rank")
+        what = f"{name} must be called on every rank of the data-parallel job ({how})"
+        if self.store.add(EXIT_KEY, 0):
+            gone = [r for r in range(self.world) if r != self.rank and self.store.check([f"{EXIT_KEY}/{r}"])]
+            done = "; ".join(f"rank {r} after {self.store.get(f'{EXIT_KEY}/{r}').decode()}" for r in gone)
+            return f"{what}, but ranks have exited ({done}) while rank {self.rank} waited in it"
+        if number:
+            key = f"{CALL_KEY}/{number}"
+            total = self.store.add(key, 0)
+            if self.store.add(f"{key}/{name}", 0) < total:
+                others = [(r, self.store.get(f"{key}/rank{r}").decode()) for r in range(self.world)
+                          if self.store.check([f"{key}/rank{r}"])]
+                shown = "; ".join(f"rank {r} called {n}" for r, n in others if n != name)
+                return f"{what}, but another call was made in its place ({shown}) while rank {self.rank} waited in it"
+        return None
+
+    def _misuse_posted(self) -> str | None:
+        """misuse(), where the store can be reached (as _error_posted: rank 0 hosts it and may have left)."""
+        try:
+            return self.misuse()
+        except Exception:
+            return None
+
+    def saved(self, what: str) -> None:
+        """Rank 0, after writing ``what`` (a save and its number): wait_for_save(what) returns."""
+        self.store.set(f"{SAVED_KEY}/{what}", "1")
+
+    def wait_for_save(self, what: str, call: str) -> None:
+        """A rank other than 0 in ``call`` (save_pretrained, save_checkpoint): returns once rank 0 has written
+        ``what``; RankFailed if rank 0 failed, exited without writing it, or took longer than the timeout."""
+        key = f"{SAVED_KEY}/{what}"
+        deadline = time.monotonic() + float(os.environ.get("HORIZON_TRITON_DIST_TIMEOUT", DEFAULT_TIMEOUT_S))
+        late = (f"{call}: rank 0 writes the files, and it exited without writing them ({what}; call {call} on rank "
+                "0, alone or on every rank)")
+        while True:
+            try:
+                if self.store.check([key]):
+                    return
+                if self.store.check([ERROR_KEY]):
+                    raise self._peer_failure("")
+                if self.store.check([f"{EXIT_KEY}/0"]) and not self.store.check([key]):
+                    raise RankFailed(late)
+            except (RankFailed, KeyboardInterrupt):
+                raise
+            except Exception as e:      # the store's host was rank 0's process
+                raise RankFailed(f"{late} ({type(e).__name__}: {str(e)[:200]})") from None
+            if time.monotonic() > deadline:
+                raise RankFailed(f"{call}: rank 0 did not write {what} within HORIZON_TRITON_DIST_TIMEOUT")
+            time.sleep(POLL_S)
+
+    def _note_exit(self) -> None:
+        """At interpreter exit: this rank is gone (``misuse`` tells the peers still waiting for it). Rank 0 then
+        waits (up to ACK_WAIT_S) for the others to have exited too: it may host the store, where a rank still
+        waiting for its last save would find the key gone with it."""
+        try:
+            self.store.set_timeout(datetime.timedelta(seconds=EXIT_STORE_TIMEOUT_S))
+            self.store.set(f"{EXIT_KEY}/{self.rank}", self.current[1] if self.current else "starting")
+            self.store.add(EXIT_KEY, 1)
+            deadline = time.monotonic() + ACK_WAIT_S
+            while self.rank == 0 and self.store.add(EXIT_KEY, 0) < self.world and time.monotonic() < deadline:
+                time.sleep(POLL_S)
+        except Exception:               # the store's host is gone already: nobody is left to tell
+            pass
+
     # ---- faults ---------------------------------------------------------------------------------------
     def guard(self):
         """Context manager around a rank's work: an error (not a peer's, not a signal's stop) is reported to the
@@ -251,6 +351,8 @@ class DistContext:
                     message = self.store.get(ERROR_KEY).decode()
                 else:
                     time.sleep(0.05)
+                if message is None and self.current is not None and self._misuse_posted() is not None:
+                    break
             if message is not None and not self.failed:
                 self.store.add(ACK_KEY, 1)
         except Exception:
@@ -258,6 +360,9 @@ class DistContext:
         self.failed = True
         if message is not None:       # nobody needs the store to outlive this rank when no message was left
             self._leave()
+        misuse = self._misuse_posted() if message is None else None
+        if misuse is not None:
+            return RankFailed(misuse)
         if message is None:
             return RankFailed(f"rank {self.rank}: a peer of the data-parallel job vanished without reporting an "
                               f"error (killed? out of host memory?): {str(transport_error)[:300]}")
@@ -382,6 +487,7 @@ def _build(device_type: str) -> DistContext:
     ctx = DistContext(rank, world, local_rank, local_world, node, len(nodes), str(backend), dist.group.WORLD,
                       control, node_group, cross_group, node_of, node_control, job_token=places[0][3],
                       store=dist.distributed_c10d._get_default_store())
+    atexit.register(ctx._note_exit)
     if ctx.backend == "nccl":
         ctx._watcher = threading.Thread(target=ctx._watch, daemon=True, name="horizon-triton-fault-watch")
         ctx._watcher.start()

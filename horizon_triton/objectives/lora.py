@@ -28,7 +28,7 @@ from safetensors.torch import save_file
 from ..config import ModelConfig
 from ..models.dense.weights import MODULES, TARGETS
 from ..state import durable
-from ..state.checkpoint import is_model_file
+from ..state.checkpoint import is_model_file, refuse_non_finite
 
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 
@@ -88,10 +88,14 @@ def save_adapter(store, out_dir: str | Path, add_files=None) -> None:
     with durable.assembled(Path(out_dir), keep=lambda name: not is_model_file(name)) as tmp:
         tensors = {p.hf_name: store.master_values(index, p.offset, p.offset + p.numel, adapters=True)
                    .view(p.shape).clone() for index, layout in enumerate(store.adapter_layouts) for p in layout.params}
-        save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-        (tmp / ADAPTER_CONFIG).write_text(json.dumps(adapter_config(store.lora, store.cfg), indent=2))
-        if add_files is not None:
-            add_files(tmp)
+        for name, tensor in tensors.items():
+            refuse_non_finite(name, tensor, out_dir)
+        with durable.naming(tmp / ADAPTER_WEIGHTS):
+            save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        with durable.naming(tmp):
+            (tmp / ADAPTER_CONFIG).write_text(json.dumps(adapter_config(store.lora, store.cfg), indent=2))
+            if add_files is not None:
+                add_files(tmp)
 
 
 def merged_values(store):

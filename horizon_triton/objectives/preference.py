@@ -128,6 +128,8 @@ def add_reference(engine, rows, batch_size: int, path=None, on_batch=None):
     from ..data.packing import PackedRows, RowLoader
     loader = RowLoader(rows, batch_size, epochs=1, shuffle=False)
     guard = engine.dist.guard() if engine.dist is not None else contextlib.nullcontext()
+    if engine.dist is not None:
+        engine.dist.begin("preference.add_reference", "with the same rows")
     if not isinstance(rows, PackedRows):
         done = 0
         with guard:

@@ -1,11 +1,16 @@
 """Activation checkpoints of one step: each decoder layer's input per micro-batch, kept on the compute device
 while they fit a byte budget, the rest offloaded to the host during the forward and brought back one layer ahead
-of the backward; and the default budget, from the device's free memory (scheduler.run_step uses both)."""
+of the backward; and the default budget, from the device's free memory (scheduler.run_step uses both).
+
+A forward-only pass (scheduler.run_forward) holds one hidden state per micro-batch instead of one per layer, on
+the same terms (``HiddenStates``): kept on the device within the same budget, the rest waiting in host memory
+between the units and brought back, two at a time, for each one. ``forward_group_full`` sizes its groups."""
 from __future__ import annotations
 
 import torch
 
 from ..config import ModelConfig
+from .embedding_rows import to_device
 from .pipeline import Pipeline
 from .trace import traced
 
@@ -77,12 +82,7 @@ class Checkpoints:
         p.dev.wait("copy_out", p.dev.record("compute"))
         for m in offload:
             def copy(m=m):
-                x = self.on_host[i][m]
-                host = p.dev.host_empty(x.shape, x.dtype)
-                host.copy_(x, non_blocking=True)
-                p.meter.copied(x, to_device=False)
-                p.dev.retain(x, "copy_out")      # the compute stream may drop x before this copy ran
-                self.on_host[i][m] = host
+                self.on_host[i][m] = to_host(p, self.on_host[i][m])
             p.dev.submit("copy_out", traced(p.tracer, f"offload checkpoint {i}", "copy_out", copy))
         self.offloaded[i] = (offload, p.dev.record("copy_out"))
 
@@ -95,12 +95,7 @@ class Checkpoints:
         p.dev.wait("copy_in", copied)
         for m in todo:
             def copy(m=m):
-                host = self.on_host[i][m]
-                x = torch.empty(host.shape, dtype=host.dtype, device=p.dev.torch_device)
-                x.copy_(host, non_blocking=True)
-                p.meter.copied(host, to_device=True)
-                p.dev.retain(x, "compute")
-                self.on_device[i][m], self.on_host[i][m] = p.meter.add(x), None
+                self.on_device[i][m], self.on_host[i][m] = p.meter.add(to_device(p, self.on_host[i][m])), None
             p.dev.submit("copy_in", traced(p.tracer, f"prefetch checkpoint {i}", "copy_in", copy))
         self.ready[i] = p.dev.record("copy_in")
 
@@ -113,3 +108,125 @@ class Checkpoints:
         self.on_device[i][m] = None
         self.p.meter.sub(x)
         return x
+
+
+def to_host(p: Pipeline, x: torch.Tensor) -> torch.Tensor:
+    """copy_out stream: a host copy of the device tensor x (pinned where the device copies asynchronously);
+    x's memory stays reserved until the copy has run (the compute stream may drop x before)."""
+    host = p.dev.host_empty(x.shape, x.dtype)
+    host.copy_(x, non_blocking=True)
+    p.meter.copied(x, to_device=False)
+    p.dev.retain(x, "copy_out")
+    return host
+
+
+# ------------------------------------------------------------------------------------------------------------
+# forward-only passes
+# ------------------------------------------------------------------------------------------------------------
+IN_FLIGHT = 2      # hidden states waiting on the host that a forward-only pass has on the device at once
+
+
+def forward_budget(p: Pipeline, max_tokens: int) -> int | None:
+    """Bytes of hidden states a forward-only pass keeps on the device: the step's checkpoint budget (the
+    configured one, else default_checkpoint_budget from the free memory, for IN_FLIGHT micro-batches of
+    ``max_tokens`` being computed); None on CPU devices (their memory is the host's: keep every one)."""
+    if p.checkpoint_budget is not None:
+        return p.checkpoint_budget
+    free = p.dev.free_memory()
+    return None if free is None else default_checkpoint_budget(p, free, [max_tokens] * IN_FLIGHT, 0)
+
+
+def forward_group_full(num_mbs: int, nbytes: int, next_bytes: int, min_mbs: int, budget: int | None) -> bool:
+    """Whether a forward-only pass's group of ``num_mbs`` micro-batches holding ``nbytes`` of hidden states is
+    closed before one more of ``next_bytes``: once it has ``min_mbs`` (grad_accum_steps × layers: one hidden
+    state each is what one step's checkpoints of grad_accum_steps such micro-batches hold, one per layer) and
+    the next one no longer fits the device's ``budget`` (None: the device is the host, nothing more fits)."""
+    return num_mbs >= min_mbs and (budget is None or nbytes + next_bytes > budget)
+
+
+class HiddenStates:
+    """The hidden state of each micro-batch of a forward-only pass between its units (scheduler.run_forward).
+    The first ones whose bytes fit ``budget`` (None: all) stay on the device; the others wait in host memory as
+    offloaded checkpoints do: brought back on the copy-in stream before each unit computes on them, the new state
+    sent out on the copy-out stream after, at most IN_FLIGHT of them on the device at once (the copy-in stream
+    waits for the compute that read the one IN_FLIGHT before, the compute for the copy-out of the one
+    IN_FLIGHT before). Decided on the host from the sizes: no sync.
+
+    Per unit and micro-batch m the scheduler calls ``before(m, result)``, submits ``task(m, fn, result)`` to
+    the compute stream, then ``after(m, result)``; ``result`` says what becomes of fn's output: "new" (the next
+    state), "same" (fn returned its input: a waiting state's host copy stays valid) or "drop" (the last unit)."""
+
+    def __init__(self, p: Pipeline, nbytes: list[int], budget: int | None):
+        self.p = p
+        self.kept, total = [], 0
+        for size in nbytes:
+            keep = budget is None or total + size <= budget
+            total += size if keep else 0
+            self.kept.append(keep)
+        M = len(nbytes)
+        self.x = [None] * M          # device tensors: the kept states, or a waiting one brought back
+        self.host = [None] * M       # host tensors: the waiting states
+        self.ready = [None] * M      # event: the host copy (waiting) or the device copy (kept) is complete
+        self.consumed = []           # events: compute has read each brought-back state, in order
+        self.sent = []               # events: each new waiting state has left the device, in order
+
+    def enter(self, m: int, gather) -> None:
+        """copy_in stream: micro-batch m's first state ``gather()`` (a host tensor made on that stream), copied
+        to the device when kept, else left waiting on the host."""
+        p = self.p
+
+        def first():
+            rows = gather()
+            if self.kept[m]:
+                self.x[m] = p.meter.add(to_device(p, rows))
+            else:
+                self.host[m] = rows
+        p.dev.submit("copy_in", traced(p.tracer, "stream_in embed rows", "copy_in", first))
+        self.ready[m] = p.dev.record("copy_in")
+
+    def before(self, m: int, result: str) -> None:
+        """Host, before the compute on m: a waiting state comes back (copy_in); compute waits for it."""
+        p = self.p
+        if self.kept[m]:
+            p.dev.wait("compute", self.ready[m])
+            self.ready[m] = None
+            return
+        k = len(self.consumed)
+        if k >= IN_FLIGHT:
+            p.dev.wait("copy_in", self.consumed[k - IN_FLIGHT])
+        p.dev.wait("copy_in", self.ready[m])
+
+        def fetch():
+            self.x[m] = p.meter.add(to_device(p, self.host[m]))
+        p.dev.submit("copy_in", traced(p.tracer, "prefetch hidden state", "copy_in", fetch))
+        p.dev.wait("compute", p.dev.record("copy_in"))
+        if result == "new" and len(self.sent) >= IN_FLIGHT:
+            p.dev.wait("compute", self.sent[len(self.sent) - IN_FLIGHT])
+
+    def task(self, m: int, fn, result: str):
+        """The compute work: m's state through ``fn``."""
+        def work():
+            x = self.x[m]
+            y = fn(x)
+            self.p.meter.sub(x)
+            self.x[m] = self.p.meter.add(y) if result == "new" or (result == "same" and self.kept[m]) else None
+        return work
+
+    def after(self, m: int, result: str) -> None:
+        """Host, after the compute on m: a new waiting state goes back to the host (copy_out)."""
+        p = self.p
+        if self.kept[m]:
+            return
+        self.consumed.append(p.dev.record("compute"))
+        if result != "new":          # the host copy stays; the next fetch of m comes after this compute's read
+            self.ready[m] = self.consumed[-1]
+            return
+        p.dev.wait("copy_out", self.consumed[-1])
+
+        def send():
+            y, self.x[m] = self.x[m], None
+            self.host[m] = to_host(p, y)
+            p.meter.sub(y)
+        p.dev.submit("copy_out", traced(p.tracer, "offload hidden state", "copy_out", send))
+        self.ready[m] = p.dev.record("copy_out")
+        self.sent.append(self.ready[m])

@@ -33,6 +33,10 @@ Ordering, enforced with events so that the async test device catches any missing
 - a gradient accumulator is zeroed for reuse only after its copy-out   (acc_free[k])
 - layer i streams in only after the optimizer updated it               (host waits optimizer.layer_done(i))
 
+Forward-only passes (``run_forward``: evaluation, DPO's reference, logits) run like the step's forward: layer-major
+over a group of micro-batches, double-buffered through the slots, so the weights cross once per group (the
+engine groups a pass's batches: activations.forward_group_full).
+
 The step's activation checkpoints and their default budget are in activations.py, its embedding rows (gathered
 on the host, their gradient written back) in embedding_rows.py.
 
@@ -56,7 +60,7 @@ from __future__ import annotations
 import torch
 
 from ..models.dense import layer as lt
-from .activations import Checkpoints, default_checkpoint_budget
+from .activations import Checkpoints, HiddenStates, default_checkpoint_budget
 from .embedding_rows import EmbeddingRows, stream_in_embedding, write_embedding_grad
 from .pipeline import Pipeline, Unit
 from .trace import traced
@@ -486,3 +490,57 @@ def run_step(p: Pipeline, mbs: list[lt.MicroBatch], grad_scale: float, preferenc
     emb.release()
     sq = sum(v for k, v in totals.items() if k.startswith("sq_"))
     return totals["loss"], sq
+
+
+# ------------------------------------------------------------------------------------------------------------
+# a forward-only pass
+# ------------------------------------------------------------------------------------------------------------
+def run_forward(p: Pipeline, mbs: list[lt.MicroBatch], budget: int | None, head_chunk, finish=None) -> None:
+    """The forward of every micro-batch of ``mbs`` (a group of a pass), layer-major as run_step's forward: every
+    decoder layer and head chunk streams in once, through the slots' ping-pong, and computes every micro-batch
+    while resident. Their hidden states stay on the device within ``budget`` bytes, the rest wait on the host
+    (activations.HiddenStates). Each micro-batch's embedding rows are gathered on the host.
+
+    At the head, on the compute stream: ``head_chunk(m, xn, w, u)`` for each vocabulary chunk u (bound weights
+    w) and micro-batch m, with xn its final-normed hidden state [T, H] (normed once, with the first chunk's
+    norm), and ``finish(m)`` after m's last chunk. Returns after a sync: what they wrote is ready."""
+    S, cfg, ops, H = len(p.slots), p.cfg, p.ops, p.cfg.hidden_size
+    states = HiddenStates(p, [mb.host_ids.numel() * H * p.store.compute_dtype.itemsize for mb in mbs], budget)
+    p.optimizer.wait_layer(0)
+    table = p.store.working[0].view(-1, H)
+    for m, mb in enumerate(mbs):
+        def gather(mb=mb):
+            rows = p.dev.host_empty((mb.host_ids.numel(), H), table.dtype)
+            return torch.index_select(table, 0, mb.host_ids, out=rows)
+        states.enter(m, gather)
+    chunks = p.head_chunks()
+    units = [Unit(i) for i in range(1, p.head)] + chunks
+
+    def through(u: Unit, w: dict, m: int):
+        """(what m's state goes through in unit u, what becomes of its output: HiddenStates.before's result)."""
+        if u.layer < p.head:
+            return (lambda x: lt.decoder_forward(ops, cfg, w, x, mbs[m])), "new"
+        first, last = u == chunks[0], u == chunks[-1]
+
+        def head(x):
+            xn = ops.rmsnorm_forward(x, w["norm"], cfg.rms_norm_eps)[0] if first else x
+            head_chunk(m, xn, w, u)
+            if last and finish is not None:
+                finish(m)
+            return xn
+        return head, "drop" if last else "new" if first else "same"
+
+    for pos in range(min(S - 1, len(units))):
+        stream_in(p, units[pos], pos % S)
+    for pos, u in enumerate(units):
+        w = bind(p, u, pos % S)
+        for m in range(len(mbs)):
+            fn, result = through(u, w, m)
+            states.before(m, result)
+            compute(p, u.layer, pos % S, states.task(m, fn, result), f"forward {p.name(u)}")
+            states.after(m, result)
+        if pos + S - 1 < len(units):     # refills the slot of compute pos-1 (stream_in waits for it)
+            stream_in(p, units[pos + S - 1], (pos + S - 1) % S)
+    # sync: the caller reads what the head wrote
+    p.dev.sync(p.dev.record("compute"))
+    p.dev.sync(p.dev.record("copy_out"))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -43,6 +44,32 @@ def _open(file: Path):
         raise ValueError(f"cannot read {file}: {e} (truncated or corrupt file?)") from e
 
 
+LAYER_TENSOR = re.compile(r"^model\.layers\.(\d+)\.")
+IGNORED_TENSORS = re.compile(r"\.rotary_emb\.inv_freq$")     # a buffer older checkpoints saved, as transformers
+
+
+def _unexpected_layer_tensors(path: Path, files: dict, wanted: set, cfg) -> None:
+    """Refuses decoder-layer tensors the config does not account for: a config.json with fewer layers than the
+    weights (which would train a truncated model), or layer parts of another architecture."""
+    extra = sorted((name for name in files if LAYER_TENSOR.match(name) and name not in wanted
+                    and not IGNORED_TENSORS.search(name)), key=lambda n: (int(LAYER_TENSOR.match(n)[1]), n))
+    if not extra:
+        return
+    layers = 1 + max(int(LAYER_TENSOR.match(name)[1]) for name in files if LAYER_TENSOR.match(name))
+    if layers > cfg.num_layers:
+        raise ValueError(f"checkpoint {path} holds {layers} decoder layers, its config.json says "
+                         f"num_hidden_layers {cfg.num_layers}: the config does not describe these weights (fix "
+                         "config.json, or cut the weights too)")
+    raise ValueError(f"checkpoint {path} holds {len(extra)} layer tensor(s) its config.json does not describe, e.g. "
+                     f"{extra[:3]} (another architecture, or a config of another model?)")
+
+
+def refuse_non_finite(name: str, tensor: torch.Tensor, where) -> None:
+    """A model is never written with NaN or infinite weights."""
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        raise ValueError(f"{name} has non-finite values (NaN or inf): not saving {where} (the training diverged)")
+
+
 def load_weights(store: HostStore, path: str | Path) -> None:
     """Fills the store's master weights (both halves, exactly, in bf16 mode) from a HF checkpoint directory,
     one tensor at a time."""
@@ -52,6 +79,7 @@ def load_weights(store: HostStore, path: str | Path) -> None:
     missing = [name for name, _, _ in wanted if name not in files]
     if missing:
         raise ValueError(f"checkpoint {path} lacks {len(missing)} tensor(s) the model needs, e.g. {missing[:3]}")
+    _unexpected_layer_tensors(path, files, {name for name, _, _ in wanted}, store.cfg)
     by_file: dict[Path, list] = {}
     for name, layer, param in wanted:
         by_file.setdefault(files[name], []).append((name, layer, param))
@@ -106,12 +134,17 @@ def save_weights(store: HostStore, out_dir: str | Path, dtype: torch.dtype, add_
             value = tensor_of or (lambda layer, p: store.master_values(layer, p.offset, p.offset + p.numel)
                                   .view(p.shape))
             tensors = {name: value(layer, p).to(dtype, copy=True) for name, layer, p in shard}
-            save_file(tensors, str(tmp / file), metadata={"format": "pt"})
+            for name, tensor in tensors.items():
+                refuse_non_finite(name, tensor, out_dir)
+            with durable.naming(tmp / file):
+                save_file(tensors, str(tmp / file), metadata={"format": "pt"})
             del tensors
             weight_map.update({name: file for name, _, _ in shard})
         if len(shards) > 1:
             total = sum(p.numel * dtype.itemsize for _, _, p in named)
-            (tmp / "model.safetensors.index.json").write_text(
-                json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+            with durable.naming(tmp / "model.safetensors.index.json"):
+                (tmp / "model.safetensors.index.json").write_text(
+                    json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
         if add_files is not None:
-            add_files(tmp)
+            with durable.naming(tmp):
+                add_files(tmp)

@@ -8,6 +8,10 @@ wherever the main thread is (a save in progress is then abandoned and cleaned up
 SIGINT becomes ``Interrupted`` (a KeyboardInterrupt: exit status 130 through the CLI), SIGTERM ``Terminated``
 (a SystemExit with code 143 = 128 + 15), the conventions of shells and job schedulers. Handlers can only be set in
 the main thread; elsewhere the block changes nothing.
+
+``until_signal(batches)`` stops a loop (the CLI's final evaluation) at its next batch once a signal was
+deferred; ``raising_on_sigterm()`` makes SIGTERM outside those blocks raise Terminated at once (as SIGINT raises
+KeyboardInterrupt) instead of ending the process without its ``finally`` blocks.
 """
 from __future__ import annotations
 
@@ -89,3 +93,33 @@ class deferred_signals:
         if pending is not None and error is None:
             raise stop_error(pending)
         return False
+
+
+def until_signal(batches):
+    """The batches, until a signal is received inside deferred_signals(); the first is always given (a loop
+    that stops early then has something to count). An evaluation that a signal cut short is to be discarded."""
+    for index, batch in enumerate(batches):
+        if index and _Deferral.received is not None:
+            return
+        yield batch
+
+
+class raising_on_sigterm:
+    """Context manager: SIGTERM raises Terminated at once, as SIGINT raises KeyboardInterrupt (Python's default for
+    SIGTERM ends the process without running ``finally`` blocks or removing temporary files). Blocks of
+    deferred_signals() inside it defer as usual; main thread only (elsewhere it changes nothing)."""
+
+    def __enter__(self):
+        self.installed = threading.current_thread() is threading.main_thread()
+        if self.installed:
+            self.previous = signal.signal(signal.SIGTERM, _raise_terminated)
+        return self
+
+    def __exit__(self, kind, error, tb):
+        if self.installed:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if self.previous is None else self.previous)
+        return False
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise stop_error(signum)

@@ -4,7 +4,8 @@ the RNG state, the data position and the configs, in a directory that appears wh
     ROOT/step-00000120/
         state-00001-of-00003.safetensors   the store's state buffers, one group of consecutive layers a file
         trainer_state.json                 step, micro-batches consumed, schedule, RNG, configs, extra
-        manifest.json                      written last: each file's size, each tensor's kind, layer, dtype, size
+        manifest.json                      written last: each file's size and checksum (Checksum), each
+                                           tensor's kind, layer, dtype, size
 
 A tensor is named "<layer>.<kind>" ("layers.3.exp_avg"). What is saved is what ``store.state_buffers()`` yields,
 described by ``store.allocations``, so a store with other kinds (a split master, 8-bit moments with their
@@ -14,7 +15,8 @@ The files are standard safetensors (any safetensors reader opens them), written 
 length, the JSON header, then each buffer streamed from its own memory in large writes, so saving makes no copy
 of the state in RAM (a 1 TB state goes straight to the disk) and runs at the disk's sequential write speed.
 Loading reads the bytes straight into the store's buffers, after every file was checked against the manifest:
-a truncated, foreign or mismatched checkpoint is refused before anything is overwritten.
+a truncated, foreign or mismatched checkpoint is refused before anything is overwritten; a corrupted one (its
+checksum, verified as the bytes arrive) once they are read (from_checkpoint then returns no engine).
 """
 from __future__ import annotations
 
@@ -23,6 +25,8 @@ import json
 import os
 import re
 import struct
+import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -76,8 +80,36 @@ def _bytes_of(t: torch.Tensor) -> memoryview:
     return memoryview(t.detach().reshape(-1).view(torch.uint8).numpy())
 
 
-def write_safetensors(path: Path, tensors: list[tuple[str, torch.Tensor]], metadata: dict | None = None) -> int:
-    """Writes 1-D contiguous CPU tensors as one safetensors file, fsynced; returns its size in bytes."""
+class Checksum:
+    """A file's checksum: the CRC-32 of each piece of it (the header, then each tensor in WRITE_CHUNK pieces),
+    computed on helper threads while the caller writes or reads the next pieces (zlib releases the GIL, so the
+    checksum keeps up with the disk), and a CRC-32 over those, in order. Writing and reading cut a file into
+    the same pieces. ``value()`` waits for every piece."""
+
+    THREADS = max(1, min(8, (os.cpu_count() or 2) - 1))   # one core stays with the thread doing the I/O
+
+    def __init__(self):
+        self._pool = ThreadPoolExecutor(max_workers=self.THREADS)
+        self._pieces = []
+
+    def add(self, piece) -> None:
+        """Queues a piece; the caller must not change its bytes before value() returns."""
+        self._pieces.append(self._pool.submit(zlib.crc32, piece))
+
+    def value(self) -> str:
+        crcs = [f.result() for f in self._pieces]
+        self._pool.shutdown()
+        return f"crc32-pieces:{zlib.crc32(struct.pack(f'<{len(crcs)}I', *crcs)):08x}"
+
+
+def checksum_of(data: bytes) -> str:
+    return f"crc32:{zlib.crc32(data):08x}"
+
+
+def write_safetensors(path: Path, tensors: list[tuple[str, torch.Tensor]], metadata: dict | None = None,
+                      checksums: dict | None = None) -> int:
+    """Writes 1-D contiguous CPU tensors as one safetensors file, fsynced; returns its size in bytes. With
+    ``checksums``, checksums[path.name] is set to the CRC-32 of the bytes written."""
     header, offset = {}, 0
     for name, t in tensors:
         if t.dtype not in SAFETENSORS_DTYPES or not t.is_contiguous() or t.device.type != "cpu":
@@ -91,17 +123,24 @@ def write_safetensors(path: Path, tensors: list[tuple[str, torch.Tensor]], metad
         header["__metadata__"] = metadata
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)                  # the format aligns the data to 8 bytes
-    with open(path, "xb", buffering=0) as f:
-        f.write(struct.pack("<Q", len(text)) + text)
+    checksum = Checksum()
+    with durable.naming(path), open(path, "xb", buffering=0) as f:
+        head = struct.pack("<Q", len(text)) + text
+        checksum.add(head)
+        f.write(head)
         for _, t in tensors:
             data = _bytes_of(t)
             for start in range(0, len(data), WRITE_CHUNK):
                 chunk = data[start:start + WRITE_CHUNK]
+                checksum.add(chunk)
                 while chunk:
                     chunk = chunk[f.write(chunk):]
         os.fsync(f.fileno())
         if hasattr(os, "posix_fadvise"):             # written and synced: the page cache may drop it
             os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    value = checksum.value()
+    if checksums is not None:
+        checksums[path.name] = value
     return 8 + len(text) + offset
 
 
@@ -123,14 +162,18 @@ def read_safetensors_header(path: Path) -> tuple[dict, int]:
     return header, 8 + length
 
 
-def _read_into(f, t: torch.Tensor, where: str) -> None:
+def _read_into(f, t: torch.Tensor, where: str, checksum: Checksum) -> None:
+    """Reads the tensor's bytes in the pieces write_safetensors checksummed."""
     data = _bytes_of(t)
-    done = 0
-    while done < len(data):
-        n = f.readinto(data[done:done + WRITE_CHUNK])
-        if not n:
-            raise CheckpointError(f"{where} ended early (truncated while loading)")
-        done += n
+    for start in range(0, len(data), WRITE_CHUNK):
+        piece = data[start:start + WRITE_CHUNK]
+        done = 0
+        while done < len(piece):
+            n = f.readinto(piece[done:])
+            if not n:
+                raise CheckpointError(f"{where} ended early (truncated while loading)")
+            done += n
+        checksum.add(piece)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -164,17 +207,17 @@ def save(store: HostStore, root: Path, trainer_state: dict, keep_last: int | Non
         tensors = _state_tensors(store)
         expected = expected_tensors(store)
         shards = _shards(tensors)
-        files = {}
+        files, checksums = {}, {}
         for i, shard in enumerate(shards):
             file = f"state-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            files[file] = write_safetensors(tmp / file, shard, metadata={"format": "pt"})
+            files[file] = write_safetensors(tmp / file, shard, metadata={"format": "pt"}, checksums=checksums)
             for name, _ in shard:
                 expected[name]["file"] = file
         state_bytes = json.dumps(trainer_state, indent=1).encode()
         durable.write_file(tmp / TRAINER_STATE, state_bytes)
-        files[TRAINER_STATE] = len(state_bytes)
+        files[TRAINER_STATE], checksums[TRAINER_STATE] = len(state_bytes), checksum_of(state_bytes)
         manifest = {"format": FORMAT, "version": VERSION, "step": trainer_state["step"],
-                    "files": files, "tensors": expected}
+                    "files": files, "checksums": checksums, "tensors": expected}
         durable.write_file(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())
         durable.replace_dir(tmp, final)
     except BaseException:
@@ -245,8 +288,18 @@ def read(ckpt: Path) -> tuple[dict, dict]:
         if actual != size:
             raise CheckpointError(f"{ckpt}: {file} has {actual} bytes, the manifest says {size} (truncated or "
                                   "overwritten)")
-    trainer_state = json.loads((ckpt / TRAINER_STATE).read_text())
+    state_bytes = (ckpt / TRAINER_STATE).read_bytes()
+    _verify(ckpt, TRAINER_STATE, manifest, checksum_of(state_bytes))
+    trainer_state = json.loads(state_bytes)
     return manifest, trainer_state
+
+
+def _verify(ckpt: Path, file: str, manifest: dict, checksum: str) -> None:
+    """Checkpoints written before checksums existed have none: their files are checked by size only."""
+    expected = manifest.get("checksums", {}).get(file)
+    if expected is not None and expected != checksum:
+        raise CheckpointError(f"{ckpt / file} is corrupted: its checksum is {checksum}, the manifest's "
+                              f"{expected} (the bytes changed after the save); resume from another checkpoint")
 
 
 def model_config(trainer_state: dict) -> ModelConfig:
@@ -320,10 +373,17 @@ def load_into(store: HostStore, ckpt: Path, manifest: dict) -> None:
                                   f"({entry})")
     def read_bytes():
         for file, (header, data_start) in headers.items():
+            checksum = Checksum()
             with open(ckpt / file, "rb", buffering=0) as f:
-                for name, t in _state_tensors_in(store, file, manifest):
-                    f.seek(data_start + header[name]["data_offsets"][0])
-                    _read_into(f, t, f"{ckpt / file} ({name})")
+                checksum.add(f.read(data_start))
+                # in file order, so that the checksum covers the bytes as written
+                for name, t in sorted(_state_tensors_in(store, file, manifest),
+                                      key=lambda item: header[item[0]]["data_offsets"][0]):
+                    if f.tell() != data_start + header[name]["data_offsets"][0]:
+                        raise CheckpointError(f"{ckpt / file}: tensor {name} does not follow the one before "
+                                              "it (not a file this checkpointer wrote)")
+                    _read_into(f, t, f"{ckpt / file} ({name})", checksum)
+            _verify(ckpt, file, manifest, checksum.value())
     store.fill_shared(read_bytes)
 
 
