@@ -15,22 +15,23 @@ import torch
 from horizon_triton.kernels.cpu_adam import implementation as adam_implementation
 from horizon_triton.kernels.reference import IGNORE_INDEX
 
-from . import canary, distributed, lora
-from . import interrupts, preference, training_state
-from . import layer as lt
-from . import preflight
-from .batch import batch_tensors, doc_ids_of, kept_tokens
-
-from .checkpoint import DTYPES, load_weights, save_weights
 from .config import ModelConfig, TrainConfig
-from .device import make_device
-from .ops import TORCH_ONLY, load_ops, select_backend
-from .optimizer import OptimizerDriver, clip_coefficient
-from .activations import forward_budget, forward_group_full
-from .scheduler import build_pipeline, run_forward, run_step
-from .node_store import NodeShare
-from .store import HostStore, fix_malloc_mmap_threshold
-from .trace import Tracer
+from .data.batch import prepare as prepare_batch
+from .devices import canary, distributed
+from .devices.device import device_kind, make_device
+from .host.node_store import NodeShare
+from .host.optimizer import OptimizerDriver, clip_coefficient
+from .host.store import fix_malloc_mmap_threshold
+from .models.dense import layer as lt
+from .models.ops import TORCH_ONLY, load_ops, select_backend
+from .objectives import lora, preference
+from .planning import preflight
+from .schedule.activations import forward_budget, forward_group_full
+from .schedule.build import build_step_pipeline, build_store
+from .schedule.scheduler import run_forward, run_step
+from .schedule.trace import Tracer
+from .state import interrupts, training_state
+from .state.checkpoint import DTYPES, load_weights, save_weights
 
 log = logging.getLogger("horizon_triton")
 
@@ -40,13 +41,6 @@ SAME_ON_EVERY_RANK = ("lr", "weight_decay", "betas", "eps", "max_grad_norm", "gr
                       "checkpoint_dir", "save_every_steps", "save_every_minutes", "keep_last", "share_host_store",
                       "objective", "dpo_beta", "dpo_label_smoothing", "dpo_loss", "lora_rank", "lora_alpha",
                       "lora_targets", "use_rslora")
-
-
-def _device_kind(device: str) -> str:
-    """"cuda" or "cpu": the kind of device TrainConfig.device makes (the process group's backend follows it)."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return "cuda" if device == "cuda" else "cpu"
 
 
 def _model_fields(cfg: ModelConfig) -> dict:
@@ -70,58 +64,50 @@ class Engine:
     """Trains a Llama-family model whose parameters live in host RAM, streaming one layer at a time through
     the compute device. Losses and weights match transformers + torch.optim.AdamW."""
 
-    def __init__(self, model_cfg: ModelConfig, train_cfg: TrainConfig | None = None, *, init_weights: bool = True,
-                 device=None):
-        """init_weights=False leaves the host store unfilled (from_checkpoint fills it). ``device``: a device object
-        instead of train_cfg.device's (the dry run passes a MetaDevice)."""
+    def __init__(self, model_cfg: ModelConfig, train_cfg: TrainConfig | None = None, *, init_weights: bool = True):
+        """init_weights=False leaves the host store unfilled (from_checkpoint fills it)."""
         self.model_cfg = model_cfg
         self.train_cfg = train_cfg = train_cfg or TrainConfig()
-        # data parallel when torch.distributed is initialized or torchrun's environment is set (not in a dry run)
-        self.dist = None if device is not None else distributed.context(_device_kind(train_cfg.device))
+        # data parallel when torch.distributed is initialized or torchrun's environment is set
+        self.dist = distributed.context(device_kind(train_cfg.device))
         if self.dist is None:
-            self._build(model_cfg, train_cfg, init_weights, device)
+            self._build(model_cfg, train_cfg, init_weights)
             return
         self.dist.begin("Engine(...)", "the same configs on every rank")
         with self.dist.guard():        # a rank that fails here ends the job on every rank
             # first: the ranks of a node build one shared store, of one layout
             self.dist.same_everywhere("the model config", _model_fields(model_cfg))
             self.dist.same_everywhere("the train config", {k: getattr(train_cfg, k) for k in SAME_ON_EVERY_RANK}
-                                      | {"device": _device_kind(train_cfg.device)})
-            self._build(model_cfg, train_cfg, init_weights, device)
+                                      | {"device": device_kind(train_cfg.device)})
+            self._build(model_cfg, train_cfg, init_weights)
 
-    def _build(self, model_cfg: ModelConfig, train_cfg: TrainConfig, init_weights: bool, device) -> None:
+    def _build(self, model_cfg: ModelConfig, train_cfg: TrainConfig, init_weights: bool) -> None:
         index = self.dist.local_rank if self.dist is not None else 0
-        self.device = device if device is not None else make_device(train_cfg.device, train_cfg.seed, index)
+        self.device = make_device(train_cfg.device, train_cfg.seed, index)
         self.compute_dtype = DTYPES[train_cfg.compute_dtype]
-        meta = self.device.type == "meta"
-        if train_cfg.preflight and not meta:
+        if train_cfg.preflight:
             preflight.check_engine(model_cfg, train_cfg, self.device)   # before anything is allocated
         fix_malloc_mmap_threshold()
         share = None
         if self.dist is not None and self.dist.local_world > 1 and train_cfg.share_host_store:
             share = NodeShare(self.dist.node_store_name, self.dist.local_rank, self.dist.local_world,
                               self.dist.node_barrier)            # one store per node, each rank updates a shard
-        self.store = HostStore(model_cfg, self.compute_dtype, pin=self.device.pin_memory,
-                               device="meta" if meta else "cpu", optimizer_states=train_cfg.optimizer_states,
-                               lora=lora.spec_of(train_cfg), shared=share)
+        self.store = build_store(model_cfg, train_cfg, self.device, share)    # the dry run builds the same
         fill_base = init_weights or self.store.lora is not None   # a LoRA checkpoint holds no frozen base
-        if fill_base and model_cfg.source_path is not None and not meta:
+        if fill_base and model_cfg.source_path is not None:
             self.store.fill_shared(lambda: load_weights(self.store, model_cfg.source_path))
-        elif fill_base and not meta:                              # the dry run's store has no values to fill
+        elif fill_base:
             self.store.fill_shared(lambda: self.store.init_random(train_cfg.seed))
-        if init_weights and self.store.lora is not None and not meta:
+        if init_weights and self.store.lora is not None:
             self.store.fill_shared(lambda: lora.init_adapters(self.store, train_cfg.seed))
-        if meta:                                                  # kernel stand-ins on meta tensors (dryrun.py)
-            self.kernel_backend, self.ops = self.device.kernel_backend, self.device.ops
-        else:
-            self.kernel_backend = select_backend(self.device.type)
-            self.ops = load_ops(self.kernel_backend, self.device.type)
+        self.kernel_backend = select_backend(self.device.type)
+        self.ops = load_ops(self.kernel_backend, self.device.type)
         # what runs each op: "triton", "library (why)" where the canary replaced a Triton family, or the path
         path = self.kernel_backend
         if path == "torch":
             path = "library" if self.device.type == "cuda" else "reference"
         self.kernel_report = dict.fromkeys(vars(self.ops), path)
-        if self.kernel_backend == "triton" and not meta:    # the dry run's stand-ins have nothing to check
+        if self.kernel_backend == "triton":
             self.kernel_report.update(dict.fromkeys(TORCH_ONLY, "library"))
             self.ops, report = canary.run(self.ops, load_ops("torch", "cuda"), self.device.torch_device,
                                           self.compute_dtype, model_cfg.head_dim, model_cfg.sliding_window)
@@ -130,9 +116,8 @@ class Engine:
                                          shard=None if share is None else (share.local_rank, share.local_world))
         self.tracer = Tracer() if train_cfg.trace_path else None
         self.optimizer.tracer = self.tracer
-        self.pipeline = build_pipeline(model_cfg, self.store, self.ops, self.device, self.optimizer,
-                                       train_cfg.num_slots, self.tracer, train_cfg.checkpoint_budget_bytes,
-                                       train_cfg.head_chunk_rows)
+        self.pipeline = build_step_pipeline(model_cfg, train_cfg, self.store, self.ops, self.device, self.optimizer,
+                                            self.tracer)
         self.pipeline.dist = self.dist
         self.step = 0                     # optimizer steps taken
         self.micro_batches = 0            # loader batches those steps consumed: the data position
@@ -143,93 +128,22 @@ class Engine:
         self._last_save_time = time.monotonic()
         self._inv_freq = model_cfg.inv_freq().to(self.device.torch_device)
         self._checked_steps = set()       # micro-batch shapes whose step the preflight has dry-run
-        if not meta:
-            log.info("horizon-triton: %s parameters, host store %.2f GB (%s moments), kernels=%s, device=%s, "
-                     "cpu adamw=%s, optimizer_threads=%d", f"{self.store.num_parameters():,}",
-                     self.store.nbytes() / 1e9, train_cfg.optimizer_states, self.kernel_backend, train_cfg.device,
-                     adam_implementation(), self.optimizer.num_threads)
-            if self.store.lora is not None:
-                spec = self.store.lora
-                log.info("LoRA: rank %d, scale %.4g on %s, %s adapter parameters; the base frozen", spec.rank,
-                         spec.scale, ",".join(spec.targets),
-                         f"{sum(layout.numel for layout in self.store.adapter_layouts):,}")
+        log.info("horizon-triton: %s parameters, host store %.2f GB (%s moments), kernels=%s, device=%s, "
+                 "cpu adamw=%s, optimizer_threads=%d", f"{self.store.num_parameters():,}",
+                 self.store.nbytes() / 1e9, train_cfg.optimizer_states, self.kernel_backend, train_cfg.device,
+                 adam_implementation(), self.optimizer.num_threads)
+        if self.store.lora is not None:
+            spec = self.store.lora
+            log.info("LoRA: rank %d, scale %.4g on %s, %s adapter parameters; the base frozen", spec.rank,
+                     spec.scale, ",".join(spec.targets),
+                     f"{sum(layout.numel for layout in self.store.adapter_layouts):,}")
 
     # ---- data -------------------------------------------------------------------------------------------
     def prepare(self, batch, where: str = "batch") -> lt.MicroBatch:
-        """Checks one loader batch (see batch.py for the shapes accepted) and moves it to the compute device with
-        its rotary tables and doc ids."""
-        cols = batch_tensors(batch, where, self.model_cfg.pad_row)
-        ids = cols["input_ids"]
-        labels = cols.get("labels")
-        if labels is None:
-            raise ValueError(f"{where}: no 'labels' (labels=input_ids trains on every token the attention_mask "
-                             "keeps; -100 where no loss is wanted)")
-        if ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"{where}: input_ids must be an integer tensor [batch, seq], got {tuple(ids.shape)} "
-                             f"{ids.dtype}")
-        for key in ("labels", "attention_mask", "position_ids", "ref_logps"):
-            if key in cols and cols[key].shape != ids.shape:
-                raise ValueError(f"{where}: {key} shape {tuple(cols[key].shape)} differs from input_ids shape "
-                                 f"{tuple(ids.shape)}")
-        V = self.model_cfg.vocab_size
-        if ids.numel() and (ids.min() < 0 or ids.max() >= V):
-            bad = ids[(ids < 0) | (ids >= V)][0].item()
-            raise ValueError(f"{where}: token id {bad} is outside the vocabulary [0, {V})")
-        bad_labels = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= V))
-        if bad_labels.any():
-            raise ValueError(f"{where}: label {labels[bad_labels][0].item()} is neither -100 nor in [0, {V})")
-        B, S = ids.shape
-        keep = kept_tokens(cols.get("attention_mask"), where)    # [B, S] bool or None
-        pos = cols.get("position_ids")
-        if pos is not None:
-            pos = pos.long()
-            if pos.numel() and pos.min() < 0:
-                raise ValueError(f"{where}: position_ids must be ≥ 0, got {pos.min().item()}")
-        else:
-            pos = torch.arange(S).expand(B, S)           # as transformers: attention_mask does not shift positions
-        self._check_positions(pos if keep is None else pos[keep], where)
-        doc_ids = doc_ids_of(pos, keep)
-        targets = torch.full_like(labels, IGNORE_INDEX, dtype=torch.int64)
-        targets[:, :-1] = labels[:, 1:]                  # the transformers convention: shift inside the loss
-        if keep is not None:                             # a masked token neither predicts nor is predicted
-            targets[:, :-1].masked_fill_(~(keep[:, :-1] & keep[:, 1:]), IGNORE_INDEX)
-        pad = self.model_cfg.pad_row
-        embed_grad_mask = None if pad is None or not (ids == pad).any() else (ids != pad).reshape(-1)
-        freqs = self._to_device(pos.reshape(-1, 1)).float() * self._inv_freq[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)          # [T, D]
-        pairs = None
-        if self.train_cfg.objective == "dpo":
-            pairs = self._pairs(targets, doc_ids, keep, cols.get("ref_logps"), where)
-        return lt.MicroBatch(input_ids=self._to_device(ids.long()), host_ids=ids.long().reshape(-1),
-                             targets=self._to_device(targets.reshape(-1)),
-                             cos=emb.cos(), sin=emb.sin(),
-                             doc_ids=None if doc_ids is None else self._to_device(doc_ids),
-                             num_targets=int((targets != IGNORE_INDEX).sum()),
-                             embed_grad_mask=None if embed_grad_mask is None else self._to_device(embed_grad_mask),
-                             preference=pairs)
-
-    def _pairs(self, targets, doc_ids, keep, ref_logps, where: str) -> preference.PreferenceBatch:
-        """DPO: the micro-batch's pairs (preference.pair_layout) and, when the batch has them, the reference's
-        summed log-probs of its sequences."""
-        index, num_pairs, lengths = preference.pair_layout(targets, doc_ids, keep, where)
-        ref = None if ref_logps is None else preference.reference_sums(ref_logps, index, num_pairs, where)
-        return preference.PreferenceBatch(seq_index=self._to_device(index), num_pairs=num_pairs,
-                                          lengths=self._to_device(lengths),
-                                          ref_logps=None if ref is None else self._to_device(ref))
-
-    def _check_positions(self, pos: torch.Tensor, where: str) -> None:
-        limit = self.model_cfg.max_positions
-        if pos.numel() and pos.max() >= limit:
-            scaled = ", stretched by its rope scaling" if limit != self.model_cfg.max_position_embeddings else ""
-            raise ValueError(f"{where}: position {pos.max().item()} is beyond the {limit} positions of this model "
-                             f"(max_position_embeddings{scaled}); cut sequences to at most {limit} tokens")
-
-    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
-        """On CUDA: through pinned memory, without blocking the host (the copy is queued on the compute stream
-        behind the running step; the pinned buffer is kept until the copy ran by torch's host allocator)."""
-        if not self.device.pin_memory or self.device.type == "meta":    # the dry run's batch: nothing to pin
-            return t.to(self.device.torch_device)
-        return t.pin_memory().to(self.device.torch_device, non_blocking=True)
+        """One loader batch as a MicroBatch on the compute device (data/batch.py: the shapes accepted, the
+        checks, the tensors made)."""
+        return prepare_batch(batch, self.model_cfg, self.device, self._inv_freq,
+                             dpo=self.train_cfg.objective == "dpo", where=where)
 
     # ---- training ---------------------------------------------------------------------------------------
     def fit(self, loader, max_steps: int | None = None, callback=None) -> list[dict]:

@@ -1,4 +1,4 @@
-"""One data-parallel rank for tests/test_distributed.py, run by horizon_triton.distributed.spawn (or torchrun):
+"""One data-parallel rank for tests/test_distributed.py, run by horizon_triton.devices.distributed.spawn (or torchrun):
 trains an Engine on its share of the batches and saves what the test compares (history, master weights)."""
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 
 import horizon_triton as ht
-from horizon_triton import distributed, preference
+from horizon_triton.devices import distributed
+from horizon_triton.objectives import preference
 
 VOCAB = 64
 

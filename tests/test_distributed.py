@@ -25,8 +25,9 @@ import torch
 from safetensors.torch import load_file
 
 import horizon_triton as ht
-from horizon_triton import distributed, preference
-from horizon_triton.distributed import ShardedLoader
+from horizon_triton.devices import distributed
+from horizon_triton.devices.distributed import ShardedLoader
+from horizon_triton.objectives import preference
 
 import distributed_worker as worker
 
@@ -427,8 +428,8 @@ def test_dry_run_predicts_one_ranks_traffic(world):
     (the decoder layers, each head chunk's rows, the final norm, the union's embedding rows) and gathers the
     union of the ranks' ids, min(V, W·U) rows with distinct ids on every rank, in and out, where one process
     gathers U (with their ids: the tied head picks those rows from its chunks' gradients)."""
-    from horizon_triton.dryrun import dry_run
-    from horizon_triton.store import layer_layouts
+    from horizon_triton.planning.dryrun import dry_run
+    from horizon_triton.models.dense.weights import layer_layouts
     cfg = ht.ModelConfig(vocab_size=3000, hidden_size=64, intermediate_size=160, num_layers=2, num_heads=4,
                          num_kv_heads=2, tie_word_embeddings=True)
     train = ht.TrainConfig(head_chunk_rows=700)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import horizon_triton as ht
-from horizon_triton.activations import IN_FLIGHT
+from horizon_triton.schedule.activations import IN_FLIGHT
 from hf_reference import load_hf, make_hf_model, random_batches
 
 SEQ, ROWS, HEAD_ROWS = 12, 2, 40       # 96-token vocabulary: the head streams in 3 chunks

@@ -115,7 +115,7 @@ def test_chunked_head_backward_runs_bf16_gemms():
     """g_c in bf16: both GEMMs of pass 2 take bf16 operands (the reference's fp32 g_c made them fp32 GEMMs)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from horizon_triton.dryrun import meta_addmm_dtype_out
+    from horizon_triton.planning.dryrun import meta_addmm_dtype_out
 
     class Gemms(TorchDispatchMode):
         def __init__(self):

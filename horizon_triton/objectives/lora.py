@@ -25,14 +25,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from . import durable
-from .config import ModelConfig
+from ..config import ModelConfig
+from ..models.dense.weights import MODULES, TARGETS
+from ..state import durable
+from ..state.checkpoint import is_model_file, refuse_non_finite
 
-# peft's target name -> the parameter key in a decoder layer's layout (store.layer_layouts)
-TARGETS = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "gate_proj": "gate", "up_proj": "up",
-           "down_proj": "down"}
-MODULES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
-           "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 
 
@@ -62,31 +59,6 @@ def spec_of(train_cfg) -> LoraSpec | None:
                     train_cfg.use_rslora)
 
 
-def projection_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
-    """(out_features N, in_features K) of each projection of a decoder layer."""
-    H, I = cfg.hidden_size, cfg.intermediate_size
-    return {"q": (cfg.q_size, H), "k": (cfg.kv_size, H), "v": (cfg.kv_size, H), "o": (H, cfg.q_size),
-            "gate": (I, H), "up": (I, H), "down": (H, I)}
-
-
-def adapter_layouts(cfg: ModelConfig, spec: LoraSpec):
-    """One layout per store layer ([embed, decoders, head], as store.layer_layouts): the decoder layers' A and B
-    of each target (keys "q.lora_A", "q.lora_B", ...; names as peft saves them), nothing for the embed and head."""
-    from .store import _layout
-    shapes = projection_shapes(cfg)
-    layouts = [_layout("embed", [])]
-    for i in range(cfg.num_layers):
-        specs = []
-        for key in spec.keys:
-            N, K = shapes[key]
-            pre = f"base_model.model.model.layers.{i}.{MODULES[key]}"
-            specs += [(f"{key}.lora_A", f"{pre}.lora_A.weight", (spec.rank, K)),
-                      (f"{key}.lora_B", f"{pre}.lora_B.weight", (N, spec.rank))]
-        layouts.append(_layout(f"layers.{i}", specs))
-    layouts.append(_layout("head", []))
-    return layouts
-
-
 def init_adapters(store, seed: int) -> None:
     """peft's init: A uniform in ±1/√K (kaiming_uniform_ with a=√5 on [r, K]), B zero; one generator per layer."""
     for index, layout in enumerate(store.adapter_layouts):
@@ -113,8 +85,7 @@ def adapter_config(spec: LoraSpec, cfg: ModelConfig) -> dict:
 def save_adapter(store, out_dir: str | Path, add_files=None) -> None:
     """adapter_config.json + adapter_model.safetensors (fp32 A and B) in out_dir, assembled beside it and swapped
     in whole as save_weights does (the old directory's other entries move into the new one)."""
-    from .checkpoint import _is_model_file, refuse_non_finite
-    with durable.assembled(Path(out_dir), keep=lambda name: not _is_model_file(name)) as tmp:
+    with durable.assembled(Path(out_dir), keep=lambda name: not is_model_file(name)) as tmp:
         tensors = {p.hf_name: store.master_values(index, p.offset, p.offset + p.numel, adapters=True)
                    .view(p.shape).clone() for index, layout in enumerate(store.adapter_layouts) for p in layout.params}
         for name, tensor in tensors.items():

@@ -16,7 +16,7 @@ import torch
 
 from horizon_triton.kernels import reference
 
-from .ops import KERNEL_FAMILY, TORCH_ONLY
+from ..models.ops import KERNEL_FAMILY, TORCH_ONLY
 
 HOPPER_SMS = 132                       # H100/H200 SXM: sets the rmsnorm backward's persistent grid (its workspace)
 

@@ -7,16 +7,12 @@ the same terms (``HiddenStates``): kept on the device within the same budget, th
 between the units and brought back, two at a time, for each one. ``forward_group_full`` sizes its groups."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
-from .config import ModelConfig
+from ..config import ModelConfig
 from .embedding_rows import to_device
+from .pipeline import Pipeline
 from .trace import traced
-
-if TYPE_CHECKING:
-    from .scheduler import Pipeline
 
 
 CROSS_ENTROPY_TOKEN_CHUNK = 4096   # tokens whose logits exist at once in the head (the ops' chunk_size default)

@@ -17,7 +17,7 @@ import torch
 
 from horizon_triton.kernels import reference
 
-from .ops import KERNEL_FAMILY, MOE_FAMILIES
+from ..models.ops import KERNEL_FAMILY, MOE_FAMILIES
 
 ATOL = {torch.float32: 2e-5, torch.bfloat16: 2e-3, torch.float16: 1e-3}
 

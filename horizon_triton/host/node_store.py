@@ -38,7 +38,7 @@ from typing import Callable
 
 import torch
 
-from .durable import process_alive
+from ..state.durable import process_alive
 
 SHM_DIR = "/dev/shm"
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,200}$")

@@ -52,101 +52,13 @@ import torch
 
 from horizon_triton.kernels.host_formats import QBLOCK, join_master, num_blocks, split_master
 
-from .config import ModelConfig
+from ..config import ModelConfig
+from ..models.dense.weights import adapter_layouts, layer_layouts
+from ..models.layout import LayerLayout
 from .node_store import BOARD, NodeBoard, NodeShare, map_segments
 from .pinning import HostPinner, arena, arena_span, cuda_register_functions
 
 INIT_STD = 0.02  # transformers' initializer_range default for these families
-
-
-@dataclass(frozen=True)
-class Param:
-    key: str               # short name inside the layer ("q", "gate", "input_norm", ...)
-    hf_name: str           # full Hugging Face tensor name
-    shape: tuple[int, ...]
-    offset: int            # element offset inside the layer's flat buffer
-
-    @property
-    def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
-
-    @property
-    def decay(self) -> bool:
-        return len(self.shape) >= 2
-
-
-# Fused views: adjacent parameters read as one tensor (key -> (first member, last member)).
-FUSED = {"qkv": ("q", "v"), "gate_up": ("gate", "up"), "qkv_bias": ("q_bias", "v_bias")}
-
-
-@dataclass(frozen=True)
-class LayerLayout:
-    name: str                        # "embed", "layers.3", "head"
-    params: tuple[Param, ...]
-    numel: int
-    decay_numel: int                 # parameters [0, decay_numel) take weight decay
-
-    def views(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Parameter and fused views of one of this layer's flat buffers (any dtype, any device)."""
-        if flat.numel() != self.numel:
-            raise ValueError(f"{self.name}: buffer has {flat.numel()} elements, layout needs {self.numel}")
-        out = {p.key: flat[p.offset:p.offset + p.numel].view(p.shape) for p in self.params}
-        by_key = {p.key: p for p in self.params}
-        for fused, (first, last) in FUSED.items():
-            if first in by_key:
-                a, b = by_key[first], by_key[last]
-                rows = (b.offset + b.numel - a.offset) // (a.numel // a.shape[0])
-                out[fused] = flat[a.offset:b.offset + b.numel].view((rows,) + a.shape[1:])
-        return out
-
-
-def _layout(name: str, specs: list[tuple[str, str, tuple[int, ...]]]) -> LayerLayout:
-    # decayed (matrix) parameters first, each group in the given order
-    ordered = [s for s in specs if len(s[2]) >= 2] + [s for s in specs if len(s[2]) < 2]
-    params, offset = [], 0
-    for key, hf_name, shape in ordered:
-        p = Param(key, hf_name, shape, offset)
-        params.append(p)
-        offset += p.numel
-    decay = sum(p.numel for p in params if p.decay)
-    return LayerLayout(name, tuple(params), offset, decay)
-
-
-def layer_layouts(cfg: ModelConfig) -> list[LayerLayout]:
-    """[embed, layers.0 … layers.{L-1}, head] for this model."""
-    H, V, I, D = cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size, cfg.head_dim
-    layouts = [_layout("embed", [("embed", "model.embed_tokens.weight", (V, H))])]
-    for i in range(cfg.num_layers):
-        pre = f"model.layers.{i}."
-        specs = [
-            ("q", pre + "self_attn.q_proj.weight", (cfg.q_size, H)),
-            ("k", pre + "self_attn.k_proj.weight", (cfg.kv_size, H)),
-            ("v", pre + "self_attn.v_proj.weight", (cfg.kv_size, H)),
-            ("o", pre + "self_attn.o_proj.weight", (H, cfg.q_size)),
-            ("gate", pre + "mlp.gate_proj.weight", (I, H)),
-            ("up", pre + "mlp.up_proj.weight", (I, H)),
-            ("down", pre + "mlp.down_proj.weight", (H, I)),
-            ("input_norm", pre + "input_layernorm.weight", (H,)),
-            ("post_norm", pre + "post_attention_layernorm.weight", (H,)),
-        ]
-        if cfg.attention_bias:
-            specs += [("q_bias", pre + "self_attn.q_proj.bias", (cfg.q_size,)),
-                      ("k_bias", pre + "self_attn.k_proj.bias", (cfg.kv_size,)),
-                      ("v_bias", pre + "self_attn.v_proj.bias", (cfg.kv_size,))]
-        if cfg.attention_out_bias:
-            specs.append(("o_bias", pre + "self_attn.o_proj.bias", (H,)))
-        if cfg.qk_norm:
-            specs += [("q_norm", pre + "self_attn.q_norm.weight", (D,)),
-                      ("k_norm", pre + "self_attn.k_norm.weight", (D,))]
-        layouts.append(_layout(f"layers.{i}", specs))
-    head = [("norm", "model.norm.weight", (H,))]
-    if not cfg.tie_word_embeddings:
-        head.append(("lm_head", "lm_head.weight", (V, H)))
-    layouts.append(_layout("head", head))
-    return layouts
 
 
 PAGE_BYTES = 4096
@@ -250,7 +162,6 @@ class HostStore:
         self.lora = lora                      # a lora.LoraSpec: the LoRA layout below
         self.trainable = self                 # what the optimizer updates and the backward's gradients fill
         if lora is not None:
-            from .lora import adapter_layouts
             self.adapter_layouts = adapter_layouts(cfg, lora)
         kinds = self._lora_kinds(pin) if lora is not None else self._kinds(pin)
         segments = {}
@@ -262,7 +173,7 @@ class HostStore:
             segments = map_segments(shared, spans)
             self.board = NodeBoard(shared, segments.pop(BOARD), self.num_layers)
         for kind, sizes, dtype, pinned, zero in kinds:      # a LoRA store's base is all but the adapters' kinds
-            self._alloc_kind(kind, sizes, dtype, pinned, zero, segments.get(kind),
+            self.alloc_kind(kind, sizes, dtype, pinned, zero, segments.get(kind),
                              frozen=lora is not None and not kind.startswith("lora_"))
         self.working: list[torch.Tensor] = self._buffers["working" if self.split_master else "master"]
         if lora is not None:
@@ -324,8 +235,8 @@ class HostStore:
             kinds += [("exp_avg", sizes, f32, False, True), ("exp_avg_sq", sizes, f32, False, True)]
         return kinds + [("grad", sizes, self.compute_dtype, pin, True)]
 
-    def _alloc_kind(self, kind: str, sizes: list[int], dtype: torch.dtype, pinned: bool = False,
-                    zero: bool = False, segment: torch.Tensor | None = None, frozen: bool = False) -> None:
+    def alloc_kind(self, kind: str, sizes: list[int], dtype: torch.dtype, pinned: bool = False,
+                   zero: bool = False, segment: torch.Tensor | None = None, frozen: bool = False) -> None:
         """Every host buffer of the store is made here, one per layer, so that what is counted is what is
         allocated: one arena per kind (pinning.arena), each layer's page-aligned region registered in the
         background if the kind is pinned. ``segment``: the kind's shared memory (a shared store), already

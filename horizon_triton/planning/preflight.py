@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from .device import host_memory_info
-from .ops import select_backend
+from ..devices.device import host_memory_info
+from ..models.ops import select_backend
 
 GiB = 2**30
 

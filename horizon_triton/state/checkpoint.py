@@ -10,7 +10,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from . import durable
-from .store import HostStore
+from ..host.store import HostStore
 
 SHARD_BYTES = 5 * 1000**3  # transformers' default shard size: above it, shards plus an index
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -96,7 +96,7 @@ def load_weights(store: HostStore, path: str | Path) -> None:
                 store.set_master(layer, tensor, param.offset)
 
 
-def _is_model_file(name: str) -> bool:
+def is_model_file(name: str) -> bool:
     """The files of a saved model (weights, config, or LoRA adapters): a new save replaces all of them."""
     return name in ("config.json", "model.safetensors.index.json", "adapter_config.json",
                     "adapter_model.safetensors") or (name.startswith("model") and name.endswith(".safetensors"))
@@ -113,7 +113,7 @@ def save_weights(store: HostStore, out_dir: str | Path, dtype: torch.dtype, add_
     model files go. Temporaries a killed save left are cleaned up by the next save. ``tensor_of(layer, param)``,
     if given, gives each parameter's fp32 value instead of the master (a LoRA merge, lora.merged_values)."""
     out_dir = Path(out_dir)
-    with durable.assembled(out_dir, keep=lambda name: not _is_model_file(name)) as tmp:
+    with durable.assembled(out_dir, keep=lambda name: not is_model_file(name)) as tmp:
         dtype_name = str(dtype).replace("torch.", "")
         store.cfg.to_hf_config(dtype_name).save_pretrained(tmp)
         named = list(store.named_params())

@@ -24,13 +24,13 @@ import math
 import re
 from dataclasses import replace
 
-from .checkpoint import DTYPES
-from .config import ModelConfig, TrainConfig
-from .device import STREAMS, host_memory_info
+from ..state.checkpoint import DTYPES
+from ..config import ModelConfig, TrainConfig
+from ..devices.device import STREAMS, host_memory_info
 from .dryrun import DryRun, dry_run, host_store_bytes
-from .activations import CROSS_ENTROPY_TOKEN_CHUNK
-from .lora import spec_of
-from .store import HostStore
+from ..schedule.activations import CROSS_ENTROPY_TOKEN_CHUNK
+from ..objectives.lora import spec_of
+from ..host.store import HostStore
 
 GiB = 2**30
 

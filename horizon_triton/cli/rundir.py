@@ -27,7 +27,8 @@ import socket
 from contextlib import contextmanager
 from pathlib import Path
 
-from . import distributed, durable, training_state
+from ..devices import distributed
+from ..state import durable, training_state
 
 CHECKPOINTS = "checkpoints"
 REFERENCE = "reference"          # OUT/reference/{train,eval}.ref: DPO's reference log-probs, kept for --resume
@@ -200,7 +201,7 @@ def _changed_inputs(saved: dict, current: dict) -> list[str]:
 def start(args, out: Path, model_cfg, train_cfg):
     """(engine, resumed): a fresh engine, or one resumed from the checkpoint --resume names. Either saves its
     checkpoints in OUT/checkpoints as --save-every / --save-every-minutes / --keep-last say."""
-    from . import Engine
+    from .. import Engine
     resume = _resume_point(args, out)
     train_cfg = dataclasses.replace(train_cfg, checkpoint_dir=str(out / CHECKPOINTS), save_every_steps=args.save_every,
                                     save_every_minutes=args.save_every_minutes, keep_last=args.keep_last)

@@ -24,7 +24,7 @@ from horizon_triton.kernels.cpu_adam import (adamw_step_, adamw_step_split_, ada
                                              default_num_threads)
 from horizon_triton.kernels.host_formats import QBLOCK, num_blocks
 
-from .config import TrainConfig
+from ..config import TrainConfig
 from .store import HostStore
 
 

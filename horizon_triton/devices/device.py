@@ -309,6 +309,13 @@ class MetaDevice(_HostMemory):
         pass
 
 
+def device_kind(device: str) -> str:
+    """"cuda" or "cpu": the kind of device TrainConfig.device makes (the process group's backend follows it)."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return "cuda" if device == "cuda" else "cpu"
+
+
 def make_device(kind: str, seed: int = 0, index: int = 0):
     """kind: "cpu" | "cuda" | "auto" | "cpu-async"; index: the CUDA device (a data-parallel rank's local rank,
     modulo the devices this process sees: one each when the launcher narrows CUDA_VISIBLE_DEVICES)."""

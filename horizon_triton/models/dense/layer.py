@@ -1,7 +1,7 @@
 """The stateless layer template: one decoder layer, the embedding and the head, computed on whichever layer's
 weights are bound to them.
 
-Weights come in as ``w`` (a dict of views into a device staging slot, see store.LayerLayout.views) and weight
+Weights come in as ``w`` (a dict of views into a device staging slot, see layout.LayerLayout.views) and weight
 gradients are accumulated into ``g`` (the same views into an fp32 accumulator). Nothing here owns a tensor
 beyond one call. The forward keeps nothing but its output; ``decoder_backward`` recomputes the layer from its
 input and runs the hand-written backward of every op (kernels/reference.py gives the formulas).
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import ModelConfig
+from ...config import ModelConfig
 
 
 @dataclass

@@ -7,7 +7,8 @@ Four primitives, each issuing work to one stream of the device (see device.py):
     compute(i, ...)      compute   forward of every micro-batch, or recompute + backward
     stream_out(acc)      copy_out  an fp32 gradient accumulator -> host grad buffer (once per step)
 
-and ``run_step`` strings them together. Layers are [embed, decoder 1..L, head] as in store.py; what streams
+and ``run_step`` strings them together (what they keep on the device between them, the ``Pipeline``, is in
+pipeline.py). Layers are [embed, decoder 1..L, head] as in store.py; what streams
 through a slot is a ``Unit``: a decoder layer, or one vocabulary chunk of the head. Within a step the work is
 layer-major: every micro-batch passes through unit u while its weights are resident, so weights cross the bus
 twice per step (forward, backward) whatever the number of micro-batches.
@@ -39,6 +40,10 @@ engine groups a pass's batches: activations.forward_group_full).
 The step's activation checkpoints and their default budget are in activations.py, its embedding rows (gathered
 on the host, their gradient written back) in embedding_rows.py.
 
+Where a completed gradient goes is its sink (``gradient_sinks``): ``LocalSink`` alone, ``ReducingSink`` under data
+parallel, ``FrozenSink`` for a LoRA store's embedding and head; run_step calls ``completed`` on the compute stream
+and ``out`` on the host, the same calls whatever the sink.
+
 Data parallel (``p.dist``, distributed.py): every completed fp32 gradient (a decoder layer's accumulator, a head
 chunk's, the final norm's, the embedding rows') is all-reduced (summed) over the ranks by a compute-stream task
 queued right after the work that completed it, so every rank issues the same reductions in the same order.
@@ -52,158 +57,13 @@ a LoRA store, of each layer's adapters: the only gradients a frozen base has, an
 """
 from __future__ import annotations
 
-import threading
-from dataclasses import dataclass, field
-
 import torch
 
-from . import layer as lt
+from ..models.dense import layer as lt
 from .activations import Checkpoints, HiddenStates, default_checkpoint_budget
-from .config import ModelConfig
 from .embedding_rows import EmbeddingRows, stream_in_embedding, write_embedding_grad
-from .store import HostStore
+from .pipeline import Pipeline, Unit
 from .trace import traced
-
-
-@dataclass(frozen=True)
-class Unit:
-    """What one pass through a staging slot computes with: decoder layer ``layer``, or (layer = the head) the
-    vocabulary rows [start, stop) of lm_head (of the embedding when tied) followed by the final norm."""
-    layer: int
-    start: int = 0
-    stop: int = 0
-
-
-@dataclass
-class Pipeline:
-    """Everything the scheduler keeps on the compute device between primitives: fixed in size."""
-    cfg: ModelConfig
-    store: HostStore
-    ops: object
-    dev: object
-    optimizer: object                              # .wait_layer(i): blocks until layer i holds new weights
-    slots: list[torch.Tensor]                      # staging slots, compute dtype: the largest decoder layer
-    slot_ready: list = field(default_factory=list)
-    slot_free: list = field(default_factory=list)
-    accs: list[torch.Tensor] = field(default_factory=list)   # 2 ping-pong fp32 accumulators: layers, head chunks
-    acc_free: list = field(default_factory=list)
-    norm_acc: torch.Tensor | None = None           # fp32 [H]: the final norm's gradient
-    head_rows: int = 0                             # lm_head rows per vocabulary chunk (all of them: one pass)
-    embed_grad_rows: torch.Tensor | None = None    # host: rows of the untied embedding's grad the last step wrote
-    dist: object = None                            # the data-parallel context (distributed.py), None: alone
-    meter: "DeviceMeter" = None
-    tracer: object = None
-    checkpoint_budget: int | None = None           # bytes of activation checkpoints kept on the device (override)
-
-    @property
-    def head(self) -> int:
-        return self.store.num_layers - 1
-
-    def sources(self, u: Unit) -> list[int]:
-        """Host layers whose weights unit u computes with (the tied head reads the embedding)."""
-        return [u.layer, 0] if u.layer == self.head and self.cfg.tie_word_embeddings else [u.layer]
-
-    def name(self, u: Unit) -> str:
-        return self.store.layouts[u.layer].name + (f"[{u.start}:{u.stop}]" if u.layer == self.head else "")
-
-    def head_chunks(self) -> list[Unit]:
-        V = self.cfg.vocab_size
-        return [Unit(self.head, a, min(a + self.head_rows, V)) for a in range(0, V, self.head_rows)]
-
-    @property
-    def sharded(self) -> bool:
-        """Whether this rank streams out only its shard of each reduced gradient (the node's ranks share one
-        host store, each updating its shard)."""
-        return self.dist is not None and getattr(self.store, "shared", None) is not None
-
-    def shard(self, layer: int) -> tuple[int, int]:
-        """Elements [lo, hi) of host layer ``layer`` whose gradient this rank writes: all of them unless sharded."""
-        if not self.sharded:
-            return 0, self.store.trainable.layouts[layer].numel
-        shared = self.store.shared
-        return self.store.shard_bounds(layer, shared.local_rank, shared.local_world)
-
-    def head_offsets(self, u: Unit) -> tuple[int, int, int]:
-        """(host layer, element offset there) of head chunk u's rows, and the final norm's offset in the head."""
-        H, offsets = self.cfg.hidden_size, {q.key: q.offset for q in self.store.layouts[self.head].params}
-        if self.cfg.tie_word_embeddings:
-            return 0, u.start * H, offsets["norm"]
-        return self.head, offsets["lm_head"] + u.start * H, offsets["norm"]
-
-    def head_segments(self, buffers: list[torch.Tensor], u: Unit) -> tuple[torch.Tensor, torch.Tensor]:
-        """(lm_head rows [start, stop), final norm) as flat views of one of the store's per-layer buffer lists."""
-        H, layout = self.cfg.hidden_size, self.store.layouts[self.head]
-        offsets = {q.key: q.offset for q in layout.params}
-        table = buffers[0] if self.cfg.tie_word_embeddings else buffers[self.head][offsets["lm_head"]:]
-        norm = buffers[self.head][offsets["norm"]:offsets["norm"] + H]
-        return table[u.start * H:u.stop * H], norm
-
-
-class DeviceMeter:
-    """Bytes the engine holds on the compute device (slots, accumulators, checkpoints, activations, gradients), and
-    the bytes every copy moved across the bus since the pipeline was built (h2d_bytes, d2h_bytes)."""
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self.held = 0
-        self.peak = 0
-        self.h2d_bytes = 0
-        self.d2h_bytes = 0
-        self.reduced_bytes = 0          # data parallel: bytes of the tensors this rank all-reduced
-
-    def add(self, t: torch.Tensor) -> torch.Tensor:
-        with self._lock:
-            self.held += t.numel() * t.element_size()
-            self.peak = max(self.peak, self.held)
-        return t
-
-    def sub(self, t: torch.Tensor) -> None:
-        with self._lock:
-            self.held -= t.numel() * t.element_size()
-
-    def reset_peak(self) -> None:
-        with self._lock:
-            self.peak = self.held
-
-    def reduced(self, t: torch.Tensor) -> None:
-        """Counts an all-reduce of t (a ring moves 2·(W-1)/W of its bytes out of each rank, and as many in)."""
-        with self._lock:
-            self.reduced_bytes += t.numel() * t.element_size()
-
-    def copied(self, t: torch.Tensor, to_device: bool) -> None:
-        """Counts a host<->device copy of t's bytes (called where the copy runs)."""
-        with self._lock:
-            if to_device:
-                self.h2d_bytes += t.numel() * t.element_size()
-            else:
-                self.d2h_bytes += t.numel() * t.element_size()
-
-
-def build_pipeline(cfg, store, ops, dev, optimizer, num_slots: int, tracer=None,
-                   checkpoint_budget: int | None = None, head_rows: int | None = None) -> Pipeline:
-    """Slots and accumulators hold the largest decoder layer, whatever the vocabulary: the embedding never
-    streams (its rows are gathered on the host) and the head streams in chunks of ``head_rows`` vocabulary rows
-    (default: as many as a slot holds next to the final norm; all of them when they fit, which runs the fused
-    one-pass cross-entropy)."""
-    torch_dev = dev.torch_device
-    meter = DeviceMeter()
-    p = Pipeline(cfg, store, ops, dev, optimizer, slots=[], meter=meter, tracer=tracer,
-                 checkpoint_budget=checkpoint_budget)
-    H, V = cfg.hidden_size, cfg.vocab_size
-    trained = store.trainable.layouts            # a LoRA store's adapters ride in the slot after their layer's base
-    extra = [trained[i].numel if store.lora is not None else 0 for i in range(len(store.layouts))]
-    capacity = max(max((store.layouts[i].numel + extra[i] for i in range(1, len(extra) - 1)), default=0), 2 * H)
-    p.head_rows = min(V, head_rows or V, (capacity - H) // H)
-    p.slots = [meter.add(torch.empty(capacity, dtype=store.compute_dtype, device=torch_dev))
-               for _ in range(num_slots)]
-    p.slot_ready = [None] * num_slots
-    p.slot_free = [None] * num_slots
-    # the accumulators hold the largest gradient: a decoder layer's, or only its adapters' with a frozen base
-    acc_size = capacity if store.lora is None else max(max(extra), 1)
-    p.accs = [meter.add(torch.zeros(acc_size, dtype=torch.float32, device=torch_dev)) for _ in range(2)]
-    p.acc_free = [None, None]
-    p.norm_acc = meter.add(torch.zeros(H, dtype=torch.float32, device=torch_dev))
-    return p
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -276,45 +136,87 @@ def stream_out(p: Pipeline, name: str, acc: torch.Tensor, host: torch.Tensor, be
     return p.dev.record("copy_out")
 
 
-def stream_out_gradient(p: Pipeline, name: str, acc: torch.Tensor, host: torch.Tensor, totals: dict, key: str,
-                        layer: int | None, offset: int = 0, norm: bool = True):
-    """Host, right after submitting the compute that completed the fp32 gradient ``acc``: elements
-    [offset, offset + n) of host layer ``layer``, to go into ``host`` (the same range of its grad buffer).
-    Alone: stream_out (the compute work took the norm). Data parallel: a compute task sums ``acc`` over the
-    ranks; then, on the copy_out stream, the squared norm of this rank's shard of it into totals[key] (if
-    ``norm``) and the shard's copy (layer None: all of it). Sharded (a node-shared store), the sum is a
-    reduce-scatter inside the node onto each local rank's shard (half an all-reduce's bytes), then an
-    all-reduce of the shard across the nodes: only this rank's shard of ``acc`` holds the sum.
-    Returns the event after which ``acc`` may be reused."""
-    if p.dist is None:
-        return stream_out(p, name, acc, host)
-    n = acc.numel()
+# ------------------------------------------------------------------------------------------------------------
+# where a completed gradient goes
+# ------------------------------------------------------------------------------------------------------------
+class LocalSink:
+    """One process: a completed gradient's squared norm is taken on the compute stream, by the work that completed
+    it, into totals[key]; then it streams out whole."""
+    takes_gradient = True
 
-    def within(lo: int, hi: int) -> tuple[int, int]:          # a layer's element range, in acc's positions
-        a = min(max(lo - offset, 0), n)
-        return a, max(a, min(hi - offset, n))
-    parts = None
-    if layer is None:
-        a, b = 0, n
-    elif p.sharded:
-        local_world = p.store.shared.local_world
-        bounds = [within(*p.store.shard_bounds(layer, r, local_world)) for r in range(local_world)]
-        parts = [acc[x:y] for x, y in bounds]                 # every local rank's shard, covering acc
-        a, b = bounds[p.store.shared.local_rank]
-    else:
-        a, b = 0, n
-    pending = []
+    def __init__(self, p: Pipeline, totals: dict):
+        self.p, self.totals = p, totals
 
-    def reduce():
-        p.meter.reduced(acc)
-        pending.append(p.dist.reduce_gradient(acc, asynchronous=p.dev.type == "cuda", shards=parts))
-    p.dev.submit("compute", traced(p.tracer, f"all_reduce {name}", "compute", reduce))
+    def completed(self, key: str, acc: torch.Tensor) -> None:
+        """Compute stream, once ``acc`` holds its gradient."""
+        self.totals[key] = _sq_norm(acc)
 
-    def reduced():
-        if pending[0] is not None:
-            pending[0].wait()                   # CUDA: this stream waits for the reduction, the host does not
-        totals[key] = _sq_norm(acc[a:b]) if norm else 0.0
-    return stream_out(p, name, acc[a:b], host[a:b], before=reduced)
+    def out(self, name: str, acc: torch.Tensor, host: torch.Tensor, key: str, layer: int | None, offset: int = 0,
+            norm: bool = True):
+        """Host, right after submitting the compute that completed the fp32 gradient ``acc``: elements
+        [offset, offset + n) of host layer ``layer`` (None: not a layer's), to go into ``host`` (the same range
+        of its grad buffer). Returns the event after which ``acc`` may be reused."""
+        return stream_out(self.p, name, acc, host)
+
+
+class ReducingSink(LocalSink):
+    """Data parallel: a compute task sums ``acc`` over the ranks; then, on the copy_out stream, the squared norm of
+    this rank's shard of it into totals[key] (if ``norm``) and the shard's copy (layer None: all of it). Sharded
+    (a node-shared store), the sum is a reduce-scatter inside the node onto each local rank's shard (half an
+    all-reduce's bytes), then an all-reduce of the shard across the nodes: only this rank's shard of ``acc``
+    holds the sum."""
+
+    def completed(self, key: str, acc: torch.Tensor) -> None:
+        """Nothing on the compute stream: ``out`` norms the reduced gradient on the copy_out stream."""
+
+    def out(self, name: str, acc: torch.Tensor, host: torch.Tensor, key: str, layer: int | None, offset: int = 0,
+            norm: bool = True):
+        p, n = self.p, acc.numel()
+
+        def within(lo: int, hi: int) -> tuple[int, int]:          # a layer's element range, in acc's positions
+            a = min(max(lo - offset, 0), n)
+            return a, max(a, min(hi - offset, n))
+        parts = None
+        if layer is None:
+            a, b = 0, n
+        elif p.sharded:
+            local_world = p.store.shared.local_world
+            bounds = [within(*p.store.shard_bounds(layer, r, local_world)) for r in range(local_world)]
+            parts = [acc[x:y] for x, y in bounds]                 # every local rank's shard, covering acc
+            a, b = bounds[p.store.shared.local_rank]
+        else:
+            a, b = 0, n
+        pending = []
+
+        def reduce():
+            p.meter.reduced(acc)
+            pending.append(p.dist.reduce_gradient(acc, asynchronous=p.dev.type == "cuda", shards=parts))
+        p.dev.submit("compute", traced(p.tracer, f"all_reduce {name}", "compute", reduce))
+
+        def reduced():
+            if pending[0] is not None:
+                pending[0].wait()                   # CUDA: this stream waits for the reduction, the host does not
+            self.totals[key] = _sq_norm(acc[a:b]) if norm else 0.0
+        return stream_out(p, name, acc[a:b], host[a:b], before=reduced)
+
+
+class FrozenSink:
+    """A frozen part of the model (LoRA's base: the embedding and the head): it forms no gradient, so nothing is
+    normed or streamed out (the head still gives d(x))."""
+    takes_gradient = False
+
+    def completed(self, key: str, acc) -> None:
+        pass
+
+    def out(self, *args, **kwargs) -> None:
+        return None
+
+
+def gradient_sinks(p: Pipeline, totals: dict):
+    """(the decoder layers' sink, the embedding's and head's): local or reducing (data parallel), and frozen for
+    the embedding and head of a LoRA store."""
+    trained = ReducingSink(p, totals) if p.dist is not None else LocalSink(p, totals)
+    return trained, FrozenSink() if p.store.lora is not None else trained
 
 
 NORM_ROW = 1024   # elements of each fp32 partial sum in _sq_norm
@@ -359,7 +261,7 @@ def run_step(p: Pipeline, mbs: list[lt.MicroBatch], grad_scale: float, preferenc
     head = {}                                   # the head's per-micro-batch state: xn, rstd, stats, lse, d_xn
     #                                             (and with preference: scale, the per-token weights [T] fp32)
     trained = p.store.trainable                 # the gradients' layouts and host buffers (LoRA: the adapters')
-    frozen = p.store.lora is not None           # a frozen base: the embedding and head get no gradient
+    sink, edge = gradient_sinks(p, totals)      # the decoder layers' gradients; the embedding's and the head's
     acc_turn = [0]
 
     def run_layers(plan) -> None:
@@ -378,12 +280,6 @@ def run_step(p: Pipeline, mbs: list[lt.MicroBatch], grad_scale: float, preferenc
             if pos + S - 1 < len(plan):     # refills the slot of compute pos-1 (stream_in waits for it)
                 stream_in(p, plan[pos + S - 1][0], (pos + S - 1) % S)
 
-    def norm_before_reduction(key: str, acc: torch.Tensor) -> None:
-        """Compute stream, once ``acc`` holds its gradient: alone, its squared norm into totals[key]; data
-        parallel, nothing here (stream_out_gradient norms the reduced gradient on the copy_out stream)."""
-        if p.dist is None:
-            totals[key] = _sq_norm(acc)
-
     def take_acc(numel: int):
         """The next ping-pong accumulator (its previous gradient has left the device before compute zeroes it)."""
         k = acc_turn[0] % 2
@@ -391,9 +287,9 @@ def run_step(p: Pipeline, mbs: list[lt.MicroBatch], grad_scale: float, preferenc
         p.dev.wait("compute", p.acc_free[k])
         return k, p.accs[k][:numel]
 
-    def give_acc(k: int, name: str, acc: torch.Tensor, host: torch.Tensor, key: str, layer: int,
+    def give_acc(to, k: int, name: str, acc: torch.Tensor, host: torch.Tensor, key: str, layer: int,
                  offset: int) -> None:
-        p.acc_free[k] = stream_out_gradient(p, name, acc, host, totals, key, layer, offset)
+        p.acc_free[k] = to.out(name, acc, host, key, layer, offset)
 
     # ---- embedding ---------------------------------------------------------------------------------------
     def embed():
@@ -403,17 +299,13 @@ def run_step(p: Pipeline, mbs: list[lt.MicroBatch], grad_scale: float, preferenc
         emb.rows = None
 
     def embed_backward(d_rows):
+        """d_rows None (a frozen embedding): the first decoder layer's d(x) has nowhere to go."""
         for m in range(M):
-            lt.embed_backward(d_rows, emb.index[m], grads[m], mbs[m].embed_grad_mask)
+            if d_rows is not None:
+                lt.embed_backward(d_rows, emb.index[m], grads[m], mbs[m].embed_grad_mask)
             p.meter.sub(grads[m])
             grads[m] = None
-        norm_before_reduction("sq_embed", d_rows)
-
-    def drop_embed_grads():
-        """A frozen embedding: the first decoder layer's d(x) has nowhere to go."""
-        for m in range(M):
-            p.meter.sub(grads[m])
-            grads[m] = None
+        edge.completed("sq_embed", d_rows)
 
     # ---- decoder layers ----------------------------------------------------------------------------------
     def decoder_step(u: Unit):
@@ -442,17 +334,17 @@ def run_step(p: Pipeline, mbs: list[lt.MicroBatch], grad_scale: float, preferenc
                     dx = lt.decoder_backward(ops, cfg, w, g, ckpt.pop(u.layer, m), mb, grads[m])
                     p.meter.sub(grads[m])
                     grads[m] = p.meter.add(dx)
-                norm_before_reduction(f"sq_{u.layer}", acc)
+                sink.completed(f"sq_{u.layer}", acc)
             state["acc"] = acc
             return decoder
-        return u, backward, lambda: give_acc(state["k"], p.name(u), state["acc"], trained.grad[u.layer],
+        return u, backward, lambda: give_acc(sink, state["k"], p.name(u), state["acc"], trained.grad[u.layer],
                                              f"sq_{u.layer}", u.layer, 0)
 
     # ---- head --------------------------------------------------------------------------------------------
     def head_gradient(u: Unit, state: dict):
-        """Host: chunk u's accumulator (state: its ping-pong index, for head_out) and the gradient views; with a
-        frozen base none (the norm's gradient goes to a scratch: only d(x) is wanted)."""
-        if frozen:
+        """Host: chunk u's accumulator (state: its ping-pong index, for head_out) and the gradient views; a frozen
+        head none (the norm's gradient goes to a scratch: only d(x) is wanted)."""
+        if not edge.takes_gradient:
             state["k"], state["acc"] = None, None
             return None, {"lm_head": None, "norm": p.norm_acc}
         state["k"], state["acc"] = take_acc((u.stop - u.start) * H)
@@ -472,16 +364,16 @@ def run_step(p: Pipeline, mbs: list[lt.MicroBatch], grad_scale: float, preferenc
                 rows = acc.view(-1, H)
                 emb.d_rows[lo:hi] = rows.index_select(0, local)
                 rows.index_fill_(0, local, 0.0)
-        norm_before_reduction(f"sq_head{u.start}", acc)
+        edge.completed(f"sq_head{u.start}", acc)
 
     def head_out(k: int, u: Unit, acc: torch.Tensor, last: bool) -> None:
-        if acc is None:                          # frozen: nothing streams out
+        if not edge.takes_gradient:
             return
         rows, norm = p.head_segments(p.store.grad, u)
         layer, offset, norm_offset = p.head_offsets(u)
-        give_acc(k, p.name(u), acc, rows, f"sq_head{u.start}", layer, offset)
+        give_acc(edge, k, p.name(u), acc, rows, f"sq_head{u.start}", layer, offset)
         if last:
-            stream_out_gradient(p, "head norm", p.norm_acc, norm, totals, "sq_norm", p.head, norm_offset)
+            edge.out("head norm", p.norm_acc, norm, "sq_norm", p.head, norm_offset)
 
     def head_fused_step(u: Unit):
         """One chunk holds the whole vocabulary: the fused one-pass cross-entropy."""
@@ -501,8 +393,7 @@ def run_step(p: Pipeline, mbs: list[lt.MicroBatch], grad_scale: float, preferenc
                     p.meter.sub(hidden[m])
                     hidden[m], grads[m] = None, p.meter.add(dx)
                 totals["loss"] = loss
-                if not frozen:                  # frozen: the norm's gradient is scratch
-                    norm_before_reduction("sq_norm", p.norm_acc)
+                edge.completed("sq_norm", p.norm_acc)     # frozen: the norm's gradient is scratch
                 head_gradient_done(u, acc)
             return head_loss
         return u, forward, lambda: head_out(state["k"], u, state["acc"], last=True)
@@ -562,8 +453,7 @@ def run_step(p: Pipeline, mbs: list[lt.MicroBatch], grad_scale: float, preferenc
                         if t is not None:
                             p.meter.sub(t)
                     hidden[m], grads[m] = None, p.meter.add(dx)
-                if not frozen:                  # frozen: the norm's gradient is scratch
-                    norm_before_reduction("sq_norm", p.norm_acc)
+                edge.completed("sq_norm", p.norm_acc)     # frozen: the norm's gradient is scratch
             return head_grad
         return u, forward, lambda: head_out(state["k"], u, state["acc"], last)
 
@@ -583,20 +473,19 @@ def run_step(p: Pipeline, mbs: list[lt.MicroBatch], grad_scale: float, preferenc
     run_layers([decoder_step(Unit(i)) for i in range(1, L + 1)] + head_plan)   # decoders, the head's passes
     ckpt.prefetch(L)
     run_layers([decoder_backward_step(Unit(i)) for i in range(L, 0, -1)])    # decoders L..1, recomputed
-    if frozen:
-        compute(p, 0, None, drop_embed_grads, "backward embed (frozen: nothing)")
-    else:
-        d_rows = emb.grad()
-        compute(p, 0, None, lambda: embed_backward(d_rows), "backward embed")    # needs no weights: a scatter-add
+    d_rows = emb.grad() if edge.takes_gradient else None
+    compute(p, 0, None, lambda: embed_backward(d_rows),                     # needs no weights: a scatter-add
+            "backward embed" if d_rows is not None else "backward embed (frozen: nothing)")
+    if d_rows is not None:
         rows_grad = p.dev.host_empty((emb.ids.numel() * H,), p.store.grad[0].dtype)
         # every rank takes every row (each writes its shard of them); one rank of a node norms them
-        stream_out_gradient(p, "embed rows", d_rows.view(-1), rows_grad, totals, "sq_embed", None,
-                            norm=not p.sharded or p.store.shared.local_rank == 0)
+        edge.out("embed rows", d_rows.view(-1), rows_grad, "sq_embed", None,
+                 norm=not p.sharded or p.store.shared.local_rank == 0)
 
     # sync: the loss and the gradient norm are needed on the host to clip and to report
     p.dev.sync(p.dev.record("compute"))
     p.dev.sync(p.dev.record("copy_out"))
-    if not frozen:
+    if d_rows is not None:
         write_embedding_grad(p, emb, rows_grad)
     emb.release()
     sq = sum(v for k, v in totals.items() if k.startswith("sq_"))

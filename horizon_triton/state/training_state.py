@@ -32,8 +32,8 @@ from pathlib import Path
 import torch
 
 from . import durable
-from .config import ModelConfig, TrainConfig
-from .store import HostStore
+from ..config import ModelConfig, TrainConfig
+from ..host.store import HostStore
 
 FORMAT = "horizon-triton training checkpoint"
 VERSION = 1

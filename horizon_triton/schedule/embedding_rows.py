@@ -3,15 +3,11 @@ step are gathered there, cross the bus once, and their fp32 gradients come back 
 embedding's grad buffer (within this rank's shard under data parallel)."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
-from . import layer as lt
+from ..models.dense import layer as lt
+from .pipeline import Pipeline
 from .trace import traced
-
-if TYPE_CHECKING:
-    from .scheduler import Pipeline
 
 
 class EmbeddingRows:

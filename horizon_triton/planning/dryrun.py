@@ -1,8 +1,8 @@
 """The dry run: the real engine at full size on PyTorch's meta device (shapes and dtypes, no memory, no arithmetic).
 
-``Engine(model_cfg, train_cfg, device=MetaDevice(...))`` builds the same HostStore layout and the same pipeline
-(build_pipeline) as a real run, and ``run_step`` then runs the real scheduler and layer template on meta
-micro-batches made by the engine's own ``prepare`` (every token of the step a distinct id, up to the vocabulary:
+On a ``MetaDevice``, schedule/build.py builds the same HostStore layout and the same pipeline as the Engine
+does, and ``run_step`` then runs the real scheduler and layer template on meta micro-batches made by the
+engine's own batch preparation, data/batch.prepare (every token of the step a distinct id, up to the vocabulary:
 the most embedding rows a step can gather). Nothing here models the engine a second time; the answers are what
 the engine's own accounting sees:
 
@@ -35,11 +35,16 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .config import ModelConfig, TrainConfig
-from .device import MetaDevice
+from ..config import ModelConfig, TrainConfig
+from ..devices.device import MetaDevice
 from .kernel_models import meta_ops, nbytes
-from .preference import DPOHead, PreferenceBatch
-from .store import HostStore, host_block_bytes
+from ..data.batch import prepare as prepare_batch
+from ..data.batch import to_device
+from ..data.pairs import PreferenceBatch
+from ..objectives.preference import DPOHead
+from ..schedule.build import build_step_pipeline, build_store
+from ..schedule.scheduler import run_step
+from ..host.store import HostStore, host_block_bytes
 
 aten = torch.ops.aten
 DEVICE_BLOCK = 512                     # the CUDA caching allocator's allocation granularity
@@ -78,7 +83,7 @@ def _tensors(tree):
 # counting: memory live on the device and on the host, work per stream task
 # ------------------------------------------------------------------------------------------------------------
 class OpCounter(TorchDispatchMode):
-    """Sees every op on meta tensors. New storages are device memory, unless HostStore._alloc_kind or
+    """Sees every op on meta tensors. New storages are device memory, unless HostStore.alloc_kind or
     MetaDevice.host_empty made them (host memory); their bytes stay counted until the storage dies. Each op's
     work goes to the running task of the device's timeline; a copy from or to a host storage is a bus transfer."""
 
@@ -95,7 +100,7 @@ class OpCounter(TorchDispatchMode):
         self.meter = None            # set once the pipeline exists
         self._sizes: dict[int, tuple[str, int]] = {}     # storage id -> ("device"|"host"|"store"|"workspace", bytes)
         self._allocating_workspace = False
-        self._store_code = HostStore._alloc_kind.__code__
+        self._store_code = HostStore.alloc_kind.__code__
 
     # ---- memory ----------------------------------------------------------------------------------------
     def _made_by_store(self) -> bool:
@@ -297,7 +302,7 @@ def micro_batch_shapes(tokens_per_step: int, grad_accum_steps: int, seq_len: int
 
 
 def _batch(rows: int, seq_len: int, doc_lengths, first_id: int, vocab_size: int) -> dict:
-    """A real (CPU) batch of the given shape for engine.prepare: token ids first_id, first_id + 1, … (mod the
+    """A real (CPU) batch of the given shape for data/batch.prepare: token ids first_id, first_id + 1, … (mod the
     vocabulary), so that a step's micro-batches hold min(tokens, vocab) distinct ids, the most embedding rows a
     step can gather; position ids restart at each document."""
     ids = (torch.arange(rows * seq_len, dtype=torch.int64).view(rows, seq_len) + first_id) % vocab_size
@@ -308,7 +313,7 @@ def _batch(rows: int, seq_len: int, doc_lengths, first_id: int, vocab_size: int)
     return batch
 
 
-def _dry_run_pairs(engine, mb) -> PreferenceBatch:
+def _dry_run_pairs(dev, mb) -> PreferenceBatch:
     """DPO's per-token and per-sequence tensors of a micro-batch (a pair per two rows, a row split in two when it
     is the only one), at their real sizes: which sequence each target is in, the sequences' lengths and
     reference log-probs. The values are the meta device's: only their shapes matter here."""
@@ -316,8 +321,8 @@ def _dry_run_pairs(engine, mb) -> PreferenceBatch:
     num_pairs = max(1, mb.shape[0] // 2)
     seq_index = torch.arange(T) * (2 * num_pairs) // max(T, 1)
     lengths = torch.full((2 * num_pairs,), T / (2 * num_pairs))
-    return PreferenceBatch(seq_index=engine._to_device(seq_index), num_pairs=num_pairs,
-                           lengths=engine._to_device(lengths), ref_logps=engine._to_device(torch.zeros(2 * num_pairs)))
+    return PreferenceBatch(seq_index=to_device(dev, seq_index), num_pairs=num_pairs,
+                           lengths=to_device(dev, lengths), ref_logps=to_device(dev, torch.zeros(2 * num_pairs)))
 
 
 def dry_run(model_cfg: ModelConfig, train_cfg: TrainConfig | None = None, *, tokens_per_step: int,
@@ -347,8 +352,6 @@ def dry_run_shapes(model_cfg: ModelConfig, train_cfg: TrainConfig, shapes: list[
                    doc_lengths: tuple[int, ...] | None = None, *, kernel_backend: str, device_memory_bytes: int,
                    pin_memory: bool, world_size: int = 1) -> DryRun:
     """The dry run of one optimizer step whose micro-batches have these (rows, seq_len) shapes."""
-    from .engine import Engine
-    from .scheduler import run_step
     train_cfg = replace(train_cfg, trace_path=None, preflight=False)
     dev = MetaDevice(None, kernel_backend, device_memory_bytes, pin_memory)
     counter = OpCounter(dev)
@@ -356,19 +359,20 @@ def dry_run_shapes(model_cfg: ModelConfig, train_cfg: TrainConfig, shapes: list[
     tokens = sum(rows * seq for rows, seq in shapes)
     dpo = train_cfg.objective == "dpo"
     with counter:
-        # the batches are made as for the mean loss; with DPO, each gets pairs of its shape (_dry_run_pairs)
-        engine = Engine(model_cfg, replace(train_cfg, objective="sft"), device=dev)
-        p = engine.pipeline
+        store = build_store(model_cfg, train_cfg, dev)       # the engine's store and pipeline, on meta
+        p = build_step_pipeline(model_cfg, train_cfg, store, dev.ops, dev, _OptimizerStandIn(dev))
+        inv_freq = model_cfg.inv_freq().to(dev.torch_device)
         counter.meter = p.meter
         fixed = counter.device_live
-        p.optimizer = _OptimizerStandIn(dev)
         if world_size > 1:
             p.dist = _DistStandIn(world_size)
+        # the batches are made as for the mean loss; with DPO, each gets pairs of its shape (_dry_run_pairs)
         firsts = [sum(r * n for r, n in shapes[:m]) for m in range(len(shapes))]
-        mbs = [engine.prepare(_batch(rows, seq, doc_lengths, first, model_cfg.vocab_size), where="dry run")
+        mbs = [prepare_batch(_batch(rows, seq, doc_lengths, first, model_cfg.vocab_size), model_cfg, dev, inv_freq,
+                             dpo=False, where="dry run")
                for (rows, seq), first in zip(shapes, firsts)]
         for mb in mbs if dpo else ():
-            mb.preference = _dry_run_pairs(engine, mb)
+            mb.preference = _dry_run_pairs(dev, mb)
         dev.timeline.clear()                  # building the engine and the batches is not part of the step
         p.meter.reset_peak()
         counter.device_peak = counter.device_live
@@ -384,22 +388,23 @@ def dry_run_shapes(model_cfg: ModelConfig, train_cfg: TrainConfig, shapes: list[
                     mem[kind] = mem.get(kind, 0) + b
     return DryRun(
         model_cfg=model_cfg, train_cfg=train_cfg, micro_batches=list(shapes),
-        num_parameters=engine.store.num_parameters(),
-        host_store=host_store_bytes(engine.store.allocations),
+        num_parameters=store.num_parameters(),
+        host_store=host_store_bytes(store.allocations),
         host_step_bytes=counter.host_peak, host_step_pinned=pin_memory,
         device_peak_bytes=counter.device_peak, device_held_peak_bytes=p.meter.peak, device_fixed_bytes=fixed,
         device_held_at_peak=counter.held_at_peak, device_workspace_at_peak=counter.workspace_at_peak,
         h2d_bytes=p.meter.h2d_bytes, d2h_bytes=p.meter.d2h_bytes, flops=flops, device_memory_bytes=mem,
-        timeline=dev.timeline, layer_allocations=list(engine.store.allocations), world_size=world_size,
+        timeline=dev.timeline, layer_allocations=list(store.allocations), world_size=world_size,
         allreduce_bytes=p.meter.reduced_bytes)
 
 
 def fixed_device_bytes(model_cfg: ModelConfig, train_cfg: TrainConfig, kernel_backend: str,
                        device_memory_bytes: int, pin_memory: bool) -> tuple[int, list]:
     """(bytes the pipeline holds on the device before any step, by DeviceMeter's count; the store's allocations),
-    from an engine built on the meta device without running a step. No op counter: the preflight of every Engine
-    runs this, and the first TorchDispatchMode of a process imports torch._dynamo (~150 MB, seconds)."""
-    from .engine import Engine
+    from the engine's store and pipeline built on the meta device, without running a step. No op counter: the
+    preflight of every Engine runs this, and the first TorchDispatchMode of a process imports torch._dynamo
+    (~150 MB, seconds)."""
     dev = MetaDevice(meta_ops("torch", None, None), kernel_backend, device_memory_bytes, pin_memory)
-    engine = Engine(model_cfg, replace(train_cfg, trace_path=None, preflight=False), device=dev)
-    return engine.pipeline.meter.held, list(engine.store.allocations)
+    store = build_store(model_cfg, train_cfg, dev)
+    p = build_step_pipeline(model_cfg, train_cfg, store, dev.ops, dev, _OptimizerStandIn(dev))
+    return p.meter.held, list(store.allocations)
