@@ -93,7 +93,7 @@ class ModelConfig:
         return max(self.max_position_embeddings, int(s["factor"] * original))
 
     def num_parameters(self) -> int:
-        from .store import layer_layouts
+        from .models.dense.weights import layer_layouts   # torch, imported when needed
         return sum(layout.numel for layout in layer_layouts(self))
 
     # ---- Hugging Face -----------------------------------------------------------------------------------
@@ -311,7 +311,7 @@ class TrainConfig:
             raise ValueError(f"warmup_steps must be an int ≥ 0, got {self.warmup_steps!r}")
 
     def _check_lora(self) -> None:
-        from .lora import TARGETS
+        from .models.dense.weights import TARGETS
         if isinstance(self.lora_targets, str):
             object.__setattr__(self, "lora_targets", tuple(t for t in self.lora_targets.split(",") if t))
         object.__setattr__(self, "lora_targets", tuple(self.lora_targets))     # a list from JSON or the CLI

@@ -1,5 +1,6 @@
-"""cli.py: the fine-tune job end to end on a tiny Llama with its own tokenizer, its errors before training, the
-demo run (a few steps; its accuracy is measured by hand, not here), and the progress line."""
+"""The command line (horizon_triton/cli/): the fine-tune job end to end on a tiny Llama with its own tokenizer, its
+errors before training, the demo run (a few steps; its accuracy is measured by hand, not here), and the progress
+line."""
 import io
 import json
 import os

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import horizon_triton as ht
-from horizon_triton import training_state
+from horizon_triton.state import training_state
 from horizon_triton.engine import Diverged
 from hf_reference import make_hf_model, random_batches
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import horizon_triton as ht
-from horizon_triton.store import HostStore
+from horizon_triton.host.store import HostStore
 
 PROBE = Path(__file__).with_name("host_memory_probe.py")
 GiB = 1024**3

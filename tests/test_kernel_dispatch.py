@@ -68,8 +68,8 @@ def test_canary_replaces_a_failing_family_with_one_warning_each():
     compile)."""
     from types import SimpleNamespace
 
-    from horizon_triton import canary
-    from horizon_triton.ops import KERNEL_FAMILY, load_ops
+    from horizon_triton.devices import canary
+    from horizon_triton.models.ops import KERNEL_FAMILY, load_ops
 
     triton_ops = load_ops("triton-interpret")
     planted = SimpleNamespace(**vars(triton_ops))
@@ -97,7 +97,7 @@ def test_canary_replaces_a_failing_family_with_one_warning_each():
 
 def test_torch_backend_on_cuda_is_the_library_path():
     from horizon_triton.kernels import library
-    from horizon_triton.ops import load_ops
+    from horizon_triton.models.ops import load_ops
     ops = load_ops("torch", "cuda")
     assert ops.attention_forward is library.attention_forward
     assert ops.linear_cross_entropy is library.linear_cross_entropy
@@ -108,7 +108,7 @@ def test_torch_backend_on_cpu_takes_the_library_attention():
     """On CPU the torch backend is the references but for the attention: aten's CPU flash attention through the
     library path (the reference's scores are S × S in time and memory)."""
     from horizon_triton.kernels import library, reference
-    from horizon_triton.ops import load_ops
+    from horizon_triton.models.ops import load_ops
     ops = load_ops("torch", "cpu")
     assert ops.attention_forward is library.attention_forward
     assert ops.attention_backward is library.attention_backward
@@ -120,8 +120,8 @@ def test_canary_keeps_a_kernel_it_cannot_judge():
     warning that says it went unchecked."""
     from types import SimpleNamespace
 
-    from horizon_triton import canary
-    from horizon_triton.ops import load_ops
+    from horizon_triton.devices import canary
+    from horizon_triton.models.ops import load_ops
 
     triton_ops = load_ops("triton-interpret")
     fallback = SimpleNamespace(**vars(load_ops("torch")))

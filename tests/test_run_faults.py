@@ -14,7 +14,9 @@ import pytest
 import torch
 
 from hf_reference import load_hf, make_hf_model
-from horizon_triton import checkpoint, cli, durable, rundir
+from horizon_triton.state import checkpoint, durable
+from horizon_triton import cli
+from horizon_triton.cli import rundir
 from horizon_triton.engine import Engine
 from tiny_tokenizers import make_tokenizer
 

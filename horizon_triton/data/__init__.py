@@ -1,5 +1,8 @@
-"""Data: the demo's addition task, and fine-tuning data from JSONL files.
+"""Data: what a loader yields made into a MicroBatch, the demo's addition task, and fine-tuning data from JSONL files.
+Imports models (MicroBatch) and the kernels (IGNORE_INDEX) only.
 
+    batch      a loader's batch -> one MicroBatch on the compute device (Engine.prepare asks it once a batch)
+    pairs      DPO's pairs in a micro-batch (which sequence each target is in, the reference sums)
     addition   the built-in task of the demo (character tokenizer, held-out problems, greedy exact match)
     records    JSONL lines checked and normalized: text, prompt/response, messages, Alpaca, ShareGPT
     encode     a record -> token ids and labels, with the tokenizer's chat template; which tokens are trained;

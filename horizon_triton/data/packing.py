@@ -14,7 +14,7 @@ no trained token is skipped and counted too.
 
 Preference pairs (``preference=True``): the chosen and the rejected sequence of a pair are two documents packed one
 after the other in the same row, so that a micro-batch of whole rows holds whole pairs in the order DPO reads them
-(horizon_triton/preference.py). A pair longer than seq_len (chosen + rejected) is dropped, refused, or truncated:
+(objectives/preference.py). A pair longer than seq_len (chosen + rejected) is dropped, refused, or truncated:
 each sequence keeps its start, the chosen max(seq_len // 2, seq_len − rejected) tokens at most, the rejected the
 rest. A row file of pairs may get a column of reference log-probs per token (``PackedRows.attach_reference``).
 
