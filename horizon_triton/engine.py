@@ -21,9 +21,8 @@ from .devices import canary, distributed
 from .devices.device import device_kind, make_device
 from .host.node_store import NodeShare
 from .host.optimizer import OptimizerDriver, clip_coefficient
-from .host.store import fix_malloc_mmap_threshold
 from .models.dense import layer as lt
-from .models.ops import TORCH_ONLY, load_ops, select_backend
+from .models.ops import CPU_LIBRARY_OPS, TORCH_ONLY, load_ops, select_backend
 from .objectives import lora, preference
 from .planning import preflight
 from .schedule.activations import forward_budget, forward_group_full
@@ -87,7 +86,6 @@ class Engine:
         self.compute_dtype = DTYPES[train_cfg.compute_dtype]
         if train_cfg.preflight:
             preflight.check_engine(model_cfg, train_cfg, self.device)   # before anything is allocated
-        fix_malloc_mmap_threshold()
         share = None
         if self.dist is not None and self.dist.local_world > 1 and train_cfg.share_host_store:
             share = NodeShare(self.dist.node_store_name, self.dist.local_rank, self.dist.local_world,
@@ -103,10 +101,10 @@ class Engine:
         self.kernel_backend = select_backend(self.device.type)
         self.ops = load_ops(self.kernel_backend, self.device.type)
         # what runs each op: "triton", "library (why)" where the canary replaced a Triton family, or the path
-        path = self.kernel_backend
-        if path == "torch":
-            path = "library" if self.device.type == "cuda" else "reference"
-        self.kernel_report = dict.fromkeys(vars(self.ops), path)
+        self.kernel_report = dict.fromkeys(vars(self.ops), self.kernel_backend)
+        if self.kernel_backend == "torch":
+            self.kernel_report = {name: "library" if self.device.type == "cuda" or name in CPU_LIBRARY_OPS
+                                  else "reference" for name in vars(self.ops)}
         if self.kernel_backend == "triton":
             self.kernel_report.update(dict.fromkeys(TORCH_ONLY, "library"))
             self.ops, report = canary.run(self.ops, load_ops("torch", "cuda"), self.device.torch_device,

@@ -15,15 +15,19 @@ measured against in the same run, and what the start-up canary falls back to for
   of the vocabulary-chunked head (pass 1, the statistics, is the reference's: one GEMM in h.dtype).
 - rmsnorm, rope, swiglu: the references (elementwise; their speed is the memory bandwidth either way).
 
-Supported range of the flash path: CUDA, bf16/fp16, head_dim ≤ 256 and a multiple of 8; doc_ids non-decreasing
-along each row (what Engine.prepare builds from restarting position ids). Anything else on CUDA — fp32 (exact
-mode), other head dims — takes the reference attention (O(S²) memory: small shapes only).
+Supported range of the flash path: CUDA, bf16/fp16, head_dim ≤ 256 and a multiple of 8; every document one
+contiguous run of its row (packed documents, left or right padding: what Engine.prepare builds). Anything else
+on CUDA — fp32 (exact mode), other head dims, a document cut in two by a masked token — takes the reference
+attention (O(S²) memory: small shapes only).
 Known gaps: cu_seqlens and the longest segment are computed once per doc_ids tensor with one host sync (cached
 for the layers that share it); cuBLAS may use reduced-precision split-K reductions for bf16 unless
 ``torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction`` is False.
 
-On CPU, ``_cpu_flash_forward``/``_cpu_flash_backward`` run the same segment layout and window through aten's CPU
-flash attention (a mask built from cu_seqlens): that is how the tests check the layout logic without a GPU.
+On CPU the same segment layout runs through aten's CPU flash attention (``_cpu_flash_forward`` /
+``_cpu_flash_backward``, forward and backward, fp32 and bf16, grouped-query heads natively): one causal call for
+all segments when they have one length (rows without documents), else one per segment, Mistral's window as an
+additive mask inside a segment longer than it, and one-token segments (padding) in closed form. That is the
+engine's CPU attention (ops.py): nothing S×S beyond a window's mask, and causal blocks skipped.
 """
 from __future__ import annotations
 
@@ -43,12 +47,14 @@ FLASH_DTYPES = (torch.bfloat16, torch.float16)
 # ----------------------------------------------------------------------------------------------------------
 # Segment layout: rows × documents -> cumulative sequence lengths over the flattened tokens
 # ----------------------------------------------------------------------------------------------------------
-_layouts: dict[int, tuple] = {}    # id(doc_ids) -> (weakref to it, cu_seqlens, max_seqlen)
+_layouts: dict[int, tuple] = {}    # id(doc_ids) -> (weakref to it, (cu_seqlens, max_seqlen) or None)
 
 
-def varlen_layout(doc_ids: torch.Tensor | None, B: int, S: int, device) -> tuple[torch.Tensor, int]:
+def varlen_layout(doc_ids: torch.Tensor | None, B: int, S: int, device) -> tuple[torch.Tensor, int] | None:
     """(cu_seqlens int32 [n + 1], max_seqlen): the n segments of the flattened [B·S] tokens that attend only
-    among themselves — one per row, cut again wherever doc_ids changes along the row.
+    among themselves — one per row, cut again wherever doc_ids changes along the row. None when some document is
+    not one contiguous run of its row (a masked token inside it, whose two sides still see each other): no
+    segment layout expresses that, the reference attention does.
 
     Without doc_ids no sync is needed; with them one (the segment count and the longest segment are host
     values), paid once per doc_ids tensor: every layer's forward and backward reuses it."""
@@ -56,23 +62,24 @@ def varlen_layout(doc_ids: torch.Tensor | None, B: int, S: int, device) -> tuple
         return torch.arange(0, B * S + 1, S, dtype=torch.int32, device=device), S
     cached = _layouts.get(id(doc_ids))
     if cached is not None and cached[0]() is doc_ids:
-        return cached[1], cached[2]
+        return cached[1]
     if doc_ids.shape != (B, S):
         raise ValueError(f"attention: doc_ids shape {tuple(doc_ids.shape)} != (B, S) = {(B, S)}")
-    step = doc_ids[:, 1:] - doc_ids[:, :-1]
     starts = torch.ones(B, S, dtype=torch.bool, device=doc_ids.device)
-    starts[:, 1:] = step != 0                                        # a row's first token starts a segment too
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]                # a row's first token starts a segment too
+    ordered = doc_ids.sort(dim=1).values
+    documents = (ordered[:, 1:] != ordered[:, :-1]).sum(1) + 1
     # sync: the segment boundaries and the longest segment are launch arguments of the varlen kernel
-    if bool((step < 0).any()):
-        raise ValueError("attention (library path): doc_ids must be non-decreasing along each row (documents "
-                         "packed one after another, as Engine.prepare builds them from position_ids)")
-    cu = torch.cat((starts.reshape(-1).nonzero().reshape(-1),
-                    torch.tensor([B * S], device=doc_ids.device))).to(torch.int32)
-    max_seqlen = int((cu[1:] - cu[:-1]).max())
+    if bool((starts.sum(1) != documents).any()):                     # more runs than documents: one is cut
+        layout = None
+    else:
+        cu = torch.cat((starts.reshape(-1).nonzero().reshape(-1),
+                        torch.tensor([B * S], device=doc_ids.device))).to(torch.int32)
+        layout = cu, int((cu[1:] - cu[:-1]).max())
     if len(_layouts) > 64:                                           # only the live micro-batches matter
         _layouts.clear()
-    _layouts[id(doc_ids)] = (weakref.ref(doc_ids), cu, max_seqlen)
-    return cu, max_seqlen
+    _layouts[id(doc_ids)] = (weakref.ref(doc_ids), layout)
+    return layout
 
 
 def window_left(S: int, sliding_window: int | None) -> int | None:
@@ -82,7 +89,7 @@ def window_left(S: int, sliding_window: int | None) -> int | None:
 
 def _flash_calls(q: torch.Tensor):
     """(forward, backward) varlen calls for q's device and dtype, or None where only the reference applies.
-    On CPU the stand-ins below take the same arguments (the tests' way to run this module without a GPU)."""
+    On CPU aten's CPU flash attention, through calls that take the same arguments."""
     if not q.is_cuda:
         return (_cpu_flash_forward, _cpu_flash_backward) if q.device.type == "cpu" else None
     D = q.shape[-1]
@@ -108,9 +115,10 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids
     """-> (o[B, S, Hq, D] in q.dtype, lse[B, Hq, S] fp32). Same contract as reference.attention_forward."""
     B, S, Hq, D = q.shape
     calls = _flash_calls(q)
-    if calls is None:
+    layout = None if calls is None else varlen_layout(doc_ids, B, S, q.device)
+    if layout is None:
         return reference.attention_forward(q, k, v, doc_ids, scale, sliding_window)
-    cu, max_seqlen = varlen_layout(doc_ids, B, S, q.device)
+    cu, max_seqlen = layout
     T = B * S
     o, lse = calls[0](q.reshape(T, Hq, D), k.reshape(T, -1, D), v.reshape(T, -1, D), cu, max_seqlen,
                                  scale, window_left(S, sliding_window))
@@ -123,9 +131,10 @@ def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
     """-> (dq, dk, dv) in the input dtype. Same contract as reference.attention_backward."""
     B, S, Hq, D = q.shape
     calls = _flash_calls(q)
-    if calls is None:
+    layout = None if calls is None else varlen_layout(doc_ids, B, S, q.device)
+    if layout is None:
         return reference.attention_backward(do, q, k, v, o, lse, doc_ids, scale, sliding_window)
-    cu, max_seqlen = varlen_layout(doc_ids, B, S, q.device)
+    cu, max_seqlen = layout
     T, Hkv = B * S, k.shape[2]
     dq, dk, dv = calls[1](do.reshape(T, Hq, D), q.reshape(T, Hq, D), k.reshape(T, Hkv, D),
                                       v.reshape(T, Hkv, D), o.reshape(T, Hq, D), _lse_to_varlen(lse), cu,
@@ -151,41 +160,89 @@ def _cuda_flash_backward(do, q, k, v, o, lse, cu, max_seqlen: int, scale: float,
         window_size_left=left, window_size_right=None if left is None else 0)
 
 
-def _segment_mask(cu: torch.Tensor, T: int, left: int | None) -> torch.Tensor:
-    """bool[T, T]: what the varlen kernel lets query i see — key j in i's segment, j ≤ i, i − j ≤ left."""
-    t = torch.arange(T, device=cu.device)
-    segment = torch.searchsorted(cu[1:].long(), t, right=True)
-    allowed = (segment[:, None] == segment[None, :]) & (t[None, :] <= t[:, None])
-    if left is not None:
-        allowed &= t[:, None] - t[None, :] <= left
-    return allowed
+_cpu_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_cpu_flash_grad = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
 
-def _cpu_inputs(cu, T: int, Hq: int, left: int | None, dtype, *tensors):
-    """The segment mask as an additive [1, 1, T, T] mask, and each [T, H, D] tensor as [1, Hq, T, D] (kv heads
-    repeated over their query group: the CPU kernel has no grouped-query form)."""
-    mask = torch.zeros(T, T, dtype=dtype).masked_fill_(~_segment_mask(cu, T, left), float("-inf"))
-    return mask[None, None], [t.repeat_interleave(Hq // t.shape[1], dim=1).transpose(0, 1)[None] for t in tensors]
+def _cpu_segments(cu: torch.Tensor) -> tuple[list[tuple[int, int]], int | None]:
+    """The segments [a, b) of cu, and their common length when they all have one (rows without documents)."""
+    bounds = cu.tolist()
+    segments = list(zip(bounds, bounds[1:]))
+    lengths = {b - a for a, b in segments}
+    return segments, lengths.pop() if len(lengths) == 1 else None
+
+
+def _window_mask(n: int, left: int | None, dtype) -> torch.Tensor | None:
+    """Additive [n, n] mask of a segment of n tokens for the window (the call is causal too: it skips the blocks
+    above the diagonal); None when the window does not cut the segment."""
+    if left is None or n <= left + 1:
+        return None
+    i = torch.arange(n)
+    return torch.zeros(n, n, dtype=dtype).masked_fill_(i[:, None] - i[None, :] > left, float("-inf"))
+
+
+def _heads_first(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """[T, H, D] -> [rows, H, T / rows, D] (a view: the kernel takes these strides)."""
+    return t.view(rows, -1, *t.shape[1:]).transpose(1, 2)
+
+
+def _tokens_first(t: torch.Tensor) -> torch.Tensor:
+    """[rows, H, n, D] from the kernel, laid out [rows, n, H, D] -> [rows · n, H, D]."""
+    return t.transpose(1, 2).reshape(-1, t.shape[1], t.shape[3])
 
 
 def _cpu_flash_forward(q, k, v, cu, max_seqlen: int, scale: float, left: int | None):
-    """The CUDA call's CPU stand-in (tests): same arguments and layouts, aten's CPU flash attention underneath
-    with the segment layout as a mask over the flattened tokens (T² memory: small shapes only)."""
-    T, Hq, _ = q.shape
-    mask, (qh, kh, vh) = _cpu_inputs(cu, T, Hq, left, q.dtype, q, k, v)
-    o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qh, kh, vh, 0.0, False, attn_mask=mask,
-                                                                        scale=scale)
-    return o[0].transpose(0, 1).contiguous(), lse[0]                 # [T, Hq, D], [Hq, T]
+    """The CUDA call on CPU: q[T, Hq, D], k/v[T, Hkv, D] -> (o[T, Hq, D], lse[Hq, T]) through aten's CPU flash
+    attention, causal within each segment of cu."""
+    T, Hq, D = q.shape
+    segments, n = _cpu_segments(cu)
+    if n is not None and n > 1:                  # one batched call, the segments as its rows
+        rows = T // n
+        o, lse = _cpu_flash(*(_heads_first(t, rows) for t in (q, k, v)), 0.0, True,
+                            attn_mask=_window_mask(n, left, q.dtype), scale=scale)
+        return _tokens_first(o), lse.transpose(0, 1).reshape(Hq, T)
+    o, lse = torch.empty_like(q), torch.empty(Hq, T, dtype=torch.float32)
+    singles = []
+    for a, b in segments:
+        if b - a == 1:
+            singles.append(a)
+            continue
+        o_s, lse_s = _cpu_flash(*(_heads_first(t[a:b], 1) for t in (q, k, v)), 0.0, True,
+                                attn_mask=_window_mask(b - a, left, q.dtype), scale=scale)
+        o[a:b], lse[:, a:b] = _tokens_first(o_s), lse_s[0]
+    if singles:                                  # a token alone sees itself: p = 1, o = v, lse = its score
+        i = torch.tensor(singles)
+        k_i, v_i = (t[i].repeat_interleave(Hq // k.shape[1], dim=1) for t in (k, v))
+        o[i] = v_i
+        lse[:, i] = (q[i].float() * k_i.float()).sum(-1).mul_(scale).t()
+    return o, lse
 
 
 def _cpu_flash_backward(do, q, k, v, o, lse, cu, max_seqlen: int, scale: float, left: int | None):
+    """-> (dq[T, Hq, D], dk[T, Hkv, D], dv[T, Hkv, D]); the kernel sums each kv head's query group itself."""
     T, Hq, D = q.shape
     Hkv = k.shape[1]
-    mask, (doh, qh, kh, vh, oh) = _cpu_inputs(cu, T, Hq, left, q.dtype, do, q, k, v, o)
-    dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-        doh, qh, kh, vh, oh, lse[None], 0.0, False, attn_mask=mask, scale=scale)
-    per_kv = lambda t: t[0].reshape(Hkv, Hq // Hkv, T, D).sum(1).transpose(0, 1).to(q.dtype).contiguous()  # noqa: E731
-    return dq[0].transpose(0, 1).contiguous(), per_kv(dk), per_kv(dv)
+    segments, n = _cpu_segments(cu)
+    if n is not None and n > 1:
+        rows = T // n
+        grads = _cpu_flash_grad(*(_heads_first(t, rows) for t in (do, q, k, v, o)),
+                                lse.view(Hq, rows, n).transpose(0, 1), 0.0, True,
+                                attn_mask=_window_mask(n, left, q.dtype), scale=scale)
+        return tuple(_tokens_first(g) for g in grads)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    singles = []
+    for a, b in segments:
+        if b - a == 1:
+            singles.append(a)
+            continue
+        grads = _cpu_flash_grad(*(_heads_first(t[a:b], 1) for t in (do, q, k, v, o)), lse[None, :, a:b], 0.0,
+                                True, attn_mask=_window_mask(b - a, left, q.dtype), scale=scale)
+        dq[a:b], dk[a:b], dv[a:b] = (_tokens_first(g) for g in grads)
+    if singles:                                  # p = 1: dv = Σ_group dO, and dS = p (dO·v − dO·o) = 0
+        i = torch.tensor(singles)
+        dq[i], dk[i] = 0.0, 0.0
+        dv[i] = do[i].float().view(-1, Hkv, Hq // Hkv, D).sum(2).to(dv.dtype)
+    return dq, dk, dv
 
 
 # ----------------------------------------------------------------------------------------------------------

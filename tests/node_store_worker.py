@@ -17,7 +17,7 @@ from horizon_triton.state import training_state
 from horizon_triton.host.node_store import NodeShare, PeerError
 from horizon_triton.host.optimizer import OptimizerDriver
 from horizon_triton.host.pinning import HostPinner
-from horizon_triton.host.store import HostStore, fix_malloc_mmap_threshold
+from horizon_triton.host.store import HostStore
 
 # 0.9M parameters; the decoder layers' decayed prefix ends inside a 256-element block; with tied embeddings
 # the head is one 304-element norm, so a cut of 2 or 3 ranks falls inside the undecayed rest (and one is empty)
@@ -340,7 +340,6 @@ def memory(rank, world, name, barrier, results, cfg_fields, shared, states, thre
     measured while every rank still maps it, and the seconds of the second step (start_step to wait_all)."""
     def body():
         torch.set_num_threads(1)
-        fix_malloc_mmap_threshold()            # as an Engine does: freed temporaries go back to the system
         cfg = ht.ModelConfig(**cfg_fields)
         before = smaps_rollup("Pss"), smaps_rollup("Rss")
         share = NodeShare(name, rank, world, barrier.wait) if shared else None

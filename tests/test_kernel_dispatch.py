@@ -27,7 +27,11 @@ def _run(backend, monkeypatch, compute_dtype="float32", head_chunk_rows=None):
     engine = ht.Engine(cfg, ht.TrainConfig(device="cpu", compute_dtype=compute_dtype, lr=1e-3,
                                            head_chunk_rows=head_chunk_rows))
     history = engine.fit(batches)
-    assert set(engine.kernel_report.values()) == {"reference" if backend is None else "triton-interpret"}
+    if backend is None:      # the torch path on CPU: the references, and PyTorch's CPU flash attention
+        assert engine.kernel_report == {name: "library" if name.startswith("attention") else "reference"
+                                        for name in engine.kernel_report}
+    else:
+        assert set(engine.kernel_report.values()) == {"triton-interpret"}
     return engine.kernel_backend, [h["loss"] for h in history], torch.cat(engine.store.master)
 
 
@@ -98,6 +102,17 @@ def test_torch_backend_on_cuda_is_the_library_path():
     assert ops.attention_forward is library.attention_forward
     assert ops.linear_cross_entropy is library.linear_cross_entropy
     assert ops.rope_forward_ is library.rope_forward_          # the small ops are the references
+
+
+def test_torch_backend_on_cpu_takes_the_library_attention():
+    """On CPU the torch backend is the references but for the attention: aten's CPU flash attention through the
+    library path (the reference's scores are S × S in time and memory)."""
+    from horizon_triton.kernels import library, reference
+    from horizon_triton.models.ops import load_ops
+    ops = load_ops("torch", "cpu")
+    assert ops.attention_forward is library.attention_forward
+    assert ops.attention_backward is library.attention_backward
+    assert ops.linear_cross_entropy is reference.linear_cross_entropy and ops.rope_forward_ is reference.rope_forward_
 
 
 def test_canary_keeps_a_kernel_it_cannot_judge():

@@ -1,16 +1,27 @@
 """The library path (kernels/library.py) on CPU: its segment layout, window arguments and layouts run through
-aten's CPU flash attention (the same calling code as the CUDA flash call) against reference.attention_*, and its
-cross-entropy against the reference under the tests' tolerance rule."""
+aten's CPU flash attention (the same calling code as the CUDA flash call; the engine's CPU attention) against
+reference.attention_*, and its cross-entropy against the reference under the tests' tolerance rule."""
 import pytest
 import torch
 from kernel_checks import assert_within_reference_error
 
+from horizon_triton.data.batch import doc_ids_of
 from horizon_triton.kernels import library, reference
 
 
 def _doc_ids(rows: list[list[int]]) -> torch.Tensor:
     """Doc ids from each row's document lengths."""
     return torch.stack([torch.repeat_interleave(torch.arange(len(r)), torch.tensor(r)) for r in rows]).int()
+
+
+def _padded_doc_ids() -> torch.Tensor:
+    """What the engine builds for a left-padded row and a right-padded row of two packed documents: every
+    masked token a document of its own, numbered after the real ones (so the ids fall along the first row)."""
+    keep = torch.ones(2, 16, dtype=torch.bool)
+    keep[0, :3] = False
+    keep[1, 12:] = False
+    pos = torch.stack((torch.arange(16), torch.cat((torch.arange(5), torch.arange(11)))))
+    return doc_ids_of(pos, keep)
 
 
 def test_varlen_layout_cuts_at_rows_and_documents():
@@ -20,29 +31,51 @@ def test_varlen_layout_cuts_at_rows_and_documents():
     cu, longest = library.varlen_layout(docs, 3, 8, "cpu")
     assert cu.tolist() == [0, 3, 8, 16, 18, 20, 24] and longest == 8
     assert library.varlen_layout(docs, 3, 8, "cpu")[0] is cu                 # one sync per doc_ids tensor
-    with pytest.raises(ValueError, match="non-decreasing"):
-        library.varlen_layout(torch.tensor([[0, 1, 0, 1]], dtype=torch.int32), 1, 4, "cpu")
+    cu, longest = library.varlen_layout(_padded_doc_ids(), 2, 16, "cpu")     # each masked token a segment
+    assert cu.tolist() == [0, 1, 2, 3, 16, 21, 28, 29, 30, 31, 32] and longest == 13
+
+
+def test_document_cut_by_a_masked_token_takes_the_reference():
+    """[1, 1, 0, 1] as attention_mask: the row's one document is cut by the masked token, and its two pieces still
+    see each other; no segment layout says that, so the layout is None and the reference's result comes back."""
+    docs = doc_ids_of(torch.arange(4)[None], torch.tensor([[True, True, False, True]]))
+    assert docs.tolist() == [[0, 0, 6, 0]] and library.varlen_layout(docs, 1, 4, "cpu") is None
+    q, k, v, do = (torch.randn(1, 4, h, 8) for h in (2, 1, 1, 2))
+    o, lse = library.attention_forward(q, k, v, docs, 0.3)
+    want = reference.attention_forward(q, k, v, docs, 0.3)
+    assert torch.equal(o, want[0]) and torch.equal(lse, want[1])
+    grads = library.attention_backward(do, q, k, v, o, lse, docs, 0.3)
+    for g, w in zip(grads, reference.attention_backward(do, q, k, v, o, lse, docs, 0.3)):
+        assert torch.equal(g, w)
 
 
 def test_window_argument_is_mistral_semantics():
-    """i − j < W  ⇔  j ≥ i − (W − 1): FlashAttention's window_size_left is W − 1; a window ≥ S is no window."""
+    """i − j < W  ⇔  j ≥ i − (W − 1): FlashAttention's window_size_left is W − 1; a window ≥ S is no window.
+    On CPU the window is an additive mask on top of the causal call."""
     assert library.window_left(100, 4) == 3
     assert library.window_left(100, None) is None and library.window_left(100, 100) is None
-    cu = torch.tensor([0, 10], dtype=torch.int32)
-    mask = library._segment_mask(cu, 10, library.window_left(10, 4))
-    assert torch.equal(mask, reference.attention_mask(10, None, 4, "cpu", 1)[0])
+    allowed = (library._window_mask(10, library.window_left(10, 4), torch.float32) == 0).tril()    # and causal
+    assert torch.equal(allowed, reference.attention_mask(10, None, 4, "cpu", 1)[0])
+    assert library._window_mask(4, library.window_left(10, 4), torch.float32) is None     # the segment is shorter
 
 
 CASES = {"causal": ([[16], [16]], None), "docs": ([[5, 11], [16]], None), "window": ([[16], [16]], 4),
-         "docs+window": ([[7, 9], [3, 3, 10]], 5)}
+         "docs+window": ([[7, 9], [3, 3, 10]], 5), "padded": (None, None), "padded+window": (None, 4)}
+
+
+def _case_doc_ids(case: str) -> torch.Tensor | None:
+    rows, _ = CASES[case]
+    if case.startswith("padded"):
+        return _padded_doc_ids()
+    return None if case in ("causal", "window") else _doc_ids(rows)
 
 
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_attention_through_the_varlen_call_matches_reference(case, dtype):
-    rows, window = CASES[case]
-    B, S, Hq, Hkv, D = len(rows), 16, 4, 2, 16
-    docs = None if case in ("causal", "window") else _doc_ids(rows)
+    _, window = CASES[case]
+    B, S, Hq, Hkv, D = 2, 16, 4, 2, 16
+    docs = _case_doc_ids(case)
     q32, k32, v32, do32 = (torch.randn(B, S, h, D) for h in (Hq, Hkv, Hkv, Hq))
     q, k, v, do = (t.to(dtype) for t in (q32, k32, v32, do32))
     o, lse = library.attention_forward(q, k, v, docs, 0.3, window)
@@ -55,7 +88,7 @@ def test_attention_through_the_varlen_call_matches_reference(case, dtype):
     grads32 = reference.attention_backward(do32, q32, k32, v32, o32, lse32, docs, 0.3, window)
     grads_lp = reference.attention_backward(do, q, k, v, o_lp, lse, docs, 0.3, window)
     for name, g, g_lp, g32 in zip(("dq", "dk", "dv"), grads, grads_lp, grads32):
-        assert g.shape == g32.shape
+        assert g.shape == g32.shape and g.dtype == dtype
         assert_within_reference_error(g, g_lp, g32, atol * (1 + g32.abs().max().item()), name)
 
 
@@ -141,9 +174,10 @@ def test_chunked_head_backward_runs_bf16_gemms():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the flash kernels need a CUDA GPU")
 @pytest.mark.parametrize("case", list(CASES))
 def test_cuda_flash_attention_matches_reference(case):
-    rows, window = CASES[case]
-    B, S, Hq, Hkv, D = len(rows), 16, 8, 2, 128
-    docs = None if case in ("causal", "window") else _doc_ids(rows).cuda()
+    _, window = CASES[case]
+    B, S, Hq, Hkv, D = 2, 16, 8, 2, 128
+    docs = _case_doc_ids(case)
+    docs = None if docs is None else docs.cuda()
     q32, k32, v32, do32 = (torch.randn(B, S, h, D, device="cuda") for h in (Hq, Hkv, Hkv, Hq))
     q, k, v, do = (t.bfloat16() for t in (q32, k32, v32, do32))
     o, lse = library.attention_forward(q, k, v, docs, D ** -0.5, window)

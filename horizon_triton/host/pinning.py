@@ -13,6 +13,7 @@ and is tested on machines without a GPU.
 """
 from __future__ import annotations
 
+import mmap
 import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -45,21 +46,28 @@ def arena_span(nbytes: list[int]) -> int:
     return sum(_round_up(n, PAGE) for n in nbytes)
 
 
-def arena(nbytes: list[int], zero: bool = False, base: torch.Tensor | None = None) -> list[torch.Tensor]:
+def anonymous_pages(nbytes: int) -> torch.Tensor:
+    """uint8[nbytes] of fresh zero pages mapped for this allocation alone (an anonymous mmap), unmapped when the
+    last view of it is gone. Never in malloc's heap, whatever its mmap threshold: the training's temporaries may
+    reuse heap memory freely (no fresh mapping, faulted in zeroed, for each) without fragmenting the store."""
+    mapping = mmap.mmap(-1, max(nbytes, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    return torch.frombuffer(mapping, dtype=torch.uint8, count=nbytes)     # holds the mapping
+
+
+def arena(nbytes: list[int], base: torch.Tensor | None = None) -> list[torch.Tensor]:
     """One pageable allocation holding a page-aligned uint8 region of each size, nothing rounded beyond the page.
-    The regions are views: they keep the allocation alive. One large allocation rather than one per layer also
-    keeps the store out of malloc's heap, where layer-sized buffers and the training's layer-sized temporaries
-    would interleave and fragment it (+0.15 bytes/param of peak RSS measured, tests/test_host_memory.py).
+    The regions are views: they keep the allocation alive. The allocation is its own mapping (anonymous_pages):
+    zero-filled, and out of malloc's heap, where layer-sized buffers and the training's temporaries would
+    interleave and fragment it (+0.15 bytes/param of peak RSS measured, tests/test_host_memory.py).
     ``base``: cut the regions from this page-aligned uint8 memory of arena_span(nbytes) bytes instead (a shared
-    segment, node_store.py; ``zero`` is then left to whoever made it)."""
+    segment, node_store.py, zero-filled by whoever made it)."""
     spans = [_round_up(n, PAGE) for n in nbytes]
     if base is None:
-        base = (torch.zeros if zero else torch.empty)(sum(spans) + PAGE, dtype=torch.uint8)   # room to align
+        base = anonymous_pages(sum(spans))
     elif base.data_ptr() % PAGE or base.numel() < sum(spans):
         raise ValueError(f"arena base at {base.data_ptr():#x} of {base.numel()} bytes: needs {sum(spans)} bytes "
                          f"starting on a page")
-    offset = -base.data_ptr() % PAGE
-    regions = []
+    regions, offset = [], 0
     for n, span in zip(nbytes, spans):
         regions.append(base[offset:offset + n])
         offset += span
@@ -77,22 +85,20 @@ class HostPinner:
         self._pending: dict = {}        # key -> Future
         self._registered: list[int] = []
         self._lock = threading.Lock()
-        self.arena_bytes = 0            # bytes allocated for arenas (regions, their page padding, alignment)
+        self.arena_bytes = 0            # bytes allocated for arenas (regions and their page padding)
 
     def arena(self, nbytes: list[int], base: torch.Tensor | None = None) -> list[torch.Tensor]:
         """``arena(nbytes, base=base)``, counted in arena_bytes."""
-        self.arena_bytes += arena_span(nbytes) + (PAGE if base is None else 0)
+        self.arena_bytes += arena_span(nbytes)
         return arena(nbytes, base=base)
 
-    def pin(self, key, region: torch.Tensor, zero: bool = False) -> None:
-        """Registers ``region`` (a page-aligned arena region) on a background thread, zero-filling it first if
-        asked; the page padding after it is registered with it."""
+    def pin(self, key, region: torch.Tensor) -> None:
+        """Registers ``region`` (a page-aligned arena region) on a background thread; the page padding after it
+        is registered with it."""
         if region.data_ptr() % PAGE:
             raise ValueError(f"{key}: region at {region.data_ptr():#x} is not page-aligned; take it from arena()")
 
         def work():
-            if zero:
-                region.zero_()
             if region.numel():
                 self._register(region.data_ptr(), _round_up(region.numel() * region.element_size(), PAGE))
                 with self._lock:

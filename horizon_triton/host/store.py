@@ -41,9 +41,6 @@ a second the rest; q/k/v rows are adjacent (one fused [q+2kv, H] matrix), as are
 """
 from __future__ import annotations
 
-import ctypes
-import os
-import sys
 from dataclasses import dataclass
 
 import weakref
@@ -71,29 +68,6 @@ def host_block_bytes(nbytes: int, pinned: bool) -> int:
     if pinned:
         return 1 << max(0, nbytes - 1).bit_length()
     return -(-nbytes // PAGE_BYTES) * PAGE_BYTES
-
-
-MMAP_THRESHOLD_BYTES = 4 * 2**20
-_M_MMAP_THRESHOLD = -3     # glibc's mallopt parameter
-
-
-def fix_malloc_mmap_threshold() -> None:
-    """Once per process (glibc only, unless MALLOC_MMAP_THRESHOLD_ is set): host allocations of 4 MiB and more get
-    a mapping of their own. glibc otherwise raises its threshold after each large free, up to 32 MiB, so the
-    engine's per-layer temporaries then come from the heap and fragment it: measured on the 2-core box, peak RSS
-    grew 14.3 B per added parameter for a 14 B/param store, 13.95 with the fixed threshold
-    (tests/test_host_memory.py). A process-wide setting, made when an Engine is built, never on import."""
-    global _threshold_fixed
-    if _threshold_fixed or not sys.platform.startswith("linux") or "MALLOC_MMAP_THRESHOLD_" in os.environ:
-        return
-    _threshold_fixed = True
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
-    except (OSError, AttributeError):      # not glibc (musl has no mallopt): nothing to fix
-        pass
-
-
-_threshold_fixed = False
 
 
 @dataclass(frozen=True)
@@ -168,12 +142,12 @@ class HostStore:
         if shared is not None:
             if self.device.type != "cpu":
                 raise ValueError(f"a shared store lives in host memory; device={device!r} has none to share")
-            spans = {kind: arena_span([n * dtype.itemsize for n in sizes]) for kind, sizes, dtype, _, _ in kinds}
+            spans = {kind: arena_span([n * dtype.itemsize for n in sizes]) for kind, sizes, dtype, _ in kinds}
             spans[BOARD] = NodeBoard.nbytes(shared.local_world, self.num_layers)
             segments = map_segments(shared, spans)
             self.board = NodeBoard(shared, segments.pop(BOARD), self.num_layers)
-        for kind, sizes, dtype, pinned, zero in kinds:      # a LoRA store's base is all but the adapters' kinds
-            self.alloc_kind(kind, sizes, dtype, pinned, zero, segments.get(kind),
+        for kind, sizes, dtype, pinned in kinds:      # a LoRA store's base is all but the adapters' kinds
+            self.alloc_kind(kind, sizes, dtype, pinned, segments.get(kind),
                              frozen=lora is not None and not kind.startswith("lora_"))
         self.working: list[torch.Tensor] = self._buffers["working" if self.split_master else "master"]
         if lora is not None:
@@ -185,7 +159,7 @@ class HostStore:
         if self.split_master:
             self.master_low: list[torch.Tensor] = self._buffers["master_low"]
 
-    def _lora_kinds(self, pin: bool) -> list[tuple[str, list[int], torch.dtype, bool, bool]]:
+    def _lora_kinds(self, pin: bool) -> list[tuple[str, list[int], torch.dtype, bool]]:
         """The LoRA layout's kinds (as _kinds): the base frozen as its working weights alone (bf16, or fp32 in
         float32 mode: 2 or 4 bytes per base parameter, no master, moments or gradient), and for each decoder
         layer one flat buffer of each kind for its adapters, which train as the full store's layers do: working
@@ -195,14 +169,14 @@ class HostStore:
         sizes = [layout.numel for layout in self.layouts]
         adapter = [layout.numel for layout in self.adapter_layouts]
         f32 = torch.float32
-        kinds = [("working" if self.split_master else "master", sizes, self.compute_dtype, pin, False)]
+        kinds = [("working" if self.split_master else "master", sizes, self.compute_dtype, pin)]
         if self.split_master:
-            kinds += [("lora_working", adapter, self.compute_dtype, pin, False),
-                      ("lora_master_low", adapter, torch.int16, False, False)]
+            kinds += [("lora_working", adapter, self.compute_dtype, pin),
+                      ("lora_master_low", adapter, torch.int16, False)]
         else:
-            kinds += [("lora_master", adapter, f32, pin, False)]
-        return kinds + [("lora_exp_avg", adapter, f32, False, True), ("lora_exp_avg_sq", adapter, f32, False, True),
-                        ("lora_grad", adapter, f32, pin, True)]
+            kinds += [("lora_master", adapter, f32, pin)]
+        return kinds + [("lora_exp_avg", adapter, f32, False), ("lora_exp_avg_sq", adapter, f32, False),
+                        ("lora_grad", adapter, f32, pin)]
 
     def _bind_lora(self) -> None:
         """The trainable part is ``self.trainable`` (TrainableBuffers): the optimizer and the scheduler's gradient
@@ -214,40 +188,39 @@ class HostStore:
             master_low=b.get("lora_master_low"), exp_avg=b["lora_exp_avg"], exp_avg_sq=b["lora_exp_avg_sq"],
             grad=b["lora_grad"])
 
-    def _kinds(self, pin: bool) -> list[tuple[str, list[int], torch.dtype, bool, bool]]:
-        """(kind, elements per layer, dtype, pinned, zero-filled) of every buffer kind of this layout."""
+    def _kinds(self, pin: bool) -> list[tuple[str, list[int], torch.dtype, bool]]:
+        """(kind, elements per layer, dtype, pinned) of every buffer kind of this layout (all start zero-filled)."""
         sizes = [layout.numel for layout in self.layouts]
         decayed = [layout.decay_numel for layout in self.layouts]
         f32 = torch.float32
         if self.split_master:
-            kinds = [("working", sizes, self.compute_dtype, pin, False),
-                     ("master_low", sizes, torch.int16, False, False)]
+            kinds = [("working", sizes, self.compute_dtype, pin), ("master_low", sizes, torch.int16, False)]
         else:
-            kinds = [("master", sizes, f32, pin, False)]                 # streamed as it is: no second copy
+            kinds = [("master", sizes, f32, pin)]                        # streamed as it is: no second copy
         if self.optimizer_states == "8bit":
             blocks = [num_blocks(n) for n in decayed]
             for moment in ("exp_avg", "exp_avg_sq"):
-                kinds += [(f"{moment}_q", decayed, torch.uint8, False, True),
-                          (f"{moment}_scale", blocks, f32, False, True)]
+                kinds += [(f"{moment}_q", decayed, torch.uint8, False), (f"{moment}_scale", blocks, f32, False)]
             rest = [n - d for n, d in zip(sizes, decayed)]               # norms and biases stay fp32
-            kinds += [("exp_avg", rest, f32, False, True), ("exp_avg_sq", rest, f32, False, True)]
+            kinds += [("exp_avg", rest, f32, False), ("exp_avg_sq", rest, f32, False)]
         else:
-            kinds += [("exp_avg", sizes, f32, False, True), ("exp_avg_sq", sizes, f32, False, True)]
-        return kinds + [("grad", sizes, self.compute_dtype, pin, True)]
+            kinds += [("exp_avg", sizes, f32, False), ("exp_avg_sq", sizes, f32, False)]
+        return kinds + [("grad", sizes, self.compute_dtype, pin)]
 
     def alloc_kind(self, kind: str, sizes: list[int], dtype: torch.dtype, pinned: bool = False,
-                   zero: bool = False, segment: torch.Tensor | None = None, frozen: bool = False) -> None:
+                   segment: torch.Tensor | None = None, frozen: bool = False) -> None:
         """Every host buffer of the store is made here, one per layer, so that what is counted is what is
-        allocated: one arena per kind (pinning.arena), each layer's page-aligned region registered in the
-        background if the kind is pinned. ``segment``: the kind's shared memory (a shared store), already
-        zero-filled, and which no process but local rank 0 may write before the store is filled."""
+        allocated: one arena per kind (pinning.arena: zero-filled pages mapped for it alone), each layer's
+        page-aligned region registered in the background if the kind is pinned. ``segment``: the kind's shared
+        memory (a shared store), already zero-filled, and which no process but local rank 0 may write before the
+        store is filled."""
         nbytes = [n * dtype.itemsize for n in sizes]
         pin_here = pinned and self._pinner is not None
         regions = None
         if pin_here:
-            regions = self._pinner.arena(nbytes, base=segment)    # zero-filled by the pinning threads
+            regions = self._pinner.arena(nbytes, base=segment)
         elif self.device.type == "cpu":
-            regions = arena(nbytes, zero=zero, base=segment)
+            regions = arena(nbytes, base=segment)
         buffers = []
         for layer, n in enumerate(sizes):
             if n:                  # a LoRA store's embed and head have no adapters: no buffer to count or save
@@ -257,8 +230,7 @@ class HostStore:
                 continue
             buffers.append(regions[layer].view(dtype))
             if pin_here:
-                self._pinner.pin((kind, layer), self._pinned_part(kind, layer, regions[layer], dtype),
-                                 zero=zero and segment is None)
+                self._pinner.pin((kind, layer), self._pinned_part(kind, layer, regions[layer], dtype))
         self._buffers[kind] = buffers
 
     def _pinned_part(self, kind: str, layer: int, region: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -1,9 +1,10 @@
 """Op dispatch: the one place that decides which implementation of each op the layer template runs.
 
 Backends
-- ``torch``            on CPU the references in kernels/reference.py (hand-written backward, no autograd); on CUDA
-                       the library path, kernels/library.py (PyTorch's flash attention and cuBLAS called directly,
-                       same signatures): the always-correct baseline
+- ``torch``            on CPU the references in kernels/reference.py (hand-written backward, no autograd), but for
+                       the attention: aten's CPU flash attention through the library path's segment layout
+                       (CPU_LIBRARY_OPS); on CUDA the library path, kernels/library.py (PyTorch's flash
+                       attention and cuBLAS called directly, same signatures): the always-correct baseline
 - ``triton``           the Triton kernels of kernels/<family>.py (the CUDA path)
 - ``triton-interpret`` the same kernels run by Triton's interpreter on CPU (slow; for tests)
 
@@ -43,6 +44,9 @@ KERNEL_FAMILY = {
 MOE_FAMILIES = ("moe_routing", "moe_experts", "clamped_swiglu")      # used by MoE layers only
 TORCH_ONLY = ("linear_forward", "linear_backward", "cross_entropy_chunk_loss", "lora_forward", "lora_backward")
 BACKENDS = {"torch": "torch", "triton": "triton", "interpret": "triton-interpret"}
+# what the torch backend takes from the library path on CPU: the reference attention is O(S²) in time and memory
+# (scores, exp and masks over every pair), PyTorch's CPU flash attention skips the blocks causality excludes
+CPU_LIBRARY_OPS = ("attention_forward", "attention_backward")
 
 
 def select_backend(device_type: str) -> str:
@@ -65,7 +69,8 @@ def load_ops(backend: str, device_type: str = "cpu") -> SimpleNamespace:
     names = list(KERNEL_FAMILY) + list(TORCH_ONLY)
     if backend == "torch":
         if device_type != "cuda":
-            return SimpleNamespace(**{name: getattr(reference, name) for name in names})
+            return SimpleNamespace(**{name: getattr(library if name in CPU_LIBRARY_OPS else reference, name)
+                                      for name in names})
         # the library path replaces what PyTorch's own kernels do better; every other op is the reference
         return SimpleNamespace(**{name: getattr(library, name, None) or getattr(reference, name) for name in names})
     if backend == "triton-interpret":
