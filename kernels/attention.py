@@ -575,8 +575,13 @@ def _block_d(D: int) -> int:
 def _config(kernel: str, S: int, D: int, dtype: torch.dtype) -> dict:
     if tuning.interpreting():
         return _INTERPRETER[kernel] if S <= _INTERPRETER_LONG_S else _cfg(64, 64, 4, 1)
-    default = _DEFAULTS[kernel][_block_d(D)]
-    return tuning.best_config(kernel, _shape_key(S, D, dtype), default)
+    return tuning.best_config(kernel, _shape_key(S, D, dtype), default_config(kernel, D, dtype))
+
+
+def default_config(kernel: str, D: int, dtype: torch.dtype) -> dict:
+    """The untuned Hopper config of ``kernel`` at head dim D: fp32's own (its IEEE dots hold fp32 tiles in
+    registers), the bf16 one for bf16 and fp16."""
+    return _DEFAULTS[kernel if dtype != torch.float32 else f"{kernel}/fp32"][_block_d(D)]
 
 
 def _check_inputs(q, k, v, doc_ids, sliding_window) -> tuple[int, int, int, int, int]:

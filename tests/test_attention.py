@@ -296,17 +296,20 @@ def test_autotune_sweeps_stores_and_reports(dev, monkeypatch, tmp_path, capsys):
 # compiler accepts them or whether they spill. A child process without TRITON_INTERPRET compiles them for sm_90
 # (tests/hopper_compile.py).
 # ----------------------------------------------------------------------------------------------------------
-def _compile_sm90(kernel: str, D: int, docs: bool, window: bool, group: int = 4) -> dict:
-    """One kernel for sm_90a with its default config, bf16 and unit head-dim strides, as the launcher would."""
+def _compile_sm90(kernel: str, D: int, docs: bool, window: bool, dtype: str = "bf16", cfg: dict | None = None,
+                  group: int = 4) -> dict:
+    """One kernel for sm_90a in ``dtype`` ("bf16" or "fp32") with ``cfg`` (default: the launcher's default for
+    that dtype and head dim) and unit head-dim strides, as the launcher would."""
     from hopper_compile import compile_sm90
     fn, act_ptrs, row_ptrs = {  # kernel → (jit function, its pointers to activations, its pointers to fp32 rows)
         "attention_fwd": (A._attn_fwd, ("Q", "K", "V", "O"), ("LSE",)),
         "attention_bwd_dkdv": (A._attn_bwd_dkdv, ("Q", "K", "V", "DO", "DK", "DV"), ("LSE", "DELTA")),
         "attention_bwd_dq": (A._attn_bwd_dq, ("Q", "K", "V", "DO", "DQ"), ("LSE", "DELTA")),
     }[kernel]
-    cfg = A._DEFAULTS[kernel][A._block_d(D)]
+    torch_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+    cfg = cfg or A.default_config(kernel, D, torch_dtype)
     constexprs = dict(GROUP=group, HEAD_DIM=D, BLOCK_D=A._block_d(D), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-                      HAS_DOCS=docs, HAS_WINDOW=window, UPCAST=False, PRECISION="tf32")
+                      HAS_DOCS=docs, HAS_WINDOW=window, UPCAST=False, PRECISION=A._precision(torch_dtype))
     types, aligned = {}, []
     for name in fn.arg_names:
         if name == "DOC" and not docs:
@@ -315,7 +318,7 @@ def _compile_sm90(kernel: str, D: int, docs: bool, window: bool, group: int = 4)
             constexprs[name] = 1                                       # head-dim strides are 1: specialized
         if name in constexprs:
             continue
-        types[name] = ("*bf16" if name in act_ptrs else "*fp32" if name in row_ptrs else "*i32" if name == "DOC"
+        types[name] = (f"*{dtype}" if name in act_ptrs else "*fp32" if name in row_ptrs else "*i32" if name == "DOC"
                        else "fp32" if name in ("qk_scale", "scale") else "i32")
         if types[name].startswith("*") or name.startswith("stride_") or name == "seq_len":
             aligned.append(name)                                       # what Triton infers for aligned tensors
