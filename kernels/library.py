@@ -18,8 +18,8 @@ measured against in the same run, and what the start-up canary falls back to for
 Supported range of the flash path: CUDA, bf16/fp16, head_dim ≤ 256 and a multiple of 8; doc_ids non-decreasing
 along each row (what Engine.prepare builds from restarting position ids). Anything else on CUDA — fp32 (exact
 mode), other head dims — takes the reference attention (O(S²) memory: small shapes only).
-Known gaps: cu_seqlens and the longest segment are computed once per doc_ids tensor with one host sync (cached
-for the layers that share it); cuBLAS may use reduced-precision split-K reductions for bf16 unless
+Known gaps: cu_seqlens and the longest segment are computed once per doc_ids tensor on a host copy of it (one
+host sync, cached for the layers that share it); cuBLAS may use reduced-precision split-K reductions for bf16 unless
 ``torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction`` is False.
 
 On CPU, ``_cpu_flash_forward``/``_cpu_flash_backward`` run the same segment layout and window through aten's CPU
@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import weakref
 
+import numpy
 import torch
 
 from . import reference
@@ -59,16 +60,19 @@ def varlen_layout(doc_ids: torch.Tensor | None, B: int, S: int, device) -> tuple
         return cached[1], cached[2]
     if doc_ids.shape != (B, S):
         raise ValueError(f"attention: doc_ids shape {tuple(doc_ids.shape)} != (B, S) = {(B, S)}")
-    step = doc_ids[:, 1:] - doc_ids[:, :-1]
-    starts = torch.ones(B, S, dtype=torch.bool, device=doc_ids.device)
-    starts[:, 1:] = step != 0                                        # a row's first token starts a segment too
-    # sync: the segment boundaries and the longest segment are launch arguments of the varlen kernel
-    if bool((step < 0).any()):
+    # sync, the only one: the segment boundaries and the longest segment are launch arguments of the varlen
+    # kernel, so they are worked out on a host copy (B·S int32, 128 KB at 32K tokens) rather than on the device
+    # with a host read for each (the check, the boundary count, the longest segment)
+    docs = doc_ids.cpu().numpy()
+    step = docs[:, 1:].astype(numpy.int64) - docs[:, :-1]
+    if (step < 0).any():
         raise ValueError("attention (library path): doc_ids must be non-decreasing along each row (documents "
                          "packed one after another, as Engine.prepare builds them from position_ids)")
-    cu = torch.cat((starts.reshape(-1).nonzero().reshape(-1),
-                    torch.tensor([B * S], device=doc_ids.device))).to(torch.int32)
-    max_seqlen = int((cu[1:] - cu[:-1]).max())
+    starts = numpy.ones((B, S), dtype=bool)
+    starts[:, 1:] = step != 0                                        # a row's first token starts a segment too
+    cu_host = numpy.append(numpy.flatnonzero(starts), B * S).astype(numpy.int32)
+    max_seqlen = int(numpy.diff(cu_host).max())
+    cu = torch.from_numpy(cu_host).to(device)
     if len(_layouts) > 64:                                           # only the live micro-batches matter
         _layouts.clear()
     _layouts[id(doc_ids)] = (weakref.ref(doc_ids), cu, max_seqlen)
