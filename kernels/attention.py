@@ -531,22 +531,32 @@ def _attn_bwd_dq(
 # ----------------------------------------------------------------------------------------------------------
 # Launch functions: configs, input checks, grids
 # ----------------------------------------------------------------------------------------------------------
-# Hopper candidates, swept by autotune(); BLOCK_M/BLOCK_N are the query/key tile of each kernel. The forward and
-# dq kernels step the diagonal in key blocks (BLOCK_M % BLOCK_N == 0), dkdv steps it in query blocks
-# (BLOCK_N % BLOCK_M == 0).
+# Hopper candidates (bf16), swept by autotune(); BLOCK_M/BLOCK_N are the query/key tile of each kernel. The forward
+# and dq kernels step the diagonal in key blocks (BLOCK_M % BLOCK_N == 0), dkdv steps it in query blocks
+# (BLOCK_N % BLOCK_M == 0). Each one compiles for sm_90a at head dim 128 with documents and a window (the heaviest
+# variant a stored config meets) without register spills, within an H100's 227 KB of shared memory, every dot a
+# wgmma (tests/test_attention.py); the lists were cut to those from a 99-config grid in which 30 spilled and the
+# forward's 128×128 tile with 4 stages needed 288 KB.
 def _cfg(bm, bn, warps, stages):
     return {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps, "num_stages": stages}
 
 
-FWD_CONFIGS = [_cfg(bm, bn, w, s) for bm in (64, 128) for bn in (32, 64, 128) for w in (4, 8) for s in (2, 3, 4)
-               if bm % bn == 0 and not (bm * bn >= 128 * 128 and w == 4)]
-DKDV_CONFIGS = [_cfg(bm, bn, w, s) for bm in (16, 32, 64) for bn in (64, 128) for w in (4, 8) for s in (1, 2, 3)
-                if bn % bm == 0]
-DQ_CONFIGS = [_cfg(bm, bn, w, s) for bm in (64, 128) for bn in (16, 32, 64) for w in (4, 8) for s in (1, 2, 3)]
+def _cfg_label(cfg: dict) -> str:
+    return f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']} w{cfg['num_warps']} s{cfg['num_stages']}"
 
-# Defaults by head dim: Triton tutorial / FA2 shapes, kept where a CPU-side compile for sm_90 (triton.compile with
-# GPUTarget("cuda", 90, 32), resources from cuobjdump) showed no register spills with documents and window on.
-# Not timed: `python -m horizon_triton.kernels.autotune attention` on the GPU replaces them.
+
+FWD_CONFIGS = [_cfg(128, 64, 8, 2), _cfg(128, 64, 8, 3), _cfg(128, 128, 8, 2), _cfg(128, 128, 8, 3),
+               _cfg(128, 32, 8, 3), _cfg(64, 64, 4, 2), _cfg(64, 64, 4, 3), _cfg(64, 32, 4, 3)]
+DKDV_CONFIGS = [_cfg(32, 128, 8, 2), _cfg(32, 128, 8, 3), _cfg(64, 128, 8, 2), _cfg(64, 128, 8, 3),
+                _cfg(16, 128, 8, 3), _cfg(32, 64, 4, 3), _cfg(16, 64, 4, 2), _cfg(64, 64, 4, 2)]
+DQ_CONFIGS = [_cfg(128, 64, 8, 2), _cfg(128, 64, 8, 3), _cfg(128, 32, 8, 2), _cfg(128, 32, 8, 3),
+              _cfg(64, 64, 4, 2), _cfg(64, 64, 4, 3), _cfg(64, 32, 4, 3)]
+
+# Defaults by head dim (the tile width BLOCK_D) and dtype: Triton tutorial / FA2 shapes for bf16 and fp16. fp32
+# takes IEEE dots on the FMA units, whose operands live in registers: the bf16 tiles spill kilobytes there (and
+# take up to a minute each to compile), so fp32 has small tiles of its own. Each default compiles for sm_90a with
+# documents and a window without spills (tests/test_attention.py). Not timed: `python -m
+# horizon_triton.kernels.autotune attention` on the GPU replaces the bf16 ones.
 _DEFAULTS = {
     "attention_fwd": {32: _cfg(128, 64, 8, 3), 64: _cfg(128, 64, 8, 3), 128: _cfg(128, 64, 8, 3),
                       256: _cfg(128, 32, 8, 2)},
@@ -554,6 +564,12 @@ _DEFAULTS = {
                            256: _cfg(16, 64, 8, 2)},
     "attention_bwd_dq": {32: _cfg(128, 64, 8, 3), 64: _cfg(128, 64, 8, 3), 128: _cfg(128, 64, 8, 2),
                          256: _cfg(128, 32, 8, 2)},
+    "attention_fwd/fp32": {32: _cfg(32, 32, 4, 2), 64: _cfg(32, 32, 4, 2), 128: _cfg(32, 32, 4, 2),
+                           256: _cfg(32, 16, 4, 2)},
+    "attention_bwd_dkdv/fp32": {32: _cfg(16, 32, 8, 2), 64: _cfg(16, 32, 8, 2), 128: _cfg(16, 32, 8, 2),
+                                256: _cfg(16, 16, 8, 1)},
+    "attention_bwd_dq/fp32": {32: _cfg(32, 32, 4, 2), 64: _cfg(32, 32, 4, 2), 128: _cfg(32, 32, 4, 2),
+                              256: _cfg(32, 16, 4, 2)},
 }
 # Interpreter tiles. Short sequences (the tests) get small tiles, so every range (edge, full, diagonal, tail)
 # has several blocks and BLOCK_M ≠ BLOCK_N; longer ones (the engine on HORIZON_KERNELS=interpret) get 64×64 tiles,

@@ -325,19 +325,47 @@ def _compile_sm90(kernel: str, D: int, docs: bool, window: bool, dtype: str = "b
     return compile_sm90(fn, types, constexprs, cfg["num_warps"], cfg["num_stages"], aligned)
 
 
+_VARIANTS = {"plain": (False, False), "docs": (True, False), "window": (False, True), "docs+window": (True, True)}
+_KERNELS = ("attention_fwd", "attention_bwd_dkdv", "attention_bwd_dq")
+
+
 def _hopper_report() -> dict:
-    """The child process of test_compiles_for_hopper_without_spills."""
-    return {f"{k} D{D} {'docs+window' if extra else 'plain'}": _compile_sm90(k, D, extra, extra)
-            for k in ("attention_fwd", "attention_bwd_dkdv", "attention_bwd_dq")
-            for D, extra in ((128, True), (128, False), (96, False))}
+    """The child process of test_defaults_compile_for_hopper_without_spills: every default config. bf16 at the
+    engine's head dims (64, 128) in all four variants, at the tests' (32, 96, 256) with documents and a window;
+    fp32 at each tile width with documents and a window, and plain at 128."""
+    jobs = [("bf16", D, v) for D in (64, 128) for v in _VARIANTS]
+    jobs += [("bf16", D, "docs+window") for D in (32, 96, 256)]
+    jobs += [("fp32", D, "docs+window") for D in (32, 64, 128, 256)] + [("fp32", 128, "plain")]
+    return {f"{k} {dtype} D{D} {v}": _compile_sm90(k, D, *_VARIANTS[v], dtype)
+            for dtype, D, v in jobs for k in _KERNELS}
+
+
+def _hopper_candidates_report() -> dict:
+    """The child process of test_autotune_candidates_compile_for_hopper: every candidate autotune sweeps (bf16),
+    at head dim 128 (the widest it sweeps) with documents and a window (the heaviest variant a stored config
+    meets)."""
+    lists = {"attention_fwd": A.FWD_CONFIGS, "attention_bwd_dkdv": A.DKDV_CONFIGS, "attention_bwd_dq": A.DQ_CONFIGS}
+    return {f"{k} bf16 D128 docs+window {A._cfg_label(cfg)}": _compile_sm90(k, 128, True, True, "bf16", cfg)
+            for k, configs in lists.items() for cfg in configs}
 
 
 @pytest.mark.slow
-def test_compiles_for_hopper_without_spills():
+def test_defaults_compile_for_hopper_without_spills():
+    """Every default config, bf16 and fp32, compiles for sm_90a without register spills and within an H100's
+    shared memory; every bf16 dot is a Hopper warpgroup MMA (fp32's IEEE dots have no tensor-core form)."""
     report = hopper_compile.report("test_attention", "_hopper_report")
+    assert len(report) == 3 * 17
     hopper_compile.assert_fits_without_spills(report)
-    for name, res in report.items():
-        assert res["wgmma"] > 0, (name, res)                        # Hopper tensor-core MMA, not mma.sync
+    hopper_compile.assert_hopper_mma({name: r for name, r in report.items() if " bf16 " in name})
+
+
+@pytest.mark.slow
+def test_autotune_candidates_compile_for_hopper():
+    """No candidate the GPU's autotune would compile spills or needs more shared memory than an H100 has."""
+    report = hopper_compile.report("test_attention", "_hopper_candidates_report")
+    assert len(report) == len(A.FWD_CONFIGS) + len(A.DKDV_CONFIGS) + len(A.DQ_CONFIGS)
+    hopper_compile.assert_fits_without_spills(report)
+    hopper_compile.assert_hopper_mma(report)
 
 
 # ----------------------------------------------------------------------------------------------------------
