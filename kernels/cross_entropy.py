@@ -572,8 +572,7 @@ def cross_entropy_chunk_backward(h: torch.Tensor, weight: torch.Tensor, targets:
 # Autotuning (GPU only; python -m horizon_triton.kernels.autotune cross_entropy)
 # ----------------------------------------------------------------------------------------------------------
 # Hopper candidates for the three GEMMs (bf16) and cuBLAS; each Triton one compiles for sm_90a without register
-# spills, within an H100's 227 KB of shared memory, its dot a wgmma (tests/test_cross_entropy.py). The dW GEMM
-# also holds the fp32 tile of d_weight it adds to: its tiles stay at 128×128 and below.
+# spills, within an H100's 227 KB of shared memory, its dot a wgmma (tests/test_cross_entropy.py).
 _GEMM_CANDIDATES = [
     dict(impl="triton", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=w, num_stages=s)
     for bm, bn, bk, w, s in [(128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 8, 4),
@@ -583,9 +582,12 @@ _GEMM_CANDIDATES = [
 
 
 def gemm_candidates(role: str) -> list[dict]:
-    """_GEMM_CANDIDATES for one GEMM role ("logits", "dh", "dw"): dW's without tiles over 128×128."""
+    """_GEMM_CANDIDATES for one GEMM role ("logits", "dh", "dw"). dW's epilogue also holds the fp32 tile of
+    d_weight it adds to: its accumulator may take at most 64 registers a thread (128×128 or 64×256 on 4 warps
+    spill on sm_90a)."""
     if role == "dw":
-        return [c for c in _GEMM_CANDIDATES if c["impl"] == "torch" or c["BLOCK_M"] * c["BLOCK_N"] <= 128 * 128]
+        return [c for c in _GEMM_CANDIDATES
+                if c["impl"] == "torch" or c["BLOCK_M"] * c["BLOCK_N"] <= 64 * 32 * c["num_warps"]]
     return _GEMM_CANDIDATES
 
 
