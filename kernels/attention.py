@@ -536,7 +536,8 @@ def _attn_bwd_dq(
 # (BLOCK_N % BLOCK_M == 0). Each one compiles for sm_90a at head dim 128 with documents and a window (the heaviest
 # variant a stored config meets) without register spills, within an H100's 227 KB of shared memory, every dot a
 # wgmma (tests/test_attention.py); the lists were cut to those from a 99-config grid in which 30 spilled and the
-# forward's 128×128 tile with 4 stages needed 288 KB.
+# forward's 128×128 tile with 4 stages needed 288 KB (the forward's 128×128 tiles and dkdv's 64×128 on 8 warps,
+# 64×64 and 32×64 on 4 also spill at hd128 with documents and a window).
 def _cfg(bm, bn, warps, stages):
     return {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps, "num_stages": stages}
 
@@ -545,16 +546,16 @@ def _cfg_label(cfg: dict) -> str:
     return f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']} w{cfg['num_warps']} s{cfg['num_stages']}"
 
 
-FWD_CONFIGS = [_cfg(128, 64, 8, 2), _cfg(128, 64, 8, 3), _cfg(128, 128, 8, 2), _cfg(128, 128, 8, 3),
-               _cfg(128, 32, 8, 3), _cfg(64, 64, 4, 2), _cfg(64, 64, 4, 3), _cfg(64, 32, 4, 3)]
-DKDV_CONFIGS = [_cfg(32, 128, 8, 2), _cfg(32, 128, 8, 3), _cfg(64, 128, 8, 2), _cfg(64, 128, 8, 3),
-                _cfg(16, 128, 8, 3), _cfg(32, 64, 4, 3), _cfg(16, 64, 4, 2), _cfg(64, 64, 4, 2)]
+FWD_CONFIGS = [_cfg(128, 64, 8, 2), _cfg(128, 64, 8, 3), _cfg(128, 32, 8, 3), _cfg(64, 64, 4, 2),
+               _cfg(64, 64, 4, 3), _cfg(64, 32, 4, 3)]
+DKDV_CONFIGS = [_cfg(32, 128, 8, 2), _cfg(32, 128, 8, 3), _cfg(16, 128, 8, 3), _cfg(16, 64, 4, 2)]
 DQ_CONFIGS = [_cfg(128, 64, 8, 2), _cfg(128, 64, 8, 3), _cfg(128, 32, 8, 2), _cfg(128, 32, 8, 3),
               _cfg(64, 64, 4, 2), _cfg(64, 64, 4, 3), _cfg(64, 32, 4, 3)]
 
 # Defaults by head dim (the tile width BLOCK_D) and dtype: Triton tutorial / FA2 shapes for bf16 and fp16. fp32
 # takes IEEE dots on the FMA units, whose operands live in registers: the bf16 tiles spill kilobytes there (and
-# take up to a minute each to compile), so fp32 has small tiles of its own. Each default compiles for sm_90a with
+# take up to a minute each to compile), and even 32×32 tiles spilled in the unmasked (plain) variant at hd128, so
+# fp32 has 16×16 tiles of its own (exact mode: correctness, not speed). Each default compiles for sm_90a with
 # documents and a window without spills (tests/test_attention.py). Not timed: `python -m
 # horizon_triton.kernels.autotune attention` on the GPU replaces the bf16 ones.
 _DEFAULTS = {
@@ -564,12 +565,9 @@ _DEFAULTS = {
                            256: _cfg(16, 64, 8, 2)},
     "attention_bwd_dq": {32: _cfg(128, 64, 8, 3), 64: _cfg(128, 64, 8, 3), 128: _cfg(128, 64, 8, 2),
                          256: _cfg(128, 32, 8, 2)},
-    "attention_fwd/fp32": {32: _cfg(32, 32, 4, 2), 64: _cfg(32, 32, 4, 2), 128: _cfg(32, 32, 4, 2),
-                           256: _cfg(32, 16, 4, 2)},
-    "attention_bwd_dkdv/fp32": {32: _cfg(16, 32, 8, 2), 64: _cfg(16, 32, 8, 2), 128: _cfg(16, 32, 8, 2),
-                                256: _cfg(16, 16, 8, 1)},
-    "attention_bwd_dq/fp32": {32: _cfg(32, 32, 4, 2), 64: _cfg(32, 32, 4, 2), 128: _cfg(32, 32, 4, 2),
-                              256: _cfg(32, 16, 4, 2)},
+    "attention_fwd/fp32": dict.fromkeys((32, 64, 128, 256), _cfg(16, 16, 4, 2)),
+    "attention_bwd_dkdv/fp32": {**dict.fromkeys((32, 64, 128), _cfg(16, 16, 4, 2)), 256: _cfg(16, 16, 8, 1)},
+    "attention_bwd_dq/fp32": dict.fromkeys((32, 64, 128, 256), _cfg(16, 16, 4, 2)),
 }
 # Interpreter tiles. Short sequences (the tests) get small tiles, so every range (edge, full, diagonal, tail)
 # has several blocks and BLOCK_M ≠ BLOCK_N; longer ones (the engine on HORIZON_KERNELS=interpret) get 64×64 tiles,

@@ -1,7 +1,7 @@
 """How many kernel specializations a run compiles on a GPU, counted on a CPU in Triton's interpreter.
 
     python perf/compile_counts.py pytest tests/test_attention.py -m "not slow" -k "..."   # a pytest selection
-    python perf/compile_counts.py engine [--head-dim 128] [--window W]                     # the engine's canary
+    python perf/compile_counts.py engine [--head-dim 128] [--window W] [--canary-only]     # the engine's canary
                                                                                            # and a toy step
 
 A compiled Triton kernel is compiled once per specialization: its constexpr values, num_warps and num_stages,
@@ -64,9 +64,9 @@ class Counter:
         return {"total": sum(kernels.values()), "kernels": kernels}
 
 
-def engine(head_dim: int, window: int | None) -> None:
-    """The start-up canary at the model's head dim (what Engine runs before its first step on CUDA) and two steps
-    of a toy model whose sizes are multiples of 16, as the real widths are."""
+def engine(head_dim: int, window: int | None, counter: Counter, canary_only: bool) -> None:
+    """The start-up canary at the model's head dim (what Engine runs before its first step on CUDA; its count is
+    printed first) and two steps of a toy model whose sizes are multiples of 16, as the real widths are."""
     import torch
 
     import horizon_triton as ht
@@ -75,6 +75,9 @@ def engine(head_dim: int, window: int | None) -> None:
     with torch.no_grad():
         canary.run(load_ops("triton-interpret"), load_ops("torch"), torch.device("cpu"), torch.bfloat16, head_dim,
                    window)
+    print(json.dumps({"canary": counter.counts()}), flush=True)
+    if canary_only:
+        return
     os.environ["HORIZON_KERNELS"] = "interpret"
     heads = 2
     cfg = ht.preset("llama-8b", hidden_size=heads * head_dim, intermediate_size=4 * head_dim, num_heads=heads,
@@ -101,8 +104,9 @@ def main(argv: list[str]) -> int:
         parser = argparse.ArgumentParser(prog="compile_counts.py engine")
         parser.add_argument("--head-dim", type=int, default=128)
         parser.add_argument("--window", type=int, default=None)
+        parser.add_argument("--canary-only", action="store_true", help="stop after the canary")
         args = parser.parse_args(argv[1:])
-        engine(args.head_dim, args.window)
+        engine(args.head_dim, args.window, counter, args.canary_only)
     print(json.dumps(counter.counts()))
     return 0
 
