@@ -5,11 +5,12 @@ Every rank runs a whole engine on its own micro-batches; the gradient of each la
 the devices during the backward (scheduler.py), so every rank's update is the one a single process would make
 with all ranks' micro-batches:
 
-    step start   every rank's (micro-batches, counted tokens, tokens): equal micro-batch counts are checked,
-                 grad_scale = 1 / global counted tokens
-    backward     each layer's fp32 accumulator all-reduced (sum) over ``group`` before its norm and copy-out
-    step end     every rank's (loss sum, squared-norm part) gathered and summed in rank order, so the loss, the
-                 norm and the clip coefficient are bit-identical on every rank
+    step start   every rank's (micro-batches, counted tokens, tokens, DPO pairs): equal micro-batch counts are
+                 checked, grad_scale = 1 / global counted tokens (DPO: each pair's weight 1 / global pairs)
+    backward     each layer's fp32 accumulator (a LoRA run's: its adapters') all-reduced (sum) over ``group``
+                 before its norm and copy-out
+    step end     every rank's (loss sum, squared-norm part, DPO's metric sums) gathered and summed in rank
+                 order, so the loss, the norm, the clip coefficient and the metrics are bit-identical everywhere
 
 The context comes from a process group the caller initialized, or from torchrun's environment (RANK,
 WORLD_SIZE, MASTER_ADDR/PORT; LOCAL_RANK, LOCAL_WORLD_SIZE, GROUP_RANK), which ``context`` initializes: NCCL for
@@ -106,7 +107,7 @@ class DistContext:
             while not work.is_completed():
                 time.sleep(pause)
                 pause = min(2 * pause, POLL_S)
-                if time.monotonic() - start > SPIN_S and self.store.check([ERROR_KEY]):
+                if time.monotonic() - start > SPIN_S and not work.is_completed() and self._error_posted():
                     raise self._peer_failure("")
             work.wait()
             return work
@@ -114,6 +115,15 @@ class DistContext:
             raise
         except Exception as e:
             raise self._peer_failure(f"{type(e).__name__}: {e}") from None
+
+    def _error_posted(self) -> bool:
+        """Whether a rank has written its error into the store. A store that cannot be reached says nothing: rank
+        0 hosts it and may have left once this collective completed on its side (a failed peer ends the
+        collective itself, which wait() then reports)."""
+        try:
+            return self.store.check([ERROR_KEY])
+        except Exception:
+            return False
 
     def reduce_gradient(self, tensor: torch.Tensor, asynchronous: bool, shards: list | None = None):
         """The sum over every rank of ``tensor``, in place. Synchronous (CPU): an all-reduce on ``group``, watched
@@ -193,10 +203,12 @@ class DistContext:
         table = self.gather_rows([float(f) for f in flags])
         return [bool(x) for x in table.amax(dim=0).tolist()]
 
-    def step_counts(self, step: int, micro_batches: int, tokens: int, positions: int) -> tuple[int, int]:
-        """Step start: (counted tokens, token positions) summed over the ranks, after checking that every rank
-        brings as many micro-batches (0: its loader ended). ValueError on every rank otherwise."""
-        table = self.gather_rows([micro_batches, tokens, positions])
+    def step_counts(self, step: int, micro_batches: int, tokens: int, positions: int,
+                    pairs: int = 0) -> tuple[int, int, int]:
+        """Step start: (counted tokens, token positions, DPO's preference pairs) summed over the ranks, after
+        checking that every rank brings as many micro-batches (0: its loader ended). ValueError on every rank
+        otherwise."""
+        table = self.gather_rows([micro_batches, tokens, positions, pairs])
         counts = [int(c) for c in table[:, 0].tolist()]
         if len(set(counts)) > 1:
             by_count = {}
@@ -207,19 +219,22 @@ class DistContext:
             raise ValueError(f"optimizer step {step}: the data-parallel ranks bring different numbers of "
                              f"micro-batches: {shown}{ended}. Give every rank's loader the same number of "
                              "micro-batches (e.g. every world_size-th batch of one loader, the remainder dropped)")
-        tokens, positions = table[:, 1:].sum(dim=0).tolist()
-        return int(tokens), int(positions)
+        tokens, positions, pairs = table[:, 1:].sum(dim=0).tolist()
+        return int(tokens), int(positions), int(pairs)
 
-    def step_totals(self, loss_sum: float, sq_norm: float, sharded: bool) -> tuple[float, float]:
-        """Step end: the loss sum over every rank, and the squared gradient norm: each rank's part summed over the
-        ranks of one node when each streams out a shard of the reduced gradient, else any rank's (the reduced
-        gradient is the same on all). Summed in rank order from one gathered table: bit-identical everywhere."""
-        table = self.gather_rows([loss_sum, sq_norm])
+    def step_totals(self, loss_sum: float, sq_norm: float, sharded: bool,
+                    sums: list[float] = ()) -> tuple[float, float, list[float]]:
+        """Step end: the loss sum over every rank, the squared gradient norm (each rank's part summed over the
+        ranks of one node when each streams out a shard of the reduced gradient, else any rank's: the reduced
+        gradient is the same on all) and each of ``sums`` (DPO's metric sums) over every rank. Summed in rank
+        order from one gathered table: bit-identical everywhere."""
+        table = self.gather_rows([loss_sum, sq_norm, *sums])
         loss = sum(table[:, 0].tolist())
+        totals = [sum(column) for column in table[:, 2:].t().tolist()]
         if not sharded:
-            return loss, table[0, 1].item()
+            return loss, table[0, 1].item(), totals
         node0 = [r for r in range(self.world) if self.node_of[r] == 0]
-        return loss, sum(table[node0, 1].tolist())
+        return loss, sum(table[node0, 1].tolist()), totals
 
     def barrier(self) -> None:
         self.collective(dist.barrier, group=self.control)

@@ -372,7 +372,8 @@ def dry_run_shapes(model_cfg: ModelConfig, train_cfg: TrainConfig, shapes: list[
         dev.timeline.clear()                  # building the engine and the batches is not part of the step
         p.meter.reset_peak()
         counter.device_peak = counter.device_live
-        run_step(p, mbs, grad_scale=1.0 / tokens, preference=DPOHead(train_cfg, mbs) if dpo else None)
+        head = DPOHead(train_cfg, sum(mb.preference.num_pairs for mb in mbs)) if dpo else None
+        run_step(p, mbs, grad_scale=1.0 / tokens, preference=head)
         del mbs
     flops, mem = {}, {}
     for item in dev.timeline:

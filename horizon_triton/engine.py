@@ -36,7 +36,9 @@ log = logging.getLogger("horizon_triton")
 # TrainConfig fields that change the numbers, or when the ranks meet: the same on every data-parallel rank
 SAME_ON_EVERY_RANK = ("lr", "weight_decay", "betas", "eps", "max_grad_norm", "grad_accum_steps", "warmup_steps",
                       "lr_schedule", "compute_dtype", "seed", "head_chunk_rows", "optimizer_states",
-                      "checkpoint_dir", "save_every_steps", "save_every_minutes", "keep_last", "share_host_store")
+                      "checkpoint_dir", "save_every_steps", "save_every_minutes", "keep_last", "share_host_store",
+                      "objective", "dpo_beta", "dpo_label_smoothing", "dpo_loss", "lora_rank", "lora_alpha",
+                      "lora_targets", "use_rslora")
 
 
 def _device_kind(device: str) -> str:
@@ -65,11 +67,6 @@ class Engine:
         if self.dist is None:
             self._build(model_cfg, train_cfg, init_weights, device)
             return
-        if train_cfg.objective == "dpo" or train_cfg.lora_rank is not None:
-            what = "objective='dpo'" if train_cfg.objective == "dpo" else "LoRA (lora_rank)"
-            raise ValueError(f"{what} does not run data-parallel yet (its pair counts and metrics, or its adapter "
-                             f"gradients, are not reduced across ranks): run it as one process (world size "
-                             f"{self.dist.world} found)")
         with self.dist.guard():        # a rank that fails here ends the job on every rank
             # first: the ranks of a node build one shared store, of one layout
             self.dist.same_everywhere("the model config", _model_fields(model_cfg))
@@ -98,7 +95,7 @@ class Engine:
         elif fill_base and not meta:                              # the dry run's store has no values to fill
             self.store.fill_shared(lambda: self.store.init_random(train_cfg.seed))
         if init_weights and self.store.lora is not None and not meta:
-            lora.init_adapters(self.store, train_cfg.seed)
+            self.store.fill_shared(lambda: lora.init_adapters(self.store, train_cfg.seed))
         if meta:                                                  # kernel stand-ins on meta tensors (dryrun.py)
             self.kernel_backend, self.ops = self.device.kernel_backend, self.device.ops
         else:
@@ -268,7 +265,7 @@ class Engine:
             history.append(self._optimizer_step(group, total_steps, callback))
         self._checkpoint_if_due()
         if self.dist is not None and exhausted:    # no rank may have batches left when this one has none
-            self.dist.step_counts(self.step + 1, 0, 0, 0)
+            self.dist.step_counts(self.step + 1, 0, 0, 0, 0)
         if seen == 0:
             raise ValueError("the loader yielded no batches")
         self.optimizer.wait_all()
@@ -283,8 +280,10 @@ class Engine:
     def _optimizer_step(self, mbs: list[lt.MicroBatch], total_steps: int | None, callback) -> dict:
         tokens = sum(mb.num_targets for mb in mbs)
         positions = sum(mb.targets.numel() for mb in mbs)
-        if self.dist is not None:       # the step's loss and gradient are over every rank's tokens
-            tokens, positions = self.dist.step_counts(self.step + 1, len(mbs), tokens, positions)
+        dpo = self.train_cfg.objective == "dpo"
+        pairs = sum(mb.preference.num_pairs for mb in mbs) if dpo else 0
+        if self.dist is not None:       # the step's loss and gradient are over every rank's tokens (pairs)
+            tokens, positions, pairs = self.dist.step_counts(self.step + 1, len(mbs), tokens, positions, pairs)
         if tokens == 0:
             raise ValueError(f"optimizer step {self.step + 1} has no label tokens (every label is -100)")
         shapes = tuple(mb.shape for mb in mbs)
@@ -297,11 +296,13 @@ class Engine:
         h2d, d2h, reduced = meter.h2d_bytes, meter.d2h_bytes, meter.reduced_bytes
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        dpo = preference.DPOHead(self.train_cfg, mbs) if self.train_cfg.objective == "dpo" else None
+        dpo = preference.DPOHead(self.train_cfg, pairs) if dpo else None
         loss_sum, sq_norm = run_step(self.pipeline, mbs, grad_scale=1.0 / tokens, preference=dpo)
-        if self.dist is not None:       # every rank's loss sum; the norm of the reduced gradient's parts
-            loss_sum, sq_norm = self.dist.step_totals(float(loss_sum), float(sq_norm),
-                                                      sharded=self.pipeline.sharded)
+        if self.dist is not None:       # every rank's loss (and DPO metric) sums; the reduced gradient's norm
+            loss_sum, sq_norm, sums = self.dist.step_totals(float(loss_sum), float(sq_norm), self.pipeline.sharded,
+                                                            dpo.sums.tolist() if dpo is not None else [])
+            if dpo is not None:
+                dpo.sums = torch.tensor(sums, dtype=torch.float64)
         grad_norm = math.sqrt(float(sq_norm))
         self.step += 1
         self.micro_batches += len(mbs)
@@ -415,7 +416,8 @@ class Engine:
     @torch.no_grad()
     def evaluate_preferences(self, loader) -> dict:
         """objective "dpo": the DPO loss and TRL's metrics (rewards/chosen, rewards/accuracies, ...) with the
-        current weights, means over every pair of ``loader`` (batches with ref_logps, as fit takes them)."""
+        current weights, means over every pair of ``loader`` (batches with ref_logps, as fit takes them); data
+        parallel, over every rank's batches."""
         self.optimizer.wait_all()
         loss, sums, pairs = 0.0, None, 0
         for index, batch in enumerate(loader):
@@ -423,11 +425,17 @@ class Engine:
             if mb.preference is None or mb.preference.ref_logps is None:
                 raise ValueError(f"eval batch {index}: evaluate_preferences needs objective 'dpo' and batches "
                                  "with 'ref_logps' (engine.reference_logps)")
-            head = preference.DPOHead(self.train_cfg, [mb])
+            head = preference.DPOHead(self.train_cfg, mb.preference.num_pairs)
             loss_m, _ = head.token_weights(mb, *self._head_statistics(mb))
             loss += float(loss_m)                        # sync: one scalar a batch
             sums = head.sums if sums is None else sums + head.sums
             pairs += head.pairs
+        if sums is None:
+            sums = torch.zeros(len(preference.METRICS))
+        if self.dist is not None:                        # every rank's eval batches
+            with self.dist.guard():
+                loss, pairs, *sums = self.dist.gather_rows([loss, pairs, *sums.tolist()]).sum(dim=0).tolist()
+            sums = torch.tensor(sums, dtype=torch.float64)
         if pairs == 0:
             raise ValueError("evaluate_preferences: the loader yielded no batches")
         return {"loss": loss / pairs, "pairs": pairs,
@@ -481,7 +489,7 @@ class Engine:
                              "(TrainConfig(lora_rank=...) makes a LoRA run)")
         if self.store.lora is not None and not merge:
             with interrupts.deferred_signals():
-                lora.save_adapter(self.store, out_dir, add_files)
+                self._on_rank_0(lambda: lora.save_adapter(self.store, out_dir, add_files))
             return
         if dtype is None:
             dtype = self.model_cfg.torch_dtype

@@ -27,12 +27,17 @@ logs them.
 """
 from __future__ import annotations
 
+import contextlib
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from horizon_triton.kernels.reference import IGNORE_INDEX
+
+from .distributed import shard_loader
 
 LOSSES = ("sigmoid", "robust", "hinge", "ipo")
 METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
@@ -138,10 +143,11 @@ class DPOHead:
     pass's statistics, each sequence's summed log-prob, the pair losses and every token's weight for the second
     pass; device sums of the metrics, read once after the step's sync."""
 
-    def __init__(self, train_cfg, mbs: list):
+    def __init__(self, train_cfg, pairs: int):
+        """pairs: P, the step's pairs over all its micro-batches (data parallel: over every rank's)."""
         self.beta, self.eps, self.loss_type = train_cfg.dpo_beta, train_cfg.dpo_label_smoothing, train_cfg.dpo_loss
-        self.pairs = sum(mb.preference.num_pairs for mb in mbs)
-        self.sums = None              # device fp32 [len(METRICS)]: sums over the step's pairs
+        self.pairs = pairs
+        self.sums = None              # device fp32 [len(METRICS)]: sums over the step's (this rank's) pairs
 
     def token_weights(self, mb, lse: torch.Tensor, target_logit: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Compute stream: (Σ ℓ over the micro-batch's pairs, weights fp32 [T]) from lse and the target logits [T]."""
@@ -178,25 +184,50 @@ def add_reference(engine, rows, batch_size: int, path=None, on_batch=None):
     per-token log-probs (Engine.reference_logps) in row order, ``batch_size`` rows a forward-only pass. ``rows``:
     a list of row dicts, each given a "ref_logps" tensor, or a data.PackedRows, whose reference file (``path``,
     default beside its row file) is written and attached. ``on_batch(rows_done)`` follows the progress. Returns
-    the rows."""
+    the rows. Data parallel: every rank calls it with the same rows; each computes every world-th batch and
+    every rank gets all of them (the file: each rank writes a private sibling, then renames it into place, so
+    ranks sharing a path leave one whole file)."""
     from .data.packing import PackedRows, RowLoader
     loader = RowLoader(rows, batch_size, epochs=1, shuffle=False)
+    guard = engine.dist.guard() if engine.dist is not None else contextlib.nullcontext()
     if not isinstance(rows, PackedRows):
         done = 0
-        for logps in engine.reference_logps(loader):
-            for row, values in zip(rows[done:done + len(logps)], logps):
-                row["ref_logps"] = values
-            done += len(logps)
-            if on_batch is not None:
-                on_batch(done)
+        with guard:
+            for logps in _every_rank_reference(engine, loader):
+                for row, values in zip(rows[done:done + len(logps)], logps):
+                    row["ref_logps"] = values
+                done += len(logps)
+                if on_batch is not None:
+                    on_batch(done)
         return rows
-    path = rows.path.with_suffix(".ref") if path is None else path
+    path = Path(rows.path.with_suffix(".ref") if path is None else path)
+    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
     done = 0
-    with open(path, "wb") as f:
-        for logps in engine.reference_logps(loader):
-            f.write(logps.numpy().astype("float32").tobytes())
-            done += len(logps)
-            if on_batch is not None:
-                on_batch(done)
+    try:
+        with guard, open(partial, "wb") as f:
+            for logps in _every_rank_reference(engine, loader):
+                f.write(logps.numpy().astype("float32").tobytes())
+                done += len(logps)
+                if on_batch is not None:
+                    on_batch(done)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
     rows.attach_reference(path)
     return rows
+
+
+def _every_rank_reference(engine, loader):
+    """Engine.reference_logps of every batch of ``loader``, in order. Data parallel: rank r computes batches r,
+    r + W, ...; each round's W results are gathered (host, the control group), so every rank yields them all."""
+    ctx = engine.dist
+    if ctx is None:
+        yield from engine.reference_logps(loader)
+        return
+    mine = engine.reference_logps(shard_loader(loader, ctx, drop_remainder=False))
+    for first in range(0, len(loader), ctx.world):
+        logps = next(mine) if first + ctx.rank < len(loader) else None
+        for theirs in ctx.gather_objects(logps):
+            if theirs is not None:
+                yield theirs
+    mine.close()

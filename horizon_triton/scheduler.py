@@ -43,7 +43,8 @@ waits for the compute stream's work before it, the copy-out waits for the reduct
 layer's backward instead of holding the compute stream; on CPU (gloo) it runs inside the compute task. The
 embedding rows are those of the union of every rank's token ids (the same rows on every rank, exactly the
 rows one process with all ranks' micro-batches would gather). When the ranks of a node share one host store
-(``store.shared``), each streams out and norms only its shard [lo, hi) of each layer (``store.shard_bounds``).
+(``store.shared``), each streams out and norms only its shard [lo, hi) of each layer (``store.shard_bounds``; of
+a LoRA store, of each layer's adapters: the only gradients a frozen base has, and the only ones reduced).
 """
 from __future__ import annotations
 
@@ -114,7 +115,7 @@ class Pipeline:
     def shard(self, layer: int) -> tuple[int, int]:
         """Elements [lo, hi) of host layer ``layer`` whose gradient this rank writes: all of them unless sharded."""
         if not self.sharded:
-            return 0, self.store.layouts[layer].numel
+            return 0, self.store.trainable.layouts[layer].numel
         shared = self.store.shared
         return self.store.shard_bounds(layer, shared.local_rank, shared.local_world)
 

@@ -33,7 +33,8 @@ CPU optimizer reads them.
 
 Shared (a data-parallel job's local ranks, ``shared=NodeShare(...)``): the same buffers, in POSIX shared memory
 that every local rank of the node maps (node_store.py); each process pins in its own address space what it
-copies: all the working weights, and the pages of its own shard of the gradients.
+copies: all the working weights, and the pages of its own shard of the gradients. A LoRA store shares its frozen
+base and its adapters' buffers alike; the shards are of the adapters.
 
 Inside a layer, parameters that take weight decay (2+ dimensions) come first, so one AdamW call covers them and
 a second the rest; q/k/v rows are adjacent (one fused [q+2kv, H] matrix), as are gate/up and the q/k/v biases.
@@ -249,14 +250,9 @@ class HostStore:
         self.lora = lora                      # a lora.LoraSpec: the LoRA layout below
         self.trainable = self                 # what the optimizer updates and the backward's gradients fill
         if lora is not None:
-            if shared is not None:
-                raise ValueError("a LoRA store cannot be node-shared yet: run LoRA on one GPU, or data-parallel "
-                                 "with a store per rank (TrainConfig(share_host_store=False))")
-            self._init_lora([layout.numel for layout in self.layouts])
-            return
-        self.shared = shared
-        self.board: NodeBoard | None = None
-        kinds = self._kinds(pin)
+            from .lora import adapter_layouts
+            self.adapter_layouts = adapter_layouts(cfg, lora)
+        kinds = self._lora_kinds(pin) if lora is not None else self._kinds(pin)
         segments = {}
         if shared is not None:
             if self.device.type != "cpu":
@@ -265,36 +261,41 @@ class HostStore:
             spans[BOARD] = NodeBoard.nbytes(shared.local_world, self.num_layers)
             segments = map_segments(shared, spans)
             self.board = NodeBoard(shared, segments.pop(BOARD), self.num_layers)
-        for kind, sizes, dtype, pinned, zero in kinds:
-            self._alloc_kind(kind, sizes, dtype, pinned, zero, segments.get(kind))
+        for kind, sizes, dtype, pinned, zero in kinds:      # a LoRA store's base is all but the adapters' kinds
+            self._alloc_kind(kind, sizes, dtype, pinned, zero, segments.get(kind),
+                             frozen=lora is not None and not kind.startswith("lora_"))
         self.working: list[torch.Tensor] = self._buffers["working" if self.split_master else "master"]
+        if lora is not None:
+            self._bind_lora()
+            return
         self.grad: list[torch.Tensor] = self._buffers["grad"]
         self.exp_avg: list[torch.Tensor] = self._buffers["exp_avg"]
         self.exp_avg_sq: list[torch.Tensor] = self._buffers["exp_avg_sq"]
         if self.split_master:
             self.master_low: list[torch.Tensor] = self._buffers["master_low"]
 
-    def _init_lora(self, sizes: list[int]) -> None:
-        """The LoRA layout: the base frozen as its working weights alone (bf16, or fp32 in float32 mode: 2 or 4 bytes
-        per base parameter, no master, moments or gradient), and for each decoder layer one flat buffer of each
-        kind for its adapters, which train as the full store's layers do: working bf16 + int16 low half (the
-        exact fp32 master) or the fp32 master, fp32 moments and an fp32 gradient, 16 bytes per adapter
-        parameter. The trainable part is ``self.trainable`` (TrainableBuffers): the optimizer and the scheduler's
-        gradient copies see the adapters' buffers exactly as they see a full store's layers."""
-        from .lora import adapter_layouts
-        self.adapter_layouts = adapter_layouts(self.cfg, self.lora)
-        base = "working" if self.split_master else "master"
-        self._alloc_kind(base, sizes, self.compute_dtype, self.pinned, frozen=True)
+    def _lora_kinds(self, pin: bool) -> list[tuple[str, list[int], torch.dtype, bool, bool]]:
+        """The LoRA layout's kinds (as _kinds): the base frozen as its working weights alone (bf16, or fp32 in
+        float32 mode: 2 or 4 bytes per base parameter, no master, moments or gradient), and for each decoder
+        layer one flat buffer of each kind for its adapters, which train as the full store's layers do: working
+        bf16 + int16 low half (the exact fp32 master) or the fp32 master, fp32 moments and an fp32 gradient, 16
+        bytes per adapter parameter. Shared by a node's ranks, the base is one copy that only streams; each rank
+        owns a shard of every layer's adapters (shard_bounds), as of a full store's layers."""
+        sizes = [layout.numel for layout in self.layouts]
         adapter = [layout.numel for layout in self.adapter_layouts]
+        f32 = torch.float32
+        kinds = [("working" if self.split_master else "master", sizes, self.compute_dtype, pin, False)]
         if self.split_master:
-            self._alloc_kind("lora_working", adapter, self.compute_dtype, self.pinned)
-            self._alloc_kind("lora_master_low", adapter, torch.int16)
+            kinds += [("lora_working", adapter, self.compute_dtype, pin, False),
+                      ("lora_master_low", adapter, torch.int16, False, False)]
         else:
-            self._alloc_kind("lora_master", adapter, torch.float32, self.pinned)
-        self._alloc_kind("lora_exp_avg", adapter, torch.float32, zero=True)
-        self._alloc_kind("lora_exp_avg_sq", adapter, torch.float32, zero=True)
-        self._alloc_kind("lora_grad", adapter, torch.float32, self.pinned, zero=True)
-        self.working = self._buffers[base]
+            kinds += [("lora_master", adapter, f32, pin, False)]
+        return kinds + [("lora_exp_avg", adapter, f32, False, True), ("lora_exp_avg_sq", adapter, f32, False, True),
+                        ("lora_grad", adapter, f32, pin, True)]
+
+    def _bind_lora(self) -> None:
+        """The trainable part is ``self.trainable`` (TrainableBuffers): the optimizer and the scheduler's gradient
+        copies see the adapters' buffers exactly as they see a full store's layers."""
         b = self._buffers
         self.trainable = TrainableBuffers(
             layouts=self.adapter_layouts, split_master=self.split_master, optimizer_states="fp32",
@@ -353,7 +354,7 @@ class HostStore:
         """What this process registers of a pinned region: all of it, but of a shared store's gradient only the
         pages holding this rank's shard (it copies out nothing else; the ranks' page ranges may share a page
         at each end, registered once in each process)."""
-        if self.shared is None or kind != "grad" or self.shared.local_world == 1:
+        if self.shared is None or kind not in ("grad", "lora_grad") or self.shared.local_world == 1:
             return region
         lo, hi = self.shard_bounds(layer, self.shared.local_rank, self.shared.local_world)
         start = lo * dtype.itemsize // PAGE_BYTES * PAGE_BYTES
@@ -396,10 +397,11 @@ class HostStore:
         """Elements [lo, hi) of ``layer`` that local rank ``local_rank`` of ``local_world`` owns: the ranks'
         ranges are disjoint, cover the layer, cut only on QBLOCK (256-element) boundaries, so that an 8-bit
         moment block and its scale belong to one rank, and differ in size by at most one block. A cut may fall
-        in the decayed prefix [0, decay_numel) or in the rest; the owner splits its range there."""
+        in the decayed prefix [0, decay_numel) or in the rest; the owner splits its range there. A LoRA store's
+        trainable elements, and so its shards, are the layer's adapters."""
         if not 0 <= local_rank < local_world:
             raise ValueError(f"local_rank {local_rank} is not in [0, {local_world})")
-        n = self.layouts[layer].numel
+        n = (self.adapter_layouts if self.lora is not None else self.layouts)[layer].numel
         blocks = num_blocks(n)
         return (min(n, blocks * local_rank // local_world * QBLOCK),
                 min(n, blocks * (local_rank + 1) // local_world * QBLOCK))

@@ -49,6 +49,7 @@ def rmsnorm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rs
 # Weight-gradient GEMM:  acc += a @ b  with a fp32 accumulator and bf16 (or fp32) operands
 # ----------------------------------------------------------------------------------------------------------
 CPU_CHUNK_ELEMENTS = 1 << 22   # per fp32 operand chunk on CPU: 16 MB, never an activation-sized fp32 copy
+MIXED_DTYPE_ADDMM = torch.__version__ >= (2, 10)   # CUDA addmm accepts an fp32 self with bf16/fp16 operands
 
 
 def matmul_accumulate_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -56,13 +57,15 @@ def matmul_accumulate_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> t
 
     - operands in acc's dtype: one addmm (BLAS with beta = 1);
     - bf16/fp16 operands off the CPU: cuBLAS reads them as they are and accumulates in fp32 straight into acc
-      (``addmm(..., out_dtype=float32)``, torch ≥ 2.8, CUDA);
-    - otherwise (CPU: no mixed-dtype GEMM there) the reduction axis K is cut into chunks converted to fp32 one
+      (``addmm(..., out_dtype=float32)``, CUDA, torch ≥ 2.10: earlier releases reject an fp32 ``self`` with
+      bf16 operands);
+    - otherwise (CPU: no mixed-dtype GEMM there; CUDA before torch 2.10) the reduction axis K is cut into chunks converted to fp32 one
       at a time, so no fp32 copy of a whole activation exists. The products of bf16 values are exact in fp32,
       so every path computes bf16 operands with fp32 accumulation."""
     if a.dtype == b.dtype == acc.dtype:
         return acc.addmm_(a, b)
-    if acc.device.type != "cpu" and a.dtype == b.dtype and a.dtype in (torch.bfloat16, torch.float16):
+    if acc.device.type != "cpu" and MIXED_DTYPE_ADDMM and a.dtype == b.dtype and a.dtype in (torch.bfloat16,
+                                                                                            torch.float16):
         return torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
     step = max(1, CPU_CHUNK_ELEMENTS // max(a.shape[0], b.shape[1], 1))
     for k0 in range(0, a.shape[1], step):

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 import horizon_triton as ht
-from horizon_triton import distributed
+from horizon_triton import distributed, preference
 
 VOCAB = 64
 
@@ -36,6 +36,30 @@ def batches(n: int, seed: int = 1, batch: int = 2, seq: int = 12, vocab: int = V
     return out
 
 
+def pair_rows(n: int, seed: int = 1, seq: int = 12, vocab: int = VOCAB) -> list[dict]:
+    """n preference pairs as rows 2k (chosen), 2k+1 (rejected): random tokens, prompts of 2-5 tokens unlabelled."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(2 * n):
+        ids = torch.randint(0, vocab, (seq,), generator=g)
+        labels = ids.clone()
+        labels[:int(torch.randint(2, 6, (1,), generator=g))] = -100
+        rows.append({"input_ids": ids, "labels": labels})
+    return rows
+
+
+def training_batches(engine, spec: dict) -> list[dict]:
+    """The job's micro-batches (all ranks'): spec["batches"], or with spec["pairs"] (n, seed, per_batch,
+    reference_batch) preference pairs with their reference log-probs from ``engine``'s starting weights
+    (preference.add_reference: data parallel, each rank computes a share of the reference batches)."""
+    if "pairs" not in spec:
+        return batches(**spec["batches"])
+    p = spec["pairs"]
+    rows = preference.add_reference(engine, pair_rows(p["n"], p["seed"]), 2 * p["reference_batch"])
+    size = 2 * p["per_batch"]
+    return [{k: torch.stack([r[k] for r in rows[a:a + size]]) for k in rows[0]} for a in range(0, len(rows), size)]
+
+
 def configs(spec: dict) -> tuple[ht.ModelConfig, ht.TrainConfig]:
     model = ht.preset("tiny", **spec.get("model", {}))
     train = ht.TrainConfig(**{"lr": 1e-3, "weight_decay": 0.1, "max_grad_norm": 0.5, "device": "cpu",
@@ -44,7 +68,9 @@ def configs(spec: dict) -> tuple[ht.ModelConfig, ht.TrainConfig]:
 
 
 def masters(engine) -> list[torch.Tensor]:
-    return [engine.store.master_values(i).clone() for i in range(engine.store.num_layers)]
+    """The fp32 master of every layer: of its adapters in a LoRA run (the base is frozen)."""
+    adapters = engine.store.lora is not None
+    return [engine.store.master_values(i, adapters=adapters).clone() for i in range(engine.store.num_layers)]
 
 
 def run_rank(rank: int, out_dir: str, spec: dict) -> None:
@@ -58,19 +84,19 @@ def run_rank(rank: int, out_dir: str, spec: dict) -> None:
     if spec.get("rank_train"):            # a per-rank override (the mismatched-config test)
         train_cfg = ht.TrainConfig(**{**train_cfg.__dict__, **spec["rank_train"].get(str(rank), {})})
     world = int(os.environ["WORLD_SIZE"])
-    data = batches(**spec["batches"])
-    mine = data[rank::world][:spec.get("per_rank_counts", {}).get(str(rank))]
     fail = spec.get("fail")
-    if fail and fail["rank"] == rank and fail["how"] == "data":     # a bad token id in this rank's batch
-        bad = (fail["step"] - 1) * train_cfg.grad_accum_steps
-        mine[bad] = dict(mine[bad], input_ids=mine[bad]["input_ids"].clone())
-        mine[bad]["input_ids"][0, 0] = VOCAB + 7
     try:
         if spec.get("resume"):            # continue a checkpointed job where it stopped
             engine = ht.Engine.from_checkpoint(spec["resume"], train_cfg)
-            mine = mine[engine.micro_batches:]
         else:
             engine = ht.Engine(model_cfg, train_cfg)
+        data = training_batches(engine, spec)
+        mine = data[rank::world][:spec.get("per_rank_counts", {}).get(str(rank))]
+        if fail and fail["rank"] == rank and fail["how"] == "data":     # a bad token id in this rank's batch
+            bad = (fail["step"] - 1) * train_cfg.grad_accum_steps
+            mine[bad] = dict(mine[bad], input_ids=mine[bad]["input_ids"].clone())
+            mine[bad]["input_ids"][0, 0] = VOCAB + 7
+        mine = mine[engine.micro_batches:]
 
         def callback(entry):
             if fail and fail["rank"] == rank and fail["how"] == "raise" and entry["step"] == fail["step"]:
@@ -85,7 +111,9 @@ def run_rank(rank: int, out_dir: str, spec: dict) -> None:
             engine.save_checkpoint(spec["checkpoint_to"])
         d = engine.dist
         place = {"node": d.node, "num_nodes": d.num_nodes, "local_rank": d.local_rank, "local_world": d.local_world}
-        torch.save({"history": history, "masters": masters(engine), "place": place}, out / f"rank{rank}.pt")
+        reference = torch.stack([b["ref_logps"] for b in data]) if "pairs" in spec else None
+        torch.save({"history": history, "masters": masters(engine), "place": place, "reference": reference},
+                   out / f"rank{rank}.pt")
         engine.close()
         distributed.close()
     except BaseException as e:

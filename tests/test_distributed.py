@@ -22,9 +22,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import horizon_triton as ht
-from horizon_triton import distributed
+from horizon_triton import distributed, preference
 from horizon_triton.distributed import ShardedLoader
 
 import distributed_worker as worker
@@ -36,20 +37,25 @@ def run_ranks(tmp_path, spec: dict, world: int = 2) -> list[dict]:
     out = tmp_path / f"w{world}-{len(list(tmp_path.iterdir()))}"
     out.mkdir()
     distributed.spawn(worker.run_rank, world, (str(out), spec))
-    return [torch.load(out / f"rank{r}.pt") for r in range(world)]
+    return [dict(torch.load(out / f"rank{r}.pt"), out=out) for r in range(world)]
 
 
-def one_process(spec: dict, world: int) -> tuple[list[dict], list[torch.Tensor]]:
-    """The same run in one process: every rank's micro-batches of a step accumulated there."""
+def one_process(spec: dict, world: int, engine_too: bool = False):
+    """The same run in one process: every rank's micro-batches of a step accumulated there. (history, masters),
+    and if asked the engine and its micro-batches."""
     model_cfg, train_cfg = worker.configs(spec)
     train_cfg = dataclasses.replace(train_cfg, grad_accum_steps=train_cfg.grad_accum_steps * world)
     engine = ht.Engine(model_cfg, train_cfg)
-    history = engine.fit(worker.batches(**spec["batches"]), max_steps=spec.get("steps"))
-    return history, worker.masters(engine)
+    data = worker.training_batches(engine, spec)
+    history = engine.fit(data, max_steps=spec.get("steps"))
+    return (history, worker.masters(engine)) + ((engine, data) if engine_too else ())
 
 
-def assert_matches(spec, ranks, world, loss_tol, weight_tol, norm_tol):
-    history, masters = one_process(spec, world)
+def assert_matches(spec, ranks, world, loss_tol, weight_tol, norm_tol, metrics=(), alone=None):
+    """Every rank reports the same figures and holds the same weights; they are one process's (``alone``: its
+    (history, masters) if already run; ``metrics``: more history keys compared as the loss is, within loss_tol
+    relative or 1e-6 absolute)."""
+    history, masters = alone or one_process(spec, world)
     for r in ranks:        # every rank reports the global figures and holds the same weights, bit for bit
         assert [h["loss"] for h in r["history"]] == [h["loss"] for h in ranks[0]["history"]]
         assert all(torch.equal(a, b) for a, b in zip(r["masters"], ranks[0]["masters"]))
@@ -60,10 +66,13 @@ def assert_matches(spec, ranks, world, loss_tol, weight_tol, norm_tol):
         assert mine["world_size"] == world
         assert abs(mine["loss"] - ref["loss"]) <= loss_tol * abs(ref["loss"])
         assert abs(mine["grad_norm"] - ref["grad_norm"]) <= norm_tol * ref["grad_norm"]
+        for key in metrics:
+            assert mine[key] == pytest.approx(ref[key], rel=loss_tol, abs=1e-6), key
     for a, b in zip(ranks[0]["masters"], masters):
         torch.testing.assert_close(a, b, rtol=0, atol=weight_tol)
     # clipping was active (max_grad_norm 0.5): the norm of the reduced gradient decided the update
-    assert all(h["grad_norm"] > 0.5 for h in history)
+    max_norm = worker.configs(spec)[1].max_grad_norm
+    assert all(h["grad_norm"] > max_norm for h in history)
 
 
 FP32 = {"compute_dtype": "float32", "grad_accum_steps": 2}
@@ -158,6 +167,50 @@ def test_two_ranks_match_one_process_bf16(tmp_path):
     assert abs(ranks[0]["history"][0]["loss"] - history[0]["loss"]) <= 1e-5 * history[0]["loss"]
 
 
+LORA = {"lora_rank": 4, "lora_alpha": 8, "lora_targets": ["q_proj", "v_proj", "down_proj"]}
+DPO = {"objective": "dpo", "dpo_beta": 0.5}
+# 8 micro-batches of one pair each; the reference pass in batches of 3 pairs: 3 batches over 2 ranks (uneven)
+PAIRS = {"n": 8, "seed": 4, "per_batch": 1, "reference_batch": 3}
+
+
+@pytest.mark.parametrize("case", [
+    pytest.param({"train": dict(FP32, **LORA, max_grad_norm=0.05)}, id="lora-shared"),   # a shard of adapters each
+    pytest.param({"train": dict(FP32, **LORA, max_grad_norm=0.05, share_host_store=False, head_chunk_rows=24),
+                  "model": {"tie_word_embeddings": True}}, id="lora-private-tied-chunked", marks=pytest.mark.slow),
+    pytest.param({"train": dict(FP32, **DPO)}, id="dpo", marks=pytest.mark.slow),        # a full fine-tune, shared
+    pytest.param({"train": dict(FP32, **DPO, **LORA, max_grad_norm=0.05, head_chunk_rows=24)}, id="dpo-on-lora"),
+])
+def test_lora_and_dpo_two_ranks_match_one_process(tmp_path, case):
+    """LoRA (the adapters' gradients reduced, the frozen base not) and DPO (the pairs counted over every rank, the
+    reference pass shared out, the metrics summed) on 2 ranks: one process with grad-accum 2, losses, TRL's
+    metrics, gradient norms, trained weights (the adapters of a LoRA run) and the saved adapters."""
+    dpo = case["train"].get("objective") == "dpo"
+    spec = {"model": case.get("model", {}), "train": case["train"], "save": "lora_rank" in case["train"],
+            **({"pairs": PAIRS} if dpo else {"batches": {"n": 8, "seed": 13}})}
+    ranks = run_ranks(tmp_path, spec)
+    history, masters, engine, data = one_process(spec, 2, engine_too=True)
+    assert_matches(spec, ranks, 2, loss_tol=1e-5, weight_tol=1e-5, norm_tol=1e-5,
+                   metrics=("pairs",) + preference.METRICS if dpo else (), alone=(history, masters))
+    if engine.store.lora is not None:    # the adapters' fp32 gradients alone cross between the ranks
+        adapters = sum(layout.numel for layout in engine.store.adapter_layouts)
+        assert all(h["allreduce_bytes"] == 4 * adapters for h in ranks[0]["history"])
+    else:
+        assert ranks[0]["history"][0]["allreduce_bytes"] > 0
+    if dpo:                   # every rank holds every row's reference, computed on one of them
+        reference = torch.stack([b["ref_logps"] for b in data])
+        for r in ranks:
+            torch.testing.assert_close(r["reference"], reference, rtol=0, atol=1e-6)
+        assert ranks[0]["history"][0]["pairs"] == 4 and ranks[0]["history"][1]["rewards/margins"] != 0
+    if spec["save"]:          # rank 0 wrote the adapters (peft's format) of the trained run
+        engine.optimizer.wait_all()
+        saved = load_file(ranks[0]["out"] / "model" / "adapter_model.safetensors")
+        for layer, layout in enumerate(engine.store.adapter_layouts):
+            for p in layout.params:
+                want = engine.store.master_values(layer, p.offset, p.offset + p.numel, adapters=True)
+                torch.testing.assert_close(saved[p.hf_name].reshape(-1), want, rtol=0, atol=1e-5)
+    engine.close()
+
+
 def test_async_device_is_bit_identical(tmp_path):
     """The async test device (streams on threads, random delays) under 2 ranks: the very same bits as cpu."""
     spec = {"model": {"tie_word_embeddings": True}, "train": dict(FP32, head_chunk_rows=24),
@@ -181,15 +234,16 @@ def test_only_rank_0_writes(tmp_path):
     assert list((out / "r0" / "checkpoints").iterdir())[0].name == "step-00000001"
     assert not (out / "r1").exists()
     _, masters = one_process(spec, 2)
-    from safetensors.torch import load_file
     saved = load_file(out / "r0" / "model" / "model.safetensors")
     torch.testing.assert_close(saved["model.embed_tokens.weight"].reshape(-1), masters[0], rtol=0, atol=1e-5)
 
 
-def test_a_checkpointed_job_resumes_bit_identically(tmp_path):
+@pytest.mark.parametrize("train", [pytest.param({}, id="full"),
+                                   pytest.param(LORA, id="lora", marks=pytest.mark.slow)])
+def test_a_checkpointed_job_resumes_bit_identically(tmp_path, train):
     """Two ranks on a shared store: 2 steps, a training checkpoint, then a new job resumes from it for 2 more
-    steps; the same losses and weights, bit for bit, as 4 steps at once."""
-    spec = {"train": {"grad_accum_steps": 1}, "batches": {"n": 8, "seed": 11}}
+    steps; the same losses and weights (a LoRA run's adapters), bit for bit, as 4 steps at once."""
+    spec = {"train": {"grad_accum_steps": 1, **train}, "batches": {"n": 8, "seed": 11}}
     whole = run_ranks(tmp_path, dict(spec, steps=4))
     run_ranks(tmp_path, dict(spec, steps=2, checkpoint_to=str(tmp_path / "ckpt")))
     resumed = run_ranks(tmp_path, dict(spec, steps=2, resume=str(tmp_path / "ckpt")))
@@ -268,16 +322,6 @@ def test_mismatched_configs_are_refused_naming_field_and_ranks(tmp_path):
         assert "the train config differs" in text and "lr is 0.001 on ranks 0; 0.5 on ranks 1" in text, text
 
 
-@pytest.mark.parametrize("train, what", [({"objective": "dpo"}, "objective='dpo'"),
-                                         ({"lora_rank": 2}, "LoRA (lora_rank)")])
-def test_dpo_and_lora_are_refused_under_data_parallel(tmp_path, train, what):
-    spec = {"train": {**FP32, **train}, "batches": {"n": 4, "seed": 9}}
-    codes, errors, _ = launch_apart(tmp_path, spec)
-    assert all(code != 0 for code in codes)
-    for text in errors:
-        assert f"{what} does not run data-parallel yet" in text and "world size 2" in text, text
-
-
 def test_mismatched_loader_lengths_are_refused(tmp_path):
     spec = {"train": FP32, "batches": {"n": 12, "seed": 9}, "per_rank_counts": {"0": 6, "1": 4}}
     codes, errors, _ = launch_apart(tmp_path, spec)
@@ -354,6 +398,44 @@ def test_cli_failure_under_torchrun_reports_the_rank(tmp_path):
     assert (out / "notes.txt").is_file()
 
 
+@pytest.mark.slow
+def test_cli_dpo_on_lora_under_torchrun_matches_one_process(tmp_path):
+    """--objective dpo --lora-rank 4 under torchrun: the reference pass shared out over the ranks (5 rows, a batch
+    each: 3 rounds), each rank every other batch, the held-out pairs split between the ranks; the train and eval
+    lines (TRL's metrics), the reference file and the saved adapters are one process's with --grad-accum 2."""
+    import numpy as np
+    from hf_reference import make_hf_model
+    from test_dpo import _conversational
+    from tiny_tokenizers import make_tokenizer
+    src = tmp_path / "src"
+    tokenizer = make_tokenizer(src, style="chatml")
+    make_hf_model("llama", src, vocab_size=len(tokenizer), max_position_embeddings=256)
+    prefs = tmp_path / "prefs.jsonl"
+    prefs.write_text("".join(json.dumps(r) + "\n" for r in _conversational()))
+    common = ["train", "--model", str(src), "--data", str(prefs), "--device", "cpu", "--dtype", "float32",
+              "--objective", "dpo", "--dpo-beta", "0.5", "--seq-len", "64", "--batch-size", "1", "--steps", "2",
+              "--eval-split", "0.25", "--lr", "2e-3", "--lora-rank", "4", "--lora-targets", "q_proj,down_proj"]
+    _torchrun_and_alone(tmp_path, common, timeout=300)
+
+    def lines(run_dir, kind):
+        return [x for x in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if x["kind"] == kind]
+    for kind, keys in (("train", ("loss", "pairs", "grad_norm") + preference.METRICS),
+                       ("eval", ("eval_loss", "eval_pairs") + tuple(f"eval_{k}" for k in preference.METRICS))):
+        dp, one = lines(tmp_path / "dp", kind), lines(tmp_path / "one", kind)
+        assert len(dp) == len(one) > 0
+        for a, b in zip(dp, one):
+            for key in keys:
+                assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (kind, key)
+    assert lines(tmp_path / "dp", "train")[-1]["rewards/margins"] != 0
+    refs = [np.fromfile(tmp_path / run / "reference" / "train.ref", dtype=np.float32) for run in ("dp", "one")]
+    np.testing.assert_allclose(refs[0], refs[1], rtol=0, atol=1e-6)
+    got = load_file(tmp_path / "dp" / "adapter_model.safetensors")
+    ref = load_file(tmp_path / "one" / "adapter_model.safetensors")
+    assert set(got) == set(ref)
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], rtol=0, atol=1e-5)
+
+
 # ------------------------------------------------------------------------------------------------------------
 # the dry run of one rank of W
 # ------------------------------------------------------------------------------------------------------------
@@ -415,7 +497,6 @@ def test_cli_finetune_under_torchrun_matches_one_process(tmp_path):
     --grad-accum 2."""
     from hf_reference import make_hf_model
     from tiny_tokenizers import make_tokenizer
-    from safetensors.torch import load_file
     src = tmp_path / "src"
     make_hf_model("llama", src)
     make_tokenizer(src)

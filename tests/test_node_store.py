@@ -11,6 +11,7 @@ import torch
 import node_store_worker as worker
 import horizon_triton as ht
 from horizon_triton.kernels.host_formats import QBLOCK
+from horizon_triton.lora import LoraSpec
 from horizon_triton.node_store import SHM_DIR, NodeShare
 from horizon_triton.optimizer import OptimizerDriver, optimizer_threads
 from horizon_triton.store import HostStore
@@ -24,10 +25,13 @@ def _leftovers(name: str) -> list[str]:
 
 
 # ---- shard bounds (no processes) ------------------------------------------------------------------------
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 @pytest.mark.parametrize("world", [1, 2, 3, 5, 8])
-def test_shard_bounds_cover_each_layer_disjointly_on_block_boundaries(world):
-    store = HostStore(worker.CFG, torch.bfloat16, device="meta")
-    for i, layout in enumerate(store.layouts):
+def test_shard_bounds_cover_each_layer_disjointly_on_block_boundaries(world, lora):
+    """Of a LoRA store, the shards are of each layer's adapters (what its ranks' AdamW updates)."""
+    spec = LoraSpec(rank=4, alpha=8.0, targets=("q_proj", "v_proj", "down_proj")) if lora else None
+    store = HostStore(worker.CFG, torch.bfloat16, device="meta", lora=spec)
+    for i, layout in enumerate(store.adapter_layouts if lora else store.layouts):
         bounds = [store.shard_bounds(i, r, world) for r in range(world)]
         assert bounds[0][0] == 0 and bounds[-1][1] == layout.numel
         for (lo, hi), (next_lo, _) in zip(bounds, bounds[1:]):

@@ -108,3 +108,16 @@ def test_cuda_matches_fp64_within_fp32_accumulation():
     d_weight = torch.ones(N, K, device="cuda")
     matmul_accumulate_(d_weight, dy.t(), x)
     torch.testing.assert_close(d_weight.double().cpu() - 1, _exact(dy.cpu(), x.cpu()), rtol=1e-4, atol=1e-3)
+
+
+def test_cuda_before_torch_2_10_takes_the_chunked_path(monkeypatch):
+    """torch 2.9's CUDA addmm rejects an fp32 self with bf16 operands: there the GEMM falls back to fp32 chunks."""
+    monkeypatch.setattr(reference, "MIXED_DTYPE_ADDMM", False)
+    x = torch.empty(4096, 256, dtype=torch.bfloat16, device="meta")
+    dy = torch.empty(4096, 512, dtype=torch.bfloat16, device="meta")
+    d_weight = torch.empty(512, 256, dtype=torch.float32, device="meta")
+    with Spy() as spy:
+        matmul_accumulate_(d_weight, dy.t(), x)
+    gemms = [c for c in spy.calls if "mm" in c[0]]
+    assert gemms and all(name == "aten.addmm_.default" and dtypes == [torch.float32] * 3
+                         for name, dtypes, _ in gemms)

@@ -2,7 +2,9 @@
 
     addition   the built-in task of the demo (character tokenizer, held-out problems, greedy exact match)
     records    JSONL lines checked and normalized: text, prompt/response, messages, Alpaca, ShareGPT
-    encode     a record -> token ids and labels, with the tokenizer's chat template; which tokens are trained
+    encode     a record -> token ids and labels, with the tokenizer's chat template; which tokens are trained;
+               many records at once (encode_records)
+    chat_shapes  what a chat template makes of every conversation of one shape: spans from one rendering a record
     packing    documents packed into rows, streamed from files of any size by worker processes; the loaders
 
 Fine-tuning from Python:
@@ -15,14 +17,15 @@ Fine-tuning from Python:
 from horizon_triton.kernels.reference import IGNORE_INDEX
 
 from .addition import AdditionTask, CharTokenizer, Problem, exact_match, greedy_answers, pad_rows
-from .encode import (PROMPT_RESPONSE_SEPARATOR, TRAIN_ON, encode_preference, encode_record, load_tokenizer, render,
-                     tokenize_records)
+from .encode import (PROMPT_RESPONSE_SEPARATOR, TRAIN_ON, encode_preference, encode_record, encode_records,
+                     load_tokenizer, render, tokenize_records)
 from .packing import (TOO_LONG, DataStats, PackedRows, Packer, Prepared, RowLoader, encoded_documents,
                       in_eval_split, pack_documents, pack_pairs, prepare, steps_per_epoch)
 from .records import normalize, normalize_preference, parse_line, read_jsonl
 
 __all__ = ["IGNORE_INDEX", "AdditionTask", "CharTokenizer", "Problem", "exact_match", "greedy_answers", "pad_rows",
-           "PROMPT_RESPONSE_SEPARATOR", "TRAIN_ON", "encode_preference", "encode_record", "load_tokenizer", "render",
+           "PROMPT_RESPONSE_SEPARATOR", "TRAIN_ON", "encode_preference", "encode_record", "encode_records",
+           "load_tokenizer", "render",
            "tokenize_records", "TOO_LONG", "DataStats", "PackedRows", "Packer", "Prepared", "RowLoader",
            "encoded_documents", "in_eval_split", "pack_documents", "pack_pairs", "prepare", "steps_per_epoch",
            "normalize", "normalize_preference", "parse_line", "read_jsonl"]

@@ -37,7 +37,8 @@ import torch
 
 from horizon_triton.kernels.reference import IGNORE_INDEX
 
-from .encode import encode_preference, encode_record
+from .chat_shapes import ConversationShapes
+from .encode import encode_preference, encode_record, encode_records, preference_records
 from .records import iter_lines, parse_line
 
 TOO_LONG = ("drop", "truncate", "error")
@@ -60,13 +61,16 @@ class DataStats:
     rows: int = 0
     longest: int = 0             # tokens of the longest document before any cut
     max_id: int = -1             # the largest token id seen (checked against the model's vocab_size)
+    slow_path: int = 0           # records whose assistant turns were found by rendering prefixes (chat_shapes)
 
     def summary(self, seq_len: int, too_long: str) -> str:
         cut = {"drop": "dropped", "truncate": "truncated"}.get(too_long, "refused")
         return (f"{self.records:,} records -> {self.rows:,} rows of {seq_len} tokens: {self.tokens:,} tokens, "
                 f"{self.trained_tokens:,} trained ({self.trained_tokens / max(1, self.rows * seq_len):.0%} of the "
                 f"rows); {self.too_long:,} longer than {seq_len} ({cut}; longest {self.longest:,}), "
-                f"{self.untrained:,} with nothing to train skipped")
+                f"{self.untrained:,} with nothing to train skipped"
+                + (f"; {self.slow_path:,} rendered once more an assistant turn (the chat template writes a turn "
+                   "differently by its place or its content)" if self.slow_path else ""))
 
 
 class Packer:
@@ -249,13 +253,42 @@ class PackedRows:
 # streaming a JSONL file through worker processes
 # ------------------------------------------------------------------------------------------------------------
 class ChunkEncoder:
-    """Lines -> [(line number, ids int32, labels int32)] in a worker (``preference``: lists [chosen, rejected] of
-    those); stops at the first bad line and returns it as (line number, None, the error text)."""
+    """Lines -> [(line number, ids int32, labels int32, slow path?)] in a worker (``preference``: lists [chosen,
+    rejected] of ids and of labels); stops at the first bad line and returns it as (line number, None, the error
+    text, False). The records are encoded together (encode.encode_records); where that fails (a record the
+    template or tokenizer refuses), one by one with encode_record, which finds the line to name."""
 
     def __init__(self, path, tokenizer, train_on: str, preference: bool = False):
         self.path, self.tokenizer, self.train_on, self.preference = str(path), tokenizer, train_on, preference
+        self.shapes = ConversationShapes(tokenizer)
 
     def __call__(self, chunk: list[tuple[int, bytes]]) -> list[tuple]:
+        numbers, items, bad = [], [], []
+        for number, raw in chunk:
+            where = f"{self.path}:{number}"
+            try:
+                record = parse_line(raw, where, first=number == 1, preference=self.preference)   # names the line
+            except ValueError as e:
+                message = str(e)
+                bad = [(number, None, message if message.startswith(where + ":") else f"{where}: {message}", False)]
+                break
+            if record is not None:
+                numbers.append(number)
+                items += preference_records(record) if self.preference else [(record, 0)]
+        try:
+            encoded = encode_records(items, self.tokenizer, self.train_on, self.shapes)
+        except ValueError:
+            return self.one_by_one(chunk)
+        per_record = 2 if self.preference else 1
+        out = []
+        for i, number in enumerate(numbers):
+            docs = encoded[i * per_record:(i + 1) * per_record]
+            ids, labels = ([d[k].astype(np.int32) for d in docs] for k in (0, 1))
+            slow = any(d[2] for d in docs)
+            out.append((number, ids, labels, slow) if self.preference else (number, ids[0], labels[0], slow))
+        return out + bad
+
+    def one_by_one(self, chunk: list[tuple[int, bytes]]) -> list[tuple]:
         out = []
         for number, raw in chunk:
             where = f"{self.path}:{number}"
@@ -269,10 +302,11 @@ class ChunkEncoder:
                     docs = [encode_record(record, self.tokenizer, self.train_on)]
             except ValueError as e:
                 message = str(e)
-                out.append((number, None, message if message.startswith(where + ":") else f"{where}: {message}"))
+                out.append((number, None, message if message.startswith(where + ":") else f"{where}: {message}",
+                            False))
                 break
             ids, labels = ([np.array(d[k], dtype=np.int32) for d in docs] for k in (0, 1))
-            out.append((number, ids, labels) if self.preference else (number, ids[0], labels[0]))
+            out.append((number, ids, labels, True) if self.preference else (number, ids[0], labels[0], True))
         return out
 
 
@@ -302,9 +336,10 @@ def _chunks(lines):
 
 
 def encoded_documents(path, tokenizer, train_on: str = "assistant", workers: int = 0, preference: bool = False):
-    """(line number, ids, labels) of every record of a JSONL file in file order (``preference``: of every pair,
-    with ids and labels lists [chosen, rejected]), encoded by ``workers`` processes (0: in this process) with at
-    most 2 chunks a worker in flight. The first bad line raises its error."""
+    """(line number, ids, labels, slow path?) of every record of a JSONL file in file order (``preference``: of
+    every pair, with ids and labels lists [chosen, rejected]), encoded by ``workers`` processes (0: in this process,
+    the tokenizer's batches threaded in Rust) with at most 2 chunks a worker in flight; slow path: the record's
+    assistant turns were found by rendering its prefixes (chat_shapes). The first bad line raises its error."""
     encoder = ChunkEncoder(path, tokenizer, train_on, preference)
     chunks = _chunks(iter_lines(path))
 
@@ -325,10 +360,10 @@ def encoded_documents(path, tokenizer, train_on: str = "assistant", workers: int
                 yield pending.popleft().get()
 
     for result in results():
-        for number, ids, labels in result:
+        for number, ids, labels, slow in result:
             if ids is None:
                 raise ValueError(labels)
-            yield number, ids, labels
+            yield number, ids, labels, slow
 
 
 def in_eval_split(index: int, fraction: float, seed: int) -> bool:
@@ -367,10 +402,11 @@ def prepare(path, tokenizer, seq_len: int, pad_id: int, out_dir=None, *, train_o
     examples = []
     try:
         index = 0
-        for number, ids, labels in encoded_documents(path, tokenizer, train_on, workers, preference):
+        for number, ids, labels, slow in encoded_documents(path, tokenizer, train_on, workers, preference):
             name = "eval" if eval_fraction and in_eval_split(index, eval_fraction, seed) else "train"
             index += 1
             stats[name].records += 1
+            stats[name].slow_path += slow
             if len(examples) < keep_examples:
                 examples.append((number, ids, labels))
             where = f"{path}:{number}"
