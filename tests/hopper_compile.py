@@ -15,9 +15,9 @@ that are not software-pipelined). Triton's wheel ships ptxas and cuobjdump, so n
 
 Compiling is slow (seconds a kernel, far more where it spills), so within one pytest run every result is kept in
 a temporary directory (and Triton's own cache with it): a kernel that two tests, or two families, compile with
-the same source, types and config is compiled once (``HOPPER_COMPILE_RESULTS=DIR`` keeps them in DIR across runs).
-A result names the Triton version that made it (the key holds the kernel's source, not Triton's version: keep
-one DIR per Triton).
+the same source, types and config is compiled once (``HOPPER_COMPILE_RESULTS=DIR`` keeps them in DIR across runs:
+one DIR per Triton version, since a result is keyed by the kernel's source, arguments and config; it names the
+version that made it).
 
 Each family's test (test_attention.py, test_cross_entropy.py, test_rmsnorm.py, test_rmsnorm_matmul.py,
 test_swiglu.py, test_rope.py) owns the argument types and configs of its kernels and its own assertions.
@@ -29,9 +29,9 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
-import shutil
 import tempfile
 
 H100_SHARED_BYTES = 227 * 1024       # the most shared memory one block may use on an H100
@@ -126,16 +126,22 @@ def report(test_module: str, function: str) -> dict:
     workers = max(1, min(8, os.cpu_count() or 1))
     env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1",   # fp fusion: the GPU default
            "TRITON_CACHE_DIR": os.path.join(_run_dir, "triton"), _RESULTS: _run_dir}
-    children = [subprocess.Popen([sys.executable, __file__, test_module, function],
-                                 env={**env, _WORKER: f"{i}/{workers}"}, stdout=subprocess.PIPE,
-                                 stderr=subprocess.PIPE, text=True) for i in range(workers)]
     merged = {}
-    for child in children:
-        out, err = child.communicate(timeout=1800)
-        assert child.returncode == 0, err[-4000:]
-        for name, result in json.loads(out.strip().splitlines()[-1]).items():
-            if result is not None:
-                merged[name] = result
+    with tempfile.TemporaryDirectory() as logs:                  # files, not pipes: no child blocks on a full one
+        outs = [(open(os.path.join(logs, f"{i}.out"), "w+"), open(os.path.join(logs, f"{i}.err"), "w+"))
+                for i in range(workers)]
+        children = [subprocess.Popen([sys.executable, __file__, test_module, function],
+                                     env={**env, _WORKER: f"{i}/{workers}"}, stdout=out, stderr=err, text=True)
+                    for i, (out, err) in enumerate(outs)]
+        for child, (out, err) in zip(children, outs):
+            child.wait(timeout=3600)
+            out.seek(0), err.seek(0)
+            text, errors = out.read(), err.read()
+            out.close(), err.close()
+            assert child.returncode == 0, errors[-4000:]
+            for name, result in json.loads(text.strip().splitlines()[-1]).items():
+                if result is not None:
+                    merged[name] = result
     return merged
 
 
