@@ -35,8 +35,8 @@ Known gaps:
 - the Hopper configs (plain pointer loads, no TMA descriptors or warp specialization) follow the Triton
   fused-attention tutorial and FA2 and were checked only statically (tests/test_attention.py builds them for
   sm_90 on a CPU machine: no spills, wgmma used), never timed: run
-  `python -m horizon_triton.kernels.autotune attention` on the GPU. hd256 is the least explored (the dkdv
-  default keeps a 24-byte stack frame; so does the hd128 forward with a window and no documents, 8 bytes).
+  `python -m horizon_triton.kernels.autotune attention` on the GPU. hd256 is the least explored: its dkdv
+  default runs mma.sync, not wgmma (DKDV_HD256_KEYS).
 - kernels launch on the current CUDA device; tensors on another device are not switched to.
 - stored configs are keyed by head dim, dtype and a sequence-length bucket, not by documents or window.
 - Triton's CPU interpreter gets bf16 tl.dot wrong, so when interpreting (UPCAST) the dot operands are upcast to
@@ -552,6 +552,11 @@ DKDV_CONFIGS = [_cfg(32, 128, 8, 2), _cfg(32, 128, 8, 3), _cfg(16, 128, 8, 3), _
 DQ_CONFIGS = [_cfg(128, 64, 8, 2), _cfg(128, 64, 8, 3), _cfg(128, 32, 8, 2), _cfg(128, 32, 8, 3),
               _cfg(64, 64, 4, 2), _cfg(64, 64, 4, 3), _cfg(64, 32, 4, 3)]
 
+# hd256's dkdv takes 32 keys a program: with the 64 a warpgroup MMA needs, its two fp32 [64, 256] accumulators
+# alone fill 128 registers a thread on 8 warps and it spills (48 B at 2 stages, more with 1 stage or 16 warps);
+# at 32 keys its dots are mma.sync, without spills.
+DKDV_HD256_KEYS = 32
+
 # Defaults by head dim (the tile width BLOCK_D) and dtype: Triton tutorial / FA2 shapes for bf16 and fp16. fp32
 # takes IEEE dots on the FMA units, whose operands live in registers: the bf16 tiles spill kilobytes there (and
 # take up to a minute each to compile), and even 32×32 tiles spilled in the unmasked (plain) variant at hd128, so
@@ -562,7 +567,7 @@ _DEFAULTS = {
     "attention_fwd": {32: _cfg(128, 64, 8, 3), 64: _cfg(128, 64, 8, 3), 128: _cfg(128, 64, 8, 3),
                       256: _cfg(128, 32, 8, 2)},
     "attention_bwd_dkdv": {32: _cfg(64, 128, 8, 3), 64: _cfg(64, 128, 8, 3), 128: _cfg(32, 128, 8, 3),
-                           256: _cfg(16, 64, 8, 2)},
+                           256: _cfg(16, DKDV_HD256_KEYS, 8, 2)},
     "attention_bwd_dq": {32: _cfg(128, 64, 8, 3), 64: _cfg(128, 64, 8, 3), 128: _cfg(128, 64, 8, 2),
                          256: _cfg(128, 32, 8, 2)},
     "attention_fwd/fp32": dict.fromkeys((32, 64, 128, 256), _cfg(16, 16, 4, 2)),

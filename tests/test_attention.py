@@ -357,7 +357,10 @@ def test_defaults_compile_for_hopper_without_spills():
     report = hopper_compile.report("test_attention", "_hopper_report")
     assert len(report) == 3 * 19
     hopper_compile.assert_fits_without_spills(report)
-    hopper_compile.assert_hopper_mma({name: r for name, r in report.items() if " bf16 " in name})
+    # hd256's dkdv takes mma.sync without spills over a spilling wgmma tile (A.DKDV_HD256_KEYS)
+    assert A._DEFAULTS["attention_bwd_dkdv"][256]["BLOCK_N"] == A.DKDV_HD256_KEYS < 64
+    hopper_compile.assert_hopper_mma({name: r for name, r in report.items()
+                                      if " bf16 " in name and name != "attention_bwd_dkdv bf16 D256 docs+window"})
 
 
 @pytest.mark.slow
