@@ -60,16 +60,16 @@ class Part:
     pytest: bool = False
     without_gpu: str = ""        # why it cannot run without a GPU, and what covers it there
     extra: bool = False          # past the 400 s of boxes: runs in the time earlier parts left unused
+    compiles: str = ""           # the kernel specializations it compiles, as counted (COMPILES_*)
 
 
 
-# Kernel specializations each part compiles, counted on a CPU with perf/compile_counts.py (the same launches in
-# Triton's interpreter); on a cold GPU machine each costs 1-3 s to compile (far more where a kernel spills). A
-# part's time box is its start-up (python, torch and CUDA: ~10 s), those compiles at ~2 s, and its own work.
-COMPILE_COUNTS = {
-    "engine": 27,             # compile_counts.py engine --head-dim 128: the canary and a step, 2 attention variants
-    "kernel_tests": 0,        # compile_counts.py pytest <KERNEL_TESTS> -k <KERNEL_TEST_SELECTION>
-}
+# Kernel specializations a part compiles, counted on a CPU with perf/compile_counts.py (the same launches in
+# Triton's interpreter, keyed as the JIT keys them); on a cold GPU machine each costs 1-3 s (far more where a
+# kernel spills). A part's box is its start-up (python, torch and CUDA: ~10 s), those compiles at ~2 s and its work.
+COMPILES_CANARY = ("20 at start-up (`compile_counts.py engine --canary-only`, hd128 bf16), about as many in the "
+                   "first step")
+COMPILES_KERNEL_TESTS = "KERNEL_TESTS_COUNT (`compile_counts.py pytest <the part's selection>`)"
 KERNEL_TESTS = tuple(f"tests/test_{family}.py" for family in ("attention", "cross_entropy", "rmsnorm_matmul",
                                                                "rmsnorm", "swiglu", "rope"))
 
@@ -79,7 +79,7 @@ def all_parts(quick: bool) -> list[Part]:
     both backends, each kernel against the library, the host link, the compiled kernel tests. Their boxes add up
     to 400 s of an 8-minute window (start-up and the install take the rest); the parts after those (``extra``)
     run in what earlier parts left unused. A box is start-up (python, torch, CUDA: ~10 s), the part's compiles
-    (COMPILE_COUNTS, ~2 s each cold) and its own work."""
+    (COMPILES_*, ~2 s each cold) and its own work."""
     py = sys.executable
     measure = lambda name: (py, str(HERE / "gpu_parts.py"), name) + (("--quick",) if quick else ())  # noqa: E731
     timed = "GPU kernel timings need one"
@@ -89,6 +89,7 @@ def all_parts(quick: bool) -> list[Part]:
         for kernels, budget in zip(("triton", "torch"), budgets):
             parts.append(Part(f"engine_{workload}_{kernels}", "e", f"engine: {what}, HORIZON_KERNELS={kernels}",
                               budget, measure(f"engine_{workload}"), {"HORIZON_KERNELS": kernels},
+                              compiles=COMPILES_CANARY if kernels == "triton" else "none of ours",
                               without_gpu=f"real widths need one; `python perf/gpu_parts.py engine_{workload} --quick "
                                           "--device cpu --result FILE` runs this part's code on a toy model"))
     parts += [
@@ -102,8 +103,9 @@ def all_parts(quick: bool) -> list[Part]:
              without_gpu="a host -> device copy needs a device"),
         Part("kernel_tests", "a", "compiled kernel tests: each family's checks against the reference, both dtypes",
              35, (py, "-m", "pytest", *KERNEL_TESTS, "-m", "not slow", "-k", KERNEL_TEST_SELECTION),
-             pytest=True, without_gpu="compiled kernels need one; without it `python -m pytest tests` runs these "
-                                      "tests in Triton's interpreter"),
+             pytest=True, compiles=COMPILES_KERNEL_TESTS,
+             without_gpu="compiled kernels need one; without it `python -m pytest tests` runs these tests in "
+                         "Triton's interpreter"),
         Part("library_and_canary_tests", "a", "the library path, the weight-gradient GEMM and the canary on CUDA",
              20, (py, "-m", "pytest", "tests/test_library.py", "tests/test_weight_gradient_gemm.py",
                   "tests/test_kernel_dispatch.py", "-k", "cuda or canary or library"), pytest=True, extra=True,
@@ -171,7 +173,7 @@ def pytest_outcomes(text: str) -> dict:
 def run_part(part: Part, gpu: bool, remaining_s: float, log, min_s: float = 5.0) -> dict:
     """Runs one part and returns its record: status ok / failed (with the error tail) / skipped (with the reason)."""
     record = dict(name=part.name, section=part.section, what=part.what, budget_s=part.budget_s,
-                  env=part.env)
+                  env=part.env, **({"compiles": part.compiles} if part.compiles else {}))
     if part.needs_gpu and not gpu:
         return dict(record, status="skipped", seconds=0.0, reason=f"no CUDA GPU visible: {part.without_gpu}")
     if part.pytest and importlib.util.find_spec("pytest") is None:
@@ -263,7 +265,9 @@ def markdown(report: dict) -> str:
     for p in report["parts"]:
         if p["status"] == "skipped":
             continue
-        lines += ["", f"### {p['name']}: {p['status']} ({p['seconds']:.0f} s)", ""]
+        lines += ["", f"### {p['name']}: {p['status']} ({p['seconds']:.0f} s of a {p['budget_s']} s box)", ""]
+        if p.get("compiles"):
+            lines.append(f"- kernel specializations it compiles (counted on a CPU): {p['compiles']}")
         figures = p.get("figures", {})
         lines += [f"- {k}: {_cell(val)}" for k, val in figures.items() if k != "counts" or not p.get("summary")]
         rows = p.get("rows") or []
@@ -317,7 +321,8 @@ def main(argv=None) -> int:
     parts = select(all_parts(args.quick), args.parts)
     if args.list:
         for p in parts:
-            print(f"{p.section}  {p.name:<26} {p.budget_s:>4} s  {p.what}")
+            print(f"{p.section}  {p.name:<26} {p.budget_s:>4} s  {p.what}"
+                  + (f" [compiles: {p.compiles}]" if p.compiles else ""))
         print(f"sum of time boxes: {sum(p.budget_s for p in parts if not p.extra)} s, then the extras in what is "
               f"left of it (the run stops at --budget-s {args.budget_s:.0f})")
         return 0
