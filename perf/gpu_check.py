@@ -7,8 +7,8 @@ Parts, in the order they run (the letters are sections; ``--parts`` takes part n
        (HORIZON_KERNELS=triton) and the library path (HORIZON_KERNELS=torch) side by side
     b  each kernel against cuBLAS / torch SDPA at the engine's real shapes (perf/gpu_parts.py)
     c  host -> device bandwidth: the scheduler's stream_in against a plain pinned copy
-    a  the compiled kernel tests (TRITON_INTERPRET=0 pytest: each family's checks against the reference), then,
-       in the time earlier parts left, the library/canary tests and tests/test_engine_cuda.py
+    a  the compiled kernel tests (TRITON_INTERPRET=0 pytest: one bf16 reference check per family), then, in the
+       time earlier parts left, the library/canary tests and tests/test_engine_cuda.py
     d  (in the time left) the CPU AdamW (kernels/cpu_adam.py) on this machine's cores
 
 Every part runs in a child process of its own under a time box (its budget, and never past the whole run's
