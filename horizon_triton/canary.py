@@ -17,7 +17,7 @@ import torch
 
 from horizon_triton.kernels import reference
 
-from .ops import KERNEL_FAMILY
+from .ops import KERNEL_FAMILY, MOE_FAMILIES
 
 ATOL = {torch.float32: 2e-5, torch.bfloat16: 2e-3, torch.float16: 1e-3}
 
@@ -36,7 +36,20 @@ def _inputs(dtype, device, head_dim: int, sliding_window: int | None, heads=(4, 
     targets = torch.randint(0, V, (T,), generator=g)
     targets[::7] = reference.IGNORE_INDEX
     doc_ids = (pos != torch.arange(S)).to(torch.int32).expand(B, S).contiguous().to(device)  # 2 docs a row
-    return SimpleNamespace(
+    # MoE: 8 experts, top-2; router logits a permutation of distinct steps (no ties to break); a fixed routing
+    # for the experts' ops in which expert 7 gets no token
+    E, k, I = 8, 2, N // 2
+    router_logits = (torch.randn(T, E, generator=g).argsort(-1) - E // 2).float() * 0.5
+    ids = ((torch.arange(T)[:, None] * 3 + torch.arange(k)) % (E - 1)).to(torch.int32)
+    order, offsets = reference.moe_permute(ids, E)
+    moe = SimpleNamespace(
+        E=E, k=k, router_logits=router_logits.to(device, dtype),
+        score_bias=(0.1 * torch.randn(E, generator=g)).to(device),
+        d_route=torch.randn(T, k, generator=g).to(device), order=order.to(device), offsets=offsets.to(device),
+        weights=torch.rand(T, k, generator=g).to(device), x=rand(T, H), w_gu=rand(E, 2 * I, H, scale=H ** -0.5),
+        b_gu=rand(E, 2 * I), w_d=rand(E, H, I, scale=I ** -0.5), b_d=rand(E, H), d_gate_up=rand(T * k, 2 * I),
+        h=rand(T * k, I), d_o=rand(T * k, H), gate_up=rand(T * k, 2 * I, scale=4.0), dh=rand(T * k, I))
+    return SimpleNamespace(moe=moe, 
         B=B, S=S, T=T, H=H, N=N, heads=heads, D=head_dim,
         window=None if sliding_window is None else min(sliding_window, S // 3),   # the windowed variant, if any
         x=rand(T, H), g=(1 + 0.1 * torch.randn(H, generator=g)).to(device, dtype), w=rand(N, H, scale=H ** -0.5),
@@ -74,11 +87,31 @@ def _run_family(ops, family: str, t) -> list[torch.Tensor]:
         dw = zeros(*t.lm_head.shape)
         loss, dh = ops.linear_cross_entropy(t.x, t.lm_head, t.targets, dw, 1.0 / t.T)
         return [loss, dh, dw]
+    m = t.moe
+    if family == "moe_routing":                      # softmax top-k (both kinds), grouped sigmoid, permutation
+        outputs = []
+        for renormalize in (True, False):
+            w, ids = ops.moe_softmax_topk_forward(m.router_logits, m.k, renormalize)
+            outputs += [w, ids, ops.moe_softmax_topk_backward(m.d_route, m.router_logits, ids, renormalize)]
+        w, ids = ops.moe_sigmoid_topk_forward(m.router_logits, m.score_bias, m.k, 4, 2, True, 2.5)
+        outputs += [w, ids, ops.moe_sigmoid_topk_backward(m.d_route, m.router_logits, ids, True, 2.5)]
+        return outputs + list(ops.moe_permute(ids, m.E))
+    if family == "moe_experts":                      # with expert biases (gpt-oss) and without
+        dw_gu, db_gu, dw_d = zeros(*m.w_gu.shape), zeros(*m.b_gu.shape), zeros(*m.w_d.shape)
+        return [ops.moe_gate_up_forward(m.x, m.order, m.offsets, m.k, m.w_gu, m.b_gu),
+                ops.moe_down_forward(m.h, m.order, m.offsets, m.w_d),
+                ops.moe_gate_up_backward(m.d_gate_up, m.x, m.order, m.offsets, m.k, m.w_gu, dw_gu, db_gu),
+                ops.moe_down_backward(m.d_o, m.h, m.order, m.offsets, m.w_d, dw_d), dw_gu, db_gu, dw_d,
+                ops.moe_combine_forward(m.d_o, m.weights), *ops.moe_combine_backward(m.x, m.d_o, m.weights)]
+    if family == "clamped_swiglu":
+        return [ops.clamped_swiglu_forward(m.gate_up, 1.702, 7.0),
+                ops.clamped_swiglu_backward(m.dh, m.gate_up, 1.702, 7.0)]
     raise ValueError(f"canary: no check for kernel family {family!r}")
 
 
 def _fp32(t) -> SimpleNamespace:
-    return SimpleNamespace(**{k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v
+    return SimpleNamespace(**{k: _fp32(v) if isinstance(v, SimpleNamespace)
+                              else v.float() if torch.is_tensor(v) and v.is_floating_point() else v
                               for k, v in vars(t).items()})
 
 
@@ -104,13 +137,18 @@ def check_family(candidate, family: str, t, exact: list, library: list, atol: fl
             raise Mismatch(f"output {i}: error {err:.3g} against fp32 > 2 × library error {err_lib:.3g} + atol")
 
 
-def run(candidate, fallback, device, dtype: torch.dtype, head_dim: int, sliding_window: int | None):
+def run(candidate, fallback, device, dtype: torch.dtype, head_dim: int, sliding_window: int | None,
+        moe: bool = False):
     """-> (ops namespace with failing families replaced by ``fallback``'s, report {op: "triton" | "library
-    (reason)" | "triton (unchecked: ...)"}). Warns once per replaced or unchecked family, naming it and why."""
+    (reason)" | "triton (unchecked: ...)"}). Warns once per replaced or unchecked family, naming it and why.
+    moe: check the MoE families too (a model with MoE layers); a dense model does not compile them."""
     t = _inputs(dtype, device, head_dim, sliding_window)
     ops, report = dict(vars(candidate)), {}
     for family in dict.fromkeys(KERNEL_FAMILY.values()):
         names = [n for n, f in KERNEL_FAMILY.items() if f == family]
+        if family in MOE_FAMILIES and not moe:
+            report.update(dict.fromkeys(names, "triton (unchecked: no MoE layer)"))
+            continue
         try:
             exact, library = _judges(fallback, family, t)
         except Exception as exc:  # noqa: BLE001  (no judge on this machine: keep the kernel, say so)

@@ -200,6 +200,110 @@ class TritonModels:
             if d_weight is not None:                                                            # None: frozen
                 self._gemm(2.0 * n * H * V_c, h.dtype, logits, hc, d_weight, d_weight)         # dW_c += gᵀ h_c
 
+    # ---- moe_routing.py --------------------------------------------------------------------------------
+    def _routing(self, logits, top_k, flops_per_logit, *more):
+        T = logits.shape[0]
+        weights = torch.empty((T, top_k), dtype=torch.float32, device=logits.device)
+        ids = torch.empty((T, top_k), dtype=torch.int32, device=logits.device)
+        self._count("elementwise", flops_per_logit * logits.numel(), logits, weights, ids, *more)
+        return weights, ids
+
+    def moe_softmax_topk_forward(self, logits, top_k, renormalize):
+        return self._routing(logits, top_k, 4.0 + 2 * top_k)             # softmax, then k passes of argmax
+
+    def moe_sigmoid_topk_forward(self, logits, bias, top_k, n_group, topk_group, renormalize, scaling):
+        # σ, then per group two argmax passes, topk_group passes over the groups, k passes of argmax
+        return self._routing(logits, top_k, 4.0 + 4 * n_group + 2 * topk_group + 2 * top_k, bias)
+
+    def moe_softmax_topk_backward(self, d_weights, logits, ids, renormalize):
+        d_logits = torch.empty_like(logits)
+        self._count("elementwise", (6.0 + 3 * ids.shape[1]) * logits.numel(), d_weights, logits, ids, d_logits)
+        return d_logits
+
+    def moe_sigmoid_topk_backward(self, d_weights, logits, ids, renormalize, scaling):
+        return self.moe_softmax_topk_backward(d_weights, logits, ids, renormalize)
+
+    def moe_permute(self, ids, num_experts):
+        from horizon_triton.kernels import moe_routing
+        S, block = ids.numel(), moe_routing.PERMUTE_BLOCK
+        counts = torch.empty((-(-S // block), num_experts), dtype=torch.int32, device=ids.device)
+        self._count("elementwise", 1.0 * S, ids, counts)                               # histogram per block
+        start, offsets = moe_routing.block_starts(counts, S)
+        order = torch.empty(S, dtype=torch.int32, device=ids.device)
+        self._count("elementwise", 2.0 * S * block, ids, start, order)                 # ranks within a block
+        return order, offsets
+
+    # ---- moe_experts.py --------------------------------------------------------------------------------
+    # A grouped GEMM reads its M gathered rows (M·K), every expert's weight (E·N·K), writes M·N, and reads
+    # the two index arrays; a dW GEMM reads D and A once each and updates every expert's fp32 dW in place.
+    def _grouped_gemm(self, M, N, K, a, weight, c, *more):
+        self._gemm(2.0 * M * N * K, a.dtype, weight, c, *more, extra_bytes=M * K * a.element_size() + 8 * M)
+
+    def _grouped_dw(self, M, N, K, d, a, d_weight, d_bias):
+        self._gemm(2.0 * M * N * K, d.dtype, d_weight, d_weight, d_bias, d_bias,
+                   extra_bytes=M * (N + K) * d.element_size() + 8 * M)
+
+    def moe_gate_up_forward(self, x, order, offsets, top_k, weight, bias=None):
+        M, N, H = order.shape[0], weight.shape[1], x.shape[1]
+        identity = torch.arange(M, dtype=torch.int32, device=x.device)
+        out = torch.empty((M, N), dtype=x.dtype, device=x.device)
+        self._grouped_gemm(M, N, H, x, weight, out, bias, offsets)
+        del identity
+        return out
+
+    def moe_gate_up_backward(self, d_gate_up, x, order, offsets, top_k, weight, d_weight, d_bias=None):
+        (T, H), M, N = x.shape, order.shape[0], weight.shape[1]
+        identity = torch.arange(M, dtype=torch.int32, device=x.device)
+        self._grouped_dw(M, N, H, d_gate_up, x, d_weight, d_bias)                      # dW_gu (and db_gu)
+        dx_slots = torch.empty((M, H), dtype=x.dtype, device=x.device)
+        self._grouped_gemm(M, H, N, d_gate_up, weight, dx_slots, offsets)              # dx per slot
+        del identity
+        return self.moe_combine_forward(dx_slots, torch.ones((T, top_k), dtype=torch.float32, device=x.device))
+
+    def moe_down_forward(self, h, order, offsets, weight, bias=None):
+        (M, I), N = h.shape, weight.shape[1]
+        identity = torch.arange(M, dtype=torch.int32, device=h.device)
+        out = torch.empty((M, N), dtype=h.dtype, device=h.device)
+        self._grouped_gemm(M, N, I, h, weight, out, bias, offsets)
+        del identity
+        return out
+
+    def moe_down_backward(self, d_o, h, order, offsets, weight, d_weight, d_bias=None):
+        (M, I), N = h.shape, weight.shape[1]
+        identity = torch.arange(M, dtype=torch.int32, device=h.device)
+        self._grouped_dw(M, N, I, d_o, h, d_weight, d_bias)                            # dW_d (and db_d)
+        dh = torch.empty_like(h)
+        self._grouped_gemm(M, I, N, d_o, weight, dh, offsets)
+        del identity
+        return dh
+
+    def moe_combine_forward(self, o, weights):
+        T, k = weights.shape
+        y = torch.empty((T, o.shape[1]), dtype=o.dtype, device=o.device)
+        self._count("elementwise", 2.0 * o.numel(), o, weights, y)
+        return y
+
+    def moe_combine_backward(self, dy, o, weights):
+        d_o = torch.empty_like(o)
+        d_weights = torch.empty(weights.shape, dtype=torch.float32, device=o.device)
+        self._count("elementwise", 3.0 * o.numel(), dy, o, weights, d_o, d_weights)
+        return d_o, d_weights
+
+    # ---- clamped_swiglu.py -----------------------------------------------------------------------------
+    def clamped_swiglu_forward(self, gate_up, alpha, limit):
+        M, I = gate_up.shape[0], gate_up.shape[1] // 2
+        h = torch.empty((M, I), dtype=gate_up.dtype, device=gate_up.device)
+        self._count("elementwise", 8.0 * M * I, gate_up, h)
+        return h
+
+    def clamped_swiglu_backward(self, dh, gate_up, alpha, limit):
+        if dh.stride(1) != 1:
+            dh = dh.contiguous()
+        M, I = dh.shape
+        d_gate_up = torch.empty((M, 2 * I), dtype=gate_up.dtype, device=gate_up.device)
+        self._count("elementwise", 14.0 * M * I, dh, gate_up, d_gate_up)
+        return d_gate_up
+
 
 def meta_ops(backend: str, counter, doc_lengths) -> object:
     """The ops namespace of a dry run: the torch references themselves (they run on meta tensors as they are)

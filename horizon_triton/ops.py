@@ -32,7 +32,15 @@ KERNEL_FAMILY = {
     "attention_forward": "attention", "attention_backward": "attention",
     "linear_cross_entropy": "cross_entropy",
     "cross_entropy_chunk_stats_": "cross_entropy", "cross_entropy_chunk_backward": "cross_entropy",
+    "moe_softmax_topk_forward": "moe_routing", "moe_softmax_topk_backward": "moe_routing",
+    "moe_sigmoid_topk_forward": "moe_routing", "moe_sigmoid_topk_backward": "moe_routing",
+    "moe_permute": "moe_routing",
+    "moe_gate_up_forward": "moe_experts", "moe_gate_up_backward": "moe_experts",
+    "moe_down_forward": "moe_experts", "moe_down_backward": "moe_experts",
+    "moe_combine_forward": "moe_experts", "moe_combine_backward": "moe_experts",
+    "clamped_swiglu_forward": "clamped_swiglu", "clamped_swiglu_backward": "clamped_swiglu",
 }
+MOE_FAMILIES = ("moe_routing", "moe_experts", "clamped_swiglu")      # used by MoE layers only
 TORCH_ONLY = ("linear_forward", "linear_backward", "cross_entropy_chunk_loss", "lora_forward", "lora_backward")
 BACKENDS = {"torch": "torch", "triton": "triton", "interpret": "triton-interpret"}
 

@@ -22,6 +22,9 @@ KERNELS = {
     "cross_entropy": "horizon_triton.kernels.cross_entropy",
     "swiglu": "horizon_triton.kernels.swiglu",
     "rope": "horizon_triton.kernels.rope",
+    "moe_routing": "horizon_triton.kernels.moe_routing",
+    "moe_experts": "horizon_triton.kernels.moe_experts",
+    "clamped_swiglu": "horizon_triton.kernels.clamped_swiglu",
 }
 
 

@@ -354,3 +354,201 @@ def cross_entropy_chunk_backward(h: torch.Tensor, weight: torch.Tensor, targets:
         matmul_accumulate_(dh[s:e], g, weight)
         if d_weight is not None:
             matmul_accumulate_(d_weight, g.t(), hc)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Mixture of experts (dropless, as transformers): T tokens, E experts, each token routed to k of them.
+# A token's k choices are its slots s = t·k + j (j < k). Routing returns weights[T, k] (fp32) and ids[T, k]
+# (int32, by descending weight); moe_permute sorts the slots by expert (stable: ascending slot within an expert)
+# into order[T·k] with offsets[E + 1], so expert e owns the sorted rows offsets[e] : offsets[e + 1] (possibly none).
+#   gate_up (expert order)  r:  gate_up[r] = x[order[r] // k] @ W_gu[e]ᵀ (+ b_gu[e])      W_gu[E, N, H]
+#   h = act(gate_up)            (swiglu_forward: [gate | up] halves; clamped_swiglu_forward: gpt-oss's)
+#   o (slot order)          r:  o[order[r]] = h[r] @ W_d[e]ᵀ (+ b_d[e])                     W_d[E, H, I]
+#   y[t] = Σ_j weights[t, j] · o[t·k + j]                                                  (moe_combine_forward)
+# backward: d_o[s] = weights[t, j]·dy[t],  d_weights[t, j] = <dy[t], o[s]>,  then through each grouped GEMM as
+# linear_backward per expert (dW, db accumulated in fp32 in place), dx[t] = Σ_j dx_slot[t·k + j] (fp32 sum).
+# Weights may be any strided view [E, N, K] (gpt-oss stores [E, K, N]: pass .transpose(1, 2)).
+# ----------------------------------------------------------------------------------------------------------
+def _top_k(values: torch.Tensor, k: int):
+    """(values, ids) of the k largest of each row, the lowest index first among equal values (as the kernels do;
+    torch.topk leaves the order of ties unspecified)."""
+    values, ids = torch.sort(values, dim=-1, descending=True, stable=True)
+    return values[:, :k], ids[:, :k]
+
+
+def moe_softmax_topk_forward(logits: torch.Tensor, top_k: int, renormalize: bool):
+    """Mixtral, Qwen3-MoE (renormalize = norm_topk_prob), gpt-oss (softmax over the top-k logits = renormalized).
+    logits[T, E] -> (weights[T, k] fp32, ids[T, k] int32): p = softmax(logits) in fp32, its k largest, divided
+    by their sum when renormalize."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    weights, ids = _top_k(probs, top_k)
+    if renormalize:
+        weights = weights / weights.sum(-1, keepdim=True)
+    return weights, ids.to(torch.int32)
+
+
+def moe_softmax_topk_backward(d_weights: torch.Tensor, logits: torch.Tensor, ids: torch.Tensor,
+                              renormalize: bool) -> torch.Tensor:
+    """d_weights[T, k] fp32 -> d_logits[T, E] (logits.dtype). With p = softmax(logits), p_j = p[ids[j]]:
+    not renormalized: dl_e = p_e·(d_e − Σ_j d_j p_j), d_e = d_weights[j] where ids[j] = e (else 0);
+    renormalized (w = softmax of the selected logits): dl_ids[j] = w_j·(d_j − Σ_m d_m w_m), 0 elsewhere."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    idx = ids.long()
+    picked = probs.gather(1, idx)
+    if renormalize:
+        w = picked / picked.sum(-1, keepdim=True)
+        d_sel = w * (d_weights - (d_weights * w).sum(-1, keepdim=True))
+        return torch.zeros_like(probs).scatter_(1, idx, d_sel).to(logits.dtype)
+    d_logits = -probs * (d_weights * picked).sum(-1, keepdim=True)
+    return d_logits.scatter_add_(1, idx, d_weights * picked).to(logits.dtype)
+
+
+def moe_sigmoid_topk_forward(logits: torch.Tensor, bias: torch.Tensor, top_k: int, n_group: int,
+                             topk_group: int, renormalize: bool, scaling: float):
+    """DeepSeek-V3, GLM-4.5 (transformers' DeepseekV3TopkRouter). logits[T, E], bias[E] (e_score_correction_bias)
+    -> (weights[T, k] fp32, ids[T, k] int32). s = σ(logits) in fp32; experts are chosen on c = s + bias: the
+    topk_group groups (of E / n_group experts) with the largest sum of their two best c, then the k largest c
+    inside them; weights = s of the chosen (not c), / (Σ + 1e-20) when renormalize, × scaling."""
+    T, E = logits.shape
+    scores = torch.sigmoid(logits.float())
+    choice = scores + bias.float()
+    group_scores = choice.view(T, n_group, E // n_group).topk(2, dim=-1)[0].sum(-1)       # [T, n_group]
+    group_idx = _top_k(group_scores, topk_group)[1]
+    keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, group_idx, True)
+    choice = choice.masked_fill(~keep.repeat_interleave(E // n_group, dim=1), float("-inf"))
+    ids = _top_k(choice, top_k)[1]
+    weights = scores.gather(1, ids)
+    if renormalize:
+        weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+    return weights * scaling, ids.to(torch.int32)
+
+
+def moe_sigmoid_topk_backward(d_weights: torch.Tensor, logits: torch.Tensor, ids: torch.Tensor,
+                              renormalize: bool, scaling: float) -> torch.Tensor:
+    """d_weights[T, k] fp32 -> d_logits[T, E] (logits.dtype); the choice (and its bias) is piecewise constant.
+    With s_j = σ(logits[ids[j]]), D = Σ_j s_j + 1e-20: ds_j = c·(d_j / D − Σ_m d_m s_m / D²) (renormalized) or
+    c·d_j, and dl_ids[j] = ds_j · s_j (1 − s_j), 0 elsewhere."""
+    idx = ids.long()
+    picked = torch.sigmoid(logits.float()).gather(1, idx)
+    if renormalize:
+        denom = picked.sum(-1, keepdim=True) + 1e-20
+        d_picked = scaling * (d_weights / denom - (d_weights * picked).sum(-1, keepdim=True) / denom ** 2)
+    else:
+        d_picked = scaling * d_weights
+    d_logits = torch.zeros(logits.shape, dtype=torch.float32, device=logits.device)
+    return d_logits.scatter_(1, idx, d_picked * picked * (1 - picked)).to(logits.dtype)
+
+
+def moe_permute(ids: torch.Tensor, num_experts: int):
+    """ids[T, k] -> (order[T·k] int32: the slots t·k + j sorted by expert, ascending slot within an expert;
+    offsets[E + 1] int32: expert e owns the sorted rows offsets[e] : offsets[e + 1])."""
+    flat = ids.reshape(-1).long()
+    order = torch.sort(flat, stable=True)[1]
+    counts = torch.bincount(flat, minlength=num_experts)
+    offsets = torch.zeros(num_experts + 1, dtype=torch.int32, device=ids.device)
+    offsets[1:] = counts.cumsum(0)
+    return order.to(torch.int32), offsets
+
+
+def _expert_rows(offsets: torch.Tensor):
+    """(e, start, end) of every expert with rows; sync: the row ranges are host values (reference only)."""
+    bounds = offsets.tolist()
+    return [(e, a, b) for e, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])) if b > a]
+
+
+def _expert_linear(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """a @ weightᵀ (+ bias) accumulated in fp32, rounded once to a.dtype (as the grouped GEMM's epilogue)."""
+    y = (a @ weight.t()).float() if a.dtype == torch.float32 else (a.float() @ weight.float().t())
+    return (y if bias is None else y + bias.float()).to(a.dtype)
+
+
+def moe_gate_up_forward(x: torch.Tensor, order: torch.Tensor, offsets: torch.Tensor, top_k: int,
+                        weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x[T, H], weight[E, N, H], bias[E, N] -> gate_up[T·k, N] in expert order (x.dtype)."""
+    rows = x[order.long() // top_k]                                           # [T·k, H] gathered
+    out = torch.zeros((rows.shape[0], weight.shape[1]), dtype=x.dtype, device=x.device)
+    for e, a, b in _expert_rows(offsets):
+        out[a:b] = _expert_linear(rows[a:b], weight[e], None if bias is None else bias[e])
+    return out
+
+
+def moe_gate_up_backward(d_gate_up: torch.Tensor, x: torch.Tensor, order: torch.Tensor, offsets: torch.Tensor,
+                         top_k: int, weight: torch.Tensor, d_weight: torch.Tensor,
+                         d_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """d_gate_up[T·k, N] (expert order) -> dx[T, H] (x.dtype: each slot's d_gate_up @ W_gu[e] rounded to x.dtype,
+    a token's k slots summed in fp32);
+    accumulates d_weight (fp32 [E, N, H]) and d_bias (fp32 [E, N]) in place."""
+    T, H = x.shape
+    order = order.long()
+    rows = x[order // top_k]
+    dx_slots = torch.zeros((T * top_k, H), dtype=x.dtype, device=x.device)   # each slot rounded once
+    for e, a, b in _expert_rows(offsets):
+        matmul_accumulate_(d_weight[e], d_gate_up[a:b].t(), rows[a:b])
+        if d_bias is not None:
+            d_bias[e] += d_gate_up[a:b].sum(0, dtype=torch.float32)
+        dx_slots[order[a:b]] = (d_gate_up[a:b].float() @ weight[e].float()).to(x.dtype)
+    return dx_slots.float().view(T, top_k, H).sum(1).to(x.dtype)
+
+
+def moe_down_forward(h: torch.Tensor, order: torch.Tensor, offsets: torch.Tensor, weight: torch.Tensor,
+                     bias: torch.Tensor | None = None) -> torch.Tensor:
+    """h[T·k, I] (expert order), weight[E, H, I], bias[E, H] -> o[T·k, H] in slot order (h.dtype)."""
+    out = torch.zeros((h.shape[0], weight.shape[1]), dtype=h.dtype, device=h.device)
+    order = order.long()
+    for e, a, b in _expert_rows(offsets):
+        out[order[a:b]] = _expert_linear(h[a:b], weight[e], None if bias is None else bias[e])
+    return out
+
+
+def moe_down_backward(d_o: torch.Tensor, h: torch.Tensor, order: torch.Tensor, offsets: torch.Tensor,
+                      weight: torch.Tensor, d_weight: torch.Tensor, d_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """d_o[T·k, H] (slot order) -> dh[T·k, I] (expert order, h.dtype); accumulates d_weight (fp32 [E, H, I]) and
+    d_bias (fp32 [E, H]) in place."""
+    rows = d_o[order.long()]                                                  # [T·k, H] in expert order
+    dh = torch.zeros_like(h)
+    for e, a, b in _expert_rows(offsets):
+        matmul_accumulate_(d_weight[e], rows[a:b].t(), h[a:b])
+        if d_bias is not None:
+            d_bias[e] += rows[a:b].sum(0, dtype=torch.float32)
+        dh[a:b] = (rows[a:b].float() @ weight[e].float()).to(h.dtype)
+    return dh
+
+
+def moe_combine_forward(o: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """o[T·k, H] (slot order), weights[T, k] fp32 -> y[T, H] = Σ_j weights[t, j]·o[t·k + j] (fp32 sum, o.dtype)."""
+    T, k = weights.shape
+    return (o.float().view(T, k, -1) * weights.float()[..., None]).sum(1).to(o.dtype)
+
+
+def moe_combine_backward(dy: torch.Tensor, o: torch.Tensor, weights: torch.Tensor):
+    """dy[T, H] -> (d_o[T·k, H] = weights[t, j]·dy[t] in o.dtype, d_weights[T, k] fp32 = <dy[t], o[t·k + j]>)."""
+    T, k = weights.shape
+    dyf = dy.float()[:, None, :]                                              # [T, 1, H]
+    d_o = (dyf * weights.float()[..., None]).reshape(T * k, -1).to(o.dtype)
+    d_weights = (dyf * o.float().view(T, k, -1)).sum(-1)
+    return d_o, d_weights
+
+
+# ----------------------------------------------------------------------------------------------------------
+# gpt-oss's clamped SwiGLU on its interleaved gate/up (gate = gate_up[:, 0::2], up = gate_up[:, 1::2]):
+#   g = min(gate, limit),  u = clamp(up, −limit, limit),  h = (u + 1) · g · σ(α g)
+#   d_gate = dh · (u + 1) · σ(αg) · (1 + α g (1 − σ(αg))) where gate ≤ limit, else 0
+#   d_up   = dh · g · σ(αg)                                 where −limit ≤ up ≤ limit, else 0  (torch's clamp)
+# ----------------------------------------------------------------------------------------------------------
+def clamped_swiglu_forward(gate_up: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
+    """gate_up[M, 2I] interleaved -> h[M, I] (same dtype)."""
+    gu = gate_up.float()
+    g, u = gu[:, 0::2].clamp(max=limit), gu[:, 1::2].clamp(-limit, limit)
+    return ((u + 1) * g * torch.sigmoid(alpha * g)).to(gate_up.dtype)
+
+
+def clamped_swiglu_backward(dh: torch.Tensor, gate_up: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
+    """dh[M, I] -> d_gate_up[M, 2I] interleaved (gate_up.dtype)."""
+    gu = gate_up.float()
+    gate, up = gu[:, 0::2], gu[:, 1::2]
+    g, u = gate.clamp(max=limit), up.clamp(-limit, limit)
+    sig = torch.sigmoid(alpha * g)
+    dhf = dh.float()
+    d_gate = torch.where(gate <= limit, dhf * (u + 1) * sig * (1 + alpha * g * (1 - sig)), 0.0)
+    d_up = torch.where((up >= -limit) & (up <= limit), dhf * g * sig, 0.0)
+    return torch.stack((d_gate, d_up), dim=-1).reshape(gate_up.shape).to(gate_up.dtype)

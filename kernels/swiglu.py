@@ -86,7 +86,7 @@ def _key(I: int, dtype: torch.dtype) -> str:
 
 
 def _config(kernel: str, I: int, dtype: torch.dtype) -> dict:
-    default = ({"ROWS": 1, "BLOCK_I": 64, "num_warps": 1} if tuning.interpreting()
+    default = ({"ROWS": 16, "BLOCK_I": 64, "num_warps": 1} if tuning.interpreting()
                else {"ROWS": 4, "BLOCK_I": 1024, "num_warps": 8})
     return tuning.best_config(kernel, _key(I, dtype), default)
 

@@ -229,9 +229,9 @@ def environment(gpu: bool) -> dict:
         props = torch.cuda.get_device_properties(0)
         device = f"{props.name} ({props.total_memory / 2**30:.0f} GiB, {props.multi_processor_count} SMs)"
     import horizon_triton
-    import horizon_triton.kernels.reference as kernel_module    # the kernels' own folder (kernels/ in a checkout)
+    from horizon_triton.kernels import reference     # a kernel module: the package's own __init__ is elsewhere
     code = {"horizon_triton": str(Path(horizon_triton.__file__).resolve().parent),
-            "horizon_triton.kernels": str(Path(kernel_module.__file__).resolve().parent)}
+            "horizon_triton.kernels": str(Path(reference.__file__).resolve().parent)}
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     now = datetime.datetime.now(datetime.timezone.utc)
     return dict(device=device, versions=versions, commit=commit(), date_utc=now.strftime("%Y-%m-%d %H:%M"),

@@ -1,6 +1,7 @@
 """The chat fine-tune end to end (a tiny Llama saved with a ChatML tokenizer, chat JSONL, --epochs; the result
 answers in transformers), and the run options around it: validation, --config, the data command, TensorBoard,
 the plot, --version, the help text, demo options refused."""
+import importlib.util
 import json
 import sys
 
@@ -75,10 +76,12 @@ def test_chat_finetune_counts_assistant_tokens_and_answers_in_transformers(tmp_p
                                        pad_token_id=tokenizer.pad_token_id)
         reply = tokenizer.decode(generated[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True)
         assert reply.strip() == answer, question
-    assert (out / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    if importlib.util.find_spec("matplotlib"):        # the plot extra (absent on the GPU machine: no plot, said)
+        assert (out / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_eval_split_config_file_and_tensorboard(tmp_path, chat_model, capsys):
+    pytest.importorskip("tensorboard", reason="--report-to tensorboard needs the tensorboard extra")
     records = [_chat(q, a) for q, a in QA] * 5
     data = _jsonl(tmp_path / "chat.jsonl", records)
     out = tmp_path / "out"
@@ -102,7 +105,8 @@ def test_eval_split_config_file_and_tensorboard(tmp_path, chat_model, capsys):
     board.Reload()
     assert [e.step for e in board.Scalars("train/loss")] == [1, 2, 3, 4, 5]
     assert [e.value for e in board.Scalars("eval/loss")] == pytest.approx([m["eval_loss"] for m in evals])
-    assert (out / "metrics.png").is_file() and (out / "config.json").is_file()
+    assert (out / "config.json").is_file()
+    assert (out / "metrics.png").is_file() == bool(importlib.util.find_spec("matplotlib"))
 
 
 def test_eval_data_file_and_a_run_without_matplotlib(tmp_path, chat_model, capsys, monkeypatch):

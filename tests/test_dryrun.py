@@ -247,7 +247,29 @@ def _kernel_calls():
     q, k, v = torch.randn(B, S, Hq, D, dtype=bf), torch.randn(B, S, Hkv, D, dtype=bf), torch.randn(B, S, Hkv, D, dtype=bf)
     o, lse = torch.randn(B, S, Hq, D, dtype=bf), torch.randn(B, Hq, S)
     cos, sin = torch.randn(T, D), torch.randn(T, D)
-    return [
+    E, top_k, Im = 8, 2, 40                                   # MoE: expert 7 gets no token
+    M, logits = T * top_k, torch.randn(T, E, dtype=bf)
+    ids = ((torch.arange(T)[:, None] * 3 + torch.arange(top_k)) % 7).to(torch.int32)
+    order, offsets = reference.moe_permute(ids, E)
+    w_gu, w_d = torch.randn(E, 2 * Im, H, dtype=bf), torch.randn(E, H, Im, dtype=bf)
+    moe = [
+        ("moe_softmax_topk_forward", (logits, top_k, True)),
+        ("moe_softmax_topk_backward", (torch.randn(T, top_k), logits, ids, True)),
+        ("moe_sigmoid_topk_forward", (logits, torch.zeros(E), top_k, 4, 2, True, 2.5)),
+        ("moe_sigmoid_topk_backward", (torch.randn(T, top_k), logits, ids, True, 2.5)),
+        ("moe_permute", (ids, E)),
+        ("moe_gate_up_forward", (x, order, offsets, top_k, w_gu, torch.randn(E, 2 * Im, dtype=bf))),
+        ("moe_gate_up_backward", (torch.randn(M, 2 * Im, dtype=bf), x, order, offsets, top_k, w_gu,
+                                  torch.zeros(E, 2 * Im, H), torch.zeros(E, 2 * Im))),
+        ("moe_down_forward", (torch.randn(M, Im, dtype=bf), order, offsets, w_d, None)),
+        ("moe_down_backward", (torch.randn(M, H, dtype=bf), torch.randn(M, Im, dtype=bf), order, offsets, w_d,
+                               torch.zeros(E, H, Im), None)),
+        ("moe_combine_forward", (torch.randn(M, H, dtype=bf), torch.rand(T, top_k))),
+        ("moe_combine_backward", (x, torch.randn(M, H, dtype=bf), torch.rand(T, top_k))),
+        ("clamped_swiglu_forward", (torch.randn(T, 2 * I, dtype=bf), 1.702, 7.0)),
+        ("clamped_swiglu_backward", (torch.randn(T, I, dtype=bf), torch.randn(T, 2 * I, dtype=bf), 1.702, 7.0)),
+    ]
+    return [*moe, 
         ("rmsnorm_forward", (x, g, 1e-6)),
         ("rmsnorm_backward", (x, x, g, rstd, torch.zeros(H))),
         ("rmsnorm_matmul_forward", (x, g, w, 1e-6)),

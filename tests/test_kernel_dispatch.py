@@ -68,8 +68,8 @@ def _kernel_ops(dev):
 
 
 def test_canary_replaces_a_failing_family_with_one_warning_each(dev):
-    """The canary against the reference, with one family planted wrong (swiglu's backward 1% off) and one raising
-    (rope, as a kernel that does not compile); the others pass."""
+    """The canary against the reference, with two families planted wrong (swiglu's backward, the MoE down GEMM
+    1% off) and one raising (rope, as a kernel that does not compile); the others pass."""
     from types import SimpleNamespace
 
     from horizon_triton import canary
@@ -78,20 +78,22 @@ def test_canary_replaces_a_failing_family_with_one_warning_each(dev):
     triton_ops, fallback = _kernel_ops(dev)
     planted = SimpleNamespace(**vars(triton_ops))
     planted.swiglu_backward = lambda dh, gate_up: triton_ops.swiglu_backward(dh, gate_up) * 1.01
+    planted.moe_down_forward = lambda *args: triton_ops.moe_down_forward(*args) * 1.01
 
     def no_compile(*args):
         raise RuntimeError("out of resource: shared memory")
     planted.rope_forward_ = no_compile
     with pytest.warns(RuntimeWarning) as warned:
-        ops, report = canary.run(planted, fallback, dev, torch.float32, head_dim=32, sliding_window=5)
-    messages = [str(w.message) for w in warned]
-    assert len(messages) == 2
-    assert "swiglu" in messages[0] + messages[1] and "rope" in messages[0] + messages[1]
+        ops, report = canary.run(planted, fallback, dev, torch.float32, head_dim=32, sliding_window=5, moe=True)
+    messages = "\n".join(str(w.message) for w in warned)
+    assert len(warned) == 3
+    assert all(f"the Triton {family} kernels" in messages for family in ("swiglu", "rope", "moe_experts"))
     assert report["swiglu_forward"] == report["swiglu_backward"]
     assert report["swiglu_backward"].startswith("library (Mismatch: output 1")
     assert report["rope_forward_"].startswith("library (RuntimeError: out of resource")
     assert ops.swiglu_backward is fallback.swiglu_backward and ops.rope_backward_ is fallback.rope_backward_
-    healthy = [n for n, f in KERNEL_FAMILY.items() if f not in ("swiglu", "rope")]
+    assert report["moe_gate_up_backward"].startswith("library (Mismatch: output 1")      # moe_down_forward's
+    healthy = [n for n, f in KERNEL_FAMILY.items() if f not in ("swiglu", "rope", "moe_experts")]
     assert all(report[n] == "triton" and getattr(ops, n) is getattr(triton_ops, n) for n in healthy)
 
 
@@ -121,3 +123,4 @@ def test_canary_keeps_a_kernel_it_cannot_judge(dev):
         ops, report = canary.run(triton_ops, fallback, dev, torch.float32, head_dim=32, sliding_window=None)
     assert report["swiglu_backward"].startswith("triton (unchecked: the library path raised RuntimeError")
     assert ops.swiglu_forward is triton_ops.swiglu_forward
+    assert report["moe_gate_up_forward"] == "triton (unchecked: no MoE layer)"     # a dense model's start-up
