@@ -6,8 +6,8 @@ plain-PyTorch way in the input dtype, the kernel passes when |o − o32| ≤ 2·
 dv, with autograd through the low-precision reference).
 
 On a GPU machine `TRITON_INTERPRET=0 pytest tests/test_attention.py` runs the same checks on compiled kernels.
-Without one, test_compiles_for_hopper_without_spills still builds the kernels for sm_90 (the interpreter runs
-them as Python and would accept code the compiler rejects)."""
+Without one, test_defaults_compile_for_hopper_without_spills and test_autotune_candidates_compile_for_hopper still
+build the kernels for sm_90a (the interpreter runs them as Python and would accept code the compiler rejects)."""
 import json
 import math
 
