@@ -560,8 +560,8 @@ DKDV_HD256_KEYS = 32
 # Defaults by head dim (the tile width BLOCK_D) and dtype: Triton tutorial / FA2 shapes for bf16 and fp16. fp32
 # takes IEEE dots on the FMA units, whose operands live in registers: the bf16 tiles spill kilobytes there (and
 # take up to a minute each to compile), and even 32×32 tiles spilled in the unmasked (plain) variant at hd128, so
-# fp32 has 16×16 tiles of its own (exact mode: correctness, not speed; its forward on 8 warps, which triton 3.9
-# compiles without spills where 4 warps spilled 8–24 B). The hd128 bf16 forward has 2 stages: with 3, a window
+# fp32 has 16×16 tiles of its own (exact mode: correctness, not speed; its forward unpipelined, which triton 3.9
+# compiles without spills where 2 stages spilled 8–24 B, and 8 warps 8 B). The hd128 bf16 forward has 2 stages: with 3, a window
 # without documents spilled 8 B under triton 3.9. Each default compiles for sm_90a with
 # documents and a window without spills (tests/test_attention.py). Not timed: `python -m
 # horizon_triton.kernels.autotune attention` on the GPU replaces the bf16 ones.
@@ -572,7 +572,7 @@ _DEFAULTS = {
                            256: _cfg(16, DKDV_HD256_KEYS, 8, 2)},
     "attention_bwd_dq": {32: _cfg(128, 64, 8, 3), 64: _cfg(128, 64, 8, 3), 128: _cfg(128, 64, 8, 2),
                          256: _cfg(128, 32, 8, 2)},
-    "attention_fwd/fp32": dict.fromkeys((32, 64, 128, 256), _cfg(16, 16, 8, 2)),
+    "attention_fwd/fp32": dict.fromkeys((32, 64, 128, 256), _cfg(16, 16, 4, 1)),
     "attention_bwd_dkdv/fp32": {**dict.fromkeys((32, 64, 128), _cfg(16, 16, 4, 2)), 256: _cfg(16, 16, 8, 1)},
     "attention_bwd_dq/fp32": dict.fromkeys((32, 64, 128, 256), _cfg(16, 16, 4, 2)),
 }
