@@ -8,6 +8,6 @@
 """
 from .config import ModelConfig, TrainConfig, preset
 from .engine import Engine
-from .plan import plan
+from .planning.plan import plan
 
 __all__ = ["Engine", "ModelConfig", "TrainConfig", "plan", "preset"]

@@ -93,7 +93,7 @@ class ModelConfig:
         return max(self.max_position_embeddings, int(s["factor"] * original))
 
     def num_parameters(self) -> int:
-        from .store import layer_layouts
+        from .models.dense.weights import layer_layouts   # torch, imported when needed
         return sum(layout.numel for layout in layer_layouts(self))
 
     # ---- Hugging Face -----------------------------------------------------------------------------------
@@ -252,6 +252,7 @@ class TrainConfig:
     #                                     updating its shard (False: a store per rank, e.g. a small /dev/shm)
 
     def __post_init__(self):
+        self._check_optimizer()
         if self.lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
         if self.compute_dtype not in ("bfloat16", "float32"):
@@ -288,8 +289,29 @@ class TrainConfig:
             raise ValueError(f"optimizer_threads must be an int ≥ 1 or None (every core but one), got "
                              f"{self.optimizer_threads!r}")
 
+    def _check_optimizer(self) -> None:
+        """What torch.optim.AdamW refuses (and eps = 0, which divides by zero where a moment is 0), plus a
+        negative warm-up or clipping norm: refused before anything is built."""
+        def number(name, value, ok, rule):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or not ok(value):
+                raise ValueError(f"{name} must be {rule}, got {value!r}")
+        number("lr", self.lr, lambda v: v >= 0, "a finite number ≥ 0")
+        number("weight_decay", self.weight_decay, lambda v: v >= 0, "a finite number ≥ 0")
+        number("eps", self.eps, lambda v: v > 0, "a finite number > 0")
+        if not isinstance(self.betas, (tuple, list)) or len(self.betas) != 2:
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
+        object.__setattr__(self, "betas", tuple(self.betas))        # a list from JSON or YAML
+        for i, beta in enumerate(self.betas):
+            number(f"betas[{i}]", beta, lambda v: 0 <= v < 1, "in [0, 1)")
+        if self.max_grad_norm is not None:
+            number("max_grad_norm", self.max_grad_norm, lambda v: v >= 0, "a finite number ≥ 0 (0 or None: no "
+                   "clipping)")
+        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be an int ≥ 0, got {self.warmup_steps!r}")
+
     def _check_lora(self) -> None:
-        from .lora import TARGETS
+        from .models.dense.weights import TARGETS
         if isinstance(self.lora_targets, str):
             object.__setattr__(self, "lora_targets", tuple(t for t in self.lora_targets.split(",") if t))
         object.__setattr__(self, "lora_targets", tuple(self.lora_targets))     # a list from JSON or the CLI

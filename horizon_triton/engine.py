@@ -15,21 +15,23 @@ import torch
 from horizon_triton.kernels.cpu_adam import implementation as adam_implementation
 from horizon_triton.kernels.reference import IGNORE_INDEX
 
-from . import canary, distributed, lora
-from . import interrupts, preference, training_state
-from . import layer as lt
-from . import preflight
-from .batch import batch_tensors, doc_ids_of, kept_tokens
-
-from .checkpoint import DTYPES, load_weights, save_weights
 from .config import ModelConfig, TrainConfig
-from .device import make_device
-from .ops import TORCH_ONLY, load_ops, select_backend
-from .optimizer import OptimizerDriver, clip_coefficient
-from .scheduler import Unit, bind, build_pipeline, run_step, stream_in
-from .node_store import NodeShare
-from .store import HostStore, fix_malloc_mmap_threshold
-from .trace import Tracer
+from .data.batch import prepare as prepare_batch
+from .devices import canary, distributed
+from .devices.device import device_kind, make_device
+from .host.node_store import NodeShare
+from .host.optimizer import OptimizerDriver, clip_coefficient
+from .host.store import fix_malloc_mmap_threshold
+from .models.dense import layer as lt
+from .models.ops import TORCH_ONLY, load_ops, select_backend
+from .objectives import lora, preference
+from .planning import preflight
+from .schedule.activations import forward_budget, forward_group_full
+from .schedule.build import build_step_pipeline, build_store
+from .schedule.scheduler import run_forward, run_step
+from .schedule.trace import Tracer
+from .state import interrupts, training_state
+from .state.checkpoint import DTYPES, load_weights, save_weights
 
 log = logging.getLogger("horizon_triton")
 
@@ -41,72 +43,71 @@ SAME_ON_EVERY_RANK = ("lr", "weight_decay", "betas", "eps", "max_grad_norm", "gr
                       "lora_targets", "use_rslora")
 
 
-def _device_kind(device: str) -> str:
-    """"cuda" or "cpu": the kind of device TrainConfig.device makes (the process group's backend follows it)."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return "cuda" if device == "cuda" else "cpu"
-
-
 def _model_fields(cfg: ModelConfig) -> dict:
     return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.compare}
+
+
+class Diverged(ValueError):
+    """A step's loss or gradient norm is not finite: training stops before that step's update is applied, so the
+    weights (and every checkpoint) stay those of the step before."""
+
+    def __init__(self, step: int, loss: float, grad_norm: float, last_checkpoint):
+        saved_step, saved = last_checkpoint
+        where = (f"; the newest training checkpoint is {saved} (step {saved_step})" if saved is not None else "")
+        super().__init__(f"training diverged at step {step}: loss {loss}, gradient norm {grad_norm} (not finite). "
+                         f"The update was not applied: the weights are those after step {step - 1}{where}. Lower "
+                         "the learning rate, add warm-up or gradient clipping, or check the data")
+        self.step, self.loss, self.grad_norm, self.checkpoint = step, loss, grad_norm, saved
 
 
 class Engine:
     """Trains a Llama-family model whose parameters live in host RAM, streaming one layer at a time through
     the compute device. Losses and weights match transformers + torch.optim.AdamW."""
 
-    def __init__(self, model_cfg: ModelConfig, train_cfg: TrainConfig | None = None, *, init_weights: bool = True,
-                 device=None):
-        """init_weights=False leaves the host store unfilled (from_checkpoint fills it). ``device``: a device object
-        instead of train_cfg.device's (the dry run passes a MetaDevice)."""
+    def __init__(self, model_cfg: ModelConfig, train_cfg: TrainConfig | None = None, *, init_weights: bool = True):
+        """init_weights=False leaves the host store unfilled (from_checkpoint fills it)."""
         self.model_cfg = model_cfg
         self.train_cfg = train_cfg = train_cfg or TrainConfig()
-        # data parallel when torch.distributed is initialized or torchrun's environment is set (not in a dry run)
-        self.dist = None if device is not None else distributed.context(_device_kind(train_cfg.device))
+        # data parallel when torch.distributed is initialized or torchrun's environment is set
+        self.dist = distributed.context(device_kind(train_cfg.device))
         if self.dist is None:
-            self._build(model_cfg, train_cfg, init_weights, device)
+            self._build(model_cfg, train_cfg, init_weights)
             return
+        self.dist.begin("Engine(...)", "the same configs on every rank")
         with self.dist.guard():        # a rank that fails here ends the job on every rank
             # first: the ranks of a node build one shared store, of one layout
             self.dist.same_everywhere("the model config", _model_fields(model_cfg))
             self.dist.same_everywhere("the train config", {k: getattr(train_cfg, k) for k in SAME_ON_EVERY_RANK}
-                                      | {"device": _device_kind(train_cfg.device)})
-            self._build(model_cfg, train_cfg, init_weights, device)
+                                      | {"device": device_kind(train_cfg.device)})
+            self._build(model_cfg, train_cfg, init_weights)
 
-    def _build(self, model_cfg: ModelConfig, train_cfg: TrainConfig, init_weights: bool, device) -> None:
+    def _build(self, model_cfg: ModelConfig, train_cfg: TrainConfig, init_weights: bool) -> None:
         index = self.dist.local_rank if self.dist is not None else 0
-        self.device = device if device is not None else make_device(train_cfg.device, train_cfg.seed, index)
+        self.device = make_device(train_cfg.device, train_cfg.seed, index)
         self.compute_dtype = DTYPES[train_cfg.compute_dtype]
-        meta = self.device.type == "meta"
-        if train_cfg.preflight and not meta:
+        if train_cfg.preflight:
             preflight.check_engine(model_cfg, train_cfg, self.device)   # before anything is allocated
         fix_malloc_mmap_threshold()
         share = None
         if self.dist is not None and self.dist.local_world > 1 and train_cfg.share_host_store:
             share = NodeShare(self.dist.node_store_name, self.dist.local_rank, self.dist.local_world,
                               self.dist.node_barrier)            # one store per node, each rank updates a shard
-        self.store = HostStore(model_cfg, self.compute_dtype, pin=self.device.pin_memory,
-                               device="meta" if meta else "cpu", optimizer_states=train_cfg.optimizer_states,
-                               lora=lora.spec_of(train_cfg), shared=share)
+        self.store = build_store(model_cfg, train_cfg, self.device, share)    # the dry run builds the same
         fill_base = init_weights or self.store.lora is not None   # a LoRA checkpoint holds no frozen base
-        if fill_base and model_cfg.source_path is not None and not meta:
+        if fill_base and model_cfg.source_path is not None:
             self.store.fill_shared(lambda: load_weights(self.store, model_cfg.source_path))
-        elif fill_base and not meta:                              # the dry run's store has no values to fill
+        elif fill_base:
             self.store.fill_shared(lambda: self.store.init_random(train_cfg.seed))
-        if init_weights and self.store.lora is not None and not meta:
+        if init_weights and self.store.lora is not None:
             self.store.fill_shared(lambda: lora.init_adapters(self.store, train_cfg.seed))
-        if meta:                                                  # kernel stand-ins on meta tensors (dryrun.py)
-            self.kernel_backend, self.ops = self.device.kernel_backend, self.device.ops
-        else:
-            self.kernel_backend = select_backend(self.device.type)
-            self.ops = load_ops(self.kernel_backend, self.device.type)
+        self.kernel_backend = select_backend(self.device.type)
+        self.ops = load_ops(self.kernel_backend, self.device.type)
         # what runs each op: "triton", "library (why)" where the canary replaced a Triton family, or the path
         path = self.kernel_backend
         if path == "torch":
             path = "library" if self.device.type == "cuda" else "reference"
         self.kernel_report = dict.fromkeys(vars(self.ops), path)
-        if self.kernel_backend == "triton" and not meta:    # the dry run's stand-ins have nothing to check
+        if self.kernel_backend == "triton":
             self.kernel_report.update(dict.fromkeys(TORCH_ONLY, "library"))
             self.ops, report = canary.run(self.ops, load_ops("torch", "cuda"), self.device.torch_device,
                                           self.compute_dtype, model_cfg.head_dim, model_cfg.sliding_window)
@@ -115,105 +116,34 @@ class Engine:
                                          shard=None if share is None else (share.local_rank, share.local_world))
         self.tracer = Tracer() if train_cfg.trace_path else None
         self.optimizer.tracer = self.tracer
-        self.pipeline = build_pipeline(model_cfg, self.store, self.ops, self.device, self.optimizer,
-                                       train_cfg.num_slots, self.tracer, train_cfg.checkpoint_budget_bytes,
-                                       train_cfg.head_chunk_rows)
+        self.pipeline = build_step_pipeline(model_cfg, train_cfg, self.store, self.ops, self.device, self.optimizer,
+                                            self.tracer)
         self.pipeline.dist = self.dist
         self.step = 0                     # optimizer steps taken
         self.micro_batches = 0            # loader batches those steps consumed: the data position
         self.total_steps = None           # the lr schedule's length, fixed by the first fit that knows it
         self.extra_state: dict = {}       # the caller's JSON, saved with every checkpoint (the CLI's options)
         self._last_checkpoint = (None, None)      # (step, path) of the latest save or load
+        self._saves: dict = {}            # data parallel: (call, step) -> saves made (rank 0's are waited for)
         self._last_save_time = time.monotonic()
         self._inv_freq = model_cfg.inv_freq().to(self.device.torch_device)
         self._checked_steps = set()       # micro-batch shapes whose step the preflight has dry-run
-        if not meta:
-            log.info("horizon-triton: %s parameters, host store %.2f GB (%s moments), kernels=%s, device=%s, "
-                     "cpu adamw=%s, optimizer_threads=%d", f"{self.store.num_parameters():,}",
-                     self.store.nbytes() / 1e9, train_cfg.optimizer_states, self.kernel_backend, train_cfg.device,
-                     adam_implementation(), self.optimizer.num_threads)
-            if self.store.lora is not None:
-                spec = self.store.lora
-                log.info("LoRA: rank %d, scale %.4g on %s, %s adapter parameters; the base frozen", spec.rank,
-                         spec.scale, ",".join(spec.targets),
-                         f"{sum(layout.numel for layout in self.store.adapter_layouts):,}")
+        log.info("horizon-triton: %s parameters, host store %.2f GB (%s moments), kernels=%s, device=%s, "
+                 "cpu adamw=%s, optimizer_threads=%d", f"{self.store.num_parameters():,}",
+                 self.store.nbytes() / 1e9, train_cfg.optimizer_states, self.kernel_backend, train_cfg.device,
+                 adam_implementation(), self.optimizer.num_threads)
+        if self.store.lora is not None:
+            spec = self.store.lora
+            log.info("LoRA: rank %d, scale %.4g on %s, %s adapter parameters; the base frozen", spec.rank,
+                     spec.scale, ",".join(spec.targets),
+                     f"{sum(layout.numel for layout in self.store.adapter_layouts):,}")
 
     # ---- data -------------------------------------------------------------------------------------------
     def prepare(self, batch, where: str = "batch") -> lt.MicroBatch:
-        """Checks one loader batch (see batch.py for the shapes accepted) and moves it to the compute device with
-        its rotary tables and doc ids."""
-        cols = batch_tensors(batch, where, self.model_cfg.pad_row)
-        ids = cols["input_ids"]
-        labels = cols.get("labels")
-        if labels is None:
-            raise ValueError(f"{where}: no 'labels' (labels=input_ids trains on every token the attention_mask "
-                             "keeps; -100 where no loss is wanted)")
-        if ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"{where}: input_ids must be an integer tensor [batch, seq], got {tuple(ids.shape)} "
-                             f"{ids.dtype}")
-        for key in ("labels", "attention_mask", "position_ids", "ref_logps"):
-            if key in cols and cols[key].shape != ids.shape:
-                raise ValueError(f"{where}: {key} shape {tuple(cols[key].shape)} differs from input_ids shape "
-                                 f"{tuple(ids.shape)}")
-        V = self.model_cfg.vocab_size
-        if ids.numel() and (ids.min() < 0 or ids.max() >= V):
-            bad = ids[(ids < 0) | (ids >= V)][0].item()
-            raise ValueError(f"{where}: token id {bad} is outside the vocabulary [0, {V})")
-        bad_labels = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= V))
-        if bad_labels.any():
-            raise ValueError(f"{where}: label {labels[bad_labels][0].item()} is neither -100 nor in [0, {V})")
-        B, S = ids.shape
-        keep = kept_tokens(cols.get("attention_mask"), where)    # [B, S] bool or None
-        pos = cols.get("position_ids")
-        if pos is not None:
-            pos = pos.long()
-            if pos.numel() and pos.min() < 0:
-                raise ValueError(f"{where}: position_ids must be ≥ 0, got {pos.min().item()}")
-        else:
-            pos = torch.arange(S).expand(B, S)           # as transformers: attention_mask does not shift positions
-        self._check_positions(pos if keep is None else pos[keep], where)
-        doc_ids = doc_ids_of(pos, keep)
-        targets = torch.full_like(labels, IGNORE_INDEX, dtype=torch.int64)
-        targets[:, :-1] = labels[:, 1:]                  # the transformers convention: shift inside the loss
-        if keep is not None:                             # a masked token neither predicts nor is predicted
-            targets[:, :-1].masked_fill_(~(keep[:, :-1] & keep[:, 1:]), IGNORE_INDEX)
-        pad = self.model_cfg.pad_row
-        embed_grad_mask = None if pad is None or not (ids == pad).any() else (ids != pad).reshape(-1)
-        freqs = self._to_device(pos.reshape(-1, 1)).float() * self._inv_freq[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)          # [T, D]
-        pairs = None
-        if self.train_cfg.objective == "dpo":
-            pairs = self._pairs(targets, doc_ids, keep, cols.get("ref_logps"), where)
-        return lt.MicroBatch(input_ids=self._to_device(ids.long()), host_ids=ids.long().reshape(-1),
-                             targets=self._to_device(targets.reshape(-1)),
-                             cos=emb.cos(), sin=emb.sin(),
-                             doc_ids=None if doc_ids is None else self._to_device(doc_ids),
-                             num_targets=int((targets != IGNORE_INDEX).sum()),
-                             embed_grad_mask=None if embed_grad_mask is None else self._to_device(embed_grad_mask),
-                             preference=pairs)
-
-    def _pairs(self, targets, doc_ids, keep, ref_logps, where: str) -> preference.PreferenceBatch:
-        """DPO: the micro-batch's pairs (preference.pair_layout) and, when the batch has them, the reference's
-        summed log-probs of its sequences."""
-        index, num_pairs, lengths = preference.pair_layout(targets, doc_ids, keep, where)
-        ref = None if ref_logps is None else preference.reference_sums(ref_logps, index, num_pairs, where)
-        return preference.PreferenceBatch(seq_index=self._to_device(index), num_pairs=num_pairs,
-                                          lengths=self._to_device(lengths),
-                                          ref_logps=None if ref is None else self._to_device(ref))
-
-    def _check_positions(self, pos: torch.Tensor, where: str) -> None:
-        limit = self.model_cfg.max_positions
-        if pos.numel() and pos.max() >= limit:
-            scaled = ", stretched by its rope scaling" if limit != self.model_cfg.max_position_embeddings else ""
-            raise ValueError(f"{where}: position {pos.max().item()} is beyond the {limit} positions of this model "
-                             f"(max_position_embeddings{scaled}); cut sequences to at most {limit} tokens")
-
-    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
-        """On CUDA: through pinned memory, without blocking the host (the copy is queued on the compute stream
-        behind the running step; the pinned buffer is kept until the copy ran by torch's host allocator)."""
-        if not self.device.pin_memory or self.device.type == "meta":    # the dry run's batch: nothing to pin
-            return t.to(self.device.torch_device)
-        return t.pin_memory().to(self.device.torch_device, non_blocking=True)
+        """One loader batch as a MicroBatch on the compute device (data/batch.py: the shapes accepted, the
+        checks, the tensors made)."""
+        return prepare_batch(batch, self.model_cfg, self.device, self._inv_freq,
+                             dpo=self.train_cfg.objective == "dpo", where=where)
 
     # ---- training ---------------------------------------------------------------------------------------
     def fit(self, loader, max_steps: int | None = None, callback=None) -> list[dict]:
@@ -229,19 +159,27 @@ class Engine:
         with interrupts.deferred_signals():
             if self.dist is None:
                 return self._fit(loader, max_steps, callback)
+            self.dist.begin("fit", "each rank with its own batches, e.g. distributed.shard_loader(loader, "
+                                   "engine.dist)")
             with self.dist.guard():
                 return self._fit(loader, max_steps, callback)
 
     def _fit(self, loader, max_steps: int | None, callback) -> list[dict]:
         accum = self.train_cfg.grad_accum_steps
+        if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 0):
+            raise ValueError(f"max_steps must be an int ≥ 0 (or None: until the loader ends), got {max_steps!r}")
         if self.dist is not None:    # every rank's loader must make the same steps
             self.dist.same_everywhere("the loader", {"micro-batches (len(loader))": len(loader) if hasattr(
                 loader, "__len__") else None, "max_steps": max_steps})
-        if self.total_steps is None:
-            self.total_steps = max_steps
-            if self.total_steps is None and hasattr(loader, "__len__"):
-                self.total_steps = math.ceil(len(loader) / accum)
+        if max_steps == 0:
+            return []
+        if hasattr(loader, "__len__") and len(loader) == 0:
+            raise ValueError("the loader yielded no batches")
         total_steps = self.total_steps
+        if total_steps is None:      # fixed below, once a step is taken: a fit that takes none fixes nothing
+            total_steps = max_steps
+            if total_steps is None and hasattr(loader, "__len__"):
+                total_steps = math.ceil(len(loader) / accum)
         if self.train_cfg.lr_schedule == "cosine" and total_steps is None:
             self.train_cfg.lr_at(self.train_cfg.warmup_steps + 1, None)  # raises the explanatory error
         history, group, seen = [], [], 0
@@ -254,6 +192,8 @@ class Engine:
                                  "labelled token), which DPO needs; compute them once before training with "
                                  "engine.reference_logps(batches) or preference.add_reference(engine, rows)")
             seen += 1
+            if self.total_steps is None:
+                self.total_steps = total_steps
             if len(group) == accum:
                 history.append(self._optimizer_step(group, total_steps, callback))
                 group = []
@@ -304,6 +244,9 @@ class Engine:
             if dpo is not None:
                 dpo.sums = torch.tensor(sums, dtype=torch.float64)
         grad_norm = math.sqrt(float(sq_norm))
+        loss = float(loss_sum) / (dpo.pairs if dpo is not None else tokens)
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            raise Diverged(self.step + 1, loss, grad_norm, self._last_checkpoint)
         self.step += 1
         self.micro_batches += len(mbs)
         lr = self.train_cfg.lr_at(self.step, total_steps)
@@ -311,7 +254,7 @@ class Engine:
         self.optimizer.start_step(self.step, lr, coef)   # runs while the next step's forward streams
         elapsed = time.perf_counter() - start
         entry = {
-            "step": self.step, "loss": float(loss_sum) / tokens, "lr": lr, "grad_norm": grad_norm,
+            "step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
             "tokens": tokens, "time_s": elapsed,
             "tokens_per_s": positions / elapsed,
             "device_peak_bytes": self.pipeline.meter.peak,
@@ -325,17 +268,31 @@ class Engine:
         if self.device.type == "cuda":   # everything on the GPU, the kernels' workspaces included
             entry["device_allocator_peak_bytes"] = torch.cuda.max_memory_allocated()
         if dpo is not None:              # the loss is the mean over the step's pairs; TRL's metrics beside it
-            entry.update(loss=float(loss_sum) / dpo.pairs, pairs=dpo.pairs, **dpo.metrics())
+            entry.update(pairs=dpo.pairs, **dpo.metrics())
         if callback is not None:
             callback(entry)
         return entry
 
-    def _checkpoint_if_due(self) -> None:
+    @property
+    def last_checkpoint(self) -> tuple:
+        """(step, path) of the newest training checkpoint this engine saved or loaded; (None, None) if none."""
+        return self._last_checkpoint
+
+    def stop_if_signalled(self) -> None:
+        """Outside fit, where stopping is safe (after an evaluation, after the final save): if a SIGINT or SIGTERM
+        was received inside interrupts.deferred_signals() (on any rank), saves a checkpoint of this step (with
+        checkpoint_dir set, unless one exists) and raises interrupts.Interrupted / Terminated. Every rank calls
+        it."""
+        if self.dist is not None:
+            self.dist.begin("stop_if_signalled", "after the same evaluation or save")
+        self._checkpoint_if_due(periodic_saves=False)
+
+    def _checkpoint_if_due(self, periodic_saves: bool = True) -> None:
         """After an optimizer step: the periodic save, and the stop a signal asked for (after saving)."""
         c, signum = self.train_cfg, interrupts.received()
-        periodic = (c.save_every_steps is not None and self.step % c.save_every_steps == 0
-                    or c.save_every_minutes is not None
-                    and time.monotonic() - self._last_save_time >= 60 * c.save_every_minutes)
+        periodic = periodic_saves and (c.save_every_steps is not None and self.step % c.save_every_steps == 0
+                                       or c.save_every_minutes is not None
+                                       and time.monotonic() - self._last_save_time >= 60 * c.save_every_minutes)
         if self.dist is not None:       # every rank saves and stops after the same step (a signal to any rank)
             stop, periodic = self.dist.any_rank([signum is not None, periodic])
             signum = signum if signum is not None or not stop else signal.SIGTERM
@@ -347,10 +304,56 @@ class Engine:
             raise interrupts.stop_error(signum, path if step == self.step else None)
 
     # ---- inference (evaluation and the demo) ------------------------------------------------------------
+    # Forward-only passes run like the step's forward (scheduler.run_forward): layer-major over a group of
+    # micro-batches, so the weights cross the bus once per group, not once per batch. A group is
+    # grad_accum_steps × num_layers micro-batches (their hidden states, one each, are what one step's
+    # checkpoints of grad_accum_steps such micro-batches hold), or more while they fit the device's checkpoint
+    # budget; beyond that budget they wait in host memory (activations.forward_group_full).
+    def _forward_groups(self, loader, where: str, check=None):
+        """Yields (micro-batches, device budget) of ``loader``'s batches, a group at a time, in order; ``check(
+        index, mb)`` before a batch joins its group."""
+        H, b = self.model_cfg.hidden_size, self.compute_dtype.itemsize
+        min_mbs = self.train_cfg.grad_accum_steps * self.model_cfg.num_layers
+        group, nbytes, budget = [], 0, None
+        for index, batch in enumerate(loader):
+            mb = self.prepare(batch, where=f"{where} {index}")
+            if check is not None:
+                check(index, mb)
+            size = mb.host_ids.numel() * H * b
+            if not group:
+                budget = forward_budget(self.pipeline, mb.host_ids.numel())
+            elif forward_group_full(len(group), nbytes, size, min_mbs, budget):
+                yield group, budget
+                group, nbytes, budget = [], 0, forward_budget(self.pipeline, mb.host_ids.numel())
+            group.append(mb)
+            nbytes += size
+        if group:
+            yield group, budget
+
+    def _head_statistics(self, loader, where: str, check=None):
+        """Yields (micro-batch, its loss sum, lse, target logit: fp32 [T]), device, for each batch of ``loader``
+        through a forward-only pass; the head's logits exist one chunk of tokens and vocabulary at a time (the
+        training head's first pass)."""
+        dev = self.device.torch_device
+        for mbs, budget in self._forward_groups(loader, where, check):
+            stats = [(torch.full((mb.targets.numel(),), float("-inf"), device=dev),
+                      torch.zeros(mb.targets.numel(), device=dev), torch.zeros(mb.targets.numel(), device=dev))
+                     for mb in mbs]                        # running max, sum of exp, target logit
+            results = [None] * len(mbs)
+
+            def head_chunk(m, xn, w, u, mbs=mbs, stats=stats):
+                self.ops.cross_entropy_chunk_stats_(xn, w["lm_head"], mbs[m].targets, u.start, *stats[m])
+
+            def finish(m, mbs=mbs, stats=stats, results=results):
+                results[m] = self.ops.cross_entropy_chunk_loss(*stats[m], mbs[m].targets)
+            run_forward(self.pipeline, mbs, budget, head_chunk, finish)
+            for mb, (loss, lse), (_, _, target_logit) in zip(mbs, results, stats):
+                yield mb, loss, lse, target_logit
+
     @torch.no_grad()
     def logits(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """fp32 logits [B, S, V] of the current weights; layer by layer through slot 0, without the pipeline.
+        """fp32 logits [B, S, V] of the current weights (a forward-only pass of one micro-batch).
         Where attention_mask is 0 the logits mean nothing (those tokens see only themselves)."""
         self.optimizer.wait_all()
         batch = {"input_ids": input_ids, "labels": torch.full_like(input_ids, IGNORE_INDEX)}
@@ -362,32 +365,27 @@ class Engine:
         logits = torch.empty(mb.targets.numel(), self.model_cfg.vocab_size, dtype=torch.float32,
                              device=self.device.torch_device)
 
-        def head_chunk(xn, w, u):
+        def head_chunk(m, xn, w, u):
             logits[:, u.start:u.stop] = xn @ w["lm_head"].t()
-        self._forward_to_head(mb, head_chunk)
+        run_forward(self.pipeline, [mb], forward_budget(self.pipeline, mb.host_ids.numel()), head_chunk)
         return logits.view(*input_ids.shape, -1).cpu()
 
     @torch.no_grad()
     def evaluate(self, loader) -> float:
         """Mean loss over the counted label tokens of every batch of ``loader`` (dicts as ``fit`` takes) with the
-        current weights: a forward-only pass, each batch streaming the layers through slot 0 as ``logits`` does;
-        the head's logits exist one chunk of tokens and vocabulary at a time (the training head's first pass).
-        With objective "dpo": the mean DPO loss over the loader's pairs (evaluate_preferences has the metrics)."""
+        current weights: a forward-only pass, layer-major over groups of batches (the weights cross once per
+        group); the head's logits exist one chunk of tokens and vocabulary at a time (the training head's first
+        pass). With objective "dpo": the mean DPO loss over the loader's pairs (evaluate_preferences has the
+        metrics). Data parallel: every rank calls it with its own batches, and gets the mean over all of them."""
         if self.train_cfg.objective == "dpo":
             return self.evaluate_preferences(loader)["loss"]
+        if self.dist is not None:    # a rank that calls it alone is told so once its peers are gone
+            self.dist.begin("evaluate", "each rank with its own batches, e.g. distributed.shard_loader(loader, "
+                                        "engine.dist, drop_remainder=False): every rank gets the mean over all")
         self.optimizer.wait_all()
         loss_sum, tokens = 0.0, 0
-        for index, batch in enumerate(loader):
-            mb = self.prepare(batch, where=f"eval batch {index}")
-            T, dev = mb.targets.numel(), self.device.torch_device
-            stats = (torch.full((T,), float("-inf"), device=dev), torch.zeros(T, device=dev),
-                     torch.zeros(T, device=dev))                   # running max, sum of exp, target logit
-
-            def head_chunk(xn, w, u, mb=mb, stats=stats):
-                self.ops.cross_entropy_chunk_stats_(xn, w["lm_head"], mb.targets, u.start, *stats)
-            self._forward_to_head(mb, head_chunk)
-            loss, _ = self.ops.cross_entropy_chunk_loss(*stats, mb.targets)
-            loss_sum += float(loss)                      # sync: one scalar a batch
+        for mb, loss, _, _ in self._head_statistics(loader, "eval batch"):
+            loss_sum += float(loss)                      # one scalar a batch, in batch order
             tokens += mb.num_targets
         if self.dist is not None:                        # every rank's eval batches
             with self.dist.guard():
@@ -400,13 +398,11 @@ class Engine:
     def reference_logps(self, loader):
         """Yields, for each batch of ``loader``, fp32 [B, S] (host) the log-probability the current weights give
         each labelled token, aligned with the labels (0 where they are -100): DPO's ``ref_logps``, computed once
-        from the starting weights before training. A forward-only pass streaming the layers as ``evaluate``
-        does; the head's logits exist one chunk at a time (its first pass's statistics give lse and the target's
-        logit). With objective "dpo" each batch's pair layout is checked as training will check it."""
+        from the starting weights before training. A forward-only pass as ``evaluate``'s (the batches of a group
+        are yielded once the group has run). With objective "dpo" each batch's pair layout is checked as training
+        will check it."""
         self.optimizer.wait_all()
-        for index, batch in enumerate(loader):
-            mb = self.prepare(batch, where=f"reference batch {index}")
-            lse, target_logit = self._head_statistics(mb)
+        for mb, _, lse, target_logit in self._head_statistics(loader, "reference batch"):
             token_logps = torch.where(mb.targets != IGNORE_INDEX, target_logit - lse, 0.0)
             B, S = mb.shape
             by_label = torch.zeros(B, S, dtype=torch.float32)
@@ -419,15 +415,19 @@ class Engine:
         current weights, means over every pair of ``loader`` (batches with ref_logps, as fit takes them); data
         parallel, over every rank's batches."""
         self.optimizer.wait_all()
-        loss, sums, pairs = 0.0, None, 0
-        for index, batch in enumerate(loader):
-            mb = self.prepare(batch, where=f"eval batch {index}")
+
+        def check(index, mb):
             if mb.preference is None or mb.preference.ref_logps is None:
                 raise ValueError(f"eval batch {index}: evaluate_preferences needs objective 'dpo' and batches "
                                  "with 'ref_logps' (engine.reference_logps)")
+        if self.dist is not None:
+            self.dist.begin("evaluate_preferences", "each rank with its own batches: every rank gets the means over "
+                                                    "all of them")
+        loss, sums, pairs = 0.0, None, 0
+        for mb, _, lse, target_logit in self._head_statistics(loader, "eval batch", check):
             head = preference.DPOHead(self.train_cfg, mb.preference.num_pairs)
-            loss_m, _ = head.token_weights(mb, *self._head_statistics(mb))
-            loss += float(loss_m)                        # sync: one scalar a batch
+            loss_m, _ = head.token_weights(mb, lse, target_logit)
+            loss += float(loss_m)                        # one scalar a batch, in batch order
             sums = head.sums if sums is None else sums + head.sums
             pairs += head.pairs
         if sums is None:
@@ -440,37 +440,6 @@ class Engine:
             raise ValueError("evaluate_preferences: the loader yielded no batches")
         return {"loss": loss / pairs, "pairs": pairs,
                 **dict(zip(preference.METRICS, (sums / pairs).tolist()))}
-
-    def _head_statistics(self, mb: lt.MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """(lse, target logit), fp32 [T] device, of one micro-batch: the training head's first pass."""
-        T, dev = mb.targets.numel(), self.device.torch_device
-        stats = (torch.full((T,), float("-inf"), device=dev), torch.zeros(T, device=dev),
-                 torch.zeros(T, device=dev))                       # running max, sum of exp, target logit
-
-        def head_chunk(xn, w, u):
-            self.ops.cross_entropy_chunk_stats_(xn, w["lm_head"], mb.targets, u.start, *stats)
-        self._forward_to_head(mb, head_chunk)
-        _, lse = self.ops.cross_entropy_chunk_loss(*stats, mb.targets)
-        return lse, stats[2]
-
-    def _forward_to_head(self, mb: lt.MicroBatch, head_chunk) -> None:
-        """Streams every layer through slot 0 (not pipelined) and calls ``head_chunk(final-normed hidden [T, H],
-        the chunk's bound weights, the chunk's Unit)`` for each vocabulary chunk of the head."""
-        p, cfg = self.pipeline, self.model_cfg
-        table = self.store.working[0].view(-1, cfg.hidden_size)
-        x = table[mb.host_ids].to(self.device.torch_device)            # the embedding's rows, gathered on the host
-        xn = None
-        for u in [Unit(i) for i in range(1, p.head)] + p.head_chunks():
-            stream_in(p, u, 0)
-            self.device.sync(p.slot_ready[0])            # sync: evaluation is not pipelined
-            w = bind(p, u, 0)
-            if u.layer < p.head:
-                x = lt.decoder_forward(self.ops, cfg, w, x, mb)
-            else:
-                if xn is None:                           # every chunk carries the final norm: normalize once
-                    xn, _ = self.ops.rmsnorm_forward(x, w["norm"], cfg.rms_norm_eps)
-                head_chunk(xn, w, u)
-            p.slot_free[0] = self.device.record("compute")
 
     # ---- checkpoints ------------------------------------------------------------------------------------
     def save_pretrained(self, out_dir: str | Path, dtype: str | torch.dtype | None = None, add_files=None,
@@ -489,7 +458,7 @@ class Engine:
                              "(TrainConfig(lora_rank=...) makes a LoRA run)")
         if self.store.lora is not None and not merge:
             with interrupts.deferred_signals():
-                self._on_rank_0(lambda: lora.save_adapter(self.store, out_dir, add_files))
+                self._on_rank_0(lambda: lora.save_adapter(self.store, out_dir, add_files), "save_pretrained")
             return
         if dtype is None:
             dtype = self.model_cfg.torch_dtype
@@ -499,7 +468,8 @@ class Engine:
             dtype = DTYPES[dtype]
         with interrupts.deferred_signals():
             self._on_rank_0(lambda: save_weights(self.store, out_dir, dtype, add_files,
-                                                 tensor_of=lora.merged_values(self.store) if merge else None))
+                                                 tensor_of=lora.merged_values(self.store) if merge else None),
+                            "save_pretrained")
 
     def save_checkpoint(self, path: str | Path, keep_last: int | None = None) -> Path:
         """The whole training state (every host-store buffer but the gradient, step, lr schedule, RNG, data
@@ -508,7 +478,8 @@ class Engine:
         self.optimizer.wait_all()      # the worker may still be updating the last step's layers
         with interrupts.deferred_signals():
             saved = training_state.step_dir(Path(path), self.step)
-            self._on_rank_0(lambda: training_state.save(self.store, Path(path), self._trainer_state(), keep_last))
+            self._on_rank_0(lambda: training_state.save(self.store, Path(path), self._trainer_state(), keep_last),
+                            "save_checkpoint")
         self._last_checkpoint, self._last_save_time = (self.step, saved), time.monotonic()
         log.info("checkpoint of step %d saved in %s", self.step, saved)
         return saved
@@ -553,16 +524,24 @@ class Engine:
         self._last_checkpoint = (self.step, ckpt)
         return ckpt
 
-    def _on_rank_0(self, write) -> None:
-        """``write()`` on rank 0 alone (data parallel: every rank holds the same weights), then every rank waits
-        for it: the files exist when this returns, on any rank."""
+    def _on_rank_0(self, write, call: str) -> None:
+        """``write()`` (``call``'s files) on rank 0 alone, with no collective: data parallel, rank 0 holds
+        every weight once its optimizer has waited for the last update (its own store is a whole replica; a
+        node-shared one is mapped whole in every local rank, and its wait covers every local rank's shard), so
+        it may save alone after fit, the other ranks gone (the usual ``if rank == 0:`` idiom). The other ranks
+        that call it wait for rank 0's call of the same kind and count at this step (their arguments are not
+        used): the files exist when it returns, on any rank."""
         if self.dist is None:
             write()
             return
-        with self.dist.guard():
-            if self.dist.rank == 0:
+        count = self._saves[(call, self.step)] = self._saves.get((call, self.step), 0) + 1
+        what = f"{call} #{count} at step {self.step}"
+        if self.dist.rank == 0:
+            with self.dist.guard():
                 write()
-            self.dist.barrier()
+            self.dist.saved(what)
+        else:
+            self.dist.wait_for_save(what, call)
 
     def _trainer_state(self) -> dict:
         c = self.train_cfg

@@ -70,8 +70,8 @@ def engine(head_dim: int, window: int | None, counter: Counter, canary_only: boo
     import torch
 
     import horizon_triton as ht
-    from horizon_triton import canary
-    from horizon_triton.ops import load_ops
+    from horizon_triton.devices import canary
+    from horizon_triton.models.ops import load_ops
     with torch.no_grad():
         canary.run(load_ops("triton-interpret"), load_ops("torch"), torch.device("cpu"), torch.bfloat16, head_dim,
                    window)

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 import horizon_triton as ht
-from horizon_triton import distributed
+from horizon_triton.devices import distributed
 
 
 def _pss_bytes() -> int:

@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 
 import horizon_triton as ht
-from horizon_triton import distributed
-from horizon_triton.store import layer_layouts
+from horizon_triton.devices import distributed
+from horizon_triton.models.dense.weights import layer_layouts
 
 
 def _rank(rank: int, out: str, spec: dict) -> None:

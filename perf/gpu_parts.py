@@ -194,9 +194,10 @@ def host_to_device(quick: bool) -> dict:
     """The scheduler's stream_in (pinned store → staging slot on the copy-in stream) against a plain pinned copy
     of the same bytes, a pageable copy, and a plain device → host copy into pinned memory."""
     import horizon_triton as ht
-    from horizon_triton.device import CudaDevice
-    from horizon_triton.scheduler import Unit, build_pipeline, stream_in
-    from horizon_triton.store import HostStore
+    from horizon_triton.devices.device import CudaDevice
+    from horizon_triton.schedule.pipeline import Unit, build_pipeline
+    from horizon_triton.schedule.scheduler import stream_in
+    from horizon_triton.host.store import HostStore
     _cuda()
     cfg = (ht.preset("tiny", hidden_size=512, intermediate_size=1536, num_heads=4) if quick else
            ht.preset("llama-8b", num_layers=1, vocab_size=256))        # one 8B decoder layer: 218 M params
@@ -350,7 +351,7 @@ def _ops_ran(kernel_report: dict) -> dict:
 
 
 def _fresh_tracer(eng) -> None:
-    from horizon_triton.trace import Tracer
+    from horizon_triton.schedule.trace import Tracer
     eng.tracer = eng.pipeline.tracer = eng.optimizer.tracer = Tracer()
 
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import horizon_triton as ht
-from horizon_triton import training_state
+from horizon_triton.state import training_state
 
 # 56M parameters: 0.79 GB of state in bfloat16 mode (master, working, two moments: 14 bytes a parameter)
 MODEL = dict(vocab_size=16000, hidden_size=1024, intermediate_size=2816, num_layers=2, num_heads=8, num_kv_heads=4)

@@ -10,7 +10,7 @@ GPU: a Llama-3-8B decoder layer (218 M elements); CPU: 20 M elements.
 import pytest
 import torch
 
-from horizon_triton.scheduler import _sq_norm
+from horizon_triton.schedule.scheduler import _sq_norm
 
 CASES = {
     "sq_norm": _sq_norm,

@@ -30,7 +30,7 @@ HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
 def _ops(device):
     """The Triton launchers on a GPU, the torch references (the engine's CPU path) otherwise."""
     if device.type == "cuda":
-        from horizon_triton.ops import load_ops
+        from horizon_triton.models.ops import load_ops
         return load_ops("triton", "cuda"), "triton"
     return reference, "torch reference (CPU path)"
 
@@ -150,7 +150,7 @@ import json, sys, time, torch
 sys.path.insert(0, {perf!r})
 from test_moe_perf import _layer, layer_step
 from horizon_triton.kernels import reference
-from horizon_triton.ops import load_ops
+from horizon_triton.models.ops import load_ops
 s = dict(T=37, H=40, I=36, E=8, k=2)
 out = {{}}
 for name, ops in (("interpreter", load_ops("triton-interpret")), ("reference", reference)):

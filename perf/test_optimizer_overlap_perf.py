@@ -25,8 +25,8 @@ import torch
 
 import horizon_triton as ht
 from horizon_triton import engine as engine_module
-from horizon_triton import layer as lt
-from horizon_triton import optimizer as opt
+from horizon_triton.models.dense import layer as lt
+from horizon_triton.host import optimizer as opt
 
 FORWARD_S = 0.025
 LAYERS = 6

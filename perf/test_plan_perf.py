@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import horizon_triton as ht
-from horizon_triton.plan import plan
+from horizon_triton.planning.plan import plan
 
 GPU_FIGURES = {"H100": "h100", "H200": "h200", "GH200": "gh200", "A100": "a100"}
 

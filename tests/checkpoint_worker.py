@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 import horizon_triton as ht
-from horizon_triton import training_state
+from horizon_triton.state import training_state
 
 N, K, ACCUM = 6, 3, 2
 BASE = dict(lr=2e-2, weight_decay=0.1, warmup_steps=4, lr_schedule="cosine", grad_accum_steps=ACCUM,

@@ -1,4 +1,4 @@
-"""One data-parallel rank for tests/test_distributed.py, run by horizon_triton.distributed.spawn (or torchrun):
+"""One data-parallel rank for tests/test_distributed.py, run by horizon_triton.devices.distributed.spawn (or torchrun):
 trains an Engine on its share of the batches and saves what the test compares (history, master weights)."""
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 
 import horizon_triton as ht
-from horizon_triton import distributed, preference
+from horizon_triton.devices import distributed
+from horizon_triton.objectives import preference
 
 VOCAB = 64
 
@@ -77,7 +78,8 @@ def run_rank(rank: int, out_dir: str, spec: dict) -> None:
     """spec: model/train overrides (rank_train: per rank), batches (count, seed, pad_id), per_rank_counts (the
     rank's first so many), no_len (its loader an iterator), steps, fail (rank, step, how: "data", "raise" or "kill"),
     save, checkpoint_to (a training checkpoint at the end), resume (from a checkpoint, skipping the batches it
-    had consumed)."""
+    had consumed), only_rank (rank, calls: the ``if rank == R:`` idiom after fit, the other ranks ending there
+    as a script that falls off its end)."""
     torch.set_num_threads(1)
     out = Path(out_dir)
     model_cfg, train_cfg = configs(spec)
@@ -104,6 +106,16 @@ def run_rank(rank: int, out_dir: str, spec: dict) -> None:
             if fail and fail["rank"] == rank and fail["how"] == "kill" and entry["step"] == fail["step"]:
                 os.kill(os.getpid(), signal.SIGKILL)      # as the kernel's OOM killer would
         history = engine.fit(iter(mine) if spec.get("no_len") else mine, max_steps=spec.get("steps"), callback=callback)
+        only = spec.get("only_rank")
+        if only is not None:
+            if rank == only["rank"]:
+                calls = {"save_pretrained": lambda: engine.save_pretrained(out / "model"),
+                         "save_checkpoint": lambda: engine.save_checkpoint(out / "checkpoints"),
+                         "evaluate": lambda: engine.evaluate(mine)}
+                for call in only["calls"]:
+                    calls[call]()
+                torch.save({"history": history, "masters": masters(engine)}, out / f"rank{rank}.pt")
+            return
         if spec.get("save"):
             engine.save_pretrained(out / "model")
             engine.save_checkpoint(out / "checkpoints")

@@ -13,11 +13,11 @@ import uuid
 import torch
 
 import horizon_triton as ht
-from horizon_triton import training_state
-from horizon_triton.node_store import NodeShare, PeerError
-from horizon_triton.optimizer import OptimizerDriver
-from horizon_triton.pinning import HostPinner
-from horizon_triton.store import HostStore, fix_malloc_mmap_threshold
+from horizon_triton.state import training_state
+from horizon_triton.host.node_store import NodeShare, PeerError
+from horizon_triton.host.optimizer import OptimizerDriver
+from horizon_triton.host.pinning import HostPinner
+from horizon_triton.host.store import HostStore, fix_malloc_mmap_threshold
 
 # 0.9M parameters; the decoder layers' decayed prefix ends inside a 256-element block; with tied embeddings
 # the head is one 304-element norm, so a cut of 2 or 3 ranks falls inside the undecayed rest (and one is empty)

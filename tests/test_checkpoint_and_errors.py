@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import horizon_triton as ht
-from horizon_triton import checkpoint
+from horizon_triton.state import checkpoint
 from hf_reference import load_hf, make_hf_model, random_batches
 
 

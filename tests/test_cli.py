@@ -1,5 +1,6 @@
-"""cli.py: the fine-tune job end to end on a tiny Llama with its own tokenizer, its errors before training, the
-demo run (a few steps; its accuracy is measured by hand, not here), and the progress line."""
+"""The command line (horizon_triton/cli/): the fine-tune job end to end on a tiny Llama with its own tokenizer, its
+errors before training, the demo run (a few steps; its accuracy is measured by hand, not here), and the progress
+line."""
 import io
 import json
 import os
@@ -200,12 +201,12 @@ def _train_lines(out):
 def test_out_in_use_is_refused_and_overwrite_replaces_it(tmp_path, checkpoint, capsys):
     data = _jsonl(tmp_path / "train.jsonl", RECORDS)
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "model.safetensors").write_text("an earlier run")
+    assert cli.main(_finetune_args(checkpoint, data, out, "--steps", "3", "--seq-len", "24", "--save-every", "1")) == 0
+    earlier = (out / "model.safetensors").read_bytes()
     assert cli.main(_finetune_args(checkpoint, data, out, "--steps", "2", "--seq-len", "24")) == 2
     err = capsys.readouterr().err
     assert "is not empty" in err and "--resume" in err and "--overwrite" in err
-    assert (out / "model.safetensors").read_text() == "an earlier run"
+    assert (out / "model.safetensors").read_bytes() == earlier
     assert cli.main(_finetune_args(checkpoint, data, out, "--steps", "2", "--seq-len", "24", "--overwrite")) == 0
     assert [line["step"] for line in _train_lines(out)] == [1, 2]
     assert (out / "generation_config.json").is_file() == (checkpoint / "generation_config.json").is_file()

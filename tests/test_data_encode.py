@@ -167,6 +167,55 @@ def test_prepare_counts_and_drops_or_truncates_long_records(tmp_path, chat_file)
         data.prepare(chat_file, tokenizer, seq_len, 0, too_long="error")
 
 
+@pytest.mark.parametrize("preference", [False, True])
+def test_a_huge_record_is_found_too_long_without_tokenizing_it_whole(tmp_path, preference):
+    """A 10 MB line among short ones: dropped (or refused) after tokenizing a prefix of a few hundred characters,
+    never the whole 10 MB; the other records are packed as if it were absent."""
+    tokenizer = make_tokenizer(style="chatml")
+    seq_len = 128 if preference else 32           # a pair's two sequences share a row
+    huge = "the cat sat on the mat . " * 400_000
+    if preference:
+        short = {"prompt": "what did the dog do ?", "chosen": "it ran .", "rejected": "it sat ."}
+        big = dict(short, chosen=huge)
+    else:
+        short = {"prompt": "what did the dog do ?", "response": "the dog ran under the rug ."}
+        big = {"text": huge}
+    path = tmp_path / "huge.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in [short, big, short]))
+    alone = tmp_path / "short.jsonl"
+    alone.write_text("".join(json.dumps(r) + "\n" for r in [short, short]))
+    longest = []                       # every text tokenized, through transformers or straight to the Rust batch
+    call = type(tokenizer).__call__
+
+    def measured(self, text, *args, **kwargs):
+        longest.extend(len(t) for t in ([text] if isinstance(text, str) else text))
+        return call(self, text, *args, **kwargs)
+
+    class Backend:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def encode_batch(self, texts, *args, **kwargs):
+            longest.extend(len(t) for t in texts)
+            return self.inner.encode_batch(texts, *args, **kwargs)
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+    type(tokenizer).__call__ = measured
+    tokenizer._tokenizer = Backend(tokenizer._tokenizer)
+    try:
+        stats = data.prepare(path, tokenizer, seq_len, 0, preference=preference).stats["train"]
+        with pytest.raises(ValueError, match=rf"huge.jsonl:2 has more than \d+ tokens, more than --seq-len {seq_len}"):
+            data.prepare(path, tokenizer, seq_len, 0, too_long="error", preference=preference)
+    finally:
+        type(tokenizer).__call__ = call
+        tokenizer._tokenizer = tokenizer._tokenizer.inner
+    assert max(longest) < 20 * seq_len
+    assert (stats.records, stats.too_long) == (3, 1) and stats.longest > seq_len
+    expected = data.prepare(alone, tokenizer, seq_len, 0, preference=preference).stats["train"]
+    assert (stats.rows, stats.tokens, stats.trained_tokens) == (expected.rows, expected.tokens, expected.trained_tokens)
+
+
 def test_prepare_eval_split_and_errors(tmp_path, chat_file):
     tokenizer = make_tokenizer(style="chatml")
     prepared = data.prepare(chat_file, tokenizer, 64, 0, tmp_path, eval_fraction=0.25, seed=3)

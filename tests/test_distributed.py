@@ -25,8 +25,9 @@ import torch
 from safetensors.torch import load_file
 
 import horizon_triton as ht
-from horizon_triton import distributed, preference
-from horizon_triton.distributed import ShardedLoader
+from horizon_triton.devices import distributed
+from horizon_triton.devices.distributed import ShardedLoader
+from horizon_triton.objectives import preference
 
 import distributed_worker as worker
 
@@ -314,6 +315,27 @@ def test_a_killed_rank_ends_every_rank(tmp_path):
     assert seconds < 60
 
 
+@pytest.mark.parametrize("rank, calls, expected", [
+    (0, ["evaluate"], "evaluate must be called on every rank of the data-parallel job (each rank with its own "
+                      "batches"),
+    (1, ["save_pretrained"], "save_pretrained: rank 0 writes"),
+])
+def test_calls_made_on_one_rank_alone_are_refused_saying_how(tmp_path, rank, calls, expected):
+    """The ``if rank == R:`` idiom after fit, the other rank ending there, with a call that cannot be made so:
+    evaluate (every rank's batches are summed) on rank 0 alone, a save (rank 0 writes) on rank 1 alone. The
+    rank that made it stops at once, saying how to call it, not that a peer vanished; the other exits 0."""
+    spec = {"train": FP32, "batches": {"n": 4, "seed": 9}, "only_rank": {"rank": rank, "calls": calls}}
+    codes, errors, seconds = launch_apart(tmp_path, spec)
+    assert codes[1 - rank] == 0 and codes[rank] != 0, (codes, errors)
+    assert errors[rank].startswith("RankFailed") and expected in errors[rank], errors[rank]
+    if rank == 0:
+        assert "rank 1 after fit" in errors[0], errors[0]
+    else:
+        assert "exited without writing them (save_pretrained #1 at step 1; call save_pretrained on rank 0, alone or on " \
+               "every rank)" in errors[1], errors[1]
+    assert seconds < 60
+
+
 def test_mismatched_configs_are_refused_naming_field_and_ranks(tmp_path):
     spec = {"train": FP32, "batches": {"n": 4, "seed": 9}, "rank_train": {"1": {"lr": 0.5}}}
     codes, errors, _ = launch_apart(tmp_path, spec)
@@ -445,8 +467,8 @@ def test_dry_run_predicts_one_ranks_traffic(world):
     (the decoder layers, each head chunk's rows, the final norm, the union's embedding rows) and gathers the
     union of the ranks' ids, min(V, W·U) rows with distinct ids on every rank, in and out, where one process
     gathers U (with their ids: the tied head picks those rows from its chunks' gradients)."""
-    from horizon_triton.dryrun import dry_run
-    from horizon_triton.store import layer_layouts
+    from horizon_triton.planning.dryrun import dry_run
+    from horizon_triton.models.dense.weights import layer_layouts
     cfg = ht.ModelConfig(vocab_size=3000, hidden_size=64, intermediate_size=160, num_layers=2, num_heads=4,
                          num_kv_heads=2, tie_word_embeddings=True)
     train = ht.TrainConfig(head_chunk_rows=700)
@@ -488,6 +510,28 @@ def test_python_api_under_torchrun(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     assert_matches(spec, ranks, 2, loss_tol=1e-5, weight_tol=1e-5, norm_tol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("share", [True, False])
+def test_saving_on_rank_0_alone_under_torchrun(tmp_path, share):
+    """The usual DDP idiom: ``if rank == 0: engine.save_pretrained(out); engine.save_checkpoint(dir)`` after fit,
+    rank 1 ending its script there. Rank 0 saves alone (from the node-shared store, or its own replica): the
+    model is the single process's, and the checkpoint resumes it, alone."""
+    spec = {"train": {**FP32, "share_host_store": share}, "batches": {"n": 8, "seed": 12},
+            "only_rank": {"rank": 0, "calls": ["save_pretrained", "save_checkpoint"]}}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
+                          str(TESTS / "distributed_worker.py"), str(tmp_path), json.dumps(spec)],
+                         env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stderr[-3000:]
+    _, masters = one_process(spec, 2)
+    from safetensors.torch import load_file
+    saved = load_file(tmp_path / "model" / "model.safetensors")
+    torch.testing.assert_close(saved["model.embed_tokens.weight"].reshape(-1), masters[0], rtol=0, atol=1e-5)
+    resumed = ht.Engine.from_checkpoint(tmp_path / "checkpoints")
+    assert resumed.step == 2
+    assert all(torch.equal(a, b) for a, b in zip(worker.masters(resumed), torch.load(tmp_path / "rank0.pt")["masters"]))
+    resumed.close()
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""DPO (horizon_triton/preference.py) against independent references: torch.autograd on the loss formulas, a small
+"""DPO (horizon_triton/objectives/preference.py) against independent references: torch.autograd on the loss formulas, a small
 transformers + torch.autograd + torch AdamW implementation of DPO training, TRL's DPOTrainer itself (skipped
 where trl is absent) for the numbers and for the tokenization of preference records, and the synthetic addition
 preference set for learning."""
@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 import horizon_triton as ht
 from hf_reference import load_hf, make_hf_model
-from horizon_triton import data, preference
+from horizon_triton import data
+from horizon_triton.objectives import preference
 from horizon_triton.kernels.reference import IGNORE_INDEX
 from test_engine_hf import _assert_weights_match
 from tiny_tokenizers import make_tokenizer
@@ -438,7 +439,7 @@ def test_cli_dpo_run_with_reference_pass_eval_and_resume(tmp_path, capsys):
 def test_dry_run_of_a_dpo_step_matches_a_real_cpu_step():
     """The dry run models DPO's head (two passes even with one vocabulary chunk, the per-token weights): its held
     bytes and bus bytes are a real CPU DPO step's."""
-    from horizon_triton.dryrun import dry_run_shapes
+    from horizon_triton.planning.dryrun import dry_run_shapes
     cfg = ht.ModelConfig(vocab_size=512, hidden_size=128, intermediate_size=352, num_layers=4, num_heads=4,
                          num_kv_heads=2)
     train_cfg = ht.TrainConfig(device="cpu", grad_accum_steps=2, objective="dpo")
@@ -461,8 +462,8 @@ def test_plan_of_dpo_at_8b_widths_keeps_the_device_peak():
     """Llama-3-8B, 32K tokens a step on an H100: the head is two-pass already, and DPO adds only per-token
     tensors (each target's sequence, int64, and its weight, fp32, with the weights' temporaries): the planned
     device peak is the mean loss's plus at most 32 bytes a token, and the plan reports the dry run's peak."""
-    from horizon_triton.dryrun import dry_run
-    from horizon_triton.plan import HARDWARE
+    from horizon_triton.planning.dryrun import dry_run
+    from horizon_triton.planning.plan import HARDWARE
     cfg, tokens = ht.preset("llama-8b"), 32768
     card = HARDWARE["h100"]["device_memory_bytes"]
     runs = {obj: dry_run(cfg, ht.TrainConfig(objective=obj), tokens_per_step=tokens, seq_len=4096,

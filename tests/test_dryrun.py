@@ -1,4 +1,4 @@
-"""The dry run (horizon_triton/dryrun.py, kernel_models.py) against independent references: real CPU runs of the engine (bytes held,
+"""The dry run (horizon_triton/planning/dryrun.py, kernel_models.py) against independent references: real CPU runs of the engine (bytes held,
 bytes copied, peak RSS), FLOP formulas written from the model's shapes, brute-force attention masks, and the
 Triton launch functions themselves (run by the interpreter) for what the kernel models allocate."""
 import json
@@ -12,12 +12,12 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 import horizon_triton as ht
-from horizon_triton.dryrun import OpCounter, _tensors, dry_run, dry_run_shapes
-from horizon_triton.kernel_models import TritonModels, causal_pairs, unmodelled_kernels
-from horizon_triton.device import MetaDevice
+from horizon_triton.planning.dryrun import OpCounter, _tensors, dry_run, dry_run_shapes
+from horizon_triton.planning.kernel_models import TritonModels, causal_pairs, unmodelled_kernels
+from horizon_triton.devices.device import MetaDevice
 from horizon_triton.kernels import cross_entropy, reference
 from horizon_triton.kernels.reference import attention_mask
-from horizon_triton.plan import HARDWARE
+from horizon_triton.planning.plan import HARDWARE
 
 LLAMA3_70B = ht.ModelConfig(vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_layers=80,
                             num_heads=64, num_kv_heads=8, rope_theta=500000.0)
@@ -311,8 +311,8 @@ def _meta(tree):
 def test_kernel_models_allocate_what_the_launchers_allocate(name, args, monkeypatch):
     import importlib
 
-    from horizon_triton import kernel_models
-    from horizon_triton.ops import KERNEL_FAMILY
+    from horizon_triton.planning import kernel_models
+    from horizon_triton.models.ops import KERNEL_FAMILY
     # the rmsnorm backward's persistent grid is 4 programs per SM on a GPU, 4 in all off it
     monkeypatch.setattr(kernel_models, "HOPPER_SMS", 1)
     # bf16 operands into an fp32 accumulator: on CUDA one addmm into it (no allocation); on CPU, which has no

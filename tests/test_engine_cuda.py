@@ -60,6 +60,27 @@ def test_cuda_lora_trains_like_the_cpu_path(gpu, tmp_path, compute_dtype, rel):
         torch.testing.assert_close(adapters(engine), adapters(cpu), atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("budget", [0, None])
+def test_cuda_forward_passes_match_the_cpu_path(gpu, tmp_path, budget):
+    """Forward-only passes on CUDA (real streams, pinned host states): every hidden state waiting on the host
+    (budget 0), or the default budget from the free memory; the head in chunks. Against the CPU path."""
+    make_hf_model("qwen3", tmp_path, head_dim=32, hidden_size=128)
+    batches = random_batches(8, vocab=96, seq=40)
+    results = []
+    for device in ("cuda", "cpu"):
+        engine = ht.Engine(ht.ModelConfig.from_pretrained(tmp_path),
+                           ht.TrainConfig(device=device, compute_dtype="float32", head_chunk_rows=32,
+                                          checkpoint_budget_bytes=budget if device == "cuda" else None))
+        results.append((engine.evaluate(batches), list(engine.reference_logps(batches)),
+                        engine.logits(batches[0]["input_ids"])))
+        engine.close()
+    (loss, logps, logits), (ref_loss, ref_logps, ref_logits) = results
+    assert loss == pytest.approx(ref_loss, rel=1e-4)
+    for got, want in zip(logps, ref_logps):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-4)
+
+
 def test_prepare_copies_through_pinned_memory_without_blocking(monkeypatch):
     """On a pinning device (CUDA) every tensor of a micro-batch goes host → pinned → device with non_blocking;
     runs on CPU with the pinning and the copy recorded instead of done."""
@@ -92,7 +113,7 @@ def test_prepare_copies_through_pinned_memory_without_blocking(monkeypatch):
 def test_cuda_events_block_instead_of_spinning(monkeypatch):
     """The events the engine waits for on the host (the step's end, a slot's copy) are blocking: a spinning
     cudaEventSynchronize would hold a core the CPU AdamW runs on. Runs on CPU with torch.cuda.Event recorded."""
-    from horizon_triton.device import CudaDevice
+    from horizon_triton.devices.device import CudaDevice
 
     made = []
 

@@ -61,7 +61,7 @@ def test_autotune_says_it_needs_a_gpu():
 def _kernel_ops(dev):
     """The Triton kernels where the ``dev`` fixture runs them: the interpreter on CPU (this suite's default) or
     compiled on the GPU (TRITON_INTERPRET=0, as the GPU check runs it), with that device's library path."""
-    from horizon_triton.ops import load_ops
+    from horizon_triton.models.ops import load_ops
     if dev.type == "cuda":
         return load_ops("triton", "cuda"), load_ops("torch", "cuda")
     return load_ops("triton-interpret"), load_ops("torch")
@@ -72,8 +72,8 @@ def test_canary_replaces_a_failing_family_with_one_warning_each(dev):
     1% off) and one raising (rope, as a kernel that does not compile); the others pass."""
     from types import SimpleNamespace
 
-    from horizon_triton import canary
-    from horizon_triton.ops import KERNEL_FAMILY
+    from horizon_triton.devices import canary
+    from horizon_triton.models.ops import KERNEL_FAMILY
 
     triton_ops, fallback = _kernel_ops(dev)
     planted = SimpleNamespace(**vars(triton_ops))
@@ -99,7 +99,7 @@ def test_canary_replaces_a_failing_family_with_one_warning_each(dev):
 
 def test_torch_backend_on_cuda_is_the_library_path():
     from horizon_triton.kernels import library
-    from horizon_triton.ops import load_ops
+    from horizon_triton.models.ops import load_ops
     ops = load_ops("torch", "cuda")
     assert ops.attention_forward is library.attention_forward
     assert ops.linear_cross_entropy is library.linear_cross_entropy
@@ -111,7 +111,7 @@ def test_canary_keeps_a_kernel_it_cannot_judge(dev):
     warning that says it went unchecked."""
     from types import SimpleNamespace
 
-    from horizon_triton import canary
+    from horizon_triton.devices import canary
 
     triton_ops, library = _kernel_ops(dev)
     fallback = SimpleNamespace(**vars(library))

@@ -258,7 +258,7 @@ LLAMA_70B = ht.ModelConfig(vocab_size=128256, hidden_size=8192, intermediate_siz
 
 
 def test_plan_at_70b_holds_two_bytes_per_base_parameter():
-    from horizon_triton.plan import format_plan, plan
+    from horizon_triton.planning.plan import format_plan, plan
     lora = plan(LLAMA_70B, ht.TrainConfig(lora_rank=16), tokens_per_step=8192, find_hiding=False)
     full = plan(LLAMA_70B, ht.TrainConfig(), tokens_per_step=8192, find_hiding=False)
     P, info = lora["num_parameters"], lora["lora"]

@@ -12,7 +12,7 @@ from horizon_triton.kernels import moe_experts, reference
 from horizon_triton.kernels.moe_experts import (moe_combine_backward_ref, moe_combine_forward_ref,
                                                 moe_down_backward_ref, moe_down_forward_ref, moe_gate_up_backward_ref,
                                                 moe_gate_up_forward_ref)
-from horizon_triton.ops import load_ops
+from horizon_triton.models.ops import load_ops
 
 ATOL = {torch.float32: 1e-5, torch.bfloat16: 1e-3}
 H, I = 40, 36                      # neither a multiple of the interpreter's 32-wide tiles

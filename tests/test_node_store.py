@@ -11,10 +11,10 @@ import torch
 import node_store_worker as worker
 import horizon_triton as ht
 from horizon_triton.kernels.host_formats import QBLOCK
-from horizon_triton.lora import LoraSpec
-from horizon_triton.node_store import SHM_DIR, NodeShare
-from horizon_triton.optimizer import OptimizerDriver, optimizer_threads
-from horizon_triton.store import HostStore
+from horizon_triton.host.node_store import SHM_DIR, NodeShare
+from horizon_triton.host.optimizer import OptimizerDriver, optimizer_threads
+from horizon_triton.host.store import HostStore
+from horizon_triton.objectives.lora import LoraSpec
 
 pytestmark = pytest.mark.skipif(not os.path.isdir(SHM_DIR), reason=f"needs POSIX shared memory at {SHM_DIR}")
 Ranks = worker.Ranks
@@ -70,7 +70,7 @@ def test_a_sharded_driver_needs_a_store_shared_by_its_ranks():
 
 
 def test_threads_divide_the_cores_between_local_ranks(monkeypatch):
-    import horizon_triton.optimizer as optimizer
+    import horizon_triton.host.optimizer as optimizer
     monkeypatch.setattr(optimizer, "default_num_threads", lambda: 64)
     assert optimizer_threads(ht.TrainConfig()) == 63
     assert optimizer_threads(ht.TrainConfig(), local_world=8) == 7
@@ -78,7 +78,7 @@ def test_threads_divide_the_cores_between_local_ranks(monkeypatch):
 
 
 def test_a_shm_too_small_for_the_store_is_refused_before_anything_is_created(monkeypatch):
-    import horizon_triton.node_store as node_store
+    import horizon_triton.host.node_store as node_store
     real = os.statvfs
 
     class Small:
@@ -166,7 +166,7 @@ def test_checkpoint_of_a_shared_store_is_written_and_read_by_local_rank_0(tmp_pa
     assert "local rank 1 holds a shared store: only local rank 0 saves" in reports[(1, "save")]
     assert reports[(0, "loaded")] == reports[(1, "loaded")] == trained
     # the checkpoint is an ordinary one: a private store loads the same state
-    from horizon_triton import training_state
+    from horizon_triton.state import training_state
     private = HostStore(worker.CFG, torch.bfloat16, optimizer_states="8bit")
     ckpt = training_state.find(tmp_path / "ckpt")
     training_state.load_into(private, ckpt, training_state.read(ckpt)[0])

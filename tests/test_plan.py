@@ -1,4 +1,4 @@
-"""ht.plan and its step-time model (horizon_triton/plan.py): the stream replay against hand-computed schedules, the
+"""ht.plan and its step-time model (horizon_triton/planning/plan.py): the stream replay against hand-computed schedules, the
 roofline bounds, the transfer-hiding threshold against plans on either side of it, and the largest model."""
 import math
 
@@ -6,11 +6,11 @@ import pytest
 import torch
 
 import horizon_triton as ht
-from horizon_triton.device import MetaEvent
-from horizon_triton.dryrun import DryRun
-from horizon_triton.plan import (HARDWARE, _dry, _hidden, _interpolated, format_plan, hardware_figures, largest_model,
+from horizon_triton.devices.device import MetaEvent
+from horizon_triton.planning.dryrun import DryRun
+from horizon_triton.planning.plan import (HARDWARE, _dry, _hidden, _interpolated, format_plan, hardware_figures, largest_model,
                                  parse_bytes, plan, simulate, task_seconds)
-from horizon_triton.store import Allocation
+from horizon_triton.host.store import Allocation
 
 # 1 GB/s everywhere and 1 TFLOPS: a task of 1e9 bytes or 1e12 FLOPs takes one second
 UNIT = dict(device="cuda", bf16_tflops=1.0, fp32_tflops=1.0, attention_fwd_tflops=1.0, attention_bwd_tflops=1.0,

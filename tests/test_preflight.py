@@ -1,4 +1,4 @@
-"""Preflight (horizon_triton/preflight.py): an engine the machine cannot hold is refused before anything is
+"""Preflight (horizon_triton/planning/preflight.py): an engine the machine cannot hold is refused before anything is
 allocated, with the GiB needed and available; a step whose dry run exceeds the device's free memory likewise."""
 import json
 import re
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import horizon_triton as ht
-from horizon_triton import preflight
+from horizon_triton.planning import preflight
 
 GiB = 2**30
 

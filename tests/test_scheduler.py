@@ -13,10 +13,10 @@ import pytest
 import torch
 
 import horizon_triton as ht
-from horizon_triton import device as devices
-from horizon_triton import activations
-from horizon_triton import scheduler as sched
-from horizon_triton.store import layer_layouts
+from horizon_triton.devices import device as devices
+from horizon_triton.schedule import activations
+from horizon_triton.schedule import scheduler as sched
+from horizon_triton.models.dense.weights import layer_layouts
 from hf_reference import random_batches
 
 TINY = ht.preset("tiny", num_layers=3, tie_word_embeddings=True)
@@ -165,8 +165,8 @@ def test_default_checkpoint_budget_follows_free_device_memory(monkeypatch):
 def test_compute_is_submitted_before_the_stream_in_that_waits_for_the_optimizer(monkeypatch):
     """Step 2's forward: layer i's compute is submitted before the host blocks on the optimizer for layer i+S-1
     (with a slow CPU AdamW, compute i would otherwise wait for layer i+1's update)."""
-    from horizon_triton import optimizer as opt
-    from horizon_triton import scheduler
+    from horizon_triton.host import optimizer as opt
+    from horizon_triton.schedule import scheduler
     log, lock = [], threading.Lock()
     update, submit = opt.OptimizerDriver.update_layer, scheduler.compute
 
@@ -197,7 +197,7 @@ def test_compute_is_submitted_before_the_stream_in_that_waits_for_the_optimizer(
 
 
 def test_tracer_keeps_a_bounded_window_of_spans(tmp_path):
-    from horizon_triton.trace import Tracer
+    from horizon_triton.schedule.trace import Tracer
     tracer = Tracer(max_spans=10)
     for n in range(25):
         tracer.wrap(f"work {n}", "compute" if n % 2 else "copy_in", lambda: None)()
@@ -211,8 +211,8 @@ def test_tracer_keeps_a_bounded_window_of_spans(tmp_path):
 
 def test_decoder_recompute_keeps_no_fused_qkv():
     """The backward reads q, k, v (copied out of the fused projection), never the fused qkv itself."""
-    from horizon_triton import layer as lt
-    from horizon_triton.ops import load_ops
+    from horizon_triton.models.dense import layer as lt
+    from horizon_triton.models.ops import load_ops
     cfg = ht.preset("tiny", attention_bias=True)
     engine = ht.Engine(cfg, ht.TrainConfig(device="cpu"))
     w = engine.store.layouts[1].views(engine.store.working[1])

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 import horizon_triton as ht
-from horizon_triton import store as store_module
+from horizon_triton.host import store as store_module
 from horizon_triton.kernels.host_formats import QBLOCK
-from horizon_triton.pinning import PAGE, HostPinner
-from horizon_triton.store import HostStore
+from horizon_triton.host.pinning import PAGE, HostPinner
+from horizon_triton.host.store import HostStore
 
 CFG = ht.ModelConfig(vocab_size=1000, hidden_size=64, intermediate_size=176, num_layers=3, num_heads=4,
                      num_kv_heads=2)
@@ -85,7 +85,7 @@ def test_bad_optimizer_threads(threads):
 
 
 def test_optimizer_leaves_one_core_free(monkeypatch):
-    from horizon_triton import optimizer
+    from horizon_triton.host import optimizer
     monkeypatch.setattr(optimizer, "default_num_threads", lambda: 16)
     assert optimizer.optimizer_threads(ht.TrainConfig()) == 15
     assert optimizer.optimizer_threads(ht.TrainConfig(optimizer_threads=4)) == 4
@@ -146,7 +146,7 @@ def test_pinning_threads_register_on_the_ranks_device(monkeypatch):
     """A data-parallel rank pins from new threads, whose CUDA current device is 0 until set: each registration
     must run on the rank's device (else every rank makes a context on GPU 0). CUDA's per-thread current device
     and its registration calls are faked, so this runs without a GPU."""
-    from horizon_triton import pinning
+    from horizon_triton.host import pinning
 
     current = threading.local()                                 # the runtime's per-thread current device
     calls = []
@@ -197,7 +197,7 @@ def test_engine_on_pinned_store_trains_as_on_pageable(monkeypatch):
         cuda = FakeCuda()
         if pin:
             monkeypatch.setattr(store_module, "cuda_register_functions", lambda: (cuda.register, cuda.unregister))
-            monkeypatch.setattr(ht.device.SyncDevice, "pin_memory", True)
+            monkeypatch.setattr(ht.devices.device.SyncDevice, "pin_memory", True)
             monkeypatch.setattr(torch.Tensor, "pin_memory", torch.Tensor.clone)   # the batches' staging copies
         engine = ht.Engine(ht.preset("tiny"), ht.TrainConfig(device="cpu", lr=1e-3))
         history = engine.fit(random_batches(3, vocab=64))

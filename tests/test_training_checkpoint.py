@@ -13,8 +13,8 @@ import torch
 from safetensors import safe_open
 
 import horizon_triton as ht
-from horizon_triton import durable, interrupts, training_state
-from horizon_triton.store import HostStore
+from horizon_triton.state import durable, interrupts, training_state
+from horizon_triton.host.store import HostStore
 from checkpoint_worker import ACCUM, CONFIGS, K, N, batches
 
 WORKER = Path(__file__).with_name("checkpoint_worker.py")
@@ -254,7 +254,7 @@ def test_second_signal_stops_at_once_without_a_save(tmp_path):
 
 
 def test_signal_during_save_pretrained_is_acted_on_after_it(trained, tmp_path, monkeypatch):
-    from horizon_triton import checkpoint
+    from horizon_triton.state import checkpoint
     save_file = checkpoint.save_file
 
     def interrupted_save(*args, **kwargs):

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from horizon_triton.dryrun import meta_addmm_dtype_out
+from horizon_triton.planning.dryrun import meta_addmm_dtype_out
 from horizon_triton.kernels import reference
 from horizon_triton.kernels.reference import linear_backward, matmul_accumulate_, rmsnorm_matmul_backward
 

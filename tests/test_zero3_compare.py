@@ -61,7 +61,7 @@ def test_same_model_same_decay_split_same_tokens():
     from transformers import AutoModelForCausalLM
 
     import horizon_triton as ht
-    from horizon_triton.store import layer_layouts
+    from horizon_triton.models.dense.weights import layer_layouts
     assert z3.model_config("70b", layers=2) == ht.preset("llama-8b", hidden_size=8192, intermediate_size=28672,
                                                         num_heads=64, num_kv_heads=8, num_layers=2)
     cfg = ht.preset("llama-8b", num_layers=1, vocab_size=512, hidden_size=64, intermediate_size=128, num_heads=4,

@@ -1,5 +1,8 @@
-"""Data: the demo's addition task, and fine-tuning data from JSONL files.
+"""Data: what a loader yields made into a MicroBatch, the demo's addition task, and fine-tuning data from JSONL files.
+Imports models (MicroBatch) and the kernels (IGNORE_INDEX) only.
 
+    batch      a loader's batch -> one MicroBatch on the compute device (Engine.prepare asks it once a batch)
+    pairs      DPO's pairs in a micro-batch (which sequence each target is in, the reference sums)
     addition   the built-in task of the demo (character tokenizer, held-out problems, greedy exact match)
     records    JSONL lines checked and normalized: text, prompt/response, messages, Alpaca, ShareGPT
     encode     a record -> token ids and labels, with the tokenizer's chat template; which tokens are trained;
@@ -19,13 +22,13 @@ from horizon_triton.kernels.reference import IGNORE_INDEX
 from .addition import AdditionTask, CharTokenizer, Problem, exact_match, greedy_answers, pad_rows
 from .encode import (PROMPT_RESPONSE_SEPARATOR, TRAIN_ON, encode_preference, encode_record, encode_records,
                      load_tokenizer, render, tokenize_records)
-from .packing import (TOO_LONG, DataStats, PackedRows, Packer, Prepared, RowLoader, encoded_documents,
+from .packing import (TEMPORARY, TOO_LONG, DataStats, PackedRows, Packer, Prepared, RowLoader, encoded_documents,
                       in_eval_split, pack_documents, pack_pairs, prepare, steps_per_epoch)
 from .records import normalize, normalize_preference, parse_line, read_jsonl
 
 __all__ = ["IGNORE_INDEX", "AdditionTask", "CharTokenizer", "Problem", "exact_match", "greedy_answers", "pad_rows",
            "PROMPT_RESPONSE_SEPARATOR", "TRAIN_ON", "encode_preference", "encode_record", "encode_records",
            "load_tokenizer", "render",
-           "tokenize_records", "TOO_LONG", "DataStats", "PackedRows", "Packer", "Prepared", "RowLoader",
+           "tokenize_records", "TEMPORARY", "TOO_LONG", "DataStats", "PackedRows", "Packer", "Prepared", "RowLoader",
            "encoded_documents", "in_eval_split", "pack_documents", "pack_pairs", "prepare", "steps_per_epoch",
            "normalize", "normalize_preference", "parse_line", "read_jsonl"]

@@ -171,6 +171,38 @@ def preference_records(pair: dict) -> list[tuple[dict, int]]:
     return [({"messages": pair["prompt"] + pair[key]}, len(pair["prompt"])) for key in ("chosen", "rejected")]
 
 
+PREFIX_CHARS_PER_TOKEN = 16      # exceeds() tokenizes at most this many characters a token of the limit
+PREFIX_MARGIN = 8                # tokens a prefix's cut may add (its last word split otherwise than in the whole)
+
+
+def exceeds(record: dict, tokenizer, limit: int) -> int:
+    """A lower bound on the tokens of a record when it certainly encodes to more than ``limit`` tokens, else 0,
+    deciding on its first PREFIX_CHARS_PER_TOKEN x limit characters: a record of megabytes is never tokenized
+    whole only to be dropped (a 10 MB line took gigabytes of offsets). Records shorter than that, and those whose
+    prefix holds few tokens (a tokenizer with very long tokens, or an unknown-word token), give 0 and are
+    encoded whole."""
+    cut = PREFIX_CHARS_PER_TOKEN * (limit + 1)
+    if characters(record) <= cut:
+        return 0
+    if "text" in record or getattr(tokenizer, "chat_template", None) is None:
+        text, _, special, _ = render(record, tokenizer, "all")
+    else:                                         # one rendering: the spans do not matter here
+        text, special = render_conversations(tokenizer, [conversation(record)])[0], False
+    found = len(tokenizer(text[:cut], add_special_tokens=special)["input_ids"])
+    return found - PREFIX_MARGIN if found - PREFIX_MARGIN > limit else 0
+
+
+def characters(value) -> int:
+    """The characters of every string in a record (its rendering holds at least as many)."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, dict):
+        return sum(characters(v) for v in value.values())
+    if isinstance(value, list):
+        return sum(characters(v) for v in value)
+    return 0
+
+
 def encode_preference(pair: dict, tokenizer) -> list[tuple[list[int], list[int]]]:
     """[(input_ids, labels) of the chosen sequence, those of the rejected] of a normalized preference pair
     (records.normalize_preference); only the response is trained."""

@@ -14,20 +14,26 @@ no trained token is skipped and counted too.
 
 Preference pairs (``preference=True``): the chosen and the rejected sequence of a pair are two documents packed one
 after the other in the same row, so that a micro-batch of whole rows holds whole pairs in the order DPO reads them
-(horizon_triton/preference.py). A pair longer than seq_len (chosen + rejected) is dropped, refused, or truncated:
+(objectives/preference.py). A pair longer than seq_len (chosen + rejected) is dropped, refused, or truncated:
 each sequence keeps its start, the chosen max(seq_len // 2, seq_len − rejected) tokens at most, the rejected the
 rest. A row file of pairs may get a column of reference log-probs per token (``PackedRows.attach_reference``).
 
 ``prepare`` streams: lines are read in chunks, encoded by worker processes (a bounded number of chunks in flight),
 packed as they come back in file order and written to a row file (int32 ids then uint8 flags a row) that
 ``PackedRows`` reads one row at a time. Memory stays that of a few chunks and one row, whatever the file size.
+With ``out_dir=TEMPORARY`` the row files are unnamed temporary files in $TMPDIR: they vanish when closed or when
+the process ends, however it ends (a SIGKILL too). The workers die with the process that started them. A record
+far longer than seq_len is found too long on a prefix of its text (encode.exceeds), without tokenizing it whole.
 """
 from __future__ import annotations
 
+import ctypes
 import math
 import multiprocessing
 import os
 import random
+import signal
+import tempfile
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,10 +44,11 @@ import torch
 from horizon_triton.kernels.reference import IGNORE_INDEX
 
 from .chat_shapes import ConversationShapes
-from .encode import encode_preference, encode_record, encode_records, preference_records
+from .encode import encode_preference, encode_record, encode_records, exceeds, preference_records
 from .records import iter_lines, parse_line
 
 TOO_LONG = ("drop", "truncate", "error")
+TEMPORARY = "<temporary>"  # prepare(out_dir=TEMPORARY): unnamed row files, gone with the process
 CHUNK_LINES = 256          # lines a worker encodes at a time
 CHUNK_BYTES = 1 << 20      # ... or fewer, when the lines are long
 _TRAINED, _DOC_START = 1, 2
@@ -183,11 +190,13 @@ def pack_pairs(pairs, seq_len: int, pad_id: int, too_long: str = "error") -> lis
 # the row file
 # ------------------------------------------------------------------------------------------------------------
 class RowWriter:
-    """Appends rows to a file: int32 ids [seq_len], then uint8 flags [seq_len] (trained, document start)."""
+    """Appends rows to a file: int32 ids [seq_len], then uint8 flags [seq_len] (trained, document start).
+    ``path=None``: an unnamed temporary file in $TMPDIR (``file``), which PackedRows then reads."""
 
-    def __init__(self, path: Path, seq_len: int):
-        self.path, self.seq_len = Path(path), seq_len
-        self._file = self.path.open("wb")
+    def __init__(self, path: Path | None, seq_len: int):
+        self.path, self.seq_len = None if path is None else Path(path), seq_len
+        self.file = tempfile.TemporaryFile() if path is None else None
+        self._file = self.file if path is None else self.path.open("wb")
 
     def write(self, ids: np.ndarray, labels: np.ndarray, positions: np.ndarray) -> None:
         trained = labels != IGNORE_INDEX
@@ -198,6 +207,9 @@ class RowWriter:
         self._file.write(flags.tobytes())
 
     def close(self) -> None:
+        if self.file is not None:          # unnamed: kept open, PackedRows reads it
+            self._file.flush()
+            return
         self._file.close()
 
 
@@ -205,10 +217,13 @@ class PackedRows:
     """The rows of a row file, read one at a time (os.pread: nothing of the file stays in this process's memory);
     with a reference file attached, each row also has "ref_logps" (fp32 [seq_len]) from it."""
 
-    def __init__(self, path: Path, seq_len: int, pad_id: int, num_rows: int):
-        self.path, self.seq_len, self.pad_id, self.num_rows = Path(path), seq_len, pad_id, num_rows
+    def __init__(self, path, seq_len: int, pad_id: int, num_rows: int):
+        """``path``: the row file's path, or an open (unnamed) file, which close() closes."""
+        self._owned = None if isinstance(path, (str, Path)) else path
+        self.path = Path(path) if self._owned is None else None
+        self.seq_len, self.pad_id, self.num_rows = seq_len, pad_id, num_rows
         self._row_bytes = 5 * seq_len
-        self._fd = None
+        self._fd = None if self._owned is None else self._owned.fileno()
         self.reference_path = None
         self._ref_fd = None
 
@@ -243,6 +258,9 @@ class PackedRows:
         return row
 
     def close(self) -> None:
+        if self._owned is not None:
+            self._owned.close()
+            self._owned = self._fd = None
         for name in ("_fd", "_ref_fd"):
             if getattr(self, name) is not None:
                 os.close(getattr(self, name))
@@ -258,21 +276,26 @@ class ChunkEncoder:
     text, False). The records are encoded together (encode.encode_records); where that fails (a record the
     template or tokenizer refuses), one by one with encode_record, which finds the line to name."""
 
-    def __init__(self, path, tokenizer, train_on: str, preference: bool = False):
+    def __init__(self, path, tokenizer, train_on: str, preference: bool = False, token_limit: int | None = None):
         self.path, self.tokenizer, self.train_on, self.preference = str(path), tokenizer, train_on, preference
         self.shapes = ConversationShapes(tokenizer)
+        self.token_limit = token_limit     # records certainly longer give (line number, None, tokens at least, False)
 
     def __call__(self, chunk: list[tuple[int, bytes]]) -> list[tuple]:
-        numbers, items, bad = [], [], []
+        numbers, items, bad, too_long = [], [], [], {}
         for number, raw in chunk:
             where = f"{self.path}:{number}"
             try:
                 record = parse_line(raw, where, first=number == 1, preference=self.preference)   # names the line
+                at_least = self._too_long(record) if record is not None else 0
             except ValueError as e:
                 message = str(e)
                 bad = [(number, None, message if message.startswith(where + ":") else f"{where}: {message}", False)]
                 break
-            if record is not None:
+            if at_least:
+                too_long[number] = at_least
+                numbers.append(number)
+            elif record is not None:
                 numbers.append(number)
                 items += preference_records(record) if self.preference else [(record, 0)]
         try:
@@ -280,13 +303,25 @@ class ChunkEncoder:
         except ValueError:
             return self.one_by_one(chunk)
         per_record = 2 if self.preference else 1
-        out = []
-        for i, number in enumerate(numbers):
+        out, i = [], 0
+        for number in numbers:
+            if number in too_long:
+                out.append((number, None, too_long[number], False))
+                continue
             docs = encoded[i * per_record:(i + 1) * per_record]
+            i += 1
             ids, labels = ([d[k].astype(np.int32) for d in docs] for k in (0, 1))
             slow = any(d[2] for d in docs)
             out.append((number, ids, labels, slow) if self.preference else (number, ids[0], labels[0], slow))
         return out + bad
+
+    def _too_long(self, record: dict) -> int:
+        if self.token_limit is None:
+            return 0
+        if not self.preference:
+            return exceeds(record, self.tokenizer, self.token_limit)
+        # a pair shares a row: one sequence beyond the limit is enough
+        return max(exceeds(sequence, self.tokenizer, self.token_limit) for sequence, _ in preference_records(record))
 
     def one_by_one(self, chunk: list[tuple[int, bytes]]) -> list[tuple]:
         out = []
@@ -295,6 +330,10 @@ class ChunkEncoder:
             try:
                 record = parse_line(raw, where, first=number == 1, preference=self.preference)   # names the line
                 if record is None:
+                    continue
+                at_least = self._too_long(record)
+                if at_least:
+                    out.append((number, None, at_least, False))
                     continue
                 if self.preference:
                     docs = encode_preference(record, self.tokenizer)
@@ -313,10 +352,22 @@ class ChunkEncoder:
 _worker_encoder: ChunkEncoder | None = None
 
 
-def _init_worker(encoder: ChunkEncoder) -> None:
+def _init_worker(encoder: ChunkEncoder, parent: int) -> None:
     global _worker_encoder
     os.environ["TOKENIZERS_PARALLELISM"] = "false"   # the processes are the parallelism
+    _die_with(parent)
     _worker_encoder = encoder
+
+
+def _die_with(parent: int) -> None:
+    """Linux: this process gets SIGKILL when its parent ends, however it ends (no orphaned worker)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)       # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):                     # not Linux: the pool's own shutdown stands
+        return
+    if os.getppid() != parent:                            # the parent ended before the call
+        os._exit(1)
 
 
 def _encode_in_worker(chunk):
@@ -335,12 +386,15 @@ def _chunks(lines):
         yield chunk
 
 
-def encoded_documents(path, tokenizer, train_on: str = "assistant", workers: int = 0, preference: bool = False):
+def encoded_documents(path, tokenizer, train_on: str = "assistant", workers: int = 0, preference: bool = False,
+                      token_limit: int | None = None):
     """(line number, ids, labels, slow path?) of every record of a JSONL file in file order (``preference``: of
     every pair, with ids and labels lists [chosen, rejected]), encoded by ``workers`` processes (0: in this process,
     the tokenizer's batches threaded in Rust) with at most 2 chunks a worker in flight; slow path: the record's
-    assistant turns were found by rendering its prefixes (chat_shapes). The first bad line raises its error."""
-    encoder = ChunkEncoder(path, tokenizer, train_on, preference)
+    assistant turns were found by rendering its prefixes (chat_shapes). The first bad line raises its error. With
+    ``token_limit``, a record found longer without encoding it whole (encode.exceeds) gives (line number, None, a
+    lower bound on its tokens, False)."""
+    encoder = ChunkEncoder(path, tokenizer, train_on, preference, token_limit)
     chunks = _chunks(iter_lines(path))
 
     def results():
@@ -350,7 +404,7 @@ def encoded_documents(path, tokenizer, train_on: str = "assistant", workers: int
             return
         methods = multiprocessing.get_all_start_methods()
         context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-        with context.Pool(workers, initializer=_init_worker, initargs=(encoder,)) as pool:
+        with context.Pool(workers, initializer=_init_worker, initargs=(encoder, os.getpid())) as pool:
             pending = deque()
             for chunk in chunks:
                 pending.append(pool.apply_async(_encode_in_worker, (chunk,)))
@@ -361,7 +415,7 @@ def encoded_documents(path, tokenizer, train_on: str = "assistant", workers: int
 
     for result in results():
         for number, ids, labels, slow in result:
-            if ids is None:
+            if ids is None and isinstance(labels, str):
                 raise ValueError(labels)
             yield number, ids, labels, slow
 
@@ -390,22 +444,45 @@ class Prepared:
 def prepare(path, tokenizer, seq_len: int, pad_id: int, out_dir=None, *, train_on: str = "assistant",
             too_long: str = "drop", workers: int = 0, eval_fraction: float = 0.0, seed: int = 0,
             keep_examples: int = 0, preference: bool = False) -> Prepared:
-    """Streams a JSONL file into packed rows: row files in ``out_dir`` (train.rows, eval.rows), or only the
-    statistics when out_dir is None. ``eval_fraction`` of the records go to the eval rows. ``preference``: the
-    records are preference pairs (records.normalize_preference), each packed in one row (Packer.add_pair)."""
+    """Streams a JSONL file into packed rows: row files in ``out_dir`` (train.rows, eval.rows), unnamed temporary
+    files with ``out_dir=TEMPORARY``, or only the statistics when out_dir is None. ``eval_fraction`` of the
+    records go to the eval rows. ``preference``: the records are preference pairs (records.normalize_preference),
+    each packed in one row (Packer.add_pair)."""
     if not 0.0 <= eval_fraction < 1.0:
         raise ValueError(f"the eval split must be a fraction in [0, 1), got {eval_fraction}")
     splits = ["train", "eval"] if eval_fraction > 0 else ["train"]
     stats = {name: DataStats() for name in splits}
     packers = {name: Packer(seq_len, pad_id, too_long, stats[name]) for name in splits}
-    writers = {name: RowWriter(Path(out_dir) / f"{name}.rows", seq_len) for name in splits} if out_dir else {}
+    writers = ({name: RowWriter(None if out_dir == TEMPORARY else Path(out_dir) / f"{name}.rows", seq_len)
+                for name in splits} if out_dir else {})
+    try:
+        return _pack_file(path, tokenizer, seq_len, writers, packers, stats, splits, train_on=train_on,
+                          too_long=too_long, workers=workers, eval_fraction=eval_fraction, seed=seed,
+                          keep_examples=keep_examples, preference=preference, pad_id=pad_id)
+    except BaseException:
+        for writer in writers.values():
+            if writer.file is not None:      # unnamed temporaries go now, not when collected
+                writer.file.close()
+        raise
+
+
+def _pack_file(path, tokenizer, seq_len, writers, packers, stats, splits, *, train_on, too_long, workers,
+               eval_fraction, seed, keep_examples, preference, pad_id) -> Prepared:
     examples = []
     try:
         index = 0
-        for number, ids, labels, slow in encoded_documents(path, tokenizer, train_on, workers, preference):
+        limit = None if too_long == "truncate" else seq_len    # truncating needs the tokens
+        for number, ids, labels, slow in encoded_documents(path, tokenizer, train_on, workers, preference, limit):
             name = "eval" if eval_fraction and in_eval_split(index, eval_fraction, seed) else "train"
             index += 1
             stats[name].records += 1
+            if ids is None:        # found too long on a prefix: labels is a lower bound on its tokens
+                stats[name].too_long += 1
+                stats[name].longest = max(stats[name].longest, labels)
+                if too_long == "error":
+                    raise ValueError(f"{path}:{number} has more than {labels} tokens, more than --seq-len "
+                                     f"{seq_len}; raise --seq-len or choose --too-long drop or truncate")
+                continue
             stats[name].slow_path += slow
             if len(examples) < keep_examples:
                 examples.append((number, ids, labels))
@@ -429,8 +506,8 @@ def prepare(path, tokenizer, seq_len: int, pad_id: int, out_dir=None, *, train_o
             what = "no record" if stats[name].records == 0 else f"no trainable record of {stats[name].records}"
             raise ValueError(f"{path}: the {name} split has {what} (too long for --seq-len {seq_len}, or nothing "
                              "to train in them?)")
-    rows = {name: PackedRows(writers[name].path, seq_len, pad_id, stats[name].rows) if writers else None
-            for name in splits}
+    rows = {name: PackedRows(writers[name].path or writers[name].file, seq_len, pad_id, stats[name].rows)
+            if writers else None for name in splits}
     return Prepared(seq_len, rows["train"], rows.get("eval"), stats, examples)
 
 
