@@ -35,8 +35,8 @@ Known gaps:
 - the Hopper configs (plain pointer loads, no TMA descriptors or warp specialization) follow the Triton
   fused-attention tutorial and FA2 and were checked only statically (tests/test_attention.py builds them for
   sm_90 on a CPU machine: no spills, wgmma used), never timed: run
-  `python -m horizon_triton.kernels.autotune attention` on the GPU. hd256 is the least explored (the dkdv
-  default keeps a 24-byte stack frame; so does the hd128 forward with a window and no documents, 8 bytes).
+  `python -m horizon_triton.kernels.autotune attention` on the GPU. hd256 is the least explored: its dkdv
+  default runs mma.sync, not wgmma (DKDV_HD256_KEYS).
 - kernels launch on the current CUDA device; tensors on another device are not switched to.
 - stored configs are keyed by head dim, dtype and a sequence-length bucket, not by documents or window.
 - Triton's CPU interpreter gets bf16 tl.dot wrong, so when interpreting (UPCAST) the dot operands are upcast to
@@ -531,29 +531,50 @@ def _attn_bwd_dq(
 # ----------------------------------------------------------------------------------------------------------
 # Launch functions: configs, input checks, grids
 # ----------------------------------------------------------------------------------------------------------
-# Hopper candidates, swept by autotune(); BLOCK_M/BLOCK_N are the query/key tile of each kernel. The forward and
-# dq kernels step the diagonal in key blocks (BLOCK_M % BLOCK_N == 0), dkdv steps it in query blocks
-# (BLOCK_N % BLOCK_M == 0).
+# Hopper candidates (bf16), swept by autotune(); BLOCK_M/BLOCK_N are the query/key tile of each kernel. The forward
+# and dq kernels step the diagonal in key blocks (BLOCK_M % BLOCK_N == 0), dkdv steps it in query blocks
+# (BLOCK_N % BLOCK_M == 0). Each one compiles for sm_90a at head dim 128 with documents and a window (the heaviest
+# variant a stored config meets) without register spills, within an H100's 227 KB of shared memory, every dot a
+# wgmma (tests/test_attention.py); the lists were cut to those from a 99-config grid in which 30 spilled and the
+# forward's 128×128 tile with 4 stages needed 288 KB (the forward's 128×128 tiles and dkdv's 64×128 on 8 warps,
+# 64×64 and 32×64 on 4 also spill at hd128 with documents and a window).
 def _cfg(bm, bn, warps, stages):
     return {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps, "num_stages": stages}
 
 
-FWD_CONFIGS = [_cfg(bm, bn, w, s) for bm in (64, 128) for bn in (32, 64, 128) for w in (4, 8) for s in (2, 3, 4)
-               if bm % bn == 0 and not (bm * bn >= 128 * 128 and w == 4)]
-DKDV_CONFIGS = [_cfg(bm, bn, w, s) for bm in (16, 32, 64) for bn in (64, 128) for w in (4, 8) for s in (1, 2, 3)
-                if bn % bm == 0]
-DQ_CONFIGS = [_cfg(bm, bn, w, s) for bm in (64, 128) for bn in (16, 32, 64) for w in (4, 8) for s in (1, 2, 3)]
+def _cfg_label(cfg: dict) -> str:
+    return f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']} w{cfg['num_warps']} s{cfg['num_stages']}"
 
-# Defaults by head dim: Triton tutorial / FA2 shapes, kept where a CPU-side compile for sm_90 (triton.compile with
-# GPUTarget("cuda", 90, 32), resources from cuobjdump) showed no register spills with documents and window on.
-# Not timed: `python -m horizon_triton.kernels.autotune attention` on the GPU replaces them.
+
+FWD_CONFIGS = [_cfg(128, 64, 8, 2), _cfg(128, 64, 8, 3), _cfg(128, 32, 8, 3), _cfg(64, 64, 4, 2),
+               _cfg(64, 64, 4, 3), _cfg(64, 32, 4, 3)]
+DKDV_CONFIGS = [_cfg(32, 128, 8, 2), _cfg(32, 128, 8, 3), _cfg(16, 128, 8, 3), _cfg(16, 64, 4, 2)]
+DQ_CONFIGS = [_cfg(128, 64, 8, 2), _cfg(128, 64, 8, 3), _cfg(128, 32, 8, 2), _cfg(128, 32, 8, 3),
+              _cfg(64, 64, 4, 2), _cfg(64, 64, 4, 3), _cfg(64, 32, 4, 3)]
+
+# hd256's dkdv takes 32 keys a program: with the 64 a warpgroup MMA needs, its two fp32 [64, 256] accumulators
+# alone fill 128 registers a thread on 8 warps and it spills (48 B at 2 stages, more with 1 stage or 16 warps);
+# at 32 keys its dots are mma.sync, without spills.
+DKDV_HD256_KEYS = 32
+
+# Defaults by head dim (the tile width BLOCK_D) and dtype: Triton tutorial / FA2 shapes for bf16 and fp16. fp32
+# takes IEEE dots on the FMA units, whose operands live in registers: the bf16 tiles spill kilobytes there (and
+# take up to a minute each to compile), and even 32×32 tiles spilled in the unmasked (plain) variant at hd128, so
+# fp32 has 16×16 tiles of its own (exact mode: correctness, not speed; its forward unpipelined, which triton 3.9
+# compiles without spills where 2 stages spilled 8–24 B, and 8 warps 8 B). The hd128 bf16 forward has 2 stages: with 3, a window
+# without documents spilled 8 B under triton 3.9. Each default compiles for sm_90a with
+# documents and a window without spills (tests/test_attention.py). Not timed: `python -m
+# horizon_triton.kernels.autotune attention` on the GPU replaces the bf16 ones.
 _DEFAULTS = {
-    "attention_fwd": {32: _cfg(128, 64, 8, 3), 64: _cfg(128, 64, 8, 3), 128: _cfg(128, 64, 8, 3),
+    "attention_fwd": {32: _cfg(128, 64, 8, 3), 64: _cfg(128, 64, 8, 3), 128: _cfg(128, 64, 8, 2),
                       256: _cfg(128, 32, 8, 2)},
     "attention_bwd_dkdv": {32: _cfg(64, 128, 8, 3), 64: _cfg(64, 128, 8, 3), 128: _cfg(32, 128, 8, 3),
-                           256: _cfg(16, 64, 8, 2)},
+                           256: _cfg(16, DKDV_HD256_KEYS, 8, 2)},
     "attention_bwd_dq": {32: _cfg(128, 64, 8, 3), 64: _cfg(128, 64, 8, 3), 128: _cfg(128, 64, 8, 2),
                          256: _cfg(128, 32, 8, 2)},
+    "attention_fwd/fp32": dict.fromkeys((32, 64, 128, 256), _cfg(16, 16, 4, 1)),
+    "attention_bwd_dkdv/fp32": {**dict.fromkeys((32, 64, 128), _cfg(16, 16, 4, 2)), 256: _cfg(16, 16, 8, 1)},
+    "attention_bwd_dq/fp32": dict.fromkeys((32, 64, 128, 256), _cfg(16, 16, 4, 2)),
 }
 # Interpreter tiles. Short sequences (the tests) get small tiles, so every range (edge, full, diagonal, tail)
 # has several blocks and BLOCK_M ≠ BLOCK_N; longer ones (the engine on HORIZON_KERNELS=interpret) get 64×64 tiles,
@@ -575,8 +596,13 @@ def _block_d(D: int) -> int:
 def _config(kernel: str, S: int, D: int, dtype: torch.dtype) -> dict:
     if tuning.interpreting():
         return _INTERPRETER[kernel] if S <= _INTERPRETER_LONG_S else _cfg(64, 64, 4, 1)
-    default = _DEFAULTS[kernel][_block_d(D)]
-    return tuning.best_config(kernel, _shape_key(S, D, dtype), default)
+    return tuning.best_config(kernel, _shape_key(S, D, dtype), default_config(kernel, D, dtype))
+
+
+def default_config(kernel: str, D: int, dtype: torch.dtype) -> dict:
+    """The untuned Hopper config of ``kernel`` at head dim D: fp32's own (its IEEE dots hold fp32 tiles in
+    registers), the bf16 one for bf16 and fp16."""
+    return _DEFAULTS[kernel if dtype != torch.float32 else f"{kernel}/fp32"][_block_d(D)]
 
 
 def _check_inputs(q, k, v, doc_ids, sliding_window) -> tuple[int, int, int, int, int]:

@@ -571,12 +571,26 @@ def cross_entropy_chunk_backward(h: torch.Tensor, weight: torch.Tensor, targets:
 # ----------------------------------------------------------------------------------------------------------
 # Autotuning (GPU only; python -m horizon_triton.kernels.autotune cross_entropy)
 # ----------------------------------------------------------------------------------------------------------
+# Hopper candidates for the three GEMMs (bf16) and cuBLAS; each Triton one compiles for sm_90a without register
+# spills, within an H100's 227 KB of shared memory, its dot a wgmma (tests/test_cross_entropy.py).
 _GEMM_CANDIDATES = [
     dict(impl="triton", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=w, num_stages=s)
     for bm, bn, bk, w, s in [(128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 8, 4),
                              (128, 128, 64, 4, 4), (128, 128, 128, 8, 3), (64, 256, 64, 4, 4),
                              (128, 64, 64, 4, 4)]
 ] + [_TORCH]
+
+
+def gemm_candidates(role: str) -> list[dict]:
+    """_GEMM_CANDIDATES for one GEMM role ("logits", "dh", "dw"). dW's epilogue also holds the fp32 tile of
+    d_weight it adds to: its accumulator may take at most 64 registers a thread (128×128 or 64×256 on 4 warps
+    spill on sm_90a)."""
+    if role == "dw":
+        return [c for c in _GEMM_CANDIDATES
+                if c["impl"] == "torch" or c["BLOCK_M"] * c["BLOCK_N"] <= 64 * 32 * c["num_warps"]]
+    return _GEMM_CANDIDATES
+
+
 _ROW_CANDIDATES = [dict(BLOCK_V=bv, num_warps=w) for bv in (1024, 2048, 4096, 8192) for w in (4, 8, 16)]
 AUTOTUNE_DEVICE = "cuda"   # the tests point it at the CPU interpreter to dry-run the sweep
 CHECK_TOKENS = 300         # tokens of the correctness check each candidate passes before it is timed
@@ -629,12 +643,12 @@ def autotune(shape: dict | None = None) -> list[dict]:
             def pick(role, candidates, run):   # candidates for one role, checked with the rest of cfg so far
                 check = lambda c: check_error({**cfg, role: c}, H, V, dev, CHECK_TOKENS)  # noqa: E731
                 cfg[role] = sweep.fastest(f"cross_entropy {role} (C={chunk})", candidates, run, check, tol=1.0)[0]
-            pick("logits", _GEMM_CANDIDATES, lambda c: _logits(hc, weight, logits, c))
+            pick("logits", gemm_candidates("logits"), lambda c: _logits(hc, weight, logits, c))
             # logits must hold finite values for the row kernel; g stays finite when rerun in place
             stats = _logits(hc, weight, logits, cfg["logits"])
             pick("row", _ROW_CANDIDATES, lambda c: _softmax_grad_(logits, targets[:n], loss_rows, 1.0 / T, c, stats))
-            pick("dh", _GEMM_CANDIDATES, lambda c: _matmul(logits, weight, dh, c))
-            pick("dw", _GEMM_CANDIDATES, lambda c: _matmul(logits.t(), hc, d_weight, c, accumulate=True))
+            pick("dh", gemm_candidates("dh"), lambda c: _matmul(logits, weight, dh, c))
+            pick("dw", gemm_candidates("dw"), lambda c: _matmul(logits.t(), hc, d_weight, c, accumulate=True))
             del logits
             ms = tuning.time_ms(lambda: _run(h, weight, targets, d_weight, 1.0 / T, chunk, cfg), warmup=2, rep=10)
             tuning.store_config(KERNEL, shape_key(dtype, H, V, chunk), cfg)

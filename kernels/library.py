@@ -19,8 +19,8 @@ Supported range of the flash path: CUDA, bf16/fp16, head_dim ≤ 256 and a multi
 contiguous run of its row (packed documents, left or right padding: what Engine.prepare builds). Anything else
 on CUDA — fp32 (exact mode), other head dims, a document cut in two by a masked token — takes the reference
 attention (O(S²) memory: small shapes only).
-Known gaps: cu_seqlens and the longest segment are computed once per doc_ids tensor with one host sync (cached
-for the layers that share it); cuBLAS may use reduced-precision split-K reductions for bf16 unless
+Known gaps: cu_seqlens and the longest segment are computed once per doc_ids tensor on a host copy of it (one
+host sync, cached for the layers that share it); cuBLAS may use reduced-precision split-K reductions for bf16 unless
 ``torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction`` is False.
 
 On CPU the same segment layout runs through aten's CPU flash attention (``_cpu_flash_forward`` /
@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import weakref
 
+import numpy
 import torch
 
 from . import reference
@@ -65,17 +66,19 @@ def varlen_layout(doc_ids: torch.Tensor | None, B: int, S: int, device) -> tuple
         return cached[1]
     if doc_ids.shape != (B, S):
         raise ValueError(f"attention: doc_ids shape {tuple(doc_ids.shape)} != (B, S) = {(B, S)}")
-    starts = torch.ones(B, S, dtype=torch.bool, device=doc_ids.device)
-    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]                # a row's first token starts a segment too
-    ordered = doc_ids.sort(dim=1).values
+    # sync, the only one: the segment boundaries and the longest segment are launch arguments of the varlen
+    # kernel, so they are worked out on a host copy (B·S ints, 128 KB at 32K tokens) rather than on the device
+    # with a host read for each (the check, the boundary count, the longest segment)
+    docs = doc_ids.cpu().numpy()
+    starts = numpy.ones((B, S), dtype=bool)
+    starts[:, 1:] = docs[:, 1:] != docs[:, :-1]                      # a row's first token starts a segment too
+    ordered = numpy.sort(docs, axis=1)
     documents = (ordered[:, 1:] != ordered[:, :-1]).sum(1) + 1
-    # sync: the segment boundaries and the longest segment are launch arguments of the varlen kernel
-    if bool((starts.sum(1) != documents).any()):                     # more runs than documents: one is cut
+    if (starts.sum(1) != documents).any():                          # more runs than documents: one is cut
         layout = None
     else:
-        cu = torch.cat((starts.reshape(-1).nonzero().reshape(-1),
-                        torch.tensor([B * S], device=doc_ids.device))).to(torch.int32)
-        layout = cu, int((cu[1:] - cu[:-1]).max())
+        cu_host = numpy.append(numpy.flatnonzero(starts), B * S).astype(numpy.int32)
+        layout = torch.from_numpy(cu_host).to(device), int(numpy.diff(cu_host).max())
     if len(_layouts) > 64:                                           # only the live micro-batches matter
         _layouts.clear()
     _layouts[id(doc_ids)] = (weakref.ref(doc_ids), layout)

@@ -304,12 +304,25 @@ DEFAULT_SHAPES = [                  # the engine's micro-batches: 32K tokens (an
     dict(T=32768, H=8192, N=10240),                              # Llama-3-70B qkv (64 + 2·8 heads × 128)
     dict(T=32768, H=8192, N=57344),                              # Llama-3-70B gate_up (2 × 28672)
 ]
-CANDIDATES = [
-    {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "num_warps": w, "num_stages": s}
-    for bm in (64, 128) for bn in (64, 128, 256) for bk in (32, 64) for w in (4, 8) for s in (3, 4)
-    if not (bm * bn >= 128 * 256 and w == 4)   # a 128×256 fp32 accumulator needs 8 warps
-    and not (bn == 256 and bk == 64 and s == 4)  # over Hopper's 228 KB of shared memory
-]
+def _tile(bm, bn, bk, warps, stages):
+    return {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "num_warps": warps, "num_stages": stages}
+
+
+# Hopper candidates per GEMM (bf16), each compiled for sm_90a without register spills, within an H100's 227 KB
+# of shared memory, its dot a wgmma (tests/test_rmsnorm_matmul.py); cut from a 41-tile grid whose larger tiles
+# spilled or overflowed shared memory.
+CANDIDATES = [_tile(128, 256, 64, 8, 3), _tile(128, 256, 32, 8, 4), _tile(128, 128, 64, 8, 3),
+              _tile(128, 128, 64, 8, 4), _tile(128, 128, 32, 8, 4), _tile(128, 128, 64, 4, 3),
+              _tile(64, 256, 64, 4, 3), _tile(128, 64, 64, 4, 4), _tile(64, 128, 64, 4, 4)]
+
+
+def gemm_candidates(kernel: str) -> list[dict]:
+    """CANDIDATES for one GEMM. The dW GEMM recomputes the normalized xnᵀ tile as its A operand in registers:
+    its fp32 accumulator may take at most 64 registers a thread (128×256 on 8 warps, 128×128 or 64×256 on 4
+    spill on sm_90a)."""
+    if kernel == "rmsnorm_matmul_dw":
+        return [c for c in CANDIDATES if c["BLOCK_M"] * c["BLOCK_N"] <= 64 * 32 * c["num_warps"]]
+    return CANDIDATES
 
 
 def autotune(shape: dict | None = None) -> list[dict]:
@@ -346,7 +359,8 @@ def autotune(shape: dict | None = None) -> list[dict]:
         }
         key = _shape_key(T, N, H, dtype)
         for name, (mn, kernel, args, check) in gemms.items():
-            cfg, ms = sweep.fastest(name, CANDIDATES, lambda c: _launch_gemm(kernel, mn, c, args, dtype), check)
+            cfg, ms = sweep.fastest(name, gemm_candidates(name), lambda c: _launch_gemm(kernel, mn, c, args, dtype),
+                                    check)
             tuning.store_config(name, key, cfg)
             out.append(dict(shape=dict(kernel=name, T=T, H=H, N=N, dtype="bf16"), config=cfg, ms=ms,
                             throughput=f"{2 * T * N * H / ms / 1e9:.0f} TFLOPS (2·T·N·H flops)"))

@@ -1,27 +1,29 @@
 """The one prepared GPU check: everything a first session on one H100/H200 must measure, in under 8 minutes.
 
-    bash perf/gpu_check.sh OUT_DIR [--parts NAMES] [--quick] [--budget-s 470] [--list]
+    bash perf/gpu_check.sh OUT_DIR [--parts NAMES] [--quick] [--budget-s 440] [--list]
 
-Parts (the letters are sections; ``--parts`` takes part names or letters, comma-separated):
-    a  the compiled kernel tests (TRITON_INTERPRET=0 pytest, a fast subset of tests/test_<family>.py) and
-       tests/test_engine_cuda.py (the engine on CUDA against the CPU torch path)
-    b  each kernel against cuBLAS / torch SDPA at the engine's real shapes (perf/gpu_parts.py)
-    c  host -> device bandwidth: the scheduler's stream_in against a plain pinned copy
-    d  the CPU AdamW (kernels/cpu_adam.py) on this machine's cores
+Parts, in the order they run (the letters are sections; ``--parts`` takes part names or letters, comma-separated):
     e  engine steps at Llama-3-8B and Llama-3-70B layer widths, real vocabulary, for our kernels
        (HORIZON_KERNELS=triton) and the library path (HORIZON_KERNELS=torch) side by side
+    b  each kernel against cuBLAS / torch SDPA at the engine's real shapes (perf/gpu_parts.py)
+    c  host -> device bandwidth: the scheduler's stream_in against a plain pinned copy
+    a  the compiled kernel tests (TRITON_INTERPRET=0 pytest: one bf16 reference check per family), then, in the
+       time earlier parts left, the library/canary tests and tests/test_engine_cuda.py
+    d  (in the time left) the CPU AdamW (kernels/cpu_adam.py) on this machine's cores
 
 Every part runs in a child process of its own under a time box (its budget, and never past the whole run's
 budget), so a part that fails, hangs or runs out of memory is reported and the others still run. Parts that need
-a GPU are skipped, with the reason, where none is visible. The run ends with a summary table on stdout and
-writes OUT_DIR/gpu_check.md (ready to append to perf/RESULTS.md), OUT_DIR/gpu_check.json (every figure) and
-OUT_DIR/gpu_check.log (every child's output). Exit status 1 when a part failed, else 0.
+a GPU are skipped, with the reason, where none is visible; the pytest parts, where pytest is not installed.
+OUT_DIR/gpu_check.json (every figure) and OUT_DIR/gpu_check.md (ready to append to perf/RESULTS.md) are rewritten
+after every part, so a run killed at any point keeps what it measured; OUT_DIR/gpu_check.log has every child's
+output. The run ends with a summary table on stdout. Exit status 1 when a part failed, else 0.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
 import importlib.metadata
+import importlib.util
 import json
 import os
 import platform
@@ -40,7 +42,14 @@ sys.path.insert(0, str(HERE))
 from bench import commit  # noqa: E402
 
 TAIL_LINES = 30                  # lines of a failed child's output kept in the results
-KERNEL_TEST_SELECTION = "not autotune and not hopper and not reference_"   # -k: compiled kernels, no sweeps
+# one bf16 reference check per family, on shapes that exercise every mask (odd sizes, documents, a window): the
+# whole "matches_reference" selection compiles 170 specializations (compile_counts.py), ~6 minutes cold
+KERNEL_TESTS = ("tests/test_attention.py::test_matches_reference[hd128-docs-window-bf16]",
+                "tests/test_cross_entropy.py::test_kernel_matches_reference[77-48-301-32-ignore0-bf16]",
+                "tests/test_rmsnorm_matmul.py::test_kernel_matches_reference[37-100-130-dtype1]",
+                "tests/test_rmsnorm.py::test_kernel_matches_reference[(37, 100)-dtype1]",
+                "tests/test_swiglu.py::test_kernel_matches_reference[37-130-dtype1]",
+                "tests/test_rope.py::test_kernel_matches_reference[forward-37-5-72-dtype1]")
 CHILD_DEFAULTS = {"TRITON_INTERPRET": "0"}          # compiled kernels; HORIZON_KERNELS only where a part sets it
 PYTEST_OUTCOME = re.compile(r"^(\S+?\.py)::(.+?) (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b")  # ids may hold spaces
 
@@ -56,47 +65,61 @@ class Part:
     needs_gpu: bool = True
     pytest: bool = False
     without_gpu: str = ""        # why it cannot run without a GPU, and what covers it there
+    extra: bool = False          # past the 400 s of boxes: runs in the time earlier parts left unused
+    compiles: str = ""           # the kernel specializations it compiles, as counted (COMPILES_*)
 
+
+
+# Kernel specializations a part compiles, counted on a CPU with perf/compile_counts.py (the same launches in
+# Triton's interpreter, keyed as the JIT keys them); on a cold GPU machine each costs 1-3 s (far more where a
+# kernel spills). A part's box is its start-up (python, torch and CUDA: ~10 s), those compiles at ~2 s and its work.
+COMPILES_CANARY = ("20 at start-up (`compile_counts.py engine --canary-only`, hd128 bf16), about as many in the "
+                   "first step")
+COMPILES_KERNEL_TESTS = "21 (`compile_counts.py pytest <KERNEL_TESTS>`)"
 
 
 def all_parts(quick: bool) -> list[Part]:
+    """The parts in the order they run, what a short window must not miss first: engine steps at real widths for
+    both backends, each kernel against the library, the host link, the compiled kernel tests. Their boxes add up
+    to 400 s of an 8-minute window (start-up and the install take the rest); the parts after those (``extra``)
+    run in what earlier parts left unused. A box is start-up (python, torch, CUDA: ~10 s), the part's compiles
+    (COMPILES_*, ~2 s each cold) and its own work."""
     py = sys.executable
-    interpreted = ("compiled kernels need one; without it `python -m pytest tests` runs these tests in Triton's "
-                   "interpreter")
+    measure = lambda name: (py, str(HERE / "gpu_parts.py"), name) + (("--quick",) if quick else ())  # noqa: E731
     timed = "GPU kernel timings need one"
     parts = []
-    for family, budget in (("attention", 24), ("cross_entropy", 16), ("rmsnorm", 10), ("rmsnorm_matmul", 14),
-                           ("swiglu", 8), ("rope", 10)):
-        parts.append(Part(f"kernel_tests_{family}", "a", f"compiled kernel tests: tests/test_{family}.py (subset)",
-                          budget, (py, "-m", "pytest", f"tests/test_{family}.py", "-m", "not slow",
-                                   "-k", KERNEL_TEST_SELECTION), pytest=True, without_gpu=interpreted))
-    parts.append(Part("library_and_canary_tests", "a", "the library path, the weight-gradient GEMM and the canary "
-                      "on CUDA", 20, (py, "-m", "pytest", "tests/test_library.py", "tests/test_weight_gradient_gemm.py",
-                                      "tests/test_kernel_dispatch.py", "-k", "cuda or canary or library"),
-                      pytest=True, without_gpu="their CUDA cases need one; their CPU twins run in the suite"))
-    parts.append(Part("engine_cuda_tests", "a", "tests/test_engine_cuda.py: the engine on CUDA vs the CPU path", 50,
-                      (py, "-m", "pytest", "tests/test_engine_cuda.py"), pytest=True,
-                      without_gpu="the CUDA device needs one; tests/test_scheduler.py races the same scheduler on CPU"))
-    measure = lambda name: (py, str(HERE / "gpu_parts.py"), name) + (("--quick",) if quick else ())  # noqa: E731
-    parts += [
-        Part("attention", "b", "flash attention vs SDPA, hd128 4K/8K causal GQA, fwd+bwd", 29, measure("attention"),
-             without_gpu=timed),
-        Part("rmsnorm_matmul", "b", "rmsnorm+matmul vs cuBLAS on the pre-normalized input, H 4096/8192", 30,
-             measure("rmsnorm_matmul"), without_gpu=timed),
-        Part("cross_entropy", "b", "fused linear cross-entropy vs its GEMMs, H 4096/8192, V 128K/152K", 30,
-             measure("cross_entropy"), without_gpu=timed),
-        Part("host_to_device", "c", "stream_in vs a plain pinned copy (GB/s)", 12, measure("host_to_device"),
-             without_gpu="a host -> device copy needs a device"),
-        Part("cpu_adam", "d", "CPU AdamW (adamw_step_) on this machine's cores", 15, measure("cpu_adam"),
-             needs_gpu=False),
-    ]
-    for workload, what, budgets in (("8b", "Llama-3-8B width, 4 layers, 32K tokens/step", (55, 45)),
-                                    ("70b", "Llama-3-70B layer width, 2 layers (tied), 16K tokens/step", (56, 46))):
+    for workload, what, budgets in (("8b", "Llama-3-8B width, 4 layers, 32K tokens/step", (85, 50)),
+                                    ("70b", "Llama-3-70B layer width, 2 layers (tied), 16K tokens/step", (85, 50))):
         for kernels, budget in zip(("triton", "torch"), budgets):
             parts.append(Part(f"engine_{workload}_{kernels}", "e", f"engine: {what}, HORIZON_KERNELS={kernels}",
                               budget, measure(f"engine_{workload}"), {"HORIZON_KERNELS": kernels},
+                              compiles=COMPILES_CANARY if kernels == "triton" else "none of ours",
                               without_gpu=f"real widths need one; `python perf/gpu_parts.py engine_{workload} --quick "
                                           "--device cpu --result FILE` runs this part's code on a toy model"))
+    parts += [
+        Part("attention", "b", "flash attention vs SDPA, hd128 4K/8K causal GQA, fwd+bwd", 25, measure("attention"),
+             without_gpu=timed),
+        Part("rmsnorm_matmul", "b", "rmsnorm+matmul vs cuBLAS on the pre-normalized input, H 4096/8192", 20,
+             measure("rmsnorm_matmul"), without_gpu=timed),
+        Part("cross_entropy", "b", "fused linear cross-entropy vs its GEMMs, H 4096/8192, V 128K/152K", 20,
+             measure("cross_entropy"), without_gpu=timed),
+        Part("host_to_device", "c", "stream_in vs a plain pinned copy (GB/s)", 10, measure("host_to_device"),
+             without_gpu="a host -> device copy needs a device"),
+        Part("kernel_tests", "a", "compiled kernel tests: one bf16 reference check per family (every mask)",
+             55, (py, "-m", "pytest", *KERNEL_TESTS),
+             pytest=True, compiles=COMPILES_KERNEL_TESTS,
+             without_gpu="compiled kernels need one; without it `python -m pytest tests` runs these tests in "
+                         "Triton's interpreter"),
+        Part("library_and_canary_tests", "a", "the library path, the weight-gradient GEMM and the canary on CUDA",
+             20, (py, "-m", "pytest", "tests/test_library.py", "tests/test_weight_gradient_gemm.py",
+                  "tests/test_kernel_dispatch.py", "-k", "cuda or canary or library"), pytest=True, extra=True,
+             without_gpu="their CUDA cases need one; their CPU twins run in the suite"),
+        Part("engine_cuda_tests", "a", "tests/test_engine_cuda.py: the engine on CUDA vs the CPU path", 40,
+             (py, "-m", "pytest", "tests/test_engine_cuda.py"), pytest=True, extra=True,
+             without_gpu="the CUDA device needs one; tests/test_scheduler.py races the same scheduler on CPU"),
+        Part("cpu_adam", "d", "CPU AdamW (adamw_step_) on this machine's cores", 20, measure("cpu_adam"),
+             needs_gpu=False, extra=True),
+    ]
     return parts
 
 
@@ -154,9 +177,13 @@ def pytest_outcomes(text: str) -> dict:
 def run_part(part: Part, gpu: bool, remaining_s: float, log, min_s: float = 5.0) -> dict:
     """Runs one part and returns its record: status ok / failed (with the error tail) / skipped (with the reason)."""
     record = dict(name=part.name, section=part.section, what=part.what, budget_s=part.budget_s,
-                  env=part.env)
+                  env=part.env, **({"compiles": part.compiles} if part.compiles else {}))
     if part.needs_gpu and not gpu:
         return dict(record, status="skipped", seconds=0.0, reason=f"no CUDA GPU visible: {part.without_gpu}")
+    if part.pytest and importlib.util.find_spec("pytest") is None:
+        return dict(record, status="skipped", seconds=0.0,
+                    reason=f"pytest is not installed for {sys.executable} (`{sys.executable} -m pip install pytest` "
+                           "adds it); the other parts ran")
     if remaining_s < min_s:
         return dict(record, status="skipped", seconds=0.0,
                     reason=f"the whole run's budget is spent ({remaining_s:.0f} s left)")
@@ -236,11 +263,16 @@ def markdown(report: dict) -> str:
         if p["status"] == "failed" and p.get("summary"):
             result = f"{p['reason']}; {p['summary']}"
         lines.append(f"| {p['name']} | {_cell(p['what'])} | {p['status']} | {p['seconds']:.0f} | {_cell(result)} |")
+    if report.get("not_run_yet"):
+        lines += ["", f"Not run yet (the run is still going, or was stopped): {', '.join(report['not_run_yet'])}."]
     lines += engine_table(report["parts"])
     for p in report["parts"]:
         if p["status"] == "skipped":
             continue
-        lines += ["", f"### {p['name']}: {p['status']} ({p['seconds']:.0f} s)", ""]
+        box = f" of a {p['budget_s']} s box" if p.get("budget_s") else ""
+        lines += ["", f"### {p['name']}: {p['status']} ({p['seconds']:.0f} s{box})", ""]
+        if p.get("compiles"):
+            lines.append(f"- kernel specializations it compiles (counted on a CPU): {p['compiles']}")
         figures = p.get("figures", {})
         lines += [f"- {k}: {_cell(val)}" for k, val in figures.items() if k != "counts" or not p.get("summary")]
         rows = p.get("rows") or []
@@ -288,15 +320,16 @@ def main(argv=None) -> int:
     parser.add_argument("out_dir", nargs="?", help="where gpu_check.md, gpu_check.json and gpu_check.log go")
     parser.add_argument("--parts", help="comma-separated part names or section letters (default: all)")
     parser.add_argument("--quick", action="store_true", help="small shapes everywhere (a smoke test)")
-    parser.add_argument("--budget-s", type=float, default=470.0, help="the whole run's time budget (seconds)")
+    parser.add_argument("--budget-s", type=float, default=440.0, help="the whole run's time budget (seconds)")
     parser.add_argument("--list", action="store_true", help="list the parts and their time boxes, run nothing")
     args = parser.parse_args(argv)
     parts = select(all_parts(args.quick), args.parts)
     if args.list:
         for p in parts:
-            print(f"{p.section}  {p.name:<26} {p.budget_s:>4} s  {p.what}")
-        print(f"sum of time boxes: {sum(p.budget_s for p in parts)} s "
-              f"(the run stops at --budget-s {args.budget_s:.0f})")
+            print(f"{p.section}  {p.name:<26} {p.budget_s:>4} s  {p.what}"
+                  + (f" [compiles: {p.compiles}]" if p.compiles else ""))
+        print(f"sum of time boxes: {sum(p.budget_s for p in parts if not p.extra)} s, then the extras in what is "
+              f"left of it (the run stops at --budget-s {args.budget_s:.0f})")
         return 0
     if not args.out_dir:
         parser.error("OUT_DIR is required (unless --list)")
@@ -312,19 +345,35 @@ def main(argv=None) -> int:
     if not report["environment"]["code_is_this_checkout"]:
         print(f"gpu_check: WARNING: horizon_triton is imported from {report['environment']['code_from']}, not from "
               f"{ROOT}; `pip install --no-deps --no-build-isolation -e .` here measures this checkout", flush=True)
+    # main parts get their boxes; the extras only what the main parts left unused of theirs
+    main_total = sum(p.budget_s for p in parts if not p.extra) or sum(p.budget_s for p in parts)
+    write_results(out, report, start, pending=parts)
     with open(out / "gpu_check.log", "w") as log:
-        for part in parts:
-            remaining = args.budget_s - (time.perf_counter() - start)
+        for i, part in enumerate(parts):
+            elapsed = time.perf_counter() - start
+            remaining = args.budget_s - elapsed
+            if part.extra:
+                remaining = min(remaining, main_total - elapsed)
             record = run_part(part, gpu, remaining, log)
             report["parts"].append(record)
+            write_results(out, report, start, pending=parts[i + 1:])    # a killed run keeps what it measured
             print(f"[{time.perf_counter() - start:5.0f} s] {part.name}: {record['status']}"
                   f"{' - ' + record['reason'] if record.get('reason') else ''}", flush=True)
-    report["wall_s"] = round(time.perf_counter() - start, 1)
-    (out / "gpu_check.json").write_text(json.dumps(report, indent=1, default=str, ensure_ascii=False))
-    (out / "gpu_check.md").write_text(markdown(report))
     print("\n" + summary_table(report))
     print(f"\nwrote {out / 'gpu_check.md'}, {out / 'gpu_check.json'}, {out / 'gpu_check.log'}")
     return 1 if any(p["status"] == "failed" for p in report["parts"]) else 0
+
+
+def write_results(out: Path, report: dict, start: float, pending: list[Part]) -> None:
+    """gpu_check.json and gpu_check.md as they stand, the parts not run yet listed: rewritten after every part,
+    each file replaced whole (a reader never sees half of one)."""
+    report["wall_s"] = round(time.perf_counter() - start, 1)
+    report["not_run_yet"] = [p.name for p in pending]
+    for name, text in (("gpu_check.json", json.dumps(report, indent=1, default=str, ensure_ascii=False)),
+                       ("gpu_check.md", markdown(report))):
+        tmp = out / (name + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(out / name)
 
 
 if __name__ == "__main__":

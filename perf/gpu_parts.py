@@ -315,7 +315,7 @@ def engine(quick: bool, workload: str, device: str = "cuda") -> dict:
     peak = peak_tflops(torch.cuda.get_device_name()) if device == "cuda" else None
     last = history[-1]
     figures = dict(
-        kernels=eng.kernel_backend, model=_describe(cfg), parameters=cfg.num_parameters(), tokens_per_step=tokens,
+        kernels=eng.kernel_backend, ops_ran=_ops_ran(eng.kernel_report), model=_describe(cfg), parameters=cfg.num_parameters(), tokens_per_step=tokens,
         batch=batch, seq=seq, measured_steps=steps, build_s=round(build_s, 1), warmup_step_s=round(warmup_s, 1),
         step_s=_sig(step_s), step_times_s=[_sig(h["time_s"]) for h in history],
         tokens_per_s=round(tokens / step_s), tflops_model=_sig(model / step_s / 1e12),
@@ -340,6 +340,14 @@ def engine(quick: bool, workload: str, device: str = "cuda") -> dict:
                         f"({f['tflops_6pt']} 6PT), busy {f['compute_busy']}, adamw {f['optimizer_s_per_step']} s/step, "
                         f"peak {f['device_allocator_peak_GiB']} GiB",
                 figures=figures)
+
+
+def _ops_ran(kernel_report: dict) -> dict:
+    """{what ran: [ops]}: "triton", "library (why the canary replaced it)", "reference", ..."""
+    ran = {}
+    for op, path in kernel_report.items():
+        ran.setdefault(path, []).append(op)
+    return ran
 
 
 def _fresh_tracer(eng) -> None:

@@ -142,14 +142,14 @@ def run_rank_on_nodes(rank: int, out_dir: str, spec: dict, per_node: int) -> Non
     run_rank(rank, out_dir, spec)
 
 
-def reduce_shards(rank: int, out_dir: str, per_node: int) -> None:
+def reduce_shards(rank: int, out_dir: str, per_node: int, cuts: list[int]) -> None:
     """The CUDA path's sharded reduction (reduce-scatter in the node, all-reduce across nodes) run on gloo:
-    rank r's tensor is (r + 1)·[0, 1, …, 9]; each local rank keeps its uneven shard of the sum."""
+    rank r's tensor is (r + 1)·[0, 1, …, 9]; each local rank keeps its shard of the sum (``cuts`` on one node)."""
     os.environ.update(GROUP_RANK=str(rank // per_node), LOCAL_RANK=str(rank % per_node),
                       LOCAL_WORLD_SIZE=str(per_node))
     ctx = distributed.context("cpu")
     t = torch.arange(10, dtype=torch.float32) * (rank + 1)
-    cuts = [0, 3, 10] if per_node == 2 else [0, 10]
+    cuts = cuts if per_node == 2 else [0, 10]
     shards = [t[a:b] for a, b in zip(cuts, cuts[1:])]
     ctx.reduce_gradient(t, asynchronous=True, shards=shards).wait()
     torch.save(shards[ctx.local_rank].clone(), Path(out_dir) / f"shard{rank}.pt")

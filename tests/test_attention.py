@@ -6,8 +6,8 @@ plain-PyTorch way in the input dtype, the kernel passes when |o − o32| ≤ 2·
 dv, with autograd through the low-precision reference).
 
 On a GPU machine `TRITON_INTERPRET=0 pytest tests/test_attention.py` runs the same checks on compiled kernels.
-Without one, test_compiles_for_hopper_without_spills still builds the kernels for sm_90 (the interpreter runs
-them as Python and would accept code the compiler rejects)."""
+Without one, test_defaults_compile_for_hopper_without_spills and test_autotune_candidates_compile_for_hopper still
+build the kernels for sm_90a (the interpreter runs them as Python and would accept code the compiler rejects)."""
 import json
 import math
 
@@ -296,17 +296,20 @@ def test_autotune_sweeps_stores_and_reports(dev, monkeypatch, tmp_path, capsys):
 # compiler accepts them or whether they spill. A child process without TRITON_INTERPRET compiles them for sm_90
 # (tests/hopper_compile.py).
 # ----------------------------------------------------------------------------------------------------------
-def _compile_sm90(kernel: str, D: int, docs: bool, window: bool, group: int = 4) -> dict:
-    """One kernel for sm_90a with its default config, bf16 and unit head-dim strides, as the launcher would."""
+def _compile_sm90(kernel: str, D: int, docs: bool, window: bool, dtype: str = "bf16", cfg: dict | None = None,
+                  group: int = 4) -> dict:
+    """One kernel for sm_90a in ``dtype`` ("bf16" or "fp32") with ``cfg`` (default: the launcher's default for
+    that dtype and head dim) and unit head-dim strides, as the launcher would."""
     from hopper_compile import compile_sm90
     fn, act_ptrs, row_ptrs = {  # kernel → (jit function, its pointers to activations, its pointers to fp32 rows)
         "attention_fwd": (A._attn_fwd, ("Q", "K", "V", "O"), ("LSE",)),
         "attention_bwd_dkdv": (A._attn_bwd_dkdv, ("Q", "K", "V", "DO", "DK", "DV"), ("LSE", "DELTA")),
         "attention_bwd_dq": (A._attn_bwd_dq, ("Q", "K", "V", "DO", "DQ"), ("LSE", "DELTA")),
     }[kernel]
-    cfg = A._DEFAULTS[kernel][A._block_d(D)]
+    torch_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+    cfg = cfg or A.default_config(kernel, D, torch_dtype)
     constexprs = dict(GROUP=group, HEAD_DIM=D, BLOCK_D=A._block_d(D), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-                      HAS_DOCS=docs, HAS_WINDOW=window, UPCAST=False, PRECISION="tf32")
+                      HAS_DOCS=docs, HAS_WINDOW=window, UPCAST=False, PRECISION=A._precision(torch_dtype))
     types, aligned = {}, []
     for name in fn.arg_names:
         if name == "DOC" and not docs:
@@ -315,26 +318,58 @@ def _compile_sm90(kernel: str, D: int, docs: bool, window: bool, group: int = 4)
             constexprs[name] = 1                                       # head-dim strides are 1: specialized
         if name in constexprs:
             continue
-        types[name] = ("*bf16" if name in act_ptrs else "*fp32" if name in row_ptrs else "*i32" if name == "DOC"
+        types[name] = (f"*{dtype}" if name in act_ptrs else "*fp32" if name in row_ptrs else "*i32" if name == "DOC"
                        else "fp32" if name in ("qk_scale", "scale") else "i32")
         if types[name].startswith("*") or name.startswith("stride_") or name == "seq_len":
             aligned.append(name)                                       # what Triton infers for aligned tensors
     return compile_sm90(fn, types, constexprs, cfg["num_warps"], cfg["num_stages"], aligned)
 
 
+_VARIANTS = {"plain": (False, False), "docs": (True, False), "window": (False, True), "docs+window": (True, True)}
+_KERNELS = ("attention_fwd", "attention_bwd_dkdv", "attention_bwd_dq")
+
+
 def _hopper_report() -> dict:
-    """The child process of test_compiles_for_hopper_without_spills."""
-    return {f"{k} D{D} {'docs+window' if extra else 'plain'}": _compile_sm90(k, D, extra, extra)
-            for k in ("attention_fwd", "attention_bwd_dkdv", "attention_bwd_dq")
-            for D, extra in ((128, True), (128, False), (96, False))}
+    """The child process of test_defaults_compile_for_hopper_without_spills: every default config. bf16 at the
+    engine's head dims (64, 128) in all four variants, at the tests' (32, 96, 256) with documents and a window;
+    fp32 at each tile width plain and with documents and a window (the plain loop pipelines differently: at
+    hd128 it spilled where the masked one did not)."""
+    jobs = [("bf16", D, v) for D in (64, 128) for v in _VARIANTS]
+    jobs += [("bf16", D, "docs+window") for D in (32, 96, 256)]
+    jobs += [("fp32", D, v) for D in (32, 64, 128, 256) for v in ("plain", "docs+window")]
+    return {f"{k} {dtype} D{D} {v}": _compile_sm90(k, D, *_VARIANTS[v], dtype)
+            for dtype, D, v in jobs for k in _KERNELS}
+
+
+def _hopper_candidates_report() -> dict:
+    """The child process of test_autotune_candidates_compile_for_hopper: every candidate autotune sweeps (bf16),
+    at head dim 128 (the widest it sweeps) with documents and a window (the heaviest variant a stored config
+    meets)."""
+    lists = {"attention_fwd": A.FWD_CONFIGS, "attention_bwd_dkdv": A.DKDV_CONFIGS, "attention_bwd_dq": A.DQ_CONFIGS}
+    return {f"{k} bf16 D128 docs+window {A._cfg_label(cfg)}": _compile_sm90(k, 128, True, True, "bf16", cfg)
+            for k, configs in lists.items() for cfg in configs}
 
 
 @pytest.mark.slow
-def test_compiles_for_hopper_without_spills():
+def test_defaults_compile_for_hopper_without_spills():
+    """Every default config, bf16 and fp32, compiles for sm_90a without register spills and within an H100's
+    shared memory; every bf16 dot is a Hopper warpgroup MMA (fp32's IEEE dots have no tensor-core form)."""
     report = hopper_compile.report("test_attention", "_hopper_report")
+    assert len(report) == 3 * 19
     hopper_compile.assert_fits_without_spills(report)
-    for name, res in report.items():
-        assert res["wgmma"] > 0, (name, res)                        # Hopper tensor-core MMA, not mma.sync
+    # hd256's dkdv takes mma.sync without spills over a spilling wgmma tile (A.DKDV_HD256_KEYS)
+    assert A._DEFAULTS["attention_bwd_dkdv"][256]["BLOCK_N"] == A.DKDV_HD256_KEYS < 64
+    hopper_compile.assert_hopper_mma({name: r for name, r in report.items()
+                                      if " bf16 " in name and name != "attention_bwd_dkdv bf16 D256 docs+window"})
+
+
+@pytest.mark.slow
+def test_autotune_candidates_compile_for_hopper():
+    """No candidate the GPU's autotune would compile spills or needs more shared memory than an H100 has."""
+    report = hopper_compile.report("test_attention", "_hopper_candidates_report")
+    assert len(report) == len(A.FWD_CONFIGS) + len(A.DKDV_CONFIGS) + len(A.DQ_CONFIGS)
+    hopper_compile.assert_fits_without_spills(report)
+    hopper_compile.assert_hopper_mma(report)
 
 
 # ----------------------------------------------------------------------------------------------------------

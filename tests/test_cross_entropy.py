@@ -324,50 +324,85 @@ def test_autotune_skips_wrong_candidates(monkeypatch, capsys, dev):
     assert "wrong result on this device" in capsys.readouterr().out
 
 
-def _hopper_report() -> dict:
-    """Every kernel of the module compiled for sm_90 (tests/hopper_compile.py) at its default bf16 config; child
-    process of test_kernels_compile_for_hopper."""
+def _compile_gemm(role: str, g: dict, dtype: str) -> dict:
+    """One GEMM role ("logits", "dh", "dw") at config g in dtype ("bf16", "fp32"), strides as the launcher's."""
     from hopper_compile import compile_sm90
-    cfg = ce.default_config(torch.bfloat16)
-
-    def gemm_meta(g, **more):
-        return dict(INTERPRETER=False, PRECISION="tf32", BLOCK_M=g["BLOCK_M"], BLOCK_N=g["BLOCK_N"],
-                    BLOCK_K=g["BLOCK_K"], GROUP_M=g["GROUP_M"], **more)
-    report = {}
-    g = cfg["logits"]
-    types = dict(h_ptr="*bf16", w_ptr="*bf16", logits_ptr="*bf16", tile_max_ptr="*fp32", tile_sum_ptr="*fp32",
-                 n_rows="i32", V="i32", H="i32", stride_h="i32", stride_w="i32", stride_logits="i32",
-                 stride_stats="i32")
-    report["gemm_logits"] = compile_sm90(ce._logits_kernel, types, gemm_meta(g), g["num_warps"], g["num_stages"])
+    meta = dict(INTERPRETER=False, PRECISION="tf32" if dtype == "bf16" else "ieee", BLOCK_M=g["BLOCK_M"],
+                BLOCK_N=g["BLOCK_N"], BLOCK_K=g["BLOCK_K"], GROUP_M=g["GROUP_M"])
+    if role == "logits":
+        types = dict(h_ptr=f"*{dtype}", w_ptr=f"*{dtype}", logits_ptr=f"*{dtype}", tile_max_ptr="*fp32",
+                     tile_sum_ptr="*fp32", n_rows="i32", V="i32", H="i32", stride_h="i32", stride_w="i32",
+                     stride_logits="i32", stride_stats="i32")
+        return compile_sm90(ce._logits_kernel, types, meta, g["num_warps"], g["num_stages"])
     # dh = g @ W: unit strides along V (g) and H (W, dh); dW += gᵀ @ h: gᵀ is unit-stride along M = V
     mm = ["a_ptr", "b_ptr", "c_ptr", "M", "N", "K", "stride_am", "stride_ak", "stride_bk", "stride_bn", "stride_cm",
           "stride_cn"]
-    for role, g, unit, c_type, acc in (("dh", ce._GEMM_BF16, ("stride_ak", "stride_bn"), "*bf16", False),
-                                       ("dw", cfg["dw"], ("stride_am", "stride_bn"), "*fp32", True)):
-        types = {n: ("*bf16" if n.endswith("_ptr") else "i32") for n in mm if n not in (*unit, "stride_cn")}
-        types["c_ptr"] = c_type
-        meta = gemm_meta(g, ACCUMULATE=acc, stride_cn=1, **dict.fromkeys(unit, 1))
-        report[f"gemm_{role}"] = compile_sm90(ce._matmul_kernel, types, meta, g["num_warps"], g["num_stages"])
-    row = cfg["row"]
+    unit = ("stride_ak", "stride_bn") if role == "dh" else ("stride_am", "stride_bn")
+    types = {n: (f"*{dtype}" if n.endswith("_ptr") else "i32") for n in mm if n not in (*unit, "stride_cn")}
+    types["c_ptr"] = f"*{dtype}" if role == "dh" else "*fp32"
+    meta.update(ACCUMULATE=role == "dw", stride_cn=1, **dict.fromkeys(unit, 1))
+    return compile_sm90(ce._matmul_kernel, types, meta, g["num_warps"], g["num_stages"])
+
+
+def _compile_rows(row: dict, dtype: str) -> dict:
+    """The two row kernels (the softmax gradient from the logits GEMM's tile statistics, or from its own pass)."""
+    from hopper_compile import compile_sm90
     meta = dict(IGNORE=-100, BLOCK_V=row["BLOCK_V"])
-    types = dict(logits_ptr="*bf16", targets_ptr="*i64", loss_ptr="*fp32", V="i32", V_alloc="i32",
+    types = dict(logits_ptr=f"*{dtype}", targets_ptr="*i64", loss_ptr="*fp32", V="i32", V_alloc="i32",
                  stride_row="i32", grad_scale="fp32")
-    report["row"] = compile_sm90(ce._softmax_grad_kernel, types, meta, row["num_warps"], 1)
-    types = dict(logits_ptr="*bf16", targets_ptr="*i64", loss_ptr="*fp32", tile_max_ptr="*fp32",
+    out = {"row": compile_sm90(ce._softmax_grad_kernel, types, meta, row["num_warps"], 1)}
+    types = dict(logits_ptr=f"*{dtype}", targets_ptr="*i64", loss_ptr="*fp32", tile_max_ptr="*fp32",
                  tile_sum_ptr="*fp32", V="i32", V_alloc="i32", n_tiles="i32", stride_row="i32", stride_stats="i32",
                  grad_scale="fp32")
-    report["row_from_stats"] = compile_sm90(ce._softmax_grad_from_stats_kernel, types, dict(meta, BLOCK_TILES=512),
-                                            row["num_warps"], 1)
+    out["row_from_stats"] = compile_sm90(ce._softmax_grad_from_stats_kernel, types, dict(meta, BLOCK_TILES=512),
+                                         row["num_warps"], 1)
+    return out
+
+
+def _hopper_report() -> dict:
+    """Every kernel of the module compiled for sm_90 (tests/hopper_compile.py) at its default bf16 and fp32
+    configs; child process of test_defaults_compile_for_hopper."""
+    report = {}
+    for dtype, torch_dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        cfg = ce.default_config(torch_dtype)
+        for role in ("logits", "dh", "dw"):
+            if cfg[role]["impl"] == "triton":
+                report[f"gemm_{role}/{dtype}"] = _compile_gemm(role, cfg[role], dtype)
+        report.update({f"{name}/{dtype}": r for name, r in _compile_rows(cfg["row"], dtype).items()})
     return report
 
 
-def test_kernels_compile_for_hopper():
-    """The interpreter never compiles: build the real kernels for sm_90 (in a child process without it) and
-    require pipelined wgmma GEMMs without register spills and within an H100's shared memory."""
+def _hopper_candidates_report() -> dict:
+    """Every Triton candidate of the autotune sweep (bf16); child process of test_candidates_compile_for_hopper."""
+    report = {}
+    for role in ("logits", "dh", "dw"):
+        for g in ce.gemm_candidates(role):
+            if g["impl"] == "triton":
+                label = f"{g['BLOCK_M']}x{g['BLOCK_N']}x{g['BLOCK_K']} w{g['num_warps']} s{g['num_stages']}"
+                report[f"gemm_{role}/bf16/{label}"] = _compile_gemm(role, g, "bf16")
+    for row in ce._ROW_CANDIDATES:
+        for name, r in _compile_rows(row, "bf16").items():
+            report[f"{name}/bf16/V{row['BLOCK_V']} w{row['num_warps']}"] = r
+    return report
+
+
+@pytest.mark.slow
+def test_defaults_compile_for_hopper():
+    """The interpreter never compiles: build the real kernels for sm_90 (in child processes without it) and
+    require, at the default configs of both dtypes, no register spills and an H100's shared memory; the bf16
+    GEMMs are pipelined and every dot of theirs is a wgmma (fp32's IEEE dots have no tensor-core form)."""
     report = hopper_compile.report("test_cross_entropy", "_hopper_report")
-    assert set(report) == {"gemm_logits", "gemm_dh", "gemm_dw", "row", "row_from_stats"}
+    assert set(report) == {"gemm_logits/bf16", "gemm_dw/bf16", "row/bf16", "row_from_stats/bf16",
+                           "gemm_logits/fp32", "gemm_dw/fp32", "row/fp32", "row_from_stats/fp32"}
     hopper_compile.assert_fits_without_spills(report)
-    for name, r in report.items():
-        if name.startswith("gemm"):
-            assert r["wgmma"] > 0, f"{name}: no wgmma in the compiled kernel"
-            assert r["pipelined"], f"{name}: the K loop is not software-pipelined"
+    gemms = {n: r for n, r in report.items() if n.startswith("gemm") and n.endswith("/bf16")}
+    hopper_compile.assert_hopper_mma(gemms)
+    assert all(r["pipelined"] for r in gemms.values()), gemms
+
+
+@pytest.mark.slow
+def test_candidates_compile_for_hopper():
+    """No candidate the GPU's autotune would compile spills or overflows an H100's shared memory."""
+    report = hopper_compile.report("test_cross_entropy", "_hopper_candidates_report")
+    hopper_compile.assert_fits_without_spills(report)
+    hopper_compile.assert_hopper_mma({n: r for n, r in report.items() if n.startswith("gemm")})

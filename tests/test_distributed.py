@@ -109,16 +109,55 @@ def test_four_ranks_on_two_nodes(tmp_path):
     assert_matches(spec, ranks, 4, loss_tol=1e-5, weight_tol=1e-5, norm_tol=1e-5)
 
 
-@pytest.mark.parametrize("per_node", [2, 1], ids=["one-node", "two-nodes"])
-def test_sharded_reduction_sums_each_shard(tmp_path, per_node):
+@pytest.mark.parametrize("per_node,node_cuts", [(2, [0, 3, 10]), (2, [0, 5, 10]), (1, None)],
+                         ids=["one-node", "one-node-even", "two-nodes"])
+def test_sharded_reduction_sums_each_shard(tmp_path, per_node, node_cuts):
     """reduce_gradient with shards (the CUDA path's reduce-scatter in the node, then the cross-node all-reduce),
     run on gloo: every rank's shard holds the sum over the 2 ranks (two nodes of one rank: the cross step)."""
-    distributed.spawn(worker.reduce_shards, 2, (str(tmp_path), per_node))
+    distributed.spawn(worker.reduce_shards, 2, (str(tmp_path), per_node, node_cuts))
     total = torch.arange(10, dtype=torch.float32) * 3
-    cuts = [0, 3, 10] if per_node == 2 else [0, 10, 10]
+    cuts = node_cuts if per_node == 2 else [0, 10, 10]
     for rank in range(2):
         local = rank % per_node
         torch.testing.assert_close(torch.load(tmp_path / f"shard{rank}.pt"), total[cuts[local]:cuts[local + 1]])
+
+
+@pytest.mark.parametrize("cuts", [[0, 5, 10], [0, 3, 10]], ids=["even", "uneven"])
+def test_sharded_reduction_copies_no_accumulator(monkeypatch, cuts):
+    """The node step reduces the accumulator where it lies: equal shards in order are one reduce-scatter of the
+    whole tensor, uneven ones one reduce per shard onto its owner; never a reduce-scatter of a list of tensors,
+    which copies every input into a flat buffer first. (The sums themselves: test_sharded_reduction_sums_each_shard
+    on gloo.)"""
+    calls = []
+
+    class Work:
+        def wait(self):
+            calls.append(("wait",))
+
+    def record(name):
+        return lambda *args, **kwargs: calls.append((name, args, kwargs)) or Work()
+    monkeypatch.setattr(distributed.dist, "reduce_scatter", record("reduce_scatter"))
+    monkeypatch.setattr(distributed, "_REDUCE_SCATTER_ONE_TENSOR", record("reduce_scatter_one_tensor"))
+    monkeypatch.setattr(distributed.dist, "reduce", record("reduce"))
+    monkeypatch.setattr(distributed.dist, "get_global_rank", lambda group, rank: 10 + rank)
+    ctx = distributed.DistContext(rank=11, world=2, local_rank=1, local_world=2, node=0, num_nodes=1,
+                                  backend="nccl", group="all", control="gloo", node_group="node", cross_group=None,
+                                  node_of=[0, 0])
+    acc = torch.zeros(10)
+    shards = [acc[a:b] for a, b in zip(cuts, cuts[1:])]
+    ctx.reduce_gradient(acc, asynchronous=True, shards=shards).wait()
+    names = [c[0] for c in calls if c[0] != "wait"]
+    if cuts == [0, 5, 10]:
+        assert names == ["reduce_scatter_one_tensor"]
+        out, whole = calls[0][1]
+        assert out.data_ptr() == shards[1].data_ptr() and whole.data_ptr() == acc.data_ptr()
+        assert whole.numel() == 10 and calls[0][2]["group"] == "node"
+    else:
+        assert names == ["reduce", "reduce"]
+        for owner, (_, args, kwargs) in enumerate(calls[:2]):
+            assert args[0].data_ptr() == shards[owner].data_ptr() and args[0].numel() == shards[owner].numel()
+            assert kwargs["dst"] == 10 + owner and kwargs["group"] == "node"
+        assert calls[2:] == [("wait",), ("wait",)]
 
 
 def test_two_ranks_match_one_process_bf16(tmp_path):

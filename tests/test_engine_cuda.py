@@ -108,3 +108,24 @@ def test_prepare_copies_through_pinned_memory_without_blocking(monkeypatch):
     assert [ptr for ptr, non_blocking in copies if non_blocking] == pinned
     assert mb.doc_ids is not None and mb.input_ids.shape == (2, 12)
     engine.close()
+
+
+def test_cuda_events_block_instead_of_spinning(monkeypatch):
+    """The events the engine waits for on the host (the step's end, a slot's copy) are blocking: a spinning
+    cudaEventSynchronize would hold a core the CPU AdamW runs on. Runs on CPU with torch.cuda.Event recorded."""
+    from horizon_triton.devices.device import CudaDevice
+
+    made = []
+
+    class RecordedEvent:
+        def __init__(self, **kwargs):
+            made.append(kwargs)
+
+        def record(self, stream):
+            self.stream = stream
+
+    monkeypatch.setattr(torch.cuda, "Event", RecordedEvent)
+    device = CudaDevice.__new__(CudaDevice)                   # no GPU: only the streams' names matter here
+    device._streams = {"compute": "compute stream", "copy_out": "copy-out stream"}
+    event = device.record("copy_out")
+    assert event.stream == "copy-out stream" and made == [{"blocking": True}]

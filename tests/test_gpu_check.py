@@ -1,6 +1,7 @@
 """The prepared GPU check (perf/gpu_check.py) on a machine without a GPU: it runs end to end, skips the GPU parts
 with their reasons, runs the CPU AdamW part for real, writes its markdown and JSON, and isolates parts that fail,
 hang or skip. The engine part's code runs on a toy model on CPU, its figures checked against independent counts."""
+import dataclasses
 import json
 import math
 import os
@@ -36,12 +37,13 @@ def test_runs_end_to_end_without_a_gpu(tmp_path):
     assert env["versions"]["torch"] == torch.__version__ and {"triton", "python", "numpy"} <= set(env["versions"])
     assert env["code_is_this_checkout"] and env["code_from"]["horizon_triton.kernels"] == str(ROOT / "kernels")
     parts = {p["name"]: p for p in report["parts"]}
-    assert list(parts) == [p.name for p in gpu_check.all_parts(quick=True) if p.section == "a"] + [
-        "attention", "cpu_adam", "engine_8b_triton"]
+    assert list(parts) == ["engine_8b_triton", "attention", "kernel_tests", "library_and_canary_tests",
+                           "engine_cuda_tests", "cpu_adam"]                      # the run's order, not the request's
+    assert report["not_run_yet"] == []
     for name, part in parts.items():
         if name != "cpu_adam":
             assert part["status"] == "skipped" and part["reason"].startswith("no CUDA GPU visible: "), part
-    assert "interpreter" in parts["kernel_tests_attention"]["reason"]
+    assert "interpreter" in parts["kernel_tests"]["reason"]
     assert "--device cpu" in parts["engine_8b_triton"]["reason"]
     assert parts["engine_8b_triton"]["env"] == {"HORIZON_KERNELS": "triton"}
 
@@ -58,7 +60,7 @@ def test_runs_end_to_end_without_a_gpu(tmp_path):
     assert md.count("| skipped |") == len(parts) - 1 and "| cpu_adam | " in md
     assert "### cpu_adam: ok" in md and "### attention" not in md   # skipped parts have only their table row
     table = run.stdout.split("\n\npart ")[-1].splitlines()             # the summary table ends the output
-    assert table[0].split() == ["status", "s", "result"] and table[len(parts)].startswith("engine_8b_triton ")
+    assert table[0].split() == ["status", "s", "result"] and table[len(parts)].startswith("cpu_adam ")
     assert [line.split()[1] for line in table[1:len(parts) + 1] if line.startswith("cpu_adam ")] == ["ok"]
     assert (out / "gpu_check.log").exists()
 
@@ -109,7 +111,10 @@ def test_part_selection_by_name_and_section():
     assert [p.name for p in gpu_check.select(parts, "c,cpu_adam")] == ["host_to_device", "cpu_adam"]
     engines = gpu_check.select(parts, "e")
     assert {p.env["HORIZON_KERNELS"] for p in engines} == {"triton", "torch"} and len(engines) == 4
-    assert sum(p.budget_s for p in parts) <= 480       # the whole run fits in 8 minutes
+    # most valuable first: engine steps at real widths, then the kernels against the library, the tests last
+    assert [p.section for p in parts] == ["e"] * 4 + ["b"] * 3 + ["c"] + ["a"] * 3 + ["d"]
+    assert sum(p.budget_s for p in parts if not p.extra) == 400          # of an 8-minute window, with a margin
+    assert all(p.extra for p in parts if p.name in ("library_and_canary_tests", "engine_cuda_tests", "cpu_adam"))
     with pytest.raises(SystemExit, match="unknown nope"):
         gpu_check.select(parts, "nope")
 
@@ -172,3 +177,30 @@ def test_engine_parts_side_by_side_in_the_markdown():
     assert "| engine_8b_torch | torch | 20000 | 400 |" in table
     assert "engine_8b: triton / torch tokens/s = 1.50×" in table and "| engine_70b_triton |" not in table
     assert "| engine_70b_triton | w | failed | 60 | timed out after 60 s |" in md
+
+
+def test_results_are_written_after_every_part(tmp_path, monkeypatch):
+    """A run killed at any point keeps what it measured: when a part starts, the JSON already holds the parts
+    before it and names the ones still to run; a pytest part is skipped with the reason where pytest is missing."""
+    out = tmp_path / "out"
+    first = _python_part("import json, sys; json.dump({'status': 'ok', 'summary': 'one', 'figures': {'x': 1}}, "
+                         "open(sys.argv[2], 'w'))")
+    # the second part reads the JSON the driver wrote before starting it and reports what it found (argv: the
+    # JSON's path, then the driver's --result FILE)
+    second = gpu_check.Part("second", "d", "reads the results so far", 60, (sys.executable, "-c", (
+        "import json, sys; r = json.load(open(sys.argv[1])); json.dump({'status': 'ok', 'summary': 'two', "
+        "'figures': {'parts_before': [p['name'] for p in r['parts']], 'not_run_yet': r['not_run_yet']}}, "
+        "open(sys.argv[3], 'w'))"), str(out / "gpu_check.json")), needs_gpu=False)
+    tests = gpu_check.Part("some_tests", "a", "a pytest part", 60, (sys.executable, "-m", "pytest", "x.py"),
+                           needs_gpu=False, pytest=True)
+    monkeypatch.setattr(gpu_check, "all_parts", lambda quick: [dataclasses.replace(first, name="first"), second,
+                                                               tests])
+    real_find_spec = gpu_check.importlib.util.find_spec
+    monkeypatch.setattr(gpu_check.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "pytest" else real_find_spec(name, *a))
+    assert gpu_check.main([str(out)]) == 0
+    report = json.loads((out / "gpu_check.json").read_text())
+    parts = {p["name"]: p for p in report["parts"]}
+    assert parts["second"]["figures"] == {"parts_before": ["first"], "not_run_yet": ["second", "some_tests"]}
+    assert parts["some_tests"]["status"] == "skipped" and "pytest is not installed" in parts["some_tests"]["reason"]
+    assert report["not_run_yet"] == [] and "Not run yet" not in (out / "gpu_check.md").read_text()

@@ -62,16 +62,24 @@ def test_autotune_says_it_needs_a_gpu():
     assert "needs a CUDA GPU" in result.stderr
 
 
-def test_canary_replaces_a_failing_family_with_one_warning_each():
-    """The canary on CPU: the Triton kernels through the interpreter against the reference, with two families
-    planted wrong (swiglu's backward, the MoE down GEMM 1% off) and one raising (rope, as a kernel that does not
-    compile)."""
+def _kernel_ops(dev):
+    """The Triton kernels where the ``dev`` fixture runs them: the interpreter on CPU (this suite's default) or
+    compiled on the GPU (TRITON_INTERPRET=0, as the GPU check runs it), with that device's library path."""
+    from horizon_triton.models.ops import load_ops
+    if dev.type == "cuda":
+        return load_ops("triton", "cuda"), load_ops("torch", "cuda")
+    return load_ops("triton-interpret"), load_ops("torch")
+
+
+def test_canary_replaces_a_failing_family_with_one_warning_each(dev):
+    """The canary against the reference, with two families planted wrong (swiglu's backward, the MoE down GEMM
+    1% off) and one raising (rope, as a kernel that does not compile); the others pass."""
     from types import SimpleNamespace
 
     from horizon_triton.devices import canary
-    from horizon_triton.models.ops import KERNEL_FAMILY, load_ops
+    from horizon_triton.models.ops import KERNEL_FAMILY
 
-    triton_ops = load_ops("triton-interpret")
+    triton_ops, fallback = _kernel_ops(dev)
     planted = SimpleNamespace(**vars(triton_ops))
     planted.swiglu_backward = lambda dh, gate_up: triton_ops.swiglu_backward(dh, gate_up) * 1.01
     planted.moe_down_forward = lambda *args: triton_ops.moe_down_forward(*args) * 1.01
@@ -79,10 +87,8 @@ def test_canary_replaces_a_failing_family_with_one_warning_each():
     def no_compile(*args):
         raise RuntimeError("out of resource: shared memory")
     planted.rope_forward_ = no_compile
-    fallback = load_ops("torch")
     with pytest.warns(RuntimeWarning) as warned:
-        ops, report = canary.run(planted, fallback, torch.device("cpu"), torch.float32, head_dim=32,
-                                 sliding_window=5, moe=True)
+        ops, report = canary.run(planted, fallback, dev, torch.float32, head_dim=32, sliding_window=5, moe=True)
     messages = "\n".join(str(w.message) for w in warned)
     assert len(warned) == 3
     assert all(f"the Triton {family} kernels" in messages for family in ("swiglu", "rope", "moe_experts"))
@@ -115,23 +121,21 @@ def test_torch_backend_on_cpu_takes_the_library_attention():
     assert ops.linear_cross_entropy is reference.linear_cross_entropy and ops.rope_forward_ is reference.rope_forward_
 
 
-def test_canary_keeps_a_kernel_it_cannot_judge():
+def test_canary_keeps_a_kernel_it_cannot_judge(dev):
     """Where the library path itself fails (e.g. no flash attention on this GPU) the Triton family stays, with a
     warning that says it went unchecked."""
     from types import SimpleNamespace
 
     from horizon_triton.devices import canary
-    from horizon_triton.models.ops import load_ops
 
-    triton_ops = load_ops("triton-interpret")
-    fallback = SimpleNamespace(**vars(load_ops("torch")))
+    triton_ops, library = _kernel_ops(dev)
+    fallback = SimpleNamespace(**vars(library))
 
     def unavailable(*args):
         raise RuntimeError("FlashAttention only supports Ampere GPUs or newer")
     fallback.swiglu_forward = unavailable
     with pytest.warns(RuntimeWarning, match="swiglu kernels could not be checked"):
-        ops, report = canary.run(triton_ops, fallback, torch.device("cpu"), torch.float32, head_dim=32,
-                                 sliding_window=None)
+        ops, report = canary.run(triton_ops, fallback, dev, torch.float32, head_dim=32, sliding_window=None)
     assert report["swiglu_backward"].startswith("triton (unchecked: the library path raised RuntimeError")
     assert ops.swiglu_forward is triton_ops.swiglu_forward
     assert report["moe_gate_up_forward"] == "triton (unchecked: no MoE layer)"     # a dense model's start-up

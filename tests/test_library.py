@@ -49,6 +49,31 @@ def test_document_cut_by_a_masked_token_takes_the_reference():
         assert torch.equal(g, w)
 
 
+def test_varlen_layout_reads_the_device_once():
+    """On CUDA every host read of a device value is a sync: the layout of a packed micro-batch is worked out from
+    one host copy of doc_ids (the torch calls that would read the device are counted; the rest is numpy)."""
+    from torch.overrides import TorchFunctionMode
+
+    host_reads = {"cpu", "to", "__bool__", "__int__", "__float__", "__index__", "item", "tolist", "nonzero"}
+
+    class CountHostReads(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.reads = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if getattr(func, "__name__", "") in host_reads:
+                self.reads.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    docs = _doc_ids([[3, 5], [8], [2, 2, 4]])
+    with CountHostReads() as mode:
+        cu, longest = library.varlen_layout(docs, 3, 8, "cpu")
+    assert mode.reads[0] == "cpu" and mode.reads.count("cpu") + mode.reads.count("to") <= 2, mode.reads
+    assert not set(mode.reads) - {"cpu", "to"}, mode.reads           # "to": cu's upload, not a read
+    assert cu.tolist() == [0, 3, 8, 16, 18, 20, 24] and longest == 8
+
+
 def test_window_argument_is_mistral_semantics():
     """i − j < W  ⇔  j ≥ i − (W − 1): FlashAttention's window_size_left is W − 1; a window ≥ S is no window.
     On CPU the window is an additive mask on top of the causal call."""

@@ -126,19 +126,23 @@ def test_sweep_never_times_a_wrong_or_failing_candidate(monkeypatch, capsys):
 
 def _hopper_report() -> dict:
     """Both kernels compiled for sm_90 (tests/hopper_compile.py) at their default config for the shapes they
-    meet: hidden 4096 and a 128 head dim (q/k norm); child process of test_kernels_compile_for_hopper."""
+    meet: hidden 4096 and a 128 head dim (q/k norm), bf16 and fp32; child process of
+    test_kernels_compile_for_hopper."""
     from hopper_compile import compile_sm90
     report = {}
-    for H in (4096, 128):
-        cfg = rmsnorm._default_config(H, 2)
-        common = dict(ROWS=cfg["ROWS"], BLOCK_H=H)
-        types = {"x_ptr": "*bf16", "w_ptr": "*bf16", "y_ptr": "*bf16", "rstd_ptr": "*fp32", "n_rows": "i32",
-                 "H": "i32", "stride_x_row": "i32", "stride_y_row": "i32", "eps": "fp32"}
-        report[f"rmsnorm_fwd/H{H}"] = compile_sm90(rmsnorm._rmsnorm_fwd_kernel, types, common, cfg["num_warps"], 1)
-        types = {"dy_ptr": "*bf16", "x_ptr": "*bf16", "w_ptr": "*bf16", "rstd_ptr": "*fp32", "dx_ptr": "*bf16",
-                 "dg_partial_ptr": "*fp32", "n_rows": "i32", "H": "i32", "stride_dy_row": "i32",
-                 "stride_x_row": "i32", "stride_dx_row": "i32"}
-        report[f"rmsnorm_bwd/H{H}"] = compile_sm90(rmsnorm._rmsnorm_bwd_kernel, types, common, cfg["num_warps"], 1)
+    for dt, elem_bytes in (("bf16", 2), ("fp32", 4)):
+        for H in (4096, 128):
+            cfg = rmsnorm._default_config(H, elem_bytes)
+            common = dict(ROWS=cfg["ROWS"], BLOCK_H=H)
+            types = {"x_ptr": f"*{dt}", "w_ptr": f"*{dt}", "y_ptr": f"*{dt}", "rstd_ptr": "*fp32", "n_rows": "i32",
+                     "H": "i32", "stride_x_row": "i32", "stride_y_row": "i32", "eps": "fp32"}
+            report[f"rmsnorm_fwd/H{H}/{dt}"] = compile_sm90(rmsnorm._rmsnorm_fwd_kernel, types, common,
+                                                            cfg["num_warps"], 1)
+            types = {"dy_ptr": f"*{dt}", "x_ptr": f"*{dt}", "w_ptr": f"*{dt}", "rstd_ptr": "*fp32",
+                     "dx_ptr": f"*{dt}", "dg_partial_ptr": "*fp32", "n_rows": "i32", "H": "i32",
+                     "stride_dy_row": "i32", "stride_x_row": "i32", "stride_dx_row": "i32"}
+            report[f"rmsnorm_bwd/H{H}/{dt}"] = compile_sm90(rmsnorm._rmsnorm_bwd_kernel, types, common,
+                                                            cfg["num_warps"], 1)
     return report
 
 

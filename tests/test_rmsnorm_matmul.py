@@ -106,50 +106,61 @@ def _gemm_types(names: list[str], dtype: str, fp32_ptrs=()) -> dict:
     return {n: ("*fp32" if n in fp32_ptrs else f"*{dtype}") if n.endswith("_ptr") else "i32" for n in names}
 
 
+_GEMMS = {"fwd": ("_rmsnorm_matmul_fwd_kernel", ("rstd_ptr",)), "dx": ("_matmul_kernel", ()),
+          "dw": ("_rmsnorm_matmul_dw_kernel", ("rstd_ptr", "dw_ptr"))}
+
+
+def _compile_gemm(name: str, cfg: dict, dtype: str) -> dict:
+    from hopper_compile import compile_sm90
+    fn_name, fp32_ptrs = _GEMMS[name]
+    fn = getattr(rmsnorm_matmul, fn_name)
+    types = _gemm_types(fn.arg_names[:len(fn.arg_names) - 6], dtype, fp32_ptrs)   # 6 trailing constexprs
+    meta = {k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")}
+    meta.update(UPCAST=False, PRECISION="tf32" if dtype == "bf16" else "ieee")
+    return compile_sm90(fn, types, meta, cfg["num_warps"], cfg["num_stages"])
+
+
 def _hopper_report() -> dict:
     """The three GEMM kernels compiled for sm_90 (tests/hopper_compile.py) at their default bf16 and fp32
-    configs and the largest bf16 autotune tiles (child process of test_kernels_compile_for_hopper)."""
-    from hopper_compile import compile_sm90
+    configs (child process of test_defaults_compile_for_hopper)."""
     rm = rmsnorm_matmul
-    report = {}
-    gemms = {
-        "fwd": (rm._rmsnorm_matmul_fwd_kernel, ("rstd_ptr",)),
-        "dx": (rm._matmul_kernel, ()),
-        "dw": (rm._rmsnorm_matmul_dw_kernel, ("rstd_ptr", "dw_ptr")),
-    }
-    for name, (fn, fp32_ptrs) in gemms.items():
-        default = rm._HOPPER_DEFAULTS[f"rmsnorm_matmul_{name}"]
-        tiles = {"default": default, **{label: tile for label, tile in (("128x256x64", rm._TILE_128x256),
-                                                                        ("128x128x64", rm._TILE_128x128))
-                                        if tile != default}}
-        for label, cfg in tiles.items():
-            types = _gemm_types(fn.arg_names[:len(fn.arg_names) - 6], "bf16", fp32_ptrs)  # 6 trailing constexprs
-            meta = {k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")}
-            meta.update(UPCAST=False, PRECISION="tf32")
-            report[f"rmsnorm_matmul_{name}/bf16/{label}"] = compile_sm90(fn, types, meta, cfg["num_warps"],
-                                                                         cfg["num_stages"])
-        cfg = rm._FP32_DEFAULT
-        meta = {k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")}
-        meta.update(UPCAST=False, PRECISION="ieee")
-        types = _gemm_types(fn.arg_names[:len(fn.arg_names) - 6], "fp32", fp32_ptrs)
-        report[f"rmsnorm_matmul_{name}/fp32/default"] = compile_sm90(fn, types, meta, cfg["num_warps"],
-                                                                     cfg["num_stages"])
+    report = {f"rmsnorm_matmul_{name}/bf16/default": _compile_gemm(name, rm._HOPPER_DEFAULTS[f"rmsnorm_matmul_{name}"],
+                                                                   "bf16") for name in _GEMMS}
+    report.update({f"rmsnorm_matmul_{name}/fp32/default": _compile_gemm(name, rm._FP32_DEFAULT, "fp32")
+                   for name in _GEMMS})
     return report
 
 
+def _hopper_candidates_report() -> dict:
+    """Every bf16 candidate of each GEMM's autotune sweep (child process of test_candidates_compile_for_hopper)."""
+    return {f"rmsnorm_matmul_{name}/bf16/{_label(cfg)}": _compile_gemm(name, cfg, "bf16")
+            for name in _GEMMS for cfg in rmsnorm_matmul.gemm_candidates(f"rmsnorm_matmul_{name}")}
+
+
+def _label(cfg: dict) -> str:
+    return f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']} w{cfg['num_warps']} s{cfg['num_stages']}"
+
+
 @pytest.mark.slow
-def test_kernels_compile_for_hopper():
-    """Triton's real compiler lowers every kernel for sm_90a; the bf16 GEMMs get wgmma and a cp.async pipeline,
-    within an H100's 227 KB of shared memory, and the default configs spill no registers. (Speed itself needs
-    the GPU: perf/test_rmsnorm_matmul_perf.py.)"""
+def test_defaults_compile_for_hopper():
+    """Triton's real compiler lowers every GEMM's default (bf16 and fp32) for sm_90a without register spills,
+    within an H100's 227 KB of shared memory; the bf16 dots are wgmma with a cp.async pipeline (fp32's IEEE dots
+    have no tensor-core form). Speed itself needs the GPU: perf/test_rmsnorm_matmul_perf.py."""
     report = hopper_compile.report("test_rmsnorm_matmul", "_hopper_report")
-    for name, r in report.items():
-        assert r["shared"] <= hopper_compile.H100_SHARED_BYTES, f"{name}: {r['shared']} B of shared memory > 227 KB"
-        if name.endswith("/default"):                                # other tiles may spill: timed
-            assert r["spills"] == 0, f"{name}: spills ({r['registers']} registers, {r['spills']} B stack)"
-        if "/bf16/" in name:                                         # fp32: IEEE dots on FMA units
-            assert r["wgmma"] > 0, f"{name}: no wgmma in the compiled kernel"
-            assert r["pipelined"], f"{name}: the K loop is not software-pipelined"
+    assert len(report) == 6
+    hopper_compile.assert_fits_without_spills(report)
+    bf16 = {name: r for name, r in report.items() if "/bf16/" in name}
+    hopper_compile.assert_hopper_mma(bf16)
+    assert all(r["pipelined"] for r in bf16.values()), bf16
+
+
+@pytest.mark.slow
+def test_candidates_compile_for_hopper():
+    """No tile the GPU's autotune would compile spills or overflows an H100's shared memory."""
+    report = hopper_compile.report("test_rmsnorm_matmul", "_hopper_candidates_report")
+    assert len(report) == sum(len(rmsnorm_matmul.gemm_candidates(f"rmsnorm_matmul_{n}")) for n in _GEMMS)
+    hopper_compile.assert_fits_without_spills(report)
+    hopper_compile.assert_hopper_mma(report)
 
 
 def test_autotune_dry_run(monkeypatch, tmp_path, dev):

@@ -105,11 +105,15 @@ def test_autotune_dry_run(monkeypatch, tmp_path, dev):
 
 def _hopper_report() -> dict:
     """The kernel compiled for sm_90 (tests/hopper_compile.py), inverse rotation, 16 heads of a 128 head dim per
-    program; child process of test_kernels_compile_for_hopper."""
+    program, bf16 and fp32; child process of test_kernels_compile_for_hopper."""
     from hopper_compile import compile_sm90
-    types = {"x_ptr": "*bf16", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "n_heads": "i32", "HALF": "i32",
-             "stride_x_t": "i32", "stride_x_h": "i32", "stride_cs_t": "i32"}
-    return {"rope/inverse": compile_sm90(rope._rope_kernel, types, dict(INVERSE=True, HEADS=16, BLOCK_HALF=64), 4, 1)}
+    report = {}
+    for dt in ("bf16", "fp32"):
+        types = {"x_ptr": f"*{dt}", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "n_heads": "i32", "HALF": "i32",
+                 "stride_x_t": "i32", "stride_x_h": "i32", "stride_cs_t": "i32"}
+        report[f"rope/inverse/{dt}"] = compile_sm90(rope._rope_kernel, types,
+                                                    dict(INVERSE=True, HEADS=16, BLOCK_HALF=64), 4, 1)
+    return report
 
 
 @pytest.mark.slow

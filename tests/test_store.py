@@ -142,6 +142,36 @@ def test_only_what_crosses_the_bus_is_pinned_at_exact_size(compute_dtype, pinned
     s.close()                                                                  # idempotent
 
 
+def test_pinning_threads_register_on_the_ranks_device(monkeypatch):
+    """A data-parallel rank pins from new threads, whose CUDA current device is 0 until set: each registration
+    must run on the rank's device (else every rank makes a context on GPU 0). CUDA's per-thread current device
+    and its registration calls are faked, so this runs without a GPU."""
+    from horizon_triton.host import pinning
+
+    current = threading.local()                                 # the runtime's per-thread current device
+    calls = []
+
+    class FakeCudart:
+        def cudaHostRegister(self, ptr, nbytes, flags):
+            calls.append(("register", getattr(current, "device", 0)))
+            return 0
+
+        def cudaHostUnregister(self, ptr):
+            calls.append(("unregister", getattr(current, "device", 0)))
+            return 0
+
+    monkeypatch.setattr(torch.cuda, "cudart", FakeCudart)
+    monkeypatch.setattr(torch.cuda, "check_error", lambda res: None)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)     # the rank's torch.cuda.set_device(3)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: setattr(current, "device", d))
+    pinner = HostPinner(*pinning.cuda_register_functions(), threads=2)
+    for key, region in enumerate(pinner.arena([PAGE, 3 * PAGE, 100])):
+        pinner.pin(key, region)
+    pinner.wait_all()
+    pinner.close()
+    assert calls == [("register", 3)] * 3 + [("unregister", 3)] * 3
+
+
 def test_a_failed_registration_names_the_buffer():
     cuda = FakeCuda(fail_at=2)
     s = HostStore(CFG, torch.bfloat16, pin=True, pinner=HostPinner(cuda.register, cuda.unregister, threads=1))

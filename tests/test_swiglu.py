@@ -63,15 +63,17 @@ def test_autotune_dry_run(monkeypatch, tmp_path, dev):
 
 
 def _hopper_report() -> dict:
-    """Both kernels compiled for sm_90 (tests/hopper_compile.py) with 4 rows of 1024 columns per program and 8
-    warps; child process of test_kernels_compile_for_hopper."""
+    """Both kernels compiled for sm_90 (tests/hopper_compile.py) at the default config (4 rows of 1024 columns per
+    program, 8 warps) in bf16 and fp32; child process of test_kernels_compile_for_hopper."""
     from hopper_compile import compile_sm90
-    types = {"gate_up_ptr": "*bf16", "h_ptr": "*bf16", "T": "i32", "I": "i32", "stride_gu_row": "i32",
-             "stride_h_row": "i32"}
-    report = {"swiglu_fwd": compile_sm90(swiglu._swiglu_fwd_kernel, types, dict(ROWS=4, BLOCK_I=1024), 8, 1)}
-    types = {"dh_ptr": "*bf16", "gate_up_ptr": "*bf16", "d_gate_up_ptr": "*bf16", "T": "i32", "I": "i32",
-             "stride_dh_row": "i32", "stride_gu_row": "i32", "stride_dgu_row": "i32"}
-    report["swiglu_bwd"] = compile_sm90(swiglu._swiglu_bwd_kernel, types, dict(ROWS=4, BLOCK_I=1024), 8, 1)
+    report = {}
+    for dt in ("bf16", "fp32"):
+        types = {"gate_up_ptr": f"*{dt}", "h_ptr": f"*{dt}", "T": "i32", "I": "i32", "stride_gu_row": "i32",
+                 "stride_h_row": "i32"}
+        report[f"swiglu_fwd/{dt}"] = compile_sm90(swiglu._swiglu_fwd_kernel, types, dict(ROWS=4, BLOCK_I=1024), 8, 1)
+        types = {"dh_ptr": f"*{dt}", "gate_up_ptr": f"*{dt}", "d_gate_up_ptr": f"*{dt}", "T": "i32", "I": "i32",
+                 "stride_dh_row": "i32", "stride_gu_row": "i32", "stride_dgu_row": "i32"}
+        report[f"swiglu_bwd/{dt}"] = compile_sm90(swiglu._swiglu_bwd_kernel, types, dict(ROWS=4, BLOCK_I=1024), 8, 1)
     return report
 
 

@@ -176,7 +176,9 @@ class CudaDevice(_HostMemory):
             fn()
 
     def record(self, stream: str):
-        event = torch.cuda.Event()
+        # blocking: a host that waits for it (sync, the step's end) sleeps instead of spinning on a core that
+        # the CPU AdamW could use; a stream waiting for it is not affected
+        event = torch.cuda.Event(blocking=True)
         event.record(self._streams[stream])
         return event
 

@@ -64,10 +64,24 @@ SAVED_KEY = "horizon_triton/saved"    # /WHAT: rank 0 has written it
 PEER_CHECK_S = 0.5                # how often a waiting rank looks for a peer that exited or made another call
 EXIT_GRACE_S = 1.0                # a peer that exited may have finished this collective first: wait this long
 EXIT_STORE_TIMEOUT_S = 5.0        # an exiting rank's note in the store gives up after this long
+# one tensor in, one shard out (reduce_scatter_single from torch 2.13 on, reduce_scatter_tensor before)
+_REDUCE_SCATTER_ONE_TENSOR = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
 class RankFailed(RuntimeError):
     """Another rank of the data-parallel job failed (its message), or vanished; this rank stopped with it."""
+
+
+class AllWorks:
+    """Several collectives' works as one: ``wait()`` waits for each (gloo may finish them in any order; on NCCL
+    each makes the current stream wait)."""
+
+    def __init__(self, works: list):
+        self.works = works
+
+    def wait(self) -> None:
+        for work in self.works:
+            work.wait()
 
 
 @dataclass
@@ -147,11 +161,27 @@ class DistContext:
         if shards is None:
             return self.collective(dist.all_reduce, tensor, group=self.group, wait=False)
         mine = shards[self.local_rank]
-        work = self.collective(dist.reduce_scatter, mine, list(shards), group=self.node_group, wait=False)
+        work = self._reduce_onto_shards(tensor, shards)
         if self.cross_group is not None:
             work.wait()
             work = self.collective(dist.all_reduce, mine, group=self.cross_group, wait=False)
         return work
+
+    def _reduce_onto_shards(self, tensor: torch.Tensor, shards: list):
+        """The node's sum of each shard onto its local rank, in place, no copy: one reduce-scatter of the whole
+        tensor when the shards are equal and in order; else (shard_bounds cuts on 256-element blocks, so the last
+        is often shorter) one reduce per shard onto its owner. A reduce-scatter of a list of tensors would first
+        copy every input into one flat buffer: a second copy of each fp32 accumulator."""
+        sizes = {s.numel() for s in shards}
+        ends = [tensor.data_ptr() + sum(s.numel() for s in shards[:i]) * tensor.element_size()
+                for i in range(len(shards))]
+        if len(sizes) == 1 and tensor.is_contiguous() and [s.data_ptr() for s in shards] == ends \
+                and len(shards) * shards[0].numel() == tensor.numel():
+            return self.collective(_REDUCE_SCATTER_ONE_TENSOR, shards[self.local_rank], tensor,
+                                   group=self.node_group, wait=False)
+        return AllWorks([self.collective(dist.reduce, shard, dst=dist.get_global_rank(self.node_group, owner),
+                                         group=self.node_group, wait=False)
+                         for owner, shard in enumerate(shards)])   # the same reduces in the same order everywhere
 
     def gather_rows(self, values: list[float]) -> torch.Tensor:
         """float64 [world, n]: every rank's ``values`` (host, control group), the same table on every rank."""

@@ -24,14 +24,21 @@ PAGE = 4096                         # cudaHostRegister locks whole pages: region
 _CUDA_HOST_REGISTER_PORTABLE = 1    # usable from every CUDA context, whichever thread registered it
 
 
-def cuda_register_functions():
-    """(register(ptr, nbytes), unregister(ptr)) through torch's CUDA runtime bindings; raise on a CUDA error."""
+def cuda_register_functions(device: int | None = None):
+    """(register(ptr, nbytes), unregister(ptr)) through torch's CUDA runtime bindings; raise on a CUDA error.
+
+    The calls run on ``device`` (default: the caller's current device, which a data-parallel rank has set to its
+    own). The pinning threads are new threads, whose current device would be 0: without the switch every rank
+    would create a context on GPU 0 (hundreds of MB of its memory each) to register its buffers."""
     cudart = torch.cuda.cudart()
+    device = torch.cuda.current_device() if device is None else device
 
     def register(ptr: int, nbytes: int) -> None:
+        torch.cuda.set_device(device)           # per thread: this pinning thread's current device
         torch.cuda.check_error(cudart.cudaHostRegister(ptr, nbytes, _CUDA_HOST_REGISTER_PORTABLE))
 
     def unregister(ptr: int) -> None:
+        torch.cuda.set_device(device)
         torch.cuda.check_error(cudart.cudaHostUnregister(ptr))
 
     return register, unregister
