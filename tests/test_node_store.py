@@ -198,4 +198,6 @@ def test_two_ranks_take_one_stores_memory():
     assert ranks.join() == [0, 0]
     store_bytes = reports[(0, "memory")]["store_bytes"]
     added = sum(m["pss"] - m["pss_before"] for m in reports.values())
-    assert 0.95 * store_bytes < added < 1.1 * store_bytes, (added / store_bytes, reports)
+    # each rank's own heap (the step's temporaries, reused by malloc since the store left its heap) adds a few
+    # percent: 1.107 seen under torch 2.11; two stores would be 2.0
+    assert 0.95 * store_bytes < added < 1.15 * store_bytes, (added / store_bytes, reports)
