@@ -99,7 +99,9 @@ class ModelConfig:
     # ---- Hugging Face -----------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path: str | Path) -> "ModelConfig":
-        """Reads config.json (transformers 4 or 5 spelling) of a Llama / Mistral / Qwen2 / Qwen3 checkpoint."""
+        """Reads config.json (transformers 4 or 5 spelling) of a Llama / Mistral / Qwen2 / Qwen3 checkpoint (the
+        hand-written template); any other architecture gives a GenericConfig (models/generic: transformers' own
+        layer code)."""
         path = Path(path)
         cfg_file = path / "config.json"
         if not cfg_file.is_file():
@@ -108,9 +110,9 @@ class ModelConfig:
         archs = hf.get("architectures") or []
         arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
         model_type = SUPPORTED_ARCHITECTURES[arch] if arch else hf.get("model_type")
-        if model_type not in ARCHITECTURE_OF:
-            raise ValueError(f"architecture {archs or hf.get('model_type')} in {cfg_file} is not supported; "
-                             f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+        if model_type not in ARCHITECTURE_OF:        # any other decoder: transformers' own layer code
+            from .models.generic.config import GenericConfig
+            return GenericConfig.from_pretrained(path)
         if hf.get("hidden_act", "silu") != "silu":
             raise ValueError(f"hidden_act {hf['hidden_act']!r} is not supported (only silu / SwiGLU)")
         # transformers 5 groups rope settings in rope_parameters; transformers 4 has rope_theta + rope_scaling.

@@ -22,6 +22,7 @@ from .devices.device import device_kind, make_device
 from .host.node_store import NodeShare
 from .host.optimizer import OptimizerDriver, clip_coefficient
 from .models.dense import layer as lt
+from .models.family import is_generic
 from .models.ops import CPU_LIBRARY_OPS, TORCH_ONLY, load_ops, select_backend
 from .objectives import lora, preference
 from .planning import preflight
@@ -124,7 +125,7 @@ class Engine:
         self._last_checkpoint = (None, None)      # (step, path) of the latest save or load
         self._saves: dict = {}            # data parallel: (call, step) -> saves made (rank 0's are waited for)
         self._last_save_time = time.monotonic()
-        self._inv_freq = model_cfg.inv_freq().to(self.device.torch_device)
+        self._inv_freq = None if is_generic(model_cfg) else model_cfg.inv_freq().to(self.device.torch_device)
         self._checked_steps = set()       # micro-batch shapes whose step the preflight has dry-run
         log.info("horizon-triton: %s parameters, host store %.2f GB (%s moments), kernels=%s, device=%s, "
                  "cpu adamw=%s, optimizer_threads=%d", f"{self.store.num_parameters():,}",

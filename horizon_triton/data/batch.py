@@ -120,7 +120,8 @@ def doc_ids_of(pos: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor | N
 
 def prepare(batch, model_cfg, device, inv_freq: torch.Tensor, dpo: bool, where: str = "batch") -> MicroBatch:
     """Checks one loader batch and moves it to ``device`` (a device object) with its rotary tables (``inv_freq``:
-    the model's, on the device) and doc ids; with ``dpo``, its pairs and their reference sums."""
+    the model's, on the device; None for a generic model: its positions and padding mask instead) and doc ids;
+    with ``dpo``, its pairs and their reference sums."""
     cols = batch_tensors(batch, where, model_cfg.pad_row)
     ids = cols["input_ids"]
     labels = cols.get("labels")
@@ -158,15 +159,20 @@ def prepare(batch, model_cfg, device, inv_freq: torch.Tensor, dpo: bool, where: 
         targets[:, :-1].masked_fill_(~(keep[:, :-1] & keep[:, 1:]), IGNORE_INDEX)
     pad = model_cfg.pad_row
     embed_grad_mask = None if pad is None or not (ids == pad).any() else (ids != pad).reshape(-1)
-    freqs = to_device(device, pos.reshape(-1, 1)).float() * inv_freq[None, :]
-    emb = torch.cat((freqs, freqs), dim=-1)          # [T, D]
+    cos = sin = None
+    if inv_freq is not None:                         # the dense template's rotary tables (a generic model's
+        freqs = to_device(device, pos.reshape(-1, 1)).float() * inv_freq[None, :]    # own code makes its own)
+        emb = torch.cat((freqs, freqs), dim=-1)      # [T, D]
+        cos, sin = emb.cos(), emb.sin()
     pairs = None
     if dpo:
         pairs = preference_pairs(targets, doc_ids, keep, cols.get("ref_logps"), device, where)
     return MicroBatch(input_ids=to_device(device, ids.long()), host_ids=ids.long().reshape(-1),
                       targets=to_device(device, targets.reshape(-1)),
-                      cos=emb.cos(), sin=emb.sin(),
+                      cos=cos, sin=sin,
                       doc_ids=None if doc_ids is None else to_device(device, doc_ids),
+                      position_ids=to_device(device, pos.contiguous()) if inv_freq is None else None,
+                      attention_mask=None if keep is None or inv_freq is not None else to_device(device, keep),
                       num_targets=int((targets != IGNORE_INDEX).sum()),
                       embed_grad_mask=None if embed_grad_mask is None else to_device(device, embed_grad_mask),
                       preference=pairs)

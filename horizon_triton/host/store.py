@@ -50,7 +50,7 @@ import torch
 from horizon_triton.kernels.host_formats import QBLOCK, join_master, num_blocks, split_master
 
 from ..config import ModelConfig
-from ..models.dense.weights import adapter_layouts, layer_layouts
+from ..models.family import adapter_layouts, layer_layouts
 from ..models.layout import LayerLayout
 from .node_store import BOARD, NodeBoard, NodeShare, map_segments
 from .pinning import HostPinner, arena, arena_span, cuda_register_functions

@@ -11,6 +11,7 @@ import torch
 
 from ..config import ModelConfig
 from ..host.store import HostStore
+from ..models.family import layer_template
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,7 @@ class Pipeline:
     meter: "DeviceMeter" = None
     tracer: object = None
     checkpoint_budget: int | None = None           # bytes of activation checkpoints kept on the device (override)
+    template: object = None                        # the layers' computations (models.family.layer_template)
 
     @property
     def head(self) -> int:
@@ -136,7 +138,8 @@ def build_pipeline(cfg, store, ops, dev, optimizer, num_slots: int, tracer=None,
     torch_dev = dev.torch_device
     meter = DeviceMeter()
     p = Pipeline(cfg, store, ops, dev, optimizer, slots=[], meter=meter, tracer=tracer,
-                 checkpoint_budget=checkpoint_budget)
+                 checkpoint_budget=checkpoint_budget,
+                 template=layer_template(cfg, torch_dev, store.compute_dtype))
     H, V = cfg.hidden_size, cfg.vocab_size
     trained = store.trainable.layouts            # a LoRA store's adapters ride in the slot after their layer's base
     extra = [trained[i].numel if store.lora is not None else 0 for i in range(len(store.layouts))]

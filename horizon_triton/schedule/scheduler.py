@@ -248,6 +248,7 @@ def run_step(p: Pipeline, mbs: list[lt.MicroBatch], grad_scale: float, preferenc
     Returns (loss_sum, squared gradient norm) as device scalars, after one sync at the end of the backward (with
     ``preference``, loss_sum is the sum of the pairs' losses)."""
     S, cfg, ops, L, H = len(p.slots), p.cfg, p.ops, p.cfg.num_layers, p.cfg.hidden_size
+    tpl = p.template                            # the decoder layers' and the head's computations
     M = len(mbs)
     hidden = [None] * M                         # the activation flowing forward, per micro-batch
     grads = [None] * M                          # d(activation) flowing backward, per micro-batch
@@ -313,7 +314,7 @@ def run_step(p: Pipeline, mbs: list[lt.MicroBatch], grad_scale: float, preferenc
             def decoder():
                 for m, mb in enumerate(mbs):
                     x = hidden[m]
-                    hidden[m] = p.meter.add(lt.decoder_forward(ops, cfg, w, x, mb))
+                    hidden[m] = p.meter.add(tpl.decoder_forward(ops, cfg, w, x, mb, u.layer))
                     p.meter.sub(x)
             return decoder
         return u, forward, (lambda: ckpt.save(u.layer + 1, hidden, act_bytes)) if u.layer < L else None
@@ -331,7 +332,8 @@ def run_step(p: Pipeline, mbs: list[lt.MicroBatch], grad_scale: float, preferenc
             def decoder():
                 acc.zero_()
                 for m, mb in enumerate(mbs):
-                    dx = lt.decoder_backward(ops, cfg, w, g, ckpt.pop(u.layer, m), mb, grads[m])
+                    dx = tpl.decoder_backward(ops, cfg, w, g, ckpt.pop(u.layer, m), mb, grads[m],
+                                              u.layer)
                     p.meter.sub(grads[m])
                     grads[m] = p.meter.add(dx)
                 sink.completed(f"sq_{u.layer}", acc)
@@ -388,7 +390,7 @@ def run_step(p: Pipeline, mbs: list[lt.MicroBatch], grad_scale: float, preferenc
                 p.norm_acc.zero_()
                 loss = torch.zeros((), dtype=torch.float32, device=p.norm_acc.device)
                 for m, mb in enumerate(mbs):
-                    loss_m, dx = lt.head_forward_backward(ops, cfg, w, g, hidden[m], mb, grad_scale)
+                    loss_m, dx = tpl.head_forward_backward(ops, cfg, w, g, hidden[m], mb, grad_scale)
                     loss += loss_m
                     p.meter.sub(hidden[m])
                     hidden[m], grads[m] = None, p.meter.add(dx)
@@ -404,14 +406,14 @@ def run_step(p: Pipeline, mbs: list[lt.MicroBatch], grad_scale: float, preferenc
             def head_stats():
                 for m, mb in enumerate(mbs):
                     if first:
-                        xn, rstd = lt.head_norm(ops, cfg, w, hidden[m])
+                        xn, rstd = tpl.head_norm(ops, cfg, w, hidden[m])
                         T = xn.shape[0]
                         stats = [torch.full((T,), float("-inf"), device=xn.device),           # row_max
                                  xn.new_zeros(T, dtype=torch.float32),                          # row_sum
                                  xn.new_zeros(T, dtype=torch.float32)]                          # target_logit
                         head[m] = dict(xn=p.meter.add(xn), rstd=p.meter.add(rstd),
                                        stats=[p.meter.add(t) for t in stats])
-                    lt.head_chunk_stats(ops, w, head[m]["xn"], mb, u.start, head[m]["stats"])
+                    tpl.head_chunk_stats(ops, w, head[m]["xn"], mb, u.start, head[m]["stats"])
                     if last:
                         stats = head[m].pop("stats")
                         loss_m, head[m]["lse"] = ops.cross_entropy_chunk_loss(*stats, mb.targets)
@@ -440,7 +442,7 @@ def run_step(p: Pipeline, mbs: list[lt.MicroBatch], grad_scale: float, preferenc
                     if first:
                         s["d_xn"] = p.meter.add(torch.zeros(s["xn"].shape, dtype=torch.float32,
                                                             device=s["xn"].device))
-                    lt.head_chunk_backward(ops, w, g, s["xn"], mb, u.start, s["lse"], s.get("scale", grad_scale),
+                    tpl.head_chunk_backward(ops, w, g, s["xn"], mb, u.start, s["lse"], s.get("scale", grad_scale),
                                            s["d_xn"])
                 head_gradient_done(u, acc)
                 if not last:
@@ -448,7 +450,7 @@ def run_step(p: Pipeline, mbs: list[lt.MicroBatch], grad_scale: float, preferenc
                 p.norm_acc.zero_()
                 for m in range(M):
                     s = head.pop(m)
-                    dx = lt.head_norm_backward(ops, w, g, hidden[m], s["rstd"], s["d_xn"])
+                    dx = tpl.head_norm_backward(ops, w, g, hidden[m], s["rstd"], s["d_xn"])
                     for t in (hidden[m], s["xn"], s["rstd"], s["lse"], s["d_xn"], s.get("scale")):
                         if t is not None:
                             p.meter.sub(t)
@@ -504,7 +506,7 @@ def run_forward(p: Pipeline, mbs: list[lt.MicroBatch], budget: int | None, head_
     At the head, on the compute stream: ``head_chunk(m, xn, w, u)`` for each vocabulary chunk u (bound weights
     w) and micro-batch m, with xn its final-normed hidden state [T, H] (normed once, with the first chunk's
     norm), and ``finish(m)`` after m's last chunk. Returns after a sync: what they wrote is ready."""
-    S, cfg, ops, H = len(p.slots), p.cfg, p.ops, p.cfg.hidden_size
+    S, cfg, ops, H, tpl = len(p.slots), p.cfg, p.ops, p.cfg.hidden_size, p.template
     states = HiddenStates(p, [mb.host_ids.numel() * H * p.store.compute_dtype.itemsize for mb in mbs], budget)
     p.optimizer.wait_layer(0)
     table = p.store.working[0].view(-1, H)
@@ -519,11 +521,11 @@ def run_forward(p: Pipeline, mbs: list[lt.MicroBatch], budget: int | None, head_
     def through(u: Unit, w: dict, m: int):
         """(what m's state goes through in unit u, what becomes of its output: HiddenStates.before's result)."""
         if u.layer < p.head:
-            return (lambda x: lt.decoder_forward(ops, cfg, w, x, mbs[m])), "new"
+            return (lambda x: tpl.decoder_forward(ops, cfg, w, x, mbs[m], u.layer)), "new"
         first, last = u == chunks[0], u == chunks[-1]
 
         def head(x):
-            xn = ops.rmsnorm_forward(x, w["norm"], cfg.rms_norm_eps)[0] if first else x
+            xn = tpl.head_norm(ops, cfg, w, x)[0] if first else x
             head_chunk(m, xn, w, u)
             if last and finish is not None:
                 finish(m)

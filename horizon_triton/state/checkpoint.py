@@ -11,6 +11,8 @@ from safetensors.torch import save_file
 
 from . import durable
 from ..host.store import HostStore
+from ..models.family import is_generic
+from ..models.generic.weights import checkpoint_sources
 
 SHARD_BYTES = 5 * 1000**3  # transformers' default shard size: above it, shards plus an index
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -76,24 +78,45 @@ def load_weights(store: HostStore, path: str | Path) -> None:
     path = Path(path)
     files = _tensor_files(path)
     wanted = list(store.named_params())
-    missing = [name for name, _, _ in wanted if name not in files]
+    ways = checkpoint_sources(store.cfg) if is_generic(store.cfg) else {}
+    found, missing = {}, []
+    for name, _, _ in wanted:       # the name itself, or (generic models) a renamed name or split experts
+        way = next((w for w in ways.get(name, [name]) if all(n in files for n in _source_names(w))), None)
+        if way is None:
+            missing.append(name)
+        found[name] = way
     if missing:
         raise ValueError(f"checkpoint {path} lacks {len(missing)} tensor(s) the model needs, e.g. {missing[:3]}")
-    _unexpected_layer_tensors(path, files, {name for name, _, _ in wanted}, store.cfg)
+    _unexpected_layer_tensors(path, files, {n for way in found.values() for n in _source_names(way)}, store.cfg)
     by_file: dict[Path, list] = {}
     for name, layer, param in wanted:
-        by_file.setdefault(files[name], []).append((name, layer, param))
+        by_file.setdefault(files[_source_names(found[name])[0]], []).append((name, layer, param))
     for file, items in by_file.items():
         with _open(file) as f:
             for name, layer, param in items:
-                try:
-                    tensor = f.get_tensor(name)
-                except Exception as e:
-                    raise ValueError(f"cannot read tensor {name} from {file}: {e} (truncated file?)") from e
+                way = found[name]
+                tensor = (_read(f, file, way) if isinstance(way, str)
+                          else way.assemble(lambda n: _read_any(files, n)))
                 if tuple(tensor.shape) != tuple(param.shape):
                     raise ValueError(f"tensor {name} in {file} has shape {tuple(tensor.shape)}, the config implies "
                                      f"{tuple(param.shape)}")
                 store.set_master(layer, tensor, param.offset)
+
+
+def _source_names(way) -> list[str]:
+    return [way] if isinstance(way, str) else way.names()
+
+
+def _read(f, file: Path, name: str) -> torch.Tensor:
+    try:
+        return f.get_tensor(name)
+    except Exception as e:
+        raise ValueError(f"cannot read tensor {name} from {file}: {e} (truncated file?)") from e
+
+
+def _read_any(files: dict, name: str) -> torch.Tensor:
+    with _open(files[name]) as f:
+        return _read(f, files[name], name)
 
 
 def is_model_file(name: str) -> bool:

@@ -28,13 +28,16 @@ class MicroBatch:
     input_ids: torch.Tensor           # [B, S] int64
     host_ids: torch.Tensor            # [T] int64 on the host: the embedding rows are gathered there
     targets: torch.Tensor             # [T] int64: labels shifted left by one, -100 where nothing is predicted
-    cos: torch.Tensor                 # [T, D] fp32 rotary tables at each token's position
-    sin: torch.Tensor
+    cos: torch.Tensor | None          # [T, D] fp32 rotary tables at each token's position (None: the generic
+    sin: torch.Tensor | None          # template, whose model makes its own)
     doc_ids: torch.Tensor | None      # [B, S] int32 document index (packed sequences), None: one document a row
     num_targets: int                  # counted (non-ignored) targets, known on the host without a sync
+    position_ids: torch.Tensor | None = None    # [B, S] int64 each token's position (the generic template's)
+    attention_mask: torch.Tensor | None = None  # [B, S] bool, False at padding; None: no padding
     embed_grad_mask: torch.Tensor | None = None  # [T] bool, False at the pad id: that embedding row gets no
                                                  # gradient from the lookup (padding_idx); None: no pad id
     preference: object = None         # preference.PreferenceBatch with objective "dpo": the pairs, their references
+    model_inputs: dict | None = None  # the generic template's per-layer call arguments, made on first use
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -161,14 +164,15 @@ def _decoder_recompute(ops, cfg: ModelConfig, w, x: torch.Tensor, mb: MicroBatch
     return saved
 
 
-def decoder_forward(ops, cfg: ModelConfig, w, x: torch.Tensor, mb: MicroBatch) -> torch.Tensor:
-    """x[T, H] -> the layer's output [T, H]; every intermediate is dropped."""
+def decoder_forward(ops, cfg: ModelConfig, w, x: torch.Tensor, mb: MicroBatch, layer: int) -> torch.Tensor:
+    """x[T, H] -> the layer's output [T, H]; every intermediate is dropped. (``layer``, the store index, tells
+    apart the layers of a generic model; here every layer is alike.)"""
     s = _decoder_recompute(ops, cfg, w, x, mb)
     return s["h"] + _projection(ops, cfg, w, s["act"], "down", s)
 
 
 def decoder_backward(ops, cfg: ModelConfig, w, g, x: torch.Tensor, mb: MicroBatch,
-                     d_out: torch.Tensor) -> torch.Tensor:
+                     d_out: torch.Tensor, layer: int) -> torch.Tensor:
     """Recomputes the layer from its input x, accumulates weight gradients into g, returns d(x)."""
     s = _decoder_recompute(ops, cfg, w, x, mb)
     T, D = x.shape[0], cfg.head_dim

@@ -1,0 +1,30 @@
+"""Which model family a configuration belongs to, and that family's parts: the hand-written dense decoder
+(models/dense: Llama, Mistral, Qwen2, Qwen3, a ModelConfig) or transformers' own layer code for any other decoder
+(models/generic, a GenericConfig). Imports both families."""
+from __future__ import annotations
+
+from .dense import layer as dense_layer
+from .dense import weights as dense_weights
+from .generic import weights as generic_weights
+from .generic.template import GenericTemplate
+
+
+def is_generic(cfg) -> bool:
+    return getattr(cfg, "generic", False)
+
+
+def layer_layouts(cfg):
+    """[embed, decoder layers, head]: each layer's parameters in the host store's order."""
+    return (generic_weights if is_generic(cfg) else dense_weights).layer_layouts(cfg)
+
+
+def adapter_layouts(cfg, spec):
+    if is_generic(cfg):
+        raise ValueError(f"LoRA on model type {cfg.model_type!r} (the generic layer template) is not supported "
+                         "yet; train it fully (lora_rank=None), or a Llama/Mistral/Qwen2/Qwen3 model with LoRA")
+    return dense_weights.adapter_layouts(cfg, spec)
+
+
+def layer_template(cfg, device, dtype):
+    """What computes a layer: the dense template's functions, or a GenericTemplate for this model and device."""
+    return GenericTemplate(cfg, device, dtype) if is_generic(cfg) else dense_layer

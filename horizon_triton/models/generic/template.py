@@ -1,0 +1,231 @@
+"""The generic layer template: transformers' own decoder-layer modules, bound per call to views of a staging slot.
+
+The modules are the model's, built on the meta device (weights.skeleton): they hold no tensor of their own, and
+``torch.func.functional_call`` runs one with the slot's views as its parameters, so nothing persists on the
+device. The forward runs without autograd; the backward recomputes the layer from its checkpoint under autograd
+and takes ``torch.autograd.grad`` for its input and its weights, which are added into the fp32 accumulator's
+views: the graph lives for one layer of one micro-batch, and the boundary gradient is propagated by the scheduler
+as for the hand-written template (models/dense/layer.py, whose signatures these methods share).
+
+What the model computes around its layers is taken from its own code: once per micro-batch (``layer_inputs``)
+the model's forward runs with its layers replaced by stand-ins that record what each is called with (masks per
+layer kind, rotary tables per layer kind, position ids, ...), on an all-ones input, which also shows the factor
+the model applies to the embedding before the first layer (Gemma's √H, Granite's multiplier). The embedding's
+own scale (a scaled embedding module) is read off the module. The head is the model's final norm module, then
+lm_head and the cross-entropy: the fused kernels, or with a logit transform (Gemma 2's soft-capping, Granite's
+logit scaling) the same two passes written in torch.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch.func import functional_call
+
+from .attention import NAME, documents, register
+from .config import GenericConfig
+from .skeleton import skeleton
+from .weights import layer_layouts
+
+TOKEN_CHUNK = 4096          # tokens whose logits exist at once in the torch head (with a logit transform)
+
+
+class _Recorder(torch.nn.Module):
+    """Stands in for decoder layer ``index`` in the model's forward: records its call, returns its input."""
+
+    def __init__(self, layer: torch.nn.Module, index: int, calls: dict):
+        super().__init__()
+        for key, value in vars(layer).items():        # the plain attributes the model's forward may read
+            if not key.startswith("_") and not isinstance(value, (torch.nn.Module, torch.Tensor)):
+                setattr(self, key, value)
+        self.index, self.calls = index, calls
+
+    def forward(self, hidden_states, *args, **kwargs):
+        self.calls[self.index] = (hidden_states, args, kwargs)
+        return hidden_states
+
+
+class GenericTemplate:
+    """The layer template of a GenericConfig model on ``device``, computing in ``dtype``."""
+
+    def __init__(self, cfg: GenericConfig, device: torch.device, dtype: torch.dtype):
+        register()
+        sk = skeleton(cfg)
+        self.cfg, self.device, self.dtype = cfg, device, dtype
+        self.layers = copy.deepcopy(sk.layers)          # meta modules: code and attributes, no weights
+        self.norm = copy.deepcopy(sk.text_model.norm)
+        self.names = [[p.key for p in layout.params] for layout in layer_layouts(cfg)[1:-1]]
+        self.eager = sk.lm.config._attn_implementation == "eager"    # the model's own choice of attention
+        hf = cfg.hf
+        self.softcap = getattr(hf, "final_logit_softcapping", None)
+        scaling = getattr(hf, "logits_scaling", None)
+        self.logit_scale = 1.0 / scaling if scaling else 1.0
+        self.plain_head = self.softcap is None and self.logit_scale == 1.0
+        self._model = None if device.type == "meta" else self._build_model(sk)
+        self._embed_scale = None
+
+    # ---- the model around its layers ------------------------------------------------------------------------
+    def _build_model(self, sk) -> torch.nn.Module:
+        """The text model with its layers replaced by recorders and a two-row embedding (never used: the forward
+        gets inputs_embeds), on the device; its config is the model's, with our attention implementation."""
+        small = self.cfg.hf
+        small.vocab_size, small.pad_token_id, small.num_hidden_layers = 2, None, 0
+        with torch.device("cpu"):
+            model = type(sk.text_model)(small)
+        self._module_scale = self._embedding_module_scale(model.embed_tokens)
+        self.calls: dict = {}
+        config = self.cfg.hf
+        config._attn_implementation = NAME
+        model.config = config
+        model.layers = torch.nn.ModuleList(_Recorder(layer, i, self.calls) for i, layer in enumerate(sk.layers))
+        return model.to(device=self.device, dtype=self.dtype).eval()
+
+    def _embedding_module_scale(self, embed: torch.nn.Module) -> torch.Tensor:
+        """What the embedding module multiplies a looked-up row by (1 for a plain nn.Embedding), in self.dtype."""
+        embed = embed.to(self.dtype)
+        with torch.no_grad():
+            embed.weight.fill_(1.0)
+            return embed(torch.zeros(1, 1, dtype=torch.long))[0, 0, 0].clone()
+
+    def layer_inputs(self, mb) -> dict:
+        """{layer index: (args, kwargs)} of each decoder layer's call for micro-batch mb (made once, kept on mb)."""
+        if mb.model_inputs is None:
+            B, S = mb.shape
+            ones = torch.ones(B, S, self.cfg.hidden_size, dtype=self.dtype, device=self.device)
+            self.calls.clear()
+            with torch.no_grad(), documents(mb.doc_ids, self.eager):
+                self._model(inputs_embeds=ones, attention_mask=mb.attention_mask, position_ids=mb.position_ids,
+                            use_cache=False)
+            first = self.calls[0][0]
+            if self._embed_scale is None:
+                factor = first.flatten()[0]
+                if not bool((first == factor).all()):
+                    raise ValueError(f"model type {self.cfg.model_type!r}: the model transforms its embeddings "
+                                     "before the first layer in a way other than a scale; not supported")
+                self._embed_scale = (factor * self._module_scale).to(self.dtype)
+            mb.model_inputs = {i: (args, kwargs) for i, (_, args, kwargs) in self.calls.items()}
+            self.calls.clear()
+        return mb.model_inputs
+
+    def _layer(self, index: int, params: dict, x: torch.Tensor, mb) -> torch.Tensor:
+        """Decoder layer ``index`` (0-based) on x[T, H] with ``params`` as its weights -> [T, H]."""
+        args, kwargs = self.layer_inputs(mb)[index]
+        B, S = mb.shape
+        h = x.view(B, S, -1)
+        if index == 0 and float(self._embed_scale) != 1.0:
+            h = h * self._embed_scale
+        with documents(mb.doc_ids, self.eager):
+            out = functional_call(self.layers[index], params, (h, *args), kwargs, strict=False)
+        if isinstance(out, tuple):
+            out = out[0]
+        return out.reshape(B * S, -1)
+
+    # ---- decoder layer: the hand-written template's signatures ------------------------------------------------
+    def decoder_forward(self, ops, cfg, w, x: torch.Tensor, mb, layer: int) -> torch.Tensor:
+        """x[T, H] -> store layer ``layer``'s output (layer 1 is the first decoder layer)."""
+        with torch.no_grad():
+            return self._layer(layer - 1, {n: w[n] for n in self.names[layer - 1]}, x, mb)
+
+    def decoder_backward(self, ops, cfg, w, g, x: torch.Tensor, mb, d_out: torch.Tensor, layer: int) -> torch.Tensor:
+        """Recomputes the layer under autograd from its input x, adds its weight gradients into g (fp32 views),
+        returns d(x)."""
+        names = self.names[layer - 1]
+        with torch.enable_grad():
+            params = {n: w[n].detach().requires_grad_(True) for n in names}
+            xi = x.detach().requires_grad_(True)
+            out = self._layer(layer - 1, params, xi, mb)
+            grads = torch.autograd.grad(out, [xi, *params.values()], d_out, allow_unused=True)
+        for name, grad in zip(names, grads[1:]):
+            if grad is not None and name in g:
+                g[name] += grad
+        return grads[0]
+
+    # ---- head -----------------------------------------------------------------------------------------------
+    def _final_norm(self, w, x: torch.Tensor) -> torch.Tensor:
+        return functional_call(self.norm, {"weight": w["norm"]}, (x,))
+
+    def head_norm(self, ops, cfg, w, x: torch.Tensor):
+        """(x̂ = final_norm(x) [T, H], None): the backward recomputes the norm (head_norm_backward)."""
+        with torch.no_grad():
+            return self._final_norm(w, x), None
+
+    def head_norm_backward(self, ops, w, g, x: torch.Tensor, rstd, d_xn: torch.Tensor) -> torch.Tensor:
+        with torch.enable_grad():
+            xi, weight = x.detach().requires_grad_(True), w["norm"].detach().requires_grad_(True)
+            xn = self._final_norm({"norm": weight}, xi)
+            dx, d_weight = torch.autograd.grad(xn, (xi, weight), d_xn.to(xn.dtype))
+        g["norm"] += d_weight
+        return dx
+
+    def head_forward_backward(self, ops, cfg, w, g, x: torch.Tensor, mb, grad_scale: float):
+        """x[T, H] -> (summed loss, d(x) of grad_scale · loss), the whole vocabulary in one pass."""
+        xn, _ = self.head_norm(ops, cfg, w, x)
+        if self.plain_head:
+            loss, d_xn = ops.linear_cross_entropy(xn, w["lm_head"], mb.targets, g["lm_head"], grad_scale)
+        else:
+            T = xn.shape[0]
+            stats = [torch.full((T,), float("-inf"), device=xn.device), xn.new_zeros(T, dtype=torch.float32),
+                     xn.new_zeros(T, dtype=torch.float32)]
+            self.head_chunk_stats(ops, w, xn, mb, 0, stats)
+            loss, lse = ops.cross_entropy_chunk_loss(*stats, mb.targets)
+            d_xn = torch.zeros(xn.shape, dtype=torch.float32, device=xn.device)
+            self.head_chunk_backward(ops, w, g, xn, mb, 0, lse, grad_scale, d_xn)
+        return loss, self.head_norm_backward(ops, w, g, x, None, d_xn)
+
+    def _logits(self, xn: torch.Tensor, rows: torch.Tensor):
+        """(the model's logits of rows, fp32 [t, V_c], d(logits)/d(xn rowsᵀ) where it is not the constant
+        logit_scale: with soft-capping)."""
+        z = (xn @ rows.t()).float() * self.logit_scale
+        if self.softcap is None:
+            return z, None
+        t = torch.tanh(z / self.softcap)
+        return self.softcap * t, (1 - t * t) * self.logit_scale
+
+    def head_chunk_stats(self, ops, w, xn: torch.Tensor, mb, start: int, stats) -> None:
+        """Pass 1 over vocabulary chunk [start, start + V_c): running max, sum of exp and the target's logit."""
+        if self.plain_head:
+            return ops.cross_entropy_chunk_stats_(xn, w["lm_head"], mb.targets, start, *stats)
+        row_max, row_sum, target_logit = stats
+        rows = w["lm_head"]
+        for s in range(0, xn.shape[0], TOKEN_CHUNK):
+            z, _ = self._logits(xn[s:s + TOKEN_CHUNK], rows)
+            new_max = torch.maximum(row_max[s:s + TOKEN_CHUNK], z.max(1).values)
+            row_sum[s:s + TOKEN_CHUNK] = (row_sum[s:s + TOKEN_CHUNK] * torch.exp(row_max[s:s + TOKEN_CHUNK] - new_max)
+                                          + torch.exp(z - new_max[:, None]).sum(1))
+            row_max[s:s + TOKEN_CHUNK] = new_max
+            local = mb.targets[s:s + TOKEN_CHUNK] - start
+            inside = (local >= 0) & (local < rows.shape[0])
+            picked = z.gather(1, local.clamp(0, rows.shape[0] - 1)[:, None])[:, 0]
+            target_logit[s:s + TOKEN_CHUNK] += torch.where(inside, picked, 0.0)
+
+    def head_chunk_backward(self, ops, w, g, xn: torch.Tensor, mb, start: int, lse: torch.Tensor, grad_scale,
+                            d_xn: torch.Tensor) -> None:
+        """Pass 2: d_xn fp32[T, H] and g["lm_head"] (this chunk's rows, None when frozen) accumulate."""
+        if self.plain_head:
+            return ops.cross_entropy_chunk_backward(xn, w["lm_head"], mb.targets, start, lse, grad_scale, d_xn,
+                                                    g["lm_head"])
+        rows = w["lm_head"]
+        for s in range(0, xn.shape[0], TOKEN_CHUNK):
+            e = s + TOKEN_CHUNK
+            z, dz_draw = self._logits(xn[s:e], rows)
+            dz = torch.exp(z - lse[s:e, None])
+            targets = mb.targets[s:e]
+            local = targets - start
+            inside = (local >= 0) & (local < rows.shape[0])
+            dz[inside.nonzero()[:, 0], local[inside]] -= 1.0
+            scale = grad_scale[s:e, None] if isinstance(grad_scale, torch.Tensor) else grad_scale
+            dz = dz * scale * (targets != -100)[:, None]
+            dz = dz * (dz_draw if dz_draw is not None else self.logit_scale)
+            d_xn[s:e] += dz @ rows.float()
+            if g["lm_head"] is not None:
+                g["lm_head"] += dz.t() @ xn[s:e].float()
+
+    def activation_bytes_per_token(self) -> int:
+        """A bound on the device bytes one token of a micro-batch holds through one layer's recompute + backward:
+        the autograd graph of transformers' layer keeps about a dozen [H]-wide and a few [I]-wide tensors."""
+        hf = self.cfg.hf
+        wide = max(getattr(hf, name, 0) or 0 for name in ("intermediate_size", "moe_intermediate_size"))
+        experts = getattr(hf, "num_experts_per_tok", 1) or 1
+        b = self.dtype.itemsize
+        return b * (16 * self.cfg.hidden_size + 6 * wide * experts) + 4 * 2 * self.cfg.hidden_size
+

@@ -1,0 +1,109 @@
+"""The generic family's weights: each layer's parameters in the host store's order with their transformers names
+(``layer_layouts``, from the model's modules on the meta device: skeleton.py), and where a checkpoint on
+disk keeps them under other names or split (``checkpoint_sources``: transformers 5 fuses the experts of MoE
+checkpoints, which the hub stores one tensor per expert, when it loads them; we do the same, tensor by tensor).
+Saved weights keep the in-memory names, which transformers 5 loads as they are. Imports models.layout and skeleton; ``cfg`` is a GenericConfig."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+from ..layout import LayerLayout, layout_of
+from .skeleton import skeleton
+
+def layer_layouts(cfg) -> list[LayerLayout]:
+    """[embed, layers.0 … layers.{L-1}, head], each decoder layer with every parameter of its module (keys: the
+    names inside the layer, e.g. "self_attn.q_proj.weight")."""
+    sk = skeleton(cfg)
+    H, V, pre = cfg.hidden_size, cfg.vocab_size, sk.prefix
+    layouts = [layout_of("embed", [("embed", pre + "embed_tokens.weight", (V, H))])]
+    for i, layer in enumerate(sk.layers):
+        specs = [(name, f"{pre}layers.{i}.{name}", tuple(p.shape)) for name, p in layer.named_parameters()]
+        layouts.append(layout_of(f"layers.{i}", specs))
+    head = [("norm", pre + "norm.weight", (H,))]
+    if not cfg.tie_word_embeddings:
+        head.append(("lm_head", "lm_head.weight", (V, H)))
+    layouts.append(layout_of("head", head))
+    return layouts
+
+
+# ---------------------------------------------------------------------------------------------------------
+# checkpoint names on disk
+# ---------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Sources:
+    """A parameter stored on disk as groups of tensors: each group stacked on dim 0 (one tensor per expert), the
+    stacked groups concatenated on ``concat_dim`` (gate and up)."""
+    groups: tuple[tuple[str, ...], ...]
+    concat_dim: int | None
+
+    def names(self) -> list[str]:
+        return [name for group in self.groups for name in group]
+
+    def assemble(self, read) -> torch.Tensor:
+        stacked = [torch.stack([read(name) for name in group]) for group in self.groups]
+        return stacked[0] if self.concat_dim is None else torch.cat(stacked, dim=self.concat_dim)
+
+
+def _conversions(model_type: str) -> list:
+    try:
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+    except ImportError:          # a transformers without checkpoint conversions: names on disk are the module's
+        return []
+    return list(get_checkpoint_conversion_mapping(model_type) or [])
+
+
+def _renamer(transforms) -> callable:
+    """in-memory name -> its name on disk, undoing transformers' renamings (plain substrings and prefix changes)."""
+    rules = []
+    for t in transforms:
+        kind = type(t).__name__
+        if kind not in ("WeightRenaming", "PrefixChange"):
+            continue
+        for source, target in zip(t.source_patterns, t.target_patterns):
+            if kind == "WeightRenaming" and re.escape(source).replace("\\.", ".") == source.replace("\\.", "."):
+                rules.append((re.compile(re.escape(target)), source.replace("\\.", ".")))
+            elif kind == "PrefixChange" and source.startswith("^") and "(.+)" in source:
+                disk = source[1:].replace("(.+)", r"\1").replace("\\.", ".")
+                rules.append((re.compile("^" + re.escape(target).replace(r"\\1", "(.+)")), disk))
+
+    def to_disk(name: str) -> str:
+        for pattern, repl in rules:
+            name = pattern.sub(repl, name)
+        return name
+    return to_disk
+
+
+def checkpoint_sources(cfg) -> dict[str, list]:
+    """in-memory name -> the ways a checkpoint may hold it, in the order tried: [the name itself, its renamed
+    name, or Sources (split experts)]."""
+    transforms = _conversions(cfg.model_type)
+    to_disk = _renamer(transforms)
+    merges = []
+    for t in transforms:
+        ops = [type(op).__name__ for op in getattr(t, "operations", [])]
+        if type(t).__name__ != "WeightConverter" or not ops or ops[0] != "MergeModulelist" \
+                or getattr(t.operations[0], "dim", 0) != 0 or len(t.target_patterns) != 1:
+            continue
+        concat = None
+        if ops[1:] == ["Concatenate"]:
+            concat = t.operations[1].dim
+        elif ops[1:]:
+            continue
+        merges.append((t.target_patterns[0].strip("."), [p.strip(".") for p in t.source_patterns], concat))
+    out = {}
+    for layout in layer_layouts(cfg):
+        for p in layout.params:
+            ways = [p.hf_name]
+            if to_disk(p.hf_name) != p.hf_name:
+                ways.append(to_disk(p.hf_name))
+            for target, patterns, concat in merges:
+                if p.hf_name.endswith("." + target):
+                    stem = p.hf_name[:-len(target)]
+                    groups = tuple(tuple(to_disk(stem + pattern.replace("*", str(e))) for e in range(p.shape[0]))
+                                   for pattern in patterns)
+                    ways.append(Sources(groups, concat))
+            out[p.hf_name] = ways
+    return out

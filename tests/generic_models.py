@@ -1,0 +1,51 @@
+"""Tiny random models of families the generic layer template trains, built with transformers and saved as a hub
+checkpoint would be (transformers' own save_pretrained: MoE experts one tensor per expert), and batches with
+packed documents and padding."""
+from __future__ import annotations
+
+import torch
+import transformers
+
+COMMON = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+              vocab_size=96, head_dim=8, pad_token_id=None, eos_token_id=None, bos_token_id=None,
+              max_position_embeddings=128)
+
+# model_type -> what its tiny config sets beyond COMMON
+FAMILIES = {
+    "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16),
+    "gemma2": dict(sliding_window=6),
+}
+
+
+def make_generic_model(model_type: str, path, seed: int = 0, **overrides):
+    """Builds the tiny random model, perturbs its 1-D parameters (norms, biases: their gradients and loading are
+    then really checked), saves it to path; returns the model (fp32)."""
+    config = transformers.AutoConfig.for_model(model_type, **{**COMMON, **FAMILIES.get(model_type, {}), **overrides})
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(path)
+    return model
+
+
+def mixed_batches(n: int, vocab: int = 96, seed: int = 1) -> list[dict]:
+    """n batches [2, 12] of random tokens, the first 3 labels of a row ignored; batch 1 (when n > 1) packs two
+    documents a row, batch 2 (when n > 2) pads its second row's last 3 tokens."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        ids = torch.randint(0, vocab, (2, 12), generator=g)
+        labels = ids.clone()
+        labels[:, :3] = -100
+        batch = {"input_ids": ids, "labels": labels}
+        if i == 1:
+            batch["position_ids"] = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5, 6]] * 2)
+        if i == 2:
+            batch["attention_mask"] = torch.ones(2, 12, dtype=torch.long)
+            batch["attention_mask"][1, 9:] = 0
+            labels[1, 9:] = -100
+        out.append(batch)
+    return out
