@@ -50,3 +50,18 @@ def test_generic_and_hand_written_templates_agree(tmp_path, family):
     for a, b in zip(dense, generic):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-6)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)
+
+
+def test_async_device_and_vocabulary_chunks_change_nothing(tmp_path):
+    """The race-testing device (random delays between the streams) and a head streamed in vocabulary chunks
+    (two passes, torch head kept by the template) give the plain run's losses and gradient norms."""
+    make_generic_model("qwen3_moe", tmp_path / "src")
+    batches = mixed_batches(3)
+    cfg = ht.ModelConfig.from_pretrained(tmp_path / "src")
+    plain = ht.Engine(cfg, _fp32()).fit(batches)
+    racing = ht.Engine(cfg, _fp32(device="cpu-async", num_slots=3)).fit(batches)
+    chunked = ht.Engine(cfg, _fp32(head_chunk_rows=40)).fit(batches)
+    for a, b, c in zip(plain, racing, chunked):
+        assert (b["loss"], b["grad_norm"]) == (a["loss"], a["grad_norm"])
+        assert c["loss"] == pytest.approx(a["loss"], rel=1e-6)
+        assert c["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-6)

@@ -145,9 +145,10 @@ class GenericTemplate:
         return functional_call(self.norm, {"weight": w["norm"]}, (x,))
 
     def head_norm(self, ops, cfg, w, x: torch.Tensor):
-        """(x̂ = final_norm(x) [T, H], None): the backward recomputes the norm (head_norm_backward)."""
+        """(x̂ = final_norm(x) [T, H], an empty tensor where the dense head keeps rstd: head_norm_backward
+        recomputes the norm)."""
         with torch.no_grad():
-            return self._final_norm(w, x), None
+            return self._final_norm(w, x), x.new_empty(0)
 
     def head_norm_backward(self, ops, w, g, x: torch.Tensor, rstd, d_xn: torch.Tensor) -> torch.Tensor:
         with torch.enable_grad():
@@ -170,7 +171,7 @@ class GenericTemplate:
             loss, lse = ops.cross_entropy_chunk_loss(*stats, mb.targets)
             d_xn = torch.zeros(xn.shape, dtype=torch.float32, device=xn.device)
             self.head_chunk_backward(ops, w, g, xn, mb, 0, lse, grad_scale, d_xn)
-        return loss, self.head_norm_backward(ops, w, g, x, None, d_xn)
+        return loss, self.head_norm_backward(ops, w, g, x, xn.new_empty(0), d_xn)
 
     def _logits(self, xn: torch.Tensor, rows: torch.Tensor):
         """(the model's logits of rows, fp32 [t, V_c], d(logits)/d(xn rowsᵀ) where it is not the constant
