@@ -14,7 +14,7 @@ OPT = dict(lr=3e-3, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8, max_grad_norm
 
 
 def _fp32(**extra):
-    return ht.TrainConfig(**OPT, compute_dtype="float32", device="cpu", **extra)
+    return ht.TrainConfig(**{**OPT, "compute_dtype": "float32", "device": "cpu", **extra})
 
 
 @pytest.mark.parametrize("model_type", sorted(FAMILIES))
