@@ -237,11 +237,16 @@ class Engine:
             torch.cuda.reset_peak_memory_stats()
         dpo = preference.DPOHead(self.train_cfg, pairs) if dpo else None
         loss_sum, sq_norm = run_step(self.pipeline, mbs, grad_scale=1.0 / tokens, preference=dpo)
-        if self.dist is not None:       # every rank's loss (and DPO metric) sums; the reduced gradient's norm
+        balance = self.pipeline.template.router_balance      # the MoE router's auxiliary loss, if the model has it
+        aux = None if balance is None else float(balance.step_aux)
+        if self.dist is not None:       # every rank's loss (DPO metrics, aux loss) sums; the reduced gradient's norm
+            sums = dpo.sums.tolist() if dpo is not None else [aux] if aux is not None else []
             loss_sum, sq_norm, sums = self.dist.step_totals(float(loss_sum), float(sq_norm), self.pipeline.sharded,
-                                                            dpo.sums.tolist() if dpo is not None else [])
+                                                            sums)
             if dpo is not None:
                 dpo.sums = torch.tensor(sums, dtype=torch.float64)
+            elif aux is not None:
+                aux = sums[0]
         grad_norm = math.sqrt(float(sq_norm))
         loss = float(loss_sum) / (dpo.pairs if dpo is not None else tokens)
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
@@ -266,6 +271,8 @@ class Engine:
             entry["allreduce_bytes"] = meter.reduced_bytes - reduced
         if self.device.type == "cuda":   # everything on the GPU, the kernels' workspaces included
             entry["device_allocator_peak_bytes"] = torch.cuda.max_memory_allocated()
+        if aux is not None:              # the loss holds coef·aux_loss (models/generic/router_balance)
+            entry["aux_loss"] = aux
         if dpo is not None:              # the loss is the mean over the step's pairs; TRL's metrics beside it
             entry.update(pairs=dpo.pairs, **dpo.metrics())
         if callback is not None:

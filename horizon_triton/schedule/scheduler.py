@@ -246,7 +246,9 @@ def run_step(p: Pipeline, mbs: list[lt.MicroBatch], grad_scale: float, preferenc
     log-prob, the DPO loss and every token's weight, which the second pass uses in place of grad_scale.
 
     Returns (loss_sum, squared gradient norm) as device scalars, after one sync at the end of the backward (with
-    ``preference``, loss_sum is the sum of the pairs' losses)."""
+    ``preference``, loss_sum is the sum of the pairs' losses). With the template's router auxiliary loss, loss_sum
+    also holds coef·(its mean over the step's micro-batches)/grad_scale, and the mean is left in
+    ``router_balance.step_aux``."""
     S, cfg, ops, L, H = len(p.slots), p.cfg, p.ops, p.cfg.num_layers, p.cfg.hidden_size
     tpl = p.template                            # the decoder layers' and the head's computations
     M = len(mbs)
@@ -264,6 +266,12 @@ def run_step(p: Pipeline, mbs: list[lt.MicroBatch], grad_scale: float, preferenc
     trained = p.store.trainable                 # the gradients' layouts and host buffers (LoRA: the adapters')
     sink, edge = gradient_sinks(p, totals)      # the decoder layers' gradients; the embedding's and the head's
     acc_turn = [0]
+    balance = tpl.router_balance                # the MoE router's auxiliary loss (models/generic/router_balance)
+    if balance is not None:
+        if preference is not None:
+            raise ValueError("DPO with the router auxiliary loss (output_router_logits=True in the model's config) "
+                             "is not supported yet; set output_router_logits=False")
+        balance.begin(mbs, M * (p.dist.world if p.dist is not None else 1))
 
     def run_layers(plan) -> None:
         """The ping-pong: plan[pos] = (unit, make_work, after) computes from slot pos % S while the next S-1
@@ -473,6 +481,8 @@ def run_step(p: Pipeline, mbs: list[lt.MicroBatch], grad_scale: float, preferenc
     if L:
         ckpt.save(1, hidden, act_bytes)
     run_layers([decoder_step(Unit(i)) for i in range(1, L + 1)] + head_plan)   # decoders, the head's passes
+    if balance is not None:           # every layer's routing is known: the aux loss, and its backward weights
+        compute(p, p.head, None, lambda: balance.finish_forward(totals, grad_scale), "router aux loss")
     ckpt.prefetch(L)
     run_layers([decoder_backward_step(Unit(i)) for i in range(L, 0, -1)])    # decoders L..1, recomputed
     d_rows = emb.grad() if edge.takes_gradient else None
@@ -490,6 +500,8 @@ def run_step(p: Pipeline, mbs: list[lt.MicroBatch], grad_scale: float, preferenc
     if d_rows is not None:
         write_embedding_grad(p, emb, rows_grad)
     emb.release()
+    if balance is not None:
+        balance.end()
     sq = sum(v for k, v in totals.items() if k.startswith("sq_"))
     return totals["loss"], sq
 

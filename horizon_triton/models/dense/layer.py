@@ -21,6 +21,8 @@ import torch
 
 from ...config import ModelConfig
 
+router_balance = None      # the template's MoE auxiliary loss (the generic template's RouterBalance): none here
+
 
 @dataclass
 class MicroBatch:

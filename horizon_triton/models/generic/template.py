@@ -24,6 +24,7 @@ from torch.func import functional_call
 
 from .attention import NAME, documents, register
 from .config import GenericConfig
+from .router_balance import RouterBalance
 from .skeleton import skeleton
 from .weights import layer_layouts
 
@@ -61,6 +62,9 @@ class GenericTemplate:
         scaling = getattr(hf, "logits_scaling", None)
         self.logit_scale = 1.0 / scaling if scaling else 1.0
         self.plain_head = self.softcap is None and self.logit_scale == 1.0
+        self.router_balance = RouterBalance.of(sk, cfg.model_type)    # the MoE auxiliary loss, when asked
+        if self.router_balance is not None:
+            self.router_balance.attach(self.layers)
         self._model = None if device.type == "meta" else self._build_model(sk)
         self._embed_scale = None
 
@@ -120,21 +124,41 @@ class GenericTemplate:
             out = out[0]
         return out.reshape(B * S, -1)
 
+    def _routed_layer(self, index: int, params: dict, x: torch.Tensor, mb):
+        """(_layer's output, the router logits its call recorded: [] without the auxiliary loss)."""
+        balance = self.router_balance
+        if balance is None:
+            return self._layer(index, params, x, mb), []
+        routed = balance.routed = []
+        try:
+            out = self._layer(index, params, x, mb)
+        finally:
+            balance.routed = None
+        return out, routed
+
     # ---- decoder layer: the hand-written template's signatures ------------------------------------------------
     def decoder_forward(self, ops, cfg, w, x: torch.Tensor, mb, layer: int) -> torch.Tensor:
         """x[T, H] -> store layer ``layer``'s output (layer 1 is the first decoder layer)."""
         with torch.no_grad():
-            return self._layer(layer - 1, {n: w[n] for n in self.names[layer - 1]}, x, mb)
+            out, routed = self._routed_layer(layer - 1, {n: w[n] for n in self.names[layer - 1]}, x, mb)
+            if routed:
+                self.router_balance.forward_layer(mb, routed)
+            return out
 
     def decoder_backward(self, ops, cfg, w, g, x: torch.Tensor, mb, d_out: torch.Tensor, layer: int) -> torch.Tensor:
         """Recomputes the layer under autograd from its input x, adds its weight gradients into g (fp32 views),
-        returns d(x)."""
+        returns d(x). With the router auxiliary loss, its gradient through this layer's router joins d_out's."""
         names = self.names[layer - 1]
         with torch.enable_grad():
             params = {n: w[n].detach().requires_grad_(True) for n in names}
             xi = x.detach().requires_grad_(True)
-            out = self._layer(layer - 1, params, xi, mb)
-            grads = torch.autograd.grad(out, [xi, *params.values()], d_out, allow_unused=True)
+            out, routed = self._routed_layer(layer - 1, params, xi, mb)
+            outputs, grad_outputs = [out], [d_out]
+            aux_term = self.router_balance.backward_term(mb, routed) if routed else None
+            if aux_term is not None:
+                outputs.append(aux_term)
+                grad_outputs.append(torch.ones_like(aux_term))
+            grads = torch.autograd.grad(outputs, [xi, *params.values()], grad_outputs, allow_unused=True)
         for name, grad in zip(names, grads[1:]):
             if grad is not None and name in g:
                 g[name] += grad
