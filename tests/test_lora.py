@@ -225,12 +225,14 @@ def test_store_layout_and_errors():
                      "lora_master_low": 2 * adapter_params, "lora_exp_avg": 4 * adapter_params,
                      "lora_exp_avg_sq": 4 * adapter_params, "lora_grad": 4 * adapter_params}
     for bad, match in [(dict(lora_rank=4, lora_dropout=0.1), "lora_dropout=0.1 is not supported"),
-                       (dict(lora_rank=4, lora_targets=["q_proj", "qkv"]), r"\['qkv'\] unknown"),
+                       (dict(lora_rank=4, lora_targets=["q_proj", "q_proj"]), "give distinct module names"),
                        (dict(lora_rank=0), "lora_rank must be an int"),
                        (dict(lora_rank=4, optimizer_states="8bit"), "does not apply to LoRA")]:
         with pytest.raises(ValueError, match=match):
             ht.TrainConfig(**bad)
     assert ht.TrainConfig(lora_rank=2, lora_targets="q_proj,o_proj").lora_targets == ("q_proj", "o_proj")
+    with pytest.raises(ValueError, match=r"\['qkv'\] unknown; this model's projections are \['q_proj'"):
+        ht.Engine(cfg, ht.TrainConfig(device="cpu", lora_rank=4, lora_targets=["q_proj", "qkv"]))   # at store build
     with pytest.raises(ValueError, match="merge=True merges LoRA adapters"):
         ht.Engine(cfg, ht.TrainConfig(device="cpu")).save_pretrained("unused", merge=True)
 

@@ -143,8 +143,10 @@ def _add_lora_options(parser, merge: bool) -> None:
     group.add_argument("--lora-rank", type=_positive, metavar="R", help="train rank-R LoRA adapters, the base frozen "
                                                                          "(default: full fine-tune)")
     group.add_argument("--lora-alpha", type=float, help="adapter scaling alpha / R (default 8, as peft)")
-    group.add_argument("--lora-targets", metavar="NAMES", help="comma-separated projections among q_proj, k_proj, "
-                       "v_proj, o_proj, gate_proj, up_proj, down_proj (default: q_proj,v_proj)")
+    group.add_argument("--lora-targets", metavar="NAMES", help="comma-separated projections, as peft's "
+                       "target_modules: among q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj for "
+                       "Llama/Mistral/Qwen2/Qwen3, any decoder layer's nn.Linear for other models (default: "
+                       "q_proj,v_proj)")
     if merge:
         group.add_argument("--merge", action="store_true", help="save the base with the adapters merged in (a "
                            "full model for transformers) instead of the adapters in peft's format")

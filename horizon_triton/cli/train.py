@@ -364,7 +364,8 @@ def train_config(**settings):
 
 
 def lora_options(args) -> dict:
-    """TrainConfig's LoRA settings from --lora-rank, --lora-alpha, --lora-targets (TrainConfig checks them)."""
+    """TrainConfig's LoRA settings from --lora-rank, --lora-alpha, --lora-targets (TrainConfig checks them, the
+    target names against the model when its store is built)."""
     if args.lora_rank is None:
         if getattr(args, "merge", False) or args.lora_alpha is not None or args.lora_targets is not None:
             raise ValueError("--lora-alpha, --lora-targets and --merge need --lora-rank R (a LoRA run)")

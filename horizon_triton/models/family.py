@@ -19,10 +19,9 @@ def layer_layouts(cfg):
 
 
 def adapter_layouts(cfg, spec):
-    if is_generic(cfg):
-        raise ValueError(f"LoRA on model type {cfg.model_type!r} (the generic layer template) is not supported "
-                         "yet; train it fully (lora_rank=None), or a Llama/Mistral/Qwen2/Qwen3 model with LoRA")
-    return dense_weights.adapter_layouts(cfg, spec)
+    """LoRA: [embed, decoder layers, head], each layer's adapters (``spec``: a lora.LoraSpec, whose target names
+    are checked here against the model's projections)."""
+    return (generic_weights if is_generic(cfg) else dense_weights).adapter_layouts(cfg, spec)
 
 
 def layer_template(cfg, device, dtype):

@@ -7,11 +7,14 @@ Each chosen projection W[N, K] of every decoder layer gets A[r, K] and B[N, r]:
 A starts as nn.Linear's weights do (peft: kaiming_uniform_(a=√5), i.e. uniform in ±1/√K), B at zero, so the
 starting model is the base. Only A and B train: the base (every decoder weight, the embedding, the norms, the
 head) is frozen, held on the host as its working weights alone (store.py), and gets no gradient. The forward and
-the hand-written backward are layer.py's projections on kernels/reference.py's lora_forward / lora_backward.
+the hand-written backward are layer.py's projections on kernels/reference.py's lora_forward / lora_backward;
+the generic template adds the same term to transformers' Linear modules and lets autograd take the adapters'.
 
-Target names are peft's ``target_modules`` (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj);
-peft's default for the Llama family is q_proj and v_proj. Saving writes peft's format: adapter_config.json and
-adapter_model.safetensors (the fp32 masters, under peft's tensor names), which
+Target names are peft's ``target_modules``: for the dense family q_proj, k_proj, v_proj, o_proj, gate_proj,
+up_proj, down_proj (peft's default for Llama is q_proj and v_proj); for a generic model (transformers' own layers)
+any nn.Linear of a decoder layer, matched as peft matches them (models/generic/weights.adapter_layouts; fused MoE
+experts held as 3-D parameters are not covered). The names are checked when the store is built. Saving writes
+peft's format: adapter_config.json and adapter_model.safetensors (the fp32 masters, under peft's tensor names), which
 ``peft.PeftModel.from_pretrained(base, dir)`` loads; ``merged_values`` gives W + s·B A for a merged full model
 that transformers loads alone.
 """
@@ -25,8 +28,6 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ..config import ModelConfig
-from ..models.dense.weights import MODULES, TARGETS
 from ..state import durable
 from ..state.checkpoint import is_model_file, refuse_non_finite
 
@@ -43,12 +44,6 @@ class LoraSpec:
     @property
     def scale(self) -> float:
         return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
-
-    @property
-    def keys(self) -> list[str]:
-        """Layout keys of the targets, in the layer's order (q, k, v, o, gate, up, down)."""
-        chosen = {TARGETS[t] for t in self.targets}
-        return [key for key in MODULES if key in chosen]
 
 
 def spec_of(train_cfg) -> LoraSpec | None:
@@ -71,8 +66,9 @@ def init_adapters(store, seed: int) -> None:
             store.set_master(index, values, p.offset, adapters=True)
 
 
-def adapter_config(spec: LoraSpec, cfg: ModelConfig) -> dict:
-    """adapter_config.json as peft's LoraConfig writes it (the fields that change what it loads)."""
+def adapter_config(spec: LoraSpec, cfg) -> dict:
+    """adapter_config.json as peft's LoraConfig writes it (the fields that change what it loads); cfg: the
+    model's ModelConfig or GenericConfig."""
     return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": cfg.source_path,
             "r": spec.rank, "lora_alpha": spec.alpha, "target_modules": sorted(spec.targets), "lora_dropout": 0.0,
             "use_rslora": spec.use_rslora, "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True,
@@ -105,9 +101,10 @@ def merged_values(store):
         w = store.master_values(layer, p.offset, p.offset + p.numel).view(p.shape)
         layout = store.adapter_layouts[layer]
         by_key = {q.key: q for q in layout.params}
-        if f"{p.key}.lora_A" not in by_key:
+        module = p.key.removesuffix(".weight")       # a generic layout's "self_attn.q_proj.weight"; dense: "q"
+        if f"{module}.lora_A" not in by_key:
             return w
-        a, b = by_key[f"{p.key}.lora_A"], by_key[f"{p.key}.lora_B"]
+        a, b = by_key[f"{module}.lora_A"], by_key[f"{module}.lora_B"]
         A = store.master_values(layer, a.offset, a.offset + a.numel, adapters=True).view(a.shape)
         B = store.master_values(layer, b.offset, b.offset + b.numel, adapters=True).view(b.shape)
         return w + store.lora.scale * (B @ A)

@@ -56,11 +56,16 @@ def projection_shapes(cfg) -> dict[str, tuple[int, int]]:
 def adapter_layouts(cfg, spec) -> list[LayerLayout]:
     """LoRA (``spec``: a lora.LoraSpec): one layout per store layer ([embed, decoders, head], as layer_layouts):
     the decoder layers' A and B of each target (keys "q.lora_A", "q.lora_B", ...; names as peft saves them), nothing for the embed and head."""
+    unknown = [t for t in spec.targets if t not in TARGETS]
+    if unknown:
+        raise ValueError(f"lora_targets {list(spec.targets)}: {unknown} unknown; this model's projections are "
+                         f"{list(TARGETS)}")
+    chosen = {TARGETS[t] for t in spec.targets}
     shapes = projection_shapes(cfg)
     layouts = [layout_of("embed", [])]
     for i in range(cfg.num_layers):
         specs = []
-        for key in spec.keys:
+        for key in (key for key in MODULES if key in chosen):     # the layer's order: q, k, v, o, gate, up, down
             N, K = shapes[key]
             pre = f"base_model.model.model.layers.{i}.{MODULES[key]}"
             specs += [(f"{key}.lora_A", f"{pre}.lora_A.weight", (spec.rank, K)),

@@ -7,6 +7,10 @@ and takes ``torch.autograd.grad`` for its input and its weights, which are added
 views: the graph lives for one layer of one micro-batch, and the boundary gradient is propagated by the scheduler
 as for the hand-written template (models/dense/layer.py, whose signatures these methods share).
 
+With LoRA (w holds adapters and w[LORA_SCALE], as the scheduler binds them after the base), each adapted nn.Linear
+adds s · (x Aᵀ) Bᵀ to its output through a forward hook that lives for one call; the base views never require
+grad, so the backward's autograd.grad gives the adapters' gradients alone (g's keys), and the head is frozen.
+
 What the model computes around its layers is taken from its own code: once per micro-batch (``layer_inputs``)
 the model's forward runs with its layers replaced by stand-ins that record what each is called with (masks per
 layer kind, rotary tables per layer kind, position ids, ...), on an all-ones input, which also shows the factor
@@ -17,11 +21,13 @@ logit scaling) the same two passes written in torch.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
 from torch.func import functional_call
 
+from ..dense.layer import LORA_SCALE
 from .attention import NAME, documents, register
 from .config import GenericConfig
 from .router_balance import RouterBalance
@@ -111,27 +117,46 @@ class GenericTemplate:
             self.calls.clear()
         return mb.model_inputs
 
-    def _layer(self, index: int, params: dict, x: torch.Tensor, mb) -> torch.Tensor:
-        """Decoder layer ``index`` (0-based) on x[T, H] with ``params`` as its weights -> [T, H]."""
+    @contextlib.contextmanager
+    def _adapted(self, index: int, w: dict):
+        """With LoRA adapters in w (w[LORA_SCALE] present): while inside, each adapted nn.Linear of layer
+        ``index`` adds s · (x Aᵀ) Bᵀ to its output (peft's lora.Linear), by a forward hook removed on exit."""
+        handles = []
+        try:
+            if LORA_SCALE in w:
+                s = w[LORA_SCALE]
+                for name, module in self.layers[index].named_modules():
+                    if name + ".lora_A" in w:
+                        a, b = w[name + ".lora_A"], w[name + ".lora_B"]
+                        handles.append(module.register_forward_hook(
+                            lambda m, inputs, out, a=a, b=b: out + (inputs[0] @ a.t()) @ b.t() * s))
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _layer(self, index: int, w: dict, x: torch.Tensor, mb) -> torch.Tensor:
+        """Decoder layer ``index`` (0-based) on x[T, H] with w's views as its weights (and adapters) -> [T, H]."""
         args, kwargs = self.layer_inputs(mb)[index]
+        params = {n: w[n] for n in self.names[index]}
         B, S = mb.shape
         h = x.view(B, S, -1)
         if index == 0 and float(self._embed_scale) != 1.0:
             h = h * self._embed_scale
-        with documents(mb.doc_ids, self.eager):
+        with documents(mb.doc_ids, self.eager), self._adapted(index, w):
             out = functional_call(self.layers[index], params, (h, *args), kwargs, strict=False)
         if isinstance(out, tuple):
             out = out[0]
         return out.reshape(B * S, -1)
 
-    def _routed_layer(self, index: int, params: dict, x: torch.Tensor, mb):
+    def _routed_layer(self, index: int, w: dict, x: torch.Tensor, mb):
         """(_layer's output, the router logits its call recorded: [] without the auxiliary loss)."""
         balance = self.router_balance
         if balance is None:
-            return self._layer(index, params, x, mb), []
+            return self._layer(index, w, x, mb), []
         routed = balance.routed = []
         try:
-            out = self._layer(index, params, x, mb)
+            out = self._layer(index, w, x, mb)
         finally:
             balance.routed = None
         return out, routed
@@ -140,27 +165,27 @@ class GenericTemplate:
     def decoder_forward(self, ops, cfg, w, x: torch.Tensor, mb, layer: int) -> torch.Tensor:
         """x[T, H] -> store layer ``layer``'s output (layer 1 is the first decoder layer)."""
         with torch.no_grad():
-            out, routed = self._routed_layer(layer - 1, {n: w[n] for n in self.names[layer - 1]}, x, mb)
+            out, routed = self._routed_layer(layer - 1, w, x, mb)
             if routed:
                 self.router_balance.forward_layer(mb, routed)
             return out
 
     def decoder_backward(self, ops, cfg, w, g, x: torch.Tensor, mb, d_out: torch.Tensor, layer: int) -> torch.Tensor:
-        """Recomputes the layer under autograd from its input x, adds its weight gradients into g (fp32 views),
-        returns d(x). With the router auxiliary loss, its gradient through this layer's router joins d_out's."""
-        names = self.names[layer - 1]
+        """Recomputes the layer under autograd from its input x, adds the gradients of what trains (g's keys: the
+        layer's weights, or with LoRA its adapters alone, the base frozen) into g (fp32 views), returns d(x). With
+        the router auxiliary loss, its gradient through this layer's router joins d_out's."""
         with torch.enable_grad():
-            params = {n: w[n].detach().requires_grad_(True) for n in names}
+            trained = {n: w[n].detach().requires_grad_(True) for n in g}
             xi = x.detach().requires_grad_(True)
-            out, routed = self._routed_layer(layer - 1, params, xi, mb)
+            out, routed = self._routed_layer(layer - 1, {**w, **trained}, xi, mb)
             outputs, grad_outputs = [out], [d_out]
             aux_term = self.router_balance.backward_term(mb, routed) if routed else None
             if aux_term is not None:
                 outputs.append(aux_term)
                 grad_outputs.append(torch.ones_like(aux_term))
-            grads = torch.autograd.grad(outputs, [xi, *params.values()], grad_outputs, allow_unused=True)
-        for name, grad in zip(names, grads[1:]):
-            if grad is not None and name in g:
+            grads = torch.autograd.grad(outputs, [xi, *trained.values()], grad_outputs, allow_unused=True)
+        for name, grad in zip(trained, grads[1:]):
+            if grad is not None:
                 g[name] += grad
         return grads[0]
 

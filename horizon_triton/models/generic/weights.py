@@ -2,7 +2,9 @@
 (``layer_layouts``, from the model's modules on the meta device: skeleton.py), and where a checkpoint on
 disk keeps them under other names or split (``checkpoint_sources``: transformers 5 fuses the experts of MoE
 checkpoints, which the hub stores one tensor per expert, when it loads them; we do the same, tensor by tensor).
-Saved weights keep the in-memory names, which transformers 5 loads as they are. Imports models.layout and skeleton; ``cfg`` is a GenericConfig."""
+Saved weights keep the in-memory names, which transformers 5 loads as they are. LoRA's adapters sit on the decoder
+layers' nn.Linear modules that peft's target_modules rule picks (``adapter_layouts``). Imports models.layout and
+skeleton; ``cfg`` is a GenericConfig."""
 from __future__ import annotations
 
 import re
@@ -26,6 +28,77 @@ def layer_layouts(cfg) -> list[LayerLayout]:
     if not cfg.tie_word_embeddings:
         head.append(("lm_head", "lm_head.weight", (V, H)))
     layouts.append(layout_of("head", head))
+    return layouts
+
+
+# ---------------------------------------------------------------------------------------------------------
+# LoRA adapters
+# ---------------------------------------------------------------------------------------------------------
+def _matches(name: str, target: str) -> bool:
+    """peft's rule for a target_modules list: the module's full name is the target or ends with "." + target."""
+    return name == target or name.endswith("." + target)
+
+
+def _linear_modules(cfg) -> list[str]:
+    """The names inside a decoder layer of the nn.Linear modules LoRA may adapt, over every layer, in module order
+    (what an error lists)."""
+    names = []
+    for layer in skeleton(cfg).layers:
+        names += [n for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear) and n not in names]
+    return names
+
+
+def _refuse_targets(cfg, targets) -> None:
+    """A target must name decoder layers' nn.Linear modules only (as peft would adapt it, and all of what peft
+    would adapt): not a module outside the layers (the head, the embedding: frozen here), not another kind of
+    module (a router holding its own weight, a fused-experts module) nor a parameter of one (the experts' 3-D
+    gate_up_proj / down_proj, which peft's target_modules does not reach and its target_parameters handles
+    differently across versions)."""
+    sk = skeleton(cfg)
+    in_layers = f"{sk.prefix}layers."
+    available = _linear_modules(cfg)
+    for target in targets:
+        linear, other, outside = [], [], []
+        for name, module in sk.lm.named_modules():
+            if not _matches(name, target):
+                continue
+            if not name.startswith(in_layers):
+                outside.append(name)
+            else:
+                (linear if isinstance(module, torch.nn.Linear) else other).append(f"{name} ({type(module).__name__})")
+        stored = [f"{name} {tuple(p.shape)}" for name, p in sk.lm.named_parameters()
+                  if name.startswith(in_layers) and p.dim() > 2 and _matches(name, target)]
+        if outside:
+            raise ValueError(f"lora_targets: {target!r} names {outside[:2]}, outside the decoder layers (frozen "
+                             f"here); give names among the layers' linear projections {available}")
+        if stored or other:
+            raise ValueError(f"lora_targets: {target!r} names {(stored + other)[:2]}, which is not an nn.Linear: "
+                             "fused MoE experts stored as 3-D parameters, routers and other modules holding their "
+                             "own weights are not covered by LoRA here (peft's support for them varies); give "
+                             f"names among the layers' linear projections {available}")
+        if not linear:
+            raise ValueError(f"lora_targets: {target!r} matches no module of model type {cfg.model_type!r}; give "
+                             f"names among the decoder layers' linear projections {available}")
+
+
+def adapter_layouts(cfg, spec) -> list[LayerLayout]:
+    """LoRA (``spec``: a lora.LoraSpec): one layout per store layer ([embed, decoders, head]): in each decoder
+    layer, for every nn.Linear a target matches (peft's target_modules rule), A [r, in] and B [out, r] under keys
+    "<module>.lora_A" / "<module>.lora_B" (e.g. "self_attn.q_proj.lora_A") and peft's saved names
+    (base_model.model.<module's full name>.lora_A.weight); nothing for the embed and head."""
+    _refuse_targets(cfg, spec.targets)
+    sk = skeleton(cfg)
+    layouts = [layout_of("embed", [])]
+    for i, layer in enumerate(sk.layers):
+        specs = []
+        for name, module in layer.named_modules():
+            if isinstance(module, torch.nn.Linear) and any(_matches(f"{sk.prefix}layers.{i}.{name}", t)
+                                                           for t in spec.targets):
+                pre = f"base_model.model.{sk.prefix}layers.{i}.{name}"
+                specs += [(f"{name}.lora_A", f"{pre}.lora_A.weight", (spec.rank, module.in_features)),
+                          (f"{name}.lora_B", f"{pre}.lora_B.weight", (module.out_features, spec.rank))]
+        layouts.append(layout_of(f"layers.{i}", specs))
+    layouts.append(layout_of("head", []))
     return layouts
 
 
