@@ -18,13 +18,14 @@ logit scaling) the same two passes written in torch.
 from __future__ import annotations
 
 import copy
+from collections.abc import MutableMapping
 
 import torch
 from torch.func import functional_call
 
 from .attention import NAME, documents, register
 from .config import GenericConfig
-from .skeleton import skeleton
+from .skeleton import layer_buffers, skeleton
 from .weights import layer_layouts
 
 TOKEN_CHUNK = 4096          # tokens whose logits exist at once in the torch head (with a logit transform)
@@ -55,6 +56,8 @@ class GenericTemplate:
         self.layers = copy.deepcopy(sk.layers)          # meta modules: code and attributes, no weights
         self.norm = copy.deepcopy(sk.text_model.norm)
         self.names = [[p.key for p in layout.params] for layout in layer_layouts(cfg)[1:-1]]
+        # the layers' buffers: bound without a gradient, never trained (skeleton.layer_buffers)
+        self.buffers = [{name for name, _ in layer_buffers(layer, f"layer {i}")} for i, layer in enumerate(self.layers)]
         self.eager = sk.lm.config._attn_implementation == "eager"    # the model's own choice of attention
         hf = cfg.hf
         self.softcap = getattr(hf, "final_logit_softcapping", None)
@@ -114,6 +117,10 @@ class GenericTemplate:
         h = x.view(B, S, -1)
         if index == 0 and float(self._embed_scale) != 1.0:
             h = h * self._embed_scale
+        # a mapping among the kwargs is state the layers share (Gemma 4's keys and values, which its layers store
+        # for assistant models even with nothing reused): each call writes into a fresh one, so no layer's
+        # tensors outlive it in mb's recorded inputs
+        kwargs = {k: type(v)() if isinstance(v, MutableMapping) else v for k, v in kwargs.items()}
         with documents(mb.doc_ids, self.eager):
             out = functional_call(self.layers[index], params, (h, *args), kwargs, strict=False)
         if isinstance(out, tuple):
@@ -129,11 +136,12 @@ class GenericTemplate:
     def decoder_backward(self, ops, cfg, w, g, x: torch.Tensor, mb, d_out: torch.Tensor, layer: int) -> torch.Tensor:
         """Recomputes the layer under autograd from its input x, adds its weight gradients into g (fp32 views),
         returns d(x)."""
-        names = self.names[layer - 1]
+        buffers = self.buffers[layer - 1]
+        names = [n for n in self.names[layer - 1] if n not in buffers]
         with torch.enable_grad():
             params = {n: w[n].detach().requires_grad_(True) for n in names}
             xi = x.detach().requires_grad_(True)
-            out = self._layer(layer - 1, params, xi, mb)
+            out = self._layer(layer - 1, {**params, **{n: w[n] for n in buffers}}, xi, mb)
             grads = torch.autograd.grad(out, [xi, *params.values()], d_out, allow_unused=True)
         for name, grad in zip(names, grads[1:]):
             if grad is not None and name in g:
