@@ -14,18 +14,33 @@ COMMON = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_att
 FAMILIES = {
     "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16),
     "gemma2": dict(sliding_window=6),
+    # Gated DeltaNet then full attention, each with a sparse MoE block (and its shared expert)
+    "qwen3_next": dict(layer_types=["linear_attention", "full_attention"], linear_num_key_heads=2,
+                       linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8,
+                       linear_conv_kernel_dim=4, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                       shared_expert_intermediate_size=16),
+    "gemma3_text": dict(sliding_window=6, layer_types=["sliding_attention", "full_attention"]),
+    # the per-layer input embeddings and cross-layer KV sharing switched off (the engine has no model-level parts)
+    "gemma4_text": dict(sliding_window=6, layer_types=["sliding_attention", "full_attention"],
+                        hidden_size_per_layer_input=0, num_kv_shared_layers=0, global_head_dim=16),
+    "phi3": dict(),
+    "olmo2": dict(),
+    "granite": dict(embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.2,
+                    logits_scaling=4.0),
 }
 
 
 def make_generic_model(model_type: str, path, seed: int = 0, **overrides):
     """Builds the tiny random model, perturbs its 1-D parameters (norms, biases: their gradients and loading are
-    then really checked), saves it to path; returns the model (fp32)."""
+    then really checked) and its checkpoint's buffers (Gemma 4's layer scalars: then really loaded and kept),
+    saves it to path; returns the model (fp32)."""
     config = transformers.AutoConfig.for_model(model_type, **{**COMMON, **FAMILIES.get(model_type, {}), **overrides})
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config)
     with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 1:
+        params = dict(model.named_parameters())
+        for name, p in model.state_dict(keep_vars=True).items():
+            if p.is_floating_point() and (p.dim() == 1 or name not in params):
                 p.add_(torch.randn_like(p) * 0.1)
     model.save_pretrained(path)
     return model

@@ -23,6 +23,26 @@ class Skeleton:
         return self.text_model.layers
 
 
+def layer_buffers(layer: torch.nn.Module, where: str) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, shape) of a decoder layer's buffers: values of the checkpoint the layer computes with but does not
+    train (Gemma 4's ``layer_scalar``). They travel in the layer's flat buffer beside its parameters (loaded and
+    saved with them) and the template binds them without a gradient, so AdamW leaves them as loaded (a zero
+    gradient moves nothing, and only matrices decay: hence 0-D and 1-D ones only). A buffer the checkpoint does
+    not hold (non-persistent: computed from the config when the module is built) has no value on the meta
+    device, and is refused."""
+    persistent = layer.state_dict(keep_vars=True)
+    out = []
+    for name, buffer in layer.named_buffers():
+        if name not in persistent:
+            raise ValueError(f"{where} holds buffer {name!r}, computed when the module is built and not stored in "
+                             "checkpoints: the layer template, built on the meta device, has no value for it")
+        if buffer.dim() > 1:
+            raise ValueError(f"{where} holds buffer {name!r} of shape {tuple(buffer.shape)}: only 0-D and 1-D "
+                             "buffers are bound (they are kept with the weights and must not take weight decay)")
+        out.append((name, tuple(buffer.shape)))
+    return out
+
+
 @functools.lru_cache(maxsize=4)
 def skeleton(cfg) -> Skeleton:
     """transformers' causal LM of this config, on the meta device (no memory; shapes and module code only)."""
@@ -50,10 +70,13 @@ def skeleton(cfg) -> Skeleton:
         raise ValueError(f"model type {cfg.model_type!r}: model-level parts {extra + extra_params} (e.g. per-layer "
                          "input embeddings) are not supported yet: the engine streams decoder layers between an "
                          "embedding, a final norm and the head")
-    buffers = [f"layers.{i}.{n}" for i, layer in enumerate(text_model.layers) for n, _ in layer.named_buffers()]
-    if buffers:
-        raise ValueError(f"model type {cfg.model_type!r}: decoder layers hold buffers {buffers[:3]}, which the "
-                         "stateless layer template cannot bind yet")
+    for i, layer in enumerate(text_model.layers):
+        layer_buffers(layer, f"model type {cfg.model_type!r}: layer {i}")          # refuses what it cannot bind
+    shared = getattr(hf, "num_kv_shared_layers", 0) or 0
+    if shared:
+        raise ValueError(f"model type {cfg.model_type!r}: its last {shared} decoder layers reuse the keys and values "
+                         "of earlier layers (num_kv_shared_layers), which the layer template, running one layer at "
+                         "a time, cannot pass between layers; a config with num_kv_shared_layers=0 trains")
     norm_params = [(n, tuple(p.shape)) for n, p in text_model.norm.named_parameters()]
     if norm_params != [("weight", (cfg.hidden_size,))]:
         raise ValueError(f"model type {cfg.model_type!r}: final norm parameters {norm_params}; the head supports one "

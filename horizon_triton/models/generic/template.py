@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from collections.abc import MutableMapping
 
 import torch
 from torch.func import functional_call
@@ -31,7 +32,7 @@ from ..dense.layer import LORA_SCALE
 from .attention import NAME, documents, register
 from .config import GenericConfig
 from .router_balance import RouterBalance
-from .skeleton import skeleton
+from .skeleton import layer_buffers, skeleton
 from .weights import layer_layouts
 
 TOKEN_CHUNK = 4096          # tokens whose logits exist at once in the torch head (with a logit transform)
@@ -62,6 +63,8 @@ class GenericTemplate:
         self.layers = copy.deepcopy(sk.layers)          # meta modules: code and attributes, no weights
         self.norm = copy.deepcopy(sk.text_model.norm)
         self.names = [[p.key for p in layout.params] for layout in layer_layouts(cfg)[1:-1]]
+        # the layers' buffers: bound without a gradient, never trained (skeleton.layer_buffers)
+        self.buffers = [{name for name, _ in layer_buffers(layer, f"layer {i}")} for i, layer in enumerate(self.layers)]
         self.eager = sk.lm.config._attn_implementation == "eager"    # the model's own choice of attention
         hf = cfg.hf
         self.softcap = getattr(hf, "final_logit_softcapping", None)
@@ -143,6 +146,10 @@ class GenericTemplate:
         h = x.view(B, S, -1)
         if index == 0 and float(self._embed_scale) != 1.0:
             h = h * self._embed_scale
+        # a mapping among the kwargs is state the layers share (Gemma 4's keys and values, which its layers store
+        # for assistant models even with nothing reused): each call writes into a fresh one, so no layer's
+        # tensors outlive it in mb's recorded inputs
+        kwargs = {k: type(v)() if isinstance(v, MutableMapping) else v for k, v in kwargs.items()}
         with documents(mb.doc_ids, self.eager), self._adapted(index, w):
             out = functional_call(self.layers[index], params, (h, *args), kwargs, strict=False)
         if isinstance(out, tuple):
@@ -172,10 +179,11 @@ class GenericTemplate:
 
     def decoder_backward(self, ops, cfg, w, g, x: torch.Tensor, mb, d_out: torch.Tensor, layer: int) -> torch.Tensor:
         """Recomputes the layer under autograd from its input x, adds the gradients of what trains (g's keys: the
-        layer's weights, or with LoRA its adapters alone, the base frozen) into g (fp32 views), returns d(x). With
-        the router auxiliary loss, its gradient through this layer's router joins d_out's."""
+        layer's weights, or with LoRA its adapters alone, the base frozen; never a buffer) into g (fp32 views),
+        returns d(x). With the router auxiliary loss, its gradient through this layer's router joins d_out's."""
+        buffers = self.buffers[layer - 1]
         with torch.enable_grad():
-            trained = {n: w[n].detach().requires_grad_(True) for n in g}
+            trained = {n: w[n].detach().requires_grad_(True) for n in g if n not in buffers}
             xi = x.detach().requires_grad_(True)
             out, routed = self._routed_layer(layer - 1, {**w, **trained}, xi, mb)
             outputs, grad_outputs = [out], [d_out]

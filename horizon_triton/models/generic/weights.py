@@ -13,16 +13,17 @@ from dataclasses import dataclass
 import torch
 
 from ..layout import LayerLayout, layout_of
-from .skeleton import skeleton
+from .skeleton import layer_buffers, skeleton
 
 def layer_layouts(cfg) -> list[LayerLayout]:
-    """[embed, layers.0 … layers.{L-1}, head], each decoder layer with every parameter of its module (keys: the
-    names inside the layer, e.g. "self_attn.q_proj.weight")."""
+    """[embed, layers.0 … layers.{L-1}, head], each decoder layer with every parameter and buffer of its module
+    (keys: the names inside the layer, e.g. "self_attn.q_proj.weight"; buffers: skeleton.layer_buffers)."""
     sk = skeleton(cfg)
     H, V, pre = cfg.hidden_size, cfg.vocab_size, sk.prefix
     layouts = [layout_of("embed", [("embed", pre + "embed_tokens.weight", (V, H))])]
     for i, layer in enumerate(sk.layers):
-        specs = [(name, f"{pre}layers.{i}.{name}", tuple(p.shape)) for name, p in layer.named_parameters()]
+        state = [(name, tuple(p.shape)) for name, p in layer.named_parameters()] + layer_buffers(layer, f"layer {i}")
+        specs = [(name, f"{pre}layers.{i}.{name}", shape) for name, shape in state]
         layouts.append(layout_of(f"layers.{i}", specs))
     head = [("norm", pre + "norm.weight", (H,))]
     if not cfg.tie_word_embeddings:
