@@ -347,8 +347,8 @@ class Engine:
                      for mb in mbs]                        # running max, sum of exp, target logit
             results = [None] * len(mbs)
 
-            def head_chunk(m, xn, w, u, mbs=mbs, stats=stats):
-                self.ops.cross_entropy_chunk_stats_(xn, w["lm_head"], mbs[m].targets, u.start, *stats[m])
+            def head_chunk(m, xn, w, u, mbs=mbs, stats=stats):       # the template's: a model's logit transform
+                self.pipeline.template.head_chunk_stats(self.ops, w, xn, mbs[m], u.start, stats[m])
 
             def finish(m, mbs=mbs, stats=stats, results=results):
                 results[m] = self.ops.cross_entropy_chunk_loss(*stats[m], mbs[m].targets)
@@ -372,7 +372,7 @@ class Engine:
                              device=self.device.torch_device)
 
         def head_chunk(m, xn, w, u):
-            logits[:, u.start:u.stop] = xn @ w["lm_head"].t()
+            logits[:, u.start:u.stop] = self.pipeline.template.head_chunk_logits(w, xn)
         run_forward(self.pipeline, [mb], forward_budget(self.pipeline, mb.host_ids.numel()), head_chunk)
         return logits.view(*input_ids.shape, -1).cpu()
 

@@ -62,7 +62,12 @@ def training_batches(engine, spec: dict) -> list[dict]:
 
 
 def configs(spec: dict) -> tuple[ht.ModelConfig, ht.TrainConfig]:
-    model = ht.preset("tiny", **spec.get("model", {}))
+    """spec["model_dir"]: a Hugging Face model directory (ModelConfig.from_pretrained: a generic model's too), else
+    the tiny preset with spec["model"]'s overrides."""
+    if spec.get("model_dir"):
+        model = ht.ModelConfig.from_pretrained(spec["model_dir"])
+    else:
+        model = ht.preset("tiny", **spec.get("model", {}))
     train = ht.TrainConfig(**{"lr": 1e-3, "weight_decay": 0.1, "max_grad_norm": 0.5, "device": "cpu",
                               "optimizer_threads": 1, "preflight": False, **spec.get("train", {})})
     return model, train

@@ -34,6 +34,7 @@ import torch
 from . import durable
 from ..config import ModelConfig, TrainConfig
 from ..host.store import HostStore
+from ..models.generic.config import GenericConfig
 
 FORMAT = "horizon-triton training checkpoint"
 VERSION = 1
@@ -302,9 +303,14 @@ def _verify(ckpt: Path, file: str, manifest: dict, checksum: str) -> None:
                               f"{expected} (the bytes changed after the save); resume from another checkpoint")
 
 
-def model_config(trainer_state: dict) -> ModelConfig:
+# what a generic model's transformers config records besides its architecture (where it was read, by what)
+NOT_ARCHITECTURE = ("_name_or_path", "transformers_version")
+
+
+def model_config(trainer_state: dict) -> ModelConfig | GenericConfig:
+    saved = trainer_state["model_config"]
     try:
-        return ModelConfig(**trainer_state["model_config"])
+        return GenericConfig(**saved) if "hf_json" in saved else ModelConfig(**saved)
     except TypeError as e:
         raise CheckpointError(f"the checkpoint's model config cannot be read by this horizon-triton: {e}") from e
 
@@ -320,8 +326,16 @@ def train_config(trainer_state: dict) -> TrainConfig:
     return TrainConfig(**saved)
 
 
-def config_differences(saved: ModelConfig, current: ModelConfig) -> list[str]:
-    """'field: checkpoint X, this model Y' for every architecture setting that differs."""
+def config_differences(saved, current) -> list[str]:
+    """'field: checkpoint X, this model Y' for every architecture setting that differs (ModelConfigs: their
+    fields; GenericConfigs: their transformers configs' keys)."""
+    if type(saved) is not type(current):
+        return [f"model family: checkpoint {type(saved).__name__} ({saved.model_type}), this model "
+                f"{type(current).__name__} ({current.model_type})"]
+    if isinstance(saved, GenericConfig):
+        a, b = json.loads(saved.hf_json), json.loads(current.hf_json)
+        return [f"{key}: checkpoint {a.get(key)!r}, this model {b.get(key)!r}" for key in sorted(a.keys() | b.keys())
+                if key not in NOT_ARCHITECTURE and a.get(key) != b.get(key)]
     return [f"{f.name}: checkpoint {getattr(saved, f.name)!r}, this model {getattr(current, f.name)!r}"
             for f in dataclasses.fields(ModelConfig)
             if f.compare and getattr(saved, f.name) != getattr(current, f.name)]

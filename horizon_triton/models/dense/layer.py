@@ -218,6 +218,11 @@ def head_norm(ops, cfg: ModelConfig, w, x: torch.Tensor):
     return ops.rmsnorm_forward(x, w["norm"], cfg.rms_norm_eps)                      # (xn[T, H], rstd[T])
 
 
+def head_chunk_logits(w, xn: torch.Tensor) -> torch.Tensor:
+    """The logits [T, V_c] of a vocabulary chunk's rows w["lm_head"] (a forward-only pass: Engine.logits)."""
+    return xn @ w["lm_head"].t()
+
+
 def head_chunk_stats(ops, w, xn: torch.Tensor, mb: MicroBatch, start: int, stats: tuple) -> None:
     """Pass 1: stats = (row_max, row_sum, target_logit) fp32 [T], updated in place."""
     ops.cross_entropy_chunk_stats_(xn, w["lm_head"], mb.targets, start, *stats)

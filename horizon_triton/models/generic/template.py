@@ -239,6 +239,12 @@ class GenericTemplate:
         t = torch.tanh(z / self.softcap)
         return self.softcap * t, (1 - t * t) * self.logit_scale
 
+    def head_chunk_logits(self, w, xn: torch.Tensor) -> torch.Tensor:
+        """The model's logits [T, V_c] (fp32) of a vocabulary chunk's rows w["lm_head"], its logit transform
+        applied (a forward-only pass: Engine.logits)."""
+        return torch.cat([self._logits(xn[s:s + TOKEN_CHUNK], w["lm_head"])[0]
+                          for s in range(0, xn.shape[0], TOKEN_CHUNK)])
+
     def head_chunk_stats(self, ops, w, xn: torch.Tensor, mb, start: int, stats) -> None:
         """Pass 1 over vocabulary chunk [start, start + V_c): running max, sum of exp and the target's logit."""
         if self.plain_head:
