@@ -22,7 +22,8 @@ import copy
 import torch
 from torch.func import functional_call
 
-from .attention import NAME, documents, register
+from ..ops import attention_refusal
+from .attention import NAME, Kernels, documents, register
 from .config import GenericConfig
 from .skeleton import skeleton
 from .weights import layer_layouts
@@ -53,9 +54,12 @@ class GenericTemplate:
         sk = skeleton(cfg)
         self.cfg, self.device, self.dtype = cfg, device, dtype
         self.layers = copy.deepcopy(sk.layers)          # meta modules: code and attributes, no weights
+        self.eager = sk.lm.config._attn_implementation == "eager"    # the model's own choice of attention
+        for module in self.layers.modules():            # the layers call our attention (it falls back to that choice)
+            if hasattr(getattr(module, "config", None), "_attn_implementation"):
+                module.config._attn_implementation = NAME
         self.norm = copy.deepcopy(sk.text_model.norm)
         self.names = [[p.key for p in layout.params] for layout in layer_layouts(cfg)[1:-1]]
-        self.eager = sk.lm.config._attn_implementation == "eager"    # the model's own choice of attention
         hf = cfg.hf
         self.softcap = getattr(hf, "final_logit_softcapping", None)
         scaling = getattr(hf, "logits_scaling", None)
@@ -63,6 +67,7 @@ class GenericTemplate:
         self.plain_head = self.softcap is None and self.logit_scale == 1.0
         self._model = None if device.type == "meta" else self._build_model(sk)
         self._embed_scale = None
+        self.announced: set = set()      # why layers fell back to transformers' attention, each logged once
 
     # ---- the model around its layers ------------------------------------------------------------------------
     def _build_model(self, sk) -> torch.nn.Module:
@@ -107,14 +112,16 @@ class GenericTemplate:
             self.calls.clear()
         return mb.model_inputs
 
-    def _layer(self, index: int, params: dict, x: torch.Tensor, mb) -> torch.Tensor:
-        """Decoder layer ``index`` (0-based) on x[T, H] with ``params`` as its weights -> [T, H]."""
+    def _layer(self, ops, index: int, params: dict, x: torch.Tensor, mb) -> torch.Tensor:
+        """Decoder layer ``index`` (0-based) on x[T, H] with ``params`` as its weights -> [T, H]; its attention
+        on ops' kernels where they apply."""
         args, kwargs = self.layer_inputs(mb)[index]
         B, S = mb.shape
         h = x.view(B, S, -1)
         if index == 0 and float(self._embed_scale) != 1.0:
             h = h * self._embed_scale
-        with documents(mb.doc_ids, self.eager):
+        kernels = Kernels(ops, lambda head_dim, dtype: attention_refusal(ops, head_dim, dtype), self.announced)
+        with documents(mb.doc_ids, self.eager, kernels):
             out = functional_call(self.layers[index], params, (h, *args), kwargs, strict=False)
         if isinstance(out, tuple):
             out = out[0]
@@ -124,7 +131,7 @@ class GenericTemplate:
     def decoder_forward(self, ops, cfg, w, x: torch.Tensor, mb, layer: int) -> torch.Tensor:
         """x[T, H] -> store layer ``layer``'s output (layer 1 is the first decoder layer)."""
         with torch.no_grad():
-            return self._layer(layer - 1, {n: w[n] for n in self.names[layer - 1]}, x, mb)
+            return self._layer(ops, layer - 1, {n: w[n] for n in self.names[layer - 1]}, x, mb)
 
     def decoder_backward(self, ops, cfg, w, g, x: torch.Tensor, mb, d_out: torch.Tensor, layer: int) -> torch.Tensor:
         """Recomputes the layer under autograd from its input x, adds its weight gradients into g (fp32 views),
@@ -133,7 +140,7 @@ class GenericTemplate:
         with torch.enable_grad():
             params = {n: w[n].detach().requires_grad_(True) for n in names}
             xi = x.detach().requires_grad_(True)
-            out = self._layer(layer - 1, params, xi, mb)
+            out = self._layer(ops, layer - 1, params, xi, mb)
             grads = torch.autograd.grad(out, [xi, *params.values()], d_out, allow_unused=True)
         for name, grad in zip(names, grads[1:]):
             if grad is not None and name in g:
