@@ -605,6 +605,15 @@ def default_config(kernel: str, D: int, dtype: torch.dtype) -> dict:
     return _DEFAULTS[kernel if dtype != torch.float32 else f"{kernel}/fp32"][_block_d(D)]
 
 
+def unsupported(head_dim: int, dtype: torch.dtype) -> str | None:
+    """Why the kernels do not take this head dim and dtype (None: they do)."""
+    if dtype not in DTYPES:
+        return f"dtype {dtype} is not supported (bf16, fp16, fp32)"
+    if not (32 <= head_dim <= MAX_HEAD_DIM and head_dim % 16 == 0):
+        return f"head dim {head_dim} is not supported (multiples of 16 from 32 to {MAX_HEAD_DIM})"
+    return None
+
+
 def _check_inputs(q, k, v, doc_ids, sliding_window) -> tuple[int, int, int, int, int]:
     """-> (B, S, Hq, Hkv, D), or a ValueError that names the problem."""
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -619,12 +628,12 @@ def _check_inputs(q, k, v, doc_ids, sliding_window) -> tuple[int, int, int, int,
     if Hkv == 0 or Hq % Hkv:
         raise ValueError(f"attention: Hq={Hq} query heads is not a multiple of Hkv={Hkv} kv heads (grouped-query "
                          f"attention needs Hq = G·Hkv)")
-    if q.dtype not in DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+    if k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(f"attention: q, k, v must share one dtype among bf16, fp16, fp32; got {q.dtype}, "
                          f"{k.dtype}, {v.dtype}")
-    if not (32 <= D <= MAX_HEAD_DIM and D % 16 == 0):
-        raise ValueError(f"attention: head dim {D} is not supported (multiples of 16 from 32 to {MAX_HEAD_DIM}); "
-                         f"pad the head dim or use kernels.reference.attention_forward")
+    refused = unsupported(D, q.dtype)
+    if refused is not None:
+        raise ValueError(f"attention: {refused}; pad the head dim or use kernels.reference.attention_forward")
     if S == 0 or B == 0:
         raise ValueError(f"attention: empty input, q shape {tuple(q.shape)}")
     devices = {t.device for t in (q, k, v)} | ({doc_ids.device} if doc_ids is not None else set())

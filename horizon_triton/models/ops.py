@@ -82,6 +82,16 @@ def load_ops(backend: str, device_type: str = "cpu") -> SimpleNamespace:
     return SimpleNamespace(**ops)
 
 
+def attention_refusal(ops, head_dim: int, dtype) -> str | None:
+    """Why ``ops``' attention does not take this head dim and dtype (None: it does). The Triton kernels take head
+    dims 32 to 256 in steps of 16; the library path and the references take any (the library path itself falls
+    back to the reference where PyTorch's flash attention does not apply)."""
+    attention_forward = ops.attention_forward
+    if getattr(attention_forward, "__module__", None) != "horizon_triton.kernels.attention":
+        return None
+    return sys.modules[attention_forward.__module__].unsupported(head_dim, dtype)
+
+
 def _enter_interpreter() -> None:
     # triton.jit decides between compiled and interpreted functions when a kernel module is imported
     if os.environ.get("TRITON_INTERPRET") != "1":

@@ -29,7 +29,8 @@ import torch
 from torch.func import functional_call
 
 from ..dense.layer import LORA_SCALE
-from .attention import NAME, documents, register
+from ..ops import attention_refusal
+from .attention import NAME, Kernels, documents, register
 from .config import GenericConfig
 from .router_balance import RouterBalance
 from .skeleton import layer_buffers, skeleton
@@ -61,11 +62,14 @@ class GenericTemplate:
         sk = skeleton(cfg)
         self.cfg, self.device, self.dtype = cfg, device, dtype
         self.layers = copy.deepcopy(sk.layers)          # meta modules: code and attributes, no weights
+        self.eager = sk.lm.config._attn_implementation == "eager"    # the model's own choice of attention
+        for module in self.layers.modules():            # the layers call our attention (it falls back to that choice)
+            if hasattr(getattr(module, "config", None), "_attn_implementation"):
+                module.config._attn_implementation = NAME
         self.norm = copy.deepcopy(sk.text_model.norm)
         self.names = [[p.key for p in layout.params] for layout in layer_layouts(cfg)[1:-1]]
         # the layers' buffers: bound without a gradient, never trained (skeleton.layer_buffers)
         self.buffers = [{name for name, _ in layer_buffers(layer, f"layer {i}")} for i, layer in enumerate(self.layers)]
-        self.eager = sk.lm.config._attn_implementation == "eager"    # the model's own choice of attention
         hf = cfg.hf
         self.softcap = getattr(hf, "final_logit_softcapping", None)
         scaling = getattr(hf, "logits_scaling", None)
@@ -76,6 +80,7 @@ class GenericTemplate:
             self.router_balance.attach(self.layers)
         self._model = None if device.type == "meta" else self._build_model(sk)
         self._embed_scale = None
+        self.announced: set = set()      # why layers fell back to transformers' attention, each logged once
 
     # ---- the model around its layers ------------------------------------------------------------------------
     def _build_model(self, sk) -> torch.nn.Module:
@@ -138,8 +143,9 @@ class GenericTemplate:
             for handle in handles:
                 handle.remove()
 
-    def _layer(self, index: int, w: dict, x: torch.Tensor, mb) -> torch.Tensor:
-        """Decoder layer ``index`` (0-based) on x[T, H] with w's views as its weights (and adapters) -> [T, H]."""
+    def _layer(self, ops, index: int, w: dict, x: torch.Tensor, mb) -> torch.Tensor:
+        """Decoder layer ``index`` (0-based) on x[T, H] with w's views as its weights (and adapters) -> [T, H];
+        its attention on ops' kernels where they apply."""
         args, kwargs = self.layer_inputs(mb)[index]
         params = {n: w[n] for n in self.names[index]}
         B, S = mb.shape
@@ -150,20 +156,21 @@ class GenericTemplate:
         # for assistant models even with nothing reused): each call writes into a fresh one, so no layer's
         # tensors outlive it in mb's recorded inputs
         kwargs = {k: type(v)() if isinstance(v, MutableMapping) else v for k, v in kwargs.items()}
-        with documents(mb.doc_ids, self.eager), self._adapted(index, w):
+        kernels = Kernels(ops, lambda head_dim, dtype: attention_refusal(ops, head_dim, dtype), self.announced)
+        with documents(mb.doc_ids, self.eager, kernels), self._adapted(index, w):
             out = functional_call(self.layers[index], params, (h, *args), kwargs, strict=False)
         if isinstance(out, tuple):
             out = out[0]
         return out.reshape(B * S, -1)
 
-    def _routed_layer(self, index: int, w: dict, x: torch.Tensor, mb):
+    def _routed_layer(self, ops, index: int, w: dict, x: torch.Tensor, mb):
         """(_layer's output, the router logits its call recorded: [] without the auxiliary loss)."""
         balance = self.router_balance
         if balance is None:
-            return self._layer(index, w, x, mb), []
+            return self._layer(ops, index, w, x, mb), []
         routed = balance.routed = []
         try:
-            out = self._layer(index, w, x, mb)
+            out = self._layer(ops, index, w, x, mb)
         finally:
             balance.routed = None
         return out, routed
@@ -172,7 +179,7 @@ class GenericTemplate:
     def decoder_forward(self, ops, cfg, w, x: torch.Tensor, mb, layer: int) -> torch.Tensor:
         """x[T, H] -> store layer ``layer``'s output (layer 1 is the first decoder layer)."""
         with torch.no_grad():
-            out, routed = self._routed_layer(layer - 1, w, x, mb)
+            out, routed = self._routed_layer(ops, layer - 1, w, x, mb)
             if routed:
                 self.router_balance.forward_layer(mb, routed)
             return out
@@ -185,7 +192,7 @@ class GenericTemplate:
         with torch.enable_grad():
             trained = {n: w[n].detach().requires_grad_(True) for n in g if n not in buffers}
             xi = x.detach().requires_grad_(True)
-            out, routed = self._routed_layer(layer - 1, {**w, **trained}, xi, mb)
+            out, routed = self._routed_layer(ops, layer - 1, {**w, **trained}, xi, mb)
             outputs, grad_outputs = [out], [d_out]
             aux_term = self.router_balance.backward_term(mb, routed) if routed else None
             if aux_term is not None:
