@@ -26,7 +26,8 @@ def test_fp32_matches_transformers_with_packing_and_padding(tmp_path, model_type
     engine = ht.Engine(cfg, _fp32())
     history = engine.fit(batches)
     reference = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "src", dtype=torch.float32)
-    want = reference_train(reference, batches, **OPT)
+    # packed documents run one at a time: transformers' own packing support varies by model and version
+    want = reference_train(reference, batches, **OPT, split_documents=True)
     for got, ref in zip(history, want):
         assert got["loss"] == pytest.approx(ref["loss"], rel=1e-5)
         assert got["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-4)
@@ -34,11 +35,23 @@ def test_fp32_matches_transformers_with_packing_and_padding(tmp_path, model_type
     saved = load_file(str(tmp_path / "out" / "model.safetensors"))
     for name, value in reference.state_dict().items():
         if name in saved:
-            torch.testing.assert_close(saved[name], value, atol=2e-4, rtol=0, msg=name)
+            torch.testing.assert_close(saved[name], value, atol=1e-4, rtol=0, msg=name)
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
     ids = batches[0]["input_ids"]
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, reference(ids).logits, atol=1e-3, rtol=0)
+
+
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+def test_bf16_learns(tmp_path, model_type):
+    """One batch six times in bf16 compute: the loss falls clearly (the bf16 path runs the family's layers)."""
+    make_generic_model(model_type, tmp_path / "src")
+    batch = mixed_batches(1)[0]
+    engine = ht.Engine(ht.ModelConfig.from_pretrained(tmp_path / "src"),
+                       ht.TrainConfig(**{**OPT, "lr": 1e-2}, compute_dtype="bfloat16", device="cpu"))
+    losses = [step["loss"] for step in engine.fit([batch] * 6)]
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < losses[0] - 0.1, losses
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])

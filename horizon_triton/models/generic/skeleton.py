@@ -23,6 +23,14 @@ class Skeleton:
         return self.text_model.layers
 
 
+def layer_constants(layer: torch.nn.Module) -> list[str]:
+    """The layer's saved vector buffers (DeepSeek V3's and GLM-4.5's router score-correction bias): held and loaded
+    like its parameters; no gradient reaches them and, as vectors, they take no weight decay, so the optimizer
+    leaves them as loaded, as transformers' training does."""
+    saved = layer.state_dict(keep_vars=True)
+    return [name for name, buffer in layer.named_buffers() if name in saved and buffer.dim() == 1]
+
+
 @functools.lru_cache(maxsize=4)
 def skeleton(cfg) -> Skeleton:
     """transformers' causal LM of this config, on the meta device (no memory; shapes and module code only)."""
@@ -50,10 +58,11 @@ def skeleton(cfg) -> Skeleton:
         raise ValueError(f"model type {cfg.model_type!r}: model-level parts {extra + extra_params} (e.g. per-layer "
                          "input embeddings) are not supported yet: the engine streams decoder layers between an "
                          "embedding, a final norm and the head")
-    buffers = [f"layers.{i}.{n}" for i, layer in enumerate(text_model.layers) for n, _ in layer.named_buffers()]
-    if buffers:
-        raise ValueError(f"model type {cfg.model_type!r}: decoder layers hold buffers {buffers[:3]}, which the "
-                         "stateless layer template cannot bind yet")
+    unbound = [f"layers.{i}.{n}" for i, layer in enumerate(text_model.layers)
+               for n, _ in layer.named_buffers() if n not in layer_constants(layer)]
+    if unbound:
+        raise ValueError(f"model type {cfg.model_type!r}: decoder layers hold buffers {unbound[:3]} that are not "
+                         "saved with the model or not vectors, which the stateless layer template cannot bind yet")
     norm_params = [(n, tuple(p.shape)) for n, p in text_model.norm.named_parameters()]
     if norm_params != [("weight", (cfg.hidden_size,))]:
         raise ValueError(f"model type {cfg.model_type!r}: final norm parameters {norm_params}; the head supports one "

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from ..layout import LayerLayout, layout_of
-from .skeleton import skeleton
+from .skeleton import layer_constants, skeleton
 
 def layer_layouts(cfg) -> list[LayerLayout]:
     """[embed, layers.0 … layers.{L-1}, head], each decoder layer with every parameter of its module (keys: the
@@ -20,7 +20,8 @@ def layer_layouts(cfg) -> list[LayerLayout]:
     H, V, pre = cfg.hidden_size, cfg.vocab_size, sk.prefix
     layouts = [layout_of("embed", [("embed", pre + "embed_tokens.weight", (V, H))])]
     for i, layer in enumerate(sk.layers):
-        specs = [(name, f"{pre}layers.{i}.{name}", tuple(p.shape)) for name, p in layer.named_parameters()]
+        tensors = [*layer.named_parameters(), *((n, layer.get_buffer(n)) for n in layer_constants(layer))]
+        specs = [(name, f"{pre}layers.{i}.{name}", tuple(p.shape)) for name, p in tensors]
         layouts.append(layout_of(f"layers.{i}", specs))
     head = [("norm", pre + "norm.weight", (H,))]
     if not cfg.tie_word_embeddings:
@@ -102,8 +103,12 @@ def checkpoint_sources(cfg) -> dict[str, list]:
             for target, patterns, concat in merges:
                 if p.hf_name.endswith("." + target):
                     stem = p.hf_name[:-len(target)]
-                    groups = tuple(tuple(to_disk(stem + pattern.replace("*", str(e))) for e in range(p.shape[0]))
-                                   for pattern in patterns)
-                    ways.append(Sources(groups, concat))
+                    names = [[stem + pattern.replace("*", str(e)) for e in range(p.shape[0])] for pattern in patterns]
+                    # split experts under the in-memory prefix (a text model saved alone) or the renamed one (its
+                    # multimodal checkpoint)
+                    for rename in (str, to_disk):
+                        groups = tuple(tuple(rename(n) for n in group) for group in names)
+                        if Sources(groups, concat) not in ways:
+                            ways.append(Sources(groups, concat))
             out[p.hf_name] = ways
     return out
