@@ -27,6 +27,30 @@ FAMILIES = {
     "olmo2": dict(),
     "granite": dict(embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.2,
                     logits_scaling=4.0),
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
+    "gpt_oss": dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=16, sliding_window=4,
+                    layer_types=["sliding_attention", "full_attention"]),
+    # MLA attention; layer 0 dense, layers 1-2 routed experts (groups of 2, top-1 group) + a shared expert
+    "deepseek_v3": dict(num_hidden_layers=3, first_k_dense_replace=1, n_routed_experts=4, num_experts_per_tok=2,
+                        n_group=2, topk_group=1, moe_intermediate_size=16, n_shared_experts=1, kv_lora_rank=16,
+                        q_lora_rank=24, qk_rope_head_dim=4, qk_nope_head_dim=8, v_head_dim=8, head_dim=4,
+                        num_key_value_heads=4, routed_scaling_factor=2.5),
+    "glm4_moe": dict(num_hidden_layers=3, first_k_dense_replace=1, n_routed_experts=4, num_experts_per_tok=2,
+                     moe_intermediate_size=16, n_shared_experts=1, n_group=1, topk_group=1, use_qk_norm=True,
+                     partial_rotary_factor=0.5),
+    # chunked attention (chunks of 4), then a full-attention layer without rope; MoE on layers 2 and 3 only
+    "llama4_text": dict(num_hidden_layers=3, num_local_experts=4, num_experts_per_tok=1, intermediate_size_mlp=40,
+                        attention_chunk_size=4, layer_types=["chunked_attention", "full_attention", "chunked_attention"],
+                        no_rope_layers=[1, 0, 1], interleave_moe_layer_step=2, moe_layers=[1],
+                        attn_temperature_tuning=True, floor_scale=4, attn_scale=0.1),
+    # gated delta-net (linear attention) and gated full attention
+    "qwen3_5_text": dict(layer_types=["linear_attention", "full_attention"], linear_conv_kernel_dim=4,
+                         linear_key_head_dim=8, linear_value_head_dim=8, linear_num_key_heads=2,
+                         linear_num_value_heads=4),
+    "qwen3_5_moe_text": dict(layer_types=["linear_attention", "full_attention"], linear_conv_kernel_dim=4,
+                             linear_key_head_dim=8, linear_value_head_dim=8, linear_num_key_heads=2,
+                             linear_num_value_heads=4, num_experts=4, num_experts_per_tok=2,
+                             moe_intermediate_size=16, shared_expert_intermediate_size=16),
 }
 
 

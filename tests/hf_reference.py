@@ -53,9 +53,30 @@ def random_batches(n: int, vocab: int, batch: int = 2, seq: int = 12, seed: int 
     return out
 
 
+def document_logits(model, batch) -> torch.Tensor:
+    """The model's logits [B, S, V] with each document of a packed row (its positions restarting) run as a sequence
+    of its own: what packing with documents kept apart computes, whatever the model's own packing support (some of
+    transformers' models mask packed documents from position_ids, others, and linear-attention layers, do not)."""
+    if "position_ids" not in batch:             # one document a row
+        kwargs = {"attention_mask": batch["attention_mask"]} if "attention_mask" in batch else {}
+        return model(input_ids=batch["input_ids"], use_cache=False, **kwargs).logits
+    rows = []
+    for b in range(batch["input_ids"].shape[0]):
+        pos = batch["position_ids"][b]
+        starts = [0] + [t for t in range(1, len(pos)) if pos[t] != pos[t - 1] + 1] + [len(pos)]
+        pieces = []
+        for s, e in zip(starts, starts[1:]):
+            kwargs = {"attention_mask": batch["attention_mask"][b:b + 1, s:e]} if "attention_mask" in batch else {}
+            pieces.append(model(input_ids=batch["input_ids"][b:b + 1, s:e], position_ids=pos[None, s:e],
+                                use_cache=False, **kwargs).logits)
+        rows.append(torch.cat(pieces, dim=1))
+    return torch.cat(rows)
+
+
 def reference_train(model, batches, *, lr, weight_decay, betas, eps, max_grad_norm, grad_accum_steps=1,
-                    schedule=None):
-    """transformers forward + our mean-over-step-tokens loss + torch AdamW. Returns per-step dicts."""
+                    schedule=None, split_documents=False):
+    """transformers forward + our mean-over-step-tokens loss + torch AdamW. Returns per-step dicts.
+    split_documents: packed batches' documents run one at a time (document_logits)."""
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
@@ -70,7 +91,10 @@ def reference_train(model, batches, *, lr, weight_decay, betas, eps, max_grad_no
         for b in group:
             kwargs = {k: b[k] for k in ("position_ids", "attention_mask") if k in b}
             # use_cache=False: with a cache, transformers ignores the documents that packed position_ids mark
-            logits = model(input_ids=b["input_ids"], use_cache=False, **kwargs).logits.float()
+            if split_documents and "position_ids" in b:
+                logits = document_logits(model, b).float()
+            else:
+                logits = model(input_ids=b["input_ids"], use_cache=False, **kwargs).logits.float()
             loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), b["labels"][:, 1:].reshape(-1),
                                    ignore_index=-100, reduction="sum") / tokens
             loss.backward()

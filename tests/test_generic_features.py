@@ -18,12 +18,13 @@ from horizon_triton import cli
 from horizon_triton.kernels.reference import IGNORE_INDEX
 from horizon_triton.models.generic.config import GenericConfig
 from horizon_triton.state import training_state
-from generic_models import FAMILIES, make_generic_model, mixed_batches
+from generic_models import make_generic_model, mixed_batches
+from hf_reference import document_logits
 from test_distributed import assert_matches, run_ranks
 from test_dpo import METRICS, torch_dpo_train
 from tiny_tokenizers import make_tokenizer
 
-MODEL_TYPES = sorted(FAMILIES)
+MODEL_TYPES = ["gemma2", "qwen3_moe"]     # a soft-capped dense model and an MoE (every family: test_generic_template)
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +67,7 @@ def _loss(model, batches):
     total, tokens = 0.0, 0
     with torch.no_grad():
         for b in batches:
-            kwargs = {k: b[k] for k in ("position_ids", "attention_mask") if k in b}
-            logits = model(input_ids=b["input_ids"], use_cache=False, **kwargs).logits.float()
+            logits = document_logits(model, b).float()
             total += float(F.cross_entropy(logits[:, :-1].flatten(0, 1), b["labels"][:, 1:].flatten(),
                                            ignore_index=IGNORE_INDEX, reduction="sum"))
             tokens += int((b["labels"][:, 1:] != IGNORE_INDEX).sum())
@@ -110,7 +110,7 @@ def test_checkpoint_of_another_model_is_refused(sources, tmp_path):
 
 
 # ---- inference: logits, evaluate, save_pretrained ---------------------------------------------------------------
-@pytest.mark.parametrize("model_type", MODEL_TYPES)
+@pytest.mark.parametrize("model_type", MODEL_TYPES + ["qwen3_5_text"])      # + linear attention, run per document
 def test_logits_and_evaluate_match_transformers(tmp_path, model_type):
     """gemma2: soft-capped at 0.5 (the tiny model's logits are ~0.1: its default cap of 30 would change them by
     less than the tolerance), through the template's head, not the plain matmul."""
@@ -124,7 +124,7 @@ def test_logits_and_evaluate_match_transformers(tmp_path, model_type):
     batches = mixed_batches(3, seed=7)
     packed = batches[1]
     with torch.no_grad():
-        want = trained(input_ids=packed["input_ids"], position_ids=packed["position_ids"], use_cache=False).logits
+        want = document_logits(trained, packed)
     got = engine.logits(packed["input_ids"], position_ids=packed["position_ids"])
     torch.testing.assert_close(got, want, atol=2e-4, rtol=0)
     assert engine.evaluate(batches) == pytest.approx(_loss(trained, batches), rel=1e-5)

@@ -28,7 +28,8 @@ def test_fp32_matches_transformers_with_packing_and_padding(tmp_path, model_type
     engine = ht.Engine(cfg, _fp32())
     history = engine.fit(batches)
     reference = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "src", dtype=torch.float32)
-    want = reference_train(reference, batches, **OPT)
+    # packed documents run one at a time: transformers' own packing support varies by model and version
+    want = reference_train(reference, batches, **OPT, split_documents=True)
     for got, ref in zip(history, want):
         assert got["loss"] == pytest.approx(ref["loss"], rel=1e-5)
         assert got["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-4)

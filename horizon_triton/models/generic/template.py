@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 from collections.abc import MutableMapping
 
 import torch
@@ -30,7 +31,7 @@ from torch.func import functional_call
 
 from ..dense.layer import LORA_SCALE
 from ..ops import attention_refusal
-from .attention import NAME, Kernels, documents, register
+from .attention import NAME, Kernels, LazyMask, documents, register
 from .config import GenericConfig
 from .router_balance import RouterBalance
 from .skeleton import layer_buffers, skeleton
@@ -54,6 +55,63 @@ class _Recorder(torch.nn.Module):
         return hidden_states
 
 
+def _masks_pairs(value) -> bool:
+    """Whether a layer's call arguments hold a [B, 1, S, S] attention mask (which keeps packed documents apart)."""
+    if isinstance(value, (tuple, list)):
+        return any(_masks_pairs(v) for v in value)
+    if isinstance(value, dict):
+        return any(_masks_pairs(v) for v in value.values())
+    return isinstance(value, LazyMask) or isinstance(value, torch.Tensor) and value.dim() == 4
+
+
+def _reads_token_index(layer: torch.nn.Module) -> bool:
+    """Whether the layer computes from each token's index in its row rather than its position: Llama 4's
+    temperature-tuned NoPE attention scales queries by the index, so a packed document must run on its own to get
+    the scales of its positions."""
+    attn = getattr(layer, "self_attn", None)
+    return bool(getattr(attn, "attn_temperature_tuning", False)) and not getattr(attn, "use_rope", True)
+
+
+def _document_runs(mb) -> list[tuple[int, int, int]] | None:
+    """(row, start, end) of each packed document of micro-batch mb, a masked token going with the run before it
+    (the model's own padding mask covers it); None when no row packs more than one document."""
+    if mb.doc_ids is None:
+        return None
+    B, S = mb.shape
+    doc = mb.doc_ids.cpu().long()
+    kept = doc < S                                   # masked tokens are documents numbered from S (data.batch)
+    last_kept = torch.where(kept, doc, -1).cummax(1).values
+    starts = kept.clone()
+    starts[:, 1:] &= doc[:, 1:] != last_kept[:, :-1]
+    starts[:, 0] = True
+    if int(starts.sum()) == B:
+        return None
+    runs = []
+    for b in range(B):
+        edges = starts[b].nonzero()[:, 0].tolist() + [S]
+        runs += [(b, s, e) for s, e in zip(edges, edges[1:])]
+    return runs
+
+
+def _piece(value, b: int, s: int, e: int, shape: tuple[int, int]):
+    """Call arguments for tokens [s, e) of row b: tensors over the micro-batch's [B, S] tokens (positions, rotary
+    tables, a padding mask; or [1, S] broadcast over rows) and [B, 1, S, S] attention masks sliced, everything
+    else as it is."""
+    if isinstance(value, (tuple, list)):
+        return type(value)(_piece(v, b, s, e, shape) for v in value)
+    if isinstance(value, dict):
+        return {k: _piece(v, b, s, e, shape) for k, v in value.items()}
+    B, S = shape
+    if isinstance(value, LazyMask):                  # sliced below as the tensor it stands for
+        value = value.tensor()
+    if not isinstance(value, torch.Tensor) or value.dim() < 2 or value.shape[0] not in (B, 1):
+        return value
+    row = b if value.shape[0] == B else 0
+    if value.dim() == 4 and value.shape[2:] == (S, S):         # an attention mask: the document's own block
+        return value[row:row + 1, :, s:e, s:e]
+    return value[row:row + 1, s:e] if value.shape[1] == S else value
+
+
 class GenericTemplate:
     """The layer template of a GenericConfig model on ``device``, computing in ``dtype``."""
 
@@ -62,6 +120,7 @@ class GenericTemplate:
         sk = skeleton(cfg)
         self.cfg, self.device, self.dtype = cfg, device, dtype
         self.layers = copy.deepcopy(sk.layers)          # meta modules: code and attributes, no weights
+        self.by_document = [_reads_token_index(layer) for layer in self.layers]    # packed documents run apart
         self.eager = sk.lm.config._attn_implementation == "eager"    # the model's own choice of attention
         for module in self.layers.modules():            # the layers call our attention (it falls back to that choice)
             if hasattr(getattr(module, "config", None), "_attn_implementation"):
@@ -121,7 +180,9 @@ class GenericTemplate:
                     raise ValueError(f"model type {self.cfg.model_type!r}: the model transforms its embeddings "
                                      "before the first layer in a way other than a scale; not supported")
                 self._embed_scale = (factor * self._module_scale).to(self.dtype)
-            mb.model_inputs = {i: (args, kwargs) for i, (_, args, kwargs) in self.calls.items()}
+            runs = _document_runs(mb)
+            mb.model_inputs = {i: (args, kwargs, runs if self.by_document[i] or not _masks_pairs((args, kwargs))
+                                   else None) for i, (_, args, kwargs) in self.calls.items()}
             self.calls.clear()
         return mb.model_inputs
 
@@ -146,22 +207,31 @@ class GenericTemplate:
     def _layer(self, ops, index: int, w: dict, x: torch.Tensor, mb) -> torch.Tensor:
         """Decoder layer ``index`` (0-based) on x[T, H] with w's views as its weights (and adapters) -> [T, H];
         its attention on ops' kernels where they apply."""
-        args, kwargs = self.layer_inputs(mb)[index]
+        args, kwargs, runs = self.layer_inputs(mb)[index]
         params = {n: w[n] for n in self.names[index]}
         B, S = mb.shape
         h = x.view(B, S, -1)
         if index == 0 and float(self._embed_scale) != 1.0:
             h = h * self._embed_scale
+        kernels = Kernels(ops, lambda head_dim, dtype: attention_refusal(ops, head_dim, dtype), self.announced)
+        with documents(mb.doc_ids, self.eager, kernels), self._adapted(index, w):
+            if runs is None:
+                out = self._call(index, params, h, args, kwargs)
+            else:       # nothing keeps packed documents apart in this layer (linear attention): one call each
+                rows = [[] for _ in range(B)]
+                for b, s, e in runs:
+                    piece = functools.partial(_piece, b=b, s=s, e=e, shape=(B, S))
+                    rows[b].append(self._call(index, params, h[b:b + 1, s:e], piece(args), piece(kwargs)))
+                out = torch.cat([torch.cat(row, dim=1) for row in rows])
+        return out.reshape(B * S, -1)
+
+    def _call(self, index: int, params: dict, h: torch.Tensor, args, kwargs) -> torch.Tensor:
         # a mapping among the kwargs is state the layers share (Gemma 4's keys and values, which its layers store
         # for assistant models even with nothing reused): each call writes into a fresh one, so no layer's
         # tensors outlive it in mb's recorded inputs
         kwargs = {k: type(v)() if isinstance(v, MutableMapping) else v for k, v in kwargs.items()}
-        kernels = Kernels(ops, lambda head_dim, dtype: attention_refusal(ops, head_dim, dtype), self.announced)
-        with documents(mb.doc_ids, self.eager, kernels), self._adapted(index, w):
-            out = functional_call(self.layers[index], params, (h, *args), kwargs, strict=False)
-        if isinstance(out, tuple):
-            out = out[0]
-        return out.reshape(B * S, -1)
+        out = functional_call(self.layers[index], params, (h, *args), kwargs, strict=False)
+        return out[0] if isinstance(out, tuple) else out
 
     def _routed_layer(self, ops, index: int, w: dict, x: torch.Tensor, mb):
         """(_layer's output, the router logits its call recorded: [] without the auxiliary loss)."""
@@ -173,6 +243,8 @@ class GenericTemplate:
             out = self._layer(ops, index, w, x, mb)
         finally:
             balance.routed = None
+        if routed and self.layer_inputs(mb)[index][2] is not None:   # run per document: the pieces, in token order
+            routed = [torch.cat([logits.reshape(-1, logits.shape[-1]) for logits in routed])]
         return out, routed
 
     # ---- decoder layer: the hand-written template's signatures ------------------------------------------------

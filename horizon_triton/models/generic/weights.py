@@ -176,8 +176,12 @@ def checkpoint_sources(cfg) -> dict[str, list]:
             for target, patterns, concat in merges:
                 if p.hf_name.endswith("." + target):
                     stem = p.hf_name[:-len(target)]
-                    groups = tuple(tuple(to_disk(stem + pattern.replace("*", str(e))) for e in range(p.shape[0]))
-                                   for pattern in patterns)
-                    ways.append(Sources(groups, concat))
+                    names = [[stem + pattern.replace("*", str(e)) for e in range(p.shape[0])] for pattern in patterns]
+                    # split experts under the in-memory prefix (a text model saved alone) or the renamed one (its
+                    # multimodal checkpoint)
+                    for rename in (str, to_disk):
+                        groups = tuple(tuple(rename(n) for n in group) for group in names)
+                        if Sources(groups, concat) not in ways:
+                            ways.append(Sources(groups, concat))
             out[p.hf_name] = ways
     return out
