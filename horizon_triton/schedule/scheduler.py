@@ -255,7 +255,7 @@ def run_step(p: Pipeline, mbs: list[lt.MicroBatch], grad_scale: float, preferenc
     emb = EmbeddingRows(p, mbs)
     budget, free = p.checkpoint_budget, p.dev.free_memory()
     if budget is None and free is not None:      # the configured budget overrides; CPU devices keep every one
-        budget = default_checkpoint_budget(p, free, [mb.host_ids.numel() for mb in mbs], emb.ids.numel())
+        budget = default_checkpoint_budget(p, free, [mb.shape for mb in mbs], emb.ids.numel())
     ckpt = Checkpoints(p, L, M, budget)         # ckpt i: input of decoder layer i (1..L)
     act_bytes = [mb.input_ids.numel() * H * p.store.compute_dtype.itemsize for mb in mbs]
     totals = {}                                 # device scalars written by compute work

@@ -17,10 +17,15 @@ logit scaling) the same two passes written in torch.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import copy
+import functools
+import weakref
+from types import SimpleNamespace
 
 import torch
 from torch.func import functional_call
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from .attention import NAME, documents, register
 from .config import GenericConfig
@@ -61,24 +66,43 @@ class GenericTemplate:
         scaling = getattr(hf, "logits_scaling", None)
         self.logit_scale = 1.0 / scaling if scaling else 1.0
         self.plain_head = self.softcap is None and self.logit_scale == 1.0
-        self._model = None if device.type == "meta" else self._build_model(sk)
-        self._embed_scale = None
+        self._model = self._build_model(sk)
 
     # ---- the model around its layers ------------------------------------------------------------------------
     def _build_model(self, sk) -> torch.nn.Module:
         """The text model with its layers replaced by recorders and a two-row embedding (never used: the forward
-        gets inputs_embeds), on the device; its config is the model's, with our attention implementation."""
+        gets inputs_embeds), on the device; its config is the model's, with our attention implementation. The
+        factor applied to the embedding before the first layer is found first, on the CPU (so that the meta
+        device of a dry run, which has no values, records the same layer inputs as a real device)."""
         small = self.cfg.hf
         small.vocab_size, small.pad_token_id, small.num_hidden_layers = 2, None, 0
         with torch.device("cpu"):
             model = type(sk.text_model)(small)
-        self._module_scale = self._embedding_module_scale(model.embed_tokens)
+        module_scale = self._embedding_module_scale(model.embed_tokens)
         self.calls: dict = {}
         config = self.cfg.hf
         config._attn_implementation = NAME
         model.config = config
         model.layers = torch.nn.ModuleList(_Recorder(layer, i, self.calls) for i, layer in enumerate(sk.layers))
-        return model.to(device=self.device, dtype=self.dtype).eval()
+        model = model.to(dtype=self.dtype).eval()
+        scale = self._input_scale(model) * module_scale
+        self._scales_embedding = float(scale) != 1.0
+        self._embed_scale = scale.to(self.device)
+        return model.to(device=self.device)
+
+    def _input_scale(self, model: torch.nn.Module) -> torch.Tensor:
+        """The factor the model's forward applies to its input embeddings before the first layer, from a
+        forward of an all-ones input (in self.dtype)."""
+        ones = torch.ones(1, 2, self.cfg.hidden_size, dtype=self.dtype)
+        with torch.no_grad(), documents(None, self.eager):
+            model(inputs_embeds=ones, position_ids=torch.arange(2)[None], use_cache=False)
+        first = self.calls[0][0]
+        self.calls.clear()
+        factor = first.flatten()[0]
+        if not bool((first == factor).all()):
+            raise ValueError(f"model type {self.cfg.model_type!r}: the model transforms its embeddings before the "
+                             "first layer in a way other than a scale; not supported")
+        return factor
 
     def _embedding_module_scale(self, embed: torch.nn.Module) -> torch.Tensor:
         """What the embedding module multiplies a looked-up row by (1 for a plain nn.Embedding), in self.dtype."""
@@ -96,13 +120,6 @@ class GenericTemplate:
             with torch.no_grad(), documents(mb.doc_ids, self.eager):
                 self._model(inputs_embeds=ones, attention_mask=mb.attention_mask, position_ids=mb.position_ids,
                             use_cache=False)
-            first = self.calls[0][0]
-            if self._embed_scale is None:
-                factor = first.flatten()[0]
-                if not bool((first == factor).all()):
-                    raise ValueError(f"model type {self.cfg.model_type!r}: the model transforms its embeddings "
-                                     "before the first layer in a way other than a scale; not supported")
-                self._embed_scale = (factor * self._module_scale).to(self.dtype)
             mb.model_inputs = {i: (args, kwargs) for i, (_, args, kwargs) in self.calls.items()}
             self.calls.clear()
         return mb.model_inputs
@@ -112,7 +129,7 @@ class GenericTemplate:
         args, kwargs = self.layer_inputs(mb)[index]
         B, S = mb.shape
         h = x.view(B, S, -1)
-        if index == 0 and float(self._embed_scale) != 1.0:
+        if index == 0 and self._scales_embedding:
             h = h * self._embed_scale
         with documents(mb.doc_ids, self.eager):
             out = functional_call(self.layers[index], params, (h, *args), kwargs, strict=False)
@@ -220,12 +237,71 @@ class GenericTemplate:
             if g["lm_head"] is not None:
                 g["lm_head"] += dz.t() @ xn[s:e].float()
 
-    def activation_bytes_per_token(self) -> int:
-        """A bound on the device bytes one token of a micro-batch holds through one layer's recompute + backward:
-        the autograd graph of transformers' layer keeps about a dozen [H]-wide and a few [I]-wide tensors."""
-        hf = self.cfg.hf
-        wide = max(getattr(hf, name, 0) or 0 for name in ("intermediate_size", "moe_intermediate_size"))
-        experts = getattr(hf, "num_experts_per_tok", 1) or 1
-        b = self.dtype.itemsize
-        return b * (16 * self.cfg.hidden_size + 6 * wide * experts) + 4 * 2 * self.cfg.hidden_size
+    def backward_bytes(self, rows: int, seq: int) -> int:
+        """Device bytes one decoder layer's recompute + backward holds at its peak for a micro-batch of rows × seq
+        tokens, beyond its input, its output's gradient, its weights and the layer inputs of layer_inputs: the
+        most over the model's kinds of layer (backward_bytes)."""
+        return backward_bytes(self.cfg, self.dtype, rows, seq)
+
+
+class _LiveBytes(TorchDispatchMode):
+    """The bytes of the storages made under it that are still alive, and their peak."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self._seen: set[int] = set()
+
+    def _free(self, key: int, n: int) -> None:
+        self._seen.discard(key)
+        self.live -= n
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and t.untyped_storage()._cdata not in self._seen:
+                storage = t.untyped_storage()
+                self._seen.add(storage._cdata)
+                self.live += storage.nbytes()
+                self.peak = max(self.peak, self.live)
+                weakref.finalize(storage, self._free, storage._cdata, storage.nbytes())
+        return out
+
+
+@functools.lru_cache(maxsize=2)
+def _meta_template(cfg: GenericConfig, dtype: torch.dtype) -> GenericTemplate:
+    return GenericTemplate(cfg, torch.device("meta"), dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def backward_bytes(cfg: GenericConfig, dtype: torch.dtype, rows: int, seq: int) -> int:
+    """GenericTemplate.backward_bytes, measured: on the meta device, decoder_backward of the first layer of each
+    kind (its class, its entry of the config's layer_types, its parameters' shapes) for a micro-batch of one
+    document a row, every storage made during the call counted from its allocation until it dies, the peak
+    taken (the recompute's saved tensors, the backward's gradients, the weights' gradients before they are
+    added to the accumulator). Attention runs as CUDA's fused kernels would (FusedAttentionOnMeta). Measured in
+    a thread of its own: dispatch modes are per thread, so a caller's (the dry run's op counter) sees none of it."""
+    def measure() -> int:
+        tpl = _meta_template(cfg, dtype)
+        meta = torch.device("meta")
+        mb = SimpleNamespace(shape=(rows, seq), doc_ids=None, attention_mask=None, model_inputs=None,
+                             position_ids=torch.arange(seq, device=meta).expand(rows, seq))
+        tpl.layer_inputs(mb)
+        kinds = getattr(cfg.hf, "layer_types", None) or [None] * cfg.num_layers
+        seen, peak = set(), 0
+        for i, layer in enumerate(tpl.layers):
+            params = dict(layer.named_parameters())
+            kind = (type(layer), kinds[i], tuple((n, tuple(p.shape)) for n, p in params.items()))
+            if kind in seen:
+                continue
+            seen.add(kind)
+            w = {n: torch.empty(p.shape, dtype=dtype, device=meta) for n, p in params.items()}
+            x, d_out = (torch.empty(rows * seq, cfg.hidden_size, dtype=dtype, device=meta) for _ in range(2))
+            with _LiveBytes() as live:
+                tpl.decoder_backward(None, cfg, w, {}, x, mb, d_out, i + 1)
+            peak = max(peak, live.peak)
+        return peak
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(measure).result()
 
