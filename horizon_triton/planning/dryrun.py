@@ -24,7 +24,12 @@ the engine's own accounting sees:
 Known gaps: the host thread is assumed never to run ahead of the GPU (a retained tensor is freed as soon as its
 copy is known done, where the caching allocator may hold it longer); the batch's own host->device copy (ids,
 labels) is not counted; kernels are costed by the useful work of their tiles, not the masked-out part; on the
-CPU device, the fp32 operand chunks of matmul_accumulate_ (16 MB each) are not counted as memory.
+CPU device, the fp32 operand chunks of matmul_accumulate_ (16 MB each) are not counted as memory. A generic
+model (models/generic) records its layer inputs (masks, rotary tables) on the CPU from the batch's host layout
+and holds them as meta tensors of their sizes: their memory is counted, the work of making them is not; its
+attention is costed as CUDA's fused sdpa kernels (or the model's eager attention, where it needs it: sinks);
+a layer the model computes with a torch reference where the GPU would run a library kernel (Qwen3.5's gated
+delta rule without flash-linear-attention) is counted as that reference.
 """
 from __future__ import annotations
 
@@ -43,6 +48,7 @@ from ..data.batch import to_device
 from ..data.pairs import PreferenceBatch
 from ..objectives.preference import DPOHead
 from ..models.family import is_generic
+from ..models.generic.skeleton import skeleton
 from ..schedule.build import build_step_pipeline, build_store
 from ..schedule.scheduler import run_step
 from ..host.store import HostStore, host_block_bytes
@@ -178,6 +184,14 @@ class OpCounter(TorchDispatchMode):
             self.device_live -= n
             self.workspace_live -= n if where == "workspace" else 0
             self.dev.allocated = self.device_live
+
+    def untrack(self, tensors) -> None:
+        """Counts these tensors' storages as no memory from now on (tensors that are meta in a real run too)."""
+        for t in tensors:
+            key = t.untyped_storage()._cdata
+            if self._sizes.get(key, ("store",))[0] != "store":
+                self._free(key)
+                self._sizes[key] = ("store", 0)
 
     def is_host(self, t: torch.Tensor) -> bool:
         return self._sizes.get(t.untyped_storage()._cdata, ("device",))[0] in ("host", "store")
@@ -404,6 +418,9 @@ def dry_run_shapes(model_cfg: ModelConfig, train_cfg: TrainConfig, shapes: list[
         p = build_step_pipeline(model_cfg, train_cfg, store, dev.ops, dev, _OptimizerStandIn(dev))
         # the dense template's rotary tables; a generic model's own code makes its own (data/batch.prepare)
         inv_freq = None if is_generic(model_cfg) else model_cfg.inv_freq().to(dev.torch_device)
+        if is_generic(model_cfg):     # its modules (and the model they are copied from) are meta on any device
+            modules = (*p.template.layers, p.template.norm, skeleton(model_cfg).lm)
+            counter.untrack(t for m in modules for t in m.parameters())
         counter.meter = p.meter
         fixed = counter.device_live
         if world_size > 1:

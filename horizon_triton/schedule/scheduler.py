@@ -411,7 +411,8 @@ def run_step(p: Pipeline, mbs: list[lt.MicroBatch], grad_scale: float, preferenc
                         stats = [torch.full((T,), float("-inf"), device=xn.device),           # row_max
                                  xn.new_zeros(T, dtype=torch.float32),                          # row_sum
                                  xn.new_zeros(T, dtype=torch.float32)]                          # target_logit
-                        head[m] = dict(xn=p.meter.add(xn), rstd=p.meter.add(rstd),
+                        # rstd: None from the generic template, whose backward recomputes its norm
+                        head[m] = dict(xn=p.meter.add(xn), rstd=rstd if rstd is None else p.meter.add(rstd),
                                        stats=[p.meter.add(t) for t in stats])
                     tpl.head_chunk_stats(ops, w, head[m]["xn"], mb, u.start, head[m]["stats"])
                     if last:

@@ -52,8 +52,7 @@ def attention(module, query, key, value, attention_mask, **kwargs):
         return sys.modules[type(module).__module__].eager_attention_forward(module, query, key, value,
                                                                             attention_mask, **kwargs)
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    with FusedAttentionOnMeta() if query.device.type == "meta" else contextlib.nullcontext():
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
 def _fused_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
@@ -78,6 +77,12 @@ def _fused_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fals
 def _function_mode():
     from torch.overrides import TorchFunctionMode
     return TorchFunctionMode
+
+
+def fused_attention_on(device):
+    """Within: sdpa on the meta device runs as CUDA's fused kernels would (FusedAttentionOnMeta); elsewhere as it
+    is."""
+    return FusedAttentionOnMeta() if device.type == "meta" else contextlib.nullcontext()
 
 
 class FusedAttentionOnMeta(_function_mode()):

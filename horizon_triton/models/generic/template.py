@@ -27,7 +27,7 @@ import torch
 from torch.func import functional_call
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .attention import NAME, documents, register
+from .attention import NAME, documents, fused_attention_on, register
 from .config import GenericConfig
 from .skeleton import skeleton
 from .weights import layer_layouts
@@ -71,9 +71,10 @@ class GenericTemplate:
     # ---- the model around its layers ------------------------------------------------------------------------
     def _build_model(self, sk) -> torch.nn.Module:
         """The text model with its layers replaced by recorders and a two-row embedding (never used: the forward
-        gets inputs_embeds), on the device; its config is the model's, with our attention implementation. The
-        factor applied to the embedding before the first layer is found first, on the CPU (so that the meta
-        device of a dry run, which has no values, records the same layer inputs as a real device)."""
+        gets inputs_embeds), on the device (on the CPU for the meta device, which has no values for the masks'
+        data-dependent steps: layer_inputs); its config is the model's, with our attention implementation, and
+        no final norm (the head has its own). The factor applied to the embedding before the first layer is
+        found first, on the CPU."""
         small = self.cfg.hf
         small.vocab_size, small.pad_token_id, small.num_hidden_layers = 2, None, 0
         with torch.device("cpu"):
@@ -84,11 +85,12 @@ class GenericTemplate:
         config._attn_implementation = NAME
         model.config = config
         model.layers = torch.nn.ModuleList(_Recorder(layer, i, self.calls) for i, layer in enumerate(sk.layers))
+        model.norm = torch.nn.Identity()
         model = model.to(dtype=self.dtype).eval()
         scale = self._input_scale(model) * module_scale
         self._scales_embedding = float(scale) != 1.0
         self._embed_scale = scale.to(self.device)
-        return model.to(device=self.device)
+        return model if self.device.type == "meta" else model.to(device=self.device)
 
     def _input_scale(self, model: torch.nn.Module) -> torch.Tensor:
         """The factor the model's forward applies to its input embeddings before the first layer, from a
@@ -112,16 +114,24 @@ class GenericTemplate:
             return embed(torch.zeros(1, 1, dtype=torch.long))[0, 0, 0].clone()
 
     def layer_inputs(self, mb) -> dict:
-        """{layer index: (args, kwargs)} of each decoder layer's call for micro-batch mb (made once, kept on mb)."""
+        """{layer index: (args, kwargs)} of each decoder layer's call for micro-batch mb (made once, kept on mb).
+        On the meta device the model runs on the CPU from mb.host_layout, and what it records is given to the
+        layers as meta tensors of the same shapes, dtypes and sharing (on_meta)."""
         if mb.model_inputs is None:
             B, S = mb.shape
-            ones = torch.ones(B, S, self.cfg.hidden_size, dtype=self.dtype, device=self.device)
+            meta = self.device.type == "meta"
+            position_ids, doc_ids, attention_mask = mb.host_layout if meta else (
+                mb.position_ids, mb.doc_ids, mb.attention_mask)
+            # one row broadcast: the recorders return it untouched, only its shape matters to the model
+            ones = torch.ones(1, 1, self.cfg.hidden_size, dtype=self.dtype,
+                              device=position_ids.device).expand(B, S, -1)
             self.calls.clear()
-            with torch.no_grad(), documents(mb.doc_ids, self.eager):
-                self._model(inputs_embeds=ones, attention_mask=mb.attention_mask, position_ids=mb.position_ids,
+            with torch.no_grad(), documents(doc_ids, self.eager):
+                self._model(inputs_embeds=ones, attention_mask=attention_mask, position_ids=position_ids,
                             use_cache=False)
-            mb.model_inputs = {i: (args, kwargs) for i, (_, args, kwargs) in self.calls.items()}
+            inputs = {i: (args, kwargs) for i, (_, args, kwargs) in self.calls.items()}
             self.calls.clear()
+            mb.model_inputs = on_meta(inputs) if meta else inputs
         return mb.model_inputs
 
     def _layer(self, index: int, params: dict, x: torch.Tensor, mb) -> torch.Tensor:
@@ -131,7 +141,7 @@ class GenericTemplate:
         h = x.view(B, S, -1)
         if index == 0 and self._scales_embedding:
             h = h * self._embed_scale
-        with documents(mb.doc_ids, self.eager):
+        with documents(mb.doc_ids, self.eager), fused_attention_on(h.device):
             out = functional_call(self.layers[index], params, (h, *args), kwargs, strict=False)
         if isinstance(out, tuple):
             out = out[0]
@@ -244,6 +254,24 @@ class GenericTemplate:
         return backward_bytes(self.cfg, self.dtype, rows, seq)
 
 
+def on_meta(tree, storages: dict | None = None):
+    """tree (tuples, lists, dicts) with each CPU tensor replaced by a meta tensor of its shape, strides and dtype;
+    tensors sharing a storage share one of its size on meta (a rotary table given to every layer is one tensor)."""
+    storages = {} if storages is None else storages
+    if isinstance(tree, torch.Tensor):
+        storage = tree.untyped_storage()
+        if storage._cdata not in storages:
+            storages[storage._cdata] = torch.empty(storage.nbytes(), dtype=torch.uint8, device="meta")
+        base = storages[storage._cdata]
+        return torch.empty(0, dtype=tree.dtype, device="meta").set_(
+            base.untyped_storage(), tree.storage_offset(), tree.shape, tree.stride())
+    if isinstance(tree, (tuple, list)):
+        return type(tree)(on_meta(item, storages) for item in tree)
+    if isinstance(tree, dict):
+        return {key: on_meta(item, storages) for key, item in tree.items()}
+    return tree
+
+
 class _LiveBytes(TorchDispatchMode):
     """The bytes of the storages made under it that are still alive, and their peak."""
 
@@ -279,13 +307,13 @@ def backward_bytes(cfg: GenericConfig, dtype: torch.dtype, rows: int, seq: int) 
     kind (its class, its entry of the config's layer_types, its parameters' shapes) for a micro-batch of one
     document a row, every storage made during the call counted from its allocation until it dies, the peak
     taken (the recompute's saved tensors, the backward's gradients, the weights' gradients before they are
-    added to the accumulator). Attention runs as CUDA's fused kernels would (FusedAttentionOnMeta). Measured in
+    added to the accumulator). Attention runs as CUDA's fused kernels would (fused_attention_on). Measured in
     a thread of its own: dispatch modes are per thread, so a caller's (the dry run's op counter) sees none of it."""
     def measure() -> int:
         tpl = _meta_template(cfg, dtype)
         meta = torch.device("meta")
-        mb = SimpleNamespace(shape=(rows, seq), doc_ids=None, attention_mask=None, model_inputs=None,
-                             position_ids=torch.arange(seq, device=meta).expand(rows, seq))
+        mb = SimpleNamespace(shape=(rows, seq), doc_ids=None, model_inputs=None,
+                             host_layout=(torch.arange(seq).expand(rows, seq), None, None))
         tpl.layer_inputs(mb)
         kinds = getattr(cfg.hf, "layer_types", None) or [None] * cfg.num_layers
         seen, peak = set(), 0
