@@ -327,10 +327,10 @@ class Engine:
                 check(index, mb)
             size = mb.host_ids.numel() * H * b
             if not group:
-                budget = forward_budget(self.pipeline, mb.host_ids.numel())
+                budget = forward_budget(self.pipeline, mb.shape)
             elif forward_group_full(len(group), nbytes, size, min_mbs, budget):
                 yield group, budget
-                group, nbytes, budget = [], 0, forward_budget(self.pipeline, mb.host_ids.numel())
+                group, nbytes, budget = [], 0, forward_budget(self.pipeline, mb.shape)
             group.append(mb)
             nbytes += size
         if group:
@@ -373,7 +373,7 @@ class Engine:
 
         def head_chunk(m, xn, w, u):
             logits[:, u.start:u.stop] = self.pipeline.template.head_chunk_logits(w, xn)
-        run_forward(self.pipeline, [mb], forward_budget(self.pipeline, mb.host_ids.numel()), head_chunk)
+        run_forward(self.pipeline, [mb], forward_budget(self.pipeline, mb.shape), head_chunk)
         return logits.view(*input_ids.shape, -1).cpu()
 
     @torch.no_grad()

@@ -147,7 +147,7 @@ def test_default_checkpoint_budget_follows_free_device_memory(monkeypatch):
     _, offloaded = run(checkpoint_budget_bytes=0)
     engine, _ = run(free=10**12)
     one = 2 * 16 * cfg.hidden_size * 2                     # one layer's input: batch 2, seq 16, bf16
-    need = activations.default_checkpoint_budget(engine.pipeline, 10**9, [32], 30)
+    need = activations.default_checkpoint_budget(engine.pipeline, 10**9, [(1, 32)], 30)
     assert need == 10**9 - 10**9 // 20 - (32 * 64 * (3 * 2 + 4) + 32 * activations.backward_bytes_per_token(cfg, 2)
                                           + 32 * 64 * (2 + 8) + 30 * 64 * (2 + 4))
     cases = {10**12: kept, 0: offloaded}
@@ -155,7 +155,7 @@ def test_default_checkpoint_budget_follows_free_device_memory(monkeypatch):
         assert run(free=free)[1]["device_peak_bytes"] == want["device_peak_bytes"]
     # room for exactly two checkpoints: two stay, the others go
     free = 0
-    while activations.default_checkpoint_budget(engine.pipeline, free, [32], 30) < 2 * one:
+    while activations.default_checkpoint_budget(engine.pipeline, free, [(1, 32)], 30) < 2 * one:
         free += 1024
     two = run(free=free)[1]
     assert offloaded["device_peak_bytes"] < two["device_peak_bytes"] < kept["device_peak_bytes"]

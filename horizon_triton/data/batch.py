@@ -175,7 +175,8 @@ def prepare(batch, model_cfg, device, inv_freq: torch.Tensor, dpo: bool, where: 
                       attention_mask=None if keep is None or inv_freq is not None else to_device(device, keep),
                       num_targets=int((targets != IGNORE_INDEX).sum()),
                       embed_grad_mask=None if embed_grad_mask is None else to_device(device, embed_grad_mask),
-                      preference=pairs)
+                      preference=pairs,
+                      host_layout=(pos, doc_ids, keep) if inv_freq is None and device.type == "meta" else None)
 
 
 def preference_pairs(targets, doc_ids, keep, ref_logps, device, where: str) -> PreferenceBatch:

@@ -24,7 +24,12 @@ the engine's own accounting sees:
 Known gaps: the host thread is assumed never to run ahead of the GPU (a retained tensor is freed as soon as its
 copy is known done, where the caching allocator may hold it longer); the batch's own host->device copy (ids,
 labels) is not counted; kernels are costed by the useful work of their tiles, not the masked-out part; on the
-CPU device, the fp32 operand chunks of matmul_accumulate_ (16 MB each) are not counted as memory.
+CPU device, the fp32 operand chunks of matmul_accumulate_ (16 MB each) are not counted as memory. A generic
+model (models/generic) records its layer inputs (masks, rotary tables) on the CPU from the batch's host layout
+and holds them as meta tensors of their sizes: their memory is counted, the work of making them is not; its
+attention is costed as CUDA's fused sdpa kernels (or the model's eager attention, where it needs it: sinks);
+a layer the model computes with a torch reference where the GPU would run a library kernel (Qwen3.5's gated
+delta rule without flash-linear-attention) is counted as that reference.
 """
 from __future__ import annotations
 
@@ -37,11 +42,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..config import ModelConfig, TrainConfig
 from ..devices.device import MetaDevice
-from .kernel_models import meta_ops, nbytes
+from .kernel_models import causal_pairs, meta_ops, nbytes
 from ..data.batch import prepare as prepare_batch
 from ..data.batch import to_device
 from ..data.pairs import PreferenceBatch
 from ..objectives.preference import DPOHead
+from ..models.family import is_generic
+from ..models.generic.skeleton import skeleton
 from ..schedule.build import build_step_pipeline, build_store
 from ..schedule.scheduler import run_step
 from ..host.store import HostStore, host_block_bytes
@@ -49,6 +56,12 @@ from ..host.store import HostStore, host_block_bytes
 aten = torch.ops.aten
 DEVICE_BLOCK = 512                     # the CUDA caching allocator's allocation granularity
 GEMMS = {aten.mm, aten.addmm, aten.addmm_, aten.bmm, aten.baddbmm, aten.baddbmm_}
+# fused attention (the generic template's sdpa on meta: models/generic/attention.FusedAttentionOnMeta) ->
+# (where is_causal is among the positional arguments, where the query is, whether it is the backward)
+FUSED_ATTENTION = {aten._scaled_dot_product_flash_attention: (4, 0, False),
+                   aten._scaled_dot_product_efficient_attention: (6, 0, False),
+                   aten._scaled_dot_product_flash_attention_backward: (11, 1, True),
+                   aten._scaled_dot_product_efficient_attention_backward: (11, 1, True)}
 FREE_OPS = {aten.empty, aten.empty_strided, aten.empty_like, aten.detach, aten.alias, aten._unsafe_view,
             aten.lift_fresh, aten.lift_fresh_copy}
 
@@ -66,6 +79,31 @@ def meta_addmm_dtype_out(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, ou
     if out.dtype != out_dtype or tuple(out.shape) != (a.shape[0], b.shape[1]) or acc.shape != out.shape:
         raise RuntimeError(f"addmm: out {out.dtype}{tuple(out.shape)} for {out_dtype} [{a.shape[0]}, {b.shape[1]}]")
     return out
+
+
+def grouped_gemm_flops(a: torch.Tensor, b: torch.Tensor) -> float:
+    """FLOPs of ``_grouped_mm(a, b, offs)``: 2·M·K·N over all groups, whatever the groups' sizes (the offsets
+    split one of the dimensions into the groups; an MoE's expert GEMMs cost the same under any routing)."""
+    if a.dim() == 2 and b.dim() == 3:              # tokens [S, K] by experts [E, K, N]: S split
+        return 2.0 * a.shape[0] * a.shape[1] * b.shape[2]
+    if a.dim() == 2 and b.dim() == 2:              # [M, S] by [S, N]: S split (a weight gradient per group)
+        return 2.0 * a.shape[0] * a.shape[1] * b.shape[1]
+    if a.dim() == 3 and b.dim() == 2:              # [E, M, K] by [K, N]: N split
+        return 2.0 * a.shape[1] * a.shape[2] * b.shape[1]
+    return 2.0 * a.shape[0] * a.shape[1] * a.shape[2] * b.shape[2]     # batched
+
+
+def fused_attention_flops(func, args, kwargs) -> float:
+    """FLOPs of a fused attention kernel (flash or memory-efficient, forward or backward): 4·D per (query, key)
+    pair each head computes, the causal ones only where the kernel skips the others (is_causal), the whole
+    square where a mask is given (the memory-efficient kernel adds it as a bias to every score); the backward
+    2.5 times the forward (as kernel_models counts our own attention kernels)."""
+    causal_at, query_at, backward = FUSED_ATTENTION[func.overloadpacket]
+    q, k = args[query_at], args[query_at + 1]
+    B, heads, S, D = q.shape
+    causal = args[causal_at] if len(args) > causal_at else kwargs.get("is_causal", False)
+    pairs = causal_pairs(S, None) if causal else S * k.shape[2]
+    return 4.0 * D * B * heads * pairs * (2.5 if backward else 1.0)
 
 
 def _tensors(tree):
@@ -147,6 +185,14 @@ class OpCounter(TorchDispatchMode):
             self.workspace_live -= n if where == "workspace" else 0
             self.dev.allocated = self.device_live
 
+    def untrack(self, tensors) -> None:
+        """Counts these tensors' storages as no memory from now on (tensors that are meta in a real run too)."""
+        for t in tensors:
+            key = t.untyped_storage()._cdata
+            if self._sizes.get(key, ("store",))[0] != "store":
+                self._free(key)
+                self._sizes[key] = ("store", 0)
+
     def is_host(self, t: torch.Tensor) -> bool:
         return self._sizes.get(t.untyped_storage()._cdata, ("device",))[0] in ("host", "store")
 
@@ -178,6 +224,15 @@ class OpCounter(TorchDispatchMode):
             if src_host != dst_host:
                 self.count("d2h" if dst_host else "h2d", 0, nbytes(src))
                 return
+        if packet is aten._grouped_mm:
+            a, b = args[0], args[1]
+            self.count(f"gemm_{str(a.dtype).removeprefix('torch.')}", grouped_gemm_flops(a, b),
+                       nbytes(*inputs, *outputs))
+            return
+        if packet in FUSED_ATTENTION:
+            kind = "attention_bwd" if FUSED_ATTENTION[packet][2] else "attention_fwd"
+            self.count(kind, fused_attention_flops(func, args, kwargs), nbytes(*inputs, *outputs))
+            return
         if packet in GEMMS:
             a, b = (args[1], args[2]) if packet in (aten.addmm, aten.addmm_, aten.baddbmm, aten.baddbmm_) \
                 else (args[0], args[1])
@@ -361,7 +416,11 @@ def dry_run_shapes(model_cfg: ModelConfig, train_cfg: TrainConfig, shapes: list[
     with counter:
         store = build_store(model_cfg, train_cfg, dev)       # the engine's store and pipeline, on meta
         p = build_step_pipeline(model_cfg, train_cfg, store, dev.ops, dev, _OptimizerStandIn(dev))
-        inv_freq = model_cfg.inv_freq().to(dev.torch_device)
+        # the dense template's rotary tables; a generic model's own code makes its own (data/batch.prepare)
+        inv_freq = None if is_generic(model_cfg) else model_cfg.inv_freq().to(dev.torch_device)
+        if is_generic(model_cfg):     # its modules (and the model they are copied from) are meta on any device
+            modules = (*p.template.layers, p.template.norm, skeleton(model_cfg).lm)
+            counter.untrack(t for m in modules for t in m.parameters())
         counter.meter = p.meter
         fixed = counter.device_live
         if world_size > 1:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..config import ModelConfig
+from ..models.family import is_generic
 from .embedding_rows import to_device
 from .pipeline import Pipeline
 from .trace import traced
@@ -30,23 +31,34 @@ def backward_bytes_per_token(cfg: ModelConfig, itemsize: int) -> int:
     return itemsize * (kept + live) + 4 * (2 * I + H + cfg.num_heads + q)
 
 
-def default_checkpoint_budget(p: Pipeline, free_bytes: int, mb_tokens: list[int], unique_rows: int) -> int:
+def layer_backward_bytes(p: Pipeline, rows: int, seq: int) -> int:
+    """Device bytes one decoder layer's recompute + backward holds for a micro-batch of rows × seq tokens: the
+    generic template's measured figure (GenericTemplate.backward_bytes), else the dense template's per token."""
+    if is_generic(p.cfg):
+        return p.template.backward_bytes(rows, seq)
+    b, H = p.store.compute_dtype.itemsize, p.cfg.hidden_size
+    # a frozen base (LoRA) keeps both norms' outputs for its adapters: the fused norm + matmul is split there
+    return rows * seq * (backward_bytes_per_token(p.cfg, b) + (2 * H * b if p.store.lora is not None else 0))
+
+
+def default_checkpoint_budget(p: Pipeline, free_bytes: int, mb_shapes: list[tuple[int, int]],
+                              unique_rows: int) -> int:
     """Bytes of activation checkpoints the device can keep this step, from its free memory at the step's start
-    (slots and accumulators already allocated):
+    (slots and accumulators already allocated), for micro-batches of these (rows, seq) shapes:
 
         budget = free − margin − activations − backward − head − embedding,   margin = free / 20
         activations = Σ_m T_m·H·(3b + 4)      hidden, the head's x̂ and fp32 d(x̂), the d(x) it returns
-        backward    = max_m T_m · backward_bytes_per_token(b)            one micro-batch through one layer
+        backward    = max_m layer_backward_bytes(m)                      one micro-batch through one layer
         head        = min(T_max, 4096) · V_c · (b + 8)                   one logits chunk, fp32 softmax
         embedding   = U·H·(b + 4)                                         gathered rows, their fp32 gradient
 
     with b the compute dtype's bytes, T_m the micro-batches' tokens, V_c the head's rows per chunk and U the
     step's distinct token ids; never below 0 (then every checkpoint is offloaded to the host)."""
     b, H = p.store.compute_dtype.itemsize, p.cfg.hidden_size
+    mb_tokens = [rows * seq for rows, seq in mb_shapes]
     T_max = max(mb_tokens, default=0)
-    # a frozen base (LoRA) keeps both norms' outputs for its adapters: the fused norm + matmul is split there
-    per_token = backward_bytes_per_token(p.cfg, b) + (2 * H * b if p.store.lora is not None else 0)
-    need = (sum(mb_tokens) * H * (3 * b + 4) + T_max * per_token
+    backward = max((layer_backward_bytes(p, rows, seq) for rows, seq in set(mb_shapes)), default=0)
+    need = (sum(mb_tokens) * H * (3 * b + 4) + backward
             + min(T_max, CROSS_ENTROPY_TOKEN_CHUNK) * p.head_rows * (b + 8) + unique_rows * H * (b + 4))
     return max(0, free_bytes - free_bytes // 20 - need)
 
@@ -126,14 +138,14 @@ def to_host(p: Pipeline, x: torch.Tensor) -> torch.Tensor:
 IN_FLIGHT = 2      # hidden states waiting on the host that a forward-only pass has on the device at once
 
 
-def forward_budget(p: Pipeline, max_tokens: int) -> int | None:
+def forward_budget(p: Pipeline, shape: tuple[int, int]) -> int | None:
     """Bytes of hidden states a forward-only pass keeps on the device: the step's checkpoint budget (the
     configured one, else default_checkpoint_budget from the free memory, for IN_FLIGHT micro-batches of
-    ``max_tokens`` being computed); None on CPU devices (their memory is the host's: keep every one)."""
+    this (rows, seq) ``shape`` being computed); None on CPU devices (their memory is the host's: keep every one)."""
     if p.checkpoint_budget is not None:
         return p.checkpoint_budget
     free = p.dev.free_memory()
-    return None if free is None else default_checkpoint_budget(p, free, [max_tokens] * IN_FLIGHT, 0)
+    return None if free is None else default_checkpoint_budget(p, free, [shape] * IN_FLIGHT, 0)
 
 
 def forward_group_full(num_mbs: int, nbytes: int, next_bytes: int, min_mbs: int, budget: int | None) -> bool:

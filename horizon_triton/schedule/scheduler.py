@@ -257,7 +257,7 @@ def run_step(p: Pipeline, mbs: list[lt.MicroBatch], grad_scale: float, preferenc
     emb = EmbeddingRows(p, mbs)
     budget, free = p.checkpoint_budget, p.dev.free_memory()
     if budget is None and free is not None:      # the configured budget overrides; CPU devices keep every one
-        budget = default_checkpoint_budget(p, free, [mb.host_ids.numel() for mb in mbs], emb.ids.numel())
+        budget = default_checkpoint_budget(p, free, [mb.shape for mb in mbs], emb.ids.numel())
     ckpt = Checkpoints(p, L, M, budget)         # ckpt i: input of decoder layer i (1..L)
     act_bytes = [mb.input_ids.numel() * H * p.store.compute_dtype.itemsize for mb in mbs]
     totals = {}                                 # device scalars written by compute work
@@ -419,8 +419,7 @@ def run_step(p: Pipeline, mbs: list[lt.MicroBatch], grad_scale: float, preferenc
                         stats = [torch.full((T,), float("-inf"), device=xn.device),           # row_max
                                  xn.new_zeros(T, dtype=torch.float32),                          # row_sum
                                  xn.new_zeros(T, dtype=torch.float32)]                          # target_logit
-                        # rstd: None where the template's backward recomputes the norm (the generic one)
-                        head[m] = dict(xn=p.meter.add(xn), rstd=rstd if rstd is None else p.meter.add(rstd),
+                        head[m] = dict(xn=p.meter.add(xn), rstd=p.meter.add(rstd),
                                        stats=[p.meter.add(t) for t in stats])
                     tpl.head_chunk_stats(ops, w, head[m]["xn"], mb, u.start, head[m]["stats"])
                     if last:

@@ -40,6 +40,8 @@ class MicroBatch:
                                                  # gradient from the lookup (padding_idx); None: no pad id
     preference: object = None         # preference.PreferenceBatch with objective "dpo": the pairs, their references
     model_inputs: dict | None = None  # the generic template's per-layer call arguments, made on first use
+    host_layout: tuple | None = None  # on the meta device: (position_ids, doc_ids, attention_mask) on the host,
+                                      # from which the generic template records its layer inputs (values needed)
 
     @property
     def shape(self) -> tuple[int, int]:

@@ -65,11 +65,16 @@ def _same_document(doc_ids):
 class LazyMask:
     """transformers' mask for one layer kind of one micro-batch: its arguments, the tensor built on first use."""
 
-    def __init__(self, doc_ids, eager: bool, args: tuple, kwargs: dict):
+    def __init__(self, doc_ids, eager: bool, args: tuple, kwargs: dict, convert=None):
         self.doc_ids, self.eager, self.args, self.kwargs = doc_ids, eager, args, kwargs
+        self.convert = convert    # applied to the built tensor (the dry run's: a meta tensor of its shape)
         self._built = False
         self._tensor = None
         self._windows = None      # (smallest, largest) window the kernels compute this mask with, or a refusal
+
+    def converted(self, convert) -> "LazyMask":
+        """The same mask, its tensor passed through ``convert`` when it is built."""
+        return LazyMask(self.doc_ids, self.eager, self.args, self.kwargs, convert)
 
     def tensor(self):
         """The mask as transformers' attention takes it (None: SDPA's own causal masking suffices)."""
@@ -81,7 +86,10 @@ class LazyMask:
                                                                   _same_document(self.doc_ids))
                 kwargs["allow_is_causal_skip"] = False
             build = masking_utils.eager_mask if self.eager else masking_utils.sdpa_mask
-            self._tensor, self._built = build(*self.args, **kwargs), True
+            tensor = build(*self.args, **kwargs)
+            if tensor is not None and self.convert is not None:
+                tensor = self.convert(tensor)
+            self._tensor, self._built = tensor, True
         return self._tensor
 
     def __getitem__(self, index):
@@ -235,6 +243,50 @@ def attention(module, query, key, value, attention_mask, **kwargs):
                                                                             attention_mask, **kwargs)
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def _fused_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    """F.scaled_dot_product_attention as CUDA runs it: the flash kernel without a mask (grouped-query heads as they
+    are), the memory-efficient one with the boolean mask turned into an additive bias of the query's dtype (what
+    sdpa does with a mask)."""
+    import torch
+    if attn_mask is None:
+        return torch.ops.aten._scaled_dot_product_flash_attention(query, key, value, dropout_p, is_causal,
+                                                                  scale=scale)[0]
+    if attn_mask.dtype == torch.bool:
+        attn_mask = torch.zeros(attn_mask.shape, dtype=query.dtype, device=query.device).masked_fill_(
+            attn_mask.logical_not(), float("-inf"))
+    if enable_gqa and key.shape[1] != query.shape[1]:
+        groups = query.shape[1] // key.shape[1]
+        key, value = (t.repeat_interleave(groups, dim=1) for t in (key, value))
+    bias = attn_mask.expand(query.shape[0], query.shape[1], query.shape[2], key.shape[2])
+    return torch.ops.aten._scaled_dot_product_efficient_attention(query, key, value, bias, True, dropout_p,
+                                                                  is_causal, scale=scale)[0]
+
+
+def _function_mode():
+    from torch.overrides import TorchFunctionMode
+    return TorchFunctionMode
+
+
+def fused_attention_on(device):
+    """Within: sdpa on the meta device runs as CUDA's fused kernels would (FusedAttentionOnMeta); elsewhere as it
+    is."""
+    return FusedAttentionOnMeta() if device.type == "meta" else contextlib.nullcontext()
+
+
+class FusedAttentionOnMeta(_function_mode()):
+    """Within: F.scaled_dot_product_attention of meta tensors runs CUDA's fused kernels (``_fused_sdpa``), whose
+    meta functions give their real outputs and saved tensors (logsumexp, no [S, S] matrix). Without it, the meta
+    device takes sdpa's math path, which keeps each head's [S, S] scores: the dry run would count memory no GPU
+    run uses."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        import torch.nn.functional as F
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention and args[0].device.type == "meta":
+            return _fused_sdpa(*args, **kwargs)
+        return func(*args, **kwargs)
 
 
 def register() -> None:

@@ -21,17 +21,21 @@ logit scaling) the same two passes written in torch.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import copy
 import functools
+import weakref
 from collections.abc import MutableMapping
+from types import SimpleNamespace
 
 import torch
 from torch.func import functional_call
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..dense.layer import LORA_SCALE
 from ..ops import attention_refusal
-from .attention import NAME, Kernels, LazyMask, documents, register
+from .attention import NAME, Kernels, LazyMask, documents, fused_attention_on, register
 from .config import GenericConfig
 from .router_balance import RouterBalance
 from .skeleton import layer_buffers, skeleton
@@ -72,13 +76,14 @@ def _reads_token_index(layer: torch.nn.Module) -> bool:
     return bool(getattr(attn, "attn_temperature_tuning", False)) and not getattr(attn, "use_rope", True)
 
 
-def _document_runs(mb) -> list[tuple[int, int, int]] | None:
-    """(row, start, end) of each packed document of micro-batch mb, a masked token going with the run before it
-    (the model's own padding mask covers it); None when no row packs more than one document."""
-    if mb.doc_ids is None:
+def _document_runs(doc_ids, shape: tuple[int, int]) -> list[tuple[int, int, int]] | None:
+    """(row, start, end) of each packed document of a micro-batch of ``shape`` (doc_ids: its documents, or None),
+    a masked token going with the run before it (the model's own padding mask covers it); None when no row packs
+    more than one document."""
+    if doc_ids is None:
         return None
-    B, S = mb.shape
-    doc = mb.doc_ids.cpu().long()
+    B, S = shape
+    doc = doc_ids.cpu().long()
     kept = doc < S                                   # masked tokens are documents numbered from S (data.batch)
     last_kept = torch.where(kept, doc, -1).cummax(1).values
     starts = kept.clone()
@@ -137,25 +142,46 @@ class GenericTemplate:
         self.router_balance = RouterBalance.of(sk, cfg.model_type)    # the MoE auxiliary loss, when asked
         if self.router_balance is not None:
             self.router_balance.attach(self.layers)
-        self._model = None if device.type == "meta" else self._build_model(sk)
-        self._embed_scale = None
         self.announced: set = set()      # why layers fell back to transformers' attention, each logged once
+        self._model = self._build_model(sk)
 
     # ---- the model around its layers ------------------------------------------------------------------------
     def _build_model(self, sk) -> torch.nn.Module:
         """The text model with its layers replaced by recorders and a two-row embedding (never used: the forward
-        gets inputs_embeds), on the device; its config is the model's, with our attention implementation."""
+        gets inputs_embeds), on the device (on the CPU for the meta device, which has no values for the masks'
+        data-dependent steps: layer_inputs); its config is the model's, with our attention implementation, and
+        no final norm (the head has its own). The factor applied to the embedding before the first layer is
+        found first, on the CPU."""
         small = self.cfg.hf
         small.vocab_size, small.pad_token_id, small.num_hidden_layers = 2, None, 0
         with torch.device("cpu"):
             model = type(sk.text_model)(small)
-        self._module_scale = self._embedding_module_scale(model.embed_tokens)
+        module_scale = self._embedding_module_scale(model.embed_tokens)
         self.calls: dict = {}
         config = self.cfg.hf
         config._attn_implementation = NAME
         model.config = config
         model.layers = torch.nn.ModuleList(_Recorder(layer, i, self.calls) for i, layer in enumerate(sk.layers))
-        return model.to(device=self.device, dtype=self.dtype).eval()
+        model.norm = torch.nn.Identity()
+        model = model.to(dtype=self.dtype).eval()
+        scale = self._input_scale(model) * module_scale
+        self._scales_embedding = float(scale) != 1.0
+        self._embed_scale = scale.to(self.device)
+        return model if self.device.type == "meta" else model.to(device=self.device)
+
+    def _input_scale(self, model: torch.nn.Module) -> torch.Tensor:
+        """The factor the model's forward applies to its input embeddings before the first layer, from a
+        forward of an all-ones input (in self.dtype)."""
+        ones = torch.ones(1, 2, self.cfg.hidden_size, dtype=self.dtype)
+        with torch.no_grad(), documents(None, self.eager):
+            model(inputs_embeds=ones, position_ids=torch.arange(2)[None], use_cache=False)
+        first = self.calls[0][0]
+        self.calls.clear()
+        factor = first.flatten()[0]
+        if not bool((first == factor).all()):
+            raise ValueError(f"model type {self.cfg.model_type!r}: the model transforms its embeddings before the "
+                             "first layer in a way other than a scale; not supported")
+        return factor
 
     def _embedding_module_scale(self, embed: torch.nn.Module) -> torch.Tensor:
         """What the embedding module multiplies a looked-up row by (1 for a plain nn.Embedding), in self.dtype."""
@@ -165,25 +191,26 @@ class GenericTemplate:
             return embed(torch.zeros(1, 1, dtype=torch.long))[0, 0, 0].clone()
 
     def layer_inputs(self, mb) -> dict:
-        """{layer index: (args, kwargs)} of each decoder layer's call for micro-batch mb (made once, kept on mb)."""
+        """{layer index: (args, kwargs)} of each decoder layer's call for micro-batch mb (made once, kept on mb).
+        On the meta device the model runs on the CPU from mb.host_layout, and what it records is given to the
+        layers as meta tensors of the same shapes, dtypes and sharing (on_meta)."""
         if mb.model_inputs is None:
             B, S = mb.shape
-            ones = torch.ones(B, S, self.cfg.hidden_size, dtype=self.dtype, device=self.device)
+            meta = self.device.type == "meta"
+            position_ids, doc_ids, attention_mask = mb.host_layout if meta else (
+                mb.position_ids, mb.doc_ids, mb.attention_mask)
+            # one row broadcast: the recorders return it untouched, only its shape matters to the model
+            ones = torch.ones(1, 1, self.cfg.hidden_size, dtype=self.dtype,
+                              device=position_ids.device).expand(B, S, -1)
             self.calls.clear()
-            with torch.no_grad(), documents(mb.doc_ids, self.eager):
-                self._model(inputs_embeds=ones, attention_mask=mb.attention_mask, position_ids=mb.position_ids,
+            with torch.no_grad(), documents(doc_ids, self.eager):
+                self._model(inputs_embeds=ones, attention_mask=attention_mask, position_ids=position_ids,
                             use_cache=False)
-            first = self.calls[0][0]
-            if self._embed_scale is None:
-                factor = first.flatten()[0]
-                if not bool((first == factor).all()):
-                    raise ValueError(f"model type {self.cfg.model_type!r}: the model transforms its embeddings "
-                                     "before the first layer in a way other than a scale; not supported")
-                self._embed_scale = (factor * self._module_scale).to(self.dtype)
-            runs = _document_runs(mb)
-            mb.model_inputs = {i: (args, kwargs, runs if self.by_document[i] or not _masks_pairs((args, kwargs))
-                                   else None) for i, (_, args, kwargs) in self.calls.items()}
+            runs = _document_runs(doc_ids, (B, S))
+            inputs = {i: (args, kwargs, runs if self.by_document[i] or not _masks_pairs((args, kwargs)) else None)
+                      for i, (_, args, kwargs) in self.calls.items()}
             self.calls.clear()
+            mb.model_inputs = on_meta(inputs) if meta else inputs
         return mb.model_inputs
 
     @contextlib.contextmanager
@@ -211,10 +238,11 @@ class GenericTemplate:
         params = {n: w[n] for n in self.names[index]}
         B, S = mb.shape
         h = x.view(B, S, -1)
-        if index == 0 and float(self._embed_scale) != 1.0:
+        if index == 0 and self._scales_embedding:
             h = h * self._embed_scale
-        kernels = Kernels(ops, lambda head_dim, dtype: attention_refusal(ops, head_dim, dtype), self.announced)
-        with documents(mb.doc_ids, self.eager, kernels), self._adapted(index, w):
+        kernels = None if ops is None else Kernels(ops, lambda head_dim, dtype: attention_refusal(ops, head_dim, dtype),
+                                                   self.announced)
+        with documents(mb.doc_ids, self.eager, kernels), self._adapted(index, w), fused_attention_on(h.device):
             if runs is None:
                 out = self._call(index, params, h, args, kwargs)
             else:       # nothing keeps packed documents apart in this layer (linear attention): one call each
@@ -363,12 +391,94 @@ class GenericTemplate:
             if g["lm_head"] is not None:
                 g["lm_head"] += dz.t() @ xn[s:e].float()
 
-    def activation_bytes_per_token(self) -> int:
-        """A bound on the device bytes one token of a micro-batch holds through one layer's recompute + backward:
-        the autograd graph of transformers' layer keeps about a dozen [H]-wide and a few [I]-wide tensors."""
-        hf = self.cfg.hf
-        wide = max(getattr(hf, name, 0) or 0 for name in ("intermediate_size", "moe_intermediate_size"))
-        experts = getattr(hf, "num_experts_per_tok", 1) or 1
-        b = self.dtype.itemsize
-        return b * (16 * self.cfg.hidden_size + 6 * wide * experts) + 4 * 2 * self.cfg.hidden_size
+    def backward_bytes(self, rows: int, seq: int) -> int:
+        """Device bytes one decoder layer's recompute + backward holds at its peak for a micro-batch of rows × seq
+        tokens, beyond its input, its output's gradient, its weights and the layer inputs of layer_inputs: the
+        most over the model's kinds of layer (backward_bytes)."""
+        return backward_bytes(self.cfg, self.dtype, rows, seq)
+
+
+def on_meta(tree, storages: dict | None = None):
+    """tree (tuples, lists, dicts) with each CPU tensor replaced by a meta tensor of its shape, strides and dtype;
+    tensors sharing a storage share one of its size on meta (a rotary table given to every layer is one tensor)."""
+    storages = {} if storages is None else storages
+    if isinstance(tree, LazyMask):                  # built (on the CPU) and turned into meta only if a layer needs it
+        if ("mask", id(tree)) not in storages:     # one copy however many layers share it (its checks done once)
+            storages[("mask", id(tree))] = tree.converted(lambda t: on_meta(t, storages))
+        return storages[("mask", id(tree))]
+    if isinstance(tree, torch.Tensor):
+        storage = tree.untyped_storage()
+        if storage._cdata not in storages:
+            storages[storage._cdata] = torch.empty(storage.nbytes(), dtype=torch.uint8, device="meta")
+        base = storages[storage._cdata]
+        return torch.empty(0, dtype=tree.dtype, device="meta").set_(
+            base.untyped_storage(), tree.storage_offset(), tree.shape, tree.stride())
+    if isinstance(tree, (tuple, list)):
+        return type(tree)(on_meta(item, storages) for item in tree)
+    if isinstance(tree, dict):
+        return {key: on_meta(item, storages) for key, item in tree.items()}
+    return tree
+
+
+class _LiveBytes(TorchDispatchMode):
+    """The bytes of the storages made under it that are still alive, and their peak."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self._seen: set[int] = set()
+
+    def _free(self, key: int, n: int) -> None:
+        self._seen.discard(key)
+        self.live -= n
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and t.untyped_storage()._cdata not in self._seen:
+                storage = t.untyped_storage()
+                self._seen.add(storage._cdata)
+                self.live += storage.nbytes()
+                self.peak = max(self.peak, self.live)
+                weakref.finalize(storage, self._free, storage._cdata, storage.nbytes())
+        return out
+
+
+@functools.lru_cache(maxsize=2)
+def _meta_template(cfg: GenericConfig, dtype: torch.dtype) -> GenericTemplate:
+    return GenericTemplate(cfg, torch.device("meta"), dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def backward_bytes(cfg: GenericConfig, dtype: torch.dtype, rows: int, seq: int) -> int:
+    """GenericTemplate.backward_bytes, measured: on the meta device, decoder_backward of the first layer of each
+    kind (its class, its entry of the config's layer_types, its parameters' shapes) for a micro-batch of one
+    document a row, every storage made during the call counted from its allocation until it dies, the peak
+    taken (the recompute's saved tensors, the backward's gradients, the weights' gradients before they are
+    added to the accumulator). Attention runs as CUDA's fused kernels would (fused_attention_on). Measured in
+    a thread of its own: dispatch modes are per thread, so a caller's (the dry run's op counter) sees none of it."""
+    def measure() -> int:
+        tpl = _meta_template(cfg, dtype)
+        meta = torch.device("meta")
+        mb = SimpleNamespace(shape=(rows, seq), doc_ids=None, model_inputs=None,
+                             host_layout=(torch.arange(seq).expand(rows, seq), None, None))
+        tpl.layer_inputs(mb)
+        kinds = getattr(cfg.hf, "layer_types", None) or [None] * cfg.num_layers
+        seen, peak = set(), 0
+        for i, layer in enumerate(tpl.layers):
+            params = dict(layer.named_parameters())
+            kind = (type(layer), kinds[i], tuple((n, tuple(p.shape)) for n, p in params.items()))
+            if kind in seen:
+                continue
+            seen.add(kind)
+            w = {n: torch.empty(p.shape, dtype=dtype, device=meta) for n, p in params.items()}
+            g = {n: torch.empty(p.shape, dtype=torch.float32, device=meta) for n, p in params.items()}
+            x, d_out = (torch.empty(rows * seq, cfg.hidden_size, dtype=dtype, device=meta) for _ in range(2))
+            with _LiveBytes() as live:      # no ops: attention as transformers' (sdpa runs as CUDA's fused kernels)
+                tpl.decoder_backward(None, cfg, w, g, x, mb, d_out, i + 1)
+            peak = max(peak, live.peak)
+        return peak
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(measure).result()
 
