@@ -14,7 +14,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import horizon_triton as ht
 from horizon_triton.models.generic.config import GenericConfig
-from horizon_triton.models.generic.template import GenericTemplate, backward_bytes
+from horizon_triton.models.generic.footprint import backward_bytes
+from horizon_triton.models.generic.template import GenericTemplate
 from horizon_triton.models.generic.weights import layer_layouts
 from horizon_triton.planning.dryrun import dry_run, fixed_device_bytes
 from horizon_triton.planning.known_models import KNOWN_MODELS, known_model

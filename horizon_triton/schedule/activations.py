@@ -11,6 +11,7 @@ import torch
 
 from ..config import ModelConfig
 from ..models.family import is_generic
+from ..models.generic.footprint import backward_bytes
 from .embedding_rows import to_device
 from .pipeline import Pipeline
 from .trace import traced
@@ -33,9 +34,9 @@ def backward_bytes_per_token(cfg: ModelConfig, itemsize: int) -> int:
 
 def layer_backward_bytes(p: Pipeline, rows: int, seq: int) -> int:
     """Device bytes one decoder layer's recompute + backward holds for a micro-batch of rows × seq tokens: the
-    generic template's measured figure (GenericTemplate.backward_bytes), else the dense template's per token."""
+    generic template's measured figure (models.generic.footprint), else the dense template's per token."""
     if is_generic(p.cfg):
-        return p.template.backward_bytes(rows, seq)
+        return backward_bytes(p.cfg, p.store.compute_dtype, rows, seq)
     b, H = p.store.compute_dtype.itemsize, p.cfg.hidden_size
     # a frozen base (LoRA) keeps both norms' outputs for its adapters: the fused norm + matmul is split there
     return rows * seq * (backward_bytes_per_token(p.cfg, b) + (2 * H * b if p.store.lora is not None else 0))

@@ -21,17 +21,12 @@ logit scaling) the same two passes written in torch.
 """
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import copy
-import functools
-import weakref
 from collections.abc import MutableMapping
-from types import SimpleNamespace
 
 import torch
 from torch.func import functional_call
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..dense.layer import LORA_SCALE
 from ..ops import attention_refusal
@@ -98,25 +93,6 @@ def _document_runs(doc_ids, shape: tuple[int, int]) -> list[tuple[int, int, int]
     return runs
 
 
-def _piece(value, b: int, s: int, e: int, shape: tuple[int, int]):
-    """Call arguments for tokens [s, e) of row b: tensors over the micro-batch's [B, S] tokens (positions, rotary
-    tables, a padding mask; or [1, S] broadcast over rows) and [B, 1, S, S] attention masks sliced, everything
-    else as it is."""
-    if isinstance(value, (tuple, list)):
-        return type(value)(_piece(v, b, s, e, shape) for v in value)
-    if isinstance(value, dict):
-        return {k: _piece(v, b, s, e, shape) for k, v in value.items()}
-    B, S = shape
-    if isinstance(value, LazyMask):                  # sliced below as the tensor it stands for
-        value = value.tensor()
-    if not isinstance(value, torch.Tensor) or value.dim() < 2 or value.shape[0] not in (B, 1):
-        return value
-    row = b if value.shape[0] == B else 0
-    if value.dim() == 4 and value.shape[2:] == (S, S):         # an attention mask: the document's own block
-        return value[row:row + 1, :, s:e, s:e]
-    return value[row:row + 1, s:e] if value.shape[1] == S else value
-
-
 class GenericTemplate:
     """The layer template of a GenericConfig model on ``device``, computing in ``dtype``."""
 
@@ -125,7 +101,11 @@ class GenericTemplate:
         sk = skeleton(cfg)
         self.cfg, self.device, self.dtype = cfg, device, dtype
         self.layers = copy.deepcopy(sk.layers)          # meta modules: code and attributes, no weights
-        self.by_document = [_reads_token_index(layer) for layer in self.layers]    # packed documents run apart
+        # packed documents run apart in layers that count from the row's start: token-index scales (Llama 4's
+        # NoPE layers), and chunked attention (Llama 4), whose chunks transformers 5.17 counts from the row's start
+        kinds = getattr(cfg.hf, "layer_types", None) or [None] * cfg.num_layers
+        self.by_document = [_reads_token_index(layer) or kind == "chunked_attention"
+                            for layer, kind in zip(self.layers, kinds)]
         self.eager = sk.lm.config._attn_implementation == "eager"    # the model's own choice of attention
         for module in self.layers.modules():            # the layers call our attention (it falls back to that choice)
             if hasattr(getattr(module, "config", None), "_attn_implementation"):
@@ -202,16 +182,30 @@ class GenericTemplate:
             # one row broadcast: the recorders return it untouched, only its shape matters to the model
             ones = torch.ones(1, 1, self.cfg.hidden_size, dtype=self.dtype,
                               device=position_ids.device).expand(B, S, -1)
-            self.calls.clear()
-            with torch.no_grad(), documents(doc_ids, self.eager):
-                self._model(inputs_embeds=ones, attention_mask=attention_mask, position_ids=position_ids,
-                            use_cache=False)
+            rows = self._record(ones, position_ids, attention_mask, doc_ids)
             runs = _document_runs(doc_ids, (B, S))
-            inputs = {i: (args, kwargs, runs if self.by_document[i] or not _masks_pairs((args, kwargs)) else None)
-                      for i, (_, args, kwargs) in self.calls.items()}
-            self.calls.clear()
+            # layers that do not keep packed documents apart (no mask: linear attention) or count from the row's
+            # start run once per document, on that document's own layer inputs (recorded as for a sequence alone)
+            apart = {i for i, call in rows.items() if self.by_document[i] or not _masks_pairs(call)}
+            pieces = [] if runs is None or not apart else [
+                (b, s, e, self._record(ones[:1, :e - s], position_ids[b:b + 1, s:e],
+                                       None if attention_mask is None else attention_mask[b:b + 1, s:e], None))
+                for b, s, e in runs]
+            inputs = {i: (args, kwargs, [(b, s, e, *piece[i]) for b, s, e, piece in pieces] if i in apart and pieces
+                          else None) for i, (args, kwargs) in rows.items()}
             mb.model_inputs = on_meta(inputs) if meta else inputs
         return mb.model_inputs
+
+    def _record(self, ones, position_ids, attention_mask, doc_ids) -> dict:
+        """{layer index: (args, kwargs)}: what the model's forward calls each decoder layer with, for inputs of
+        ones' shape."""
+        self.calls.clear()
+        with torch.no_grad(), documents(doc_ids, self.eager):
+            self._model(inputs_embeds=ones, attention_mask=attention_mask, position_ids=position_ids,
+                        use_cache=False)
+        rows = {i: (args, kwargs) for i, (_, args, kwargs) in self.calls.items()}
+        self.calls.clear()
+        return rows
 
     @contextlib.contextmanager
     def _adapted(self, index: int, w: dict):
@@ -242,14 +236,15 @@ class GenericTemplate:
             h = h * self._embed_scale
         kernels = None if ops is None else Kernels(ops, lambda head_dim, dtype: attention_refusal(ops, head_dim, dtype),
                                                    self.announced)
-        with documents(mb.doc_ids, self.eager, kernels), self._adapted(index, w), fused_attention_on(h.device):
+        # runs: the layer keeps no packed documents apart (layer_inputs), each runs as a sequence of its own
+        with self._adapted(index, w), fused_attention_on(h.device), \
+                documents(mb.doc_ids if runs is None else None, self.eager, kernels):
             if runs is None:
                 out = self._call(index, params, h, args, kwargs)
-            else:       # nothing keeps packed documents apart in this layer (linear attention): one call each
+            else:
                 rows = [[] for _ in range(B)]
-                for b, s, e in runs:
-                    piece = functools.partial(_piece, b=b, s=s, e=e, shape=(B, S))
-                    rows[b].append(self._call(index, params, h[b:b + 1, s:e], piece(args), piece(kwargs)))
+                for b, s, e, piece_args, piece_kwargs in runs:
+                    rows[b].append(self._call(index, params, h[b:b + 1, s:e], piece_args, piece_kwargs))
                 out = torch.cat([torch.cat(row, dim=1) for row in rows])
         return out.reshape(B * S, -1)
 
@@ -391,12 +386,6 @@ class GenericTemplate:
             if g["lm_head"] is not None:
                 g["lm_head"] += dz.t() @ xn[s:e].float()
 
-    def backward_bytes(self, rows: int, seq: int) -> int:
-        """Device bytes one decoder layer's recompute + backward holds at its peak for a micro-batch of rows × seq
-        tokens, beyond its input, its output's gradient, its weights and the layer inputs of layer_inputs: the
-        most over the model's kinds of layer (backward_bytes)."""
-        return backward_bytes(self.cfg, self.dtype, rows, seq)
-
 
 def on_meta(tree, storages: dict | None = None):
     """tree (tuples, lists, dicts) with each CPU tensor replaced by a meta tensor of its shape, strides and dtype;
@@ -418,67 +407,3 @@ def on_meta(tree, storages: dict | None = None):
     if isinstance(tree, dict):
         return {key: on_meta(item, storages) for key, item in tree.items()}
     return tree
-
-
-class _LiveBytes(TorchDispatchMode):
-    """The bytes of the storages made under it that are still alive, and their peak."""
-
-    def __init__(self):
-        super().__init__()
-        self.live = self.peak = 0
-        self._seen: set[int] = set()
-
-    def _free(self, key: int, n: int) -> None:
-        self._seen.discard(key)
-        self.live -= n
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor) and t.untyped_storage()._cdata not in self._seen:
-                storage = t.untyped_storage()
-                self._seen.add(storage._cdata)
-                self.live += storage.nbytes()
-                self.peak = max(self.peak, self.live)
-                weakref.finalize(storage, self._free, storage._cdata, storage.nbytes())
-        return out
-
-
-@functools.lru_cache(maxsize=2)
-def _meta_template(cfg: GenericConfig, dtype: torch.dtype) -> GenericTemplate:
-    return GenericTemplate(cfg, torch.device("meta"), dtype)
-
-
-@functools.lru_cache(maxsize=64)
-def backward_bytes(cfg: GenericConfig, dtype: torch.dtype, rows: int, seq: int) -> int:
-    """GenericTemplate.backward_bytes, measured: on the meta device, decoder_backward of the first layer of each
-    kind (its class, its entry of the config's layer_types, its parameters' shapes) for a micro-batch of one
-    document a row, every storage made during the call counted from its allocation until it dies, the peak
-    taken (the recompute's saved tensors, the backward's gradients, the weights' gradients before they are
-    added to the accumulator). Attention runs as CUDA's fused kernels would (fused_attention_on). Measured in
-    a thread of its own: dispatch modes are per thread, so a caller's (the dry run's op counter) sees none of it."""
-    def measure() -> int:
-        tpl = _meta_template(cfg, dtype)
-        meta = torch.device("meta")
-        mb = SimpleNamespace(shape=(rows, seq), doc_ids=None, model_inputs=None,
-                             host_layout=(torch.arange(seq).expand(rows, seq), None, None))
-        tpl.layer_inputs(mb)
-        kinds = getattr(cfg.hf, "layer_types", None) or [None] * cfg.num_layers
-        seen, peak = set(), 0
-        for i, layer in enumerate(tpl.layers):
-            params = dict(layer.named_parameters())
-            kind = (type(layer), kinds[i], tuple((n, tuple(p.shape)) for n, p in params.items()))
-            if kind in seen:
-                continue
-            seen.add(kind)
-            w = {n: torch.empty(p.shape, dtype=dtype, device=meta) for n, p in params.items()}
-            g = {n: torch.empty(p.shape, dtype=torch.float32, device=meta) for n, p in params.items()}
-            x, d_out = (torch.empty(rows * seq, cfg.hidden_size, dtype=dtype, device=meta) for _ in range(2))
-            with _LiveBytes() as live:      # no ops: attention as transformers' (sdpa runs as CUDA's fused kernels)
-                tpl.decoder_backward(None, cfg, w, g, x, mb, d_out, i + 1)
-            peak = max(peak, live.peak)
-        return peak
-
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        return pool.submit(measure).result()
-
