@@ -628,7 +628,7 @@ def _check_inputs(q, k, v, doc_ids, sliding_window) -> tuple[int, int, int, int,
     if Hkv == 0 or Hq % Hkv:
         raise ValueError(f"attention: Hq={Hq} query heads is not a multiple of Hkv={Hkv} kv heads (grouped-query "
                          f"attention needs Hq = G·Hkv)")
-    if k.dtype != q.dtype or v.dtype != q.dtype:
+    if q.dtype not in DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(f"attention: q, k, v must share one dtype among bf16, fp16, fp32; got {q.dtype}, "
                          f"{k.dtype}, {v.dtype}")
     refused = unsupported(D, q.dtype)
