@@ -212,3 +212,17 @@ def test_preflight_refuses_a_full_size_generic_model_with_the_bytes_it_needs():
     cfg = known_model("qwen3-235b-a22b")
     with pytest.raises(MemoryError, match=r"needs 30[0-9]{2}\.\d+ GiB of host memory for a 235\.09B-parameter"):
         ht.Engine(cfg, ht.TrainConfig(device="cpu"))
+
+
+def test_cli_plan_of_a_generic_model_and_no_deepest_variant(tmp_path, capsys):
+    """`horizon-triton plan` on a generic model's directory prints its plan (at its own depth: a deeper variant of a
+    model with per-layer kinds is not defined, and largest_model says so)."""
+    from horizon_triton import cli
+    from horizon_triton.planning.plan import largest_model
+    from generic_models import make_generic_model
+    make_generic_model("qwen3_moe", tmp_path / "moe")
+    assert cli.main(["plan", "--model", str(tmp_path / "moe"), "--tokens-per-step", "256", "--seq-len", "128"]) == 0
+    out = capsys.readouterr().out
+    assert "qwen3_moe" in out and "device peak" in out and "host memory" in out
+    with pytest.raises(ValueError, match="generic layer template"):
+        largest_model(ht.ModelConfig.from_pretrained(tmp_path / "moe"), tokens_per_step=256, host_memory_bytes=10**10)

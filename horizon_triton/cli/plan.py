@@ -11,6 +11,7 @@ def run_plan(args) -> dict:
     """Prints the plan of --model on --gpu, and the deepest model of its shape that fits --host-ram and the card."""
     from ..config import PRESETS, ModelConfig, preset
     from ..devices.device import host_memory_info
+    from ..models.family import is_generic
     from ..planning.plan import format_plan, largest_model, parse_bytes, plan
     path = Path(args.model)
     if path.is_file():
@@ -22,6 +23,9 @@ def run_plan(args) -> dict:
     host_ram = parse_bytes(args.host_ram) if args.host_ram else host_memory_info()[1]
     options = dict(tokens_per_step=args.tokens_per_step, hardware=args.gpu, seq_len=args.seq_len)
     result = plan(model_cfg, train_cfg, host_memory_bytes=host_ram, **options)
+    if is_generic(model_cfg):         # the deepest-model search is for the hand-written families' uniform layers
+        print(format_plan(result, None))
+        return {"plan": result, "largest": None}
     largest = largest_model(model_cfg, train_cfg, host_memory_bytes=host_ram, **options)
     print(format_plan(result, largest))
     if largest is None:

@@ -31,6 +31,7 @@ from .dryrun import DryRun, dry_run, host_store_bytes
 from ..schedule.activations import CROSS_ENTROPY_TOKEN_CHUNK
 from ..objectives.lora import spec_of
 from ..host.store import HostStore
+from ..models.family import is_generic
 
 GiB = 2**30
 
@@ -293,6 +294,9 @@ def largest_model(model_cfg: ModelConfig, train_cfg: TrainConfig | None = None, 
     """The plan of the deepest model of this shape (its width, more or fewer layers) that fits the host memory and
     the device, or None if not even one layer does. Host fit is searched on the store layout alone (cheap),
     then the device on whole dry runs."""
+    if is_generic(model_cfg):
+        raise ValueError(f"largest_model: model type {model_cfg.model_type!r} runs on the generic layer template, "
+                         "whose deeper variants have no defined layer pattern; plan() gives its own depth")
     hw = hardware_figures(hardware)
     dtype = DTYPES[(train_cfg or TrainConfig()).compute_dtype]
 
