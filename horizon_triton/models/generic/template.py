@@ -1,6 +1,6 @@
 """The generic layer template: transformers' own decoder-layer modules, bound per call to views of a staging slot.
 
-The modules are the model's, built on the meta device (weights.skeleton): they hold no tensor of their own, and
+The modules are the model's, built on the meta device (skeleton.py): they hold no tensor of their own, and
 ``torch.func.functional_call`` runs one with the slot's views as its parameters, so nothing persists on the
 device. The forward runs without autograd; the backward recomputes the layer from its checkpoint under autograd
 and takes ``torch.autograd.grad`` for its input and its weights, which are added into the fp32 accumulator's
