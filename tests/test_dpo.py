@@ -51,7 +51,7 @@ def test_closed_form_gradients_match_autograd(loss_type, eps):
 
 
 # ---- the engine against transformers + autograd ------------------------------------------------------------
-def _random_pairs(steps, pairs, seq=14, vocab=96, seed=3):
+def random_pairs(steps, pairs, seq=14, vocab=96, seed=3):
     """Micro-batches of rows 2k (chosen), 2k+1 (rejected): random tokens, prompts of 3-7 tokens (labels -100)."""
     g = torch.Generator().manual_seed(seed)
     out = []
@@ -126,7 +126,7 @@ def _with_reference(engine, batches):
 ])
 def test_engine_matches_torch_autograd_dpo(tmp_path, family, loss_type, eps, accum, head_rows):
     make_hf_model(family, tmp_path / "src")
-    batches = _random_pairs(3 * accum, pairs=2)
+    batches = random_pairs(3 * accum, pairs=2)
     engine = _engine(tmp_path / "src", dpo_beta=0.5, dpo_label_smoothing=eps, dpo_loss=loss_type,
                      grad_accum_steps=accum, head_chunk_rows=head_rows)
     history = engine.fit(_with_reference(engine, batches))
@@ -171,7 +171,7 @@ def test_packed_pairs_equal_pairs_in_rows(tmp_path):
 def test_dpo_through_triton_kernels_matches_torch_path(tmp_path, monkeypatch):
     """The head's per-token weights through the Triton kernels (interpreter) give the torch path's numbers."""
     make_hf_model("llama", tmp_path / "src", num_attention_heads=2, num_key_value_heads=1)   # head dim 32
-    batches = _random_pairs(2, pairs=1, seq=10)
+    batches = random_pairs(2, pairs=1, seq=10)
     runs = []
     for backend in ("torch", "interpret"):
         monkeypatch.setenv("HORIZON_KERNELS", backend)
@@ -191,7 +191,7 @@ def test_dpo_through_triton_kernels_matches_torch_path(tmp_path, monkeypatch):
 
 def test_bf16_dpo_close_to_fp32(tmp_path):
     make_hf_model("llama", tmp_path / "src")
-    batches = _random_pairs(3, pairs=2)
+    batches = random_pairs(3, pairs=2)
     runs = []
     for dtype in ("float32", "bfloat16"):
         engine = ht.Engine(ht.ModelConfig.from_pretrained(tmp_path / "src"),
@@ -342,7 +342,7 @@ def test_pairs_too_long_for_a_row():
 def test_bad_micro_batches_are_refused(tmp_path):
     make_hf_model("llama", tmp_path / "src")
     engine = _engine(tmp_path / "src")
-    batch = _random_pairs(1, pairs=2)[0]
+    batch = random_pairs(1, pairs=2)[0]
     odd = {k: v[:3] for k, v in batch.items()}
     with pytest.raises(ValueError, match=r"batch 0: 3 sequences, an odd number: .* pair split across micro-batches"):
         list(engine.reference_logps([odd]))
@@ -485,7 +485,7 @@ def test_dpo_with_lora_matches_peft_and_autograd_dpo(tmp_path):
     peft = pytest.importorskip("peft")
     from test_lora import _adapters, _peft_model
     make_hf_model("llama", tmp_path / "src")
-    batches = _random_pairs(3, pairs=2)
+    batches = random_pairs(3, pairs=2)
     targets = ("q_proj", "v_proj", "down_proj")
     engine = _engine(tmp_path / "src", dpo_beta=0.5, lora_rank=4, lora_alpha=8, lora_targets=targets)
     model = _peft_model(tmp_path / "src", 4, 8, targets, _adapters(engine))

@@ -21,7 +21,7 @@ from horizon_triton.state import training_state
 from generic_models import make_generic_model, mixed_batches
 from hf_reference import document_logits
 from test_distributed import assert_matches, run_ranks
-from test_dpo import METRICS, torch_dpo_train
+from test_dpo import METRICS, random_pairs, torch_dpo_train
 from tiny_tokenizers import make_tokenizer
 
 MODEL_TYPES = ["gemma2", "qwen3_moe"]     # a soft-capped dense model and an MoE (every family: test_generic_template)
@@ -131,25 +131,12 @@ def test_logits_and_evaluate_match_transformers(tmp_path, model_type):
 
 
 # ---- DPO ---------------------------------------------------------------------------------------------------------
-def _pairs(steps: int, pairs: int = 2, seq: int = 12, vocab: int = 96) -> list[dict]:
-    """Rows 2k chosen, 2k+1 rejected: random tokens, prompts of 3-6 tokens unlabelled."""
-    g = torch.Generator().manual_seed(4)
-    out = []
-    for _ in range(steps):
-        ids = torch.randint(0, vocab, (2 * pairs, seq), generator=g)
-        labels = ids.clone()
-        for row in range(2 * pairs):
-            labels[row, :int(torch.randint(3, 7, (1,), generator=g))] = IGNORE_INDEX
-        out.append({"input_ids": ids, "labels": labels})
-    return out
-
-
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
 def test_dpo_matches_torch_autograd(sources, model_type):
     opt = dict(lr=2e-3, weight_decay=0.0, betas=(0.9, 0.95), eps=1e-8, max_grad_norm=1.0)
     engine = ht.Engine(ht.ModelConfig.from_pretrained(sources[model_type]),
                        ht.TrainConfig(**opt, compute_dtype="float32", device="cpu", objective="dpo", dpo_beta=0.5))
-    batches = _pairs(3)
+    batches = random_pairs(3, 2, seq=12, seed=4)
     model = _reference(sources[model_type])
     with_reference = []
     for b, ref in zip(batches, engine.reference_logps(batches)):

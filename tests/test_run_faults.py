@@ -18,14 +18,9 @@ from horizon_triton.state import checkpoint, durable
 from horizon_triton import cli
 from horizon_triton.cli import rundir
 from horizon_triton.engine import Engine
+from test_cli import RECORDS
 from tiny_tokenizers import make_tokenizer
 
-RECORDS = [
-    {"text": "the cat sat on the mat ."},
-    {"prompt": "what did the dog do ?", "response": "the dog ran under the rug ."},
-    {"text": "a big red dog sat on a small blue rug ."},
-    {"prompt": "did the cat sit ?", "response": "yes ."},
-] * 3
 RUN = ("--steps", "4", "--batch-size", "2", "--seq-len", "24", "--lr", "1e-3", "--device", "cpu", "--dtype",
        "float32")
 ENV = dict(os.environ, HORIZON_KERNELS="torch")
