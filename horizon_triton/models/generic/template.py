@@ -103,7 +103,8 @@ class GenericTemplate:
         self.layers = copy.deepcopy(sk.layers)          # meta modules: code and attributes, no weights
         # packed documents run apart in layers that count from the row's start: token-index scales (Llama 4's
         # NoPE layers), and chunked attention (Llama 4), whose chunks transformers 5.17 counts from the row's start
-        kinds = getattr(cfg.hf, "layer_types", None) or [None] * cfg.num_layers
+        hf = cfg.hf
+        kinds = getattr(hf, "layer_types", None) or [None] * cfg.num_layers
         self.by_document = [_reads_token_index(layer) or kind == "chunked_attention"
                             for layer, kind in zip(self.layers, kinds)]
         self.eager = sk.lm.config._attn_implementation == "eager"    # the model's own choice of attention
@@ -114,7 +115,6 @@ class GenericTemplate:
         self.names = [[p.key for p in layout.params] for layout in layer_layouts(cfg)[1:-1]]
         # the layers' buffers: bound without a gradient, never trained (skeleton.layer_buffers)
         self.buffers = [{name for name, _ in layer_buffers(layer, f"layer {i}")} for i, layer in enumerate(self.layers)]
-        hf = cfg.hf
         self.softcap = getattr(hf, "final_logit_softcapping", None)
         scaling = getattr(hf, "logits_scaling", None)
         self.logit_scale = 1.0 / scaling if scaling else 1.0
