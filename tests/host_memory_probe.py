@@ -4,10 +4,15 @@ count and the growth of peak resident memory (ru_maxrss) over the process's foot
     python tests/host_memory_probe.py DEPTH [--states fp32|8bit] [--lora-rank R] [--baseline]
 
 --baseline trains the same model with transformers (fp32 weights) + torch.optim.AdamW instead, the usual way to
-fine-tune it on a CPU: what the engine's host store is compared with (perf/RESULTS.md)."""
+fine-tune it on a CPU: what the engine's host store is compared with (perf/RESULTS.md).
+
+The tests run it through ``probe``, each depth in a fresh process so that its peak is its own."""
 import argparse
 import json
+import os
 import resource
+import subprocess
+import sys
 
 import torch
 
@@ -25,6 +30,27 @@ def peak_rss() -> int:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+# glibc's malloc returns freed memory to the system at once instead of keeping up to ~35 MB of the step's freed
+# temporaries for reuse: how much it keeps depends on which thread's arena each temporary landed in, so it varied
+# from run to run (107-153 MB above the store at either depth) and made a slope over 113M added parameters vary
+# by +-0.15 B/param. What it keeps does not grow with depth; with it returned, the slope is the store's within 0.02.
+MALLOC_RETURNS_FREED = {"MALLOC_TRIM_THRESHOLD_": "0", "MALLOC_TOP_PAD_": "0"}
+
+
+def probe(depth: int, *flags: str, malloc_returns_freed: bool = True) -> dict:
+    """Runs this script in a fresh process -> its JSON line. malloc_returns_freed: with MALLOC_RETURNS_FREED (for
+    slopes); False: glibc's defaults, as a user runs it."""
+    env = {**os.environ, **(MALLOC_RETURNS_FREED if malloc_returns_freed else {})}
+    out = subprocess.run([sys.executable, __file__, str(depth), *flags], capture_output=True, text=True,
+                         check=True, timeout=900, env=env)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def slope(shallow: dict, deep: dict, key: str) -> float:
+    """Growth of ``key`` per parameter added from the shallow run to the deep one."""
+    return (deep[key] - shallow[key]) / (deep["params"] - shallow["params"])
 
 
 def model_config(depth: int) -> ht.ModelConfig:
