@@ -351,7 +351,10 @@ def _check_bias(bias, E: int, N: int, label: str, name: str) -> None:
 
 
 def _check_grads(d_weight, d_bias, shape, name: str) -> None:
-    if d_weight.shape != shape or d_weight.dtype != torch.float32:
+    if d_weight is None and d_bias is not None:
+        raise ValueError(f"{name}: d_bias without d_weight: one weight-gradient GEMM computes both; pass both or "
+                         "neither (a frozen expert)")
+    if d_weight is not None and (d_weight.shape != shape or d_weight.dtype != torch.float32):
         raise ValueError(f"{name}: d_weight must be fp32 {tuple(shape)} (the weight's shape), got "
                          f"{d_weight.dtype} {tuple(d_weight.shape)}")
     if d_bias is not None and (d_bias.shape != shape[:2] or d_bias.dtype != torch.float32):
@@ -379,7 +382,7 @@ def moe_gate_up_backward(d_gate_up: torch.Tensor, x: torch.Tensor, order: torch.
                          top_k: int, weight: torch.Tensor, d_weight: torch.Tensor,
                          d_bias: torch.Tensor | None = None) -> torch.Tensor:
     """d_gate_up[T·k, N] (expert order) -> dx[T, H] (x.dtype); accumulates d_weight (fp32 [E, N, H]) and d_bias
-    (fp32 [E, N]) in place."""
+    (fp32 [E, N]) in place (None: frozen, not computed)."""
     name = "moe_gate_up_backward"
     _check_activation(x, "x", name)
     _check_activation(d_gate_up, "d_gate_up", name, x.dtype)
@@ -392,8 +395,9 @@ def moe_gate_up_backward(d_gate_up: torch.Tensor, x: torch.Tensor, order: torch.
     M = T * top_k
     identity = _identity(M, x.device)
     # dW_gu[e] += d_gate_upᵀ @ x[tokens of e]   (and db_gu)
-    _grouped_dw(d_gate_up, identity, x, order, top_k, d_weight, d_bias, offsets,
-                _config("moe_gate_up_dw" + ("_bias" if d_bias is not None else ""), M, N, H, E, x.dtype))
+    if d_weight is not None:
+        _grouped_dw(d_gate_up, identity, x, order, top_k, d_weight, d_bias, offsets,
+                    _config("moe_gate_up_dw" + ("_bias" if d_bias is not None else ""), M, N, H, E, x.dtype))
     # dx of every slot, scattered to slot order, then the k slots of each token summed
     dx_slots = torch.empty((M, H), dtype=x.dtype, device=x.device)
     _grouped_gemm(d_gate_up, identity, 1, weight, weight.stride(1), weight.stride(2), None, dx_slots, order,
@@ -420,7 +424,7 @@ def moe_down_forward(h: torch.Tensor, order: torch.Tensor, offsets: torch.Tensor
 def moe_down_backward(d_o: torch.Tensor, h: torch.Tensor, order: torch.Tensor, offsets: torch.Tensor,
                       weight: torch.Tensor, d_weight: torch.Tensor, d_bias: torch.Tensor | None = None) -> torch.Tensor:
     """d_o[T·k, H] (slot order) -> dh[T·k, I] (expert order, h.dtype); accumulates d_weight (fp32 [E, H, I]) and
-    d_bias (fp32 [E, H]) in place."""
+    d_bias (fp32 [E, H]) in place (None: frozen, not computed)."""
     name = "moe_down_backward"
     _check_activation(h, "h", name)
     _check_activation(d_o, "d_o", name, h.dtype)
@@ -432,8 +436,9 @@ def moe_down_backward(d_o: torch.Tensor, h: torch.Tensor, order: torch.Tensor, o
     _check_grads(d_weight, d_bias, (E, N, I), name)
     identity = _identity(M, h.device)
     # dW_d[e] += d_o[slots of e]ᵀ @ h[rows of e]   (and db_d)
-    _grouped_dw(d_o, order, h, identity, 1, d_weight, d_bias, offsets,
-                _config("moe_down_dw" + ("_bias" if d_bias is not None else ""), M, N, I, E, h.dtype))
+    if d_weight is not None:
+        _grouped_dw(d_o, order, h, identity, 1, d_weight, d_bias, offsets,
+                    _config("moe_down_dw" + ("_bias" if d_bias is not None else ""), M, N, I, E, h.dtype))
     dh = torch.empty_like(h)
     _grouped_gemm(d_o, order, 1, weight, weight.stride(1), weight.stride(2), None, dh, identity, offsets,
                   _config("moe_down_dh", M, I, N, E, h.dtype))

@@ -477,13 +477,14 @@ def moe_gate_up_backward(d_gate_up: torch.Tensor, x: torch.Tensor, order: torch.
                          d_bias: torch.Tensor | None = None) -> torch.Tensor:
     """d_gate_up[T·k, N] (expert order) -> dx[T, H] (x.dtype: each slot's d_gate_up @ W_gu[e] rounded to x.dtype,
     a token's k slots summed in fp32);
-    accumulates d_weight (fp32 [E, N, H]) and d_bias (fp32 [E, N]) in place."""
+    accumulates d_weight (fp32 [E, N, H]) and d_bias (fp32 [E, N]) in place (None: frozen, not computed)."""
     T, H = x.shape
     order = order.long()
     rows = x[order // top_k]
     dx_slots = torch.zeros((T * top_k, H), dtype=x.dtype, device=x.device)   # each slot rounded once
     for e, a, b in _expert_rows(offsets):
-        matmul_accumulate_(d_weight[e], d_gate_up[a:b].t(), rows[a:b])
+        if d_weight is not None:
+            matmul_accumulate_(d_weight[e], d_gate_up[a:b].t(), rows[a:b])
         if d_bias is not None:
             d_bias[e] += d_gate_up[a:b].sum(0, dtype=torch.float32)
         dx_slots[order[a:b]] = (d_gate_up[a:b].float() @ weight[e].float()).to(x.dtype)
@@ -503,11 +504,12 @@ def moe_down_forward(h: torch.Tensor, order: torch.Tensor, offsets: torch.Tensor
 def moe_down_backward(d_o: torch.Tensor, h: torch.Tensor, order: torch.Tensor, offsets: torch.Tensor,
                       weight: torch.Tensor, d_weight: torch.Tensor, d_bias: torch.Tensor | None = None) -> torch.Tensor:
     """d_o[T·k, H] (slot order) -> dh[T·k, I] (expert order, h.dtype); accumulates d_weight (fp32 [E, H, I]) and
-    d_bias (fp32 [E, H]) in place."""
+    d_bias (fp32 [E, H]) in place (None: frozen, not computed)."""
     rows = d_o[order.long()]                                                  # [T·k, H] in expert order
     dh = torch.zeros_like(h)
     for e, a, b in _expert_rows(offsets):
-        matmul_accumulate_(d_weight[e], rows[a:b].t(), h[a:b])
+        if d_weight is not None:
+            matmul_accumulate_(d_weight[e], rows[a:b].t(), h[a:b])
         if d_bias is not None:
             d_bias[e] += rows[a:b].sum(0, dtype=torch.float32)
         dh[a:b] = (rows[a:b].float() @ weight[e].float()).to(h.dtype)

@@ -33,9 +33,9 @@ def _engine(path, **train):
                      ht.TrainConfig(**OPT, compute_dtype="float32", device="cpu", **train))
 
 
-def _count_calls(monkeypatch, engine) -> dict:
-    """Counts the engine's attention kernel calls (forward, backward)."""
-    calls = {"attention_forward": 0, "attention_backward": 0}
+def count_calls(monkeypatch, engine, names=("attention_forward", "attention_backward")) -> dict:
+    """Counts the engine's calls of its ops ``names`` (by default the attention kernels, forward and backward)."""
+    calls = dict.fromkeys(names, 0)
     for name in calls:
         op = getattr(engine.ops, name)
 
@@ -57,7 +57,7 @@ def test_kernel_path_matches_fallback_and_transformers(tmp_path, monkeypatch, mo
     make_generic_model(model_type, tmp_path / "src", **KERNEL_FAMILIES[model_type])
     batches = mixed_batches(3)                            # plain, two packed documents a row, a padded row
     kernel_engine = _engine(tmp_path / "src")
-    calls = _count_calls(monkeypatch, kernel_engine)
+    calls = count_calls(monkeypatch, kernel_engine)
     kernel, kernel_weights = _fit_and_save(kernel_engine, batches, tmp_path / "kernel")
     # each decoder layer of each micro-batch: forward, the backward's recompute, and one backward
     layers = COMMON["num_hidden_layers"]
@@ -65,7 +65,7 @@ def test_kernel_path_matches_fallback_and_transformers(tmp_path, monkeypatch, mo
 
     monkeypatch.setattr(generic_template, "attention_refusal", lambda ops, head_dim, dtype: "forced by the test")
     fallback_engine = _engine(tmp_path / "src")
-    fallback_calls = _count_calls(monkeypatch, fallback_engine)
+    fallback_calls = count_calls(monkeypatch, fallback_engine)
     fallback, fallback_weights = _fit_and_save(fallback_engine, batches, tmp_path / "fallback")
     assert fallback_calls == {"attention_forward": 0, "attention_backward": 0}
 
@@ -96,7 +96,7 @@ def test_unsupported_variants_fall_back_and_say_so_once(tmp_path, monkeypatch, c
     """(gemma2's fallback training against transformers: test_generic_template.py.)"""
     make_generic_model(model_type, tmp_path / "src", **overrides)
     engine = _engine(tmp_path / "src")
-    calls = _count_calls(monkeypatch, engine)
+    calls = count_calls(monkeypatch, engine)
     batches = mixed_batches(3)
     with caplog.at_level(logging.INFO, logger="horizon_triton"):
         history = engine.fit(batches)
@@ -149,7 +149,7 @@ def test_interpreted_triton_kernels_one_step(tmp_path, monkeypatch):
     batches = mixed_batches(2)[1:]                                  # two packed documents a row
     engine = _engine(tmp_path / "src")
     assert engine.kernel_backend == "triton-interpret"
-    calls = _count_calls(monkeypatch, engine)
+    calls = count_calls(monkeypatch, engine)
     history = engine.fit(batches)
     assert calls["attention_forward"] == 4 and calls["attention_backward"] == 2
     reference = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "src", dtype=torch.float32)

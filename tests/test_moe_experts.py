@@ -157,6 +157,21 @@ def test_whole_block_matches_reference(name, dtype, dev):
                                       ATOL[dtype] * (1 + ref32[key].abs().max().item()), key)
 
 
+@pytest.mark.parametrize("fn", [moe_experts.moe_gate_up_backward, moe_gate_up_backward_ref])
+def test_frozen_experts_get_their_input_gradient_alone(fn, dev):
+    """d_weight None (frozen experts, LoRA): the same dx, no weight-gradient GEMM; the down projection's too."""
+    T, E, k = 37, 8, 2
+    _, order, offsets = _routing(T, E, k, dev)
+    x, w = torch.randn(T, H, device=dev), torch.randn(E, 2 * I, H, device=dev)
+    d_gate_up = torch.randn(T * k, 2 * I, device=dev)
+    torch.testing.assert_close(fn(d_gate_up, x, order, offsets, k, w, None),
+                               fn(d_gate_up, x, order, offsets, k, w, torch.zeros(E, 2 * I, H, device=dev)))
+    down = moe_experts.moe_down_backward if fn is moe_experts.moe_gate_up_backward else moe_down_backward_ref
+    h, w_d, d_o = torch.randn(T * k, I, device=dev), torch.randn(E, H, I, device=dev), torch.randn(T * k, H, device=dev)
+    torch.testing.assert_close(down(d_o, h, order, offsets, w_d, None),
+                               down(d_o, h, order, offsets, w_d, torch.zeros(E, H, I, device=dev)))
+
+
 def test_clear_errors(dev):
     T, E, k = 5, 4, 2
     _, order, offsets = _routing(T, E, k, dev)
@@ -175,6 +190,9 @@ def test_clear_errors(dev):
     with pytest.raises(ValueError, match="d_weight must be fp32"):
         moe_experts.moe_gate_up_backward(torch.randn(T * k, 2 * I, device=dev), x, order, offsets, k, w,
                                          torch.zeros(E, 2 * I, H, device=dev, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="d_bias without d_weight"):
+        moe_experts.moe_gate_up_backward(torch.randn(T * k, 2 * I, device=dev), x, order, offsets, k, w, None,
+                                         torch.zeros(E, 2 * I, device=dev))
     with pytest.raises(ValueError, match="weights must be fp32"):
         moe_experts.moe_combine_forward(torch.randn(T * k, H, device=dev), torch.rand(T, k + 1, device=dev))
 

@@ -254,7 +254,8 @@ class TritonModels:
     def moe_gate_up_backward(self, d_gate_up, x, order, offsets, top_k, weight, d_weight, d_bias=None):
         (T, H), M, N = x.shape, order.shape[0], weight.shape[1]
         identity = torch.arange(M, dtype=torch.int32, device=x.device)
-        self._grouped_dw(M, N, H, d_gate_up, x, d_weight, d_bias)                      # dW_gu (and db_gu)
+        if d_weight is not None:                                                       # None: frozen
+            self._grouped_dw(M, N, H, d_gate_up, x, d_weight, d_bias)                  # dW_gu (and db_gu)
         dx_slots = torch.empty((M, H), dtype=x.dtype, device=x.device)
         self._grouped_gemm(M, H, N, d_gate_up, weight, dx_slots, offsets)              # dx per slot
         del identity
@@ -271,7 +272,8 @@ class TritonModels:
     def moe_down_backward(self, d_o, h, order, offsets, weight, d_weight, d_bias=None):
         (M, I), N = h.shape, weight.shape[1]
         identity = torch.arange(M, dtype=torch.int32, device=h.device)
-        self._grouped_dw(M, N, I, d_o, h, d_weight, d_bias)                            # dW_d (and db_d)
+        if d_weight is not None:                                                       # None: frozen
+            self._grouped_dw(M, N, I, d_o, h, d_weight, d_bias)                        # dW_d (and db_d)
         dh = torch.empty_like(h)
         self._grouped_gemm(M, I, N, d_o, weight, dh, offsets)
         del identity

@@ -32,6 +32,8 @@ from ..dense.layer import LORA_SCALE
 from ..ops import attention_refusal
 from .attention import NAME, Kernels, LazyMask, documents, fused_attention_on, register
 from .config import GenericConfig
+from .experts import Experts, experts_gradients, experts_on
+from .experts import register as register_experts
 from .router_balance import RouterBalance
 from .skeleton import layer_buffers, skeleton
 from .weights import layer_layouts
@@ -98,6 +100,7 @@ class GenericTemplate:
 
     def __init__(self, cfg: GenericConfig, device: torch.device, dtype: torch.dtype):
         register()
+        register_experts()
         sk = skeleton(cfg)
         self.cfg, self.device, self.dtype = cfg, device, dtype
         self.layers = copy.deepcopy(sk.layers)          # meta modules: code and attributes, no weights
@@ -108,9 +111,14 @@ class GenericTemplate:
         self.by_document = [_reads_token_index(layer) or kind == "chunked_attention"
                             for layer, kind in zip(self.layers, kinds)]
         self.eager = sk.lm.config._attn_implementation == "eager"    # the model's own choice of attention
-        for module in self.layers.modules():            # the layers call our attention (it falls back to that choice)
-            if hasattr(getattr(module, "config", None), "_attn_implementation"):
-                module.config._attn_implementation = NAME
+        # and of experts (MoE); the layers call ours, which fall back to those choices
+        self.experts_fallback = getattr(sk.lm.config, "_experts_implementation", None) or "grouped_mm"
+        for module in self.layers.modules():
+            config = getattr(module, "config", None)
+            if hasattr(config, "_attn_implementation"):
+                config._attn_implementation = NAME
+            if hasattr(config, "_experts_implementation"):
+                config._experts_implementation = NAME
         self.norm = copy.deepcopy(sk.text_model.norm)
         self.names = [[p.key for p in layout.params] for layout in layer_layouts(cfg)[1:-1]]
         # the layers' buffers: bound without a gradient, never trained (skeleton.layer_buffers)
@@ -122,7 +130,8 @@ class GenericTemplate:
         self.router_balance = RouterBalance.of(sk, cfg.model_type)    # the MoE auxiliary loss, when asked
         if self.router_balance is not None:
             self.router_balance.attach(self.layers)
-        self.announced: set = set()      # why layers fell back to transformers' attention, each logged once
+        self.announced: set = set()      # why layers fell back to transformers' attention or experts, logged once
+        self.expert_gates: dict = {}     # experts class -> the gate function its _apply_gate computes (experts.py)
         self._model = self._build_model(sk)
 
     # ---- the model around its layers ------------------------------------------------------------------------
@@ -236,8 +245,9 @@ class GenericTemplate:
             h = h * self._embed_scale
         kernels = None if ops is None else Kernels(ops, lambda head_dim, dtype: attention_refusal(ops, head_dim, dtype),
                                                    self.announced)
+        experts = None if ops is None else Experts(ops, self.experts_fallback, self.expert_gates, self.announced)
         # runs: the layer keeps no packed documents apart (layer_inputs), each runs as a sequence of its own
-        with self._adapted(index, w), fused_attention_on(h.device), \
+        with self._adapted(index, w), fused_attention_on(h.device), experts_on(experts), \
                 documents(mb.doc_ids if runs is None else None, self.eager, kernels):
             if runs is None:
                 out = self._call(index, params, h, args, kwargs)
@@ -282,18 +292,21 @@ class GenericTemplate:
     def decoder_backward(self, ops, cfg, w, g, x: torch.Tensor, mb, d_out: torch.Tensor, layer: int) -> torch.Tensor:
         """Recomputes the layer under autograd from its input x, adds the gradients of what trains (g's keys: the
         layer's weights, or with LoRA its adapters alone, the base frozen; never a buffer) into g (fp32 views),
-        returns d(x). With the router auxiliary loss, its gradient through this layer's router joins d_out's."""
+        returns d(x). With the router auxiliary loss, its gradient through this layer's router joins d_out's.
+        MoE experts on the kernels add their weights' gradients into g themselves (experts_gradients)."""
         buffers = self.buffers[layer - 1]
         with torch.enable_grad():
             trained = {n: w[n].detach().requires_grad_(True) for n in g if n not in buffers}
             xi = x.detach().requires_grad_(True)
-            out, routed = self._routed_layer(ops, layer - 1, {**w, **trained}, xi, mb)
-            outputs, grad_outputs = [out], [d_out]
-            aux_term = self.router_balance.backward_term(mb, routed) if routed else None
-            if aux_term is not None:
-                outputs.append(aux_term)
-                grad_outputs.append(torch.ones_like(aux_term))
-            grads = torch.autograd.grad(outputs, [xi, *trained.values()], grad_outputs, allow_unused=True)
+            accumulators = {id(t): g[n] for n, t in trained.items()}
+            with experts_gradients(accumulators):
+                out, routed = self._routed_layer(ops, layer - 1, {**w, **trained}, xi, mb)
+                outputs, grad_outputs = [out], [d_out]
+                aux_term = self.router_balance.backward_term(mb, routed) if routed else None
+                if aux_term is not None:
+                    outputs.append(aux_term)
+                    grad_outputs.append(torch.ones_like(aux_term))
+                grads = torch.autograd.grad(outputs, [xi, *trained.values()], grad_outputs, allow_unused=True)
         for name, grad in zip(trained, grads[1:]):
             if grad is not None:
                 g[name] += grad

@@ -1,0 +1,173 @@
+"""The experts implementation the generic template runs transformers' MoE layers with, registered under ``NAME``
+with transformers' experts interface.
+
+transformers' fused experts modules (those its ``use_experts_implementation`` decorates: Qwen3-MoE, Qwen3-Next,
+Qwen3.5-MoE, Mixtral, gpt-oss, DeepSeek-V3, GLM-4-MoE, ...) are called with the router's choice for each token,
+top_k_index[T, k] and top_k_weights[T, k], and compute y[t] = Σ_j w[t, j] · down_e(act(gate_up_e(x[t]))). Here the
+engine's MoE ops compute it (``ops.moe_permute``, the grouped GEMMs, SwiGLU or gpt-oss's clamped SwiGLU, the
+weighted combine) inside an autograd Function, dropless as transformers. Within ``experts_gradients`` the backward
+accumulates the experts' weight gradients in fp32 straight into the template's accumulators and gives autograd
+none: no [E, N, K] gradient in the weights' dtype is ever made (one layer of gpt-oss-120b's experts is 3.2 B
+parameters). Frozen experts (LoRA) get no weight-gradient GEMMs at all.
+
+What the ops do not compute runs the implementation the model chose itself (transformers' grouped_mm or its eager
+loop), the reason logged once per template: experts without a gate, a gate function other than SiLU's SwiGLU on
+[gate | up] halves or gpt-oss's clamped SwiGLU on interleaved ones (found by running the module's own gate on a
+probe, not by its name), a norm after the experts, expert parallelism, and the torch references on the meta device
+(they read the routing's host values). Imports only the kernels' references."""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import threading
+
+import torch
+
+NAME = "horizon"
+log = logging.getLogger("horizon_triton")
+_state = threading.local()      # the template's Experts around its layers' calls, and the gradients' accumulators
+PROBE = torch.linspace(-9.0, 9.0, 3 * 16).view(3, 16)   # gate/up values past gpt-oss's clamp limit (7) both ways
+
+
+@dataclasses.dataclass
+class Experts:
+    """The kernel path of one template: its ops (``models.ops.load_ops``), the model's own implementation for what
+    they do not compute, the gate kind found per experts class and the fallback reasons already announced."""
+    ops: object
+    fallback: str
+    gates: dict = dataclasses.field(default_factory=dict)
+    announced: set = dataclasses.field(default_factory=set)
+
+
+@contextlib.contextmanager
+def _thread_state(name: str, value):
+    old = getattr(_state, name, None)
+    setattr(_state, name, value)
+    try:
+        yield
+    finally:
+        setattr(_state, name, old)
+
+
+def experts_on(experts: Experts | None):
+    """Within: transformers' experts modules run on ``experts`` where they apply (None: always the model's own)."""
+    return _thread_state("experts", experts)
+
+
+def experts_gradients(accumulators: dict):
+    """Within: the backward adds the gradient of an experts weight or bias t into accumulators[id(t)] (fp32, t's
+    shape) instead of returning it; a tensor without one gets its gradient from autograd as usual."""
+    return _thread_state("accumulators", accumulators)
+
+
+def _gate_kind(module) -> str | tuple[float, float] | None:
+    """"swiglu" (SiLU(gate) · up on [gate | up] halves), (alpha, limit) (gpt-oss's clamped SwiGLU on interleaved
+    gate/up), or None: what ``module._apply_gate`` computes on a probe, compared with the ops' references."""
+    from horizon_triton.kernels import reference
+    try:
+        with torch.no_grad():
+            got = module._apply_gate(PROBE)
+    except Exception:        # a gate that cannot run on a CPU probe is one the kernels do not know either
+        return None
+    if got.shape != (3, 8):
+        return None
+    if getattr(module, "is_concatenated", True) and torch.allclose(got, reference.swiglu_forward(PROBE)):
+        return "swiglu"
+    alpha, limit = getattr(module, "alpha", None), getattr(module, "limit", None)
+    if alpha is not None and limit is not None and not getattr(module, "is_concatenated", True):
+        if torch.allclose(got, reference.clamped_swiglu_forward(PROBE, float(alpha), float(limit))):
+            return float(alpha), float(limit)
+    return None
+
+
+def _refusal(experts: Experts, module, x: torch.Tensor) -> str | None:
+    """Why the ops do not compute this experts call (None: they do)."""
+    if not getattr(module, "has_gate", False):
+        return "experts without a gate (up and down projections only)"
+    if getattr(module, "has_post_expert_norm", False):
+        return "a norm after each expert"
+    if getattr(module, "_is_expert_parallel", False):
+        return "expert parallelism"
+    kind = type(module)
+    if kind not in experts.gates:
+        experts.gates[kind] = _gate_kind(module)
+    if experts.gates[kind] is None:
+        return "a gate function other than SwiGLU or gpt-oss's clamped SwiGLU"
+    on_references = getattr(experts.ops.moe_permute, "__module__", "") == "horizon_triton.kernels.reference"
+    if x.device.type == "meta" and on_references:
+        return "the torch references read the routing's host values, which the meta device has not"
+    return None
+
+
+def _as_ops_take(gate_up, down, transposed: bool) -> tuple:
+    """The weights (or their fp32 gradients) as the ops take them, [E, N, K]: gpt-oss stores its transposed."""
+    return (gate_up.transpose(1, 2), down.transpose(1, 2)) if transposed else (gate_up, down)
+
+
+class _GroupedExperts(torch.autograd.Function):
+    """y[T, H] = Σ_j w[t, j] · down_e(gate(gate_up_e(x[t]))) over each token's k experts; backward by the ops."""
+
+    @staticmethod
+    def forward(ctx, x, weights, gate_up, gate_up_bias, down, down_bias, ids, ops, gate, transposed, accumulators):
+        order, offsets = ops.moe_permute(ids.to(torch.int32), gate_up.shape[0])
+        w_gu, w_d = _as_ops_take(gate_up, down, transposed)
+        k = ids.shape[1]
+        gu = ops.moe_gate_up_forward(x, order, offsets, k, w_gu, gate_up_bias)
+        h = ops.swiglu_forward(gu) if gate == "swiglu" else ops.clamped_swiglu_forward(gu, *gate)
+        o = ops.moe_down_forward(h, order, offsets, w_d, down_bias)
+        weights32 = weights.float()
+        ctx.save_for_backward(x, weights32, gu, h, o, order, offsets)
+        ctx.params = (gate_up, gate_up_bias, down, down_bias)
+        ctx.ops, ctx.gate, ctx.transposed, ctx.k, ctx.weights_dtype = ops, gate, transposed, k, weights.dtype
+        ctx.accumulators = accumulators
+        return ops.moe_combine_forward(o, weights32)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weights32, gu, h, o, order, offsets = ctx.saved_tensors
+        ops, params = ctx.ops, ctx.params
+        # fp32 buffers the ops accumulate into: the template's accumulators, else fresh ones returned to autograd
+        buffers, fresh = [], []
+        for p, need in zip(params, ctx.needs_input_grad[2:6]):
+            acc = ctx.accumulators.get(id(p)) if need else None
+            fresh.append(need and acc is None)
+            buffers.append(torch.zeros(p.shape, dtype=torch.float32, device=p.device) if fresh[-1] else acc)
+        w_gu, w_d = _as_ops_take(params[0], params[2], ctx.transposed)
+        d_gu_w, d_d_w = (None, None) if buffers[0] is None else _as_ops_take(buffers[0], buffers[2], ctx.transposed)
+        d_o, d_weights = ops.moe_combine_backward(dy.contiguous(), o, weights32)
+        dh = ops.moe_down_backward(d_o, h, order, offsets, w_d, d_d_w, buffers[3])
+        d_gu = ops.swiglu_backward(dh, gu) if ctx.gate == "swiglu" else ops.clamped_swiglu_backward(dh, gu, *ctx.gate)
+        dx = ops.moe_gate_up_backward(d_gu, x, order, offsets, ctx.k, w_gu, d_gu_w, buffers[1])
+        grads = [buffer.to(p.dtype) if give else None for buffer, p, give in zip(buffers, params, fresh)]
+        return (dx, d_weights.to(ctx.weights_dtype), *grads, None, None, None, None, None)
+
+
+def experts_forward(module, hidden_states, top_k_index, top_k_weights):
+    """transformers' experts signature: hidden_states[T, H], the router's top_k_index / top_k_weights [T, k]."""
+    experts = getattr(_state, "experts", None)
+    reason = "outside the engine's layers" if experts is None else _refusal(experts, module, hidden_states)
+    if reason is None:
+        gate_up, gate_up_bias, down, down_bias = (module.gate_up_proj, getattr(module, "gate_up_proj_bias", None),
+                                                  module.down_proj, getattr(module, "down_proj_bias", None))
+        if not getattr(module, "has_bias", False):
+            gate_up_bias = down_bias = None
+        accumulators = getattr(_state, "accumulators", None) or {}
+        return _GroupedExperts.apply(hidden_states.contiguous(), top_k_weights, gate_up, gate_up_bias, down,
+                                     down_bias, top_k_index, experts.ops, experts.gates[type(module)],
+                                     getattr(module, "is_transposed", False), accumulators)
+    if experts is not None and reason not in experts.announced:
+        experts.announced.add(reason)
+        log.info("horizon-triton: %s runs transformers' %s experts instead of the kernels: %s",
+                 type(module).__name__, experts.fallback, reason)
+    fallback = "grouped_mm" if experts is None else experts.fallback
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+    if fallback in ALL_EXPERTS_FUNCTIONS:
+        return ALL_EXPERTS_FUNCTIONS[fallback](module, hidden_states, top_k_index, top_k_weights)
+    # the class's own loop, which transformers' decorator wraps
+    return type(module).forward.__wrapped__(module, hidden_states, top_k_index, top_k_weights)
+
+
+def register() -> None:
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+    ALL_EXPERTS_FUNCTIONS.register(NAME, experts_forward)
