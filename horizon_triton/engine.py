@@ -22,7 +22,7 @@ from .devices.device import device_kind, make_device
 from .host.node_store import NodeShare
 from .host.optimizer import OptimizerDriver, clip_coefficient
 from .models.dense import layer as lt
-from .models.family import is_generic
+from .models.family import has_moe_experts, is_generic
 from .models.ops import CPU_LIBRARY_OPS, TORCH_ONLY, load_ops, select_backend
 from .objectives import lora, preference
 from .planning import preflight
@@ -109,7 +109,8 @@ class Engine:
         if self.kernel_backend == "triton":
             self.kernel_report.update(dict.fromkeys(TORCH_ONLY, "library"))
             self.ops, report = canary.run(self.ops, load_ops("torch", "cuda"), self.device.torch_device,
-                                          self.compute_dtype, model_cfg.head_dim, model_cfg.sliding_window)
+                                          self.compute_dtype, model_cfg.head_dim, model_cfg.sliding_window,
+                                          moe=has_moe_experts(model_cfg))
             self.kernel_report.update(report)
         self.optimizer = OptimizerDriver(self.store, train_cfg,
                                          shard=None if share is None else (share.local_rank, share.local_world))

@@ -144,3 +144,12 @@ def test_a_gate_the_kernels_do_not_compute_falls_back_and_says_why(tmp_path, cap
     for got, want in zip(history, reference_train(reference, batches, **OPT, split_documents=True)):
         assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)
         assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-4)
+
+
+@pytest.mark.parametrize("model_type", MOE_FAMILIES + ["llama4_text", "gemma2", "llama"])
+def test_the_engine_knows_which_models_run_the_moe_kernels(model_type):
+    """has_moe_experts decides whether the CUDA start-up check (canary) compiles and checks the MoE kernels: the
+    families whose experts the kernels run, not Llama 4 (experts of its own code) nor dense models."""
+    from horizon_triton.models.family import has_moe_experts
+    config = transformers.AutoConfig.for_model(model_type, **{**COMMON, **FAMILIES.get(model_type, {})})
+    assert has_moe_experts(GenericConfig.from_hf(config)) == (model_type in MOE_FAMILIES)

@@ -6,11 +6,19 @@ from __future__ import annotations
 from .dense import layer as dense_layer
 from .dense import weights as dense_weights
 from .generic import weights as generic_weights
+from .generic.experts import is_experts_module
+from .generic.skeleton import skeleton
 from .generic.template import GenericTemplate
 
 
 def is_generic(cfg) -> bool:
     return getattr(cfg, "generic", False)
+
+
+def has_moe_experts(cfg) -> bool:
+    """Whether the model's layers hold experts the MoE kernels run (transformers' fused experts modules); the
+    hand-written dense family has none."""
+    return is_generic(cfg) and any(is_experts_module(m) for m in skeleton(cfg).layers.modules())
 
 
 def layer_layouts(cfg):

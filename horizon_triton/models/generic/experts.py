@@ -61,6 +61,11 @@ def experts_gradients(accumulators: dict):
     return _thread_state("accumulators", accumulators)
 
 
+def is_experts_module(module) -> bool:
+    """A fused experts module of transformers (its use_experts_implementation decorator sets these)."""
+    return hasattr(module, "has_gate") and hasattr(module, "is_transposed") and hasattr(module, "gate_up_proj")
+
+
 def _gate_kind(module) -> str | tuple[float, float] | None:
     """"swiglu" (SiLU(gate) · up on [gate | up] halves), (alpha, limit) (gpt-oss's clamped SwiGLU on interleaved
     gate/up), or None: what ``module._apply_gate`` computes on a probe, compared with the ops' references."""
