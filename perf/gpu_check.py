@@ -5,10 +5,11 @@
 Parts, in the order they run (the letters are sections; ``--parts`` takes part names or letters, comma-separated):
     e  engine steps at Llama-3-8B and Llama-3-70B layer widths, real vocabulary, for our kernels
        (HORIZON_KERNELS=triton) and the library path (HORIZON_KERNELS=torch) side by side
-    b  each kernel against cuBLAS / torch SDPA at the engine's real shapes (perf/gpu_parts.py)
+    b  each kernel against cuBLAS / torch SDPA at the engine's real shapes (perf/gpu_parts.py); in the time left,
+       the MoE kernels against torch._grouped_mm (perf/test_moe_perf.py)
     c  host -> device bandwidth: the scheduler's stream_in against a plain pinned copy
     a  the compiled kernel tests (TRITON_INTERPRET=0 pytest: one bf16 reference check per family), then, in the
-       time earlier parts left, the library/canary tests and tests/test_engine_cuda.py
+       time earlier parts left, the library/canary tests, tests/test_engine_cuda.py and the MoE kernels' tests
     d  (in the time left) the CPU AdamW (kernels/cpu_adam.py) on this machine's cores
 
 Every part runs in a child process of its own under a time box (its budget, and never past the whole run's
@@ -76,6 +77,11 @@ class Part:
 COMPILES_CANARY = ("20 at start-up (`compile_counts.py engine --canary-only`, hd128 bf16), about as many in the "
                    "first step")
 COMPILES_KERNEL_TESTS = "21 (`compile_counts.py pytest <KERNEL_TESTS>`)"
+# the MoE kernels (what the generic template runs for MoE experts): a whole block (routing, permutation, grouped
+# GEMMs, SwiGLU / clamped SwiGLU, combine, all their backward) as gpt-oss and as DeepSeek-V3 route, in bf16
+MOE_KERNEL_TESTS = ("tests/test_moe_experts.py::test_whole_block_matches_reference[gpt_oss-bfloat16]",
+                    "tests/test_moe_experts.py::test_whole_block_matches_reference[deepseek-bfloat16]")
+COMPILES_MOE_KERNEL_TESTS = "21 (`compile_counts.py pytest <MOE_KERNEL_TESTS>`)"
 
 
 def all_parts(quick: bool) -> list[Part]:
@@ -117,6 +123,15 @@ def all_parts(quick: bool) -> list[Part]:
         Part("engine_cuda_tests", "a", "tests/test_engine_cuda.py: the engine on CUDA vs the CPU path", 40,
              (py, "-m", "pytest", "tests/test_engine_cuda.py"), pytest=True, extra=True,
              without_gpu="the CUDA device needs one; tests/test_scheduler.py races the same scheduler on CPU"),
+        Part("moe_kernel_tests", "a", "compiled MoE kernel tests: a whole MoE block as gpt-oss and DeepSeek-V3, bf16",
+             55, (py, "-m", "pytest", *MOE_KERNEL_TESTS), pytest=True, extra=True,
+             compiles=COMPILES_MOE_KERNEL_TESTS,
+             without_gpu="compiled kernels need one; without it `python -m pytest tests/test_moe_experts.py` runs "
+                         "these tests in Triton's interpreter"),
+        Part("moe_benchmark", "b", "MoE grouped GEMMs and a whole expert layer vs torch._grouped_mm, gpt-oss-120b "
+             "and Qwen3-235B expert shapes, 8K tokens", 90,
+             (py, "-m", "pytest", "perf/test_moe_perf.py", "--benchmark-only", "-s"), pytest=True, extra=True,
+             compiles="the MoE kernels at two shapes (about as many as moe_kernel_tests)", without_gpu=timed),
         Part("cpu_adam", "d", "CPU AdamW (adamw_step_) on this machine's cores", 20, measure("cpu_adam"),
              needs_gpu=False, extra=True),
     ]

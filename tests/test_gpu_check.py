@@ -38,7 +38,7 @@ def test_runs_end_to_end_without_a_gpu(tmp_path):
     assert env["code_is_this_checkout"] and env["code_from"]["horizon_triton.kernels"] == str(ROOT / "kernels")
     parts = {p["name"]: p for p in report["parts"]}
     assert list(parts) == ["engine_8b_triton", "attention", "kernel_tests", "library_and_canary_tests",
-                           "engine_cuda_tests", "cpu_adam"]                      # the run's order, not the request's
+                           "engine_cuda_tests", "moe_kernel_tests", "cpu_adam"]  # the run's order, not the request's
     assert report["not_run_yet"] == []
     for name, part in parts.items():
         if name != "cpu_adam":
@@ -112,9 +112,10 @@ def test_part_selection_by_name_and_section():
     engines = gpu_check.select(parts, "e")
     assert {p.env["HORIZON_KERNELS"] for p in engines} == {"triton", "torch"} and len(engines) == 4
     # most valuable first: engine steps at real widths, then the kernels against the library, the tests last
-    assert [p.section for p in parts] == ["e"] * 4 + ["b"] * 3 + ["c"] + ["a"] * 3 + ["d"]
+    assert [p.section for p in parts] == ["e"] * 4 + ["b"] * 3 + ["c"] + ["a"] * 4 + ["b", "d"]
     assert sum(p.budget_s for p in parts if not p.extra) == 400          # of an 8-minute window, with a margin
-    assert all(p.extra for p in parts if p.name in ("library_and_canary_tests", "engine_cuda_tests", "cpu_adam"))
+    assert all(p.extra for p in parts if p.name in ("library_and_canary_tests", "engine_cuda_tests", "cpu_adam",
+                                                    "moe_kernel_tests", "moe_benchmark"))
     with pytest.raises(SystemExit, match="unknown nope"):
         gpu_check.select(parts, "nope")
 
