@@ -442,6 +442,9 @@ def moe_sigmoid_topk_backward(d_weights: torch.Tensor, logits: torch.Tensor, ids
 def moe_permute(ids: torch.Tensor, num_experts: int):
     """ids[T, k] -> (order[T·k] int32: the slots t·k + j sorted by expert, ascending slot within an expert;
     offsets[E + 1] int32: expert e owns the sorted rows offsets[e] : offsets[e + 1])."""
+    if ids.is_meta:                  # shapes only, as aten's meta functions (the dry run, its footprints)
+        return (torch.empty(ids.numel(), dtype=torch.int32, device="meta"),
+                torch.empty(num_experts + 1, dtype=torch.int32, device="meta"))
     flat = ids.reshape(-1).long()
     order = torch.sort(flat, stable=True)[1]
     counts = torch.bincount(flat, minlength=num_experts)
@@ -451,7 +454,11 @@ def moe_permute(ids: torch.Tensor, num_experts: int):
 
 
 def _expert_rows(offsets: torch.Tensor):
-    """(e, start, end) of every expert with rows; sync: the row ranges are host values (reference only)."""
+    """(e, start, end) of every expert with rows; sync: the row ranges are host values (reference only). On the
+    meta device none: the ops then allocate their outputs and workspaces and compute nothing, as aten's meta
+    functions do (the dry run and its footprints run them so)."""
+    if offsets.is_meta:
+        return []
     bounds = offsets.tolist()
     return [(e, a, b) for e, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])) if b > a]
 

@@ -13,8 +13,7 @@ parameters). Frozen experts (LoRA) get no weight-gradient GEMMs at all.
 What the ops do not compute runs the implementation the model chose itself (transformers' grouped_mm or its eager
 loop), the reason logged once per template: experts without a gate, a gate function other than SiLU's SwiGLU on
 [gate | up] halves or gpt-oss's clamped SwiGLU on interleaved ones (found by running the module's own gate on a
-probe, not by its name), a norm after the experts, expert parallelism, and the torch references on the meta device
-(they read the routing's host values). Imports only the kernels' references."""
+probe, not by its name), a norm after the experts and expert parallelism. Imports only the kernels' references."""
 from __future__ import annotations
 
 import contextlib
@@ -99,9 +98,6 @@ def _refusal(experts: Experts, module, x: torch.Tensor) -> str | None:
         experts.gates[kind] = _gate_kind(module)
     if experts.gates[kind] is None:
         return "a gate function other than SwiGLU or gpt-oss's clamped SwiGLU"
-    on_references = getattr(experts.ops.moe_permute, "__module__", "") == "horizon_triton.kernels.reference"
-    if x.device.type == "meta" and on_references:
-        return "the torch references read the routing's host values, which the meta device has not"
     return None
 
 

@@ -11,7 +11,10 @@ from types import SimpleNamespace
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from horizon_triton.kernels import reference
+
 from .config import GenericConfig
+from .experts import Experts, experts_on
 from .template import GenericTemplate
 
 
@@ -52,8 +55,9 @@ def backward_bytes(cfg: GenericConfig, dtype: torch.dtype, rows: int, seq: int) 
     kind (its class, its entry of the config's layer_types, its parameters' shapes) for a micro-batch of one
     document a row, every storage made during the call counted from its allocation until it dies, the peak
     taken (the recompute's saved tensors, the backward's gradients, the weights' gradients before they are
-    added to the accumulator). Attention runs as CUDA's fused kernels would (fused_attention_on). Measured in
-    a thread of its own: dispatch modes are per thread, so a caller's (the dry run's op counter) sees none of it."""
+    added to the accumulator; MoE experts add theirs into it directly). Attention runs as CUDA's fused kernels
+    would (fused_attention_on). Measured in a thread of its own: dispatch modes are per thread, so a caller's
+    (the dry run's op counter) sees none of it."""
     def measure() -> int:
         tpl = _meta_template(cfg, dtype)
         meta = torch.device("meta")
@@ -71,7 +75,9 @@ def backward_bytes(cfg: GenericConfig, dtype: torch.dtype, rows: int, seq: int) 
             w = {n: torch.empty(p.shape, dtype=dtype, device=meta) for n, p in params.items()}
             g = {n: torch.empty(p.shape, dtype=torch.float32, device=meta) for n, p in params.items()}
             x, d_out = (torch.empty(rows * seq, cfg.hidden_size, dtype=dtype, device=meta) for _ in range(2))
-            with _LiveBytes() as live:      # no ops: attention as transformers' (sdpa runs as CUDA's fused kernels)
+            # no ops: attention as transformers' (sdpa runs as CUDA's fused kernels); MoE experts on the torch
+            # references, which allocate what the engine's experts allocate and compute nothing on meta
+            with _LiveBytes() as live, experts_on(Experts(reference, tpl.experts_fallback, tpl.expert_gates)):
                 tpl.decoder_backward(None, cfg, w, g, x, mb, d_out, i + 1)
             peak = max(peak, live.peak)
         return peak

@@ -245,9 +245,11 @@ class GenericTemplate:
             h = h * self._embed_scale
         kernels = None if ops is None else Kernels(ops, lambda head_dim, dtype: attention_refusal(ops, head_dim, dtype),
                                                    self.announced)
-        experts = None if ops is None else Experts(ops, self.experts_fallback, self.expert_gates, self.announced)
+        # without ops, the experts run as the caller's experts_on says (footprint.backward_bytes: the references)
+        experts = contextlib.nullcontext() if ops is None else experts_on(
+            Experts(ops, self.experts_fallback, self.expert_gates, self.announced))
         # runs: the layer keeps no packed documents apart (layer_inputs), each runs as a sequence of its own
-        with self._adapted(index, w), fused_attention_on(h.device), experts_on(experts), \
+        with self._adapted(index, w), fused_attention_on(h.device), experts, \
                 documents(mb.doc_ids if runs is None else None, self.eager, kernels):
             if runs is None:
                 out = self._call(index, params, h, args, kwargs)
