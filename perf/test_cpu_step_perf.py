@@ -8,6 +8,10 @@ the engine does) and torch.optim.AdamW(fused=True), on the same tokens. A step i
 the engine's is ``fit`` of one batch and the wait for its AdamW (which otherwise overlaps the next step's
 forward). Rounds interleave the two, so that both see the same machine load; the figures are the fastest round
 of each, their ratio, and the system time of each process share (page faults of fresh allocations show there).
+
+The same on a mixture-of-experts model (``qwen3_moe``: 4 layers, hidden 256, 16 experts of 256 routed top-4,
+vocabulary 8192, 2 × 512 tokens): the engine's generic template with the experts on its MoE ops (the references'
+per-expert loop on CPU) against transformers' Qwen3MoeForCausalLM (its grouped_mm experts), likewise.
 """
 import resource
 import time
@@ -19,7 +23,24 @@ import horizon_triton as ht
 
 CFG = ht.ModelConfig(vocab_size=8192, hidden_size=512, intermediate_size=1408, num_layers=6, num_heads=8,
                      num_kv_heads=2)
-BATCH, SEQ, THREADS, ROUNDS = 2, 1024, 2, 6
+MOE = dict(vocab_size=8192, hidden_size=256, intermediate_size=512, moe_intermediate_size=256, num_experts=16,
+           num_experts_per_tok=4, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2, head_dim=32,
+           max_position_embeddings=2048)
+THREADS, ROUNDS = 2, 6
+WORKLOADS = {"llama": (2, 1024), "qwen3_moe": (2, 512)}      # rows, tokens a row
+
+
+def _models(workload: str):
+    """(our engine's model config, transformers' model in train mode), the same weights' shapes, fp32."""
+    import transformers
+    if workload == "llama":
+        hf_cfg = CFG.to_hf_config("float32")
+        hf_cfg._attn_implementation = "sdpa"
+        return CFG, transformers.LlamaForCausalLM(hf_cfg)
+    from horizon_triton.models.generic.config import GenericConfig
+    hf_cfg = transformers.AutoConfig.for_model(workload, **MOE)
+    hf_cfg._attn_implementation = "sdpa"
+    return GenericConfig.from_hf(hf_cfg), transformers.AutoModelForCausalLM.from_config(hf_cfg)
 
 
 def _timed(step) -> tuple[float, float]:
@@ -30,17 +51,15 @@ def _timed(step) -> tuple[float, float]:
 
 
 @pytest.mark.benchmark(group="cpu-step")
-def test_cpu_step_against_transformers(benchmark, record):
-    import transformers
-
+@pytest.mark.parametrize("workload", list(WORKLOADS))
+def test_cpu_step_against_transformers(benchmark, record, workload):
     threads = torch.get_num_threads()
     torch.set_num_threads(THREADS)
-    ids = torch.randint(0, CFG.vocab_size, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
+    cfg, model = _models(workload)
+    rows, seq = WORKLOADS[workload]
+    ids = torch.randint(0, cfg.vocab_size, (rows, seq), generator=torch.Generator().manual_seed(0))
     batch = {"input_ids": ids, "labels": ids}
-    engine = ht.Engine(CFG, ht.TrainConfig(device="cpu", lr=1e-4, compute_dtype="float32"))
-    hf_cfg = CFG.to_hf_config("float32")
-    hf_cfg._attn_implementation = "sdpa"
-    model = transformers.LlamaForCausalLM(hf_cfg)
+    engine = ht.Engine(cfg, ht.TrainConfig(device="cpu", lr=1e-4, compute_dtype="float32"))
     model.gradient_checkpointing_enable()
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
@@ -63,7 +82,7 @@ def test_cpu_step_against_transformers(benchmark, record):
             runs[name].append(_timed(step))
     benchmark.pedantic(ours, rounds=1, iterations=1)
     best = {name: min(runs[name]) for name in steps}
-    record(model=f"{CFG.num_parameters() / 1e6:.1f}M", tokens_per_step=BATCH * SEQ, threads=THREADS,
+    record(model=f"{workload} {cfg.num_parameters() / 1e6:.1f}M", tokens_per_step=rows * seq, threads=THREADS,
            ours_step_s=best["ours"][0], transformers_step_s=best["transformers"][0],
            ours_over_transformers=best["ours"][0] / best["transformers"][0],
            ours_sys_s=best["ours"][1], transformers_sys_s=best["transformers"][1],
