@@ -248,6 +248,8 @@ class TrainConfig:
     lora_rank: int | None = None          # LoRA adapters of this rank on a frozen base (None: full fine-tune)
     lora_alpha: float = 8.0               # adapter scaling alpha / rank (alpha / sqrt(rank) with use_rslora)
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")   # peft's target_modules names (its Llama default)
+    lora_target_parameters: tuple[str, ...] = ()   # peft's target_parameters: MoE experts' fused 3-D weights
+    #                                     (e.g. mlp.experts.gate_up_proj, mlp.experts.down_proj), generic models only
     lora_dropout: float = 0.0             # only 0: the hand-written backward has no dropout mask
     use_rslora: bool = False              # rank-stabilized scaling (Kalajdzievski 2023), as peft's use_rslora
     share_host_store: bool = True         # data parallel: a node's ranks share one host store in /dev/shm, each
@@ -313,18 +315,28 @@ class TrainConfig:
             raise ValueError(f"warmup_steps must be an int ≥ 0, got {self.warmup_steps!r}")
 
     def _check_lora(self) -> None:
-        if isinstance(self.lora_targets, str):
-            object.__setattr__(self, "lora_targets", tuple(t for t in self.lora_targets.split(",") if t))
-        object.__setattr__(self, "lora_targets", tuple(self.lora_targets))     # a list from JSON or the CLI
+        for field in ("lora_targets", "lora_target_parameters"):
+            names = getattr(self, field)
+            if isinstance(names, str):
+                names = [t for t in names.split(",") if t]
+            object.__setattr__(self, field, tuple(names))     # a list from JSON or the CLI
         if self.lora_rank is None:
+            if self.lora_target_parameters:
+                raise ValueError("lora_target_parameters needs lora_rank (the adapters' rank)")
             return
         if not isinstance(self.lora_rank, int) or isinstance(self.lora_rank, bool) or self.lora_rank < 1:
             raise ValueError(f"lora_rank must be an int ≥ 1 (or None: full fine-tune), got {self.lora_rank!r}")
         # the names themselves are checked against the model's modules when its store is built (adapter_layouts)
-        if not self.lora_targets or len(set(self.lora_targets)) != len(self.lora_targets) \
-                or not all(isinstance(t, str) and t for t in self.lora_targets):
-            raise ValueError(f"lora_targets {list(self.lora_targets)}: give distinct module names, as peft's "
-                             "target_modules (e.g. q_proj, v_proj)")
+        for field, kind, peft_name, example in (
+                ("lora_targets", "module", "target_modules", "q_proj, v_proj"),
+                ("lora_target_parameters", "parameter", "target_parameters", "mlp.experts.gate_up_proj")):
+            names = getattr(self, field)
+            if len(set(names)) != len(names) or not all(isinstance(t, str) and t for t in names):
+                raise ValueError(f"{field} {list(names)}: give distinct {kind} names, as peft's {peft_name} "
+                                 f"(e.g. {example})")
+        if not self.lora_targets and not self.lora_target_parameters:
+            raise ValueError("lora_targets and lora_target_parameters are both empty: name the modules (peft's "
+                             "target_modules, e.g. q_proj, v_proj) or experts' parameters to adapt")
         if not self.lora_alpha > 0:
             raise ValueError(f"lora_alpha must be > 0, got {self.lora_alpha!r}")
         if self.lora_dropout != 0:

@@ -153,3 +153,51 @@ def test_the_engine_knows_which_models_run_the_moe_kernels(model_type):
     from horizon_triton.models.family import has_moe_experts
     config = transformers.AutoConfig.for_model(model_type, **{**COMMON, **FAMILIES.get(model_type, {})})
     assert has_moe_experts(GenericConfig.from_hf(config)) == (model_type in MOE_FAMILIES)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton-interpret"])
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "gpt_oss"])
+def test_lora_on_experts_matches_the_merged_weights(model_type, backend):
+    """LoRA on both experts weights, the base frozen: the output and the gradients of x, the routing weights and
+    every adapter equal transformers' grouped_mm on W + s · B_e A_e (peft's merge, lora.expert_delta) under
+    autograd; the adapters' gradients accumulated in place."""
+    from torch.func import functional_call
+
+    from horizon_triton.models.generic.experts import experts_lora
+    from horizon_triton.objectives.lora import expert_delta
+    module = _experts_module(model_type)
+    params = {n: p.detach().requires_grad_(False) for n, p in module.named_parameters()}
+    T, E, k, r, s = 23, module.num_experts, 2, 3, 0.7
+    ids, weights = _routing(T, E, k)
+    x = torch.randn(T, module.gate_up_proj.shape[1 if module.is_transposed else 2])
+    dy = torch.randn(T, x.shape[1])
+    g = torch.Generator().manual_seed(5)
+    adapters = {}
+    for name in ("gate_up_proj", "down_proj"):
+        _, d1, d2 = params[name].shape
+        n_in, n_out = (d1, d2) if module.is_transposed else (d2, d1)
+        adapters[name] = (torch.randn(r * E, n_in, generator=g) * 0.3, torch.randn(n_out, r * E, generator=g) * 0.3)
+    leaves = [t.clone().requires_grad_(True) for pair in adapters.values() for t in pair]
+
+    def inputs():
+        return x.clone().requires_grad_(True), weights.clone().requires_grad_(True)
+
+    xi, wi = inputs()
+    merged = {**params, **{name: params[name] + s * expert_delta(a, b, E, module.is_transposed)
+                           for name, (a, b) in zip(adapters, (leaves[:2], leaves[2:]))}}
+    y_ref = functional_call(module, merged, (xi, ids, wi))
+    want = torch.autograd.grad(y_ref, [xi, wi, *leaves], dy)
+
+    xo, wo = inputs()
+    ours = [t.detach().clone().requires_grad_(True) for t in leaves]
+    accumulators = {id(t): torch.zeros(t.shape) for t in ours}
+    with experts_on(Experts(load_ops(backend), "grouped_mm")), experts_gradients(accumulators), \
+            experts_lora({id(module): {"gate_up_proj": tuple(ours[:2]), "down_proj": tuple(ours[2:])}}, s):
+        y = experts_forward(module, xo, ids, wo)
+        got = torch.autograd.grad(y, [xo, wo, *ours], dy, allow_unused=True)
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+    for name, a, b in zip(["x", "routing weights"], got, want):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=name)
+    for t, grad, ref in zip(ours, got[2:], want[2:]):
+        assert grad is None
+        torch.testing.assert_close(accumulators[id(t)], ref, atol=1e-5, rtol=1e-5)

@@ -37,9 +37,9 @@ def _router_is_linear(cfg) -> bool:
     return isinstance(skeleton(cfg).layers[0].mlp.gate, torch.nn.Linear)
 
 
-def _train_both(tmp_path, model_type, rank, alpha, targets, run, steps=3):
+def _train_both(tmp_path, model_type, rank, alpha, targets, run, steps=3, parameters=()):
     """Our engine and peft + torch AdamW on the transformers model, from the same starting adapters (qwen3_moe:
-    its router too where it is an nn.Linear)."""
+    its router too where it is an nn.Linear); ``parameters``: peft's target_parameters (MoE experts' weights)."""
     src = tmp_path / "src"
     make_generic_model(model_type, src)
     batches = mixed_batches(steps)                      # plain, two packed documents a row, a padded row
@@ -48,9 +48,10 @@ def _train_both(tmp_path, model_type, rank, alpha, targets, run, steps=3):
     if model_type == "qwen3_moe" and _router_is_linear(cfg):
         targets = (*targets, "gate")
     engine = ht.Engine(cfg, ht.TrainConfig(**{**OPT, "device": "cpu", **run}, compute_dtype="float32", lora_rank=rank,
-                                           lora_alpha=alpha, lora_targets=targets))
+                                           lora_alpha=alpha, lora_targets=targets, lora_target_parameters=parameters))
+    extra = dict(target_parameters=list(parameters)) if parameters else {}
     model = peft.get_peft_model(_load(src), peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets),
-                                                             lora_dropout=0.0))
+                                                             lora_dropout=0.0, **extra))
     params = dict(model.named_parameters())
     ours = _adapters(engine)
     assert set(ours) == {n for n, p in params.items() if p.requires_grad}     # the same modules adapted
@@ -58,18 +59,30 @@ def _train_both(tmp_path, model_type, rank, alpha, targets, run, steps=3):
         for name, value in ours.items():         # our A (B is zero in both)
             params[name].copy_(value)
     history = engine.fit(batches)
-    return engine, history, model, reference_train(model, batches, **OPT), targets
+    # packed documents run one at a time: transformers' own packing support varies by model (gpt-oss mixes them)
+    return engine, history, model, reference_train(model, batches, **OPT, split_documents=True), targets
 
 
-@pytest.mark.parametrize("model_type, rank, alpha, targets, run", [
-    ("qwen3_moe", 4, 8, ("q_proj", "v_proj"), {}),   # + its router, mlp.gate, if an nn.Linear (else refused)
-    ("gemma2", 2, 4, ("o_proj", "down_proj"), {}),   # soft-capped logits (the torch head), a scaled embedding
+EXPERTS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+
+
+@pytest.mark.parametrize("model_type, rank, alpha, targets, run, parameters", [
+    ("qwen3_moe", 4, 8, ("q_proj", "v_proj"), {}, ()),   # + its router, mlp.gate, if an nn.Linear (else refused)
+    ("gemma2", 2, 4, ("o_proj", "down_proj"), {}, ()),   # soft-capped logits (the torch head), a scaled embedding
     # the frozen head in 3 vocabulary chunks (two passes), async streams, three slots, checkpoints offloaded
     ("gemma2", 4, 8, ("q_proj", "up_proj"), dict(device="cpu-async", num_slots=3, head_chunk_rows=40,
-                                                 checkpoint_budget_bytes=0)),
+                                                 checkpoint_budget_bytes=0), ()),
+    # MoE experts' fused weights (peft's target_parameters): both, nested as peft nests them; gpt-oss's stored
+    # transposed, with biases, the down projection alone
+    ("qwen3_moe", 2, 4, ("q_proj",), {}, EXPERTS),
+    ("gpt_oss", 2, 4, ("q_proj",), {}, ("mlp.experts.down_proj",)),
 ])
-def test_fp32_matches_peft_and_saved_adapter_loads_in_peft(tmp_path, model_type, rank, alpha, targets, run):
-    engine, history, model, ref, targets = _train_both(tmp_path, model_type, rank, alpha, targets, run)
+def test_fp32_matches_peft_and_saved_adapter_loads_in_peft(tmp_path, model_type, rank, alpha, targets, run,
+                                                           parameters):
+    if parameters and not hasattr(peft.LoraConfig(), "target_parameters"):
+        pytest.skip(f"peft {peft.__version__} has no target_parameters")
+    engine, history, model, ref, targets = _train_both(tmp_path, model_type, rank, alpha, targets, run,
+                                                       parameters=parameters)
     assert len(history) == len(ref) == 3
     for got, want in zip(history, ref):
         assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)
@@ -84,6 +97,7 @@ def test_fp32_matches_peft_and_saved_adapter_loads_in_peft(tmp_path, model_type,
     engine.save_pretrained(tmp_path / "adapter")
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert (config["r"], config["lora_alpha"], config["target_modules"]) == (rank, alpha, sorted(targets))
+    assert config.get("target_parameters", []) == sorted(parameters)
     loaded = peft.PeftModel.from_pretrained(_load(tmp_path / "src"), tmp_path / "adapter")
     ids = mixed_batches(1, seed=7)[0]["input_ids"]
     logits = engine.logits(ids)
@@ -115,3 +129,40 @@ def test_targets_other_than_a_layers_linear_are_refused(tmp_path):
                   r"linear projections " + available)]:
         with pytest.raises(ValueError, match=match):
             ht.Engine(cfg, ht.TrainConfig(device="cpu", lora_rank=4, lora_targets=targets))
+    with pytest.raises(ValueError, match=r"'mlp.experts.up_proj' matches no MoE experts weight of model type "
+                                         r"'qwen3_moe'; give names among \['mlp.experts.gate_up_proj', "
+                                         r"'mlp.experts.down_proj'\]"):
+        ht.Engine(cfg, ht.TrainConfig(device="cpu", lora_rank=4, lora_target_parameters=["mlp.experts.up_proj"]))
+    with pytest.raises(ValueError, match="lora_target_parameters needs lora_rank"):
+        ht.TrainConfig(lora_target_parameters=["mlp.experts.down_proj"])
+    with pytest.raises(ValueError, match="both empty"):
+        ht.TrainConfig(lora_rank=4, lora_targets=[])
+    dense = ht.preset("tiny")
+    with pytest.raises(ValueError, match=r"hand-written dense family\) has no MoE experts"):
+        ht.Engine(dense, ht.TrainConfig(device="cpu", lora_rank=4, lora_target_parameters=["mlp.experts.down_proj"]))
+
+
+def test_experts_on_transformers_code_refuse_adapters(tmp_path):
+    """Experts whose gate the kernels do not compute run transformers' code, which would ignore the adapters: the
+    first step refuses, naming why."""
+    make_generic_model("qwen3_moe", tmp_path / "src", hidden_act="gelu")
+    engine = ht.Engine(ht.ModelConfig.from_pretrained(tmp_path / "src"),
+                       ht.TrainConfig(device="cpu", compute_dtype="float32", lora_rank=2,
+                                      lora_target_parameters=["mlp.experts.down_proj"]))
+    with pytest.raises(ValueError, match=r"Qwen3MoeExperts cannot carry LoRA adapters here: its experts run "
+                                         r"transformers' code \(a gate function other than SwiGLU"):
+        engine.fit(mixed_batches(1))
+
+
+def test_cli_options_for_expert_adapters():
+    """--lora-target-parameters reaches TrainConfig's lora_target_parameters; without --lora-rank it is refused."""
+    from argparse import Namespace
+
+    from horizon_triton.cli.train import lora_options
+    args = Namespace(lora_rank=2, lora_alpha=None, lora_targets="q_proj",
+                     lora_target_parameters="mlp.experts.gate_up_proj, mlp.experts.down_proj")
+    assert ht.TrainConfig(**lora_options(args)).lora_target_parameters == ("mlp.experts.gate_up_proj",
+                                                                           "mlp.experts.down_proj")
+    with pytest.raises(ValueError, match="--lora-target-parameters and --merge need --lora-rank R"):
+        lora_options(Namespace(lora_rank=None, lora_alpha=None, lora_targets=None,
+                               lora_target_parameters="mlp.experts.down_proj"))

@@ -147,6 +147,9 @@ def _add_lora_options(parser, merge: bool) -> None:
                        "target_modules: among q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj for "
                        "Llama/Mistral/Qwen2/Qwen3, any decoder layer's nn.Linear for other models (default: "
                        "q_proj,v_proj)")
+    group.add_argument("--lora-target-parameters", metavar="NAMES", help="comma-separated MoE experts' fused "
+                       "weights, as peft's target_parameters (e.g. mlp.experts.gate_up_proj,mlp.experts.down_proj; "
+                       "models whose experts run on our MoE kernels)")
     if merge:
         group.add_argument("--merge", action="store_true", help="save the base with the adapters merged in (a "
                            "full model for transformers) instead of the adapters in peft's format")

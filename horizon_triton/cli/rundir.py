@@ -41,7 +41,7 @@ FINGERPRINT_BYTES = 1 << 20      # a model file's fingerprint hashes this many b
 RUN_OPTIONS = ("model", "data", "steps", "epochs", "batch_size", "lr", "seq_len", "grad_accum", "warmup", "cosine",
                "seed", "dtype", "format", "eval_problems", "eval_split", "train_on", "too_long", "objective",
                "dpo_beta", "dpo_label_smoothing", "dpo_loss", "lora_rank", "lora_alpha", "lora_targets",
-               "world_size")
+               "lora_target_parameters", "world_size")
 _DEFAULTS = {"world_size": 1}       # what a checkpoint written before the option existed ran with
 _PATH_OPTIONS = ("model", "data")
 

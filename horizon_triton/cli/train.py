@@ -346,7 +346,8 @@ def _save_final(engine, save, progress) -> None:
 # TrainConfig's settings the command line sets, by the flag that sets them (its errors name the flag)
 FLAGS = {"lr": "--lr", "warmup_steps": "--warmup", "grad_accum_steps": "--grad-accum", "dpo_beta": "--dpo-beta",
          "dpo_label_smoothing": "--dpo-label-smoothing", "dpo_loss": "--dpo-loss", "lora_rank": "--lora-rank",
-         "lora_alpha": "--lora-alpha", "lora_targets": "--lora-targets", "compute_dtype": "--dtype",
+         "lora_alpha": "--lora-alpha", "lora_targets": "--lora-targets",
+         "lora_target_parameters": "--lora-target-parameters", "compute_dtype": "--dtype",
          "device": "--device"}
 
 
@@ -364,17 +365,21 @@ def train_config(**settings):
 
 
 def lora_options(args) -> dict:
-    """TrainConfig's LoRA settings from --lora-rank, --lora-alpha, --lora-targets (TrainConfig checks them, the
-    target names against the model when its store is built)."""
+    """TrainConfig's LoRA settings from --lora-rank, --lora-alpha, --lora-targets, --lora-target-parameters
+    (TrainConfig checks them, the target names against the model when its store is built)."""
+    parameters = getattr(args, "lora_target_parameters", None)
     if args.lora_rank is None:
-        if getattr(args, "merge", False) or args.lora_alpha is not None or args.lora_targets is not None:
-            raise ValueError("--lora-alpha, --lora-targets and --merge need --lora-rank R (a LoRA run)")
+        if getattr(args, "merge", False) or args.lora_alpha is not None or args.lora_targets is not None \
+                or parameters is not None:
+            raise ValueError("--lora-alpha, --lora-targets, --lora-target-parameters and --merge need --lora-rank R "
+                             "(a LoRA run)")
         return {}
     options = {"lora_rank": args.lora_rank}
     if args.lora_alpha is not None:
         options["lora_alpha"] = args.lora_alpha
-    if args.lora_targets is not None:
-        options["lora_targets"] = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
+    for field, given in (("lora_targets", args.lora_targets), ("lora_target_parameters", parameters)):
+        if given is not None:
+            options[field] = tuple(t.strip() for t in given.split(",") if t.strip())
     return options
 
 

@@ -14,6 +14,7 @@ class Param:
     hf_name: str           # full Hugging Face tensor name
     shape: tuple[int, ...]
     offset: int            # element offset inside the layer's flat buffer
+    transposed: bool = False   # a LoRA B of MoE experts stored [E, in, out] (gpt-oss's): the delta is (B A)ᵀ
 
     @property
     def numel(self) -> int:
@@ -52,12 +53,13 @@ class LayerLayout:
         return out
 
 
-def layout_of(name: str, specs: list[tuple[str, str, tuple[int, ...]]]) -> LayerLayout:
+def layout_of(name: str, specs: list[tuple]) -> LayerLayout:
+    """specs: (key, hf_name, shape) or (key, hf_name, shape, transposed) per parameter."""
     # decayed (matrix) parameters first, each group in the given order
     ordered = [s for s in specs if len(s[2]) >= 2] + [s for s in specs if len(s[2]) < 2]
     params, offset = [], 0
-    for key, hf_name, shape in ordered:
-        p = Param(key, hf_name, shape, offset)
+    for key, hf_name, shape, *transposed in ordered:
+        p = Param(key, hf_name, shape, offset, *transposed)
         params.append(p)
         offset += p.numel
     decay = sum(p.numel for p in params if p.decay)

@@ -12,8 +12,9 @@ the generic template adds the same term to transformers' Linear modules and lets
 
 Target names are peft's ``target_modules``: for the dense family q_proj, k_proj, v_proj, o_proj, gate_proj,
 up_proj, down_proj (peft's default for Llama is q_proj and v_proj); for a generic model (transformers' own layers)
-any nn.Linear of a decoder layer, matched as peft matches them (models/generic/weights.adapter_layouts; fused MoE
-experts held as 3-D parameters are not covered). The names are checked when the store is built. Saving writes
+any nn.Linear of a decoder layer, matched as peft matches them (models/generic/weights.adapter_layouts), and with
+``target_parameters`` MoE experts' fused 3-D weights (peft's ParamWrapper: W_e + s · B_e A_e per expert, A[r·E, in],
+B[out, r·E]; ``expert_delta``). The names are checked when the store is built. Saving writes
 peft's format: adapter_config.json and adapter_model.safetensors (the fp32 masters, under peft's tensor names), which
 ``peft.PeftModel.from_pretrained(base, dir)`` loads; ``merged_values`` gives W + s·B A for a merged full model
 that transformers loads alone.
@@ -40,6 +41,7 @@ class LoraSpec:
     alpha: float
     targets: tuple[str, ...]          # peft names
     use_rslora: bool = False
+    target_parameters: tuple[str, ...] = ()     # peft's target_parameters (MoE experts' 3-D weights)
 
     @property
     def scale(self) -> float:
@@ -51,7 +53,7 @@ def spec_of(train_cfg) -> LoraSpec | None:
     if train_cfg is None or train_cfg.lora_rank is None:
         return None
     return LoraSpec(train_cfg.lora_rank, float(train_cfg.lora_alpha), tuple(train_cfg.lora_targets),
-                    train_cfg.use_rslora)
+                    train_cfg.use_rslora, tuple(train_cfg.lora_target_parameters))
 
 
 def init_adapters(store, seed: int) -> None:
@@ -74,6 +76,7 @@ def adapter_config(spec: LoraSpec, cfg) -> dict:
             "use_rslora": spec.use_rslora, "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True,
             "use_dora": False, "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
             "rank_pattern": {}, "alpha_pattern": {}, "inference_mode": True,
+            **({"target_parameters": sorted(spec.target_parameters)} if spec.target_parameters else {}),
             "auto_mapping": {"base_model_class": cfg.architecture,
                              "parent_library": f"transformers.models.{cfg.model_type}.modeling_{cfg.model_type}"}}
 
@@ -107,5 +110,17 @@ def merged_values(store):
         a, b = by_key[f"{module}.lora_A"], by_key[f"{module}.lora_B"]
         A = store.master_values(layer, a.offset, a.offset + a.numel, adapters=True).view(a.shape)
         B = store.master_values(layer, b.offset, b.offset + b.numel, adapters=True).view(b.shape)
-        return w + store.lora.scale * (B @ A)
+        if w.dim() == 2:
+            return w + store.lora.scale * (B @ A)
+        return w + store.lora.scale * expert_delta(A, B, w.shape[0], b.transposed)
     return tensor_of
+
+
+def expert_delta(A: torch.Tensor, B: torch.Tensor, num_experts: int, transposed: bool) -> torch.Tensor:
+    """B_e A_e of every expert e ([E, out, in]; [E, in, out] for experts stored transposed, gpt-oss's) from peft's
+    target_parameters layout: A[r·E, in] holds A_e as rows e·r:(e+1)·r, B[out, r·E] holds B_e as columns e, E + e,
+    2E + e, ... (its r·E axis read as [r, E])."""
+    A_e = A.view(num_experts, -1, A.shape[1])                                  # [E, r, in]
+    B_e = B.view(B.shape[0], -1, num_experts).permute(2, 0, 1)                 # [E, out, r]
+    delta = B_e @ A_e                                                          # [E, out, in]
+    return delta.transpose(1, 2) if transposed else delta

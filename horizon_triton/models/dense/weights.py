@@ -56,6 +56,9 @@ def projection_shapes(cfg) -> dict[str, tuple[int, int]]:
 def adapter_layouts(cfg, spec) -> list[LayerLayout]:
     """LoRA (``spec``: a lora.LoraSpec): one layout per store layer ([embed, decoders, head], as layer_layouts):
     the decoder layers' A and B of each target (keys "q.lora_A", "q.lora_B", ...; names as peft saves them), nothing for the embed and head."""
+    if spec.target_parameters:
+        raise ValueError(f"lora_target_parameters {list(spec.target_parameters)}: this model ({cfg.model_type}, the "
+                         "hand-written dense family) has no MoE experts; adapt its projections with lora_targets")
     unknown = [t for t in spec.targets if t not in TARGETS]
     if unknown:
         raise ValueError(f"lora_targets {list(spec.targets)}: {unknown} unknown; this model's projections are "

@@ -54,6 +54,12 @@ def experts_on(experts: Experts | None):
     return _thread_state("experts", experts)
 
 
+def experts_lora(adapters: dict, scale: float):
+    """Within: experts module m's weights carry LoRA adapters adapters[id(m)] = {"gate_up_proj": (A, B),
+    "down_proj": (A, B)} (either or both; peft's ParamWrapper layout: A[r·E, in], B[out, r·E]), scaled by scale."""
+    return _thread_state("lora", (adapters, scale))
+
+
 def experts_gradients(accumulators: dict):
     """Within: the backward adds the gradient of an experts weight or bias t into accumulators[id(t)] (fp32, t's
     shape) instead of returning it; a tensor without one gets its gradient from autograd as usual."""
@@ -106,31 +112,50 @@ def _as_ops_take(gate_up, down, transposed: bool) -> tuple:
     return (gate_up.transpose(1, 2), down.transpose(1, 2)) if transposed else (gate_up, down)
 
 
+def _lora_views(A: torch.Tensor, B: torch.Tensor, num_experts: int) -> tuple:
+    """peft's experts adapters A[r·E, in], B[out, r·E] (or their fp32 gradients) as the ops' weights: A_e
+    [E, r, in] and B_e [E, out, r] (B's r·E axis is [r, E]: a strided view)."""
+    return A.view(num_experts, -1, A.shape[1]), B.view(B.shape[0], -1, num_experts).permute(2, 0, 1)
+
+
 class _GroupedExperts(torch.autograd.Function):
-    """y[T, H] = Σ_j w[t, j] · down_e(gate(gate_up_e(x[t]))) over each token's k experts; backward by the ops."""
+    """y[T, H] = Σ_j w[t, j] · down_e(gate(gate_up_e(x[t]))) over each token's k experts; backward by the ops.
+    With LoRA on an experts weight W (adapters a, b), W_e's product gains s · (· A_eᵀ) B_eᵀ: two more grouped
+    GEMMs through rank r, in the rows' expert order (``rows``: the identity order)."""
 
     @staticmethod
-    def forward(ctx, x, weights, gate_up, gate_up_bias, down, down_bias, ids, ops, gate, transposed, accumulators):
-        order, offsets = ops.moe_permute(ids.to(torch.int32), gate_up.shape[0])
+    def forward(ctx, x, weights, gate_up, gate_up_bias, down, down_bias, a_gu, b_gu, a_d, b_d, ids, ops, gate,
+                transposed, scale, accumulators):
+        E, k = gate_up.shape[0], ids.shape[1]
+        order, offsets = ops.moe_permute(ids.to(torch.int32), E)
+        rows = torch.arange(order.shape[0], dtype=torch.int32, device=x.device)
         w_gu, w_d = _as_ops_take(gate_up, down, transposed)
-        k = ids.shape[1]
         gu = ops.moe_gate_up_forward(x, order, offsets, k, w_gu, gate_up_bias)
+        xa = ha = None
+        if a_gu is not None:
+            A, B = _lora_views(a_gu, b_gu, E)
+            xa = ops.moe_gate_up_forward(x, order, offsets, k, A)                    # [T·k, r], expert order
+            gu = gu + scale * ops.moe_gate_up_forward(xa, rows, offsets, 1, B)
         h = ops.swiglu_forward(gu) if gate == "swiglu" else ops.clamped_swiglu_forward(gu, *gate)
         o = ops.moe_down_forward(h, order, offsets, w_d, down_bias)
+        if a_d is not None:
+            A, B = _lora_views(a_d, b_d, E)
+            ha = ops.moe_gate_up_forward(h, rows, offsets, 1, A)                     # [T·k, r], expert order
+            o = o + scale * ops.moe_down_forward(ha, order, offsets, B)
         weights32 = weights.float()
-        ctx.save_for_backward(x, weights32, gu, h, o, order, offsets)
-        ctx.params = (gate_up, gate_up_bias, down, down_bias)
-        ctx.ops, ctx.gate, ctx.transposed, ctx.k, ctx.weights_dtype = ops, gate, transposed, k, weights.dtype
-        ctx.accumulators = accumulators
+        ctx.save_for_backward(x, weights32, gu, h, o, order, offsets, rows, xa, ha)
+        ctx.params = (gate_up, gate_up_bias, down, down_bias, a_gu, b_gu, a_d, b_d)
+        ctx.ops, ctx.gate, ctx.transposed, ctx.k, ctx.scale = ops, gate, transposed, k, scale
+        ctx.weights_dtype, ctx.accumulators = weights.dtype, accumulators
         return ops.moe_combine_forward(o, weights32)
 
     @staticmethod
     def backward(ctx, dy):
-        x, weights32, gu, h, o, order, offsets = ctx.saved_tensors
-        ops, params = ctx.ops, ctx.params
+        x, weights32, gu, h, o, order, offsets, rows, xa, ha = ctx.saved_tensors
+        ops, params, s, E = ctx.ops, ctx.params, ctx.scale, ctx.params[0].shape[0]
         # fp32 buffers the ops accumulate into: the template's accumulators, else fresh ones returned to autograd
         buffers, fresh = [], []
-        for p, need in zip(params, ctx.needs_input_grad[2:6]):
+        for p, need in zip(params, ctx.needs_input_grad[2:10]):
             acc = ctx.accumulators.get(id(p)) if need else None
             fresh.append(need and acc is None)
             buffers.append(torch.zeros(p.shape, dtype=torch.float32, device=p.device) if fresh[-1] else acc)
@@ -138,10 +163,24 @@ class _GroupedExperts(torch.autograd.Function):
         d_gu_w, d_d_w = (None, None) if buffers[0] is None else _as_ops_take(buffers[0], buffers[2], ctx.transposed)
         d_o, d_weights = ops.moe_combine_backward(dy.contiguous(), o, weights32)
         dh = ops.moe_down_backward(d_o, h, order, offsets, w_d, d_d_w, buffers[3])
+        if ha is not None:
+            (A, B), (dA, dB) = _lora_views(params[6], params[7], E), _adapter_buffers(buffers[6:8], E)
+            d_ha = ops.moe_down_backward(d_o * s, ha, order, offsets, B, dB)             # [T·k, r]
+            dh = dh + ops.moe_gate_up_backward(d_ha, h, rows, offsets, 1, A, dA)
         d_gu = ops.swiglu_backward(dh, gu) if ctx.gate == "swiglu" else ops.clamped_swiglu_backward(dh, gu, *ctx.gate)
         dx = ops.moe_gate_up_backward(d_gu, x, order, offsets, ctx.k, w_gu, d_gu_w, buffers[1])
+        if xa is not None:
+            (A, B), (dA, dB) = _lora_views(params[4], params[5], E), _adapter_buffers(buffers[4:6], E)
+            d_xa = ops.moe_gate_up_backward(d_gu * s, xa, rows, offsets, 1, B, dB)        # [T·k, r]
+            dx = dx + ops.moe_gate_up_backward(d_xa, x, order, offsets, ctx.k, A, dA)
         grads = [buffer.to(p.dtype) if give else None for buffer, p, give in zip(buffers, params, fresh)]
-        return (dx, d_weights.to(ctx.weights_dtype), *grads, None, None, None, None, None)
+        return (dx, d_weights.to(ctx.weights_dtype), *grads, None, None, None, None, None, None)
+
+
+def _adapter_buffers(buffers: list, num_experts: int) -> tuple:
+    """(dA, dB) as the ops' fp32 weight gradients, or (None, None) for frozen adapters."""
+    dA, dB = buffers
+    return (None, None) if dA is None else _lora_views(dA, dB, num_experts)
 
 
 def experts_forward(module, hidden_states, top_k_index, top_k_weights):
@@ -154,9 +193,18 @@ def experts_forward(module, hidden_states, top_k_index, top_k_weights):
         if not getattr(module, "has_bias", False):
             gate_up_bias = down_bias = None
         accumulators = getattr(_state, "accumulators", None) or {}
+        adapters, scale = getattr(_state, "lora", None) or ({}, 0.0)
+        adapted = adapters.get(id(module), {})
+        a_gu, b_gu = adapted.get("gate_up_proj", (None, None))
+        a_d, b_d = adapted.get("down_proj", (None, None))
         return _GroupedExperts.apply(hidden_states.contiguous(), top_k_weights, gate_up, gate_up_bias, down,
-                                     down_bias, top_k_index, experts.ops, experts.gates[type(module)],
-                                     getattr(module, "is_transposed", False), accumulators)
+                                     down_bias, a_gu, b_gu, a_d, b_d, top_k_index, experts.ops,
+                                     experts.gates[type(module)], getattr(module, "is_transposed", False), scale,
+                                     accumulators)
+    adapters = (getattr(_state, "lora", None) or ({}, 0.0))[0]
+    if id(module) in adapters:
+        raise ValueError(f"lora_target_parameters: {type(module).__name__} cannot carry LoRA adapters here: its "
+                         f"experts run transformers' code ({reason}), which would ignore them; adapt other weights")
     if experts is not None and reason not in experts.announced:
         experts.announced.add(reason)
         log.info("horizon-triton: %s runs transformers' %s experts instead of the kernels: %s",

@@ -32,7 +32,7 @@ from ..dense.layer import LORA_SCALE
 from ..ops import attention_refusal
 from .attention import NAME, Kernels, LazyMask, documents, fused_attention_on, register
 from .config import GenericConfig
-from .experts import Experts, experts_gradients, experts_on
+from .experts import Experts, experts_gradients, experts_lora, experts_on
 from .experts import register as register_experts
 from .router_balance import RouterBalance
 from .skeleton import layer_buffers, skeleton
@@ -219,8 +219,10 @@ class GenericTemplate:
     @contextlib.contextmanager
     def _adapted(self, index: int, w: dict):
         """With LoRA adapters in w (w[LORA_SCALE] present): while inside, each adapted nn.Linear of layer
-        ``index`` adds s · (x Aᵀ) Bᵀ to its output (peft's lora.Linear), by a forward hook removed on exit."""
-        handles = []
+        ``index`` adds s · (x Aᵀ) Bᵀ to its output (peft's lora.Linear), by a forward hook removed on exit, and
+        each adapted experts weight W_e adds s · B_e A_e (peft's ParamWrapper), computed by the experts
+        (experts.experts_lora)."""
+        handles, experts = [], {}
         try:
             if LORA_SCALE in w:
                 s = w[LORA_SCALE]
@@ -229,7 +231,12 @@ class GenericTemplate:
                         a, b = w[name + ".lora_A"], w[name + ".lora_B"]
                         handles.append(module.register_forward_hook(
                             lambda m, inputs, out, a=a, b=b: out + (inputs[0] @ a.t()) @ b.t() * s))
-            yield
+                    adapted = {weight: (w[f"{name}.{weight}.lora_A"], w[f"{name}.{weight}.lora_B"])
+                               for weight in ("gate_up_proj", "down_proj") if f"{name}.{weight}.lora_A" in w}
+                    if adapted:
+                        experts[id(module)] = adapted
+            with experts_lora(experts, w.get(LORA_SCALE, 0.0)):
+                yield
         finally:
             for handle in handles:
                 handle.remove()

@@ -74,9 +74,10 @@ def _refuse_targets(cfg, targets) -> None:
                              f"here); give names among the layers' linear projections {available}")
         if stored or other:
             raise ValueError(f"lora_targets: {target!r} names {(stored + other)[:2]}, which is not an nn.Linear: "
-                             "fused MoE experts stored as 3-D parameters, routers and other modules holding their "
-                             "own weights are not covered by LoRA here (peft's support for them varies); give "
-                             f"names among the layers' linear projections {available}")
+                             "fused MoE experts stored as 3-D parameters take lora_target_parameters (peft's "
+                             "target_parameters, e.g. mlp.experts.gate_up_proj); routers and other modules holding "
+                             "their own weights are not covered by LoRA here; give names among the layers' linear "
+                             f"projections {available}")
         if not linear:
             raise ValueError(f"lora_targets: {target!r} matches no module of model type {cfg.model_type!r}; give "
                              f"names among the decoder layers' linear projections {available}")
@@ -86,8 +87,12 @@ def adapter_layouts(cfg, spec) -> list[LayerLayout]:
     """LoRA (``spec``: a lora.LoraSpec): one layout per store layer ([embed, decoders, head]): in each decoder
     layer, for every nn.Linear a target matches (peft's target_modules rule), A [r, in] and B [out, r] under keys
     "<module>.lora_A" / "<module>.lora_B" (e.g. "self_attn.q_proj.lora_A") and peft's saved names
-    (base_model.model.<module's full name>.lora_A.weight); nothing for the embed and head."""
-    _refuse_targets(cfg, spec.targets)
+    (base_model.model.<module's full name>.lora_A.weight); for every MoE experts weight a target parameter matches
+    (peft's target_parameters), A [r·E, in] and B [out, r·E] under "<module>.<weight>.lora_A" / ".lora_B", as
+    peft's ParamWrapper holds them (``experts_adapters``); nothing for the embed and head."""
+    if spec.targets:
+        _refuse_targets(cfg, spec.targets)
+    _refuse_target_parameters(cfg, spec.target_parameters)
     sk = skeleton(cfg)
     layouts = [layout_of("embed", [])]
     for i, layer in enumerate(sk.layers):
@@ -98,9 +103,51 @@ def adapter_layouts(cfg, spec) -> list[LayerLayout]:
                 pre = f"base_model.model.{sk.prefix}layers.{i}.{name}"
                 specs += [(f"{name}.lora_A", f"{pre}.lora_A.weight", (spec.rank, module.in_features)),
                           (f"{name}.lora_B", f"{pre}.lora_B.weight", (module.out_features, spec.rank))]
+            specs += experts_adapters(f"{sk.prefix}layers.{i}.", name, module, spec)
         layouts.append(layout_of(f"layers.{i}", specs))
     layouts.append(layout_of("head", []))
     return layouts
+
+
+def _experts_weights(module) -> list[str]:
+    """The 3-D weights of a transformers fused experts module LoRA may adapt (gate_up_proj / down_proj: [E, ., .]),
+    in the module's order; none for any other module."""
+    if not (hasattr(module, "has_gate") and hasattr(module, "is_transposed")):
+        return []
+    return [n for n, p in module.named_parameters(recurse=False) if p.dim() == 3]
+
+
+def experts_adapters(layer_prefix: str, name: str, module, spec) -> list[tuple]:
+    """Layout specs of the adapters of experts module ``name`` (inside a layer whose full name starts with
+    layer_prefix): for each of its 3-D weights W[E, out, in] ([E, in, out] where the module stores them transposed)
+    that spec.target_parameters matches, A [r·E, in] and B [out, r·E] (peft's ParamWrapper: A_e = A[e·r:(e+1)·r],
+    B_e = B viewed [out, r, E] at e). peft nests one wrapper per adapted weight, the module's first weight
+    innermost: its names carry one "base_layer." per weight adapted after it."""
+    chosen = [w for w in _experts_weights(module)
+              if any(_matches(f"{layer_prefix}{name}.{w}", t) for t in spec.target_parameters)]
+    specs = []
+    for depth, weight in enumerate(chosen):
+        E, d1, d2 = getattr(module, weight).shape
+        (n_in, n_out) = (d1, d2) if module.is_transposed else (d2, d1)
+        pre = f"base_model.model.{layer_prefix}{name}." + "base_layer." * (len(chosen) - 1 - depth)
+        specs += [(f"{name}.{weight}.lora_A", f"{pre}lora_A.weight", (spec.rank * E, n_in)),
+                  (f"{name}.{weight}.lora_B", f"{pre}lora_B.weight", (n_out, spec.rank * E),
+                   bool(module.is_transposed))]
+    return specs
+
+
+def _refuse_target_parameters(cfg, targets) -> None:
+    """Each target parameter must name MoE experts' 3-D weights inside the decoder layers (peft's
+    target_parameters, matched as its target_modules are)."""
+    sk = skeleton(cfg)
+    available = []
+    for i, layer in enumerate(sk.layers):
+        for name, module in layer.named_modules():
+            available += [f"{name}.{w}" for w in _experts_weights(module) if f"{name}.{w}" not in available]
+    for target in targets:
+        if not any(_matches(f"{sk.prefix}layers.{i}.{w}", target) for i in range(len(sk.layers)) for w in available):
+            raise ValueError(f"lora_target_parameters: {target!r} matches no MoE experts weight of model type "
+                             f"{cfg.model_type!r}; give names among {available or 'none: it has no fused experts'}")
 
 
 # ---------------------------------------------------------------------------------------------------------
