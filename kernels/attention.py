@@ -24,6 +24,15 @@ query blocks. With documents, each range is further trimmed to the blocks whose 
 the program's own [min, max] (a short scan of the doc ids, no S×S work), and all pairs are masked by doc id;
 for the usual packed batches (documents contiguous) this skips every block of an earlier document.
 
+Two forward kernels, one contract. _attn_fwd loads tiles with masked pointer loads (any layout, any GPU);
+_attn_fwd_tma moves the Q/K/V/O tiles with Hopper TMA: one 2-D tensor descriptor [seq_len, HEAD_DIM] per (batch
+row, head) over the token-major tensors, which zero-fills rows past seq_len and columns past HEAD_DIM and clips
+the O store, so its loads carry no masks; the attention masks (causality, documents, window) stay on the scores
+in registers, over the same block ranges. A config's "kernel": "tma" picks it; the bf16/fp16 default at head
+dims 64 and 128 is a TMA config, and the launcher falls back to the pointer kernel's default where TMA cannot
+run (pre-Hopper GPU, head-dim stride ≠ 1, strides or base not 16-byte aligned: tma_unsupported). Descriptors
+made on the device need global scratch, so the launcher sets triton's allocator before each TMA launch.
+
 FLOPs (for TFLOPS figures): causal forward ≈ 2·B·Hq·S²·D (4·B·Hq·S²·D for two matmuls, halved by causality);
 backward = 2.5 × forward (five matmuls instead of two).
 
@@ -32,11 +41,12 @@ head dims 32 to 256 in steps of 16 (tiles are the next power of two, the pad mas
 any strides; doc_ids[B, S] int32 or None; sliding_window ≥ 1 or None.
 Known gaps:
 - fp32 inputs use exact ("ieee") fp32 dots: correct but far slower than bf16 on tensor cores.
-- the Hopper configs (plain pointer loads, no TMA descriptors or warp specialization) follow the Triton
-  fused-attention tutorial and FA2 and were checked only statically (tests/test_attention.py builds them for
-  sm_90 on a CPU machine: no spills, wgmma used), never timed: run
-  `python -m horizon_triton.kernels.autotune attention` on the GPU. hd256 is the least explored: its dkdv
-  default runs mma.sync, not wgmma (DKDV_HD256_KEYS).
+- the Hopper configs follow the Triton fused-attention tutorial and FA2 and were checked only statically
+  (tests/test_attention.py builds them for sm_90 on a CPU machine: no spills, wgmma used), never timed: run
+  `python -m horizon_triton.kernels.autotune attention` on the GPU, which sweeps both forward kernels and names
+  the winner. The TMA forward is the default at hd64/hd128 without a measurement; no warp specialization (see
+  _fwd_range_tma), and the backward still uses pointer loads. hd256 is the least explored: its dkdv default
+  runs mma.sync, not wgmma (DKDV_HD256_KEYS).
 - kernels launch on the current CUDA device; tensors on another device are not switched to.
 - stored configs are keyed by head dim, dtype and a sequence-length bucket, not by documents or window.
 - Triton's CPU interpreter gets bf16 tl.dot wrong, so when interpreting (UPCAST) the dot operands are upcast to
@@ -220,6 +230,32 @@ def _query_ranges(n0, seq_len, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.conste
 # Forward
 # ----------------------------------------------------------------------------------------------------------
 @triton.jit
+def _softmax_step(qk, acc, l_i, m_i, q_pos, q_doc, k_pos, DOC, start_n, seq_len, window, qk_scale,
+                  BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """One key block's online-softmax update from its raw scores qk = q·kᵀ [BLOCK_M, BLOCK_N]: -> (p in fp32,
+    acc rescaled, l_i, m_i); the caller adds p·v to acc. Both forward kernels share it."""
+    if MASKED or HAS_DOCS:
+        k_doc = k_pos
+        if HAS_DOCS:
+            k_doc, _, _ = _doc_range(DOC, start_n, seq_len, BLOCK_N)
+        ok = _allowed(q_pos[:, None], k_pos[None, :], q_doc[:, None], k_doc[None, :], seq_len, window,
+                      MASKED, HAS_DOCS, HAS_WINDOW)
+        # a large negative bias, not −inf: a row masked so far keeps a finite max, and its bogus terms
+        # are wiped by alpha = exp2(−1e6 − m) = 0 once it meets its first allowed key (always j = i)
+        qk = qk * qk_scale + tl.where(ok, 0.0, -1.0e6)
+        m_ij = tl.maximum(m_i, tl.max(qk, 1))
+        qk -= m_ij[:, None]
+    else:
+        m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        qk = qk * qk_scale - m_ij[:, None]
+    p = tl.math.exp2(qk)
+    alpha = tl.math.exp2(m_i - m_ij)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    return p, acc, l_i, m_ij
+
+
+@triton.jit
 def _fwd_range(acc, l_i, m_i, q, q_pos, q_doc,
                K, V, DOC, stride_ks, stride_vs, stride_kd, stride_vd,
                lo, hi, seq_len, window, qk_scale,
@@ -231,27 +267,10 @@ def _fwd_range(acc, l_i, m_i, q, q_pos, q_doc,
         k_pos = start_n + tl.arange(0, BLOCK_N)
         k = _load_rows(K, k_pos, stride_ks, stride_kd, seq_len, HEAD_DIM, BLOCK_D, MASKED)  # [BLOCK_N, BLOCK_D]
         qk = _dot(q, tl.trans(k), None, UPCAST, PRECISION)                              # [BLOCK_M, BLOCK_N]
-        if MASKED or HAS_DOCS:
-            k_doc = k_pos
-            if HAS_DOCS:
-                k_doc, _, _ = _doc_range(DOC, start_n, seq_len, BLOCK_N)
-            ok = _allowed(q_pos[:, None], k_pos[None, :], q_doc[:, None], k_doc[None, :], seq_len, window,
-                          MASKED, HAS_DOCS, HAS_WINDOW)
-            # a large negative bias, not −inf: a row masked so far keeps a finite max, and its bogus terms
-            # are wiped by alpha = exp2(−1e6 − m) = 0 once it meets its first allowed key (always j = i)
-            qk = qk * qk_scale + tl.where(ok, 0.0, -1.0e6)
-            m_ij = tl.maximum(m_i, tl.max(qk, 1))
-            qk -= m_ij[:, None]
-        else:
-            m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-            qk = qk * qk_scale - m_ij[:, None]
-        p = tl.math.exp2(qk)
-        alpha = tl.math.exp2(m_i - m_ij)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
+        p, acc, l_i, m_i = _softmax_step(qk, acc, l_i, m_i, q_pos, q_doc, k_pos, DOC, start_n, seq_len, window,
+                                         qk_scale, BLOCK_N, MASKED, HAS_DOCS, HAS_WINDOW)
         v = _load_rows(V, k_pos, stride_vs, stride_vd, seq_len, HEAD_DIM, BLOCK_D, MASKED)
         acc = _dot(p.to(v.dtype), v, acc, UPCAST, PRECISION)
-        m_i = m_ij
     return acc, l_i, m_i
 
 
@@ -305,6 +324,89 @@ def _attn_fwd(
     acc = acc / l_i[:, None]
     tl.store(LSE + q_pos, (m_i + tl.math.log2(l_i)) * LN2, mask=q_pos < seq_len)      # natural log
     _store_rows(O, q_pos, stride_os, stride_od, acc.to(O.dtype.element_ty), seq_len, HEAD_DIM, BLOCK_D)
+
+
+@triton.jit
+def _fwd_range_tma(acc, l_i, m_i, q, q_pos, q_doc, k_desc, v_desc, DOC, lo, hi, seq_len, window, qk_scale,
+                   BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                   UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """_fwd_range with K/V tiles read through tensor descriptors: no masks on the loads (the descriptor
+    zero-fills rows past seq_len and columns past HEAD_DIM); the compiler's pipeliner issues the TMA copies
+    num_stages − 1 blocks ahead into shared memory, and the wgmma reads them from there.
+
+    No warp specialization: triton 3.9 compiles tl.range(..., warp_specialize=True) here for sm_90a to the
+    very same registers and shared memory as without (nothing specialized), and fails in its
+    NVGPUWarpSpecialization pass on 4-warp tiles."""
+    for start_n in range(lo, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        k_pos = start_n + tl.arange(0, BLOCK_N)
+        k = k_desc.load([start_n, 0])                                                   # [BLOCK_N, BLOCK_D]
+        qk = _dot(q, tl.trans(k), None, UPCAST, PRECISION)                              # [BLOCK_M, BLOCK_N]
+        p, acc, l_i, m_i = _softmax_step(qk, acc, l_i, m_i, q_pos, q_doc, k_pos, DOC, start_n, seq_len, window,
+                                         qk_scale, BLOCK_N, MASKED, HAS_DOCS, HAS_WINDOW)
+        v = v_desc.load([start_n, 0])
+        acc = _dot(p.to(v.dtype), v, acc, UPCAST, PRECISION)
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attn_fwd_tma(
+    # pointers
+    Q, K, V, DOC, O, LSE,
+    # shapes
+    seq_len, num_heads, window, qk_scale,
+    # strides (the head-dim ones are 1: the launcher sends other layouts to _attn_fwd)
+    stride_qb, stride_qs, stride_qh, stride_qd,
+    stride_kb, stride_ks, stride_kh, stride_kd,
+    stride_vb, stride_vs, stride_vh, stride_vd,
+    stride_ob, stride_os, stride_oh, stride_od,
+    stride_docb,
+    # meta
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_DOCS: tl.constexpr, HAS_WINDOW: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """_attn_fwd with the Q/K/V/O tiles moved by Hopper TMA: one 2-D descriptor [seq_len, HEAD_DIM] per
+    (batch row, head) over the token-major tensors, so any row and head strides work (16-byte multiples, which
+    the launcher checks). Same grid, ranges, masks (in registers, on the scores) and outputs."""
+    start_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    off_bh = tl.program_id(1)
+    off_b = (off_bh // num_heads).to(tl.int64)
+    off_h = off_bh % num_heads
+    off_kh = off_h // GROUP
+    q_desc = tl.make_tensor_descriptor(Q + off_b * stride_qb + off_h * stride_qh, [seq_len, HEAD_DIM],
+                                       [stride_qs, 1], [BLOCK_M, BLOCK_D])
+    k_desc = tl.make_tensor_descriptor(K + off_b * stride_kb + off_kh * stride_kh, [seq_len, HEAD_DIM],
+                                       [stride_ks, 1], [BLOCK_N, BLOCK_D])
+    v_desc = tl.make_tensor_descriptor(V + off_b * stride_vb + off_kh * stride_vh, [seq_len, HEAD_DIM],
+                                       [stride_vs, 1], [BLOCK_N, BLOCK_D])
+    o_desc = tl.make_tensor_descriptor(O + off_b * stride_ob + off_h * stride_oh, [seq_len, HEAD_DIM],
+                                       [stride_os, 1], [BLOCK_M, BLOCK_D])
+    LSE += off_bh.to(tl.int64) * seq_len
+
+    m0 = start_m * BLOCK_M
+    q_pos = m0 + tl.arange(0, BLOCK_M)
+    q = q_desc.load([m0, 0])                                                            # [BLOCK_M, BLOCK_D]
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+
+    if HAS_DOCS:
+        DOC += off_b * stride_docb
+    q_doc, lo, edge_hi, full_lo, full_hi, diag_lo, hi = _key_ranges(DOC, m0, seq_len, window, BLOCK_M, BLOCK_N,
+                                                                    HAS_DOCS, HAS_WINDOW)
+    acc, l_i, m_i = _fwd_range_tma(acc, l_i, m_i, q, q_pos, q_doc, k_desc, v_desc, DOC, lo, edge_hi, seq_len,
+                                   window, qk_scale, BLOCK_N, True, HAS_DOCS, HAS_WINDOW, UPCAST,
+                                   PRECISION)
+    acc, l_i, m_i = _fwd_range_tma(acc, l_i, m_i, q, q_pos, q_doc, k_desc, v_desc, DOC, full_lo, full_hi, seq_len,
+                                   window, qk_scale, BLOCK_N, False, HAS_DOCS, HAS_WINDOW, UPCAST,
+                                   PRECISION)
+    acc, l_i, m_i = _fwd_range_tma(acc, l_i, m_i, q, q_pos, q_doc, k_desc, v_desc, DOC, diag_lo, hi, seq_len,
+                                   window, qk_scale, BLOCK_N, True, HAS_DOCS, HAS_WINDOW, UPCAST,
+                                   PRECISION)
+
+    acc = acc / l_i[:, None]
+    tl.store(LSE + q_pos, (m_i + tl.math.log2(l_i)) * LN2, mask=q_pos < seq_len)      # natural log
+    o_desc.store([m0, 0], acc.to(O.dtype.element_ty))                                 # rows past seq_len clipped
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -542,12 +644,29 @@ def _cfg(bm, bn, warps, stages):
     return {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps, "num_stages": stages}
 
 
+def _tma_cfg(bm, bn, warps, stages):
+    """A config of the TMA forward (_attn_fwd_tma); configs without "kernel" run the pointer kernels."""
+    return {**_cfg(bm, bn, warps, stages), "kernel": "tma"}
+
+
 def _cfg_label(cfg: dict) -> str:
-    return f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']} w{cfg['num_warps']} s{cfg['num_stages']}"
+    kernel = " tma" if cfg.get("kernel") == "tma" else ""
+    return f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']} w{cfg['num_warps']} s{cfg['num_stages']}{kernel}"
 
 
+def fwd_kernel(cfg: dict):
+    """The forward kernel a config runs: _attn_fwd_tma for TMA configs, else _attn_fwd."""
+    return _attn_fwd_tma if cfg.get("kernel") == "tma" else _attn_fwd
+
+
+# The TMA forward's candidates (bf16; _attn_fwd_tma): K/V copies pipelined num_stages deep in shared memory. Its
+# operands come from shared memory, so 128×128 tiles compile without spills here, where the pointer kernel's spill;
+# 128×128 with 4 stages needs 290 KB and is left out.
+FWD_TMA_CONFIGS = [_tma_cfg(128, 64, 8, 2), _tma_cfg(128, 64, 8, 3), _tma_cfg(128, 64, 8, 4),
+                   _tma_cfg(128, 128, 8, 2), _tma_cfg(128, 128, 8, 3), _tma_cfg(64, 64, 4, 2),
+                   _tma_cfg(64, 64, 4, 3), _tma_cfg(64, 64, 4, 4)]
 FWD_CONFIGS = [_cfg(128, 64, 8, 2), _cfg(128, 64, 8, 3), _cfg(128, 32, 8, 3), _cfg(64, 64, 4, 2),
-               _cfg(64, 64, 4, 3), _cfg(64, 32, 4, 3)]
+               _cfg(64, 64, 4, 3), _cfg(64, 32, 4, 3)] + FWD_TMA_CONFIGS
 DKDV_CONFIGS = [_cfg(32, 128, 8, 2), _cfg(32, 128, 8, 3), _cfg(16, 128, 8, 3), _cfg(16, 64, 4, 2)]
 DQ_CONFIGS = [_cfg(128, 64, 8, 2), _cfg(128, 64, 8, 3), _cfg(128, 32, 8, 2), _cfg(128, 32, 8, 3),
               _cfg(64, 64, 4, 2), _cfg(64, 64, 4, 3), _cfg(64, 32, 4, 3)]
@@ -572,6 +691,7 @@ _DEFAULTS = {
                            256: _cfg(16, DKDV_HD256_KEYS, 8, 2)},
     "attention_bwd_dq": {32: _cfg(128, 64, 8, 3), 64: _cfg(128, 64, 8, 3), 128: _cfg(128, 64, 8, 2),
                          256: _cfg(128, 32, 8, 2)},
+    "attention_fwd/tma": {64: _tma_cfg(128, 64, 8, 3), 128: _tma_cfg(128, 64, 8, 2)},
     "attention_fwd/fp32": dict.fromkeys((32, 64, 128, 256), _cfg(16, 16, 4, 1)),
     "attention_bwd_dkdv/fp32": {**dict.fromkeys((32, 64, 128), _cfg(16, 16, 4, 2)), 256: _cfg(16, 16, 8, 1)},
     "attention_bwd_dq/fp32": dict.fromkeys((32, 64, 128, 256), _cfg(16, 16, 4, 2)),
@@ -599,9 +719,12 @@ def _config(kernel: str, S: int, D: int, dtype: torch.dtype) -> dict:
     return tuning.best_config(kernel, _shape_key(S, D, dtype), default_config(kernel, D, dtype))
 
 
-def default_config(kernel: str, D: int, dtype: torch.dtype) -> dict:
+def default_config(kernel: str, D: int, dtype: torch.dtype, tma: bool = True) -> dict:
     """The untuned Hopper config of ``kernel`` at head dim D: fp32's own (its IEEE dots hold fp32 tiles in
-    registers), the bf16 one for bf16 and fp16."""
+    registers), the bf16 one for bf16 and fp16. The forward's bf16/fp16 default at head dims 64 and 128 is the
+    TMA kernel's (the launcher falls back to the pointer kernel's, tma=False, where TMA cannot run)."""
+    if kernel == "attention_fwd" and tma and dtype != torch.float32 and D in _DEFAULTS["attention_fwd/tma"]:
+        return _DEFAULTS["attention_fwd/tma"][D]
     return _DEFAULTS[kernel if dtype != torch.float32 else f"{kernel}/fp32"][_block_d(D)]
 
 
@@ -673,7 +796,31 @@ def batch_slices(B: int, heads: int) -> list[tuple[int, int]]:
     return [(b0, min(b0 + rows, B)) for b0 in range(0, B, rows)]
 
 
+def tma_unsupported(*tensors: torch.Tensor) -> str | None:
+    """Why _attn_fwd_tma cannot read these [B, S, heads, D] tensors (None: it can). A TMA descriptor needs an
+    sm_90+ GPU (or the interpreter), a 16-byte aligned base and row stride, and a unit head-dim stride; the
+    per-(batch, head) bases need the batch and head strides 16-byte aligned too."""
+    t0 = tensors[0]
+    if not tuning.interpreting() and torch.cuda.get_device_capability(t0.device)[0] < 9:
+        return f"{torch.cuda.get_device_name(t0.device)} has no TMA (sm_90 or newer)"
+    for t in tensors:
+        if t.stride(3) != 1:
+            return f"head-dim stride {t.stride(3)} (TMA needs 1)"
+        unaligned = [st for st in t.stride()[:3] if st * t.element_size() % 16] + \
+            ([t.data_ptr()] if t.data_ptr() % 16 else [])
+        if unaligned:
+            return f"strides {t.stride()} or base address not 16-byte aligned"
+    return None
+
+
+def _tma_scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    """Global memory in which each program of _attn_fwd_tma writes its tensor descriptors (triton.set_allocator)."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
 def _launch_fwd(q, k, v, doc_ids, o, lse, scale: float, window: int, cfg: dict) -> None:
+    if cfg.get("kernel") == "tma" and tma_unsupported(q, k, v, o) is not None:
+        cfg = default_config("attention_fwd", q.shape[3], q.dtype, tma=False)
     doc = doc_ids.contiguous() if doc_ids is not None else None
     for b0, b1 in batch_slices(q.shape[0], q.shape[2]):
         _launch_fwd_rows(q[b0:b1], k[b0:b1], v[b0:b1], None if doc is None else doc[b0:b1], o[b0:b1],
@@ -683,7 +830,9 @@ def _launch_fwd(q, k, v, doc_ids, o, lse, scale: float, window: int, cfg: dict) 
 def _launch_fwd_rows(q, k, v, doc, o, lse, scale: float, window: int, cfg: dict) -> None:
     B, S, Hq, D = q.shape
     grid = (triton.cdiv(S, cfg["BLOCK_M"]), B * Hq)
-    _attn_fwd[grid](
+    if cfg.get("kernel") == "tma" and not tuning.interpreting():
+        triton.set_allocator(_tma_scratch)     # a context variable: set at each launch, whichever thread launches
+    fwd_kernel(cfg)[grid](
         q, k, v, doc, o, lse,
         S, Hq, window, scale * LOG2E.value,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(),
@@ -789,6 +938,11 @@ def _tune_shape(B: int, S: int, Hq: int, Hkv: int, D: int, device="cuda",
     lse = torch.empty((B, Hq, S), device=device, dtype=torch.float32)
     o_ref, _ = attention_forward_ref(group(q), group(k, 1), group(v, 1), None, scale)
 
+    no_tma = tma_unsupported(q, k, v, o)
+    if no_tma is not None:                   # the TMA configs would time the pointer kernel under their name
+        print(f"  attention_fwd: no TMA configs: {no_tma}")
+        fwd_configs = [c for c in fwd_configs if c.get("kernel") != "tma"]
+
     def run_fwd(cfg: dict) -> None:
         _launch_fwd(q, k, v, None, o, lse, scale, 0, cfg)
 
@@ -819,7 +973,8 @@ def _tune_shape(B: int, S: int, Hq: int, Hkv: int, D: int, device="cuda",
     tuning.store_config("attention_bwd_dq", key, dq_cfg)
     bwd_ms = tuning.time_ms(lambda: attention_backward(do, q, k, v, o, lse, None, scale))
     rows = []
-    for label, cfg, ms, backward in (("fwd", fwd_cfg, fwd_ms, False),
+    fwd_label = {**fwd_cfg, "kernel": fwd_kernel(fwd_cfg).__name__}     # says which forward kernel won
+    for label, cfg, ms, backward in (("fwd", fwd_label, fwd_ms, False),
                                      ("bwd", {"dkdv": dkdv_cfg, "dq": dq_cfg}, bwd_ms, True)):
         tflops = attention_flops(B, S, Hq, D, backward) / (ms * 1e-3) / 1e12
         rows.append({"shape": f"B={B} S={S} Hq={Hq} Hkv={Hkv} D={D} bf16 causal {label}", "config": cfg, "ms": ms,

@@ -183,9 +183,77 @@ def test_strided_views(dev):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# The TMA forward (_attn_fwd_tma): Q/K/V/O through tensor descriptors, which the interpreter runs (as masked
+# pointer loads and stores bounded by the descriptor's shape). Small tiles as the pointer kernel's interpreter ones.
+# ----------------------------------------------------------------------------------------------------------
+def _tma_forward(q, k, v, doc, scale, window):
+    S = q.shape[1]
+    cfg = A._tma_cfg(32, 16, 4, 1) if S <= A._INTERPRETER_LONG_S else A._tma_cfg(64, 64, 4, 1)
+    assert A.tma_unsupported(q, k, v) is None
+    o = torch.empty_like(q)
+    lse = torch.empty(q.shape[0], q.shape[2], S, device=q.device)
+    A._launch_fwd(q, k, v, doc, o, lse, scale, A._window(S, window), cfg)
+    return o, lse
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_tma_forward_matches_reference(case, dtype, dev):
+    B, S, Hq, Hkv, D, starts, window = CASES[case]
+    q, k, v = _inputs(B, S, Hq, Hkv, D, dtype, dev)
+    doc = _doc_ids(B, S, starts).to(dev) if starts else None
+    scale = D ** -0.5
+    o, lse = _tma_forward(q, k, v, doc, scale, window)
+    ref = lambda up: A.attention_ref(q, k, v, doc, scale, window, upcast=up)
+    assert_within_reference_error(o, ref(False), ref(True), ATOL[dtype], f"{case} tma o")
+    _, lse_ref = A.attention_forward_ref(q, k, v, doc, scale, window)
+    assert _err(lse, lse_ref) < 1e-4
+
+
+def test_tma_forward_strided_views_and_fallback(dev, monkeypatch):
+    """Head slices of a fused qkv projection are 16-byte aligned views: the TMA kernel reads them. A head-dim
+    stride ≠ 1 (or a misaligned row) is no TMA layout: the launcher runs the pointer kernel instead, still right."""
+    B, S, Hq, Hkv, D = 1, 50, 4, 2, 64
+    qkv = torch.randn(B, S, Hq + 2 * Hkv, D, device=dev)
+    q, k, v = qkv[:, :, :Hq], qkv[:, :, Hq:Hq + Hkv], qkv[:, :, Hq + Hkv:]
+    doc = _doc_ids(B, 2 * S, [20]).to(dev)[:, ::2]
+    o_ref, lse_ref = A.attention_forward_ref(q, k, v, doc, 0.125)
+    o, lse = _tma_forward(q, k, v, doc, 0.125, None)
+    assert _err(o, o_ref) < 1e-5 and _err(lse, lse_ref) < 1e-5
+
+    launched = []
+    jit_class, launch = type(A._attn_fwd), type(A._attn_fwd).__getitem__
+    monkeypatch.setattr(jit_class, "__getitem__", lambda self, grid: (launched.append(self), launch(self, grid))[1])
+    k_strided = torch.randn(B, S, Hkv, 2 * D, device=dev)[..., ::2]                   # head-dim stride 2
+    q_odd = torch.randn(B, S * Hq * D + 1, device=dev)[:, 1:].view(B, S, Hq, D)      # base 4 bytes off 16
+    for qx, kx in ((q, k_strided), (q_odd, k)):
+        assert A.tma_unsupported(qx, kx, v) is not None
+        o = torch.empty_like(qx)
+        lse = torch.empty(B, Hq, S, device=dev)
+        A._launch_fwd(qx, kx, v, doc, o, lse, 0.125, 0, A._tma_cfg(32, 16, 4, 1))
+        o_ref, lse_ref = A.attention_forward_ref(qx, kx, v, doc, 0.125)
+        assert _err(o, o_ref) < 1e-5 and _err(lse, lse_ref) < 1e-5
+    assert launched == [A._attn_fwd, A._attn_fwd]
+
+
+def test_forward_default_rule():
+    """bf16/fp16 at head dims 64 and 128 default to the TMA forward; fp32 and other head dims, and every
+    backward kernel, keep the pointer kernels' defaults (the fallback with tma=False)."""
+    for dtype in (torch.bfloat16, torch.float16):
+        for D in (64, 128):
+            assert A.fwd_kernel(A.default_config("attention_fwd", D, dtype)) is A._attn_fwd_tma
+            assert A.fwd_kernel(A.default_config("attention_fwd", D, dtype, tma=False)) is A._attn_fwd
+        for D in (32, 96, 256):
+            assert A.fwd_kernel(A.default_config("attention_fwd", D, dtype)) is A._attn_fwd
+    assert A.fwd_kernel(A.default_config("attention_fwd", 128, torch.float32)) is A._attn_fwd
+    assert all("kernel" not in A.default_config(k, 128, torch.bfloat16) for k in _KERNELS[1:])
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Block skipping: NaN planted where no visited block may read it stays out of the outputs. A visited block
 # would spread it (0·NaN = NaN in the tile products) even where the mask drops it, so this checks the loop
-# ranges, not only the masks. The interpreter tiles are fixed here: fwd/dq 32×16, dkdv 16×32.
+# ranges, not only the masks. The interpreter tiles are fixed here: fwd/dq 32×16, dkdv 16×32 (the TMA
+# forward's 32×16 too).
 # ----------------------------------------------------------------------------------------------------------
 FWD, DKDV, DQ = A._cfg(32, 16, 4, 1), A._cfg(16, 32, 4, 1), A._cfg(32, 16, 4, 1)
 
@@ -214,7 +282,8 @@ def test_skipped_blocks_are_not_read(mode, dev):
         q2[:, :32], do2[:, :32] = math.nan, math.nan
         o, dq, _, _ = _run(q, k, v, do, doc, window)
         _, _, dk, dv = _run(q2, k.nan_to_num(), v.nan_to_num(), do2, doc, window)
-        assert o[:, :96].isfinite().all() and dq[:, :96].isfinite().all()
+        o_tma, _ = _tma_forward(q, k, v, doc, 0.125, window)
+        assert o[:, :96].isfinite().all() and dq[:, :96].isfinite().all() and o_tma[:, :96].isfinite().all()
         assert dk[:, 32:].isfinite().all() and dv[:, 32:].isfinite().all()
     else:
         # docs: keys < 32 are all in document 0 and query blocks ≥ 64 all in document 1;
@@ -225,7 +294,8 @@ def test_skipped_blocks_are_not_read(mode, dev):
         q2[:, 64:], do2[:, 64:] = math.nan, math.nan
         o, dq, _, _ = _run(q, k, v, do, doc, window)
         _, _, dk, dv = _run(q2, k.nan_to_num(), v.nan_to_num(), do2, doc, window)
-        assert o[:, 64:].isfinite().all() and dq[:, 64:].isfinite().all()
+        o_tma, _ = _tma_forward(q, k, v, doc, 0.125, window)
+        assert o[:, 64:].isfinite().all() and dq[:, 64:].isfinite().all() and o_tma[:, 64:].isfinite().all()
         assert dk[:, :32].isfinite().all() and dv[:, :32].isfinite().all()
 
 
@@ -279,14 +349,17 @@ def test_autotune_sweeps_stores_and_reports(dev, monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(A, "_launch_bwd", wrong_bwd)
     broken = A._cfg(24, 16, 4, 1)                                    # 24 is no power of two: fails to build
     wrong = {**A._cfg(16, 16, 4, 1), "wrong": True}
-    configs = ([wrong, broken, A._cfg(32, 16, 4, 1)], [A._cfg(16, 32, 4, 1)],
+    configs = ([wrong, broken, A._tma_cfg(32, 16, 4, 1), A._cfg(32, 16, 4, 1)], [A._cfg(16, 32, 4, 1)],
                [wrong, A._cfg(32, 16, 4, 1), A._cfg(16, 16, 4, 1)])
     rows = A._tune_shape(1, 40, 2, 1, 32, dev, configs)
     assert [r["shape"].split()[-1] for r in rows] == ["fwd", "bwd"]
-    assert rows[0]["config"] == A._cfg(32, 16, 4, 1) and "TFLOPS" in rows[0]["throughput"]
+    # the TMA candidate (timed first) wins; the row names the kernel that ran
+    assert rows[0]["config"] == {**A._tma_cfg(32, 16, 4, 1), "kernel": "_attn_fwd_tma"}
+    assert "TFLOPS" in rows[0]["throughput"]
     assert rows[1]["config"] == {"dkdv": A._cfg(16, 32, 4, 1), "dq": A._cfg(32, 16, 4, 1)}
     stored = json.loads((tmp_path / "autotune.json").read_text())
     assert set(next(iter(stored.values()))) == {"attention_fwd", "attention_bwd_dkdv", "attention_bwd_dq"}
+    assert next(iter(stored.values()))["attention_fwd"][A._shape_key(40, 32, torch.bfloat16)] == A._tma_cfg(32, 16, 4, 1)
     out = capsys.readouterr().out
     assert out.count("wrong result on this device") == 2 and f"skipping {broken}" in out
 
@@ -310,6 +383,8 @@ def _compile_sm90(kernel: str, D: int, docs: bool, window: bool, dtype: str = "b
     cfg = cfg or A.default_config(kernel, D, torch_dtype)
     constexprs = dict(GROUP=group, HEAD_DIM=D, BLOCK_D=A._block_d(D), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
                       HAS_DOCS=docs, HAS_WINDOW=window, UPCAST=False, PRECISION=A._precision(torch_dtype))
+    if kernel == "attention_fwd":
+        fn = A.fwd_kernel(cfg)
     types, aligned = {}, []
     for name in fn.arg_names:
         if name == "DOC" and not docs:
@@ -333,12 +408,18 @@ def _hopper_report() -> dict:
     """The child process of test_defaults_compile_for_hopper_without_spills: every default config. bf16 at the
     engine's head dims (64, 128) in all four variants, at the tests' (32, 96, 256) with documents and a window;
     fp32 at each tile width plain and with documents and a window (the plain loop pipelines differently: at
-    hd128 it spilled where the masked one did not)."""
+    hd128 it spilled where the masked one did not). The bf16 forward's default at 64 and 128 is the TMA kernel's;
+    the pointer kernel's fallback there (tma=False) is compiled too."""
     jobs = [("bf16", D, v) for D in (64, 128) for v in _VARIANTS]
     jobs += [("bf16", D, "docs+window") for D in (32, 96, 256)]
     jobs += [("fp32", D, v) for D in (32, 64, 128, 256) for v in ("plain", "docs+window")]
-    return {f"{k} {dtype} D{D} {v}": _compile_sm90(k, D, *_VARIANTS[v], dtype)
-            for dtype, D, v in jobs for k in _KERNELS}
+    report = {f"{k} {dtype} D{D} {v}": _compile_sm90(k, D, *_VARIANTS[v], dtype)
+              for dtype, D, v in jobs for k in _KERNELS}
+    fallback = {f"attention_fwd pointer bf16 D{D} {v}":
+                _compile_sm90("attention_fwd", D, *_VARIANTS[v], "bf16",
+                              A.default_config("attention_fwd", D, torch.bfloat16, tma=False))
+                for D in (64, 128) for v in _VARIANTS}
+    return {**report, **fallback}
 
 
 def _hopper_candidates_report() -> dict:
@@ -346,8 +427,13 @@ def _hopper_candidates_report() -> dict:
     at head dim 128 (the widest it sweeps) with documents and a window (the heaviest variant a stored config
     meets)."""
     lists = {"attention_fwd": A.FWD_CONFIGS, "attention_bwd_dkdv": A.DKDV_CONFIGS, "attention_bwd_dq": A.DQ_CONFIGS}
-    return {f"{k} bf16 D128 docs+window {A._cfg_label(cfg)}": _compile_sm90(k, 128, True, True, "bf16", cfg)
-            for k, configs in lists.items() for cfg in configs}
+    report = {f"{k} bf16 D128 docs+window {A._cfg_label(cfg)}": _compile_sm90(k, 128, True, True, "bf16", cfg)
+              for k, configs in lists.items() for cfg in configs}
+    # the TMA forward's candidates in every variant at both head dims (its unmasked loops differ the most)
+    tma = {f"attention_fwd bf16 D{D} {v} {A._cfg_label(cfg)}": _compile_sm90("attention_fwd", D, *_VARIANTS[v],
+                                                                            "bf16", cfg)
+           for D in (64, 128) for v in _VARIANTS for cfg in A.FWD_TMA_CONFIGS if (D, v) != (128, "docs+window")}
+    return {**report, **tma}
 
 
 @pytest.mark.slow
@@ -355,7 +441,7 @@ def test_defaults_compile_for_hopper_without_spills():
     """Every default config, bf16 and fp32, compiles for sm_90a without register spills and within an H100's
     shared memory; every bf16 dot is a Hopper warpgroup MMA (fp32's IEEE dots have no tensor-core form)."""
     report = hopper_compile.report("test_attention", "_hopper_report")
-    assert len(report) == 3 * 19
+    assert len(report) == 3 * 19 + 8
     hopper_compile.assert_fits_without_spills(report)
     # hd256's dkdv takes mma.sync without spills over a spilling wgmma tile (A.DKDV_HD256_KEYS)
     assert A._DEFAULTS["attention_bwd_dkdv"][256]["BLOCK_N"] == A.DKDV_HD256_KEYS < 64
@@ -365,9 +451,10 @@ def test_defaults_compile_for_hopper_without_spills():
 
 @pytest.mark.slow
 def test_autotune_candidates_compile_for_hopper():
-    """No candidate the GPU's autotune would compile spills or needs more shared memory than an H100 has."""
+    """No candidate the GPU's autotune would compile spills or needs more shared memory than an H100 has, and
+    every dot is a wgmma (the TMA forward's candidates in all four variants at head dims 64 and 128)."""
     report = hopper_compile.report("test_attention", "_hopper_candidates_report")
-    assert len(report) == len(A.FWD_CONFIGS) + len(A.DKDV_CONFIGS) + len(A.DQ_CONFIGS)
+    assert len(report) == len(A.FWD_CONFIGS) + len(A.DKDV_CONFIGS) + len(A.DQ_CONFIGS) + 7 * len(A.FWD_TMA_CONFIGS)
     hopper_compile.assert_fits_without_spills(report)
     hopper_compile.assert_hopper_mma(report)
 
