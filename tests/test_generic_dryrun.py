@@ -22,6 +22,7 @@ from horizon_triton.models.generic.weights import layer_layouts
 from horizon_triton.planning.dryrun import dry_run, fixed_device_bytes
 from horizon_triton.planning.known_models import KNOWN_MODELS, known_model
 from horizon_triton.planning.plan import HARDWARE, plan
+from generic_models import COMMON, FAMILIES
 
 GiB = 2**30
 SEQ = 4096
@@ -98,6 +99,19 @@ def _active_parameters(name: str) -> float:
 def _skeleton_layer(name: str):
     from horizon_triton.models.generic.skeleton import skeleton
     return skeleton(known_model(name)).layers[-1]
+
+
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+def test_plan_runs_every_tiny_family(model_type):
+    """plan() (the dry run on the meta device, its checkpoint budget's footprint included) of every family the
+    generic template trains: MLA's value head dim (DeepSeek-V3), saved router biases (GLM-4-MoE, DeepSeek-V3), the
+    soft-capped torch head (Gemma 2) each once broke it. Its host bytes are the store's and the step's buffers."""
+    config = transformers.AutoConfig.for_model(model_type, **{**COMMON, **FAMILIES[model_type]})
+    cfg = GenericConfig.from_hf(config)
+    result = plan(cfg, tokens_per_step=64, seq_len=32, find_hiding=False)
+    assert result["num_parameters"] == cfg.num_parameters()
+    assert result["fits_device"] and result["device_peak_bytes"] > result["device_fixed_bytes"] > 0
+    assert sum(result["host_store_bytes"].values()) <= result["host_bytes"]
 
 
 def test_plan_reports_tokens_to_hide_transfers():

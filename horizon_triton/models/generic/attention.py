@@ -248,18 +248,21 @@ def attention(module, query, key, value, attention_mask, **kwargs):
 def _fused_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
     """F.scaled_dot_product_attention as CUDA runs it: the flash kernel without a mask (grouped-query heads as they
     are), the memory-efficient one with the boolean mask turned into an additive bias of the query's dtype (what
-    sdpa does with a mask)."""
+    sdpa does with a mask), or without a mask where the values' head dim is not the queries' (MLA: flash needs
+    one head dim)."""
     import torch
-    if attn_mask is None:
+    if attn_mask is None and query.shape[-1] == value.shape[-1]:
         return torch.ops.aten._scaled_dot_product_flash_attention(query, key, value, dropout_p, is_causal,
                                                                   scale=scale)[0]
-    if attn_mask.dtype == torch.bool:
-        attn_mask = torch.zeros(attn_mask.shape, dtype=query.dtype, device=query.device).masked_fill_(
-            attn_mask.logical_not(), float("-inf"))
     if enable_gqa and key.shape[1] != query.shape[1]:
         groups = query.shape[1] // key.shape[1]
         key, value = (t.repeat_interleave(groups, dim=1) for t in (key, value))
-    bias = attn_mask.expand(query.shape[0], query.shape[1], query.shape[2], key.shape[2])
+    bias = None
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            attn_mask = torch.zeros(attn_mask.shape, dtype=query.dtype, device=query.device).masked_fill_(
+                attn_mask.logical_not(), float("-inf"))
+        bias = attn_mask.expand(query.shape[0], query.shape[1], query.shape[2], key.shape[2])
     return torch.ops.aten._scaled_dot_product_efficient_attention(query, key, value, bias, True, dropout_p,
                                                                   is_causal, scale=scale)[0]
 

@@ -15,6 +15,7 @@ from horizon_triton.kernels import reference
 
 from .config import GenericConfig
 from .experts import Experts, experts_on
+from .skeleton import layer_buffers
 from .template import GenericTemplate
 
 
@@ -73,6 +74,8 @@ def backward_bytes(cfg: GenericConfig, dtype: torch.dtype, rows: int, seq: int) 
                 continue
             seen.add(kind)
             w = {n: torch.empty(p.shape, dtype=dtype, device=meta) for n, p in params.items()}
+            w.update({n: torch.empty(shape, dtype=dtype, device=meta)       # saved buffers (router biases)
+                      for n, shape in layer_buffers(layer, f"layer {i}")})
             g = {n: torch.empty(p.shape, dtype=torch.float32, device=meta) for n, p in params.items()}
             x, d_out = (torch.empty(rows * seq, cfg.hidden_size, dtype=dtype, device=meta) for _ in range(2))
             # no ops: attention as transformers' (sdpa runs as CUDA's fused kernels); MoE experts on the torch

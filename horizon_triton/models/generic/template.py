@@ -400,7 +400,9 @@ class GenericTemplate:
             targets = mb.targets[s:e]
             local = targets - start
             inside = (local >= 0) & (local < rows.shape[0])
-            dz[inside.nonzero()[:, 0], local[inside]] -= 1.0
+            # -1 at each token's target column in this chunk of rows (0 added where it is in another chunk): no
+            # data-dependent indexing, so the dry run's meta tensors take the same path
+            dz.scatter_add_(1, local.clamp(0, rows.shape[0] - 1)[:, None], -inside.to(dz.dtype)[:, None])
             scale = grad_scale[s:e, None] if isinstance(grad_scale, torch.Tensor) else grad_scale
             dz = dz * scale * (targets != -100)[:, None]
             dz = dz * (dz_draw if dz_draw is not None else self.logit_scale)
