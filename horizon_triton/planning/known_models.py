@@ -58,8 +58,9 @@ KNOWN_MODELS = {
     # deepseek-ai/DeepSeek-V3: 61 layers (the first 3 dense, 18432 wide), multi-head latent attention (128 heads,
     # q rank 1536, kv rank 512, rope dim 64), 256 routed experts (top 8 in 4 of 8 groups, sigmoid scores scaled by
     # 2.5) of 2048 and one shared expert. 671B without its multi-token-prediction layer (num_nextn_predict_layers:
-    # transformers does not build it). Values of the published config.json as transformers' DeepseekV3Config
-    # defaults also carry them; rope scaling (yarn, factor 40) does not change any size
+    # transformers does not build it). Written from memory of the published config.json; every size agrees with
+    # transformers' DeepseekV3Config defaults (taken from that file) and the total with the published 671B; rope
+    # scaling (yarn, factor 40) changes no size
     "deepseek-v3": dict(
         model_type="deepseek_v3", vocab_size=129280, hidden_size=7168, intermediate_size=18432,
         moe_intermediate_size=2048, num_hidden_layers=61, num_attention_heads=128, num_key_value_heads=128,
