@@ -42,6 +42,34 @@ KNOWN_MODELS = {
         full_attention_interval=4, max_position_embeddings=262144, rms_norm_eps=1e-6, tie_word_embeddings=False,
         rope_parameters=dict(rope_type="default", rope_theta=10000000.0, partial_rotary_factor=0.25),
         eos_token_id=248044),
+    # Qwen/Qwen3.5-397B-A17B, the text part (qwen3_5_moe_text): 60 layers, 3 gated-delta-net (linear attention)
+    # layers to 1 full-attention layer, 512 experts (top 10) of 1024 and a shared expert of 1024, GQA 32/2 heads
+    # of 256. WRITTEN FROM MEMORY, not read from the config.json (the sizes agree with the architecture table of a
+    # third-party conversion's model card): fields other than those sizes may differ; the total it gives (checked
+    # in tests) is within 1% of the published 397B
+    "qwen3.5-397b-a17b": dict(
+        model_type="qwen3_5_moe_text", vocab_size=248320, hidden_size=4096, num_hidden_layers=60,
+        num_attention_heads=32, num_key_value_heads=2, head_dim=256, linear_conv_kernel_dim=4,
+        linear_key_head_dim=128, linear_value_head_dim=128, linear_num_key_heads=16, linear_num_value_heads=64,
+        moe_intermediate_size=1024, shared_expert_intermediate_size=1024, num_experts=512, num_experts_per_tok=10,
+        full_attention_interval=4, max_position_embeddings=262144, rms_norm_eps=1e-6, tie_word_embeddings=False,
+        rope_parameters=dict(rope_type="default", rope_theta=10000000.0, partial_rotary_factor=0.25),
+        eos_token_id=248044),
+    # deepseek-ai/DeepSeek-V3: 61 layers (the first 3 dense, 18432 wide), multi-head latent attention (128 heads,
+    # q rank 1536, kv rank 512, rope dim 64), 256 routed experts (top 8 in 4 of 8 groups, sigmoid scores scaled by
+    # 2.5) of 2048 and one shared expert. 671B without its multi-token-prediction layer (num_nextn_predict_layers:
+    # transformers does not build it). Written from memory of the published config.json; every size agrees with
+    # transformers' DeepseekV3Config defaults (taken from that file) and the total with the published 671B; rope
+    # scaling (yarn, factor 40) changes no size
+    "deepseek-v3": dict(
+        model_type="deepseek_v3", vocab_size=129280, hidden_size=7168, intermediate_size=18432,
+        moe_intermediate_size=2048, num_hidden_layers=61, num_attention_heads=128, num_key_value_heads=128,
+        n_shared_experts=1, n_routed_experts=256, routed_scaling_factor=2.5, kv_lora_rank=512, q_lora_rank=1536,
+        qk_rope_head_dim=64, v_head_dim=128, qk_nope_head_dim=128, n_group=8, topk_group=4, num_experts_per_tok=8,
+        first_k_dense_replace=3, norm_topk_prob=True, max_position_embeddings=163840, rms_norm_eps=1e-6,
+        rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=40.0, original_max_position_embeddings=4096,
+                             beta_fast=32.0, beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0),
+        tie_word_embeddings=False, bos_token_id=0, eos_token_id=1),
     # google/gemma-3-27b-it, the text part (gemma3_text): 62 layers, 5 sliding (1024) to 1 global, GQA 32/16 heads
     # of 128, query_pre_attn_scalar 168, embeddings scaled by √H, tied head; 27.0B in the text model (the
     # vision tower's 0.4B is not trained here)

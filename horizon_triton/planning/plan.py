@@ -32,6 +32,7 @@ from ..schedule.activations import CROSS_ENTROPY_TOKEN_CHUNK
 from ..objectives.lora import spec_of
 from ..host.store import HostStore
 from ..models.family import is_generic
+from .moe import moe_summary
 
 GiB = 2**30
 
@@ -270,6 +271,9 @@ def plan(model_cfg: ModelConfig, train_cfg: TrainConfig | None = None, *, tokens
         "tokens_to_hide_transfers": (tokens_to_hide_transfers(model_cfg, train_cfg, hw, seq, doc_len)
                                      if find_hiding else None),
     }
+    moe = moe_summary(model_cfg, dry, hw)
+    if moe is not None:
+        result["moe"] = moe
     if host_memory_bytes is not None:
         result["host_memory_bytes"] = host_memory_bytes
         result["fits_host"] = host <= host_memory_bytes
@@ -401,6 +405,13 @@ def format_plan(result: dict, largest: dict | None = None) -> str:
                         f"{lo['adapter_parameters'] / 1e6:,.1f}M adapter params: host "
                         f"{lo['host_bytes_per_base_parameter']:.2f} B per base param (frozen base "
                         f"{_si(lo['base_host_bytes'], 'B')}, adapters {_si(lo['adapter_host_bytes'], 'B')})")
+    if "moe" in result:
+        moe = result["moe"]
+        lines.insert(-3, f"  experts         {moe['experts_parameters'] / 1e9:.1f}B params in {moe['experts_layers']} "
+                         f"layers ({moe['experts_share_of_host_store']:.0%} of the host store), top {moe['top_k']} of "
+                         f"{moe['experts_per_layer']}: {moe['tokens_per_expert']:,.0f} tokens per expert per "
+                         f"micro-batch, {moe['tokens_per_expert_to_hide']:,.0f} hide its weights' copies "
+                         f"({moe['tokens_per_micro_batch_to_hide']:,.0f} tokens per micro-batch)")
     if result["tokens_to_hide_transfers"] is not None:
         lines.append(f"  copies hide at  {result['tokens_to_hide_transfers']:,} tokens a step (rows of {seq})")
     if largest is not None:
