@@ -116,9 +116,10 @@ def test_fitting_layouts_of_gpt_oss_120b_on_a_1_5_tb_host():
     and LoRA (the frozen bf16 base, 2 B/param, + adapters and the step's buffers) do; per-parameter formulas."""
     cfg = known_model("gpt-oss-120b")
     n = cfg.num_parameters()
-    out = fitting_layouts(cfg, host_memory_bytes=int(1.5e12), hardware="h100")
+    out = fitting_layouts(cfg, host_memory_bytes=int(1.5e12), hardware="h100", find_hiding=False)  # the tiny
+    # model's test checks the search against plan()'s
     per_param = [layout["host_bytes"] / n for layout in out["layouts"]]
     assert 14 <= per_param[0] < 14.001 and 8 < per_param[1] < 8 + 2 * 4 / 256 + 0.002 and 2 < per_param[2] < 2.01
     assert [layout["fits_host"] for layout in out["layouts"]] == [False, True, True]
     assert out["best"]["name"].startswith("8 B/param") and out["best"]["plan"]["moe"]["top_k"] == 4
-    assert out["best"]["tokens_to_hide_transfers"] % 4096 == 0
+    assert out["best"]["tokens_to_hide_transfers"] is None

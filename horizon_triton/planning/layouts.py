@@ -20,11 +20,13 @@ def host_layouts(lora_rank: int = LORA_RANK, lora_targets: tuple[str, ...] = LOR
 
 
 def fitting_layouts(model_cfg, *, host_memory_bytes: int, hardware: str | dict = "h100", seq_len: int = 4096,
-                    lora_rank: int = LORA_RANK, lora_targets: tuple[str, ...] = LORA_TARGETS) -> dict:
+                    lora_rank: int = LORA_RANK, lora_targets: tuple[str, ...] = LORA_TARGETS,
+                    find_hiding: bool = True) -> dict:
     """For each layout of host_layouts: plan()'s host bytes at one row of seq_len tokens and whether they fit
     host_memory_bytes (and the device peak fits the card). The best layout is the first, most exact one that
-    fits both; for it, its plan at one row and the fewest tokens per step whose copies hide under the compute and
-    the AdamW (plan.tokens_to_hide_transfers; None where not even at 2^16 rows). best is None if none fits."""
+    fits both; for it, its plan at one row and (find_hiding) the fewest tokens per step whose copies hide under
+    the compute and the AdamW (plan.tokens_to_hide_transfers; None where not even at 2^16 rows, or not searched:
+    the search dry-runs the model at several sizes). best is None if none fits."""
     hw = hardware_figures(hardware)
     layouts, best = [], None
     for name, train_cfg in host_layouts(lora_rank, lora_targets).items():
@@ -42,5 +44,6 @@ def fitting_layouts(model_cfg, *, host_memory_bytes: int, hardware: str | dict =
         name, train_cfg, result = best
         out["best"] = {"name": name, "train_cfg": train_cfg, "plan": result,
                        "device_peak_bytes": result["device_peak_bytes"],
-                       "tokens_to_hide_transfers": tokens_to_hide_transfers(model_cfg, train_cfg, hw, seq_len)}
+                       "tokens_to_hide_transfers": tokens_to_hide_transfers(model_cfg, train_cfg, hw, seq_len)
+                       if find_hiding else None}
     return out
