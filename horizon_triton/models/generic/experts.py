@@ -8,7 +8,8 @@ engine's MoE ops compute it (``ops.moe_permute``, the grouped GEMMs, SwiGLU or g
 weighted combine) inside an autograd Function, dropless as transformers. Within ``experts_gradients`` the backward
 accumulates the experts' weight gradients in fp32 straight into the template's accumulators and gives autograd
 none: no [E, N, K] gradient in the weights' dtype is ever made (one layer of gpt-oss-120b's experts is 3.2 B
-parameters). Frozen experts (LoRA) get no weight-gradient GEMMs at all.
+parameters). Frozen experts (LoRA) get no weight-gradient GEMMs at all; LoRA adapters on the experts' weights
+(``experts_lora``, peft's target_parameters) run as two more grouped GEMMs through their rank.
 
 What the ops do not compute runs the implementation the model chose itself (transformers' grouped_mm or its eager
 loop), the reason logged once per template: experts without a gate, a gate function other than SiLU's SwiGLU on
@@ -25,7 +26,7 @@ import torch
 
 NAME = "horizon"
 log = logging.getLogger("horizon_triton")
-_state = threading.local()      # the template's Experts around its layers' calls, and the gradients' accumulators
+_state = threading.local()      # around the template's layer calls: its Experts, the accumulators, the adapters
 PROBE = torch.linspace(-9.0, 9.0, 3 * 16).view(3, 16)   # gate/up values past gpt-oss's clamp limit (7) both ways
 
 

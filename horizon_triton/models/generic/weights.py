@@ -3,8 +3,9 @@
 disk keeps them under other names or split (``checkpoint_sources``: transformers 5 fuses the experts of MoE
 checkpoints, which the hub stores one tensor per expert, when it loads them; we do the same, tensor by tensor).
 Saved weights keep the in-memory names, which transformers 5 loads as they are. LoRA's adapters sit on the decoder
-layers' nn.Linear modules that peft's target_modules rule picks (``adapter_layouts``). Imports models.layout and
-skeleton; ``cfg`` is a GenericConfig."""
+layers' nn.Linear modules that peft's target_modules rule picks and on the MoE experts' weights its
+target_parameters pick (``adapter_layouts``). Imports models.layout, skeleton and experts; ``cfg`` is a
+GenericConfig."""
 from __future__ import annotations
 
 import re
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ..layout import LayerLayout, layout_of
+from .experts import is_experts_module
 from .skeleton import layer_buffers, skeleton
 
 def layer_layouts(cfg) -> list[LayerLayout]:
@@ -112,7 +114,7 @@ def adapter_layouts(cfg, spec) -> list[LayerLayout]:
 def _experts_weights(module) -> list[str]:
     """The 3-D weights of a transformers fused experts module LoRA may adapt (gate_up_proj / down_proj: [E, ., .]),
     in the module's order; none for any other module."""
-    if not (hasattr(module, "has_gate") and hasattr(module, "is_transposed")):
+    if not is_experts_module(module):
         return []
     return [n for n, p in module.named_parameters(recurse=False) if p.dim() == 3]
 
