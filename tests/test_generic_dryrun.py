@@ -108,10 +108,12 @@ def test_dry_run_step_at_full_size(name):
 @pytest.mark.parametrize("name", LORA_ONLY)
 def test_the_largest_moe_models_fit_one_card_with_lora_only(name):
     """Qwen3.5-397B-A17B and DeepSeek-V3 (61 layers of 256 experts, MLA, 3 dense first layers) at full size, 1 × 4096
-    tokens: the full fine-tune's device peak passes an H100, LoRA on o_proj (rank 16) fits one with a store of
+    tokens: the full fine-tune's device bytes pass an H100, LoRA on o_proj (rank 16) fits one with a store of
     2 B per base parameter and the adapters' 16; the base crosses in twice, and none of its gradients comes out."""
     cfg = known_model(name)
-    assert _dry(name, 1, "h100").device_peak_bytes > HARDWARE["h100"]["device_memory_bytes"]
+    memory = HARDWARE["h100"]["device_memory_bytes"]      # DeepSeek-V3 passes it before any step, Qwen3.5 in it
+    assert fixed_device_bytes(cfg, ht.TrainConfig(), "triton", memory, True)[0] > memory \
+        or _dry(name, 1, "h100").device_peak_bytes > memory
     from horizon_triton.models.family import adapter_layouts
     from horizon_triton.objectives.lora import spec_of
     train = ht.TrainConfig(lora_rank=16, lora_targets=("o_proj",))
