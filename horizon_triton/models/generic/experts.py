@@ -129,7 +129,9 @@ class _GroupedExperts(torch.autograd.Function):
                 transposed, scale, accumulators):
         E, k = gate_up.shape[0], ids.shape[1]
         order, offsets = ops.moe_permute(ids.to(torch.int32), E)
-        rows = torch.arange(order.shape[0], dtype=torch.int32, device=x.device)
+        # the identity order of the rank-r products (LoRA only): their rows are already in expert order
+        rows = None if a_gu is None and a_d is None else torch.arange(order.shape[0], dtype=torch.int32,
+                                                                      device=x.device)
         w_gu, w_d = _as_ops_take(gate_up, down, transposed)
         gu = ops.moe_gate_up_forward(x, order, offsets, k, w_gu, gate_up_bias)
         xa = ha = None
