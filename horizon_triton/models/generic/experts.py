@@ -28,6 +28,7 @@ NAME = "horizon"
 log = logging.getLogger("horizon_triton")
 _state = threading.local()      # around the template's layer calls: its Experts, the accumulators, the adapters
 PROBE = torch.linspace(-9.0, 9.0, 3 * 16).view(3, 16)   # gate/up values past gpt-oss's clamp limit (7) both ways
+ADAPTABLE = ("gate_up_proj", "down_proj")   # the experts weights LoRA adapters may carry: the ones the Function uses
 
 
 @dataclasses.dataclass

@@ -32,7 +32,7 @@ from ..dense.layer import LORA_SCALE
 from ..ops import attention_refusal
 from .attention import NAME, Kernels, LazyMask, documents, fused_attention_on, register
 from .config import GenericConfig
-from .experts import Experts, experts_gradients, experts_lora, experts_on
+from .experts import ADAPTABLE, Experts, experts_gradients, experts_lora, experts_on
 from .experts import register as register_experts
 from .router_balance import RouterBalance
 from .skeleton import layer_buffers, skeleton
@@ -232,7 +232,7 @@ class GenericTemplate:
                         handles.append(module.register_forward_hook(
                             lambda m, inputs, out, a=a, b=b: out + (inputs[0] @ a.t()) @ b.t() * s))
                     adapted = {weight: (w[f"{name}.{weight}.lora_A"], w[f"{name}.{weight}.lora_B"])
-                               for weight in ("gate_up_proj", "down_proj") if f"{name}.{weight}.lora_A" in w}
+                               for weight in ADAPTABLE if f"{name}.{weight}.lora_A" in w}
                     if adapted:
                         experts[id(module)] = adapted
             with experts_lora(experts, w.get(LORA_SCALE, 0.0)):

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ..layout import LayerLayout, layout_of
-from .experts import is_experts_module
+from .experts import ADAPTABLE, is_experts_module
 from .skeleton import layer_buffers, skeleton
 
 def layer_layouts(cfg) -> list[LayerLayout]:
@@ -112,11 +112,11 @@ def adapter_layouts(cfg, spec) -> list[LayerLayout]:
 
 
 def _experts_weights(module) -> list[str]:
-    """The 3-D weights of a transformers fused experts module LoRA may adapt (gate_up_proj / down_proj: [E, ., .]),
-    in the module's order; none for any other module."""
+    """The 3-D weights of a transformers fused experts module LoRA may adapt (those the experts compute with:
+    experts.ADAPTABLE, [E, ., .]), in the module's order; none for any other module."""
     if not is_experts_module(module):
         return []
-    return [n for n, p in module.named_parameters(recurse=False) if p.dim() == 3]
+    return [n for n, p in module.named_parameters(recurse=False) if p.dim() == 3 and n in ADAPTABLE]
 
 
 def experts_adapters(layer_prefix: str, name: str, module, spec) -> list[tuple]:
