@@ -130,7 +130,7 @@ def rmsnorm_matmul(quick: bool) -> dict:
         y, rstd = rm.rmsnorm_matmul_forward(x, g, w, eps)
         d_w = torch.zeros(w.shape, device=dev, dtype=torch.float32)
         d_g = torch.zeros(g.shape, device=dev, dtype=torch.float32)
-        row = dict(projection=name, T=T, H=H, N=N,
+        row = dict(projection=name, T=T, H=H, N=N, ran=rm.implementations(T, N, H, BF16),
                    fused_fwd_ms=_ms(lambda: rm.rmsnorm_matmul_forward(x, g, w, eps)),
                    cublas_fwd_ms=_ms(lambda: xn @ w.t()),
                    fused_bwd_ms=_ms(lambda: rm.rmsnorm_matmul_backward(dy, x, g, w, rstd, d_w, d_g)),
@@ -317,7 +317,8 @@ def engine(quick: bool, workload: str, device: str = "cuda") -> dict:
     peak = peak_tflops(torch.cuda.get_device_name()) if device == "cuda" else None
     last = history[-1]
     figures = dict(
-        kernels=eng.kernel_backend, ops_ran=_ops_ran(eng.kernel_report), model=_describe(cfg), parameters=cfg.num_parameters(), tokens_per_step=tokens,
+        kernels=eng.kernel_backend, ops_ran=_ops_ran(eng.kernel_report), tuned=_tuned_choices(), model=_describe(cfg),
+        parameters=cfg.num_parameters(), tokens_per_step=tokens,
         batch=batch, seq=seq, measured_steps=steps, build_s=round(build_s, 1), warmup_step_s=round(warmup_s, 1),
         step_s=_sig(step_s), step_times_s=[_sig(h["time_s"]) for h in history],
         tokens_per_s=round(tokens / step_s), tflops_model=_sig(model / step_s / 1e12),
@@ -350,6 +351,21 @@ def _ops_ran(kernel_report: dict) -> dict:
     for op, path in kernel_report.items():
         ran.setdefault(path, []).append(op)
     return ran
+
+
+def _tuned_choices() -> dict | str:
+    """{kernel: {shape key: the implementation its stored choice runs}} for this GPU: "torch" (cuBLAS),
+    "triton", or per GEMM role where a kernel has several (cross-entropy)."""
+    from horizon_triton.kernels import tuning
+    stored = tuning.stored_choices()
+    if not stored:
+        return "none stored on this machine: every kernel ran its default config"
+
+    def ran(cfg: dict):
+        if all(isinstance(v, dict) for v in cfg.values()):
+            return {role: ran(c) for role, c in cfg.items() if "impl" in c} or "triton"
+        return cfg.get("impl", "triton")
+    return {kernel: {key: ran(cfg) for key, cfg in shapes.items()} for kernel, shapes in stored.items()}
 
 
 def _fresh_tracer(eng) -> None:
