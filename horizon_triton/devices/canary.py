@@ -27,6 +27,7 @@ class Mismatch(Exception):
 
 
 def inputs(dtype, device, head_dim: int, sliding_window: int | None, heads=(4, 2), T=48, H=64, N=80, V=96):
+    """The canary's inputs of every family (perf/warm_cache.py replays the same launches ahead)."""
     g = torch.Generator().manual_seed(0)
     rand = lambda *shape, scale=1.0: (scale * torch.randn(*shape, generator=g)).to(device, dtype)  # noqa: E731
     B, S = 2, T // 2
