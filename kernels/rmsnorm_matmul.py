@@ -15,6 +15,9 @@ Backward (three launches), with xn recomputed, never stored:
     3. row pass        dx = rstd · (dxhat − xhat · mean(dxhat · xhat)),  dxhat = dxn · g,  dg += Σ_t dxn · xhat
                        (kernels/rmsnorm.py's backward kernel, writing dx over dxn)
 FLOPs: forward 2·T·N·H; backward 4·T·N·H (dx GEMM + dW GEMM).
+Each of the three GEMMs may instead run on torch (cuBLAS on CUDA) with the normalized input made whole as the
+reference makes it (TORCH): autotune times it with the Triton tiles and stores it where it is the fastest; the
+launchers take whatever is stored (``implementations()`` says which ran at a shape).
 
 Supported range: x[T, H], W[N, H] in bf16, fp16 or fp32 (same dtype), contiguous last axes, any T, N, H ≥ 1
 (H ≤ 32768 for the row passes). fp32 runs its dots in IEEE fp32 (slow but exact; the engine trains in bf16).
@@ -35,6 +38,7 @@ import triton.language as tl
 from . import sweep, tuning
 from .reference import rmsnorm_matmul_backward as rmsnorm_matmul_backward_ref  # noqa: F401  (tests/benchmarks)
 from .reference import rmsnorm_matmul_forward as rmsnorm_matmul_forward_ref  # noqa: F401
+from .reference import matmul_accumulate_
 from .rmsnorm import rmsnorm_backward_into_dy_, rmsnorm_rstd
 
 
@@ -193,6 +197,9 @@ _HOPPER_DEFAULTS = {"rmsnorm_matmul_fwd": _TILE_128x256, "rmsnorm_matmul_dx": _T
 # fp32 operands take IEEE dots on the FMA units (no tensor cores): small tiles, and 4-byte tiles must still fit
 # in shared memory (a 128×256×64 fp32 pipeline would need 288 KB).
 _FP32_DEFAULT = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
+# a GEMM's other choice: torch (cuBLAS on CUDA) on the normalized input made as the reference makes it; autotune
+# stores it for a GEMM where it is faster than every Triton tile
+TORCH = {"impl": "torch"}
 
 
 TOKEN_BUCKET_CAP = 32768   # micro-batches of 32K tokens and more share the largest bucket, which autotune tunes
@@ -216,6 +223,52 @@ def _dot_args(dtype: torch.dtype) -> dict:
     """UPCAST works around the interpreter's bf16 dot; fp32 operands get IEEE dots, not TF32."""
     upcast = tuning.interpreting()
     return {"UPCAST": upcast, "PRECISION": "ieee" if upcast or dtype == torch.float32 else "tf32"}
+
+
+def implementation(cfg: dict) -> str:
+    """Which implementation a stored or default choice runs: "torch" (cuBLAS) or "triton"."""
+    return cfg.get("impl", "triton")
+
+
+def implementations(T: int, N: int, H: int, dtype: torch.dtype) -> dict:
+    """{GEMM: "triton" | "torch"}: what each of the three GEMMs runs at this shape on this device."""
+    return {kernel: implementation(_config(kernel, T, N, H, dtype))
+            for kernel in ("rmsnorm_matmul_fwd", "rmsnorm_matmul_dx", "rmsnorm_matmul_dw")}
+
+
+def _normalized_input(x: torch.Tensor, g: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
+    """xn[T, H] rounded as the reference (and the kernels' A tiles) round it: for the torch GEMMs."""
+    return (x.float() * rstd[:, None]).to(x.dtype) * g.to(x.dtype)
+
+
+def _forward_gemm(cfg: dict, x, g, rstd, weight, y) -> None:
+    """y = xn @ Wᵀ by the choice ``cfg``."""
+    T, N, H = x.shape[0], weight.shape[0], x.shape[1]
+    if implementation(cfg) == "torch":
+        torch.mm(_normalized_input(x, g, rstd), weight.t(), out=y)
+        return
+    _launch_gemm(_rmsnorm_matmul_fwd_kernel, (T, N), cfg,
+                 (x, g, rstd, weight, y, T, N, H, x.stride(0), weight.stride(0), y.stride(0)), x.dtype)
+
+
+def _dx_gemm(cfg: dict, dy, weight, dxn) -> None:
+    """dxn = dy @ W by the choice ``cfg``."""
+    (T, N), H = dy.shape, weight.shape[1]
+    if implementation(cfg) == "torch":
+        torch.mm(dy, weight, out=dxn)
+        return
+    _launch_gemm(_matmul_kernel, (T, H), cfg,
+                 (dy, weight, dxn, T, H, N, dy.stride(0), weight.stride(0), dxn.stride(0)), dxn.dtype)
+
+
+def _dw_gemm(cfg: dict, x, g, rstd, dy, d_weight) -> None:
+    """d_weight += dyᵀ @ xn by the choice ``cfg``."""
+    (T, H), N = x.shape, dy.shape[1]
+    if implementation(cfg) == "torch":
+        matmul_accumulate_(d_weight, dy.t(), _normalized_input(x, g, rstd))
+        return
+    _launch_gemm(_rmsnorm_matmul_dw_kernel, (H, N), cfg,
+                 (x, g, rstd, dy, d_weight, T, N, H, x.stride(0), dy.stride(0), d_weight.stride(0)), x.dtype)
 
 
 def _launch_gemm(kernel, grid_mn: tuple[int, int], cfg: dict, args: tuple, dtype: torch.dtype) -> None:
@@ -257,9 +310,7 @@ def rmsnorm_matmul_forward(x: torch.Tensor, norm_weight: torch.Tensor, weight: t
     rstd = rmsnorm_rstd(x, eps)                                                       # [T] fp32
     y = torch.empty((T, N), dtype=x.dtype, device=x.device)
     g = norm_weight.contiguous()
-    cfg = _config("rmsnorm_matmul_fwd", T, N, H, x.dtype)
-    _launch_gemm(_rmsnorm_matmul_fwd_kernel, (T, N), cfg,
-                 (x, g, rstd, weight, y, T, N, H, x.stride(0), weight.stride(0), y.stride(0)), x.dtype)
+    _forward_gemm(_config("rmsnorm_matmul_fwd", T, N, H, x.dtype), x, g, rstd, weight, y)
     return y, rstd
 
 
@@ -281,13 +332,9 @@ def rmsnorm_matmul_backward(dy: torch.Tensor, x: torch.Tensor, norm_weight: torc
     g = norm_weight.contiguous()
     # 1. dxn = dy @ W, rounded to the activation dtype as the reference's linear_backward returns it
     dxn = torch.empty((T, H), dtype=x.dtype, device=x.device)
-    cfg = _config("rmsnorm_matmul_dx", T, N, H, x.dtype)
-    _launch_gemm(_matmul_kernel, (T, H), cfg,
-                 (dy, weight, dxn, T, H, N, dy.stride(0), weight.stride(0), dxn.stride(0)), x.dtype)
-    # 2. dW += dyᵀ @ xn with xn recomputed tile by tile
-    cfg = _config("rmsnorm_matmul_dw", T, N, H, x.dtype)
-    _launch_gemm(_rmsnorm_matmul_dw_kernel, (H, N), cfg,
-                 (x, g, rstd, dy, d_weight, T, N, H, x.stride(0), dy.stride(0), d_weight.stride(0)), x.dtype)
+    _dx_gemm(_config("rmsnorm_matmul_dx", T, N, H, x.dtype), dy, weight, dxn)
+    # 2. dW += dyᵀ @ xn with xn recomputed tile by tile (or made whole for cuBLAS)
+    _dw_gemm(_config("rmsnorm_matmul_dw", T, N, H, x.dtype), x, g, rstd, dy, d_weight)
     # 3. through the norm: dx (written over dxn: one [T, H] buffer in all) and dg, in one row pass
     return rmsnorm_backward_into_dy_(dxn, x, norm_weight, rstd, d_norm_weight)
 
@@ -317,12 +364,12 @@ CANDIDATES = [_tile(128, 256, 64, 8, 3), _tile(128, 256, 32, 8, 4), _tile(128, 1
 
 
 def gemm_candidates(kernel: str) -> list[dict]:
-    """CANDIDATES for one GEMM. The dW GEMM recomputes the normalized xnᵀ tile as its A operand in registers:
-    its fp32 accumulator may take at most 64 registers a thread (128×256 on 8 warps, 128×128 or 64×256 on 4
-    spill on sm_90a)."""
+    """CANDIDATES for one GEMM, and TORCH. The dW GEMM recomputes the normalized xnᵀ tile as its A operand in
+    registers: its fp32 accumulator may take at most 64 registers a thread (128×256 on 8 warps, 128×128 or 64×256
+    on 4 spill on sm_90a)."""
     if kernel == "rmsnorm_matmul_dw":
-        return [c for c in CANDIDATES if c["BLOCK_M"] * c["BLOCK_N"] <= 64 * 32 * c["num_warps"]]
-    return CANDIDATES
+        return [TORCH] + [c for c in CANDIDATES if c["BLOCK_M"] * c["BLOCK_N"] <= 64 * 32 * c["num_warps"]]
+    return [TORCH] + CANDIDATES
 
 
 def autotune(shape: dict | None = None) -> list[dict]:
@@ -343,25 +390,22 @@ def autotune(shape: dict | None = None) -> list[dict]:
 
         def fresh_dw(cfg):
             d_w.zero_()
-            _launch_gemm(_rmsnorm_matmul_dw_kernel, (H, N), cfg, dw_args, dtype)
+            _dw_gemm(cfg, x, g, rstd, dy, d_w)
             return d_w
 
-        fwd_args = (x, g, rstd, w, y, T, N, H, x.stride(0), w.stride(0), y.stride(0))
-        dx_args = (dy, w, dxn, T, H, N, dy.stride(0), w.stride(0), dxn.stride(0))
-        dw_args = (x, g, rstd, dy, d_w, T, N, H, x.stride(0), dy.stride(0), d_w.stride(0))
-        gemms = {  # name: (output rows × cols, kernel, args, check(cfg) -> error)
-            "rmsnorm_matmul_fwd": ((T, N), _rmsnorm_matmul_fwd_kernel, fwd_args, lambda c: sweep.max_rel_error(
-                (_launch_gemm(_rmsnorm_matmul_fwd_kernel, (T, N), c, fwd_args, dtype), y)[1], y_ref)),
-            "rmsnorm_matmul_dx": ((T, H), _matmul_kernel, dx_args, lambda c: sweep.max_rel_error(
-                (_launch_gemm(_matmul_kernel, (T, H), c, dx_args, dtype), dxn)[1], dxn_ref)),
-            "rmsnorm_matmul_dw": ((H, N), _rmsnorm_matmul_dw_kernel, dw_args,
+        gemms = {  # name: (run(cfg), check(cfg) -> error); the torch choice's time includes making xn
+            "rmsnorm_matmul_fwd": (lambda c: _forward_gemm(c, x, g, rstd, w, y),
+                                   lambda c: sweep.max_rel_error((_forward_gemm(c, x, g, rstd, w, y), y)[1], y_ref)),
+            "rmsnorm_matmul_dx": (lambda c: _dx_gemm(c, dy, w, dxn),
+                                  lambda c: sweep.max_rel_error((_dx_gemm(c, dy, w, dxn), dxn)[1], dxn_ref)),
+            "rmsnorm_matmul_dw": (lambda c: _dw_gemm(c, x, g, rstd, dy, d_w),
                                   lambda c: sweep.max_rel_error(fresh_dw(c), dw_ref)),
         }
         key = _shape_key(T, N, H, dtype)
-        for name, (mn, kernel, args, check) in gemms.items():
-            cfg, ms = sweep.fastest(name, gemm_candidates(name), lambda c: _launch_gemm(kernel, mn, c, args, dtype),
-                                    check)
+        for name, (run, check) in gemms.items():
+            cfg, ms = sweep.fastest(name, gemm_candidates(name), run, check)
             tuning.store_config(name, key, cfg)
             out.append(dict(shape=dict(kernel=name, T=T, H=H, N=N, dtype="bf16"), config=cfg, ms=ms,
+                            implementation=implementation(cfg),
                             throughput=f"{2 * T * N * H / ms / 1e9:.0f} TFLOPS (2·T·N·H flops)"))
     return out

@@ -6,6 +6,7 @@ default)`` and gets the stored winner for this GPU, or its own default where not
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -13,6 +14,7 @@ from pathlib import Path
 import torch
 
 _cache: dict | None = None
+_device_named: str | None = None      # device_named(): the device whose choices are read and written
 
 
 def interpreting() -> bool:
@@ -25,6 +27,8 @@ def cache_path() -> Path:
 
 
 def _device_name() -> str:
+    if _device_named is not None:
+        return _device_named
     if interpreting() or not torch.cuda.is_available():
         return "interpreter"
     return torch.cuda.get_device_name()
@@ -43,9 +47,26 @@ def _load() -> dict:
 
 def best_config(kernel: str, shape_key: str, default: dict) -> dict:
     """The stored best config of ``kernel`` for ``shape_key`` on this device, else ``default``."""
-    if interpreting():
+    if interpreting() and _device_named is None:
         return default
     return _load().get(_device_name(), {}).get(kernel, {}).get(shape_key, default)
+
+
+def stored_choices() -> dict:
+    """{kernel: {shape key: config}}: every choice stored for this device (empty where nothing was tuned)."""
+    return _load().get(_device_name(), {})
+
+
+@contextlib.contextmanager
+def device_named(name: str):
+    """Inside: the choices stored under ``name`` are read (the interpreter's launches included) and written in
+    place of this machine's device's; for tests that take a GPU's stored choice on CPU."""
+    global _device_named
+    previous, _device_named = _device_named, name
+    try:
+        yield
+    finally:
+        _device_named = previous
 
 
 def store_config(kernel: str, shape_key: str, config: dict) -> None:

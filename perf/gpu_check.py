@@ -250,8 +250,15 @@ def environment(gpu: bool) -> dict:
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     now = datetime.datetime.now(datetime.timezone.utc)
     return dict(device=device, versions=versions, commit=commit(), date_utc=now.strftime("%Y-%m-%d %H:%M"),
-                code_from=code, code_is_this_checkout=all(Path(c).is_relative_to(ROOT) for c in code.values()),
+                triton_cache=triton_cache(), code_from=code, code_is_this_checkout=all(Path(c).is_relative_to(ROOT) for c in code.values()),
                 host=f"{os.cpu_count()} CPUs, {ram:.0f} GiB RAM, {platform.machine()}")
+
+
+def triton_cache() -> dict:
+    """Triton's cache folder and the compiled kernels in it (a folder holding a cubin each): counted at the start
+    and after each part, the difference is what this machine compiled itself (a pre-warmed cache's misses)."""
+    folder = Path(os.environ.get("TRITON_CACHE_DIR") or Path.home() / ".triton" / "cache")
+    return dict(dir=str(folder), kernels=len({p.parent for p in folder.glob("*/*.cubin")}))
 
 
 def _cell(value) -> str:
@@ -270,6 +277,9 @@ def markdown(report: dict) -> str:
              f"triton {v['triton']}, numpy {v['numpy']}, transformers {v['transformers']}.",
              f"- Command: `{report['command']}`; {report['wall_s']:.0f} s wall of a {report['budget_s']:.0f} s budget"
              f"{' (quick shapes: a smoke test, not figures)' if report['quick'] else ''}.",
+             *([f"- Triton cache {env['triton_cache']['dir']}: {env['triton_cache']['kernels']} compiled kernels at "
+                f"the start, {report['triton_cache_kernels']} now (the difference was compiled on this machine)."]
+               if "triton_cache" in env else []),
              *([] if env["code_is_this_checkout"] else
                [f"- WARNING: the code measured is not this checkout's: {env['code_from']}."]), "",
              "| part | what | status | s | result |", "|---|---|---|---|---|"]
@@ -383,6 +393,7 @@ def write_results(out: Path, report: dict, start: float, pending: list[Part]) ->
     """gpu_check.json and gpu_check.md as they stand, the parts not run yet listed: rewritten after every part,
     each file replaced whole (a reader never sees half of one)."""
     report["wall_s"] = round(time.perf_counter() - start, 1)
+    report["triton_cache_kernels"] = triton_cache()["kernels"]
     report["not_run_yet"] = [p.name for p in pending]
     for name, text in (("gpu_check.json", json.dumps(report, indent=1, default=str, ensure_ascii=False)),
                        ("gpu_check.md", markdown(report))):

@@ -14,5 +14,11 @@ if ! "$PYTHON" -c "import horizon_triton.kernels.reference" 2>/dev/null; then
          "$PYTHON -m pip install -q --no-deps --no-build-isolation -e ."
     "$PYTHON" -m pip install -q --no-deps --no-build-isolation -e . || exit 1
 fi
+# a Triton cache compiled ahead for sm_90a by perf/warm_cache.py (in the twin) and carried here: the kernels it
+# holds are loaded instead of compiled (perf/RESULTS.md, "Triton's cache warmed without a GPU")
+if [ -z "${TRITON_CACHE_DIR:-}" ] && [ -d .triton-cache ]; then
+    export TRITON_CACHE_DIR="$PWD/.triton-cache"
+    echo "gpu_check: using the pre-warmed Triton cache $TRITON_CACHE_DIR"
+fi
 export PYTHONUNBUFFERED=1
 exec "$PYTHON" perf/gpu_check.py "$@"

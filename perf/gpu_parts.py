@@ -28,6 +28,15 @@ from bench import (ADAMW_BYTES_PER_PARAM, ADAMW_GRAD_SCALE, ADAMW_HYPER, STEP_FL
 
 GiB = 2 ** 30
 BF16 = torch.bfloat16
+# the kernel benchmarks' shapes, {quick: shapes} (perf/warm_cache.py compiles the same launches ahead)
+ATTENTION_SHAPES = {True: [dict(B=1, S=1024, Hq=8, Hkv=2, D=128)],
+                    False: [dict(B=4, S=4096, Hq=32, Hkv=8, D=128), dict(B=2, S=8192, Hq=32, Hkv=8, D=128)]}
+RMSNORM_MATMUL_TOKENS = {True: 1024, False: 16384}
+RMSNORM_MATMUL_PROJECTIONS = {True: [("qkv", 512, 768)],
+                              False: [("8B qkv", 4096, 6144), ("8B gate_up", 4096, 28672),
+                                      ("70B qkv", 8192, 10240), ("70B gate_up", 8192, 57344)]}
+CROSS_ENTROPY_SHAPES = {True: [(1024, 512, 8192)], False: [(16384, 4096, 128256), (16384, 8192, 152064)]}
+CROSS_ENTROPY_CHUNK = 4096                     # the chunk the engine's head uses
 
 
 class Skipped(Exception):
@@ -67,10 +76,8 @@ def attention(quick: bool) -> dict:
 
     from horizon_triton.kernels.attention import attention_backward, attention_flops, attention_forward
     dev = _cuda()
-    shapes = ([dict(B=1, S=1024, Hq=8, Hkv=2, D=128)] if quick else
-              [dict(B=4, S=4096, Hq=32, Hkv=8, D=128), dict(B=2, S=8192, Hq=32, Hkv=8, D=128)])
     rows = []
-    for shape in shapes:
+    for shape in ATTENTION_SHAPES[quick]:
         q, k, v, do = attention_inputs(dev, **shape, dtype=BF16)
         scale = shape["D"] ** -0.5
         fwd_flops = attention_flops(shape["B"], shape["S"], shape["Hq"], shape["D"])
@@ -115,19 +122,15 @@ def rmsnorm_matmul(quick: bool) -> dict:
     """The fused RMSNorm + matmul vs cuBLAS on the pre-normalized input, forward and backward."""
     from horizon_triton.kernels import rmsnorm_matmul as rm
     from horizon_triton.kernels.reference import rmsnorm_forward
-    dev, eps = _cuda(), 1e-5
-    T = 1024 if quick else 16384
-    projections = ([("qkv", 512, 768)] if quick else
-                   [("8B qkv", 4096, 6144), ("8B gate_up", 4096, 28672), ("70B qkv", 8192, 10240),
-                    ("70B gate_up", 8192, 57344)])
+    dev, eps, T = _cuda(), 1e-5, RMSNORM_MATMUL_TOKENS[quick]
     rows = []
-    for name, H, N in projections:
+    for name, H, N in RMSNORM_MATMUL_PROJECTIONS[quick]:
         x, g, w, dy = rmsnorm_matmul_inputs(dev, T, H, N, BF16)
         xn, _ = rmsnorm_forward(x, g, eps)
         y, rstd = rm.rmsnorm_matmul_forward(x, g, w, eps)
         d_w = torch.zeros(w.shape, device=dev, dtype=torch.float32)
         d_g = torch.zeros(g.shape, device=dev, dtype=torch.float32)
-        row = dict(projection=name, T=T, H=H, N=N,
+        row = dict(projection=name, T=T, H=H, N=N, ran=rm.implementations(T, N, H, BF16),
                    fused_fwd_ms=_ms(lambda: rm.rmsnorm_matmul_forward(x, g, w, eps)),
                    cublas_fwd_ms=_ms(lambda: xn @ w.t()),
                    fused_bwd_ms=_ms(lambda: rm.rmsnorm_matmul_backward(dy, x, g, w, rstd, d_w, d_g)),
@@ -153,10 +156,9 @@ def cross_entropy(quick: bool) -> dict:
     """The fused linear cross-entropy vs its three plain GEMMs and vs the autograd path: ms and peak memory."""
     from horizon_triton.kernels import cross_entropy as ce
     from horizon_triton.kernels import tuning
-    dev, chunk = _cuda(), 4096                          # the chunk the engine's head uses
-    shapes = [(1024, 512, 8192)] if quick else [(16384, 4096, 128256), (16384, 8192, 152064)]
+    dev, chunk = _cuda(), CROSS_ENTROPY_CHUNK
     rows = []
-    for T, H, V in shapes:
+    for T, H, V in CROSS_ENTROPY_SHAPES[quick]:
         h, weight, targets, d_weight = cross_entropy_inputs(dev, T, H, V, BF16)
         config = tuning.best_config(ce.KERNEL, ce.shape_key(BF16, H, V, chunk), ce.default_config(BF16))
         fused = lambda: ce.linear_cross_entropy(h, weight, targets, d_weight, 1.0 / T, chunk)  # noqa: E731
@@ -315,7 +317,8 @@ def engine(quick: bool, workload: str, device: str = "cuda") -> dict:
     peak = peak_tflops(torch.cuda.get_device_name()) if device == "cuda" else None
     last = history[-1]
     figures = dict(
-        kernels=eng.kernel_backend, ops_ran=_ops_ran(eng.kernel_report), model=_describe(cfg), parameters=cfg.num_parameters(), tokens_per_step=tokens,
+        kernels=eng.kernel_backend, ops_ran=_ops_ran(eng.kernel_report), tuned=_tuned_choices(), model=_describe(cfg),
+        parameters=cfg.num_parameters(), tokens_per_step=tokens,
         batch=batch, seq=seq, measured_steps=steps, build_s=round(build_s, 1), warmup_step_s=round(warmup_s, 1),
         step_s=_sig(step_s), step_times_s=[_sig(h["time_s"]) for h in history],
         tokens_per_s=round(tokens / step_s), tflops_model=_sig(model / step_s / 1e12),
@@ -348,6 +351,21 @@ def _ops_ran(kernel_report: dict) -> dict:
     for op, path in kernel_report.items():
         ran.setdefault(path, []).append(op)
     return ran
+
+
+def _tuned_choices() -> dict | str:
+    """{kernel: {shape key: the implementation its stored choice runs}} for this GPU: "torch" (cuBLAS),
+    "triton", or per GEMM role where a kernel has several (cross-entropy)."""
+    from horizon_triton.kernels import tuning
+    stored = tuning.stored_choices()
+    if not stored:
+        return "none stored on this machine: every kernel ran its default config"
+
+    def ran(cfg: dict):
+        if all(isinstance(v, dict) for v in cfg.values()):
+            return {role: ran(c) for role, c in cfg.items() if "impl" in c} or "triton"
+        return cfg.get("impl", "triton")
+    return {kernel: {key: ran(cfg) for key, cfg in shapes.items()} for kernel, shapes in stored.items()}
 
 
 def _fresh_tracer(eng) -> None:

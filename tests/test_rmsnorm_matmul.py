@@ -134,7 +134,13 @@ def _hopper_report() -> dict:
 def _hopper_candidates_report() -> dict:
     """Every bf16 candidate of each GEMM's autotune sweep (child process of test_candidates_compile_for_hopper)."""
     return {f"rmsnorm_matmul_{name}/bf16/{_label(cfg)}": _compile_gemm(name, cfg, "bf16")
-            for name in _GEMMS for cfg in rmsnorm_matmul.gemm_candidates(f"rmsnorm_matmul_{name}")}
+            for name in _GEMMS for cfg in _triton_candidates(name)}
+
+
+def _triton_candidates(gemm: str) -> list[dict]:
+    """The sweep's Triton tiles for one GEMM (its torch choice compiles nothing of ours)."""
+    return [c for c in rmsnorm_matmul.gemm_candidates(f"rmsnorm_matmul_{gemm}")
+            if rmsnorm_matmul.implementation(c) == "triton"]
 
 
 def _label(cfg: dict) -> str:
@@ -158,7 +164,7 @@ def test_defaults_compile_for_hopper():
 def test_candidates_compile_for_hopper():
     """No tile the GPU's autotune would compile spills or overflows an H100's shared memory."""
     report = hopper_compile.report("test_rmsnorm_matmul", "_hopper_candidates_report")
-    assert len(report) == sum(len(rmsnorm_matmul.gemm_candidates(f"rmsnorm_matmul_{n}")) for n in _GEMMS)
+    assert len(report) == sum(len(_triton_candidates(n)) for n in _GEMMS)
     hopper_compile.assert_fits_without_spills(report)
     hopper_compile.assert_hopper_mma(report)
 
@@ -186,3 +192,50 @@ def test_autotune_keys_are_the_keys_the_engine_asks_for():
     for T in (5000, 8192, 1500):
         assert key(T, 6144, 4096, torch.bfloat16) in tuned
     assert key(32768, 57344, 8192, torch.bfloat16) in tuned   # a 70B-width layer
+
+
+class _NotLaunched:
+    """Stands in for a Triton GEMM kernel that must not be launched."""
+
+    def __init__(self, name):
+        self.name = name
+
+    def __getitem__(self, grid):
+        raise AssertionError(f"{self.name} was launched")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_stored_torch_choice_runs_cublas_and_matches_reference(monkeypatch, tmp_path, dtype, dev):
+    """A GPU's autotune stored the torch (cuBLAS) choice for all three GEMMs: the launchers take it (no Triton GEMM
+    runs) and match the reference within its rule; without the stored choice the Triton GEMMs run."""
+    from horizon_triton.kernels import tuning
+    monkeypatch.setenv("HORIZON_TUNING_CACHE", str(tmp_path / "autotune.json"))
+    monkeypatch.setattr(tuning, "_cache", None)
+    T, H, N = 37, 100, 130
+    with tuning.device_named("NVIDIA H100 (stand-in)"):
+        for gemm in _GEMMS:
+            tuning.store_config(f"rmsnorm_matmul_{gemm}", rmsnorm_matmul._shape_key(T, N, H, dtype),
+                                rmsnorm_matmul.TORCH)
+    for kernel, _ in _GEMMS.values():
+        monkeypatch.setattr(rmsnorm_matmul, kernel, _NotLaunched(kernel))
+    x, g, w, dy = _inputs(T, H, N, dtype, dev)
+    d_weight0, d_norm_weight0 = torch.randn(N, H, device=dev), torch.randn(H, device=dev)
+    fused = (rmsnorm_matmul.rmsnorm_matmul_forward, rmsnorm_matmul.rmsnorm_matmul_backward)
+    with pytest.raises(AssertionError, match="was launched"):       # the Triton path, where nothing is stored
+        _run(*fused, x, g, w, dy, d_weight0, d_norm_weight0)
+    with tuning.device_named("NVIDIA H100 (stand-in)"):
+        out = _run(*fused, x, g, w, dy, d_weight0, d_norm_weight0)
+    ref = (rmsnorm_matmul_forward_ref, rmsnorm_matmul_backward_ref)
+    lowp = _run(*ref, x, g, w, dy, d_weight0, d_norm_weight0)
+    ref32 = _run(*ref, x.float(), g.float(), w.float(), dy.float(), d_weight0, d_norm_weight0)
+    for name, o, r, r32 in zip(("y", "rstd", "dx", "d_weight", "d_norm_weight"), out, lowp, ref32):
+        assert_within_reference_error(o, r, r32, ATOL[dtype] * (1 + r32.abs().max().item()), name)
+
+
+def test_autotune_stores_torch_where_it_is_fastest(monkeypatch, tmp_path, dev):
+    """The sweep checks and times the torch choice with the Triton tiles; where it is the fastest (here: the only
+    candidate left), each GEMM stores it and the row says which implementation won."""
+    rows, stored = dry_run_autotune(monkeypatch, tmp_path, rmsnorm_matmul, "CANDIDATES", [],
+                                    dict(T=37, H=40, N=48), dev)
+    assert [r["implementation"] for r in rows] == ["torch"] * 3
+    assert all(stored[r["shape"]["kernel"]]["T64_N48_H40_bfloat16"] == rmsnorm_matmul.TORCH for r in rows)

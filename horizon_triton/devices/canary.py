@@ -26,7 +26,8 @@ class Mismatch(Exception):
     """A family's output outside the tolerance."""
 
 
-def _inputs(dtype, device, head_dim: int, sliding_window: int | None, heads=(4, 2), T=48, H=64, N=80, V=96):
+def inputs(dtype, device, head_dim: int, sliding_window: int | None, heads=(4, 2), T=48, H=64, N=80, V=96):
+    """The canary's inputs of every family (perf/warm_cache.py replays the same launches ahead)."""
     g = torch.Generator().manual_seed(0)
     rand = lambda *shape, scale=1.0: (scale * torch.randn(*shape, generator=g)).to(device, dtype)  # noqa: E731
     B, S = 2, T // 2
@@ -59,7 +60,7 @@ def _inputs(dtype, device, head_dim: int, sliding_window: int | None, heads=(4, 
         lm_head=rand(V, H, scale=H ** -0.5), targets=targets.to(device))
 
 
-def _run_family(ops, family: str, t) -> list[torch.Tensor]:
+def run_family(ops, family: str, t) -> list[torch.Tensor]:
     """Forward and backward of one family on ``t``'s inputs (cast to ``t``'s dtype by the caller); the outputs,
     weight gradients included, in a fixed order."""
     zeros = lambda *shape: torch.zeros(*shape, dtype=torch.float32, device=t.x.device)  # noqa: E731
@@ -122,13 +123,13 @@ def _reason(exc: BaseException) -> str:
 
 def _judges(fallback, family: str, t) -> tuple[list, list]:
     """(fp32 reference outputs, library outputs) of one family."""
-    exact = _run_family(SimpleNamespace(**{n: getattr(reference, n) for n in KERNEL_FAMILY}), family, _fp32(t))
-    return exact, _run_family(fallback, family, t)
+    exact = run_family(SimpleNamespace(**{n: getattr(reference, n) for n in KERNEL_FAMILY}), family, _fp32(t))
+    return exact, run_family(fallback, family, t)
 
 
 def check_family(candidate, family: str, t, exact: list, library: list, atol: float) -> None:
     """Raises (the candidate's own error, or Mismatch) unless every output of ``candidate`` is within the rule."""
-    outputs = _run_family(candidate, family, t)
+    outputs = run_family(candidate, family, t)
     for i, (out, lib, ref) in enumerate(zip(outputs, library, exact)):
         err = (out.float() - ref).abs().max().item()
         err_lib = (lib.float() - ref).abs().max().item()
@@ -142,7 +143,7 @@ def run(candidate, fallback, device, dtype: torch.dtype, head_dim: int, sliding_
     """-> (ops namespace with failing families replaced by ``fallback``'s, report {op: "triton" | "library
     (reason)" | "triton (unchecked: ...)"}). Warns once per replaced or unchecked family, naming it and why.
     moe: check the MoE families too (a model with MoE layers); a dense model does not compile them."""
-    t = _inputs(dtype, device, head_dim, sliding_window)
+    t = inputs(dtype, device, head_dim, sliding_window)
     ops, report = dict(vars(candidate)), {}
     for family in dict.fromkeys(KERNEL_FAMILY.values()):
         names = [n for n, f in KERNEL_FAMILY.items() if f == family]
