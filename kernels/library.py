@@ -14,6 +14,16 @@ measured against in the same run, and what the start-up canary falls back to for
   them, so the two backward GEMMs run on tensor cores; lse, the loss and the softmax in fp32. Likewise pass 2
   of the vocabulary-chunked head (pass 1, the statistics, is the reference's: one GEMM in h.dtype).
 - rmsnorm, rope, swiglu: the references (elementwise; their speed is the memory bandwidth either way).
+- MoE experts (moe_gate_up_* / moe_down_*): one ``torch._grouped_mm`` per GEMM for all experts, on the rows
+  gathered into expert order (offsets from moe_permute as its ``offs``): forward and input gradients as
+  [M, K] @ W[e]ᵀ / W[e], weight gradients as the 2-D × 2-D form dYᵀ @ X → [E, N, K] added into the fp32
+  accumulator (its N axis in chunks, so the product never exceeds GROUPED_DW_CHUNK_ELEMENTS), bias gradients by
+  index_add_ over each row's expert; no host sync. On CUDA in the operands' dtype (torch 2.11: bf16 on sm_90+;
+  the weight-gradient product is then rounded to bf16 once before it is added, where the reference and the Triton
+  kernel add fp32), on CPU in fp32 (the references' arithmetic). Where torch._grouped_mm refuses the device or
+  dtype (probed once per device and dtype: fp32 on CUDA, a GPU before Hopper), a weight dimension is no multiple
+  of 16 bytes (LoRA rank 4 in bf16), or on meta tensors: the reference's per-expert loop (one host sync a call).
+  The routing, permutation, combine and the gates stay the references'.
 
 Supported range of the flash path: CUDA, bf16/fp16, head_dim ≤ 256 and a multiple of 8; every document one
 contiguous run of its row (packed documents, left or right padding: what Engine.prepare builds). Anything else
@@ -289,3 +299,155 @@ def cross_entropy_chunk_backward(h: torch.Tensor, weight: torch.Tensor, targets:
         matmul_accumulate_(dh[s:e], g, weight)
         if d_weight is not None:                                         # None: a frozen lm_head
             matmul_accumulate_(d_weight, g.t(), hc)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# MoE experts: grouped GEMMs through torch._grouped_mm, one call per GEMM for all experts, no host sync
+#   gate_up:  y[r] = x[order[r] // k] @ W[e]ᵀ (+ b[e])        for the rows r of expert e (expert order)
+#   down:     o[order[r]] = h[r] @ W[e]ᵀ (+ b[e])             (scattered to slot order)
+#   backward: dX rows = dY rows @ W[e];  dW[e] += dY[rows of e]ᵀ @ X[rows of e];  db[e] += Σ dY[rows of e]
+# ----------------------------------------------------------------------------------------------------------
+GROUPED_DW_CHUNK_ELEMENTS = 1 << 24   # the bound on one weight-gradient product [E, n, K] before it is added
+_grouped_mm_runs: dict = {}           # (device, dtype) -> whether torch._grouped_mm computes there
+
+
+def _grouped_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype the grouped GEMMs compute in: fp32 on CPU (the references' arithmetic: products of bf16 values
+    are exact in fp32, and CPUs without bf16 units are not faster in bf16), the operands' own on CUDA."""
+    return torch.float32 if t.device.type == "cpu" else t.dtype
+
+
+def _grouped_mm_runs_on(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether torch._grouped_mm takes this device and dtype (on CUDA in torch 2.11: sm_90+ and bf16 only);
+    probed once on a tiny problem and remembered."""
+    key = (str(device), dtype)
+    if key not in _grouped_mm_runs:
+        try:
+            torch._grouped_mm(torch.zeros(16, 16, dtype=dtype, device=device),
+                              torch.zeros(2, 16, 16, dtype=dtype, device=device),
+                              offs=torch.tensor([8, 16], dtype=torch.int32, device=device))
+            _grouped_mm_runs[key] = True
+        except (AttributeError, RuntimeError, NotImplementedError):
+            _grouped_mm_runs[key] = False
+    return _grouped_mm_runs[key]
+
+
+def _grouped_plan(a: torch.Tensor, weight: torch.Tensor) -> torch.dtype | None:
+    """The dtype of this call's grouped GEMMs, or None where the reference runs it instead (meta tensors, a
+    device or dtype torch._grouped_mm refuses, or a weight dimension not a multiple of 16 bytes, which its
+    operand layout requires: e.g. a LoRA rank 4 in bf16)."""
+    if a.is_meta:
+        return None
+    dtype = _grouped_dtype(a)
+    align = 16 // torch.empty((), dtype=dtype).element_size()
+    if weight.shape[1] % align or weight.shape[2] % align or not _grouped_mm_runs_on(a.device, dtype):
+        return None
+    return dtype
+
+
+def _grouped_operand(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t in dtype, laid out as torch._grouped_mm takes it: a 16-byte aligned start, one of the last two axes of
+    unit stride and the other's stride a multiple of 16 bytes (else a contiguous copy: a LoRA B view, a slot view
+    at an odd offset)."""
+    t = t.to(dtype)
+    align = 16 // t.element_size()
+    s = t.stride()
+    aligned = t.data_ptr() % 16 == 0 and ((s[-1] == 1 and s[-2] % align == 0 and s[-2] >= t.shape[-1]) or
+                                          (s[-2] == 1 and s[-1] % align == 0 and s[-1] >= t.shape[-2]))
+    return t if aligned else t.contiguous()
+
+
+def _row_experts(offsets: torch.Tensor, rows: int) -> torch.Tensor:
+    """The expert of every row in expert order (int64 [rows]), on the device: no sync."""
+    return torch.searchsorted(offsets[1:], torch.arange(rows, dtype=offsets.dtype, device=offsets.device),
+                              right=True)
+
+
+def _grouped_linear(a: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, bias: torch.Tensor | None,
+                    dtype: torch.dtype) -> torch.Tensor:
+    """a[M, K] (expert order) @ weight[e]ᵀ (+ bias[e]) -> [M, N] in a.dtype: fp32 accumulation, the bias added in
+    fp32 (after one rounding to dtype where that is not fp32: bf16 on CUDA)."""
+    y = torch._grouped_mm(_grouped_operand(a, dtype), _grouped_operand(weight.transpose(1, 2), dtype),
+                          offs=offsets[1:])
+    if bias is not None:
+        y = y.float() + bias.float()[_row_experts(offsets, a.shape[0])]
+    return y.to(a.dtype)
+
+
+def _grouped_input_grad(dy: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, dtype: torch.dtype,
+                        out_dtype: torch.dtype) -> torch.Tensor:
+    """dy[M, N] (expert order) @ weight[e] -> [M, K] in out_dtype, each row rounded once."""
+    return torch._grouped_mm(_grouped_operand(dy, dtype), _grouped_operand(weight, dtype),
+                             offs=offsets[1:]).to(out_dtype)
+
+
+def _grouped_weight_grad_(d_weight: torch.Tensor, dy: torch.Tensor, a: torch.Tensor, offsets: torch.Tensor,
+                          dtype: torch.dtype) -> None:
+    """d_weight[e] (fp32 [E, N, K]) += dy[rows of e]ᵀ @ a[rows of e], rows in expert order. The N axis is cut so
+    that no product [E, n, K] exceeds GROUPED_DW_CHUNK_ELEMENTS (it is as big as the weight otherwise). In bf16
+    (CUDA) each product is rounded to bf16 once before it is added."""
+    E, N, K = d_weight.shape
+    align = 16 // torch.empty((), dtype=dtype).element_size()
+    step = max(align, GROUPED_DW_CHUNK_ELEMENTS // max(E * K, 1) // align * align)
+    a = _grouped_operand(a, dtype)
+    for n0 in range(0, N, step):
+        dy_t = _grouped_operand(dy[:, n0:n0 + step].to(dtype).t(), dtype)            # [n, M]
+        d_weight[:, n0:n0 + step] += torch._grouped_mm(dy_t, a, offs=offsets[1:])
+
+
+def _expert_sums_(d_bias: torch.Tensor | None, dy: torch.Tensor, offsets: torch.Tensor) -> None:
+    """d_bias[e] (fp32 [E, N]) += Σ dy[rows of e] (rows in expert order) in fp32; None: frozen."""
+    if d_bias is not None:
+        d_bias.index_add_(0, _row_experts(offsets, dy.shape[0]), dy.float())
+
+
+def moe_gate_up_forward(x: torch.Tensor, order: torch.Tensor, offsets: torch.Tensor, top_k: int,
+                        weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Same contract as reference.moe_gate_up_forward: x[T, H], weight[E, N, H] -> gate_up[T·k, N], expert order."""
+    dtype = _grouped_plan(x, weight)
+    if dtype is None:
+        return reference.moe_gate_up_forward(x, order, offsets, top_k, weight, bias)
+    return _grouped_linear(x[order.long() // top_k], weight, offsets, bias, dtype)
+
+
+def moe_gate_up_backward(d_gate_up: torch.Tensor, x: torch.Tensor, order: torch.Tensor, offsets: torch.Tensor,
+                         top_k: int, weight: torch.Tensor, d_weight: torch.Tensor,
+                         d_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Same contract as reference.moe_gate_up_backward: -> dx[T, H] (each slot rounded to x.dtype, a token's k
+    slots summed in fp32); d_weight, d_bias fp32 accumulated in place (None: frozen)."""
+    dtype = _grouped_plan(x, weight)
+    if dtype is None:
+        return reference.moe_gate_up_backward(d_gate_up, x, order, offsets, top_k, weight, d_weight, d_bias)
+    T, H = x.shape
+    order = order.long()
+    if d_weight is not None:
+        _grouped_weight_grad_(d_weight, d_gate_up, x[order // top_k], offsets, dtype)
+    _expert_sums_(d_bias, d_gate_up, offsets)
+    dx_slots = torch.empty((T * top_k, H), dtype=x.dtype, device=x.device)
+    dx_slots[order] = _grouped_input_grad(d_gate_up, weight, offsets, dtype, x.dtype)
+    return dx_slots.float().view(T, top_k, H).sum(1).to(x.dtype)
+
+
+def moe_down_forward(h: torch.Tensor, order: torch.Tensor, offsets: torch.Tensor, weight: torch.Tensor,
+                     bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Same contract as reference.moe_down_forward: h[T·k, I] (expert order) -> o[T·k, H] in slot order."""
+    dtype = _grouped_plan(h, weight)
+    if dtype is None:
+        return reference.moe_down_forward(h, order, offsets, weight, bias)
+    out = torch.empty((h.shape[0], weight.shape[1]), dtype=h.dtype, device=h.device)
+    out[order.long()] = _grouped_linear(h, weight, offsets, bias, dtype)
+    return out
+
+
+def moe_down_backward(d_o: torch.Tensor, h: torch.Tensor, order: torch.Tensor, offsets: torch.Tensor,
+                      weight: torch.Tensor, d_weight: torch.Tensor, d_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Same contract as reference.moe_down_backward: d_o[T·k, H] (slot order) -> dh[T·k, I] (expert order);
+    d_weight, d_bias fp32 accumulated in place (None: frozen)."""
+    dtype = _grouped_plan(h, weight)
+    if dtype is None:
+        return reference.moe_down_backward(d_o, h, order, offsets, weight, d_weight, d_bias)
+    rows = d_o[order.long()]                                                  # [T·k, H] in expert order
+    if d_weight is not None:
+        _grouped_weight_grad_(d_weight, rows, h, offsets, dtype)
+    _expert_sums_(d_bias, rows, offsets)
+    return _grouped_input_grad(rows, weight, offsets, dtype, h.dtype)

@@ -6,12 +6,14 @@
   interpreter's cast to round to nearest for the duration of a test; with compiled kernels it does nothing.
 - ``assert_within_reference_error``: the tolerance rule of STYLE.md — against the fp32 reference, the kernel's
   error may be at most twice the low-precision reference's own error plus ``atol``.
+- ``CountHostReads``: the torch calls that read a device value on the host (each a sync on CUDA), counted.
 """
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
 
 def _round_fp32_to_bf16(data: np.ndarray) -> np.ndarray:
@@ -68,3 +70,21 @@ def dry_run_autotune(monkeypatch, tmp_path, module, candidates_attr: str, candid
     rows = module.autotune(shape)
     monkeypatch.setattr(tuning, "_cache", None)                     # read back what was written to disk
     return rows, tuning._load()[tuning._device_name()]
+
+
+class CountHostReads(TorchFunctionMode):
+    """Inside ``with CountHostReads() as mode``: mode.reads lists the host-reading torch calls made, by name
+    ("to" with a device too: a copy to the host is one, an upload is not; a cast to a dtype is not counted)."""
+    HOST_READS = {"cpu", "to", "__bool__", "__int__", "__float__", "__index__", "item", "tolist", "nonzero"}
+
+    def __init__(self):
+        super().__init__()
+        self.reads = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        cast = name == "to" and not kwargs.get("device") and all(isinstance(a, torch.dtype) for a in args[1:])
+        if name in self.HOST_READS and not cast:
+            self.reads.append(name)
+        return func(*args, **kwargs)

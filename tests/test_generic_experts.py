@@ -3,6 +3,7 @@ grouped_mm experts under autograd, one call (output, dx, the routing weights' an
 accumulated in place or returned, frozen), and whole training runs of every MoE family against transformers + torch
 AdamW with the kernel path counted; the Triton kernels themselves in the interpreter; what falls back, and why."""
 import logging
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,13 +13,23 @@ from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 import horizon_triton as ht
 from horizon_triton.models.generic.config import GenericConfig
 from horizon_triton.models.generic.experts import Experts, experts_forward, experts_gradients, experts_on
-from horizon_triton.models.ops import load_ops
+from horizon_triton.kernels import library
+from horizon_triton.models.ops import KERNEL_FAMILY, load_ops
 from generic_models import COMMON, FAMILIES, make_generic_model, mixed_batches
 from hf_reference import reference_train
 from test_generic_attention import count_calls
 
 OPT = dict(lr=3e-3, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8, max_grad_norm=1.0)
 MOE_FAMILIES = ["deepseek_v3", "glm4_moe", "gpt_oss", "mixtral", "qwen3_5_moe_text", "qwen3_moe", "qwen3_next"]
+
+
+def _ops(backend: str) -> SimpleNamespace:
+    """load_ops(backend), or for "library" the torch backend with the library path's grouped GEMMs (what CUDA's
+    torch backend runs) on CPU."""
+    if backend != "library":
+        return load_ops(backend)
+    grouped = {n: getattr(library, n) for n, f in KERNEL_FAMILY.items() if f == "moe_experts" and hasattr(library, n)}
+    return SimpleNamespace(**{**vars(load_ops("torch")), **grouped})
 
 
 def _experts_module(model_type: str):
@@ -45,7 +56,7 @@ def _routing(T: int, E: int, k: int):
     return torch.stack(rows), torch.rand(T, k, generator=g)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton-interpret"])
+@pytest.mark.parametrize("backend", ["torch", "library", "triton-interpret"])
 @pytest.mark.parametrize("model_type", ["qwen3_moe", "gpt_oss"])
 @pytest.mark.parametrize("gradients", ["accumulated", "returned", "frozen"])
 def test_one_call_matches_transformers_grouped_mm(model_type, backend, gradients):
@@ -71,7 +82,7 @@ def test_one_call_matches_transformers_grouped_mm(model_type, backend, gradients
     y_ref, grads_ref = run(ALL_EXPERTS_FUNCTIONS["grouped_mm"], gradients != "frozen")
     before = {n: torch.randn(p.shape) for n, p in params.items()}
     accumulators = {id(p): before[n].clone() for n, p in params.items()} if gradients == "accumulated" else {}
-    with experts_on(Experts(load_ops(backend), "grouped_mm")), experts_gradients(accumulators):
+    with experts_on(Experts(_ops(backend), "grouped_mm")), experts_gradients(accumulators):
         y, grads = run(experts_forward, gradients != "frozen")
     torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
     for name, got, want in zip(["x", "routing weights"], grads, grads_ref):
@@ -155,7 +166,7 @@ def test_the_engine_knows_which_models_run_the_moe_kernels(model_type):
     assert has_moe_experts(GenericConfig.from_hf(config)) == (model_type in MOE_FAMILIES)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton-interpret"])
+@pytest.mark.parametrize("backend", ["torch", "library", "triton-interpret"])
 @pytest.mark.parametrize("model_type", ["qwen3_moe", "gpt_oss"])
 def test_lora_on_experts_matches_the_merged_weights(model_type, backend):
     """LoRA on both experts weights, the base frozen: the output and the gradients of x, the routing weights and
@@ -191,7 +202,7 @@ def test_lora_on_experts_matches_the_merged_weights(model_type, backend):
     xo, wo = inputs()
     ours = [t.detach().clone().requires_grad_(True) for t in leaves]
     accumulators = {id(t): torch.zeros(t.shape) for t in ours}
-    with experts_on(Experts(load_ops(backend), "grouped_mm")), experts_gradients(accumulators), \
+    with experts_on(Experts(_ops(backend), "grouped_mm")), experts_gradients(accumulators), \
             experts_lora({id(module): {"gate_up_proj": tuple(ours[:2]), "down_proj": tuple(ours[2:])}}, s):
         y = experts_forward(module, xo, ids, wo)
         got = torch.autograd.grad(y, [xo, wo, *ours], dy, allow_unused=True)

@@ -3,7 +3,7 @@ aten's CPU flash attention (the same calling code as the CUDA flash call; the en
 reference.attention_*, and its cross-entropy against the reference under the tests' tolerance rule."""
 import pytest
 import torch
-from kernel_checks import assert_within_reference_error
+from kernel_checks import CountHostReads, assert_within_reference_error
 
 from horizon_triton.data.batch import doc_ids_of
 from horizon_triton.kernels import library, reference
@@ -52,20 +52,6 @@ def test_document_cut_by_a_masked_token_takes_the_reference():
 def test_varlen_layout_reads_the_device_once():
     """On CUDA every host read of a device value is a sync: the layout of a packed micro-batch is worked out from
     one host copy of doc_ids (the torch calls that would read the device are counted; the rest is numpy)."""
-    from torch.overrides import TorchFunctionMode
-
-    host_reads = {"cpu", "to", "__bool__", "__int__", "__float__", "__index__", "item", "tolist", "nonzero"}
-
-    class CountHostReads(TorchFunctionMode):
-        def __init__(self):
-            super().__init__()
-            self.reads = []
-
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            if getattr(func, "__name__", "") in host_reads:
-                self.reads.append(func.__name__)
-            return func(*args, **(kwargs or {}))
-
     docs = _doc_ids([[3, 5], [8], [2, 2, 4]])
     with CountHostReads() as mode:
         cu, longest = library.varlen_layout(docs, 3, 8, "cpu")

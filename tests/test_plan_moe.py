@@ -89,6 +89,48 @@ def test_moe_entry_of_gpt_oss_120b_at_full_size():
     assert moe["experts_host_bytes"] == pytest.approx(14 * experts, rel=1e-3)
 
 
+@pytest.mark.parametrize("name, k, skew", [("gpt-oss-120b", 4, 2.0), ("qwen3-235b-a22b", 8, 3.0)])
+def test_skewed_routing_at_full_size(name, k, skew):
+    """128 experts, 1 × 4096 tokens: the busiest expert gets skew × 4096·k/128 tokens; the grouped GEMM bound by
+    it takes skew × as long for the same work, so it hides the experts' copies from 1/skew of the balanced tokens
+    per micro-batch (the hiding point per expert, HIDE_TRAINED, is the same for every model)."""
+    cfg = known_model(name)
+    dry = dry_run(cfg, tokens_per_step=4096, seq_len=4096, device_memory_bytes=H100["device_memory_bytes"])
+    moe = moe_summary(cfg, dry, hardware_figures("h100"), skew=skew)
+    balanced = 4096 * k / 128
+    assert (moe["top_k"], moe["experts_per_layer"], moe["skew"]) == (k, 128, skew)
+    assert moe["tokens_per_expert"] == balanced and moe["tokens_per_expert_busiest"] == skew * balanced
+    assert moe["experts_time_factor"] == skew
+    assert moe["hiding_ratio_skewed"] == pytest.approx(skew * balanced / HIDE_TRAINED)
+    assert moe["tokens_per_micro_batch_to_hide"] == pytest.approx(HIDE_TRAINED * 128 / k)
+    assert moe["tokens_per_micro_batch_to_hide_skewed"] == pytest.approx(HIDE_TRAINED * 128 / k / skew)
+
+
+def test_skew_is_capped_at_every_token_and_printed():
+    """4 experts, top 2, 128 tokens: 4× skew would give the busiest expert 256 tokens, but a token picks an
+    expert once: 128, twice the balanced 64; its copies then hide from HIDE_TRAINED tokens per micro-batch (the
+    busiest expert gets them all). Skew below 1 is refused."""
+    cfg = _tiny("qwen3_moe", moe_intermediate_size=WIDE)
+    result = plan(cfg, tokens_per_step=128, seq_len=64, hardware="h100", find_hiding=False, moe_skew=4.0)
+    moe = result["moe"]
+    assert (moe["tokens_per_expert"], moe["tokens_per_expert_busiest"], moe["experts_time_factor"]) == (64, 128, 2)
+    assert moe["tokens_per_micro_batch_to_hide_skewed"] == pytest.approx(HIDE_TRAINED)
+    assert "busiest expert 4× balanced: 128 tokens" in format_plan(result)
+    with pytest.raises(ValueError, match="moe skew 0.5"):
+        plan(cfg, tokens_per_step=128, seq_len=64, hardware="h100", find_hiding=False, moe_skew=0.5)
+
+
+def test_cli_plan_prints_the_skewed_routing(tmp_path, capsys):
+    """``horizon-triton plan --moe-skew 3`` on a tiny qwen3_moe config: top 2 of 4 experts, 128 tokens a
+    micro-batch, balanced 64 tokens an expert, the busiest 3 × 64 = 192 capped at the 128 tokens."""
+    from horizon_triton import cli
+    _tiny("qwen3_moe", moe_intermediate_size=WIDE).hf.save_pretrained(tmp_path)
+    assert cli.main(["plan", "--model", str(tmp_path), "--tokens-per-step", "128", "--seq-len", "64",
+                     "--host-ram", "2GB", "--moe-skew", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "64 tokens per expert per micro-batch" in out and "busiest expert 3× balanced: 128 tokens" in out
+
+
 def test_fitting_layouts_of_a_tiny_model_are_plans():
     """Each layout's host bytes are plan()'s at one row; with the host memory set to the 8-bit layout's bytes,
     the 14 B/param layout does not fit and the 8-bit one is the best: its device peak and tokens to hide are

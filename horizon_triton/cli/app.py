@@ -134,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--gpu", choices=list(HARDWARE), default="h100", help="the machine (default: h100)")
     plan.add_argument("--host-ram", help="host memory to plan for, e.g. 1.5TB or 512GiB (default: this machine's)")
     plan.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16", help="compute dtype")
+    plan.add_argument("--moe-skew", type=float, default=2.0, metavar="S",
+                      help="mixture-of-experts models: plan skewed routing too, the busiest expert getting S × the "
+                           "balanced tokens (default: 2)")
     _add_lora_options(plan, merge=False)
     return parser
 

@@ -22,7 +22,7 @@ def run_plan(args) -> dict:
     train_cfg = train_config(compute_dtype=args.dtype, grad_accum_steps=args.grad_accum, **lora_options(args))
     host_ram = parse_bytes(args.host_ram) if args.host_ram else host_memory_info()[1]
     options = dict(tokens_per_step=args.tokens_per_step, hardware=args.gpu, seq_len=args.seq_len)
-    result = plan(model_cfg, train_cfg, host_memory_bytes=host_ram, **options)
+    result = plan(model_cfg, train_cfg, host_memory_bytes=host_ram, moe_skew=args.moe_skew, **options)
     if is_generic(model_cfg):         # the deepest-model search is for the hand-written families' uniform layers
         print(format_plan(result, None))
         return {"plan": result, "largest": None}

@@ -4,7 +4,8 @@ Backends
 - ``torch``            on CPU the references in kernels/reference.py (hand-written backward, no autograd), but for
                        the attention: aten's CPU flash attention through the library path's segment layout
                        (CPU_LIBRARY_OPS); on CUDA the library path, kernels/library.py (PyTorch's flash
-                       attention and cuBLAS called directly, same signatures): the always-correct baseline
+                       attention, cuBLAS and the MoE experts' torch._grouped_mm called directly, same
+                       signatures): the always-correct baseline
 - ``triton``           the Triton kernels of kernels/<family>.py (the CUDA path)
 - ``triton-interpret`` the same kernels run by Triton's interpreter on CPU (slow; for tests)
 
@@ -45,7 +46,10 @@ MOE_FAMILIES = ("moe_routing", "moe_experts", "clamped_swiglu")      # used by M
 TORCH_ONLY = ("linear_forward", "linear_backward", "cross_entropy_chunk_loss", "lora_forward", "lora_backward")
 BACKENDS = {"torch": "torch", "triton": "triton", "interpret": "triton-interpret"}
 # what the torch backend takes from the library path on CPU: the reference attention is O(S²) in time and memory
-# (scores, exp and masks over every pair), PyTorch's CPU flash attention skips the blocks causality excludes
+# (scores, exp and masks over every pair), PyTorch's CPU flash attention skips the blocks causality excludes.
+# Not the MoE experts' grouped GEMMs: on CPU torch._grouped_mm is itself a loop of GEMMs, and its weight gradient a
+# product added afterwards (the reference adds in place, addmm), so it measured no faster than the reference loop
+# (equal at 16 experts, 2× slower at 64; forward and input gradients alike, weight gradients slower)
 CPU_LIBRARY_OPS = ("attention_forward", "attention_backward")
 
 

@@ -8,7 +8,15 @@ micro-batch: its weights cross in twice (forward, recompute) in the compute dtyp
 when frozen: LoRA), while its GEMMs do 2 FLOPs per parameter per token in the forward, 2 in the recompute, 2 for
 the input gradient and 2 for the weight gradient (not when frozen); copies in and out run on their own streams.
 So a trained expert hides its weights' traffic at bf16 rate F and bus B from F·2·itemsize / (8·B) tokens on, the
-same for every model: what differs is how many tokens a model's routing gives each expert. Imports
+same for every model: what differs is how many tokens a model's routing gives each expert.
+
+Skewed routing (``skew``, default 2): the busiest expert of a layer gets skew × the balanced T·k/E tokens (at most
+T: a token picks an expert once). Time model: a layer's experts run as one grouped GEMM whose time is set by its
+busiest group, ∝ E × the busiest expert's tokens (the pessimistic bound: the other groups' tiles finish early and
+their SMs wait; the optimistic bound, time ∝ Σ tokens, makes skew cost nothing). Under it the same useful FLOPs
+take ``experts_time_factor`` = busiest / balanced times as long. The weights of all E experts cross the bus whatever
+the routing, so that longer GEMM hides them from fewer tokens per micro-batch (balanced ÷ skew): skew does
+not raise the tokens needed to hide the copies, it lowers the experts' useful rate by the factor. Imports
 models.family and models.generic.experts."""
 from __future__ import annotations
 
@@ -19,6 +27,7 @@ from ..models.generic.skeleton import skeleton
 # FLOPs per expert parameter per routed token in a step: forward 2, recompute 2, input gradient 2, weight gradient 2
 FLOPS_PER_PARAMETER = {"trained": 8, "frozen": 6}
 WEIGHT_CROSSINGS_IN = 2          # forward and recompute
+DEFAULT_SKEW = 2.0               # the busiest expert's tokens over the balanced T·k/E
 
 
 def experts_layers(cfg) -> list[tuple[int, int, int]]:
@@ -45,10 +54,14 @@ def top_k(cfg) -> int:
     return k
 
 
-def moe_summary(cfg, dry, hw: dict) -> dict | None:
+def moe_summary(cfg, dry, hw: dict, skew: float = DEFAULT_SKEW) -> dict | None:
     """The "moe" entry of plan() (``dry``: its DryRun, ``hw``: its hardware figures); None for a model without
     experts modules. Tokens are per micro-batch: the weights stream once per micro-batch, so what hides their
-    traffic is the tokens each expert computes between two streams of it."""
+    traffic is the tokens each expert computes between two streams of it. ``skew``: the busiest expert's tokens
+    over the balanced T·k/E (the module's docstring says what the skewed figures assume)."""
+    if not skew >= 1:
+        raise ValueError(f"moe skew {skew!r}: the busiest expert's tokens over the balanced T·k/E, so at least 1 "
+                         "(1: balanced routing)")
     if not getattr(cfg, "generic", False):
         return None
     layers = experts_layers(cfg)
@@ -76,10 +89,15 @@ def moe_summary(cfg, dry, hw: dict) -> dict | None:
                                     (0 if frozen else itemsize) / (hw["d2h_gbps"] * 1e9))
     rate = (hw["fp32_tflops"] if itemsize == 4 else hw["bf16_tflops"]) * 1e12
     needed = bus_seconds_per_parameter * rate / FLOPS_PER_PARAMETER["frozen" if frozen else "trained"]
+    busiest = min(skew * per_expert, tokens)
     return {"experts_parameters": sum(n for _, _, n in layers), "experts_layers": len(layers),
             "experts_per_layer": experts, "top_k": k, "frozen": frozen,
             "experts_host_bytes": experts_bytes, "experts_share_of_host_store": experts_bytes / store_bytes,
             "tokens_per_micro_batch": tokens, "tokens_per_expert": per_expert,
             "tokens_per_expert_per_step": dry.tokens_per_step * k / experts,
             "tokens_per_expert_to_hide": needed, "hiding_ratio": per_expert / needed,
-            "tokens_per_micro_batch_to_hide": needed * experts / k}
+            "tokens_per_micro_batch_to_hide": needed * experts / k,
+            "skew": skew, "tokens_per_expert_busiest": busiest, "experts_time_factor": busiest / per_expert,
+            "hiding_ratio_skewed": busiest / needed,
+            # the busiest expert reaches `needed` at T·k/E·skew = needed, or at T = needed where skew hits the cap
+            "tokens_per_micro_batch_to_hide_skewed": max(needed * experts / k / skew, needed)}

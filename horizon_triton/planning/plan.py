@@ -32,7 +32,7 @@ from ..schedule.activations import CROSS_ENTROPY_TOKEN_CHUNK
 from ..objectives.lora import spec_of
 from ..host.store import HostStore
 from ..models.family import is_generic
-from .moe import moe_summary
+from .moe import DEFAULT_SKEW, moe_summary
 
 GiB = 2**30
 
@@ -234,11 +234,12 @@ def tokens_to_hide_transfers(model_cfg, train_cfg, hw, seq_len: int, doc_len=Non
 
 def plan(model_cfg: ModelConfig, train_cfg: TrainConfig | None = None, *, tokens_per_step: int,
          hardware: str | dict = "h100", seq_len: int | None = None, doc_len: int | None = None,
-         host_memory_bytes: int | None = None, find_hiding: bool = True) -> dict:
+         host_memory_bytes: int | None = None, find_hiding: bool = True, moe_skew: float = DEFAULT_SKEW) -> dict:
     """Memory, bus bytes, FLOPs and step time of one optimizer step, from the dry run of the real engine.
 
     seq_len (default: min(tokens per micro-batch, max_position_embeddings)) and doc_len (packed documents) shape
-    the micro-batches; train_cfg.grad_accum_steps says how many. host_memory_bytes, if given, is checked too."""
+    the micro-batches; train_cfg.grad_accum_steps says how many. host_memory_bytes, if given, is checked too.
+    moe_skew: for a mixture-of-experts model, the busiest expert's tokens over the balanced T·k/E (planning.moe)."""
     hw = hardware_figures(hardware)
     dry = _dry(model_cfg, train_cfg, hw, tokens_per_step, seq_len, doc_len)
     sim = simulate(dry, hw)
@@ -271,7 +272,7 @@ def plan(model_cfg: ModelConfig, train_cfg: TrainConfig | None = None, *, tokens
         "tokens_to_hide_transfers": (tokens_to_hide_transfers(model_cfg, train_cfg, hw, seq, doc_len)
                                      if find_hiding else None),
     }
-    moe = moe_summary(model_cfg, dry, hw)
+    moe = moe_summary(model_cfg, dry, hw, moe_skew)
     if moe is not None:
         result["moe"] = moe
     if host_memory_bytes is not None:
@@ -412,6 +413,10 @@ def format_plan(result: dict, largest: dict | None = None) -> str:
                          f"{moe['experts_per_layer']}: {moe['tokens_per_expert']:,.0f} tokens per expert per "
                          f"micro-batch, {moe['tokens_per_expert_to_hide']:,.0f} hide its weights' copies "
                          f"({moe['tokens_per_micro_batch_to_hide']:,.0f} tokens per micro-batch)")
+        lines.insert(-3, f"  skewed routing  busiest expert {moe['skew']:g}× balanced: "
+                         f"{moe['tokens_per_expert_busiest']:,.0f} tokens; the grouped GEMM bound by it takes "
+                         f"{moe['experts_time_factor']:.2g}× as long for the same work, so its copies hide from "
+                         f"{moe['tokens_per_micro_batch_to_hide_skewed']:,.0f} tokens per micro-batch")
     if result["tokens_to_hide_transfers"] is not None:
         lines.append(f"  copies hide at  {result['tokens_to_hide_transfers']:,} tokens a step (rows of {seq})")
     if largest is not None:
