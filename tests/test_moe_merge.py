@@ -73,9 +73,16 @@ def test_merged_micro_batches_match_one_at_a_time(tmp_path, monkeypatch, model_t
     test_generic_experts and test_generic_aux_loss check against transformers)."""
     make_generic_model(model_type, tmp_path / "src", **extra)
     batches = mixed_batches(2 * ACCUM)
-    histories = {}
+    histories, permutes = {}, {}
     for together in (1, ACCUM):
-        histories[together] = _engine(tmp_path / "src", together).fit(batches)
+        engine = _engine(tmp_path / "src", together)
+        calls = count_calls(monkeypatch, engine, ("moe_permute",))
+        histories[together] = engine.fit(batches)
+        permutes[together] = calls["moe_permute"]
+    # per pass of a step's 2 layers: one at a time 2·3 calls, merged 2; Qwen3-Next's first step, whose packed
+    # micro-batch runs its 2 × 2 documents apart in the linear-attention layer: 3 more either way
+    packed = 3 if model_type == "qwen3_next" else 0
+    assert permutes[1] == 2 * (2 * 2 * ACCUM + packed) and permutes[ACCUM] == 2 * (2 * 2 + packed)
     for merged, alone in zip(histories[ACCUM], histories[1]):
         for key in ("loss", "grad_norm", "aux_loss"):
             if key in alone:
