@@ -231,6 +231,10 @@ class TrainConfig:
     checkpoint_budget_bytes: int | None = None  # activation checkpoints kept on the device; above it: offload
     #                                     (None: on CUDA what the free memory allows, on CPU every one)
     head_chunk_rows: int | None = None    # lm_head rows streamed per vocabulary chunk (None: what a slot holds)
+    moe_merge_microbatches: int = 1       # generic MoE models: this many micro-batches pass a decoder layer
+    #                                     together, its experts' grouped GEMMs run once over all their tokens (each
+    #                                     expert's weights read once, not per micro-batch); the backward then holds
+    #                                     this many micro-batches' recompute of the layer at once (1: one at a time)
     trace_path: str | None = None         # write a Chrome/Perfetto trace of every primitive here
     checkpoint_dir: str | None = None     # fit saves training checkpoints here (step-N directories), periodically
                                           # as below and when SIGINT/SIGTERM stops it
@@ -265,6 +269,10 @@ class TrainConfig:
             raise ValueError(f"device must be cpu, cuda, auto or cpu-async, got {self.device!r}")
         if self.grad_accum_steps < 1:
             raise ValueError(f"grad_accum_steps must be ≥ 1, got {self.grad_accum_steps}")
+        if isinstance(self.moe_merge_microbatches, bool) or not isinstance(self.moe_merge_microbatches, int) \
+                or self.moe_merge_microbatches < 1:
+            raise ValueError(f"moe_merge_microbatches must be an int ≥ 1 (1: each micro-batch through a layer on its "
+                             f"own), got {self.moe_merge_microbatches!r}")
         if self.num_slots not in (2, 3):
             raise ValueError(f"num_slots must be 2 or 3, got {self.num_slots}")
         if self.head_chunk_rows is not None and self.head_chunk_rows < 1:

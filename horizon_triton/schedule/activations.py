@@ -43,22 +43,24 @@ def layer_backward_bytes(p: Pipeline, rows: int, seq: int) -> int:
 
 
 def default_checkpoint_budget(p: Pipeline, free_bytes: int, mb_shapes: list[tuple[int, int]],
-                              unique_rows: int) -> int:
+                              unique_rows: int, together: int = 1) -> int:
     """Bytes of activation checkpoints the device can keep this step, from its free memory at the step's start
     (slots and accumulators already allocated), for micro-batches of these (rows, seq) shapes:
 
         budget = free − margin − activations − backward − head − embedding,   margin = free / 20
         activations = Σ_m T_m·H·(3b + 4)      hidden, the head's x̂ and fp32 d(x̂), the d(x) it returns
-        backward    = max_m layer_backward_bytes(m)                      one micro-batch through one layer
+        backward    = Σ of the G largest layer_backward_bytes(m)           G micro-batches through one layer
         head        = min(T_max, 4096) · V_c · (b + 8)                   one logits chunk, fp32 softmax
         embedding   = U·H·(b + 4)                                         gathered rows, their fp32 gradient
 
-    with b the compute dtype's bytes, T_m the micro-batches' tokens, V_c the head's rows per chunk and U the
-    step's distinct token ids; never below 0 (then every checkpoint is offloaded to the host)."""
+    with b the compute dtype's bytes, T_m the micro-batches' tokens, V_c the head's rows per chunk, U the step's
+    distinct token ids and G = ``together`` the micro-batches whose recomputes of a layer live at once;
+    never below 0 (then every checkpoint is offloaded to the host)."""
     b, H = p.store.compute_dtype.itemsize, p.cfg.hidden_size
     mb_tokens = [rows * seq for rows, seq in mb_shapes]
     T_max = max(mb_tokens, default=0)
-    backward = max((layer_backward_bytes(p, rows, seq) for rows, seq in set(mb_shapes)), default=0)
+    each = {shape: layer_backward_bytes(p, *shape) for shape in set(mb_shapes)}
+    backward = sum(sorted((each[shape] for shape in mb_shapes), reverse=True)[:together])
     need = (sum(mb_tokens) * H * (3 * b + 4) + backward
             + min(T_max, CROSS_ENTROPY_TOKEN_CHUNK) * p.head_rows * (b + 8) + unique_rows * H * (b + 4))
     return max(0, free_bytes - free_bytes // 20 - need)

@@ -20,6 +20,7 @@ def build_store(model_cfg: ModelConfig, train_cfg: TrainConfig, device, shared=N
 
 def build_step_pipeline(model_cfg: ModelConfig, train_cfg: TrainConfig, store: HostStore, ops, device, optimizer,
                         tracer=None) -> Pipeline:
-    """build_pipeline with train_cfg's slots, checkpoint budget and head chunk."""
+    """build_pipeline with train_cfg's slots, checkpoint budget, head chunk and MoE micro-batch merging."""
     return build_pipeline(model_cfg, store, ops, device, optimizer, train_cfg.num_slots, tracer,
-                          train_cfg.checkpoint_budget_bytes, train_cfg.head_chunk_rows)
+                          train_cfg.checkpoint_budget_bytes, train_cfg.head_chunk_rows,
+                          train_cfg.moe_merge_microbatches)

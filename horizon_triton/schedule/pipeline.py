@@ -44,6 +44,7 @@ class Pipeline:
     tracer: object = None
     checkpoint_budget: int | None = None           # bytes of activation checkpoints kept on the device (override)
     template: object = None                        # the layers' computations (models.family.layer_template)
+    merge_microbatches: int = 1                    # micro-batches through a MoE layer together (TrainConfig's)
 
     @property
     def head(self) -> int:
@@ -130,7 +131,8 @@ class DeviceMeter:
 
 
 def build_pipeline(cfg, store, ops, dev, optimizer, num_slots: int, tracer=None,
-                   checkpoint_budget: int | None = None, head_rows: int | None = None) -> Pipeline:
+                   checkpoint_budget: int | None = None, head_rows: int | None = None,
+                   merge_microbatches: int = 1) -> Pipeline:
     """Slots and accumulators hold the largest decoder layer, whatever the vocabulary: the embedding never
     streams (its rows are gathered on the host) and the head streams in chunks of ``head_rows`` vocabulary rows
     (default: as many as a slot holds next to the final norm; all of them when they fit, which runs the fused
@@ -138,7 +140,7 @@ def build_pipeline(cfg, store, ops, dev, optimizer, num_slots: int, tracer=None,
     torch_dev = dev.torch_device
     meter = DeviceMeter()
     p = Pipeline(cfg, store, ops, dev, optimizer, slots=[], meter=meter, tracer=tracer,
-                 checkpoint_budget=checkpoint_budget,
+                 checkpoint_budget=checkpoint_budget, merge_microbatches=merge_microbatches,
                  template=layer_template(cfg, torch_dev, store.compute_dtype))
     H, V = cfg.hidden_size, cfg.vocab_size
     trained = store.trainable.layouts            # a LoRA store's adapters ride in the slot after their layer's base

@@ -237,6 +237,13 @@ def _sq_norm(acc: torch.Tensor) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------------------
 # one optimizer step's forward and backward
 # ------------------------------------------------------------------------------------------------------------
+def merged_microbatches(p: Pipeline) -> int:
+    """Micro-batches that pass each decoder layer of a step together (TrainConfig.moe_merge_microbatches): only
+    where the layer template runs fused MoE experts (generic models: their grouped GEMMs then run once over all
+    the group's tokens), else 1."""
+    return p.merge_microbatches if getattr(p.template, "fused_experts", False) else 1
+
+
 def run_step(p: Pipeline, mbs: list[lt.MicroBatch], grad_scale: float, preference=None):
     """Embedding rows in, forward through every decoder layer, the head (its backward included) in vocabulary
     chunks, then the backward in reverse and the embedding rows' gradients out.
@@ -255,9 +262,12 @@ def run_step(p: Pipeline, mbs: list[lt.MicroBatch], grad_scale: float, preferenc
     hidden = [None] * M                         # the activation flowing forward, per micro-batch
     grads = [None] * M                          # d(activation) flowing backward, per micro-batch
     emb = EmbeddingRows(p, mbs)
+    # micro-batches through a decoder layer together (their MoE experts run once over all their tokens)
+    together = merged_microbatches(p)
+    groups = [list(range(m, min(m + together, M))) for m in range(0, M, together)]
     budget, free = p.checkpoint_budget, p.dev.free_memory()
     if budget is None and free is not None:      # the configured budget overrides; CPU devices keep every one
-        budget = default_checkpoint_budget(p, free, [mb.shape for mb in mbs], emb.ids.numel())
+        budget = default_checkpoint_budget(p, free, [mb.shape for mb in mbs], emb.ids.numel(), together)
     ckpt = Checkpoints(p, L, M, budget)         # ckpt i: input of decoder layer i (1..L)
     act_bytes = [mb.input_ids.numel() * H * p.store.compute_dtype.itemsize for mb in mbs]
     totals = {}                                 # device scalars written by compute work
@@ -320,10 +330,13 @@ def run_step(p: Pipeline, mbs: list[lt.MicroBatch], grad_scale: float, preferenc
     def decoder_step(u: Unit):
         def forward(w):
             def decoder():
-                for m, mb in enumerate(mbs):
-                    x = hidden[m]
-                    hidden[m] = p.meter.add(tpl.decoder_forward(ops, cfg, w, x, mb, u.layer))
-                    p.meter.sub(x)
+                for group in groups:
+                    xs = [hidden[m] for m in group]
+                    outs = ([tpl.decoder_forward(ops, cfg, w, xs[0], mbs[group[0]], u.layer)] if len(group) == 1
+                            else tpl.decoders_forward(ops, cfg, w, xs, [mbs[m] for m in group], u.layer))
+                    for m, x, out in zip(group, xs, outs):
+                        hidden[m] = p.meter.add(out)
+                        p.meter.sub(x)
             return decoder
         return u, forward, (lambda: ckpt.save(u.layer + 1, hidden, act_bytes)) if u.layer < L else None
 
@@ -339,11 +352,15 @@ def run_step(p: Pipeline, mbs: list[lt.MicroBatch], grad_scale: float, preferenc
 
             def decoder():
                 acc.zero_()
-                for m, mb in enumerate(mbs):
-                    dx = tpl.decoder_backward(ops, cfg, w, g, ckpt.pop(u.layer, m), mb, grads[m],
-                                              u.layer)
-                    p.meter.sub(grads[m])
-                    grads[m] = p.meter.add(dx)
+                for group in groups:
+                    xs = [ckpt.pop(u.layer, m) for m in group]
+                    dxs = ([tpl.decoder_backward(ops, cfg, w, g, xs[0], mbs[group[0]], grads[group[0]], u.layer)]
+                           if len(group) == 1 else
+                           tpl.decoders_backward(ops, cfg, w, g, xs, [mbs[m] for m in group],
+                                                 [grads[m] for m in group], u.layer))
+                    for m, dx in zip(group, dxs):
+                        p.meter.sub(grads[m])
+                        grads[m] = p.meter.add(dx)
                 sink.completed(f"sq_{u.layer}", acc)
             state["acc"] = acc
             return decoder

@@ -14,7 +14,12 @@ parameters). Frozen experts (LoRA) get no weight-gradient GEMMs at all; LoRA ada
 What the ops do not compute runs the implementation the model chose itself (transformers' grouped_mm or its eager
 loop), the reason logged once per template: experts without a gate, a gate function other than SiLU's SwiGLU on
 [gate | up] halves or gpt-oss's clamped SwiGLU on interleaved ones (found by running the module's own gate on a
-probe, not by its name), a norm after the experts and expert parallelism. Imports only the kernels' references."""
+probe, not by its name), a norm after the experts and expert parallelism.
+
+Several micro-batches through one layer (``Meeting``): each micro-batch's layer call runs in a worker thread of its
+own, one thread at a time in a fixed order; their experts calls wait for each other and run as one grouped
+computation over all their tokens, so each expert's weights are read once per layer and pass, not once per
+micro-batch. Imports only the kernels' references."""
 from __future__ import annotations
 
 import contextlib
@@ -23,6 +28,7 @@ import logging
 import threading
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 
 NAME = "horizon"
 log = logging.getLogger("horizon_triton")
@@ -187,6 +193,120 @@ def _adapter_buffers(buffers: list, num_experts: int) -> tuple:
     return (None, None) if dA is None else _lora_views(dA, dB, num_experts)
 
 
+class _Abandoned(Exception):
+    """Raised in a worker whose meeting another worker's exception ended (that exception reaches the caller)."""
+
+
+def _merge_key(args: tuple) -> tuple:
+    """What experts calls must share to run as one: the module's weights and adapters, ops, gate, layout, LoRA
+    scale and gradient accumulators (the tokens, their routing weights and expert ids are concatenated)."""
+    return (*map(id, args[2:10]), id(args[11]), args[12], args[13], args[14], id(args[15]) if args[15] else None)
+
+
+class Meeting:
+    """Micro-batches' calls of one decoder layer (``run``), each in a worker thread of its own, taking turns: one
+    thread computes at a time (a baton passed in worker order, so the work and its order are those of one thread),
+    and a worker gives the baton on when it finishes or reaches an experts call (``arrive``). When the baton
+    comes back to a worker waiting in an experts call, every unfinished worker waits in one: their calls run as
+    one grouped computation over all their tokens (one per experts module) and each gets its rows back. A worker
+    whose micro-batch calls the experts more often (a layer run once per packed document) meets the others as
+    long as they call too, then goes on alone. An exception in any worker ends every other one where it waits
+    and is raised by ``run``."""
+
+    def __init__(self, count: int):
+        self._changed = threading.Condition()
+        self._turn = 0                       # the worker holding the baton
+        self._live = list(range(count))      # workers not finished, in order
+        self._waiting: dict = {}             # worker -> its experts call's arguments, until the grouped call
+        self._results: dict = {}             # worker -> its rows of the grouped call's output
+        self._error: BaseException | None = None
+
+    def run(self, calls: list) -> list:
+        """calls[m]() in worker m's thread, with the caller's experts state, grad and inference mode, CUDA stream
+        and dispatch modes (all per thread); their results in order."""
+        state = dict(vars(_state))
+        grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+        stream = torch.cuda.current_stream() if torch.cuda.is_initialized() else None
+        modes = _get_current_dispatch_mode_stack()
+        results = [None] * len(calls)
+
+        def work(m: int) -> None:
+            try:
+                self._wait_turn(m)       # the modes' flags (shared objects) are entered and left with the baton
+                with contextlib.ExitStack() as context:
+                    vars(_state).update(state, meeting=(self, m))
+                    context.enter_context(torch.inference_mode(inference))
+                    context.enter_context(torch.set_grad_enabled(grad))
+                    if stream is not None:
+                        context.enter_context(torch.cuda.stream(stream))
+                    for mode in modes:
+                        context.enter_context(mode)
+                    results[m] = calls[m]()
+            except BaseException as error:       # noqa: B036 -- re-raised by run, in the caller's thread
+                with self._changed:
+                    if self._error is None and not isinstance(error, _Abandoned):
+                        self._error = error
+                    self._changed.notify_all()
+            finally:
+                with self._changed:
+                    self._live.remove(m)
+                self._pass(m)
+
+        threads = [threading.Thread(target=work, args=(m,), name=f"horizon-layer-{m}", daemon=True)
+                   for m in range(len(calls))]
+        for thread in threads:
+            thread.start()
+        try:
+            for thread in threads:
+                thread.join()
+        except BaseException as error:       # noqa: B036 -- interrupted: the workers stop where they wait
+            with self._changed:
+                self._error = self._error or error
+                self._changed.notify_all()
+            raise
+        if self._error is not None:
+            raise self._error
+        return results
+
+    def arrive(self, m: int, args: tuple) -> torch.Tensor:
+        """Worker m's experts call (_GroupedExperts' arguments): waits for the others', returns its rows."""
+        self._waiting[m] = args
+        self._pass(m)
+        self._wait_turn(m)
+        if m not in self._results:
+            self._run_waiting()
+        return self._results.pop(m)
+
+    def _wait_turn(self, m: int) -> None:
+        with self._changed:
+            self._changed.wait_for(lambda: self._turn == m or self._error is not None)
+            if self._error is not None:
+                raise _Abandoned()
+
+    def _pass(self, m: int) -> None:
+        """The baton goes to the next unfinished worker after m (wrapping around)."""
+        with self._changed:
+            if self._live:
+                self._turn = next((n for n in self._live if n > m), self._live[0])
+            self._changed.notify_all()
+
+    def _run_waiting(self) -> None:
+        """Every unfinished worker waits in an experts call: one grouped computation per experts module."""
+        groups: dict = {}
+        for m in sorted(self._waiting):
+            groups.setdefault(_merge_key(self._waiting[m]), []).append(m)
+        for members in groups.values():
+            calls = [self._waiting.pop(m) for m in members]
+            first = calls[0]
+            if len(calls) == 1:
+                self._results[members[0]] = _GroupedExperts.apply(*first)
+                continue
+            x, weights, ids = (torch.cat([call[i] for call in calls]) for i in (0, 1, 10))
+            out = _GroupedExperts.apply(x, weights, *first[2:10], ids, *first[11:])
+            for m, rows in zip(members, out.split([call[0].shape[0] for call in calls])):
+                self._results[m] = rows
+
+
 def experts_forward(module, hidden_states, top_k_index, top_k_weights):
     """transformers' experts signature: hidden_states[T, H], the router's top_k_index / top_k_weights [T, k]."""
     experts = getattr(_state, "experts", None)
@@ -201,10 +321,11 @@ def experts_forward(module, hidden_states, top_k_index, top_k_weights):
         adapted = adapters.get(id(module), {})
         a_gu, b_gu = adapted.get("gate_up_proj", (None, None))
         a_d, b_d = adapted.get("down_proj", (None, None))
-        return _GroupedExperts.apply(hidden_states.contiguous(), top_k_weights, gate_up, gate_up_bias, down,
-                                     down_bias, a_gu, b_gu, a_d, b_d, top_k_index, experts.ops,
-                                     experts.gates[type(module)], getattr(module, "is_transposed", False), scale,
-                                     accumulators)
+        args = (hidden_states.contiguous(), top_k_weights, gate_up, gate_up_bias, down, down_bias, a_gu, b_gu, a_d,
+                b_d, top_k_index, experts.ops, experts.gates[type(module)], getattr(module, "is_transposed", False),
+                scale, accumulators)
+        meeting = getattr(_state, "meeting", None)
+        return _GroupedExperts.apply(*args) if meeting is None else meeting[0].arrive(meeting[1], args)
     adapters = (getattr(_state, "lora", None) or ({}, 0.0))[0]
     if id(module) in adapters:
         raise ValueError(f"lora_target_parameters: {type(module).__name__} cannot carry LoRA adapters here: its "

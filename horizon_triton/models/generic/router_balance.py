@@ -33,6 +33,8 @@ coef, as transformers' ``outputs.aux_loss``).
 """
 from __future__ import annotations
 
+import threading
+
 import torch
 
 
@@ -69,11 +71,20 @@ class RouterBalance:
                              "(output_router_logits=True, router_aux_loss_coef != 0), but transformers' "
                              f"{type(lm).__name__} declares no router logits to record (_can_record_outputs) or "
                              "no num_experts/num_experts_per_tok; set output_router_logits=False in config.json")
-        self.routed: list | None = None          # the router logits of the layer call under way
+        self._calls = threading.local()          # routed: the router logits of the thread's layer call under way
         self.stats: dict = {}                    # id(micro-batch) -> [c, p, R] of the step's forward so far
         self.weights: dict = {}                  # id(micro-batch) -> w [E] fp32, from finish_forward
         self.micro_batches = 1
         self.step_aux = None                     # this rank's (1/M) Σ_m aux_m, a device scalar
+
+    @property
+    def routed(self) -> list | None:
+        """The list the router hooks append to in this thread (a layer call per thread: experts.Meeting)."""
+        return getattr(self._calls, "routed", None)
+
+    @routed.setter
+    def routed(self, value: list | None) -> None:
+        self._calls.routed = value
 
     @classmethod
     def of(cls, sk, model_type: str) -> "RouterBalance | None":

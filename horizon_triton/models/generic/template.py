@@ -32,7 +32,7 @@ from ..dense.layer import LORA_SCALE
 from ..ops import attention_refusal
 from .attention import NAME, Kernels, LazyMask, documents, fused_attention_on, register
 from .config import GenericConfig
-from .experts import ADAPTABLE, Experts, experts_gradients, experts_lora, experts_on
+from .experts import ADAPTABLE, Experts, Meeting, experts_gradients, experts_lora, experts_on, is_experts_module
 from .experts import register as register_experts
 from .router_balance import RouterBalance
 from .skeleton import layer_buffers, skeleton
@@ -95,6 +95,18 @@ def _document_runs(doc_ids, shape: tuple[int, int]) -> list[tuple[int, int, int]
     return runs
 
 
+class _Bound(torch.nn.Module):
+    """A decoder layer as the module functional_call binds weights to: its forward runs ``run()``, whose calls
+    of the layer (from any thread) see the weights bound once, in the caller's thread."""
+
+    def __init__(self, layer: torch.nn.Module):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, run):
+        return run()
+
+
 class GenericTemplate:
     """The layer template of a GenericConfig model on ``device``, computing in ``dtype``."""
 
@@ -104,6 +116,9 @@ class GenericTemplate:
         sk = skeleton(cfg)
         self.cfg, self.device, self.dtype = cfg, device, dtype
         self.layers = copy.deepcopy(sk.layers)          # meta modules: code and attributes, no weights
+        self._bound = [_Bound(layer) for layer in self.layers]
+        # transformers' fused experts modules: micro-batches through a layer together run them once (Meeting)
+        self.fused_experts = any(is_experts_module(m) for m in self.layers.modules())
         # packed documents run apart in layers that count from the row's start: token-index scales (Llama 4's
         # NoPE layers), and chunked attention (Llama 4), whose chunks transformers 5.17 counts from the row's start
         hf = cfg.hf
@@ -241,85 +256,106 @@ class GenericTemplate:
             for handle in handles:
                 handle.remove()
 
-    def _layer(self, ops, index: int, w: dict, x: torch.Tensor, mb) -> torch.Tensor:
-        """Decoder layer ``index`` (0-based) on x[T, H] with w's views as its weights (and adapters) -> [T, H];
-        its attention on ops' kernels where they apply."""
+    def _routed_layers(self, ops, index: int, w: dict, xs: list, mbs: list) -> list[tuple]:
+        """Decoder layer ``index`` (0-based) on each micro-batch's x[T, H] with w's views as its weights (and
+        adapters): [(its output [T, H], the router logits its call recorded: [] without the auxiliary loss)];
+        attention on ops' kernels where they apply. The weights are bound once (functional_call of the layer's
+        _Bound) for every micro-batch's call; with several micro-batches each call runs in a worker thread of its
+        own and their MoE experts run as one over all their tokens (experts.Meeting)."""
+        params = {"layer." + n: w[n] for n in self.names[index]}
+        kernels = None if ops is None else Kernels(ops, lambda head_dim, dtype: attention_refusal(ops, head_dim, dtype),
+                                                   self.announced)
+        # without ops, the experts run as the caller's experts_on says (footprint.backward_bytes: the references)
+        experts = None if ops is None else Experts(ops, self.experts_fallback, self.expert_gates, self.announced)
+        calls = [lambda x=x, mb=mb: self._routed_call(index, x, mb, kernels, experts) for x, mb in zip(xs, mbs)]
+        run = (lambda: [calls[0]()]) if len(calls) == 1 else (lambda: Meeting(len(calls)).run(calls))
+        with self._adapted(index, w):
+            return functional_call(self._bound[index], params, (run,), strict=False)
+
+    def _routed_call(self, index: int, x: torch.Tensor, mb, kernels, experts) -> tuple:
+        """One micro-batch's call of layer ``index`` (its weights bound): (output [T, H], its router logits)."""
+        balance = self.router_balance
+        routed = []
+        if balance is not None:
+            balance.routed = routed
         args, kwargs, runs = self.layer_inputs(mb)[index]
-        params = {n: w[n] for n in self.names[index]}
         B, S = mb.shape
         h = x.view(B, S, -1)
         if index == 0 and self._scales_embedding:
             h = h * self._embed_scale
-        kernels = None if ops is None else Kernels(ops, lambda head_dim, dtype: attention_refusal(ops, head_dim, dtype),
-                                                   self.announced)
-        # without ops, the experts run as the caller's experts_on says (footprint.backward_bytes: the references)
-        experts = contextlib.nullcontext() if ops is None else experts_on(
-            Experts(ops, self.experts_fallback, self.expert_gates, self.announced))
         # runs: the layer keeps no packed documents apart (layer_inputs), each runs as a sequence of its own
-        with self._adapted(index, w), fused_attention_on(h.device), experts, \
-                documents(mb.doc_ids if runs is None else None, self.eager, kernels):
-            if runs is None:
-                out = self._call(index, params, h, args, kwargs)
-            else:
-                rows = [[] for _ in range(B)]
-                for b, s, e, piece_args, piece_kwargs in runs:
-                    rows[b].append(self._call(index, params, h[b:b + 1, s:e], piece_args, piece_kwargs))
-                out = torch.cat([torch.cat(row, dim=1) for row in rows])
-        return out.reshape(B * S, -1)
+        try:
+            with fused_attention_on(h.device), contextlib.nullcontext() if experts is None else experts_on(experts), \
+                    documents(mb.doc_ids if runs is None else None, self.eager, kernels):
+                if runs is None:
+                    out = self._call(index, h, args, kwargs)
+                else:
+                    rows = [[] for _ in range(B)]
+                    for b, s, e, piece_args, piece_kwargs in runs:
+                        rows[b].append(self._call(index, h[b:b + 1, s:e], piece_args, piece_kwargs))
+                    out = torch.cat([torch.cat(row, dim=1) for row in rows])
+        finally:
+            if balance is not None:
+                balance.routed = None
+        if routed and runs is not None:      # run per document: the pieces, in token order
+            routed = [torch.cat([logits.reshape(-1, logits.shape[-1]) for logits in routed])]
+        return out.reshape(B * S, -1), routed
 
-    def _call(self, index: int, params: dict, h: torch.Tensor, args, kwargs) -> torch.Tensor:
+    def _call(self, index: int, h: torch.Tensor, args, kwargs) -> torch.Tensor:
         # a mapping among the kwargs is state the layers share (Gemma 4's keys and values, which its layers store
         # for assistant models even with nothing reused): each call writes into a fresh one, so no layer's
         # tensors outlive it in mb's recorded inputs
         kwargs = {k: type(v)() if isinstance(v, MutableMapping) else v for k, v in kwargs.items()}
-        out = functional_call(self.layers[index], params, (h, *args), kwargs, strict=False)
+        out = self.layers[index](h, *args, **kwargs)
         return out[0] if isinstance(out, tuple) else out
-
-    def _routed_layer(self, ops, index: int, w: dict, x: torch.Tensor, mb):
-        """(_layer's output, the router logits its call recorded: [] without the auxiliary loss)."""
-        balance = self.router_balance
-        if balance is None:
-            return self._layer(ops, index, w, x, mb), []
-        routed = balance.routed = []
-        try:
-            out = self._layer(ops, index, w, x, mb)
-        finally:
-            balance.routed = None
-        if routed and self.layer_inputs(mb)[index][2] is not None:   # run per document: the pieces, in token order
-            routed = [torch.cat([logits.reshape(-1, logits.shape[-1]) for logits in routed])]
-        return out, routed
 
     # ---- decoder layer: the hand-written template's signatures ------------------------------------------------
     def decoder_forward(self, ops, cfg, w, x: torch.Tensor, mb, layer: int) -> torch.Tensor:
         """x[T, H] -> store layer ``layer``'s output (layer 1 is the first decoder layer)."""
+        return self.decoders_forward(ops, cfg, w, [x], [mb], layer)[0]
+
+    def decoders_forward(self, ops, cfg, w, xs: list, mbs: list, layer: int) -> list:
+        """decoder_forward of several micro-batches, their MoE experts run as one (_routed_layers)."""
         with torch.no_grad():
-            out, routed = self._routed_layer(ops, layer - 1, w, x, mb)
-            if routed:
-                self.router_balance.forward_layer(mb, routed)
-            return out
+            outs = []
+            for mb, (out, routed) in zip(mbs, self._routed_layers(ops, layer - 1, w, xs, mbs)):
+                if routed:
+                    self.router_balance.forward_layer(mb, routed)
+                outs.append(out)
+            return outs
 
     def decoder_backward(self, ops, cfg, w, g, x: torch.Tensor, mb, d_out: torch.Tensor, layer: int) -> torch.Tensor:
         """Recomputes the layer under autograd from its input x, adds the gradients of what trains (g's keys: the
         layer's weights, or with LoRA its adapters alone, the base frozen; never a buffer) into g (fp32 views),
         returns d(x). With the router auxiliary loss, its gradient through this layer's router joins d_out's.
         MoE experts on the kernels add their weights' gradients into g themselves (experts_gradients)."""
+        return self.decoders_backward(ops, cfg, w, g, [x], [mb], [d_out], layer)[0]
+
+    def decoders_backward(self, ops, cfg, w, g, xs: list, mbs: list, d_outs: list, layer: int) -> list:
+        """decoder_backward of several micro-batches: their recomputes (MoE experts run as one, _routed_layers)
+        make one graph, and one torch.autograd.grad over it runs the experts' backward once (their weight
+        gradients added once) and sums each trained weight's gradient over the micro-batches before adding it
+        into g. Returns each micro-batch's d(x)."""
         buffers = self.buffers[layer - 1]
         with torch.enable_grad():
             trained = {n: w[n].detach().requires_grad_(True) for n in g if n not in buffers}
-            xi = x.detach().requires_grad_(True)
+            inputs = [x.detach().requires_grad_(True) for x in xs]
             accumulators = {id(t): g[n] for n, t in trained.items()}
             with experts_gradients(accumulators):
-                out, routed = self._routed_layer(ops, layer - 1, {**w, **trained}, xi, mb)
-                outputs, grad_outputs = [out], [d_out]
-                aux_term = self.router_balance.backward_term(mb, routed) if routed else None
-                if aux_term is not None:
-                    outputs.append(aux_term)
-                    grad_outputs.append(torch.ones_like(aux_term))
-                grads = torch.autograd.grad(outputs, [xi, *trained.values()], grad_outputs, allow_unused=True)
-        for name, grad in zip(trained, grads[1:]):
+                results = self._routed_layers(ops, layer - 1, {**w, **trained}, inputs, mbs)
+                outputs, grad_outputs = [], []
+                for mb, (out, routed), d_out in zip(mbs, results, d_outs):
+                    outputs.append(out)
+                    grad_outputs.append(d_out)
+                    aux_term = self.router_balance.backward_term(mb, routed) if routed else None
+                    if aux_term is not None:
+                        outputs.append(aux_term)
+                        grad_outputs.append(torch.ones_like(aux_term))
+                grads = torch.autograd.grad(outputs, [*inputs, *trained.values()], grad_outputs, allow_unused=True)
+        for name, grad in zip(trained, grads[len(inputs):]):
             if grad is not None:
                 g[name] += grad
-        return grads[0]
+        return list(grads[:len(inputs)])
 
     # ---- head -----------------------------------------------------------------------------------------------
     def _final_norm(self, w, x: torch.Tensor) -> torch.Tensor:
