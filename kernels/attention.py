@@ -24,14 +24,17 @@ query blocks. With documents, each range is further trimmed to the blocks whose 
 the program's own [min, max] (a short scan of the doc ids, no S×S work), and all pairs are masked by doc id;
 for the usual packed batches (documents contiguous) this skips every block of an earlier document.
 
-Two forward kernels, one contract. _attn_fwd loads tiles with masked pointer loads (any layout, any GPU);
-_attn_fwd_tma moves the Q/K/V/O tiles with Hopper TMA: one 2-D tensor descriptor [seq_len, HEAD_DIM] per (batch
-row, head) over the token-major tensors, which zero-fills rows past seq_len and columns past HEAD_DIM and clips
-the O store, so its loads carry no masks; the attention masks (causality, documents, window) stay on the scores
-in registers, over the same block ranges. A config's "kernel": "tma" picks it; the bf16/fp16 default at head
-dims 64 and 128 is a TMA config, and the launcher falls back to the pointer kernel's default where TMA cannot
-run (pre-Hopper GPU, head-dim stride ≠ 1, strides or base not 16-byte aligned: tma_unsupported). Descriptors
-made on the device need global scratch, so the launcher sets triton's allocator before each TMA launch.
+Pointer or TMA tiles, one contract. Each kernel (forward, dkdv, dq) has a constexpr TMA switch for how its
+[rows, head dim] tiles move. TMA=False: masked pointer loads and stores (any layout, any GPU). TMA=True: Hopper
+TMA through tensor descriptors made in the kernel (_tiles), one 2-D [seq_len, HEAD_DIM] descriptor per (batch
+row, head) over the token-major tensors (dkdv reads its GROUP q heads' Q and dO through one 3-D [GROUP, seq_len,
+HEAD_DIM] descriptor); they zero-fill rows past seq_len and columns past HEAD_DIM and clip the stores, so the
+tiles carry no masks; the attention masks (causality, documents, window) stay on the scores in registers, over
+the same block ranges, and lse/Δ stay pointer loads. A config's "kernel": "tma" sets it (uses_tma); the
+bf16/fp16 defaults at head dims 64 and 128 are TMA configs, and the launchers fall back to the pointer defaults
+where TMA cannot run (pre-Hopper GPU, head-dim stride ≠ 1, strides or base not 16-byte aligned:
+tma_unsupported). Descriptors made on the device need global scratch, so the launchers set triton's allocator
+before each TMA launch.
 
 FLOPs (for TFLOPS figures): causal forward ≈ 2·B·Hq·S²·D (4·B·Hq·S²·D for two matmuls, halved by causality);
 backward = 2.5 × forward (five matmuls instead of two).
@@ -43,10 +46,10 @@ Known gaps:
 - fp32 inputs use exact ("ieee") fp32 dots: correct but far slower than bf16 on tensor cores.
 - the Hopper configs follow the Triton fused-attention tutorial and FA2 and were checked only statically
   (tests/test_attention.py builds them for sm_90 on a CPU machine: no spills, wgmma used), never timed: run
-  `python -m horizon_triton.kernels.autotune attention` on the GPU, which sweeps both forward kernels and names
-  the winner. The TMA forward is the default at hd64/hd128 without a measurement; no warp specialization (see
-  _fwd_range_tma), and the backward still uses pointer loads. hd256 is the least explored: its dkdv default
-  runs mma.sync, not wgmma (DKDV_HD256_KEYS).
+  `python -m horizon_triton.kernels.autotune attention` on the GPU, which sweeps pointer and TMA candidates of
+  each kernel. TMA tiles are the default at hd64/hd128 without a measurement (forward and backward); no warp
+  specialization (see _fwd_range). hd256 is the least explored: its dkdv default runs mma.sync, not wgmma
+  (DKDV_HD256_KEYS).
 - kernels launch on the current CUDA device; tensors on another device are not switched to.
 - stored configs are keyed by head dim, dtype and a sequence-length bucket, not by documents or window.
 - Triton's CPU interpreter gets bf16 tl.dot wrong, so when interpreting (UPCAST) the dot operands are upcast to
@@ -123,6 +126,66 @@ def _store_rows(ptr, pos, stride_s, stride_d, tile, seq_len, HEAD_DIM: tl.conste
     offs_d = tl.arange(0, BLOCK_D)
     tl.store(ptr + pos[:, None] * stride_s + offs_d[None, :] * stride_d, tile,
              mask=(pos[:, None] < seq_len) & (offs_d[None, :] < HEAD_DIM))
+
+
+@triton.jit
+def _tiles(ptr, seq_len, stride_s, HEAD_DIM: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+           TMA: tl.constexpr):
+    """What a kernel moves one (batch row, head)'s [seq_len, HEAD_DIM] rows at ptr through: with TMA a Hopper
+    tensor descriptor of [BLOCK_ROWS, BLOCK_D] tiles (unit head-dim stride; it zero-fills reads past seq_len and
+    HEAD_DIM and clips writes there, so its tiles need no masks), else ptr itself (loads and stores masked)."""
+    if TMA:
+        tiles = tl.make_tensor_descriptor(ptr, [seq_len, HEAD_DIM], [stride_s, 1], [BLOCK_ROWS, BLOCK_D])
+    else:
+        tiles = ptr
+    return tiles
+
+
+@triton.jit
+def _group_tiles(ptr, seq_len, stride_h, stride_s, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+                 BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr, TMA: tl.constexpr):
+    """_tiles over GROUP heads from ptr's on: with TMA one 3-D descriptor [GROUP, seq_len, HEAD_DIM], so a loop
+    over (head, block) needs no descriptor per head."""
+    if TMA:
+        tiles = tl.make_tensor_descriptor(ptr, [GROUP, seq_len, HEAD_DIM], [stride_h, stride_s, 1],
+                                          [1, BLOCK_ROWS, BLOCK_D])
+    else:
+        tiles = ptr
+    return tiles
+
+
+@triton.jit
+def _load_tile(tiles, start, stride_s, stride_d, seq_len, HEAD_DIM: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+               BLOCK_D: tl.constexpr, MASKED: tl.constexpr, TMA: tl.constexpr):
+    """The [BLOCK_ROWS, BLOCK_D] tile of rows start.. of _tiles' result (pointer loads masked as _load_rows)."""
+    if TMA:
+        tile = tiles.load([start, 0])
+    else:
+        tile = _load_rows(tiles, start + tl.arange(0, BLOCK_ROWS), stride_s, stride_d, seq_len, HEAD_DIM, BLOCK_D,
+                          MASKED)
+    return tile
+
+
+@triton.jit
+def _load_group_tile(tiles, head, start, stride_h, stride_s, stride_d, seq_len, HEAD_DIM: tl.constexpr,
+                     BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr, TMA: tl.constexpr):
+    """_load_tile of head ``head`` of _group_tiles' result."""
+    if TMA:
+        tile = tl.reshape(tiles.load([head, start, 0]), [BLOCK_ROWS, BLOCK_D])
+    else:
+        tile = _load_rows(tiles + head * stride_h, start + tl.arange(0, BLOCK_ROWS), stride_s, stride_d, seq_len,
+                          HEAD_DIM, BLOCK_D, MASKED)
+    return tile
+
+
+@triton.jit
+def _store_tile(tiles, start, stride_s, stride_d, tile, seq_len, HEAD_DIM: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+                BLOCK_D: tl.constexpr, TMA: tl.constexpr):
+    """Stores tile as rows start.. of _tiles' result, those < seq_len and columns < HEAD_DIM."""
+    if TMA:
+        tiles.store([start, 0], tile)
+    else:
+        _store_rows(tiles, start + tl.arange(0, BLOCK_ROWS), stride_s, stride_d, tile, seq_len, HEAD_DIM, BLOCK_D)
 
 
 @triton.jit
@@ -257,19 +320,26 @@ def _softmax_step(qk, acc, l_i, m_i, q_pos, q_doc, k_pos, DOC, start_n, seq_len,
 
 @triton.jit
 def _fwd_range(acc, l_i, m_i, q, q_pos, q_doc,
-               K, V, DOC, stride_ks, stride_vs, stride_kd, stride_vd,
+               k_tiles, v_tiles, DOC, stride_ks, stride_vs, stride_kd, stride_vd,
                lo, hi, seq_len, window, qk_scale,
                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-               HAS_DOCS: tl.constexpr, HAS_WINDOW: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    """Online-softmax update of one query block over the key blocks [lo, hi)."""
+               HAS_DOCS: tl.constexpr, HAS_WINDOW: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+               TMA: tl.constexpr):
+    """Online-softmax update of one query block over the key blocks [lo, hi). With TMA the compiler's pipeliner
+    issues the K/V copies num_stages − 1 blocks ahead into shared memory, and the wgmma reads them from there.
+
+    No warp specialization: triton 3.9 compiles tl.range(..., warp_specialize=True) here for sm_90a to the
+    very same registers and shared memory as without (nothing specialized), and fails in its
+    NVGPUWarpSpecialization pass on 4-warp tiles."""
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         k_pos = start_n + tl.arange(0, BLOCK_N)
-        k = _load_rows(K, k_pos, stride_ks, stride_kd, seq_len, HEAD_DIM, BLOCK_D, MASKED)  # [BLOCK_N, BLOCK_D]
+        k = _load_tile(k_tiles, start_n, stride_ks, stride_kd, seq_len, HEAD_DIM, BLOCK_N, BLOCK_D, MASKED,
+                       TMA)                                                             # [BLOCK_N, BLOCK_D]
         qk = _dot(q, tl.trans(k), None, UPCAST, PRECISION)                              # [BLOCK_M, BLOCK_N]
         p, acc, l_i, m_i = _softmax_step(qk, acc, l_i, m_i, q_pos, q_doc, k_pos, DOC, start_n, seq_len, window,
                                          qk_scale, BLOCK_N, MASKED, HAS_DOCS, HAS_WINDOW)
-        v = _load_rows(V, k_pos, stride_vs, stride_vd, seq_len, HEAD_DIM, BLOCK_D, MASKED)
+        v = _load_tile(v_tiles, start_n, stride_vs, stride_vd, seq_len, HEAD_DIM, BLOCK_N, BLOCK_D, MASKED, TMA)
         acc = _dot(p.to(v.dtype), v, acc, UPCAST, PRECISION)
     return acc, l_i, m_i
 
@@ -289,22 +359,27 @@ def _attn_fwd(
     # meta
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_DOCS: tl.constexpr, HAS_WINDOW: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    TMA: tl.constexpr,
 ):
-    """Grid (query blocks, B·Hq). Writes o[b, m0:m0+BLOCK_M, h] and lse[b, h, m0:m0+BLOCK_M]."""
+    """Grid (query blocks, B·Hq). Writes o[b, m0:m0+BLOCK_M, h] and lse[b, h, m0:m0+BLOCK_M]. TMA: the Q/K/V/O
+    tiles move through tensor descriptors (_tiles; the launcher sends other layouts to the pointer loads)."""
     start_m = tl.num_programs(0) - 1 - tl.program_id(0)          # the longest (last) query blocks start first
     off_bh = tl.program_id(1)
     off_b = (off_bh // num_heads).to(tl.int64)
     off_h = off_bh % num_heads
     off_kh = off_h // GROUP
-    Q += off_b * stride_qb + off_h * stride_qh
-    K += off_b * stride_kb + off_kh * stride_kh
-    V += off_b * stride_vb + off_kh * stride_vh
-    O += off_b * stride_ob + off_h * stride_oh
+    q_tiles = _tiles(Q + off_b * stride_qb + off_h * stride_qh, seq_len, stride_qs, HEAD_DIM, BLOCK_M, BLOCK_D, TMA)
+    k_tiles = _tiles(K + off_b * stride_kb + off_kh * stride_kh, seq_len, stride_ks, HEAD_DIM, BLOCK_N, BLOCK_D,
+                     TMA)
+    v_tiles = _tiles(V + off_b * stride_vb + off_kh * stride_vh, seq_len, stride_vs, HEAD_DIM, BLOCK_N, BLOCK_D,
+                     TMA)
+    o_tiles = _tiles(O + off_b * stride_ob + off_h * stride_oh, seq_len, stride_os, HEAD_DIM, BLOCK_M, BLOCK_D, TMA)
     LSE += off_bh.to(tl.int64) * seq_len
 
     m0 = start_m * BLOCK_M
     q_pos = m0 + tl.arange(0, BLOCK_M)
-    q = _load_rows(Q, q_pos, stride_qs, stride_qd, seq_len, HEAD_DIM, BLOCK_D, True)    # [BLOCK_M, BLOCK_D]
+    q = _load_tile(q_tiles, m0, stride_qs, stride_qd, seq_len, HEAD_DIM, BLOCK_M, BLOCK_D, True,
+                   TMA)                                                                 # [BLOCK_M, BLOCK_D]
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -313,100 +388,18 @@ def _attn_fwd(
         DOC += off_b * stride_docb
     q_doc, lo, edge_hi, full_lo, full_hi, diag_lo, hi = _key_ranges(DOC, m0, seq_len, window, BLOCK_M, BLOCK_N,
                                                                     HAS_DOCS, HAS_WINDOW)
-    args = (K, V, DOC, stride_ks, stride_vs, stride_kd, stride_vd)
+    args = (k_tiles, v_tiles, DOC, stride_ks, stride_vs, stride_kd, stride_vd)
     acc, l_i, m_i = _fwd_range(acc, l_i, m_i, q, q_pos, q_doc, *args, lo, edge_hi, seq_len, window, qk_scale,
-                               HEAD_DIM, BLOCK_D, BLOCK_N, True, HAS_DOCS, HAS_WINDOW, UPCAST, PRECISION)
+                               HEAD_DIM, BLOCK_D, BLOCK_N, True, HAS_DOCS, HAS_WINDOW, UPCAST, PRECISION, TMA)
     acc, l_i, m_i = _fwd_range(acc, l_i, m_i, q, q_pos, q_doc, *args, full_lo, full_hi, seq_len, window, qk_scale,
-                               HEAD_DIM, BLOCK_D, BLOCK_N, False, HAS_DOCS, HAS_WINDOW, UPCAST, PRECISION)
+                               HEAD_DIM, BLOCK_D, BLOCK_N, False, HAS_DOCS, HAS_WINDOW, UPCAST, PRECISION, TMA)
     acc, l_i, m_i = _fwd_range(acc, l_i, m_i, q, q_pos, q_doc, *args, diag_lo, hi, seq_len, window, qk_scale,
-                               HEAD_DIM, BLOCK_D, BLOCK_N, True, HAS_DOCS, HAS_WINDOW, UPCAST, PRECISION)
+                               HEAD_DIM, BLOCK_D, BLOCK_N, True, HAS_DOCS, HAS_WINDOW, UPCAST, PRECISION, TMA)
 
     acc = acc / l_i[:, None]
     tl.store(LSE + q_pos, (m_i + tl.math.log2(l_i)) * LN2, mask=q_pos < seq_len)      # natural log
-    _store_rows(O, q_pos, stride_os, stride_od, acc.to(O.dtype.element_ty), seq_len, HEAD_DIM, BLOCK_D)
-
-
-@triton.jit
-def _fwd_range_tma(acc, l_i, m_i, q, q_pos, q_doc, k_desc, v_desc, DOC, lo, hi, seq_len, window, qk_scale,
-                   BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                   UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    """_fwd_range with K/V tiles read through tensor descriptors: no masks on the loads (the descriptor
-    zero-fills rows past seq_len and columns past HEAD_DIM); the compiler's pipeliner issues the TMA copies
-    num_stages − 1 blocks ahead into shared memory, and the wgmma reads them from there.
-
-    No warp specialization: triton 3.9 compiles tl.range(..., warp_specialize=True) here for sm_90a to the
-    very same registers and shared memory as without (nothing specialized), and fails in its
-    NVGPUWarpSpecialization pass on 4-warp tiles."""
-    for start_n in range(lo, hi, BLOCK_N):
-        start_n = tl.multiple_of(start_n, BLOCK_N)
-        k_pos = start_n + tl.arange(0, BLOCK_N)
-        k = k_desc.load([start_n, 0])                                                   # [BLOCK_N, BLOCK_D]
-        qk = _dot(q, tl.trans(k), None, UPCAST, PRECISION)                              # [BLOCK_M, BLOCK_N]
-        p, acc, l_i, m_i = _softmax_step(qk, acc, l_i, m_i, q_pos, q_doc, k_pos, DOC, start_n, seq_len, window,
-                                         qk_scale, BLOCK_N, MASKED, HAS_DOCS, HAS_WINDOW)
-        v = v_desc.load([start_n, 0])
-        acc = _dot(p.to(v.dtype), v, acc, UPCAST, PRECISION)
-    return acc, l_i, m_i
-
-
-@triton.jit
-def _attn_fwd_tma(
-    # pointers
-    Q, K, V, DOC, O, LSE,
-    # shapes
-    seq_len, num_heads, window, qk_scale,
-    # strides (the head-dim ones are 1: the launcher sends other layouts to _attn_fwd)
-    stride_qb, stride_qs, stride_qh, stride_qd,
-    stride_kb, stride_ks, stride_kh, stride_kd,
-    stride_vb, stride_vs, stride_vh, stride_vd,
-    stride_ob, stride_os, stride_oh, stride_od,
-    stride_docb,
-    # meta
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_DOCS: tl.constexpr, HAS_WINDOW: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-):
-    """_attn_fwd with the Q/K/V/O tiles moved by Hopper TMA: one 2-D descriptor [seq_len, HEAD_DIM] per
-    (batch row, head) over the token-major tensors, so any row and head strides work (16-byte multiples, which
-    the launcher checks). Same grid, ranges, masks (in registers, on the scores) and outputs."""
-    start_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    off_bh = tl.program_id(1)
-    off_b = (off_bh // num_heads).to(tl.int64)
-    off_h = off_bh % num_heads
-    off_kh = off_h // GROUP
-    q_desc = tl.make_tensor_descriptor(Q + off_b * stride_qb + off_h * stride_qh, [seq_len, HEAD_DIM],
-                                       [stride_qs, 1], [BLOCK_M, BLOCK_D])
-    k_desc = tl.make_tensor_descriptor(K + off_b * stride_kb + off_kh * stride_kh, [seq_len, HEAD_DIM],
-                                       [stride_ks, 1], [BLOCK_N, BLOCK_D])
-    v_desc = tl.make_tensor_descriptor(V + off_b * stride_vb + off_kh * stride_vh, [seq_len, HEAD_DIM],
-                                       [stride_vs, 1], [BLOCK_N, BLOCK_D])
-    o_desc = tl.make_tensor_descriptor(O + off_b * stride_ob + off_h * stride_oh, [seq_len, HEAD_DIM],
-                                       [stride_os, 1], [BLOCK_M, BLOCK_D])
-    LSE += off_bh.to(tl.int64) * seq_len
-
-    m0 = start_m * BLOCK_M
-    q_pos = m0 + tl.arange(0, BLOCK_M)
-    q = q_desc.load([m0, 0])                                                            # [BLOCK_M, BLOCK_D]
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-
-    if HAS_DOCS:
-        DOC += off_b * stride_docb
-    q_doc, lo, edge_hi, full_lo, full_hi, diag_lo, hi = _key_ranges(DOC, m0, seq_len, window, BLOCK_M, BLOCK_N,
-                                                                    HAS_DOCS, HAS_WINDOW)
-    acc, l_i, m_i = _fwd_range_tma(acc, l_i, m_i, q, q_pos, q_doc, k_desc, v_desc, DOC, lo, edge_hi, seq_len,
-                                   window, qk_scale, BLOCK_N, True, HAS_DOCS, HAS_WINDOW, UPCAST,
-                                   PRECISION)
-    acc, l_i, m_i = _fwd_range_tma(acc, l_i, m_i, q, q_pos, q_doc, k_desc, v_desc, DOC, full_lo, full_hi, seq_len,
-                                   window, qk_scale, BLOCK_N, False, HAS_DOCS, HAS_WINDOW, UPCAST,
-                                   PRECISION)
-    acc, l_i, m_i = _fwd_range_tma(acc, l_i, m_i, q, q_pos, q_doc, k_desc, v_desc, DOC, diag_lo, hi, seq_len,
-                                   window, qk_scale, BLOCK_N, True, HAS_DOCS, HAS_WINDOW, UPCAST,
-                                   PRECISION)
-
-    acc = acc / l_i[:, None]
-    tl.store(LSE + q_pos, (m_i + tl.math.log2(l_i)) * LN2, mask=q_pos < seq_len)      # natural log
-    o_desc.store([m0, 0], acc.to(O.dtype.element_ty))                                 # rows past seq_len clipped
+    _store_tile(o_tiles, m0, stride_os, stride_od, acc.to(O.dtype.element_ty), seq_len, HEAD_DIM, BLOCK_M, BLOCK_D,
+                TMA)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -439,13 +432,14 @@ def _attn_bwd_preprocess(
 
 @triton.jit
 def _dkdv_range(dk, dv, k, v, k_pos, k_doc,
-                Q, DO, LSE, DELTA, DOC, stride_qh, stride_qs, stride_qd, stride_doh, stride_dos, stride_dod,
-                lo, hi, seq_len, window, qk_scale,
+                q_tiles, do_tiles, LSE, DELTA, DOC, stride_qh, stride_qs, stride_qd, stride_doh, stride_dos,
+                stride_dod, lo, hi, seq_len, window, qk_scale,
                 GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                 MASKED: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_WINDOW: tl.constexpr, UPCAST: tl.constexpr,
-                PRECISION: tl.constexpr):
-    """dK/dV of one key block accumulated over the query blocks [lo, hi) of each of the GROUP q heads (Q, DO,
-    LSE, DELTA point at the group's first head). Tiles are key-major: [BLOCK_N keys, BLOCK_M queries].
+                PRECISION: tl.constexpr, TMA: tl.constexpr):
+    """dK/dV of one key block accumulated over the query blocks [lo, hi) of each of the GROUP q heads (q_tiles,
+    do_tiles from _group_tiles; LSE, DELTA point at the group's first head). Tiles are key-major: [BLOCK_N keys,
+    BLOCK_M queries].
 
     One flat loop over (head, query block) rather than a head loop around a block loop: the nested form made
     the compiler keep per-head address tiles live and spill on Hopper; the flat one pipelines as one loop."""
@@ -454,11 +448,10 @@ def _dkdv_range(dk, dv, k, v, k_pos, k_doc,
         g = it // n_blocks
         start_m = tl.multiple_of(lo + (it - g * n_blocks) * BLOCK_M, BLOCK_M)
         q_pos = start_m + tl.arange(0, BLOCK_M)
-        Q_g = Q + g * stride_qh
-        DO_g = DO + g * stride_doh
         LSE_g = LSE + g * seq_len
         DELTA_g = DELTA + g * seq_len
-        q = _load_rows(Q_g, q_pos, stride_qs, stride_qd, seq_len, HEAD_DIM, BLOCK_D, MASKED)  # [BLOCK_M, BLOCK_D]
+        q = _load_group_tile(q_tiles, g, start_m, stride_qh, stride_qs, stride_qd, seq_len, HEAD_DIM, BLOCK_M,
+                             BLOCK_D, MASKED, TMA)                                      # [BLOCK_M, BLOCK_D]
         if MASKED:
             lse = tl.load(LSE_g + q_pos, mask=q_pos < seq_len, other=0.0)
         else:
@@ -472,7 +465,8 @@ def _dkdv_range(dk, dv, k, v, k_pos, k_doc,
             ok = _allowed(q_pos[None, :], k_pos[:, None], q_doc[None, :], k_doc[:, None], seq_len, window,
                           MASKED, HAS_DOCS, HAS_WINDOW)
             pT = tl.where(ok, pT, 0.0)
-        do = _load_rows(DO_g, q_pos, stride_dos, stride_dod, seq_len, HEAD_DIM, BLOCK_D, MASKED)
+        do = _load_group_tile(do_tiles, g, start_m, stride_doh, stride_dos, stride_dod, seq_len, HEAD_DIM, BLOCK_M,
+                              BLOCK_D, MASKED, TMA)
         if MASKED:
             delta = tl.load(DELTA_g + q_pos, mask=q_pos < seq_len, other=0.0)
         else:
@@ -501,17 +495,22 @@ def _attn_bwd_dkdv(
     # meta
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_DOCS: tl.constexpr, HAS_WINDOW: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    TMA: tl.constexpr,
 ):
-    """Grid (key blocks, B·Hkv). Writes dk, dv[b, n0:n0+BLOCK_N, kv head], summed over the GROUP q heads."""
+    """Grid (key blocks, B·Hkv). Writes dk, dv[b, n0:n0+BLOCK_N, kv head], summed over the GROUP q heads. TMA:
+    the K/V/dK/dV tiles through 2-D descriptors, the group's Q/dO tiles through 3-D ones (_group_tiles)."""
     n0 = tl.program_id(0) * BLOCK_N
     off_bkh = tl.program_id(1)
     off_b = (off_bkh // num_kv_heads).to(tl.int64)
     off_kh = off_bkh % num_kv_heads
     k_pos = n0 + tl.arange(0, BLOCK_N)
-    k = _load_rows(K + off_b * stride_kb + off_kh * stride_kh, k_pos, stride_ks, stride_kd, seq_len, HEAD_DIM,
-                   BLOCK_D, True)                                                       # [BLOCK_N, BLOCK_D]
-    v = _load_rows(V + off_b * stride_vb + off_kh * stride_vh, k_pos, stride_vs, stride_vd, seq_len, HEAD_DIM,
-                   BLOCK_D, True)
+    k_tiles = _tiles(K + off_b * stride_kb + off_kh * stride_kh, seq_len, stride_ks, HEAD_DIM, BLOCK_N, BLOCK_D,
+                     TMA)
+    v_tiles = _tiles(V + off_b * stride_vb + off_kh * stride_vh, seq_len, stride_vs, HEAD_DIM, BLOCK_N, BLOCK_D,
+                     TMA)
+    k = _load_tile(k_tiles, n0, stride_ks, stride_kd, seq_len, HEAD_DIM, BLOCK_N, BLOCK_D, True,
+                   TMA)                                                                 # [BLOCK_N, BLOCK_D]
+    v = _load_tile(v_tiles, n0, stride_vs, stride_vd, seq_len, HEAD_DIM, BLOCK_N, BLOCK_D, True, TMA)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
 
@@ -533,34 +532,44 @@ def _attn_bwd_dkdv(
 
     first_h = off_kh * GROUP
     row = (off_b * num_heads + first_h) * seq_len
-    args = (Q + off_b * stride_qb + first_h * stride_qh, DO + off_b * stride_dob + first_h * stride_doh,
-            LSE + row, DELTA + row, DOC, stride_qh, stride_qs, stride_qd, stride_doh, stride_dos, stride_dod)
+    q_tiles = _group_tiles(Q + off_b * stride_qb + first_h * stride_qh, seq_len, stride_qh, stride_qs, GROUP,
+                           HEAD_DIM, BLOCK_M, BLOCK_D, TMA)
+    do_tiles = _group_tiles(DO + off_b * stride_dob + first_h * stride_doh, seq_len, stride_doh, stride_dos, GROUP,
+                            HEAD_DIM, BLOCK_M, BLOCK_D, TMA)
+    args = (q_tiles, do_tiles, LSE + row, DELTA + row, DOC, stride_qh, stride_qs, stride_qd, stride_doh, stride_dos,
+            stride_dod)
     dk, dv = _dkdv_range(dk, dv, k, v, k_pos, k_doc, *args, diag_lo, diag_hi, seq_len, window, qk_scale,
-                         GROUP, HEAD_DIM, BLOCK_D, BLOCK_M, True, HAS_DOCS, HAS_WINDOW, UPCAST, PRECISION)
+                         GROUP, HEAD_DIM, BLOCK_D, BLOCK_M, True, HAS_DOCS, HAS_WINDOW, UPCAST, PRECISION, TMA)
     dk, dv = _dkdv_range(dk, dv, k, v, k_pos, k_doc, *args, full_lo, full_hi, seq_len, window, qk_scale,
-                         GROUP, HEAD_DIM, BLOCK_D, BLOCK_M, False, HAS_DOCS, HAS_WINDOW, UPCAST, PRECISION)
+                         GROUP, HEAD_DIM, BLOCK_D, BLOCK_M, False, HAS_DOCS, HAS_WINDOW, UPCAST, PRECISION, TMA)
     dk, dv = _dkdv_range(dk, dv, k, v, k_pos, k_doc, *args, tail_lo, hi, seq_len, window, qk_scale,
-                         GROUP, HEAD_DIM, BLOCK_D, BLOCK_M, True, HAS_DOCS, HAS_WINDOW, UPCAST, PRECISION)
+                         GROUP, HEAD_DIM, BLOCK_D, BLOCK_M, True, HAS_DOCS, HAS_WINDOW, UPCAST, PRECISION, TMA)
 
     dk *= scale
-    DK += off_b * stride_dkb + off_kh * stride_dkh
-    DV += off_b * stride_dvb + off_kh * stride_dvh
-    _store_rows(DK, k_pos, stride_dks, stride_dkd, dk.to(DK.dtype.element_ty), seq_len, HEAD_DIM, BLOCK_D)
-    _store_rows(DV, k_pos, stride_dvs, stride_dvd, dv.to(DV.dtype.element_ty), seq_len, HEAD_DIM, BLOCK_D)
+    dk_tiles = _tiles(DK + off_b * stride_dkb + off_kh * stride_dkh, seq_len, stride_dks, HEAD_DIM, BLOCK_N, BLOCK_D,
+                      TMA)
+    dv_tiles = _tiles(DV + off_b * stride_dvb + off_kh * stride_dvh, seq_len, stride_dvs, HEAD_DIM, BLOCK_N, BLOCK_D,
+                      TMA)
+    _store_tile(dk_tiles, n0, stride_dks, stride_dkd, dk.to(DK.dtype.element_ty), seq_len, HEAD_DIM, BLOCK_N,
+                BLOCK_D, TMA)
+    _store_tile(dv_tiles, n0, stride_dvs, stride_dvd, dv.to(DV.dtype.element_ty), seq_len, HEAD_DIM, BLOCK_N,
+                BLOCK_D, TMA)
 
 
 @triton.jit
 def _dq_range(dq, q, do, lse2, delta, q_pos, q_doc,
-              K, V, DOC, stride_ks, stride_vs, stride_kd, stride_vd,
+              k_tiles, v_tiles, DOC, stride_ks, stride_vs, stride_kd, stride_vd,
               lo, hi, seq_len, window, qk_scale,
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-              HAS_DOCS: tl.constexpr, HAS_WINDOW: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+              HAS_DOCS: tl.constexpr, HAS_WINDOW: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+              TMA: tl.constexpr):
     """dQ of one query block accumulated over the key blocks [lo, hi)."""
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         k_pos = start_n + tl.arange(0, BLOCK_N)
-        k = _load_rows(K, k_pos, stride_ks, stride_kd, seq_len, HEAD_DIM, BLOCK_D, MASKED)  # [BLOCK_N, BLOCK_D]
-        v = _load_rows(V, k_pos, stride_vs, stride_vd, seq_len, HEAD_DIM, BLOCK_D, MASKED)
+        k = _load_tile(k_tiles, start_n, stride_ks, stride_kd, seq_len, HEAD_DIM, BLOCK_N, BLOCK_D, MASKED,
+                       TMA)                                                             # [BLOCK_N, BLOCK_D]
+        v = _load_tile(v_tiles, start_n, stride_vs, stride_vd, seq_len, HEAD_DIM, BLOCK_N, BLOCK_D, MASKED, TMA)
         qk = _dot(q, tl.trans(k), None, UPCAST, PRECISION)                              # [BLOCK_M, BLOCK_N]
         p = tl.math.exp2(qk * qk_scale - lse2[:, None])
         if MASKED or HAS_DOCS:
@@ -592,22 +601,28 @@ def _attn_bwd_dq(
     # meta
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_DOCS: tl.constexpr, HAS_WINDOW: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    TMA: tl.constexpr,
 ):
-    """Grid (query blocks, B·Hq). Writes dq[b, m0:m0+BLOCK_M, h]; same key ranges as the forward."""
+    """Grid (query blocks, B·Hq). Writes dq[b, m0:m0+BLOCK_M, h]; same key ranges as the forward. TMA: the
+    Q/K/V/dO/dQ tiles through 2-D descriptors, as the forward's."""
     start_m = tl.num_programs(0) - 1 - tl.program_id(0)
     off_bh = tl.program_id(1)
     off_b = (off_bh // num_heads).to(tl.int64)
     off_h = off_bh % num_heads
     off_kh = off_h // GROUP
-    K += off_b * stride_kb + off_kh * stride_kh
-    V += off_b * stride_vb + off_kh * stride_vh
+    k_tiles = _tiles(K + off_b * stride_kb + off_kh * stride_kh, seq_len, stride_ks, HEAD_DIM, BLOCK_N, BLOCK_D,
+                     TMA)
+    v_tiles = _tiles(V + off_b * stride_vb + off_kh * stride_vh, seq_len, stride_vs, HEAD_DIM, BLOCK_N, BLOCK_D,
+                     TMA)
+    q_tiles = _tiles(Q + off_b * stride_qb + off_h * stride_qh, seq_len, stride_qs, HEAD_DIM, BLOCK_M, BLOCK_D, TMA)
+    do_tiles = _tiles(DO + off_b * stride_dob + off_h * stride_doh, seq_len, stride_dos, HEAD_DIM, BLOCK_M, BLOCK_D,
+                      TMA)
     m0 = start_m * BLOCK_M
     q_pos = m0 + tl.arange(0, BLOCK_M)
     q_in = q_pos < seq_len
-    q = _load_rows(Q + off_b * stride_qb + off_h * stride_qh, q_pos, stride_qs, stride_qd, seq_len, HEAD_DIM,
-                   BLOCK_D, True)                                                       # [BLOCK_M, BLOCK_D]
-    do = _load_rows(DO + off_b * stride_dob + off_h * stride_doh, q_pos, stride_dos, stride_dod, seq_len, HEAD_DIM,
-                    BLOCK_D, True)
+    q = _load_tile(q_tiles, m0, stride_qs, stride_qd, seq_len, HEAD_DIM, BLOCK_M, BLOCK_D, True,
+                   TMA)                                                                 # [BLOCK_M, BLOCK_D]
+    do = _load_tile(do_tiles, m0, stride_dos, stride_dod, seq_len, HEAD_DIM, BLOCK_M, BLOCK_D, True, TMA)
     row = off_bh.to(tl.int64) * seq_len
     lse2 = tl.load(LSE + row + q_pos, mask=q_in, other=0.0) * LOG2E                  # base 2, as the scores
     delta = tl.load(DELTA + row + q_pos, mask=q_in, other=0.0)
@@ -617,19 +632,19 @@ def _attn_bwd_dq(
         DOC += off_b * stride_docb
     q_doc, lo, edge_hi, full_lo, full_hi, diag_lo, hi = _key_ranges(DOC, m0, seq_len, window, BLOCK_M, BLOCK_N,
                                                                     HAS_DOCS, HAS_WINDOW)
-    args = (K, V, DOC, stride_ks, stride_vs, stride_kd, stride_vd)
+    args = (k_tiles, v_tiles, DOC, stride_ks, stride_vs, stride_kd, stride_vd)
     dq = _dq_range(dq, q, do, lse2, delta, q_pos, q_doc, *args, lo, edge_hi, seq_len, window,
-                   qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, True, HAS_DOCS, HAS_WINDOW, UPCAST, PRECISION)
+                   qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, True, HAS_DOCS, HAS_WINDOW, UPCAST, PRECISION, TMA)
     dq = _dq_range(dq, q, do, lse2, delta, q_pos, q_doc, *args, full_lo, full_hi, seq_len, window,
-                   qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, False, HAS_DOCS, HAS_WINDOW, UPCAST, PRECISION)
+                   qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, False, HAS_DOCS, HAS_WINDOW, UPCAST, PRECISION, TMA)
     dq = _dq_range(dq, q, do, lse2, delta, q_pos, q_doc, *args, diag_lo, hi, seq_len, window,
-                   qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, True, HAS_DOCS, HAS_WINDOW, UPCAST, PRECISION)
+                   qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, True, HAS_DOCS, HAS_WINDOW, UPCAST, PRECISION, TMA)
 
     dq *= scale
-    _store_rows(DQ + off_b * stride_dqb + off_h * stride_dqh, q_pos, stride_dqs, stride_dqd,
-                dq.to(DQ.dtype.element_ty), seq_len, HEAD_DIM, BLOCK_D)
-
-
+    dq_tiles = _tiles(DQ + off_b * stride_dqb + off_h * stride_dqh, seq_len, stride_dqs, HEAD_DIM, BLOCK_M, BLOCK_D,
+                      TMA)
+    _store_tile(dq_tiles, m0, stride_dqs, stride_dqd, dq.to(DQ.dtype.element_ty), seq_len, HEAD_DIM, BLOCK_M,
+                BLOCK_D, TMA)
 # ----------------------------------------------------------------------------------------------------------
 # Launch functions: configs, input checks, grids
 # ----------------------------------------------------------------------------------------------------------
@@ -645,30 +660,36 @@ def _cfg(bm, bn, warps, stages):
 
 
 def _tma_cfg(bm, bn, warps, stages):
-    """A config of the TMA forward (_attn_fwd_tma); configs without "kernel" run the pointer kernels."""
+    """A config that moves the tiles by TMA (the kernel's TMA=True); configs without "kernel" use pointers."""
     return {**_cfg(bm, bn, warps, stages), "kernel": "tma"}
 
 
+def uses_tma(cfg: dict) -> bool:
+    """Whether a config runs its kernel with TMA tiles (where tma_unsupported lets it)."""
+    return cfg.get("kernel") == "tma"
+
+
 def _cfg_label(cfg: dict) -> str:
-    kernel = " tma" if cfg.get("kernel") == "tma" else ""
-    return f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']} w{cfg['num_warps']} s{cfg['num_stages']}{kernel}"
+    return f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']} w{cfg['num_warps']} s{cfg['num_stages']}{' tma' * uses_tma(cfg)}"
 
 
-def fwd_kernel(cfg: dict):
-    """The forward kernel a config runs: _attn_fwd_tma for TMA configs, else _attn_fwd."""
-    return _attn_fwd_tma if cfg.get("kernel") == "tma" else _attn_fwd
-
-
-# The TMA forward's candidates (bf16; _attn_fwd_tma): K/V copies pipelined num_stages deep in shared memory.
+# The TMA forward's candidates (bf16): K/V copies pipelined num_stages deep in shared memory.
 # 128×128 tiles are left out: at head dim 128 with documents or a window they spill under triton 3.6 (16-40 B of
 # stack at 255 registers; 3.9 fits them at 198-255), and with 4 stages they need 290 KB of shared memory.
 FWD_TMA_CONFIGS = [_tma_cfg(128, 64, 8, 2), _tma_cfg(128, 64, 8, 3), _tma_cfg(128, 64, 8, 4),
                    _tma_cfg(64, 64, 4, 2), _tma_cfg(64, 64, 4, 3), _tma_cfg(64, 64, 4, 4)]
 FWD_CONFIGS = [_cfg(128, 64, 8, 2), _cfg(128, 64, 8, 3), _cfg(128, 32, 8, 3), _cfg(64, 64, 4, 2),
                _cfg(64, 64, 4, 3), _cfg(64, 32, 4, 3)] + FWD_TMA_CONFIGS
-DKDV_CONFIGS = [_cfg(32, 128, 8, 2), _cfg(32, 128, 8, 3), _cfg(16, 128, 8, 3), _cfg(16, 64, 4, 2)]
+# The TMA backward's candidates (bf16): the pointer ones' tiles, and dkdv's 32×64 on 4 warps, which spills with
+# pointer loads but not with TMA ones. Left out: dkdv 64×128 on 8 warps and dq 128×128 spill at head dim 128 under
+# both tritons (40-272 B of stack at 255 registers).
+DKDV_TMA_CONFIGS = [_tma_cfg(32, 128, 8, 2), _tma_cfg(32, 128, 8, 3), _tma_cfg(16, 128, 8, 3),
+                    _tma_cfg(16, 64, 4, 2), _tma_cfg(32, 64, 4, 2)]
+DQ_TMA_CONFIGS = [_tma_cfg(128, 64, 8, 2), _tma_cfg(128, 64, 8, 3), _tma_cfg(128, 32, 8, 2),
+                  _tma_cfg(128, 32, 8, 3), _tma_cfg(64, 64, 4, 2), _tma_cfg(64, 64, 4, 3), _tma_cfg(64, 32, 4, 3)]
+DKDV_CONFIGS = [_cfg(32, 128, 8, 2), _cfg(32, 128, 8, 3), _cfg(16, 128, 8, 3), _cfg(16, 64, 4, 2)] + DKDV_TMA_CONFIGS
 DQ_CONFIGS = [_cfg(128, 64, 8, 2), _cfg(128, 64, 8, 3), _cfg(128, 32, 8, 2), _cfg(128, 32, 8, 3),
-              _cfg(64, 64, 4, 2), _cfg(64, 64, 4, 3), _cfg(64, 32, 4, 3)]
+              _cfg(64, 64, 4, 2), _cfg(64, 64, 4, 3), _cfg(64, 32, 4, 3)] + DQ_TMA_CONFIGS
 
 # hd256's dkdv takes 32 keys a program: with the 64 a warpgroup MMA needs, its two fp32 [64, 256] accumulators
 # alone fill 128 registers a thread on 8 warps and it spills (48 B at 2 stages, more with 1 stage or 16 warps);
@@ -680,8 +701,9 @@ DKDV_HD256_KEYS = 32
 # take up to a minute each to compile), and even 32×32 tiles spilled in the unmasked (plain) variant at hd128, so
 # fp32 has 16×16 tiles of its own (exact mode: correctness, not speed; its forward unpipelined, which triton 3.9
 # compiles without spills where 2 stages spilled 8–24 B, and 8 warps 8 B). The hd128 bf16 forward has 2 stages: with 3, a window
-# without documents spilled 8 B under triton 3.9. Each default compiles for sm_90a with
-# documents and a window without spills (tests/test_attention.py). Not timed: `python -m
+# without documents spilled 8 B under triton 3.9. The TMA defaults (bf16/fp16 at hd64 and hd128, every kernel)
+# keep the pointer defaults' tiles, which need fewer registers with TMA loads. Each default compiles for sm_90a
+# with documents and a window without spills (tests/test_attention.py). Not timed: `python -m
 # horizon_triton.kernels.autotune attention` on the GPU replaces the bf16 ones.
 _DEFAULTS = {
     "attention_fwd": {32: _cfg(128, 64, 8, 3), 64: _cfg(128, 64, 8, 3), 128: _cfg(128, 64, 8, 2),
@@ -691,6 +713,8 @@ _DEFAULTS = {
     "attention_bwd_dq": {32: _cfg(128, 64, 8, 3), 64: _cfg(128, 64, 8, 3), 128: _cfg(128, 64, 8, 2),
                          256: _cfg(128, 32, 8, 2)},
     "attention_fwd/tma": {64: _tma_cfg(128, 64, 8, 3), 128: _tma_cfg(128, 64, 8, 2)},
+    "attention_bwd_dkdv/tma": {64: _tma_cfg(64, 128, 8, 3), 128: _tma_cfg(32, 128, 8, 3)},
+    "attention_bwd_dq/tma": {64: _tma_cfg(128, 64, 8, 3), 128: _tma_cfg(128, 64, 8, 2)},
     "attention_fwd/fp32": dict.fromkeys((32, 64, 128, 256), _cfg(16, 16, 4, 1)),
     "attention_bwd_dkdv/fp32": {**dict.fromkeys((32, 64, 128), _cfg(16, 16, 4, 2)), 256: _cfg(16, 16, 8, 1)},
     "attention_bwd_dq/fp32": dict.fromkeys((32, 64, 128, 256), _cfg(16, 16, 4, 2)),
@@ -720,10 +744,11 @@ def _config(kernel: str, S: int, D: int, dtype: torch.dtype) -> dict:
 
 def default_config(kernel: str, D: int, dtype: torch.dtype, tma: bool = True) -> dict:
     """The untuned Hopper config of ``kernel`` at head dim D: fp32's own (its IEEE dots hold fp32 tiles in
-    registers), the bf16 one for bf16 and fp16. The forward's bf16/fp16 default at head dims 64 and 128 is the
-    TMA kernel's (the launcher falls back to the pointer kernel's, tma=False, where TMA cannot run)."""
-    if kernel == "attention_fwd" and tma and dtype != torch.float32 and D in _DEFAULTS["attention_fwd/tma"]:
-        return _DEFAULTS["attention_fwd/tma"][D]
+    registers), the bf16 one for bf16 and fp16. Every kernel's bf16/fp16 default at head dims 64 and 128 moves
+    its tiles by TMA (the launchers fall back to the pointer loads' default, tma=False, where TMA cannot run)."""
+    tma_defaults = _DEFAULTS.get(f"{kernel}/tma", {})
+    if tma and dtype != torch.float32 and D in tma_defaults:
+        return tma_defaults[D]
     return _DEFAULTS[kernel if dtype != torch.float32 else f"{kernel}/fp32"][_block_d(D)]
 
 
@@ -796,7 +821,7 @@ def batch_slices(B: int, heads: int) -> list[tuple[int, int]]:
 
 
 def tma_unsupported(*tensors: torch.Tensor) -> str | None:
-    """Why _attn_fwd_tma cannot read these [B, S, heads, D] tensors (None: it can). A TMA descriptor needs an
+    """Why TMA tiles cannot move these [B, S, heads, D] tensors (None: they can). A TMA descriptor needs an
     sm_90+ GPU (or the interpreter), a 16-byte aligned base and row stride, and a unit head-dim stride; the
     per-(batch, head) bases need the batch and head strides 16-byte aligned too."""
     t0 = tensors[0]
@@ -813,13 +838,20 @@ def tma_unsupported(*tensors: torch.Tensor) -> str | None:
 
 
 def _tma_scratch(size: int, alignment: int, stream) -> torch.Tensor:
-    """Global memory in which each program of _attn_fwd_tma writes its tensor descriptors (triton.set_allocator)."""
+    """Global memory in which each program of a TMA launch writes its tensor descriptors (triton.set_allocator)."""
     return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
+def _runnable(kernel: str, cfg: dict, *tensors: torch.Tensor) -> dict:
+    """cfg, or the pointer loads' default where cfg is a TMA config that ``tensors`` (every [B, S, heads, D]
+    tensor the kernel reads or writes) cannot take (tma_unsupported)."""
+    if uses_tma(cfg) and tma_unsupported(*tensors) is not None:
+        return default_config(kernel, tensors[0].shape[3], tensors[0].dtype, tma=False)
+    return cfg
+
+
 def _launch_fwd(q, k, v, doc_ids, o, lse, scale: float, window: int, cfg: dict) -> None:
-    if cfg.get("kernel") == "tma" and tma_unsupported(q, k, v, o) is not None:
-        cfg = default_config("attention_fwd", q.shape[3], q.dtype, tma=False)
+    cfg = _runnable("attention_fwd", cfg, q, k, v, o)
     doc = doc_ids.contiguous() if doc_ids is not None else None
     for b0, b1 in batch_slices(q.shape[0], q.shape[2]):
         _launch_fwd_rows(q[b0:b1], k[b0:b1], v[b0:b1], None if doc is None else doc[b0:b1], o[b0:b1],
@@ -829,16 +861,16 @@ def _launch_fwd(q, k, v, doc_ids, o, lse, scale: float, window: int, cfg: dict) 
 def _launch_fwd_rows(q, k, v, doc, o, lse, scale: float, window: int, cfg: dict) -> None:
     B, S, Hq, D = q.shape
     grid = (triton.cdiv(S, cfg["BLOCK_M"]), B * Hq)
-    if cfg.get("kernel") == "tma" and not tuning.interpreting():
+    if uses_tma(cfg) and not tuning.interpreting():
         triton.set_allocator(_tma_scratch)     # a context variable: set at each launch, whichever thread launches
-    fwd_kernel(cfg)[grid](
+    _attn_fwd[grid](
         q, k, v, doc, o, lse,
         S, Hq, window, scale * LOG2E.value,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(),
         doc.stride(0) if doc is not None else 0,
         GROUP=Hq // k.shape[2], HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
         HAS_DOCS=doc is not None, HAS_WINDOW=window > 0, UPCAST=tuning.interpreting(),
-        PRECISION=_precision(q.dtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        PRECISION=_precision(q.dtype), TMA=uses_tma(cfg), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: torch.Tensor | None,
@@ -860,6 +892,8 @@ def _launch_bwd(do, q, k, v, o, lse, doc_ids, scale: float, window: int, cfg_dkd
     dq = torch.empty((B, S, Hq, D), dtype=q.dtype, device=q.device)
     dk = torch.empty((B, S, Hkv, D), dtype=q.dtype, device=q.device)
     dv = torch.empty((B, S, Hkv, D), dtype=q.dtype, device=q.device)
+    cfg_dkdv = _runnable("attention_bwd_dkdv", cfg_dkdv, q, k, v, do, dk, dv)
+    cfg_dq = _runnable("attention_bwd_dq", cfg_dq, q, k, v, do, dq)
     for b0, b1 in batch_slices(B, Hq):
         rows = [t[b0:b1] for t in (do, q, k, v, o, lse, delta, dq, dk, dv)]
         _launch_bwd_rows(*rows, None if doc is None else doc[b0:b1], scale, window, cfg_dkdv, cfg_dq)
@@ -874,19 +908,21 @@ def _launch_bwd_rows(do, q, k, v, o, lse, delta, dq, dk, dv, doc, scale: float, 
     meta = dict(GROUP=Hq // Hkv, HEAD_DIM=D, BLOCK_D=_block_d(D), HAS_DOCS=doc is not None, HAS_WINDOW=window > 0,
                 UPCAST=tuning.interpreting(), PRECISION=_precision(q.dtype))
     pre_block = 64 if not tuning.interpreting() else 32
+    if (uses_tma(cfg_dkdv) or uses_tma(cfg_dq)) and not tuning.interpreting():
+        triton.set_allocator(_tma_scratch)
     _attn_bwd_preprocess[(triton.cdiv(S, pre_block), B * Hq)](
         o, do, delta, S, Hq, *o.stride(), *do.stride(), HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_M=pre_block)
     _attn_bwd_dkdv[(triton.cdiv(S, cfg_dkdv["BLOCK_N"]), B * Hkv)](
         q, k, v, do, lse, delta, doc, dk, dv,
         S, Hq, Hkv, window, scale * LOG2E.value, scale,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), doc_stride,
-        BLOCK_M=cfg_dkdv["BLOCK_M"], BLOCK_N=cfg_dkdv["BLOCK_N"], **meta,
+        BLOCK_M=cfg_dkdv["BLOCK_M"], BLOCK_N=cfg_dkdv["BLOCK_N"], TMA=uses_tma(cfg_dkdv), **meta,
         num_warps=cfg_dkdv["num_warps"], num_stages=cfg_dkdv["num_stages"])
     _attn_bwd_dq[(triton.cdiv(S, cfg_dq["BLOCK_M"]), B * Hq)](
         q, k, v, do, lse, delta, doc, dq,
         S, Hq, window, scale * LOG2E.value, scale,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), doc_stride,
-        BLOCK_M=cfg_dq["BLOCK_M"], BLOCK_N=cfg_dq["BLOCK_N"], **meta,
+        BLOCK_M=cfg_dq["BLOCK_M"], BLOCK_N=cfg_dq["BLOCK_N"], TMA=uses_tma(cfg_dq), **meta,
         num_warps=cfg_dq["num_warps"], num_stages=cfg_dq["num_stages"])
 
 
@@ -938,9 +974,10 @@ def _tune_shape(B: int, S: int, Hq: int, Hkv: int, D: int, device="cuda",
     o_ref, _ = attention_forward_ref(group(q), group(k, 1), group(v, 1), None, scale)
 
     no_tma = tma_unsupported(q, k, v, o)
-    if no_tma is not None:                   # the TMA configs would time the pointer kernel under their name
-        print(f"  attention_fwd: no TMA configs: {no_tma}")
-        fwd_configs = [c for c in fwd_configs if c.get("kernel") != "tma"]
+    if no_tma is not None:                   # the TMA configs would time the pointer loads under their name
+        print(f"  attention: no TMA configs: {no_tma}")
+        fwd_configs, dkdv_configs, dq_configs = ([c for c in configs if not uses_tma(c)]
+                                                 for configs in (fwd_configs, dkdv_configs, dq_configs))
 
     def run_fwd(cfg: dict) -> None:
         _launch_fwd(q, k, v, None, o, lse, scale, 0, cfg)
@@ -972,8 +1009,7 @@ def _tune_shape(B: int, S: int, Hq: int, Hkv: int, D: int, device="cuda",
     tuning.store_config("attention_bwd_dq", key, dq_cfg)
     bwd_ms = tuning.time_ms(lambda: attention_backward(do, q, k, v, o, lse, None, scale))
     rows = []
-    fwd_label = {**fwd_cfg, "kernel": fwd_kernel(fwd_cfg).__name__}     # says which forward kernel won
-    for label, cfg, ms, backward in (("fwd", fwd_label, fwd_ms, False),
+    for label, cfg, ms, backward in (("fwd", fwd_cfg, fwd_ms, False),
                                      ("bwd", {"dkdv": dkdv_cfg, "dq": dq_cfg}, bwd_ms, True)):
         tflops = attention_flops(B, S, Hq, D, backward) / (ms * 1e-3) / 1e12
         rows.append({"shape": f"B={B} S={S} Hq={Hq} Hkv={Hkv} D={D} bf16 causal {label}", "config": cfg, "ms": ms,

@@ -107,24 +107,38 @@ def test_fp16_and_window_wider_than_sequence(dev):
     assert torch.equal(A.attention_forward(q, k, v, None, 0.1, S)[0], A.attention_forward(q, k, v, None, 0.1)[0])
 
 
-def _check_against_reference(case, dtype, dev):
+def _case(case, dtype, dev):
+    """The inputs of a CASES entry: q, k, v, dO (in dtype), doc ids, scale, window."""
     B, S, Hq, Hkv, D, starts, window = CASES[case]
     q, k, v = _inputs(B, S, Hq, Hkv, D, dtype, dev)
     doc = _doc_ids(B, S, starts).to(dev) if starts else None
-    scale = D ** -0.5
     do = torch.randn(B, S, Hq, D).to(dev, dtype)
+    return q, k, v, do, doc, D ** -0.5, window
 
-    o, lse = A.attention_forward(q, k, v, doc, scale, window)
-    ref = lambda up: (lambda q, k, v: A.attention_ref(q, k, v, doc, scale, window, upcast=up))
-    assert_within_reference_error(o, ref(False)(q, k, v), ref(True)(q, k, v), ATOL[dtype], f"{case} o")
+
+def _check_output(o, lse, q, k, v, doc, scale, window, label):
+    """o within the reference's own error, lse close to the reference's."""
+    ref = lambda up: A.attention_ref(q, k, v, doc, scale, window, upcast=up)
+    assert_within_reference_error(o, ref(False), ref(True), ATOL[q.dtype], f"{label} o")
     _, lse_ref = A.attention_forward_ref(q, k, v, doc, scale, window)
     assert _err(lse, lse_ref) < 1e-4
 
-    grads = A.attention_backward(do, q, k, v, o, lse, doc, scale, window)
+
+def _check_grads(grads, q, k, v, do, doc, scale, window, label):
+    """dq, dk, dv within the reference's own error (autograd through the fp32 and the low-precision reference)."""
+    ref = lambda up: (lambda q, k, v: A.attention_ref(q, k, v, doc, scale, window, upcast=up))
     g32 = _grads(ref(True), q.float(), k.float(), v.float(), do.float())
     g_lp = _grads(ref(False), q, k, v, do)
     for name, g, w, w_lp in zip(("dq", "dk", "dv"), grads, g32, g_lp):
-        assert_within_reference_error(g, w_lp, w, ATOL[dtype], f"{case} {name}")
+        assert_within_reference_error(g, w_lp, w, ATOL[q.dtype], f"{label} {name}")
+
+
+def _check_against_reference(case, dtype, dev):
+    q, k, v, do, doc, scale, window = _case(case, dtype, dev)
+    o, lse = A.attention_forward(q, k, v, doc, scale, window)
+    _check_output(o, lse, q, k, v, doc, scale, window, case)
+    _check_grads(A.attention_backward(do, q, k, v, o, lse, doc, scale, window), q, k, v, do, doc, scale, window,
+                 case)
 
 
 @pytest.mark.parametrize("S,window", [(1, None), (2, 1), (17, 1), (17, 3)])
@@ -183,8 +197,9 @@ def test_strided_views(dev):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The TMA forward (_attn_fwd_tma): Q/K/V/O through tensor descriptors, which the interpreter runs (as masked
-# pointer loads and stores bounded by the descriptor's shape). Small tiles as the pointer kernel's interpreter ones.
+# TMA tiles (the kernels' TMA=True): Q/K/V/O and dO/dQ/dK/dV through tensor descriptors, which the interpreter runs
+# (as masked pointer loads and stores bounded by the descriptor's shape). Small tiles as the pointer loads'
+# interpreter ones.
 # ----------------------------------------------------------------------------------------------------------
 def _tma_forward(q, k, v, doc, scale, window):
     S = q.shape[1]
@@ -196,34 +211,66 @@ def _tma_forward(q, k, v, doc, scale, window):
     return o, lse
 
 
+def _tma_backward(do, q, k, v, o, lse, doc, scale, window):
+    S = q.shape[1]
+    short = S <= A._INTERPRETER_LONG_S
+    cfg_dkdv = A._tma_cfg(16, 32, 4, 1) if short else A._tma_cfg(64, 64, 4, 1)
+    cfg_dq = A._tma_cfg(32, 16, 4, 1) if short else A._tma_cfg(64, 64, 4, 1)
+    assert A.tma_unsupported(q, k, v, do) is None
+    return A._launch_bwd(do, q, k, v, o, lse, doc, scale, A._window(S, window), cfg_dkdv, cfg_dq)
+
+
+def _recording_launches(monkeypatch) -> list:
+    """Records (kernel name, its TMA argument) of every kernel launch from here on (None: no such argument)."""
+    launched = []
+    jit_class, launch = type(A._attn_fwd), type(A._attn_fwd).__getitem__
+
+    def recording(self, grid):
+        run = launch(self, grid)
+        return lambda *args, **kw: (launched.append((self.__name__, kw.get("TMA"))), run(*args, **kw))[1]
+    monkeypatch.setattr(jit_class, "__getitem__", recording)
+    return launched
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_tma_forward_matches_reference(case, dtype, dev):
-    B, S, Hq, Hkv, D, starts, window = CASES[case]
-    q, k, v = _inputs(B, S, Hq, Hkv, D, dtype, dev)
-    doc = _doc_ids(B, S, starts).to(dev) if starts else None
-    scale = D ** -0.5
+    q, k, v, _, doc, scale, window = _case(case, dtype, dev)
     o, lse = _tma_forward(q, k, v, doc, scale, window)
-    ref = lambda up: A.attention_ref(q, k, v, doc, scale, window, upcast=up)
-    assert_within_reference_error(o, ref(False), ref(True), ATOL[dtype], f"{case} tma o")
-    _, lse_ref = A.attention_forward_ref(q, k, v, doc, scale, window)
-    assert _err(lse, lse_ref) < 1e-4
+    _check_output(o, lse, q, k, v, doc, scale, window, f"{case} tma")
 
 
-def test_tma_forward_strided_views_and_fallback(dev, monkeypatch):
-    """Head slices of a fused qkv projection are 16-byte aligned views: the TMA kernel reads them. A head-dim
-    stride ≠ 1 (or a misaligned row) is no TMA layout: the launcher runs the pointer kernel instead, still right."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_tma_backward_matches_reference(case, dtype, dev):
+    """The dK/dV and dQ kernels with TMA tiles (dkdv reads the GROUP heads' Q/dO through one 3-D descriptor)
+    against autograd through the reference, from the reference's o and lse."""
+    q, k, v, do, doc, scale, window = _case(case, dtype, dev)
+    o, lse = A.attention_forward_ref(q, k, v, doc, scale, window)
+    _check_grads(_tma_backward(do, q, k, v, o, lse, doc, scale, window), q, k, v, do, doc, scale, window,
+                 f"{case} tma")
+
+
+def test_tma_strided_views_and_fallback(dev, monkeypatch):
+    """Head slices of a fused qkv projection (and a head-major dO) are 16-byte aligned views: the TMA tiles read
+    them, forward and backward. A head-dim stride ≠ 1 (or a misaligned row) is no TMA layout: the launchers run
+    the pointer loads instead, still right."""
     B, S, Hq, Hkv, D = 1, 50, 4, 2, 64
     qkv = torch.randn(B, S, Hq + 2 * Hkv, D, device=dev)
     q, k, v = qkv[:, :, :Hq], qkv[:, :, Hq:Hq + Hkv], qkv[:, :, Hq + Hkv:]
     doc = _doc_ids(B, 2 * S, [20]).to(dev)[:, ::2]
+    do = torch.randn(B, S, Hq, D, device=dev).transpose(1, 2).contiguous().transpose(1, 2)   # head-major memory
     o_ref, lse_ref = A.attention_forward_ref(q, k, v, doc, 0.125)
+    launched = _recording_launches(monkeypatch)
     o, lse = _tma_forward(q, k, v, doc, 0.125, None)
     assert _err(o, o_ref) < 1e-5 and _err(lse, lse_ref) < 1e-5
+    for g, w in zip(_tma_backward(do, q, k, v, o, lse, doc, 0.125, None),
+                    A.attention_backward_ref(do, q, k, v, o_ref, lse_ref, doc, 0.125)):
+        assert _err(g, w) < 1e-5
+    assert launched == [("_attn_fwd", True), ("_attn_bwd_preprocess", None), ("_attn_bwd_dkdv", True),
+                        ("_attn_bwd_dq", True)]
 
-    launched = []
-    jit_class, launch = type(A._attn_fwd), type(A._attn_fwd).__getitem__
-    monkeypatch.setattr(jit_class, "__getitem__", lambda self, grid: (launched.append(self), launch(self, grid))[1])
+    launched.clear()
     k_strided = torch.randn(B, S, Hkv, 2 * D, device=dev)[..., ::2]                   # head-dim stride 2
     q_odd = torch.randn(B, S * Hq * D + 1, device=dev)[:, 1:].view(B, S, Hq, D)      # base 4 bytes off 16
     for qx, kx in ((q, k_strided), (q_odd, k)):
@@ -233,20 +280,24 @@ def test_tma_forward_strided_views_and_fallback(dev, monkeypatch):
         A._launch_fwd(qx, kx, v, doc, o, lse, 0.125, 0, A._tma_cfg(32, 16, 4, 1))
         o_ref, lse_ref = A.attention_forward_ref(qx, kx, v, doc, 0.125)
         assert _err(o, o_ref) < 1e-5 and _err(lse, lse_ref) < 1e-5
-    assert launched == [A._attn_fwd, A._attn_fwd]
+        grads = A._launch_bwd(do, qx, kx, v, o, lse, doc, 0.125, 0, A._tma_cfg(16, 32, 4, 1), A._tma_cfg(32, 16, 4, 1))
+        for g, w in zip(grads, A.attention_backward_ref(do, qx, kx, v, o_ref, lse_ref, doc, 0.125)):
+            assert _err(g, w) < 1e-5
+    assert launched == 2 * [("_attn_fwd", False), ("_attn_bwd_preprocess", None), ("_attn_bwd_dkdv", False),
+                            ("_attn_bwd_dq", False)]
 
 
-def test_forward_default_rule():
-    """bf16/fp16 at head dims 64 and 128 default to the TMA forward; fp32 and other head dims, and every
-    backward kernel, keep the pointer kernels' defaults (the fallback with tma=False)."""
-    for dtype in (torch.bfloat16, torch.float16):
-        for D in (64, 128):
-            assert A.fwd_kernel(A.default_config("attention_fwd", D, dtype)) is A._attn_fwd_tma
-            assert A.fwd_kernel(A.default_config("attention_fwd", D, dtype, tma=False)) is A._attn_fwd
-        for D in (32, 96, 256):
-            assert A.fwd_kernel(A.default_config("attention_fwd", D, dtype)) is A._attn_fwd
-    assert A.fwd_kernel(A.default_config("attention_fwd", 128, torch.float32)) is A._attn_fwd
-    assert all("kernel" not in A.default_config(k, 128, torch.bfloat16) for k in _KERNELS[1:])
+def test_tma_default_rule():
+    """bf16/fp16 at head dims 64 and 128 default to TMA tiles in the forward and both backward kernels; fp32 and
+    other head dims keep pointer loads, and so does the fallback (tma=False)."""
+    for kernel in _KERNELS:
+        for dtype in (torch.bfloat16, torch.float16):
+            for D in (64, 128):
+                assert A.uses_tma(A.default_config(kernel, D, dtype))
+                assert not A.uses_tma(A.default_config(kernel, D, dtype, tma=False))
+            for D in (32, 96, 256):
+                assert not A.uses_tma(A.default_config(kernel, D, dtype))
+        assert not A.uses_tma(A.default_config(kernel, 128, torch.float32))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -349,14 +400,14 @@ def test_autotune_sweeps_stores_and_reports(dev, monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(A, "_launch_bwd", wrong_bwd)
     broken = A._cfg(24, 16, 4, 1)                                    # 24 is no power of two: fails to build
     wrong = {**A._cfg(16, 16, 4, 1), "wrong": True}
-    configs = ([wrong, broken, A._tma_cfg(32, 16, 4, 1), A._cfg(32, 16, 4, 1)], [A._cfg(16, 32, 4, 1)],
+    configs = ([wrong, broken, A._tma_cfg(32, 16, 4, 1), A._cfg(32, 16, 4, 1)], [A._tma_cfg(16, 32, 4, 1)],
                [wrong, A._cfg(32, 16, 4, 1), A._cfg(16, 16, 4, 1)])
     rows = A._tune_shape(1, 40, 2, 1, 32, dev, configs)
     assert [r["shape"].split()[-1] for r in rows] == ["fwd", "bwd"]
-    # the TMA candidate (timed first) wins; the row names the kernel that ran
-    assert rows[0]["config"] == {**A._tma_cfg(32, 16, 4, 1), "kernel": "_attn_fwd_tma"}
+    # the TMA candidate (timed first) wins
+    assert rows[0]["config"] == A._tma_cfg(32, 16, 4, 1)
     assert "TFLOPS" in rows[0]["throughput"]
-    assert rows[1]["config"] == {"dkdv": A._cfg(16, 32, 4, 1), "dq": A._cfg(32, 16, 4, 1)}
+    assert rows[1]["config"] == {"dkdv": A._tma_cfg(16, 32, 4, 1), "dq": A._cfg(32, 16, 4, 1)}
     stored = json.loads((tmp_path / "autotune.json").read_text())
     assert set(next(iter(stored.values()))) == {"attention_fwd", "attention_bwd_dkdv", "attention_bwd_dq"}
     fwd_stored = next(iter(stored.values()))["attention_fwd"]
@@ -383,9 +434,8 @@ def _compile_sm90(kernel: str, D: int, docs: bool, window: bool, dtype: str = "b
     torch_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
     cfg = cfg or A.default_config(kernel, D, torch_dtype)
     constexprs = dict(GROUP=group, HEAD_DIM=D, BLOCK_D=A._block_d(D), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-                      HAS_DOCS=docs, HAS_WINDOW=window, UPCAST=False, PRECISION=A._precision(torch_dtype))
-    if kernel == "attention_fwd":
-        fn = A.fwd_kernel(cfg)
+                      HAS_DOCS=docs, HAS_WINDOW=window, UPCAST=False, PRECISION=A._precision(torch_dtype),
+                      TMA=A.uses_tma(cfg))
     types, aligned = {}, []
     for name in fn.arg_names:
         if name == "DOC" and not docs:
@@ -409,24 +459,24 @@ def _hopper_report() -> dict:
     """The child process of test_defaults_compile_for_hopper_without_spills: every default config. bf16 at the
     engine's head dims (64, 128) in all four variants, at the tests' (32, 96, 256) with documents and a window;
     fp32 at each tile width plain and with documents and a window (the plain loop pipelines differently: at
-    hd128 it spilled where the masked one did not). The bf16 forward's default at 64 and 128 is the TMA kernel's;
-    the pointer kernel's fallback there (tma=False) is compiled too."""
+    hd128 it spilled where the masked one did not). The bf16 defaults at 64 and 128 move tiles by TMA; the
+    pointer loads' fallback there (tma=False) is compiled too."""
     jobs = [("bf16", D, v) for D in (64, 128) for v in _VARIANTS]
     jobs += [("bf16", D, "docs+window") for D in (32, 96, 256)]
     jobs += [("fp32", D, v) for D in (32, 64, 128, 256) for v in ("plain", "docs+window")]
     report = {f"{k} {dtype} D{D} {v}": _compile_sm90(k, D, *_VARIANTS[v], dtype)
               for dtype, D, v in jobs for k in _KERNELS}
-    fallback = {f"attention_fwd pointer bf16 D{D} {v}":
-                _compile_sm90("attention_fwd", D, *_VARIANTS[v], "bf16",
-                              A.default_config("attention_fwd", D, torch.bfloat16, tma=False))
-                for D in (64, 128) for v in _VARIANTS}
+    fallback = {f"{k} pointer bf16 D{D} {v}":
+                _compile_sm90(k, D, *_VARIANTS[v], "bf16", A.default_config(k, D, torch.bfloat16, tma=False))
+                for k in _KERNELS for D in (64, 128) for v in _VARIANTS}
     return {**report, **fallback}
 
 
 def _hopper_candidates_report() -> dict:
     """The child process of test_autotune_candidates_compile_for_hopper: every candidate autotune sweeps (bf16),
-    at head dim 128 (the widest it sweeps) with documents and a window (the heaviest variant a stored config
-    meets)."""
+    pointer and TMA, at head dim 128 (the widest it sweeps) with documents and a window (the heaviest variant a
+    stored config meets; no other variant spilled where it did not, for the TMA backward's candidates under both
+    tritons)."""
     lists = {"attention_fwd": A.FWD_CONFIGS, "attention_bwd_dkdv": A.DKDV_CONFIGS, "attention_bwd_dq": A.DQ_CONFIGS}
     report = {f"{k} bf16 D128 docs+window {A._cfg_label(cfg)}": _compile_sm90(k, 128, True, True, "bf16", cfg)
               for k, configs in lists.items() for cfg in configs}
@@ -444,7 +494,7 @@ def test_defaults_compile_for_hopper_without_spills():
     """Every default config, bf16 and fp32, compiles for sm_90a without register spills and within an H100's
     shared memory; every bf16 dot is a Hopper warpgroup MMA (fp32's IEEE dots have no tensor-core form)."""
     report = hopper_compile.report("test_attention", "_hopper_report")
-    assert len(report) == 3 * 19 + 8
+    assert len(report) == 3 * 19 + 3 * 8
     hopper_compile.assert_fits_without_spills(report)
     # hd256's dkdv takes mma.sync without spills over a spilling wgmma tile (A.DKDV_HD256_KEYS)
     assert A._DEFAULTS["attention_bwd_dkdv"][256]["BLOCK_N"] == A.DKDV_HD256_KEYS < 64
