@@ -4,7 +4,8 @@
 
 Parts, in the order they run (the letters are sections; ``--parts`` takes part names or letters, comma-separated):
     e  engine steps at Llama-3-8B and Llama-3-70B layer widths, real vocabulary, for our kernels
-       (HORIZON_KERNELS=triton) and the library path (HORIZON_KERNELS=torch) side by side
+       (HORIZON_KERNELS=triton) and the library path (HORIZON_KERNELS=torch) side by side; in the time left, MoE
+       steps with micro-batches through a layer one at a time and together
     b  each kernel against cuBLAS / torch SDPA at the engine's real shapes (perf/gpu_parts.py); in the time left,
        the MoE kernels against torch._grouped_mm (perf/test_moe_perf.py)
     c  host -> device bandwidth: the scheduler's stream_in against a plain pinned copy
@@ -132,6 +133,11 @@ def all_parts(quick: bool) -> list[Part]:
              "and Qwen3-235B expert shapes, 8K tokens", 90,
              (py, "-m", "pytest", "perf/test_moe_perf.py", "--benchmark-only", "-s"), pytest=True, extra=True,
              compiles="the MoE kernels at two shapes (about as many as moe_kernel_tests)", without_gpu=timed),
+        Part("moe_merge", "e", "MoE steps (qwen3_moe, H 2048, 128 experts top-4, 4 × 2048 tokens): micro-batches "
+             "through a layer one at a time vs together (moe_merge_microbatches)", 90, measure("moe_merge"),
+             {"HORIZON_KERNELS": "triton"}, extra=True, compiles="not counted: the canary's and the MoE kernels' (about as many as moe_kernel_tests)",
+             without_gpu="`python perf/gpu_parts.py moe_merge --quick --device cpu --result FILE` runs this part's "
+                         "code on a toy model"),
         Part("cpu_adam", "d", "CPU AdamW (adamw_step_) on this machine's cores", 20, measure("cpu_adam"),
              needs_gpu=False, extra=True),
     ]
@@ -316,7 +322,7 @@ ENGINE_COLUMNS = ("kernels", "tokens_per_s", "tflops_model", "tflops_6pt", "mfu"
 
 def engine_table(parts: list[dict]) -> list[str]:
     """Markdown lines: the engine parts that ran, side by side, and our kernels' speed-up over the library path."""
-    ran = [p for p in parts if p["section"] == "e" and p["status"] == "ok"]
+    ran = [p for p in parts if p["section"] == "e" and p["status"] == "ok" and "tokens_per_s" in p["figures"]]
     if not ran:
         return []
     lines = ["", "Engine steps side by side:", "", "| part | " + " | ".join(ENGINE_COLUMNS) + " |",

@@ -345,6 +345,51 @@ def engine(quick: bool, workload: str, device: str = "cuda") -> dict:
                 figures=figures)
 
 
+# a gpt-oss-like MoE at a width one GPU steps quickly: 128 experts top-4, so a micro-batch of 1×2048 gives each
+# expert 64 tokens (gpt-oss-120b at 1×4096: 128); 4 micro-batches a step
+MOE_MERGE_MODEL = dict(vocab_size=32768, hidden_size=2048, intermediate_size=4096, moe_intermediate_size=768,
+                       num_experts=128, num_experts_per_tok=4, num_hidden_layers=2, num_attention_heads=16,
+                       num_key_value_heads=4, head_dim=128, max_position_embeddings=4096)
+MOE_MERGE_STEP = (4, 2048, 2)              # micro-batches a step, tokens each, measured steps
+
+
+def moe_merge(quick: bool, device: str = "cuda") -> dict:
+    """The same MoE steps with each micro-batch through a layer on its own (moe_merge_microbatches=1) and all of
+    them together (=4: the experts' grouped GEMMs once over all their tokens): what decides its default."""
+    import transformers
+
+    import horizon_triton as ht
+    from horizon_triton.models.generic.config import GenericConfig
+    if device == "cuda":
+        _cuda()
+    model, (micro, seq, steps) = dict(MOE_MERGE_MODEL), MOE_MERGE_STEP
+    if quick:
+        model.update(vocab_size=512, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_experts=8,
+                     num_attention_heads=2, num_key_value_heads=1, head_dim=32)
+        micro, seq, steps = 2, 32, 2
+    cfg = GenericConfig.from_hf(transformers.AutoConfig.for_model("qwen3_moe", **model))
+    g = torch.Generator().manual_seed(0)
+    batches = [{"input_ids": (ids := torch.randint(0, cfg.vocab_size, (1, seq), generator=g)), "labels": ids}
+               for _ in range(micro)]
+    figures = dict(model=f"qwen3_moe H={model['hidden_size']} E={model['num_experts']} top-"
+                         f"{model['num_experts_per_tok']} I={model['moe_intermediate_size']} "
+                         f"L={model['num_hidden_layers']}", micro_batches=micro, tokens_each=seq,
+                   tokens_per_expert_each=seq * model["num_experts_per_tok"] // model["num_experts"])
+    for together in (1, micro):
+        eng = ht.Engine(cfg, ht.TrainConfig(device=device, lr=1e-5, grad_accum_steps=micro,
+                                            moe_merge_microbatches=together))
+        eng.fit(batches)                                   # warm-up: compiles, cuBLAS and allocator caches
+        history = eng.fit(batches * steps)
+        figures[f"merged_{together}"] = dict(step_s=_sig(statistics.median(h["time_s"] for h in history)),
+                                             losses=[round(h["loss"], 4) for h in history],
+                                             device_peak_GiB=round(history[-1]["device_peak_bytes"] / GiB, 2))
+        eng.close()
+    one, merged = figures["merged_1"]["step_s"], figures[f"merged_{micro}"]["step_s"]
+    figures["merged_over_one_at_a_time"] = _sig(merged / one)
+    return dict(summary=f"MoE step {one} s one micro-batch at a time, {merged} s with {micro} together "
+                        f"({figures['merged_over_one_at_a_time']}×)", figures=figures)
+
+
 def _ops_ran(kernel_report: dict) -> dict:
     """{what ran: [ops]}: "triton", "library (why the canary replaced it)", "reference", ..."""
     ran = {}
@@ -386,9 +431,9 @@ PARTS = {
     "attention": attention, "rmsnorm_matmul": rmsnorm_matmul, "cross_entropy": cross_entropy,
     "host_to_device": host_to_device, "cpu_adam": cpu_adam,
     "engine_8b": lambda quick, device: engine(quick, "8b", device),
-    "engine_70b": lambda quick, device: engine(quick, "70b", device),
+    "engine_70b": lambda quick, device: engine(quick, "70b", device), "moe_merge": moe_merge,
 }
-TAKE_DEVICE = ("engine_8b", "engine_70b")     # parts that also run on CPU (with --device cpu)
+TAKE_DEVICE = ("engine_8b", "engine_70b", "moe_merge")     # parts that also run on CPU (with --device cpu)
 
 
 def main(argv=None) -> None:

@@ -110,12 +110,12 @@ def test_part_selection_by_name_and_section():
     parts = gpu_check.all_parts(quick=False)
     assert [p.name for p in gpu_check.select(parts, "c,cpu_adam")] == ["host_to_device", "cpu_adam"]
     engines = gpu_check.select(parts, "e")
-    assert {p.env["HORIZON_KERNELS"] for p in engines} == {"triton", "torch"} and len(engines) == 4
+    assert {p.env["HORIZON_KERNELS"] for p in engines} == {"triton", "torch"} and len(engines) == 5
     # most valuable first: engine steps at real widths, then the kernels against the library, the tests last
-    assert [p.section for p in parts] == ["e"] * 4 + ["b"] * 3 + ["c"] + ["a"] * 4 + ["b", "d"]
+    assert [p.section for p in parts] == ["e"] * 4 + ["b"] * 3 + ["c"] + ["a"] * 4 + ["b", "e", "d"]
     assert sum(p.budget_s for p in parts if not p.extra) == 400          # of an 8-minute window, with a margin
     assert all(p.extra for p in parts if p.name in ("library_and_canary_tests", "engine_cuda_tests", "cpu_adam",
-                                                    "moe_kernel_tests", "moe_benchmark"))
+                                                    "moe_kernel_tests", "moe_benchmark", "moe_merge"))
     with pytest.raises(SystemExit, match="unknown nope"):
         gpu_check.select(parts, "nope")
 
@@ -145,6 +145,21 @@ def test_engine_part_on_a_toy_model_on_cpu(tmp_path):
     assert f["tflops_model"] > f["tflops_6pt"]
     assert 0 < f["compute_busy"] <= 1 and 0 <= f["copy_hidden"] <= 1 and f["optimizer_s_per_step"] > 0
     assert all(abs(loss - math.log(512)) < 0.5 for loss in f["losses"])   # random init: about ln(vocab)
+
+
+def test_moe_merge_part_on_a_toy_model_on_cpu(tmp_path):
+    """Both ways of passing the micro-batches through the MoE layers train the same model (same losses)."""
+    result_file = tmp_path / "moe.json"
+    subprocess.run([sys.executable, str(ROOT / "perf" / "gpu_parts.py"), "moe_merge", "--quick", "--device", "cpu",
+                    "--result", str(result_file)], check=True, timeout=180,
+                   env={**os.environ, "HORIZON_KERNELS": "torch"})
+    result = json.loads(result_file.read_text())
+    assert result["status"] == "ok", result
+    f = result["figures"]
+    one, merged = f["merged_1"], f[f"merged_{f['micro_batches']}"]
+    assert f["micro_batches"] == 2 and len(one["losses"]) == len(merged["losses"]) == 2
+    assert merged["losses"] == pytest.approx(one["losses"], rel=1e-3)
+    assert f["merged_over_one_at_a_time"] == pytest.approx(merged["step_s"] / one["step_s"], rel=0.01)
 
 
 def test_children_compile_kernels_and_get_only_their_own_backend(log, monkeypatch):
