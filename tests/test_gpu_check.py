@@ -120,17 +120,22 @@ def test_part_selection_by_name_and_section():
         gpu_check.select(parts, "nope")
 
 
+def _toy_part_on_cpu(tmp_path, part: str) -> dict:
+    """The figures of gpu_parts.py's ``part`` run with --quick on CPU (the library path), after it said ok."""
+    result_file = tmp_path / f"{part}.json"
+    subprocess.run([sys.executable, str(ROOT / "perf" / "gpu_parts.py"), part, "--quick", "--device", "cpu",
+                    "--result", str(result_file)], check=True, timeout=180,
+                   env={**os.environ, "HORIZON_KERNELS": "torch"})
+    result = json.loads(result_file.read_text())
+    assert result["status"] == "ok", result
+    return result["figures"]
+
+
 def test_engine_part_on_a_toy_model_on_cpu(tmp_path):
     from transformers import AutoModelForCausalLM
 
     import horizon_triton as ht
-    result_file = tmp_path / "engine.json"
-    subprocess.run([sys.executable, str(ROOT / "perf" / "gpu_parts.py"), "engine_8b", "--quick", "--device", "cpu",
-                    "--result", str(result_file)], check=True, timeout=120,
-                   env={**os.environ, "HORIZON_KERNELS": "torch"})
-    result = json.loads(result_file.read_text())
-    assert result["status"] == "ok", result
-    f = result["figures"]
+    f = _toy_part_on_cpu(tmp_path, "engine_8b")
     assert f["kernels"] == "torch" and f["tokens_per_step"] == f["batch"] * f["seq"] == 64
     assert len(f["step_times_s"]) == f["measured_steps"] == 2 and f["step_s"] == f["step_times_s"][1]
     assert f["tokens_per_s"] == pytest.approx(64 / f["step_s"], rel=1e-3, abs=1)   # both rounded
@@ -149,13 +154,7 @@ def test_engine_part_on_a_toy_model_on_cpu(tmp_path):
 
 def test_moe_merge_part_on_a_toy_model_on_cpu(tmp_path):
     """Both ways of passing the micro-batches through the MoE layers train the same model (same losses)."""
-    result_file = tmp_path / "moe.json"
-    subprocess.run([sys.executable, str(ROOT / "perf" / "gpu_parts.py"), "moe_merge", "--quick", "--device", "cpu",
-                    "--result", str(result_file)], check=True, timeout=180,
-                   env={**os.environ, "HORIZON_KERNELS": "torch"})
-    result = json.loads(result_file.read_text())
-    assert result["status"] == "ok", result
-    f = result["figures"]
+    f = _toy_part_on_cpu(tmp_path, "moe_merge")
     one, merged = f["merged_1"], f[f"merged_{f['micro_batches']}"]
     assert f["micro_batches"] == 2 and len(one["losses"]) == len(merged["losses"]) == 2
     assert merged["losses"] == pytest.approx(one["losses"], rel=1e-3)
