@@ -298,7 +298,7 @@ def test_stored_fused_choice_runs_the_fused_backward(monkeypatch, tmp_path, dtyp
 def test_tma_strided_views_and_fallback(dev, monkeypatch):
     """Head slices of a fused qkv projection (and a head-major dO) are 16-byte aligned views: the TMA tiles read
     them, forward and backward. A head-dim stride ≠ 1 (or a misaligned row) is no TMA layout: the launchers run
-    the pointer loads instead, still right."""
+    the pointer loads instead, still right (a fused TMA dkdv choice: the split backward's pointer default)."""
     B, S, Hq, Hkv, D = 1, 50, 4, 2, 64
     qkv = torch.randn(B, S, Hq + 2 * Hkv, D, device=dev)
     q, k, v = qkv[:, :, :Hq], qkv[:, :, Hq:Hq + Hkv], qkv[:, :, Hq + Hkv:]
@@ -317,14 +317,14 @@ def test_tma_strided_views_and_fallback(dev, monkeypatch):
     launched.clear()
     k_strided = torch.randn(B, S, Hkv, 2 * D, device=dev)[..., ::2]                   # head-dim stride 2
     q_odd = torch.randn(B, S * Hq * D + 1, device=dev)[:, 1:].view(B, S, Hq, D)      # base 4 bytes off 16
-    for qx, kx in ((q, k_strided), (q_odd, k)):
+    for qx, kx, cfg_dkdv in ((q, k_strided, A._tma_cfg(16, 32, 4, 1)), (q_odd, k, A._fused_cfg(16, 32, 4, 1, True))):
         assert A.tma_unsupported(qx, kx, v) is not None
         o = torch.empty_like(qx)
         lse = torch.empty(B, Hq, S, device=dev)
         A._launch_fwd(qx, kx, v, doc, o, lse, 0.125, 0, A._tma_cfg(32, 16, 4, 1))
         o_ref, lse_ref = A.attention_forward_ref(qx, kx, v, doc, 0.125)
         assert _err(o, o_ref) < 1e-5 and _err(lse, lse_ref) < 1e-5
-        grads = A._launch_bwd(do, qx, kx, v, o, lse, doc, 0.125, 0, A._tma_cfg(16, 32, 4, 1), A._tma_cfg(32, 16, 4, 1))
+        grads = A._launch_bwd(do, qx, kx, v, o, lse, doc, 0.125, 0, cfg_dkdv, A._tma_cfg(32, 16, 4, 1))
         for g, w in zip(grads, A.attention_backward_ref(do, qx, kx, v, o_ref, lse_ref, doc, 0.125)):
             assert _err(g, w) < 1e-5
     assert launched == 2 * [("_attn_fwd", False), ("_attn_bwd_preprocess", None), ("_attn_bwd_dkdv", False),
