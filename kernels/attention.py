@@ -14,6 +14,13 @@ Backward (FA2 split; P is recomputed from lse, nothing S×S is ever stored):
     dQ_i = scale · Σ_j dS_ij k_j                                                   _attn_bwd_dq
 A dkdv program owns BLOCK_N keys of one kv head and loops over (q head of its group, query block) in one flat
 loop, so dK/dV are written once, without atomics.
+The fused backward (an autotune choice, never the default): the dkdv kernel also computes each visited (head,
+query block)'s dQ share scale · dS K from the dS it already holds and adds it by fp32 atomic adds into a zeroed
+[B, Hq, S, D] accumulator, cast to q's dtype after; no dq kernel, so 5 matmuls instead of 7 (the split
+backward recomputes S, P and dP in the dq kernel), in one launch besides Δ's. Atomic fp32 adds land in an order
+that varies from run to run on a GPU, so its dQ is NOT deterministic (bitwise): it runs only where the GPU's
+autotune measured it faster than the split backward and stored it (a dkdv config with "backward": "fused",
+fuses_dq); the untuned default is the deterministic split backward.
 
 Block skipping. The key blocks of a query block fall in three ranges, each a plain loop:
     [lo, full_lo)   window edge: masked (only with a sliding window),
@@ -33,8 +40,9 @@ tiles carry no masks; the attention masks (causality, documents, window) stay on
 the same block ranges, and lse/Δ stay pointer loads. A config's "kernel": "tma" sets it (uses_tma); the
 bf16/fp16 defaults at head dims 64 and 128 are TMA configs, and the launchers fall back to the pointer defaults
 where TMA cannot run (pre-Hopper GPU, head-dim stride ≠ 1, strides or base not 16-byte aligned:
-tma_unsupported). Descriptors made on the device need global scratch, so the launchers set triton's allocator
-before each TMA launch.
+tma_unsupported; a fused TMA choice falls back to the split backward's pointer default). The fused backward's dQ
+atomic adds are pointer atomics in both forms. Descriptors made on the device need global scratch, so the
+launchers set triton's allocator before each TMA launch.
 
 FLOPs (for TFLOPS figures): causal forward ≈ 2·B·Hq·S²·D (4·B·Hq·S²·D for two matmuls, halved by causality);
 backward = 2.5 × forward (five matmuls instead of two).
@@ -47,7 +55,8 @@ Known gaps:
 - the Hopper configs follow the Triton fused-attention tutorial and FA2 and were checked only statically
   (tests/test_attention.py builds them for sm_90 on a CPU machine: no spills, wgmma used), never timed: run
   `python -m horizon_triton.kernels.autotune attention` on the GPU, which sweeps pointer and TMA candidates of
-  each kernel. TMA tiles are the default at hd64/hd128 without a measurement (forward and backward); no warp
+  each kernel, and the fused backward's against the split one (whether fusing pays is for that measurement).
+  TMA tiles are the default at hd64/hd128 without a measurement (forward and backward); no warp
   specialization (see _fwd_range). hd256 is the least explored: its dkdv default runs mma.sync, not wgmma
   (DKDV_HD256_KEYS).
 - kernels launch on the current CUDA device; tensors on another device are not switched to.
@@ -126,6 +135,15 @@ def _store_rows(ptr, pos, stride_s, stride_d, tile, seq_len, HEAD_DIM: tl.conste
     offs_d = tl.arange(0, BLOCK_D)
     tl.store(ptr + pos[:, None] * stride_s + offs_d[None, :] * stride_d, tile,
              mask=(pos[:, None] < seq_len) & (offs_d[None, :] < HEAD_DIM))
+
+
+@triton.jit
+def _add_rows_t(ptr, pos, tile_t, seq_len, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Adds tile_t [BLOCK_D, len(pos)] (fp32, head dim first) into the rows at pos < seq_len of a contiguous fp32
+    [*, HEAD_DIM] accumulator at ptr, by atomic adds: other programs add into the same rows."""
+    offs_d = tl.arange(0, BLOCK_D)
+    tl.atomic_add(ptr + pos[None, :] * HEAD_DIM + offs_d[:, None], tile_t,
+                  mask=(pos[None, :] < seq_len) & (offs_d[:, None] < HEAD_DIM), sem="relaxed")
 
 
 @triton.jit
@@ -432,14 +450,17 @@ def _attn_bwd_preprocess(
 
 @triton.jit
 def _dkdv_range(dk, dv, k, v, k_pos, k_doc,
-                q_tiles, do_tiles, LSE, DELTA, DOC, stride_qh, stride_qs, stride_qd, stride_doh, stride_dos,
-                stride_dod, lo, hi, seq_len, window, qk_scale,
+                q_tiles, do_tiles, LSE, DELTA, DOC, DQ_ACC, stride_qh, stride_qs, stride_qd, stride_doh, stride_dos,
+                stride_dod, lo, hi, seq_len, window, qk_scale, scale,
                 GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                 MASKED: tl.constexpr, HAS_DOCS: tl.constexpr, HAS_WINDOW: tl.constexpr, UPCAST: tl.constexpr,
-                PRECISION: tl.constexpr, TMA: tl.constexpr):
+                PRECISION: tl.constexpr, TMA: tl.constexpr, FUSED_DQ: tl.constexpr):
     """dK/dV of one key block accumulated over the query blocks [lo, hi) of each of the GROUP q heads (q_tiles,
-    do_tiles from _group_tiles; LSE, DELTA point at the group's first head). Tiles are key-major: [BLOCK_N keys,
-    BLOCK_M queries].
+    do_tiles from _group_tiles; LSE, DELTA, DQ_ACC point at the group's first head). Tiles are key-major:
+    [BLOCK_N keys, BLOCK_M queries]. FUSED_DQ also adds each (head, query block)'s share of dQ, scale · dS K,
+    into the fp32 accumulator DQ_ACC [heads, seq_len, HEAD_DIM] by atomic adds; it is computed transposed, as
+    scale · Kᵀ dSᵀ [BLOCK_D, BLOCK_M], so that the MMA's rows are the head dim (a warpgroup MMA takes 64 rows and
+    more) rather than the few queries of a dkdv tile.
 
     One flat loop over (head, query block) rather than a head loop around a block loop: the nested form made
     the compiler keep per-head address tiles live and spill on Hopper; the flat one pipelines as one loop."""
@@ -473,15 +494,18 @@ def _dkdv_range(dk, dv, k, v, k_pos, k_doc,
             delta = tl.load(DELTA_g + q_pos)
         dv = _dot(pT.to(do.dtype), do, dv, UPCAST, PRECISION)                 # [BLOCK_N, BLOCK_D]
         dpT = _dot(v, tl.trans(do), None, UPCAST, PRECISION)                            # [BLOCK_N, BLOCK_M]
-        dsT = pT * (dpT - delta[None, :])
-        dk = _dot(dsT.to(q.dtype), q, dk, UPCAST, PRECISION)                  # [BLOCK_N, BLOCK_D]
+        dsT = (pT * (dpT - delta[None, :])).to(q.dtype)
+        dk = _dot(dsT, q, dk, UPCAST, PRECISION)                              # [BLOCK_N, BLOCK_D]
+        if FUSED_DQ:
+            dqT = _dot(tl.trans(k), dsT, None, UPCAST, PRECISION)                       # [BLOCK_D, BLOCK_M]
+            _add_rows_t(DQ_ACC + g * seq_len * HEAD_DIM, q_pos, dqT * scale, seq_len, HEAD_DIM, BLOCK_D)
     return dk, dv
 
 
 @triton.jit
 def _attn_bwd_dkdv(
     # pointers
-    Q, K, V, DO, LSE, DELTA, DOC, DK, DV,
+    Q, K, V, DO, LSE, DELTA, DOC, DK, DV, DQ_ACC,
     # shapes
     seq_len, num_heads, num_kv_heads, window, qk_scale, scale,
     # strides
@@ -495,10 +519,12 @@ def _attn_bwd_dkdv(
     # meta
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_DOCS: tl.constexpr, HAS_WINDOW: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-    TMA: tl.constexpr,
+    TMA: tl.constexpr, FUSED_DQ: tl.constexpr,
 ):
     """Grid (key blocks, B·Hkv). Writes dk, dv[b, n0:n0+BLOCK_N, kv head], summed over the GROUP q heads. TMA:
-    the K/V/dK/dV tiles through 2-D descriptors, the group's Q/dO tiles through 3-D ones (_group_tiles)."""
+    the K/V/dK/dV tiles through 2-D descriptors, the group's Q/dO tiles through 3-D ones (_group_tiles).
+    FUSED_DQ (the fused backward): also adds dQ into DQ_ACC, fp32 [B, Hq, S, HEAD_DIM] zeroed by the launcher
+    (None without FUSED_DQ), by atomic adds (_dkdv_range)."""
     n0 = tl.program_id(0) * BLOCK_N
     off_bkh = tl.program_id(1)
     off_b = (off_bkh // num_kv_heads).to(tl.int64)
@@ -536,14 +562,19 @@ def _attn_bwd_dkdv(
                            HEAD_DIM, BLOCK_M, BLOCK_D, TMA)
     do_tiles = _group_tiles(DO + off_b * stride_dob + first_h * stride_doh, seq_len, stride_doh, stride_dos, GROUP,
                             HEAD_DIM, BLOCK_M, BLOCK_D, TMA)
-    args = (q_tiles, do_tiles, LSE + row, DELTA + row, DOC, stride_qh, stride_qs, stride_qd, stride_doh, stride_dos,
-            stride_dod)
-    dk, dv = _dkdv_range(dk, dv, k, v, k_pos, k_doc, *args, diag_lo, diag_hi, seq_len, window, qk_scale,
-                         GROUP, HEAD_DIM, BLOCK_D, BLOCK_M, True, HAS_DOCS, HAS_WINDOW, UPCAST, PRECISION, TMA)
-    dk, dv = _dkdv_range(dk, dv, k, v, k_pos, k_doc, *args, full_lo, full_hi, seq_len, window, qk_scale,
-                         GROUP, HEAD_DIM, BLOCK_D, BLOCK_M, False, HAS_DOCS, HAS_WINDOW, UPCAST, PRECISION, TMA)
-    dk, dv = _dkdv_range(dk, dv, k, v, k_pos, k_doc, *args, tail_lo, hi, seq_len, window, qk_scale,
-                         GROUP, HEAD_DIM, BLOCK_D, BLOCK_M, True, HAS_DOCS, HAS_WINDOW, UPCAST, PRECISION, TMA)
+    if FUSED_DQ:
+        DQ_ACC += row * HEAD_DIM                                 # laid out as LSE, HEAD_DIM values a row
+    args = (q_tiles, do_tiles, LSE + row, DELTA + row, DOC, DQ_ACC, stride_qh, stride_qs, stride_qd, stride_doh,
+            stride_dos, stride_dod)
+    dk, dv = _dkdv_range(dk, dv, k, v, k_pos, k_doc, *args, diag_lo, diag_hi, seq_len, window, qk_scale, scale,
+                         GROUP, HEAD_DIM, BLOCK_D, BLOCK_M, True, HAS_DOCS, HAS_WINDOW, UPCAST, PRECISION, TMA,
+                         FUSED_DQ)
+    dk, dv = _dkdv_range(dk, dv, k, v, k_pos, k_doc, *args, full_lo, full_hi, seq_len, window, qk_scale, scale,
+                         GROUP, HEAD_DIM, BLOCK_D, BLOCK_M, False, HAS_DOCS, HAS_WINDOW, UPCAST, PRECISION, TMA,
+                         FUSED_DQ)
+    dk, dv = _dkdv_range(dk, dv, k, v, k_pos, k_doc, *args, tail_lo, hi, seq_len, window, qk_scale, scale,
+                         GROUP, HEAD_DIM, BLOCK_D, BLOCK_M, True, HAS_DOCS, HAS_WINDOW, UPCAST, PRECISION, TMA,
+                         FUSED_DQ)
 
     dk *= scale
     dk_tiles = _tiles(DK + off_b * stride_dkb + off_kh * stride_dkh, seq_len, stride_dks, HEAD_DIM, BLOCK_N, BLOCK_D,
@@ -669,8 +700,19 @@ def uses_tma(cfg: dict) -> bool:
     return cfg.get("kernel") == "tma"
 
 
+def _fused_cfg(bm, bn, warps, stages, tma: bool = False):
+    """A dkdv config that runs the fused backward: the dkdv kernel adds dQ by atomic adds (FUSED_DQ), no dq kernel."""
+    return {**(_tma_cfg if tma else _cfg)(bm, bn, warps, stages), "backward": "fused"}
+
+
+def fuses_dq(cfg: dict) -> bool:
+    """Whether a dkdv config runs the fused backward (dQ by atomic adds in the dkdv kernel; not deterministic)."""
+    return cfg.get("backward") == "fused"
+
+
 def _cfg_label(cfg: dict) -> str:
-    return f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']} w{cfg['num_warps']} s{cfg['num_stages']}{' tma' * uses_tma(cfg)}"
+    return (f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']} w{cfg['num_warps']} s{cfg['num_stages']}{' tma' * uses_tma(cfg)}"
+            f"{' fused' * fuses_dq(cfg)}")
 
 
 # The TMA forward's candidates (bf16): K/V copies pipelined num_stages deep in shared memory.
@@ -690,6 +732,14 @@ DQ_TMA_CONFIGS = [_tma_cfg(128, 64, 8, 2), _tma_cfg(128, 64, 8, 3), _tma_cfg(128
 DKDV_CONFIGS = [_cfg(32, 128, 8, 2), _cfg(32, 128, 8, 3), _cfg(16, 128, 8, 3), _cfg(16, 64, 4, 2)] + DKDV_TMA_CONFIGS
 DQ_CONFIGS = [_cfg(128, 64, 8, 2), _cfg(128, 64, 8, 3), _cfg(128, 32, 8, 2), _cfg(128, 32, 8, 3),
               _cfg(64, 64, 4, 2), _cfg(64, 64, 4, 3), _cfg(64, 32, 4, 3)] + DQ_TMA_CONFIGS
+# The fused backward's candidates (dkdv tiles; its dQ share adds a [BLOCK_D, BLOCK_M] fp32 tile and a dot a step).
+# Left out (spills at head dim 128 with documents and a window, triton 3.9 · 3.6): 32×128 on 8 warps (pointer
+# 24 · 0 B, TMA 32 · 160 B), TMA 32×64 on 4 warps (40 · 96 B), TMA 16×128 on 8 warps (0 · 56 B at 3 stages,
+# 0 · 40 B at 2) and TMA 16×64 on 4 warps (0 · 8 B); 16×64 pointer on 4 warps fits at 255 registers under 3.6,
+# too close.
+# 64 keys on 8 warps halve dK/dV's accumulators per thread, which leaves room for the dQ tile.
+FUSED_CONFIGS = [_fused_cfg(16, 128, 8, 3), _fused_cfg(32, 64, 8, 2),
+                 _fused_cfg(32, 64, 8, 2, tma=True), _fused_cfg(16, 64, 8, 3, tma=True)]
 
 # hd256's dkdv takes 32 keys a program: with the 64 a warpgroup MMA needs, its two fp32 [64, 256] accumulators
 # alone fill 128 registers a thread on 8 warps and it spills (48 B at 2 stages, more with 1 stage or 16 warps);
@@ -738,8 +788,10 @@ def _block_d(D: int) -> int:
 
 def _config(kernel: str, S: int, D: int, dtype: torch.dtype) -> dict:
     if tuning.interpreting():
-        return _INTERPRETER[kernel] if S <= _INTERPRETER_LONG_S else _cfg(64, 64, 4, 1)
-    return tuning.best_config(kernel, _shape_key(S, D, dtype), default_config(kernel, D, dtype))
+        default = _INTERPRETER[kernel] if S <= _INTERPRETER_LONG_S else _cfg(64, 64, 4, 1)
+    else:
+        default = default_config(kernel, D, dtype)
+    return tuning.best_config(kernel, _shape_key(S, D, dtype), default)
 
 
 def default_config(kernel: str, D: int, dtype: torch.dtype, tma: bool = True) -> dict:
@@ -885,6 +937,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids
 
 
 def _launch_bwd(do, q, k, v, o, lse, doc_ids, scale: float, window: int, cfg_dkdv: dict, cfg_dq: dict):
+    """-> (dq, dk, dv). A fused cfg_dkdv (fuses_dq) runs the fused backward and leaves cfg_dq unused."""
     B, S, Hq, D = q.shape
     Hkv = k.shape[2]
     doc = doc_ids.contiguous() if doc_ids is not None else None
@@ -894,30 +947,39 @@ def _launch_bwd(do, q, k, v, o, lse, doc_ids, scale: float, window: int, cfg_dkd
     dv = torch.empty((B, S, Hkv, D), dtype=q.dtype, device=q.device)
     cfg_dkdv = _runnable("attention_bwd_dkdv", cfg_dkdv, q, k, v, do, dk, dv)
     cfg_dq = _runnable("attention_bwd_dq", cfg_dq, q, k, v, do, dq)
+    dq_acc = torch.zeros((B, Hq, S, D), dtype=torch.float32, device=q.device) if fuses_dq(cfg_dkdv) else None
     for b0, b1 in batch_slices(B, Hq):
         rows = [t[b0:b1] for t in (do, q, k, v, o, lse, delta, dq, dk, dv)]
-        _launch_bwd_rows(*rows, None if doc is None else doc[b0:b1], scale, window, cfg_dkdv, cfg_dq)
+        _launch_bwd_rows(*rows, None if dq_acc is None else dq_acc[b0:b1], None if doc is None else doc[b0:b1],
+                         scale, window, cfg_dkdv, cfg_dq)
+    if dq_acc is not None:
+        dq.copy_(dq_acc.transpose(1, 2))              # one pass: to token-major [B, S, Hq, D] and q's dtype
     return dq, dk, dv
 
 
-def _launch_bwd_rows(do, q, k, v, o, lse, delta, dq, dk, dv, doc, scale: float, window: int, cfg_dkdv: dict,
-                     cfg_dq: dict) -> None:
+def _launch_bwd_rows(do, q, k, v, o, lse, delta, dq, dk, dv, dq_acc, doc, scale: float, window: int,
+                     cfg_dkdv: dict, cfg_dq: dict) -> None:
+    """The backward's launches over these batch rows; with dq_acc (the fused backward, fp32 [B, Hq, S, D] zeros)
+    the dkdv kernel adds dQ there and the dq kernel (and its cfg_dq) is left out."""
     B, S, Hq, D = q.shape
     Hkv = k.shape[2]
     doc_stride = doc.stride(0) if doc is not None else 0
     meta = dict(GROUP=Hq // Hkv, HEAD_DIM=D, BLOCK_D=_block_d(D), HAS_DOCS=doc is not None, HAS_WINDOW=window > 0,
                 UPCAST=tuning.interpreting(), PRECISION=_precision(q.dtype))
     pre_block = 64 if not tuning.interpreting() else 32
-    if (uses_tma(cfg_dkdv) or uses_tma(cfg_dq)) and not tuning.interpreting():
+    fused = dq_acc is not None
+    if (uses_tma(cfg_dkdv) or (uses_tma(cfg_dq) and not fused)) and not tuning.interpreting():
         triton.set_allocator(_tma_scratch)
     _attn_bwd_preprocess[(triton.cdiv(S, pre_block), B * Hq)](
         o, do, delta, S, Hq, *o.stride(), *do.stride(), HEAD_DIM=D, BLOCK_D=_block_d(D), BLOCK_M=pre_block)
     _attn_bwd_dkdv[(triton.cdiv(S, cfg_dkdv["BLOCK_N"]), B * Hkv)](
-        q, k, v, do, lse, delta, doc, dk, dv,
+        q, k, v, do, lse, delta, doc, dk, dv, dq_acc,
         S, Hq, Hkv, window, scale * LOG2E.value, scale,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), doc_stride,
-        BLOCK_M=cfg_dkdv["BLOCK_M"], BLOCK_N=cfg_dkdv["BLOCK_N"], TMA=uses_tma(cfg_dkdv), **meta,
+        BLOCK_M=cfg_dkdv["BLOCK_M"], BLOCK_N=cfg_dkdv["BLOCK_N"], TMA=uses_tma(cfg_dkdv), FUSED_DQ=fused, **meta,
         num_warps=cfg_dkdv["num_warps"], num_stages=cfg_dkdv["num_stages"])
+    if fused:
+        return
     _attn_bwd_dq[(triton.cdiv(S, cfg_dq["BLOCK_M"]), B * Hq)](
         q, k, v, do, lse, delta, doc, dq,
         S, Hq, window, scale * LOG2E.value, scale,
@@ -953,17 +1015,20 @@ def attention_flops(B: int, S: int, Hq: int, D: int, backward: bool = False) -> 
 
 
 def _tune_shape(B: int, S: int, Hq: int, Hkv: int, D: int, device="cuda",
-                configs: tuple[list, list, list] = (FWD_CONFIGS, DKDV_CONFIGS, DQ_CONFIGS)) -> list[dict]:
+                configs: tuple[list, list, list, list] = (FWD_CONFIGS, DKDV_CONFIGS, DQ_CONFIGS, FUSED_CONFIGS)
+                ) -> list[dict]:
     """Sweeps one shape (bf16, causal, no documents) with sweep.fastest and stores the winners; -> the fwd and
     bwd rows. Each candidate is first checked against the reference on batch 0's first kv-head group (G query
-    heads and their kv head: the reference's [G, S, S] scores stay small at S = 4K); a wrong one is skipped."""
+    heads and their kv head: the reference's [G, S, S] scores stay small at S = 4K); a wrong one is skipped.
+    The backward: the split one's dkdv and dq configs, then the fused candidates, timed whole; the fused one is
+    stored as the dkdv choice only where it beats the split backward (dq's choice is stored either way)."""
     dtype = torch.bfloat16
     q = torch.randn(B, S, Hq, D, device=device, dtype=dtype)
     k = torch.randn(B, S, Hkv, D, device=device, dtype=dtype)
     v = torch.randn(B, S, Hkv, D, device=device, dtype=dtype)
     scale = D ** -0.5
     key = _shape_key(S, D, dtype)
-    fwd_configs, dkdv_configs, dq_configs = configs
+    fwd_configs, dkdv_configs, dq_configs, fused_configs = configs
     G = Hq // Hkv
 
     def group(t: torch.Tensor, heads: int = G) -> torch.Tensor:
@@ -976,8 +1041,9 @@ def _tune_shape(B: int, S: int, Hq: int, Hkv: int, D: int, device="cuda",
     no_tma = tma_unsupported(q, k, v, o)
     if no_tma is not None:                   # the TMA configs would time the pointer loads under their name
         print(f"  attention: no TMA configs: {no_tma}")
-        fwd_configs, dkdv_configs, dq_configs = ([c for c in configs if not uses_tma(c)]
-                                                 for configs in (fwd_configs, dkdv_configs, dq_configs))
+        fwd_configs, dkdv_configs, dq_configs, fused_configs = (
+            [c for c in candidates if not uses_tma(c)]
+            for candidates in (fwd_configs, dkdv_configs, dq_configs, fused_configs))
 
     def run_fwd(cfg: dict) -> None:
         _launch_fwd(q, k, v, None, o, lse, scale, 0, cfg)
@@ -1005,12 +1071,19 @@ def _tune_shape(B: int, S: int, Hq: int, Hkv: int, D: int, device="cuda",
     dq_cfg, _ = sweep.fastest("attention_bwd_dq", dq_configs,
                               lambda c: _launch_bwd(do, q, k, v, o, lse, None, scale, 0, dkdv_cfg, c),
                               lambda c: bwd_error(dkdv_cfg, c))
+    split_ms = tuning.time_ms(lambda: _launch_bwd(do, q, k, v, o, lse, None, scale, 0, dkdv_cfg, dq_cfg))
+    fused_cfg, fused_ms = sweep.fastest("attention_bwd_fused", fused_configs,
+                                        lambda c: _launch_bwd(do, q, k, v, o, lse, None, scale, 0, c, dq_cfg),
+                                        lambda c: bwd_error(c, dq_cfg))
+    bwd_cfg = {"dkdv": dkdv_cfg, "dq": dq_cfg}
+    if fused_ms < split_ms:                  # not deterministic: only where measured faster
+        print(f"  attention_bwd: fused {fused_ms:.3f} ms < split {split_ms:.3f} ms: storing the fused backward")
+        dkdv_cfg, bwd_cfg = fused_cfg, {"fused": fused_cfg}
     tuning.store_config("attention_bwd_dkdv", key, dkdv_cfg)
     tuning.store_config("attention_bwd_dq", key, dq_cfg)
     bwd_ms = tuning.time_ms(lambda: attention_backward(do, q, k, v, o, lse, None, scale))
     rows = []
-    for label, cfg, ms, backward in (("fwd", fwd_cfg, fwd_ms, False),
-                                     ("bwd", {"dkdv": dkdv_cfg, "dq": dq_cfg}, bwd_ms, True)):
+    for label, cfg, ms, backward in (("fwd", fwd_cfg, fwd_ms, False), ("bwd", bwd_cfg, bwd_ms, True)):
         tflops = attention_flops(B, S, Hq, D, backward) / (ms * 1e-3) / 1e12
         rows.append({"shape": f"B={B} S={S} Hq={Hq} Hkv={Hkv} D={D} bf16 causal {label}", "config": cfg, "ms": ms,
                      "throughput": f"{tflops:.0f} TFLOPS ({'2.5 × ' if backward else ''}2·B·Hq·S²·D)"})

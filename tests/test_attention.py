@@ -156,8 +156,9 @@ def test_tiny_sequences_and_windows(S, window, dev):
 
 
 def test_backward_is_deterministic(dev):
-    """No atomics: dK/dV are summed over the GROUP heads inside one program, so reruns are bitwise equal
-    (meaningful on a GPU, where atomics would reorder the sums)."""
+    """The default (split) backward has no atomics: dK/dV are summed over the GROUP heads inside one program, so
+    reruns are bitwise equal (meaningful on a GPU, where atomics would reorder the sums; the fused backward's dQ
+    atomics are why it is only an autotune choice)."""
     B, S, Hq, Hkv, D = 1, 64, 4, 2, 32
     q, k, v = _inputs(B, S, Hq, Hkv, D, torch.bfloat16, dev)
     doc = _doc_ids(B, S, [20]).to(dev)
@@ -251,10 +252,53 @@ def test_tma_backward_matches_reference(case, dtype, dev):
                  f"{case} tma")
 
 
+# ----------------------------------------------------------------------------------------------------------
+# The fused backward (dkdv with FUSED_DQ: dQ by fp32 atomic adds, no dq kernel), pointer and TMA tiles
+# ----------------------------------------------------------------------------------------------------------
+def _fused_backward(do, q, k, v, o, lse, doc, scale, window, tma=False):
+    S = q.shape[1]
+    cfg = A._fused_cfg(16, 32, 4, 1, tma) if S <= A._INTERPRETER_LONG_S else A._fused_cfg(64, 64, 4, 1, tma)
+    unused_dq_cfg = {}                                   # the fused backward launches no dq kernel
+    return A._launch_bwd(do, q, k, v, o, lse, doc, scale, A._window(S, window), cfg, unused_dq_cfg)
+
+
+@pytest.mark.parametrize("tiles", ["pointer", "tma"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_fused_backward_matches_reference(case, dtype, tiles, dev):
+    """The fused backward against autograd through the reference, from the reference's o and lse: the same
+    cases and rule as the split backward's (dQ of GQA heads, documents, windows and odd lengths included)."""
+    q, k, v, do, doc, scale, window = _case(case, dtype, dev)
+    o, lse = A.attention_forward_ref(q, k, v, doc, scale, window)
+    _check_grads(_fused_backward(do, q, k, v, o, lse, doc, scale, window, tiles == "tma"), q, k, v, do, doc, scale,
+                 window, f"{case} fused {tiles}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_stored_fused_choice_runs_the_fused_backward(monkeypatch, tmp_path, dtype, dev):
+    """A GPU's autotune stored the fused backward as this shape's dkdv choice: attention_backward takes it (the
+    dkdv kernel and no dq kernel) and matches the reference; where nothing is stored the split backward runs."""
+    monkeypatch.setenv("HORIZON_TUNING_CACHE", str(tmp_path / "autotune.json"))
+    monkeypatch.setattr(tuning, "_cache", None)
+    q, k, v, do, doc, scale, window = _case("gqa-docs", dtype, dev)
+    o, lse = A.attention_forward_ref(q, k, v, doc, scale, window)
+    with tuning.device_named("NVIDIA H100 (stand-in)"):
+        tuning.store_config("attention_bwd_dkdv", A._shape_key(q.shape[1], q.shape[3], dtype),
+                            A._fused_cfg(16, 32, 4, 1))
+    launched = _recording_launches(monkeypatch)
+    A.attention_backward(do, q, k, v, o, lse, doc, scale, window)
+    assert [name for name, _ in launched] == ["_attn_bwd_preprocess", "_attn_bwd_dkdv", "_attn_bwd_dq"]
+    launched.clear()
+    with tuning.device_named("NVIDIA H100 (stand-in)"):
+        grads = A.attention_backward(do, q, k, v, o, lse, doc, scale, window)
+    assert [name for name, _ in launched] == ["_attn_bwd_preprocess", "_attn_bwd_dkdv"]
+    _check_grads(grads, q, k, v, do, doc, scale, window, "stored fused")
+
+
 def test_tma_strided_views_and_fallback(dev, monkeypatch):
     """Head slices of a fused qkv projection (and a head-major dO) are 16-byte aligned views: the TMA tiles read
     them, forward and backward. A head-dim stride ≠ 1 (or a misaligned row) is no TMA layout: the launchers run
-    the pointer loads instead, still right."""
+    the pointer loads instead, still right (a fused TMA dkdv choice: the split backward's pointer default)."""
     B, S, Hq, Hkv, D = 1, 50, 4, 2, 64
     qkv = torch.randn(B, S, Hq + 2 * Hkv, D, device=dev)
     q, k, v = qkv[:, :, :Hq], qkv[:, :, Hq:Hq + Hkv], qkv[:, :, Hq + Hkv:]
@@ -273,14 +317,14 @@ def test_tma_strided_views_and_fallback(dev, monkeypatch):
     launched.clear()
     k_strided = torch.randn(B, S, Hkv, 2 * D, device=dev)[..., ::2]                   # head-dim stride 2
     q_odd = torch.randn(B, S * Hq * D + 1, device=dev)[:, 1:].view(B, S, Hq, D)      # base 4 bytes off 16
-    for qx, kx in ((q, k_strided), (q_odd, k)):
+    for qx, kx, cfg_dkdv in ((q, k_strided, A._tma_cfg(16, 32, 4, 1)), (q_odd, k, A._fused_cfg(16, 32, 4, 1, True))):
         assert A.tma_unsupported(qx, kx, v) is not None
         o = torch.empty_like(qx)
         lse = torch.empty(B, Hq, S, device=dev)
         A._launch_fwd(qx, kx, v, doc, o, lse, 0.125, 0, A._tma_cfg(32, 16, 4, 1))
         o_ref, lse_ref = A.attention_forward_ref(qx, kx, v, doc, 0.125)
         assert _err(o, o_ref) < 1e-5 and _err(lse, lse_ref) < 1e-5
-        grads = A._launch_bwd(do, qx, kx, v, o, lse, doc, 0.125, 0, A._tma_cfg(16, 32, 4, 1), A._tma_cfg(32, 16, 4, 1))
+        grads = A._launch_bwd(do, qx, kx, v, o, lse, doc, 0.125, 0, cfg_dkdv, A._tma_cfg(32, 16, 4, 1))
         for g, w in zip(grads, A.attention_backward_ref(do, qx, kx, v, o_ref, lse_ref, doc, 0.125)):
             assert _err(g, w) < 1e-5
     assert launched == 2 * [("_attn_fwd", False), ("_attn_bwd_preprocess", None), ("_attn_bwd_dkdv", False),
@@ -318,9 +362,17 @@ def _run(q, k, v, do, doc, window):
     return o_k, dq, dk, dv
 
 
+def _fused_dq(q, k, v, do, doc, window):
+    """dQ of the fused backward (dkdv's 16×32 tiles): the dkdv programs' ranges decide which rows it reaches."""
+    o, lse = A.attention_forward_ref(q.nan_to_num(), k.nan_to_num(), v.nan_to_num(), doc, 0.125, window)
+    return A._launch_bwd(do, q, k, v, o, lse, doc, 0.125, A._window(q.shape[1], window), A._fused_cfg(16, 32, 4, 1),
+                         DQ)[0]
+
+
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")    # the interpreter warns about the NaN it computes with
 @pytest.mark.parametrize("mode", ["causal", "docs", "window"])
 def test_skipped_blocks_are_not_read(mode, dev):
+    """The split kernels, the TMA forward and the fused backward's dQ (its rows reached from the dkdv ranges)."""
     B, S, H, D = 1, 128, 1, 64
     q, k, v = _inputs(B, S, H, H, D, torch.float32, dev)
     do = torch.randn(B, S, H, D, device=dev)
@@ -335,6 +387,7 @@ def test_skipped_blocks_are_not_read(mode, dev):
         _, _, dk, dv = _run(q2, k.nan_to_num(), v.nan_to_num(), do2, doc, window)
         o_tma, _ = _tma_forward(q, k, v, doc, 0.125, window)
         assert o[:, :96].isfinite().all() and dq[:, :96].isfinite().all() and o_tma[:, :96].isfinite().all()
+        assert _fused_dq(q, k, v, do, doc, window)[:, :96].isfinite().all()
         assert dk[:, 32:].isfinite().all() and dv[:, 32:].isfinite().all()
     else:
         # docs: keys < 32 are all in document 0 and query blocks ≥ 64 all in document 1;
@@ -347,6 +400,7 @@ def test_skipped_blocks_are_not_read(mode, dev):
         _, _, dk, dv = _run(q2, k.nan_to_num(), v.nan_to_num(), do2, doc, window)
         o_tma, _ = _tma_forward(q, k, v, doc, 0.125, window)
         assert o[:, 64:].isfinite().all() and dq[:, 64:].isfinite().all() and o_tma[:, 64:].isfinite().all()
+        assert _fused_dq(q, k, v, do, doc, window)[:, 64:].isfinite().all()
         assert dk[:, :32].isfinite().all() and dv[:, :32].isfinite().all()
 
 
@@ -401,12 +455,13 @@ def test_autotune_sweeps_stores_and_reports(dev, monkeypatch, tmp_path, capsys):
     broken = A._cfg(24, 16, 4, 1)                                    # 24 is no power of two: fails to build
     wrong = {**A._cfg(16, 16, 4, 1), "wrong": True}
     configs = ([wrong, broken, A._tma_cfg(32, 16, 4, 1), A._cfg(32, 16, 4, 1)], [A._tma_cfg(16, 32, 4, 1)],
-               [wrong, A._cfg(32, 16, 4, 1), A._cfg(16, 16, 4, 1)])
+               [wrong, A._cfg(32, 16, 4, 1), A._cfg(16, 16, 4, 1)], [A._fused_cfg(16, 32, 4, 1)])
     rows = A._tune_shape(1, 40, 2, 1, 32, dev, configs)
     assert [r["shape"].split()[-1] for r in rows] == ["fwd", "bwd"]
     # the TMA candidate (timed first) wins
     assert rows[0]["config"] == A._tma_cfg(32, 16, 4, 1)
     assert "TFLOPS" in rows[0]["throughput"]
+    # the fused backward is timed after the split one, so slower here: the split configs are kept
     assert rows[1]["config"] == {"dkdv": A._tma_cfg(16, 32, 4, 1), "dq": A._cfg(32, 16, 4, 1)}
     stored = json.loads((tmp_path / "autotune.json").read_text())
     assert set(next(iter(stored.values()))) == {"attention_fwd", "attention_bwd_dkdv", "attention_bwd_dq"}
@@ -414,6 +469,37 @@ def test_autotune_sweeps_stores_and_reports(dev, monkeypatch, tmp_path, capsys):
     assert fwd_stored[A._shape_key(40, 32, torch.bfloat16)] == A._tma_cfg(32, 16, 4, 1)
     out = capsys.readouterr().out
     assert out.count("wrong result on this device") == 2 and f"skipping {broken}" in out
+    assert "storing the fused backward" not in out
+
+
+def test_autotune_stores_the_fused_backward_where_faster(dev, monkeypatch, tmp_path):
+    """Where the fused backward times faster than the split one, autotune stores it as the dkdv choice (dq's
+    stays stored for the split one); a wrong fused candidate is skipped. Times are faked: any run that launches
+    the dq kernel takes 2 ms, any other 1 ms."""
+    monkeypatch.setenv("HORIZON_TUNING_CACHE", str(tmp_path / "autotune.json"))
+    monkeypatch.setattr(tuning, "_cache", None)
+    launched = _recording_launches(monkeypatch)
+
+    def fake_ms(fn, **_):
+        launched.clear()
+        fn()
+        return 2.0 if any(name == "_attn_bwd_dq" for name, _ in launched) else 1.0
+    monkeypatch.setattr(tuning, "time_ms", fake_ms)
+    launch_bwd = A._launch_bwd
+
+    def wrong_bwd(*args):
+        dq, dk, dv = launch_bwd(*args)
+        if args[-2].get("wrong"):                                    # the dkdv config
+            dq[:, :5] = 0
+        return dq, dk, dv
+    monkeypatch.setattr(A, "_launch_bwd", wrong_bwd)
+    fused, wrong = A._fused_cfg(16, 32, 4, 1), {**A._fused_cfg(16, 16, 4, 1), "wrong": True}
+    rows = A._tune_shape(1, 40, 2, 1, 32, dev, ([A._cfg(32, 16, 4, 1)], [A._cfg(16, 32, 4, 1)],
+                                                [A._cfg(32, 16, 4, 1)], [wrong, fused]))
+    assert rows[1]["config"] == {"fused": fused}
+    stored = next(iter(json.loads((tmp_path / "autotune.json").read_text()).values()))
+    key = A._shape_key(40, 32, torch.bfloat16)
+    assert stored["attention_bwd_dkdv"][key] == fused and stored["attention_bwd_dq"][key] == A._cfg(32, 16, 4, 1)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -428,7 +514,7 @@ def _compile_sm90(kernel: str, D: int, docs: bool, window: bool, dtype: str = "b
     from hopper_compile import compile_sm90
     fn, act_ptrs, row_ptrs = {  # kernel → (jit function, its pointers to activations, its pointers to fp32 rows)
         "attention_fwd": (A._attn_fwd, ("Q", "K", "V", "O"), ("LSE",)),
-        "attention_bwd_dkdv": (A._attn_bwd_dkdv, ("Q", "K", "V", "DO", "DK", "DV"), ("LSE", "DELTA")),
+        "attention_bwd_dkdv": (A._attn_bwd_dkdv, ("Q", "K", "V", "DO", "DK", "DV"), ("LSE", "DELTA", "DQ_ACC")),
         "attention_bwd_dq": (A._attn_bwd_dq, ("Q", "K", "V", "DO", "DQ"), ("LSE", "DELTA")),
     }[kernel]
     torch_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
@@ -436,9 +522,11 @@ def _compile_sm90(kernel: str, D: int, docs: bool, window: bool, dtype: str = "b
     constexprs = dict(GROUP=group, HEAD_DIM=D, BLOCK_D=A._block_d(D), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
                       HAS_DOCS=docs, HAS_WINDOW=window, UPCAST=False, PRECISION=A._precision(torch_dtype),
                       TMA=A.uses_tma(cfg))
+    if kernel == "attention_bwd_dkdv":
+        constexprs["FUSED_DQ"] = A.fuses_dq(cfg)
     types, aligned = {}, []
     for name in fn.arg_names:
-        if name == "DOC" and not docs:
+        if (name == "DOC" and not docs) or (name == "DQ_ACC" and not constexprs["FUSED_DQ"]):
             constexprs[name] = None                                    # the launcher passes None
         elif name.startswith("stride_") and name.endswith("d") and name != "stride_docb":
             constexprs[name] = 1                                       # head-dim strides are 1: specialized
@@ -485,7 +573,10 @@ def _hopper_candidates_report() -> dict:
     tma = {f"attention_fwd bf16 D{D} {v} {A._cfg_label(cfg)}": _compile_sm90("attention_fwd", D, *_VARIANTS[v],
                                                                             "bf16", cfg)
            for D, v in [(128, "docs"), (64, "docs+window")] for cfg in A.FWD_TMA_CONFIGS}
-    return {**report, **tma}
+    # the fused backward's candidates (the dkdv kernel with FUSED_DQ)
+    fused = {f"attention_bwd_dkdv bf16 D128 docs+window {A._cfg_label(cfg)}":
+             _compile_sm90("attention_bwd_dkdv", 128, True, True, "bf16", cfg) for cfg in A.FUSED_CONFIGS}
+    return {**report, **tma, **fused}
 
 
 @pytest.mark.slow
@@ -504,9 +595,11 @@ def test_defaults_compile_for_hopper_without_spills():
 @pytest.mark.slow
 def test_autotune_candidates_compile_for_hopper():
     """No candidate the GPU's autotune would compile spills or needs more shared memory than an H100 has, and
-    every dot is a wgmma (the TMA forward's candidates also with documents alone at head dim 128 and at 64)."""
+    every dot is a wgmma (the TMA forward's candidates also with documents alone at head dim 128 and at 64; the
+    fused backward's at head dim 128 with documents and a window, its dQ dot included)."""
     report = hopper_compile.report("test_attention", "_hopper_candidates_report")
-    assert len(report) == len(A.FWD_CONFIGS) + len(A.DKDV_CONFIGS) + len(A.DQ_CONFIGS) + 2 * len(A.FWD_TMA_CONFIGS)
+    assert len(report) == (len(A.FWD_CONFIGS) + len(A.DKDV_CONFIGS) + len(A.DQ_CONFIGS) + 2 * len(A.FWD_TMA_CONFIGS)
+                           + len(A.FUSED_CONFIGS))
     hopper_compile.assert_fits_without_spills(report)
     hopper_compile.assert_hopper_mma(report)
 
