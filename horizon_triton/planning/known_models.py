@@ -9,6 +9,17 @@ import json
 
 from ..models.generic.config import GenericConfig
 
+# What the Qwen3.5 MoE text models share (qwen3_5_moe_text): GQA 32/2 heads of 256, gated-delta-net layers with
+# 16 key / 64 value heads of 128, experts and a shared expert of 1024; each model below sets its own width, depth
+# and experts
+QWEN3_5_MOE_TEXT = dict(
+    model_type="qwen3_5_moe_text", vocab_size=248320, num_attention_heads=32, num_key_value_heads=2, head_dim=256,
+    linear_conv_kernel_dim=4, linear_key_head_dim=128, linear_value_head_dim=128, linear_num_key_heads=16,
+    linear_num_value_heads=64, moe_intermediate_size=1024, shared_expert_intermediate_size=1024,
+    full_attention_interval=4, max_position_embeddings=262144, rms_norm_eps=1e-6, tie_word_embeddings=False,
+    rope_parameters=dict(rope_type="default", rope_theta=10000000.0, partial_rotary_factor=0.25),
+    eos_token_id=248044)
+
 KNOWN_MODELS = {
     # openai/gpt-oss-120b: 36 layers alternating sliding (128) and full attention with sinks, 128 experts (top 4)
     # with clamped SwiGLU and biases; 116.8B parameters
@@ -34,27 +45,15 @@ KNOWN_MODELS = {
     # layers to 1 full-attention layer, 256 experts (top 8) of 1024 and a shared expert of 1024. WRITTEN FROM
     # MEMORY, not read from the config.json: hidden_size, the head counts and the expert sizes may differ; the
     # total it gives (checked in tests) is near the published 122B
-    "qwen3.5-122b-a10b": dict(
-        model_type="qwen3_5_moe_text", vocab_size=248320, hidden_size=3072, num_hidden_layers=48,
-        num_attention_heads=32, num_key_value_heads=2, head_dim=256, linear_conv_kernel_dim=4,
-        linear_key_head_dim=128, linear_value_head_dim=128, linear_num_key_heads=16, linear_num_value_heads=64,
-        moe_intermediate_size=1024, shared_expert_intermediate_size=1024, num_experts=256, num_experts_per_tok=8,
-        full_attention_interval=4, max_position_embeddings=262144, rms_norm_eps=1e-6, tie_word_embeddings=False,
-        rope_parameters=dict(rope_type="default", rope_theta=10000000.0, partial_rotary_factor=0.25),
-        eos_token_id=248044),
+    "qwen3.5-122b-a10b": dict(QWEN3_5_MOE_TEXT, hidden_size=3072, num_hidden_layers=48, num_experts=256,
+                              num_experts_per_tok=8),
     # Qwen/Qwen3.5-397B-A17B, the text part (qwen3_5_moe_text): 60 layers, 3 gated-delta-net (linear attention)
     # layers to 1 full-attention layer, 512 experts (top 10) of 1024 and a shared expert of 1024, GQA 32/2 heads
     # of 256. WRITTEN FROM MEMORY, not read from the config.json (the sizes agree with the architecture table of a
     # third-party conversion's model card): fields other than those sizes may differ; the total it gives (checked
     # in tests) is within 1% of the published 397B
-    "qwen3.5-397b-a17b": dict(
-        model_type="qwen3_5_moe_text", vocab_size=248320, hidden_size=4096, num_hidden_layers=60,
-        num_attention_heads=32, num_key_value_heads=2, head_dim=256, linear_conv_kernel_dim=4,
-        linear_key_head_dim=128, linear_value_head_dim=128, linear_num_key_heads=16, linear_num_value_heads=64,
-        moe_intermediate_size=1024, shared_expert_intermediate_size=1024, num_experts=512, num_experts_per_tok=10,
-        full_attention_interval=4, max_position_embeddings=262144, rms_norm_eps=1e-6, tie_word_embeddings=False,
-        rope_parameters=dict(rope_type="default", rope_theta=10000000.0, partial_rotary_factor=0.25),
-        eos_token_id=248044),
+    "qwen3.5-397b-a17b": dict(QWEN3_5_MOE_TEXT, hidden_size=4096, num_hidden_layers=60, num_experts=512,
+                              num_experts_per_tok=10),
     # deepseek-ai/DeepSeek-V3: 61 layers (the first 3 dense, 18432 wide), multi-head latent attention (128 heads,
     # q rank 1536, kv rank 512, rope dim 64), 256 routed experts (top 8 in 4 of 8 groups, sigmoid scores scaled by
     # 2.5) of 2048 and one shared expert. 671B without its multi-token-prediction layer (num_nextn_predict_layers:
